@@ -1,0 +1,26 @@
+# Two commands do all the set-up: `make demo` (main job) and `make test` (whole suite).
+# TORCH is installed first so the package install never pulls another torch build;
+# on a CUDA machine pass e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128".
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: demo test install clean
+
+$(BIN)/.wanx-installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+install: $(BIN)/.wanx-installed
+
+demo: install
+	$(BIN)/wanx demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,31 @@
+"""wanx: run and fine-tune Wan2.1 video generation models.
+
+Heavy modules (torch, the models) are imported on first use so that `wanx --help`
+stays instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_model": "wanx.loading",
+    "inspect_checkpoint": "wanx.loading",
+    "CheckpointError": "wanx.loading",
+    "WanDiT": "wanx.models.transformer",
+    "WanVAE": "wanx.models.vae",
+    "DiTConfig": "wanx.configs",
+    "VAEConfig": "wanx.configs",
+    "attention": "wanx.attention",
+    "set_attention_backend": "wanx.attention",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'wanx' has no attribute {name!r}")

@@ -1,0 +1,160 @@
+"""Architecture configs of the Wan2.1 networks: frozen dataclasses with named presets.
+
+Only architecture lives here. Runtime choices (device, dtype, attention backend, offload)
+are passed where the model is loaded or run, never stored in a config.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+# Every released Wan2.1 DiT uses head dim 128; the head count cannot be recovered from
+# tensor shapes, so it is the fallback when no config.json sits beside the weights.
+RELEASED_HEAD_DIM = 128
+
+MODEL_TYPES = ("t2v", "i2v", "flf2v")
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Wan2.1 diffusion transformer (official `WanModel` argument names)."""
+
+    model_type: str = "t2v"  # t2v | i2v | flf2v
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    in_dim: int = 16  # 16 for T2V; 36 = noise 16 + mask 4 + image latent 16 for I2V/FLF2V
+    out_dim: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    image_dim: int = 1280  # CLIP ViT-H/14 width; only used by i2v/flf2v
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
+            raise ValueError(f"dim {self.dim} must split into {self.num_heads} heads of even size")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def has_image_input(self) -> bool:
+        return self.model_type in ("i2v", "flf2v")
+
+    @property
+    def image_tokens(self) -> int:
+        """CLIP tokens per sample: 257 (one image) or 514 (first and last frame)."""
+        return 514 if self.model_type == "flf2v" else 257
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Wan2.1 causal 3D VAE (official `_video_vae` argument names)."""
+
+    dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temperal_downsample: tuple[bool, ...] = (False, True, True)  # official spelling
+
+    @property
+    def temporal_stride(self) -> int:
+        return 2 ** sum(self.temperal_downsample)
+
+    @property
+    def spatial_stride(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+
+_14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+_TINY = dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=32)  # head dim 16: RoPE split 8/4/4
+
+DIT_PRESETS: dict[str, DiTConfig] = {
+    "t2v-1.3B": DiTConfig(),
+    "t2v-14B": DiTConfig(**_14B),
+    "i2v-14B": DiTConfig(model_type="i2v", in_dim=36, **_14B),  # 480P and 720P share it
+    "flf2v-14B": DiTConfig(model_type="flf2v", in_dim=36, **_14B),
+    "tiny": DiTConfig(**_TINY),
+    "tiny-i2v": DiTConfig(model_type="i2v", in_dim=36, image_dim=48, **_TINY),
+    "tiny-flf2v": DiTConfig(model_type="flf2v", in_dim=36, image_dim=48, **_TINY),
+}
+
+VAE_PRESETS: dict[str, VAEConfig] = {
+    "wan2.1": VAEConfig(),
+    "tiny": VAEConfig(dim=8),
+}
+
+
+def dit_config(name: str) -> DiTConfig:
+    return _preset(DIT_PRESETS, name, "DiT")
+
+
+def vae_config(name: str) -> VAEConfig:
+    return _preset(VAE_PRESETS, name, "VAE")
+
+
+def _preset(table, name, what):
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"unknown {what} preset {name!r}; choose one of {', '.join(table)}") from None
+
+
+def preset_name(config: DiTConfig | VAEConfig) -> str | None:
+    """Name of the preset equal to `config`, if any."""
+    table = DIT_PRESETS if isinstance(config, DiTConfig) else VAE_PRESETS
+    return next((name for name, c in table.items() if c == config), None)
+
+
+# ---------------------------------------------------------------------------------------
+# Inference from tensor names and shapes (official key names).
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def block_indices(keys: Sequence[str]) -> list[int]:
+    return sorted({int(m.group(1)) for k in keys if (m := _BLOCK.match(k))})
+
+
+def infer_dit_config(shapes: Mapping[str, Sequence[int]], num_heads: int | None = None) -> DiTConfig:
+    """DiT config from official-layout tensor shapes; `num_heads` from config.json when known."""
+    dim, in_dim, *patch = shapes["patch_embedding.weight"]
+    patch_size = tuple(int(p) for p in patch)
+    head_out = shapes["head.head.weight"][0]
+    if "img_emb.emb_pos" in shapes:
+        model_type = "flf2v"
+    elif "img_emb.proj.1.weight" in shapes:
+        model_type = "i2v"
+    else:
+        model_type = "t2v"
+    blocks = block_indices(list(shapes))
+    return DiTConfig(
+        model_type=model_type,
+        dim=int(dim),
+        ffn_dim=int(shapes["blocks.0.ffn.0.weight"][0]),
+        num_heads=int(num_heads) if num_heads else int(dim) // RELEASED_HEAD_DIM,
+        num_layers=(blocks[-1] + 1) if blocks else 0,
+        in_dim=int(in_dim),
+        out_dim=int(head_out) // (patch_size[0] * patch_size[1] * patch_size[2]),
+        patch_size=patch_size,  # type: ignore[arg-type]
+        freq_dim=int(shapes["time_embedding.0.weight"][1]),
+        text_dim=int(shapes["text_embedding.0.weight"][1]),
+        image_dim=int(shapes["img_emb.proj.0.weight"][0]) if model_type != "t2v" else DiTConfig.image_dim,
+    )
+
+
+def infer_vae_config(shapes: Mapping[str, Sequence[int]]) -> VAEConfig:
+    """VAE config from official-layout tensor shapes.
+
+    Only the released stage layout (dim_mult 1,2,4,4, two res blocks) exists, so the base
+    width and latent channels are the free parameters; anything else fails the shape check.
+    """
+    return VAEConfig(dim=int(shapes["encoder.conv1.weight"][0]), z_dim=int(shapes["conv2.weight"][0]))

@@ -1,0 +1,210 @@
+"""Loading Wan2.1 checkpoints: detect the network, layout and config from tensor names and
+shapes, build the module on the meta device and assign the weights (no second copy).
+
+    model = wanx.load_model("Wan2.1-T2V-1.3B")                 # folder: the DiT
+    vae = wanx.load_model("Wan2.1-T2V-1.3B/Wan2.1_VAE.pth", dtype=torch.bfloat16)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..configs import RELEASED_HEAD_DIM, DiTConfig, VAEConfig, infer_dit_config, infer_vae_config, preset_name
+from .files import FP8_DTYPES, CheckpointError, TensorStore, open_checkpoint
+from .layouts import COMFY_FP8_MARKERS, FP8_SCALE_SUFFIXES, Detected, detect, rename
+
+__all__ = ["CheckpointError", "CheckpointInfo", "inspect_checkpoint", "load_model"]
+
+NETWORK_NAMES = {"dit": "Wan2.1 DiT", "vae": "Wan2.1 VAE"}
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint is, read from its headers (no weights loaded for safetensors)."""
+
+    path: Path
+    files: list[Path]
+    network: str  # "dit" | "vae"
+    layout: str  # "official" | "diffusers" | "comfyui"
+    config: DiTConfig | VAEConfig
+    dtypes: dict[str, int]  # dtype name -> number of parameters stored in it
+    num_params: int
+    fp8_scaled: bool = False
+    names: dict[str, str] = field(default_factory=dict, repr=False)  # official name -> stored name
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype most weights are stored in; fp8 storage computes in bf16."""
+        name = max(self.dtypes, key=self.dtypes.get)
+        dtype = getattr(torch, name)
+        return torch.bfloat16 if dtype in FP8_DTYPES else dtype
+
+    def summary(self) -> str:
+        cfg = self.config
+        kind = NETWORK_NAMES[self.network]
+        if isinstance(cfg, DiTConfig):
+            kind += f" {cfg.model_type}"
+        preset = preset_name(cfg)
+        fields = ", ".join(f"{k}={v}" for k, v in vars(cfg).items())
+        storage = ", ".join(f"{d} ({n:,} params)" for d, n in sorted(self.dtypes.items(), key=lambda x: -x[1]))
+        lines = [
+            f"path:       {self.path}",
+            f"files:      {len(self.files)} ({', '.join(f.name for f in self.files[:3])}{', ...' if len(self.files) > 3 else ''})",
+            f"network:    {kind}",
+            f"layout:     {self.layout}{' (fp8 scaled)' if self.fp8_scaled else ''}",
+            f"preset:     {preset or '(custom)'}",
+            f"config:     {type(cfg).__name__}({fields})",
+            f"dtype:      {storage}",
+            f"parameters: {self.num_params:,} ({self.num_params / 1e9:.2f} B)",
+        ]
+        return "\n".join(lines)
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Identify a checkpoint: network, layout, config, dtypes, parameter count."""
+    return _identify(open_checkpoint(path))
+
+
+def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a Wan2.1 network from a file, shard set or model folder (a folder means its DiT).
+
+    dtype: compute dtype of the weights (default: as stored; fp8 storage -> bf16). Parameters
+    the model declares in `keep_in_fp32` stay float32 whatever the dtype.
+    """
+    store = open_checkpoint(path)
+    try:
+        info = _identify(store)
+        model = _build(info)
+        _check_tensors(info, store, model)
+        keep_fp32 = getattr(model, "keep_in_fp32", ())
+        target = dtype or info.compute_dtype
+        state = {}
+        for name, meta in model.state_dict().items():
+            tensor = _read(store, info.names[name])
+            want = torch.float32 if _matches(name, keep_fp32) else target
+            state[name] = tensor.to(device=device, dtype=want if meta.is_floating_point() else meta.dtype)
+        model.load_state_dict(state, assign=True, strict=True)
+    finally:
+        store.close()
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def _identify(store: TensorStore) -> CheckpointInfo:
+    found = detect(store.keys())
+    if found is None:
+        sample = ", ".join(store.keys()[:4])
+        raise CheckpointError(
+            f"{store.path}: not a Wan2.1 checkpoint (no DiT or VAE tensor names found; it holds {sample}, ...)"
+        )
+    names, unmapped = _official_names(store, found)
+    if unmapped:
+        raise CheckpointError(
+            f"{store.path}: {found.layout} {NETWORK_NAMES[found.network]}: {len(unmapped)} tensor(s) with unknown names: "
+            f"{', '.join(unmapped[:5])}"
+        )
+    shapes = {official: store.shapes[stored] for official, stored in names.items()}
+    try:
+        config = _infer_config(found.network, shapes, store)
+    except KeyError as err:
+        raise CheckpointError(
+            f"{store.path}: {found.layout} {NETWORK_NAMES[found.network]} is missing tensor {err.args[0]!r}"
+        ) from None
+    counts: Counter[str] = Counter()
+    for stored in names.values():
+        counts[str(store.dtypes[stored]).removeprefix("torch.")] += math.prod(store.shapes[stored])
+    return CheckpointInfo(
+        path=store.path, files=store.files, network=found.network, layout=found.layout, config=config,
+        dtypes=dict(counts), num_params=sum(counts.values()),
+        fp8_scaled=any(k.endswith(FP8_SCALE_SUFFIXES[0]) for k in store.keys()), names=names,
+    )
+
+
+def _official_names(store: TensorStore, found: Detected) -> tuple[dict[str, str], list[str]]:
+    names, unmapped = {}, []
+    for stored in store.keys():
+        if stored in COMFY_FP8_MARKERS or stored.endswith(FP8_SCALE_SUFFIXES):
+            continue  # consumed by `_read`
+        if not stored.startswith(found.prefix):
+            unmapped.append(stored)
+            continue
+        try:
+            official = rename(stored[len(found.prefix):], found.rules)
+        except KeyError:
+            unmapped.append(stored)
+            continue
+        if official is not None:
+            names[official] = stored
+    return names, unmapped
+
+
+def _infer_config(network: str, shapes: dict, store: TensorStore) -> DiTConfig | VAEConfig:
+    if network == "vae":
+        return infer_vae_config(shapes)
+    cfg_json = store.config_json or {}
+    heads = cfg_json.get("num_heads") or cfg_json.get("num_attention_heads")
+    dim = shapes["patch_embedding.weight"][0]
+    if not heads and dim % RELEASED_HEAD_DIM:
+        raise CheckpointError(
+            f"{store.path}: cannot tell the head count of a DiT of width {dim} (released models use head dim "
+            f"{RELEASED_HEAD_DIM}); put a config.json with \"num_heads\" beside the weights"
+        )
+    try:
+        return infer_dit_config(shapes, num_heads=heads)
+    except ValueError as err:
+        raise CheckpointError(f"{store.path}: {err}") from None
+
+
+def _build(info: CheckpointInfo) -> nn.Module:
+    from ..models.transformer import WanDiT
+    from ..models.vae import WanVAE
+
+    with torch.device("meta"):
+        return WanDiT(info.config) if info.network == "dit" else WanVAE(info.config)
+
+
+def _check_tensors(info: CheckpointInfo, store: TensorStore, model: nn.Module) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in info.names]
+    unexpected = [info.names[k] for k in info.names if k not in expected]
+    mismatched = [
+        f"{info.names[k]} {list(store.shapes[info.names[k]])} (model {list(v.shape)})"
+        for k, v in expected.items()
+        if k in info.names and tuple(store.shapes[info.names[k]]) != tuple(v.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} mis-shaped ({'; '.join(mismatched[:3])})")
+    if problems:
+        raise CheckpointError(
+            f"{store.path}: {info.layout} layout {NETWORK_NAMES[info.network]} does not match the inferred config: "
+            + "; ".join(problems)
+        )
+
+
+def _read(store: TensorStore, stored: str) -> torch.Tensor:
+    """A stored tensor; fp8 weights with a ComfyUI `scale_weight` are dequantised."""
+    tensor = store.get(stored)
+    if tensor.dtype in FP8_DTYPES:
+        scale_key = stored.removesuffix(".weight") + FP8_SCALE_SUFFIXES[0]
+        scale = store.get(scale_key).float() if scale_key in store.shapes else None
+        tensor = tensor.float() * scale if scale is not None else tensor.to(torch.bfloat16)
+    return tensor
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """True if one of the dotted `patterns` is a run of whole components of `name`."""
+    dotted = f".{name}."
+    return any(f".{p}." in dotted for p in patterns)

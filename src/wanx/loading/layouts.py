@@ -1,0 +1,133 @@
+"""Key layouts of the Wan2.1 checkpoints in the wild, as rename tables to the official names.
+
+wanx modules use the official names, so an official checkpoint loads as it is. Other
+layouts map through a table of full-key regular expressions, first match wins; a
+replacement of None drops the key (a tensor the official model does not have).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+Rule = tuple[str, "str | Callable[[re.Match], str] | None"]
+
+# Prefixes that single-file exporters put before the official names.
+COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "first_stage_model.", "vae.")
+# ComfyUI fp8 exports: a marker tensor, and per-layer scales consumed while dequantising.
+COMFY_FP8_MARKERS = ("scaled_fp8",)
+FP8_SCALE_SUFFIXES = (".scale_weight", ".scale_input")
+
+
+def _attention_rules(diffusers: str, official: str, extra: Sequence[tuple[str, str]] = ()) -> list[Rule]:
+    names = [("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "o"), ("norm_q", "norm_q"),
+             ("norm_k", "norm_k"), *extra]
+    return [(rf"blocks\.(\d+)\.{diffusers}\.{re.escape(d)}\.(weight|bias)", rf"blocks.\1.{official}.{o}.\2")
+            for d, o in names]
+
+
+# diffusers `WanTransformer3DModel` -> official `WanModel`.
+DIFFUSERS_DIT: list[Rule] = [
+    (r"patch_embedding\.(weight|bias)", r"patch_embedding.\1"),
+    (r"condition_embedder\.text_embedder\.linear_1\.(weight|bias)", r"text_embedding.0.\1"),
+    (r"condition_embedder\.text_embedder\.linear_2\.(weight|bias)", r"text_embedding.2.\1"),
+    (r"condition_embedder\.time_embedder\.linear_1\.(weight|bias)", r"time_embedding.0.\1"),
+    (r"condition_embedder\.time_embedder\.linear_2\.(weight|bias)", r"time_embedding.2.\1"),
+    (r"condition_embedder\.time_proj\.(weight|bias)", r"time_projection.1.\1"),
+    (r"condition_embedder\.image_embedder\.norm1\.(weight|bias)", r"img_emb.proj.0.\1"),
+    (r"condition_embedder\.image_embedder\.ff\.net\.0\.proj\.(weight|bias)", r"img_emb.proj.1.\1"),
+    (r"condition_embedder\.image_embedder\.ff\.net\.2\.(weight|bias)", r"img_emb.proj.3.\1"),
+    (r"condition_embedder\.image_embedder\.norm2\.(weight|bias)", r"img_emb.proj.4.\1"),
+    (r"condition_embedder\.image_embedder\.pos_embed", "img_emb.emb_pos"),
+    (r"scale_shift_table", "head.modulation"),
+    (r"proj_out\.(weight|bias)", r"head.head.\1"),
+    (r"blocks\.(\d+)\.scale_shift_table", r"blocks.\1.modulation"),
+    (r"blocks\.(\d+)\.norm2\.(weight|bias)", r"blocks.\1.norm3.\2"),  # diffusers swapped norm2/norm3
+    (r"blocks\.(\d+)\.ffn\.net\.0\.proj\.(weight|bias)", r"blocks.\1.ffn.0.\2"),
+    (r"blocks\.(\d+)\.ffn\.net\.2\.(weight|bias)", r"blocks.\1.ffn.2.\2"),
+    *_attention_rules("attn1", "self_attn"),
+    *_attention_rules("attn2", "cross_attn",
+                      [("add_k_proj", "k_img"), ("add_v_proj", "v_img"), ("norm_added_k", "norm_k_img")]),
+    (r"blocks\.(\d+)\.attn2\.norm_added_q\.weight", None),  # present in some exports, unused
+]
+
+_RESNET_LEAVES = r"(?P<leaf>norm1\.gamma|conv1\.(?:weight|bias)|norm2\.gamma|conv2\.(?:weight|bias)|conv_shortcut\.(?:weight|bias))"
+_RESNET_LEAF_NAMES = {"norm1.gamma": "residual.0.gamma", "conv1": "residual.2", "norm2.gamma": "residual.3.gamma",
+                      "conv2": "residual.6", "conv_shortcut": "shortcut"}
+
+
+def _resnet_leaf(leaf: str) -> str:
+    for diffusers, official in _RESNET_LEAF_NAMES.items():
+        if leaf == diffusers or leaf.startswith(diffusers + "."):
+            return official + leaf[len(diffusers):]
+    raise AssertionError(leaf)
+
+
+def _up_block(m: re.Match) -> str:
+    # diffusers groups the decoder's flat list into stages of 3 res blocks + 1 upsampler.
+    index = 4 * int(m["stage"]) + (3 if m["kind"] == "upsamplers" else int(m["i"]))
+    rest = _resnet_leaf(m["leaf"]) if m["kind"] == "resnets" else m["rest"]
+    return f"decoder.upsamples.{index}.{rest}"
+
+
+# diffusers `AutoencoderKLWan` -> official `WanVAE_`.
+DIFFUSERS_VAE: list[Rule] = [
+    (r"quant_conv\.(weight|bias)", r"conv1.\1"),
+    (r"post_quant_conv\.(weight|bias)", r"conv2.\1"),
+    (r"(encoder|decoder)\.conv_in\.(weight|bias)", r"\1.conv1.\2"),
+    (r"(encoder|decoder)\.norm_out\.gamma", r"\1.head.0.gamma"),
+    (r"(encoder|decoder)\.conv_out\.(weight|bias)", r"\1.head.2.\2"),
+    (r"(encoder|decoder)\.mid_block\.attentions\.0\.(?P<rest>.+)", lambda m: f"{m[1]}.middle.1.{m['rest']}"),
+    (rf"(encoder|decoder)\.mid_block\.resnets\.(?P<i>[01])\.{_RESNET_LEAVES}",
+     lambda m: f"{m[1]}.middle.{2 * int(m['i'])}.{_resnet_leaf(m['leaf'])}"),
+    (rf"encoder\.down_blocks\.(?P<i>\d+)\.{_RESNET_LEAVES}",
+     lambda m: f"encoder.downsamples.{m['i']}.{_resnet_leaf(m['leaf'])}"),
+    (r"encoder\.down_blocks\.(?P<i>\d+)\.(?P<rest>(?:resample\.1|time_conv)\.(?:weight|bias))",
+     lambda m: f"encoder.downsamples.{m['i']}.{m['rest']}"),
+    (rf"decoder\.up_blocks\.(?P<stage>\d+)\.(?P<kind>resnets)\.(?P<i>\d+)\.{_RESNET_LEAVES}", _up_block),
+    (r"decoder\.up_blocks\.(?P<stage>\d+)\.(?P<kind>upsamplers)\.0\.(?P<rest>(?:resample\.1|time_conv)\.(?:weight|bias))",
+     _up_block),
+]
+
+
+@dataclass(frozen=True)
+class Detected:
+    network: str  # "dit" | "vae"
+    layout: str  # "official" | "diffusers" | "comfyui"
+    prefix: str  # stripped from every key
+    rules: list[Rule] | None  # None: official names already
+
+
+# (network, layout, rules, keys that identify it after the prefix is stripped)
+_SIGNATURES: list[tuple[str, str, list[Rule] | None, tuple[str, ...]]] = [
+    ("dit", "official", None, ("patch_embedding.weight", "time_projection.1.weight")),
+    ("dit", "diffusers", DIFFUSERS_DIT, ("patch_embedding.weight", "condition_embedder.time_proj.weight")),
+    ("vae", "official", None, ("encoder.conv1.weight", "decoder.conv1.weight", "conv2.weight")),
+    ("vae", "diffusers", DIFFUSERS_VAE, ("encoder.conv_in.weight", "decoder.conv_in.weight", "post_quant_conv.weight")),
+]
+
+
+def detect(keys: Iterable[str]) -> Detected | None:
+    """Which network and layout a set of tensor names is, or None for a non-Wan file."""
+    keys = set(keys)
+    for prefix in ("", *COMFY_PREFIXES):
+        stripped = {k[len(prefix):] for k in keys if k.startswith(prefix)}
+        for network, layout, rules, signature in _SIGNATURES:
+            if all(s in stripped for s in signature):
+                comfy = bool(prefix) or any(k in keys for k in COMFY_FP8_MARKERS)
+                return Detected(network, "comfyui" if comfy and layout == "official" else layout, prefix, rules)
+    return None
+
+
+def rename(key: str, rules: list[Rule] | None) -> str | None:
+    """Official name of `key` (None: drop it). Raises KeyError when no rule matches."""
+    if rules is None:
+        return key
+    for pattern, replacement in rules:
+        m = re.fullmatch(pattern, key)
+        if m:
+            if replacement is None:
+                return None
+            return replacement(m) if callable(replacement) else m.expand(replacement)
+    raise KeyError(key)

@@ -1,0 +1,1 @@
+"""The separately trained Wan2.1 networks."""

@@ -1,0 +1,275 @@
+"""Wan2.1 diffusion transformer (DiT), with the official parameter names.
+
+Official checkpoints load into `WanDiT` without renaming. The numerics follow the
+official `WanModel`: sinusoidal time embedding in float64 (cos first), time MLPs,
+modulation, norms, head and the gated residual stream in float32; linear layers and
+attention in the weights' dtype (bf16 in production); RoPE angles in float64.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..attention import attention
+from ..configs import DiTConfig, dit_config
+
+
+def sinusoidal_embedding(dim: int, timestep: Tensor) -> Tensor:
+    """`[B]` timesteps -> `[B, dim]` float64, cos half first (official order)."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=timestep.device) / half)
+    angles = torch.outer(timestep.to(torch.float64), freqs)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """Real dims of the head given to frame, height and width: 44/42/42 for head dim 128."""
+    d = head_dim
+    return d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)
+
+
+@functools.lru_cache(maxsize=16)
+def rope_frequencies(head_dim: int, grid: tuple[int, int, int], device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos and sin `[f*h*w, head_dim/2]` (float32, from float64 angles) for a token grid.
+
+    Each axis uses its own exponent denominator (the axis' dim), theta 10000, positions
+    from 0, laid out [frame | height | width] as in the official `rope_params`.
+    """
+    per_axis = []
+    for axis_dim, n in zip(rope_axes(head_dim), grid):
+        inv_freq = 1.0 / torch.pow(10000.0, torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim)
+        per_axis.append(torch.outer(torch.arange(n, dtype=torch.float64, device=device), inv_freq))
+    f, h, w = grid
+    angles = torch.cat(
+        [
+            per_axis[0][:, None, None, :].expand(f, h, w, -1),
+            per_axis[1][None, :, None, :].expand(f, h, w, -1),
+            per_axis[2][None, None, :, :].expand(f, h, w, -1),
+        ],
+        dim=-1,
+    ).reshape(f * h * w, head_dim // 2)
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of `[B, L, H, D]` by `[L, D/2]` angles; float32 out."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [B, L, H, D/2] each
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+
+
+def layer_norm(x: Tensor, eps: float) -> Tensor:
+    """Non-affine LayerNorm in float32 (the official norm1, norm2 and head norm)."""
+    return F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+
+
+class RMSNorm(nn.Module):
+    """q/k norm over the full width (all heads), normalised in float32 (`WanRMSNorm`)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """x `[B, L, D]` -> `[B, L, D]`."""
+        n = self.num_heads
+        v = self.v(x).unflatten(-1, (n, -1))  # [B, L, H, Dh]
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (n, -1)), *rope).to(v.dtype)
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (n, -1)), *rope).to(v.dtype)
+        return self.o(attention(q, k, v).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Attention to the text tokens; I2V/FLF2V add a second attention to the CLIP tokens
+    sharing the query and the output projection."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, image_input: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+        if image_input:
+            self.k_img, self.v_img = nn.Linear(dim, dim), nn.Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps)
+
+    def forward(self, x: Tensor, context: Tensor, context_img: Tensor | None = None) -> Tensor:
+        """x `[B, L, D]`, context `[B, text_len, D]`, context_img `[B, 257|514, D]` -> `[B, L, D]`."""
+        n = self.num_heads
+        v = self.v(context).unflatten(-1, (n, -1))
+        q = self.norm_q(self.q(x)).unflatten(-1, (n, -1)).to(v.dtype)
+        k = self.norm_k(self.k(context)).unflatten(-1, (n, -1)).to(v.dtype)
+        out = attention(q, k, v)
+        if context_img is not None:
+            v_img = self.v_img(context_img).unflatten(-1, (n, -1))
+            k_img = self.norm_k_img(self.k_img(context_img)).unflatten(-1, (n, -1)).to(v_img.dtype)
+            out = out + attention(q, k_img, v_img)
+        return self.o(out.flatten(2))
+
+
+class WanAttentionBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        dim, self.eps = cfg.dim, cfg.eps
+        self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.eps)
+        self.norm3 = nn.LayerNorm(dim, eps=cfg.eps)  # the only affine norm: before cross-attention
+        self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps, cfg.has_image_input)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(
+        self, x: Tensor, e0: Tensor, context: Tensor, context_img: Tensor | None, rope: tuple[Tensor, Tensor]
+    ) -> Tensor:
+        """x `[B, L, D]` float32 residual stream, e0 `[B, 6, D]` float32 time projection."""
+        shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (self.modulation.float() + e0)[:, :, None].unbind(1)
+        dtype = self.self_attn.q.weight.dtype
+
+        h = layer_norm(x, self.eps) * (1 + scale) + shift
+        x = x + self.self_attn(h.to(dtype), rope).float() * gate
+        # Cross-attention is neither modulated nor gated.
+        x = x + self.cross_attn(self.norm3(x.float()).to(dtype), context, context_img).float()
+        h = layer_norm(x, self.eps) * (1 + ffn_scale) + ffn_shift
+        return x + self.ffn(h.to(dtype)).float() * ffn_gate
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: Tensor, e: Tensor) -> Tensor:
+        """x `[B, L, D]`, e `[B, D]` time embedding (not the projection) -> `[B, L, prod(patch)*C]`."""
+        shift, scale = (self.modulation.float() + e[:, None]).unsqueeze(2).unbind(1)
+        h = layer_norm(x, self.eps) * (1 + scale) + shift
+        return self.head(h.to(self.head.weight.dtype))
+
+
+class MLPProj(nn.Module):
+    """CLIP features -> image context tokens; FLF2V adds a learned position per token."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d_img = cfg.image_dim
+        self.proj = nn.Sequential(
+            nn.LayerNorm(d_img), nn.Linear(d_img, d_img), nn.GELU(), nn.Linear(d_img, cfg.dim), nn.LayerNorm(cfg.dim)
+        )
+        if cfg.model_type == "flf2v":
+            self.emb_pos = nn.Parameter(torch.zeros(1, cfg.image_tokens, d_img))
+
+    def forward(self, clip_features: Tensor) -> Tensor:
+        """`[B, 257|514, image_dim]` -> `[B, 257|514, D]`."""
+        norm_in, fc1, act, fc2, norm_out = self.proj
+        x = clip_features.float()
+        if hasattr(self, "emb_pos"):
+            x = x + self.emb_pos.float()
+        x = fc2(act(fc1(norm_in(x).to(fc1.weight.dtype))))
+        return norm_out(x.float()).to(fc1.weight.dtype)
+
+
+class WanDiT(nn.Module):
+    """Wan2.1 DiT: T2V-1.3B/14B, I2V-14B and FLF2V-14B, selected by `DiTConfig`."""
+
+    # Parameters that stay float32 whatever dtype the model is loaded in (matched on
+    # dotted-name components), as the official model computes them under fp32 autocast.
+    keep_in_fp32 = ("time_embedding", "time_projection", "modulation", "norm3", "norm_q", "norm_k",
+                    "norm_k_img", "head.head", "img_emb.proj.0", "img_emb.proj.4", "emb_pos")
+
+    def __init__(self, config: DiTConfig | str = "t2v-1.3B"):
+        super().__init__()
+        cfg = self.config = dit_config(config) if isinstance(config, str) else config
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))  # shared by all blocks
+        self.blocks = nn.ModuleList(WanAttentionBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        if cfg.has_image_input:
+            self.img_emb = MLPProj(cfg)
+
+    def forward(
+        self,
+        x: Tensor,
+        timestep: Tensor,
+        context: Tensor,
+        clip_features: Tensor | None = None,
+        y: Tensor | None = None,
+    ) -> Tensor:
+        """Velocity `[B, 16, F, H, W]` float32 for latents x `[B, 16, F, H, W]`.
+
+        timestep `[B]` on the 0..1000 scale; context `[B, L<=text_len, text_dim]` (zero-padded
+        to text_len here); I2V/FLF2V: y `[B, 20, F, H, W]` (mask 4 + image latent 16) and
+        clip_features `[B, 257|514, image_dim]`.
+        """
+        cfg = self.config
+        self._check_inputs(x, context, clip_features, y)
+        dtype = self.patch_embedding.weight.dtype
+        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(x.shape[0])
+
+        if y is not None:
+            x = torch.cat([x, y], dim=1)  # [B, in_dim, F, H, W]
+        x = self.patch_embedding(x.to(dtype))  # [B, D, f, h, w]
+        grid = tuple(x.shape[2:])
+        x = rearrange(x, "b d f h w -> b (f h w) d").float()
+        rope = rope_frequencies(cfg.head_dim, grid, x.device)
+
+        t = sinusoidal_embedding(cfg.freq_dim, timestep)
+        e = self.time_embedding(t.to(self.time_embedding[0].weight.dtype)).float()  # [B, D]
+        e0 = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float().unflatten(1, (6, cfg.dim))
+
+        # The official model pads the text with zeros to text_len *before* the embedding
+        # MLP and attends to every position, so padded rows carry text_embedding(0).
+        context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
+        context = self.text_embedding(context.to(dtype))  # [B, text_len, D]
+        context_img = self.img_emb(clip_features) if clip_features is not None else None
+
+        for block in self.blocks:
+            x = block(x, e0, context, context_img, rope)
+
+        x = self.head(x, e)  # [B, L, pt*ph*pw*C], channels fastest
+        pt, ph, pw = cfg.patch_size
+        x = rearrange(x, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)", f=grid[0], h=grid[1], pt=pt, ph=ph, pw=pw)
+        return x.float()
+
+    def _check_inputs(self, x: Tensor, context: Tensor, clip_features: Tensor | None, y: Tensor | None) -> None:
+        cfg = self.config
+        if x.ndim != 5:
+            raise ValueError(f"x must be [B, C, F, H, W] latents, got shape {tuple(x.shape)}")
+        channels = x.shape[1] + (y.shape[1] if y is not None else 0)
+        if channels != cfg.in_dim:
+            need = "y [B, 20, F, H, W] (mask + image latent)" if cfg.has_image_input else "no y"
+            raise ValueError(f"{cfg.model_type} model takes {cfg.in_dim} input channels ({need}); got {channels}")
+        if cfg.has_image_input and clip_features is None:
+            raise ValueError(f"{cfg.model_type} model needs clip_features [B, {cfg.image_tokens}, {cfg.image_dim}]")
+        if not cfg.has_image_input and clip_features is not None:
+            raise ValueError("t2v model takes no clip_features")
+        if clip_features is not None and tuple(clip_features.shape[1:]) != (cfg.image_tokens, cfg.image_dim):
+            raise ValueError(
+                f"clip_features must be [B, {cfg.image_tokens}, {cfg.image_dim}], got {tuple(clip_features.shape)}"
+            )
+        if any(s % p for s, p in zip(x.shape[2:], cfg.patch_size)):
+            raise ValueError(f"latent size {tuple(x.shape[2:])} must be divisible by patch size {cfg.patch_size}")
+        if context.shape[1] > cfg.text_len or context.shape[-1] != cfg.text_dim:
+            raise ValueError(
+                f"context must be [B, L<={cfg.text_len}, {cfg.text_dim}], got {tuple(context.shape)}"
+            )

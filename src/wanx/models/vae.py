@@ -1,0 +1,384 @@
+"""Wan2.1 causal 3D VAE (stride 4x8x8, 16 latent channels), with the official key names.
+
+Video is processed in causal chunks along time. Every temporal convolution keeps the
+tail frames it needs from the previous chunk in a `CausalCache`, so a video of any
+length is encoded and decoded with memory set by the chunk (and the spatial tile), not
+by the number of frames. Chunking does not change the math: any chunking (with encode
+chunks a multiple of 4 frames) gives the same result as one pass over the whole clip.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..configs import VAEConfig, vae_config
+
+# Official per-channel latent statistics: latents are (mu - mean) / std.
+LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+               0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+              3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+
+class CausalCache:
+    """Tail frames each causal layer carries from one chunk to the next.
+
+    Keyed by the layer itself. A layer with no entry is seeing the first chunk of the clip.
+    """
+
+    def __init__(self) -> None:
+        self._tails: dict[nn.Module, Tensor] = {}
+
+    def get(self, layer: nn.Module) -> Tensor | None:
+        return self._tails.get(layer)
+
+    def set(self, layer: nn.Module, frames: Tensor) -> None:
+        # clone: a view would keep the whole chunk's activation alive.
+        self._tails[layer] = frames.detach().clone()
+
+    def reset(self) -> None:
+        self._tails.clear()
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d padded causally in time: the previous chunk's last frames (zeros at the
+    start of the clip) stand in front of each chunk."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        pt, ph, pw = self.padding
+        self.context_frames = 2 * pt
+        self.spatial_pad = (pw, pw, ph, ph)
+        self.padding = (0, 0, 0)
+
+    def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
+        if self.context_frames:
+            past = cache.get(self) if cache is not None else None
+            if past is None:
+                past = x.new_zeros(*x.shape[:2], self.context_frames, *x.shape[3:])
+            x = torch.cat([past, x], dim=2)
+            if cache is not None:
+                cache.set(self, x[:, :, -self.context_frames:])
+        return super().forward(F.pad(x, self.spatial_pad))
+
+
+class RMS_norm(nn.Module):  # noqa: N801 (official name)
+    """L2-normalise over channels, times sqrt(C) and a learned gain."""
+
+    def __init__(self, dim: int, images: bool = True):
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, *((1, 1) if images else (1, 1, 1))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(x, dim=1) * self.scale * self.gamma
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        # Indices match the official Sequential (SiLU at 1/4, dropout at 5).
+        self.residual = nn.Sequential(
+            RMS_norm(in_dim, images=False), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMS_norm(out_dim, images=False), nn.SiLU(), nn.Identity(), CausalConv3d(out_dim, out_dim, 3, padding=1),
+        )
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        norm1, _, conv1, norm2, _, _, conv2 = self.residual
+        h = conv1(F.silu(norm1(x)), cache)
+        h = conv2(F.silu(norm2(h)), cache)
+        return self.shortcut(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head spatial self-attention within each frame."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = RMS_norm(dim)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
+        b, c, t, h, w = x.shape
+        frames = rearrange(x, "b c t h w -> (b t) c h w")
+        qkv = rearrange(self.to_qkv(self.norm(frames)), "n c h w -> n 1 (h w) c")
+        q, k, v = qkv.chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v)  # [(b t), 1, hw, c]
+        out = self.proj(rearrange(out, "n 1 (h w) c -> n c h w", h=h))
+        return x + rearrange(out, "(b t) c h w -> b c t h w", b=b)
+
+
+class Resample(nn.Module):
+    """Spatial 2x up/down sampling, optionally with a causal 2x temporal stage.
+
+    The first frame of a clip is never resampled in time: it maps to one frame both ways,
+    which is why T = 4k+1 frames <-> k+1 latent frames.
+    """
+
+    def __init__(self, dim: int, mode: str):
+        super().__init__()
+        self.mode = mode
+        if mode.startswith("upsample"):
+            self.resample = nn.Sequential(nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+                                          nn.Conv2d(dim, dim // 2, 3, padding=1))
+        else:
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=(2, 2)))
+        if mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        elif mode == "downsample3d":
+            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        if self.mode == "upsample3d":
+            x = self._double_frames(x, cache)
+        t = x.shape[2]
+        x = rearrange(self.resample(rearrange(x, "b c t h w -> (b t) c h w")), "(b t) c h w -> b c t h w", t=t)
+        if self.mode == "downsample3d":
+            x = self._halve_frames(x, cache)
+        return x
+
+    def _double_frames(self, x: Tensor, cache: CausalCache) -> Tensor:
+        """Frame 0 passes; later frames each become two (a causal conv producing 2C channels)."""
+        first = None
+        if cache.get(self) is None:  # start of the clip
+            first, x = x[:, :, :1], x[:, :, 1:]
+            cache.set(self, first[:, :, :0])  # marks the clip as started; the conv's own tail starts as zeros
+        if x.shape[2]:
+            y = self.time_conv(x, cache)  # [B, 2C, T, H, W]
+            x = rearrange(y, "b (two c) t h w -> b c (t two) h w", two=2)
+        return x if first is None else torch.cat([first, x], dim=2)
+
+    def _halve_frames(self, x: Tensor, cache: CausalCache) -> Tensor:
+        """Frame 0 passes; later frames are reduced by a stride-2 conv over (previous, x)."""
+        past, first = cache.get(self), None
+        if past is None:
+            first, past, x = x[:, :, :1], x[:, :, :1], x[:, :, 1:]
+        if x.shape[2]:
+            cache.set(self, x[:, :, -1:])
+            x = self.time_conv(torch.cat([past, x], dim=2))
+        else:
+            cache.set(self, past)
+        return x if first is None else torch.cat([first, x], dim=2)
+
+
+def _run(layers: nn.Sequential, x: Tensor, cache: CausalCache) -> Tensor:
+    for layer in layers:
+        x = layer(x, cache) if isinstance(layer, (CausalConv3d, ResidualBlock, AttentionBlock, Resample)) else layer(x)
+    return x
+
+
+class Encoder3d(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        dims = [cfg.dim * m for m in (1, *cfg.dim_mult)]
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        layers: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(cfg.num_res_blocks):
+                layers.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i != len(cfg.dim_mult) - 1:
+                layers.append(Resample(out_dim, "downsample3d" if cfg.temperal_downsample[i] else "downsample2d"))
+        self.downsamples = nn.Sequential(*layers)
+        top = dims[-1]
+        self.middle = nn.Sequential(ResidualBlock(top, top), AttentionBlock(top), ResidualBlock(top, top))
+        self.head = nn.Sequential(RMS_norm(top, images=False), nn.SiLU(), CausalConv3d(top, cfg.z_dim * 2, 3, padding=1))
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        x = self.conv1(x, cache)
+        x = _run(self.downsamples, x, cache)
+        x = _run(self.middle, x, cache)
+        return _run(self.head, x, cache)
+
+
+class Decoder3d(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        dims = [cfg.dim * m for m in (cfg.dim_mult[-1], *reversed(cfg.dim_mult))]
+        temporal_upsample = tuple(reversed(cfg.temperal_downsample))
+        self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
+        self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]), ResidualBlock(dims[0], dims[0]))
+        layers: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:
+                in_dim //= 2  # the previous stage's resample conv halved the channels
+            for _ in range(cfg.num_res_blocks + 1):
+                layers.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i != len(cfg.dim_mult) - 1:
+                layers.append(Resample(out_dim, "upsample3d" if temporal_upsample[i] else "upsample2d"))
+        self.upsamples = nn.Sequential(*layers)
+        self.head = nn.Sequential(RMS_norm(dims[-1], images=False), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1))
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        x = self.conv1(x, cache)
+        x = _run(self.middle, x, cache)
+        x = _run(self.upsamples, x, cache)
+        return _run(self.head, x, cache)
+
+
+def _tiles(size: int, tile: int, stride: int) -> list[int]:
+    """Start offsets covering [0, size) with windows of `tile`, the last one flush with the end."""
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, stride))
+    return starts + [size - tile]
+
+
+def _ramp(length: int, overlap_before: int, overlap_after: int, device, dtype) -> Tensor:
+    """Blend weights along one axis: linear ramps over the overlaps, 1 elsewhere."""
+    w = torch.ones(length, device=device, dtype=dtype)
+    if overlap_before:
+        w[:overlap_before] = torch.arange(1, overlap_before + 1, device=device, dtype=dtype) / (overlap_before + 1)
+    if overlap_after:
+        w[length - overlap_after:] = torch.minimum(
+            w[length - overlap_after:],
+            torch.arange(overlap_after, 0, -1, device=device, dtype=dtype) / (overlap_after + 1),
+        )
+    return w
+
+
+class WanVAE(nn.Module):
+    """Causal video VAE. `encode`: video `[B, 3, 4k+1, H, W]` in [-1, 1] -> normalised latents
+    `[B, 16, k+1, H/8, W/8]`; `decode`: the reverse, clamped to [-1, 1]."""
+
+    def __init__(self, config: VAEConfig | str = "wan2.1"):
+        super().__init__()
+        cfg = self.config = vae_config(config) if isinstance(config, str) else config
+        self.encoder = Encoder3d(cfg)
+        self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
+        self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
+        self.decoder = Decoder3d(cfg)
+
+    # -- latent statistics, built on the input's device --------------------------------
+    def _stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.config.z_dim
+        mean = LATENT_MEAN if z == 16 else (0.0,) * z
+        std = LATENT_STD if z == 16 else (1.0,) * z
+        shape = (1, z, 1, 1, 1)
+        mean_t = torch.tensor(mean, device=like.device, dtype=torch.float32).view(shape)
+        inv_std = 1.0 / torch.tensor(std, device=like.device, dtype=torch.float32).view(shape)
+        return mean_t, inv_std
+
+    # -- encode --------------------------------------------------------------------------
+    def encode(self, video: Tensor, *, chunk_frames: int = 4, tile_size: int | tuple[int, int] | None = None,
+               tile_stride: int | tuple[int, int] | None = None) -> Tensor:
+        """video `[B, 3, T=4k+1, H, W]` in [-1, 1] -> latents `[B, z, k+1, H/8, W/8]` (mean of the posterior).
+
+        chunk_frames: frames per causal chunk after the first frame (a multiple of 4).
+        tile_size/tile_stride: spatial tiles in pixels (multiples of 8), blended at the seams.
+        """
+        stride_t, stride_s = self.config.temporal_stride, self.config.spatial_stride
+        b, c, t, h, w = video.shape
+        if c != 3 or (t - 1) % stride_t:
+            raise ValueError(f"video must be [B, 3, T, H, W] with T = {stride_t}k+1, got {tuple(video.shape)}")
+        if h % stride_s or w % stride_s:
+            raise ValueError(f"video height and width must be multiples of {stride_s}, got {h}x{w}")
+        if chunk_frames < 1 or chunk_frames % stride_t:
+            raise ValueError(f"chunk_frames must be a positive multiple of {stride_t}, got {chunk_frames}")
+        tile, stride = _pair(tile_size, stride_s, "tile_size"), _pair(tile_stride, stride_s, "tile_stride")
+        return self._tiled(video, tile, stride, stride_s, down=True, fn=lambda v: self._encode_tile(v, chunk_frames))
+
+    def _encode_tile(self, video: Tensor, chunk_frames: int) -> Tensor:
+        dtype = self.conv1.weight.dtype
+        cache = CausalCache()
+        chunks = [self.encoder(video[:, :, s:e].to(dtype), cache) for s, e in _chunks(video.shape[2], chunk_frames)]
+        mu = self.conv1(torch.cat(chunks, dim=2)).float()[:, : self.config.z_dim]
+        mean, inv_std = self._stats(mu)
+        return (mu - mean) * inv_std
+
+    # -- decode --------------------------------------------------------------------------
+    def decode(self, latents: Tensor, *, chunk_latents: int = 1, tile_size: int | tuple[int, int] | None = None,
+               tile_stride: int | tuple[int, int] | None = None) -> Tensor:
+        """latents `[B, z, k+1, h, w]` -> video `[B, 3, 4k+1, 8h, 8w]` float32 in [-1, 1].
+
+        chunk_latents: latent frames decoded per causal step (1 = the official schedule).
+        tile_size/tile_stride: spatial tiles in output pixels (multiples of 8), blended at the seams.
+        """
+        if latents.ndim != 5 or latents.shape[1] != self.config.z_dim:
+            raise ValueError(f"latents must be [B, {self.config.z_dim}, F, H, W], got {tuple(latents.shape)}")
+        if chunk_latents < 1:
+            raise ValueError(f"chunk_latents must be >= 1, got {chunk_latents}")
+        s = self.config.spatial_stride
+        tile = _pair(tile_size, s, "tile_size")
+        stride = _pair(tile_stride, s, "tile_stride")
+        tile = None if tile is None else (tile[0] // s, tile[1] // s)
+        stride = None if stride is None else (stride[0] // s, stride[1] // s)
+        return self._tiled(latents, tile, stride, s, down=False, fn=lambda z: self._decode_tile(z, chunk_latents))
+
+    def _decode_tile(self, latents: Tensor, chunk_latents: int) -> Tensor:
+        dtype = self.conv2.weight.dtype
+        mean, inv_std = self._stats(latents)
+        z = self.conv2((latents.float() / inv_std + mean).to(dtype))
+        b, _, t, h, w = z.shape
+        s, st = self.config.spatial_stride, self.config.temporal_stride
+        out = torch.empty(b, 3, 1 + st * (t - 1), h * s, w * s, device=z.device, dtype=torch.float32)
+        cache, frame = CausalCache(), 0
+        for start, end in [(0, 1)] + [(a, min(a + chunk_latents, t)) for a in range(1, t, chunk_latents)]:
+            if start >= t:
+                break
+            chunk = self.decoder(z[:, :, start:end], cache)
+            out[:, :, frame: frame + chunk.shape[2]] = chunk.float().clamp_(-1, 1)
+            frame += chunk.shape[2]
+        return out
+
+    # -- spatial tiling ------------------------------------------------------------------
+    def _tiled(self, x: Tensor, tile, stride, scale: int, *, down: bool, fn) -> Tensor:
+        """Apply `fn` to overlapping spatial tiles of x and blend the results linearly.
+
+        tile/stride are in x's pixels. `down`: the output is `scale` times smaller (encode),
+        else `scale` times larger (decode).
+        """
+        if tile is None:
+            return fn(x)
+        stride = stride or (tile[0] * 3 // 4, tile[1] * 3 // 4)
+        if stride[0] > tile[0] or stride[1] > tile[1] or min(stride) < 1:
+            raise ValueError(f"tile_stride {stride} must be between 1 and tile_size {tile} (tiles must overlap or touch)")
+        h, w = x.shape[-2:]
+        rows, cols = _tiles(h, tile[0], stride[0]), _tiles(w, tile[1], stride[1])
+        if len(rows) == 1 and len(cols) == 1:
+            return fn(x)
+        to_out = (lambda n: n // scale) if down else (lambda n: n * scale)
+        out = weight = None
+        for i, top in enumerate(rows):
+            for j, left in enumerate(cols):
+                th, tw = min(tile[0], h), min(tile[1], w)
+                y = fn(x[..., top: top + th, left: left + tw])
+                if out is None:
+                    out = y.new_zeros(*y.shape[:-2], to_out(h), to_out(w))
+                    weight = y.new_zeros(to_out(h), to_out(w))
+                # Overlap with the neighbours on each side, in output pixels.
+                above = to_out(rows[i - 1] + th - top) if i else 0
+                below = to_out(top + th - rows[i + 1]) if i + 1 < len(rows) else 0
+                before = to_out(cols[j - 1] + tw - left) if j else 0
+                after = to_out(left + tw - cols[j + 1]) if j + 1 < len(cols) else 0
+                wy = _ramp(y.shape[-2], above, below, y.device, y.dtype)
+                wx = _ramp(y.shape[-1], before, after, y.device, y.dtype)
+                mask = wy[:, None] * wx[None, :]
+                oy, ox = to_out(top), to_out(left)
+                out[..., oy: oy + y.shape[-2], ox: ox + y.shape[-1]] += y * mask
+                weight[oy: oy + y.shape[-2], ox: ox + y.shape[-1]] += mask
+        return out / weight
+
+
+def _chunks(frames: int, chunk: int) -> Iterator[tuple[int, int]]:
+    """Causal chunks: the first frame alone, then `chunk` frames at a time."""
+    yield 0, 1
+    for start in range(1, frames, chunk):
+        yield start, min(start + chunk, frames)
+
+
+def _pair(value, multiple: int, name: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or any(v <= 0 or v % multiple for v in pair):
+        raise ValueError(f"{name} must be a positive multiple of {multiple} (or a pair of them), got {value!r}")
+    return pair  # type: ignore[return-value]
