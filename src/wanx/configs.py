@@ -124,8 +124,11 @@ def block_indices(keys: Sequence[str]) -> list[int]:
     return sorted({int(m.group(1)) for k in keys if (m := _BLOCK.match(k))})
 
 
-def infer_dit_config(shapes: Mapping[str, Sequence[int]], num_heads: int | None = None) -> DiTConfig:
-    """DiT config from official-layout tensor shapes; `num_heads` from config.json when known."""
+def infer_dit_config(
+    shapes: Mapping[str, Sequence[int]], num_heads: int | None = None, num_layers: int | None = None
+) -> DiTConfig:
+    """DiT config from official-layout tensor shapes; `num_heads` (and `num_layers`, so a
+    missing last block is noticed) from config.json when known."""
     dim, in_dim, *patch = shapes["patch_embedding.weight"]
     patch_size = tuple(int(p) for p in patch)
     head_out = shapes["head.head.weight"][0]
@@ -139,9 +142,9 @@ def infer_dit_config(shapes: Mapping[str, Sequence[int]], num_heads: int | None 
     return DiTConfig(
         model_type=model_type,
         dim=int(dim),
-        ffn_dim=int(shapes["blocks.0.ffn.0.weight"][0]),
+        ffn_dim=int(shapes[f"blocks.{blocks[0] if blocks else 0}.ffn.0.weight"][0]),
         num_heads=int(num_heads) if num_heads else int(dim) // RELEASED_HEAD_DIM,
-        num_layers=(blocks[-1] + 1) if blocks else 0,
+        num_layers=int(num_layers) if num_layers else (blocks[-1] + 1) if blocks else 0,
         in_dim=int(in_dim),
         out_dim=int(head_out) // (patch_size[0] * patch_size[1] * patch_size[2]),
         patch_size=patch_size,  # type: ignore[arg-type]

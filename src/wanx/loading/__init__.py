@@ -158,7 +158,7 @@ def _infer_config(network: str, shapes: dict, store: TensorStore) -> DiTConfig |
             f"{RELEASED_HEAD_DIM}); put a config.json with \"num_heads\" beside the weights"
         )
     try:
-        return infer_dit_config(shapes, num_heads=heads)
+        return infer_dit_config(shapes, num_heads=heads, num_layers=cfg_json.get("num_layers"))
     except ValueError as err:
         raise CheckpointError(f"{store.path}: {err}") from None
 

@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from tests.oracles import diffusers_dit, official_state, run_diffusers_dit, tiny_dit
+from wanx.configs import DIT_PRESETS, dit_config
+from wanx.models.transformer import WanDiT, rope_axes, sinusoidal_embedding
+
+
+def inputs(cfg, batch=2, frames=3, height=8, width=12, text=7, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 16, frames, height, width, generator=gen)
+    context = torch.randn(batch, text, cfg.text_dim, generator=gen)
+    extra = {}
+    if cfg.has_image_input:
+        extra["y"] = torch.randn(batch, 20, frames, height, width, generator=gen)
+        extra["clip_features"] = torch.randn(batch, cfg.image_tokens, cfg.image_dim, generator=gen)
+    return x, torch.tensor([999.0, 437.5])[:batch], context, extra
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-i2v", "tiny-flf2v"])
+def test_matches_diffusers(name):
+    """Same weights (official layout, converted by diffusers' own converter), same numbers."""
+    model = tiny_dit(name)
+    cfg = model.config
+    assert cfg.head_dim == 16 and rope_axes(16) == (8, 4, 4)  # uneven split, like 44/42/42
+    oracle = diffusers_dit(cfg, official_state(model))
+    x, t, context, extra = inputs(cfg)
+    with torch.no_grad():
+        ours = model(x, t, context, **extra)
+    theirs = run_diffusers_dit(oracle, cfg, x, t, context, **extra)
+    assert ours.shape == x.shape and ours.dtype == torch.float32
+    scale = theirs.abs().max()
+    assert (ours - theirs).abs().max() <= 1e-4 * scale
+
+
+def test_text_is_padded_to_text_len_before_embedding():
+    """Padding rows become text_embedding(0) and are attended: a shorter context must equal
+    the same context zero-padded by the caller."""
+    model = tiny_dit()
+    x, t, context, _ = inputs(model.config)
+    padded = torch.nn.functional.pad(context, (0, 0, 0, 100))
+    with torch.no_grad():
+        assert torch.equal(model(x, t, context), model(x, t, padded))
+
+
+def test_timestep_embedding_is_float64_cos_first():
+    emb = sinusoidal_embedding(256, torch.tensor([998.39], dtype=torch.float64))
+    assert emb.dtype == torch.float64
+    assert torch.allclose(emb[0, 0], torch.cos(torch.tensor(998.39, dtype=torch.float64)))
+    # A bf16 timestep would round 998.39 to 1000 (a known bug elsewhere); we keep it exact.
+    assert not torch.allclose(emb, sinusoidal_embedding(256, torch.tensor([1000.0])))
+
+
+def test_rope_split_formula():
+    assert rope_axes(128) == (44, 42, 42)
+    assert rope_axes(16) == (8, 4, 4)
+
+
+def test_presets_have_released_sizes():
+    with torch.device("meta"):
+        counts = {name: sum(p.numel() for p in WanDiT(DIT_PRESETS[name]).parameters())
+                  for name in ("t2v-1.3B", "t2v-14B", "i2v-14B", "flf2v-14B")}
+    assert counts == {"t2v-1.3B": 1_418_996_800, "t2v-14B": 14_288_491_584,
+                      "i2v-14B": 16_394_878_784, "flf2v-14B": 16_395_536_704}
+
+
+def test_bf16_keeps_fp32_islands_and_stays_close():
+    model = tiny_dit()
+    x, t, context, _ = inputs(model.config)
+    with torch.no_grad():
+        ref = model(x, t, context)
+        half = tiny_dit()
+        for name, p in half.named_parameters():
+            if not any(f".{k}." in f".{name}." for k in WanDiT.keep_in_fp32):
+                p.data = p.data.bfloat16()
+        out = half(x, t, context)
+    assert out.dtype == torch.float32
+    assert half.blocks[0].modulation.dtype == torch.float32 and half.blocks[0].ffn[0].weight.dtype == torch.bfloat16
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda x, c, e: (x[:, :, :, :7], c, e), "divisible by patch size"),
+        (lambda x, c, e: (x, torch.zeros(2, 513, 32), e), "context must be"),
+        (lambda x, c, e: (x[:, :15], c, e), "input channels"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(change, message):
+    model = tiny_dit()
+    x, t, context, extra = inputs(model.config)
+    x, context, extra = change(x, context, extra)
+    with pytest.raises(ValueError, match=message):
+        model(x, t, context, **extra)
+
+
+def test_i2v_requires_image_inputs():
+    model = tiny_dit("tiny-i2v")
+    x, t, context, extra = inputs(model.config)
+    with pytest.raises(ValueError, match="36 input channels"):
+        model(x, t, context)
+    with pytest.raises(ValueError, match="needs clip_features"):
+        model(x, t, context, y=extra["y"])
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown DiT preset"):
+        dit_config("t2v-7B")

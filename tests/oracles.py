@@ -1,0 +1,157 @@
+"""Test helpers: randomised tiny models, diffusers oracles with converted weights, and
+checkpoint files written in the official, diffusers and ComfyUI layouts."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from wanx.configs import DiTConfig, dit_config, vae_config
+from wanx.models.transformer import WanDiT
+from wanx.models.vae import LATENT_MEAN, LATENT_STD, WanVAE
+
+
+def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """Every parameter random, including those initialised to zero or one."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * std
+            is_gain = name.endswith(("gamma", "norm_q.weight", "norm_k.weight", "norm_k_img.weight")) or (
+                p.ndim == 1 and "norm" in name and name.endswith("weight")
+            )
+            p.copy_(1.0 + noise if is_gain else noise)
+    return module.eval()
+
+
+def tiny_dit(name: str = "tiny", seed: int = 0) -> WanDiT:
+    return randomize(WanDiT(dit_config(name)), seed)
+
+
+def tiny_vae(seed: int = 0) -> WanVAE:
+    return randomize(WanVAE(vae_config("tiny")), seed, std=0.15)
+
+
+def official_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+
+
+# -- diffusers oracles ----------------------------------------------------------------
+
+
+def diffusers_dit_state(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    converted = convert_wan_transformer_to_diffusers(dict(official))
+    # The package converter lacks the FLF2V entry that the repository's script has.
+    if "img_emb.emb_pos" in converted:
+        converted["condition_embedder.image_embedder.pos_embed"] = converted.pop("img_emb.emb_pos")
+    return converted
+
+
+def diffusers_dit(cfg: DiTConfig, official: dict[str, torch.Tensor]):
+    from diffusers import WanTransformer3DModel
+
+    extra = {}
+    if cfg.has_image_input:
+        extra = dict(image_dim=cfg.image_dim, added_kv_proj_dim=cfg.dim)
+    if cfg.model_type == "flf2v":
+        extra["pos_embed_seq_len"] = cfg.image_tokens
+    model = WanTransformer3DModel(
+        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, eps=cfg.eps, **extra,
+    )
+    model.load_state_dict(diffusers_dit_state(official), strict=True)
+    return model.eval()
+
+
+def run_diffusers_dit(model, cfg: DiTConfig, x, t, context, clip_features=None, y=None):
+    """The diffusers call equivalent to `WanDiT(x, t, context, clip_features, y)`."""
+    context = torch.nn.functional.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
+    kwargs = {}
+    if y is not None:
+        x = torch.cat([x, y], dim=1)
+    if clip_features is not None:
+        # diffusers takes FLF2V's two images as two batch rows of 257 tokens.
+        kwargs["encoder_hidden_states_image"] = clip_features.reshape(-1, 257, clip_features.shape[-1])
+    with torch.no_grad():
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
+
+
+def diffusers_vae(official: dict[str, torch.Tensor], base_dim: int = 8):
+    from diffusers import AutoencoderKLWan
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    model = AutoencoderKLWan(base_dim=base_dim, z_dim=16, latents_mean=list(LATENT_MEAN), latents_std=list(LATENT_STD))
+    model.load_state_dict(convert_wan_vae_to_diffusers(dict(official)), strict=True)
+    return model.eval()
+
+
+def latent_stats():
+    shape = (1, 16, 1, 1, 1)
+    return torch.tensor(LATENT_MEAN).view(shape), torch.tensor(LATENT_STD).view(shape)
+
+
+# -- checkpoint files in each layout ----------------------------------------------------
+
+
+def write_official_dit(folder: Path, model: WanDiT, shards: int = 1) -> Path:
+    """Official folder: diffusion_pytorch_model.safetensors (or shards + index) and config.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = official_state(model)
+    if shards == 1:
+        save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+    else:
+        keys = list(state)
+        weight_map = {}
+        for i in range(shards):
+            name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = keys[i::shards]
+            save_file({k: state[k] for k in part}, str(folder / name))
+            weight_map.update({k: name for k in part})
+        (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg = asdict(model.config)
+    official_cfg = {k: cfg[k] for k in ("dim", "eps", "ffn_dim", "freq_dim", "in_dim", "model_type", "num_heads",
+                                        "num_layers", "out_dim", "text_len")}
+    (folder / "config.json").write_text(json.dumps({"_class_name": "WanModel", **official_cfg}))
+    return folder
+
+
+def write_diffusers_dit(folder: Path, model: WanDiT) -> Path:
+    diffusers_dit(model.config, official_state(model)).save_pretrained(folder)
+    return folder
+
+
+def write_comfy_dit(folder: Path, model: WanDiT, name: str = "wan2.1_tiny_bf16.safetensors",
+                    dtype: torch.dtype | None = None) -> Path:
+    """ComfyUI single file: official names under `model.diffusion_model.`; a config.json
+    beside it gives the tiny head count (released models need none)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {f"model.diffusion_model.{k}": (v.to(dtype) if dtype else v) for k, v in official_state(model).items()}
+    save_file(state, str(folder / name))
+    (folder / "config.json").write_text(json.dumps({"num_heads": model.config.num_heads}))
+    return folder / name
+
+
+def write_official_vae(path: Path, model: WanVAE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(official_state(model), path)
+    return path
+
+
+def write_diffusers_vae(folder: Path, model: WanVAE) -> Path:
+    diffusers_vae(official_state(model), model.config.dim).save_pretrained(folder)
+    return folder / "diffusion_pytorch_model.safetensors"
+
+
+def write_comfy_vae(path: Path, model: WanVAE) -> Path:
+    """ComfyUI's repackaged `wan_2.1_vae.safetensors`: official names in a safetensors file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(official_state(model), str(path))
+    return path

@@ -1,0 +1,44 @@
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+from tests.oracles import tiny_dit, tiny_vae, write_comfy_dit, write_diffusers_dit, write_official_dit, write_official_vae
+from wanx.cli import main
+
+
+def test_help_does_not_import_torch():
+    code = "import sys, wanx.cli; assert 'torch' not in sys.modules, 'torch imported at start-up'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    out = subprocess.run([sys.executable, "-m", "wanx", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "info" in out and "demo" in out
+
+
+def test_info_on_each_layout(tmp_path, capsys):
+    model = tiny_dit("tiny-i2v")
+    paths = [
+        write_official_dit(tmp_path / "official", model),
+        write_diffusers_dit(tmp_path / "diffusers", model),
+        write_comfy_dit(tmp_path / "comfy", model),
+        write_official_vae(tmp_path / "Wan2.1_VAE.pth", tiny_vae()),
+    ]
+    assert main(["info", *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    for layout in ("layout:     official", "layout:     diffusers", "layout:     comfyui"):
+        assert layout in out
+    assert out.count("network:    Wan2.1 DiT i2v") == 3 and "network:    Wan2.1 VAE" in out
+    assert "preset:     tiny-i2v" in out and "parameters:" in out and "dtype:      float32" in out
+
+
+def test_info_error_is_one_line(tmp_path, capsys):
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    assert main(["info", str(tmp_path / "other.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wanx: error: ") and "not a Wan2.1 checkpoint" in err and err.count("\n") == 1
+
+
+def test_demo_runs(tmp_path, capsys):
+    assert main(["demo", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "latents (1, 16, 5, 8, 12)" in out and "video (1, 3, 17, 64, 96)" in out
