@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,11 +99,34 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class RSSPeak:
+    """Peak resident memory while the block runs, sampled every millisecond. The child runs
+    with MALLOC_MMAP_THRESHOLD_ set so freed tensors leave RSS at once and the samples follow
+    live memory (the process-lifetime ru_maxrss would include model construction)."""
+
+    def __enter__(self):
+        self.before = self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
 def decode_memory_child(impl: str, latent_frames: int, height: int, width: int, device: str) -> None:
     """Child process: peak memory of one decode, beyond what was held before it."""
     torch.manual_seed(0)
     ours = WanVAE().eval()
     model = ours if impl == "wanx" else diffusers_vae(official_state(ours), base_dim=96)
+    del ours
     model.to(device)
     z = torch.randn(1, 16, latent_frames, height // 8, width // 8, device=device)
     mean, std = (s.to(device) for s in latent_stats())
@@ -112,14 +135,13 @@ def decode_memory_child(impl: str, latent_frames: int, height: int, width: int, 
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-        else:
-            before = _rss_bytes()
-        out = model.decode(z) if impl == "wanx" else model.decode(z * std + mean).sample
-        if device == "cuda":
+            out = model.decode(z) if impl == "wanx" else model.decode(z * std + mean).sample
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - before
         else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+            with RSSPeak() as rss:
+                out = model.decode(z) if impl == "wanx" else model.decode(z * std + mean).sample
+            peak = rss.peak - rss.before
     print(json.dumps(dict(peak=peak, output=out.numel() * out.element_size())))
 
 
@@ -131,7 +153,9 @@ def bench_decode_memory(args) -> list[dict]:
         for impl in ("wanx", "diffusers"):
             cmd = [sys.executable, __file__, "--child", impl, str((frames - 1) // 4 + 1), str(height), str(width),
                    "--device", args.device]
-            result = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+            run = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+            result = json.loads(run.stdout.strip().splitlines()[-1])
             row[f"{impl}_peak_MiB"] = result["peak"] / 2**20
             row[f"{impl}_beyond_output_MiB"] = (result["peak"] - result["output"]) / 2**20
         rows.append(row)

@@ -141,12 +141,13 @@ class WanAttentionBlock(nn.Module):
         shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (self.modulation.float() + e0)[:, :, None].unbind(1)
         dtype = self.self_attn.q.weight.dtype
 
-        h = layer_norm(x, self.eps) * (1 + scale) + shift
-        x = x + self.self_attn(h.to(dtype), rope).float() * gate
+        # addcmul: the modulation and the gated residuals in one fused op each.
+        h = torch.addcmul(shift, layer_norm(x, self.eps), 1 + scale)
+        x = torch.addcmul(x, self.self_attn(h.to(dtype), rope).float(), gate)
         # Cross-attention is neither modulated nor gated.
-        x = x + self.cross_attn(self.norm3(x.float()).to(dtype), context, context_img).float()
-        h = layer_norm(x, self.eps) * (1 + ffn_scale) + ffn_shift
-        return x + self.ffn(h.to(dtype)).float() * ffn_gate
+        x = x + self.cross_attn(self.norm3(x).to(dtype), context, context_img).float()
+        h = torch.addcmul(ffn_shift, layer_norm(x, self.eps), 1 + ffn_scale)
+        return torch.addcmul(x, self.ffn(h.to(dtype)).float(), ffn_gate)
 
 
 class Head(nn.Module):
@@ -159,7 +160,7 @@ class Head(nn.Module):
     def forward(self, x: Tensor, e: Tensor) -> Tensor:
         """x `[B, L, D]`, e `[B, D]` time embedding (not the projection) -> `[B, L, prod(patch)*C]`."""
         shift, scale = (self.modulation.float() + e[:, None]).unsqueeze(2).unbind(1)
-        h = layer_norm(x, self.eps) * (1 + scale) + shift
+        h = torch.addcmul(shift, layer_norm(x, self.eps), 1 + scale)
         return self.head(h.to(self.head.weight.dtype))
 
 

@@ -53,8 +53,9 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(*args, **kwargs)
         pt, ph, pw = self.padding
         self.context_frames = 2 * pt
-        self.spatial_pad = (pw, pw, ph, ph)
-        self.padding = (0, 0, 0)
+        # The convolution pads space itself (no padded copy of the activation); time is
+        # padded by the cached frames instead.
+        self.padding = (0, ph, pw)
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
         if self.context_frames:
@@ -64,7 +65,7 @@ class CausalConv3d(nn.Conv3d):
             x = torch.cat([past, x], dim=2)
             if cache is not None:
                 cache.set(self, x[:, :, -self.context_frames:])
-        return super().forward(F.pad(x, self.spatial_pad))
+        return super().forward(x)
 
 
 class RMS_norm(nn.Module):  # noqa: N801 (official name)
@@ -76,7 +77,7 @@ class RMS_norm(nn.Module):  # noqa: N801 (official name)
         self.gamma = nn.Parameter(torch.ones(dim, *((1, 1) if images else (1, 1, 1))))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(x, dim=1) * self.scale * self.gamma
+        return F.normalize(x, dim=1).mul_(self.gamma * self.scale)  # in place on the fresh tensor
 
 
 class ResidualBlock(nn.Module):
@@ -91,8 +92,8 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
-        h = conv1(F.silu(norm1(x)), cache)
-        h = conv2(F.silu(norm2(h)), cache)
+        h = conv1(F.silu(norm1(x), inplace=True), cache)
+        h = conv2(F.silu(norm2(h), inplace=True), cache)
         return self.shortcut(x) + h
 
 
@@ -189,7 +190,7 @@ class Encoder3d(nn.Module):
         self.downsamples = nn.Sequential(*layers)
         top = dims[-1]
         self.middle = nn.Sequential(ResidualBlock(top, top), AttentionBlock(top), ResidualBlock(top, top))
-        self.head = nn.Sequential(RMS_norm(top, images=False), nn.SiLU(), CausalConv3d(top, cfg.z_dim * 2, 3, padding=1))
+        self.head = nn.Sequential(RMS_norm(top, images=False), nn.SiLU(inplace=True), CausalConv3d(top, cfg.z_dim * 2, 3, padding=1))
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
         x = self.conv1(x, cache)
@@ -215,7 +216,7 @@ class Decoder3d(nn.Module):
             if i != len(cfg.dim_mult) - 1:
                 layers.append(Resample(out_dim, "upsample3d" if temporal_upsample[i] else "upsample2d"))
         self.upsamples = nn.Sequential(*layers)
-        self.head = nn.Sequential(RMS_norm(dims[-1], images=False), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1))
+        self.head = nn.Sequential(RMS_norm(dims[-1], images=False), nn.SiLU(inplace=True), CausalConv3d(dims[-1], 3, 3, padding=1))
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
         x = self.conv1(x, cache)
