@@ -64,7 +64,7 @@ def _warn_once(message: str) -> None:
 def _usable(name: str, q: Tensor, masked: bool) -> bool:
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] > 256:
         return False
-    if masked:  # these entry points take no key lengths
+    if masked:  # these entry points take no key lengths, bias or custom scale
         return False
     return _kernel(name) is not None
 
@@ -82,12 +82,17 @@ def _pick(q: Tensor, masked: bool) -> str:
     return "sdpa"
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, k_lens: Tensor | None = None) -> Tensor:
-    """Softmax attention, scale 1/sqrt(D). q `[B, Lq, H, D]`, k/v `[B, Lk, H, D]`.
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, *, k_lens: Tensor | None = None, bias: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Softmax attention. q `[B, Lq, H, D]`, k/v `[B, Lk, H, D]` -> `[B, Lq, H, D]`.
 
     k_lens `[B]`: keys at positions >= k_lens[b] are ignored for sample b.
+    bias `[B|1, H|1, Lq, Lk]`: added to the scores (T5's position bias); SDPA only.
+    scale: score scale, default 1/sqrt(D) (T5 uses 1).
     """
-    masked = k_lens is not None and bool((k_lens < k.shape[1]).any())
+    masked = (k_lens is not None and bool((k_lens < k.shape[1]).any())) or bias is not None or scale is not None
     backend = _pick(q, masked)
     if backend == "flash3":
         out = _kernel("flash3")(q, k, v)
@@ -97,9 +102,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, k_lens: Tensor | None = None) 
     if backend == "sage":
         return _kernel("sage")(q, k, v, tensor_layout="NHD")
 
-    mask = None
-    if masked:
+    mask = bias
+    if k_lens is not None and bool((k_lens < k.shape[1]).any()):
         positions = torch.arange(k.shape[1], device=k.device)
-        mask = (positions[None, :] < k_lens.to(k.device)[:, None])[:, None, None, :]  # [B, 1, 1, Lk]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        keep = (positions[None, :] < k_lens.to(k.device)[:, None])[:, None, None, :]  # [B, 1, 1, Lk]
+        mask = keep if bias is None else bias.masked_fill(~keep, float("-inf"))
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
+    )
     return out.transpose(1, 2)

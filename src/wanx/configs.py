@@ -74,6 +74,21 @@ class VAEConfig:
         return 2 ** (len(self.dim_mult) - 1)
 
 
+@dataclass(frozen=True)
+class T5Config:
+    """umT5 encoder (official `umt5_xxl` argument names)."""
+
+    vocab: int = 256384
+    dim: int = 4096
+    dim_attn: int = 4096
+    dim_ffn: int = 10240
+    num_heads: int = 64
+    num_layers: int = 24
+    num_buckets: int = 32
+    max_dist: int = 128
+    eps: float = 1e-6
+
+
 _14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 _TINY = dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=32)  # head dim 16: RoPE split 8/4/4
 
@@ -93,6 +108,16 @@ VAE_PRESETS: dict[str, VAEConfig] = {
 }
 
 
+T5_PRESETS: dict[str, T5Config] = {
+    "umt5-xxl": T5Config(),
+    "tiny": T5Config(vocab=320, dim=32, dim_attn=32, dim_ffn=48, num_heads=4, num_layers=2),
+}
+
+
+def t5_config(name: str) -> T5Config:
+    return _preset(T5_PRESETS, name, "T5")
+
+
 def dit_config(name: str) -> DiTConfig:
     return _preset(DIT_PRESETS, name, "DiT")
 
@@ -108,9 +133,9 @@ def _preset(table, name, what):
         raise ValueError(f"unknown {what} preset {name!r}; choose one of {', '.join(table)}") from None
 
 
-def preset_name(config: DiTConfig | VAEConfig) -> str | None:
+def preset_name(config: DiTConfig | VAEConfig | T5Config) -> str | None:
     """Name of the preset equal to `config`, if any."""
-    table = DIT_PRESETS if isinstance(config, DiTConfig) else VAE_PRESETS
+    table = {DiTConfig: DIT_PRESETS, VAEConfig: VAE_PRESETS, T5Config: T5_PRESETS}[type(config)]
     return next((name for name, c in table.items() if c == config), None)
 
 
@@ -161,3 +186,16 @@ def infer_vae_config(shapes: Mapping[str, Sequence[int]]) -> VAEConfig:
     width and latent channels are the free parameters; anything else fails the shape check.
     """
     return VAEConfig(dim=int(shapes["encoder.conv1.weight"][0]), z_dim=int(shapes["conv2.weight"][0]))
+
+
+def infer_t5_config(shapes: Mapping[str, Sequence[int]]) -> T5Config:
+    """umT5 config from official-layout shapes (the head count is the position table's width)."""
+    vocab, dim = shapes["token_embedding.weight"]
+    blocks = block_indices(list(shapes))
+    first = blocks[0] if blocks else 0
+    num_buckets, num_heads = shapes[f"blocks.{first}.pos_embedding.embedding.weight"]
+    return T5Config(
+        vocab=int(vocab), dim=int(dim), dim_attn=int(shapes[f"blocks.{first}.attn.q.weight"][0]),
+        dim_ffn=int(shapes[f"blocks.{first}.ffn.fc1.weight"][0]), num_heads=int(num_heads),
+        num_layers=(blocks[-1] + 1) if blocks else 0, num_buckets=int(num_buckets),
+    )

@@ -15,13 +15,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..configs import RELEASED_HEAD_DIM, DiTConfig, VAEConfig, infer_dit_config, infer_vae_config, preset_name
+from ..configs import (
+    RELEASED_HEAD_DIM, DiTConfig, T5Config, VAEConfig, infer_dit_config, infer_t5_config, infer_vae_config, preset_name,
+)
 from .files import FP8_DTYPES, CheckpointError, TensorStore, open_checkpoint
 from .layouts import COMFY_FP8_MARKERS, FP8_SCALE_SUFFIXES, Detected, detect, rename
 
 __all__ = ["CheckpointError", "CheckpointInfo", "inspect_checkpoint", "load_model"]
 
-NETWORK_NAMES = {"dit": "Wan2.1 DiT", "vae": "Wan2.1 VAE"}
+NETWORK_NAMES = {"dit": "Wan2.1 DiT", "vae": "Wan2.1 VAE", "t5": "umT5 text encoder"}
 
 
 @dataclass
@@ -30,9 +32,9 @@ class CheckpointInfo:
 
     path: Path
     files: list[Path]
-    network: str  # "dit" | "vae"
-    layout: str  # "official" | "diffusers" | "comfyui"
-    config: DiTConfig | VAEConfig
+    network: str  # "dit" | "vae" | "t5"
+    layout: str  # "official" | "diffusers" | "transformers" | "comfyui"
+    config: DiTConfig | VAEConfig | T5Config
     dtypes: dict[str, int]  # dtype name -> number of parameters stored in it
     num_params: int
     fp8_scaled: bool = False
@@ -103,7 +105,7 @@ def _identify(store: TensorStore) -> CheckpointInfo:
     if found is None:
         sample = ", ".join(store.keys()[:4])
         raise CheckpointError(
-            f"{store.path}: not a Wan2.1 checkpoint (no DiT or VAE tensor names found; it holds {sample}, ...)"
+            f"{store.path}: not a Wan2.1 checkpoint (no DiT, VAE or umT5 tensor names found; it holds {sample}, ...)"
         )
     names, unmapped = _official_names(store, found)
     if unmapped:
@@ -146,9 +148,11 @@ def _official_names(store: TensorStore, found: Detected) -> tuple[dict[str, str]
     return names, unmapped
 
 
-def _infer_config(network: str, shapes: dict, store: TensorStore) -> DiTConfig | VAEConfig:
+def _infer_config(network: str, shapes: dict, store: TensorStore) -> DiTConfig | VAEConfig | T5Config:
     if network == "vae":
         return infer_vae_config(shapes)
+    if network == "t5":
+        return infer_t5_config(shapes)
     cfg_json = store.config_json or {}
     heads = cfg_json.get("num_heads") or cfg_json.get("num_attention_heads")
     dim = shapes["patch_embedding.weight"][0]
@@ -164,11 +168,13 @@ def _infer_config(network: str, shapes: dict, store: TensorStore) -> DiTConfig |
 
 
 def _build(info: CheckpointInfo) -> nn.Module:
+    from ..models.t5 import UMT5Encoder
     from ..models.transformer import WanDiT
     from ..models.vae import WanVAE
 
+    builder = {"dit": WanDiT, "vae": WanVAE, "t5": UMT5Encoder}[info.network]
     with torch.device("meta"):
-        return WanDiT(info.config) if info.network == "dit" else WanVAE(info.config)
+        return builder(info.config)
 
 
 def _check_tensors(info: CheckpointInfo, store: TensorStore, model: nn.Module) -> None:

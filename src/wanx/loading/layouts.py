@@ -91,9 +91,24 @@ DIFFUSERS_VAE: list[Rule] = [
 ]
 
 
+# transformers `UMT5EncoderModel` (diffusers repos' text_encoder/, ComfyUI umt5 files) -> official T5Encoder.
+TRANSFORMERS_T5: list[Rule] = [
+    (r"(?:shared|encoder\.embed_tokens)\.weight", "token_embedding.weight"),  # tied copies of one table
+    (r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.(q|k|v|o)\.weight", r"blocks.\1.attn.\2.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.weight",
+     r"blocks.\1.pos_embedding.embedding.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight", r"blocks.\1.norm1.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_0\.weight", r"blocks.\1.ffn.gate.0.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_1\.weight", r"blocks.\1.ffn.fc1.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo\.weight", r"blocks.\1.ffn.fc2.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight", r"blocks.\1.norm2.weight"),
+    (r"encoder\.final_layer_norm\.weight", "norm.weight"),
+]
+
+
 @dataclass(frozen=True)
 class Detected:
-    network: str  # "dit" | "vae"
+    network: str  # "dit" | "vae" | "t5"
     layout: str  # "official" | "diffusers" | "comfyui"
     prefix: str  # stripped from every key
     rules: list[Rule] | None  # None: official names already
@@ -105,6 +120,8 @@ _SIGNATURES: list[tuple[str, str, list[Rule] | None, tuple[str, ...]]] = [
     ("dit", "diffusers", DIFFUSERS_DIT, ("patch_embedding.weight", "condition_embedder.time_proj.weight")),
     ("vae", "official", None, ("encoder.conv1.weight", "decoder.conv1.weight", "conv2.weight")),
     ("vae", "diffusers", DIFFUSERS_VAE, ("encoder.conv_in.weight", "decoder.conv_in.weight", "post_quant_conv.weight")),
+    ("t5", "official", None, ("token_embedding.weight", "blocks.0.pos_embedding.embedding.weight")),
+    ("t5", "transformers", TRANSFORMERS_T5, ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",)),
 ]
 
 
