@@ -133,9 +133,12 @@ def _preset(table, name, what):
         raise ValueError(f"unknown {what} preset {name!r}; choose one of {', '.join(table)}") from None
 
 
-def preset_name(config: DiTConfig | VAEConfig | T5Config) -> str | None:
+def preset_name(config) -> str | None:
     """Name of the preset equal to `config`, if any."""
-    table = {DiTConfig: DIT_PRESETS, VAEConfig: VAE_PRESETS, T5Config: T5_PRESETS}[type(config)]
+    if type(config).__name__ == "CLIPVisionConfig":
+        from .models.clip import CLIP_PRESETS as table
+    else:
+        table = {DiTConfig: DIT_PRESETS, VAEConfig: VAE_PRESETS, T5Config: T5_PRESETS}[type(config)]
     return next((name for name, c in table.items() if c == config), None)
 
 

@@ -68,6 +68,7 @@ def test_loads_through_load_model(tmp_path, layout):
         path = next((tmp_path / "text_encoder").glob("*.safetensors"))
     info = inspect_checkpoint(path)
     assert (info.network, info.layout, info.config) == ("t5", layout, model.config)
+    assert "umT5 text encoder" in info.summary() and "preset:     tiny" in info.summary()
     loaded = wanx.load_model(path)
     ids = torch.randint(3, 320, (1, 9))
     with torch.no_grad():

@@ -23,7 +23,7 @@ from .layouts import COMFY_FP8_MARKERS, FP8_SCALE_SUFFIXES, Detected, detect, re
 
 __all__ = ["CheckpointError", "CheckpointInfo", "inspect_checkpoint", "load_model"]
 
-NETWORK_NAMES = {"dit": "Wan2.1 DiT", "vae": "Wan2.1 VAE", "t5": "umT5 text encoder"}
+NETWORK_NAMES = {"dit": "Wan2.1 DiT", "vae": "Wan2.1 VAE", "t5": "umT5 text encoder", "clip": "CLIP ViT image encoder"}
 
 
 @dataclass
@@ -34,7 +34,7 @@ class CheckpointInfo:
     files: list[Path]
     network: str  # "dit" | "vae" | "t5"
     layout: str  # "official" | "diffusers" | "transformers" | "comfyui"
-    config: DiTConfig | VAEConfig | T5Config
+    config: DiTConfig | VAEConfig | T5Config | object
     dtypes: dict[str, int]  # dtype name -> number of parameters stored in it
     num_params: int
     fp8_scaled: bool = False
@@ -153,6 +153,10 @@ def _infer_config(network: str, shapes: dict, store: TensorStore) -> DiTConfig |
         return infer_vae_config(shapes)
     if network == "t5":
         return infer_t5_config(shapes)
+    if network == "clip":
+        from ..models.clip import infer_clip_config
+
+        return infer_clip_config(shapes)
     cfg_json = store.config_json or {}
     heads = cfg_json.get("num_heads") or cfg_json.get("num_attention_heads")
     dim = shapes["patch_embedding.weight"][0]
@@ -168,11 +172,12 @@ def _infer_config(network: str, shapes: dict, store: TensorStore) -> DiTConfig |
 
 
 def _build(info: CheckpointInfo) -> nn.Module:
+    from ..models.clip import CLIPVisionEncoder
     from ..models.t5 import UMT5Encoder
     from ..models.transformer import WanDiT
     from ..models.vae import WanVAE
 
-    builder = {"dit": WanDiT, "vae": WanVAE, "t5": UMT5Encoder}[info.network]
+    builder = {"dit": WanDiT, "vae": WanVAE, "t5": UMT5Encoder, "clip": CLIPVisionEncoder}[info.network]
     with torch.device("meta"):
         return builder(info.config)
 

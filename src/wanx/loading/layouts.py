@@ -106,9 +106,20 @@ TRANSFORMERS_T5: list[Rule] = [
 ]
 
 
+# Official open-clip XLM-RoBERTa ViT-H/14 file: keep the visual tower up to the blocks Wan
+# uses; drop the text tower, the logit scale and what follows the penultimate block.
+def official_clip_rules(num_layers: int) -> list[Rule]:
+    return [
+        (rf"visual\.transformer\.{num_layers - 1}\..+", None),
+        (r"visual\.(?:post_norm\..+|head|proj)", None),
+        (r"visual\..+", lambda m: m[0]),
+        (r"textual\..+|log_scale", None),
+    ]
+
+
 @dataclass(frozen=True)
 class Detected:
-    network: str  # "dit" | "vae" | "t5"
+    network: str  # "dit" | "vae" | "t5" | "clip"
     layout: str  # "official" | "diffusers" | "comfyui"
     prefix: str  # stripped from every key
     rules: list[Rule] | None  # None: official names already
@@ -122,6 +133,7 @@ _SIGNATURES: list[tuple[str, str, list[Rule] | None, tuple[str, ...]]] = [
     ("vae", "diffusers", DIFFUSERS_VAE, ("encoder.conv_in.weight", "decoder.conv_in.weight", "post_quant_conv.weight")),
     ("t5", "official", None, ("token_embedding.weight", "blocks.0.pos_embedding.embedding.weight")),
     ("t5", "transformers", TRANSFORMERS_T5, ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",)),
+    ("clip", "official", "clip", ("visual.patch_embedding.weight", "visual.transformer.0.attn.to_qkv.weight")),
 ]
 
 
@@ -132,6 +144,9 @@ def detect(keys: Iterable[str]) -> Detected | None:
         stripped = {k[len(prefix):] for k in keys if k.startswith(prefix)}
         for network, layout, rules, signature in _SIGNATURES:
             if all(s in stripped for s in signature):
+                if rules == "clip":  # the block count decides which block is dropped
+                    blocks = {int(k.split(".")[2]) for k in stripped if k.startswith("visual.transformer.")}
+                    rules = official_clip_rules(max(blocks) + 1)
                 comfy = bool(prefix) or any(k in keys for k in COMFY_FP8_MARKERS)
                 return Detected(network, "comfyui" if comfy and layout == "official" else layout, prefix, rules)
     return None

@@ -1,0 +1,117 @@
+"""CLIP ViT-H/14 image encoder as Wan2.1 I2V/FLF2V uses it, with the official key names
+(the `visual.*` part of `models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`).
+
+Output: the penultimate block's tokens, before the post-norm, CLS included: `[B, 257, 1280]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..attention import attention
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class CLIPVisionConfig:
+    image_size: int = 224
+    patch_size: int = 14
+    dim: int = 1280
+    mlp_ratio: int = 4
+    num_heads: int = 16
+    num_layers: int = 32
+    eps: float = 1e-5
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+
+CLIP_PRESETS = {
+    "vit-h-14": CLIPVisionConfig(),
+    "tiny": CLIPVisionConfig(image_size=28, dim=160, num_heads=2, num_layers=3),  # head dim 80 as ViT-H/14
+}
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_qkv = nn.Linear(dim, dim * 3)  # rows: q (all heads), k, v
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self.to_qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(2)  # [B, L, H, D] each
+        return self.proj(attention(q, k, v).flatten(2))
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.eps)
+        self.attn = SelfAttention(cfg.dim, cfg.num_heads)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps)
+        self.mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.dim * cfg.mlp_ratio), nn.GELU(),
+                                 nn.Linear(cfg.dim * cfg.mlp_ratio, cfg.dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(3, cfg.dim, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.cls_embedding = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.pos_embedding = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.dim))
+        self.pre_norm = nn.LayerNorm(cfg.dim, eps=cfg.eps)
+        # The last block's output is never used (Wan reads the penultimate one), so it is
+        # not built: its weights are skipped at load.
+        self.transformer = nn.Sequential(*(AttentionBlock(cfg) for _ in range(cfg.num_layers - 1)))
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # [B, 256, dim]
+        x = torch.cat([self.cls_embedding.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        return self.transformer(self.pre_norm(x + self.pos_embedding.to(x.dtype)))
+
+
+class CLIPVisionEncoder(nn.Module):
+    """`forward(images [B, 3, H, W] in [-1, 1], any H and W) -> [B, 257, dim]` (penultimate block)."""
+
+    def __init__(self, config: CLIPVisionConfig | str = "vit-h-14"):
+        super().__init__()
+        cfg = self.config = CLIP_PRESETS[config] if isinstance(config, str) else config
+        self.visual = VisionTransformer(cfg)
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W] in [-1, 1], got {tuple(images.shape)}")
+        size = self.config.image_size
+        # Official preprocessing: plain bicubic resize to 224x224 (no crop), [-1,1] -> [0,1], CLIP normalisation.
+        x = F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False)
+        mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+        x = (x.mul(0.5).add(0.5) - mean) / std
+        return self.visual(x.to(self.visual.patch_embedding.weight.dtype))
+
+
+def infer_clip_config(shapes) -> CLIPVisionConfig:
+    """Config from the kept `visual.*` shapes (official layout). The head count is not in the
+    shapes: head dim 80, as in ViT-H/14, is assumed."""
+    dim, _, patch, _ = shapes["visual.patch_embedding.weight"]
+    tokens = shapes["visual.pos_embedding"][1]
+    kept = {int(k.split(".")[2]) for k in shapes if k.startswith("visual.transformer.")}
+    side = int(round((tokens - 1) ** 0.5))
+    return CLIPVisionConfig(
+        image_size=side * int(patch), patch_size=int(patch), dim=int(dim),
+        mlp_ratio=int(shapes["visual.transformer.0.mlp.0.weight"][0]) // int(dim),
+        num_heads=max(1, int(dim) // 80),
+        num_layers=max(kept) + 2,  # the dropped last block counts
+    )
