@@ -87,3 +87,35 @@ def test_official_file_loads_and_skips_the_text_tower(tmp_path):
 def test_bad_images():
     with pytest.raises(ValueError, match="images must be"):
         tiny_clip()(torch.zeros(1, 4, 8, 8))
+
+
+def test_every_transformers_key_maps_and_fuses_qkv():
+    from wanx.loading.layouts import detect, rename
+
+    model = tiny_clip()
+    keys = list(transformers_oracle(model).state_dict())
+    found = detect(keys)
+    assert (found.network, found.layout) == ("clip", "transformers")
+    mapped = [rename(k, found.rules) for k in keys]
+    names = {m[0] if isinstance(m, tuple) else m for m in mapped if m is not None}
+    assert names == set(official_state(model))
+    assert sorted(m[1] for m in mapped if isinstance(m, tuple) and m[0].endswith("0.attn.to_qkv.weight")) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("prefix", ["vision_model.", ""])
+def test_transformers_and_comfy_files_load_to_identical_outputs(tmp_path, prefix):
+    """diffusers repos' image_encoder/ and ComfyUI's clip_vision_h.safetensors use the
+    transformers names (with projection); newer transformers saves them without the prefix."""
+    from safetensors.torch import save_file
+
+    model = tiny_clip()
+    state = transformers_oracle(model).state_dict()
+    state = {prefix + k.removeprefix("vision_model."): v.contiguous() for k, v in state.items()}
+    state["visual_projection.weight"] = torch.zeros(16, model.config.dim)
+    path = tmp_path / "clip_vision_h.safetensors"
+    save_file(state, str(path))
+    info = inspect_checkpoint(path)
+    assert (info.network, info.layout, info.config) == ("clip", "transformers", model.config)
+    images = torch.rand(2, 3, 33, 47) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(wanx.load_model(path)(images), model(images))

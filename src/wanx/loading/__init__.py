@@ -38,7 +38,8 @@ class CheckpointInfo:
     dtypes: dict[str, int]  # dtype name -> number of parameters stored in it
     num_params: int
     fp8_scaled: bool = False
-    names: dict[str, str] = field(default_factory=dict, repr=False)  # official name -> stored name
+    # official name -> stored name(s); several are concatenated along dim 0 in order
+    names: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -88,7 +89,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: st
         target = dtype or info.compute_dtype
         state = {}
         for name, meta in model.state_dict().items():
-            tensor = _read(store, info.names[name])
+            tensor = _read_parts(store, info.names[name]).reshape(meta.shape)
             want = torch.float32 if _matches(name, keep_fp32) else target
             state[name] = tensor.to(device=device, dtype=want if meta.is_floating_point() else meta.dtype)
         model.load_state_dict(state, assign=True, strict=True)
@@ -113,7 +114,7 @@ def _identify(store: TensorStore) -> CheckpointInfo:
             f"{store.path}: {found.layout} {NETWORK_NAMES[found.network]}: {len(unmapped)} tensor(s) with unknown names: "
             f"{', '.join(unmapped[:5])}"
         )
-    shapes = {official: store.shapes[stored] for official, stored in names.items()}
+    shapes = {official: _stored_shape(store, parts) for official, parts in names.items()}
     try:
         config = _infer_config(found.network, shapes, store)
     except KeyError as err:
@@ -121,7 +122,7 @@ def _identify(store: TensorStore) -> CheckpointInfo:
             f"{store.path}: {found.layout} {NETWORK_NAMES[found.network]} is missing tensor {err.args[0]!r}"
         ) from None
     counts: Counter[str] = Counter()
-    for stored in names.values():
+    for stored in (key for parts in names.values() for key in parts):
         counts[str(store.dtypes[stored]).removeprefix("torch.")] += math.prod(store.shapes[stored])
     return CheckpointInfo(
         path=store.path, files=store.files, network=found.network, layout=found.layout, config=config,
@@ -130,8 +131,10 @@ def _identify(store: TensorStore) -> CheckpointInfo:
     )
 
 
-def _official_names(store: TensorStore, found: Detected) -> tuple[dict[str, str], list[str]]:
-    names, unmapped = {}, []
+def _official_names(store: TensorStore, found: Detected) -> tuple[dict[str, tuple[str, ...]], list[str]]:
+    names: dict[str, tuple[str, ...]] = {}
+    parts: dict[str, dict[int, str]] = {}
+    unmapped = []
     for stored in store.keys():
         if stored in COMFY_FP8_MARKERS or stored.endswith(FP8_SCALE_SUFFIXES):
             continue  # consumed by `_read`
@@ -143,9 +146,31 @@ def _official_names(store: TensorStore, found: Detected) -> tuple[dict[str, str]
         except KeyError:
             unmapped.append(stored)
             continue
-        if official is not None:
-            names[official] = stored
+        if isinstance(official, tuple):  # one slice of a fused official tensor
+            parts.setdefault(official[0], {})[official[1]] = stored
+        elif official is not None:
+            names[official] = (stored,)
+    for official, pieces in parts.items():
+        names[official] = tuple(pieces[i] for i in sorted(pieces))
     return names, unmapped
+
+
+def _stored_shape(store: TensorStore, parts: tuple[str, ...]) -> tuple[int, ...]:
+    first = store.shapes[parts[0]]
+    if len(parts) == 1:
+        return tuple(first)
+    return (sum(store.shapes[p][0] for p in parts), *first[1:])
+
+
+def _same_shape(stored: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    """Equal, or equal once leading singleton dims are dropped ([D] stored for [1, 1, D])."""
+    def strip(shape):
+        shape = list(shape)
+        while shape and shape[0] == 1:
+            shape.pop(0)
+        return shape
+
+    return tuple(stored) == tuple(expected) or strip(stored) == strip(expected)
 
 
 def _infer_config(network: str, shapes: dict, store: TensorStore) -> DiTConfig | VAEConfig | T5Config:
@@ -185,11 +210,11 @@ def _build(info: CheckpointInfo) -> nn.Module:
 def _check_tensors(info: CheckpointInfo, store: TensorStore, model: nn.Module) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in info.names]
-    unexpected = [info.names[k] for k in info.names if k not in expected]
+    unexpected = ["+".join(info.names[k]) for k in info.names if k not in expected]
     mismatched = [
-        f"{info.names[k]} {list(store.shapes[info.names[k]])} (model {list(v.shape)})"
+        f"{'+'.join(info.names[k])} {list(_stored_shape(store, info.names[k]))} (model {list(v.shape)})"
         for k, v in expected.items()
-        if k in info.names and tuple(store.shapes[info.names[k]]) != tuple(v.shape)
+        if k in info.names and not _same_shape(_stored_shape(store, info.names[k]), tuple(v.shape))
     ]
     problems = []
     if missing:
@@ -203,6 +228,12 @@ def _check_tensors(info: CheckpointInfo, store: TensorStore, model: nn.Module) -
             f"{store.path}: {info.layout} layout {NETWORK_NAMES[info.network]} does not match the inferred config: "
             + "; ".join(problems)
         )
+
+
+def _read_parts(store: TensorStore, parts: tuple[str, ...]) -> torch.Tensor:
+    if len(parts) == 1:
+        return _read(store, parts[0])
+    return torch.cat([_read(store, p) for p in parts], dim=0)
 
 
 def _read(store: TensorStore, stored: str) -> torch.Tensor:

@@ -11,7 +11,9 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
-Rule = tuple[str, "str | Callable[[re.Match], str] | None"]
+# A replacement is the official name, or (official name, i): the i-th slice along dim 0 of a
+# tensor the official model stores fused (q, k, v -> to_qkv); None drops the key.
+Rule = tuple[str, "str | tuple[str, int] | Callable[[re.Match], str | tuple[str, int]] | None"]
 
 # Prefixes that single-file exporters put before the official names.
 COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "first_stage_model.", "vae.")
@@ -103,12 +105,42 @@ TRANSFORMERS_T5: list[Rule] = [
     (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo\.weight", r"blocks.\1.ffn.fc2.weight"),
     (r"encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight", r"blocks.\1.norm2.weight"),
     (r"encoder\.final_layer_norm\.weight", "norm.weight"),
+    (r"spiece_model", None),  # a tokenizer some single-file exports embed as bytes
 ]
 
 
-# Official open-clip XLM-RoBERTa ViT-H/14 file: keep the visual tower up to the blocks Wan
-# uses; drop the text tower, the logit scale and what follows the penultimate block.
+_CLIP_QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+_CLIP_LAYER = {"out_proj": "attn.proj", "layer_norm1": "norm1", "layer_norm2": "norm2", "mlp.fc1": "mlp.0",
+               "mlp.fc2": "mlp.2"}
+
+
+def _clip_layer(m: re.Match) -> str | tuple[str, int]:
+    i, name, part = m["i"], m["name"].removeprefix("self_attn."), m["part"]
+    if name in _CLIP_QKV:  # separate q/k/v -> the official fused to_qkv
+        return (f"visual.transformer.{i}.attn.to_qkv.{part}", _CLIP_QKV[name])
+    return f"visual.transformer.{i}.{_CLIP_LAYER[name]}.{part}"
+
+
+def transformers_clip_rules(num_layers: int) -> list[Rule]:
+    """transformers `CLIPVisionModel(WithProjection)` (diffusers repos' image_encoder/, ComfyUI
+    clip_vision files) -> official `visual.*`, keeping the blocks Wan uses."""
+    p = r"(?:vision_model\.)?"
+    return [
+        (rf"{p}encoder\.layers\.{num_layers - 1}\..+", None),
+        (rf"{p}embeddings\.class_embedding", "visual.cls_embedding"),
+        (rf"{p}embeddings\.patch_embedding\.weight", "visual.patch_embedding.weight"),
+        (rf"{p}embeddings\.position_embedding\.weight", "visual.pos_embedding"),
+        (rf"{p}embeddings\.position_ids", None),
+        (rf"{p}pre_layrnorm\.(weight|bias)", r"visual.pre_norm.\1"),
+        (rf"{p}encoder\.layers\.(?P<i>\d+)\.(?P<name>self_attn\.[qkv]_proj|self_attn\.out_proj|layer_norm[12]|mlp\.fc[12])"
+         r"\.(?P<part>weight|bias)", _clip_layer),
+        (rf"{p}post_layernorm\..+|visual_projection\.weight", None),
+    ]
+
+
 def official_clip_rules(num_layers: int) -> list[Rule]:
+    """Official open-clip XLM-RoBERTa ViT-H/14 file: keep the visual tower up to the blocks Wan
+    uses; drop the text tower, the logit scale and what follows the penultimate block."""
     return [
         (rf"visual\.transformer\.{num_layers - 1}\..+", None),
         (r"visual\.(?:post_norm\..+|head|proj)", None),
@@ -134,6 +166,8 @@ _SIGNATURES: list[tuple[str, str, list[Rule] | None, tuple[str, ...]]] = [
     ("t5", "official", None, ("token_embedding.weight", "blocks.0.pos_embedding.embedding.weight")),
     ("t5", "transformers", TRANSFORMERS_T5, ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",)),
     ("clip", "official", "clip", ("visual.patch_embedding.weight", "visual.transformer.0.attn.to_qkv.weight")),
+    ("clip", "transformers", "clip-transformers", ("vision_model.embeddings.patch_embedding.weight",)),
+    ("clip", "transformers", "clip-transformers", ("embeddings.patch_embedding.weight", "pre_layrnorm.weight")),
 ]
 
 
@@ -147,13 +181,17 @@ def detect(keys: Iterable[str]) -> Detected | None:
                 if rules == "clip":  # the block count decides which block is dropped
                     blocks = {int(k.split(".")[2]) for k in stripped if k.startswith("visual.transformer.")}
                     rules = official_clip_rules(max(blocks) + 1)
+                elif rules == "clip-transformers":
+                    found = (re.search(r"encoder\.layers\.(\d+)\.", k) for k in stripped)
+                    rules = transformers_clip_rules(max(int(m[1]) for m in found if m) + 1)
                 comfy = bool(prefix) or any(k in keys for k in COMFY_FP8_MARKERS)
                 return Detected(network, "comfyui" if comfy and layout == "official" else layout, prefix, rules)
     return None
 
 
-def rename(key: str, rules: list[Rule] | None) -> str | None:
-    """Official name of `key` (None: drop it). Raises KeyError when no rule matches."""
+def rename(key: str, rules: list[Rule] | None) -> str | tuple[str, int] | None:
+    """Official name of `key` (None: drop it; (name, i): slice i of a fused tensor).
+    Raises KeyError when no rule matches."""
     if rules is None:
         return key
     for pattern, replacement in rules:

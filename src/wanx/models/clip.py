@@ -6,6 +6,7 @@ Output: the penultimate block's tokens, before the post-norm, CLS included: `[B,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -106,7 +107,7 @@ def infer_clip_config(shapes) -> CLIPVisionConfig:
     """Config from the kept `visual.*` shapes (official layout). The head count is not in the
     shapes: head dim 80, as in ViT-H/14, is assumed."""
     dim, _, patch, _ = shapes["visual.patch_embedding.weight"]
-    tokens = shapes["visual.pos_embedding"][1]
+    tokens = math.prod(shapes["visual.pos_embedding"]) // int(dim)  # [1, T, D] official, [T, D] transformers
     kept = {int(k.split(".")[2]) for k in shapes if k.startswith("visual.transformer.")}
     side = int(round((tokens - 1) ** 0.5))
     return CLIPVisionConfig(
