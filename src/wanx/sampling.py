@@ -1,0 +1,189 @@
+"""Flow-matching samplers and the official Wan2.1 schedules.
+
+Convention (linear noise path): x_t = (1 - sigma) * x0 + sigma * noise, and the model
+predicts the velocity v = noise - x0, so x0 = x_t - sigma * v.
+
+Every sampler has one call shape:
+
+    sample(model_fn, x, sigmas, timesteps, callback=None) -> x0
+
+`model_fn(x, t)` returns v for latents x at model timestep t (0..1000 scale); `sigmas` has
+len(timesteps) + 1 entries, the last one 0. Schedules are separate functions; guidance wraps
+`model_fn` (`guided`), so every sampler gets it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+ModelFn = Callable[[Tensor, Tensor], Tensor]
+Callback = Callable[[int, int, Tensor], None]  # (step, total, x)
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def shift_sigmas(sigmas: np.ndarray, shift: float) -> np.ndarray:
+    """The Wan/SD3 time shift: s * sigma / (1 + (s - 1) * sigma)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def unipc_schedule(steps: int, shift: float) -> tuple[Tensor, Tensor]:
+    """Official UniPC grid: linspace(0.999, 0) shifted, int64-truncated timesteps, final sigma 0.
+
+    50 steps at shift 5 gives timesteps 999, 995, 991, ..., 241, 172, 92."""
+    sigmas = shift_sigmas(np.linspace(1 - 1 / NUM_TRAIN_TIMESTEPS, 0, steps + 1)[:-1], shift)
+    timesteps = torch.from_numpy(sigmas * NUM_TRAIN_TIMESTEPS).to(torch.int64)
+    return torch.from_numpy(np.append(sigmas, 0.0)).to(torch.float32), timesteps
+
+
+def flow_schedule(steps: int, shift: float, *, integer_timesteps: bool = True) -> tuple[Tensor, Tensor]:
+    """Official DPM++ grid: linspace(1, 0) shifted, starting at sigma 1 (t = 1000), final sigma 0.
+    Euler uses the same grid with float timesteps."""
+    sigmas = shift_sigmas(np.linspace(1, 0, steps + 1)[:steps], shift)
+    timesteps = torch.from_numpy(sigmas * NUM_TRAIN_TIMESTEPS)
+    timesteps = timesteps.to(torch.int64) if integer_timesteps else timesteps.to(torch.float32)
+    return torch.from_numpy(np.append(sigmas, 0.0)).to(torch.float32), timesteps
+
+
+def guided(cond_fn: ModelFn, uncond_fn: ModelFn | None, guidance: float) -> ModelFn:
+    """Classifier-free guidance, u + g * (c - u), from two model functions."""
+    if uncond_fn is None or guidance == 1.0:
+        return cond_fn
+
+    def fn(x: Tensor, t: Tensor) -> Tensor:
+        uncond = uncond_fn(x, t)
+        return uncond + guidance * (cond_fn(x, t) - uncond)
+
+    return fn
+
+
+def _lambda(sigma: Tensor) -> Tensor:
+    """log-SNR of the flow path: log(alpha) - log(sigma), alpha = 1 - sigma (+-inf at the ends)."""
+    return torch.log(1 - sigma) - torch.log(sigma)
+
+
+def sample_euler(model_fn: ModelFn, x: Tensor, sigmas: Tensor, timesteps: Tensor, callback: Callback | None = None) -> Tensor:
+    """Flow-matching Euler: x += (sigma_next - sigma) * v."""
+    for i, t in enumerate(timesteps):
+        v = model_fn(x, t)
+        x = x + (sigmas[i + 1] - sigmas[i]).to(x.dtype) * v.to(x.dtype)
+        if callback:
+            callback(i, len(timesteps), x)
+    return x
+
+
+def sample_dpmpp_2m(model_fn: ModelFn, x: Tensor, sigmas: Tensor, timesteps: Tensor,
+                    callback: Callback | None = None) -> Tensor:
+    """DPM-Solver++(2M), midpoint form (Lu et al. 2022), data prediction; first order on the
+    first step and on the last one (final sigma 0), as the official flow DPM++ solver."""
+    sig = sigmas.double()
+    previous = None  # x0 prediction of the previous step
+    n = len(timesteps)
+    for i, t in enumerate(timesteps):
+        v = model_fn(x, t)
+        x0 = x - sigmas[i].to(x.dtype) * v.to(x.dtype)
+        s, s_next = sig[i], sig[i + 1]
+        h = _lambda(s_next) - _lambda(s)
+        alpha_next = 1 - s_next
+        coef_x, coef_d = float(s_next / s), float(alpha_next * torch.expm1(-h))
+        if previous is None or i == n - 1:
+            x = coef_x * x - coef_d * x0
+        else:
+            r = float((_lambda(s) - _lambda(sig[i - 1])) / h)
+            d1 = (x0 - previous) / r
+            x = coef_x * x - coef_d * x0 - 0.5 * coef_d * d1
+        previous = x0
+        if callback:
+            callback(i, n, x)
+    return x
+
+
+def sample_unipc(model_fn: ModelFn, x: Tensor, sigmas: Tensor, timesteps: Tensor, callback: Callback | None = None,
+                 order: int = 2) -> Tensor:
+    """UniPC multistep, B(h) = expm1(h) ('bh2'), data prediction (Zhao et al. 2023): a UniC
+    corrector with each new model output, then a UniP predictor; order `order` (2 in the
+    official code), lowered on the first steps and the final ones."""
+    sig = sigmas.double()
+    lam = _lambda(sig)
+    n = len(timesteps)
+    history: list[Tensor] = []  # x0 predictions, newest last
+    last_x = None
+    last_order = 1
+    for i, t in enumerate(timesteps):
+        v = model_fn(x, t)
+        x0 = x - sigmas[i].to(x.dtype) * v.to(x.dtype)
+        if last_x is not None:  # correct x with the model output it just produced
+            x = _unipc_update(last_x, history, x0, lam, sig, i - 1, last_order)
+        history = (history + [x0])[-order:]
+        step_order = min(order, n - i, len(history))
+        last_x, last_order = x, step_order
+        x = _unipc_update(x, history, None, lam, sig, i, step_order)
+        if callback:
+            callback(i, n, x)
+    return x
+
+
+def _unipc_update(x: Tensor, history: list[Tensor], x0_new: Tensor | None, lam: Tensor, sig: Tensor, i: int,
+                  order: int) -> Tensor:
+    """From sigma_i to sigma_{i+1}. Predictor (x0_new None): history ends with x0 at sigma_i.
+    Corrector: x0_new is the prediction at sigma_{i+1} and history ends with x0 at sigma_i."""
+    m0 = history[-1]
+    h = lam[i + 1] - lam[i]
+    hh = -h  # data prediction
+    h_phi_1 = torch.expm1(hh)
+    b_h = torch.expm1(hh)  # bh2
+
+    rks, d1s = [], []
+    for k in range(1, order):
+        rk = (lam[i - k] - lam[i]) / h
+        rks.append(rk)
+        d1s.append((history[-(k + 1)] - m0) / float(rk))
+    rks.append(torch.ones((), dtype=torch.float64))
+    rks_t = torch.stack(rks)
+
+    rows, b = [], []
+    h_phi_k = h_phi_1 / hh - 1
+    factorial = 1
+    for k in range(1, order + 1):
+        rows.append(rks_t ** (k - 1))
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    R, b_t = torch.stack(rows), torch.stack(b)
+
+    sigma_next, alpha_next = sig[i + 1], 1 - sig[i + 1]
+    base = float(sigma_next / sig[i]) * x - float(alpha_next * h_phi_1) * m0
+    if x0_new is None:  # predictor
+        if not d1s:
+            return base
+        rhos = torch.tensor([0.5], dtype=torch.float64) if order == 2 else torch.linalg.solve(R[:-1, :-1], b_t[:-1])
+        residual = sum(float(r) * d for r, d in zip(rhos, d1s))
+        return base - float(alpha_next * b_h) * residual
+    rhos = torch.tensor([0.5], dtype=torch.float64) if order == 1 else torch.linalg.solve(R, b_t)
+    residual = sum(float(r) * d for r, d in zip(rhos[:-1], d1s)) if d1s else 0
+    return base - float(alpha_next * b_h) * (residual + float(rhos[-1]) * (x0_new - m0))
+
+
+SAMPLERS = {"unipc": sample_unipc, "dpm++": sample_dpmpp_2m, "euler": sample_euler}
+
+
+def schedule(sampler: str, steps: int, shift: float) -> tuple[Tensor, Tensor]:
+    """The official grid for a sampler: UniPC from sigma 0.999, DPM++ and Euler from 1."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if sampler == "unipc":
+        return unipc_schedule(steps, shift)
+    return flow_schedule(steps, shift, integer_timesteps=sampler == "dpm++")
+
+
+def noise_to(x0: Tensor, noise: Tensor, sigma: float) -> Tensor:
+    """A point on the flow path: (1 - sigma) * x0 + sigma * noise."""
+    return (1 - sigma) * x0 + sigma * noise
+
+
