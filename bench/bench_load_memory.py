@@ -87,7 +87,7 @@ def child(method: str, path: str) -> None:
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         loaded = time.perf_counter() - start
         # Read every weight once, as moving the model to a GPU or running it would.
-        total = sum(float(p.float().sum()) for p in model.parameters())
+        total = sum(float(p.detach().float().sum()) for p in model.parameters())
     print(json.dumps(dict(peak=sampler.peak, seconds=loaded, checksum=total)))
 
 

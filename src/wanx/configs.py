@@ -98,8 +98,8 @@ DIT_PRESETS: dict[str, DiTConfig] = {
     "i2v-14B": DiTConfig(model_type="i2v", in_dim=36, **_14B),  # 480P and 720P share it
     "flf2v-14B": DiTConfig(model_type="flf2v", in_dim=36, **_14B),
     "tiny": DiTConfig(**_TINY),
-    "tiny-i2v": DiTConfig(model_type="i2v", in_dim=36, image_dim=48, **_TINY),
-    "tiny-flf2v": DiTConfig(model_type="flf2v", in_dim=36, image_dim=48, **_TINY),
+    "tiny-i2v": DiTConfig(model_type="i2v", in_dim=36, image_dim=160, **_TINY),
+    "tiny-flf2v": DiTConfig(model_type="flf2v", in_dim=36, image_dim=160, **_TINY),
 }
 
 VAE_PRESETS: dict[str, VAEConfig] = {

@@ -50,10 +50,10 @@ def test_matches_transformers_penultimate_hidden_state():
     images = torch.rand(2, 3, 40, 56) * 2 - 1  # any size: resized to the model's input size
     with torch.no_grad():
         ours = model(images)
-        pixels = F.interpolate(images, size=(28, 28), mode="bicubic", align_corners=False) * 0.5 + 0.5
+        pixels = F.interpolate(images, size=(224, 224), mode="bicubic", align_corners=False) * 0.5 + 0.5
         pixels = (pixels - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
         theirs = oracle(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
-    assert ours.shape == (2, 5, 160)
+    assert ours.shape == (2, 257, 160)
     assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
 
 

@@ -36,7 +36,7 @@ class CLIPVisionConfig:
 
 CLIP_PRESETS = {
     "vit-h-14": CLIPVisionConfig(),
-    "tiny": CLIPVisionConfig(image_size=28, dim=160, num_heads=2, num_layers=3),  # head dim 80 as ViT-H/14
+    "tiny": CLIPVisionConfig(dim=160, num_heads=2, num_layers=3),  # 257 tokens, head dim 80 as ViT-H/14
 }
 
 

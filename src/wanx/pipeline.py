@@ -1,0 +1,393 @@
+"""One pipeline for every Wan2.1 task: text-to-video, image-to-video, first-last-frame-to-video
+and video-to-video. The task follows from the DiT's type and the inputs given; conditioning
+(text, CLIP image tokens, first/last-frame latents with their mask, a noised input video) is
+assembled here and the sampling loop is the same for all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .sampling import SAMPLERS, guided, noise_to, schedule
+from .video import Video, read_image, read_video
+
+# Official negative prompts (wan/configs): shared, I2V adds 镜头晃动 (camera shake), FLF2V also 镜头切换 (cut).
+NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+    "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，"
+    "背景人很多，倒着走"
+)
+NEGATIVE_PROMPTS = {"t2v": NEGATIVE_PROMPT, "v2v": NEGATIVE_PROMPT, "i2v": "镜头晃动，" + NEGATIVE_PROMPT,
+                    "flf2v": "镜头切换，镜头晃动，" + NEGATIVE_PROMPT}
+# Official sampling defaults per task (generate.py and the generate() signatures).
+DEFAULTS = {"t2v": dict(steps=50, shift=5.0, guidance=5.0), "v2v": dict(steps=50, shift=5.0, guidance=5.0),
+            "i2v": dict(steps=40, shift=5.0, guidance=5.0), "flf2v": dict(steps=50, shift=16.0, guidance=5.5)}
+AREA_480P = 832 * 480
+FPS = 16
+
+
+@dataclass
+class _Plan:
+    """A validated request: everything decided before any heavy work."""
+
+    task: str
+    height: int
+    width: int
+    num_frames: int
+    steps: int
+    shift: float
+    guidance: float
+    seed: int
+    negative_prompt: str | None
+    image: Tensor | None = None  # [3, H, W] in [-1, 1]
+    last_image: Tensor | None = None
+    video: Tensor | None = None  # [3, F, H, W] in [-1, 1]
+
+
+class WanPipeline:
+    """`WanPipeline(dit=..., vae=..., text_encoder=..., image_encoder=...)`, or `from_pretrained`."""
+
+    def __init__(self, dit, vae, text_encoder=None, image_encoder=None, *, name: str = "custom"):
+        self.dit, self.vae, self.text_encoder, self.image_encoder = dit, vae, text_encoder, image_encoder
+        self.name = name
+        self.batch_cfg = True  # cond and uncond as one batch of 2; False: two passes (less memory)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.dit.parameters()).device
+
+    @property
+    def model_type(self) -> str:
+        return self.dit.config.model_type
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, *, device: str | torch.device | None = None,
+                        dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype = torch.float32,
+                        source: str = "huggingface") -> "WanPipeline":
+        """An official or diffusers-layout model folder, a tiny model name, or a model id
+        (`Wan-AI/Wan2.1-T2V-1.3B`, downloaded into the standard cache)."""
+        from .loading import load_model
+        from .hub import find_components, resolve_model
+        from .text import TextEncoder, Tokenizer
+
+        folder = resolve_model(path_or_id, source=source)
+        files = find_components(folder)  # a missing component fails here, before any weight is read
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        tokenizer = Tokenizer(files.tokenizer)
+        dit = load_model(files.dit, dtype=dtype, device=device)
+        vae = load_model(files.vae, dtype=vae_dtype, device=device)
+        text_encoder = TextEncoder(load_model(files.text_encoder, dtype=dtype, device=device), tokenizer)
+        image_encoder = None
+        if dit.config.has_image_input:
+            if files.image_encoder is None:
+                raise FileNotFoundError(
+                    f"{folder}: an {dit.config.model_type} model needs the CLIP image encoder "
+                    "(models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or image_encoder/)")
+            image_encoder = load_model(files.image_encoder, dtype=dtype, device=device)
+        return cls(dit, vae, text_encoder, image_encoder, name=str(path_or_id))
+
+    # -------------------------------------------------------------------------------------
+    def __call__(
+        self,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
+        *,
+        image=None,
+        last_image=None,
+        video=None,
+        strength: float = 0.8,
+        height: int = 480,
+        width: int = 832,
+        num_frames: int = 81,
+        steps: int | None = None,
+        guidance: float | None = None,
+        shift: float | None = None,
+        sampler: str = "unipc",
+        seed: int | None = None,
+        prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        latents: Tensor | None = None,
+        output_type: str = "video",
+        progress: bool = True,
+    ) -> Video | Tensor:
+        plan = self.plan(prompt, negative_prompt, image=image, last_image=last_image, video=video, strength=strength,
+                         height=height, width=width, num_frames=num_frames, steps=steps, guidance=guidance,
+                         shift=shift, sampler=sampler, seed=seed, prompt_embeds=prompt_embeds,
+                         negative_prompt_embeds=negative_prompt_embeds, latents=latents, output_type=output_type)
+        device = self.device
+
+        with torch.no_grad():
+            with _stage("text encoding", progress):
+                context, context_null = self._text(plan, prompt, prompt_embeds, negative_prompt_embeds)
+
+            lat_shape = (16, (plan.num_frames - 1) // 4 + 1, plan.height // 8, plan.width // 8)
+            if latents is None:
+                # The official noise: a generator on the sampling device, float32, unbatched shape.
+                gen = torch.Generator(device).manual_seed(plan.seed)
+                noise = torch.randn(lat_shape, generator=gen, device=device, dtype=torch.float32)[None]
+            else:
+                noise = latents.to(device, torch.float32).reshape(1, *lat_shape)
+
+            extra: dict[str, Tensor] = {}
+            if plan.task in ("i2v", "flf2v"):
+                with _stage("image conditioning", progress):
+                    extra = self._image_conditioning(plan)
+
+            sigmas, timesteps = schedule(sampler, plan.steps, plan.shift)
+            x = noise
+            if plan.task == "v2v":
+                with _stage("video encoding", progress):
+                    x0 = self.vae.encode(plan.video[None].to(device))
+                run = max(1, min(plan.steps, round(plan.steps * strength)))
+                sigmas, timesteps = sigmas[plan.steps - run:], timesteps[plan.steps - run:]
+                x = noise_to(x0, noise, float(sigmas[0]))
+
+            model_fn = self._velocity(context, context_null, plan.guidance, extra)
+            bar = _progress(len(timesteps), "denoising", progress)
+            x = SAMPLERS[sampler](model_fn, x, sigmas, timesteps, callback=lambda i, n, _: bar.update(1))
+            bar.close()
+            if output_type == "latents":
+                return x
+
+            with _stage("decoding", progress):
+                frames = self.vae.decode(x)  # [1, 3, F, H, W] in [-1, 1]
+        frames = ((frames[0].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        metadata = dict(prompt=prompt or "", negative_prompt=plan.negative_prompt or "", seed=plan.seed,
+                        model=self.name, task=plan.task, size=f"{plan.width}x{plan.height}",
+                        frames=plan.num_frames, steps=plan.steps, guidance=plan.guidance, shift=plan.shift,
+                        sampler=sampler, generator="wanx")
+        if plan.task == "v2v":
+            metadata["strength"] = strength
+        return Video(frames.permute(1, 2, 3, 0).cpu().numpy(), fps=FPS, metadata=metadata)
+
+    # -------------------------------------------------------------------------------------
+    def plan(self, prompt=None, negative_prompt=None, *, image=None, last_image=None, video=None, strength=0.8,
+             height=480, width=832, num_frames=81, steps=None, guidance=None, shift=None, sampler="unipc", seed=None,
+             prompt_embeds=None, negative_prompt_embeds=None, latents=None, output_type="video") -> _Plan:
+        """Check every input and resolve the defaults; raises ValueError with one clear line."""
+        model_type = self.model_type
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("give a prompt (or prompt_embeds)")
+        if prompt is not None and prompt_embeds is None and self.text_encoder is None:
+            raise ValueError("this pipeline has no text encoder: pass prompt_embeds")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if output_type not in ("video", "latents"):
+            raise ValueError(f"output_type must be 'video' or 'latents', got {output_type!r}")
+        for name, value in (("height", height), ("width", width)):
+            if value < 16 or value % 16:
+                low, high = max(16, value // 16 * 16), (value // 16 + 1) * 16
+                raise ValueError(f"{name} {value} is not a multiple of 16; nearest valid: {low} or {high} "
+                                 "(Wan2.1 is trained at 832x480 and 1280x720)")
+        if num_frames < 1 or (num_frames - 1) % 4:
+            low = max(1, (num_frames - 1) // 4 * 4 + 1)
+            raise ValueError(f"num_frames {num_frames} must be 4k+1 (e.g. {low} or {low + 4})")
+
+        if video is not None:
+            task = "v2v"
+            if model_type != "t2v":
+                raise ValueError(f"video-to-video needs a T2V model; this one is {model_type}")
+            if image is not None or last_image is not None:
+                raise ValueError("give either video (video-to-video) or image/last_image, not both")
+            if not 0 < strength <= 1:
+                raise ValueError(f"strength must be in (0, 1], got {strength}")
+        elif model_type == "t2v":
+            task = "t2v"
+            if image is not None or last_image is not None:
+                raise ValueError("this is a T2V model: image conditioning needs an I2V or FLF2V model "
+                                 "(e.g. Wan-AI/Wan2.1-I2V-14B-480P)")
+        elif model_type == "i2v":
+            task = "i2v"
+            if image is None:
+                raise ValueError("this is an I2V model: give image= (the first frame)")
+            if last_image is not None:
+                raise ValueError("last_image needs an FLF2V model (Wan-AI/Wan2.1-FLF2V-14B-720P); this one is I2V")
+        else:
+            task = "flf2v"
+            if image is None or last_image is None:
+                raise ValueError("this is an FLF2V model: give image= (first frame) and last_image= (last frame)")
+        if task in ("i2v", "flf2v") and self.image_encoder is None:
+            raise ValueError(f"{task} needs an image encoder (CLIP) in the pipeline")
+
+        defaults = DEFAULTS[task]
+        plan = _Plan(task=task, height=height, width=width, num_frames=num_frames,
+                     steps=int(steps or defaults["steps"]),
+                     shift=float(shift if shift is not None else defaults["shift"]),
+                     guidance=float(guidance if guidance is not None else defaults["guidance"]),
+                     seed=int(seed) if seed is not None else random.randint(0, 2**31 - 1),
+                     negative_prompt=None)
+        if plan.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {plan.steps}")
+        if negative_prompt_embeds is None and plan.guidance != 1.0:
+            plan.negative_prompt = negative_prompt if negative_prompt else NEGATIVE_PROMPTS[task]
+
+        if task in ("i2v", "flf2v"):
+            plan.image = _image_tensor(image)
+            plan.height, plan.width = _size_for_image(plan.image, height * width)
+            if shift is None and task == "i2v" and height * width <= AREA_480P:
+                plan.shift = 3.0  # the official 480P I2V shift
+            if last_image is not None:
+                plan.last_image = _image_tensor(last_image)
+        if task == "v2v":
+            plan.video = _video_tensor(video, num_frames, height, width)
+        if latents is not None:
+            want = (16, (plan.num_frames - 1) // 4 + 1, plan.height // 8, plan.width // 8)
+            if latents.numel() != math.prod(want):
+                raise ValueError(f"latents must have shape [1, {', '.join(map(str, want))}], got {tuple(latents.shape)}")
+        return plan
+
+    # -------------------------------------------------------------------------------------
+    def _text(self, plan: _Plan, prompt, prompt_embeds, negative_prompt_embeds) -> tuple[Tensor, Tensor | None]:
+        device = self.device
+        prompts = [] if prompt_embeds is not None else [prompt]
+        if negative_prompt_embeds is None and plan.negative_prompt is not None:
+            prompts.append(plan.negative_prompt)
+        encoded = self.text_encoder.encode(prompts)[0] if prompts else None
+        context = prompt_embeds if prompt_embeds is not None else encoded[:1]
+        if negative_prompt_embeds is not None:
+            context_null = negative_prompt_embeds
+        elif plan.negative_prompt is not None:
+            context_null = encoded[-1:]
+        else:
+            context_null = None
+        context = _pad_text(context.to(device), self.dit.config.text_len)
+        if context_null is not None:
+            context_null = _pad_text(context_null.to(device), self.dit.config.text_len)
+        return context, context_null
+
+    def _image_conditioning(self, plan: _Plan) -> dict[str, Tensor]:
+        """CLIP tokens of the given frame(s), and y = [mask (4) | VAE latents of the frame(s) + zeros (16)]."""
+        device = self.device
+        h, w, n = plan.height, plan.width, plan.num_frames
+        images = [plan.image] + ([plan.last_image] if plan.last_image is not None else [])
+        clip = torch.cat([self.image_encoder(img[None].to(device)) for img in images], dim=1)  # [1, 257|514, d]
+
+        first = F.interpolate(plan.image[None], size=(h, w), mode="bicubic", align_corners=False)[0]
+        frames = torch.zeros(3, n, h, w)
+        frames[:, 0] = first
+        if plan.last_image is not None:
+            frames[:, -1] = F.interpolate(_crop_to_aspect(plan.last_image, h / w)[None], size=(h, w),
+                                          mode="bicubic", align_corners=False)[0]
+        y = self.vae.encode(frames[None].to(device))  # [1, 16, F', h/8, w/8]
+
+        # Mask: pixel frame 0 (and the last, for FLF2V) known; frame 0 repeated 4x so that the
+        # F pixel frames fold into [4, F'] like the latents.
+        mask = torch.zeros(1, n, h // 8, w // 8, device=device)
+        mask[:, 0] = 1
+        if plan.last_image is not None:
+            mask[:, -1] = 1
+        mask = torch.cat([mask[:, :1].repeat_interleave(4, dim=1), mask[:, 1:]], dim=1)
+        mask = mask.view(1, mask.shape[1] // 4, 4, h // 8, w // 8).transpose(1, 2)  # [1, 4, F', h/8, w/8]
+        return {"clip_features": clip, "y": torch.cat([mask, y], dim=1)}
+
+    def _velocity(self, context: Tensor, context_null: Tensor | None, guidance: float, extra: dict[str, Tensor]):
+        dit = self.dit
+
+        def run(x: Tensor, t: Tensor, ctx: Tensor, batch: int = 1) -> Tensor:
+            cond = {k: v.expand(batch, *v.shape[1:]) for k, v in extra.items()}
+            return dit(x, t.to(x.device).float().reshape(1).expand(x.shape[0]), ctx, **cond)
+
+        if context_null is None or guidance == 1.0:
+            return lambda x, t: run(x, t, context)
+        if not self.batch_cfg:  # the negative pass keeps the image conditioning, as official
+            return guided(lambda x, t: run(x, t, context), lambda x, t: run(x, t, context_null), guidance)
+
+        both = torch.cat([context, context_null])
+
+        def fn(x: Tensor, t: Tensor) -> Tensor:
+            cond, uncond = run(torch.cat([x, x]), t, both, batch=2).chunk(2)
+            return uncond + guidance * (cond - uncond)
+
+        return fn
+
+
+# -----------------------------------------------------------------------------------------
+
+
+def _pad_text(context: Tensor, text_len: int) -> Tensor:
+    if context.ndim == 2:
+        context = context[None]
+    if context.shape[1] > text_len:
+        raise ValueError(f"text embeddings hold {context.shape[1]} tokens; at most {text_len}")
+    return F.pad(context.float(), (0, 0, 0, text_len - context.shape[1]))
+
+
+def _image_tensor(image) -> Tensor:
+    """A path, PIL image, uint8 `[H, W, 3]` array or `[3, H, W]` tensor in [-1, 1] -> tensor in [-1, 1]."""
+    if isinstance(image, Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"image tensor must be [3, H, W] in [-1, 1], got {tuple(image.shape)}")
+        return image.float().cpu()
+    if isinstance(image, (str, Path)):
+        image = read_image(image)
+    array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    if array.ndim != 3 or array.shape[-1] != 3:
+        raise ValueError(f"image must be RGB [H, W, 3], got shape {array.shape}")
+    return torch.from_numpy(array.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+
+def _video_tensor(video, num_frames: int, height: int, width: int) -> Tensor:
+    """A path, `Video`, uint8 `[F, H, W, 3]` array or `[3, F, H, W]` tensor -> `[3, num_frames, height, width]`."""
+    if isinstance(video, (str, Path)):
+        video = read_video(video, fps=FPS)
+    if isinstance(video, Video):
+        video = video.frames
+    if isinstance(video, Tensor):
+        frames = video.float().cpu()
+    else:
+        array = np.asarray(video)
+        if array.ndim != 4 or array.shape[-1] != 3:
+            raise ValueError(f"video frames must be [F, H, W, 3] uint8, got shape {array.shape}")
+        frames = torch.from_numpy(array.astype(np.float32)).permute(3, 0, 1, 2) / 127.5 - 1
+    if frames.shape[1] < num_frames:
+        raise ValueError(f"the input video has {frames.shape[1]} frames at {FPS} fps; num_frames is {num_frames}: "
+                         f"lower --frames to {max(1, (frames.shape[1] - 1) // 4 * 4 + 1)} or give a longer video")
+    frames = frames[:, :num_frames].transpose(0, 1)  # [F, 3, H, W]
+    frames = F.interpolate(frames, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
+    return frames.transpose(0, 1)
+
+
+def _size_for_image(image: Tensor, max_area: int) -> tuple[int, int]:
+    """The official I2V size: the image's aspect ratio within max_area, multiples of 16."""
+    h, w = image.shape[1:]
+    lat_h = round(math.sqrt(max_area * h / w) // 8 // 2 * 2)
+    lat_w = round(math.sqrt(max_area * w / h) // 8 // 2 * 2)
+    return lat_h * 8, lat_w * 8
+
+
+def _crop_to_aspect(image: Tensor, aspect: float) -> Tensor:
+    """Center-crop `[3, H, W]` to height/width = aspect (the last frame of FLF2V to the first's)."""
+    h, w = image.shape[1:]
+    if h / w > aspect:
+        new_h = round(w * aspect)
+        top = (h - new_h) // 2
+        return image[:, top: top + new_h]
+    new_w = round(h / aspect)
+    left = (w - new_w) // 2
+    return image[:, :, left: left + new_w]
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", disable=not enabled, leave=False)
+
+
+@contextlib.contextmanager
+def _stage(name: str, enabled: bool):
+    """Time a long stage; one line on stderr when progress is on."""
+    start = time.perf_counter()
+    yield
+    if enabled:
+        print(f"{name}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
