@@ -172,80 +172,10 @@ class WanPipeline:
         return Video(frames.permute(1, 2, 3, 0).cpu().numpy(), fps=FPS, metadata=metadata)
 
     # -------------------------------------------------------------------------------------
-    def plan(self, prompt=None, negative_prompt=None, *, image=None, last_image=None, video=None, strength=0.8,
-             height=480, width=832, num_frames=81, steps=None, guidance=None, shift=None, sampler="unipc", seed=None,
-             prompt_embeds=None, negative_prompt_embeds=None, latents=None, output_type="video") -> _Plan:
+    def plan(self, prompt=None, negative_prompt=None, **kwargs) -> _Plan:
         """Check every input and resolve the defaults; raises ValueError with one clear line."""
-        model_type = self.model_type
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("give a prompt (or prompt_embeds)")
-        if prompt is not None and prompt_embeds is None and self.text_encoder is None:
-            raise ValueError("this pipeline has no text encoder: pass prompt_embeds")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if output_type not in ("video", "latents"):
-            raise ValueError(f"output_type must be 'video' or 'latents', got {output_type!r}")
-        for name, value in (("height", height), ("width", width)):
-            if value < 16 or value % 16:
-                low, high = max(16, value // 16 * 16), (value // 16 + 1) * 16
-                raise ValueError(f"{name} {value} is not a multiple of 16; nearest valid: {low} or {high} "
-                                 "(Wan2.1 is trained at 832x480 and 1280x720)")
-        if num_frames < 1 or (num_frames - 1) % 4:
-            low = max(1, (num_frames - 1) // 4 * 4 + 1)
-            raise ValueError(f"num_frames {num_frames} must be 4k+1 (e.g. {low} or {low + 4})")
-
-        if video is not None:
-            task = "v2v"
-            if model_type != "t2v":
-                raise ValueError(f"video-to-video needs a T2V model; this one is {model_type}")
-            if image is not None or last_image is not None:
-                raise ValueError("give either video (video-to-video) or image/last_image, not both")
-            if not 0 < strength <= 1:
-                raise ValueError(f"strength must be in (0, 1], got {strength}")
-        elif model_type == "t2v":
-            task = "t2v"
-            if image is not None or last_image is not None:
-                raise ValueError("this is a T2V model: image conditioning needs an I2V or FLF2V model "
-                                 "(e.g. Wan-AI/Wan2.1-I2V-14B-480P)")
-        elif model_type == "i2v":
-            task = "i2v"
-            if image is None:
-                raise ValueError("this is an I2V model: give image= (the first frame)")
-            if last_image is not None:
-                raise ValueError("last_image needs an FLF2V model (Wan-AI/Wan2.1-FLF2V-14B-720P); this one is I2V")
-        else:
-            task = "flf2v"
-            if image is None or last_image is None:
-                raise ValueError("this is an FLF2V model: give image= (first frame) and last_image= (last frame)")
-        if task in ("i2v", "flf2v") and self.image_encoder is None:
-            raise ValueError(f"{task} needs an image encoder (CLIP) in the pipeline")
-
-        defaults = DEFAULTS[task]
-        plan = _Plan(task=task, height=height, width=width, num_frames=num_frames,
-                     steps=int(steps or defaults["steps"]),
-                     shift=float(shift if shift is not None else defaults["shift"]),
-                     guidance=float(guidance if guidance is not None else defaults["guidance"]),
-                     seed=int(seed) if seed is not None else random.randint(0, 2**31 - 1),
-                     negative_prompt=None)
-        if plan.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {plan.steps}")
-        if negative_prompt_embeds is None and plan.guidance != 1.0:
-            plan.negative_prompt = negative_prompt if negative_prompt else NEGATIVE_PROMPTS[task]
-
-        if task in ("i2v", "flf2v"):
-            plan.image = _image_tensor(image)
-            plan.height, plan.width = _size_for_image(plan.image, height * width)
-            if shift is None and task == "i2v" and height * width <= AREA_480P:
-                plan.shift = 3.0  # the official 480P I2V shift
-            if last_image is not None:
-                plan.last_image = _image_tensor(last_image)
-        if task == "v2v":
-            plan.video = _video_tensor(video, num_frames, height, width)
-        if latents is not None:
-            want = (16, (plan.num_frames - 1) // 4 + 1, plan.height // 8, plan.width // 8)
-            if latents.numel() != math.prod(want):
-                raise ValueError(f"latents must have shape [1, {', '.join(map(str, want))}], got {tuple(latents.shape)}")
-        return plan
+        return plan_request(self.model_type, prompt, negative_prompt, has_text_encoder=self.text_encoder is not None,
+                            has_image_encoder=self.image_encoder is not None, **kwargs)
 
     # -------------------------------------------------------------------------------------
     def _text(self, plan: _Plan, prompt, prompt_embeds, negative_prompt_embeds) -> tuple[Tensor, Tensor | None]:
@@ -310,6 +240,83 @@ class WanPipeline:
             return uncond + guidance * (cond - uncond)
 
         return fn
+
+
+def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text_encoder: bool = True,
+                 has_image_encoder: bool = True, image=None, last_image=None, video=None, strength=0.8, height=480,
+                 width=832, num_frames=81, steps=None, guidance=None, shift=None, sampler="unipc", seed=None,
+                 prompt_embeds=None, negative_prompt_embeds=None, latents=None, output_type="video") -> _Plan:
+    """Validate a request for a `model_type` DiT (reading its image/video inputs) and resolve
+    the official defaults, before any weight is loaded or any heavy work starts."""
+    if prompt is None and prompt_embeds is None:
+        raise ValueError("give a prompt (or prompt_embeds)")
+    if prompt is not None and prompt_embeds is None and not has_text_encoder:
+        raise ValueError("this pipeline has no text encoder: pass prompt_embeds")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if output_type not in ("video", "latents"):
+        raise ValueError(f"output_type must be 'video' or 'latents', got {output_type!r}")
+    for name, value in (("height", height), ("width", width)):
+        if value < 16 or value % 16:
+            low, high = max(16, value // 16 * 16), (value // 16 + 1) * 16
+            raise ValueError(f"{name} {value} is not a multiple of 16; nearest valid: {low} or {high} "
+                             "(Wan2.1 is trained at 832x480 and 1280x720)")
+    if num_frames < 1 or (num_frames - 1) % 4:
+        low = max(1, (num_frames - 1) // 4 * 4 + 1)
+        raise ValueError(f"num_frames {num_frames} must be 4k+1 (e.g. {low} or {low + 4})")
+
+    if video is not None:
+        task = "v2v"
+        if model_type != "t2v":
+            raise ValueError(f"video-to-video needs a T2V model; this one is {model_type}")
+        if image is not None or last_image is not None:
+            raise ValueError("give either video (video-to-video) or image/last_image, not both")
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+    elif model_type == "t2v":
+        task = "t2v"
+        if image is not None or last_image is not None:
+            raise ValueError("this is a T2V model: image conditioning needs an I2V or FLF2V model "
+                             "(e.g. Wan-AI/Wan2.1-I2V-14B-480P)")
+    elif model_type == "i2v":
+        task = "i2v"
+        if image is None:
+            raise ValueError("this is an I2V model: give image= (the first frame)")
+        if last_image is not None:
+            raise ValueError("last_image needs an FLF2V model (Wan-AI/Wan2.1-FLF2V-14B-720P); this one is I2V")
+    else:
+        task = "flf2v"
+        if image is None or last_image is None:
+            raise ValueError("this is an FLF2V model: give image= (first frame) and last_image= (last frame)")
+    if task in ("i2v", "flf2v") and not has_image_encoder:
+        raise ValueError(f"{task} needs an image encoder (CLIP) in the pipeline")
+
+    defaults = DEFAULTS[task]
+    plan = _Plan(task=task, height=height, width=width, num_frames=num_frames,
+                 steps=int(steps if steps is not None else defaults["steps"]),
+                 shift=float(shift if shift is not None else defaults["shift"]),
+                 guidance=float(guidance if guidance is not None else defaults["guidance"]),
+                 seed=int(seed) if seed is not None else random.randint(0, 2**31 - 1),
+                 negative_prompt=None)
+    if plan.steps < 1:
+        raise ValueError(f"steps must be >= 1, got {plan.steps}")
+    if negative_prompt_embeds is None and plan.guidance != 1.0:
+        plan.negative_prompt = negative_prompt if negative_prompt else NEGATIVE_PROMPTS[task]
+
+    if task in ("i2v", "flf2v"):
+        plan.image = _image_tensor(image)
+        plan.height, plan.width = _size_for_image(plan.image, height * width)
+        if shift is None and task == "i2v" and height * width <= AREA_480P:
+            plan.shift = 3.0  # the official 480P I2V shift
+        if last_image is not None:
+            plan.last_image = _image_tensor(last_image)
+    if task == "v2v":
+        plan.video = _video_tensor(video, num_frames, height, width)
+    if latents is not None:
+        want = (16, (plan.num_frames - 1) // 4 + 1, plan.height // 8, plan.width // 8)
+        if latents.numel() != math.prod(want):
+            raise ValueError(f"latents must have shape [1, {', '.join(map(str, want))}], got {tuple(latents.shape)}")
+    return plan
 
 
 # -----------------------------------------------------------------------------------------

@@ -76,9 +76,12 @@ class Video:
         # yuv420p needs even sizes: pad the odd row/column by repeating the edge.
         if h % 2 or w % 2:
             frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-        with av.open(str(path), mode="w", format="mp4") as container:
+        # use_metadata_tags: keep our own keys (prompt, seed, ...) rather than only the standard ones.
+        with av.open(str(path), mode="w", format="mp4", options={"movflags": "use_metadata_tags"}) as container:
             for key, value in self.metadata.items():
                 container.metadata[key] = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+            if self.metadata:  # players show `comment`: all settings in one line
+                container.metadata["comment"] = json.dumps(self.metadata, ensure_ascii=False)
             stream = container.add_stream("libx264", rate=Fraction(fps))
             stream.width, stream.height = frames.shape[2], frames.shape[1]
             stream.pix_fmt = "yuv420p"

@@ -76,15 +76,18 @@ def test_loads_through_load_model(tmp_path, layout):
 
 
 def test_comfy_fp8_scaled_umt5_file(tmp_path):
-    """ComfyUI umt5 files: transformers names, fp8 weights with per-tensor scales, a marker."""
+    """ComfyUI umt5 files: transformers names, fp8 weights with per-tensor scales, a marker,
+    an embedded tokenizer blob. Loading dequantises each weight as weight * scale."""
     from safetensors.torch import save_file
 
     model = tiny_t5()
     state = {k: v.clone().contiguous() for k, v in transformers_oracle(model).state_dict().items()}
+    expected = official_state(model)
     for key in [k for k in state if k.endswith("DenseReluDense.wi_1.weight")]:
         scale = state[key].abs().max() / 448.0
         state[key] = (state[key] / scale).to(torch.float8_e4m3fn)
         state[key.replace(".weight", ".scale_weight")] = scale.reshape(1)
+        expected[rename(key, TRANSFORMERS_T5)] = state[key].float() * scale
     state["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
     state["spiece_model"] = torch.zeros(64, dtype=torch.uint8)
     path = tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
@@ -92,7 +95,5 @@ def test_comfy_fp8_scaled_umt5_file(tmp_path):
     info = inspect_checkpoint(path)
     assert info.network == "t5" and info.fp8_scaled and info.config == model.config
     loaded = wanx.load_model(path, dtype=torch.float32)
-    ids = torch.randint(3, 320, (1, 9))
-    with torch.no_grad():
-        out, ref = loaded(ids, torch.ones_like(ids)), model(ids, torch.ones_like(ids))
-    assert (out - ref).abs().max() <= 0.1 * ref.abs().max()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name

@@ -1,0 +1,133 @@
+"""End to end: `wanx generate` on tiny random-weight models writes real mp4 files."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wanx.cli import main
+from wanx.video import Video, read_video
+
+FAST = ["--size", "64x48", "--frames", "9", "--steps", "3", "--quiet"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def wanx_home(tmp_path_factory):
+    """Tiny model sets are made once per module in a private WANX_HOME."""
+    old = os.environ.get("WANX_HOME")
+    os.environ["WANX_HOME"] = str(tmp_path_factory.mktemp("wanx-home"))
+    yield
+    if old is None:
+        os.environ.pop("WANX_HOME")
+    else:
+        os.environ["WANX_HOME"] = old
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    first, last = folder / "first.png", folder / "last.jpg"
+    Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(first)
+    Image.fromarray(rng.integers(0, 255, (90, 100, 3), dtype=np.uint8)).save(last)
+    clip = folder / "input.mp4"
+    Video(rng.integers(0, 255, (20, 48, 64, 3), dtype=np.uint8), fps=16).save(clip)
+    return {"first": first, "last": last, "video": clip}
+
+
+def frames_of(path):
+    video = read_video(path)
+    return video.frames, video.fps
+
+
+def generate(tmp_path, name, *args):
+    out = tmp_path / name
+    assert main(["generate", *FAST, *args, "--output", str(out)]) == 0
+    return out
+
+
+def test_t2v_same_seed_same_frames_and_metadata(tmp_path):
+    a = generate(tmp_path, "a.mp4", "--model", "tiny", "--prompt", "a cat walks", "--seed", "7")
+    b = generate(tmp_path, "b.mp4", "--model", "tiny", "--prompt", "a cat walks", "--seed", "7")
+    c = generate(tmp_path, "c.mp4", "--model", "tiny", "--prompt", "a cat walks", "--seed", "8")
+    fa, fps = frames_of(a)
+    assert fa.shape == (9, 48, 64, 3) and fps == 16
+    assert np.array_equal(fa, frames_of(b)[0])
+    assert not np.array_equal(fa, frames_of(c)[0])
+    import av
+
+    with av.open(str(a)) as container:
+        meta = container.metadata
+    assert meta.get("prompt") == "a cat walks" and meta.get("seed") == "7" and meta.get("model") == "tiny"
+
+
+def test_i2v_size_follows_the_image(tmp_path, images):
+    out = generate(tmp_path, "i2v.mp4", "--model", "tiny-i2v", "--prompt", "the cat turns", "--image",
+                   str(images["first"]), "--seed", "1")
+    frames, fps = frames_of(out)
+    # 60x80 (3:4) image within a 64x48 area: the official rounding gives 48x64 (lat 6x8).
+    assert frames.shape == (9, 48, 64, 3) and fps == 16
+
+
+def test_flf2v(tmp_path, images):
+    out = generate(tmp_path, "flf.mp4", "--model", "tiny-flf2v", "--prompt", "from day to night", "--image",
+                   str(images["first"]), "--last-image", str(images["last"]), "--seed", "1")
+    assert frames_of(out)[0].shape == (9, 48, 64, 3)
+
+
+def test_v2v(tmp_path, images):
+    out = generate(tmp_path, "v2v.mp4", "--model", "tiny", "--prompt", "make it snow", "--video",
+                   str(images["video"]), "--strength", "0.5", "--seed", "1")
+    assert frames_of(out)[0].shape == (9, 48, 64, 3)
+
+
+def test_batch_prompts_file(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('a cat\n# a comment\n{"prompt": "a dog", "seed": 5, "frames": 5}\n')
+    assert main(["generate", *FAST, "--model", "tiny", "--prompts", str(prompts), "--seed", "2",
+                 "--output", str(tmp_path / "batch")]) == 0
+    files = sorted((tmp_path / "batch").glob("*.mp4"))
+    assert [f.name for f in files] == ["000-seed2.mp4", "001-seed5.mp4"]
+    assert frames_of(files[1])[0].shape[0] == 5
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "tiny", "--prompt", "x", "--size", "100x48"], "width 100 is not a multiple of 16; nearest valid: 96 or 112"),
+        (["--model", "tiny", "--prompt", "x", "--frames", "10"], "num_frames 10 must be 4k\\+1"),
+        (["--model", "tiny", "--prompt", "x", "--image", "{first}"], "this is a T2V model"),
+        (["--model", "tiny-i2v", "--prompt", "x"], "this is an I2V model: give image="),
+        (["--model", "tiny-i2v", "--prompt", "x", "--image", "{bad_image}"], "not a readable image"),
+        (["--model", "tiny", "--prompt", "x", "--video", "{bad_image}"], "not a readable video"),
+        (["--model", "tiny-i2v", "--prompt", "x", "--image", "{missing}"], "no such image file"),
+        (["--model", "{incomplete}", "--prompt", "x"], "has no VAE; expected Wan2.1_VAE.pth"),
+        (["--model", "tiny", "--prompt", "x", "--output", "{unwritable}"], "cannot write there"),
+        (["--model", "tiny"], "give a prompt"),
+    ],
+)
+def test_bad_inputs(tmp_path, images, capsys, args, message):
+    import shutil
+
+    from wanx.tiny import tiny_model_dir
+
+    bad_image = tmp_path / "broken.png"
+    bad_image.write_bytes(b"not an image")
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(tiny_model_dir("tiny"), incomplete)
+    (incomplete / "Wan2.1_VAE.pth").unlink()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    values = dict(first=images["first"], bad_image=bad_image, missing=tmp_path / "nope.png", incomplete=incomplete,
+                  unwritable=a_file / "out.mp4")  # under a file: unwritable even for root
+    args = [a.format(**values) for a in args]
+    out = tmp_path / "out.mp4"
+    if "--output" not in args:
+        args += ["--output", str(out)]
+    code = main(["generate", *FAST, *args])
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert err.startswith("wanx: error: ") and "\n" not in err
+    assert __import__("re").search(message, err), err
+    assert not out.exists() and not list(tmp_path.glob(".*.partial"))
