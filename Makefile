@@ -17,7 +17,7 @@ $(BIN)/.wanx-installed: pyproject.toml
 install: $(BIN)/.wanx-installed
 
 demo: install
-	$(BIN)/wanx demo
+	$(BIN)/wanx generate --model tiny --prompt "a cat walks on the grass" --size 128x96 --frames 17 --steps 10 --seed 0 --output outputs/demo.mp4
 
 test: install
 	$(BIN)/python -m pytest -q

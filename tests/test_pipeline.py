@@ -68,3 +68,43 @@ def test_i2v_defaults_and_size():
     assert (plan.steps, plan.shift, plan.guidance) == (40, 3.0, 5.0)  # 480P I2V shift 3
     assert (plan.height, plan.width) == (464, 832) == _size_for_image(image, 480 * 832)
     assert plan_request("i2v", "x", image=image, height=720, width=1280).shift == 5.0
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-i2v"])
+def test_diffusers_layout_folder_gives_the_same_video(pipes, tmp_path, name):
+    """The same weights as a diffusers repository (transformer/, vae/, text_encoder/,
+    tokenizer/, image_encoder/) are found by content and give identical latents."""
+    import shutil
+
+    from tests.models.test_clip import transformers_oracle as clip_oracle
+    from tests.models.test_t5 import transformers_oracle as t5_oracle
+    from tests.oracles import write_diffusers_dit, write_diffusers_vae
+    from wanx.tiny import tiny_model_dir
+
+    official = WanPipeline.from_pretrained(name, device="cpu", dtype=torch.float32)
+    root = tmp_path / "Wan2.1-tiny-Diffusers"
+    write_diffusers_dit(root / "transformer", official.dit)
+    write_diffusers_vae(root / "vae", official.vae)
+    t5_oracle(official.text_encoder.model).save_pretrained(root / "text_encoder")
+    shutil.copytree(tiny_model_dir(name) / "google" / "umt5-xxl", root / "tokenizer")
+    kwargs = {}
+    if official.image_encoder is not None:
+        clip_oracle(official.image_encoder).save_pretrained(root / "image_encoder")
+        kwargs["image"] = torch.rand(3, 32, 48) * 2 - 1
+    converted = WanPipeline.from_pretrained(root, device="cpu", dtype=torch.float32)
+    a = official("a cat", seed=4, output_type="latents", **SMALL, **kwargs)
+    b = converted("a cat", seed=4, output_type="latents", **SMALL, **kwargs)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_model_ids_are_downloaded_with_huggingface_hub(monkeypatch, tmp_path):
+    """No network here: check the call wanx makes (the real download is huggingface_hub's)."""
+    import huggingface_hub
+
+    from wanx.hub import resolve_model
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, local_dir=None: calls.append(repo) or str(tmp_path))
+    assert resolve_model("Wan-AI/Wan2.1-T2V-1.3B") == tmp_path and calls == ["Wan-AI/Wan2.1-T2V-1.3B"]
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        resolve_model("./not/a/folder/or/id")
