@@ -42,3 +42,25 @@ def test_demo_runs(tmp_path, capsys):
     assert main(["demo", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "latents (1, 16, 5, 8, 12)" in out and "video (1, 3, 17, 64, 96)" in out
+
+
+def test_info_on_encoder_files(tmp_path, capsys):
+    from tests.models.test_clip import tiny_clip
+    from tests.models.test_t5 import tiny_t5, transformers_oracle
+    from tests.oracles import official_state
+
+    torch.save(official_state(tiny_t5()), tmp_path / "models_t5_umt5-xxl-enc-bf16.pth")
+    transformers_oracle(tiny_t5()).save_pretrained(tmp_path / "text_encoder")
+    torch.save(official_state(tiny_clip()), tmp_path / "models_clip.pth")
+    paths = [tmp_path / "models_t5_umt5-xxl-enc-bf16.pth", tmp_path / "text_encoder" / "model.safetensors",
+             tmp_path / "models_clip.pth"]
+    assert main(["info", *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("umT5 text encoder") == 2 and "layout:     transformers" in out
+    assert "CLIP ViT image encoder" in out
+
+
+def test_package_exports():
+    import wanx
+
+    assert wanx.WanPipeline.__name__ == "WanPipeline" and wanx.Video.__name__ == "Video"
