@@ -6,6 +6,7 @@ are passed where the model is loaded or run, never stored in a config.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -89,6 +90,27 @@ class T5Config:
     eps: float = 1e-6
 
 
+@dataclass(frozen=True)
+class CLIPVisionConfig:
+    image_size: int = 224
+    patch_size: int = 14
+    dim: int = 1280
+    mlp_ratio: int = 4
+    num_heads: int = 16
+    num_layers: int = 32
+    eps: float = 1e-5
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+
+CLIP_PRESETS: dict[str, CLIPVisionConfig] = {
+    "vit-h-14": CLIPVisionConfig(),
+    "tiny": CLIPVisionConfig(dim=160, num_heads=2, num_layers=3),  # 257 tokens, head dim 80 as ViT-H/14
+}
+
+
 _14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 _TINY = dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=32)  # head dim 16: RoPE split 8/4/4
 
@@ -118,6 +140,10 @@ def t5_config(name: str) -> T5Config:
     return _preset(T5_PRESETS, name, "T5")
 
 
+def clip_config(name: str) -> CLIPVisionConfig:
+    return _preset(CLIP_PRESETS, name, "CLIP")
+
+
 def dit_config(name: str) -> DiTConfig:
     return _preset(DIT_PRESETS, name, "DiT")
 
@@ -135,10 +161,8 @@ def _preset(table, name, what):
 
 def preset_name(config) -> str | None:
     """Name of the preset equal to `config`, if any."""
-    if type(config).__name__ == "CLIPVisionConfig":
-        from .models.clip import CLIP_PRESETS as table
-    else:
-        table = {DiTConfig: DIT_PRESETS, VAEConfig: VAE_PRESETS, T5Config: T5_PRESETS}[type(config)]
+    table = {DiTConfig: DIT_PRESETS, VAEConfig: VAE_PRESETS, T5Config: T5_PRESETS,
+             CLIPVisionConfig: CLIP_PRESETS}[type(config)]
     return next((name for name, c in table.items() if c == config), None)
 
 
@@ -201,4 +225,19 @@ def infer_t5_config(shapes: Mapping[str, Sequence[int]]) -> T5Config:
         vocab=int(vocab), dim=int(dim), dim_attn=int(shapes[f"blocks.{first}.attn.q.weight"][0]),
         dim_ffn=int(shapes[f"blocks.{first}.ffn.fc1.weight"][0]), num_heads=int(num_heads),
         num_layers=(blocks[-1] + 1) if blocks else 0, num_buckets=int(num_buckets),
+    )
+
+
+def infer_clip_config(shapes: Mapping[str, Sequence[int]]) -> CLIPVisionConfig:
+    """Config from the kept `visual.*` shapes (official layout). The head count is not in the
+    shapes: head dim 80, as in ViT-H/14, is assumed."""
+    dim, _, patch, _ = shapes["visual.patch_embedding.weight"]
+    tokens = math.prod(shapes["visual.pos_embedding"]) // int(dim)  # [1, T, D] official, [T, D] transformers
+    kept = {int(k.split(".")[2]) for k in shapes if k.startswith("visual.transformer.")}
+    side = int(round((tokens - 1) ** 0.5))
+    return CLIPVisionConfig(
+        image_size=side * int(patch), patch_size=int(patch), dim=int(dim),
+        mlp_ratio=int(shapes["visual.transformer.0.mlp.0.weight"][0]) // int(dim),
+        num_heads=max(1, int(dim) // 80),
+        num_layers=max(kept) + 2,  # the dropped last block counts
     )

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..configs import (
-    RELEASED_HEAD_DIM, DiTConfig, T5Config, VAEConfig, infer_dit_config, infer_t5_config, infer_vae_config, preset_name,
+    RELEASED_HEAD_DIM, CLIPVisionConfig, DiTConfig, T5Config, VAEConfig, infer_clip_config, infer_dit_config,
+    infer_t5_config, infer_vae_config, preset_name,
 )
 from .files import FP8_DTYPES, CheckpointError, TensorStore, open_checkpoint
 from .layouts import COMFY_FP8_MARKERS, FP8_SCALE_SUFFIXES, Detected, detect, rename
@@ -34,7 +35,7 @@ class CheckpointInfo:
     files: list[Path]
     network: str  # "dit" | "vae" | "t5"
     layout: str  # "official" | "diffusers" | "transformers" | "comfyui"
-    config: DiTConfig | VAEConfig | T5Config | object
+    config: DiTConfig | VAEConfig | T5Config | CLIPVisionConfig
     dtypes: dict[str, int]  # dtype name -> number of parameters stored in it
     num_params: int
     fp8_scaled: bool = False
@@ -173,14 +174,12 @@ def _same_shape(stored: tuple[int, ...], expected: tuple[int, ...]) -> bool:
     return tuple(stored) == tuple(expected) or strip(stored) == strip(expected)
 
 
-def _infer_config(network: str, shapes: dict, store: TensorStore) -> DiTConfig | VAEConfig | T5Config:
+def _infer_config(network: str, shapes: dict, store: TensorStore) -> DiTConfig | VAEConfig | T5Config | CLIPVisionConfig:
     if network == "vae":
         return infer_vae_config(shapes)
     if network == "t5":
         return infer_t5_config(shapes)
     if network == "clip":
-        from ..models.clip import infer_clip_config
-
         return infer_clip_config(shapes)
     cfg_json = store.config_json or {}
     heads = cfg_json.get("num_heads") or cfg_json.get("num_attention_heads")

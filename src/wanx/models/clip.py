@@ -6,38 +6,15 @@ Output: the penultimate block's tokens, before the post-norm, CLS included: `[B,
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import attention
+from ..configs import CLIPVisionConfig, clip_config
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass(frozen=True)
-class CLIPVisionConfig:
-    image_size: int = 224
-    patch_size: int = 14
-    dim: int = 1280
-    mlp_ratio: int = 4
-    num_heads: int = 16
-    num_layers: int = 32
-    eps: float = 1e-5
-
-    @property
-    def num_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2 + 1
-
-
-CLIP_PRESETS = {
-    "vit-h-14": CLIPVisionConfig(),
-    "tiny": CLIPVisionConfig(dim=160, num_heads=2, num_layers=3),  # 257 tokens, head dim 80 as ViT-H/14
-}
 
 
 class SelfAttention(nn.Module):
@@ -88,7 +65,7 @@ class CLIPVisionEncoder(nn.Module):
 
     def __init__(self, config: CLIPVisionConfig | str = "vit-h-14"):
         super().__init__()
-        cfg = self.config = CLIP_PRESETS[config] if isinstance(config, str) else config
+        cfg = self.config = clip_config(config) if isinstance(config, str) else config
         self.visual = VisionTransformer(cfg)
 
     def forward(self, images: Tensor) -> Tensor:
@@ -101,18 +78,3 @@ class CLIPVisionEncoder(nn.Module):
         std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
         x = (x.mul(0.5).add(0.5) - mean) / std
         return self.visual(x.to(self.visual.patch_embedding.weight.dtype))
-
-
-def infer_clip_config(shapes) -> CLIPVisionConfig:
-    """Config from the kept `visual.*` shapes (official layout). The head count is not in the
-    shapes: head dim 80, as in ViT-H/14, is assumed."""
-    dim, _, patch, _ = shapes["visual.patch_embedding.weight"]
-    tokens = math.prod(shapes["visual.pos_embedding"]) // int(dim)  # [1, T, D] official, [T, D] transformers
-    kept = {int(k.split(".")[2]) for k in shapes if k.startswith("visual.transformer.")}
-    side = int(round((tokens - 1) ** 0.5))
-    return CLIPVisionConfig(
-        image_size=side * int(patch), patch_size=int(patch), dim=int(dim),
-        mlp_ratio=int(shapes["visual.transformer.0.mlp.0.weight"][0]) // int(dim),
-        num_heads=max(1, int(dim) // 80),
-        num_layers=max(kept) + 2,  # the dropped last block counts
-    )
