@@ -129,7 +129,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     dtype = {"auto": torch.bfloat16 if device != "cpu" else torch.float32, "bf16": torch.bfloat16,
              "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     start = time.perf_counter()
-    pipe = WanPipeline.from_pretrained(folder, device=device, dtype=dtype)
+    pipe = WanPipeline.from_pretrained(folder, device=device, dtype=dtype, progress=not args.quiet)
     pipe.name = args.model
     if not args.quiet:
         print(f"loading: {time.perf_counter() - start:.1f} s ({model_type} on {device}, {str(dtype).removeprefix('torch.')})",

@@ -74,7 +74,7 @@ class WanPipeline:
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, *, device: str | torch.device | None = None,
                         dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype = torch.float32,
-                        source: str = "huggingface") -> "WanPipeline":
+                        source: str = "huggingface", progress: bool = False) -> "WanPipeline":
         """An official or diffusers-layout model folder, a tiny model name, or a model id
         (`Wan-AI/Wan2.1-T2V-1.3B`, downloaded into the standard cache)."""
         from .loading import load_model
@@ -85,16 +85,16 @@ class WanPipeline:
         files = find_components(folder)  # a missing component fails here, before any weight is read
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         tokenizer = Tokenizer(files.tokenizer)
-        dit = load_model(files.dit, dtype=dtype, device=device)
-        vae = load_model(files.vae, dtype=vae_dtype, device=device)
-        text_encoder = TextEncoder(load_model(files.text_encoder, dtype=dtype, device=device), tokenizer)
+        dit = load_model(files.dit, dtype=dtype, device=device, progress=progress)
+        vae = load_model(files.vae, dtype=vae_dtype, device=device, progress=progress)
+        text_encoder = TextEncoder(load_model(files.text_encoder, dtype=dtype, device=device, progress=progress), tokenizer)
         image_encoder = None
         if dit.config.has_image_input:
             if files.image_encoder is None:
                 raise FileNotFoundError(
                     f"{folder}: an {dit.config.model_type} model needs the CLIP image encoder "
                     "(models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or image_encoder/)")
-            image_encoder = load_model(files.image_encoder, dtype=dtype, device=device)
+            image_encoder = load_model(files.image_encoder, dtype=dtype, device=device, progress=progress)
         return cls(dit, vae, text_encoder, image_encoder, name=str(path_or_id))
 
     # -------------------------------------------------------------------------------------
@@ -160,8 +160,9 @@ class WanPipeline:
             if output_type == "latents":
                 return x
 
-            with _stage("decoding", progress):
-                frames = self.vae.decode(x)  # [1, 3, F, H, W] in [-1, 1]
+            bar = _progress(None, "decoding", progress, unit="chunk")
+            frames = self.vae.decode(x, callback=lambda done, total: (setattr(bar, "total", total), bar.update(1)))
+            bar.close()  # frames: [1, 3, F, H, W] in [-1, 1]
         frames = ((frames[0].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         metadata = dict(prompt=prompt or "", negative_prompt=plan.negative_prompt or "", seed=plan.seed,
                         model=self.name, task=plan.task, size=f"{plan.width}x{plan.height}",
@@ -385,10 +386,11 @@ def _crop_to_aspect(image: Tensor, aspect: float) -> Tensor:
     return image[:, :, left: left + new_w]
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _progress(total: int | None, desc: str, enabled: bool, unit: str = "step"):
+    """A tqdm bar on stderr: rate, elapsed time and ETA."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", disable=not enabled, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False)
 
 
 @contextlib.contextmanager

@@ -120,3 +120,14 @@ def test_bf16(vae, video):
 def test_bad_inputs(vae, call, message):
     with pytest.raises(ValueError, match=message):
         call(vae)
+
+
+def test_decode_reports_progress(vae):
+    calls = []
+    with torch.no_grad():
+        vae.decode(torch.randn(1, 16, 4, 4, 6), callback=lambda done, total: calls.append((done, total)))
+        assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+        calls.clear()
+        vae.decode(torch.randn(1, 16, 3, 8, 8), tile_size=32, tile_stride=16, chunk_latents=2,
+                   callback=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (len(calls), len(calls)) == (2 * 9, 18)  # 2 causal steps x 3x3 tiles

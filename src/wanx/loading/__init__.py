@@ -75,11 +75,12 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     return _identify(open_checkpoint(path))
 
 
-def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
+def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+               progress: bool = False) -> nn.Module:
     """Load a Wan2.1 network from a file, shard set or model folder (a folder means its DiT).
 
     dtype: compute dtype of the weights (default: as stored; fp8 storage -> bf16). Parameters
-    the model declares in `keep_in_fp32` stay float32 whatever the dtype.
+    the model declares in `keep_in_fp32` stay float32 whatever the dtype. progress: a bar per tensor.
     """
     store = open_checkpoint(path)
     try:
@@ -89,7 +90,12 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: st
         keep_fp32 = getattr(model, "keep_in_fp32", ())
         target = dtype or info.compute_dtype
         state = {}
-        for name, meta in model.state_dict().items():
+        items = model.state_dict().items()
+        if progress:
+            from tqdm.auto import tqdm
+
+            items = tqdm(items, desc=f"loading {NETWORK_NAMES[info.network]}", unit="tensor", leave=False)
+        for name, meta in items:
             tensor = _read_parts(store, info.names[name]).reshape(meta.shape)
             want = torch.float32 if _matches(name, keep_fp32) else target
             state[name] = tensor.to(device=device, dtype=want if meta.is_floating_point() else meta.dtype)

@@ -9,6 +9,7 @@ chunks a multiple of 4 frames) gives the same result as one pass over the whole 
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import torch
@@ -297,11 +298,12 @@ class WanVAE(nn.Module):
 
     # -- decode --------------------------------------------------------------------------
     def decode(self, latents: Tensor, *, chunk_latents: int = 1, tile_size: int | tuple[int, int] | None = None,
-               tile_stride: int | tuple[int, int] | None = None) -> Tensor:
+               tile_stride: int | tuple[int, int] | None = None, callback=None) -> Tensor:
         """latents `[B, z, k+1, h, w]` -> video `[B, 3, 4k+1, 8h, 8w]` float32 in [-1, 1].
 
         chunk_latents: latent frames decoded per causal step (1 = the official schedule).
         tile_size/tile_stride: spatial tiles in output pixels (multiples of 8), blended at the seams.
+        callback(done, total): called after each decoded chunk (for progress bars).
         """
         if latents.ndim != 5 or latents.shape[1] != self.config.z_dim:
             raise ValueError(f"latents must be [B, {self.config.z_dim}, F, H, W], got {tuple(latents.shape)}")
@@ -312,9 +314,17 @@ class WanVAE(nn.Module):
         stride = _pair(tile_stride, s, "tile_stride")
         tile = None if tile is None else (tile[0] // s, tile[1] // s)
         stride = None if stride is None else (stride[0] // s, stride[1] // s)
-        return self._tiled(latents, tile, stride, s, down=False, fn=lambda z: self._decode_tile(z, chunk_latents))
+        steps = 1 + math.ceil((latents.shape[2] - 1) / chunk_latents)
+        if tile is not None:
+            h, w = latents.shape[-2:]
+            default = (tile[0] * 3 // 4, tile[1] * 3 // 4)
+            st = stride or default
+            steps *= len(_tiles(h, tile[0], st[0])) * len(_tiles(w, tile[1], st[1]))
+        counter = _Counter(steps, callback)
+        return self._tiled(latents, tile, stride, s, down=False,
+                           fn=lambda z: self._decode_tile(z, chunk_latents, counter))
 
-    def _decode_tile(self, latents: Tensor, chunk_latents: int) -> Tensor:
+    def _decode_tile(self, latents: Tensor, chunk_latents: int, counter: "_Counter") -> Tensor:
         dtype = self.conv2.weight.dtype
         mean, inv_std = self._stats(latents)
         z = self.conv2((latents.float() / inv_std + mean).to(dtype))
@@ -328,6 +338,7 @@ class WanVAE(nn.Module):
             chunk = self.decoder(z[:, :, start:end], cache)
             out[:, :, frame: frame + chunk.shape[2]] = chunk.float().clamp_(-1, 1)
             frame += chunk.shape[2]
+            counter.step()
         return out
 
     # -- spatial tiling ------------------------------------------------------------------
@@ -367,6 +378,16 @@ class WanVAE(nn.Module):
                 out[..., oy: oy + y.shape[-2], ox: ox + y.shape[-1]] += y * mask
                 weight[oy: oy + y.shape[-2], ox: ox + y.shape[-1]] += mask
         return out / weight
+
+
+class _Counter:
+    def __init__(self, total: int, callback):
+        self.done, self.total, self.callback = 0, total, callback
+
+    def step(self) -> None:
+        self.done += 1
+        if self.callback:
+            self.callback(self.done, self.total)
 
 
 def _chunks(frames: int, chunk: int) -> Iterator[tuple[int, int]]:
