@@ -121,9 +121,15 @@ def _clip_layer(m: re.Match) -> str | tuple[str, int]:
     return f"visual.transformer.{i}.{_CLIP_LAYER[name]}.{part}"
 
 
-def transformers_clip_rules(num_layers: int) -> list[Rule]:
+def _count(keys: set[str], pattern: str) -> int:
+    """Number of blocks: 1 + the largest index captured by `pattern` in the keys."""
+    return 1 + max(int(m[1]) for k in keys if (m := re.search(pattern, k)))
+
+
+def transformers_clip_rules(keys: set[str]) -> list[Rule]:
     """transformers `CLIPVisionModel(WithProjection)` (diffusers repos' image_encoder/, ComfyUI
     clip_vision files) -> official `visual.*`, keeping the blocks Wan uses."""
+    num_layers = _count(keys, r"encoder\.layers\.(\d+)\.")
     p = r"(?:vision_model\.)?"
     return [
         (rf"{p}encoder\.layers\.{num_layers - 1}\..+", None),
@@ -138,9 +144,10 @@ def transformers_clip_rules(num_layers: int) -> list[Rule]:
     ]
 
 
-def official_clip_rules(num_layers: int) -> list[Rule]:
+def official_clip_rules(keys: set[str]) -> list[Rule]:
     """Official open-clip XLM-RoBERTa ViT-H/14 file: keep the visual tower up to the blocks Wan
     uses; drop the text tower, the logit scale and what follows the penultimate block."""
+    num_layers = _count(keys, r"^visual\.transformer\.(\d+)\.")
     return [
         (rf"visual\.transformer\.{num_layers - 1}\..+", None),
         (r"visual\.(?:post_norm\..+|head|proj)", None),
@@ -152,22 +159,23 @@ def official_clip_rules(num_layers: int) -> list[Rule]:
 @dataclass(frozen=True)
 class Detected:
     network: str  # "dit" | "vae" | "t5" | "clip"
-    layout: str  # "official" | "diffusers" | "comfyui"
+    layout: str  # "official" | "diffusers" | "transformers" | "comfyui"
     prefix: str  # stripped from every key
     rules: list[Rule] | None  # None: official names already
 
 
-# (network, layout, rules, keys that identify it after the prefix is stripped)
-_SIGNATURES: list[tuple[str, str, list[Rule] | None, tuple[str, ...]]] = [
+# (network, layout, rules, keys that identify it after the prefix is stripped). Rules that depend
+# on the file (which CLIP block is the unused last one) are a function of its keys.
+_SIGNATURES: list[tuple[str, str, list[Rule] | Callable[[set[str]], list[Rule]] | None, tuple[str, ...]]] = [
     ("dit", "official", None, ("patch_embedding.weight", "time_projection.1.weight")),
     ("dit", "diffusers", DIFFUSERS_DIT, ("patch_embedding.weight", "condition_embedder.time_proj.weight")),
     ("vae", "official", None, ("encoder.conv1.weight", "decoder.conv1.weight", "conv2.weight")),
     ("vae", "diffusers", DIFFUSERS_VAE, ("encoder.conv_in.weight", "decoder.conv_in.weight", "post_quant_conv.weight")),
     ("t5", "official", None, ("token_embedding.weight", "blocks.0.pos_embedding.embedding.weight")),
     ("t5", "transformers", TRANSFORMERS_T5, ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",)),
-    ("clip", "official", "clip", ("visual.patch_embedding.weight", "visual.transformer.0.attn.to_qkv.weight")),
-    ("clip", "transformers", "clip-transformers", ("vision_model.embeddings.patch_embedding.weight",)),
-    ("clip", "transformers", "clip-transformers", ("embeddings.patch_embedding.weight", "pre_layrnorm.weight")),
+    ("clip", "official", official_clip_rules, ("visual.patch_embedding.weight", "visual.transformer.0.attn.to_qkv.weight")),
+    ("clip", "transformers", transformers_clip_rules, ("vision_model.embeddings.patch_embedding.weight",)),
+    ("clip", "transformers", transformers_clip_rules, ("embeddings.patch_embedding.weight", "pre_layrnorm.weight")),
 ]
 
 
@@ -178,12 +186,8 @@ def detect(keys: Iterable[str]) -> Detected | None:
         stripped = {k[len(prefix):] for k in keys if k.startswith(prefix)}
         for network, layout, rules, signature in _SIGNATURES:
             if all(s in stripped for s in signature):
-                if rules == "clip":  # the block count decides which block is dropped
-                    blocks = {int(k.split(".")[2]) for k in stripped if k.startswith("visual.transformer.")}
-                    rules = official_clip_rules(max(blocks) + 1)
-                elif rules == "clip-transformers":
-                    found = (re.search(r"encoder\.layers\.(\d+)\.", k) for k in stripped)
-                    rules = transformers_clip_rules(max(int(m[1]) for m in found if m) + 1)
+                if callable(rules):
+                    rules = rules(stripped)
                 comfy = bool(prefix) or any(k in keys for k in COMFY_FP8_MARKERS)
                 return Detected(network, "comfyui" if comfy and layout == "official" else layout, prefix, rules)
     return None
