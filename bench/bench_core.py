@@ -16,13 +16,15 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.oracles: weight conversion helpers
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from memory import ResidentPeak  # noqa: E402
 
 from tests.oracles import diffusers_dit, diffusers_vae, latent_stats, official_state, run_diffusers_dit  # noqa: E402
 from wanx.configs import DiTConfig  # noqa: E402
@@ -94,33 +96,6 @@ def bench_vae(args) -> dict:
                 max_abs_diff=float(diff))
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class RSSPeak:
-    """Peak resident memory while the block runs, sampled every millisecond. The child runs
-    with MALLOC_MMAP_THRESHOLD_ set so freed tensors leave RSS at once and the samples follow
-    live memory (the process-lifetime ru_maxrss would include model construction)."""
-
-    def __enter__(self):
-        self.before = self.peak = _rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.001):
-            self.peak = max(self.peak, _rss_bytes())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
-
-
 def decode_memory_child(impl: str, latent_frames: int, height: int, width: int, device: str) -> None:
     """Child process: peak memory of one decode, beyond what was held before it."""
     torch.manual_seed(0)
@@ -139,9 +114,11 @@ def decode_memory_child(impl: str, latent_frames: int, height: int, width: int, 
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - before
         else:
-            with RSSPeak() as rss:
+            # MALLOC_MMAP_THRESHOLD_ (set by the parent) makes freed tensors leave RSS at once, so
+            # the samples follow live memory.
+            with ResidentPeak() as mem:
                 out = model.decode(z) if impl == "wanx" else model.decode(z * std + mean).sample
-            peak = rss.peak - rss.before
+            peak = mem.peak["total"] - mem.before["total"]
     print(json.dumps(dict(peak=peak, output=out.numel() * out.element_size())))
 
 

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from memory import ResidentPeak  # noqa: E402
 
 
 def write_checkpoint(path: Path) -> None:
@@ -36,43 +37,9 @@ def write_checkpoint(path: Path) -> None:
     torch.save(state, path)
 
 
-def _status() -> dict[str, int]:
-    fields = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(("RssAnon:", "RssFile:")):
-                name, value, _ = line.split()
-                fields[name[:-1]] = int(value) * 1024
-    return fields
-
-
-class Sampler:
-    def __enter__(self):
-        self.peak = {"RssAnon": 0, "RssFile": 0, "total": 0}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(0.005):
-            self._sample()
-
-    def _sample(self):
-        s = _status()
-        s["total"] = s["RssAnon"] + s["RssFile"]
-        for k in self.peak:
-            self.peak[k] = max(self.peak[k], s[k])
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
-
 def child(method: str, path: str) -> None:
     start = time.perf_counter()
-    with Sampler() as sampler:
+    with ResidentPeak(interval=0.005) as sampler:
         if method == "wanx":
             import wanx
 

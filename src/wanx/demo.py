@@ -1,46 +1,26 @@
 """`wanx demo`: the whole load-and-run path on tiny random-weight models, offline, in seconds.
 
-Writes a tiny T2V DiT (official folder layout: safetensors + config.json) and a tiny VAE
-(official `.pth`), loads both back through `wanx.load_model`, runs one DiT forward and a
-VAE encode/decode round trip, and prints what happened. Real videos need the real weights.
+Writes a tiny T2V model set in the official folder layout (`wanx.tiny`), loads its DiT and VAE
+back through `wanx.load_model`, runs one DiT forward and a VAE encode/decode round trip, and
+prints what happened. Real videos need the real weights.
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 
-def write_tiny_checkpoints(folder: Path, seed: int = 0) -> tuple[Path, Path]:
-    """Tiny DiT folder and VAE .pth in the official layout, with random weights."""
-    from safetensors.torch import save_file
-
-    from .configs import dit_config
-    from .models.transformer import WanDiT
-    from .models.vae import WanVAE
-
-    torch.manual_seed(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    dit = WanDiT("tiny")
-    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(folder / "diffusion_pytorch_model.safetensors"))
-    cfg = asdict(dit_config("tiny"))
-    (folder / "config.json").write_text(json.dumps({"_class_name": "WanModel", **cfg}, indent=1))
-    vae_path = folder / "Wan2.1_VAE.pth"
-    torch.save(WanVAE("tiny").state_dict(), vae_path)
-    return folder, vae_path
-
-
 def run_demo(workdir: str | None = None) -> None:
     from .loading import inspect_checkpoint, load_model
+    from .tiny import make_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="wanx-demo-") as tmp:
-        folder = Path(workdir or tmp) / "wanx-tiny"
-        dit_dir, vae_path = write_tiny_checkpoints(folder)
+        folder = make_tiny_model(Path(workdir or tmp) / "wanx-tiny", "t2v")
+        dit_dir, vae_path = folder, folder / "Wan2.1_VAE.pth"
         print(f"wrote tiny random-weight checkpoints to {folder}\n")
         for path in (dit_dir, vae_path):
             print(inspect_checkpoint(path).summary(), end="\n\n")

@@ -72,7 +72,11 @@ class CheckpointInfo:
 
 def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     """Identify a checkpoint: network, layout, config, dtypes, parameter count."""
-    return _identify(open_checkpoint(path))
+    store = open_checkpoint(path)
+    try:
+        return _identify(store)
+    finally:
+        store.close()
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",

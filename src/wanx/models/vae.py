@@ -234,6 +234,17 @@ def _tiles(size: int, tile: int, stride: int) -> list[int]:
     return starts + [size - tile]
 
 
+def _tile_grid(size, tile, stride) -> tuple[list[int], list[int]]:
+    """Tile start rows and columns for a `size` (h, w) input; one tile when tiling is off.
+    The default stride is 3/4 of the tile."""
+    if tile is None:
+        return [0], [0]
+    stride = stride or (tile[0] * 3 // 4, tile[1] * 3 // 4)
+    if stride[0] > tile[0] or stride[1] > tile[1] or min(stride) < 1:
+        raise ValueError(f"tile_stride {stride} must be between 1 and tile_size {tile} (tiles must overlap or touch)")
+    return _tiles(size[0], tile[0], stride[0]), _tiles(size[1], tile[1], stride[1])
+
+
 def _ramp(length: int, overlap_before: int, overlap_after: int, device, dtype) -> Tensor:
     """Blend weights along one axis: linear ramps over the overlaps, 1 elsewhere."""
     w = torch.ones(length, device=device, dtype=dtype)
@@ -314,13 +325,8 @@ class WanVAE(nn.Module):
         stride = _pair(tile_stride, s, "tile_stride")
         tile = None if tile is None else (tile[0] // s, tile[1] // s)
         stride = None if stride is None else (stride[0] // s, stride[1] // s)
-        steps = 1 + math.ceil((latents.shape[2] - 1) / chunk_latents)
-        if tile is not None:
-            h, w = latents.shape[-2:]
-            default = (tile[0] * 3 // 4, tile[1] * 3 // 4)
-            st = stride or default
-            steps *= len(_tiles(h, tile[0], st[0])) * len(_tiles(w, tile[1], st[1]))
-        counter = _Counter(steps, callback)
+        rows, cols = _tile_grid(latents.shape[-2:], tile, stride)
+        counter = _Counter((1 + math.ceil((latents.shape[2] - 1) / chunk_latents)) * len(rows) * len(cols), callback)
         return self._tiled(latents, tile, stride, s, down=False,
                            fn=lambda z: self._decode_tile(z, chunk_latents, counter))
 
@@ -348,20 +354,15 @@ class WanVAE(nn.Module):
         tile/stride are in x's pixels. `down`: the output is `scale` times smaller (encode),
         else `scale` times larger (decode).
         """
-        if tile is None:
-            return fn(x)
-        stride = stride or (tile[0] * 3 // 4, tile[1] * 3 // 4)
-        if stride[0] > tile[0] or stride[1] > tile[1] or min(stride) < 1:
-            raise ValueError(f"tile_stride {stride} must be between 1 and tile_size {tile} (tiles must overlap or touch)")
         h, w = x.shape[-2:]
-        rows, cols = _tiles(h, tile[0], stride[0]), _tiles(w, tile[1], stride[1])
+        rows, cols = _tile_grid((h, w), tile, stride)
         if len(rows) == 1 and len(cols) == 1:
             return fn(x)
         to_out = (lambda n: n // scale) if down else (lambda n: n * scale)
         out = weight = None
+        th, tw = min(tile[0], h), min(tile[1], w)
         for i, top in enumerate(rows):
             for j, left in enumerate(cols):
-                th, tw = min(tile[0], h), min(tile[1], w)
                 y = fn(x[..., top: top + th, left: left + tw])
                 if out is None:
                     out = y.new_zeros(*y.shape[:-2], to_out(h), to_out(w))
