@@ -108,3 +108,17 @@ def test_model_ids_are_downloaded_with_huggingface_hub(monkeypatch, tmp_path):
     assert resolve_model("Wan-AI/Wan2.1-T2V-1.3B") == tmp_path and calls == ["Wan-AI/Wan2.1-T2V-1.3B"]
     with pytest.raises(FileNotFoundError, match="no such model folder"):
         resolve_model("./not/a/folder/or/id")
+
+
+def test_i2v_folder_without_clip_is_refused_before_loading(pipes, tmp_path):
+    import shutil
+
+    from wanx.hub import find_components
+    from wanx.tiny import tiny_model_dir
+
+    folder = tmp_path / "i2v"
+    shutil.copytree(tiny_model_dir("tiny-i2v"), folder)
+    (folder / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth").unlink()
+    with pytest.raises(FileNotFoundError, match="i2v model needs the CLIP image encoder"):
+        find_components(folder)
+    assert find_components(tiny_model_dir("tiny-i2v")).model_type == "i2v"

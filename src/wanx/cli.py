@@ -104,7 +104,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .hub import find_components, resolve_model
-    from .loading import inspect_checkpoint
     from .pipeline import WanPipeline, plan_request
 
     jobs = _jobs(args)
@@ -112,8 +111,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if job["seed"] is None:
             job["seed"] = random.randint(0, 2**31 - 1)
     # Everything is checked before any weight is loaded: model folder, inputs, outputs.
-    folder = resolve_model(args.model, source=args.source)
-    model_type = inspect_checkpoint(find_components(folder).dit).config.model_type
+    files = find_components(resolve_model(args.model, source=args.source))
+    model_type = files.model_type
     outputs = []
     for i, job in enumerate(jobs):
         width, height = job["size"]
@@ -129,7 +128,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     dtype = {"auto": torch.bfloat16 if device != "cpu" else torch.float32, "bf16": torch.bfloat16,
              "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     start = time.perf_counter()
-    pipe = WanPipeline.from_pretrained(folder, device=device, dtype=dtype, progress=not args.quiet)
+    pipe = WanPipeline.from_files(files, device=device, dtype=dtype, progress=not args.quiet)
     pipe.name = args.model
     if not args.quiet:
         print(f"loading: {time.perf_counter() - start:.1f} s ({model_type} on {device}, {str(dtype).removeprefix('torch.')})",

@@ -17,6 +17,8 @@ _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
 
 @dataclass
 class ModelFiles:
+    folder: Path
+    model_type: str  # of the DiT: t2v | i2v | flf2v
     dit: Path
     vae: Path
     text_encoder: Path
@@ -59,12 +61,15 @@ def find_components(folder: str | Path) -> ModelFiles:
     apart by their tensor names (headers only for safetensors)."""
     folder = Path(folder)
     found: dict[str, Path] = {}
+    model_type = None
     for candidate in _weight_files(folder):
         try:
-            network = inspect_checkpoint(candidate).network
+            info = inspect_checkpoint(candidate)
         except CheckpointError:
             continue  # not a Wan network (e.g. an unrelated file in the folder)
-        found.setdefault(network, candidate)
+        if info.network not in found:
+            found[info.network] = candidate
+            model_type = info.config.model_type if info.network == "dit" else model_type
     tokenizer = next((p.parent for p in sorted(folder.rglob("tokenizer.json"))), None)
     expected = {
         "dit": "diffusion_pytorch_model.safetensors (or its shards and .index.json), or transformer/",
@@ -77,7 +82,10 @@ def find_components(folder: str | Path) -> ModelFiles:
     if tokenizer is None:
         raise FileNotFoundError(f"{folder}: the model folder has no tokenizer; expected google/umt5-xxl/tokenizer.json "
                                 "or tokenizer/tokenizer.json")
-    return ModelFiles(found["dit"], found["vae"], found["t5"], tokenizer, found.get("clip"))
+    if model_type != "t2v" and "clip" not in found:
+        raise FileNotFoundError(f"{folder}: an {model_type} model needs the CLIP image encoder; expected "
+                                "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or image_encoder/")
+    return ModelFiles(folder, model_type, found["dit"], found["vae"], found["t5"], tokenizer, found.get("clip"))
 
 
 _NAMES = {"dit": "DiT (diffusion transformer)", "vae": "VAE", "t5": "umT5 text encoder"}

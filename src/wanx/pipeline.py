@@ -77,12 +77,21 @@ class WanPipeline:
                         source: str = "huggingface", progress: bool = False) -> "WanPipeline":
         """An official or diffusers-layout model folder, a tiny model name, or a model id
         (`Wan-AI/Wan2.1-T2V-1.3B`, downloaded into the standard cache)."""
-        from .loading import load_model
         from .hub import find_components, resolve_model
+
+        # A missing component fails here, before any weight is read.
+        files = find_components(resolve_model(path_or_id, source=source))
+        pipe = cls.from_files(files, device=device, dtype=dtype, vae_dtype=vae_dtype, progress=progress)
+        pipe.name = str(path_or_id)
+        return pipe
+
+    @classmethod
+    def from_files(cls, files, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
+                   vae_dtype: torch.dtype = torch.float32, progress: bool = False) -> "WanPipeline":
+        """Load the components `wanx.hub.find_components` found."""
+        from .loading import load_model
         from .text import TextEncoder, Tokenizer
 
-        folder = resolve_model(path_or_id, source=source)
-        files = find_components(folder)  # a missing component fails here, before any weight is read
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         tokenizer = Tokenizer(files.tokenizer)
         dit = load_model(files.dit, dtype=dtype, device=device, progress=progress)
@@ -90,12 +99,8 @@ class WanPipeline:
         text_encoder = TextEncoder(load_model(files.text_encoder, dtype=dtype, device=device, progress=progress), tokenizer)
         image_encoder = None
         if dit.config.has_image_input:
-            if files.image_encoder is None:
-                raise FileNotFoundError(
-                    f"{folder}: an {dit.config.model_type} model needs the CLIP image encoder "
-                    "(models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or image_encoder/)")
             image_encoder = load_model(files.image_encoder, dtype=dtype, device=device, progress=progress)
-        return cls(dit, vae, text_encoder, image_encoder, name=str(path_or_id))
+        return cls(dit, vae, text_encoder, image_encoder, name=str(files.folder))
 
     # -------------------------------------------------------------------------------------
     def __call__(
