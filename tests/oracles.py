@@ -4,13 +4,12 @@ checkpoint files written in the official, diffusers and ComfyUI layouts."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from wanx.configs import DiTConfig, dit_config, vae_config
+from wanx.configs import DiTConfig, dit_config, official_config_json, vae_config
 from wanx.models.transformer import WanDiT
 from wanx.models.vae import LATENT_MEAN, LATENT_STD, WanVAE
 
@@ -116,10 +115,7 @@ def write_official_dit(folder: Path, model: WanDiT, shards: int = 1) -> Path:
             weight_map.update({k: name for k in part})
         (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": weight_map}))
-    cfg = asdict(model.config)
-    official_cfg = {k: cfg[k] for k in ("dim", "eps", "ffn_dim", "freq_dim", "in_dim", "model_type", "num_heads",
-                                        "num_layers", "out_dim", "text_len")}
-    (folder / "config.json").write_text(json.dumps({"_class_name": "WanModel", **official_cfg}))
+    (folder / "config.json").write_text(json.dumps(official_config_json(model.config)))
     return folder
 
 

@@ -166,6 +166,13 @@ def preset_name(config) -> str | None:
     return next((name for name, c in table.items() if c == config), None)
 
 
+def official_config_json(cfg: DiTConfig) -> dict:
+    """The `config.json` an official Wan2.1 model folder holds for this DiT (`WanModel` keys)."""
+    keys = ("dim", "eps", "ffn_dim", "freq_dim", "in_dim", "model_type", "num_heads", "num_layers", "out_dim",
+            "text_len")
+    return {"_class_name": "WanModel", **{k: getattr(cfg, k) for k in keys}}
+
+
 # ---------------------------------------------------------------------------------------
 # Inference from tensor names and shapes (official key names).
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -36,7 +35,7 @@ def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Pat
     """Write a tiny model set for `task` (t2v, i2v, flf2v) with the official file names."""
     from safetensors.torch import save_file
 
-    from .configs import dit_config
+    from .configs import official_config_json
     from .models.clip import CLIPVisionEncoder
     from .models.t5 import UMT5Encoder
     from .models.transformer import WanDiT
@@ -49,10 +48,7 @@ def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Pat
     preset = {"t2v": "tiny", "i2v": "tiny-i2v", "flf2v": "tiny-flf2v"}[task]
     dit = WanDiT(preset)
     save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(tmp / "diffusion_pytorch_model.safetensors"))
-    cfg = asdict(dit_config(preset))
-    official = ("dim", "eps", "ffn_dim", "freq_dim", "in_dim", "model_type", "num_heads", "num_layers", "out_dim",
-                "text_len")
-    (tmp / "config.json").write_text(json.dumps({"_class_name": "WanModel", **{k: cfg[k] for k in official}}))
+    (tmp / "config.json").write_text(json.dumps(official_config_json(dit.config)))
     torch.save(WanVAE("tiny").state_dict(), tmp / "Wan2.1_VAE.pth")
     torch.save(UMT5Encoder("tiny").state_dict(), tmp / "models_t5_umt5-xxl-enc-bf16.pth")
     _write_tokenizer(tmp / "google" / "umt5-xxl", vocab=UMT5Encoder("tiny").config.vocab)
