@@ -3,19 +3,38 @@
 They exercise the whole path (checkpoint discovery, loading, tokenising, text and image
 encoding, sampling, decoding, video files) offline on a CPU. Their videos are noise: real
 videos need the real weights (`wanx download Wan-AI/Wan2.1-T2V-1.3B`).
+
+A tiny set is byte-identical wherever and whenever it is made (by the same versions of wanx,
+torch, safetensors and tokenizers), so a prompt and seed give the same tiny video on every
+machine: the tokenizer is built from a fixed
+vocabulary (nothing trained), every weight comes from an integer hash mapped exactly to floats
+(no floating-point RNG kernels), and the one platform-dependent record `torch.save` writes is
+replaced. `STAMP` records the recipe; a folder made by another recipe is made again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import shutil
+import struct
+import unicodedata
+import zipfile
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 TINY_MODELS = {"tiny": "t2v", "tiny-i2v": "i2v", "tiny-flf2v": "flf2v"}
 
-# Enough text for a small unigram vocabulary; other characters become <unk>.
+# Bump whenever the bytes of a tiny set change: folders with another stamp are remade.
+TINY_VERSION = 2
+STAMP = "wanx-tiny.json"
+
+# The tokenizer's vocabulary is built from these lines; other characters become <unk>.
 _CORPUS = [
     "a cat walks on the grass in the sun", "a dog runs through the park at night", "the camera pans slowly to the left",
     "waves crash on a rocky beach", "a red car drives down a city street", "小猫在草地上走", "镜头切换，镜头晃动，色调艳丽，过曝，静态",
@@ -23,16 +42,20 @@ _CORPUS = [
 
 
 def tiny_model_dir(name: str) -> Path:
-    """Where `name` is kept: $WANX_HOME (default ~/.cache/wanx)/<name>; made on first use."""
+    """Where `name` is kept: $WANX_HOME (default ~/.cache/wanx)/<name>; made on first use, and
+    made again when it was made by another version of the recipe (its stamp differs)."""
     home = Path(os.environ.get("WANX_HOME", Path.home() / ".cache" / "wanx"))
     folder = home / name
-    if not (folder / "config.json").is_file():
+    if _read_stamp(folder) != _stamp(TINY_MODELS[name]):
         make_tiny_model(folder, TINY_MODELS[name])
     return folder
 
 
 def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Path:
-    """Write a tiny model set for `task` (t2v, i2v, flf2v) with the official file names."""
+    """Write a tiny model set for `task` (t2v, i2v, flf2v) with the official file names.
+
+    The set is written in a private `.partial` folder beside `folder`, then renamed into place;
+    an existing `folder` is replaced."""
     from safetensors.torch import save_file
 
     from .configs import official_config_json
@@ -41,39 +64,223 @@ def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Pat
     from .models.transformer import WanDiT
     from .models.vae import WanVAE
 
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
     preset = {"t2v": "tiny", "i2v": "tiny-i2v", "flf2v": "tiny-flf2v"}[task]
-    dit = WanDiT(preset)
-    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(tmp / "diffusion_pytorch_model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(official_config_json(dit.config)))
-    torch.save(WanVAE("tiny").state_dict(), tmp / "Wan2.1_VAE.pth")
-    torch.save(UMT5Encoder("tiny").state_dict(), tmp / "models_t5_umt5-xxl-enc-bf16.pth")
-    _write_tokenizer(tmp / "google" / "umt5-xxl", vocab=UMT5Encoder("tiny").config.vocab)
-    if task != "t2v":
-        torch.save(CLIPVisionEncoder("tiny").state_dict(), tmp / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
-    tmp.replace(folder)
+    folder = Path(folder)
+    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.partial")  # private to this process
+    shutil.rmtree(tmp, ignore_errors=True)  # left over by a crashed run
+    tmp.mkdir(parents=True)
+    try:
+        with torch.random.fork_rng(devices=[]):  # module init draws from the global RNG: leave the caller's alone
+            dit = WanDiT(preset)
+            t5 = UMT5Encoder("tiny")
+            networks = {"diffusion_pytorch_model.safetensors": dit, "Wan2.1_VAE.pth": WanVAE("tiny"),
+                        "models_t5_umt5-xxl-enc-bf16.pth": t5}
+            if task != "t2v":
+                networks["models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"] = CLIPVisionEncoder("tiny")
+        for file, network in networks.items():
+            state = portable_weights(network, f"{seed}/{file}")
+            if file.endswith(".safetensors"):
+                save_file(state, str(tmp / file))
+            else:
+                save_pth(state, tmp / file)
+        _write_json(tmp / "config.json", official_config_json(dit.config))
+        _write_tokenizer(tmp / "google" / "umt5-xxl", vocab=t5.config.vocab)
+        _write_json(tmp / STAMP, _stamp(task, seed))  # last: a folder with a stamp is complete
+        _move_into_place(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
-def _write_tokenizer(folder: Path, vocab: int) -> None:
-    """A T5-style unigram tokenizer (<pad>=0, </s>=1 appended, <unk>=2) trained on a few lines."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+def _stamp(task: str, seed: int = 0) -> dict:
+    return {"wanx_tiny_version": TINY_VERSION, "task": task, "seed": seed}
 
-    tok = Tokenizer(models.Unigram())
+
+def _read_stamp(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / STAMP).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _move_into_place(tmp: Path, folder: Path) -> None:
+    """Rename `tmp` to `folder`, replacing what is there (an older set, or one made meanwhile)."""
+    if folder.exists():
+        old = folder.with_name(f"{folder.name}.{os.getpid()}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        try:
+            folder.replace(old)
+        except FileNotFoundError:  # another process moved it away first
+            pass
+        shutil.rmtree(old, ignore_errors=True)
+    try:
+        tmp.replace(folder)
+    except OSError:
+        # Another process put a set there between the two renames: keep it if it is complete and current.
+        if _read_stamp(folder) != _read_stamp(tmp):
+            raise
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------
+# Weights
+
+
+def portable_weights(module: torch.nn.Module, key: str) -> dict[str, torch.Tensor]:
+    """The state dict of `module` with every floating-point tensor given values that are the
+    same on every machine.
+
+    Why: `torch.manual_seed` + the modules' own initialisation draws floats with CPU kernels
+    (normal_, uniform_) whose results depend on how they are vectorised (AVX2, AVX-512, NEON)
+    and on the torch version, so the same seed gave different tiny weights on different
+    machines. Here each tensor is filled from an integer hash (splitmix64 of a counter, keyed
+    by `key` and the tensor's name: integer arithmetic, platform-independent), whose top 24
+    bits k are mapped to (2k + 1 - 2**24) / 2**24 in (-1, 1): exact in float64. That is
+    multiplied by the tensor's bound (one correctly rounded IEEE multiplication) and rounded
+    once to the tensor's dtype: uniform(-bound, bound) values, bit-identical everywhere.
+
+    Bounds follow PyTorch's default Linear/Conv initialisation: 1/sqrt(fan_in) for a weight
+    (fan_in = the elements of one output row; a `(1, ..., dim)` parameter such as a modulation
+    table counts as `dim` wide), and a bias uses the fan_in of the weight beside it (other 1-D
+    tensors: 1/16). Constant tensors (norm gains of ones, zero biases and embeddings) are
+    already exact and are kept. The Wan networks save no computed buffers (their RoPE tables
+    and the like are not in the state dict); a non-constant floating-point buffer, whose
+    values (cos, sin, exp...) could differ between machines, is refused rather than written.
+    """
+    state = module.state_dict()
+    parameters = {name for name, _ in module.named_parameters()}
+    out = {}
+    for name, value in state.items():
+        value = value.detach()
+        flat = value.reshape(-1)
+        if not value.is_floating_point() or value.numel() == 0 or bool((flat == flat[0]).all()):
+            out[name] = value.clone().contiguous()
+            continue
+        if name not in parameters:
+            raise ValueError(f"{type(module).__name__}.{name}: a computed floating-point buffer in the state dict; "
+                             "make its values portable before writing a tiny model set")
+        bound = 1.0 / math.sqrt(_fan_in(name, value, state)) if value.ndim >= 2 or _has_weight(name, state) else 1 / 16
+        seed = int.from_bytes(hashlib.sha256(f"{key}/{name}".encode()).digest()[:8], "little")
+        k = _splitmix64(seed, value.numel()) >> np.uint64(40)  # 24 bits: 0 .. 2**24 - 1
+        unit = (k.astype(np.float64) * 2.0 + (1.0 - 2.0**24)) * 2.0**-24  # exact odd multiples of 2**-24 in (-1, 1)
+        out[name] = torch.from_numpy(unit * bound).to(value.dtype).reshape(value.shape).contiguous()
+    return out
+
+
+def _fan_in(name: str, value: torch.Tensor, state: dict[str, torch.Tensor]) -> int:
+    if value.ndim == 1:
+        value = state[name.rsplit(".", 1)[0] + ".weight"]
+    if value.shape[0] == 1:  # a (1, ..., dim) parameter table, e.g. modulation
+        return value.shape[-1]
+    return value[0].numel() if value.ndim >= 2 else 1
+
+
+def _has_weight(name: str, state: dict[str, torch.Tensor]) -> bool:
+    weight = state.get(name.rsplit(".", 1)[0] + ".weight")
+    return name.endswith(".bias") and weight is not None and weight.ndim >= 2
+
+
+def _splitmix64(seed: int, n: int) -> np.ndarray:
+    """n 64-bit outputs of splitmix64 started at `seed` (Steele, Lea & Flood 2014), vectorised."""
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed) + np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+# ---------------------------------------------------------------------------------------
+# .pth files
+
+
+def save_pth(state: dict[str, torch.Tensor], path: Path) -> None:
+    """`torch.save(state, path)`, with the one machine-dependent record made portable.
+
+    torch.save writes a zip archive (fixed 1980 timestamps, records at fixed 64-byte
+    alignment) and is deterministic except for `<archive>/.data/serialization_id`: 40 digits,
+    the first 20 of which hash the record names with C++ `std::hash<std::string>` in
+    `std::unordered_set` iteration order, both implementation-defined (libstdc++ on Linux,
+    libc++ on macOS and MSVC on Windows give different ids). That record is overwritten in
+    place, same length, with digits of the SHA-256 of everything before it, and its CRC-32 is
+    updated in the data descriptor and central directory. The result is an ordinary torch.save
+    archive: torch.load(weights_only=True, mmap=True) reads it, and zipfile checks its CRCs.
+    """
+    torch.save(state, path)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = next((i for i in archive.infolist() if i.filename.endswith("/.data/serialization_id")), None)
+    if info is None:  # older torch versions write no such record
+        return
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise RuntimeError(f"{path}: unexpected compressed serialization_id record")
+    offset = info.header_offset
+    name_len, extra_len = struct.unpack_from("<HH", data, offset + 26)
+    start = offset + 30 + name_len + extra_len
+    size = info.file_size
+    digits = str(int.from_bytes(hashlib.sha256(data[:offset]).digest(), "big") % 10**size).zfill(size).encode()
+    old_crc, new_crc = info.CRC, zlib.crc32(digits)
+    data[start:start + size] = digits
+    if struct.unpack_from("<I", data, offset + 14)[0] == old_crc:  # local header
+        struct.pack_into("<I", data, offset + 14, new_crc)
+    if info.flag_bits & 0x08 and data[start + size:start + size + 4] == b"PK\x07\x08":  # data descriptor
+        struct.pack_into("<I", data, start + size + 4, new_crc)
+    name = info.filename.encode()
+    central = data.find(b"PK\x01\x02", start + size)
+    while central != -1:
+        if data[central + 46:central + 46 + len(name)] == name and struct.unpack_from("<H", data, central + 28)[0] == len(name):
+            struct.pack_into("<I", data, central + 16, new_crc)
+            break
+        central = data.find(b"PK\x01\x02", central + 4)
+    else:
+        raise RuntimeError(f"{path}: no central directory entry for {info.filename}")
+    path.write_bytes(bytes(data))
+    with zipfile.ZipFile(path) as archive:  # the CRCs agree with the contents
+        if archive.testzip() is not None:
+            raise RuntimeError(f"{path}: rewriting the serialization_id left a bad CRC")
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def tokenizer_vocabulary(size: int) -> list[tuple[str, float]]:
+    """`size` or fewer (piece, score) pairs for a T5-style unigram model, from `_CORPUS` only.
+
+    <pad>=0, </s>=1, <unk>=2; then "▁" and every character of the (NFKC-normalised) corpus,
+    alone and "▁"-prefixed, so any text made of them can be tokenised; then every whole word
+    ("▁"-prefixed); then, while there is room, the other substrings of the words ranked by
+    occurrences x (length - 1), ties by the piece itself. Scores follow a fixed rule: -10 per
+    piece (the fewest pieces win) plus occurrences / 1024 as the tie-break, all exactly
+    representable, so the JSON is the same everywhere.
+    """
+    words = [word for line in _CORPUS for word in unicodedata.normalize("NFKC", line).split()]
+    counts: dict[str, int] = {}
+    for word in words:
+        text = "▁" + word
+        for i in range(len(text)):
+            for j in range(i + 1, len(text) + 1):
+                counts[text[i:j]] = counts.get(text[i:j], 0) + 1
+    chars = sorted({c for word in words for c in word})
+    pieces = dict.fromkeys(["▁", *chars, *("▁" + c for c in chars), *sorted("▁" + w for w in words)])
+    rest = sorted((p for p in counts if p not in pieces), key=lambda p: (-counts[p] * (len(p) - 1), p))
+    pieces = [*pieces, *rest][: size - 3]
+    return [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p, -10.0 + counts.get(p, 0) / 1024) for p in pieces]
+
+
+def _write_tokenizer(folder: Path, vocab: int) -> None:
+    """A T5-style unigram tokenizer (<pad>=0, </s>=1 appended, <unk>=2) with a fixed vocabulary."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    tok = Tokenizer(models.Unigram(tokenizer_vocabulary(vocab), unk_id=2, byte_fallback=False))
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(_CORPUS * 10, trainers.UnigramTrainer(
-        vocab_size=vocab, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<pad>", "</s>", "<unk>")])
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    _write_json(folder / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"})
