@@ -29,73 +29,126 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _size(text: str) -> tuple[int, int]:
     """'832x480' (width x height; '*' as in the official CLI works too) -> (width, height)."""
     try:
-        w, h = (int(v) for v in text.lower().replace("*", "x").split("x"))
+        w, h = (int(v) for v in str(text).lower().replace("*", "x").split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 832x480; got {text!r}") from None
     return w, h
 
 
+# How the CLI spells each WanPipeline argument, so that errors name the flag to change.
+FLAGS = {"prompt": "--prompt (or --prompts FILE)", "negative_prompt": "--negative-prompt", "image": "--image",
+         "last_image": "--last-image", "video": "--video", "strength": "--strength", "height": "--size height",
+         "width": "--size width", "num_frames": "--frames", "num_inference_steps": "--steps",
+         "guidance_scale": "--guidance", "shift": "--shift", "sampler": "--sampler", "seed": "--seed"}
 _JOB_KEYS = {"prompt", "negative_prompt", "seed", "image", "last_image", "video", "strength", "size", "frames", "steps",
              "guidance", "shift", "sampler", "output"}
+QUALITY_RANGE = (0, 51)  # libx264 CRF
 
 
 def _jobs(args: argparse.Namespace) -> list[dict]:
     """One job from the flags, or one per line of --prompts (plain text, or JSON objects
-    whose keys override the flags)."""
+    whose keys override the flags). Each job's `where` says where it came from, for errors."""
     import json
 
     base = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, image=args.image,
                 last_image=args.last_image, video=args.video, strength=args.strength, size=args.size,
                 frames=args.frames, steps=args.steps, guidance=args.guidance, shift=args.shift, sampler=args.sampler,
-                output=args.output)
+                output=None, where="")
     if not args.prompts:
         return [base]
+    if args.prompt is not None:
+        raise ValueError("give --prompt or --prompts FILE, not both")
     path = Path(args.prompts)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such prompts file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); save the prompts file as UTF-8") from None
     jobs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
+        where = f"{path}:{number}: "
         if line.startswith("{"):
             try:
                 job = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+                raise ValueError(f"{where}not valid JSON ({err.msg})") from None
+            if not isinstance(job, dict):
+                raise ValueError(f"{where}a JSON line must be an object such as {{\"prompt\": \"...\"}}")
             unknown = set(job) - _JOB_KEYS
             if unknown:
-                raise ValueError(f"{path}:{number}: unknown key(s) {', '.join(sorted(unknown))}; "
+                raise ValueError(f"{where}unknown key(s) {', '.join(sorted(unknown))}; "
                                  f"known: {', '.join(sorted(_JOB_KEYS))}")
             if "size" in job:
-                job["size"] = _size(str(job["size"]))
+                try:
+                    job["size"] = _size(job["size"])
+                except argparse.ArgumentTypeError as err:
+                    raise ValueError(f"{where}{err}") from None
         else:
             job = {"prompt": line}
-        jobs.append({**base, **job, "output": job.get("output")})
+        jobs.append({**base, **job, "output": job.get("output"), "where": where})
     if not jobs:
         raise ValueError(f"{path}: no prompts in the file")
     return jobs
 
 
-def _output_path(job: dict, index: int, count: int, args: argparse.Namespace) -> Path:
-    if job.get("output"):
-        return Path(job["output"])
-    if count == 1 and args.output:
-        return Path(args.output)
-    folder = Path(args.output) if args.output and count > 1 else Path("outputs")
-    return folder / f"{index:03d}-seed{job['seed']}.mp4"
+def _output_paths(jobs: list[dict], args: argparse.Namespace) -> list[Path]:
+    """Where each job's video goes.
+
+    One job: -o FILE.mp4/.gif, -o NEW_FOLDER (PNG frames), or -o EXISTING_FOLDER (a generated
+    name inside). A batch: -o is a folder (default outputs/); a job's own relative `output`
+    is inside it. Generated names continue after the highest number already in the folder."""
+    batch = bool(args.prompts)
+    target = Path(args.output) if args.output else None
+    if batch and target is not None and (target.suffix.lower() in (".mp4", ".gif") or target.is_file()):
+        raise ValueError(f"{target}: with --prompts, --output names a folder for the videos")
+    folder = target if target is not None and (batch or target.is_dir()) else Path("outputs")
+    single_file = not batch and target is not None and not target.is_dir()
+    taken = [int(p.name[:3]) for p in folder.glob("[0-9][0-9][0-9]-*")] if folder.is_dir() else []
+    start = max(taken, default=-1) + 1
+    paths = []
+    for i, job in enumerate(jobs):
+        if single_file:
+            paths.append(target)
+        elif job.get("output"):
+            paths.append(folder / job["output"])  # an absolute path stays as it is
+        else:
+            paths.append(folder / f"{start + i:03d}-seed{job['seed']}.mp4")
+    seen = set()
+    for job, path in zip(jobs, paths):
+        if path.resolve() in seen:
+            raise ValueError(f"{job['where']}{path}: two jobs write the same file; give each its own output")
+        seen.add(path.resolve())
+    return paths
 
 
-def _check_writable(path: Path) -> None:
+def _prepare_output(path: Path, created: list[Path]) -> None:
+    """Create the folder and write a probe file there, so that an unwritable output fails
+    now, naming the path, and not after the generation. Folders made here go to `created`."""
     import os
 
     if path.suffix.lower() not in (".mp4", ".gif", ""):
         raise ValueError(f"{path}: output must end in .mp4 or .gif (or name a new folder for PNG frames)")
+    if path.is_dir() and path.suffix == "":
+        raise FileExistsError(f"{path}: folder exists; choose a new name for the PNG frames")
+    missing = []
     parent = path.parent
     while not parent.exists():
+        missing.append(parent)
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK) or (path.exists() and path.is_dir()):
-        raise PermissionError(f"{path}: cannot write there; choose another --output")
+    try:
+        for folder in reversed(missing):
+            folder.mkdir()
+            created.append(folder)
+        probe = path.parent / f".{path.name}.probe"
+        with open(probe, "wb") as fh:
+            fh.write(b"wanx")
+        os.unlink(probe)
+    except OSError as err:
+        raise PermissionError(f"{path}: cannot write there ({err.strerror or err}); choose another --output") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -104,43 +157,58 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .hub import find_components, resolve_model
-    from .pipeline import WanPipeline, plan_request
+    from .memory.estimate import check_fits, weight_bytes
+    from .pipeline import MAX_SEED, WanPipeline, plan_request
+    from .runtime import Runtime
 
     jobs = _jobs(args)
+    if not QUALITY_RANGE[0] <= args.quality <= QUALITY_RANGE[1]:
+        raise ValueError(f"--quality must be in [{QUALITY_RANGE[0]}, {QUALITY_RANGE[1]}] (H.264 CRF; lower is better, "
+                         "18 ~ visually lossless)")
     for job in jobs:  # fix the seeds now, so output names and metadata agree
         if job["seed"] is None:
             job["seed"] = random.randint(0, 2**31 - 1)
-    # Everything is checked before any weight is loaded: model folder, inputs, outputs.
-    files = find_components(resolve_model(args.model, source=args.source))
-    model_type = files.model_type
-    outputs = []
-    for i, job in enumerate(jobs):
-        width, height = job["size"]
-        plan_request(model_type, job["prompt"], job["negative_prompt"], image=job["image"], last_image=job["last_image"],
-                     video=job["video"], strength=job["strength"], height=height, width=width,
-                     num_frames=job["frames"], steps=job["steps"], guidance=job["guidance"], shift=job["shift"],
-                     sampler=job["sampler"], seed=job["seed"])
-        out = _output_path(job, i, len(jobs), args)
-        _check_writable(out)
-        outputs.append(out)
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"auto": torch.bfloat16 if device != "cpu" else torch.float32, "bf16": torch.bfloat16,
-             "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    start = time.perf_counter()
-    pipe = WanPipeline.from_files(files, device=device, dtype=dtype, progress=not args.quiet)
-    pipe.name = args.model
-    if not args.quiet:
-        print(f"loading: {time.perf_counter() - start:.1f} s ({model_type} on {device}, {str(dtype).removeprefix('torch.')})",
-              file=sys.stderr)
-    for job, out in zip(jobs, outputs):
-        width, height = job["size"]
-        video = pipe(job["prompt"], job["negative_prompt"], image=job["image"], last_image=job["last_image"],
-                     video=job["video"], strength=job["strength"], height=height, width=width,
-                     num_frames=job["frames"], steps=job["steps"], guidance=job["guidance"], shift=job["shift"],
-                     sampler=job["sampler"], seed=job["seed"], progress=not args.quiet)
-        video.save(out, quality=args.quality)
-        print(f"{out}  (seed {job['seed']}, {len(video)} frames, {video.size[0]}x{video.size[1]})")
+        elif not isinstance(job["seed"], int) or not 0 <= job["seed"] <= MAX_SEED:
+            raise ValueError(f"{job['where']}--seed must be a whole number between 0 and {MAX_SEED}, got {job['seed']}")
+    # Everything is checked before any weight is loaded: device, model folder, inputs, memory, outputs.
+    runtime = Runtime.create(args.device, args.dtype)
+    files = find_components(resolve_model(args.model, source=args.source), dit=args.dit)
+    weights = weight_bytes(files.parameter_counts(), runtime.dtype, runtime.vae_dtype)
+    requests = []
+    for job in jobs:
+        width, height = job["size"] or (None, None)
+        request = dict(image=job["image"], last_image=job["last_image"], video=job["video"], strength=job["strength"],
+                       height=height, width=width, num_frames=job["frames"], num_inference_steps=job["steps"],
+                       guidance_scale=job["guidance"], shift=job["shift"], sampler=job["sampler"], seed=job["seed"])
+        try:
+            plan = plan_request(files.model_type, job["prompt"], job["negative_prompt"], names=FLAGS, **request)
+            check_fits(files.dit_config, plan.height, plan.width, plan.num_frames, device=runtime.device,
+                       dtype=runtime.dtype, vae_dtype=runtime.vae_dtype, weights=weights,
+                       batch=2 if plan.negative_prompt is not None else 1)
+        except ValueError as err:
+            raise ValueError(f"{job['where']}{err}") from None
+        requests.append(request)
+    outputs = _output_paths(jobs, args)
+    created: list[Path] = []
+    args.written = []  # for the Ctrl-C message
+    try:
+        for out in outputs:
+            _prepare_output(out, created)
+        start = time.perf_counter()
+        pipe = WanPipeline.from_files(files, runtime=runtime, progress=not args.quiet)
+        pipe.name = args.model
+        if not args.quiet:
+            print(f"loading: {time.perf_counter() - start:.1f} s ({files.model_type} on {runtime.device}, "
+                  f"{str(runtime.dtype).removeprefix('torch.')})", file=sys.stderr)
+        for job, request, out in zip(jobs, requests, outputs):
+            video = pipe(job["prompt"], job["negative_prompt"], progress=not args.quiet, **request)
+            video.save(out, quality=args.quality)
+            args.written.append(out)
+            print(f"{out}  (seed {job['seed']}, {len(video)} frames, {video.size[0]}x{video.size[1]})")
+    finally:
+        for folder in reversed(created):  # folders this run made and left empty
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
     return 0
 
 
@@ -152,7 +220,10 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="wanx", description="Run and fine-tune Wan2.1 video models.")
+    parser.add_argument("--version", action="version", version=f"wanx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = sub.add_parser("info", help="say what a checkpoint file or model folder is",
@@ -176,27 +247,37 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--last-image", help="last frame (FLF2V)")
     gen.add_argument("--video", help="input video for video-to-video")
     gen.add_argument("--strength", type=float, default=0.8, help="video-to-video: how much to change (0..1, default 0.8)")
-    gen.add_argument("--size", type=_size, default=(832, 480), help="WIDTHxHEIGHT, multiples of 16 (default 832x480); "
-                                                                      "I2V/FLF2V keep the image's aspect within this area")
-    gen.add_argument("--frames", type=int, default=81, help="number of frames, 4k+1 (default 81 = 5 s at 16 fps)")
+    gen.add_argument("--size", type=_size, help="WIDTHxHEIGHT, multiples of 16 (default 832x480); I2V, FLF2V and "
+                                                 "video-to-video keep the input's aspect ratio within this area")
+    gen.add_argument("--frames", type=int, help="number of frames, 4k+1 (default 81 = 5 s at 16 fps; video-to-video: "
+                                                "the input's frame count rounded down to 4k+1, at most 81)")
     gen.add_argument("--steps", type=int, help="sampling steps (default 50; 40 for I2V)")
-    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 5.0; 5.5 for FLF2V)")
+    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1..30 (default 5.0; 5.5 for "
+                                                    "FLF2V; 1 turns it off)")
     gen.add_argument("--shift", type=float, help="schedule shift (default 5.0; 3.0 for I2V at 480P; 16 for FLF2V)")
     gen.add_argument("--sampler", default="unipc", choices=["unipc", "dpm++", "euler"], help="default unipc (official)")
-    gen.add_argument("--seed", type=int, help="random seed (default: a random one, printed)")
-    gen.add_argument("--output", "-o", help="output .mp4/.gif (batch: a folder; default outputs/)")
-    gen.add_argument("--quality", type=int, default=18, help="H.264 CRF, lower is better (default 18)")
+    gen.add_argument("--seed", type=int, help="random seed, 0..2**64-1 (default: a random one, printed)")
+    gen.add_argument("--output", "-o", help="an .mp4/.gif file, a new folder name for PNG frames, or an existing "
+                                            "folder (a generated name inside). With --prompts: the folder for the "
+                                            "videos (default outputs/); a job's relative \"output\" is inside it")
+    gen.add_argument("--quality", type=int, default=18, help="H.264 CRF 0..51, lower is better (default 18)")
     gen.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     gen.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                      help="DiT and encoder weights (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
+    gen.add_argument("--dit", metavar="FILE", help="the DiT checkpoint to use when the model folder holds several")
     gen.add_argument("--source", default="huggingface", choices=["huggingface", "modelscope"], help="where model ids come from")
     gen.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     gen.set_defaults(func=cmd_generate)
 
-    dl = sub.add_parser("download", help="download a model (e.g. Wan-AI/Wan2.1-T2V-1.3B) into the standard cache")
-    dl.add_argument("model_id")
+    dl = sub.add_parser("download", help="download a model (e.g. Wan-AI/Wan2.1-T2V-1.3B) into the standard cache",
+                        description="Download a Wan2.1 model repository with huggingface_hub (or ModelScope) and print "
+                                    "its local folder. Interrupted downloads resume; files already in the cache are "
+                                    "not fetched again. Give the folder to --model, or use the id there directly.")
+    dl.add_argument("model_id", help="e.g. Wan-AI/Wan2.1-T2V-1.3B, Wan-AI/Wan2.1-I2V-14B-480P, "
+                                     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
     dl.add_argument("--dir", help="download into this folder instead of the cache")
-    dl.add_argument("--source", default="huggingface", choices=["huggingface", "modelscope"])
+    dl.add_argument("--source", default="huggingface", choices=["huggingface", "modelscope"],
+                    help="where the model comes from (default huggingface; modelscope needs pip install modelscope)")
     dl.set_defaults(func=cmd_download)
 
     demo = sub.add_parser("demo", help="write a tiny random-weight model set, load it and run it (offline, seconds)",
@@ -211,6 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # partial files are removed on the way out (Video.save, cmd_generate)
+        written = getattr(args, "written", [])
+        done = f"; {len(written)} video(s) were finished before" if written else ""
+        if not getattr(args, "quiet", True):
+            print(file=sys.stderr)  # end the progress bar's line
+        print(f"wanx: interrupted, nothing written{' for the current job' if written else ''}{done}", file=sys.stderr)
+        return 130
     except Exception as err:  # user errors: one line, no stack trace
         from .loading.files import CheckpointError
 

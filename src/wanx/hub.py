@@ -5,10 +5,10 @@ content rather than by file name."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .loading import CheckpointError, inspect_checkpoint
+from .loading import CheckpointError, CheckpointInfo, DamagedCheckpoint, inspect_checkpoint
 from .tiny import TINY_MODELS, tiny_model_dir
 
 _SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
@@ -24,6 +24,15 @@ class ModelFiles:
     text_encoder: Path
     tokenizer: Path
     image_encoder: Path | None = None
+    infos: dict[str, CheckpointInfo] = field(default_factory=dict, repr=False)  # network -> what was found
+
+    @property
+    def dit_config(self):
+        return self.infos["dit"].config
+
+    def parameter_counts(self) -> list[tuple[str, int]]:
+        """(network, parameters) of what a pipeline loads: CLIP only for image-conditioned DiTs."""
+        return [(net, info.num_params) for net, info in self.infos.items() if net != "clip" or self.image_encoder]
 
 
 def resolve_model(path_or_id: str | Path, *, source: str = "huggingface") -> Path:
@@ -52,24 +61,48 @@ def download(model_id: str, *, source: str = "huggingface", local_dir: str | Pat
     if source != "huggingface":
         raise ValueError(f"unknown source {source!r}: 'huggingface' or 'modelscope'")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    return Path(snapshot_download(model_id, local_dir=str(local_dir) if local_dir else None))
+    try:
+        return Path(snapshot_download(model_id, local_dir=str(local_dir) if local_dir else None))
+    except GatedRepoError:
+        raise ValueError(f"{model_id}: the repository is gated; accept its terms on the Hub and log in "
+                         "(`hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"{model_id}: no such model on the Hugging Face Hub (or it is private); "
+                         "check the id, e.g. Wan-AI/Wan2.1-T2V-1.3B") from None
+    except (LocalEntryNotFoundError, OSError) as err:  # offline, DNS, refused connections, timeouts
+        raise ValueError(f"{model_id}: the Hugging Face Hub cannot be reached and the model is not in the local cache "
+                         f"({type(err.__cause__ or err).__name__}); download it where there is a connection and give its folder "
+                         "with --model PATH") from None
 
 
-def find_components(folder: str | Path) -> ModelFiles:
+def find_components(folder: str | Path, *, dit: str | Path | None = None) -> ModelFiles:
     """DiT, VAE, umT5, tokenizer and CLIP in an official or diffusers-layout folder, told
-    apart by their tensor names (headers only for safetensors)."""
+    apart by their tensor names (headers only for safetensors). `dit` chooses the DiT file
+    when the folder holds several (e.g. a bf16 and an fp8 copy side by side)."""
     folder = Path(folder)
-    found: dict[str, Path] = {}
-    model_type = None
+    found: dict[str, list[tuple[Path, CheckpointInfo]]] = {}
     for candidate in _weight_files(folder):
         try:
             info = inspect_checkpoint(candidate)
+        except DamagedCheckpoint:
+            raise  # a truncated download must be named, not taken for a missing component
         except CheckpointError:
-            continue  # not a Wan network (e.g. an unrelated file in the folder)
-        if info.network not in found:
-            found[info.network] = candidate
-            model_type = info.config.model_type if info.network == "dit" else model_type
+            continue  # a readable file that is no Wan network (e.g. a LoRA or an unrelated model)
+        found.setdefault(info.network, []).append((candidate, info))
+    if dit is not None:
+        info = inspect_checkpoint(dit)
+        if info.network != "dit":
+            raise ValueError(f"{dit}: --dit must be a DiT checkpoint; this is a {info.network}")
+        found["dit"] = [(Path(dit), info)]
+    chosen: dict[str, tuple[Path, CheckpointInfo]] = {}
+    for network, entries in found.items():
+        if len(entries) > 1:
+            listing = ", ".join(str(p.relative_to(folder)) for p, _ in entries)
+            how = "choose one with --dit FILE" if network == "dit" else "move all but one out of the folder"
+            raise ValueError(f"{folder}: {len(entries)} {_NAMES.get(network, network)} files ({listing}); {how}")
+        chosen[network] = entries[0]
     tokenizer = next((p.parent for p in sorted(folder.rglob("tokenizer.json"))), None)
     expected = {
         "dit": "diffusion_pytorch_model.safetensors (or its shards and .index.json), or transformer/",
@@ -77,18 +110,21 @@ def find_components(folder: str | Path) -> ModelFiles:
         "t5": "models_t5_umt5-xxl-enc-bf16.pth, or text_encoder/",
     }
     for network, files in expected.items():
-        if network not in found:
+        if network not in chosen:
             raise FileNotFoundError(f"{folder}: the model folder has no {_NAMES[network]}; expected {files}")
     if tokenizer is None:
         raise FileNotFoundError(f"{folder}: the model folder has no tokenizer; expected google/umt5-xxl/tokenizer.json "
                                 "or tokenizer/tokenizer.json")
-    if model_type != "t2v" and "clip" not in found:
+    model_type = chosen["dit"][1].config.model_type
+    if model_type != "t2v" and "clip" not in chosen:
         raise FileNotFoundError(f"{folder}: an {model_type} model needs the CLIP image encoder; expected "
                                 "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or image_encoder/")
-    return ModelFiles(folder, model_type, found["dit"], found["vae"], found["t5"], tokenizer, found.get("clip"))
+    clip = chosen.get("clip", (None, None))[0]
+    return ModelFiles(folder, model_type, chosen["dit"][0], chosen["vae"][0], chosen["t5"][0], tokenizer, clip,
+                      infos={network: info for network, (_, info) in chosen.items()})
 
 
-_NAMES = {"dit": "DiT (diffusion transformer)", "vae": "VAE", "t5": "umT5 text encoder"}
+_NAMES = {"dit": "DiT (diffusion transformer)", "vae": "VAE", "t5": "umT5 text encoder", "clip": "CLIP image encoder"}
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -13,12 +13,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .memory.estimate import check_fits
+from .runtime import Runtime
 from .sampling import SAMPLERS, guided, noise_to, schedule
 from .video import Video, read_image, read_video
 
@@ -73,29 +76,33 @@ class WanPipeline:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, *, device: str | torch.device | None = None,
-                        dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype = torch.float32,
+                        dtype: torch.dtype | str | None = None, vae_dtype: torch.dtype | str = torch.float32,
                         source: str = "huggingface", progress: bool = False) -> "WanPipeline":
         """An official or diffusers-layout model folder, a tiny model name, or a model id
-        (`Wan-AI/Wan2.1-T2V-1.3B`, downloaded into the standard cache)."""
+        (`Wan-AI/Wan2.1-T2V-1.3B`, downloaded into the standard cache).
+
+        device: default CUDA when present, else CPU. dtype: of the DiT and encoders, default
+        bf16 on a GPU and fp32 on a CPU (the same rule as `wanx generate --dtype auto`)."""
         from .hub import find_components, resolve_model
 
+        runtime = Runtime.create(device, dtype, vae_dtype)  # a bad device fails before any download
         # A missing component fails here, before any weight is read.
         files = find_components(resolve_model(path_or_id, source=source))
-        pipe = cls.from_files(files, device=device, dtype=dtype, vae_dtype=vae_dtype, progress=progress)
+        pipe = cls.from_files(files, runtime=runtime, progress=progress)
         pipe.name = str(path_or_id)
         return pipe
 
     @classmethod
-    def from_files(cls, files, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
-                   vae_dtype: torch.dtype = torch.float32, progress: bool = False) -> "WanPipeline":
+    def from_files(cls, files, *, runtime: Runtime | None = None, progress: bool = False) -> "WanPipeline":
         """Load the components `wanx.hub.find_components` found."""
         from .loading import load_model
         from .text import TextEncoder, Tokenizer
 
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        runtime = runtime or Runtime.create()
+        device, dtype = runtime.device, runtime.dtype
         tokenizer = Tokenizer(files.tokenizer)
         dit = load_model(files.dit, dtype=dtype, device=device, progress=progress)
-        vae = load_model(files.vae, dtype=vae_dtype, device=device, progress=progress)
+        vae = load_model(files.vae, dtype=runtime.vae_dtype, device=device, progress=progress)
         text_encoder = TextEncoder(load_model(files.text_encoder, dtype=dtype, device=device, progress=progress), tokenizer)
         image_encoder = None
         if dit.config.has_image_input:
@@ -112,11 +119,11 @@ class WanPipeline:
         last_image=None,
         video=None,
         strength: float = 0.8,
-        height: int = 480,
-        width: int = 832,
-        num_frames: int = 81,
-        steps: int | None = None,
-        guidance: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         shift: float | None = None,
         sampler: str = "unipc",
         seed: int | None = None,
@@ -125,11 +132,56 @@ class WanPipeline:
         latents: Tensor | None = None,
         output_type: str = "video",
         progress: bool = True,
+        steps: int | None = None,
+        guidance: float | None = None,
     ) -> Video | Tensor:
+        """Generate one video. The task follows from the model and the inputs; every unset
+        option takes the official default of that task. Inputs are checked before any work.
+
+        Args:
+            prompt: what the video shows.
+            negative_prompt: what to avoid; default the official (Chinese) negative prompt of
+                the task. Unused when guidance_scale is 1.
+            image: first frame for I2V/FLF2V: a path, PIL image, uint8 `[H, W, 3]` array or
+                `[3, H, W]` tensor in [-1, 1].
+            last_image: last frame for FLF2V, same forms as `image`.
+            video: input for video-to-video (T2V models): a path, `Video`, uint8
+                `[F, H, W, 3]` array or `[3, F, H, W]` tensor in [-1, 1].
+            strength: video-to-video, in (0, 1]: the fraction of the schedule that is run
+                from the noised input (1 ignores the input).
+            height, width: output size in pixels, multiples of 16; default 480x832. I2V,
+                FLF2V and video-to-video keep the input's aspect ratio within the area
+                height x width.
+            num_frames: 4k+1 frames at 16 fps; default 81, or for video-to-video the input's
+                frame count rounded down to 4k+1 (at most 81).
+            num_inference_steps: sampling steps; default 50 (40 for I2V). Alias: `steps`.
+            guidance_scale: classifier-free guidance scale in [1, 30]; 1 turns guidance off.
+                Default 5.0 (5.5 for FLF2V). Alias: `guidance`.
+            shift: schedule shift; default 5.0 (3.0 for I2V at 480P or below, 16 for FLF2V).
+            sampler: "unipc" (official default), "dpm++" or "euler".
+            seed: noise seed in [0, 2**64); the same seed gives the official code's noise.
+                Default: a random seed, kept in the video's metadata.
+            prompt_embeds, negative_prompt_embeds: umT5 embeddings `[1, L, 4096]` instead of
+                the prompts (the text encoder is then not run).
+            latents: initial noise `[1, 16, F', H/8, W/8]` instead of the seed's.
+            output_type: "video" (a `Video` of uint8 frames) or "latents" (the denoised
+                latents, not decoded).
+            progress: progress bars and stage timings on stderr.
+
+        Returns:
+            A `Video` (`.save(path)`, `.frames` uint8 `[F, H, W, 3]`) or a latent tensor.
+        """
+        num_inference_steps = _alias("num_inference_steps", num_inference_steps, "steps", steps)
+        guidance_scale = _alias("guidance_scale", guidance_scale, "guidance", guidance)
         plan = self.plan(prompt, negative_prompt, image=image, last_image=last_image, video=video, strength=strength,
-                         height=height, width=width, num_frames=num_frames, steps=steps, guidance=guidance,
-                         shift=shift, sampler=sampler, seed=seed, prompt_embeds=prompt_embeds,
-                         negative_prompt_embeds=negative_prompt_embeds, latents=latents, output_type=output_type)
+                         height=height, width=width, num_frames=num_frames, num_inference_steps=num_inference_steps,
+                         guidance_scale=guidance_scale, shift=shift, sampler=sampler, seed=seed,
+                         prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, latents=latents,
+                         output_type=output_type)
+        # The weights are resident already: what is left must hold this request's work.
+        check_fits(self.dit.config, plan.height, plan.width, plan.num_frames, device=self.device,
+                   dtype=self.dit.blocks[0].self_attn.q.weight.dtype, vae_dtype=next(self.vae.parameters()).dtype,
+                   batch=2 if self.batch_cfg and plan.negative_prompt is not None else 1)
         device = self.device
 
         with torch.no_grad():
@@ -248,37 +300,61 @@ class WanPipeline:
         return fn
 
 
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
+GUIDANCE_RANGE = (1.0, 30.0)
+
+
 def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text_encoder: bool = True,
-                 has_image_encoder: bool = True, image=None, last_image=None, video=None, strength=0.8, height=480,
-                 width=832, num_frames=81, steps=None, guidance=None, shift=None, sampler="unipc", seed=None,
-                 prompt_embeds=None, negative_prompt_embeds=None, latents=None, output_type="video") -> _Plan:
+                 has_image_encoder: bool = True, image=None, last_image=None, video=None, strength=0.8, height=None,
+                 width=None, num_frames=None, num_inference_steps=None, guidance_scale=None, shift=None,
+                 sampler="unipc", seed=None, prompt_embeds=None, negative_prompt_embeds=None, latents=None,
+                 output_type="video", names: Mapping[str, str] | None = None) -> _Plan:
     """Validate a request for a `model_type` DiT (reading its image/video inputs) and resolve
-    the official defaults, before any weight is loaded or any heavy work starts."""
+    the official defaults, before any weight is loaded or any heavy work starts.
+
+    names: how the caller's interface spells each argument in error messages (the CLI says
+    `--frames` where Python says `num_frames`); default the Python keyword names."""
+    def n(arg: str) -> str:
+        return (names or {}).get(arg, arg)
+
     if prompt is None and prompt_embeds is None:
-        raise ValueError("give a prompt (or prompt_embeds)")
+        raise ValueError(f"give {n('prompt')}" + ("" if names else " (or prompt_embeds)"))
     if prompt is not None and prompt_embeds is None and not has_text_encoder:
         raise ValueError("this pipeline has no text encoder: pass prompt_embeds")
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        raise ValueError(f"unknown {n('sampler')} {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if output_type not in ("video", "latents"):
         raise ValueError(f"output_type must be 'video' or 'latents', got {output_type!r}")
-    for name, value in (("height", height), ("width", width)):
-        if value < 16 or value % 16:
-            low, high = max(16, value // 16 * 16), (value // 16 + 1) * 16
-            raise ValueError(f"{name} {value} is not a multiple of 16; nearest valid: {low} or {high} "
+    for arg, value in (("width", width), ("height", height)):
+        if value is None:
+            continue
+        if value <= 0:
+            raise ValueError(f"{n(arg)} {value} must be positive (a multiple of 16, e.g. 832x480)")
+        if value % 16:
+            nearest = "16" if value < 16 else f"{value // 16 * 16} or {(value // 16 + 1) * 16}"
+            raise ValueError(f"{n(arg)} {value} is not a multiple of 16; nearest valid: {nearest} "
                              "(Wan2.1 is trained at 832x480 and 1280x720)")
-    if num_frames < 1 or (num_frames - 1) % 4:
+    if num_frames is not None and (num_frames < 1 or (num_frames - 1) % 4):
         low = max(1, (num_frames - 1) // 4 * 4 + 1)
-        raise ValueError(f"num_frames {num_frames} must be 4k+1 (e.g. {low} or {low + 4})")
+        raise ValueError(f"{n('num_frames')} {num_frames} must be 4k+1 (e.g. {low} or {low + 4})")
+    if num_inference_steps is not None and num_inference_steps < 1:
+        raise ValueError(f"{n('num_inference_steps')} must be >= 1, got {num_inference_steps}")
+    if guidance_scale is not None and not GUIDANCE_RANGE[0] <= guidance_scale <= GUIDANCE_RANGE[1]:
+        raise ValueError(f"{n('guidance_scale')} must be in [{GUIDANCE_RANGE[0]:g}, {GUIDANCE_RANGE[1]:g}] "
+                         f"(1 turns guidance off; the official default is 5), got {guidance_scale:g}")
+    if shift is not None and shift <= 0:
+        raise ValueError(f"{n('shift')} must be positive, got {shift:g}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{n('seed')} must be between 0 and {MAX_SEED} (2**64 - 1), got {seed}")
 
     if video is not None:
         task = "v2v"
         if model_type != "t2v":
             raise ValueError(f"video-to-video needs a T2V model; this one is {model_type}")
         if image is not None or last_image is not None:
-            raise ValueError("give either video (video-to-video) or image/last_image, not both")
+            raise ValueError(f"give either {n('video')} (video-to-video) or {n('image')}/{n('last_image')}, not both")
         if not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
+            raise ValueError(f"{n('strength')} must be in (0, 1], got {strength}")
     elif model_type == "t2v":
         task = "t2v"
         if image is not None or last_image is not None:
@@ -287,25 +363,25 @@ def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text
     elif model_type == "i2v":
         task = "i2v"
         if image is None:
-            raise ValueError("this is an I2V model: give image= (the first frame)")
+            raise ValueError(f"this is an I2V model: give {n('image')} (the first frame)")
         if last_image is not None:
-            raise ValueError("last_image needs an FLF2V model (Wan-AI/Wan2.1-FLF2V-14B-720P); this one is I2V")
+            raise ValueError(f"{n('last_image')} needs an FLF2V model (Wan-AI/Wan2.1-FLF2V-14B-720P); this one is I2V")
     else:
         task = "flf2v"
         if image is None or last_image is None:
-            raise ValueError("this is an FLF2V model: give image= (first frame) and last_image= (last frame)")
+            raise ValueError(f"this is an FLF2V model: give {n('image')} (first frame) and {n('last_image')} (last frame)")
     if task in ("i2v", "flf2v") and not has_image_encoder:
         raise ValueError(f"{task} needs an image encoder (CLIP) in the pipeline")
 
     defaults = DEFAULTS[task]
-    plan = _Plan(task=task, height=height, width=width, num_frames=num_frames,
-                 steps=int(steps if steps is not None else defaults["steps"]),
+    size_given = height is not None and width is not None
+    height, width = (height, width) if size_given else (height or 480, width or 832)
+    plan = _Plan(task=task, height=height, width=width, num_frames=num_frames or 81,
+                 steps=int(num_inference_steps if num_inference_steps is not None else defaults["steps"]),
                  shift=float(shift if shift is not None else defaults["shift"]),
-                 guidance=float(guidance if guidance is not None else defaults["guidance"]),
+                 guidance=float(guidance_scale if guidance_scale is not None else defaults["guidance"]),
                  seed=int(seed) if seed is not None else random.randint(0, 2**31 - 1),
                  negative_prompt=None)
-    if plan.steps < 1:
-        raise ValueError(f"steps must be >= 1, got {plan.steps}")
     if negative_prompt_embeds is None and plan.guidance != 1.0:
         plan.negative_prompt = negative_prompt if negative_prompt else NEGATIVE_PROMPTS[task]
 
@@ -317,12 +393,32 @@ def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text
         if last_image is not None:
             plan.last_image = _image_tensor(last_image)
     if task == "v2v":
-        plan.video = _video_tensor(video, num_frames, height, width)
+        frames = _video_frames(video)  # [3, F, H, W]
+        count = frames.shape[1]
+        if num_frames is None:
+            plan.num_frames = min(81, (count - 1) // 4 * 4 + 1)
+        elif count < num_frames:
+            raise ValueError(f"the input video has {count} frames at {FPS} fps; {n('num_frames')} is {num_frames}: "
+                             f"lower it to {(count - 1) // 4 * 4 + 1} or give a longer video")
+        plan.height, plan.width = _size_for_image(frames[:, 0], height * width)
+        frames = frames[:, :plan.num_frames].transpose(0, 1)  # [F, 3, H, W]
+        frames = F.interpolate(frames, size=(plan.height, plan.width), mode="bicubic", align_corners=False)
+        plan.video = frames.clamp(-1, 1).transpose(0, 1)
+    if min(plan.height, plan.width) < 16:
+        raise ValueError(f"the input's aspect ratio leaves a side under 16 pixels at {width}x{height}; "
+                         f"give a larger {n('height')}")
     if latents is not None:
         want = (16, (plan.num_frames - 1) // 4 + 1, plan.height // 8, plan.width // 8)
         if latents.numel() != math.prod(want):
             raise ValueError(f"latents must have shape [1, {', '.join(map(str, want))}], got {tuple(latents.shape)}")
     return plan
+
+
+def _alias(name: str, value, alias: str, alias_value):
+    """One canonical keyword, the other accepted as its alias; both at once is an error."""
+    if alias_value is not None and value is not None:
+        raise ValueError(f"give {name} or its alias {alias}, not both")
+    return value if value is not None else alias_value
 
 
 # -----------------------------------------------------------------------------------------
@@ -350,25 +446,21 @@ def _image_tensor(image) -> Tensor:
     return torch.from_numpy(array.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
 
 
-def _video_tensor(video, num_frames: int, height: int, width: int) -> Tensor:
-    """A path, `Video`, uint8 `[F, H, W, 3]` array or `[3, F, H, W]` tensor -> `[3, num_frames, height, width]`."""
+def _video_frames(video) -> Tensor:
+    """A path, `Video`, uint8 `[F, H, W, 3]` array or `[3, F, H, W]` tensor -> `[3, F, H, W]` in [-1, 1]
+    (files are read at 16 fps)."""
     if isinstance(video, (str, Path)):
         video = read_video(video, fps=FPS)
     if isinstance(video, Video):
         video = video.frames
     if isinstance(video, Tensor):
-        frames = video.float().cpu()
-    else:
-        array = np.asarray(video)
-        if array.ndim != 4 or array.shape[-1] != 3:
-            raise ValueError(f"video frames must be [F, H, W, 3] uint8, got shape {array.shape}")
-        frames = torch.from_numpy(array.astype(np.float32)).permute(3, 0, 1, 2) / 127.5 - 1
-    if frames.shape[1] < num_frames:
-        raise ValueError(f"the input video has {frames.shape[1]} frames at {FPS} fps; num_frames is {num_frames}: "
-                         f"lower --frames to {max(1, (frames.shape[1] - 1) // 4 * 4 + 1)} or give a longer video")
-    frames = frames[:, :num_frames].transpose(0, 1)  # [F, 3, H, W]
-    frames = F.interpolate(frames, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
-    return frames.transpose(0, 1)
+        if video.ndim != 4 or video.shape[0] != 3:
+            raise ValueError(f"video tensor must be [3, F, H, W] in [-1, 1], got {tuple(video.shape)}")
+        return video.float().cpu()
+    array = np.asarray(video)
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"video frames must be [F, H, W, 3] uint8, got shape {array.shape}")
+    return torch.from_numpy(array.astype(np.float32)).permute(3, 0, 1, 2) / 127.5 - 1
 
 
 def _size_for_image(image: Tensor, max_area: int) -> tuple[int, int]:

@@ -12,6 +12,7 @@ import numpy as np
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_IMAGE_PIXELS = 64_000_000  # a 8000x8000 photo; conditioning frames are resized to <= 1280x720
 
 
 @dataclass
@@ -63,8 +64,12 @@ class Video:
             if suffix == "" and path.exists():
                 raise FileExistsError(f"{path}: folder exists; choose a new name for the PNG frames")
             tmp.replace(path)
-        finally:
-            if tmp.exists() and tmp.is_file():
+        finally:  # also on Ctrl-C: no half-written file or frame folder stays behind
+            if tmp.is_dir():
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+            elif tmp.exists():
                 tmp.unlink()
         return path
 
@@ -103,13 +108,16 @@ def read_video(path: str | Path, *, fps: float | None = None, max_frames: int | 
         raise FileNotFoundError(f"{path}: no such video file")
     try:
         with av.open(str(path)) as container:
+            if not container.streams.video:
+                kinds = ", ".join(sorted({s.type for s in container.streams})) or "no streams"
+                raise ValueError(f"{path}: has no video stream (it holds {kinds}); give a video file")
             stream = container.streams.video[0]
             source_fps = float(stream.average_rate or stream.guessed_rate or 16)
             frames, times = [], []
             for frame in container.decode(stream):
                 frames.append(frame.to_ndarray(format="rgb24"))
                 times.append(float(frame.time) if frame.time is not None else len(times) / source_fps)
-    except (av.error.FFmpegError, IndexError) as err:
+    except av.error.FFmpegError as err:
         raise ValueError(f"{path}: not a readable video ({err})") from None
     if not frames:
         raise ValueError(f"{path}: the video has no frames")
@@ -133,6 +141,11 @@ def read_image(path: str | Path) -> np.ndarray:
         raise FileNotFoundError(f"{path}: no such image file")
     try:
         with Image.open(path) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:  # decoding would take gigabytes before the resize
+                raise ValueError(f"{path}: the image is {img.width}x{img.height} ({img.width * img.height / 1e6:.0f} "
+                                 f"megapixels); at most {MAX_IMAGE_PIXELS / 1e6:.0f} are read: resize it first")
             return np.asarray(img.convert("RGB"))
+    except Image.DecompressionBombError as err:  # Pillow's guard, before any pixel is decoded
+        raise ValueError(f"{path}: the image is too large to read ({err}); resize it first") from None
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"{path}: not a readable image ({err})") from None

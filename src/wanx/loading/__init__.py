@@ -19,10 +19,10 @@ from ..configs import (
     RELEASED_HEAD_DIM, CLIPVisionConfig, DiTConfig, T5Config, VAEConfig, infer_clip_config, infer_dit_config,
     infer_t5_config, infer_vae_config, preset_name,
 )
-from .files import FP8_DTYPES, CheckpointError, TensorStore, open_checkpoint
+from .files import FP8_DTYPES, CheckpointError, DamagedCheckpoint, TensorStore, open_checkpoint
 from .layouts import COMFY_FP8_MARKERS, FP8_SCALE_SUFFIXES, Detected, detect, rename
 
-__all__ = ["CheckpointError", "CheckpointInfo", "inspect_checkpoint", "load_model"]
+__all__ = ["CheckpointError", "DamagedCheckpoint", "CheckpointInfo", "inspect_checkpoint", "load_model"]
 
 NETWORK_NAMES = {"dit": "Wan2.1 DiT", "vae": "Wan2.1 VAE", "t5": "umT5 text encoder", "clip": "CLIP ViT image encoder"}
 

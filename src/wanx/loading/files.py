@@ -17,6 +17,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message says which file and why."""
 
 
+class DamagedCheckpoint(CheckpointError):
+    """A weights file that cannot be read at all (truncated, corrupt, shards missing, a pickle
+    refused), as opposed to a readable file that is not a Wan network."""
+
+
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _SHARD = re.compile(r"^(?P<stem>.+)-\d{5}-of-\d{5}\.safetensors$")
 _PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -54,7 +59,7 @@ class TensorStore:
         try:
             return self._handles[file].get_tensor(key)  # type: ignore[attr-defined]
         except Exception as err:
-            raise CheckpointError(f"{file}: cannot read tensor {key!r} ({err}); the file may be truncated") from err
+            raise DamagedCheckpoint(f"{file}: cannot read tensor {key!r} ({err}); the file may be truncated") from err
 
     def close(self) -> None:
         self._handles.clear()
@@ -127,11 +132,11 @@ def _shards_from_index(index: Path) -> list[Path]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{index}: not a safetensors shard index ({err})") from err
+        raise DamagedCheckpoint(f"{index}: not a safetensors shard index ({err})") from err
     files = [index.parent / name for name in dict.fromkeys(weight_map.values())]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-        raise CheckpointError(f"{index}: shard(s) missing beside the index: {', '.join(missing[:3])}")
+        raise DamagedCheckpoint(f"{index}: shard(s) missing beside the index: {', '.join(missing[:3])}")
     return files
 
 
@@ -158,9 +163,9 @@ def _read_safetensors_header(file: Path) -> dict:
             header = json.loads(fh.read(n))
         end = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
+        raise DamagedCheckpoint(f"{file}: not a readable safetensors file ({err})") from err
     if 8 + n + end > size:
-        raise CheckpointError(
+        raise DamagedCheckpoint(
             f"{file}: truncated ({size} bytes, the header declares {8 + n + end}); download it again"
         )
     return header
@@ -196,9 +201,9 @@ def _torch_load(file: Path):
             return torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
+        raise DamagedCheckpoint(
             f"{file}: refused, the pickle holds Python objects other than tensors ({first}); "
             "wanx opens .pth files with torch.load(weights_only=True) only. Use a safetensors copy of the weights."
         ) from err
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{file}: unreadable or truncated ({str(err).splitlines()[0]}); download it again") from err
+        raise DamagedCheckpoint(f"{file}: unreadable or truncated ({str(err).splitlines()[0]}); download it again") from err

@@ -1,0 +1,109 @@
+"""How much memory a generation request needs, estimated before any weight is loaded, so that
+an impossible request (`--size 16000x16000`) is refused at once instead of dying of OOM.
+
+Peak = resident weights + the larger of the two phases that never overlap: the DiT forward
+(activations scale with tokens x width) and the VAE decode (a causal chunk at full resolution:
+scales with pixels, not with length), plus the decoded video itself. The coefficients are
+measured on the real architectures in fp32 as the peak of live tensor bytes (a dispatch-mode
+count, not the allocator's): a 1.3B-width DiT block at 4,800 tokens (75.6 KB per token and
+sample) and the real VAE decoding at 128x192 and 256x384 (18.9 KB per output pixel).
+Attention is counted as memory-efficient (SDPA/FlashAttention never hold L x L scores).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from ..configs import DiTConfig
+
+GiB = 2**30
+# Per token and sample: the fp32 residual stream and its modulated copy, plus one block's
+# largest live temporaries in the compute dtype (the FFN hidden before and after GELU, and
+# a width-sized one): 90 KB per token at the 1.3B width in fp32, where 75.6 KB was measured.
+_RESIDUAL_COPIES = 2
+# Decoder workspace per output pixel in fp32: 4 frames x up to 96 channels at full resolution,
+# the causal tails and conv temporaries (measured 18.9 KB per pixel, flat in size and length).
+_VAE_BYTES_PER_PIXEL_FP32 = 20 * 1024
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int  # bytes resident for the weights (0 when they are loaded already)
+    denoise: int  # DiT activations of one forward (both guidance branches when batched)
+    decode: int  # VAE decode workspace
+    video: int  # the decoded video (float32 and uint8 copies)
+
+    @property
+    def total(self) -> int:
+        return self.weights + max(self.denoise, self.decode) + self.video
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def weight_bytes(networks: Iterable[tuple[str, int]], dtype: torch.dtype, vae_dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of the weights of (network, parameter count) pairs once cast: the VAE in
+    vae_dtype, every other network in dtype."""
+    return sum(n * _bytes(vae_dtype if network == "vae" else dtype) for network, n in networks)
+
+
+def estimate(config: DiTConfig, height: int, width: int, num_frames: int, *, dtype: torch.dtype,
+             vae_dtype: torch.dtype = torch.float32, batch: int = 2, weights: int = 0) -> MemoryEstimate:
+    """Peak memory of generating one video of `num_frames` x `height` x `width`; batch 2 is
+    batched classifier-free guidance."""
+    pt, ph, pw = config.patch_size
+    tokens = ((num_frames - 1) // 4 // pt + 1) * (height // 8 // ph) * (width // 8 // pw)
+    per_token = 4 * _RESIDUAL_COPIES * config.dim + _bytes(dtype) * (config.dim + 2 * config.ffn_dim)
+    denoise = batch * (tokens + config.text_len) * per_token
+    decode = height * width * _VAE_BYTES_PER_PIXEL_FP32 * _bytes(vae_dtype) // 4
+    video = num_frames * height * width * 3 * (4 + 2)
+    return MemoryEstimate(weights, denoise, decode, video)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on `device`: free GPU memory, or the host's
+    MemAvailable (page cache that can be dropped included)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: do not refuse
+
+
+def check_fits(config: DiTConfig, height: int, width: int, num_frames: int, *, device: torch.device,
+               dtype: torch.dtype, vae_dtype: torch.dtype = torch.float32, batch: int = 2, weights: int = 0,
+               available: int | None = None) -> MemoryEstimate:
+    """The estimate, or a one-line ValueError with it, what the device has, and the largest
+    size with the same aspect ratio (multiples of 16) that fits."""
+    available = available_memory(device) if available is None else available
+    kwargs = dict(dtype=dtype, vae_dtype=vae_dtype, batch=batch, weights=weights)
+    need = estimate(config, height, width, num_frames, **kwargs)
+    if need.total <= available:
+        return need
+    what = (f"{width}x{height} with {num_frames} frames needs about {need.total / GiB:.1f} GiB "
+            f"(weights {need.weights / GiB:.1f}, denoising {need.denoise / GiB:.1f}, decoding {need.decode / GiB:.1f}) "
+            f"but {device} has {available / GiB:.1f} GiB available")
+    smallest = estimate(config, 16, 16, num_frames, **kwargs)
+    if smallest.total > available:
+        raise ValueError(f"{what}; even the smallest size does not fit: use fewer frames, a smaller dtype, "
+                         "or a device with more memory")
+    low, high = 0.0, 1.0  # the largest scale of (width, height) that fits
+    for _ in range(40):
+        mid = (low + high) / 2
+        w, h = max(16, int(width * mid) // 16 * 16), max(16, int(height * mid) // 16 * 16)
+        low, high = (mid, high) if estimate(config, h, w, num_frames, **kwargs).total <= available else (low, mid)
+    w, h = max(16, int(width * low) // 16 * 16), max(16, int(height * low) // 16 * 16)
+    raise ValueError(f"{what}; the largest size with this aspect ratio that fits is {w}x{h} (or use fewer frames)")
