@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..models import keeps_fp32
 from ..configs import (
     RELEASED_HEAD_DIM, CLIPVisionConfig, DiTConfig, T5Config, VAEConfig, infer_clip_config, infer_dit_config,
     infer_t5_config, infer_vae_config, preset_name,
@@ -80,12 +81,22 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               progress: bool = False) -> nn.Module:
+               quantize: str | None = None, progress: bool = False) -> nn.Module:
     """Load a Wan2.1 network from a file, shard set or model folder (a folder means its DiT).
 
     dtype: compute dtype of the weights (default: as stored; fp8 storage -> bf16). Parameters
-    the model declares in `keep_in_fp32` stay float32 whatever the dtype. progress: a bar per tensor.
+    the model declares in `keep_in_fp32` stay float32 whatever the dtype.
+    quantize: "fp8" (or "fp8_fast": torch._scaled_mm on GPUs with FP8 tensor cores) stores the
+    block Linear weights as float8_e4m3fn with per-channel scales (`wanx.memory.fp8`),
+    quantized tensor by tensor as they are read, so no float copy of the model ever exists;
+    fp8 files (ComfyUI fp8_e4m3fn / fp8_scaled) go into FP8 layers as stored. Default: FP8
+    layers when the file stores its weights in fp8; "none" dequantises such files to `dtype`.
+    progress: a bar per tensor.
     """
+    from ..memory.fp8 import FP8Linear, fp8_layer_names, quantize_fp8
+
+    if quantize not in (None, "none", "fp8", "fp8_fast"):
+        raise ValueError(f"quantize must be 'fp8', 'fp8_fast' or 'none', got {quantize!r}")
     store = open_checkpoint(path)
     try:
         info = _identify(store)
@@ -93,17 +104,29 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: st
         _check_tensors(info, store, model)
         keep_fp32 = getattr(model, "keep_in_fp32", ())
         target = dtype or info.compute_dtype
-        state = {}
         items = model.state_dict().items()
+        stored_fp8 = getattr(torch, max(info.dtypes, key=info.dtypes.get)) in FP8_DTYPES
+        if quantize is None and stored_fp8:
+            quantize = "fp8"
+        fp8_layers = set(fp8_layer_names(model)) if quantize in ("fp8", "fp8_fast") else set()
+        if fp8_layers:  # on the meta device: only the module types change here
+            quantize_fp8(model, compute_dtype=target, fast=quantize == "fp8_fast")
         if progress:
             from tqdm.auto import tqdm
 
             items = tqdm(items, desc=f"loading {NETWORK_NAMES[info.network]}", unit="tensor", leave=False)
+        state = {}
         for name, meta in items:
-            tensor = _read_parts(store, info.names[name]).reshape(meta.shape)
-            want = torch.float32 if _matches(name, keep_fp32) else target
+            layer, _, leaf = name.rpartition(".")
+            if layer in fp8_layers and leaf == "weight":
+                weight, scale = _read_parts(store, info.names[name], dequantize=False)
+                module: FP8Linear = model.get_submodule(layer)
+                module.set_weight(weight.reshape(meta.shape).to(device), scale=None if scale is None else scale.to(device))
+                continue
+            tensor = _read_parts(store, info.names[name])[0].reshape(meta.shape)
+            want = torch.float32 if keeps_fp32(name, keep_fp32) else target
             state[name] = tensor.to(device=device, dtype=want if meta.is_floating_point() else meta.dtype)
-        model.load_state_dict(state, assign=True, strict=True)
+        model.load_state_dict(state, assign=True, strict=not fp8_layers)
     finally:
         store.close()
     return model.eval()
@@ -239,23 +262,22 @@ def _check_tensors(info: CheckpointInfo, store: TensorStore, model: nn.Module) -
         )
 
 
-def _read_parts(store: TensorStore, parts: tuple[str, ...]) -> torch.Tensor:
+def _read_parts(store: TensorStore, parts: tuple[str, ...], *, dequantize: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(tensor, scale): one stored tensor, or several concatenated along dim 0 (dequantised
+    when fused: per-tensor fp8 scales cannot be kept across a concatenation)."""
     if len(parts) == 1:
-        return _read(store, parts[0])
-    return torch.cat([_read(store, p) for p in parts], dim=0)
+        return _read(store, parts[0], dequantize=dequantize)
+    return torch.cat([_read(store, p)[0] for p in parts], dim=0), None
 
 
-def _read(store: TensorStore, stored: str) -> torch.Tensor:
-    """A stored tensor; fp8 weights with a ComfyUI `scale_weight` are dequantised."""
+def _read(store: TensorStore, stored: str, *, dequantize: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(tensor, scale): a stored tensor and its ComfyUI `scale_weight` if it has one. With
+    `dequantize`, fp8 weights come back as float (scaled) and the scale as None."""
     tensor = store.get(stored)
+    scale = None
     if tensor.dtype in FP8_DTYPES:
         scale_key = stored.removesuffix(".weight") + FP8_SCALE_SUFFIXES[0]
         scale = store.get(scale_key).float() if scale_key in store.shapes else None
-        tensor = tensor.float() * scale if scale is not None else tensor.to(torch.bfloat16)
-    return tensor
-
-
-def _matches(name: str, patterns: tuple[str, ...]) -> bool:
-    """True if one of the dotted `patterns` is a run of whole components of `name`."""
-    dotted = f".{name}."
-    return any(f".{p}." in dotted for p in patterns)
+        if dequantize:
+            tensor, scale = (tensor.float() * scale if scale is not None else tensor.to(torch.bfloat16)), None
+    return tensor, scale

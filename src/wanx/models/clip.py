@@ -63,6 +63,9 @@ class VisionTransformer(nn.Module):
 class CLIPVisionEncoder(nn.Module):
     """`forward(images [B, 3, H, W] in [-1, 1], any H and W) -> [B, 257, dim]` (penultimate block)."""
 
+    # The repeated blocks, for runtime transforms that act block by block (memory.streaming).
+    stream_blocks = ("visual.transformer",)
+
     def __init__(self, config: CLIPVisionConfig | str = "vit-h-14"):
         super().__init__()
         cfg = self.config = clip_config(config) if isinstance(config, str) else config

@@ -111,6 +111,9 @@ def _fp16_clamp(x: Tensor) -> Tensor:
 class UMT5Encoder(nn.Module):
     """umT5 encoder: `forward(input_ids [B, L], attention_mask [B, L]) -> [B, L, dim]`."""
 
+    # The repeated blocks, for runtime transforms that act block by block (memory.streaming).
+    stream_blocks = ("blocks",)
+
     def __init__(self, config: T5Config | str = "umt5-xxl"):
         super().__init__()
         cfg = self.config = t5_config(config) if isinstance(config, str) else config

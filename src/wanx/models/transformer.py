@@ -20,6 +20,12 @@ from ..attention import attention
 from ..configs import DiTConfig, dit_config
 
 
+
+def input_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a layer takes its input in: its weight's, or the dtype a quantized layer
+    computes in (declared as `compute_dtype`, e.g. FP8 weights computing in bf16)."""
+    return getattr(layer, "compute_dtype", None) or layer.weight.dtype
+
 def sinusoidal_embedding(dim: int, timestep: Tensor) -> Tensor:
     """`[B]` timesteps -> `[B, dim]` float64, cos half first (official order)."""
     half = dim // 2
@@ -139,7 +145,7 @@ class WanAttentionBlock(nn.Module):
     ) -> Tensor:
         """x `[B, L, D]` float32 residual stream, e0 `[B, 6, D]` float32 time projection."""
         shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (self.modulation.float() + e0)[:, :, None].unbind(1)
-        dtype = self.self_attn.q.weight.dtype
+        dtype = input_dtype(self.self_attn.q)
 
         # addcmul: the modulation and the gated residuals in one fused op each.
         h = torch.addcmul(shift, layer_norm(x, self.eps), 1 + scale)
@@ -188,6 +194,9 @@ class MLPProj(nn.Module):
 
 class WanDiT(nn.Module):
     """Wan2.1 DiT: T2V-1.3B/14B, I2V-14B and FLF2V-14B, selected by `DiTConfig`."""
+
+    # The repeated blocks, for runtime transforms that act block by block (memory.streaming).
+    stream_blocks = ("blocks",)
 
     # Parameters that stay float32 whatever dtype the model is loaded in (matched on
     # dotted-name components), as the official model computes them under fp32 autocast.

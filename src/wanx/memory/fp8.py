@@ -1,0 +1,111 @@
+"""FP8 weights: Linear layers stored as float8_e4m3fn with one float32 scale per output
+channel, half the bytes of bf16. A module swap applied to a built model from outside.
+
+Compute dequantises the weight to the compute dtype per layer (exact: w8 * scale, one
+rounding), so it runs everywhere; with `fast=True` on a GPU that has FP8 tensor cores
+(compute capability >= 8.9) it uses `torch._scaled_mm` with per-token activation scales.
+Norms, embeddings, modulation and head are not touched: only Linear layers inside the model's
+blocks are swapped, and never one the model keeps in fp32 (`keep_in_fp32`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..models import keeps_fp32
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+
+
+def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """`[out, in]` -> (float8_e4m3fn `[out, in]`, float32 scale `[out]`), per output channel:
+    each row's largest magnitude maps to 448."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX
+    return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+class FP8Linear(nn.Module):
+    """A Linear whose weight is float8_e4m3fn `[out, in]` with float32 `scale` `[out]`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 compute_dtype: torch.dtype = torch.bfloat16, fast: bool = False, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype, self.fast = compute_dtype, fast
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8, device=device), requires_grad=False)
+        self.scale = nn.Parameter(torch.ones(out_features, dtype=torch.float32, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype, device=device),
+                                 requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, compute_dtype: torch.dtype, fast: bool = False) -> "FP8Linear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype=compute_dtype,
+                    fast=fast, device="meta")
+        layer.set_weight(linear.weight.data, linear.bias.data if linear.bias is not None else None)
+        return layer
+
+    def set_weight(self, weight: Tensor, bias: Tensor | None = None, *, scale: Tensor | None = None) -> None:
+        """From a float weight (quantized here), or an fp8 weight with its `scale` (a scalar,
+        as ComfyUI's `scale_weight`, or per channel): stored as is, no float copy."""
+        if weight.dtype == FP8:
+            q = weight
+            s = torch.ones(self.out_features) if scale is None else scale.float().reshape(-1).expand(self.out_features)
+        else:  # float, or float8_e5m2 (dequantised first: its range differs)
+            q, s = quantize_weight(weight.float() * (1.0 if scale is None else scale.float().reshape(-1, 1)))
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.scale = nn.Parameter(s.to(q.device).contiguous(), requires_grad=False)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.to(self.compute_dtype), requires_grad=False)
+
+    def dequantized(self) -> Tensor:
+        return (self.weight.to(torch.float32) * self.scale[:, None]).to(self.compute_dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fast and x.is_cuda and _scaled_mm_supported(x.device):
+            return _fp8_matmul(x, self.weight, self.scale, self.bias, self.compute_dtype)
+        return F.linear(x.to(self.compute_dtype), self.dequantized(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8_e4m3fn, " \
+               f"compute={str(self.compute_dtype).removeprefix('torch.')}{', fast' if self.fast else ''}"
+
+
+def _scaled_mm_supported(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _fp8_matmul(x: Tensor, w8: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """x @ (w8 * w_scale).T with per-token activation scales on FP8 tensor cores."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    x_scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # [T, 1]
+    x8 = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    out = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale[None, :].float(), bias=bias,
+                           out_dtype=out_dtype)
+    return out.reshape(*shape[:-1], -1)
+
+
+def fp8_layer_names(model: nn.Module) -> list[str]:
+    """The Linear layers FP8 applies to: inside the model's blocks (`stream_blocks`), not kept in fp32."""
+    lists = tuple(getattr(model, "stream_blocks", ()))
+    keep = getattr(model, "keep_in_fp32", ())
+    return [name for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, FP8Linear)) and name.startswith(tuple(f"{p}." for p in lists))
+            and not keeps_fp32(name + ".weight", keep)]
+
+
+def quantize_fp8(model: nn.Module, *, compute_dtype: torch.dtype = torch.bfloat16, fast: bool = False) -> nn.Module:
+    """Swap the model's block Linear layers for FP8Linear in place (their weights quantized
+    one by one, so no second float copy of the model exists). Returns the model."""
+    for name in fp8_layer_names(model):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = getattr(parent, attr)
+        if isinstance(layer, nn.Linear):
+            fp8 = FP8Linear.from_linear(layer, compute_dtype=compute_dtype, fast=fast)
+            setattr(parent, attr, fp8)
+    return model
