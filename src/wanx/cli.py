@@ -158,6 +158,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .hub import find_components, resolve_model
     from .memory.estimate import check_fits, weight_bytes
+    from .memory.placement import device_weight_bytes
     from .pipeline import MAX_SEED, WanPipeline, plan_request
     from .runtime import Runtime
 
@@ -171,9 +172,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         elif not isinstance(job["seed"], int) or not 0 <= job["seed"] <= MAX_SEED:
             raise ValueError(f"{job['where']}--seed must be a whole number between 0 and {MAX_SEED}, got {job['seed']}")
     # Everything is checked before any weight is loaded: device, model folder, inputs, memory, outputs.
-    runtime = Runtime.create(args.device, args.dtype)
+    runtime = Runtime.create(args.device, args.dtype, offload=args.offload, vram_budget=args.vram_budget,
+                             quantize="fp8" if args.fp8 else None, t5_device=args.t5_device)
     files = find_components(resolve_model(args.model, source=args.source), dit=args.dit)
-    weights = weight_bytes(files.parameter_counts(), runtime.dtype, runtime.vae_dtype)
+    per_network = weight_bytes(files.parameter_counts(), runtime.dtype, runtime.vae_dtype, fp8=bool(runtime.quantize))
+    weights = device_weight_bytes(runtime.offload, runtime.device, per_network)
     requests = []
     for job in jobs:
         width, height = job["size"] or (None, None)
@@ -264,6 +267,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     gen.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                      help="DiT and encoder weights (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
+    mem = gen.add_argument_group("memory", "fit the GPU you have (default: everything resident when it fits, "
+                                           "else DiT blocks streamed with an automatic budget)")
+    mem.add_argument("--offload", default="auto", choices=["auto", "none", "model", "blocks"],
+                     help="none: all resident; model: each network on the GPU only for its phase; blocks: DiT "
+                          "blocks streamed from pinned host memory under --vram-budget")
+    mem.add_argument("--vram-budget", metavar="BYTES", help="DiT weights kept on the GPU with --offload blocks: "
+                                                             "e.g. 6GB, 512MB, 0, or auto (free memory less the "
+                                                             "request's work); implies --offload blocks")
+    mem.add_argument("--fp8", action="store_true", help="DiT block weights in FP8 (e4m3, per-channel scales): half "
+                                                        "the memory of bf16, small quality cost")
+    mem.add_argument("--t5-device", metavar="DEVICE", help="run the umT5 text encoder here, e.g. cpu (the official "
+                                                           "--t5_cpu): frees ~11 GB of GPU memory")
     gen.add_argument("--dit", metavar="FILE", help="the DiT checkpoint to use when the model folder holds several")
     gen.add_argument("--source", default="huggingface", choices=["huggingface", "modelscope"], help="where model ids come from")
     gen.add_argument("--quiet", "-q", action="store_true", help="no progress output")

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .memory.estimate import check_fits
+from .memory.estimate import available_memory, check_fits, estimate, weight_bytes
+from .memory.placement import Placement, auto_budget, load_devices, resolve_offload
+from .models.transformer import input_dtype
 from .runtime import Runtime
 from .sampling import SAMPLERS, guided, noise_to, schedule
 from .video import Video, read_image, read_video
@@ -61,14 +63,17 @@ class _Plan:
 class WanPipeline:
     """`WanPipeline(dit=..., vae=..., text_encoder=..., image_encoder=...)`, or `from_pretrained`."""
 
-    def __init__(self, dit, vae, text_encoder=None, image_encoder=None, *, name: str = "custom"):
+    def __init__(self, dit, vae, text_encoder=None, image_encoder=None, *, name: str = "custom",
+                 runtime: Runtime | None = None, placement: Placement | None = None):
         self.dit, self.vae, self.text_encoder, self.image_encoder = dit, vae, text_encoder, image_encoder
         self.name = name
+        self.runtime = runtime
+        self.placement = placement or Placement("none", self.device, {})
         self.batch_cfg = True  # cond and uncond as one batch of 2; False: two passes (less memory)
 
     @property
     def device(self) -> torch.device:
-        return next(self.dit.parameters()).device
+        return self.runtime.device if self.runtime else next(self.dit.parameters()).device
 
     @property
     def model_type(self) -> str:
@@ -77,16 +82,26 @@ class WanPipeline:
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, *, device: str | torch.device | None = None,
                         dtype: torch.dtype | str | None = None, vae_dtype: torch.dtype | str = torch.float32,
-                        source: str = "huggingface", progress: bool = False) -> "WanPipeline":
+                        offload: str = "auto", vram_budget: int | float | str | None = None,
+                        num_persistent_param_in_dit: int | None = None, quantize: str | None = None,
+                        t5_device: str | torch.device | None = None, source: str = "huggingface",
+                        progress: bool = False) -> "WanPipeline":
         """An official or diffusers-layout model folder, a tiny model name, or a model id
         (`Wan-AI/Wan2.1-T2V-1.3B`, downloaded into the standard cache).
 
         device: default CUDA when present, else CPU. dtype: of the DiT and encoders, default
-        bf16 on a GPU and fp32 on a CPU (the same rule as `wanx generate --dtype auto`)."""
+        bf16 on a GPU and fp32 on a CPU (the same rule as `wanx generate --dtype auto`).
+        offload: "auto" (default: everything resident when it fits, else DiT blocks streamed),
+        "none", "model" (each network on the device only for its phase) or "blocks".
+        vram_budget: DiT bytes kept resident with offload="blocks" ("6GB", 6e9, 0, "auto");
+        num_persistent_param_in_dit: the same in parameters. quantize: "fp8" or "fp8_fast".
+        t5_device: "cpu" runs umT5 on the CPU (the official --t5_cpu). See `wanx.runtime.Runtime`."""
         from .hub import find_components, resolve_model
 
-        runtime = Runtime.create(device, dtype, vae_dtype)  # a bad device fails before any download
-        # A missing component fails here, before any weight is read.
+        # Every choice is checked before any download or weight read.
+        runtime = Runtime.create(device, dtype, vae_dtype, offload=offload, vram_budget=vram_budget,
+                                 num_persistent_param_in_dit=num_persistent_param_in_dit, quantize=quantize,
+                                 t5_device=t5_device)
         files = find_components(resolve_model(path_or_id, source=source))
         pipe = cls.from_files(files, runtime=runtime, progress=progress)
         pipe.name = str(path_or_id)
@@ -94,20 +109,30 @@ class WanPipeline:
 
     @classmethod
     def from_files(cls, files, *, runtime: Runtime | None = None, progress: bool = False) -> "WanPipeline":
-        """Load the components `wanx.hub.find_components` found."""
+        """Load the components `wanx.hub.find_components` found, placed as `runtime` says."""
         from .loading import load_model
         from .text import TextEncoder, Tokenizer
 
         runtime = runtime or Runtime.create()
         device, dtype = runtime.device, runtime.dtype
         tokenizer = Tokenizer(files.tokenizer)
-        dit = load_model(files.dit, dtype=dtype, device=device, progress=progress)
-        vae = load_model(files.vae, dtype=runtime.vae_dtype, device=device, progress=progress)
-        text_encoder = TextEncoder(load_model(files.text_encoder, dtype=dtype, device=device, progress=progress), tokenizer)
+        weights = sum(weight_bytes(files.parameter_counts(), dtype, runtime.vae_dtype, fp8=bool(runtime.quantize)).values())
+        work = estimate(files.dit_config, 480, 832, 81, dtype=dtype, vae_dtype=runtime.vae_dtype).work
+        offload = resolve_offload(runtime.offload, device, weights, work, available_memory(device))
+        where = load_devices(offload, device, runtime.text_device)
+        dit = load_model(files.dit, dtype=dtype, device=where["dit"], quantize=runtime.quantize, progress=progress)
+        vae = load_model(files.vae, dtype=runtime.vae_dtype, device=where["vae"], progress=progress)
+        text_encoder = TextEncoder(load_model(files.text_encoder, dtype=dtype, device=where["t5"], progress=progress),
+                                   tokenizer, device=runtime.text_device)
         image_encoder = None
         if dit.config.has_image_input:
-            image_encoder = load_model(files.image_encoder, dtype=dtype, device=device, progress=progress)
-        return cls(dit, vae, text_encoder, image_encoder, name=str(files.folder))
+            image_encoder = load_model(files.image_encoder, dtype=dtype, device=where["clip"], progress=progress)
+        budget = runtime.vram_budget
+        if budget == "auto":
+            budget = auto_budget(available_memory(device), work)
+        placement = Placement(offload, device, {"dit": dit, "vae": vae, "t5": text_encoder.model, "clip": image_encoder},
+                              budget=budget, text_device=runtime.text_device)
+        return cls(dit, vae, text_encoder, image_encoder, name=str(files.folder), runtime=runtime, placement=placement)
 
     # -------------------------------------------------------------------------------------
     def __call__(
@@ -178,14 +203,16 @@ class WanPipeline:
                          guidance_scale=guidance_scale, shift=shift, sampler=sampler, seed=seed,
                          prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, latents=latents,
                          output_type=output_type)
-        # The weights are resident already: what is left must hold this request's work.
-        check_fits(self.dit.config, plan.height, plan.width, plan.num_frames, device=self.device,
-                   dtype=self.dit.blocks[0].self_attn.q.weight.dtype, vae_dtype=next(self.vae.parameters()).dtype,
-                   batch=2 if self.batch_cfg and plan.negative_prompt is not None else 1)
+        # The resident weights are loaded already: what is left must hold this request's work.
+        need = check_fits(self.dit.config, plan.height, plan.width, plan.num_frames, device=self.device,
+                          dtype=input_dtype(self.dit.blocks[0].self_attn.q), vae_dtype=next(self.vae.parameters()).dtype,
+                          batch=2 if self.batch_cfg and plan.negative_prompt is not None else 1)
+        if self.runtime is not None and self.runtime.vram_budget == "auto":
+            self.placement.set_dit_budget(auto_budget(self.placement.free_for_dit(), need.work))
         device = self.device
 
         with torch.no_grad():
-            with _stage("text encoding", progress):
+            with _stage("text encoding", progress), self.placement.phase("t5"):
                 context, context_null = self._text(plan, prompt, prompt_embeds, negative_prompt_embeds)
 
             lat_shape = (16, (plan.num_frames - 1) // 4 + 1, plan.height // 8, plan.width // 8)
@@ -198,13 +225,13 @@ class WanPipeline:
 
             extra: dict[str, Tensor] = {}
             if plan.task in ("i2v", "flf2v"):
-                with _stage("image conditioning", progress):
+                with _stage("image conditioning", progress), self.placement.phase("clip"), self.placement.phase("vae"):
                     extra = self._image_conditioning(plan)
 
             sigmas, timesteps = schedule(sampler, plan.steps, plan.shift)
             x = noise
             if plan.task == "v2v":
-                with _stage("video encoding", progress):
+                with _stage("video encoding", progress), self.placement.phase("vae"):
                     x0 = self.vae.encode(plan.video[None].to(device))
                 run = max(1, min(plan.steps, round(plan.steps * strength)))
                 sigmas, timesteps = sigmas[plan.steps - run:], timesteps[plan.steps - run:]
@@ -212,13 +239,15 @@ class WanPipeline:
 
             model_fn = self._velocity(context, context_null, plan.guidance, extra)
             bar = _progress(len(timesteps), "denoising", progress)
-            x = SAMPLERS[sampler](model_fn, x, sigmas, timesteps, callback=lambda i, n, _: bar.update(1))
+            with self.placement.phase("dit"):
+                x = SAMPLERS[sampler](model_fn, x, sigmas, timesteps, callback=lambda i, n, _: bar.update(1))
             bar.close()
             if output_type == "latents":
                 return x
 
             bar = _progress(None, "decoding", progress, unit="chunk")
-            frames = self.vae.decode(x, callback=lambda done, total: (setattr(bar, "total", total), bar.update(1)))
+            with self.placement.phase("vae"):
+                frames = self.vae.decode(x, callback=lambda done, total: (setattr(bar, "total", total), bar.update(1)))
             bar.close()  # frames: [1, 3, F, H, W] in [-1, 1]
         frames = ((frames[0].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         metadata = dict(prompt=prompt or "", negative_prompt=plan.negative_prompt or "", seed=plan.seed,

@@ -1,7 +1,9 @@
-"""Runtime choices, kept apart from architecture: where and in what precision the networks run.
+"""Runtime choices, kept apart from architecture: where and in what precision the networks
+run, and how they are made to fit the device's memory.
 
-One frozen object, built once from CLI flags or API keywords. It grows with the memory and
-speed options (offload, budget, fp8, step caching, compile) so that no signature has to.
+One frozen object, built once from CLI flags or API keywords (and, later, a server request or
+a training config), checked before anything is loaded. The speed options (step caching,
+compile) join it so that no signature has to grow.
 """
 
 from __future__ import annotations
@@ -10,20 +12,55 @@ from dataclasses import dataclass
 
 import torch
 
+OFFLOAD = ("auto", "none", "model", "blocks")
+QUANTIZE = (None, "fp8", "fp8_fast")
+
 
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
     dtype: torch.dtype  # DiT and encoders; time embedding, modulation, norms and head stay fp32
     vae_dtype: torch.dtype = torch.float32
+    # "none": every network resident; "model": each network on the device only for its phase;
+    # "blocks": DiT blocks streamed under vram_budget (encoders streamed block by block);
+    # "auto": "none" when everything fits the device, else "blocks" with an automatic budget.
+    offload: str = "auto"
+    vram_budget: int | str = "auto"  # bytes of DiT weights kept resident with "blocks", or "auto"
+    quantize: str | None = None  # "fp8" / "fp8_fast": DiT block Linear weights in float8_e4m3fn
+    t5_device: torch.device | None = None  # where umT5 runs (the official --t5_cpu: cpu); default: device
 
     @classmethod
     def create(cls, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-               vae_dtype: torch.dtype | str = torch.float32) -> "Runtime":
+               vae_dtype: torch.dtype | str = torch.float32, *, offload: str = "auto",
+               vram_budget: int | float | str | None = None, num_persistent_param_in_dit: int | None = None,
+               quantize: str | None = None, t5_device: str | torch.device | None = None) -> "Runtime":
         """Resolve the defaults (CUDA when present; bf16 on a GPU, fp32 on a CPU) and check
-        that the device exists, before anything is loaded."""
+        every choice, before anything is loaded. `num_persistent_param_in_dit` (DiffSynth's
+        name) is a budget in parameters rather than bytes."""
+        from .memory.streaming import parse_bytes
+
         dev = resolve_device(device)
-        return cls(dev, resolve_dtype(dtype, dev), resolve_dtype(vae_dtype, dev))
+        dt = resolve_dtype(dtype, dev)
+        if offload not in OFFLOAD:
+            raise ValueError(f"offload must be one of {', '.join(OFFLOAD)}, got {offload!r}")
+        quantize = None if quantize in ("none", "") else quantize
+        if quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be 'fp8' or 'fp8_fast', got {quantize!r}")
+        if num_persistent_param_in_dit is not None:
+            if vram_budget is not None:
+                raise ValueError("give vram_budget or num_persistent_param_in_dit, not both")
+            vram_budget = int(num_persistent_param_in_dit) * (1 if quantize else torch.empty((), dtype=dt).element_size())
+        budget: int | str = "auto" if vram_budget in (None, "auto") else parse_bytes(vram_budget)
+        if vram_budget is not None and offload == "auto":
+            offload = "blocks"  # a budget asks for streaming
+        if vram_budget is not None and offload in ("none", "model"):
+            raise ValueError(f"a VRAM budget streams DiT blocks: it cannot go with offload {offload!r}")
+        t5 = resolve_device(t5_device) if t5_device is not None else None
+        return cls(dev, dt, resolve_dtype(vae_dtype, dev), offload, budget, quantize, t5)
+
+    @property
+    def text_device(self) -> torch.device:
+        return self.t5_device or self.device
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

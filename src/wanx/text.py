@@ -62,8 +62,10 @@ class TextEncoder:
     encoded once per process: results are cached on CPU.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer):
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, *, device: str | torch.device | None = None):
         self.model, self.tokenizer = model, tokenizer
+        # Where the encoder computes; its weights may live elsewhere between uses (offloading).
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self._cache: dict[str, tuple[Tensor, int]] = {}
 
     @classmethod
@@ -78,9 +80,8 @@ class TextEncoder:
     def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if todo:
-            device = next(self.model.parameters()).device
             ids, mask = self.tokenizer(todo)
-            states = self.model(ids.to(device), mask.to(device)).float().cpu()
+            states = self.model(ids.to(self.device), mask.to(self.device)).float().cpu()
             for prompt, row, n in zip(todo, states, mask.sum(1).tolist()):
                 self._cache[prompt] = (row[:n].clone(), n)
         dim = self.model.config.dim

@@ -38,18 +38,30 @@ class MemoryEstimate:
     video: int  # the decoded video (float32 and uint8 copies)
 
     @property
+    def work(self) -> int:
+        """Everything but the weights."""
+        return max(self.denoise, self.decode) + self.video
+
+    @property
     def total(self) -> int:
-        return self.weights + max(self.denoise, self.decode) + self.video
+        return self.weights + self.work
 
 
 def _bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def weight_bytes(networks: Iterable[tuple[str, int]], dtype: torch.dtype, vae_dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of the weights of (network, parameter count) pairs once cast: the VAE in
-    vae_dtype, every other network in dtype."""
-    return sum(n * _bytes(vae_dtype if network == "vae" else dtype) for network, n in networks)
+def weight_bytes(networks: Iterable[tuple[str, int]], dtype: torch.dtype, vae_dtype: torch.dtype = torch.float32,
+                 *, fp8: bool = False) -> dict[str, int]:
+    """Bytes of each network's weights once cast, from (network, parameter count) pairs: the
+    VAE in vae_dtype, the others in dtype; with fp8 the DiT at about one byte a parameter
+    (its block Linear layers hold nearly all of them)."""
+    def size(network: str) -> int:
+        if network == "dit" and fp8:
+            return 1
+        return _bytes(vae_dtype if network == "vae" else dtype)
+
+    return {network: n * size(network) for network, n in networks}
 
 
 def estimate(config: DiTConfig, height: int, width: int, num_frames: int, *, dtype: torch.dtype,
