@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .memory.estimate import available_memory, check_fits, estimate, weight_bytes
+from .memory.estimate import available_memory, check_fits, decode_tiles, estimate, weight_bytes
 from .memory.placement import Placement, auto_budget, load_devices, resolve_offload
 from .models.transformer import input_dtype
 from .runtime import Runtime
@@ -247,7 +247,11 @@ class WanPipeline:
 
             bar = _progress(None, "decoding", progress, unit="chunk")
             with self.placement.phase("vae"):
-                frames = self.vae.decode(x, callback=lambda done, total: (setattr(bar, "total", total), bar.update(1)))
+                # Tiles only when whole frames would not fit what is free now (never by default on a big GPU).
+                tiles = decode_tiles(plan.height, plan.width, next(self.vae.parameters()).dtype,
+                                     available_memory(device) - need.video)
+                frames = self.vae.decode(x, tile_size=tiles and tiles[0], tile_stride=tiles and tiles[1],
+                                         callback=lambda done, total: (setattr(bar, "total", total), bar.update(1)))
             bar.close()  # frames: [1, 3, F, H, W] in [-1, 1]
         frames = ((frames[0].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         metadata = dict(prompt=prompt or "", negative_prompt=plan.negative_prompt or "", seed=plan.seed,

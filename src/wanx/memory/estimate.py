@@ -28,6 +28,10 @@ _RESIDUAL_COPIES = 2
 # Decoder workspace per output pixel in fp32: 4 frames x up to 96 channels at full resolution,
 # the causal tails and conv temporaries (measured 18.9 KB per pixel, flat in size and length).
 _VAE_BYTES_PER_PIXEL_FP32 = 20 * 1024
+# When a whole frame's decode does not fit, the VAE decodes spatial tiles of at most this many
+# pixels a side (overlapping by DECODE_OVERLAP, blended), so decoding never sets the limit.
+DECODE_TILES = (768, 512, 384, 256)
+DECODE_OVERLAP = 64
 
 
 @dataclass(frozen=True)
@@ -72,9 +76,29 @@ def estimate(config: DiTConfig, height: int, width: int, num_frames: int, *, dty
     tokens = ((num_frames - 1) // 4 // pt + 1) * (height // 8 // ph) * (width // 8 // pw)
     per_token = 4 * _RESIDUAL_COPIES * config.dim + _bytes(dtype) * (config.dim + 2 * config.ffn_dim)
     denoise = batch * (tokens + config.text_len) * per_token
-    decode = height * width * _VAE_BYTES_PER_PIXEL_FP32 * _bytes(vae_dtype) // 4
+    smallest = DECODE_TILES[-1]
+    decode = min(decode_bytes(height, width, vae_dtype), decode_bytes(min(height, smallest), min(width, smallest), vae_dtype))
     video = num_frames * height * width * 3 * (4 + 2)
     return MemoryEstimate(weights, denoise, decode, video)
+
+
+def decode_bytes(height: int, width: int, vae_dtype: torch.dtype = torch.float32) -> int:
+    """VAE decode workspace for frames (or tiles) of height x width pixels."""
+    return height * width * _VAE_BYTES_PER_PIXEL_FP32 * _bytes(vae_dtype) // 4
+
+
+def decode_tiles(height: int, width: int, vae_dtype: torch.dtype, available: int
+                 ) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """None when whole frames decode within `available` bytes; else (tile_size, tile_stride)
+    in pixels: the largest tile of DECODE_TILES that fits (the smallest when none does)."""
+    if decode_bytes(height, width, vae_dtype) <= available:
+        return None
+    for side in DECODE_TILES:
+        tile = (min(height, side), min(width, side))
+        if decode_bytes(*tile, vae_dtype) <= available or side == DECODE_TILES[-1]:
+            stride = tuple(t if t == full else t - DECODE_OVERLAP for t, full in zip(tile, (height, width)))
+            return tile, stride
+    return None
 
 
 def available_memory(device: torch.device) -> int:

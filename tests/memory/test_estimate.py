@@ -1,0 +1,38 @@
+"""Memory estimates: decoding falls back to spatial tiles only when whole frames do not fit."""
+
+import torch
+
+from wanx.memory.estimate import GiB, decode_bytes, decode_tiles, estimate
+from wanx.configs import dit_config
+
+
+def test_decode_tiles_only_when_needed():
+    assert decode_tiles(480, 832, torch.float32, 16 * GiB) is None
+    tile, stride = decode_tiles(720, 1280, torch.float32, 6 * GiB)
+    assert tile == (512, 512) and stride == (448, 448) and decode_bytes(*tile) <= 6 * GiB < decode_bytes(720, 1280)
+    assert decode_tiles(720, 1280, torch.float32, 10) == ((256, 256), (192, 192))  # the smallest, even if short
+
+
+def test_estimate_counts_tiled_decoding():
+    cfg = dit_config("t2v-1.3B")
+    need = estimate(cfg, 720, 1280, 81, dtype=torch.bfloat16)
+    assert need.decode == decode_bytes(256, 256) < decode_bytes(720, 1280)
+    assert need.total == need.weights + max(need.denoise, need.decode) + need.video
+
+
+def test_pipeline_decodes_in_tiles_when_memory_is_short(tmp_path, monkeypatch):
+    import wanx.pipeline as pipeline
+
+    monkeypatch.setenv("WANX_HOME", str(tmp_path))
+    pipe = pipeline.WanPipeline.from_pretrained("tiny")
+    calls = []
+    decode = pipe.vae.decode
+    monkeypatch.setattr(pipe.vae, "decode", lambda x, **kw: calls.append(kw) or decode(x, **kw))
+    small = dict(height=48, width=320, num_frames=1, num_inference_steps=1, seed=0, progress=False)
+    whole = pipe("a cat", **small).frames
+    assert calls[-1]["tile_size"] is None
+    # As if the device had 280 MB free: whole 48x320 frames need 300 MB, 48x256 tiles 240 MB.
+    monkeypatch.setattr(pipeline, "available_memory", lambda device: 280 * 10**6)
+    tiled = pipe("a cat", **small).frames
+    assert calls[-1]["tile_size"] == (48, 256) and calls[-1]["tile_stride"] == (48, 192)
+    assert tiled.shape == whole.shape and abs(tiled.astype(int) - whole.astype(int)).mean() < 20
