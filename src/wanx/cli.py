@@ -185,9 +185,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                        guidance_scale=job["guidance"], shift=job["shift"], sampler=job["sampler"], seed=job["seed"])
         try:
             plan = plan_request(files.model_type, job["prompt"], job["negative_prompt"], names=FLAGS, **request)
+            # batch 1: guidance runs as two passes when one batch of two does not fit
             check_fits(files.dit_config, plan.height, plan.width, plan.num_frames, device=runtime.device,
-                       dtype=runtime.dtype, vae_dtype=runtime.vae_dtype, weights=weights,
-                       batch=2 if plan.negative_prompt is not None else 1)
+                       dtype=runtime.dtype, vae_dtype=runtime.vae_dtype, weights=weights, batch=1)
         except ValueError as err:
             raise ValueError(f"{job['where']}{err}") from None
         requests.append(request)

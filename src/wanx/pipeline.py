@@ -7,6 +7,7 @@ assembled here and the sampling loop is the same for all.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import sys
@@ -204,9 +205,17 @@ class WanPipeline:
                          prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, latents=latents,
                          output_type=output_type)
         # The resident weights are loaded already: what is left must hold this request's work.
-        need = check_fits(self.dit.config, plan.height, plan.width, plan.num_frames, device=self.device,
-                          dtype=input_dtype(self.dit.blocks[0].self_attn.q), vae_dtype=next(self.vae.parameters()).dtype,
-                          batch=2 if self.batch_cfg and plan.negative_prompt is not None else 1)
+        # Guidance runs as one batch of two when that fits, else as two passes (half the activations).
+        fit = functools.partial(check_fits, self.dit.config, plan.height, plan.width, plan.num_frames,
+                                device=self.device, dtype=input_dtype(self.dit.blocks[0].self_attn.q),
+                                vae_dtype=next(self.vae.parameters()).dtype)
+        batched = self.batch_cfg and plan.guidance != 1.0
+        try:
+            need = fit(batch=2 if batched else 1)
+        except ValueError:
+            if not batched:
+                raise
+            need, batched = fit(batch=1), False
         if self.runtime is not None and self.runtime.vram_budget == "auto":
             self.placement.set_dit_budget(auto_budget(self.placement.free_for_dit(), need.work))
         device = self.device
@@ -237,7 +246,7 @@ class WanPipeline:
                 sigmas, timesteps = sigmas[plan.steps - run:], timesteps[plan.steps - run:]
                 x = noise_to(x0, noise, float(sigmas[0]))
 
-            model_fn = self._velocity(context, context_null, plan.guidance, extra)
+            model_fn = self._velocity(context, context_null, plan.guidance, extra, batched)
             bar = _progress(len(timesteps), "denoising", progress)
             with self.placement.phase("dit"):
                 x = SAMPLERS[sampler](model_fn, x, sigmas, timesteps, callback=lambda i, n, _: bar.update(1))
@@ -312,7 +321,8 @@ class WanPipeline:
         mask = mask.view(1, mask.shape[1] // 4, 4, h // 8, w // 8).transpose(1, 2)  # [1, 4, F', h/8, w/8]
         return {"clip_features": clip, "y": torch.cat([mask, y], dim=1)}
 
-    def _velocity(self, context: Tensor, context_null: Tensor | None, guidance: float, extra: dict[str, Tensor]):
+    def _velocity(self, context: Tensor, context_null: Tensor | None, guidance: float, extra: dict[str, Tensor],
+                  batched: bool = True):
         dit = self.dit
 
         def run(x: Tensor, t: Tensor, ctx: Tensor, batch: int = 1) -> Tensor:
@@ -321,7 +331,7 @@ class WanPipeline:
 
         if context_null is None or guidance == 1.0:
             return lambda x, t: run(x, t, context)
-        if not self.batch_cfg:  # the negative pass keeps the image conditioning, as official
+        if not batched:  # the negative pass keeps the image conditioning, as official
             return guided(lambda x, t: run(x, t, context), lambda x, t: run(x, t, context_null), guidance)
 
         both = torch.cat([context, context_null])

@@ -36,3 +36,27 @@ def test_pipeline_decodes_in_tiles_when_memory_is_short(tmp_path, monkeypatch):
     tiled = pipe("a cat", **small).frames
     assert calls[-1]["tile_size"] == (48, 256) and calls[-1]["tile_stride"] == (48, 192)
     assert tiled.shape == whole.shape and abs(tiled.astype(int) - whole.astype(int)).mean() < 20
+
+
+def test_guidance_falls_back_to_two_passes_when_a_batch_of_two_does_not_fit(tmp_path, monkeypatch):
+    import wanx.pipeline as pipeline
+
+    monkeypatch.setenv("WANX_HOME", str(tmp_path))
+    pipe = pipeline.WanPipeline.from_pretrained("tiny")
+    small = dict(height=32, width=48, num_frames=5, num_inference_steps=2, seed=3, output_type="latents", progress=False)
+    batches = []
+    pipe.dit.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    batched = pipe("a cat", **small)
+    assert set(batches) == {2}
+    real_check = pipeline.check_fits
+
+    def short_of_memory_for_two(*args, batch, **kwargs):  # the tiny model's work is dominated by decoding
+        if batch == 2:
+            raise ValueError("does not fit")
+        return real_check(*args, batch=batch, **kwargs)
+
+    monkeypatch.setattr(pipeline, "check_fits", short_of_memory_for_two)
+    batches.clear()
+    two_pass = pipe("a cat", **small)
+    assert set(batches) == {1} and len(batches) == 4  # cond and uncond, per step
+    torch.testing.assert_close(two_pass, batched, rtol=1e-5, atol=1e-5 * batched.abs().max().item())
