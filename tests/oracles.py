@@ -4,6 +4,7 @@ checkpoint files written in the official, diffusers and ComfyUI layouts."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -37,6 +38,34 @@ def tiny_vae(seed: int = 0) -> WanVAE:
 
 def official_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+
+
+# -- comparing loaded copies --------------------------------------------------------------
+
+
+def assert_same_tensors(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], where: str = "") -> None:
+    """A loaded state dict is bit-identical to its source: same keys, dtypes and values.
+
+    Loading copies, renames, splits or fuses tensors but never computes them, so this is
+    exact on every machine. Check the weights here; compare outputs with `assert_same_outputs`."""
+    assert set(actual) == set(expected), (where, sorted(set(actual) ^ set(expected)))
+    for key, value in expected.items():
+        assert actual[key].dtype == value.dtype and torch.equal(actual[key], value), (where, key)
+
+
+def assert_same_outputs(actual: torch.Tensor, expected: torch.Tensor, where: str = "") -> None:
+    """Outputs of two different tensor copies of the same weights (a loaded model and its
+    source, or one model on two inputs of different shapes) agree to fp32 rounding.
+
+    They need not be bit-identical: a memory-mapped copy sits at another alignment, and a
+    different shape or alignment lets BLAS/oneDNN pick other kernels or summation orders
+    (up to 4.4e-7 of the output scale here). The stated bound, 1e-6 relative to the output's
+    scale (8 to 16 float32 ulps of its largest value), still catches wrong wiring: a swapped
+    or bf16-rounded tensor, or one bias off by 1e-4, moves tiny-DiT outputs by 2e-6 to 0.3 of
+    their scale. The weights themselves are checked bit for bit by `assert_same_tensors`.
+    Use torch.equal on outputs only where the very same tensors run the very same ops."""
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item(),
+                               msg=lambda m: f"{where}: {m}" if where else m)
 
 
 # -- diffusers oracles ----------------------------------------------------------------
@@ -114,8 +143,8 @@ def write_official_dit(folder: Path, model: WanDiT, shards: int = 1) -> Path:
             save_file({k: state[k] for k in part}, str(folder / name))
             weight_map.update({k: name for k in part})
         (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (folder / "config.json").write_text(json.dumps(official_config_json(model.config)))
+            json.dumps({"metadata": {}, "weight_map": weight_map}), encoding="utf-8")
+    (folder / "config.json").write_text(json.dumps(official_config_json(model.config)), encoding="utf-8")
     return folder
 
 
@@ -131,7 +160,7 @@ def write_comfy_dit(folder: Path, model: WanDiT, name: str = "wan2.1_tiny_bf16.s
     folder.mkdir(parents=True, exist_ok=True)
     state = {f"model.diffusion_model.{k}": (v.to(dtype) if dtype else v) for k, v in official_state(model).items()}
     save_file(state, str(folder / name))
-    (folder / "config.json").write_text(json.dumps({"num_heads": model.config.num_heads}))
+    (folder / "config.json").write_text(json.dumps({"num_heads": model.config.num_heads}), encoding="utf-8")
     return folder / name
 
 

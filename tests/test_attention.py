@@ -25,6 +25,7 @@ def test_sdpa_matches_reference_with_key_lengths():
 
 
 def test_backend_choice_falls_back_to_sdpa_on_cpu(monkeypatch, caplog):
+    monkeypatch.setattr(attn, "_backend", attn._backend)  # module state: restored after this test
     q = torch.randn(1, 4, 2, 8)
     for name in ("auto", "flash2", "flash3", "sage"):
         attn.set_attention_backend(name)

@@ -26,7 +26,8 @@ def tokenizer_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("umt5-tokenizer")
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}))
+        "tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}),
+        encoding="utf-8")
     return folder
 
 
@@ -71,7 +72,7 @@ def test_text_encoder_trims_pads_and_caches(tokenizer_dir, monkeypatch):
     calls = []
     monkeypatch.setattr(model, "forward", lambda *a: calls.append(a) or torch.zeros(1, 24, 32))
     again, _ = encoder.encode(["a cat walks"])
-    assert not calls and torch.equal(again[0], emb[0])  # cached: not encoded twice
+    assert not calls and torch.equal(again[0], emb[0])  # cached: the very same states, not encoded twice
 
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path):

@@ -5,8 +5,8 @@ from safetensors.torch import save_file
 
 import wanx
 from tests.oracles import (
-    official_state, tiny_dit, tiny_vae, write_comfy_dit, write_comfy_vae, write_diffusers_dit,
-    write_diffusers_vae, write_official_dit, write_official_vae,
+    assert_same_outputs, assert_same_tensors, official_state, tiny_dit, tiny_vae, write_comfy_dit, write_comfy_vae,
+    write_diffusers_dit, write_diffusers_vae, write_official_dit, write_official_vae,
 )
 from wanx.loading import CheckpointError, inspect_checkpoint
 
@@ -37,7 +37,8 @@ def test_dit_layouts_load_to_identical_outputs(tmp_path, name):
             loaded = wanx.load_model(path)
             assert loaded.config == model.config, layout
             assert not any(p.is_meta for p in loaded.parameters())
-            assert torch.equal(loaded(x, t, context, **extra), expected), layout
+            assert_same_tensors(loaded.state_dict(), model.state_dict(), layout)  # the weights: bit-identical
+            assert_same_outputs(loaded(x, t, context, **extra), expected, layout)  # another copy: fp32 rounding
             assert inspect_checkpoint(path).layout == layout.split("-")[0]
 
 
@@ -59,7 +60,8 @@ def test_vae_layouts_load_to_identical_outputs(tmp_path):
         expected = model.decode(model.encode(video))
         for layout, path in paths.items():
             loaded = wanx.load_model(path)
-            assert torch.equal(loaded.decode(loaded.encode(video)), expected), layout
+            assert_same_tensors(loaded.state_dict(), model.state_dict(), layout)
+            assert_same_outputs(loaded.decode(loaded.encode(video)), expected, layout)
     assert inspect_checkpoint(paths["diffusers"]).layout == "diffusers"
 
 
@@ -90,7 +92,7 @@ def test_comfy_fp8_scaled_is_dequantised(tmp_path):
     state[key.replace(".weight", ".scale_weight")] = scale.reshape(1)
     state["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
     save_file(state, str(tmp_path / "fp8.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({"num_heads": 2}))
+    (tmp_path / "config.json").write_text(json.dumps({"num_heads": 2}), encoding="utf-8")
     assert inspect_checkpoint(tmp_path / "fp8.safetensors").fp8_scaled
     loaded = wanx.load_model(tmp_path / "fp8.safetensors")
     original = model.blocks[0].ffn[0].weight
@@ -137,14 +139,14 @@ def test_missing_block(tmp_path):
     model = tiny_dit()
     state = {k: v for k, v in official_state(model).items() if not k.startswith("blocks.0.")}
     save_file(state, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({"num_heads": 2}))
+    (tmp_path / "config.json").write_text(json.dumps({"num_heads": 2}), encoding="utf-8")
     with pytest.raises(CheckpointError, match=r"missing \(blocks\.0\.") as err:
         wanx.load_model(tmp_path / "model.safetensors")
     assert "official layout" in str(err.value) and "model.safetensors" in str(err.value)
     # The last block gone: config.json's num_layers says it should be there.
     state = {k: v for k, v in official_state(model).items() if not k.startswith("blocks.1.")}
     save_file(state, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({"num_heads": 2, "num_layers": 2}))
+    (tmp_path / "config.json").write_text(json.dumps({"num_heads": 2, "num_layers": 2}), encoding="utf-8")
     with pytest.raises(CheckpointError, match=r"missing \(blocks\.1\."):
         wanx.load_model(tmp_path / "model.safetensors")
 
@@ -153,7 +155,7 @@ def test_mis_shaped_and_unexpected_tensors(tmp_path):
     state = official_state(tiny_dit())
     state["blocks.1.ffn.2.bias"] = torch.zeros(31)
     save_file(state, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({"num_heads": 2}))
+    (tmp_path / "config.json").write_text(json.dumps({"num_heads": 2}), encoding="utf-8")
     with pytest.raises(CheckpointError, match=r"mis-shaped \(blocks\.1\.ffn\.2\.bias \[31\]"):
         wanx.load_model(tmp_path / "model.safetensors")
     state = official_state(tiny_dit())
@@ -181,6 +183,6 @@ def test_pickle_with_code_is_refused(tmp_path, capsys):
 def test_missing_path_and_empty_folder(tmp_path):
     with pytest.raises(CheckpointError, match="no such file"):
         wanx.load_model(tmp_path / "nope.safetensors")
-    (tmp_path / "notes.txt").write_text("hi")
+    (tmp_path / "notes.txt").write_text("hi", encoding="utf-8")
     with pytest.raises(CheckpointError, match="no DiT weights found"):
         wanx.load_model(tmp_path)

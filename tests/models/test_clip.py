@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import wanx
-from tests.oracles import official_state, randomize
+from tests.oracles import assert_same_outputs, assert_same_tensors, official_state, randomize
 from wanx.loading import inspect_checkpoint
 from wanx.models.clip import CLIP_MEAN, CLIP_STD, CLIPVisionEncoder
 
@@ -79,9 +79,10 @@ def test_official_file_loads_and_skips_the_text_tower(tmp_path):
     assert "preset:     tiny" in info.summary() and "CLIP ViT image encoder" in info.summary()
     loaded = wanx.load_model(path)
     assert not any("textual" in k for k in loaded.state_dict())
+    assert_same_tensors(loaded.state_dict(), model.state_dict())
     images = torch.rand(1, 3, 30, 30) * 2 - 1
     with torch.no_grad():
-        assert torch.equal(loaded(images), model(images))
+        assert_same_outputs(loaded(images), model(images))
 
 
 def test_bad_images():
@@ -116,6 +117,8 @@ def test_transformers_and_comfy_files_load_to_identical_outputs(tmp_path, prefix
     save_file(state, str(path))
     info = inspect_checkpoint(path)
     assert (info.network, info.layout, info.config) == ("clip", "transformers", model.config)
+    loaded = wanx.load_model(path)
+    assert_same_tensors(loaded.state_dict(), model.state_dict())  # q/k/v fused back bit for bit
     images = torch.rand(2, 3, 33, 47) * 2 - 1
     with torch.no_grad():
-        assert torch.equal(wanx.load_model(path)(images), model(images))
+        assert_same_outputs(loaded(images), model(images))

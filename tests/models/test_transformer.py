@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tests.oracles import diffusers_dit, official_state, run_diffusers_dit, tiny_dit
+from tests.oracles import assert_same_outputs, diffusers_dit, official_state, run_diffusers_dit, tiny_dit
 from wanx.configs import DIT_PRESETS, dit_config
 from wanx.models.transformer import WanDiT, rope_axes, sinusoidal_embedding
 
@@ -35,12 +35,13 @@ def test_matches_diffusers(name):
 
 def test_text_is_padded_to_text_len_before_embedding():
     """Padding rows become text_embedding(0) and are attended: a shorter context must equal
-    the same context zero-padded by the caller."""
+    the same context zero-padded by the caller. The two inputs differ in shape before the
+    padding, so kernels may differ: equal to fp32 rounding, not bit for bit."""
     model = tiny_dit()
     x, t, context, _ = inputs(model.config)
     padded = torch.nn.functional.pad(context, (0, 0, 0, 100))
     with torch.no_grad():
-        assert torch.equal(model(x, t, context), model(x, t, padded))
+        assert_same_outputs(model(x, t, context), model(x, t, padded))
 
 
 def test_timestep_embedding_is_float64_cos_first():
