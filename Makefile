@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test test-shuffled install clean
 
 $(BIN)/.wanx-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,18 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The suite in two shuffled orders, to show no test depends on another having run first.
+# pyproject's addopts switch pytest-randomly off (`-p no:randomly`) so `make test` keeps file
+# order; `-p randomly` given after them switches it back on. Each seed shuffles the modules
+# and the tests within each module (module fixtures still run once). To rerun a failing
+# order: `$(BIN)/python -m pytest -q -p randomly --randomly-seed=N` (N from the `==` line).
+SEEDS ?= 1 2
+test-shuffled: install
+	@status=0; for seed in $(SEEDS); do \
+		echo "== shuffled order, --randomly-seed=$$seed"; \
+		$(BIN)/python -m pytest -q -p randomly --randomly-seed=$$seed || status=$$?; \
+	done; exit $$status
 
 clean:
 	rm -rf $(VENV)
