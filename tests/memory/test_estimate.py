@@ -60,3 +60,20 @@ def test_guidance_falls_back_to_two_passes_when_a_batch_of_two_does_not_fit(tmp_
     two_pass = pipe("a cat", **small)
     assert set(batches) == {1} and len(batches) == 4  # cond and uncond, per step
     torch.testing.assert_close(two_pass, batched, rtol=1e-5, atol=1e-5 * batched.abs().max().item())
+
+
+def test_auto_offload_streams_only_when_things_do_not_fit(capsys):
+    from wanx.memory.placement import auto_budget, load_devices, resolve_offload
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_offload("auto", cuda, weights=20 * GiB, work=3 * GiB, available=40 * GiB) == "none"
+    assert capsys.readouterr().err == ""
+    assert resolve_offload("auto", cuda, weights=30 * GiB, work=3 * GiB, available=22 * GiB) == "blocks"
+    line = capsys.readouterr().err
+    assert line.count("\n") == 1 and "streaming the DiT blocks" in line and "--offload none" in line
+    assert resolve_offload("auto", cpu, weights=30 * GiB, work=3 * GiB, available=22 * GiB) == "none"  # nowhere to stream from
+    assert resolve_offload("model", cuda, weights=1, work=1, available=10 * GiB) == "model"
+    assert auto_budget(10 * GiB, 3 * GiB) == 6 * GiB and auto_budget(GiB, 3 * GiB) == 0
+    where = load_devices("blocks", cuda, cpu)
+    assert where == {"dit": cpu, "vae": cuda, "t5": cpu, "clip": cpu}
+    assert load_devices("none", cuda, cuda)["dit"] == cuda and load_devices("model", cuda, cuda)["vae"] == cpu
