@@ -1,7 +1,6 @@
 """The rough edges a new user hits: every bad request fails at once, in one line that names
 the flag or file to fix, before any weight is loaded, leaving nothing behind."""
 
-import json
 import re
 import signal
 import struct

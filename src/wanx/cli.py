@@ -154,8 +154,6 @@ def _prepare_output(path: Path, created: list[Path]) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     import random
 
-    import torch
-
     from .hub import find_components, resolve_model
     from .memory.estimate import check_fits, weight_bytes
     from .memory.placement import device_weight_bytes
