@@ -152,6 +152,7 @@ class BlockStreamer:
 
     def __init__(self, model: nn.Module, device: torch.device | str, budget: int, *, prefetch: bool | None = None):
         self.model, self.device = model, torch.device(device)
+        object.__setattr__(model, "_wanx_streamer", self)  # other transforms ask (a fused LoRA cannot apply)
         self.units, self.pinned = stream_units(model)
         cuda = self.device.type == "cuda"
         self.prefetch = cuda if prefetch is None else prefetch
@@ -204,6 +205,7 @@ class BlockStreamer:
             hook.remove()
         for unit in self.units:
             unit.load(self.device)
+        object.__setattr__(self.model, "_wanx_streamer", None)
 
     # -- hooks -----------------------------------------------------------------------------
     def _enter(self, unit: Unit) -> None:
