@@ -10,13 +10,31 @@ from pathlib import Path
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .loading import inspect_checkpoint
+    from .loading import CheckpointError, inspect_checkpoint
+    from .lora import LoraError, read_lora
 
     for i, path in enumerate(args.paths):
         if i:
             print()
-        print(inspect_checkpoint(path).summary())
+        try:
+            print(inspect_checkpoint(path).summary())
+        except CheckpointError as err:
+            if "not a Wan2.1 checkpoint" not in str(err) and "unknown names" not in str(err):
+                raise
+            try:  # a LoRA file: say which base model it targets
+                print(read_lora(path).summary())
+            except LoraError:
+                raise err from None
     return 0
+
+
+def _lora_arg(text: str) -> tuple[str, float]:
+    """PATH or PATH:STRENGTH (the last colon, if a number follows it)."""
+    path, _, strength = text.rpartition(":")
+    try:
+        return (path, float(strength)) if path else (text, 1.0)
+    except ValueError:
+        return text, 1.0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -151,6 +169,27 @@ def _prepare_output(path: Path, created: list[Path]) -> None:
         raise PermissionError(f"{path}: cannot write there ({err.strerror or err}); choose another --output") from None
 
 
+def _check_loras(specs: list[tuple[str, float]], files) -> list:
+    """Read each --lora and check it against the model folder's DiT (built on the meta device:
+    shapes only), before any weight is loaded."""
+    import torch
+
+    from .lora import read_lora
+    from .lora.apply import match
+    from .models.transformer import WanDiT
+
+    if not specs:
+        return []
+    with torch.device("meta"):
+        dit = WanDiT(files.dit_config)
+    checked = []
+    for path, strength in specs:
+        lora = read_lora(path)
+        match(dit, lora)
+        checked.append((lora, strength))
+    return checked
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import random
 
@@ -175,6 +214,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     files = find_components(resolve_model(args.model, source=args.source), dit=args.dit)
     per_network = weight_bytes(files.parameter_counts(), runtime.dtype, runtime.vae_dtype, fp8=bool(runtime.quantize))
     weights = device_weight_bytes(runtime.offload, runtime.device, per_network)
+    loras = _check_loras(args.lora or [], files)
     requests = []
     for job in jobs:
         width, height = job["size"] or (None, None)
@@ -198,6 +238,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         pipe = WanPipeline.from_files(files, runtime=runtime, progress=not args.quiet)
         pipe.name = args.model
+        for lora, strength in loras:
+            report = pipe.load_lora(lora, strength)  # read and checked already
+            print(report, file=sys.stderr)
         if not args.quiet:
             print(f"loading: {time.perf_counter() - start:.1f} s ({files.model_type} on {runtime.device}, "
                   f"{str(runtime.dtype).removeprefix('torch.')})", file=sys.stderr)
@@ -277,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "the memory of bf16, small quality cost")
     mem.add_argument("--t5-device", metavar="DEVICE", help="run the umT5 text encoder here, e.g. cpu (the official "
                                                            "--t5_cpu): frees ~11 GB of GPU memory")
+    gen.add_argument("--lora", metavar="PATH[:STRENGTH]", type=_lora_arg, action="append",
+                     help="apply a LoRA (any format: ComfyUI, kohya/musubi, diffusers, DiffSynth, LoHa/LoKr) with a "
+                          "strength (default 1.0); repeat to stack")
     gen.add_argument("--dit", metavar="FILE", help="the DiT checkpoint to use when the model folder holds several")
     gen.add_argument("--source", default="huggingface", choices=["huggingface", "modelscope"], help="where model ids come from")
     gen.add_argument("--quiet", "-q", action="store_true", help="no progress output")

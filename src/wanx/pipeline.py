@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .lora import LoraReport, apply_lora, loaded_loras, remove_lora, set_lora_strength
 from .memory.estimate import available_memory, check_fits, decode_tiles, estimate, weight_bytes
 from .memory.placement import Placement, auto_budget, load_devices, resolve_offload
 from .models.transformer import input_dtype
@@ -269,9 +270,28 @@ class WanPipeline:
                         sampler=sampler, generator="wanx")
         if plan.task == "v2v":
             metadata["strength"] = strength
+        if loaded_loras(self.dit):
+            metadata["loras"] = [{"name": name, "strength": entry.strength, "sha256": entry.lora.sha256,
+                                  "file": entry.lora.path.name if entry.lora.path else None}
+                                 for name, entry in loaded_loras(self.dit).items()]
         return Video(frames.permute(1, 2, 3, 0).cpu().numpy(), fps=FPS, metadata=metadata)
 
     # -------------------------------------------------------------------------------------
+    def load_lora(self, path: str | Path, strength: float = 1.0, *, name: str | None = None,
+                  fuse: bool | None = None) -> LoraReport:
+        """Apply a LoRA file (any format `wanx.lora` reads) to the DiT; call again to stack.
+        fuse: default merged into the weights on a resident bf16/fp32 model, live (added at
+        run time) on an FP8 or streamed one. A LoRA that does not fit this model is an error
+        and changes nothing."""
+        return apply_lora(self.dit, path, strength, fuse=fuse, name=name)
+
+    def set_lora_strength(self, name: str, strength: float) -> None:
+        set_lora_strength(self.dit, name, strength)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA (or all): fused weights come back bit for bit."""
+        remove_lora(self.dit, name)
+
     def plan(self, prompt=None, negative_prompt=None, **kwargs) -> _Plan:
         """Check every input and resolve the defaults; raises ValueError with one clear line."""
         return plan_request(self.model_type, prompt, negative_prompt, has_text_encoder=self.text_encoder is not None,

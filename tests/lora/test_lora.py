@@ -247,3 +247,44 @@ def test_misfits_are_errors_and_change_nothing(base, tmp_path):
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"blocks.0.self_attn.q.lora_A.default.weight": down}, "x": Payload()}, evil)
     fails(evil, "weights_only=True")
+
+
+def test_cli_lora_flag_info_and_metadata(tmp_path, capsys, monkeypatch):
+    import av
+    import numpy as np
+
+    from wanx.cli import main
+    from wanx.video import read_video
+
+    monkeypatch.setenv("WANX_HOME", str(tmp_path / "home"))
+    model = tiny_dit()
+    path = tmp_path / "style.safetensors"
+    save_file(write("kohya", factors(model)), str(path))
+    args = ["generate", "--model", "tiny", "--prompt", "a cat", "--size", "64x48", "--frames", "5", "--steps", "2",
+            "--seed", "1", "--quiet"]
+    assert main([*args, "-o", str(tmp_path / "plain.mp4")]) == 0
+    assert main([*args, "--lora", f"{path}:0.8", "-o", str(tmp_path / "lora.mp4")]) == 0
+    err = capsys.readouterr().err
+    assert f"LoRA style: kohya format, {len(factors(model))}/{len(factors(model))} modules matched, rank 4, strength 0.8, fused" in err
+    plain, styled = (read_video(tmp_path / f"{n}.mp4").frames.astype(int) for n in ("plain", "lora"))
+    assert np.abs(plain - styled).mean() > 1
+    with av.open(str(tmp_path / "lora.mp4")) as container:
+        assert '"strength": 0.8' in container.metadata["loras"] and "style.safetensors" in container.metadata["loras"]
+
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "format:     kohya" in out and "rank:       4" in out and "width 32" in out
+
+    big = tmp_path / "14b.safetensors"
+    save_file({"diffusion_model.blocks.39.ffn.0.lora_A.weight": torch.zeros(4, 5120),
+               "diffusion_model.blocks.39.ffn.0.lora_B.weight": torch.zeros(13824, 4)}, str(big))
+
+    def refuse(*a, **k):
+        raise AssertionError("weights were loaded before the LoRA was refused")
+
+    from wanx.pipeline import WanPipeline
+
+    monkeypatch.setattr(WanPipeline, "from_files", refuse)
+    assert main([*args, "--lora", str(big), "-o", str(tmp_path / "x.mp4")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "targets a 40-block model (Wan2.1 14B)" in err
