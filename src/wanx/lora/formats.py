@@ -27,26 +27,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..loading.layouts import DIFFUSERS_DIT, rename
+
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.")
 
-# diffusers module names -> official ones (whole dotted components, applied in order).
-_DIFFUSERS = [
-    (r"^condition_embedder\.time_embedder\.linear_1\b", "time_embedding.0"),
-    (r"^condition_embedder\.time_embedder\.linear_2\b", "time_embedding.2"),
-    (r"^condition_embedder\.time_proj\b", "time_projection.1"),
-    (r"^condition_embedder\.text_embedder\.linear_1\b", "text_embedding.0"),
-    (r"^condition_embedder\.text_embedder\.linear_2\b", "text_embedding.2"),
-    (r"^condition_embedder\.image_embedder\.norm1\b", "img_emb.proj.0"),
-    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj\b", "img_emb.proj.1"),
-    (r"^condition_embedder\.image_embedder\.ff\.net\.2\b", "img_emb.proj.3"),
-    (r"^condition_embedder\.image_embedder\.norm2\b", "img_emb.proj.4"),
-    (r"^proj_out\b", "head.head"),
-    (r"\.attn1\.", ".self_attn."), (r"\.attn2\.", ".cross_attn."),
-    (r"\.to_q$", ".q"), (r"\.to_k$", ".k"), (r"\.to_v$", ".v"), (r"\.to_out\.0$", ".o"),
-    (r"\.add_k_proj$", ".k_img"), (r"\.add_v_proj$", ".v_img"), (r"\.norm_added_k$", ".norm_k_img"),
-    (r"\.ffn\.net\.0\.proj$", ".ffn.0"), (r"\.ffn\.net\.2$", ".ffn.2"),
-    (r"^(blocks\.\d+)\.norm2$", r"\1.norm3"),
-]
+# Module names that only diffusers uses; such LoRAs map through the checkpoint loader's diffusers table.
 _DIFFUSERS_MARKERS = ("attn1", "attn2", "to_q", "to_out", "ffn.net", "condition_embedder", "proj_out", "add_k_proj")
 
 # kohya flattens dots to underscores; official module names rebuilt by pattern.
@@ -298,7 +283,9 @@ def _parse_key(key: str) -> tuple[str, str, str] | None:
                 return re.sub(pattern, repl, stem), role, fmt or "kohya"
         return None
     if any(marker in stem for marker in _DIFFUSERS_MARKERS):
-        for pattern, repl in _DIFFUSERS:
-            stem = re.sub(pattern, repl, stem)
-        return stem, role, fmt or "diffusers"
+        try:
+            official = rename(f"{stem}.weight", DIFFUSERS_DIT)
+        except KeyError:
+            return None
+        return (official.removesuffix(".weight"), role, fmt or "diffusers") if isinstance(official, str) else None
     return stem, role, fmt or "official"
