@@ -20,12 +20,17 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 
 
-def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_weight(weight: Tensor, rows: int = 256) -> tuple[Tensor, Tensor]:
     """`[out, in]` -> (float8_e4m3fn `[out, in]`, float32 scale `[out]`), per output channel:
-    each row's largest magnitude maps to 448."""
-    w = weight.float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX
-    return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    each row's largest magnitude maps to 448. Done `rows` rows at a time into the fp8 output, so
+    the float32 temporaries stay small (a 14B FFN weight in one piece would need three 280 MB
+    copies, which the allocator then keeps)."""
+    scale = weight.abs().amax(dim=1).float().clamp(min=1e-12) / FP8_MAX
+    out = torch.empty(weight.shape, dtype=FP8, device=weight.device)
+    for start in range(0, weight.shape[0], rows):
+        chunk = weight[start:start + rows].float() / scale[start:start + rows, None]
+        out[start:start + rows] = chunk.clamp_(-FP8_MAX, FP8_MAX)
+    return out, scale
 
 
 class FP8Linear(nn.Module):
@@ -54,8 +59,10 @@ class FP8Linear(nn.Module):
         if weight.dtype == FP8:
             q = weight
             s = torch.ones(self.out_features) if scale is None else scale.float().reshape(-1).expand(self.out_features)
-        else:  # float, or float8_e5m2 (dequantised first: its range differs)
-            q, s = quantize_weight(weight.float() * (1.0 if scale is None else scale.float().reshape(-1, 1)))
+        elif scale is None:  # a float weight
+            q, s = quantize_weight(weight)
+        else:  # float8_e5m2 with its scale: dequantised first (its range differs)
+            q, s = quantize_weight(weight.float() * scale.float().reshape(-1, 1))
         self.weight = nn.Parameter(q, requires_grad=False)
         self.scale = nn.Parameter(s.to(q.device).contiguous(), requires_grad=False)
         if bias is not None:
