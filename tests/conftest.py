@@ -4,6 +4,7 @@ and whatever ran before it (file order, or the shuffled orders of `make test-shu
 from __future__ import annotations
 
 import random
+import signal
 
 import numpy as np
 import pytest
@@ -29,3 +30,19 @@ def _private_wanx_home(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANX_HOME", str(tmp_path_factory.mktemp("wanx-home-session")))
         yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sigint_not_ignored():
+    """A suite started in the background (`cmd &` in a script, nohup, some CI runners) has
+    SIGINT ignored, and so would every process a test starts: a Ctrl-C test's child would
+    ignore the SIGINT and run to completion. Handle SIGINT as an interactive Python does for
+    the run; exec resets a handled signal to its default in the children."""
+    if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
