@@ -11,7 +11,8 @@ from wanx.cli import main
 def test_help_does_not_import_torch():
     code = "import sys, wanx.cli; assert 'torch' not in sys.modules, 'torch imported at start-up'"
     subprocess.run([sys.executable, "-c", code], check=True)
-    out = subprocess.run([sys.executable, "-m", "wanx", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "wanx", "--help"], capture_output=True, text=True, encoding="utf-8",
+                         check=True).stdout
     assert "info" in out and "demo" in out
 
 

@@ -57,7 +57,7 @@ def test_tokenizer_has_a_fixed_vocabulary(homes):
     from wanx.models.t5 import UMT5Encoder
     from wanx.text import Tokenizer
 
-    data = json.loads((homes[0] / "tiny" / "google" / "umt5-xxl" / "tokenizer.json").read_text())
+    data = json.loads((homes[0] / "tiny" / "google" / "umt5-xxl" / "tokenizer.json").read_text(encoding="utf-8"))
     vocab = data["model"]["vocab"]
     assert len(vocab) == UMT5Encoder("tiny").config.vocab
     assert [piece for piece, _ in vocab[:3]] == ["<pad>", "</s>", "<unk>"] and data["model"]["unk_id"] == 2
@@ -91,7 +91,7 @@ def test_a_set_made_by_another_recipe_is_made_again(homes, tmp_path, monkeypatch
     else:
         old = {"wanx_tiny_version": TINY_VERSION - 1, "task": "t2v", "seed": 0}
         (folder / STAMP).write_text(json.dumps(old if stamp == "old" else {**old, "wanx_tiny_version": TINY_VERSION,
-                                                                           "task": "i2v"}))
+                                                                           "task": "i2v"}), encoding="utf-8")
     assert tiny_model_dir("tiny") == folder
     assert _digests(folder) == _digests(homes[0] / "tiny")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # replaced atomically, nothing left over

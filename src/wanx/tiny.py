@@ -98,7 +98,7 @@ def _stamp(task: str, seed: int = 0) -> dict:
 
 def _read_stamp(folder: Path) -> dict | None:
     try:
-        return json.loads((folder / STAMP).read_text())
+        return json.loads((folder / STAMP).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 

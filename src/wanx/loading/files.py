@@ -82,7 +82,7 @@ def open_checkpoint(path: str | Path) -> TensorStore:
     config = files[0].parent / "config.json"
     if config.is_file():
         try:
-            store.config_json = json.loads(config.read_text())
+            store.config_json = json.loads(config.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{config}: not valid JSON ({err})") from err
     if not store.shapes:
@@ -130,7 +130,7 @@ def _resolve_folder(folder: Path) -> list[Path]:
 
 def _shards_from_index(index: Path) -> list[Path]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise DamagedCheckpoint(f"{index}: not a safetensors shard index ({err})") from err
     files = [index.parent / name for name in dict.fromkeys(weight_map.values())]

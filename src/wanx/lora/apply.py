@@ -219,14 +219,12 @@ def _refuse(dit: nn.Module, targets: set) -> None:
         if not contributions:
             continue
         _stash(target)
-        weight, bias = _float_weights(target)
+        weight, bias = _float_weights(target)  # may be the original tensors themselves: never written
         for entry, name in contributions:
             module = entry.lora.modules[name]
-            delta = module.delta()
-            if delta is not None:
-                weight += entry.strength * delta.to(weight.device).reshape(weight.shape)
+            weight = module.added_to(weight, entry.strength)
             if "diff_b" in module.parts and bias is not None:
-                bias += entry.strength * module.parts["diff_b"].to(bias.device, torch.float32)
+                bias = bias + entry.strength * module.parts["diff_b"].to(bias.device, torch.float32)
         _set_weights(target, weight, bias)
 
 
@@ -254,12 +252,13 @@ def _restore(target) -> None:
 
 
 def _float_weights(target) -> tuple[Tensor, Tensor | None]:
+    """The weight and bias in float32, without a copy when they are float32 already."""
     if isinstance(target, FP8Linear):
         weight = target.weight.float() * target.scale[:, None]
     else:
-        weight = (target.weight if isinstance(target, nn.Module) else target).detach().float().clone()
+        weight = (target.weight if isinstance(target, nn.Module) else target).detach().float()
     bias = getattr(target, "bias", None) if isinstance(target, nn.Module) else None
-    return weight, (None if bias is None else bias.detach().float().clone())
+    return weight, (None if bias is None else bias.detach().float())
 
 
 def _set_weights(target, weight: Tensor, bias: Tensor | None) -> None:

@@ -111,6 +111,15 @@ class LoraModule:
             return 1.0
         return (self.alpha if self.alpha is not None else rank) / rank
 
+    def added_to(self, weight: Tensor, strength: float) -> Tensor:
+        """A new float32 tensor: weight + strength * delta (one fused op for a low-rank LoRA)."""
+        if self.kind == "lora" and self.parts["down"].ndim == 2:
+            down = self.parts["down"].to(weight.device, torch.float32)
+            up = self.parts["up"].to(weight.device, torch.float32)
+            return torch.addmm(weight, up, down, alpha=strength * self.scale)
+        delta = self.delta()
+        return weight if delta is None else weight + strength * delta.to(weight.device).reshape(weight.shape)
+
     def delta(self) -> Tensor | None:
         """The full weight delta in float32, scale included (None for a bias-only module)."""
         p = {k: v.float() for k, v in self.parts.items()}
