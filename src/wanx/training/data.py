@@ -1,0 +1,371 @@
+"""Training data: a folder of videos and images with captions, read into items, sorted into
+(height, width, frames) buckets, and each item loaded as uint8 frames that fit its bucket.
+
+Pure data handling: no model, no tensors on a device. `wanx prepare` calls these, encodes the
+frames with the VAE and the captions with T5, and caches the latents per bucket.
+
+Two dataset layouts are read (the ones users bring from DiffSynth and musubi-tuner):
+
+    folder/metadata.csv          file_name,text   (or folder/train/metadata.csv; names relative to it)
+    folder/clip.mp4 + clip.txt   a caption file of the same stem beside each video or image
+
+Nothing is dropped silently: a file that cannot be used is skipped with a reason in words,
+collected in a `DatasetReport` (users lose hours to buckets dropped without a word).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+
+from wanx.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_image, read_video
+
+METADATA = "metadata.csv"
+COLUMNS = ("file_name", "text")
+AREA_480P = 832 * 480
+# (width, height) ratios; landscape, square and portrait, so no clip loses much to the crop.
+ASPECTS = ((16, 9), (3, 2), (4, 3), (1, 1), (3, 4), (2, 3), (9, 16))
+FRAME_COUNTS = (17, 33, 49, 65, 81)  # 4k+1: the VAE packs 1 + 4k frames into 1 + k latents
+FPS = 16  # Wan2.1's training and output frame rate
+
+Kind = Literal["video", "image"]
+Mode = Literal["start", "uniform"]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One training example: a video or image file and its caption. Images are 1-frame videos."""
+
+    path: Path
+    caption: str
+    kind: Kind = "video"
+
+
+@dataclass(frozen=True)
+class Clip:
+    """An item with its size and length, read from the file's header (see `probe`)."""
+
+    item: Item
+    height: int
+    width: int
+    frame_count: int
+    fps: float
+
+
+class Bucket(NamedTuple):
+    """Every example in a bucket is loaded at this size, so a batch stacks into one tensor."""
+
+    height: int
+    width: int
+    num_frames: int
+
+
+class SkippedItem(ValueError):
+    """An item that cannot be used (unreadable, corrupt, too short); `reason` says why in words."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class DatasetReport:
+    """The files left out of training, each with the reason, for one summary line to the user."""
+
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def add(self, path: str | Path, reason: str) -> None:
+        self.skipped.append((Path(path), reason))
+
+    def summary(self, shown: int = 3) -> str:
+        """One line: how many files were skipped and why, the first `shown` by name."""
+        if not self.skipped:
+            return "no files skipped"
+        listed = "; ".join(f"{path.name} ({reason})" for path, reason in self.skipped[:shown])
+        more = f"; and {len(self.skipped) - shown} more" if len(self.skipped) > shown else ""
+        noun = "file" if len(self.skipped) == 1 else "files"
+        return f"{len(self.skipped)} {noun} skipped: {listed}{more}"
+
+
+# ----------------------------------------------------------------------------- finding items
+
+
+def find_items(folder: str | Path, report: DatasetReport | None = None) -> list[Item]:
+    """The dataset's items, from `metadata.csv` (in `folder` or `folder/train`) if there is one,
+    else from each video/image with a same-stem `.txt` caption (searched recursively).
+
+    Files that cannot be used (a csv row naming a missing file, a video without a caption)
+    are added to `report` with the reason; without a report the first one raises, so nothing
+    is left out silently either way."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such dataset folder")
+    strict = report is None
+    report = report if report is not None else DatasetReport()
+    csv_path = next((p for p in (folder / METADATA, folder / "train" / METADATA) if p.is_file()), None)
+    items = _items_from_csv(csv_path, report) if csv_path else _items_from_captions(folder, report)
+    if strict and report.skipped:
+        path, reason = report.skipped[0]
+        raise ValueError(f"{path}: {reason}")
+    if not items:
+        if report.skipped:
+            raise ValueError(f"{folder}: no usable items; {report.summary()}")
+        raise ValueError(f"{folder}: empty dataset; give a {METADATA} with columns file_name,text, "
+                         f"or video/image files each with a same-name .txt caption")
+    return items
+
+
+def _items_from_csv(csv_path: Path, report: DatasetReport) -> list[Item]:
+    """Rows of `file_name,text`; quoted fields may hold commas and newlines. `utf-8-sig`
+    because spreadsheet programs start their UTF-8 exports with a byte-order mark."""
+    items = []
+    with open(csv_path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        if not set(COLUMNS) <= set(columns):
+            raise ValueError(f"{csv_path}: needs columns file_name,text; it has {','.join(columns) or 'none'}")
+        reader.fieldnames = columns
+        for row in reader:
+            name = (row["file_name"] or "").strip()
+            where = f"{csv_path.name} line {reader.line_num}"
+            path = csv_path.parent / name
+            if not name:
+                report.add(csv_path, f"{where}: empty file_name")
+            elif not path.is_file():
+                report.add(path, f"{where}: no such file {name}")
+            elif (kind := _kind(path)) is None:
+                report.add(path, f"{where}: not a video or image ({path.suffix or 'no suffix'})")
+            else:
+                items.append(Item(path, (row["text"] or "").strip(), kind))
+    return items
+
+
+def _items_from_captions(folder: Path, report: DatasetReport) -> list[Item]:
+    items = []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or _kind(path) is None or _hidden(path.relative_to(folder)):
+            continue
+        caption = path.with_suffix(".txt")
+        if not caption.is_file():
+            report.add(path, f"no caption file {caption.name}")
+            continue
+        items.append(Item(path, caption.read_text(encoding="utf-8-sig").strip(), _kind(path)))
+    return items
+
+
+def _kind(path: Path) -> Kind | None:
+    suffix = path.suffix.lower()
+    return "video" if suffix in VIDEO_SUFFIXES else "image" if suffix in IMAGE_SUFFIXES else None
+
+
+def _hidden(relative: Path) -> bool:
+    """Dot-files and dot-folders (.partial writes, .cache) are not dataset files."""
+    return any(part.startswith(".") for part in relative.parts)
+
+
+# ------------------------------------------------------------------- frame sampling and sizing
+
+
+def sample_frames(frames: np.ndarray, fps: float, *, num_frames: int, target_fps: float | None = FPS,
+                  frame_stride: int | None = None, mode: Mode = "start") -> np.ndarray | None:
+    """`num_frames` of `frames` `[F, H, W, 3]`, or None when the clip is too short.
+
+    The clip is first resampled to `target_fps` (the nearest source frame for each output time,
+    ties to the earlier one), or, with `frame_stride`, every `frame_stride`-th frame is taken
+    instead. Then `mode="start"` takes the first `num_frames`; `mode="uniform"` spreads them
+    evenly from the first to the last, so the whole clip is seen (at a faster pace when it is
+    longer than `num_frames / target_fps` seconds)."""
+    _check_frame_count(num_frames)
+    if mode not in ("start", "uniform"):
+        raise ValueError(f"mode must be 'start' or 'uniform', got {mode!r}")
+    index = resample_index(len(frames), fps, target_fps=target_fps, frame_stride=frame_stride)
+    if len(index) < num_frames:
+        return None
+    if mode == "start":
+        return frames[index[:num_frames]]
+    return frames[index[np.floor(np.linspace(0, len(index) - 1, num_frames) + 0.5).astype(int)]]
+
+
+def resample_index(count: int, fps: float, *, target_fps: float | None = FPS,
+                   frame_stride: int | None = None) -> np.ndarray:
+    """Source frame indices of a `count`-frame clip at `fps` seen at `target_fps` (or every
+    `frame_stride`-th frame); the same rule as `read_video(fps=...)`, so both agree."""
+    if frame_stride is not None:
+        if frame_stride < 1:
+            raise ValueError(f"frame_stride must be at least 1, got {frame_stride}")
+        return np.arange(0, count, frame_stride)
+    if target_fps is None or abs(target_fps - fps) < 1e-3:
+        return np.arange(count)
+    n = math.ceil(count * target_fps / fps - 1e-6)  # output times k / target_fps within the clip
+    source = np.arange(n) * (fps / target_fps)  # in source frames
+    return np.clip(np.ceil(source + 0.5 - 1e-6).astype(int) - 1, 0, count - 1)
+
+
+def resize_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Frames `[F, H, W, 3]` uint8 scaled (aspect kept) to cover `height x width`, then
+    centre-cropped to it. Bicubic with antialiasing, so downscaled frames do not alias."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = frames.shape[1:3]
+    if (h, w) == (height, width):
+        return frames
+    scale = max(height / h, width / w)
+    size = (max(height, round(h * scale)), max(width, round(w * scale)))
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    out = np.empty((len(frames), height, width, 3), dtype=np.uint8)
+    for start in range(0, len(frames), 16):  # 16 frames at a time: 81 float 1080p frames are 2 GB
+        chunk = torch.from_numpy(frames[start:start + 16]).permute(0, 3, 1, 2).float()
+        chunk = F.interpolate(chunk, size=size, mode="bicubic", antialias=True, align_corners=False)
+        chunk = chunk[:, :, top:top + height, left:left + width].round().clamp(0, 255)
+        out[start:start + 16] = chunk.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out
+
+
+def _check_frame_count(num_frames: int) -> None:
+    if num_frames < 1 or (num_frames - 1) % 4:
+        raise ValueError(f"num_frames must be 4k+1 (1, 5, ..., 81), got {num_frames}")
+
+
+# ------------------------------------------------------------------------------------ buckets
+
+
+def bucket_size(aspect: float, area: int = AREA_480P) -> tuple[int, int]:
+    """(height, width) for height/width = `aspect` within `area`, multiples of 16: the rule of
+    `pipeline._size_for_image`, the official I2V sizing, so training and inference sizes agree."""
+    lat_h = round(math.sqrt(area * aspect) // 8 // 2 * 2)
+    lat_w = round(math.sqrt(area / aspect) // 8 // 2 * 2)
+    if min(lat_h, lat_w) < 2:
+        raise ValueError(f"area {area} leaves a side under 16 pixels at aspect {aspect:.3g}; give a larger area")
+    return lat_h * 8, lat_w * 8
+
+
+def probe(item: Item) -> Clip:
+    """The item's size and frame count from the file header, without decoding the frames
+    (a container that does not store its frame count is decoded once to count them)."""
+    if item.kind == "image":
+        from PIL import Image
+
+        try:
+            with Image.open(item.path) as img:
+                return Clip(item, img.height, img.width, 1, FPS)
+        except (OSError, ValueError) as err:
+            raise SkippedItem(f"not a readable image ({err})") from None
+    import av
+
+    try:
+        with av.open(str(item.path)) as container:
+            if not container.streams.video:
+                raise SkippedItem("no video stream")
+            stream = container.streams.video[0]
+            # rounded as `read_video` rounds it, so a bucket's frame count is what `load_item` finds
+            fps = float(round(stream.average_rate or stream.guessed_rate or FPS))
+            count = stream.frames or sum(1 for _ in container.decode(stream))
+            height, width = stream.codec_context.height, stream.codec_context.width
+    except (av.error.FFmpegError, OSError) as err:
+        raise SkippedItem(f"not a readable video ({err})") from None
+    if not count or not height or not width:
+        raise SkippedItem("the video has no frames")
+    return Clip(item, height, width, count, fps)
+
+
+def assign_buckets(clips: Iterable[Clip], *, area: int = AREA_480P,
+                   aspects: Sequence[tuple[int, int]] = ASPECTS, frame_counts: Sequence[int] = FRAME_COUNTS,
+                   target_fps: float | None = FPS, frame_stride: int | None = None, min_items: int = 1,
+                   report: DatasetReport | None = None) -> dict[Bucket, list[Clip]]:
+    """Clips sorted into buckets: the size of the nearest of `aspects` (width:height) within
+    `area`, and the largest of `frame_counts` the clip holds at `target_fps`; images get 1 frame.
+
+    A bucket with fewer than `min_items` clips is merged into the nearest other bucket (nearest
+    aspect, then frame count) that its clips can fill: one with fewer or as many frames, of the
+    same kind (video/image). A bucket with no such neighbour is kept as it is, never dropped.
+    Videos too short for the smallest frame count go to `report` (without one, they raise)."""
+    for n in frame_counts:
+        _check_frame_count(n)
+    sizes = [bucket_size(h / w, area) for w, h in aspects]
+    buckets: dict[Bucket, list[Clip]] = {}
+    for clip in clips:
+        height, width = min(sizes, key=lambda s: _aspect_distance(s[0] / s[1], clip.height / clip.width))
+        try:
+            frames = 1 if clip.item.kind == "image" else _frame_bucket(clip, frame_counts, target_fps, frame_stride)
+        except SkippedItem as err:
+            if report is None:
+                raise ValueError(f"{clip.item.path}: {err.reason}") from None
+            report.add(clip.item.path, err.reason)
+            continue
+        buckets.setdefault(Bucket(height, width, frames), []).append(clip)
+    _merge_small(buckets, min_items)
+    return dict(sorted(buckets.items()))
+
+
+def _frame_bucket(clip: Clip, frame_counts: Sequence[int], target_fps: float | None,
+                  frame_stride: int | None) -> int:
+    available = len(resample_index(clip.frame_count, clip.fps, target_fps=target_fps, frame_stride=frame_stride))
+    fitting = [n for n in frame_counts if n <= available]
+    if not fitting:
+        raise SkippedItem(_too_short(available, min(frame_counts), clip.fps, target_fps, frame_stride))
+    return max(fitting)
+
+
+def _merge_small(buckets: dict[Bucket, list[Clip]], min_items: int) -> None:
+    """Merge under-filled buckets, smallest first, until none has a neighbour to go to."""
+    while True:
+        small = [b for b in buckets if len(buckets[b]) < min_items and _targets(b, buckets)]
+        if not small:
+            return
+        source = min(small, key=lambda b: (len(buckets[b]), b))
+        target = min(_targets(source, buckets), key=lambda b: (
+            _aspect_distance(b.height / b.width, source.height / source.width),
+            source.num_frames - b.num_frames, b))
+        buckets[target].extend(buckets.pop(source))
+
+
+def _targets(source: Bucket, buckets: dict[Bucket, list[Clip]]) -> list[Bucket]:
+    """Buckets the source's clips can fill: no more frames than they hold, and images stay
+    with images (a 1-frame bucket of video stills would train a different thing)."""
+    return [b for b in buckets if b != source and b.num_frames <= source.num_frames
+            and (b.num_frames == 1) == (source.num_frames == 1)]
+
+
+def _aspect_distance(a: float, b: float) -> float:
+    """Aspect ratios compared on a log scale, so 2:1 and 1:2 are equally far from 1:1."""
+    return abs(math.log(a / b))
+
+
+def _too_short(available: int, needed: int, fps: float, target_fps: float | None, frame_stride: int | None) -> str:
+    if frame_stride is not None:
+        return f"{available} frames at stride {frame_stride}, needs {needed}"
+    return f"{available} frames at {target_fps or fps:g} fps, needs {needed}"
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def load_item(item: Item, *, height: int, width: int, num_frames: int, target_fps: float | None = FPS,
+              frame_stride: int | None = None, mode: Mode = "start") -> np.ndarray:
+    """The item as uint8 frames `[num_frames, height, width, 3]`, sampled (`sample_frames`) and
+    resized and centre-cropped (`resize_crop`); raises `SkippedItem` with the reason for a
+    file that is unreadable, corrupt or too short."""
+    _check_frame_count(num_frames)
+    try:
+        if item.kind == "image":
+            frames, fps = read_image(item.path)[None], float(target_fps or FPS)
+        else:
+            video = read_video(item.path)
+            frames, fps = video.frames, float(video.fps)
+    except (ValueError, OSError) as err:
+        raise SkippedItem(str(err).removeprefix(f"{item.path}: ")) from None
+    sampled = sample_frames(frames, fps, num_frames=num_frames, target_fps=target_fps,
+                            frame_stride=frame_stride, mode=mode)
+    if sampled is None:
+        available = len(resample_index(len(frames), fps, target_fps=target_fps, frame_stride=frame_stride))
+        if item.kind == "image":
+            raise SkippedItem(f"an image is 1 frame, needs {num_frames}")
+        raise SkippedItem(_too_short(available, num_frames, fps, target_fps, frame_stride))
+    return resize_crop(sampled, height, width)
