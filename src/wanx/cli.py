@@ -256,6 +256,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .hub import find_components, resolve_model
+    from .runtime import Runtime
+    from .training.prepare import prepare
+
+    if args.frames < 1 or (args.frames - 1) % 4:
+        raise ValueError(f"--frames {args.frames} must be 4k+1 (e.g. 17, 33, 81)")
+    if min(args.size) <= 0 or any(v % 16 for v in args.size):
+        raise ValueError(f"--size {args.size[0]}x{args.size[1]}: width and height must be positive multiples of 16")
+    runtime = Runtime.create(args.device, args.dtype, t5_device=args.t5_device)
+    files = find_components(resolve_model(args.model, source=args.source))
+    report = prepare(args.dataset, files, cache=args.cache, size=args.size, buckets=args.buckets, frames=args.frames,
+                     fps=args.fps, runtime=runtime, progress=not args.quiet)
+    print(report.summary())
+    return 0
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     from .hub import download
 
@@ -327,6 +344,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--source", default="huggingface", choices=["huggingface", "modelscope"], help="where model ids come from")
     gen.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     gen.set_defaults(func=cmd_generate)
+
+    prep = sub.add_parser("prepare", help="encode a training dataset once: VAE latents and umT5 text, cached",
+                          description="VAE-encode and umT5-encode every video/image of a dataset folder (metadata.csv "
+                                      "with file_name,text, or a caption .txt beside each file) into one .safetensors "
+                                      "file per item. Resumable; unusable files are skipped and listed with the reason.")
+    prep.add_argument("dataset", help="the dataset folder")
+    prep.add_argument("--model", required=True, help="model folder, model id, or tiny (its VAE and umT5 are used)")
+    prep.add_argument("--cache", help="where the encoded items go (default DATASET/.wanx-cache)")
+    prep.add_argument("--size", type=_size, default=(832, 480), help="WIDTHxHEIGHT every item is resized and "
+                                                                     "centre-cropped to (default 832x480)")
+    prep.add_argument("--buckets", action="store_true", help="resolution and frame-count buckets instead: several "
+                                                             "aspect ratios of the --size area, frame counts up to "
+                                                             "--frames; small buckets merged, none dropped")
+    prep.add_argument("--frames", type=int, default=81, help="frames per clip, 4k+1 (with buckets: the most; default 81)")
+    prep.add_argument("--fps", type=float, default=16.0, help="frame rate clips are resampled to (default 16)")
+    prep.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    prep.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="umT5 weights")
+    prep.add_argument("--t5-device", help="run umT5 here, e.g. cpu")
+    prep.add_argument("--source", default="huggingface", choices=["huggingface", "modelscope"])
+    prep.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    prep.set_defaults(func=cmd_prepare)
 
     dl = sub.add_parser("download", help="download a model (e.g. Wan-AI/Wan2.1-T2V-1.3B) into the standard cache",
                         description="Download a Wan2.1 model repository with huggingface_hub (or ModelScope) and print "

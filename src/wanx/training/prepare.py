@@ -1,0 +1,158 @@
+"""`wanx prepare`: every item of a dataset VAE-encoded and umT5-encoded once, before training.
+
+Each item becomes one `.safetensors` file in the cache folder (no pickles): `latents`
+`[16, F', H/8, W/8]` and `context` `[tokens, 4096]` (the prompt's true tokens), with the
+settings it was made with and its caption in the file's metadata. An item whose file exists
+with the same settings is skipped, so a stopped run resumes; one made with other settings
+(size, frames, fps, model) is made again. Files that cannot be used (unreadable, corrupt, too
+short) are skipped with the reason, listed at the end and in `prepare-report.txt`, and never
+stop the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import (FPS, FRAME_COUNTS, Bucket, DatasetReport, Item, SkippedItem, assign_buckets,
+                   find_items, load_item, probe)
+
+CACHE_VERSION = 1
+REPORT_FILE = "prepare-report.txt"
+
+
+@dataclass
+class PrepareReport:
+    cache: Path
+    encoded: list[Path] = field(default_factory=list)
+    reused: list[Path] = field(default_factory=list)
+    skipped: DatasetReport = field(default_factory=DatasetReport)
+    buckets: dict[Bucket, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        sizes = ", ".join(f"{b.width}x{b.height}x{b.num_frames}: {n}" for b, n in self.buckets.items())
+        line = f"{len(self.encoded)} encoded, {len(self.reused)} already cached in {self.cache} (buckets {sizes or '-'})"
+        if self.skipped.skipped:
+            line += f"; {self.skipped.summary()}"
+        return line
+
+
+def cache_file(cache: Path, dataset: Path, item: Item) -> Path:
+    """One file per source, named by its stem and a hash of its path within the dataset."""
+    relative = str(item.path.resolve().relative_to(dataset.resolve())) if item.path.is_absolute() else str(item.path)
+    digest = hashlib.sha1(relative.encode("utf-8")).hexdigest()[:10]
+    return cache / f"{item.path.stem[:60]}-{digest}.safetensors"
+
+
+def prepare(dataset: str | Path, files, *, cache: str | Path | None = None, size: tuple[int, int] = (832, 480),
+            buckets: bool = False, frames: int = 81, fps: float = FPS, runtime=None,
+            progress: bool = True) -> PrepareReport:
+    """Encode every usable item of `dataset` with the VAE and umT5 of `files`
+    (`wanx.hub.find_components`). size: (width, height) every item is resized and cropped to,
+    or with `buckets` the area of the resolution buckets (several aspect ratios, frame counts
+    up to `frames`); frames: 4k+1."""
+    from safetensors.torch import save_file
+
+    dataset = Path(dataset)
+    cache = Path(cache) if cache is not None else dataset / ".wanx-cache"
+    report = PrepareReport(cache)
+    items = find_items(dataset, report.skipped)
+    plans = _plan(items, size=size, buckets=buckets, frames=frames, fps=fps, report=report)
+    fingerprint = _fingerprint(files)
+    todo = []
+    for item, bucket in plans:
+        path = cache_file(cache, dataset, item)
+        settings = json.dumps({"version": CACHE_VERSION, "model": fingerprint, "height": bucket.height,
+                               "width": bucket.width, "frames": bucket.num_frames, "fps": fps}, sort_keys=True)
+        if path.is_file() and _settings_of(path) == settings:
+            report.reused.append(path)
+            continue
+        todo.append((item, bucket, path, settings))
+    if todo:
+        cache.mkdir(parents=True, exist_ok=True)
+        vae, text_encoder, device = _encoders(files, runtime, progress)
+        from tqdm.auto import tqdm
+
+        for item, bucket, path, settings in tqdm(todo, desc="preparing", unit="item", disable=not progress):
+            try:
+                pixels = load_item(item, height=bucket.height, width=bucket.width, num_frames=bucket.num_frames,
+                                   target_fps=fps)
+            except SkippedItem as err:
+                report.skipped.add(item.path, err.reason)
+                continue
+            with torch.no_grad():
+                video = torch.from_numpy(pixels).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1).to(device)
+                tiles = dict(tile_size=512, tile_stride=448) if bucket.height * bucket.width > 512 * 512 else {}
+                latents = vae.encode(video, **tiles)[0].float().cpu().contiguous()  # [16, F', h, w]
+                embeddings, lengths = text_encoder.encode([item.caption])
+            context = embeddings[0, : int(lengths[0])].contiguous()  # the prompt's true tokens
+            tmp = path.with_name(f".{path.name}.partial")
+            save_file({"latents": latents, "context": context}, str(tmp),
+                      metadata={"settings": settings, "caption": item.caption, "source": str(item.path)})
+            os.replace(tmp, path)
+            report.encoded.append(path)
+    if report.skipped.skipped:
+        cache.mkdir(parents=True, exist_ok=True)
+        lines = [f"{path}\t{reason}" for path, reason in report.skipped.skipped]
+        (cache / REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return report
+
+
+def _settings_of(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return (fh.metadata() or {}).get("settings")
+    except Exception:  # safetensors' own error types: a damaged file is simply made again
+        return None
+
+
+def _plan(items: list[Item], *, size: tuple[int, int], buckets: bool, frames: int, fps: float,
+          report: PrepareReport) -> list[tuple[Item, Bucket]]:
+    """Each usable item with the (height, width, frames) it is encoded at."""
+    width, height = size
+    if not buckets:
+        bucket = Bucket(height, width, frames)
+        report.buckets = {bucket: len(items)}
+        return [(item, Bucket(height, width, 1) if item.kind == "image" else bucket) for item in items]
+    clips = []
+    for item in items:
+        try:
+            clips.append(probe(item))
+        except SkippedItem as err:
+            report.skipped.add(item.path, err.reason)
+    counts = [n for n in FRAME_COUNTS if n <= frames] or [frames]
+    sorted_clips = assign_buckets(clips, area=width * height, frame_counts=counts, target_fps=fps, report=report.skipped)
+    report.buckets = {bucket: len(members) for bucket, members in sorted_clips.items()}
+    return [(clip.item, bucket) for bucket, members in sorted_clips.items() for clip in members]
+
+
+def _fingerprint(files) -> str:
+    """The encoders an item was made with: file names and sizes of the VAE and umT5."""
+    parts = []
+    for path in (files.vae, files.text_encoder):
+        path = Path(path)
+        size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        parts.append(f"{path.name}:{size}")
+    return ";".join(parts)
+
+
+def _encoders(files, runtime, progress: bool):
+    from ..loading import load_model
+    from ..runtime import Runtime
+    from ..text import TextEncoder, Tokenizer
+
+    runtime = runtime or Runtime.create()
+    tokenizer = Tokenizer(files.tokenizer)
+    vae = load_model(files.vae, dtype=runtime.vae_dtype, device=runtime.device, progress=progress)
+    t5 = load_model(files.text_encoder, dtype=runtime.dtype, device=runtime.text_device, progress=progress)
+    if progress:
+        print(f"encoders loaded on {runtime.device}", file=sys.stderr)
+    return vae, TextEncoder(t5, tokenizer, device=runtime.text_device), runtime.device

@@ -1,0 +1,68 @@
+"""`wanx prepare` on a synthetic dataset written with PyAV: good clips cached as safetensors,
+corrupt and short files reported with reasons, resumable, redone when settings change."""
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from wanx.cli import main
+from wanx.video import Video
+
+
+def moving_square(frames: int, height: int = 48, width: int = 64, color=(255, 64, 32), seed: int = 0) -> Video:
+    rng = np.random.default_rng(seed)
+    video = np.full((frames, height, width, 3), 20, dtype=np.uint8) + rng.integers(0, 8, (1, height, width, 3), dtype=np.uint8)
+    for i in range(frames):
+        x = (i * 3) % (width - 12)
+        video[i, 16:28, x:x + 12] = color
+    return Video(video, fps=16)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    moving_square(20).save(folder / "red.mp4")
+    moving_square(24, color=(32, 200, 64), seed=1).save(folder / "green.mp4")
+    moving_square(5).save(folder / "short.mp4")  # 5 frames: fewer than 9
+    (folder / "corrupt.mp4").write_bytes(np.random.default_rng(2).integers(0, 255, 4000, dtype=np.uint8).tobytes())
+    rows = ["file_name,text", 'red.mp4,"a red square, moving right"', "green.mp4,a green square", "short.mp4,too short",
+            "corrupt.mp4,broken"]
+    (folder / "metadata.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return folder
+
+
+def run(dataset, capsys, *extra):
+    assert main(["prepare", str(dataset), "--model", "tiny", "--size", "64x48", "--frames", "9", "--quiet", *extra]) == 0
+    return capsys.readouterr().out.strip()
+
+
+def test_prepare_caches_reports_and_resumes(dataset, capsys):
+    out = run(dataset, capsys)
+    assert out.startswith("2 encoded, 0 already cached") and "2 files skipped" in out
+    cache = dataset / ".wanx-cache"
+    files = sorted(cache.glob("*.safetensors"))
+    assert [f.name.split("-")[0] for f in files] == ["green", "red"]
+    with safe_open(str(files[1]), framework="pt") as fh:
+        assert tuple(fh.get_tensor("latents").shape) == (16, 3, 6, 8)  # 9 frames -> 3 latent frames, 48x64 / 8
+        context = fh.get_tensor("context")
+        assert context.ndim == 2 and context.shape[1] == 32 and 1 <= context.shape[0] <= 512  # the tiny umT5 width
+        assert fh.metadata()["caption"] == "a red square, moving right"
+    report = (cache / "prepare-report.txt").read_text(encoding="utf-8")
+    assert "short.mp4\t5 frames at 16 fps, needs 9" in report and "corrupt.mp4\tnot a readable video" in report
+
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    assert run(dataset, capsys).startswith("0 encoded, 2 already cached")  # resumable: nothing redone
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+    assert run(dataset, capsys, "--frames", "5").startswith("3 encoded, 0 already cached")  # other settings: redone
+
+
+def test_prepare_buckets_and_errors(dataset, capsys):
+    assert main(["prepare", str(dataset), "--model", "tiny", "--size", "64x48", "--buckets", "--frames", "17", "--quiet",
+                 "--cache", str(dataset / "buckets")]) == 0
+    out = capsys.readouterr().out
+    assert "2 encoded" in out and "(buckets 64x48x17: 2)" in out  # 4:3 clips, 20 and 24 frames: the 17-frame bucket
+    assert main(["prepare", str(dataset), "--model", "tiny", "--frames", "10"]) == 2
+    assert "--frames 10 must be 4k+1" in capsys.readouterr().err
+    assert main(["prepare", str(dataset / "nope"), "--model", "tiny"]) == 2
+    assert "wanx: error: " in capsys.readouterr().err
