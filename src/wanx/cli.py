@@ -273,6 +273,28 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .hub import find_components, resolve_model
+    from .loading import load_model
+    from .runtime import Runtime
+    from .training.recipe import TrainConfig, cached_items, train
+
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    config = TrainConfig(data=Path(args.data), output=Path(args.output), lora_rank=args.lora_rank,
+                         lora_alpha=args.lora_alpha, targets=targets, lr=args.lr, steps=args.steps,
+                         grad_accum=args.grad_accum, shift=args.shift, seed=args.seed, save_every=args.save_every,
+                         keep=args.keep, resume=args.resume)
+    if args.lora_rank < 1 or args.steps < 1 or args.grad_accum < 1 or args.lr <= 0:
+        raise ValueError("--lora-rank, --steps and --grad-accum must be >= 1 and --lr positive")
+    cached_items(config.data)  # no prepared cache: say so before loading the model
+    runtime = Runtime.create(args.device, args.dtype)
+    files = find_components(resolve_model(args.model, source=args.source))
+    dit = load_model(files.dit, dtype=runtime.dtype, device=runtime.device, progress=not args.quiet)
+    path = train(dit, config, progress=not args.quiet, base_model=args.model)
+    print(path)
+    return 0
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     from .hub import download
 
@@ -365,6 +387,30 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--source", default="huggingface", choices=["huggingface", "modelscope"])
     prep.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     prep.set_defaults(func=cmd_prepare)
+
+    tr = sub.add_parser("train", help="train a LoRA on a prepared dataset",
+                        description="LoRA training of the DiT on items made by `wanx prepare` (Wan's flow-matching "
+                                    "objective, AdamW). Writes OUTPUT/lora.safetensors in the official/ComfyUI key "
+                                    "format, OUTPUT/log.csv, and checkpoints OUTPUT/checkpoints/step-N/.")
+    tr.add_argument("--data", required=True, help="the dataset folder (its .wanx-cache) or a cache folder")
+    tr.add_argument("--model", required=True, help="model folder, model id, or tiny")
+    tr.add_argument("--output", required=True, help="folder for the LoRA, the log and the checkpoints")
+    tr.add_argument("--lora-rank", type=int, default=32)
+    tr.add_argument("--lora-alpha", type=float, help="default: the rank (scale 1)")
+    tr.add_argument("--targets", default="q,k,v,o,ffn.0,ffn.2", help="block Linear layers to adapt (default q,k,v,o,ffn.0,ffn.2)")
+    tr.add_argument("--lr", type=float, default=1e-4, help="learning rate (constant; default 1e-4)")
+    tr.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    tr.add_argument("--grad-accum", type=int, default=1, help="items per optimizer step (default 1)")
+    tr.add_argument("--shift", type=float, default=5.0, help="timestep schedule shift (default 5)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--save-every", type=int, help="write a checkpoint every N steps")
+    tr.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
+    tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    tr.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    tr.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="frozen DiT weights")
+    tr.add_argument("--source", default="huggingface", choices=["huggingface", "modelscope"])
+    tr.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    tr.set_defaults(func=cmd_train)
 
     dl = sub.add_parser("download", help="download a model (e.g. Wan-AI/Wan2.1-T2V-1.3B) into the standard cache",
                         description="Download a Wan2.1 model repository with huggingface_hub (or ModelScope) and print "

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..memory.fp8 import FP8Linear, quantize_weight
 from .formats import LoraError, LoraFile, LoraModule, read_lora
-from .layer import LoraAdapter, attach, detach
+from .layer import LoraAdapter, adapter_of, attach, detach
 
 
 @dataclass
@@ -92,9 +92,9 @@ def set_lora_strength(dit: nn.Module, name: str, strength: float) -> None:
     entry = _entry(dit, name)
     entry.strength = entry.report.strength = float(strength)
     for target in entry.targets.values():
-        adapters = getattr(target, "lora_adapters", None)
-        if adapters is not None and name in adapters:
-            adapters[name].strength = float(strength)
+        adapter = adapter_of(target, name)
+        if adapter is not None:
+            adapter.strength = float(strength)
     _refuse(dit, {t for t in entry.targets.values() if entry.fused or not _is_linear(t)})
 
 

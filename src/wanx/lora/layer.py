@@ -4,6 +4,8 @@ its output by a forward hook, so the base layer, its weights and its name stay a
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor, nn
 
@@ -43,19 +45,31 @@ class LoraAdapter(nn.Module):
         return out
 
 
+def adapter_key(name: str) -> str:
+    """The ModuleDict key of a LoRA name: keys may not contain dots nor shadow Module
+    attributes (a LoRA called "train" or "style.v2")."""
+    return "lora_" + re.sub(r"\W", "_", name)
+
+
+def adapter_of(layer: nn.Module, name: str) -> LoraAdapter | None:
+    adapters = getattr(layer, "lora_adapters", None)
+    key = adapter_key(name)
+    return adapters[key] if adapters is not None and key in adapters else None
+
+
 def attach(layer: nn.Module, name: str, adapter: LoraAdapter) -> None:
-    """Add `adapter` under `name` to `layer` (`layer.lora_adapters[name]`), hooking the layer once."""
+    """Add `adapter` under `name` to `layer` (in `layer.lora_adapters`), hooking the layer once."""
     if not hasattr(layer, "lora_adapters"):
         layer.lora_adapters = nn.ModuleDict()
         layer._lora_hook = layer.register_forward_hook(_add_adapters)
-    layer.lora_adapters[name] = adapter
+    layer.lora_adapters[adapter_key(name)] = adapter
 
 
 def detach(layer: nn.Module, name: str) -> None:
     adapters = getattr(layer, "lora_adapters", None)
-    if adapters is None or name not in adapters:
+    if adapters is None or adapter_key(name) not in adapters:
         return
-    del adapters[name]
+    del adapters[adapter_key(name)]
     if not len(adapters):
         layer._lora_hook.remove()
         del layer.lora_adapters, layer._lora_hook

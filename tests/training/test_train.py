@@ -1,0 +1,72 @@
+"""`wanx train` on a tiny model: the loss falls on an overfitted clip, the LoRA file is in the
+official format and loads back, a resumed run is bit-identical to a straight one, and bad
+input stops before training."""
+
+import csv
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.training.test_prepare import moving_square
+from wanx.cli import main
+from wanx.lora import read_lora
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    moving_square(12).save(folder / "clip.mp4")
+    (folder / "metadata.csv").write_text("file_name,text\nclip.mp4,a red square moves right\n", encoding="utf-8")
+    assert main(["prepare", str(folder), "--model", "tiny", "--size", "64x48", "--frames", "9", "--quiet"]) == 0
+    return folder
+
+
+def train(data, output, *extra):
+    assert main(["train", "--data", str(data), "--model", "tiny", "--output", str(output), "--lora-rank", "8",
+                 "--quiet", *extra]) == 0
+
+
+def losses(output):
+    with open(output / "log.csv", encoding="utf-8") as fh:
+        return [float(row["loss"]) for row in csv.DictReader(fh)]
+
+
+def test_loss_falls_and_the_lora_loads(prepared, tmp_path):
+    """On one clip the loss falls by a fifth (measured 1.38 -> 1.08 over 150 steps at this lr).
+    It cannot fall to half on the tiny model: its width, 32, is below the 64 latent values of a
+    patch, so the frozen patch embedding loses the information a perfect fit would need."""
+    train(prepared, tmp_path / "run", "--steps", "100", "--lr", "1e-2")
+    history = losses(tmp_path / "run")
+    assert len(history) == 100
+    first, last = sum(history[:10]) / 10, sum(history[-10:]) / 10
+    assert last < 0.85 * first, (first, last)
+    lora = read_lora(tmp_path / "run" / "lora.safetensors")
+    assert lora.format == "official" and lora.ranks == [8] and len(lora.modules) == 2 * 10  # 2 blocks x 10 layers
+    from wanx.pipeline import WanPipeline
+
+    pipe = WanPipeline.from_pretrained("tiny")
+    report = pipe.load_lora(tmp_path / "run" / "lora.safetensors")
+    assert report.matched == 20
+
+
+def test_resume_is_bit_identical(prepared, tmp_path):
+    train(prepared, tmp_path / "straight", "--steps", "6")
+    train(prepared, tmp_path / "split", "--steps", "3", "--save-every", "3")
+    train(prepared, tmp_path / "split", "--steps", "6", "--resume")
+    a, b = load_file(str(tmp_path / "straight" / "lora.safetensors")), load_file(str(tmp_path / "split" / "lora.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa = torch.load(tmp_path / "straight" / "checkpoints" / "step-6" / "state.pt", weights_only=True)
+    sb = torch.load(tmp_path / "split" / "checkpoints" / "step-6" / "state.pt", weights_only=True)
+    for key, value in sa["optimizer"]["state"].items():
+        assert all(torch.equal(value[k], sb["optimizer"]["state"][key][k]) for k in ("exp_avg", "exp_avg_sq"))
+    assert losses(tmp_path / "straight") == losses(tmp_path / "split")
+
+
+def test_bad_input_stops_before_training(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", "--data", str(empty), "--model", "tiny", "--output", str(tmp_path / "o")]) == 2
+    assert "no prepared items; run `wanx prepare" in capsys.readouterr().err
+    assert main(["train", "--data", str(empty), "--model", "tiny", "--output", str(tmp_path / "o"), "--lora-rank", "0"]) == 2
+    assert "--lora-rank" in capsys.readouterr().err
