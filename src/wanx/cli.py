@@ -302,6 +302,15 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runtime_flags(parser: argparse.ArgumentParser, dtype_help: str) -> None:
+    """--device, --dtype, --source, --quiet: the same words in every command that loads a model."""
+    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help=dtype_help)
+    parser.add_argument("--source", default="huggingface", choices=["huggingface", "modelscope"],
+                        help="where model ids come from")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -344,9 +353,6 @@ def build_parser() -> argparse.ArgumentParser:
                                             "folder (a generated name inside). With --prompts: the folder for the "
                                             "videos (default outputs/); a job's relative \"output\" is inside it")
     gen.add_argument("--quality", type=int, default=18, help="H.264 CRF 0..51, lower is better (default 18)")
-    gen.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
-    gen.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                     help="DiT and encoder weights (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
     mem = gen.add_argument_group("memory", "fit the GPU you have (default: everything resident when it fits, "
                                            "else DiT blocks streamed with an automatic budget)")
     mem.add_argument("--offload", default="auto", choices=["auto", "none", "model", "blocks"],
@@ -363,8 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="apply a LoRA (any format: ComfyUI, kohya/musubi, diffusers, DiffSynth, LoHa/LoKr) with a "
                           "strength (default 1.0); repeat to stack")
     gen.add_argument("--dit", metavar="FILE", help="the DiT checkpoint to use when the model folder holds several")
-    gen.add_argument("--source", default="huggingface", choices=["huggingface", "modelscope"], help="where model ids come from")
-    gen.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    _runtime_flags(gen, "DiT and encoder weights (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
     gen.set_defaults(func=cmd_generate)
 
     prep = sub.add_parser("prepare", help="encode a training dataset once: VAE latents and umT5 text, cached",
@@ -381,11 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "--frames; small buckets merged, none dropped")
     prep.add_argument("--frames", type=int, default=81, help="frames per clip, 4k+1 (with buckets: the most; default 81)")
     prep.add_argument("--fps", type=float, default=16.0, help="frame rate clips are resampled to (default 16)")
-    prep.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
-    prep.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="umT5 weights")
     prep.add_argument("--t5-device", help="run umT5 here, e.g. cpu")
-    prep.add_argument("--source", default="huggingface", choices=["huggingface", "modelscope"])
-    prep.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    _runtime_flags(prep, "umT5 weights (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
     prep.set_defaults(func=cmd_prepare)
 
     tr = sub.add_parser("train", help="train a LoRA on a prepared dataset",
@@ -406,10 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--save-every", type=int, help="write a checkpoint every N steps")
     tr.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
     tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
-    tr.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
-    tr.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="frozen DiT weights")
-    tr.add_argument("--source", default="huggingface", choices=["huggingface", "modelscope"])
-    tr.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    _runtime_flags(tr, "frozen DiT weights (default bf16 on GPU, fp32 on CPU); the LoRA trains in fp32")
     tr.set_defaults(func=cmd_train)
 
     dl = sub.add_parser("download", help="download a model (e.g. Wan-AI/Wan2.1-T2V-1.3B) into the standard cache",
