@@ -70,3 +70,57 @@ def test_bad_input_stops_before_training(tmp_path, capsys):
     assert "no prepared items; run `wanx prepare" in capsys.readouterr().err
     assert main(["train", "--data", str(empty), "--model", "tiny", "--output", str(tmp_path / "o"), "--lora-rank", "0"]) == 2
     assert "--lora-rank" in capsys.readouterr().err
+
+
+# The LoRA key names ComfyUI's Wan loader maps onto its model (comfy/lora.py: the
+# "diffusion_model." prefix + the official module name + lora_A/lora_B/alpha), for one block.
+COMFY_KEYS = {f"diffusion_model.blocks.0.{m}.{leaf}" for m in
+              ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+               "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+              for leaf in ("lora_A.weight", "lora_B.weight", "alpha")}
+
+
+def test_trained_lora_interop(prepared, tmp_path):
+    """Keys as ComfyUI maps them; diffusers' load_lora_weights (test-only oracle) changes its
+    transformer's output exactly as wanx does with the same file."""
+    from diffusers import WanPipeline as DiffusersPipeline
+
+    from tests.loading.test_load_model import dit_inputs
+    from tests.oracles import diffusers_dit, official_state, run_diffusers_dit
+    from wanx.lora import apply_lora
+    from wanx.tiny import tiny_model_dir
+    import wanx
+
+    train(prepared, tmp_path / "run", "--steps", "5", "--lr", "1e-2")
+    path = tmp_path / "run" / "lora.safetensors"
+    state = load_file(str(path))
+    assert {k for k in state if k.startswith("diffusion_model.blocks.0.")} == COMFY_KEYS
+    base = wanx.load_model(tiny_model_dir("tiny"))
+    x, t, context, _ = dit_inputs(base.config)
+    oracle = diffusers_dit(base.config, official_state(base))
+    pipe = DiffusersPipeline(tokenizer=None, text_encoder=None, transformer=oracle, vae=None, scheduler=None)
+    pipe.load_lora_weights(str(path))
+    with torch.no_grad():
+        theirs = run_diffusers_dit(pipe.transformer, base.config, x, t, context)
+        without = base(x, t, context)
+        apply_lora(base, path)
+        ours = base(x, t, context)
+    assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+    assert (ours - without).abs().max() >= 1e-3 * ours.abs().max()  # the trained LoRA acts
+
+
+def test_a_checkpoint_cut_short_is_never_resumed_from(prepared, tmp_path, capsys):
+    """A run killed while writing leaves only `.step-N.partial` (the rename is the last act):
+    resume takes the last complete checkpoint and matches a straight run."""
+    train(prepared, tmp_path / "straight", "--steps", "6")
+    train(prepared, tmp_path / "killed", "--steps", "3", "--save-every", "3")
+    partial = tmp_path / "killed" / "checkpoints" / ".step-5.partial"
+    partial.mkdir()
+    (partial / "lora.safetensors").write_bytes(b"half a file")
+    capsys.readouterr()
+    train(prepared, tmp_path / "killed", "--steps", "6", "--resume")
+    assert f"resuming from {tmp_path / 'killed' / 'checkpoints' / 'step-3'} (step 3)" in capsys.readouterr().err
+    assert not partial.exists()
+    a = load_file(str(tmp_path / "straight" / "lora.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "lora.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

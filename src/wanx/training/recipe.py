@@ -208,6 +208,8 @@ def _resume(output: Path, adapters, optimizer, rng: torch.Generator) -> int:
     from safetensors.torch import load_file
 
     root = output / "checkpoints"
+    for partial in root.glob(".step-*.partial"):  # left by a run killed while writing: never complete
+        shutil.rmtree(partial, ignore_errors=True)
     done = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
     if not done:
         raise ValueError(f"{output}: no checkpoint to resume from (checkpoints/step-N/)")
