@@ -216,6 +216,9 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         if cfg.has_image_input:
             self.img_emb = MLPProj(cfg)
+        # The seam around each block: None runs `block(...)`; a transform may set a callable
+        # `(block, *inputs) -> output` (training: activation checkpointing). Never model math.
+        self.block_wrapper = None
 
     def forward(
         self,
@@ -254,7 +257,8 @@ class WanDiT(nn.Module):
         context_img = self.img_emb(clip_features) if clip_features is not None else None
 
         for block in self.blocks:
-            x = block(x, e0, context, context_img, rope)
+            inputs = (x, e0, context, context_img, rope)
+            x = block(*inputs) if self.block_wrapper is None else self.block_wrapper(block, *inputs)
 
         x = self.head(x, e)  # [B, L, pt*ph*pw*C], channels fastest
         pt, ph, pw = cfg.patch_size

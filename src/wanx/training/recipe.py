@@ -40,6 +40,7 @@ class TrainConfig:
     grad_accum: int = 1
     shift: float = 5.0
     seed: int = 0
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass
     save_every: int | None = None
     keep: int = 2
     resume: bool = False
@@ -105,6 +106,14 @@ def lora_state(adapters: dict[str, LoraAdapter]) -> dict[str, Tensor]:
     return state
 
 
+def checkpointed(block: nn.Module, *inputs):
+    """Run a block without keeping its activations; they are recomputed for the backward
+    pass (one block's activations alive at a time instead of all of them)."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(block, *inputs, use_reentrant=False)
+
+
 # -- loss --------------------------------------------------------------------------------
 
 
@@ -128,6 +137,8 @@ def train(dit: nn.Module, config: TrainConfig, *, progress: bool = True, base_mo
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     dit.requires_grad_(False)
+    if config.gradient_checkpointing:
+        dit.block_wrapper = checkpointed
     init = torch.Generator().manual_seed(config.seed)
     adapters = add_trainable_lora(dit, config.lora_rank, config.lora_alpha, config.targets, init)
     params = [p for a in adapters.values() for p in (a.down, a.up)]
