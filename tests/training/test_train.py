@@ -134,3 +134,10 @@ def test_gradient_checkpointing_trains_the_same_lora(prepared, tmp_path):
     for key in a:  # the recomputation runs the same ops on the same tensors
         torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7)
     assert not torch.equal(a["diffusion_model.blocks.0.ffn.0.lora_B.weight"], torch.zeros_like(a["diffusion_model.blocks.0.ffn.0.lora_B.weight"]))
+
+
+def test_training_on_an_fp8_base(prepared, tmp_path):
+    train(prepared, tmp_path / "fp8", "--steps", "40", "--lr", "1e-2", "--fp8", "--gradient-checkpointing")
+    history = losses(tmp_path / "fp8")
+    assert sum(history[-10:]) < 0.9 * sum(history[:10])  # it learns on the FP8 base too
+    assert len(read_lora(tmp_path / "fp8" / "lora.safetensors").modules) == 20

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..lora.formats import LoraModule
+from ..memory.fp8 import FP8Linear
 from ..lora.layer import LoraAdapter, attach
 
 TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
@@ -79,12 +80,13 @@ def add_trainable_lora(dit: nn.Module, rank: int, alpha: float | None, targets: 
         raise ValueError(f"--lora-rank must be >= 1, got {rank}")
     adapters = {}
     for name, layer in dit.named_modules():
-        if isinstance(layer, nn.Linear) and name.startswith("blocks.") and name.endswith(tuple(f".{t}" for t in targets)):
+        if isinstance(layer, (nn.Linear, FP8Linear)) and name.startswith("blocks.") \
+                and name.endswith(tuple(f".{t}" for t in targets)):
             bound = 1 / math.sqrt(layer.in_features)
             down = (torch.rand(rank, layer.in_features, generator=generator) * 2 - 1) * bound
             module = LoraModule(name, {"down": down, "up": torch.zeros(layer.out_features, rank),
                                        "alpha": torch.tensor(float(alpha if alpha is not None else rank))})
-            adapter = LoraAdapter(module, 1.0, device=layer.weight.device, dtype=torch.float32)
+            adapter = LoraAdapter(module, 1.0, device=layer.weight.device, dtype=torch.float32)  # fp32 on any base
             adapter.down.requires_grad_(True)
             adapter.up.requires_grad_(True)
             attach(layer, "train", adapter)
