@@ -283,7 +283,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(data=Path(args.data), output=Path(args.output), lora_rank=args.lora_rank,
                          lora_alpha=args.lora_alpha, targets=targets, lr=args.lr, steps=args.steps,
                          grad_accum=args.grad_accum, shift=args.shift, seed=args.seed,
-                         gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
+                         gradient_checkpointing=args.gradient_checkpointing, timesteps=args.timesteps,
+                         lora_format=args.lora_format, save_every=args.save_every,
                          keep=args.keep, resume=args.resume)
     if args.lora_rank < 1 or args.steps < 1 or args.grad_accum < 1 or args.lr <= 0:
         raise ValueError("--lora-rank, --steps and --grad-accum must be >= 1 and --lr positive")
@@ -406,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     tr.add_argument("--grad-accum", type=int, default=1, help="items per optimizer step (default 1)")
     tr.add_argument("--shift", type=float, default=5.0, help="timestep schedule shift (default 5)")
+    tr.add_argument("--timesteps", default="uniform", choices=["uniform", "logit-normal"],
+                    help="how training timesteps are drawn before the shift (default uniform, as DiffSynth)")
+    tr.add_argument("--lora-format", default="official", choices=["official", "diffusers"],
+                    help="key format of lora.safetensors (official = ComfyUI's; both load in wanx)")
     tr.add_argument("--fp8", action="store_true", help="the frozen DiT's block weights in FP8 (half the memory); the "
                                                        "LoRA still trains in fp32")
     tr.add_argument("--gradient-checkpointing", action="store_true",

@@ -141,3 +141,14 @@ def test_training_on_an_fp8_base(prepared, tmp_path):
     history = losses(tmp_path / "fp8")
     assert sum(history[-10:]) < 0.9 * sum(history[:10])  # it learns on the FP8 base too
     assert len(read_lora(tmp_path / "fp8" / "lora.safetensors").modules) == 20
+
+
+def test_diffusers_format_and_logit_normal_timesteps(prepared, tmp_path):
+    train(prepared, tmp_path / "official", "--steps", "3", "--lr", "1e-2", "--lora-alpha", "4")
+    train(prepared, tmp_path / "diffusers", "--steps", "3", "--lr", "1e-2", "--lora-alpha", "4", "--lora-format", "diffusers")
+    a, b = read_lora(tmp_path / "official" / "lora.safetensors"), read_lora(tmp_path / "diffusers" / "lora.safetensors")
+    assert b.format == "diffusers" and a.modules.keys() == b.modules.keys()  # the names map back exactly
+    for name, module in a.modules.items():  # the same deltas: alpha/rank folded into B
+        torch.testing.assert_close(b.modules[name].delta(), module.delta(), rtol=1e-6, atol=1e-9)
+    train(prepared, tmp_path / "logit", "--steps", "3", "--timesteps", "logit-normal")
+    assert losses(tmp_path / "logit") != losses(tmp_path / "official")[:3]

@@ -41,6 +41,8 @@ class TrainConfig:
     grad_accum: int = 1
     shift: float = 5.0
     seed: int = 0
+    timesteps: str = "uniform"  # or "logit-normal" (t = sigmoid(N(0, 1)), then shifted)
+    lora_format: str = "official"  # or "diffusers"
     gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass
     save_every: int | None = None
     keep: int = 2
@@ -97,13 +99,27 @@ def add_trainable_lora(dit: nn.Module, rank: int, alpha: float | None, targets: 
     return adapters
 
 
-def lora_state(adapters: dict[str, LoraAdapter]) -> dict[str, Tensor]:
-    """The LoRA in the official/ComfyUI key format."""
+# official block module -> diffusers (the inverse of the loader's diffusers table for the
+# layers LoRAs train; `read_lora` maps these names back, which the tests check)
+_TO_DIFFUSERS = {"self_attn": "attn1", "cross_attn": "attn2", "q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0",
+                 "k_img": "add_k_proj", "v_img": "add_v_proj", "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2"}
+
+
+def lora_state(adapters: dict[str, LoraAdapter], fmt: str = "official") -> dict[str, Tensor]:
+    """The LoRA in the official/ComfyUI key format (`diffusion_model.…lora_A/lora_B/alpha`),
+    or diffusers/PEFT (`transformer.blocks.N.attn1.to_q.lora_A.weight`, alpha/rank folded into B)."""
     state = {}
     for name, adapter in adapters.items():
+        down = adapter.down.detach().float().cpu().contiguous()
+        up = adapter.up.detach().float().cpu().contiguous()
+        if fmt == "diffusers":
+            block, rest = name.split(".", 2)[1], name.split(".", 2)[2]
+            parts = rest.split(".", 1) if rest.startswith(("self_attn", "cross_attn")) else [rest]
+            key = "transformer.blocks." + block + "." + ".".join(_TO_DIFFUSERS[p] for p in parts)
+            state[f"{key}.lora_A.weight"], state[f"{key}.lora_B.weight"] = down, (up * adapter.scale).contiguous()
+            continue
         key = f"diffusion_model.{name}"
-        state[f"{key}.lora_A.weight"] = adapter.down.detach().float().cpu().contiguous()
-        state[f"{key}.lora_B.weight"] = adapter.up.detach().float().cpu().contiguous()
+        state[f"{key}.lora_A.weight"], state[f"{key}.lora_B.weight"] = down, up
         state[f"{key}.alpha"] = torch.tensor(adapter.scale * adapter.down.shape[0])
     return state
 
@@ -119,8 +135,12 @@ def checkpointed(block: nn.Module, *inputs):
 # -- loss --------------------------------------------------------------------------------
 
 
-def flow_matching_loss(dit: nn.Module, x0: Tensor, context: Tensor, shift: float, generator: torch.Generator) -> Tensor:
-    t = torch.rand((), generator=generator)
+def flow_matching_loss(dit: nn.Module, x0: Tensor, context: Tensor, shift: float, generator: torch.Generator,
+                       timesteps: str = "uniform") -> Tensor:
+    if timesteps == "logit-normal":
+        t = torch.sigmoid(torch.randn((), generator=generator))
+    else:
+        t = torch.rand((), generator=generator)
     sigma = shift * t / (1 + (shift - 1) * t)
     noise = torch.randn(x0.shape, generator=generator)
     x_t = (1 - sigma) * x0 + sigma * noise
@@ -161,7 +181,8 @@ def train(dit: nn.Module, config: TrainConfig, *, progress: bool = True, base_mo
             total = 0.0
             for micro in range(config.grad_accum):
                 x0, context = load_cached(items[_item_index(step * config.grad_accum + micro, len(items), config.seed)])
-                loss = flow_matching_loss(dit, x0[None], context[None], config.shift, rng) / config.grad_accum
+                loss = flow_matching_loss(dit, x0[None], context[None], config.shift, rng,
+                                          config.timesteps) / config.grad_accum
                 loss.backward()
                 total += loss.item()
             optimizer.step()
@@ -194,7 +215,7 @@ def _save_lora(path: Path, adapters, config: TrainConfig, step: int, items: int,
                 "alpha": str(config.lora_alpha if config.lora_alpha is not None else config.lora_rank),
                 "targets": ",".join(config.targets), "steps": str(step), "dataset_items": str(items)}
     tmp = path.with_name(f".{path.name}.partial")
-    save_file(lora_state(adapters), str(tmp), metadata=metadata)
+    save_file(lora_state(adapters, config.lora_format), str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 
