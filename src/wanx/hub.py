@@ -71,10 +71,13 @@ def download(model_id: str, *, source: str = "huggingface", local_dir: str | Pat
     except RepositoryNotFoundError:
         raise ValueError(f"{model_id}: no such model on the Hugging Face Hub (or it is private); "
                          "check the id, e.g. Wan-AI/Wan2.1-T2V-1.3B") from None
-    except (LocalEntryNotFoundError, OSError) as err:  # offline, DNS, refused connections, timeouts
+    except LocalEntryNotFoundError as err:  # offline, DNS, refused connections, timeouts: huggingface_hub says so
         raise ValueError(f"{model_id}: the Hugging Face Hub cannot be reached and the model is not in the local cache "
                          f"({type(err.__cause__ or err).__name__}); download it where there is a connection and give its folder "
                          "with --model PATH") from None
+    except OSError as err:  # anything else (disk full, a server error) is not "unreachable": say what it was
+        raise ValueError(f"{model_id}: the download failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                         ) from None
 
 
 def find_components(folder: str | Path, *, dit: str | Path | None = None) -> ModelFiles:
