@@ -4,6 +4,7 @@ so that `wanx --help` answers at once."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -265,11 +266,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         raise ValueError(f"--frames {args.frames} must be 4k+1 (e.g. 17, 33, 81)")
     if min(args.size) <= 0 or any(v % 16 for v in args.size):
         raise ValueError(f"--size {args.size[0]}x{args.size[1]}: width and height must be positive multiples of 16")
-    runtime = Runtime.create(args.device, args.dtype, t5_device=args.t5_device)
+    device = args.device
+    if "LOCAL_RANK" in os.environ and (device or "cuda").startswith("cuda") and _has_cuda():
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # accelerate launch / torchrun: one GPU per process
+    runtime = Runtime.create(device, args.dtype, t5_device=args.t5_device)
     files = find_components(resolve_model(args.model, source=args.source))
     report = prepare(args.dataset, files, cache=args.cache, size=args.size, buckets=args.buckets, frames=args.frames,
                      fps=args.fps, runtime=runtime, progress=not args.quiet)
-    print(report.summary())
+    if os.environ.get("RANK", "0") == "0":  # several processes: the main one reports for all
+        print(report.summary())
     return 0
 
 
@@ -277,25 +282,109 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .hub import find_components, resolve_model
     from .loading import load_model
     from .runtime import Runtime
+    from .training.prepare import check_cache
     from .training.recipe import TrainConfig, cached_items, train
 
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    config = TrainConfig(data=Path(args.data), output=Path(args.output), lora_rank=args.lora_rank,
-                         lora_alpha=args.lora_alpha, targets=targets, lr=args.lr, steps=args.steps,
-                         grad_accum=args.grad_accum, shift=args.shift, seed=args.seed,
-                         gradient_checkpointing=args.gradient_checkpointing, timesteps=args.timesteps,
-                         lora_format=args.lora_format, save_every=args.save_every,
-                         keep=args.keep, resume=args.resume)
-    if args.lora_rank < 1 or args.steps < 1 or args.grad_accum < 1 or args.lr <= 0:
-        raise ValueError("--lora-rank, --steps and --grad-accum must be >= 1 and --lr positive")
-    cached_items(config.data)  # no prepared cache: say so before loading the model
-    runtime = Runtime.create(args.device, args.dtype)
+    for name in ("data", "model", "output"):
+        if not getattr(args, name):
+            raise ValueError(f"--{name} is required (on the command line or in the --config file)")
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if isinstance(args.targets, str) \
+        else tuple(args.targets)
+    if args.lora_rank < 1 or (args.steps or 1) < 1 or args.grad_accum < 1 or args.batch_size < 1 or args.lr <= 0:
+        raise ValueError("--lora-rank, --steps, --batch-size and --grad-accum must be >= 1 and --lr positive")
+    if args.offload_activations and not args.gradient_checkpointing:
+        raise ValueError("--offload-activations needs --gradient-checkpointing (it moves what checkpointing keeps)")
+    if args.full and args.fp8:
+        raise ValueError("--full trains every weight: drop --fp8 (FP8 weights are frozen)")
+    config = TrainConfig(data=Path(args.data), output=Path(args.output), full=args.full, lora_rank=args.lora_rank,
+                         lora_alpha=args.lora_alpha, targets=targets, lr=args.lr, lr_scheduler=args.lr_scheduler,
+                         warmup_steps=args.warmup_steps, steps=args.steps, epochs=args.epochs,
+                         batch_size=args.batch_size, grad_accum=args.grad_accum, repeats=args.repeats,
+                         shift=args.shift, seed=args.seed, timesteps=args.timesteps, weighting=args.weighting,
+                         lora_format=args.lora_format, gradient_checkpointing=args.gradient_checkpointing,
+                         offload_activations=args.offload_activations, mixed_precision=args.mixed_precision,
+                         save_every=args.save_every, keep=args.keep, resume=args.resume,
+                         validate_every=args.validate_every if args.validation_prompts else None)
+    items = cached_items(config.data)  # no prepared cache: say so before loading the model
     files = find_components(resolve_model(args.model, source=args.source))
-    dit = load_model(files.dit, dtype=runtime.dtype, device=runtime.device, quantize="fp8" if args.fp8 else None,
-                     progress=not args.quiet)
-    path = train(dit, config, progress=not args.quiet, base_model=args.model)
-    print(path)
+    check_cache(items, files)
+    from accelerate import Accelerator
+
+    runtime = Runtime.create(args.device, args.dtype)
+    accelerator = Accelerator(cpu=runtime.device.type == "cpu", mixed_precision=args.mixed_precision)
+    device = accelerator.device if runtime.device.type != "cpu" else runtime.device  # one GPU per process
+    streamed = args.offload == "blocks"
+    dit = load_model(files.dit, dtype=runtime.dtype, device="cpu" if streamed else device,
+                     quantize="fp8" if args.fp8 else None, progress=not args.quiet and accelerator.is_main_process)
+    if streamed:  # frozen blocks live in host memory and visit the device one by one
+        from .memory.placement import auto_budget
+        from .memory.streaming import BlockStreamer, parse_bytes
+
+        budget = parse_bytes(args.vram_budget) if args.vram_budget is not None else auto_budget(device)
+        BlockStreamer(dit, device, budget)
+    validate = None
+    if config.validate_every:
+        from .training.validation import Validator
+
+        validate = Validator(dit, files, runtime, _prompts(args.validation_prompts), output=config.output,
+                             size=args.validation_size, frames=args.validation_frames,
+                             steps=args.validation_steps, progress=not args.quiet)
+    path = train(dit, config, progress=not args.quiet, base_model=args.model, accelerator=accelerator,
+                 validate=validate)
+    if accelerator.is_main_process:
+        print(path)
     return 0
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _prompts(text: str) -> list[str]:
+    """A prompt file (one per line) or prompts separated by '|'."""
+    path = Path(text)
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else text.split("|")
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"--validation-prompts {text!r} holds no prompt")
+    return prompts
+
+
+def _train_toml(parser: argparse.ArgumentParser, path: str) -> None:
+    """Settings of `wanx train` from a TOML file (keys are the flag names, lora-rank or
+    lora_rank); flags given on the command line win."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    try:
+        with open(path, "rb") as fh:
+            values = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ValueError(f"--config {path}: no such file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"--config {path}: not valid TOML ({err})") from None
+    dests = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    defaults = {}
+    for key, value in values.items():
+        dest = key.replace("-", "_")
+        if dest not in dests:
+            raise ValueError(f"--config {path}: unknown setting {key!r}; use wanx train's flag names, e.g. lora-rank")
+        action = dests[dest]
+        if isinstance(value, list):  # targets = ["q", "k"]
+            value = ",".join(str(v) for v in value)
+        if action.type is not None and not isinstance(value, bool):
+            try:
+                value = action.type(value if action.type in (int, float) else str(value))
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+                raise ValueError(f"--config {path}: {key} = {value!r}: {err}") from None
+        elif action.option_strings and action.nargs == 0 and not isinstance(value, bool):
+            raise ValueError(f"--config {path}: {key} must be true or false, got {value!r}")
+        defaults[dest] = value
+    parser.set_defaults(**defaults)
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -393,34 +482,62 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_flags(prep, "umT5 weights (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
     prep.set_defaults(func=cmd_prepare)
 
-    tr = sub.add_parser("train", help="train a LoRA on a prepared dataset",
-                        description="LoRA training of the DiT on items made by `wanx prepare` (Wan's flow-matching "
+    tr = sub.add_parser("train", help="train a LoRA (or the whole DiT) on a prepared dataset",
+                        description="Training of the DiT on items made by `wanx prepare` (Wan's flow-matching "
                                     "objective, AdamW). Writes OUTPUT/lora.safetensors in the official/ComfyUI key "
-                                    "format, OUTPUT/log.csv, and checkpoints OUTPUT/checkpoints/step-N/.")
-    tr.add_argument("--data", required=True, help="the dataset folder (its .wanx-cache) or a cache folder")
-    tr.add_argument("--model", required=True, help="model folder, model id, or tiny")
-    tr.add_argument("--output", required=True, help="folder for the LoRA, the log and the checkpoints")
+                                    "format (OUTPUT/model.safetensors with --full), OUTPUT/log.csv, and checkpoints "
+                                    "OUTPUT/checkpoints/step-N/. Several processes/GPUs: start it with "
+                                    "`accelerate launch -m wanx.cli train ...` or torchrun.")
+    tr.add_argument("--config", metavar="TOML", help="read settings from a TOML file (keys are these flags' names); "
+                                                     "flags on the command line win")
+    tr.add_argument("--data", help="the dataset folder (its .wanx-cache) or a cache folder")
+    tr.add_argument("--model", help="model folder, model id, or tiny")
+    tr.add_argument("--output", help="folder for the LoRA, the log and the checkpoints")
+    tr.add_argument("--full", action="store_true", help="train every DiT weight instead of a LoRA")
     tr.add_argument("--lora-rank", type=int, default=32)
     tr.add_argument("--lora-alpha", type=float, help="default: the rank (scale 1)")
     tr.add_argument("--targets", default="q,k,v,o,ffn.0,ffn.2", help="block Linear layers to adapt (default q,k,v,o,ffn.0,ffn.2)")
-    tr.add_argument("--lr", type=float, default=1e-4, help="learning rate (constant; default 1e-4)")
+    tr.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    tr.add_argument("--lr-scheduler", default="constant", choices=["constant", "cosine"],
+                    help="constant (default, as DiffSynth) or cosine decay to 0 at the last step")
+    tr.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps (default 0)")
     tr.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
-    tr.add_argument("--grad-accum", type=int, default=1, help="items per optimizer step (default 1)")
+    tr.add_argument("--epochs", type=float, help="instead of --steps: passes over the dataset")
+    tr.add_argument("--batch-size", type=int, default=1, help="items per micro-batch, from one bucket (default 1)")
+    tr.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    tr.add_argument("--repeats", type=int, default=1, help="times each item is seen per epoch (default 1)")
     tr.add_argument("--shift", type=float, default=5.0, help="timestep schedule shift (default 5)")
     tr.add_argument("--timesteps", default="uniform", choices=["uniform", "logit-normal"],
                     help="how training timesteps are drawn before the shift (default uniform, as DiffSynth)")
+    tr.add_argument("--weighting", default="none", choices=["none", "gaussian"],
+                    help="loss weight per timestep: none, or DiffSynth's gaussian (highest mid-schedule)")
     tr.add_argument("--lora-format", default="official", choices=["official", "diffusers"],
                     help="key format of lora.safetensors (official = ComfyUI's; both load in wanx)")
     tr.add_argument("--fp8", action="store_true", help="the frozen DiT's block weights in FP8 (half the memory); the "
                                                        "LoRA still trains in fp32")
+    tr.add_argument("--offload", default="none", choices=["none", "blocks"],
+                    help="blocks: the frozen DiT stays in host memory and its blocks are streamed to the GPU "
+                         "within --vram-budget (with --fp8: 14B LoRA training on a 24 GB GPU)")
+    tr.add_argument("--vram-budget", help="DiT bytes kept on the GPU with --offload blocks, e.g. 6GB")
     tr.add_argument("--gradient-checkpointing", action="store_true",
                     help="recompute each block's activations in the backward pass: far less memory, ~1.3x the time")
+    tr.add_argument("--offload-activations", action="store_true",
+                    help="with --gradient-checkpointing: the block inputs it keeps wait in host memory")
+    tr.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
+                    help="autocast the forward pass (default no)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--save-every", type=int, help="write a checkpoint every N steps")
     tr.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
     tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    tr.add_argument("--validation-prompts", metavar="TEXT|FILE",
+                    help="prompts for validation videos: a file (one per line) or prompts separated by |")
+    tr.add_argument("--validate-every", type=int, default=100, help="steps between validation videos (default 100)")
+    tr.add_argument("--validation-size", type=_size, default=(832, 480), help="WIDTHxHEIGHT (default 832x480)")
+    tr.add_argument("--validation-frames", type=int, default=33, help="frames, 4k+1 (default 33)")
+    tr.add_argument("--validation-steps", type=int, default=30, help="sampling steps (default 30)")
     _runtime_flags(tr, "frozen DiT weights (default bf16 on GPU, fp32 on CPU); the LoRA trains in fp32")
     tr.set_defaults(func=cmd_train)
+    parser.train_parser = tr
 
     dl = sub.add_parser("download", help="download a model (e.g. Wan-AI/Wan2.1-T2V-1.3B) into the standard cache",
                         description="Download a Wan2.1 model repository with huggingface_hub (or ModelScope) and print "
@@ -442,7 +559,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--config")
+        config = pre.parse_known_args(argv[1:])[0].config
+        if config:
+            try:
+                _train_toml(parser.train_parser, config)
+            except ValueError as err:
+                print(f"wanx: error: {err}", file=sys.stderr)
+                return 2
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:  # partial files are removed on the way out (Video.save, cmd_generate)

@@ -317,29 +317,8 @@ class WanPipeline:
         return context, context_null
 
     def _image_conditioning(self, plan: _Plan) -> dict[str, Tensor]:
-        """CLIP tokens of the given frame(s), and y = [mask (4) | VAE latents of the frame(s) + zeros (16)]."""
-        device = self.device
-        h, w, n = plan.height, plan.width, plan.num_frames
-        images = [plan.image] + ([plan.last_image] if plan.last_image is not None else [])
-        clip = torch.cat([self.image_encoder(img[None].to(device)) for img in images], dim=1)  # [1, 257|514, d]
-
-        first = F.interpolate(plan.image[None], size=(h, w), mode="bicubic", align_corners=False)[0]
-        frames = torch.zeros(3, n, h, w)
-        frames[:, 0] = first
-        if plan.last_image is not None:
-            frames[:, -1] = F.interpolate(_crop_to_aspect(plan.last_image, h / w)[None], size=(h, w),
-                                          mode="bicubic", align_corners=False)[0]
-        y = self.vae.encode(frames[None].to(device))  # [1, 16, F', h/8, w/8]
-
-        # Mask: pixel frame 0 (and the last, for FLF2V) known; frame 0 repeated 4x so that the
-        # F pixel frames fold into [4, F'] like the latents.
-        mask = torch.zeros(1, n, h // 8, w // 8, device=device)
-        mask[:, 0] = 1
-        if plan.last_image is not None:
-            mask[:, -1] = 1
-        mask = torch.cat([mask[:, :1].repeat_interleave(4, dim=1), mask[:, 1:]], dim=1)
-        mask = mask.view(1, mask.shape[1] // 4, 4, h // 8, w // 8).transpose(1, 2)  # [1, 4, F', h/8, w/8]
-        return {"clip_features": clip, "y": torch.cat([mask, y], dim=1)}
+        return image_conditioning(self.image_encoder, self.vae, plan.image, plan.last_image, plan.height, plan.width,
+                                  plan.num_frames, self.device)
 
     def _velocity(self, context: Tensor, context_null: Tensor | None, guidance: float, extra: dict[str, Tensor],
                   batched: bool = True):
@@ -560,3 +539,31 @@ def _stage(name: str, enabled: bool):
     yield
     if enabled:
         print(f"{name}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+def image_conditioning(image_encoder, vae, image: Tensor, last_image: Tensor | None, h: int, w: int, n: int,
+                       device) -> dict[str, Tensor]:
+    """I2V/FLF2V inputs of the DiT: CLIP tokens of the given frame(s) `[1, 257|514, d]`, and
+    y = [mask (4) | VAE latents of the frame(s) + zeros (16)] `[1, 20, F', h/8, w/8]`. image,
+    last_image: `[3, H, W]` in [-1, 1] at any size (CLIP sees them as given). Also used by
+    `wanx prepare` to cache the conditioning of I2V training clips."""
+    images = [image] + ([last_image] if last_image is not None else [])
+    clip = torch.cat([image_encoder(img[None].to(device)) for img in images], dim=1)
+
+    first = F.interpolate(image[None], size=(h, w), mode="bicubic", align_corners=False)[0]
+    frames = torch.zeros(3, n, h, w)
+    frames[:, 0] = first
+    if last_image is not None:
+        frames[:, -1] = F.interpolate(_crop_to_aspect(last_image, h / w)[None], size=(h, w),
+                                      mode="bicubic", align_corners=False)[0]
+    y = vae.encode(frames[None].to(device))  # [1, 16, F', h/8, w/8]
+
+    # Mask: pixel frame 0 (and the last, for FLF2V) known; frame 0 repeated 4x so that the
+    # F pixel frames fold into [4, F'] like the latents.
+    mask = torch.zeros(1, n, h // 8, w // 8, device=device)
+    mask[:, 0] = 1
+    if last_image is not None:
+        mask[:, -1] = 1
+    mask = torch.cat([mask[:, :1].repeat_interleave(4, dim=1), mask[:, 1:]], dim=1)
+    mask = mask.view(1, mask.shape[1] // 4, 4, h // 8, w // 8).transpose(1, 2)  # [1, 4, F', h/8, w/8]
+    return {"clip_features": clip, "y": torch.cat([mask, y], dim=1)}

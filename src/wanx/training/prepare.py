@@ -6,7 +6,10 @@ settings it was made with and its caption in the file's metadata. An item whose 
 with the same settings is skipped, so a stopped run resumes; one made with other settings
 (size, frames, fps, model) is made again. Files that cannot be used (unreadable, corrupt, too
 short) are skipped with the reason, listed at the end and in `prepare-report.txt`, and never
-stop the run.
+stop the run. For I2V (FLF2V) models each item also holds the first (and last) frame's
+conditioning, `clip_features` and `y`, as the pipeline computes them.
+
+Started by `accelerate launch` (or torchrun), each process encodes its share of the items.
 """
 
 from __future__ import annotations
@@ -65,21 +68,27 @@ def prepare(dataset: str | Path, files, *, cache: str | Path | None = None, size
     items = find_items(dataset, report.skipped)
     plans = _plan(items, size=size, buckets=buckets, frames=frames, fps=fps, report=report)
     fingerprint = _fingerprint(files)
+    conditioning = _conditioning(files)
     todo = []
     for item, bucket in plans:
         path = cache_file(cache, dataset, item)
-        settings = json.dumps({"version": CACHE_VERSION, "model": fingerprint, "height": bucket.height,
-                               "width": bucket.width, "frames": bucket.num_frames, "fps": fps}, sort_keys=True)
+        settings = {"version": CACHE_VERSION, "model": fingerprint, "height": bucket.height,
+                    "width": bucket.width, "frames": bucket.num_frames, "fps": fps}
+        if conditioning:
+            settings["conditioning"] = conditioning
+        settings = json.dumps(settings, sort_keys=True)
         if path.is_file() and _settings_of(path) == settings:
             report.reused.append(path)
             continue
         todo.append((item, bucket, path, settings))
+    rank, processes = _share()
+    todo = todo[rank::processes]
     if todo:
         cache.mkdir(parents=True, exist_ok=True)
-        vae, text_encoder, device = _encoders(files, runtime, progress)
+        vae, text_encoder, image_encoder, device = _encoders(files, runtime, progress)
         from tqdm.auto import tqdm
 
-        for item, bucket, path, settings in tqdm(todo, desc="preparing", unit="item", disable=not progress):
+        for item, bucket, path, settings in tqdm(todo, desc="preparing", unit="item", disable=not progress or rank):
             try:
                 pixels = load_item(item, height=bucket.height, width=bucket.width, num_frames=bucket.num_frames,
                                    target_fps=fps)
@@ -91,12 +100,24 @@ def prepare(dataset: str | Path, files, *, cache: str | Path | None = None, size
                 tiles = dict(tile_size=512, tile_stride=448) if bucket.height * bucket.width > 512 * 512 else {}
                 latents = vae.encode(video, **tiles)[0].float().cpu().contiguous()  # [16, F', h, w]
                 embeddings, lengths = text_encoder.encode([item.caption])
-            context = embeddings[0, : int(lengths[0])].contiguous()  # the prompt's true tokens
+                tensors = {"latents": latents,
+                           "context": embeddings[0, : int(lengths[0])].contiguous()}  # the prompt's true tokens
+                if conditioning:
+                    tensors.update(_image_inputs(image_encoder, vae, video[0], conditioning, device))
             tmp = path.with_name(f".{path.name}.partial")
-            save_file({"latents": latents, "context": context}, str(tmp),
+            save_file(tensors, str(tmp),
                       metadata={"settings": settings, "caption": item.caption, "source": str(item.path)})
             os.replace(tmp, path)
             report.encoded.append(path)
+    if processes > 1:  # one report for all: the main process writes it
+        from accelerate.utils import gather_object
+
+        skipped = gather_object(report.skipped.skipped)
+        encoded = gather_object(report.encoded)
+        report.skipped.skipped[:] = list(dict.fromkeys(skipped))  # items every process probed are listed once
+        report.encoded[:] = encoded
+        if rank:
+            return report
     if report.skipped.skipped:
         cache.mkdir(parents=True, exist_ok=True)
         lines = [f"{path}\t{reason}" for path, reason in report.skipped.skipped]
@@ -134,6 +155,45 @@ def _plan(items: list[Item], *, size: tuple[int, int], buckets: bool, frames: in
     return [(clip.item, bucket) for bucket, members in sorted_clips.items() for clip in members]
 
 
+def _share() -> tuple[int, int]:
+    """(this process, processes) when started by accelerate launch or torchrun; (0, 1) alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.process_index, state.num_processes
+
+
+def _conditioning(files) -> str | None:
+    return {"i2v": "first-frame", "flf2v": "first-last-frame"}.get(files.model_type)
+
+
+def _image_inputs(image_encoder, vae, video: torch.Tensor, conditioning: str, device) -> dict[str, torch.Tensor]:
+    """clip_features and y of a clip `[3, F, H, W]` in [-1, 1], as the I2V pipeline makes them."""
+    from ..pipeline import image_conditioning
+
+    _, frames, height, width = video.shape
+    last = video[:, -1].cpu() if conditioning == "first-last-frame" else None
+    inputs = image_conditioning(image_encoder, vae, video[:, 0].cpu(), last, height, width, frames, device)
+    return {k: v[0].float().cpu().contiguous() for k, v in inputs.items()}
+
+
+def check_cache(items: list[Path], files) -> None:
+    """Stop before training when the cache was made with other encoders, or lacks (or has)
+    the image conditioning this model takes."""
+    fingerprint, conditioning = _fingerprint(files), _conditioning(files)
+    for path in items:
+        settings = json.loads(_settings_of(path) or "{}")
+        if settings.get("model") != fingerprint:
+            raise ValueError(f"{path.parent}: the cache was made with other encoders ({settings.get('model')}); "
+                             f"run `wanx prepare` again with this --model")
+        if settings.get("conditioning") != conditioning:
+            need = f"a {files.model_type} model's image conditioning" if conditioning else "no image conditioning"
+            raise ValueError(f"{path.parent}: the cache does not match this model ({need}); "
+                             f"run `wanx prepare` again with this --model")
+
+
 def _fingerprint(files) -> str:
     """The encoders an item was made with: file names and sizes of the VAE and umT5."""
     parts = []
@@ -153,6 +213,9 @@ def _encoders(files, runtime, progress: bool):
     tokenizer = Tokenizer(files.tokenizer)
     vae = load_model(files.vae, dtype=runtime.vae_dtype, device=runtime.device, progress=progress)
     t5 = load_model(files.text_encoder, dtype=runtime.dtype, device=runtime.text_device, progress=progress)
+    clip = None
+    if _conditioning(files):
+        clip = load_model(files.image_encoder, dtype=runtime.dtype, device=runtime.device, progress=progress)
     if progress:
         print(f"encoders loaded on {runtime.device}", file=sys.stderr)
-    return vae, TextEncoder(t5, tokenizer, device=runtime.text_device), runtime.device
+    return vae, TextEncoder(t5, tokenizer, device=runtime.text_device), clip, runtime.device

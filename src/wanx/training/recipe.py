@@ -1,11 +1,17 @@
-"""LoRA training of the Wan2.1 DiT on a prepared dataset (`wanx prepare`), top to bottom:
-data (cached latents + text) -> model (frozen DiT) + trainable LoRA -> flow-matching loss ->
-loop (AdamW, gradient accumulation) -> checkpoints (atomic, resumable bit for bit) -> the
+"""Training the Wan2.1 DiT on a prepared dataset (`wanx prepare`), top to bottom:
+data (cached latents + text, batched per bucket) -> model (frozen DiT) + trainable LoRA, or
+the whole DiT -> flow-matching loss -> loop (AdamW, gradient accumulation, LR schedule, one
+process or many through `accelerate`) -> checkpoints (atomic, resumable bit for bit) -> the
 LoRA file in the official/ComfyUI key format, which `wanx --lora`, diffusers and ComfyUI load.
 
 The objective is Wan's: x_t = (1 - s) x0 + s eps, the DiT predicts eps - x0, s from the
 shifted schedule s = shift t / (1 + (shift - 1) t) with t uniform (DiffSynth samples the same
-grid), timestep = 1000 s.
+grid) or logit-normal, timestep = 1000 s.
+
+Everything random in a step (timesteps, noise) comes from a generator seeded by the seed and
+the global batch number, and the data order from the seed and the epoch. So a step is the same
+whichever process runs it and whenever: a resumed run needs no RNG state to match a straight
+one, and N processes match one process that accumulates N times as many micro-batches.
 """
 
 from __future__ import annotations
@@ -18,13 +24,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from ..lora.formats import LoraModule
-from ..memory.fp8 import FP8Linear
 from ..lora.layer import LoraAdapter, attach
+from ..memory.fp8 import FP8Linear
 
 TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
 
@@ -33,20 +40,30 @@ TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
 class TrainConfig:
     data: Path  # the dataset folder (its .wanx-cache) or a cache folder
     output: Path
+    full: bool = False  # train every DiT weight instead of a LoRA
     lora_rank: int = 32
     lora_alpha: float | None = None  # default: the rank (scale 1)
     targets: tuple[str, ...] = TARGETS
     lr: float = 1e-4
-    steps: int = 100
+    lr_scheduler: str = "constant"  # or "cosine" (to 0 at the last step); both after warmup
+    warmup_steps: int = 0
+    steps: int | None = 100
+    epochs: float | None = None  # instead of steps: passes over the dataset (x repeats)
+    batch_size: int = 1  # items per micro-batch, all from one bucket
     grad_accum: int = 1
+    repeats: int = 1  # times each item is seen per epoch
     shift: float = 5.0
     seed: int = 0
     timesteps: str = "uniform"  # or "logit-normal" (t = sigmoid(N(0, 1)), then shifted)
+    weighting: str = "none"  # or "gaussian": DiffSynth's loss weight, highest mid-schedule
     lora_format: str = "official"  # or "diffusers"
     gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    offload_activations: bool = False  # with checkpointing: the kept block inputs wait in host memory
+    mixed_precision: str = "no"  # or "bf16"/"fp16": autocast of the forward pass
     save_every: int | None = None
     keep: int = 2
     resume: bool = False
+    validate_every: int | None = None
 
 
 # -- data --------------------------------------------------------------------------------
@@ -64,11 +81,59 @@ def cached_items(data: Path) -> list[Path]:
     raise ValueError(f"{data}: no prepared items; run `wanx prepare {data} --model ...` first")
 
 
-def load_cached(path: Path) -> tuple[Tensor, Tensor]:
-    from safetensors.torch import load_file
+class CachedDataset:
+    """The prepared items, grouped by latent shape (their bucket): a micro-batch is stacked
+    from one group. Every epoch is a fresh permutation from the seed; no item is dropped (a
+    group's last batch may be smaller)."""
 
-    state = load_file(str(path))
-    return state["latents"], state["context"]
+    def __init__(self, files: list[Path], batch_size: int = 1, repeats: int = 1, seed: int = 0):
+        from safetensors import safe_open
+
+        self.files, self.batch_size, self.repeats, self.seed = files, batch_size, repeats, seed
+        self.shapes, self.settings = [], set()
+        for path in files:
+            with safe_open(str(path), framework="pt") as fh:
+                self.shapes.append(tuple(fh.get_slice("latents").get_shape()))
+                self.settings.add((fh.metadata() or {}).get("settings", ""))
+        counts: dict[tuple, int] = {}
+        for shape in self.shapes:
+            counts[shape] = counts.get(shape, 0) + repeats
+        self.batches_per_epoch = sum(math.ceil(n / batch_size) for n in counts.values())
+        self._epoch, self._order = -1, []
+
+    def batch(self, index: int) -> list[int]:
+        """The items of global micro-batch `index` (epochs follow each other)."""
+        epoch, position = divmod(index, self.batches_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, self._epoch_batches(epoch)
+        return self._order[position]
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        indices = [i for i in range(len(self.files)) for _ in range(self.repeats)]
+        batches, open_ = [], {}
+        for k in torch.randperm(len(indices), generator=generator).tolist():
+            shape = self.shapes[indices[k]]
+            open_.setdefault(shape, []).append(indices[k])
+            if len(open_[shape]) == self.batch_size:
+                batches.append(open_.pop(shape))
+        batches.extend(open_.values())  # the remainders, in the order their groups opened
+        return batches
+
+    def load(self, indices: list[int], device: torch.device) -> dict[str, Tensor]:
+        """x0 `[B, 16, F', h, w]`, context `[B, L, text_dim]` (zero-padded to the longest, as
+        the DiT pads anyway), and for I2V items clip_features and y."""
+        from safetensors.torch import load_file
+
+        states = [load_file(str(self.files[i])) for i in indices]
+        longest = max(s["context"].shape[0] for s in states)
+        batch = {"x0": torch.stack([s["latents"] for s in states]),
+                 "context": torch.stack([nn.functional.pad(s["context"], (0, 0, 0, longest - s["context"].shape[0]))
+                                         for s in states])}
+        for key in ("clip_features", "y"):
+            if key in states[0]:
+                batch[key] = torch.stack([s[key] for s in states])
+        return {k: v.to(device) for k, v in batch.items()}
 
 
 # -- model + LoRA ------------------------------------------------------------------------
@@ -88,7 +153,8 @@ def add_trainable_lora(dit: nn.Module, rank: int, alpha: float | None, targets: 
             down = (torch.rand(rank, layer.in_features, generator=generator) * 2 - 1) * bound
             module = LoraModule(name, {"down": down, "up": torch.zeros(layer.out_features, rank),
                                        "alpha": torch.tensor(float(alpha if alpha is not None else rank))})
-            adapter = LoraAdapter(module, 1.0, device=layer.weight.device, dtype=torch.float32)  # fp32 on any base
+            device = layer.weight.device if layer.weight.device.type != "meta" else torch.device("cpu")
+            adapter = LoraAdapter(module, 1.0, device=device, dtype=torch.float32)  # fp32 on any base
             adapter.down.requires_grad_(True)
             adapter.up.requires_grad_(True)
             attach(layer, "train", adapter)
@@ -124,6 +190,44 @@ def lora_state(adapters: dict[str, LoraAdapter], fmt: str = "official") -> dict[
     return state
 
 
+class Trainable:
+    """What is trained: a LoRA (its adapters) or the whole DiT; saved and restored in one
+    format, the official key names."""
+
+    def __init__(self, dit: nn.Module, config: TrainConfig):
+        self.dit, self.config = dit, config
+        dit.requires_grad_(False)
+        if config.full:
+            if any(isinstance(m, FP8Linear) for m in dit.modules()):
+                raise ValueError("--full trains every weight: load the DiT in bf16/fp32, not --fp8")
+            dit.requires_grad_(True)
+            self.adapters = {}
+            self.params = list(dit.parameters())
+        else:
+            init = torch.Generator().manual_seed(config.seed)
+            self.adapters = add_trainable_lora(dit, config.lora_rank, config.lora_alpha, config.targets, init)
+            self.params = [p for a in self.adapters.values() for p in (a.down, a.up)]
+
+    def state(self, fmt: str = "official") -> dict[str, Tensor]:
+        if self.config.full:
+            return {k: v.detach().cpu().contiguous() for k, v in self.dit.state_dict().items()}
+        return lora_state(self.adapters, fmt)
+
+    def load(self, state: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            if self.config.full:
+                for name, tensor in self.dit.state_dict().items():
+                    tensor.copy_(state[name])
+                return
+            for name, adapter in self.adapters.items():
+                adapter.down.copy_(state[f"diffusion_model.{name}.lora_A.weight"])
+                adapter.up.copy_(state[f"diffusion_model.{name}.lora_B.weight"])
+
+    @property
+    def file_name(self) -> str:
+        return "model.safetensors" if self.config.full else "lora.safetensors"
+
+
 def checkpointed(block: nn.Module, *inputs):
     """Run a block without keeping its activations; they are recomputed for the backward
     pass (one block's activations alive at a time instead of all of them)."""
@@ -132,94 +236,202 @@ def checkpointed(block: nn.Module, *inputs):
     return checkpoint(block, *inputs, use_reentrant=False)
 
 
+def checkpointed_offloaded(block: nn.Module, *inputs):
+    """As `checkpointed`, and the block inputs it keeps wait in (pinned) host memory."""
+    with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+        return checkpointed(block, *inputs)
+
+
 # -- loss --------------------------------------------------------------------------------
 
 
-def flow_matching_loss(dit: nn.Module, x0: Tensor, context: Tensor, shift: float, generator: torch.Generator,
-                       timesteps: str = "uniform") -> Tensor:
-    if timesteps == "logit-normal":
-        t = torch.sigmoid(torch.randn((), generator=generator))
-    else:
-        t = torch.rand((), generator=generator)
-    sigma = shift * t / (1 + (shift - 1) * t)
-    noise = torch.randn(x0.shape, generator=generator)
-    x_t = (1 - sigma) * x0 + sigma * noise
-    prediction = dit(x_t, (sigma * 1000).reshape(1), context)
-    return torch.nn.functional.mse_loss(prediction.float(), (noise - x0).float())
+def sample_sigma(generator: torch.Generator, shift: float, timesteps: str = "uniform") -> Tensor:
+    t = torch.sigmoid(torch.randn((), generator=generator)) if timesteps == "logit-normal" \
+        else torch.rand((), generator=generator)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def gaussian_weight(sigma: Tensor, shift: float) -> Tensor:
+    """DiffSynth's timestep weight: exp(-2 ((1000 s - 500) / 1000)^2) minus its minimum over
+    the 1000-step shifted grid, scaled to mean 1 on that grid."""
+    t = torch.linspace(1, 0, 1001)[:-1]
+    grid = 1000 * shift * t / (1 + (shift - 1) * t)
+    curve = lambda x: torch.exp(-2 * ((x - 500) / 1000) ** 2)  # noqa: E731
+    low = curve(grid).min()
+    return (curve(1000 * sigma) - low) * (1000 / (curve(grid) - low).sum())
+
+
+def flow_matching_loss(dit: nn.Module, batch: dict[str, Tensor], config: TrainConfig,
+                       generator: torch.Generator) -> Tensor:
+    """The loss of one micro-batch; one timestep per item, noise from `generator` (CPU)."""
+    x0 = batch["x0"]
+    sigma = torch.stack([sample_sigma(generator, config.shift, config.timesteps) for _ in range(x0.shape[0])])
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    s = sigma.to(x0.device).view(-1, 1, 1, 1, 1)
+    x_t = (1 - s) * x0 + s * noise
+    extra = {k: batch[k] for k in ("clip_features", "y") if k in batch}
+    prediction = dit(x_t, (sigma * 1000).to(x0.device), batch["context"], **extra)
+    per_item = (prediction.float() - (noise - x0).float()).pow(2).flatten(1).mean(1)
+    if config.weighting == "gaussian":
+        per_item = per_item * gaussian_weight(sigma, config.shift).to(per_item.device)
+    return per_item.mean()
 
 
 # -- loop --------------------------------------------------------------------------------
 
 
-def train(dit: nn.Module, config: TrainConfig, *, progress: bool = True, base_model: str = "") -> Path:
-    """Train a LoRA on `dit` (frozen) and write `output/lora.safetensors`; returns its path."""
+def lr_lambda(config: TrainConfig, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / (config.warmup_steps + 1)
+        if config.lr_scheduler == "cosine":
+            span = max(1, total - config.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - config.warmup_steps) / span)))
+        return 1.0
+    return factor
+
+
+def total_steps(config: TrainConfig, dataset: CachedDataset, processes: int) -> int:
+    if config.epochs is not None:
+        return max(1, math.ceil(config.epochs * dataset.batches_per_epoch / (config.grad_accum * processes)))
+    return int(config.steps)
+
+
+def train(dit: nn.Module, config: TrainConfig, *, progress: bool = True, base_model: str = "",
+          accelerator=None, validate: Callable[[int], None] | None = None) -> Path:
+    """Train on `dit` and write `output/lora.safetensors` (`model.safetensors` with `full`);
+    returns its path. `accelerator`: an `accelerate.Accelerator` (default: one made here,
+    which is one process unless started by `accelerate launch`/`torchrun`). `validate(step)`
+    is called on the main process every `validate_every` steps."""
+    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    items = cached_items(config.data)
+    device = next(dit.parameters()).device
+    if accelerator is None:
+        accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision)
+    processes, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    dataset = CachedDataset(cached_items(config.data), config.batch_size, config.repeats, config.seed)
+    steps = total_steps(config, dataset, processes)
     output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
-    dit.requires_grad_(False)
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
     if config.gradient_checkpointing:
-        dit.block_wrapper = checkpointed
-    init = torch.Generator().manual_seed(config.seed)
-    adapters = add_trainable_lora(dit, config.lora_rank, config.lora_alpha, config.targets, init)
-    params = [p for a in adapters.values() for p in (a.down, a.up)]
-    optimizer = torch.optim.AdamW(params, lr=config.lr)
-    rng = torch.Generator().manual_seed(config.seed + 1)  # timesteps and noise
-    step = 0
-    if config.resume:
-        step = _resume(output, adapters, optimizer, rng)
-    log = open(output / "log.csv", "a", newline="", encoding="utf-8")
-    writer = csv.writer(log)
-    if step == 0:
-        writer.writerow(["step", "loss", "lr", "seconds"])
-    bar = tqdm(total=config.steps, initial=step, desc="training", unit="step", disable=not progress)
+        dit.block_wrapper = checkpointed_offloaded if config.offload_activations else checkpointed
+    trained = Trainable(dit, config)
+    optimizer = torch.optim.AdamW(trained.params, lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, steps))
+    accelerator.wait_for_everyone()
+    step = _resume(output, trained, optimizer, scheduler, clear=main) if config.resume else 0
+    log = _Log(output, step, enabled=main)
+    bar = tqdm(total=steps, initial=step, desc="training", unit="step", disable=not progress or not main)
+    per_step = config.grad_accum * processes
     try:
-        while step < config.steps:
+        while step < steps:
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            total = 0.0
+            total, samples = torch.zeros((), device=device), 0
             for micro in range(config.grad_accum):
-                x0, context = load_cached(items[_item_index(step * config.grad_accum + micro, len(items), config.seed)])
-                loss = flow_matching_loss(dit, x0[None], context[None], config.shift, rng,
-                                          config.timesteps) / config.grad_accum
+                index = step * per_step + micro * processes + rank  # the global micro-batch
+                items = dataset.batch(index)
+                batch = dataset.load(items, device)
+                generator = torch.Generator().manual_seed(config.seed * 2**32 + index)
+                with accelerator.autocast():
+                    loss = flow_matching_loss(dit, batch, config, generator) / config.grad_accum
                 loss.backward()
-                total += loss.item()
+                total += loss.detach()
+                samples += len(items)
+            if processes > 1:  # the mean gradient over processes, as one process would have summed
+                for p in trained.params:
+                    if p.grad is not None:
+                        p.grad = accelerator.reduce(p.grad, reduction="mean")
+                total = accelerator.reduce(total, reduction="mean")
+                samples = int(accelerator.reduce(torch.tensor(samples, device=device), reduction="sum"))
+            lr = scheduler.get_last_lr()[0]
             optimizer.step()
+            scheduler.step()
             step += 1
-            writer.writerow([step, f"{total:.6f}", config.lr, f"{time.perf_counter() - start:.3f}"])
-            bar.set_postfix(loss=f"{total:.4f}")
+            seconds = time.perf_counter() - start
+            log.write(step, float(total), lr, seconds, samples / seconds)
+            bar.set_postfix(loss=f"{float(total):.4f}")
             bar.update(1)
-            if config.save_every and step % config.save_every == 0 and step < config.steps:
-                _save_checkpoint(output, step, adapters, optimizer, rng, config.keep)
+            if config.save_every and step % config.save_every == 0 and step < steps and main:
+                _save_checkpoint(output, step, trained, optimizer, scheduler, config.keep)
+            if validate is not None and config.validate_every and step % config.validate_every == 0 and main:
+                validate(step)
+            accelerator.wait_for_everyone()
     finally:
         bar.close()
         log.close()
-    path = output / "lora.safetensors"
-    _save_lora(path, adapters, config, step, len(items), base_model)
-    _save_checkpoint(output, step, adapters, optimizer, rng, config.keep)
+    path = output / trained.file_name
+    if main:
+        _save_final(path, trained, config, step, len(dataset.files), base_model)
+        _save_checkpoint(output, step, trained, optimizer, scheduler, config.keep)
+    accelerator.wait_for_everyone()
     return path
 
 
-def _item_index(sample: int, count: int, seed: int) -> int:
-    """The dataset order: a fresh permutation per epoch from the seed, so it needs no state."""
-    epoch, position = divmod(sample, count)
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return int(order[position])
+class _Log:
+    """log.csv (rows past a resumed step, left by a killed run, are dropped) and TensorBoard
+    (`OUTPUT/tensorboard`) when it is installed."""
+
+    COLUMNS = ["step", "loss", "lr", "seconds", "samples_per_s"]
+
+    def __init__(self, output: Path, step: int, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        path = output / "log.csv"
+        rows = []
+        if step and path.is_file():
+            with open(path, newline="", encoding="utf-8") as fh:
+                rows = [r for r in csv.reader(fh)][1:]
+            rows = [r for r in rows if r and int(r[0]) <= step]
+        self.fh = open(path, "w", newline="", encoding="utf-8")
+        self.writer = csv.writer(self.fh)
+        self.writer.writerows([self.COLUMNS, *rows])
+        self.board = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(str(output / "tensorboard"), purge_step=step + 1 if step else None)
+        except ImportError:  # tensorboard is optional
+            pass
+
+    def write(self, step: int, loss: float, lr: float, seconds: float, samples_per_s: float) -> None:
+        if not self.enabled:
+            return
+        self.writer.writerow([step, f"{loss:.6f}", f"{lr:.6g}", f"{seconds:.3f}", f"{samples_per_s:.3f}"])
+        self.fh.flush()
+        if self.board is not None:
+            self.board.add_scalar("loss", loss, step)
+            self.board.add_scalar("lr", lr, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.fh.close()
+            if self.board is not None:
+                self.board.close()
 
 
-def _save_lora(path: Path, adapters, config: TrainConfig, step: int, items: int, base_model: str) -> None:
+def _save_final(path: Path, trained: Trainable, config: TrainConfig, step: int, items: int, base_model: str) -> None:
     from safetensors.torch import save_file
 
-    metadata = {"format": "wanx-lora", "base_model": base_model, "rank": str(config.lora_rank),
-                "alpha": str(config.lora_alpha if config.lora_alpha is not None else config.lora_rank),
-                "targets": ",".join(config.targets), "steps": str(step), "dataset_items": str(items)}
+    metadata = {"format": "wanx-full" if config.full else "wanx-lora", "base_model": base_model, "steps": str(step),
+                "dataset_items": str(items)}
+    if not config.full:
+        metadata.update({"rank": str(config.lora_rank), "targets": ",".join(config.targets),
+                         "alpha": str(config.lora_alpha if config.lora_alpha is not None else config.lora_rank)})
     tmp = path.with_name(f".{path.name}.partial")
-    save_file(lora_state(adapters, config.lora_format), str(tmp), metadata=metadata)
+    save_file(trained.state(config.lora_format), str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 
-def _save_checkpoint(output: Path, step: int, adapters, optimizer, rng: torch.Generator, keep: int) -> None:
+def _checkpoints(output: Path) -> list[Path]:
+    root = output / "checkpoints"
+    return sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+
+
+def _save_checkpoint(output: Path, step: int, trained: Trainable, optimizer, scheduler, keep: int) -> None:
     """checkpoints/step-N/, written in a temporary folder and renamed: a crash never leaves a
     half-written checkpoint. Keeps the last `keep`."""
     from safetensors.torch import save_file
@@ -229,33 +441,30 @@ def _save_checkpoint(output: Path, step: int, adapters, optimizer, rng: torch.Ge
     tmp = root / f".step-{step}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(lora_state(adapters), str(tmp / "lora.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rng.get_state(), "step": step}, tmp / "state.pt")
+    save_file(trained.state(), str(tmp / trained.file_name))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
+               tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    done = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
-    for old in done[:-keep]:
+    for old in _checkpoints(output)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _resume(output: Path, adapters, optimizer, rng: torch.Generator) -> int:
+def _resume(output: Path, trained: Trainable, optimizer, scheduler, clear: bool = True) -> int:
     from safetensors.torch import load_file
 
-    root = output / "checkpoints"
-    for partial in root.glob(".step-*.partial"):  # left by a run killed while writing: never complete
+    for partial in (output / "checkpoints").glob(".step-*.partial") if clear else ():  # left by a killed run
         shutil.rmtree(partial, ignore_errors=True)
-    done = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+    done = _checkpoints(output)
     if not done:
-        raise ValueError(f"{output}: no checkpoint to resume from (checkpoints/step-N/)")
+        raise ValueError(f"{output}: no checkpoint to resume from (checkpoints/step-N/); drop --resume to start")
     latest = done[-1]
-    lora = load_file(str(latest / "lora.safetensors"))
-    with torch.no_grad():
-        for name, adapter in adapters.items():
-            adapter.down.copy_(lora[f"diffusion_model.{name}.lora_A.weight"])
-            adapter.up.copy_(lora[f"diffusion_model.{name}.lora_B.weight"])
+    if not (latest / trained.file_name).is_file():
+        raise ValueError(f"{latest}: no {trained.file_name}; it was written by a {'LoRA' if trained.config.full else '--full'} run")
+    trained.load(load_file(str(latest / trained.file_name)))
     state = torch.load(latest / "state.pt", weights_only=True)  # never unpickle code
     optimizer.load_state_dict(state["optimizer"])
-    rng.set_state(state["rng"])
-    print(f"resuming from {latest} (step {state['step']})", file=sys.stderr)
+    scheduler.load_state_dict(state["scheduler"])
+    if clear:  # the main process speaks for all
+        print(f"resuming from {latest} (step {state['step']})", file=sys.stderr)
     return int(state["step"])
-
