@@ -94,6 +94,8 @@ def prepare(dataset: str | Path, files, *, cache: str | Path | None = None, size
                                    target_fps=fps)
             except SkippedItem as err:
                 report.skipped.add(item.path, err.reason)
+                if report.buckets.get(bucket):  # the summary counts what was cached
+                    report.buckets[bucket] -= 1
                 continue
             with torch.no_grad():
                 video = torch.from_numpy(pixels).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1).to(device)
