@@ -376,13 +376,21 @@ def _train_toml(parser: argparse.ArgumentParser, path: str) -> None:
         action = dests[dest]
         if isinstance(value, list):  # targets = ["q", "k"]
             value = ",".join(str(v) for v in value)
-        if action.type is not None and not isinstance(value, bool):
+        flag = action.option_strings and action.nargs == 0
+        if flag and not isinstance(value, bool):
+            raise ValueError(f"--config {path}: {key} must be true or false, got {value!r}")
+        if not flag and (isinstance(value, bool) or (action.type is int and isinstance(value, float))):
+            # int(2.5) and int(True) would pass silently where argparse refuses "2.5" and "true"
+            raise ValueError(f"--config {path}: {key} = {value!r}: not {'an integer' if action.type is int else 'valid'}")
+        if action.type is not None:
             try:
                 value = action.type(value if action.type in (int, float) else str(value))
             except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
                 raise ValueError(f"--config {path}: {key} = {value!r}: {err}") from None
-        elif action.option_strings and action.nargs == 0 and not isinstance(value, bool):
-            raise ValueError(f"--config {path}: {key} must be true or false, got {value!r}")
+        elif not flag:
+            value = str(value)  # data = 3 is the folder "3", as on the command line
+        if action.choices is not None and value not in action.choices:  # set_defaults skips argparse's check
+            raise ValueError(f"--config {path}: {key} = {value!r}: choose from {', '.join(map(str, action.choices))}")
         defaults[dest] = value
     parser.set_defaults(**defaults)
 
