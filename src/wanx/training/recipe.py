@@ -423,6 +423,13 @@ def _save_final(path: Path, trained: Trainable, config: TrainConfig, step: int, 
                          "alpha": str(config.lora_alpha if config.lora_alpha is not None else config.lora_rank)})
     tmp = path.with_name(f".{path.name}.partial")
     save_file(trained.state(config.lora_format), str(tmp), metadata=metadata)
+    if config.full and hasattr(trained.dit, "config"):  # so the weights load on their own (head count)
+        import json
+
+        from ..configs import official_config_json
+
+        (path.parent / "config.json").write_text(json.dumps(official_config_json(trained.dit.config), indent=2) + "\n",
+                                                 encoding="utf-8")
     os.replace(tmp, path)
 
 
