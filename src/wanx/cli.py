@@ -45,6 +45,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a cache threshold is a number such as 0.2, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a cache threshold must be >= 0, got {text!r}")
+    return value
+
+
 def _size(text: str) -> tuple[int, int]:
     """'832x480' (width x height; '*' as in the official CLI works too) -> (width, height)."""
     try:
@@ -210,8 +220,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         elif not isinstance(job["seed"], int) or not 0 <= job["seed"] <= MAX_SEED:
             raise ValueError(f"{job['where']}--seed must be a whole number between 0 and {MAX_SEED}, got {job['seed']}")
     # Everything is checked before any weight is loaded: device, model folder, inputs, memory, outputs.
+    if args.teacache is not None and args.magcache is not None:
+        raise ValueError("choose one step cache: --teacache or --magcache")
+    cache = "teacache" if args.teacache is not None else "magcache" if args.magcache is not None else None
+    threshold = args.teacache if args.teacache is not None else args.magcache
     runtime = Runtime.create(args.device, args.dtype, offload=args.offload, vram_budget=args.vram_budget,
-                             quantize="fp8" if args.fp8 else None, t5_device=args.t5_device)
+                             quantize="fp8" if args.fp8 else None, t5_device=args.t5_device, cache=cache,
+                             cache_threshold=None if threshold == "auto" else threshold,
+                             cache_calibration=args.cache_calibration, compile=args.compile, attention=args.attention)
     files = find_components(resolve_model(args.model, source=args.source), dit=args.dit)
     per_network = weight_bytes(files.parameter_counts(), runtime.dtype, runtime.vae_dtype, fp8=bool(runtime.quantize))
     weights = device_weight_bytes(runtime.offload, runtime.device, per_network)
@@ -250,6 +266,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             video.save(out, quality=args.quality)
             args.written.append(out)
             print(f"{out}  (seed {job['seed']}, {len(video)} frames, {video.size[0]}x{video.size[1]})")
+            if pipe.step_cache is not None and not args.quiet:
+                print(f"{pipe.step_cache.kind}: {pipe.step_cache.stats.summary()}", file=sys.stderr)
     finally:
         for folder in reversed(created):  # folders this run made and left empty
             if folder.is_dir() and not any(folder.iterdir()):
@@ -395,6 +413,39 @@ def _train_toml(parser: argparse.ArgumentParser, path: str) -> None:
     parser.set_defaults(**defaults)
 
 
+def cmd_calibrate_cache(args: argparse.Namespace) -> int:
+    import json
+
+    from .hub import find_components, resolve_model
+    from .pipeline import CALIBRATION_FILE, WanPipeline
+    from .runtime import Runtime
+    from .speed.cache import calibrate
+
+    if args.steps < 10:
+        raise ValueError("--steps must be >= 10 (the first 5 steps are never skipped, so they do not calibrate)")
+    runtime = Runtime.create(args.device, args.dtype)
+    files = find_components(resolve_model(args.model, source=args.source), dit=args.dit)
+    output = Path(args.output) if args.output else Path(files.folder) / CALIBRATION_FILE
+    if files.model_type != "t2v":
+        raise ValueError("calibrate-cache runs text-to-video prompts: give a T2V model (I2V needs images; not yet)")
+    prompts = _prompts(args.prompts) if args.prompts else CALIBRATION_PROMPTS
+    pipe = WanPipeline.from_files(files, runtime=runtime, progress=not args.quiet)
+    width, height = args.size
+    result = calibrate(pipe, prompts, num_inference_steps=args.steps, width=width, height=height,
+                       num_frames=args.frames, seed=args.seed, progress=not args.quiet)
+    result.update(model=str(files.dit), size=f"{width}x{height}", frames=args.frames, prompts=len(prompts))
+    tmp = output.with_name(f".{output.name}.partial")
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(output)
+    print(output)
+    return 0
+
+
+CALIBRATION_PROMPTS = ["A cat walks on the grass, realistic style.",
+                       "A red sports car drives along a coastal road at sunset, aerial shot.",
+                       "Two people talk in a busy cafe, handheld camera."]
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     from .hub import download
 
@@ -465,6 +516,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "the memory of bf16, small quality cost")
     mem.add_argument("--t5-device", metavar="DEVICE", help="run the umT5 text encoder here, e.g. cpu (the official "
                                                            "--t5_cpu): frees ~11 GB of GPU memory")
+    fast = gen.add_argument_group("speed", "opt-in: each option's measured speed-up and fidelity cost is in the README")
+    fast.add_argument("--teacache", metavar="THRESHOLD", type=_threshold, nargs="?", const="auto",
+                      help="TeaCache step caching; higher skips more (published: 0.1 T2V-1.3B, 0.2 T2V-14B, 0.3 "
+                           "I2V); no value: the model's published one; 0: nothing skipped")
+    fast.add_argument("--magcache", metavar="THRESHOLD", type=_threshold, nargs="?", const="auto",
+                      help="MagCache step caching (published: 0.12 T2V-1.3B, 0.24 14B); no value: the model's own")
+    fast.add_argument("--cache-calibration", metavar="FILE",
+                      help="the model's own cache calibration (`wanx calibrate-cache`; found automatically in the "
+                           "model folder)")
+    fast.add_argument("--compile", action="store_true", help="compile the DiT block once with torch.compile "
+                                                              "(warm-up on the first step, faster after)")
+    fast.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash2", "flash3", "sage"],
+                      help="attention kernel (auto: FlashAttention 3 > 2 > SDPA, as installed; sage is 8-bit, "
+                           "only on request)")
     gen.add_argument("--lora", metavar="PATH[:STRENGTH]", type=_lora_arg, action="append",
                      help="apply a LoRA (any format: ComfyUI, kohya/musubi, diffusers, DiffSynth, LoHa/LoKr) with a "
                           "strength (default 1.0); repeat to stack")
@@ -546,6 +611,23 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_flags(tr, "frozen DiT weights (default bf16 on GPU, fp32 on CPU); the LoRA trains in fp32")
     tr.set_defaults(func=cmd_train)
     parser.train_parser = tr
+
+    cal = sub.add_parser("calibrate-cache", help="fit a model's own TeaCache/MagCache calibration from uncached runs",
+                         description="Generate a few prompts without skipping, measure how the DiT's block stack "
+                                     "changes from step to step, and fit TeaCache's polynomial and MagCache's ratio "
+                                     "table for this model (a fine-tune, or a size with no published calibration). "
+                                     "Written to MODEL/wanx-cache-calibration.json, where --teacache/--magcache find it.")
+    cal.add_argument("--model", required=True, help="model folder, model id, or tiny")
+    cal.add_argument("--dit", metavar="FILE", help="the DiT checkpoint to use when the model folder holds several")
+    cal.add_argument("--prompts", metavar="TEXT|FILE", help="prompts (a file, one per line, or separated by |); "
+                                                            "default: 3 built-in prompts")
+    cal.add_argument("--steps", type=int, default=50, help="sampling steps, as you will generate (default 50)")
+    cal.add_argument("--size", type=_size, default=(832, 480), help="WIDTHxHEIGHT (default 832x480)")
+    cal.add_argument("--frames", type=int, default=81, help="frames, 4k+1 (default 81)")
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--output", help="where to write the calibration (default: in the model folder)")
+    _runtime_flags(cal, "DiT and encoder weights (default bf16 on GPU, fp32 on CPU)")
+    cal.set_defaults(func=cmd_calibrate_cache)
 
     dl = sub.add_parser("download", help="download a model (e.g. Wan-AI/Wan2.1-T2V-1.3B) into the standard cache",
                         description="Download a Wan2.1 model repository with huggingface_hub (or ModelScope) and print "

@@ -86,7 +86,9 @@ class WanPipeline:
                         dtype: torch.dtype | str | None = None, vae_dtype: torch.dtype | str = torch.float32,
                         offload: str = "auto", vram_budget: int | float | str | None = None,
                         num_persistent_param_in_dit: int | None = None, quantize: str | None = None,
-                        t5_device: str | torch.device | None = None, source: str = "huggingface",
+                        t5_device: str | torch.device | None = None, cache: str | None = None,
+                        cache_threshold: float | None = None, cache_calibration: str | None = None,
+                        compile: bool = False, attention: str = "auto", source: str = "huggingface",
                         progress: bool = False) -> "WanPipeline":
         """An official or diffusers-layout model folder, a tiny model name, or a model id
         (`Wan-AI/Wan2.1-T2V-1.3B`, downloaded into the standard cache).
@@ -97,13 +99,18 @@ class WanPipeline:
         "none", "model" (each network on the device only for its phase) or "blocks".
         vram_budget: DiT bytes kept resident with offload="blocks" ("6GB", 6e9, 0, "auto");
         num_persistent_param_in_dit: the same in parameters. quantize: "fp8" or "fp8_fast".
-        t5_device: "cpu" runs umT5 on the CPU (the official --t5_cpu). See `wanx.runtime.Runtime`."""
+        t5_device: "cpu" runs umT5 on the CPU (the official --t5_cpu).
+        cache: "teacache" or "magcache" step caching (cache_threshold None: the published
+        setting for the model; cache_calibration: a `wanx calibrate-cache` file). compile: the
+        DiT block compiled once with torch.compile. attention: "auto", "sdpa", "flash2",
+        "flash3" or "sage". See `wanx.runtime.Runtime`."""
         from .hub import find_components, resolve_model
 
         # Every choice is checked before any download or weight read.
         runtime = Runtime.create(device, dtype, vae_dtype, offload=offload, vram_budget=vram_budget,
                                  num_persistent_param_in_dit=num_persistent_param_in_dit, quantize=quantize,
-                                 t5_device=t5_device)
+                                 t5_device=t5_device, cache=cache, cache_threshold=cache_threshold,
+                                 cache_calibration=cache_calibration, compile=compile, attention=attention)
         files = find_components(resolve_model(path_or_id, source=source))
         pipe = cls.from_files(files, runtime=runtime, progress=progress)
         pipe.name = str(path_or_id)
@@ -134,7 +141,26 @@ class WanPipeline:
             budget = auto_budget(available_memory(device), work)
         placement = Placement(offload, device, {"dit": dit, "vae": vae, "t5": text_encoder.model, "clip": image_encoder},
                               budget=budget, text_device=runtime.text_device)
-        return cls(dit, vae, text_encoder, image_encoder, name=str(files.folder), runtime=runtime, placement=placement)
+        pipe = cls(dit, vae, text_encoder, image_encoder, name=str(files.folder), runtime=runtime, placement=placement)
+        pipe.apply_speed(runtime, files.folder)
+        return pipe
+
+    def apply_speed(self, runtime: Runtime, folder: Path | None = None) -> None:
+        """The runtime's speed options: attention kernel, step cache (with the model folder's
+        own calibration when `wanx calibrate-cache` wrote one there), regional compile."""
+        from .attention import set_attention_backend
+
+        set_attention_backend(runtime.attention)
+        if runtime.cache:
+            calibration = runtime.cache_calibration
+            own = Path(folder) / CALIBRATION_FILE if folder is not None else None
+            if calibration is None and own is not None and own.is_file():
+                calibration = own
+            self.enable_cache(runtime.cache, runtime.cache_threshold, calibration=calibration)
+        if runtime.compile:
+            from .speed.compile import compile_blocks
+
+            compile_blocks(self.dit)
 
     # -------------------------------------------------------------------------------------
     def __call__(
@@ -248,9 +274,18 @@ class WanPipeline:
                 x = noise_to(x0, noise, float(sigmas[0]))
 
             model_fn = self._velocity(context, context_null, plan.guidance, extra, batched)
+            cache = self.step_cache
+            if cache is not None:
+                cache.start(len(timesteps), self.dit.config, plan.height, plan.width)
             bar = _progress(len(timesteps), "denoising", progress)
+
+            def advance(i, n, _):
+                if cache is not None:
+                    bar.set_postfix(skipped=cache.stats.total_skipped, refresh=False)
+                bar.update(1)
+
             with self.placement.phase("dit"):
-                x = SAMPLERS[sampler](model_fn, x, sigmas, timesteps, callback=lambda i, n, _: bar.update(1))
+                x = SAMPLERS[sampler](model_fn, x, sigmas, timesteps, callback=advance)
             bar.close()
             if output_type == "latents":
                 return x
@@ -270,6 +305,10 @@ class WanPipeline:
                         sampler=sampler, generator="wanx")
         if plan.task == "v2v":
             metadata["strength"] = strength
+        if self.step_cache is not None:
+            cache = self.step_cache
+            metadata["cache"] = {"kind": cache.kind, "threshold": cache.active_threshold,
+                                 "computed": cache.stats.total_computed, "skipped": cache.stats.total_skipped}
         if loaded_loras(self.dit):
             metadata["loras"] = [{"name": name, "strength": entry.strength, "sha256": entry.lora.sha256,
                                   "file": entry.lora.path.name if entry.lora.path else None}
@@ -322,26 +361,60 @@ class WanPipeline:
 
     def _velocity(self, context: Tensor, context_null: Tensor | None, guidance: float, extra: dict[str, Tensor],
                   batched: bool = True):
-        dit = self.dit
+        dit, cache = self.dit, self.step_cache
+        step = [0]  # the sampler calls the model function once per step
 
-        def run(x: Tensor, t: Tensor, ctx: Tensor, batch: int = 1) -> Tensor:
-            cond = {k: v.expand(batch, *v.shape[1:]) for k, v in extra.items()}
-            return dit(x, t.to(x.device).float().reshape(1).expand(x.shape[0]), ctx, **cond)
+        def run(x: Tensor, t: Tensor, ctx: Tensor, branches: tuple[str, ...]) -> Tensor:
+            cond = {k: v.expand(len(branches), *v.shape[1:]) for k, v in extra.items()}
+            if cache is not None:
+                cache.at(step[0], branches)
+            # one timestep for the batch: the DiT embeds it once for both branches
+            return dit(x, t.to(x.device).float().reshape(1), ctx, **cond)
 
         if context_null is None or guidance == 1.0:
-            return lambda x, t: run(x, t, context)
-        if not batched:  # the negative pass keeps the image conditioning, as official
-            return guided(lambda x, t: run(x, t, context), lambda x, t: run(x, t, context_null), guidance)
+            fn = lambda x, t: run(x, t, context, ("cond",))  # noqa: E731
+        elif not batched:  # the negative pass keeps the image conditioning, as official
+            fn = guided(lambda x, t: run(x, t, context, ("cond",)), lambda x, t: run(x, t, context_null, ("uncond",)),
+                        guidance)
+        else:
+            both = torch.cat([context, context_null])
 
-        both = torch.cat([context, context_null])
+            def fn(x: Tensor, t: Tensor) -> Tensor:
+                cond, uncond = run(torch.cat([x, x]), t, both, ("cond", "uncond")).chunk(2)
+                return uncond + guidance * (cond - uncond)
 
-        def fn(x: Tensor, t: Tensor) -> Tensor:
-            cond, uncond = run(torch.cat([x, x]), t, both, batch=2).chunk(2)
-            return uncond + guidance * (cond - uncond)
+        def counted(x: Tensor, t: Tensor) -> Tensor:
+            try:
+                return fn(x, t)
+            finally:
+                step[0] += 1
 
-        return fn
+        return counted
+
+    # -- step caching ------------------------------------------------------------------------
+    @property
+    def step_cache(self):
+        return getattr(self, "_step_cache", None)
+
+    @step_cache.setter
+    def step_cache(self, cache) -> None:
+        self._step_cache = cache
+        self.dit.loop_wrapper = cache
+
+    def enable_cache(self, kind: str = "teacache", threshold: float | None = None, **options):
+        """Step caching ("teacache" or "magcache"; threshold None: the published setting for
+        the model). options: magcache_k, retention, calibration (a file from
+        `wanx calibrate-cache`). Returns the StepCache; its `stats` tell what was skipped."""
+        from .speed.cache import StepCache
+
+        self.step_cache = StepCache(kind, threshold, **options)
+        return self.step_cache
+
+    def disable_cache(self) -> None:
+        self.step_cache = None
 
 
+CALIBRATION_FILE = "wanx-cache-calibration.json"  # written by `wanx calibrate-cache` into the model folder
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 GUIDANCE_RANGE = (1.0, 30.0)
 

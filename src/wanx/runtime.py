@@ -28,12 +28,21 @@ class Runtime:
     vram_budget: int | str = "auto"  # bytes of DiT weights kept resident with "blocks", or "auto"
     quantize: str | None = None  # "fp8" / "fp8_fast": DiT block Linear weights in float8_e4m3fn
     t5_device: torch.device | None = None  # where umT5 runs (the official --t5_cpu: cpu); default: device
+    # speed: step caching ("teacache"/"magcache"; threshold None = the published one for the
+    # model; a calibration file from `wanx calibrate-cache`), regional compile, attention kernel
+    cache: str | None = None
+    cache_threshold: float | None = None
+    cache_calibration: str | None = None
+    compile: bool = False
+    attention: str = "auto"
 
     @classmethod
     def create(cls, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
                vae_dtype: torch.dtype | str = torch.float32, *, offload: str = "auto",
                vram_budget: int | float | str | None = None, num_persistent_param_in_dit: int | None = None,
-               quantize: str | None = None, t5_device: str | torch.device | None = None) -> "Runtime":
+               quantize: str | None = None, t5_device: str | torch.device | None = None, cache: str | None = None,
+               cache_threshold: float | None = None, cache_calibration: str | None = None, compile: bool = False,
+               attention: str = "auto") -> "Runtime":
         """Resolve the defaults (CUDA when present; bf16 on a GPU, fp32 on a CPU) and check
         every choice, before anything is loaded. `num_persistent_param_in_dit` (DiffSynth's
         name) is a budget in parameters rather than bytes."""
@@ -56,7 +65,22 @@ class Runtime:
         if vram_budget is not None and offload in ("none", "model"):
             raise ValueError(f"a VRAM budget streams DiT blocks: it cannot go with offload {offload!r}")
         t5 = resolve_device(t5_device) if t5_device is not None else None
-        return cls(dev, dt, resolve_dtype(vae_dtype, dev), offload, budget, quantize, t5)
+        from .attention import BACKENDS
+        from .speed.cache import KINDS
+
+        cache = None if cache in ("none", "") else cache
+        if cache is not None and cache not in KINDS:
+            raise ValueError(f"cache must be one of {', '.join(KINDS)} (or none), got {cache!r}")
+        if cache_threshold is not None and (cache is None or cache_threshold < 0):
+            raise ValueError("a cache threshold needs cache='teacache' or 'magcache' and must be >= 0")
+        if cache_calibration is not None:
+            from .speed.cache import load_calibration
+
+            load_calibration(cache_calibration)  # a bad file is said now, not after loading
+        if attention not in BACKENDS:
+            raise ValueError(f"attention must be one of {', '.join(BACKENDS)}, got {attention!r}")
+        return cls(dev, dt, resolve_dtype(vae_dtype, dev), offload, budget, quantize, t5, cache, cache_threshold,
+                   None if cache_calibration is None else str(cache_calibration), bool(compile), attention)
 
     @property
     def text_device(self) -> torch.device:

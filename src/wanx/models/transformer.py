@@ -219,6 +219,10 @@ class WanDiT(nn.Module):
         # The seam around each block: None runs `block(...)`; a transform may set a callable
         # `(block, *inputs) -> output` (training: activation checkpointing). Never model math.
         self.block_wrapper = None
+        # The seam around the whole block loop: None runs `run_blocks`; a transform may set a
+        # callable `(run_blocks, x, e, e0, context, context_img, rope) -> x` (step caches skip
+        # the loop and add a stored residual; e and e0 are their probes). Never model math.
+        self.loop_wrapper = None
 
     def forward(
         self,
@@ -237,7 +241,10 @@ class WanDiT(nn.Module):
         cfg = self.config
         self._check_inputs(x, context, clip_features, y)
         dtype = self.patch_embedding.weight.dtype
-        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(x.shape[0])
+        # One timestep for the whole batch (batched guidance) is embedded once and broadcast.
+        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1)
+        if timestep.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"timestep must have 1 or {x.shape[0]} (batch) values, got {timestep.shape[0]}")
 
         if y is not None:
             x = torch.cat([x, y], dim=1)  # [B, in_dim, F, H, W]
@@ -256,14 +263,23 @@ class WanDiT(nn.Module):
         context = self.text_embedding(context.to(dtype))  # [B, text_len, D]
         context_img = self.img_emb(clip_features) if clip_features is not None else None
 
-        for block in self.blocks:
-            inputs = (x, e0, context, context_img, rope)
-            x = block(*inputs) if self.block_wrapper is None else self.block_wrapper(block, *inputs)
+        if self.loop_wrapper is None:
+            x = self.run_blocks(x, e0, context, context_img, rope)
+        else:
+            x = self.loop_wrapper(self.run_blocks, x, e, e0, context, context_img, rope)
 
         x = self.head(x, e)  # [B, L, pt*ph*pw*C], channels fastest
         pt, ph, pw = cfg.patch_size
         x = rearrange(x, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)", f=grid[0], h=grid[1], pt=pt, ph=ph, pw=pw)
         return x.float()
+
+    def run_blocks(self, x: Tensor, e0: Tensor, context: Tensor, context_img: Tensor | None,
+                   rope: tuple[Tensor, Tensor]) -> Tensor:
+        """The residual stream `[B, L, D]` through every block."""
+        for block in self.blocks:
+            inputs = (x, e0, context, context_img, rope)
+            x = block(*inputs) if self.block_wrapper is None else self.block_wrapper(block, *inputs)
+        return x
 
     def _check_inputs(self, x: Tensor, context: Tensor, clip_features: Tensor | None, y: Tensor | None) -> None:
         cfg = self.config
