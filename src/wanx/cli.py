@@ -45,7 +45,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _threshold(text: str) -> float:
+def _threshold(text: str) -> float | str:
+    if text == "auto":  # the flag without a value: the model's published threshold
+        return text
     try:
         value = float(text)
     except ValueError:
