@@ -61,6 +61,12 @@ def _warn_once(message: str) -> None:
     log.warning(message)
 
 
+def backend_for(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """The kernel the DiT's attention will use on this device, dtype and head dim (said once
+    by the pipeline, outside any compiled region)."""
+    return _pick(torch.empty(1, 1, 1, head_dim, device=device, dtype=dtype), masked=False)
+
+
 def _usable(name: str, q: Tensor, masked: bool) -> bool:
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] > 256:
         return False

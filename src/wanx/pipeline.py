@@ -148,9 +148,13 @@ class WanPipeline:
     def apply_speed(self, runtime: Runtime, folder: Path | None = None) -> None:
         """The runtime's speed options: attention kernel, step cache (with the model folder's
         own calibration when `wanx calibrate-cache` wrote one there), regional compile."""
-        from .attention import set_attention_backend
+        from .attention import backend_for, set_attention_backend
 
         set_attention_backend(runtime.attention)
+        if runtime.device.type == "cuda":  # which kernel runs, in one line (CPU: always SDPA)
+            cfg = self.dit.config
+            print(f"attention: {backend_for(runtime.device, runtime.dtype, cfg.head_dim)} ({runtime.attention})",
+                  file=sys.stderr)
         if runtime.cache:
             calibration = runtime.cache_calibration
             own = Path(folder) / CALIBRATION_FILE if folder is not None else None
