@@ -18,7 +18,16 @@ class LoraAdapter(nn.Module):
 
     def __init__(self, module: LoraModule, strength: float, *, device: torch.device, dtype: torch.dtype):
         super().__init__()
-        self.strength, self.scale = float(strength), module.scale
+        self.scale = module.scale
+        # The strength twice: a float for eager code (exact arithmetic, the strength-0 early
+        # exit) and float32 tensor data for compiled code, `factors` = [strength, scale *
+        # strength], so that a new strength (or another layer's scale) is new data in the same
+        # graph: a float attribute is a guarded constant, and every change would recompile.
+        # Written in place (CUDA graphs keep its address); made outside inference mode so that
+        # it can be written at any time; not persistent (no state_dict key).
+        with torch.inference_mode(False):
+            self.register_buffer("factors", torch.zeros(2, device=device), persistent=False)
+        self.strength = strength
         parts = module.parts
         if module.kind == "lora":
             self.down = nn.Parameter(parts["down"].to(device, dtype).flatten(1), requires_grad=False)
@@ -31,17 +40,47 @@ class LoraAdapter(nn.Module):
         diff_b = parts.get("diff_b")
         self.diff_b = None if diff_b is None else nn.Parameter(diff_b.to(device, dtype), requires_grad=False)
 
+    @property
+    def strength(self) -> float:
+        return self._strength
+
+    @strength.setter
+    def strength(self, value: float) -> None:
+        self._strength = float(value)
+        values = [self._strength, self.scale * self._strength]
+        if self.factors.is_inference() and not torch.is_inference_mode_enabled():
+            # moved by `.to()` under inference mode: such a tensor cannot be written out of it
+            with torch.inference_mode(False):
+                self.factors = torch.tensor(values, device=self.factors.device)
+        else:
+            with torch.no_grad():
+                self.factors.copy_(torch.tensor(values), non_blocking=True)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # A cast of the model (`.to(bfloat16)`) must not round the strength: keep it float32.
+        if self.factors.dtype != torch.float32:
+            with torch.inference_mode(False):
+                self.factors = torch.tensor([self._strength, self.scale * self._strength], device=self.factors.device)
+        return self
+
     def forward(self, x: Tensor) -> Tensor | None:
         """The adapter's addition to the layer's output for input x, or None."""
-        if self.strength == 0:
+        if torch.compiler.is_compiling():
+            # No early exit at strength 0 here (that would guard on the value): the addition is
+            # then exactly zero, and the output equals the base layer's all the same.
+            strength, scaled = self.factors.unbind()
+        elif self._strength == 0:
             return None
+        else:
+            strength, scaled = self._strength, self.scale * self._strength
         out = None
         if self.down is not None:
-            out = (x.to(self.down.dtype) @ self.down.t()) @ self.up.t() * (self.scale * self.strength)
+            out = (x.to(self.down.dtype) @ self.down.t()) @ self.up.t() * scaled
         elif self.delta is not None:
-            out = x.to(self.delta.dtype) @ self.delta.t() * self.strength
+            out = x.to(self.delta.dtype) @ self.delta.t() * strength
         if self.diff_b is not None:
-            out = self.diff_b * self.strength if out is None else out + self.diff_b * self.strength
+            out = self.diff_b * strength if out is None else out + self.diff_b * strength
         return out
 
 
