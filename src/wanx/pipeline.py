@@ -72,6 +72,8 @@ class WanPipeline:
         self.runtime = runtime
         self.placement = placement or Placement("none", self.device, {})
         self.batch_cfg = True  # cond and uncond as one batch of 2; False: two passes (less memory)
+        self.compiled = None  # speed.compile.CompiledBlocks when the DiT block is compiled
+        self.last_timings: dict = {}  # seconds of the first and later denoising steps of the last call
 
     @property
     def device(self) -> torch.device:
@@ -164,7 +166,7 @@ class WanPipeline:
         if runtime.compile:
             from .speed.compile import compile_blocks
 
-            compile_blocks(self.dit)
+            self.compiled = compile_blocks(self.dit)
 
     # -------------------------------------------------------------------------------------
     def __call__(
@@ -282,8 +284,10 @@ class WanPipeline:
             if cache is not None:
                 cache.start(len(timesteps), self.dit.config, plan.height, plan.width)
             bar = _progress(len(timesteps), "denoising", progress)
+            marks = [time.perf_counter()]
 
             def advance(i, n, _):
+                marks.append(time.perf_counter())
                 if cache is not None:
                     bar.set_postfix(skipped=cache.stats.total_skipped, refresh=False)
                 bar.update(1)
@@ -291,6 +295,11 @@ class WanPipeline:
             with self.placement.phase("dit"):
                 x = SAMPLERS[sampler](model_fn, x, sigmas, timesteps, callback=advance)
             bar.close()
+            steps = [b - a for a, b in zip(marks, marks[1:])]
+            self.last_timings = {"first_step": steps[0], "later_steps": steps[1:]}
+            if self.compiled is not None and progress and len(steps) > 1:  # compile time apart from step time
+                later = sorted(steps[1:])[len(steps[1:]) // 2]
+                print(f"compile: first step {steps[0]:.1f} s (warm-up), then {later:.2f} s/step", file=sys.stderr)
             if output_type == "latents":
                 return x
 
