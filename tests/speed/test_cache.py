@@ -2,6 +2,9 @@
 threshold skips block passes (counted with a hook, not the cache's own stats) at a bounded
 distance from the plain run, and the cond and uncond branches keep their own state."""
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -216,3 +219,54 @@ def test_batched_guidance_embeds_the_time_once_and_equals_two_passes(pipe):
     pipe.batch_cfg = True
     a, b = results
     assert float((a - b).abs().max()) <= 1e-6 * float(a.abs().max())
+
+
+def test_cache_composes_with_streaming_fp8_and_a_live_lora(calibration):
+    """The cache at the loop seam, the streamer at the block hooks, FP8 layers and a live LoRA
+    inside the blocks: each pair gives what the parts give alone."""
+    from safetensors.torch import save_file
+
+    from wanx.lora import apply_lora
+    from wanx.memory.fp8 import quantize_fp8
+    from wanx.memory.streaming import BlockStreamer
+    from wanx.pipeline import WanPipeline
+
+    def run(pipe):
+        pipe.enable_cache("teacache", 0.2, calibration=calibration)
+        out = pipe(**REQUEST)
+        stats = pipe.step_cache.stats
+        pipe.disable_cache()
+        return out, stats
+
+    plain = WanPipeline.from_pretrained("tiny")
+    reference, stats = run(plain)
+    assert stats.total_skipped > 0
+    streamed = WanPipeline.from_pretrained("tiny")
+    streamer = BlockStreamer(streamed.dit, "cpu", 0)  # every block copied in for its forward
+    out, streamed_stats = run(streamed)
+    streamer.remove()
+    assert streamed_stats == stats
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+
+    g = torch.Generator().manual_seed(0)
+    dim = plain.dit.config.dim
+    lora = {}
+    for block in range(2):
+        key = f"diffusion_model.blocks.{block}.self_attn.q"
+        lora[f"{key}.lora_A.weight"] = torch.randn(4, dim, generator=g) * 0.1
+        lora[f"{key}.lora_B.weight"] = torch.randn(dim, 4, generator=g) * 0.1
+    path = Path(tempfile.mkdtemp()) / "style.safetensors"
+    save_file(lora, str(path))
+    apply_lora(plain.dit, path, 1.0, fuse=False)  # live
+    with_lora, _ = run(plain)
+    assert float((with_lora - reference).abs().max()) > 1e-4  # the LoRA acts under the cache
+    fused = WanPipeline.from_pretrained("tiny")
+    apply_lora(fused.dit, path, 1.0, fuse=True)
+    fused_out, _ = run(fused)
+    torch.testing.assert_close(with_lora, fused_out, rtol=1e-4, atol=1e-5)
+
+    fp8 = WanPipeline.from_pretrained("tiny")
+    quantize_fp8(fp8.dit, compute_dtype=torch.float32)
+    fp8_out, fp8_stats = run(fp8)
+    assert fp8_stats.total_skipped > 0
+    assert float((fp8_out - reference).norm() / reference.norm()) < 0.1  # FP8's own error, not the cache's
