@@ -2,9 +2,6 @@
 threshold skips block passes (counted with a hook, not the cache's own stats) at a bounded
 distance from the plain run, and the cond and uncond branches keep their own state."""
 
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -221,7 +218,7 @@ def test_batched_guidance_embeds_the_time_once_and_equals_two_passes(pipe):
     assert float((a - b).abs().max()) <= 1e-6 * float(a.abs().max())
 
 
-def test_cache_composes_with_streaming_fp8_and_a_live_lora(calibration):
+def test_cache_composes_with_streaming_fp8_and_a_live_lora(calibration, tmp_path):
     """The cache at the loop seam, the streamer at the block hooks, FP8 layers and a live LoRA
     inside the blocks: each pair gives what the parts give alone."""
     from safetensors.torch import save_file
@@ -255,7 +252,7 @@ def test_cache_composes_with_streaming_fp8_and_a_live_lora(calibration):
         key = f"diffusion_model.blocks.{block}.self_attn.q"
         lora[f"{key}.lora_A.weight"] = torch.randn(4, dim, generator=g) * 0.1
         lora[f"{key}.lora_B.weight"] = torch.randn(dim, 4, generator=g) * 0.1
-    path = Path(tempfile.mkdtemp()) / "style.safetensors"
+    path = tmp_path / "style.safetensors"
     save_file(lora, str(path))
     apply_lora(plain.dit, path, 1.0, fuse=False)  # live
     with_lora, _ = run(plain)
