@@ -359,7 +359,7 @@ def verdicts(rows: list[Row], caches: list[dict]) -> list[str]:
         measured = [p for p in peers if p.step is not None]
         missing = [p.name for p in peers if p.step is None]
         ok = bool(measured) and all(best.step < p.step for p in measured) and not missing
-        detail = ", ".join(f"{p.name} {p.step:.3f}" for p in measured) + "".join(f", {n} not measured" for n in missing)
+        detail = ", ".join([f"{p.name} {p.step:.3f}" for p in measured] + [f"{n} not measured" for n in missing])
         out.append(f"{'PASS' if ok else 'MISS'}  wanx faster than both peers: best {best.name} {best.step:.3f} "
                    f"s/step vs {detail}")
         out.append(f"{'PASS' if best.step <= TARGET_STEP_S else 'MISS'}  <= {TARGET_STEP_S} s/step uncached: "
