@@ -139,10 +139,19 @@ class CachedDataset:
 # -- model + LoRA ------------------------------------------------------------------------
 
 
+def compute_device(dit: nn.Module) -> torch.device:
+    """Where the DiT computes: its weights' device, or the block streamer's target when its
+    weights live in host memory and visit the device block by block."""
+    streamer = getattr(dit, "_wanx_streamer", None)
+    return streamer.device if streamer is not None else next(dit.parameters()).device
+
+
 def add_trainable_lora(dit: nn.Module, rank: int, alpha: float | None, targets: tuple[str, ...],
                        generator: torch.Generator) -> dict[str, LoraAdapter]:
     """A trainable LoRA on every block Linear whose name ends in one of `targets`: down
-    Kaiming-uniform, up zero (the model starts unchanged), scale alpha / rank."""
+    Kaiming-uniform, up zero (the model starts unchanged), scale alpha / rank. The adapters
+    live where the DiT computes, resident even when its frozen blocks are streamed."""
+    device = compute_device(dit)
     if rank < 1:
         raise ValueError(f"--lora-rank must be >= 1, got {rank}")
     adapters = {}
@@ -153,7 +162,6 @@ def add_trainable_lora(dit: nn.Module, rank: int, alpha: float | None, targets: 
             down = (torch.rand(rank, layer.in_features, generator=generator) * 2 - 1) * bound
             module = LoraModule(name, {"down": down, "up": torch.zeros(layer.out_features, rank),
                                        "alpha": torch.tensor(float(alpha if alpha is not None else rank))})
-            device = layer.weight.device if layer.weight.device.type != "meta" else torch.device("cpu")
             adapter = LoraAdapter(module, 1.0, device=device, dtype=torch.float32)  # fp32 on any base
             adapter.down.requires_grad_(True)
             adapter.up.requires_grad_(True)
@@ -306,7 +314,7 @@ def train(dit: nn.Module, config: TrainConfig, *, progress: bool = True, base_mo
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    device = next(dit.parameters()).device
+    device = compute_device(dit)
     if accelerator is None:
         accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision)
     processes, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
