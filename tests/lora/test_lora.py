@@ -288,3 +288,19 @@ def test_cli_lora_flag_info_and_metadata(tmp_path, capsys, monkeypatch):
     assert main([*args, "--lora", str(big), "-o", str(tmp_path / "x.mp4")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "targets a 40-block model (Wan2.1 14B)" in err
+
+
+def test_live_adapters_on_a_streamed_model_live_where_it_computes(base, tmp_path):
+    """The streamed weights wait in host memory; the live LoRA must be made on the streamer's
+    device (the GPU), or the first block fails with tensors on two devices."""
+    from types import SimpleNamespace
+
+    model = copy.deepcopy(base[0])
+    object.__setattr__(model, "_wanx_streamer", SimpleNamespace(device=torch.device("meta")))  # stands in for cuda
+    dim = model.config.dim
+    path = tmp_path / "q.safetensors"
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.ones(2, dim),
+               "diffusion_model.blocks.0.self_attn.q.lora_B.weight": torch.ones(dim, 2)}, str(path))
+    apply_lora(model, path, 1.0, fuse=False)
+    adapter = model.blocks[0].self_attn.q.lora_adapters
+    assert {p.device.type for p in adapter.parameters()} == {"meta"}

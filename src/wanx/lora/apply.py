@@ -79,11 +79,15 @@ def apply_lora(dit: nn.Module, source: str | Path | dict | LoraFile, strength: f
     if fuse:
         _refuse(dit, set(targets.values()))
     else:
+        # On a streamed model the weights wait in host memory between blocks; the adapters are
+        # small and stay resident where the blocks compute.
+        streamer = getattr(dit, "_wanx_streamer", None)
         for module_name, target in targets.items():
             if _is_linear(target):
                 weight = target.weight
                 dtype = target.compute_dtype if isinstance(target, FP8Linear) else weight.dtype
-                attach(target, name, LoraAdapter(lora.modules[module_name], strength, device=weight.device, dtype=dtype))
+                device = streamer.device if streamer is not None else weight.device
+                attach(target, name, LoraAdapter(lora.modules[module_name], strength, device=device, dtype=dtype))
         _refuse(dit, {t for t in targets.values() if not _is_linear(t)})
     return report
 
