@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu  # noqa: E402  (puts the repository root and src/ on sys.path)
 from gpu import GB, build_diffusers, build_wanx, diffusers_state, random_official_state, release, sync  # noqa: E402
 
-from wanx.attention import _kernel, set_attention_backend  # noqa: E402
+from wanx.attention import installed, set_attention_backend  # noqa: E402
 from wanx.configs import DiTConfig, dit_config  # noqa: E402
 from wanx.models.vae import WanVAE  # noqa: E402
 from wanx.pipeline import WanPipeline  # noqa: E402
@@ -185,7 +185,7 @@ def step_rows(args, cfg, state, device, dtype, latent_shape) -> tuple[list[Row],
         return uncond + GUIDANCE * (cond - uncond)
 
     for backend in ("sdpa", "flash3", "flash2", "sage"):
-        if backend != "sdpa" and _kernel(backend) is None:
+        if not installed(backend):
             rows.append(Row(f"wanx {backend}", skipped="not installed", wanx=True))
             continue
         if backend != "sdpa" and device.type != "cuda":
@@ -409,7 +409,7 @@ def main() -> None:
     size = FULL if args.full else SCALED
     latent_shape = ((size["frames"] - 1) // 4 + 1, size["height"] // 8, size["width"] // 8)
     tokens = math.prod(s // p for s, p in zip(latent_shape, cfg.patch_size))
-    kernels = [k for k in ("flash3", "flash2", "sage") if _kernel(k) is not None]
+    kernels = [k for k in ("flash3", "flash2", "sage") if installed(k)]
     if device.type == "cuda":
         print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device)}")
     else:

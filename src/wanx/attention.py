@@ -61,6 +61,11 @@ def _warn_once(message: str) -> None:
     log.warning(message)
 
 
+def installed(name: str) -> bool:
+    """Whether an optional kernel ("flash3", "flash2", "sage") is installed and imports."""
+    return name == "sdpa" or _kernel(name) is not None
+
+
 def backend_for(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
     """The kernel the DiT's attention will use on this device, dtype and head dim (said once
     by the pipeline, outside any compiled region)."""

@@ -150,7 +150,10 @@ def test_only_the_rows_that_run_go_through_the_blocks():
     assert torch.equal(out[:, 0, 0], torch.tensor([1.0, -1.0]))
 
 
-def test_published_tables_resample_and_uncalibrated_models_say_so(pipe, capsys):
+def test_published_tables_resample_and_uncalibrated_models_say_so(pipe, capsys, monkeypatch):
+    import wanx.speed.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "_NOTICED", set())  # said once per process: start afresh
     table = MAGCACHE_RATIOS["t2v-1.3B"]
     assert len(table) == 100
     assert resample_ratios(table, 50) == table
@@ -158,6 +161,8 @@ def test_published_tables_resample_and_uncalibrated_models_say_so(pipe, capsys):
     assert len(short) == 60 and short[:2] == [1.0, 1.0] and short[-2:] == table[-2:]
     pipe.enable_cache("magcache")
     pipe(**{**REQUEST, "num_inference_steps": 3})
+    pipe(**{**REQUEST, "num_inference_steps": 3})
+    pipe.enable_cache("magcache")  # a new cache, the same process: not said again
     pipe(**{**REQUEST, "num_inference_steps": 3})
     pipe.disable_cache()
     err = capsys.readouterr().err

@@ -89,6 +89,7 @@ MAGCACHE_RATIOS = {
 MAGCACHE_SETTINGS = {"t2v-1.3B": (0.12, 4, 0.2), "t2v-14B": (0.24, 6, 0.2), "i2v-480P": (0.24, 6, 0.2),
                      "i2v-720P": (0.24, 6, 0.2)}
 BRANCHES = ("cond", "uncond")
+_NOTICED: set[tuple[str, str]] = set()
 
 
 def calibration_key(config, height: int, width: int) -> tuple[str, bool]:
@@ -148,7 +149,6 @@ class StepCache:
         self.calibration = load_calibration(calibration) if isinstance(calibration, (str, Path)) else calibration
         self.quiet = quiet
         self.recording: dict[str, list] | None = None  # calibrate(): every step computed, measured
-        self._noticed: set[str] = set()
         self.stats = CacheStats()
         self.num_steps, self._step, self._branches = 0, 0, ("cond",)
 
@@ -170,8 +170,8 @@ class StepCache:
             self.active_threshold = self.threshold if self.threshold is not None else threshold
             self.k = self.magcache_k if self.magcache_k is not None else k
             self.retained = int(2 * num_steps * (self.retention if self.retention is not None else retention))
-        if not own and not self.calibration and key not in self._noticed and not self.quiet:
-            self._noticed.add(key)
+        if not own and not self.calibration and (self.kind, key) not in _NOTICED and not self.quiet:
+            _NOTICED.add((self.kind, key))  # once per process, not once per video or cache
             print(f"{self.kind}: no published calibration for this model; using Wan2.1 {key}'s "
                   f"(`wanx calibrate-cache` fits its own)", file=sys.stderr)
 
