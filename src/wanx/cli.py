@@ -212,6 +212,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .pipeline import MAX_SEED, WanPipeline, plan_request
     from .runtime import Runtime
 
+    if args.gpus < 1:
+        raise ValueError(f"--gpus must be >= 1, got {args.gpus}")
+    if args.gpus > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:  # start the ranks here, then stop
+        from .distributed import check_plan, spawn
+
+        check_plan(args.gpus, None, args.sp, args.cfg_parallel)  # before any rank starts
+        return spawn(args.gpus, main, _without_gpus(args.argv))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1 and (args.cfg_parallel or args.fsdp or args.sp != "auto"):
+        raise ValueError("--sp, --cfg-parallel and --fsdp need several ranks: add --gpus N, or start with torchrun")
     jobs = _jobs(args)
     if not QUALITY_RANGE[0] <= args.quality <= QUALITY_RANGE[1]:
         raise ValueError(f"--quality must be in [{QUALITY_RANGE[0]}, {QUALITY_RANGE[1]}] (H.264 CRF; lower is better, "
@@ -222,6 +232,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         elif not isinstance(job["seed"], int) or not 0 <= job["seed"] <= MAX_SEED:
             raise ValueError(f"{job['where']}--seed must be a whole number between 0 and {MAX_SEED}, got {job['seed']}")
     # Everything is checked before any weight is loaded: device, model folder, inputs, memory, outputs.
+    world = None
+    if world_size > 1:  # one rank of several: its own GPU, the same seeds everywhere, rank 0 writes
+        from .distributed import broadcast_object, init, world_from_env
+
+        local = world_from_env().local_rank
+        if (args.device or "cuda").startswith("cuda") and _has_cuda():
+            args.device = f"cuda:{local}"
+        world = init(Runtime.create(args.device).device)
+        seeds = broadcast_object([job["seed"] for job in jobs])
+        for job, seed in zip(jobs, seeds):
+            job["seed"] = seed
+        if not world.main:
+            args.quiet = True
     if args.teacache is not None and args.magcache is not None:
         raise ValueError("choose one step cache: --teacache or --magcache")
     cache = "teacache" if args.teacache is not None else "magcache" if args.magcache is not None else None
@@ -231,6 +254,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              cache_threshold=None if threshold == "auto" else threshold,
                              cache_calibration=args.cache_calibration, compile=args.compile, attention=args.attention)
     files = find_components(resolve_model(args.model, source=args.source), dit=args.dit)
+    if world is not None:
+        from .distributed import check_plan
+
+        check_plan(world.size, files.dit_config.num_heads, args.sp, args.cfg_parallel)
     per_network = weight_bytes(files.parameter_counts(), runtime.dtype, runtime.vae_dtype, fp8=bool(runtime.quantize))
     weights = device_weight_bytes(runtime.offload, runtime.device, per_network)
     loras = _check_loras(args.lora or [], files)
@@ -249,22 +276,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise ValueError(f"{job['where']}{err}") from None
         requests.append(request)
     outputs = _output_paths(jobs, args)
+    writer = world is None or world.main  # only rank 0 writes files and speaks
     created: list[Path] = []
     args.written = []  # for the Ctrl-C message
     try:
-        for out in outputs:
+        for out in outputs if writer else ():
             _prepare_output(out, created)
         start = time.perf_counter()
         pipe = WanPipeline.from_files(files, runtime=runtime, progress=not args.quiet)
         pipe.name = args.model
         for lora, strength in loras:
             report = pipe.load_lora(lora, strength)  # read and checked already
-            print(report, file=sys.stderr)
+            if writer:
+                print(report, file=sys.stderr)
+        if world is not None:
+            from .distributed import parallelize
+
+            plan = parallelize(pipe, sp=args.sp, cfg_parallel=args.cfg_parallel, fsdp=args.fsdp)
+            if writer:
+                print(f"parallel: {plan.describe()}", file=sys.stderr)
         if not args.quiet:
             print(f"loading: {time.perf_counter() - start:.1f} s ({files.model_type} on {runtime.device}, "
                   f"{str(runtime.dtype).removeprefix('torch.')})", file=sys.stderr)
         for job, request, out in zip(jobs, requests, outputs):
             video = pipe(job["prompt"], job["negative_prompt"], progress=not args.quiet, **request)
+            if not writer:
+                continue
             video.save(out, quality=args.quality)
             args.written.append(out)
             print(f"{out}  (seed {job['seed']}, {len(video)} frames, {video.size[0]}x{video.size[1]})")
@@ -354,6 +391,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if accelerator.is_main_process:
         print(path)
     return 0
+
+
+def _without_gpus(argv: list[str]) -> list[str]:
+    """The command line for each rank: without --gpus N (the ranks are started already)."""
+    out, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--gpus":
+            skip = True
+        elif not word.startswith("--gpus="):
+            out.append(word)
+    return out
 
 
 def _has_cuda() -> bool:
@@ -532,6 +582,17 @@ def build_parser() -> argparse.ArgumentParser:
     fast.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash2", "flash3", "sage"],
                       help="attention kernel (auto: FlashAttention 3 > 2 > SDPA, as installed; sage is 8-bit, "
                            "only on request)")
+    par = gen.add_argument_group("several GPUs", "split one generation across ranks (torch.distributed: NCCL on "
+                                                 "GPUs, gloo on CPU); also under torchrun [--nnodes ...] -m wanx")
+    par.add_argument("--gpus", type=int, default=1, help="start N local ranks (one per GPU; with --device cpu, N "
+                                                         "CPU processes)")
+    par.add_argument("--sp", default="auto", choices=["auto", "ulysses", "ring", "none"],
+                     help="sequence parallel: ulysses (heads across ranks; the head count must divide), ring (any "
+                          "count), auto (ulysses when it divides, else ring), none")
+    par.add_argument("--cfg-parallel", action="store_true", help="cond and uncond on two halves of the ranks "
+                                                                  "(an even count)")
+    par.add_argument("--fsdp", action="store_true", help="shard the DiT weights across the ranks (FSDP2): no rank "
+                                                          "holds a whole 14B copy")
     gen.add_argument("--lora", metavar="PATH[:STRENGTH]", type=_lora_arg, action="append",
                      help="apply a LoRA (any format: ComfyUI, kohya/musubi, diffusers, DiffSynth, LoHa/LoKr) with a "
                           "strength (default 1.0); repeat to stack")
@@ -664,6 +725,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wanx: error: {err}", file=sys.stderr)
                 return 2
     args = parser.parse_args(argv)
+    args.argv = argv  # `--gpus N` starts N ranks of this same command
     try:
         return args.func(args)
     except KeyboardInterrupt:  # partial files are removed on the way out (Video.save, cmd_generate)

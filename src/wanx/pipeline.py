@@ -73,6 +73,7 @@ class WanPipeline:
         self.placement = placement or Placement("none", self.device, {})
         self.batch_cfg = True  # cond and uncond as one batch of 2; False: two passes (less memory)
         self.compiled = None  # speed.compile.CompiledBlocks when the DiT block is compiled
+        self.parallel = None  # distributed.ParallelPlan when several ranks share the work
         self.last_timings: dict = {}  # seconds of the first and later denoising steps of the last call
 
     @property
@@ -384,8 +385,14 @@ class WanPipeline:
             # one timestep for the batch: the DiT embeds it once for both branches
             return dit(x, t.to(x.device).float().reshape(1), ctx, **cond)
 
+        cfg_parallel = self.parallel.cfg if self.parallel is not None else None
         if context_null is None or guidance == 1.0:
             fn = lambda x, t: run(x, t, context, ("cond",))  # noqa: E731
+        elif cfg_parallel is not None:  # this rank's half computes one branch; the pair swaps results
+            def fn(x: Tensor, t: Tensor) -> Tensor:
+                mine = cfg_parallel.branch
+                cond, uncond = cfg_parallel.combine(run(x, t, context if mine == "cond" else context_null, (mine,)))
+                return uncond + guidance * (cond - uncond)
         elif not batched:  # the negative pass keeps the image conditioning, as official
             fn = guided(lambda x, t: run(x, t, context, ("cond",)), lambda x, t: run(x, t, context_null, ("uncond",)),
                         guidance)

@@ -104,7 +104,10 @@ def _read_stamp(folder: Path) -> dict | None:
 
 
 def _move_into_place(tmp: Path, folder: Path) -> None:
-    """Rename `tmp` to `folder`, replacing what is there (an older set, or one made meanwhile)."""
+    """Rename `tmp` to `folder`, replacing an older set. A current set that another process
+    (another rank) finished meanwhile is kept: it may be being read already."""
+    if folder.exists() and _read_stamp(folder) == _read_stamp(tmp):
+        return
     if folder.exists():
         old = folder.with_name(f"{folder.name}.{os.getpid()}.old")
         shutil.rmtree(old, ignore_errors=True)

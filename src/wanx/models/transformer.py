@@ -88,6 +88,10 @@ class RMSNorm(nn.Module):
 
 
 class SelfAttention(nn.Module):
+    # The seam for attention across devices: None calls `attention`; sequence parallelism
+    # sets a function of the same signature that sees every rank's tokens. Never model math.
+    attention_fn = None
+
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
         self.num_heads = num_heads
@@ -100,7 +104,7 @@ class SelfAttention(nn.Module):
         v = self.v(x).unflatten(-1, (n, -1))  # [B, L, H, Dh]
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (n, -1)), *rope).to(v.dtype)
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (n, -1)), *rope).to(v.dtype)
-        return self.o(attention(q, k, v).flatten(2))
+        return self.o((self.attention_fn or attention)(q, k, v).flatten(2))
 
 
 class CrossAttention(nn.Module):

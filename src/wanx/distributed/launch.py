@@ -1,0 +1,74 @@
+"""Starting ranks: from torchrun's (or accelerate's) environment, or spawned here for
+`wanx generate --gpus N`. NCCL on GPUs, gloo on CPU. A rank that fails ends all of them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    local_rank: int
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def world_from_env() -> World:
+    return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                 int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init(device: torch.device) -> World:
+    """Join the process group the environment describes (nothing to do for one process)."""
+    world = world_from_env()
+    if world.size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(world.local_rank)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(processes: int, main, argv: list[str]) -> int:
+    """Run `main(argv)` (the CLI's entry point, picklable by reference) in `processes` local
+    ranks; returns the run's exit code (a failing rank prints its error; the others are
+    stopped at once)."""
+    import torch.multiprocessing as mp
+
+    port = free_port()
+    try:
+        mp.start_processes(_rank_main, args=(processes, port, main, argv), nprocs=processes, join=True,
+                           start_method="spawn")
+    except mp.ProcessRaisedException as err:
+        print(f"wanx: a rank failed: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
+        return 1
+    except mp.ProcessExitedException as err:
+        print(f"wanx: rank {err.error_index} exited with code {err.exit_code}; the others were stopped",
+              file=sys.stderr)
+        return err.exit_code or 1
+    return 0
+
+
+def _rank_main(rank: int, processes: int, port: int, main, argv: list[str]) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(processes), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(processes),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    code = main(argv)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if code:
+        sys.exit(code)

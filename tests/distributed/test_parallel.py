@@ -1,0 +1,99 @@
+"""Several ranks on one generation (gloo, CPU processes): sequence parallel (Ulysses, Ring, a
+token count that needs padding), CFG parallel, FSDP-sharded weights, T2V and I2V, each equal
+to one process; the CLI under torchrun writes one mp4 with the frames of a single-process
+run; a failing rank ends the run; world sizes that cannot serve are refused before loading."""
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tests.distributed.workers import REQUEST, fail_on_rank_one, image, run_cases
+from wanx.cli import main
+from wanx.distributed.launch import free_port, spawn
+
+TOLERANCE = 1e-5  # relative to the latents' largest value, fp32
+
+
+def run_ranks(world: int, cases: list[dict], tmp_path) -> dict:
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "results.pt"
+    mp.start_processes(run_cases, args=(world, free_port(), cases, str(out)), nprocs=world, start_method="spawn")
+    return torch.load(out, weights_only=False)
+
+
+def single(model: str = "tiny", **request):
+    from wanx.pipeline import WanPipeline
+
+    request = dict(REQUEST, **request)
+    if "image" in request:
+        request["image"] = image()
+    return WanPipeline.from_pretrained(model)(**request)
+
+
+def close(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_two_ranks_match_one_process(tmp_path):
+    cases = [dict(name="ulysses", sp="ulysses"), dict(name="ring", sp="ring"),
+             dict(name="cfg", cfg=True, sp="none"), dict(name="fsdp", fsdp=True),
+             dict(name="i2v", model="tiny-i2v", sp="ulysses", request={"image": True})]
+    results = run_ranks(2, cases, tmp_path)
+    reference = single()
+    for name in ("ulysses", "ring", "cfg", "fsdp"):
+        latents, plan, length = results[name]
+        assert close(latents, reference) <= TOLERANCE, (name, plan, close(latents, reference))
+    assert results["ulysses"][2] == 45 and results["ring"][2] == 45  # 45 tokens over 2 ranks: one padding row
+    assert results["cfg"][1] == "2 ranks, CFG parallel (cond | uncond halves)"
+    assert results["fsdp"][1].endswith("FSDP-sharded DiT")
+    i2v = single("tiny-i2v", image=True)
+    assert close(results["i2v"][0], i2v) <= TOLERANCE
+
+
+def test_four_ranks_cfg_halves_with_ring_inside(tmp_path):
+    """4 ranks: cond on ranks 0-1 and uncond on 2-3, each half sequence-parallel (Ring, with
+    padding: 45 tokens over 2)."""
+    results = run_ranks(4, [dict(name="both", cfg=True, sp="ring")], tmp_path)
+    latents, plan, length = results["both"]
+    assert plan == "4 ranks, CFG parallel (cond | uncond halves), sequence parallel ring over 2" and length == 45
+    assert close(latents, single()) <= TOLERANCE
+
+
+def test_torchrun_writes_one_mp4_with_the_frames_of_one_process(tmp_path):
+    from wanx.video import read_video
+
+    args = ["generate", "--model", "tiny", "--prompt", "a red square", "--size", "80x48", "--frames", "9", "--steps",
+            "4", "--seed", "3", "--device", "cpu", "-q"]
+    assert main([*args, "-o", str(tmp_path / "one.mp4")]) == 0
+    folder = tmp_path / "two"
+    folder.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(free_port()), "-m", "wanx.cli", *args, "-o", str(folder / "out.mp4")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [p.name for p in folder.iterdir()] == ["out.mp4"]  # rank 0 alone writes
+    assert done.stdout.count("out.mp4") == 1  # and speaks
+    np.testing.assert_array_equal(read_video(folder / "out.mp4").frames, read_video(tmp_path / "one.mp4").frames)
+
+
+def test_a_failing_rank_ends_the_run_quickly():
+    start = time.monotonic()
+    code = spawn(2, fail_on_rank_one, [])
+    assert code != 0 and time.monotonic() - start < 30
+
+
+def test_world_sizes_that_cannot_serve_are_refused_before_loading(tmp_path, capsys):
+    common = ["generate", "--model", "tiny", "--prompt", "a cat", "--size", "64x48", "--frames", "5", "--device", "cpu",
+              "-q", "-o", str(tmp_path / "x.mp4")]
+    assert main([*common, "--gpus", "3", "--cfg-parallel"]) == 2
+    assert "--cfg-parallel splits the ranks into a cond and an uncond half: 3 rank(s) is odd" in capsys.readouterr().err
+    assert main([*common, "--cfg-parallel"]) == 2
+    assert "need several ranks" in capsys.readouterr().err
+    assert not (tmp_path / "x.mp4").exists()

@@ -1,0 +1,48 @@
+"""Rank programs for the distributed tests (run by torch.multiprocessing with gloo)."""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+REQUEST = dict(prompt="a red square moves right", width=80, height=48, num_frames=9, num_inference_steps=4,
+               seed=7, output_type="latents", progress=False)  # 3 x 3 x 5 = 45 tokens: padding for 2 or 4 ranks
+
+
+def image() -> torch.Tensor:
+    """The I2V test image, the same in every process."""
+    return torch.rand(3, 48, 80, generator=torch.Generator().manual_seed(5)) * 2 - 1
+
+
+def run_cases(rank: int, world: int, port: int, cases: list[dict], out: str) -> None:
+    """Every case on every rank; rank 0 saves the latents of each."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from wanx.distributed import parallelize
+    from wanx.pipeline import WanPipeline
+
+    results = {}
+    try:
+        for case in cases:
+            pipe = WanPipeline.from_pretrained(case.get("model", "tiny"))
+            plan = parallelize(pipe, sp=case.get("sp", "auto"), cfg_parallel=case.get("cfg", False),
+                               fsdp=case.get("fsdp", False))
+            request = dict(REQUEST, **case.get("request", {}))
+            if "image" in request:
+                request["image"] = image()
+            results[case["name"]] = (pipe(**request), plan.describe(),
+                                     plan.sequence.length if plan.sequence else None)
+    finally:
+        if rank == 0:
+            torch.save(results, out)
+        dist.destroy_process_group()
+
+
+def fail_on_rank_one(argv: list[str]) -> int:
+    """A `main` for wanx.distributed.spawn: rank 1 fails while rank 0 waits for it."""
+    dist.init_process_group("gloo")
+    if dist.get_rank() == 1:
+        raise RuntimeError("rank 1 broke on purpose")
+    dist.barrier()  # rank 0 would wait here forever if the launcher did not stop it
+    return 0
