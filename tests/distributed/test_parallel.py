@@ -43,7 +43,9 @@ def close(a, b) -> float:
 def test_two_ranks_match_one_process(tmp_path):
     cases = [dict(name="ulysses", sp="ulysses"), dict(name="ring", sp="ring"),
              dict(name="cfg", cfg=True, sp="none"), dict(name="fsdp", fsdp=True),
-             dict(name="i2v", model="tiny-i2v", sp="ulysses", request={"image": True})]
+             dict(name="i2v", model="tiny-i2v", sp="ulysses", request={"image": True}),
+             dict(name="lora live, fsdp", fsdp=True, sp="ring", lora="live"),
+             dict(name="lora fused", sp="ulysses", lora="fused")]
     results = run_ranks(2, cases, tmp_path)
     reference = single()
     for name in ("ulysses", "ring", "cfg", "fsdp"):
@@ -54,6 +56,15 @@ def test_two_ranks_match_one_process(tmp_path):
     assert results["fsdp"][1].endswith("FSDP-sharded DiT")
     i2v = single("tiny-i2v", image=True)
     assert close(results["i2v"][0], i2v) <= TOLERANCE
+    from tests.distributed.workers import lora_file
+    from wanx.pipeline import WanPipeline
+
+    pipe = WanPipeline.from_pretrained("tiny")
+    pipe.load_lora(lora_file(str(tmp_path)), 0.8, fuse=False)
+    with_lora = pipe(**REQUEST)
+    assert close(with_lora, reference) > 1e-3  # the LoRA acts
+    for name in ("lora live, fsdp", "lora fused"):  # the same LoRA result on one process and on two
+        assert close(results[name][0], with_lora) <= TOLERANCE, name
 
 
 def test_four_ranks_cfg_halves_with_ring_inside(tmp_path):

@@ -14,6 +14,22 @@ def image() -> torch.Tensor:
     return torch.rand(3, 48, 80, generator=torch.Generator().manual_seed(5)) * 2 - 1
 
 
+def lora_file(folder: str) -> str:
+    """A LoRA on every block's self-attention q and ffn.0, the same in every process."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    state = {}
+    for block in range(2):
+        for name, (rows, cols) in {"self_attn.q": (32, 32), "ffn.0": (64, 32)}.items():
+            key = f"diffusion_model.blocks.{block}.{name}"
+            state[f"{key}.lora_A.weight"] = torch.randn(4, cols, generator=g) * 0.2
+            state[f"{key}.lora_B.weight"] = torch.randn(rows, 4, generator=g) * 0.2
+    path = os.path.join(folder, f"style-{os.getpid()}.safetensors")
+    save_file(state, path)
+    return path
+
+
 def run_cases(rank: int, world: int, port: int, cases: list[dict], out: str) -> None:
     """Every case on every rank; rank 0 saves the latents of each."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
@@ -26,6 +42,8 @@ def run_cases(rank: int, world: int, port: int, cases: list[dict], out: str) -> 
     try:
         for case in cases:
             pipe = WanPipeline.from_pretrained(case.get("model", "tiny"))
+            if case.get("lora"):  # loaded before the plan, as the CLI does
+                pipe.load_lora(lora_file(os.path.dirname(out)), 0.8, fuse=case["lora"] == "fused")
             plan = parallelize(pipe, sp=case.get("sp", "auto"), cfg_parallel=case.get("cfg", False),
                                fsdp=case.get("fsdp", False))
             request = dict(REQUEST, **case.get("request", {}))
