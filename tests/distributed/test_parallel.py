@@ -53,7 +53,7 @@ def test_two_ranks_match_one_process(tmp_path):
         assert close(latents, reference) <= TOLERANCE, (name, plan, close(latents, reference))
     assert results["ulysses"][2] == 45 and results["ring"][2] == 45  # 45 tokens over 2 ranks: one padding row
     assert results["cfg"][1] == "2 ranks, CFG parallel (cond | uncond halves)"
-    assert results["fsdp"][1].endswith("FSDP-sharded DiT")
+    assert results["fsdp"][1].endswith("FSDP-sharded DiT and umT5")
     i2v = single("tiny-i2v", image=True)
     assert close(results["i2v"][0], i2v) <= TOLERANCE
     from tests.distributed.workers import lora_file

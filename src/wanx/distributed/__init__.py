@@ -27,7 +27,7 @@ class ParallelPlan:
         if self.sequence:
             parts.append(f"sequence parallel {self.sequence.mode} over {self.sequence.size}")
         if self.sharded:
-            parts.append("FSDP-sharded DiT")
+            parts.append("FSDP-sharded DiT and umT5")
         return ", ".join(parts)
 
 
@@ -66,9 +66,12 @@ def parallelize(pipe, *, sp: str = "auto", cfg_parallel: bool = False, fsdp: boo
     if sp != "none" and len(sp_ranks) > 1:
         plan.sequence = SequenceParallel(pipe.dit, sp_group, sp)
     if fsdp:
-        from .shard import shard_dit
+        from .shard import shard_blocks
 
-        shard_dit(pipe.dit, world, pipe.device)
+        shard_blocks(pipe.dit, world, pipe.device)
+        text = getattr(pipe.text_encoder, "model", None)
+        if text is not None and next(text.parameters()).device == pipe.device:  # not when umT5 runs on the CPU aside
+            shard_blocks(text, world, pipe.device)
         plan.sharded = True
     pipe.parallel = plan
     return plan

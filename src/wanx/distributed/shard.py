@@ -1,5 +1,6 @@
-"""Sharded weights: FSDP2 (`fully_shard`), one unit per DiT block and one for the rest, so no
-rank keeps a whole copy; each block's weights are gathered for its forward and freed after."""
+"""Sharded weights: FSDP2 (`fully_shard`), one unit per block and one for the rest, for the
+DiT and the umT5 encoder, so no rank keeps a whole copy; each block's weights are gathered for
+its forward and freed after."""
 
 from __future__ import annotations
 
@@ -7,18 +8,19 @@ import torch
 from torch import nn
 
 
-def shard_dit(dit: nn.Module, ranks: int, device: torch.device) -> nn.Module:
+def shard_blocks(model: nn.Module, ranks: int, device: torch.device) -> nn.Module:
+    """fully_shard each of `model.blocks`, then the model (its other weights)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from ..memory.fp8 import FP8Linear
 
-    if any(isinstance(m, FP8Linear) for m in dit.modules()):
+    if any(isinstance(m, FP8Linear) for m in model.modules()):
         raise ValueError("--fsdp shards bf16/fp32 weights; FP8 layers cannot be sharded yet: drop --fp8 or --fsdp")
-    if getattr(dit, "_wanx_streamer", None) is not None:
+    if getattr(model, "_wanx_streamer", None) is not None:
         raise ValueError("--fsdp and --offload blocks both manage where DiT weights live: choose one")
     mesh = init_device_mesh(device.type, (ranks,))
-    for block in dit.blocks:
+    for block in model.blocks:
         fully_shard(block, mesh=mesh)
-    fully_shard(dit, mesh=mesh)
-    return dit
+    fully_shard(model, mesh=mesh)
+    return model
