@@ -43,7 +43,7 @@ def close(a, b) -> float:
 def test_two_ranks_match_one_process(tmp_path):
     cases = [dict(name="ulysses", sp="ulysses"), dict(name="ring", sp="ring"),
              dict(name="cfg", cfg=True, sp="none"), dict(name="fsdp", fsdp=True),
-             dict(name="i2v", model="tiny-i2v", sp="ulysses", request={"image": True}),
+             dict(name="i2v", model="tiny-i2v", sp="ulysses", fsdp=True, request={"image": True}),
              dict(name="lora live, fsdp", fsdp=True, sp="ring", lora="live"),
              dict(name="lora fused", sp="ulysses", lora="fused")]
     results = run_ranks(2, cases, tmp_path)
