@@ -249,7 +249,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("choose one step cache: --teacache or --magcache")
     cache = "teacache" if args.teacache is not None else "magcache" if args.magcache is not None else None
     threshold = args.teacache if args.teacache is not None else args.magcache
-    runtime = Runtime.create(args.device, args.dtype, offload=args.offload, vram_budget=args.vram_budget,
+    if args.fsdp and (args.offload not in ("auto", "none") or args.vram_budget is not None):
+        raise ValueError("--fsdp shards the weights across GPUs; it does not combine with --offload/--vram-budget")
+    runtime = Runtime.create(args.device, args.dtype, offload="none" if args.fsdp else args.offload,
+                             vram_budget=args.vram_budget,
                              quantize="fp8" if args.fp8 else None, t5_device=args.t5_device, cache=cache,
                              cache_threshold=None if threshold == "auto" else threshold,
                              cache_calibration=args.cache_calibration, compile=args.compile, attention=args.attention)
@@ -259,6 +262,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         check_plan(world.size, files.dit_config.num_heads, args.sp, args.cfg_parallel)
     per_network = weight_bytes(files.parameter_counts(), runtime.dtype, runtime.vae_dtype, fp8=bool(runtime.quantize))
+    if args.fsdp and world is not None:  # each GPU holds its shard of the DiT and umT5
+        per_network = {k: v // world.size if k in ("dit", "t5") else v for k, v in per_network.items()}
     weights = device_weight_bytes(runtime.offload, runtime.device, per_network)
     loras = _check_loras(args.lora or [], files)
     requests = []
@@ -283,7 +288,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for out in outputs if writer else ():
             _prepare_output(out, created)
         start = time.perf_counter()
-        pipe = WanPipeline.from_files(files, runtime=runtime, progress=not args.quiet)
+        # --fsdp: DiT and umT5 stay memory-mapped on the host until fully_shard moves each
+        # rank's shard to its GPU, so no GPU ever holds a whole copy
+        pipe = WanPipeline.from_files(files, runtime=runtime, progress=not args.quiet,
+                                      host_load=bool(args.fsdp and world is not None))
         pipe.name = args.model
         for lora, strength in loras:
             report = pipe.load_lora(lora, strength)  # read and checked already

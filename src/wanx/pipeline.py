@@ -120,8 +120,11 @@ class WanPipeline:
         return pipe
 
     @classmethod
-    def from_files(cls, files, *, runtime: Runtime | None = None, progress: bool = False) -> "WanPipeline":
-        """Load the components `wanx.hub.find_components` found, placed as `runtime` says."""
+    def from_files(cls, files, *, runtime: Runtime | None = None, progress: bool = False,
+                   host_load: bool = False) -> "WanPipeline":
+        """Load the components `wanx.hub.find_components` found, placed as `runtime` says.
+        host_load: the DiT and umT5 stay (memory-mapped) in host memory, for a transform
+        that places them itself (FSDP moves only each rank's shard to its GPU)."""
         from .loading import load_model
         from .text import TextEncoder, Tokenizer
 
@@ -132,6 +135,8 @@ class WanPipeline:
         work = estimate(files.dit_config, 480, 832, 81, dtype=dtype, vae_dtype=runtime.vae_dtype).work
         offload = resolve_offload(runtime.offload, device, weights, work, available_memory(device))
         where = load_devices(offload, device, runtime.text_device)
+        if host_load:
+            where = {**where, "dit": torch.device("cpu"), "t5": torch.device("cpu")}
         dit = load_model(files.dit, dtype=dtype, device=where["dit"], quantize=runtime.quantize, progress=progress)
         vae = load_model(files.vae, dtype=runtime.vae_dtype, device=where["vae"], progress=progress)
         text_encoder = TextEncoder(load_model(files.text_encoder, dtype=dtype, device=where["t5"], progress=progress),

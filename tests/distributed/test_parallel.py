@@ -77,6 +77,8 @@ def test_four_ranks_cfg_halves_with_ring_inside(tmp_path):
 
 
 def test_torchrun_writes_one_mp4_with_the_frames_of_one_process(tmp_path):
+    """Ulysses (the default for 2 heads over 2 ranks) with FSDP-sharded weights loaded through
+    the host, as the CLI does for --fsdp."""
     from wanx.video import read_video
 
     args = ["generate", "--model", "tiny", "--prompt", "a red square", "--size", "80x48", "--frames", "9", "--steps",
@@ -86,7 +88,7 @@ def test_torchrun_writes_one_mp4_with_the_frames_of_one_process(tmp_path):
     folder.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           str(free_port()), "-m", "wanx.cli", *args, "-o", str(folder / "out.mp4")],
+                           str(free_port()), "-m", "wanx.cli", *args, "--fsdp", "-o", str(folder / "out.mp4")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert [p.name for p in folder.iterdir()] == ["out.mp4"]  # rank 0 alone writes

@@ -70,7 +70,7 @@ def parallelize(pipe, *, sp: str = "auto", cfg_parallel: bool = False, fsdp: boo
 
         shard_blocks(pipe.dit, world, pipe.device)
         text = getattr(pipe.text_encoder, "model", None)
-        if text is not None and next(text.parameters()).device == pipe.device:  # not when umT5 runs on the CPU aside
+        if text is not None and pipe.text_encoder.device == pipe.device:  # not when umT5 runs on the CPU aside
             shard_blocks(text, world, pipe.device)
         plan.sharded = True
     pipe.parallel = plan
