@@ -299,13 +299,22 @@ class WanVAE(nn.Module):
         tile, stride = _pair(tile_size, stride_s, "tile_size"), _pair(tile_stride, stride_s, "tile_stride")
         return self._tiled(video, tile, stride, stride_s, down=True, fn=lambda v: self._encode_tile(v, chunk_frames))
 
-    def _encode_tile(self, video: Tensor, chunk_frames: int) -> Tensor:
+    def posterior(self, video: Tensor, chunk_frames: int = 4) -> tuple[Tensor, Tensor]:
+        """mu and log-variance `[B, z, k+1, H/8, W/8]` of the raw (not normalised) latent
+        posterior, untiled: what training the VAE needs."""
         dtype = self.conv1.weight.dtype
         cache = CausalCache()
         chunks = [self.encoder(video[:, :, s:e].to(dtype), cache) for s, e in _chunks(video.shape[2], chunk_frames)]
-        mu = self.conv1(torch.cat(chunks, dim=2)).float()[:, : self.config.z_dim]
-        mean, inv_std = self._stats(mu)
-        return (mu - mean) * inv_std
+        mu, log_var = self.conv1(torch.cat(chunks, dim=2)).float().chunk(2, dim=1)
+        return mu, log_var
+
+    def normalize(self, z: Tensor) -> Tensor:
+        """Raw latents -> the normalised latents `encode` returns and `decode` takes."""
+        mean, inv_std = self._stats(z)
+        return (z - mean) * inv_std
+
+    def _encode_tile(self, video: Tensor, chunk_frames: int) -> Tensor:
+        return self.normalize(self.posterior(video, chunk_frames)[0])
 
     # -- decode --------------------------------------------------------------------------
     def decode(self, latents: Tensor, *, chunk_latents: int = 1, tile_size: int | tuple[int, int] | None = None,

@@ -1,0 +1,115 @@
+"""Training a (small) Wan VAE from scratch, for models wanx builds itself (the demo model).
+
+The objective of a VAE: L1 reconstruction of the clip through a latent sampled from the
+encoder's posterior, plus a small KL term towards N(0, 1) so the latent space stays smooth
+and centred for the DiT. Convolutions do not care where they are, so the VAE trains on random
+crops (default 32x32 pixels, 5 frames: the first frame plus one causal chunk of 4), which is
+about 30x cheaper per step than whole 96x96x17 clips on a CPU and sees both the image path
+(frame 0) and the temporal path (the chunk).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class VAETrainConfig:
+    data: Path  # a dataset folder (metadata.csv or captions; the captions are not used)
+    output: Path
+    steps: int = 2000
+    batch_size: int = 4
+    crop: int = 32  # pixels, a multiple of 8
+    frames: int = 5  # 4k+1
+    lr: float = 1e-3
+    kl_weight: float = 1e-4
+    seed: int = 0
+
+
+def load_clips(data: Path, frames: int) -> list[np.ndarray]:
+    """Every usable video of the dataset, decoded once: uint8 `[F, H, W, 3]`."""
+    from ..video import read_video
+    from .data import find_items
+
+    clips = []
+    for item in find_items(data):
+        if item.kind != "video":
+            continue
+        video = read_video(item.path).frames
+        if len(video) >= frames:
+            clips.append(video)
+    if not clips:
+        raise ValueError(f"{data}: no video with at least {frames} frames to train the VAE on")
+    return clips
+
+
+def random_crops(clips: list[np.ndarray], count: int, crop: int, frames: int, generator: torch.Generator) -> Tensor:
+    """`[count, 3, frames, crop, crop]` in [-1, 1] from random clips, times and places."""
+    out = []
+    for _ in range(count):
+        clip = clips[int(torch.randint(len(clips), (), generator=generator))]
+        t = int(torch.randint(len(clip) - frames + 1, (), generator=generator))
+        y = int(torch.randint(clip.shape[1] - crop + 1, (), generator=generator))
+        x = int(torch.randint(clip.shape[2] - crop + 1, (), generator=generator))
+        out.append(torch.from_numpy(np.ascontiguousarray(clip[t:t + frames, y:y + crop, x:x + crop])))
+    return torch.stack(out).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1)
+
+
+def vae_loss(vae: nn.Module, video: Tensor, kl_weight: float, generator: torch.Generator) -> tuple[Tensor, float, float]:
+    """(loss, L1, KL) of one batch: reconstruction through a posterior sample."""
+    mu, log_var = vae.posterior(video)
+    log_var = log_var.clamp(-30, 20)
+    noise = torch.randn(mu.shape, generator=generator).to(mu.device)
+    z = mu + noise * (0.5 * log_var).exp()
+    recon = vae.decode(vae.normalize(z))
+    l1 = (recon - video).abs().mean()
+    kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).mean()
+    return l1 + kl_weight * kl, float(l1), float(kl)
+
+
+def train_vae(vae: nn.Module, config: VAETrainConfig, *, progress: bool = True) -> Path:
+    """Train `vae` on crops of the dataset's clips; writes `output/vae.safetensors` (official
+    key names) and `output/vae-log.csv`; returns the weights' path."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    if config.crop % 8 or config.crop < 8 or (config.frames - 1) % 4:
+        raise ValueError(f"crop must be a multiple of 8 and frames 4k+1, got {config.crop} and {config.frames}")
+    clips = load_clips(Path(config.data), config.frames)
+    if min(min(c.shape[1:3]) for c in clips) < config.crop:
+        raise ValueError(f"the clips are smaller than the {config.crop}-pixel crop")
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(config.seed)
+    device = next(vae.parameters()).device
+    vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr)
+    with open(output / "vae-log.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["step", "loss", "l1", "kl", "seconds"])
+        bar = tqdm(range(1, config.steps + 1), desc="training the VAE", unit="step", disable=not progress)
+        for step in bar:
+            start = time.perf_counter()
+            batch = random_crops(clips, config.batch_size, config.crop, config.frames, generator).to(device)
+            loss, l1, kl = vae_loss(vae, batch, config.kl_weight, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            writer.writerow([step, f"{float(loss):.6f}", f"{l1:.6f}", f"{kl:.6f}", f"{time.perf_counter() - start:.3f}"])
+            bar.set_postfix(l1=f"{l1:.4f}")
+    vae.eval()
+    path = output / "vae.safetensors"
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file({k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}, str(tmp),
+              metadata={"format": "wanx-vae", "dim": str(vae.config.dim), "z_dim": str(vae.config.z_dim),
+                        "steps": str(config.steps)})
+    os.replace(tmp, path)
+    return path
