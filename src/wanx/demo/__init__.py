@@ -15,8 +15,8 @@ import torch
 
 
 def run_demo(workdir: str | None = None) -> None:
-    from .loading import inspect_checkpoint, load_model
-    from .tiny import make_tiny_model
+    from ..loading import inspect_checkpoint, load_model
+    from ..tiny import make_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="wanx-demo-") as tmp:
         folder = make_tiny_model(Path(workdir or tmp) / "wanx-tiny", "t2v")
