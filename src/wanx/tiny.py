@@ -23,6 +23,7 @@ import struct
 import unicodedata
 import zipfile
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +85,7 @@ def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Pat
             else:
                 save_pth(state, tmp / file)
         _write_json(tmp / "config.json", official_config_json(dit.config))
-        _write_tokenizer(tmp / "google" / "umt5-xxl", vocab=t5.config.vocab)
+        write_tokenizer(tmp / "google" / "umt5-xxl", vocab=t5.config.vocab)
         _write_json(tmp / STAMP, _stamp(task, seed))  # last: a folder with a stamp is complete
         _move_into_place(tmp, folder)
     finally:
@@ -249,8 +250,9 @@ def save_pth(state: dict[str, torch.Tensor], path: Path) -> None:
 # Tokenizer
 
 
-def tokenizer_vocabulary(size: int) -> list[tuple[str, float]]:
-    """`size` or fewer (piece, score) pairs for a T5-style unigram model, from `_CORPUS` only.
+def tokenizer_vocabulary(size: int, corpus: Sequence[str] | None = None) -> list[tuple[str, float]]:
+    """`size` or fewer (piece, score) pairs for a T5-style unigram model, from `corpus` only
+    (default the tiny sets' `_CORPUS`; the demo model passes its captions).
 
     <pad>=0, </s>=1, <unk>=2; then "▁" and every character of the (NFKC-normalised) corpus,
     alone and "▁"-prefixed, so any text made of them can be tokenised; then every whole word
@@ -259,7 +261,7 @@ def tokenizer_vocabulary(size: int) -> list[tuple[str, float]]:
     piece (the fewest pieces win) plus occurrences / 1024 as the tie-break, all exactly
     representable, so the JSON is the same everywhere.
     """
-    words = [word for line in _CORPUS for word in unicodedata.normalize("NFKC", line).split()]
+    words = [word for line in (corpus or _CORPUS) for word in unicodedata.normalize("NFKC", line).split()]
     counts: dict[str, int] = {}
     for word in words:
         text = "▁" + word
@@ -273,11 +275,12 @@ def tokenizer_vocabulary(size: int) -> list[tuple[str, float]]:
     return [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p, -10.0 + counts.get(p, 0) / 1024) for p in pieces]
 
 
-def _write_tokenizer(folder: Path, vocab: int) -> None:
-    """A T5-style unigram tokenizer (<pad>=0, </s>=1 appended, <unk>=2) with a fixed vocabulary."""
+def write_tokenizer(folder: Path, vocab: int, corpus: Sequence[str] | None = None) -> None:
+    """A T5-style unigram tokenizer (<pad>=0, </s>=1 appended, <unk>=2) with a fixed vocabulary
+    built from `corpus` (see `tokenizer_vocabulary`)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    tok = Tokenizer(models.Unigram(tokenizer_vocabulary(vocab), unk_id=2, byte_fallback=False))
+    tok = Tokenizer(models.Unigram(tokenizer_vocabulary(vocab, corpus), unk_id=2, byte_fallback=False))
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
