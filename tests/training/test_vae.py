@@ -41,3 +41,24 @@ def test_reconstruction_error_falls(tmp_path):
 
     loaded = wanx.load_model(path)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in vae.state_dict().items())
+
+
+def test_standardized_latents_are_unit_variance_and_decode_the_same():
+    from wanx.training.vae import standardize_latents
+
+    torch.manual_seed(0)
+    vae = WanVAE(VAEConfig(dim=8)).eval()
+    with torch.no_grad():  # a VAE whose latents are far from unit scale, as a freshly trained one may be
+        vae.conv1.weight[:16] *= 0.05
+        vae.conv2.weight *= 20
+    g = torch.Generator().manual_seed(1)
+    videos = [torch.rand(1, 3, 5, 32, 32, generator=g) * 2 - 1 for _ in range(3)]
+    with torch.no_grad():
+        before = [vae.decode(vae.encode(v)) for v in videos]
+        standardize_latents(vae, videos)
+        latents = torch.cat([vae.encode(v).transpose(0, 1).flatten(1) for v in videos], dim=1)
+        after = [vae.decode(vae.encode(v)) for v in videos]
+    torch.testing.assert_close(latents.mean(1), torch.zeros(16), rtol=0, atol=1e-4)
+    torch.testing.assert_close(latents.std(1), torch.ones(16), rtol=0, atol=1e-4)
+    for a, b in zip(after, before):  # the round trip is unchanged (folded affine maps, fp32)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -87,12 +87,14 @@ def build(out: Path, settings: BuildSettings, *, progress: bool = True) -> dict:
     start = time.perf_counter()
     torch.manual_seed(s.seed)
     vae = WanVAE(VAEConfig(dim=s.vae_dim))
-    vae_path = train_vae(vae, VAETrainConfig(data=out / "data", output=out / "vae", steps=s.vae_steps,
-                                             batch_size=4, crop=min(32, s.size), frames=5, seed=s.seed),
-                         progress=progress)
-    from safetensors.torch import load_file
+    train_vae(vae, VAETrainConfig(data=out / "data", output=out / "vae", steps=s.vae_steps, batch_size=4,
+                                  crop=min(32, s.size), frames=5, seed=s.seed), progress=progress)
+    from ..training.vae import load_clips, standardize_latents
 
-    save_pth(load_file(str(vae_path)), model / "Wan2.1_VAE.pth")
+    clips = load_clips(out / "data", s.frames)[:24]  # the DiT trains best on unit-variance latents
+    standardize_latents(vae.eval(), [torch.from_numpy(c[: s.frames]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+                                     for c in clips])
+    save_pth({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, model / "Wan2.1_VAE.pth")
     times["vae"] = time.perf_counter() - start
 
     torch.manual_seed(s.seed)

@@ -113,3 +113,31 @@ def train_vae(vae: nn.Module, config: VAETrainConfig, *, progress: bool = True) 
                         "steps": str(config.steps)})
     os.replace(tmp, path)
     return path
+
+
+@torch.no_grad()
+def standardize_latents(vae: nn.Module, videos: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Make the normalised latents `encode` returns unit-variance, zero-mean per channel on
+    `videos` (each `[1, 3, T, H, W]` in [-1, 1]), without changing what `decode(encode(x))`
+    gives: the per-channel affine map is folded into the 1x1 convolutions on either side of
+    the latent (conv1's mean half and conv2's input), so the official normalisation constants
+    in `WanVAE` stay as they are. A VAE trained here has latents of its own scale; the DiT
+    trains best on unit variance. Returns the raw latents' (mean, std) that were folded in."""
+    mus = torch.cat([vae.posterior(v)[0].transpose(0, 1).flatten(1) for v in videos], dim=1)  # [z, N]
+    data_mean, data_std = mus.mean(1), mus.std(1).clamp_min(1e-6)
+    official_mean, inv_std = vae._stats(mus)
+    official_mean, official_std = official_mean.flatten(), 1 / inv_std.flatten()
+    z = vae.config.z_dim
+    # new mu = m + s (mu - dm) / ds  = a * mu + b, per channel
+    a = official_std / data_std
+    b = official_mean - a * data_mean
+    w1, b1 = vae.conv1.weight, vae.conv1.bias  # [2z, 2z, 1, 1, 1]: output rows 0..z-1 are mu
+    w1[:z] *= a.view(z, 1, 1, 1, 1).to(w1.dtype)
+    b1[:z] = (a * b1[:z].float() + b).to(b1.dtype)
+    b1[z:] += (2 * torch.log(a)).to(b1.dtype)  # the posterior's spread scales with its mean
+    # the decoder must see the old mu again: old = (new - b) / a, folded into conv2's input side
+    w2, b2 = vae.conv2.weight, vae.conv2.bias  # [z, z, 1, 1, 1]
+    shift = (w2.float().flatten(1) @ (b / a)).to(b2.dtype)  # W (new - b) / a = (W / a) new - W b / a
+    w2 /= a.view(1, z, 1, 1, 1).to(w2.dtype)
+    b2 -= shift
+    return data_mean, data_std
