@@ -357,6 +357,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         else tuple(args.targets)
     if args.lora_rank < 1 or (args.steps or 1) < 1 or args.grad_accum < 1 or args.batch_size < 1 or args.lr <= 0:
         raise ValueError("--lora-rank, --steps, --batch-size and --grad-accum must be >= 1 and --lr positive")
+    if not 0 <= args.caption_dropout < 1:
+        raise ValueError(f"--caption-dropout is a share in [0, 1), got {args.caption_dropout}")
     if args.offload_activations and not args.gradient_checkpointing:
         raise ValueError("--offload-activations needs --gradient-checkpointing (it moves what checkpointing keeps)")
     if args.full and args.fp8:
@@ -366,6 +368,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          warmup_steps=args.warmup_steps, steps=args.steps, epochs=args.epochs,
                          batch_size=args.batch_size, grad_accum=args.grad_accum, repeats=args.repeats,
                          shift=args.shift, seed=args.seed, timesteps=args.timesteps, weighting=args.weighting,
+                         caption_dropout=args.caption_dropout,
                          lora_format=args.lora_format, gradient_checkpointing=args.gradient_checkpointing,
                          offload_activations=args.offload_activations, mixed_precision=args.mixed_precision,
                          save_every=args.save_every, keep=args.keep, resume=args.resume,
@@ -655,6 +658,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how training timesteps are drawn before the shift (default uniform, as DiffSynth)")
     tr.add_argument("--weighting", default="none", choices=["none", "gaussian"],
                     help="loss weight per timestep: none, or DiffSynth's gaussian (highest mid-schedule)")
+    tr.add_argument("--caption-dropout", type=float, default=0.0,
+                    help="share of items trained with an empty text (all-zero embeddings, which the DiT pads to "
+                         "anyway), so guidance has an unconditional model to push from (default 0)")
     tr.add_argument("--lora-format", default="official", choices=["official", "diffusers"],
                     help="key format of lora.safetensors (official = ComfyUI's; both load in wanx)")
     tr.add_argument("--fp8", action="store_true", help="the frozen DiT's block weights in FP8 (half the memory); the "

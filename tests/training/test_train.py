@@ -169,3 +169,25 @@ def test_adapters_live_where_a_streamed_dit_computes():
     assert compute_device(dit) == torch.device("meta")
     adapters = add_trainable_lora(dit, 4, None, ("q",), torch.Generator().manual_seed(0))
     assert {a.down.device.type for a in adapters.values()} == {"meta"}
+
+
+def test_caption_dropout_trains_on_the_empty_text():
+    """An item dropped from its caption is seen with all-zero text embeddings (the DiT pads with
+    zeros anyway); the draw comes from the step's generator, so runs stay reproducible."""
+    from pathlib import Path
+
+    from wanx.models.transformer import WanDiT
+    from wanx.training.recipe import TrainConfig, flow_matching_loss
+
+    torch.manual_seed(0)
+    dit = WanDiT("tiny")
+    batch = {"x0": torch.randn(2, 16, 1, 4, 4), "context": torch.randn(2, 7, 32)}
+    dropped = TrainConfig(data=Path("."), output=Path("."), caption_dropout=0.999999)
+    plain = TrainConfig(data=Path("."), output=Path("."))
+    with torch.no_grad():
+        a = flow_matching_loss(dit, batch, dropped, torch.Generator().manual_seed(3))
+        g = torch.Generator().manual_seed(3)
+        torch.rand(2, generator=g)  # the dropout draw
+        b = flow_matching_loss(dit, {**batch, "context": torch.zeros(2, 7, 32)}, plain, g)
+        c = flow_matching_loss(dit, batch, plain, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and not torch.equal(a, c)

@@ -115,7 +115,7 @@ def build(out: Path, settings: BuildSettings, *, progress: bool = True) -> dict:
     start = time.perf_counter()
     if wanx(["train", "--data", str(out / "data"), "--model", str(model), "--output", str(out / "run"), "--full",
              "--steps", str(s.dit_steps), "--batch-size", str(s.batch_size), "--lr", str(s.lr), "--seed", str(s.seed),
-             "--lr-scheduler", "cosine", "--warmup-steps", str(min(200, s.dit_steps // 10)), "--save-every",
+             "--caption-dropout", "0.1", "--lr-scheduler", "cosine", "--warmup-steps", str(min(200, s.dit_steps // 10)), "--save-every",
              str(max(1, s.dit_steps // 4)), *quiet]) != 0:
         raise RuntimeError("wanx train failed")
     shutil.copy(out / "run" / "model.safetensors", model / "diffusion_pytorch_model.safetensors")
@@ -149,10 +149,11 @@ def evaluate(model: Path, s: BuildSettings, *, progress: bool = True) -> dict:
     from . import shapes
 
     pipe = WanPipeline.from_pretrained(model, device="cpu")
+    null = torch.zeros(1, 1, pipe.dit.config.text_dim)  # the empty text the DiT was trained with (caption dropout)
     held = {shapes.caption(c, lang) for c in shapes.HELD_OUT for lang in shapes.LANGUAGES}
     results, held_results = [], []
     for prompt, seed in evaluation_prompts(s.eval_prompts, s.seed):
-        video = pipe(prompt, negative_prompt="", width=s.size, height=s.size, num_frames=s.frames,
+        video = pipe(prompt, negative_prompt_embeds=null, width=s.size, height=s.size, num_frames=s.frames,
                      num_inference_steps=s.sample_steps, guidance_scale=s.guidance, seed=seed, progress=False)
         (held_results if prompt in held else results).append((video.frames, prompt))
     every = shapes.accuracy(results + held_results)

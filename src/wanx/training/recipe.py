@@ -56,6 +56,7 @@ class TrainConfig:
     seed: int = 0
     timesteps: str = "uniform"  # or "logit-normal" (t = sigmoid(N(0, 1)), then shifted)
     weighting: str = "none"  # or "gaussian": DiffSynth's loss weight, highest mid-schedule
+    caption_dropout: float = 0.0  # share of items trained with an empty text (all-zero embeddings), for guidance
     lora_format: str = "official"  # or "diffusers"
     gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass
     offload_activations: bool = False  # with checkpointing: the kept block inputs wait in host memory
@@ -273,12 +274,16 @@ def flow_matching_loss(dit: nn.Module, batch: dict[str, Tensor], config: TrainCo
                        generator: torch.Generator) -> Tensor:
     """The loss of one micro-batch; one timestep per item, noise from `generator` (CPU)."""
     x0 = batch["x0"]
+    context = batch["context"]
+    if config.caption_dropout > 0:  # drawn only when asked, so other runs keep their random stream
+        keep = (torch.rand(x0.shape[0], generator=generator) >= config.caption_dropout).to(context.device)
+        context = context * keep.view(-1, 1, 1).to(context.dtype)
     sigma = torch.stack([sample_sigma(generator, config.shift, config.timesteps) for _ in range(x0.shape[0])])
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     s = sigma.to(x0.device).view(-1, 1, 1, 1, 1)
     x_t = (1 - s) * x0 + s * noise
     extra = {k: batch[k] for k in ("clip_features", "y") if k in batch}
-    prediction = dit(x_t, (sigma * 1000).to(x0.device), batch["context"], **extra)
+    prediction = dit(x_t, (sigma * 1000).to(x0.device), context, **extra)
     per_item = (prediction.float() - (noise - x0).float()).pow(2).flatten(1).mean(1)
     if config.weighting == "gaussian":
         per_item = per_item * gaussian_weight(sigma, config.shift).to(per_item.device)
