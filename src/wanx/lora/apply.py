@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..memory.fp8 import FP8Linear, quantize_weight
+from ..memory.streaming import compute_device
 from .formats import LoraError, LoraFile, LoraModule, read_lora
 from .layer import LoraAdapter, adapter_of, attach, detach
 
@@ -81,12 +82,11 @@ def apply_lora(dit: nn.Module, source: str | Path | dict | LoraFile, strength: f
     else:
         # On a streamed model the weights wait in host memory between blocks; the adapters are
         # small and stay resident where the blocks compute.
-        streamer = getattr(dit, "_wanx_streamer", None)
+        device = compute_device(dit)
         for module_name, target in targets.items():
             if _is_linear(target):
                 weight = target.weight
                 dtype = target.compute_dtype if isinstance(target, FP8Linear) else weight.dtype
-                device = streamer.device if streamer is not None else weight.device
                 attach(target, name, LoraAdapter(lora.modules[module_name], strength, device=device, dtype=dtype))
         _refuse(dit, {t for t in targets.values() if not _is_linear(t)})
     return report

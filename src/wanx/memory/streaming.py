@@ -259,3 +259,11 @@ class BlockStreamer:
 def _block_units(model: nn.Module, units: list[Unit]) -> list[Unit]:
     lists = tuple(getattr(model, "stream_blocks", ()))
     return [u for u in units if u.name.rsplit(".", 1)[0] in lists]
+
+
+def compute_device(model: nn.Module) -> torch.device:
+    """Where `model` computes: its weights' device, or the block streamer's target when its
+    weights live in host memory and visit the device block by block. What is made for it
+    later (a live LoRA, a trainable adapter, a batch) belongs there."""
+    streamer = getattr(model, "_wanx_streamer", None)
+    return streamer.device if streamer is not None else next(model.parameters()).device

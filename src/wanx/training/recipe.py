@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from ..lora.formats import LoraModule
 from ..lora.layer import LoraAdapter, attach
 from ..memory.fp8 import FP8Linear
+from ..memory.streaming import compute_device
 
 TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
 
@@ -138,13 +139,6 @@ class CachedDataset:
 
 
 # -- model + LoRA ------------------------------------------------------------------------
-
-
-def compute_device(dit: nn.Module) -> torch.device:
-    """Where the DiT computes: its weights' device, or the block streamer's target when its
-    weights live in host memory and visit the device block by block."""
-    streamer = getattr(dit, "_wanx_streamer", None)
-    return streamer.device if streamer is not None else next(dit.parameters()).device
 
 
 def add_trainable_lora(dit: nn.Module, rank: int, alpha: float | None, targets: tuple[str, ...],
