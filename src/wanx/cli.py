@@ -234,11 +234,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # Everything is checked before any weight is loaded: device, model folder, inputs, memory, outputs.
     world = None
     if world_size > 1:  # one rank of several: its own GPU, the same seeds everywhere, rank 0 writes
-        from .distributed import broadcast_object, init, world_from_env
+        from .distributed import broadcast_object, init
 
-        local = world_from_env().local_rank
-        if (args.device or "cuda").startswith("cuda") and _has_cuda():
-            args.device = f"cuda:{local}"
+        args.device = _rank_device(args.device)
         world = init(Runtime.create(args.device).device)
         seeds = broadcast_object([job["seed"] for job in jobs])
         for job, seed in zip(jobs, seeds):
@@ -331,10 +329,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         raise ValueError(f"--frames {args.frames} must be 4k+1 (e.g. 17, 33, 81)")
     if min(args.size) <= 0 or any(v % 16 for v in args.size):
         raise ValueError(f"--size {args.size[0]}x{args.size[1]}: width and height must be positive multiples of 16")
-    device = args.device
-    if "LOCAL_RANK" in os.environ and (device or "cuda").startswith("cuda") and _has_cuda():
-        device = f"cuda:{os.environ['LOCAL_RANK']}"  # accelerate launch / torchrun: one GPU per process
-    runtime = Runtime.create(device, args.dtype, t5_device=args.t5_device)
+    runtime = Runtime.create(_rank_device(args.device), args.dtype, t5_device=args.t5_device)
     files = find_components(resolve_model(args.model, source=args.source))
     report = prepare(args.dataset, files, cache=args.cache, size=args.size, buckets=args.buckets, frames=args.frames,
                      fps=args.fps, runtime=runtime, progress=not args.quiet)
@@ -417,10 +412,14 @@ def _without_gpus(argv: list[str]) -> list[str]:
     return out
 
 
-def _has_cuda() -> bool:
+def _rank_device(device: str | None) -> str | None:
+    """One GPU per process when started as one of several ranks (torchrun, accelerate launch,
+    --gpus): cuda:LOCAL_RANK where CUDA is asked for (or by default) and present."""
+    if "LOCAL_RANK" not in os.environ or not (device or "cuda").startswith("cuda"):
+        return device
     import torch
 
-    return torch.cuda.is_available()
+    return f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else device
 
 
 def _prompts(text: str) -> list[str]:

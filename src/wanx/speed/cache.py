@@ -213,7 +213,7 @@ class StepCache:
         states = [self._state.setdefault(name, _Branch()) for name in branches]
         if self.recording is not None:
             for row, state in enumerate(states):
-                probe = (e0[row] if e0.shape[0] > 1 else e0[0]).float()
+                probe = _probe(e0, row)
                 if state.previous is not None:
                     state.probe_change = float((probe - state.previous).abs().mean() / state.previous.abs().mean())
                 state.previous = probe
@@ -227,7 +227,7 @@ class StepCache:
             return [True] * len(branches)
         forced, flags = [], []
         for row, state in enumerate(states):
-            probe = (e0[row] if e0.shape[0] > 1 else e0[0]).float()
+            probe = _probe(e0, row)
             must = self._step < TEACACHE_RETENTION_STEPS or state.previous is None or state.residual is None
             if must:
                 state.accumulated = torch.zeros((), device=e0.device)
@@ -272,6 +272,11 @@ class StepCache:
             rel = float((residual - previous).abs().mean() / previous.abs().mean())
             ratio = float((residual.float().norm(dim=-1) / previous.float().norm(dim=-1)).mean())
             self.recording.setdefault(name, []).append((self._step, state.probe_change, rel, ratio))
+
+
+def _probe(e0: Tensor, row: int) -> Tensor:
+    """TeaCache's probe for a batch row: the row's e0, or the one e0 a batch shares."""
+    return (e0[row] if e0.shape[0] > 1 else e0[0]).float()
 
 
 def _polyval(coefficients: Sequence[float], x: Tensor) -> Tensor:
