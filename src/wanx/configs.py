@@ -184,10 +184,11 @@ def block_indices(keys: Sequence[str]) -> list[int]:
 
 
 def infer_dit_config(
-    shapes: Mapping[str, Sequence[int]], num_heads: int | None = None, num_layers: int | None = None
+    shapes: Mapping[str, Sequence[int]], num_heads: int | None = None, num_layers: int | None = None,
+    text_len: int | None = None,
 ) -> DiTConfig:
     """DiT config from official-layout tensor shapes; `num_heads` (and `num_layers`, so a
-    missing last block is noticed) from config.json when known."""
+    missing last block is noticed) and `text_len` (no tensor shows it) from config.json when known."""
     dim, in_dim, *patch = shapes["patch_embedding.weight"]
     patch_size = tuple(int(p) for p in patch)
     head_out = shapes["head.head.weight"][0]
@@ -210,6 +211,7 @@ def infer_dit_config(
         freq_dim=int(shapes["time_embedding.0.weight"][1]),
         text_dim=int(shapes["text_embedding.0.weight"][1]),
         image_dim=int(shapes["img_emb.proj.0.weight"][0]) if model_type != "t2v" else DiTConfig.image_dim,
+        text_len=int(text_len) if text_len else DiTConfig.text_len,
     )
 
 

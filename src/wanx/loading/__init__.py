@@ -223,7 +223,10 @@ def _infer_config(network: str, shapes: dict, store: TensorStore) -> DiTConfig |
             f"{RELEASED_HEAD_DIM}); put a config.json with \"num_heads\" beside the weights"
         )
     try:
-        return infer_dit_config(shapes, num_heads=heads, num_layers=cfg_json.get("num_layers"))
+        # The text is zero-padded to text_len before the text MLP and cross-attention sees every
+        # position, so a model trained at another length (the demo's 32) must keep it.
+        return infer_dit_config(shapes, num_heads=heads, num_layers=cfg_json.get("num_layers"),
+                                text_len=cfg_json.get("text_len"))
     except ValueError as err:
         raise CheckpointError(f"{store.path}: {err}") from None
 
