@@ -126,3 +126,38 @@ def test_i2v_folder_without_clip_is_refused_before_loading(pipes, tmp_path):
     with pytest.raises(FileNotFoundError, match="i2v model needs the CLIP image encoder"):
         find_components(folder)
     assert find_components(tiny_model_dir("tiny-i2v")).model_type == "i2v"
+
+
+def test_a_model_folder_carries_its_own_generation_defaults(tmp_path):
+    """`wanx-defaults.json` fills what a request leaves unset, before the official defaults;
+    what the request gives wins; "" is a negative prompt (the empty text), not "unset"."""
+    import json
+    import shutil
+
+    from wanx.cli import main
+    from wanx.tiny import tiny_model_dir
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("tiny"), folder)
+    own = {"width": 48, "height": 32, "num_frames": 9, "num_inference_steps": 3, "guidance_scale": 2.5,
+           "shift": 2.0, "sampler": "euler", "negative_prompt": ""}
+    (folder / "wanx-defaults.json").write_text(json.dumps(own), encoding="utf-8")
+    pipe = WanPipeline.from_pretrained(folder)
+    plan = pipe.plan("x", seed=1)
+    assert (plan.width, plan.height, plan.num_frames, plan.steps, plan.guidance, plan.shift, plan.sampler,
+            plan.negative_prompt) == (48, 32, 9, 3, 2.5, 2.0, "euler", "")
+    plan = pipe.plan("x", "blur", width=64, height=64, num_frames=5, num_inference_steps=4, guidance_scale=1.5,
+                     shift=7.0, sampler="unipc", seed=1)
+    assert (plan.width, plan.height, plan.num_frames, plan.steps, plan.guidance, plan.shift, plan.sampler,
+            plan.negative_prompt) == (64, 64, 5, 4, 1.5, 7.0, "unipc", "blur")
+    official = plan_request("t2v", "x", "", seed=1)  # no folder settings: "" still means the empty text
+    assert official.negative_prompt == "" and (official.width, official.num_frames, official.steps) == (832, 81, 50)
+    assert plan_request("t2v", "x", seed=1).negative_prompt == NEGATIVE_PROMPTS["t2v"]
+    video = pipe("x", seed=1, progress=False)
+    assert video.frames.shape == (9, 32, 48, 3)
+
+    (folder / "wanx-defaults.json").write_text(json.dumps({"frames": 9}), encoding="utf-8")
+    with pytest.raises(ValueError, match="unknown setting 'frames'; known: width, height, num_frames"):
+        WanPipeline.from_pretrained(folder)
+    assert main(["generate", "--model", str(folder), "--prompt", "x", "--output", str(tmp_path / "x.mp4")]) == 2
+    assert not (tmp_path / "x.mp4").exists()

@@ -271,7 +271,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                        height=height, width=width, num_frames=job["frames"], num_inference_steps=job["steps"],
                        guidance_scale=job["guidance"], shift=job["shift"], sampler=job["sampler"], seed=job["seed"])
         try:
-            plan = plan_request(files.model_type, job["prompt"], job["negative_prompt"], names=FLAGS, **request)
+            plan = plan_request(files.model_type, job["prompt"], job["negative_prompt"], names=FLAGS,
+                                model_defaults=files.defaults, **request)
             # batch 1: guidance runs as two passes when one batch of two does not fit
             check_fits(files.dit_config, plan.height, plan.width, plan.num_frames, device=runtime.device,
                        dtype=runtime.dtype, vae_dtype=runtime.vae_dtype, weights=weights, batch=1)
@@ -560,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1..30 (default 5.0; 5.5 for "
                                                     "FLF2V; 1 turns it off)")
     gen.add_argument("--shift", type=float, help="schedule shift (default 5.0; 3.0 for I2V at 480P; 16 for FLF2V)")
-    gen.add_argument("--sampler", default="unipc", choices=["unipc", "dpm++", "euler"], help="default unipc (official)")
+    gen.add_argument("--sampler", choices=["unipc", "dpm++", "euler"], help="default unipc (official)")
     gen.add_argument("--seed", type=int, help="random seed, 0..2**64-1 (default: a random one, printed)")
     gen.add_argument("--output", "-o", help="an .mp4/.gif file, a new folder name for PNG frames, or an existing "
                                             "folder (a generated name inside). With --prompts: the folder for the "
@@ -658,8 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--weighting", default="none", choices=["none", "gaussian"],
                     help="loss weight per timestep: none, or DiffSynth's gaussian (highest mid-schedule)")
     tr.add_argument("--caption-dropout", type=float, default=0.0,
-                    help="share of items trained with an empty text (all-zero embeddings, which the DiT pads to "
-                         "anyway), so guidance has an unconditional model to push from (default 0)")
+                    help="share of items trained with the empty prompt (cached by wanx prepare), so guidance with "
+                         "--negative-prompt \"\" has an unconditional model to push from (default 0)")
     tr.add_argument("--lora-format", default="official", choices=["official", "diffusers"],
                     help="key format of lora.safetensors (official = ComfyUI's; both load in wanx)")
     tr.add_argument("--fp8", action="store_true", help="the frozen DiT's block weights in FP8 (half the memory); the "

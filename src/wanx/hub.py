@@ -1,9 +1,13 @@
-"""Model folders: resolve a path, tiny-model name or model id to a local folder (downloading
-with huggingface_hub, or ModelScope with source="modelscope"), and find its components by
-content rather than by file name."""
+"""Model folders: resolve a path, the `demo` or a tiny-model name, or a model id to a local
+folder (downloading with huggingface_hub, or ModelScope with source="modelscope"), and find
+its components by content rather than by file name.
+
+A folder may also hold `wanx-defaults.json`: the generation settings its model was made for
+(e.g. the demo model's 96x96, 17 frames), used for every option a request leaves unset."""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +15,10 @@ from pathlib import Path
 from .loading import CheckpointError, CheckpointInfo, DamagedCheckpoint, inspect_checkpoint
 from .tiny import TINY_MODELS, tiny_model_dir
 
+DEFAULTS_FILE = "wanx-defaults.json"
+DEFAULT_KEYS = ("width", "height", "num_frames", "num_inference_steps", "guidance_scale", "shift", "sampler",
+                "negative_prompt")
+DEMO_MODEL = "demo"
 _SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
 
@@ -25,6 +33,7 @@ class ModelFiles:
     tokenizer: Path
     image_encoder: Path | None = None
     infos: dict[str, CheckpointInfo] = field(default_factory=dict, repr=False)  # network -> what was found
+    defaults: dict = field(default_factory=dict)  # the folder's wanx-defaults.json: pipeline keyword -> value
 
     @property
     def dit_config(self):
@@ -36,9 +45,12 @@ class ModelFiles:
 
 
 def resolve_model(path_or_id: str | Path, *, source: str = "huggingface") -> Path:
-    """A local folder as is; `tiny`, `tiny-i2v`, `tiny-flf2v` made locally; anything else of the
-    form owner/name is downloaded (or found in the cache)."""
+    """A local folder as is; `demo` (the trained demo model shipped in the package); `tiny`,
+    `tiny-i2v`, `tiny-flf2v` made locally; anything else of the form owner/name is downloaded
+    (or found in the cache)."""
     text = str(path_or_id)
+    if text == DEMO_MODEL:
+        return demo_model_dir()
     if text in TINY_MODELS:
         return tiny_model_dir(text)
     path = Path(text).expanduser()
@@ -49,6 +61,32 @@ def resolve_model(path_or_id: str | Path, *, source: str = "huggingface") -> Pat
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
         raise FileNotFoundError(f"{path}: no such model folder (or a model id like Wan-AI/Wan2.1-T2V-1.3B)")
     return download(text, source=source)
+
+
+def demo_model_dir() -> Path:
+    """The demo model's folder inside the installed package (`python -m wanx.demo.build` makes it)."""
+    folder = Path(__file__).parent / "demo" / "model"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: the demo model is missing from this install; reinstall wanx, or rebuild "
+                                "it with `make demo-model` and copy demo-build/model there")
+    return folder
+
+
+def read_defaults(folder: Path) -> dict:
+    """The folder's `wanx-defaults.json` (empty when it has none), checked key by key."""
+    path = Path(folder) / DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        defaults = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(defaults, dict):
+        raise ValueError(f"{path}: must hold one JSON object of generation settings")
+    unknown = sorted(set(defaults) - set(DEFAULT_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown setting {unknown[0]!r}; known: {', '.join(DEFAULT_KEYS)}")
+    return defaults
 
 
 def download(model_id: str, *, source: str = "huggingface", local_dir: str | Path | None = None) -> Path:
@@ -124,7 +162,7 @@ def find_components(folder: str | Path, *, dit: str | Path | None = None) -> Mod
                                 "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or image_encoder/")
     clip = chosen.get("clip", (None, None))[0]
     return ModelFiles(folder, model_type, chosen["dit"][0], chosen["vae"][0], chosen["t5"][0], tokenizer, clip,
-                      infos={network: info for network, (_, info) in chosen.items()})
+                      infos={network: info for network, (_, info) in chosen.items()}, defaults=read_defaults(folder))
 
 
 _NAMES = {"dit": "DiT (diffusion transformer)", "vae": "VAE", "t5": "umT5 text encoder", "clip": "CLIP image encoder"}

@@ -57,6 +57,7 @@ class _Plan:
     guidance: float
     seed: int
     negative_prompt: str | None
+    sampler: str = "unipc"
     image: Tensor | None = None  # [3, H, W] in [-1, 1]
     last_image: Tensor | None = None
     video: Tensor | None = None  # [3, F, H, W] in [-1, 1]
@@ -68,6 +69,7 @@ class WanPipeline:
     def __init__(self, dit, vae, text_encoder=None, image_encoder=None, *, name: str = "custom",
                  runtime: Runtime | None = None, placement: Placement | None = None):
         self.dit, self.vae, self.text_encoder, self.image_encoder = dit, vae, text_encoder, image_encoder
+        self.defaults: dict = {}  # the model folder's generation settings (wanx-defaults.json)
         self.name = name
         self.runtime = runtime
         self.placement = placement or Placement("none", self.device, {})
@@ -150,6 +152,7 @@ class WanPipeline:
         placement = Placement(offload, device, {"dit": dit, "vae": vae, "t5": text_encoder.model, "clip": image_encoder},
                               budget=budget, text_device=runtime.text_device)
         pipe = cls(dit, vae, text_encoder, image_encoder, name=str(files.folder), runtime=runtime, placement=placement)
+        pipe.defaults = dict(files.defaults)
         pipe.apply_speed(runtime, files.folder)
         return pipe
 
@@ -190,7 +193,7 @@ class WanPipeline:
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         shift: float | None = None,
-        sampler: str = "unipc",
+        sampler: str | None = None,
         seed: int | None = None,
         prompt_embeds: Tensor | None = None,
         negative_prompt_embeds: Tensor | None = None,
@@ -224,6 +227,8 @@ class WanPipeline:
                 Default 5.0 (5.5 for FLF2V). Alias: `guidance`.
             shift: schedule shift; default 5.0 (3.0 for I2V at 480P or below, 16 for FLF2V).
             sampler: "unipc" (official default), "dpm++" or "euler".
+            Options left unset take the model folder's own settings first when it has them
+            (`wanx-defaults.json`, e.g. the demo model's 96x96 and 17 frames).
             seed: noise seed in [0, 2**64); the same seed gives the official code's noise.
                 Default: a random seed, kept in the video's metadata.
             prompt_embeds, negative_prompt_embeds: umT5 embeddings `[1, L, 4096]` instead of
@@ -276,7 +281,7 @@ class WanPipeline:
                 with _stage("image conditioning", progress), self.placement.phase("clip"), self.placement.phase("vae"):
                     extra = self._image_conditioning(plan)
 
-            sigmas, timesteps = schedule(sampler, plan.steps, plan.shift)
+            sigmas, timesteps = schedule(plan.sampler, plan.steps, plan.shift)
             x = noise
             if plan.task == "v2v":
                 with _stage("video encoding", progress), self.placement.phase("vae"):
@@ -299,7 +304,7 @@ class WanPipeline:
                 bar.update(1)
 
             with self.placement.phase("dit"):
-                x = SAMPLERS[sampler](model_fn, x, sigmas, timesteps, callback=advance)
+                x = SAMPLERS[plan.sampler](model_fn, x, sigmas, timesteps, callback=advance)
             bar.close()
             steps = [b - a for a, b in zip(marks, marks[1:])]
             self.last_timings = {"first_step": steps[0], "later_steps": steps[1:]}
@@ -321,7 +326,7 @@ class WanPipeline:
         metadata = dict(prompt=prompt or "", negative_prompt=plan.negative_prompt or "", seed=plan.seed,
                         model=self.name, task=plan.task, size=f"{plan.width}x{plan.height}",
                         frames=plan.num_frames, steps=plan.steps, guidance=plan.guidance, shift=plan.shift,
-                        sampler=sampler, generator="wanx")
+                        sampler=plan.sampler, generator="wanx")
         if plan.task == "v2v":
             metadata["strength"] = strength
         if self.step_cache is not None:
@@ -353,7 +358,7 @@ class WanPipeline:
     def plan(self, prompt=None, negative_prompt=None, **kwargs) -> _Plan:
         """Check every input and resolve the defaults; raises ValueError with one clear line."""
         return plan_request(self.model_type, prompt, negative_prompt, has_text_encoder=self.text_encoder is not None,
-                            has_image_encoder=self.image_encoder is not None, **kwargs)
+                            has_image_encoder=self.image_encoder is not None, model_defaults=self.defaults, **kwargs)
 
     # -------------------------------------------------------------------------------------
     def _text(self, plan: _Plan, prompt, prompt_embeds, negative_prompt_embeds) -> tuple[Tensor, Tensor | None]:
@@ -361,7 +366,13 @@ class WanPipeline:
         prompts = [] if prompt_embeds is not None else [prompt]
         if negative_prompt_embeds is None and plan.negative_prompt is not None:
             prompts.append(plan.negative_prompt)
-        encoded = self.text_encoder.encode(prompts)[0] if prompts else None
+        encoded = None
+        if prompts:  # zeros after each prompt's tokens: keep the longest, the DiT pads to text_len
+            encoded, lengths = self.text_encoder.encode(prompts)
+            if int(lengths.max()) > self.dit.config.text_len:
+                raise ValueError(f"the prompt has {int(lengths.max())} tokens; this model reads at most "
+                                 f"{self.dit.config.text_len}: shorten it")
+            encoded = encoded[:, : int(lengths.max())]
         context = prompt_embeds if prompt_embeds is not None else encoded[:1]
         if negative_prompt_embeds is not None:
             context_null = negative_prompt_embeds
@@ -447,15 +458,29 @@ GUIDANCE_RANGE = (1.0, 30.0)
 def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text_encoder: bool = True,
                  has_image_encoder: bool = True, image=None, last_image=None, video=None, strength=0.8, height=None,
                  width=None, num_frames=None, num_inference_steps=None, guidance_scale=None, shift=None,
-                 sampler="unipc", seed=None, prompt_embeds=None, negative_prompt_embeds=None, latents=None,
-                 output_type="video", names: Mapping[str, str] | None = None) -> _Plan:
+                 sampler=None, seed=None, prompt_embeds=None, negative_prompt_embeds=None, latents=None,
+                 output_type="video", names: Mapping[str, str] | None = None,
+                 model_defaults: Mapping | None = None) -> _Plan:
     """Validate a request for a `model_type` DiT (reading its image/video inputs) and resolve
-    the official defaults, before any weight is loaded or any heavy work starts.
+    the defaults, before any weight is loaded or any heavy work starts.
 
     names: how the caller's interface spells each argument in error messages (the CLI says
-    `--frames` where Python says `num_frames`); default the Python keyword names."""
+    `--frames` where Python says `num_frames`); default the Python keyword names.
+    model_defaults: the model folder's own settings (`wanx-defaults.json`), taken for every
+    option left unset before the official defaults of the task."""
     def n(arg: str) -> str:
         return (names or {}).get(arg, arg)
+
+    own = model_defaults or {}
+    if negative_prompt is None:
+        negative_prompt = own.get("negative_prompt")
+    if width is None and height is None:
+        width, height = own.get("width"), own.get("height")
+    num_frames = num_frames if num_frames is not None else own.get("num_frames")
+    num_inference_steps = num_inference_steps if num_inference_steps is not None else own.get("num_inference_steps")
+    guidance_scale = guidance_scale if guidance_scale is not None else own.get("guidance_scale")
+    shift = shift if shift is not None else own.get("shift")
+    sampler = sampler if sampler is not None else own.get("sampler", "unipc")
 
     if prompt is None and prompt_embeds is None:
         raise ValueError(f"give {n('prompt')}" + ("" if names else " (or prompt_embeds)"))
@@ -521,9 +546,9 @@ def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text
                  shift=float(shift if shift is not None else defaults["shift"]),
                  guidance=float(guidance_scale if guidance_scale is not None else defaults["guidance"]),
                  seed=int(seed) if seed is not None else random.randint(0, 2**31 - 1),
-                 negative_prompt=None)
-    if negative_prompt_embeds is None and plan.guidance != 1.0:
-        plan.negative_prompt = negative_prompt if negative_prompt else NEGATIVE_PROMPTS[task]
+                 negative_prompt=None, sampler=sampler)
+    if negative_prompt_embeds is None and plan.guidance != 1.0:  # "" is a prompt too: the empty text
+        plan.negative_prompt = negative_prompt if negative_prompt is not None else NEGATIVE_PROMPTS[task]
 
     if task in ("i2v", "flf2v"):
         plan.image = _image_tensor(image)

@@ -11,8 +11,8 @@ from wanx.demo.shapes import HELD_OUT, caption, parse_caption
 def test_quick_build_runs_every_stage(tmp_path):
     report = build(tmp_path / "out", QUICK, progress=False)
     model = tmp_path / "out" / "model"
-    for name in ("diffusion_pytorch_model.safetensors", "Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth",
-                 "config.json", "google/umt5-xxl/tokenizer.json"):
+    for name in ("diffusion_pytorch_model.safetensors", "Wan2.1_VAE.safetensors", "umt5-enc.safetensors",
+                 "wanx-defaults.json", "config.json", "google/umt5-xxl/tokenizer.json"):
         assert (model / name).is_file(), name
     saved = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
     assert saved["accuracy"]["prompts"] == QUICK.eval_prompts == report["accuracy"]["prompts"]

@@ -54,11 +54,12 @@ def test_fine_tuning_halves_the_loss_on_one_clip(wide, tmp_path):
 
 def test_a_trained_lora_moves_generation_toward_the_clip(wide, tmp_path):
     from wanx.pipeline import WanPipeline
+    from wanx.training.recipe import cached_items
 
     model, data = wide
     assert main(["train", "--data", str(data), "--model", str(model), "--output", str(tmp_path), "--steps", "60",
                  "--lr", "1e-2", "--lora-rank", "16", "--quiet"]) == 0
-    clip = load_file(str(next((data / ".wanx-cache").glob("*.safetensors"))))["latents"]
+    clip = load_file(str(cached_items(data)[0]))["latents"]
     pipe = WanPipeline.from_pretrained(model)
     request = dict(prompt="a red square moves right", width=64, height=48, num_frames=9, num_inference_steps=10,
                    guidance_scale=1.0, output_type="latents")

@@ -41,7 +41,7 @@ def test_prepare_caches_reports_and_resumes(dataset, capsys):
     out = run(dataset, capsys)
     assert out.startswith("2 encoded, 0 already cached") and "2 files skipped" in out
     cache = dataset / ".wanx-cache"
-    files = sorted(cache.glob("*.safetensors"))
+    files = sorted(f for f in cache.glob("*.safetensors") if f.name != "empty-text.safetensors")
     assert [f.name.split("-")[0] for f in files] == ["green", "red"]
     with safe_open(str(files[1]), framework="pt") as fh:
         assert tuple(fh.get_tensor("latents").shape) == (16, 3, 6, 8)  # 9 frames -> 3 latent frames, 48x64 / 8
@@ -55,6 +55,31 @@ def test_prepare_caches_reports_and_resumes(dataset, capsys):
     assert run(dataset, capsys).startswith("0 encoded, 2 already cached")  # resumable: nothing redone
     assert [f.stat().st_mtime_ns for f in files] == mtimes
     assert run(dataset, capsys, "--frames", "5").startswith("3 encoded, 0 already cached")  # other settings: redone
+
+
+def test_prepare_caches_the_empty_prompt_that_caption_dropout_trains_on(dataset, capsys, tmp_path):
+    """The unconditional text of caption dropout is the umT5 embedding of "" (what the pipeline
+    encodes for `--negative-prompt ""`), cached once beside the items and never taken for one."""
+    import torch
+
+    from wanx.pipeline import WanPipeline
+    from wanx.training.recipe import cached_items
+
+    run(dataset, capsys)
+    empty = dataset / ".wanx-cache" / "empty-text.safetensors"
+    with safe_open(str(empty), framework="pt") as fh:
+        cached = fh.get_tensor("context")
+    embeddings, lengths = WanPipeline.from_pretrained("tiny", device="cpu").text_encoder.encode([""])
+    torch.testing.assert_close(cached, embeddings[0, : int(lengths[0])], rtol=1e-6, atol=1e-6)
+    assert len(cached_items(dataset)) == 2
+
+    empty.unlink()  # a cache made before the empty prompt was cached
+    train = ["train", "--data", str(dataset), "--model", "tiny", "--output", str(tmp_path / "run"), "--steps", "1",
+             "--caption-dropout", "0.5", "--quiet"]
+    assert main(train) == 2 and "run `wanx prepare` again" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "lora.safetensors").exists()
+    assert run(dataset, capsys).startswith("0 encoded, 2 already cached") and empty.is_file()
+    assert main(train) == 0
 
 
 def test_prepare_buckets_and_errors(dataset, capsys):

@@ -56,8 +56,8 @@ def test_two_processes_prepare_and_train_as_one(dataset, tmp_path):
     assert out.count("encoded") == 1 and out.startswith("4 encoded")  # the main process reports for all
     report = (two / "prepare-report.txt").read_text(encoding="utf-8").splitlines()
     assert len(report) == 1 and report[0].startswith(str(dataset / "short.mp4"))
-    files = sorted(p.name for p in one.glob("*.safetensors"))
-    assert files == sorted(p.name for p in two.glob("*.safetensors")) and len(files) == 4
+    files = sorted(p.name for p in one.glob("*.safetensors"))  # 4 items and the empty prompt
+    assert files == sorted(p.name for p in two.glob("*.safetensors")) and len(files) == 5
     for name in files:  # each item encoded by one process or the other, the same way
         a, b = load_file(str(one / name)), load_file(str(two / name))
         for key in a:

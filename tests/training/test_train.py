@@ -172,8 +172,9 @@ def test_adapters_live_where_a_streamed_dit_computes():
 
 
 def test_caption_dropout_trains_on_the_empty_text():
-    """An item dropped from its caption is seen with all-zero text embeddings (the DiT pads with
-    zeros anyway); the draw comes from the step's generator, so runs stay reproducible."""
+    """An item dropped from its caption is seen with the empty prompt's embedding (what
+    `--negative-prompt ""` gives at inference); the draw comes from the step's generator, so
+    runs stay reproducible."""
     from pathlib import Path
 
     from wanx.models.transformer import WanDiT
@@ -181,13 +182,14 @@ def test_caption_dropout_trains_on_the_empty_text():
 
     torch.manual_seed(0)
     dit = WanDiT("tiny")
-    batch = {"x0": torch.randn(2, 16, 1, 4, 4), "context": torch.randn(2, 7, 32)}
+    empty = torch.randn(1, 7, 32)
+    batch = {"x0": torch.randn(2, 16, 1, 4, 4), "context": torch.randn(2, 7, 32), "empty_text": empty}
     dropped = TrainConfig(data=Path("."), output=Path("."), caption_dropout=0.999999)
     plain = TrainConfig(data=Path("."), output=Path("."))
     with torch.no_grad():
         a = flow_matching_loss(dit, batch, dropped, torch.Generator().manual_seed(3))
         g = torch.Generator().manual_seed(3)
         torch.rand(2, generator=g)  # the dropout draw
-        b = flow_matching_loss(dit, {**batch, "context": torch.zeros(2, 7, 32)}, plain, g)
+        b = flow_matching_loss(dit, {**batch, "context": empty.expand(2, -1, -1)}, plain, g)
         c = flow_matching_loss(dit, batch, plain, torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and not torch.equal(a, c)

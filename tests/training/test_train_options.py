@@ -310,7 +310,7 @@ def test_i2v_cache_and_training(prepared_i2v, tmp_path):
     from wanx.tiny import tiny_model_dir
 
     image_dim = wanx.load_model(tiny_model_dir("tiny-i2v")).config.image_dim
-    files = sorted((prepared_i2v / ".wanx-cache").glob("*.safetensors"))
+    files = recipe.cached_items(prepared_i2v)
     assert len(files) == 2
     with safe_open(str(files[0]), framework="pt") as fh:
         assert tuple(fh.get_tensor("latents").shape) == (16, 3, 6, 8)
@@ -333,7 +333,7 @@ def test_cache_of_another_model_stops_training(prepared, prepared_i2v, tmp_path,
 
     cache = tmp_path / "cache"
     shutil.copytree(prepared / ".wanx-cache", cache)
-    last = sorted(cache.glob("*.safetensors"))[-1]  # every item is checked, not just the first
+    last = recipe.cached_items(cache)[-1]  # every item is checked, not just the first
     with safe_open(str(last), framework="pt") as fh:
         metadata, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
     settings = json.loads(metadata["settings"])

@@ -35,7 +35,7 @@ class BuildSettings:
     clips_per_combination: int = 2
     clips: int | None = None  # instead: this many clips in all (quick builds)
     vae_dim: int = 16
-    vae_steps: int = 1200
+    vae_steps: int = 1500
     t5_dim: int = 64
     dit_dim: int = 256
     dit_layers: int = 4
@@ -51,6 +51,9 @@ class BuildSettings:
     seed: int = 0
 
 
+DIT_FILE, VAE_FILE, T5_FILE = "diffusion_pytorch_model.safetensors", "Wan2.1_VAE.safetensors", "umt5-enc.safetensors"
+PACKAGE_MODEL = Path(__file__).parent / "model"  # what `--model demo` loads
+
 QUICK = BuildSettings(size=32, frames=5, clips_per_combination=1, clips=12, vae_dim=8, vae_steps=5, dit_dim=64, dit_layers=2,
                       dit_heads=2, dit_steps=5, batch_size=2, sample_steps=3, eval_prompts=4)
 
@@ -58,10 +61,13 @@ QUICK = BuildSettings(size=32, frames=5, clips_per_combination=1, clips=12, vae_
 def build(out: Path, settings: BuildSettings, *, progress: bool = True) -> dict:
     from ..cli import main as wanx
     from ..configs import DiTConfig, T5Config, VAEConfig, official_config_json
+    from ..hub import DEFAULTS_FILE
     from ..models.t5 import UMT5Encoder
     from ..models.transformer import WanDiT
     from ..models.vae import WanVAE
-    from ..tiny import portable_weights, save_pth, write_tokenizer
+    from safetensors.torch import load_file, save_file
+
+    from ..tiny import portable_weights, write_tokenizer
     from ..training.vae import VAETrainConfig, train_vae
     from . import shapes
 
@@ -83,7 +89,7 @@ def build(out: Path, settings: BuildSettings, *, progress: bool = True) -> dict:
     write_tokenizer(model / "google" / "umt5-xxl", vocab=512, corpus=corpus)  # every piece of every caption
     t5 = UMT5Encoder(T5Config(vocab=512, dim=s.t5_dim, dim_attn=s.t5_dim, dim_ffn=2 * s.t5_dim,
                               num_heads=4, num_layers=2))
-    save_pth(portable_weights(t5, f"{s.seed}/t5"), model / "models_t5_umt5-xxl-enc-bf16.pth")
+    save_file(portable_weights(t5, f"{s.seed}/t5"), str(model / T5_FILE))
     times["text encoder"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -93,19 +99,19 @@ def build(out: Path, settings: BuildSettings, *, progress: bool = True) -> dict:
                                   crop=min(32, s.size), frames=5, seed=s.seed), progress=progress)
     from ..training.vae import load_clips, standardize_latents
 
-    clips = load_clips(out / "data", s.frames)[:24]  # the DiT trains best on unit-variance latents
-    standardize_latents(vae.eval(), [torch.from_numpy(c[: s.frames]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-                                     for c in clips])
-    save_pth({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, model / "Wan2.1_VAE.pth")
+    clips = [torch.from_numpy(c[: s.frames]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+             for c in load_clips(out / "data", s.frames)[:24]]
+    standardize_latents(vae.eval(), clips)  # the DiT trains best on unit-variance latents
+    report["vae"] = round_trip(vae, clips[:12], out / "data")
+    save_file({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, str(model / VAE_FILE))
     times["vae"] = time.perf_counter() - start
 
     torch.manual_seed(s.seed)
     dit = WanDiT(DiTConfig(dim=s.dit_dim, ffn_dim=4 * s.dit_dim, num_heads=s.dit_heads, num_layers=s.dit_layers,
                            text_dim=s.t5_dim, text_len=s.text_len))
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(model / "diffusion_pytorch_model.safetensors"))
+    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(model / DIT_FILE))
     (model / "config.json").write_text(json.dumps(official_config_json(dit.config), indent=2), encoding="utf-8")
+    (model / DEFAULTS_FILE).write_text(json.dumps(generation_defaults(s), indent=2), encoding="utf-8")
 
     quiet = [] if progress else ["--quiet"]
     start = time.perf_counter()
@@ -121,7 +127,9 @@ def build(out: Path, settings: BuildSettings, *, progress: bool = True) -> dict:
              "--caption-dropout", "0.1", "--lr-scheduler", "cosine", "--warmup-steps", str(min(200, s.dit_steps // 10)), "--save-every",
              str(max(1, s.dit_steps // 4)), *quiet]) != 0:
         raise RuntimeError("wanx train failed")
-    shutil.copy(out / "run" / "model.safetensors", model / "diffusion_pytorch_model.safetensors")
+    # Shipped in bf16 (as the official checkpoints are): half the bytes; measured as shipped below.
+    trained = load_file(str(out / "run" / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in trained.items()}, str(model / DIT_FILE))
     times["dit"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -132,19 +140,43 @@ def build(out: Path, settings: BuildSettings, *, progress: bool = True) -> dict:
     return report
 
 
-def evaluation_prompts(count: int, seed: int) -> list[tuple[str, int]]:
-    """Every held-out combination, then training combinations, alternating English and
-    Chinese; sampling seeds far from the training seeds."""
+@torch.no_grad()
+def round_trip(vae, clips: list[torch.Tensor], data: Path) -> dict:
+    """Whole clips through the trained VAE: mean L1 (of [-1, 1] pixels) and how often the
+    detector still reads every attribute of the caption from the decoded clip."""
+    from ..training.data import find_items
     from . import shapes
 
-    combos = list(shapes.HELD_OUT)
+    captions = [item.caption for item in find_items(data) if item.kind == "video"]
+    l1, decoded = [], []
+    for clip, text in zip(clips, captions):
+        video = vae.decode(vae.encode(clip))
+        l1.append(float((video - clip).abs().mean()))
+        decoded.append((((video[0].permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy(), text))
+    return {"l1": sum(l1) / len(l1), "detector": shapes.accuracy(decoded)}
+
+
+def generation_defaults(s: BuildSettings) -> dict:
+    """What `wanx generate --model demo` uses when not told otherwise: the size, length and
+    sampling the model was made and measured with; the negative prompt is the empty text that
+    caption dropout trained (the official Chinese one is outside its vocabulary)."""
+    return {"width": s.size, "height": s.size, "num_frames": s.frames, "num_inference_steps": s.sample_steps,
+            "guidance_scale": s.guidance, "shift": s.shift, "negative_prompt": ""}
+
+
+def evaluation_prompts(count: int, seed: int) -> list[tuple[str, int]]:
+    """Every held-out combination in both languages, then training combinations alternating
+    English and Chinese; sampling seeds far from the training seeds."""
+    from . import shapes
+
+    prompts = [shapes.caption(c, lang) for c in shapes.HELD_OUT for lang in shapes.LANGUAGES]
     others = shapes.training_combinations()
     g = torch.Generator().manual_seed(seed + 1)
-    for i in torch.randperm(len(others), generator=g).tolist():
-        if len(combos) >= count:
+    for k, i in enumerate(torch.randperm(len(others), generator=g).tolist()):
+        if len(prompts) >= count:
             break
-        combos.append(others[i])
-    return [(shapes.caption(c, shapes.LANGUAGES[k % 2]), 10_000 + k) for k, c in enumerate(combos[:count])]
+        prompts.append(shapes.caption(others[i], shapes.LANGUAGES[k % 2]))
+    return [(p, 10_000 + k) for k, p in enumerate(prompts[:count])]
 
 
 def evaluate(model: Path, s: BuildSettings, *, progress: bool = True) -> dict:
@@ -152,12 +184,10 @@ def evaluate(model: Path, s: BuildSettings, *, progress: bool = True) -> dict:
     from . import shapes
 
     pipe = WanPipeline.from_pretrained(model, device="cpu")
-    null = torch.zeros(1, 1, pipe.dit.config.text_dim)  # the empty text the DiT was trained with (caption dropout)
     held = {shapes.caption(c, lang) for c in shapes.HELD_OUT for lang in shapes.LANGUAGES}
     results, held_results = [], []
     for prompt, seed in evaluation_prompts(s.eval_prompts, s.seed):
-        video = pipe(prompt, negative_prompt_embeds=null, width=s.size, height=s.size, num_frames=s.frames,
-                     num_inference_steps=s.sample_steps, guidance_scale=s.guidance, shift=s.shift, seed=seed, progress=False)
+        video = pipe(prompt, seed=seed, progress=False)  # everything else: the folder's wanx-defaults.json
         (held_results if prompt in held else results).append((video.frames, prompt))
     every = shapes.accuracy(results + held_results)
     return {"all": every, "held_out": shapes.accuracy(held_results) if held_results else None,
@@ -169,11 +199,25 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", help="a new folder for the dataset, the runs and the model")
     parser.add_argument("--quick", action="store_true", help="toy sizes: checks every stage in minutes")
+    parser.add_argument("--ship", action="store_true",
+                        help=f"then copy OUT/model over the package's demo model ({PACKAGE_MODEL})")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    if args.ship and args.quick:
+        parser.error("--ship takes a real build, not --quick")
     report = build(Path(args.out), QUICK if args.quick else BuildSettings(), progress=not args.quiet)
     print(json.dumps({"accuracy": report["accuracy"], "seconds": report["seconds"]}, indent=2, ensure_ascii=False))
+    if args.ship:
+        ship(Path(args.out))
+        print(f"shipped to {PACKAGE_MODEL}")
     return 0
+
+
+def ship(out: Path) -> None:
+    """Replace the package's demo model with OUT/model and its report."""
+    shutil.rmtree(PACKAGE_MODEL, ignore_errors=True)
+    shutil.copytree(out / "model", PACKAGE_MODEL)
+    shutil.copy(out / "report.json", PACKAGE_MODEL / "report.json")
 
 
 if __name__ == "__main__":

@@ -318,12 +318,14 @@ class WanVAE(nn.Module):
 
     # -- decode --------------------------------------------------------------------------
     def decode(self, latents: Tensor, *, chunk_latents: int = 1, tile_size: int | tuple[int, int] | None = None,
-               tile_stride: int | tuple[int, int] | None = None, callback=None) -> Tensor:
+               tile_stride: int | tuple[int, int] | None = None, callback=None, clamp: bool = True) -> Tensor:
         """latents `[B, z, k+1, h, w]` -> video `[B, 3, 4k+1, 8h, 8w]` float32 in [-1, 1].
 
         chunk_latents: latent frames decoded per causal step (1 = the official schedule).
         tile_size/tile_stride: spatial tiles in output pixels (multiples of 8), blended at the seams.
         callback(done, total): called after each decoded chunk (for progress bars).
+        clamp: False leaves the output unclamped, for training: a pixel clamped at +-1 passes no
+        gradient, and a decoder pushed past the range everywhere never comes back.
         """
         if latents.ndim != 5 or latents.shape[1] != self.config.z_dim:
             raise ValueError(f"latents must be [B, {self.config.z_dim}, F, H, W], got {tuple(latents.shape)}")
@@ -337,9 +339,9 @@ class WanVAE(nn.Module):
         rows, cols = _tile_grid(latents.shape[-2:], tile, stride)
         counter = _Counter((1 + math.ceil((latents.shape[2] - 1) / chunk_latents)) * len(rows) * len(cols), callback)
         return self._tiled(latents, tile, stride, s, down=False,
-                           fn=lambda z: self._decode_tile(z, chunk_latents, counter))
+                           fn=lambda z: self._decode_tile(z, chunk_latents, counter, clamp))
 
-    def _decode_tile(self, latents: Tensor, chunk_latents: int, counter: "_Counter") -> Tensor:
+    def _decode_tile(self, latents: Tensor, chunk_latents: int, counter: "_Counter", clamp: bool = True) -> Tensor:
         dtype = self.conv2.weight.dtype
         mean, inv_std = self._stats(latents)
         z = self.conv2((latents.float() / inv_std + mean).to(dtype))
@@ -351,7 +353,7 @@ class WanVAE(nn.Module):
             if start >= t:
                 break
             chunk = self.decoder(z[:, :, start:end], cache)
-            out[:, :, frame: frame + chunk.shape[2]] = chunk.float().clamp_(-1, 1)
+            out[:, :, frame: frame + chunk.shape[2]] = chunk.float().clamp(-1, 1) if clamp else chunk.float()
             frame += chunk.shape[2]
             counter.step()
         return out

@@ -7,7 +7,9 @@ with the same settings is skipped, so a stopped run resumes; one made with other
 (size, frames, fps, model) is made again. Files that cannot be used (unreadable, corrupt, too
 short) are skipped with the reason, listed at the end and in `prepare-report.txt`, and never
 stop the run. For I2V (FLF2V) models each item also holds the first (and last) frame's
-conditioning, `clip_features` and `y`, as the pipeline computes them.
+conditioning, `clip_features` and `y`, as the pipeline computes them. `empty-text.safetensors`
+holds the umT5 embedding of the empty prompt: items trained with caption dropout see it, the
+same unconditional text `wanx generate --negative-prompt ""` gives.
 
 Started by `accelerate launch` (or torchrun), each process encodes its share of the items.
 """
@@ -28,6 +30,7 @@ from .data import (FPS, FRAME_COUNTS, Bucket, DatasetReport, Item, SkippedItem, 
 
 CACHE_VERSION = 1
 REPORT_FILE = "prepare-report.txt"
+EMPTY_TEXT_FILE = "empty-text.safetensors"  # not an item: `cached_items` leaves it out
 
 
 @dataclass
@@ -60,8 +63,6 @@ def prepare(dataset: str | Path, files, *, cache: str | Path | None = None, size
     (`wanx.hub.find_components`). size: (width, height) every item is resized and cropped to,
     or with `buckets` the area of the resolution buckets (several aspect ratios, frame counts
     up to `frames`); frames: 4k+1."""
-    from safetensors.torch import save_file
-
     dataset = Path(dataset)
     cache = Path(cache) if cache is not None else dataset / ".wanx-cache"
     report = PrepareReport(cache)
@@ -83,9 +84,17 @@ def prepare(dataset: str | Path, files, *, cache: str | Path | None = None, size
         todo.append((item, bucket, path, settings))
     rank, processes = _share()
     todo = todo[rank::processes]
-    if todo:
+    empty_text = cache / EMPTY_TEXT_FILE
+    write_empty = rank == 0 and _settings_of(empty_text) != fingerprint
+    if todo or write_empty:
         cache.mkdir(parents=True, exist_ok=True)
         vae, text_encoder, image_encoder, device = _encoders(files, runtime, progress)
+    if write_empty:
+        with torch.no_grad():
+            embeddings, lengths = text_encoder.encode([""])
+        _save_atomic({"context": embeddings[0, : int(lengths[0])].float().cpu().contiguous()}, empty_text,
+                     {"settings": fingerprint, "caption": ""})
+    if todo:
         from tqdm.auto import tqdm
 
         for item, bucket, path, settings in tqdm(todo, desc="preparing", unit="item", disable=not progress or rank):
@@ -106,10 +115,7 @@ def prepare(dataset: str | Path, files, *, cache: str | Path | None = None, size
                            "context": embeddings[0, : int(lengths[0])].contiguous()}  # the prompt's true tokens
                 if conditioning:
                     tensors.update(_image_inputs(image_encoder, vae, video[0], conditioning, device))
-            tmp = path.with_name(f".{path.name}.partial")
-            save_file(tensors, str(tmp),
-                      metadata={"settings": settings, "caption": item.caption, "source": str(item.path)})
-            os.replace(tmp, path)
+            _save_atomic(tensors, path, {"settings": settings, "caption": item.caption, "source": str(item.path)})
             report.encoded.append(path)
     if processes > 1:  # one report for all: the main process writes it
         from accelerate.utils import gather_object
@@ -125,6 +131,14 @@ def prepare(dataset: str | Path, files, *, cache: str | Path | None = None, size
         lines = [f"{path}\t{reason}" for path, reason in report.skipped.skipped]
         (cache / REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return report
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
 
 
 def _settings_of(path: Path) -> str | None:

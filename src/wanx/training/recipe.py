@@ -57,7 +57,7 @@ class TrainConfig:
     seed: int = 0
     timesteps: str = "uniform"  # or "logit-normal" (t = sigmoid(N(0, 1)), then shifted)
     weighting: str = "none"  # or "gaussian": DiffSynth's loss weight, highest mid-schedule
-    caption_dropout: float = 0.0  # share of items trained with an empty text (all-zero embeddings), for guidance
+    caption_dropout: float = 0.0  # share of items trained with the empty prompt's embedding (for guidance)
     lora_format: str = "official"  # or "diffusers"
     gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass
     offload_activations: bool = False  # with checkpointing: the kept block inputs wait in host memory
@@ -73,11 +73,13 @@ class TrainConfig:
 
 def cached_items(data: Path) -> list[Path]:
     """The prepared items: `data/.wanx-cache/*.safetensors`, or `data/*.safetensors`."""
+    from .prepare import EMPTY_TEXT_FILE
+
     data = Path(data)
     if not data.is_dir():
         raise ValueError(f"{data}: no such dataset or cache folder")
     for folder in (data / ".wanx-cache", data):
-        files = sorted(folder.glob("*.safetensors"))
+        files = sorted(p for p in folder.glob("*.safetensors") if p.name != EMPTY_TEXT_FILE)
         if files:
             return files
     raise ValueError(f"{data}: no prepared items; run `wanx prepare {data} --model ...` first")
@@ -88,10 +90,21 @@ class CachedDataset:
     from one group. Every epoch is a fresh permutation from the seed; no item is dropped (a
     group's last batch may be smaller)."""
 
-    def __init__(self, files: list[Path], batch_size: int = 1, repeats: int = 1, seed: int = 0):
+    def __init__(self, files: list[Path], batch_size: int = 1, repeats: int = 1, seed: int = 0,
+                 empty_text: bool = False):
         from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        from .prepare import EMPTY_TEXT_FILE
 
         self.files, self.batch_size, self.repeats, self.seed = files, batch_size, repeats, seed
+        self.empty_text = None  # [L, text_dim]: the empty prompt, for caption dropout
+        if empty_text:
+            path = files[0].parent / EMPTY_TEXT_FILE
+            if not path.is_file():
+                raise ValueError(f"{path.parent}: no {EMPTY_TEXT_FILE} (caches made before wanx cached the empty "
+                                 "prompt); run `wanx prepare` again, which adds it and keeps the items")
+            self.empty_text = load_file(str(path))["context"]
         self.shapes, self.settings = [], set()
         for path in files:
             with safe_open(str(path), framework="pt") as fh:
@@ -124,14 +137,17 @@ class CachedDataset:
 
     def load(self, indices: list[int], device: torch.device) -> dict[str, Tensor]:
         """x0 `[B, 16, F', h, w]`, context `[B, L, text_dim]` (zero-padded to the longest, as
-        the DiT pads anyway), and for I2V items clip_features and y."""
+        the DiT pads anyway), for caption dropout `empty_text` `[1, L, text_dim]` padded the
+        same, and for I2V items clip_features and y."""
         from safetensors.torch import load_file
 
         states = [load_file(str(self.files[i])) for i in indices]
-        longest = max(s["context"].shape[0] for s in states)
-        batch = {"x0": torch.stack([s["latents"] for s in states]),
-                 "context": torch.stack([nn.functional.pad(s["context"], (0, 0, 0, longest - s["context"].shape[0]))
-                                         for s in states])}
+        texts = [s["context"] for s in states] + ([self.empty_text] if self.empty_text is not None else [])
+        longest = max(t.shape[0] for t in texts)
+        texts = [nn.functional.pad(t, (0, 0, 0, longest - t.shape[0])) for t in texts]
+        batch = {"x0": torch.stack([s["latents"] for s in states]), "context": torch.stack(texts[: len(states)])}
+        if self.empty_text is not None:
+            batch["empty_text"] = texts[-1][None].to(batch["context"].dtype)
         for key in ("clip_features", "y"):
             if key in states[0]:
                 batch[key] = torch.stack([s[key] for s in states])
@@ -271,7 +287,7 @@ def flow_matching_loss(dit: nn.Module, batch: dict[str, Tensor], config: TrainCo
     context = batch["context"]
     if config.caption_dropout > 0:  # drawn only when asked, so other runs keep their random stream
         keep = (torch.rand(x0.shape[0], generator=generator) >= config.caption_dropout).to(context.device)
-        context = context * keep.view(-1, 1, 1).to(context.dtype)
+        context = torch.where(keep.view(-1, 1, 1), context, batch["empty_text"])
     sigma = torch.stack([sample_sigma(generator, config.shift, config.timesteps) for _ in range(x0.shape[0])])
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     s = sigma.to(x0.device).view(-1, 1, 1, 1, 1)
@@ -317,7 +333,8 @@ def train(dit: nn.Module, config: TrainConfig, *, progress: bool = True, base_mo
     if accelerator is None:
         accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision)
     processes, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    dataset = CachedDataset(cached_items(config.data), config.batch_size, config.repeats, config.seed)
+    dataset = CachedDataset(cached_items(config.data), config.batch_size, config.repeats, config.seed,
+                            empty_text=config.caption_dropout > 0)
     steps = total_steps(config, dataset, processes)
     output = Path(config.output)
     if main:

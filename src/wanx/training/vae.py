@@ -30,7 +30,9 @@ class VAETrainConfig:
     batch_size: int = 4
     crop: int = 32  # pixels, a multiple of 8
     frames: int = 5  # 4k+1
-    lr: float = 1e-3
+    lr: float = 1e-3  # peak, after warmup; cosine decay to 0 at the last step
+    warmup_steps: int = 50
+    max_grad_norm: float = 1.0
     kl_weight: float = 1e-4
     seed: int = 0
 
@@ -70,10 +72,10 @@ def vae_loss(vae: nn.Module, video: Tensor, kl_weight: float, generator: torch.G
     log_var = log_var.clamp(-30, 20)
     noise = torch.randn(mu.shape, generator=generator).to(mu.device)
     z = mu + noise * (0.5 * log_var).exp()
-    recon = vae.decode(vae.normalize(z))
+    recon = vae.decode(vae.normalize(z), clamp=False)  # clamped pixels would pass no gradient
     l1 = (recon - video).abs().mean()
     kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).mean()
-    return l1 + kl_weight * kl, float(l1), float(kl)
+    return l1 + kl_weight * kl, float(l1.detach()), float(kl.detach())
 
 
 def train_vae(vae: nn.Module, config: VAETrainConfig, *, progress: bool = True) -> Path:
@@ -93,9 +95,16 @@ def train_vae(vae: nn.Module, config: VAETrainConfig, *, progress: bool = True) 
     device = next(vae.parameters()).device
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr)
-    # Cosine decay to zero: at a constant rate the L1 of late steps swings tenfold between batches.
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, config.steps) / config.steps)))
+    # Linear warmup, then cosine decay to zero (a constant rate leaves the late L1 swinging
+    # tenfold between batches); gradients clipped. From random weights the decoder first
+    # ignores its latent (one flat output for every input, L1 ~0.5) for 100-300 steps.
+    def rate(i: int) -> float:
+        if i < config.warmup_steps:
+            return (i + 1) / config.warmup_steps
+        done = (i - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
     with open(output / "vae-log.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["step", "loss", "l1", "kl", "seconds"])
@@ -106,9 +115,12 @@ def train_vae(vae: nn.Module, config: VAETrainConfig, *, progress: bool = True) 
             loss, l1, kl = vae_loss(vae, batch, config.kl_weight, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), config.max_grad_norm)
             optimizer.step()
             schedule.step()
             writer.writerow([step, f"{float(loss):.6f}", f"{l1:.6f}", f"{kl:.6f}", f"{time.perf_counter() - start:.3f}"])
+            if step % 50 == 0:
+                fh.flush()  # the log can be watched while it trains
             bar.set_postfix(l1=f"{l1:.4f}")
     vae.eval()
     path = output / "vae.safetensors"
