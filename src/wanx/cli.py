@@ -544,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "with a T2V model). Unset options take the official defaults of the task.")
     gen.add_argument("--model", required=True,
                      help="model folder (official or diffusers layout), a model id such as Wan-AI/Wan2.1-T2V-1.3B "
-                          "(downloaded), or tiny / tiny-i2v / tiny-flf2v (random weights, offline)")
+                          "(downloaded), demo (the trained demo model in the package: shapes, 96x96), or tiny / "
+                          "tiny-i2v / tiny-flf2v (random weights, offline)")
     gen.add_argument("--prompt", help="what the video shows")
     gen.add_argument("--negative-prompt", help="what to avoid (default: the official negative prompt of the task)")
     gen.add_argument("--prompts", metavar="FILE", help="batch: one prompt per line, or JSON lines with per-job keys "

@@ -9,7 +9,7 @@ import torch
 from tests.training.test_prepare import moving_square
 from wanx.configs import VAEConfig
 from wanx.models.vae import WanVAE
-from wanx.training.vae import VAETrainConfig, train_vae
+from wanx.training.vae import VAETrainConfig, train_vae, vae_loss
 
 
 def test_posterior_mean_is_what_encode_returns():
@@ -33,7 +33,7 @@ def test_reconstruction_error_falls(tmp_path):
     torch.manual_seed(0)
     vae = WanVAE(VAEConfig(dim=8))
     path = train_vae(vae, VAETrainConfig(data=data, output=tmp_path / "out", steps=40, batch_size=2, crop=16,
-                                         frames=5, lr=3e-3), progress=False)
+                                         frames=5, lr=3e-3, warmup_steps=5), progress=False)
     with open(tmp_path / "out" / "vae-log.csv", encoding="utf-8") as fh:
         l1 = [float(r["l1"]) for r in csv.DictReader(fh)]
     assert sum(l1[-5:]) / 5 < 0.6 * sum(l1[:5]) / 5, (l1[:5], l1[-5:])  # measured ~0.5 -> ~0.15
@@ -62,3 +62,21 @@ def test_standardized_latents_are_unit_variance_and_decode_the_same():
     torch.testing.assert_close(latents.std(1), torch.ones(16), rtol=0, atol=1e-4)
     for a, b in zip(after, before):  # the round trip is unchanged (folded affine maps, fp32)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_training_loss_passes_the_clamp():
+    """The reconstruction loss sees the clamped output but its gradient goes straight through
+    the clamp: a decoder pushed out of range everywhere must still be pulled back."""
+    torch.manual_seed(0)
+    vae = WanVAE(VAEConfig(dim=8))
+    with torch.no_grad():
+        vae.decoder.head[-1].bias.fill_(3.0)  # every pixel out of range
+    z = torch.randn(1, 16, 2, 2, 2)
+    assert vae.decode(z).max() == 1.0
+    raw = vae.decode(z, clamp=False)
+    assert raw.min() > 1.0
+    torch.testing.assert_close(vae.decode(z), raw.clamp(-1, 1), rtol=0, atol=0)
+    video = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    loss, _, _ = vae_loss(vae, video, 1e-4, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert vae.decoder.head[-1].bias.grad.abs().sum() > 0

@@ -35,7 +35,7 @@ class BuildSettings:
     clips_per_combination: int = 2
     clips: int | None = None  # instead: this many clips in all (quick builds)
     vae_dim: int = 16
-    vae_steps: int = 1500
+    vae_steps: int = 1000
     t5_dim: int = 64
     dit_dim: int = 256
     dit_layers: int = 4

@@ -72,7 +72,12 @@ def vae_loss(vae: nn.Module, video: Tensor, kl_weight: float, generator: torch.G
     log_var = log_var.clamp(-30, 20)
     noise = torch.randn(mu.shape, generator=generator).to(mu.device)
     z = mu + noise * (0.5 * log_var).exp()
-    recon = vae.decode(vae.normalize(z), clamp=False)  # clamped pixels would pass no gradient
+    # The loss sees the clamped video inference gives, but the gradient passes the clamp
+    # (straight through): with a plain clamp, a decoder pushed out of range everywhere got no
+    # gradient back (L1 stuck at 0.5); without any clamp it was punished for overshooting
+    # black and white and sat at a flat output for hundreds of steps.
+    raw = vae.decode(vae.normalize(z), clamp=False)
+    recon = raw + (raw.clamp(-1, 1) - raw).detach()
     l1 = (recon - video).abs().mean()
     kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).mean()
     return l1 + kl_weight * kl, float(l1.detach()), float(kl.detach())
@@ -96,8 +101,7 @@ def train_vae(vae: nn.Module, config: VAETrainConfig, *, progress: bool = True) 
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr)
     # Linear warmup, then cosine decay to zero (a constant rate leaves the late L1 swinging
-    # tenfold between batches); gradients clipped. From random weights the decoder first
-    # ignores its latent (one flat output for every input, L1 ~0.5) for 100-300 steps.
+    # tenfold between batches); gradients clipped.
     def rate(i: int) -> float:
         if i < config.warmup_steps:
             return (i + 1) / config.warmup_steps
