@@ -36,13 +36,14 @@ class BuildSettings:
     clips: int | None = None  # instead: this many clips in all (quick builds)
     vae_dim: int = 16
     vae_steps: int = 600
-    vae_frames: int = 9  # 3 latent frames: the decoder also learns from a cache left by a full chunk
+    vae_frames: int = 17  # the whole clip: trained on 5 or 9 frames, the causal decoder failed past them
+    vae_crop: int = 24  # pixels: 24x24x17 costs what 32x32x9 did
     t5_dim: int = 64
     dit_dim: int = 256
     dit_layers: int = 4
     dit_heads: int = 4
     text_len: int = 32  # captions are under 32 tokens; 512 would double the cost of a training step
-    dit_steps: int = 3000
+    dit_steps: int = 2500
     batch_size: int = 8
     lr: float = 3e-4
     shift: float = 3.0  # 180 latent tokens: less shift than 480P's 5, the same in training and sampling
@@ -97,7 +98,7 @@ def build(out: Path, settings: BuildSettings, *, progress: bool = True) -> dict:
     torch.manual_seed(s.seed)
     vae = WanVAE(VAEConfig(dim=s.vae_dim))
     train_vae(vae, VAETrainConfig(data=out / "data", output=out / "vae", steps=s.vae_steps, batch_size=4,
-                                  crop=min(32, s.size), frames=min(s.vae_frames, s.frames), seed=s.seed), progress=progress)
+                                  crop=min(s.vae_crop, s.size), frames=min(s.vae_frames, s.frames), seed=s.seed), progress=progress)
     from ..training.vae import load_clips, standardize_latents
 
     clips = [torch.from_numpy(c[: s.frames]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
