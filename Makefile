@@ -17,14 +17,14 @@ $(BIN)/.wanx-installed: pyproject.toml
 install: $(BIN)/.wanx-installed
 
 demo: install
-	$(BIN)/wanx generate --model demo --prompt "a red circle moving left on a black background" --seed 0 --output outputs/demo.mp4
+	$(BIN)/wanx generate --model tiny --prompt "a cat walks on the grass" --size 128x96 --frames 17 --steps 10 --seed 0 --output outputs/demo.mp4
 
 test: install
 	$(BIN)/python -m pytest -q
 
 # Rebuild the demo model from nothing with wanx's own tools (dataset, VAE, prepare, train,
 # accuracy report in demo-build/report.json). DEMO_FLAGS=--quick checks the stages in a
-# minute; DEMO_FLAGS=--ship replaces the packaged model (src/wanx/demo/model) with the result.
+# minute; DEMO_FLAGS=--resume finishes a stopped build; --ship copies the result into the package.
 demo-model: install
 	rm -rf demo-build
 	$(BIN)/python -m wanx.demo.build demo-build $(DEMO_FLAGS)
