@@ -27,7 +27,7 @@ from .memory.placement import Placement, auto_budget, load_devices, resolve_offl
 from .models.transformer import input_dtype
 from .runtime import Runtime
 from .sampling import SAMPLERS, guided, noise_to, schedule
-from .video import Video, read_image, read_video
+from .video import Video, read_image, read_video, to_pixels, to_unit
 
 # Official negative prompts (wan/configs): shared, I2V adds 镜头晃动 (camera shake), FLF2V also 镜头切换 (cut).
 NEGATIVE_PROMPT = (
@@ -322,7 +322,6 @@ class WanPipeline:
                 frames = self.vae.decode(x, tile_size=tiles and tiles[0], tile_stride=tiles and tiles[1],
                                          callback=lambda done, total: (setattr(bar, "total", total), bar.update(1)))
             bar.close()  # frames: [1, 3, F, H, W] in [-1, 1]
-        frames = ((frames[0].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         metadata = dict(prompt=prompt or "", negative_prompt=plan.negative_prompt or "", seed=plan.seed,
                         model=self.name, task=plan.task, size=f"{plan.width}x{plan.height}",
                         frames=plan.num_frames, steps=plan.steps, guidance=plan.guidance, shift=plan.shift,
@@ -337,7 +336,7 @@ class WanPipeline:
             metadata["loras"] = [{"name": name, "strength": entry.strength, "sha256": entry.lora.sha256,
                                   "file": entry.lora.path.name if entry.lora.path else None}
                                  for name, entry in loaded_loras(self.dit).items()]
-        return Video(frames.permute(1, 2, 3, 0).cpu().numpy(), fps=FPS, metadata=metadata)
+        return Video(to_pixels(frames[0]), fps=FPS, metadata=metadata)
 
     # -------------------------------------------------------------------------------------
     def load_lora(self, path: str | Path, strength: float = 1.0, *, name: str | None = None,
@@ -608,7 +607,7 @@ def _image_tensor(image) -> Tensor:
     array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
     if array.ndim != 3 or array.shape[-1] != 3:
         raise ValueError(f"image must be RGB [H, W, 3], got shape {array.shape}")
-    return torch.from_numpy(array.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
+    return to_unit(array)
 
 
 def _video_frames(video) -> Tensor:
@@ -625,7 +624,7 @@ def _video_frames(video) -> Tensor:
     array = np.asarray(video)
     if array.ndim != 4 or array.shape[-1] != 3:
         raise ValueError(f"video frames must be [F, H, W, 3] uint8, got shape {array.shape}")
-    return torch.from_numpy(array.astype(np.float32)).permute(3, 0, 1, 2) / 127.5 - 1
+    return to_unit(array)
 
 
 def _size_for_image(image: Tensor, max_area: int) -> tuple[int, int]:

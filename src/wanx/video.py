@@ -15,6 +15,21 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_IMAGE_PIXELS = 64_000_000  # a 8000x8000 photo; conditioning frames are resized to <= 1280x720
 
 
+def to_unit(pixels: np.ndarray):
+    """uint8 `[F, H, W, 3]` (or one `[H, W, 3]` image) -> float32 tensor `[3, F, H, W]` (`[3, H, W]`)
+    in [-1, 1]: the range the VAE encodes."""
+    import torch
+
+    pixels = np.asarray(pixels)
+    channels_first = (3, 0, 1, 2) if pixels.ndim == 4 else (2, 0, 1)
+    return torch.from_numpy(pixels.astype(np.float32)).permute(*channels_first) / 127.5 - 1
+
+
+def to_pixels(video) -> np.ndarray:
+    """A decoded `[3, F, H, W]` tensor in [-1, 1] -> uint8 `[F, H, W, 3]` (rounded, clipped)."""
+    return ((video.detach().float() + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 3, 0).cpu().numpy()
+
+
 @dataclass
 class Video:
     """Frames `[F, H, W, 3]` uint8 at `fps`, with the settings that made them."""

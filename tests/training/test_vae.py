@@ -80,3 +80,39 @@ def test_training_loss_passes_the_clamp():
     loss, _, _ = vae_loss(vae, video, 1e-4, torch.Generator().manual_seed(0))
     loss.backward()
     assert vae.decoder.head[-1].bias.grad.abs().sum() > 0
+
+
+def test_crops_mark_the_pixels_away_from_the_background():
+    """The foreground mask the loss up-weights: exactly the shape's pixels (antialiased edges
+    aside), on a black and on a gray background."""
+    import numpy as np
+
+    from wanx.demo.shapes import render_clip
+    from wanx.training.vae import random_crops
+
+    for background in ("black", "gray"):
+        clip = render_clip(("red", "square", "right", background), seed=1, size=32, frames=5)
+        video, mask = random_crops([clip], 1, 32, 5, torch.Generator().manual_seed(0))
+        assert video.shape == (1, 3, 5, 32, 32) and mask.shape == (1, 1, 5, 32, 32)
+        red = torch.from_numpy((clip[..., 0].astype(int) - clip[..., 1]) > 100)  # the shape's solid pixels
+        assert mask[0, 0][red].all() and 0 < mask.mean() < 0.3
+        corner = np.s_[:, :2, :2]  # background
+        assert not mask[0, 0][corner].any()
+
+
+def test_a_fresh_vae_starts_with_a_narrow_posterior(tmp_path):
+    """initial_log_var: from random weights the sampled noise (std 1) drowned the encoder's
+    means (spread ~0.04); the recipe starts the posterior narrow, so the decoder sees the clip."""
+    data = tmp_path / "data"
+    data.mkdir()
+    moving_square(5, seed=0).save(data / "c.mp4")
+    (data / "metadata.csv").write_text("file_name,text\nc.mp4,a square\n", encoding="utf-8")
+    torch.manual_seed(0)
+    vae = WanVAE(VAEConfig(dim=8))
+    video = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert vae.posterior(video)[1].mean().abs() < 1  # random init: log-variance ~0
+    train_vae(vae, VAETrainConfig(data=data, output=tmp_path / "out", steps=1, batch_size=1, crop=16, frames=5,
+                                  lr=1e-6, warmup_steps=1, initial_log_var=-10.0), progress=False)
+    with torch.no_grad():
+        assert (vae.posterior(video)[1].mean() + 10).abs() < 1

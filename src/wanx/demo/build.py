@@ -35,14 +35,19 @@ class BuildSettings:
     clips_per_combination: int = 2
     clips: int | None = None  # instead: this many clips in all (quick builds)
     vae_dim: int = 16
-    # The VAE in two phases: short clips first (from random weights the decoder sits at a flat
-    # output for a while; 9-frame crops get past it in ~150 steps), then whole clips (a causal
-    # decoder trained on 9 frames fails past them: L1 0.02 on frames 1-9, ~0.4 after).
-    vae_steps: int = 600
+    # The VAE in two phases: short clips first, then whole clips (a causal decoder trained on
+    # 9 frames fails past them: L1 0.02 on frames 1-9, ~0.4 after). Measured on the way: from
+    # random weights the posterior noise drowned the latent (hence `initial_log_var`); a rate
+    # of 1e-4 or more collapsed the decoder (L1 0.04 -> 0.7 within 5 steps, around step 130);
+    # plain L1 decoded the background alone (hence the foreground weight, VAETrainConfig).
+    vae_steps: int = 900
+    vae_lr: float = 5e-5
     vae_frames: int = 9
     vae_crop: int = 32
     vae_clip_steps: int = 150  # then: whole clips
+    vae_clip_lr: float = 2e-5
     vae_clip_crop: int = 24  # pixels: 24x24x17 costs what 32x32x9 does
+    vae_gate: float = 0.9  # the round trip must keep colour and motion this often, or the build stops
     t5_dim: int = 64
     dit_dim: int = 256
     dit_layers: int = 4
@@ -61,7 +66,7 @@ class BuildSettings:
 DIT_FILE, VAE_FILE, T5_FILE = "diffusion_pytorch_model.safetensors", "Wan2.1_VAE.safetensors", "umt5-enc.safetensors"
 PACKAGE_MODEL = Path(__file__).parent / "model"  # what `--model demo` loads
 
-QUICK = BuildSettings(size=32, frames=5, clips_per_combination=1, clips=12, vae_dim=8, vae_steps=5, vae_clip_steps=3,
+QUICK = BuildSettings(size=32, frames=5, clips_per_combination=1, clips=12, vae_dim=8, vae_steps=5, vae_clip_steps=3, vae_gate=0.0,
                       dit_dim=64, dit_layers=2,
                       dit_heads=2, dit_steps=5, batch_size=2, sample_steps=3, eval_prompts=4)
 
@@ -78,6 +83,7 @@ def build(out: Path, settings: BuildSettings, *, progress: bool = True, resume: 
     from safetensors.torch import load_file, save_file
 
     from ..tiny import portable_weights, write_tokenizer
+    from ..video import to_unit
     from ..training.vae import VAETrainConfig, train_vae
     from . import shapes
 
@@ -108,10 +114,10 @@ def build(out: Path, settings: BuildSettings, *, progress: bool = True, resume: 
     vae = WanVAE(VAEConfig(dim=s.vae_dim))
     phases = [(out / "vae", VAETrainConfig(data=out / "data", output=out / "vae", steps=s.vae_steps, batch_size=4,
                                            crop=min(s.vae_crop, s.size), frames=min(s.vae_frames, s.frames),
-                                           seed=s.seed)),
+                                           lr=s.vae_lr, initial_log_var=-10.0, seed=s.seed)),
               (out / "vae-clips", VAETrainConfig(data=out / "data", output=out / "vae-clips", steps=s.vae_clip_steps,
                                                  batch_size=4, crop=min(s.vae_clip_crop, s.size), frames=s.frames,
-                                                 lr=3e-4, warmup_steps=10, seed=s.seed + 1))]
+                                                 lr=s.vae_clip_lr, warmup_steps=10, seed=s.seed + 1))]
     for folder, config in phases:
         if resume and (folder / "vae.safetensors").is_file():
             vae.load_state_dict(load_file(str(folder / "vae.safetensors")))
@@ -119,10 +125,15 @@ def build(out: Path, settings: BuildSettings, *, progress: bool = True, resume: 
             train_vae(vae, config, progress=progress)
     from ..training.vae import load_clips, standardize_latents
 
-    clips = [torch.from_numpy(c[: s.frames]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-             for c in load_clips(out / "data", s.frames)[:24]]
-    standardize_latents(vae.eval(), clips)  # the DiT trains best on unit-variance latents
-    report["vae"] = round_trip(vae, clips[:12], out / "data")
+    every = load_clips(out / "data", s.frames, captions=True)
+    clips = [(to_unit(c[: s.frames])[None], text) for c, text in every[:: max(1, len(every) // 24)][:24]]  # all colours
+    standardize_latents(vae.eval(), [c for c, _ in clips])  # the DiT trains best on unit-variance latents
+    report["vae"] = round_trip(vae, clips[:12])
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    if report["vae"]["detector"]["agrees"] < s.vae_gate:
+        raise RuntimeError(f"the trained VAE loses the shapes: the detector reads colour and motion from "
+                           f"{report['vae']['detector']['agrees']:.0%} of round-tripped clips (needs {s.vae_gate:.0%}); "
+                           f"see {out / 'report.json'} and {out / 'vae'}/vae-log.csv")
     save_file({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, str(model / VAE_FILE))
     times["vae"] = time.perf_counter() - start
 
@@ -162,18 +173,17 @@ def build(out: Path, settings: BuildSettings, *, progress: bool = True, resume: 
 
 
 @torch.no_grad()
-def round_trip(vae, clips: list[torch.Tensor], data: Path) -> dict:
-    """Whole clips through the trained VAE: mean L1 (of [-1, 1] pixels) and how often the
-    detector still reads every attribute of the caption from the decoded clip."""
-    from ..training.data import find_items
+def round_trip(vae, clips: list[tuple[torch.Tensor, str]]) -> dict:
+    """Whole clips (`[1, 3, F, H, W]` in [-1, 1], caption) through the trained VAE: mean L1 and
+    how often the detector still reads every attribute of the caption from the decoded clip."""
+    from ..video import to_pixels
     from . import shapes
 
-    captions = [item.caption for item in find_items(data) if item.kind == "video"]
     l1, decoded = [], []
-    for clip, text in zip(clips, captions):
+    for clip, text in clips:
         video = vae.decode(vae.encode(clip))
         l1.append(float((video - clip).abs().mean()))
-        decoded.append((((video[0].permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy(), text))
+        decoded.append((to_pixels(video[0]), text))
     return {"l1": sum(l1) / len(l1), "detector": shapes.accuracy(decoded)}
 
 

@@ -27,6 +27,7 @@ import torch
 
 from .data import (FPS, FRAME_COUNTS, Bucket, DatasetReport, Item, SkippedItem, assign_buckets,
                    find_items, load_item, probe)
+from ..video import to_unit
 
 CACHE_VERSION = 1
 REPORT_FILE = "prepare-report.txt"
@@ -107,7 +108,7 @@ def prepare(dataset: str | Path, files, *, cache: str | Path | None = None, size
                     report.buckets[bucket] -= 1
                 continue
             with torch.no_grad():
-                video = torch.from_numpy(pixels).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1).to(device)
+                video = to_unit(pixels)[None].to(device)
                 tiles = dict(tile_size=512, tile_stride=448) if bucket.height * bucket.width > 512 * 512 else {}
                 latents = vae.encode(video, **tiles)[0].float().cpu().contiguous()  # [16, F', h, w]
                 embeddings, lengths = text_encoder.encode([item.caption])
