@@ -98,21 +98,43 @@ def test_crops_mark_the_pixels_away_from_the_background():
         assert mask[0, 0][red].all() and 0 < mask.mean() < 0.3
         corner = np.s_[:, :2, :2]  # background
         assert not mask[0, 0][corner].any()
+    # on_foreground: the crops land on the shape (a 16-pixel crop of 64 pixels mostly misses it)
+    clips = [render_clip(("white", "circle", "up", "gray"), seed=s, size=64, frames=5) for s in range(4)]
+    g = torch.Generator().manual_seed(0)
+    hits = [random_crops(clips, 1, 16, 5, g, on_foreground=1.0)[1][0, 0, 0].any() for _ in range(20)]
+    misses = [not random_crops(clips, 1, 16, 5, g)[1][0, 0, 0].any() for _ in range(20)]
+    assert all(hits) and any(misses)
 
 
-def test_a_fresh_vae_starts_with_a_narrow_posterior(tmp_path):
-    """initial_log_var: from random weights the sampled noise (std 1) drowned the encoder's
-    means (spread ~0.04); the recipe starts the posterior narrow, so the decoder sees the clip."""
+def test_init_for_training_lets_the_input_through(tmp_path):
+    """With PyTorch's default initialisation a small Wan VAE passes almost nothing of its input
+    (training sat at a flat output); `init_for_training` (what `from_scratch` runs) lets it
+    through and starts the posterior narrow."""
+    from wanx.training.vae import INITIAL_LOG_VAR, init_for_training
+
+    g = torch.Generator().manual_seed(1)
+    videos = torch.rand(6, 3, 5, 32, 32, generator=g) * 2 - 1
+
+    def spreads(vae):
+        with torch.no_grad():
+            mu, log_var = vae.posterior(videos)
+            out = vae.decode(vae.normalize(mu), clamp=False)
+        return mu.std(0).mean(), out.std(0).mean(), log_var.mean()
+
+    torch.manual_seed(0)
+    vae = WanVAE(VAEConfig(dim=16))
+    mu_before, out_before, log_var_before = spreads(vae)
+    init_for_training(vae)
+    mu_after, out_after, log_var_after = spreads(vae)
+    assert log_var_before.abs() < 1 and (log_var_after - INITIAL_LOG_VAR).abs() < 1
+    assert mu_after > 5 * mu_before and out_after > 5 * out_before, (mu_before, mu_after, out_before, out_after)
+    # from_scratch in the recipe applies it
     data = tmp_path / "data"
     data.mkdir()
     moving_square(5, seed=0).save(data / "c.mp4")
     (data / "metadata.csv").write_text("file_name,text\nc.mp4,a square\n", encoding="utf-8")
     torch.manual_seed(0)
-    vae = WanVAE(VAEConfig(dim=8))
-    video = torch.rand(1, 3, 5, 16, 16) * 2 - 1
-    with torch.no_grad():
-        assert vae.posterior(video)[1].mean().abs() < 1  # random init: log-variance ~0
-    train_vae(vae, VAETrainConfig(data=data, output=tmp_path / "out", steps=1, batch_size=1, crop=16, frames=5,
-                                  lr=1e-6, warmup_steps=1, initial_log_var=-10.0), progress=False)
-    with torch.no_grad():
-        assert (vae.posterior(video)[1].mean() + 10).abs() < 1
+    fresh = WanVAE(VAEConfig(dim=16))
+    train_vae(fresh, VAETrainConfig(data=data, output=tmp_path / "out", steps=1, batch_size=1, crop=16, frames=5,
+                                    lr=1e-9, warmup_steps=1, from_scratch=True), progress=False)
+    assert (spreads(fresh)[2] - INITIAL_LOG_VAR).abs() < 1

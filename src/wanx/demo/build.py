@@ -35,18 +35,11 @@ class BuildSettings:
     clips_per_combination: int = 2
     clips: int | None = None  # instead: this many clips in all (quick builds)
     vae_dim: int = 16
-    # The VAE in two phases: short clips first, then whole clips (a causal decoder trained on
-    # 9 frames fails past them: L1 0.02 on frames 1-9, ~0.4 after). Measured on the way: from
-    # random weights the posterior noise drowned the latent (hence `initial_log_var`); a rate
-    # of 1e-4 or more collapsed the decoder (L1 0.04 -> 0.7 within 5 steps, around step 130);
-    # plain L1 decoded the background alone (hence the foreground weight, VAETrainConfig).
-    vae_steps: int = 900
-    vae_lr: float = 5e-5
-    vae_frames: int = 9
-    vae_crop: int = 32
-    vae_clip_steps: int = 150  # then: whole clips
-    vae_clip_lr: float = 2e-5
-    vae_clip_crop: int = 24  # pixels: 24x24x17 costs what 32x32x9 does
+    # The VAE in three phases, each from the last: single frames (the spatial code, cheap:
+    # batch 16), 9-frame crops (the temporal code), whole 17-frame clips (a causal decoder
+    # trained on 9 frames fails past them: L1 0.02 on frames 1-9, ~0.4 after). Each:
+    # (steps, crop, frames, batch, peak rate).
+    vae_phases: tuple = ((400, 32, 1, 16, 1e-3), (400, 32, 9, 4, 3e-4), (150, 24, 17, 4, 1e-4))
     vae_gate: float = 0.9  # the round trip must keep colour and motion this often, or the build stops
     t5_dim: int = 64
     dit_dim: int = 256
@@ -66,7 +59,8 @@ class BuildSettings:
 DIT_FILE, VAE_FILE, T5_FILE = "diffusion_pytorch_model.safetensors", "Wan2.1_VAE.safetensors", "umt5-enc.safetensors"
 PACKAGE_MODEL = Path(__file__).parent / "model"  # what `--model demo` loads
 
-QUICK = BuildSettings(size=32, frames=5, clips_per_combination=1, clips=12, vae_dim=8, vae_steps=5, vae_clip_steps=3, vae_gate=0.0,
+QUICK = BuildSettings(size=32, frames=5, clips_per_combination=1, clips=12, vae_dim=8,
+                      vae_phases=((3, 16, 1, 2, 1e-3), (3, 16, 5, 2, 1e-3)), vae_gate=0.0,
                       dit_dim=64, dit_layers=2,
                       dit_heads=2, dit_steps=5, batch_size=2, sample_steps=3, eval_prompts=4)
 
@@ -112,12 +106,11 @@ def build(out: Path, settings: BuildSettings, *, progress: bool = True, resume: 
     start = time.perf_counter()
     torch.manual_seed(s.seed)
     vae = WanVAE(VAEConfig(dim=s.vae_dim))
-    phases = [(out / "vae", VAETrainConfig(data=out / "data", output=out / "vae", steps=s.vae_steps, batch_size=4,
-                                           crop=min(s.vae_crop, s.size), frames=min(s.vae_frames, s.frames),
-                                           lr=s.vae_lr, initial_log_var=-10.0, seed=s.seed)),
-              (out / "vae-clips", VAETrainConfig(data=out / "data", output=out / "vae-clips", steps=s.vae_clip_steps,
-                                                 batch_size=4, crop=min(s.vae_clip_crop, s.size), frames=s.frames,
-                                                 lr=s.vae_clip_lr, warmup_steps=10, seed=s.seed + 1))]
+    phases = [(out / f"vae-{k + 1}", VAETrainConfig(data=out / "data", output=out / f"vae-{k + 1}", steps=steps,
+                                                   batch_size=batch, crop=min(crop, s.size), frames=min(frames, s.frames),
+                                                   lr=lr, warmup_steps=min(50, steps // 4 + 1), from_scratch=k == 0,
+                                                   seed=s.seed + k))
+              for k, (steps, crop, frames, batch, lr) in enumerate(s.vae_phases)]
     for folder, config in phases:
         if resume and (folder / "vae.safetensors").is_file():
             vae.load_state_dict(load_file(str(folder / "vae.safetensors")))
@@ -133,7 +126,7 @@ def build(out: Path, settings: BuildSettings, *, progress: bool = True, resume: 
     if report["vae"]["detector"]["agrees"] < s.vae_gate:
         raise RuntimeError(f"the trained VAE loses the shapes: the detector reads colour and motion from "
                            f"{report['vae']['detector']['agrees']:.0%} of round-tripped clips (needs {s.vae_gate:.0%}); "
-                           f"see {out / 'report.json'} and {out / 'vae'}/vae-log.csv")
+                           f"see {out / 'report.json'} and the vae-*/vae-log.csv files")
     save_file({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, str(model / VAE_FILE))
     times["vae"] = time.perf_counter() - start
 
