@@ -77,8 +77,8 @@ def build(out: Path, settings: BuildSettings, *, progress: bool = True, resume: 
     from safetensors.torch import load_file, save_file
 
     from ..tiny import portable_weights, write_tokenizer
-    from ..video import to_unit
     from ..training.vae import VAETrainConfig, train_vae
+    from ..video import to_unit
     from . import shapes
 
     out = Path(out)
@@ -106,14 +106,13 @@ def build(out: Path, settings: BuildSettings, *, progress: bool = True, resume: 
     start = time.perf_counter()
     torch.manual_seed(s.seed)
     vae = WanVAE(VAEConfig(dim=s.vae_dim))
-    phases = [(out / f"vae-{k + 1}", VAETrainConfig(data=out / "data", output=out / f"vae-{k + 1}", steps=steps,
-                                                   batch_size=batch, crop=min(crop, s.size), frames=min(frames, s.frames),
-                                                   lr=lr, warmup_steps=min(50, steps // 4 + 1), from_scratch=k == 0,
-                                                   seed=s.seed + k))
+    phases = [VAETrainConfig(data=out / "data", output=out / f"vae-{k + 1}", steps=steps, batch_size=batch,
+                             crop=min(crop, s.size), frames=min(frames, s.frames), lr=lr,
+                             warmup_steps=min(50, steps // 4 + 1), from_scratch=k == 0, seed=s.seed + k)
               for k, (steps, crop, frames, batch, lr) in enumerate(s.vae_phases)]
-    for folder, config in phases:
-        if resume and (folder / "vae.safetensors").is_file():
-            vae.load_state_dict(load_file(str(folder / "vae.safetensors")))
+    for config in phases:
+        if resume and (config.output / "vae.safetensors").is_file():
+            vae.load_state_dict(load_file(str(config.output / "vae.safetensors")))
         else:
             train_vae(vae, config, progress=progress)
     from ..training.vae import load_clips, standardize_latents
