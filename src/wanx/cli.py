@@ -359,7 +359,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--offload-activations needs --gradient-checkpointing (it moves what checkpointing keeps)")
     if args.full and args.fp8:
         raise ValueError("--full trains every weight: drop --fp8 (FP8 weights are frozen)")
-    config = TrainConfig(data=Path(args.data), output=Path(args.output), full=args.full, lora_rank=args.lora_rank,
+    if args.from_scratch and not args.full:
+        raise ValueError("--from-scratch trains a whole new DiT: add --full")
+    config = TrainConfig(data=Path(args.data), output=Path(args.output), full=args.full,
+                         from_scratch=args.from_scratch, lora_rank=args.lora_rank,
                          lora_alpha=args.lora_alpha, targets=targets, lr=args.lr, lr_scheduler=args.lr_scheduler,
                          warmup_steps=args.warmup_steps, steps=args.steps, epochs=args.epochs,
                          batch_size=args.batch_size, grad_accum=args.grad_accum, repeats=args.repeats,
@@ -642,6 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--model", help="model folder, model id, or tiny")
     tr.add_argument("--output", help="folder for the LoRA, the log and the checkpoints")
     tr.add_argument("--full", action="store_true", help="train every DiT weight instead of a LoRA")
+    tr.add_argument("--from-scratch", action="store_true",
+                    help="with --full: start from Wan's random initialisation (the model folder gives the "
+                         "architecture; its DiT weights are not used)")
     tr.add_argument("--lora-rank", type=int, default=32)
     tr.add_argument("--lora-alpha", type=float, help="default: the rank (scale 1)")
     tr.add_argument("--targets", default="q,k,v,o,ffn.0,ffn.2", help="block Linear layers to adapt (default q,k,v,o,ffn.0,ffn.2)")

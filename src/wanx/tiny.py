@@ -255,8 +255,8 @@ def tokenizer_vocabulary(size: int, corpus: Sequence[str] | None = None) -> list
     (default the tiny sets' `_CORPUS`; the demo model passes its captions).
 
     <pad>=0, </s>=1, <unk>=2; then "▁" and every character of the (NFKC-normalised) corpus,
-    alone and "▁"-prefixed, so any text made of them can be tokenised; then every whole word
-    ("▁"-prefixed); then, while there is room, the other substrings of the words ranked by
+    alone and "▁"-prefixed, so any text made of them can be tokenised; then every whole word,
+    "▁"-prefixed and bare (for unspaced text); then, while there is room, the other substrings of the words ranked by
     occurrences x (length - 1), ties by the piece itself. Scores follow a fixed rule: -10 per
     piece (the fewest pieces win) plus occurrences / 1024 as the tie-break, all exactly
     representable, so the JSON is the same everywhere.
@@ -269,7 +269,9 @@ def tokenizer_vocabulary(size: int, corpus: Sequence[str] | None = None) -> list
             for j in range(i + 1, len(text) + 1):
                 counts[text[i:j]] = counts.get(text[i:j], 0) + 1
     chars = sorted({c for word in words for c in word})
-    pieces = dict.fromkeys(["▁", *chars, *("▁" + c for c in chars), *sorted("▁" + w for w in words)])
+    # Whole words also without "▁": unspaced text (Chinese) has its words inside one metaspace piece.
+    whole = sorted(set(words))
+    pieces = dict.fromkeys(["▁", *chars, *("▁" + c for c in chars), *("▁" + w for w in whole), *whole])
     rest = sorted((p for p in counts if p not in pieces), key=lambda p: (-counts[p] * (len(p) - 1), p))
     pieces = [*pieces, *rest][: size - 3]
     return [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p, -10.0 + counts.get(p, 0) / 1024) for p in pieces]

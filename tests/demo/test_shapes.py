@@ -108,3 +108,22 @@ def test_detector_on_nothing_and_score_reports_each_attribute():
     assert score(clip, "灰色背景上一个蓝色的圆形向上移动") == {
         "color": True, "shape": False, "motion": False, "background": False}
     assert score(clip[:1].repeat(17, axis=0), caption(Attrs("blue", "square", "down", "black")))["motion"] is False
+
+
+def test_demo_tokenizer_splits_chinese_into_the_words_training_shares(tmp_path):
+    """Chinese captions have no spaces: a vocabulary learnt from them as written made each whole
+    caption one token, so a held-out Chinese prompt shared nothing with training."""
+    from tokenizers import Tokenizer
+
+    from wanx.demo.shapes import LANGUAGES, tokenizer_corpus
+    from wanx.tiny import write_tokenizer
+
+    write_tokenizer(tmp_path, vocab=512, corpus=tokenizer_corpus())
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    pieces = lambda attrs, lang: [t for t in tok.encode(caption(attrs, lang)).tokens if t not in ("<pad>", "</s>")]  # noqa: E731
+    assert pieces(Attrs("red", "circle", "left", "black"), "zh") == \
+        ["▁黑色", "背景", "上", "一个", "红色", "的", "圆形", "向左", "移动"]
+    seen = {p for attrs in training_combinations() for lang in LANGUAGES for p in pieces(attrs, lang)}
+    for attrs in HELD_OUT:
+        for lang in LANGUAGES:
+            assert len(pieces(attrs, lang)) == 9 and set(pieces(attrs, lang)) <= seen, (attrs, lang)

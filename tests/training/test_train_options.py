@@ -202,6 +202,46 @@ def test_full_fine_tuning(prepared, tmp_path, capsys):
     assert "--fp8" in err
 
 
+def test_init_weights_is_wans_from_scratch_start():
+    from wanx.configs import DiTConfig
+    from wanx.models.transformer import WanDiT
+
+    cfg = DiTConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=16, text_len=8)
+    a, b = WanDiT(cfg), WanDiT(cfg)  # two different default inits
+    recipe.init_weights(a, torch.Generator().manual_seed(3))
+    with torch.no_grad():  # as if b were loaded from a trained checkpoint
+        b.blocks[0].norm3.weight.fill_(3.0)
+        b.blocks[0].self_attn.norm_q.weight.fill_(3.0)
+    recipe.init_weights(b, torch.Generator().manual_seed(3))
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name  # nothing loaded leaks into the start, norms included
+    assert not a.head.head.weight.any() and not a.blocks[0].self_attn.q.bias.any()
+    bound = math.sqrt(6 / (32 + 32))  # Xavier-uniform q: fan_in = fan_out = dim
+    q = a.blocks[0].self_attn.q.weight
+    assert q.abs().max() <= bound and q.abs().max() > 0.9 * bound
+    assert abs(float(a.text_embedding[0].weight.detach().std()) - 0.02) < 0.004
+    # a zero output layer: the untrained model predicts zero velocity, so the first loss is E|eps - x0|^2
+    x = torch.randn(1, 16, 2, 4, 4)
+    assert not a(x, torch.tensor([500.0]), torch.randn(1, 8, 16)).any()
+    flf2v = WanDiT(DiTConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=1, text_dim=16, text_len=8, in_dim=36,
+                             model_type="flf2v", image_dim=24))
+    recipe.init_weights(flf2v, torch.Generator())  # a rule for every parameter of every variant
+    assert not flf2v.img_emb.emb_pos.any()
+
+
+def test_from_scratch_ignores_the_loaded_weights(prepared, tmp_path, capsys):
+    train(prepared, tmp_path / "a", "--full", "--from-scratch", "--steps", "1", "--lr", "1e-12")
+    first = log(tmp_path / "a")[0]
+    train(prepared, tmp_path / "b", "--full", "--steps", "1", "--lr", "1e-12")
+    trained, base = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert trained["head.head.weight"].abs().max() < 1e-9 < base["head.head.weight"].abs().max()  # one step of 1e-12
+    # predicting zero: the loss is the mean squared velocity target, near 2 for unit latents and noise
+    assert first != log(tmp_path / "b")[0]
+    err = error_of(capsys, ["train", "--data", str(prepared), "--model", "tiny", "--output", str(tmp_path / "c"),
+                            "--from-scratch", "--quiet"])
+    assert "--full" in err
+
+
 # -- 5. gaussian weighting ------------------------------------------------------------------
 
 

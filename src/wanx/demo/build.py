@@ -96,8 +96,7 @@ def build(out: Path, settings: BuildSettings, *, progress: bool = True, resume: 
     times["dataset"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    corpus = [shapes.caption(a, lang) for a in shapes.all_combinations() for lang in shapes.LANGUAGES]
-    write_tokenizer(model / "google" / "umt5-xxl", vocab=512, corpus=corpus)  # every piece of every caption
+    write_tokenizer(model / "google" / "umt5-xxl", vocab=512, corpus=shapes.tokenizer_corpus())
     t5 = UMT5Encoder(T5Config(vocab=512, dim=s.t5_dim, dim_attn=s.t5_dim, dim_ffn=2 * s.t5_dim,
                               num_heads=4, num_layers=2))
     save_file(portable_weights(t5, f"{s.seed}/t5"), str(model / T5_FILE))
@@ -150,7 +149,7 @@ def build(out: Path, settings: BuildSettings, *, progress: bool = True, resume: 
 
     start = time.perf_counter()
     if wanx(["train", "--data", str(out / "data"), "--model", str(model), "--output", str(out / "run"), "--full",
-             "--steps", str(s.dit_steps), "--batch-size", str(s.batch_size), "--lr", str(s.lr), "--seed", str(s.seed),
+             "--from-scratch", "--steps", str(s.dit_steps), "--batch-size", str(s.batch_size), "--lr", str(s.lr), "--seed", str(s.seed),
              "--shift", str(s.shift),
              "--caption-dropout", "0.1", "--lr-scheduler", "cosine", "--warmup-steps", str(min(200, s.dit_steps // 10)), "--save-every",
              str(max(1, s.dit_steps // 4)), *quiet, *again]) != 0:

@@ -103,15 +103,30 @@ def _check(attrs: Attrs) -> Attrs:
 # ----------------------------------------------------------------------------- captions
 
 
-def caption(attrs: Attrs | Sequence[str], lang: str = "en") -> str:
-    """The caption of a combination, in English ("en") or Chinese ("zh")."""
+def words(attrs: Attrs | Sequence[str], lang: str = "en") -> list[str]:
+    """The caption of a combination as its words, in English ("en") or Chinese ("zh")."""
     color, shape, motion, background = _check(attrs)
     if lang == "en":
-        return f"a {color} {shape} moving {motion} on a {background} background"
+        return ["a", color, shape, "moving", motion, "on", "a", background, "background"]
     if lang == "zh":
-        return (f"{ZH_BACKGROUNDS[background]}背景上一个{ZH_COLORS[color]}的"
-                f"{ZH_SHAPES[shape]}{ZH_MOTIONS[motion]}")
+        turn = ZH_MOTIONS[motion]
+        return [ZH_BACKGROUNDS[background], "背景", "上", "一个", ZH_COLORS[color], "的", ZH_SHAPES[shape],
+                turn[:2], turn[2:]]
     raise ValueError(f"unknown caption language {lang!r}; choose one of {', '.join(LANGUAGES)}")
+
+
+def caption(attrs: Attrs | Sequence[str], lang: str = "en") -> str:
+    """The caption of a combination: "a red circle moving left on a black background", or
+    "黑色背景上一个红色的圆形向左移动" (Chinese is written without spaces)."""
+    return (" " if lang == "en" else "").join(words(attrs, lang))
+
+
+def tokenizer_corpus() -> list[str]:
+    """Every caption with its words apart, Chinese included, for building the demo tokenizer.
+    Chinese captions have no spaces, so a vocabulary learnt from them as written holds each
+    whole caption as one piece: a held-out caption then shares no token with training, and
+    nothing can compose. From the words, "红色" or "向左" is one piece in every caption."""
+    return [" ".join(words(a, lang)) for a in all_combinations() for lang in LANGUAGES]
 
 
 def _one(found: set[str], name: str, text: str) -> str:

@@ -42,6 +42,7 @@ class TrainConfig:
     data: Path  # the dataset folder (its .wanx-cache) or a cache folder
     output: Path
     full: bool = False  # train every DiT weight instead of a LoRA
+    from_scratch: bool = False  # with full: start from Wan's random initialisation, not the loaded weights
     lora_rank: int = 32
     lora_alpha: float | None = None  # default: the rank (scale 1)
     targets: tuple[str, ...] = TARGETS
@@ -219,6 +220,8 @@ class Trainable:
         if config.full:
             if any(isinstance(m, FP8Linear) for m in dit.modules()):
                 raise ValueError("--full trains every weight: load the DiT in bf16/fp32, not --fp8")
+            if config.from_scratch:
+                init_weights(dit, torch.Generator().manual_seed(config.seed))
             dit.requires_grad_(True)
             self.adapters = {}
             self.params = list(dit.parameters())
@@ -245,6 +248,58 @@ class Trainable:
     @property
     def file_name(self) -> str:
         return "model.safetensors" if self.config.full else "lora.safetensors"
+
+
+@torch.no_grad()
+def init_weights(dit: nn.Module, generator: torch.Generator) -> None:
+    """Wan's start for training a DiT from nothing, every parameter drawn from `generator`
+    (none kept from what was loaded): Xavier-uniform Linear weights and patch embedding, zero
+    Linear biases, N(0, 0.02) text and time embeddings, a zero output layer (the untrained model
+    predicts zero velocity instead of large random vectors), norms at 1 and 0, modulation
+    N(0, 1/dim), and the patch embedding's bias as PyTorch draws a convolution's."""
+    def uniform(tensor: Tensor, bound: float) -> None:
+        tensor.copy_(torch.rand(tensor.shape, generator=generator) * (2 * bound) - bound)
+
+    def xavier(weight: Tensor) -> None:
+        fan_out, fan_in = weight.shape[0], weight[0].numel()
+        uniform(weight, math.sqrt(6 / (fan_in + fan_out)))
+
+    small = {id(m) for e in (dit.text_embedding, dit.time_embedding) for m in e.modules()}
+    done = set()
+    for module in dit.modules():
+        if isinstance(module, nn.Linear):
+            if id(module) in small:
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.02)
+            else:
+                xavier(module.weight)
+        elif isinstance(module, nn.Conv3d):
+            xavier(module.weight)
+            if module.bias is not None:
+                uniform(module.bias, 1 / math.sqrt(module.weight[0].numel()))
+                done.add(id(module.bias))
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or "Norm" in type(module).__name__:
+            for name, param in module.named_parameters(recurse=False):
+                param.fill_(1.0 if name == "weight" else 0.0)
+                done.add(id(param))
+            continue
+        else:
+            for name, param in module.named_parameters(recurse=False):
+                if name == "modulation":
+                    param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(param.shape[-1]))
+                elif name == "emb_pos":
+                    param.zero_()
+                else:
+                    raise ValueError(f"init_weights: no rule for {type(module).__name__}.{name}")
+                done.add(id(param))
+            continue
+        done.add(id(module.weight))
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.zero_()
+            done.add(id(module.bias))
+    dit.head.head.weight.zero_()
+    missed = [name for name, param in dit.named_parameters() if id(param) not in done]
+    if missed:
+        raise ValueError(f"init_weights: no rule for {', '.join(missed)}")
 
 
 def checkpointed(block: nn.Module, *inputs):
