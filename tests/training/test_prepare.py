@@ -91,3 +91,34 @@ def test_prepare_buckets_and_errors(dataset, capsys):
     assert "--frames 10 must be 4k+1" in capsys.readouterr().err
     assert main(["prepare", str(dataset / "nope"), "--model", "tiny"]) == 2
     assert "wanx: error: " in capsys.readouterr().err
+
+
+def test_other_weights_of_the_same_size_or_another_tokenizer_are_encoded_again(dataset, capsys, tmp_path):
+    """A retrained VAE has the same file size as the one the cache was made with, and a new
+    tokenizer changes the text embeddings of the same umT5: both must encode again."""
+    import shutil
+
+    import torch
+
+    from wanx.hub import find_components
+    from wanx.tiny import tiny_model_dir
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("tiny"), model)
+    files = find_components(model)
+
+    def prepare():
+        assert main(["prepare", str(dataset), "--model", str(model), "--size", "64x48", "--frames", "9", "--quiet"]) == 0
+        return capsys.readouterr().out.strip()
+
+    assert prepare().startswith("2 encoded")
+    assert prepare().startswith("0 encoded, 2 already cached")
+    vae = torch.load(files.vae, weights_only=True)  # the official layout: Wan2.1_VAE.pth
+    size = files.vae.stat().st_size
+    torch.save({k: v + 0.01 if k == max(vae, key=lambda n: vae[n].numel()) else v for k, v in vae.items()},
+               files.vae)
+    assert files.vae.stat().st_size == size
+    assert prepare().startswith("2 encoded")
+    tokenizer = files.tokenizer / "tokenizer.json" if files.tokenizer.is_dir() else files.tokenizer
+    tokenizer.write_text(tokenizer.read_text(encoding="utf-8") + " ", encoding="utf-8")  # same JSON, other bytes
+    assert prepare().startswith("2 encoded")
