@@ -132,3 +132,22 @@ def test_decode_reports_progress(vae):
         vae.decode(torch.randn(1, 16, 3, 8, 8), tile_size=32, tile_stride=16, chunk_latents=2,
                    callback=lambda done, total: calls.append((done, total)))
     assert calls[-1] == (len(calls), len(calls)) == (2 * 9, 18)  # 2 causal steps x 3x3 tiles
+
+
+def test_causal_conv_on_cpu_takes_onednn_with_the_plain_result():
+    """A small clip falls under PyTorch's size rule for oneDNN and got the naive conv3d (10x
+    slower VAE on CPU); CausalConv3d calls oneDNN itself: the values and gradients of the plain
+    F.conv3d on the time-padded input, to float rounding."""
+    from wanx.models.vae import CausalConv3d
+
+    gen = torch.Generator().manual_seed(5)
+    conv = CausalConv3d(16, 8, 3, padding=1)
+    x = torch.randn(1, 16, 4, 24, 24, generator=gen, requires_grad=True)
+    out = conv(x)
+    padded = F.pad(x, (0, 0, 0, 0, 2, 0))  # two zero frames in front: the start of a clip
+    ref = F.conv3d(padded, conv.weight, conv.bias, padding=(0, 1, 1))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), [x, conv.weight])
+    refs = torch.autograd.grad(ref.square().sum(), [x, conv.weight])
+    for g, r in zip(grads, refs):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
