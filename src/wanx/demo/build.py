@@ -32,23 +32,23 @@ import torch
 class BuildSettings:
     size: int = 96
     frames: int = 17
-    clips_per_combination: int = 2
+    clips_per_combination: int = 4
     clips: int | None = None  # instead: this many clips in all (quick builds)
     vae_dim: int = 16
     # The VAE in three phases, each from the last: single frames (the spatial code, cheap:
     # batch 16), 9-frame crops (the temporal code), whole 17-frame clips (a causal decoder
     # trained on 9 frames fails past them: L1 0.02 on frames 1-9, ~0.4 after). Each:
     # (steps, crop, frames, batch, peak rate).
-    vae_phases: tuple = ((400, 32, 1, 16, 1e-3), (400, 32, 9, 4, 3e-4), (150, 24, 17, 4, 1e-4))
+    vae_phases: tuple = ((400, 32, 1, 16, 1e-3), (400, 32, 9, 4, 3e-4), (300, 24, 17, 4, 1e-4))
     vae_gate: float = 0.9  # the round trip must keep colour and motion this often, or the build stops
     t5_dim: int = 64
     dit_dim: int = 256
     dit_layers: int = 4
     dit_heads: int = 4
     text_len: int = 32  # captions are under 32 tokens; 512 would double the cost of a training step
-    dit_steps: int = 2500
+    dit_steps: int = 5000
     batch_size: int = 8
-    lr: float = 3e-4
+    lr: float = 1e-3
     shift: float = 3.0  # 180 latent tokens: less shift than 480P's 5, the same in training and sampling
     sample_steps: int = 20
     guidance: float = 4.0
