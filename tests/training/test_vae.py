@@ -138,3 +138,28 @@ def test_init_for_training_lets_the_input_through(tmp_path):
     train_vae(fresh, VAETrainConfig(data=data, output=tmp_path / "out", steps=1, batch_size=1, crop=16, frames=5,
                                     lr=1e-9, warmup_steps=1, from_scratch=True), progress=False)
     assert (spreads(fresh)[2] - INITIAL_LOG_VAR).abs() < 1
+
+
+def test_still_weight_keeps_a_still_clips_latent_frames_alike(tmp_path):
+    """`still_drift` is the mean square move of a still clip's latent frames from its first;
+    training with `still_weight` lowers it where reconstruction alone leaves it free."""
+    from wanx.training.vae import still_drift
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = ["file_name,text"]
+    for i, color in enumerate([(255, 64, 32), (32, 200, 64)]):
+        moving_square(9, color=color, seed=i).save(data / f"c{i}.mp4")
+        rows.append(f"c{i}.mp4,square {i}")
+    (data / "metadata.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    still = torch.full((1, 3, 5, 16, 16), -0.5)
+    drifts = {}
+    for weight in (0.0, 10.0):
+        torch.manual_seed(0)
+        vae = WanVAE(VAEConfig(dim=8))
+        train_vae(vae, VAETrainConfig(data=data, output=tmp_path / f"w{weight}", steps=15, batch_size=2, crop=16,
+                                      frames=5, lr=3e-3, warmup_steps=5, from_scratch=True, still_weight=weight),
+                  progress=False)
+        with torch.no_grad():
+            drifts[weight] = float(still_drift(vae, still))
+    assert drifts[10.0] < 0.5 * drifts[0.0], drifts

@@ -47,6 +47,7 @@ class VAETrainConfig:
     # This share of the crops is centred on the foreground: a random 32-pixel crop of a 96-pixel
     # frame missed a 20-pixel shape about two times in three.
     on_foreground: float = 0.5
+    still_weight: float = 0.0  # weight of `still_drift`: a still clip's latent frames stay alike
     seed: int = 0
 
 
@@ -124,10 +125,10 @@ def random_crops(clips: list[np.ndarray], count: int, crop: int, frames: int, ge
 
 
 def vae_loss(vae: nn.Module, video: Tensor, kl_weight: float, generator: torch.Generator,
-             weight: Tensor | None = None) -> tuple[Tensor, float, float]:
+             weight: Tensor | None = None, still_weight: float = 0.0) -> tuple[Tensor, float, float]:
     """(loss, L1, KL) of one batch: reconstruction through a posterior sample. `weight`
     (broadcast to the video) makes the reconstruction term a weighted mean; the L1 reported
-    is the plain mean."""
+    is the plain mean. `still_weight`: see `still_drift`."""
     mu, log_var = vae.posterior(video)
     log_var = log_var.clamp(-30, 20)
     noise = torch.randn(mu.shape, generator=generator).to(mu.device)
@@ -146,7 +147,21 @@ def vae_loss(vae: nn.Module, video: Tensor, kl_weight: float, generator: torch.G
     else:
         reconstruction = l1
     kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).mean()
-    return reconstruction + kl_weight * kl, float(l1.detach()), float(kl.detach())
+    loss = reconstruction + kl_weight * kl
+    if still_weight and video.shape[2] > 1:
+        loss = loss + still_weight * still_drift(vae, video[:, :, :1].expand_as(video), mu.detach().var())
+    return loss, float(l1.detach()), float(kl.detach())
+
+
+def still_drift(vae: nn.Module, still: Tensor, scale: Tensor | float = 1.0) -> Tensor:
+    """How far the latent frames of a still clip move away from its first latent frame (mean
+    square, over `scale`). Reconstruction alone leaves it free: a VAE trained on the demo's
+    clips coded a plain black clip with latent frames 0.6 apart in turn (unit-variance units)
+    and rims growing with time. The DiT has no absolute positions (RoPE only), so latents that
+    depend on the frame index itself are what it draws worst: garbled first frames, drifting
+    backgrounds, and motion set by the noise instead of the prompt."""
+    mu, _ = vae.posterior(still)
+    return (mu[:, :, 1:] - mu[:, :, :1]).pow(2).mean() / scale
 
 
 def train_vae(vae: nn.Module, config: VAETrainConfig, *, progress: bool = True) -> Path:
@@ -186,13 +201,14 @@ def train_vae(vae: nn.Module, config: VAETrainConfig, *, progress: bool = True) 
             batch, foreground = random_crops(clips, config.batch_size, config.crop, config.frames, generator,
                                              config.on_foreground)
             weight = 1 + config.foreground_weight * foreground
-            loss, l1, kl = vae_loss(vae, batch.to(device), config.kl_weight, generator, weight.to(device))
+            loss, l1, kl = vae_loss(vae, batch.to(device), config.kl_weight, generator, weight.to(device),
+                                   config.still_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), config.max_grad_norm)
             optimizer.step()
             schedule.step()
-            writer.writerow([step, f"{float(loss):.6f}", f"{l1:.6f}", f"{kl:.6f}", f"{time.perf_counter() - start:.3f}"])
+            writer.writerow([step, f"{float(loss.detach()):.6f}", f"{l1:.6f}", f"{kl:.6f}", f"{time.perf_counter() - start:.3f}"])
             if step % 50 == 0:
                 fh.flush()  # the log can be watched while it trains
             bar.set_postfix(l1=f"{l1:.4f}")
