@@ -59,11 +59,12 @@ def _threshold(text: str) -> float | str:
 
 def _size(text: str) -> tuple[int, int]:
     """'832x480' (width x height; '*' as in the official CLI works too) -> (width, height)."""
+    from .request import parse_size
+
     try:
-        w, h = (int(v) for v in str(text).lower().replace("*", "x").split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 832x480; got {text!r}") from None
-    return w, h
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 # How the CLI spells each WanPipeline argument, so that errors name the flag to change.
@@ -71,8 +72,8 @@ FLAGS = {"prompt": "--prompt (or --prompts FILE)", "negative_prompt": "--negativ
          "last_image": "--last-image", "video": "--video", "strength": "--strength", "height": "--size height",
          "width": "--size width", "num_frames": "--frames", "num_inference_steps": "--steps",
          "guidance_scale": "--guidance", "shift": "--shift", "sampler": "--sampler", "seed": "--seed"}
-_JOB_KEYS = {"prompt", "negative_prompt", "seed", "image", "last_image", "video", "strength", "size", "frames", "steps",
-             "guidance", "shift", "sampler", "output"}
+_JOB_KEYS = ("prompt", "negative_prompt", "seed", "image", "last_image", "video", "strength", "size", "frames", "steps",
+             "guidance", "shift", "sampler", "output")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
 QUALITY_RANGE = (0, 51)  # libx264 CRF
 
 
@@ -80,6 +81,8 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
     """One job from the flags, or one per line of --prompts (plain text, or JSON objects
     whose keys override the flags). Each job's `where` says where it came from, for errors."""
     import json
+
+    from .request import parse_job
 
     base = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, image=args.image,
                 last_image=args.last_image, video=args.video, strength=args.strength, size=args.size,
@@ -109,15 +112,7 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
                 raise ValueError(f"{where}not valid JSON ({err.msg})") from None
             if not isinstance(job, dict):
                 raise ValueError(f"{where}a JSON line must be an object such as {{\"prompt\": \"...\"}}")
-            unknown = set(job) - _JOB_KEYS
-            if unknown:
-                raise ValueError(f"{where}unknown key(s) {', '.join(sorted(unknown))}; "
-                                 f"known: {', '.join(sorted(_JOB_KEYS))}")
-            if "size" in job:
-                try:
-                    job["size"] = _size(job["size"])
-                except argparse.ArgumentTypeError as err:
-                    raise ValueError(f"{where}{err}") from None
+            job = parse_job(job, where=where)  # the server reads its request bodies with the same rules
         else:
             job = {"prompt": line}
         jobs.append({**base, **job, "output": job.get("output"), "where": where})
@@ -204,12 +199,9 @@ def _check_loras(specs: list[tuple[str, float]], files) -> list:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import random
-
     from .hub import find_components, resolve_model
-    from .memory.estimate import check_fits, weight_bytes
-    from .memory.placement import device_weight_bytes
-    from .pipeline import MAX_SEED, WanPipeline, plan_request
+    from .pipeline import WanPipeline
+    from .request import check_job, fix_seed, request_weights
     from .runtime import Runtime
 
     if args.gpus < 1:
@@ -227,10 +219,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--quality must be in [{QUALITY_RANGE[0]}, {QUALITY_RANGE[1]}] (H.264 CRF; lower is better, "
                          "18 ~ visually lossless)")
     for job in jobs:  # fix the seeds now, so output names and metadata agree
-        if job["seed"] is None:
-            job["seed"] = random.randint(0, 2**31 - 1)
-        elif not isinstance(job["seed"], int) or not 0 <= job["seed"] <= MAX_SEED:
-            raise ValueError(f"{job['where']}--seed must be a whole number between 0 and {MAX_SEED}, got {job['seed']}")
+        fix_seed(job, "--seed")
     # Everything is checked before any weight is loaded: device, model folder, inputs, memory, outputs.
     world = None
     if world_size > 1:  # one rank of several: its own GPU, the same seeds everywhere, rank 0 writes
@@ -259,23 +248,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from .distributed import check_plan
 
         check_plan(world.size, files.dit_config.num_heads, args.sp, args.cfg_parallel)
-    per_network = weight_bytes(files.parameter_counts(), runtime.dtype, runtime.vae_dtype, fp8=bool(runtime.quantize))
-    if args.fsdp and world is not None:  # each GPU holds its shard of the DiT and umT5
-        per_network = {k: v // world.size if k in ("dit", "t5") else v for k, v in per_network.items()}
-    weights = device_weight_bytes(runtime.offload, runtime.device, per_network)
+    # each GPU holds its shard of the DiT and umT5 with --fsdp
+    weights = request_weights(files, runtime, fsdp_ranks=world.size if args.fsdp and world is not None else 1)
     loras = _check_loras(args.lora or [], files)
     requests = []
     for job in jobs:
-        width, height = job["size"] or (None, None)
-        request = dict(image=job["image"], last_image=job["last_image"], video=job["video"], strength=job["strength"],
-                       height=height, width=width, num_frames=job["frames"], num_inference_steps=job["steps"],
-                       guidance_scale=job["guidance"], shift=job["shift"], sampler=job["sampler"], seed=job["seed"])
         try:
-            plan = plan_request(files.model_type, job["prompt"], job["negative_prompt"], names=FLAGS,
-                                model_defaults=files.defaults, **request)
-            # batch 1: guidance runs as two passes when one batch of two does not fit
-            check_fits(files.dit_config, plan.height, plan.width, plan.num_frames, device=runtime.device,
-                       dtype=runtime.dtype, vae_dtype=runtime.vae_dtype, weights=weights, batch=1)
+            _, request = check_job(job, files, runtime=runtime, weights=weights, names=FLAGS)
         except ValueError as err:
             raise ValueError(f"{job['where']}{err}") from None
         requests.append(request)
