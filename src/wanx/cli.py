@@ -300,6 +300,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.app import serve  # FastAPI, Gradio and torch load only here
+
+    if args.token is None:
+        args.token = os.environ.get("WANX_TOKEN") or None
+    return serve(args)
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .hub import find_components, resolve_model
     from .runtime import Runtime
@@ -507,6 +515,37 @@ def _runtime_flags(parser: argparse.ArgumentParser, dtype_help: str) -> None:
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress output")
 
 
+def _memory_speed_flags(parser: argparse.ArgumentParser) -> None:
+    """--offload, --vram-budget, --fp8, --t5-device, --teacache, --magcache, --compile,
+    --attention: how a loaded model runs (generate and serve)."""
+    mem = parser.add_argument_group("memory", "fit the GPU you have (default: everything resident when it fits, "
+                                              "else DiT blocks streamed with an automatic budget)")
+    mem.add_argument("--offload", default="auto", choices=["auto", "none", "model", "blocks"],
+                     help="none: all resident; model: each network on the GPU only for its phase; blocks: DiT "
+                          "blocks streamed from pinned host memory under --vram-budget")
+    mem.add_argument("--vram-budget", metavar="BYTES", help="DiT weights kept on the GPU with --offload blocks: "
+                                                             "e.g. 6GB, 512MB, 0, or auto (free memory less the "
+                                                             "request's work); implies --offload blocks")
+    mem.add_argument("--fp8", action="store_true", help="DiT block weights in FP8 (e4m3, per-channel scales): half "
+                                                        "the memory of bf16, small quality cost")
+    mem.add_argument("--t5-device", metavar="DEVICE", help="run the umT5 text encoder here, e.g. cpu (the official "
+                                                           "--t5_cpu): frees ~11 GB of GPU memory")
+    fast = parser.add_argument_group("speed", "opt-in: each option's measured speed-up and fidelity cost is in the README")
+    fast.add_argument("--teacache", metavar="THRESHOLD", type=_threshold, nargs="?", const="auto",
+                      help="TeaCache step caching; higher skips more (published: 0.1 T2V-1.3B, 0.2 T2V-14B, 0.3 "
+                           "I2V); no value: the model's published one; 0: nothing skipped")
+    fast.add_argument("--magcache", metavar="THRESHOLD", type=_threshold, nargs="?", const="auto",
+                      help="MagCache step caching (published: 0.12 T2V-1.3B, 0.24 14B); no value: the model's own")
+    fast.add_argument("--cache-calibration", metavar="FILE",
+                      help="the model's own cache calibration (`wanx calibrate-cache`; found automatically in the "
+                           "model folder)")
+    fast.add_argument("--compile", action="store_true", help="compile the DiT block once with torch.compile "
+                                                              "(warm-up on the first step, faster after)")
+    fast.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash2", "flash3", "sage"],
+                      help="attention kernel (auto: FlashAttention 3 > 2 > SDPA, as installed; sage is 8-bit, "
+                           "only on request)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -550,32 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "folder (a generated name inside). With --prompts: the folder for the "
                                             "videos (default outputs/); a job's relative \"output\" is inside it")
     gen.add_argument("--quality", type=int, default=18, help="H.264 CRF 0..51, lower is better (default 18)")
-    mem = gen.add_argument_group("memory", "fit the GPU you have (default: everything resident when it fits, "
-                                           "else DiT blocks streamed with an automatic budget)")
-    mem.add_argument("--offload", default="auto", choices=["auto", "none", "model", "blocks"],
-                     help="none: all resident; model: each network on the GPU only for its phase; blocks: DiT "
-                          "blocks streamed from pinned host memory under --vram-budget")
-    mem.add_argument("--vram-budget", metavar="BYTES", help="DiT weights kept on the GPU with --offload blocks: "
-                                                             "e.g. 6GB, 512MB, 0, or auto (free memory less the "
-                                                             "request's work); implies --offload blocks")
-    mem.add_argument("--fp8", action="store_true", help="DiT block weights in FP8 (e4m3, per-channel scales): half "
-                                                        "the memory of bf16, small quality cost")
-    mem.add_argument("--t5-device", metavar="DEVICE", help="run the umT5 text encoder here, e.g. cpu (the official "
-                                                           "--t5_cpu): frees ~11 GB of GPU memory")
-    fast = gen.add_argument_group("speed", "opt-in: each option's measured speed-up and fidelity cost is in the README")
-    fast.add_argument("--teacache", metavar="THRESHOLD", type=_threshold, nargs="?", const="auto",
-                      help="TeaCache step caching; higher skips more (published: 0.1 T2V-1.3B, 0.2 T2V-14B, 0.3 "
-                           "I2V); no value: the model's published one; 0: nothing skipped")
-    fast.add_argument("--magcache", metavar="THRESHOLD", type=_threshold, nargs="?", const="auto",
-                      help="MagCache step caching (published: 0.12 T2V-1.3B, 0.24 14B); no value: the model's own")
-    fast.add_argument("--cache-calibration", metavar="FILE",
-                      help="the model's own cache calibration (`wanx calibrate-cache`; found automatically in the "
-                           "model folder)")
-    fast.add_argument("--compile", action="store_true", help="compile the DiT block once with torch.compile "
-                                                              "(warm-up on the first step, faster after)")
-    fast.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash2", "flash3", "sage"],
-                      help="attention kernel (auto: FlashAttention 3 > 2 > SDPA, as installed; sage is 8-bit, "
-                           "only on request)")
+    _memory_speed_flags(gen)
     par = gen.add_argument_group("several GPUs", "split one generation across ranks (torch.distributed: NCCL on "
                                                  "GPUs, gloo on CPU); also under torchrun [--nnodes ...] -m wanx")
     par.add_argument("--gpus", type=int, default=1, help="start N local ranks (one per GPU; with --device cpu, N "
@@ -593,6 +607,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dit", metavar="FILE", help="the DiT checkpoint to use when the model folder holds several")
     _runtime_flags(gen, "DiT and encoder weights (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="a web UI and an HTTP job API for one model (one queue, kept across restarts)",
+                         description="Load a model once and serve it: the web UI at http://HOST:PORT/ and the REST "
+                                     "API under /v1 (POST /v1/videos with the keys of a --prompts JSON line; schema "
+                                     "at /v1/openapi.json). Jobs run one at a time from a queue kept in "
+                                     "OUTPUTS/jobs.sqlite: a restart resumes it.")
+    srv.add_argument("--model", required=True, help="model folder, model id, demo, or tiny / tiny-i2v / tiny-flf2v")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                                                         "only; give 0.0.0.0 to be reached from others, with --token)")
+    srv.add_argument("--port", type=int, default=7860, help="default 7860")
+    srv.add_argument("--token", help="a secret every API call (Authorization: Bearer TOKEN) and the UI "
+                                     "(open /?token=TOKEN once) must give; default: $WANX_TOKEN, else none")
+    srv.add_argument("--outputs", default="outputs/serve", help="folder for the videos, their settings and the job "
+                                                                "database (default outputs/serve)")
+    srv.add_argument("--loras", metavar="FOLDER", help="LoRA files requests may choose from, by file name")
+    srv.add_argument("--max-upload-mb", type=float, default=100, help="largest image or video upload (default 100)")
+    srv.add_argument("--dit", metavar="FILE", help="the DiT checkpoint to use when the model folder holds several")
+    _memory_speed_flags(srv)
+    _runtime_flags(srv, "DiT and encoder weights (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
+    srv.set_defaults(func=cmd_serve)
 
     prep = sub.add_parser("prepare", help="encode a training dataset once: VAE latents and umT5 text, cached",
                           description="VAE-encode and umT5-encode every video/image of a dataset folder (metadata.csv "
