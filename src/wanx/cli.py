@@ -622,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--outputs", default="outputs/serve", help="folder for the videos, their settings and the job "
                                                                 "database (default outputs/serve)")
     srv.add_argument("--loras", metavar="FOLDER", help="LoRA files requests may choose from, by file name")
+    srv.add_argument("--no-ui", action="store_true", help="the API only (no Gradio: starts faster)")
     srv.add_argument("--max-upload-mb", type=float, default=100, help="largest image or video upload (default 100)")
     srv.add_argument("--dit", metavar="FILE", help="the DiT checkpoint to use when the model folder holds several")
     _memory_speed_flags(srv)

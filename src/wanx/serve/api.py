@@ -110,7 +110,7 @@ async def submit_video(request: Request):
     if kind == "application/json":
         raw = await request.body()
         text = raw.decode("utf-8", errors="replace")
-    elif kind == "multipart/form-data":
+    elif kind in ("multipart/form-data", "application/x-www-form-urlencoded"):  # the latter: no files
         limit = server.limits.max_upload
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > len(UPLOADS) * limit + 2**20:

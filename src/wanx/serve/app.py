@@ -369,7 +369,7 @@ def serve(args) -> int:
         print(f"loading: {time.perf_counter() - start:.1f} s ({files.model_type} on {runtime.device})", file=sys.stderr)
     server = Server(pipe, files, runtime, outputs, loras=args.loras, token=args.token,
                     limits=Limits(max_upload=int(args.max_upload_mb * 2**20)), model_name=args.model)
-    app = create_app(server)
+    app = create_app(server, ui=not args.no_ui)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"wanx serve: http://{host}:{args.port}/  (API: /v1, schema: /v1/openapi.json; outputs in {outputs})",
           file=sys.stderr, flush=True)
