@@ -78,6 +78,8 @@ class JobQueue:
         self._latents: dict[str, object] = {}  # its latest latents, for a preview on request
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        for stale in self.folder.glob(".*.partial"):  # half-written by a process that died
+            stale.unlink(missing_ok=True)
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")  # readers do not wait for the worker's writes
             self._db.execute(_SCHEMA)
