@@ -71,13 +71,15 @@ def wait_for(client: httpx.Client, job_id: str, statuses=("done", "failed", "can
 class ServeProcess:
     """`wanx serve --model tiny` in a subprocess on a free 127.0.0.1 port."""
 
-    def __init__(self, outputs: Path, *extra: str, token: str | None = None):
+    def __init__(self, outputs: Path, *extra: str, token: str | None = None, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(outputs.parent / f"serve-{self.port}.log", "wb")
         args = [sys.executable, "-m", "wanx", "serve", "--model", "tiny", "--port", str(self.port),
                 "--outputs", str(outputs), "--device", "cpu", *extra] + (["--token", token] if token else [])
-        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+        # Gradio's copies of shown files go beside the outputs, not into the machine's /tmp/gradio
+        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(outputs.parent / "gradio"),
+               **(env or {})}
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=30)

@@ -5,6 +5,8 @@ and a gallery of past results whose settings can be reused. It submits through
 
 from __future__ import annotations
 
+import functools
+
 import gradio as gr
 
 from ..pipeline import RequestError
@@ -70,6 +72,17 @@ def _nonzero(value) -> bool:
         return float(value) != 0
     except (TypeError, ValueError):
         return False
+
+
+@functools.lru_cache(maxsize=64)
+def _poster(path: str, mtime: float):
+    """The first frame of a finished video, for the gallery (cached per file version)."""
+    import av
+
+    with av.open(path) as container:
+        for frame in container.decode(video=0):
+            return frame.to_ndarray(format="rgb24")
+    return None
 
 
 def _status_line(job: dict | None) -> str:
@@ -142,7 +155,7 @@ def build_ui(server: Server) -> gr.Blocks:
             with gr.Row():
                 active = gr.Dropdown([], label="Job", elem_id="cancel_job")
                 cancel = gr.Button("Cancel", elem_id="cancel")
-        with gr.Accordion("Gallery (click a video to reuse its settings)", open=True):
+        with gr.Accordion("Gallery (click a result to see it and reuse its settings)", open=True):
             gallery = gr.Gallery(label="Past results", columns=6, height=220, object_fit="contain", elem_id="gallery")
             settings = gr.JSON(label="Settings of the chosen result")
 
@@ -183,8 +196,13 @@ def build_ui(server: Server) -> gr.Blocks:
             recent = queue.list("done", GALLERY_SIZE)
             recent_ids = [item["id"] for item in recent]
             if recent_ids != known:
-                pictures = gr.update(value=[(str(queue.output_path(i["id"])), (i["request"].get("prompt") or "")[:40])
-                                            for i in recent if queue.output_path(i["id"]).is_file()])
+                shown_items = []
+                for item in recent:
+                    path = queue.output_path(item["id"])
+                    if path.is_file():
+                        shown_items.append((_poster(str(path), path.stat().st_mtime),
+                                            (item["request"].get("prompt") or "")[:40]))
+                pictures = gr.update(value=shown_items)
             else:
                 pictures = gr.update()
             return (_status_line(job), picture, video, on_show_next, rows or None,
@@ -198,18 +216,16 @@ def build_ui(server: Server) -> gr.Blocks:
         cancel.click(lambda chosen: queue.cancel(chosen) and None if chosen else None, inputs=active, outputs=None)
 
         def reuse(known, evt: gr.SelectData):
-            if evt.index is None or evt.index >= len(known):
-                return [gr.update()] * 10 + [None]
-            job = queue.get(known[evt.index])
+            job = queue.get(known[evt.index]) if evt.index is not None and evt.index < len(known) else None
             if job is None:
-                return [gr.update()] * 10 + [None]
+                return [gr.update()] * 10 + [None, gr.update()]
             request = job["request"]
             text = {k: "" if request.get(k) is None else str(request[k])
                     for k in ("frames", "steps", "guidance", "shift", "seed", "teacache")}
             return (request.get("prompt", ""), request.get("negative_prompt") or "", request.get("size") or "",
                     text["frames"], text["steps"], text["guidance"], text["shift"], request.get("sampler") or "unipc",
-                    text["seed"], text["teacache"], job["settings"])
+                    text["seed"], text["teacache"], job["settings"], str(queue.output_path(job["id"])))
 
-        gallery.select(reuse, inputs=gallery_ids,
-                       outputs=[prompt, negative, size, frames, steps, guidance, shift, sampler, seed, teacache, settings])
+        gallery.select(reuse, inputs=gallery_ids, outputs=[prompt, negative, size, frames, steps, guidance, shift,
+                                                           sampler, seed, teacache, settings, result])
     return ui
