@@ -226,3 +226,48 @@ def test_token_is_needed_everywhere_when_set(make_server):
         assert "HttpOnly" in opened.headers["set-cookie"] and "SameSite=Strict" in opened.headers["set-cookie"]
         assert client.get("/").status_code == 200  # the client keeps the cookie
         assert "wanx" in client.get("/").text
+
+
+def test_loras_by_name_change_the_video_and_go_away_after(make_server, tiny, tmp_path):
+    """A job with a LoRA from --loras differs from the same seed without it; the next job
+    without it is the base model's video again; a LoRA that does not fit is refused at submit."""
+    import torch
+    from safetensors.torch import save_file
+
+    from wanx.serve.app import create_app
+
+    _, files, _ = tiny
+    dim = files.dit_config.dim
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.randn(4, dim, generator=gen),
+               "diffusion_model.blocks.0.self_attn.q.lora_B.weight": torch.randn(dim, 4, generator=gen)},
+              str(loras / "style.safetensors"))
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.randn(4, dim + 8, generator=gen),
+               "diffusion_model.blocks.0.self_attn.q.lora_B.weight": torch.randn(dim, 4, generator=gen)},
+              str(loras / "misfit.safetensors"))
+    (loras / "notes.txt").write_text("not a LoRA")
+    server = make_server(loras=loras)
+    with TestClient(create_app(server, ui=False)) as client:
+        assert client.get("/v1/model").json()["loras"] == ["misfit.safetensors", "style.safetensors"]
+        refused = client.post("/v1/videos", json={"prompt": "x", "loras": [{"name": "misfit.safetensors"}], **FAST})
+        assert refused.status_code == 422 and refused.json()["field"] == "loras"
+        assert "misfit.safetensors" in refused.json()["detail"] and str(loras) not in refused.text
+        frames = []
+        for extra in ({}, {"loras": [{"name": "style.safetensors", "strength": 1.0}]}, {}):
+            job_id = client.post("/v1/videos", json={"prompt": "a cat", "seed": 4, **FAST, **extra}).json()["id"]
+            job = wait_for(client, job_id)
+            assert job["status"] == "done", job
+            frames.append(read_video(server.outputs / f"{job_id}.mp4").frames)
+        assert job["settings"].get("loras") is None
+        assert not np.array_equal(frames[0], frames[1])
+        assert np.array_equal(frames[0], frames[2])
+
+
+def test_teacache_is_chosen_per_job(client):
+    cached = client.post("/v1/videos", json={"prompt": "a cat", "seed": 2, "teacache": 0.5, **FAST}).json()["id"]
+    plain = client.post("/v1/videos", json={"prompt": "a cat", "seed": 2, **FAST}).json()["id"]
+    assert wait_for(client, cached)["settings"]["cache"]["kind"] == "teacache"
+    assert wait_for(client, plain)["settings"].get("cache") is None  # the next job is back to the server's default
+    assert client.post("/v1/videos", json={"prompt": "x", "teacache": -1}).json()["field"] == "teacache"

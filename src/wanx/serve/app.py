@@ -85,6 +85,7 @@ class Server:
         self.weights = request_weights(files, runtime)
         self.queue = JobQueue(self.outputs, self.run)
         self._applied_loras: tuple = ()
+        self._meta_dit = None
         self._default_cache = pipe.step_cache if pipe is not None else None
 
     @property
@@ -172,8 +173,26 @@ class Server:
             if entry["name"] not in available:
                 known = ", ".join(available) or "none: start the server with --loras FOLDER"
                 raise RequestError("loras", f"loras: no LoRA named {entry['name']!r}; available: {known}")
+            self._check_lora_fits(entry["name"])
             checked.append({"name": entry["name"], "strength": float(strength)})
         return checked
+
+    def _check_lora_fits(self, name: str) -> None:
+        """The LoRA file read and matched against this model's DiT (shapes only, on the meta
+        device), as `wanx generate --lora` does, so a misfit is refused before it is queued."""
+        import torch
+
+        from ..lora import read_lora
+        from ..lora.apply import match
+        from ..models.transformer import WanDiT
+
+        if self._meta_dit is None:
+            with torch.device("meta"):
+                self._meta_dit = WanDiT(self.files.dit_config)
+        try:
+            match(self._meta_dit, read_lora(self.loras_dir / name))
+        except Exception as err:  # any unreadable or misfitting file: the request names it
+            raise RequestError("loras", f"loras: {name}: {str(err).replace(str(self.loras_dir / name), name)}") from None
 
     def _save_upload(self, job_id: str, field: str, data) -> Path:
         """Copy an upload under a server-made name, after checking its size and kind."""
@@ -226,8 +245,12 @@ class Server:
         if self._applied_loras:
             self.pipe.unload_lora()
         self._applied_loras = ()
-        for name, strength in wanted:
-            self.pipe.load_lora(self.loras_dir / name, strength, name=Path(name).stem)
+        try:
+            for name, strength in wanted:
+                self.pipe.load_lora(self.loras_dir / name, strength, name=Path(name).stem)
+        except BaseException:  # none half-applied: the next job must see the base weights
+            self.pipe.unload_lora()
+            raise
         self._applied_loras = wanted
 
     def authorised(self, supplied: str | None) -> bool:
