@@ -58,7 +58,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for(client: httpx.Client, job_id: str, statuses=("done", "failed", "cancelled"), timeout: float = 60) -> dict:
+def wait_for(client: httpx.Client, job_id: str, statuses=("done", "failed", "cancelled"), timeout: float = 180) -> dict:
+    """Poll a job until it reaches one of `statuses` (generous: a shared machine can be slow)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         job = client.get(f"/v1/videos/{job_id}").json()
@@ -83,7 +84,7 @@ class ServeProcess:
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=30)
-        end = time.monotonic() + 90
+        end = time.monotonic() + 300
         while True:
             if self.proc.poll() is not None:
                 raise AssertionError(f"wanx serve exited with {self.proc.returncode}: {self.output()}")

@@ -396,5 +396,6 @@ def serve(args) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"wanx serve: http://{host}:{args.port}/  (API: /v1, schema: /v1/openapi.json; outputs in {outputs})",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    # no access log: the UI polls once a second per open page
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info", access_log=False)
     return 0

@@ -180,7 +180,7 @@ def build_ui(server: Server) -> gr.Blocks:
         extra = [inputs[f] for f in upload_fields] + ([inputs["strength"]] if "strength" in inputs else [])
         generate.click(submit, inputs=[task, *form, *extra], outputs=[error, job_id])
 
-        def refresh(current, on_show, known):
+        def refresh(current, on_show, known, chosen):
             job = queue.get(current) if current else None
             frames_now = queue.preview(current) if job is not None and job["status"] == "running" else None
             picture = preview_strip(frames_now) if frames_now is not None else gr.update()
@@ -188,7 +188,7 @@ def build_ui(server: Server) -> gr.Blocks:
             if job is not None and job["status"] == "done" and on_show != job["id"]:
                 video, on_show_next = str(queue.output_path(job["id"])), job["id"]
             rows = []
-            for item in reversed(queue.list("running", 10) + queue.list("queued", 50)):
+            for item in queue.list("running", 10) + queue.list("queued", 50)[::-1]:  # the order they will run
                 progress = item.get("progress") or {}
                 done = f"{progress.get('step')}/{progress.get('total')}" if progress.get("total") else ""
                 rows.append([item["id"], item["status"], done, (item["request"].get("prompt") or "")[:60]])
@@ -206,10 +206,11 @@ def build_ui(server: Server) -> gr.Blocks:
             else:
                 pictures = gr.update()
             return (_status_line(job), picture, video, on_show_next, rows or None,
-                    gr.update(choices=ids, value=ids[0] if ids else None), pictures, recent_ids)
+                    gr.update(choices=ids, value=chosen if chosen in ids else ids[0] if ids else None), pictures,
+                    recent_ids)
 
-        timer = gr.Timer(0.5)
-        timer.tick(refresh, inputs=[job_id, shown, gallery_ids],
+        timer = gr.Timer(1.0)  # progress, queue and gallery once a second: light beside the worker
+        timer.tick(refresh, inputs=[job_id, shown, gallery_ids, active],
                    outputs=[status, preview, result, shown, table, active, gallery, gallery_ids],
                    show_progress="hidden")
 
