@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -369,8 +370,9 @@ def serve(args) -> int:
         raise ValueError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     if args.loras and not Path(args.loras).is_dir():
         raise FileNotFoundError(f"--loras {args.loras}: no such folder")
-    if args.token is not None and len(args.token) < 8:
-        raise ValueError("--token must be at least 8 characters")
+    if args.token is not None and not re.fullmatch(r"[A-Za-z0-9._~+/=-]{8,}", args.token):
+        # it travels in a header and a cookie: no spaces, quotes or separators
+        raise ValueError("--token must be at least 8 characters of letters, digits and . _ ~ + / = -")
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.token is None:
         print(f"wanx serve: listening on {args.host} without --token: anyone who reaches this port can "
               "submit jobs", file=sys.stderr)
