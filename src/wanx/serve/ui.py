@@ -171,6 +171,8 @@ def build_ui(server: Server) -> gr.Blocks:
             wanted = {"i2v": ("image",), "flf2v": ("image", "last_image"), "v2v": ("video",)}.get(current_task, ())
             # a missing one is left out: the pipeline's check names it, in the CLI's words
             uploads = {f: uploads_given.get(f) for f in wanted if uploads_given.get(f)}
+            if current_task == "v2v" and "video" not in uploads:  # else it would quietly run as text to video
+                return "video: give the input video (video-to-video), or use the Text to video tab", gr.update()
             try:
                 new_id = server.submit(body, uploads)
             except (RequestError, UploadError) as err:
