@@ -86,7 +86,7 @@ def test_generate_in_the_browser(serve_process, tmp_path):
             status = page.locator("#status")
             status.get_by_text("ETA").wait_for(timeout=WAIT)
             assert "running" in status.inner_text() and "/400" in status.inner_text()
-            page.locator("#queue").get_by_text("running").wait_for(timeout=WAIT)
+            page.locator("#queue").get_by_text("running").filter(visible=True).first.wait_for(timeout=WAIT)
             page.locator("#cancel").click()
             status.get_by_text("cancelled").wait_for(timeout=WAIT)
             jobs = server.client.get("/v1/videos").json()["videos"]
