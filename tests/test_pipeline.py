@@ -33,6 +33,41 @@ def test_seed_draws_the_official_noise(pipes):
     assert torch.equal(by_seed, by_latents)
 
 
+@pytest.mark.parametrize("sampler", ["unipc", "dpm++", "euler"])
+def test_step_callback_sees_every_step_and_can_stop_the_call(pipes, sampler):
+    pipe = pipes["tiny"]
+    calls = []
+    final = pipe("a cat", seed=3, sampler=sampler, output_type="latents",
+                 callback=lambda step, total, x: calls.append((step, total, x.clone())), **SMALL)
+    assert [(step, total) for step, total, _ in calls] == [(1, 3), (2, 3), (3, 3)]
+    assert calls[0][2].shape == final.shape and torch.equal(calls[-1][2], final)  # the sampler's own state
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_two(step, total, x):
+        if step == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        pipe("a cat", seed=3, sampler=sampler, callback=stop_at_two, **SMALL)
+    assert torch.equal(pipe("a cat", seed=3, sampler=sampler, output_type="latents", **SMALL), final)  # no state left
+
+
+def test_request_errors_name_the_argument():
+    from wanx.pipeline import RequestError
+
+    with pytest.raises(RequestError, match="num_frames 6 must be 4k\\+1") as err:
+        plan_request("t2v", "x", num_frames=6)
+    assert err.value.field == "num_frames" and isinstance(err.value, ValueError)
+    with pytest.raises(RequestError) as err:
+        plan_request("t2v", "x", width=100, height=48)
+    assert err.value.field == "width"
+    with pytest.raises(RequestError) as err:
+        plan_request("i2v", "x")
+    assert err.value.field == "image"
+
+
 def test_batched_and_two_pass_guidance_agree(pipes):
     pipe = pipes["tiny"]
     batched = pipe("a cat", seed=1, output_type="latents", **SMALL)

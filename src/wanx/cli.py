@@ -59,11 +59,12 @@ def _threshold(text: str) -> float | str:
 
 def _size(text: str) -> tuple[int, int]:
     """'832x480' (width x height; '*' as in the official CLI works too) -> (width, height)."""
+    from .request import parse_size
+
     try:
-        w, h = (int(v) for v in str(text).lower().replace("*", "x").split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 832x480; got {text!r}") from None
-    return w, h
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 # How the CLI spells each WanPipeline argument, so that errors name the flag to change.
@@ -71,8 +72,8 @@ FLAGS = {"prompt": "--prompt (or --prompts FILE)", "negative_prompt": "--negativ
          "last_image": "--last-image", "video": "--video", "strength": "--strength", "height": "--size height",
          "width": "--size width", "num_frames": "--frames", "num_inference_steps": "--steps",
          "guidance_scale": "--guidance", "shift": "--shift", "sampler": "--sampler", "seed": "--seed"}
-_JOB_KEYS = {"prompt", "negative_prompt", "seed", "image", "last_image", "video", "strength", "size", "frames", "steps",
-             "guidance", "shift", "sampler", "output"}
+_JOB_KEYS = ("prompt", "negative_prompt", "seed", "image", "last_image", "video", "strength", "size", "frames", "steps",
+             "guidance", "shift", "sampler", "output")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
 QUALITY_RANGE = (0, 51)  # libx264 CRF
 
 
@@ -80,6 +81,8 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
     """One job from the flags, or one per line of --prompts (plain text, or JSON objects
     whose keys override the flags). Each job's `where` says where it came from, for errors."""
     import json
+
+    from .request import parse_job
 
     base = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, image=args.image,
                 last_image=args.last_image, video=args.video, strength=args.strength, size=args.size,
@@ -109,15 +112,7 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
                 raise ValueError(f"{where}not valid JSON ({err.msg})") from None
             if not isinstance(job, dict):
                 raise ValueError(f"{where}a JSON line must be an object such as {{\"prompt\": \"...\"}}")
-            unknown = set(job) - _JOB_KEYS
-            if unknown:
-                raise ValueError(f"{where}unknown key(s) {', '.join(sorted(unknown))}; "
-                                 f"known: {', '.join(sorted(_JOB_KEYS))}")
-            if "size" in job:
-                try:
-                    job["size"] = _size(job["size"])
-                except argparse.ArgumentTypeError as err:
-                    raise ValueError(f"{where}{err}") from None
+            job = parse_job(job, where=where)  # the server reads its request bodies with the same rules
         else:
             job = {"prompt": line}
         jobs.append({**base, **job, "output": job.get("output"), "where": where})
@@ -204,12 +199,9 @@ def _check_loras(specs: list[tuple[str, float]], files) -> list:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import random
-
     from .hub import find_components, resolve_model
-    from .memory.estimate import check_fits, weight_bytes
-    from .memory.placement import device_weight_bytes
-    from .pipeline import MAX_SEED, WanPipeline, plan_request
+    from .pipeline import WanPipeline
+    from .request import check_job, fix_seed, request_weights
     from .runtime import Runtime
 
     if args.gpus < 1:
@@ -227,10 +219,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--quality must be in [{QUALITY_RANGE[0]}, {QUALITY_RANGE[1]}] (H.264 CRF; lower is better, "
                          "18 ~ visually lossless)")
     for job in jobs:  # fix the seeds now, so output names and metadata agree
-        if job["seed"] is None:
-            job["seed"] = random.randint(0, 2**31 - 1)
-        elif not isinstance(job["seed"], int) or not 0 <= job["seed"] <= MAX_SEED:
-            raise ValueError(f"{job['where']}--seed must be a whole number between 0 and {MAX_SEED}, got {job['seed']}")
+        fix_seed(job, "--seed")
     # Everything is checked before any weight is loaded: device, model folder, inputs, memory, outputs.
     world = None
     if world_size > 1:  # one rank of several: its own GPU, the same seeds everywhere, rank 0 writes
@@ -259,23 +248,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from .distributed import check_plan
 
         check_plan(world.size, files.dit_config.num_heads, args.sp, args.cfg_parallel)
-    per_network = weight_bytes(files.parameter_counts(), runtime.dtype, runtime.vae_dtype, fp8=bool(runtime.quantize))
-    if args.fsdp and world is not None:  # each GPU holds its shard of the DiT and umT5
-        per_network = {k: v // world.size if k in ("dit", "t5") else v for k, v in per_network.items()}
-    weights = device_weight_bytes(runtime.offload, runtime.device, per_network)
+    # each GPU holds its shard of the DiT and umT5 with --fsdp
+    weights = request_weights(files, runtime, fsdp_ranks=world.size if args.fsdp and world is not None else 1)
     loras = _check_loras(args.lora or [], files)
     requests = []
     for job in jobs:
-        width, height = job["size"] or (None, None)
-        request = dict(image=job["image"], last_image=job["last_image"], video=job["video"], strength=job["strength"],
-                       height=height, width=width, num_frames=job["frames"], num_inference_steps=job["steps"],
-                       guidance_scale=job["guidance"], shift=job["shift"], sampler=job["sampler"], seed=job["seed"])
         try:
-            plan = plan_request(files.model_type, job["prompt"], job["negative_prompt"], names=FLAGS,
-                                model_defaults=files.defaults, **request)
-            # batch 1: guidance runs as two passes when one batch of two does not fit
-            check_fits(files.dit_config, plan.height, plan.width, plan.num_frames, device=runtime.device,
-                       dtype=runtime.dtype, vae_dtype=runtime.vae_dtype, weights=weights, batch=1)
+            _, request = check_job(job, files, runtime=runtime, weights=weights, names=FLAGS)
         except ValueError as err:
             raise ValueError(f"{job['where']}{err}") from None
         requests.append(request)
@@ -319,6 +298,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.app import serve  # FastAPI, Gradio and torch load only here
+
+    if args.token is None:
+        args.token = os.environ.get("WANX_TOKEN") or None
+    return serve(args)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -528,6 +515,37 @@ def _runtime_flags(parser: argparse.ArgumentParser, dtype_help: str) -> None:
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress output")
 
 
+def _memory_speed_flags(parser: argparse.ArgumentParser) -> None:
+    """--offload, --vram-budget, --fp8, --t5-device, --teacache, --magcache, --compile,
+    --attention: how a loaded model runs (generate and serve)."""
+    mem = parser.add_argument_group("memory", "fit the GPU you have (default: everything resident when it fits, "
+                                              "else DiT blocks streamed with an automatic budget)")
+    mem.add_argument("--offload", default="auto", choices=["auto", "none", "model", "blocks"],
+                     help="none: all resident; model: each network on the GPU only for its phase; blocks: DiT "
+                          "blocks streamed from pinned host memory under --vram-budget")
+    mem.add_argument("--vram-budget", metavar="BYTES", help="DiT weights kept on the GPU with --offload blocks: "
+                                                             "e.g. 6GB, 512MB, 0, or auto (free memory less the "
+                                                             "request's work); implies --offload blocks")
+    mem.add_argument("--fp8", action="store_true", help="DiT block weights in FP8 (e4m3, per-channel scales): half "
+                                                        "the memory of bf16, small quality cost")
+    mem.add_argument("--t5-device", metavar="DEVICE", help="run the umT5 text encoder here, e.g. cpu (the official "
+                                                           "--t5_cpu): frees ~11 GB of GPU memory")
+    fast = parser.add_argument_group("speed", "opt-in: each option's measured speed-up and fidelity cost is in the README")
+    fast.add_argument("--teacache", metavar="THRESHOLD", type=_threshold, nargs="?", const="auto",
+                      help="TeaCache step caching; higher skips more (published: 0.1 T2V-1.3B, 0.2 T2V-14B, 0.3 "
+                           "I2V); no value: the model's published one; 0: nothing skipped")
+    fast.add_argument("--magcache", metavar="THRESHOLD", type=_threshold, nargs="?", const="auto",
+                      help="MagCache step caching (published: 0.12 T2V-1.3B, 0.24 14B); no value: the model's own")
+    fast.add_argument("--cache-calibration", metavar="FILE",
+                      help="the model's own cache calibration (`wanx calibrate-cache`; found automatically in the "
+                           "model folder)")
+    fast.add_argument("--compile", action="store_true", help="compile the DiT block once with torch.compile "
+                                                              "(warm-up on the first step, faster after)")
+    fast.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash2", "flash3", "sage"],
+                      help="attention kernel (auto: FlashAttention 3 > 2 > SDPA, as installed; sage is 8-bit, "
+                           "only on request)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -571,32 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "folder (a generated name inside). With --prompts: the folder for the "
                                             "videos (default outputs/); a job's relative \"output\" is inside it")
     gen.add_argument("--quality", type=int, default=18, help="H.264 CRF 0..51, lower is better (default 18)")
-    mem = gen.add_argument_group("memory", "fit the GPU you have (default: everything resident when it fits, "
-                                           "else DiT blocks streamed with an automatic budget)")
-    mem.add_argument("--offload", default="auto", choices=["auto", "none", "model", "blocks"],
-                     help="none: all resident; model: each network on the GPU only for its phase; blocks: DiT "
-                          "blocks streamed from pinned host memory under --vram-budget")
-    mem.add_argument("--vram-budget", metavar="BYTES", help="DiT weights kept on the GPU with --offload blocks: "
-                                                             "e.g. 6GB, 512MB, 0, or auto (free memory less the "
-                                                             "request's work); implies --offload blocks")
-    mem.add_argument("--fp8", action="store_true", help="DiT block weights in FP8 (e4m3, per-channel scales): half "
-                                                        "the memory of bf16, small quality cost")
-    mem.add_argument("--t5-device", metavar="DEVICE", help="run the umT5 text encoder here, e.g. cpu (the official "
-                                                           "--t5_cpu): frees ~11 GB of GPU memory")
-    fast = gen.add_argument_group("speed", "opt-in: each option's measured speed-up and fidelity cost is in the README")
-    fast.add_argument("--teacache", metavar="THRESHOLD", type=_threshold, nargs="?", const="auto",
-                      help="TeaCache step caching; higher skips more (published: 0.1 T2V-1.3B, 0.2 T2V-14B, 0.3 "
-                           "I2V); no value: the model's published one; 0: nothing skipped")
-    fast.add_argument("--magcache", metavar="THRESHOLD", type=_threshold, nargs="?", const="auto",
-                      help="MagCache step caching (published: 0.12 T2V-1.3B, 0.24 14B); no value: the model's own")
-    fast.add_argument("--cache-calibration", metavar="FILE",
-                      help="the model's own cache calibration (`wanx calibrate-cache`; found automatically in the "
-                           "model folder)")
-    fast.add_argument("--compile", action="store_true", help="compile the DiT block once with torch.compile "
-                                                              "(warm-up on the first step, faster after)")
-    fast.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash2", "flash3", "sage"],
-                      help="attention kernel (auto: FlashAttention 3 > 2 > SDPA, as installed; sage is 8-bit, "
-                           "only on request)")
+    _memory_speed_flags(gen)
     par = gen.add_argument_group("several GPUs", "split one generation across ranks (torch.distributed: NCCL on "
                                                  "GPUs, gloo on CPU); also under torchrun [--nnodes ...] -m wanx")
     par.add_argument("--gpus", type=int, default=1, help="start N local ranks (one per GPU; with --device cpu, N "
@@ -614,6 +607,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dit", metavar="FILE", help="the DiT checkpoint to use when the model folder holds several")
     _runtime_flags(gen, "DiT and encoder weights (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="a web UI and an HTTP job API for one model (one queue, kept across restarts)",
+                         description="Load a model once and serve it: the web UI at http://HOST:PORT/ and the REST "
+                                     "API under /v1 (POST /v1/videos with the keys of a --prompts JSON line; schema "
+                                     "at /v1/openapi.json). Jobs run one at a time from a queue kept in "
+                                     "OUTPUTS/jobs.sqlite: a restart resumes it.")
+    srv.add_argument("--model", required=True, help="model folder, model id, demo, or tiny / tiny-i2v / tiny-flf2v")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                                                         "only; give 0.0.0.0 to be reached from others, with --token)")
+    srv.add_argument("--port", type=int, default=7860, help="default 7860")
+    srv.add_argument("--token", help="a secret every API call (Authorization: Bearer TOKEN) and the UI "
+                                     "(open /?token=TOKEN once) must give; default: $WANX_TOKEN, else none")
+    srv.add_argument("--outputs", default="outputs/serve", help="folder for the videos, their settings and the job "
+                                                                "database (default outputs/serve)")
+    srv.add_argument("--loras", metavar="FOLDER", help="LoRA files requests may choose from, by file name")
+    srv.add_argument("--no-ui", action="store_true", help="the API only (no Gradio: starts faster)")
+    srv.add_argument("--max-upload-mb", type=float, default=100, help="largest image or video upload (default 100)")
+    srv.add_argument("--dit", metavar="FILE", help="the DiT checkpoint to use when the model folder holds several")
+    _memory_speed_flags(srv)
+    _runtime_flags(srv, "DiT and encoder weights (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
+    srv.set_defaults(func=cmd_serve)
 
     prep = sub.add_parser("prepare", help="encode a training dataset once: VAE latents and umT5 text, cached",
                           description="VAE-encode and umT5-encode every video/image of a dataset folder (metadata.csv "

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -200,6 +200,7 @@ class WanPipeline:
         latents: Tensor | None = None,
         output_type: str = "video",
         progress: bool = True,
+        callback: Callable[[int, int, Tensor], None] | None = None,
         steps: int | None = None,
         guidance: float | None = None,
     ) -> Video | Tensor:
@@ -237,6 +238,10 @@ class WanPipeline:
             output_type: "video" (a `Video` of uint8 frames) or "latents" (the denoised
                 latents, not decoded).
             progress: progress bars and stage timings on stderr.
+            callback: called after each denoising step as `callback(step, total, latents)`
+                (step counts from 1; latents `[1, 16, F', H/8, W/8]`, the sampler's current
+                state). An exception it raises stops the call there, with nothing written:
+                a server cancels a job this way.
 
         Returns:
             A `Video` (`.save(path)`, `.frames` uint8 `[F, H, W, 3]`) or a latent tensor.
@@ -297,15 +302,19 @@ class WanPipeline:
             bar = _progress(len(timesteps), "denoising", progress)
             marks = [time.perf_counter()]
 
-            def advance(i, n, _):
+            def advance(i, n, latents):
                 marks.append(time.perf_counter())
                 if cache is not None:
                     bar.set_postfix(skipped=cache.stats.total_skipped, refresh=False)
                 bar.update(1)
+                if callback is not None:
+                    callback(i + 1, n, latents)
 
-            with self.placement.phase("dit"):
-                x = SAMPLERS[plan.sampler](model_fn, x, sigmas, timesteps, callback=advance)
-            bar.close()
+            try:
+                with self.placement.phase("dit"):
+                    x = SAMPLERS[plan.sampler](model_fn, x, sigmas, timesteps, callback=advance)
+            finally:
+                bar.close()
             steps = [b - a for a, b in zip(marks, marks[1:])]
             self.last_timings = {"first_step": steps[0], "later_steps": steps[1:]}
             if self.compiled is not None and progress and len(steps) > 1:  # compile time apart from step time
@@ -454,6 +463,15 @@ MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 GUIDANCE_RANGE = (1.0, 30.0)
 
 
+class RequestError(ValueError):
+    """A request the pipeline refuses, with the argument to change (a pipeline keyword such
+    as "num_frames"), so that each face can point at its own field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text_encoder: bool = True,
                  has_image_encoder: bool = True, image=None, last_image=None, video=None, strength=0.8, height=None,
                  width=None, num_frames=None, num_inference_steps=None, guidance_scale=None, shift=None,
@@ -482,58 +500,58 @@ def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text
     sampler = sampler if sampler is not None else own.get("sampler", "unipc")
 
     if prompt is None and prompt_embeds is None:
-        raise ValueError(f"give {n('prompt')}" + ("" if names else " (or prompt_embeds)"))
+        raise RequestError("prompt", f"give {n('prompt')}" + ("" if names else " (or prompt_embeds)"))
     if prompt is not None and prompt_embeds is None and not has_text_encoder:
         raise ValueError("this pipeline has no text encoder: pass prompt_embeds")
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown {n('sampler')} {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        raise RequestError("sampler", f"unknown {n('sampler')} {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if output_type not in ("video", "latents"):
         raise ValueError(f"output_type must be 'video' or 'latents', got {output_type!r}")
     for arg, value in (("width", width), ("height", height)):
         if value is None:
             continue
         if value <= 0:
-            raise ValueError(f"{n(arg)} {value} must be positive (a multiple of 16, e.g. 832x480)")
+            raise RequestError(arg, f"{n(arg)} {value} must be positive (a multiple of 16, e.g. 832x480)")
         if value % 16:
             nearest = "16" if value < 16 else f"{value // 16 * 16} or {(value // 16 + 1) * 16}"
-            raise ValueError(f"{n(arg)} {value} is not a multiple of 16; nearest valid: {nearest} "
+            raise RequestError(arg, f"{n(arg)} {value} is not a multiple of 16; nearest valid: {nearest} "
                              "(Wan2.1 is trained at 832x480 and 1280x720)")
     if num_frames is not None and (num_frames < 1 or (num_frames - 1) % 4):
         low = max(1, (num_frames - 1) // 4 * 4 + 1)
-        raise ValueError(f"{n('num_frames')} {num_frames} must be 4k+1 (e.g. {low} or {low + 4})")
+        raise RequestError("num_frames", f"{n('num_frames')} {num_frames} must be 4k+1 (e.g. {low} or {low + 4})")
     if num_inference_steps is not None and num_inference_steps < 1:
-        raise ValueError(f"{n('num_inference_steps')} must be >= 1, got {num_inference_steps}")
+        raise RequestError("num_inference_steps", f"{n('num_inference_steps')} must be >= 1, got {num_inference_steps}")
     if guidance_scale is not None and not GUIDANCE_RANGE[0] <= guidance_scale <= GUIDANCE_RANGE[1]:
-        raise ValueError(f"{n('guidance_scale')} must be in [{GUIDANCE_RANGE[0]:g}, {GUIDANCE_RANGE[1]:g}] "
+        raise RequestError("guidance_scale", f"{n('guidance_scale')} must be in [{GUIDANCE_RANGE[0]:g}, {GUIDANCE_RANGE[1]:g}] "
                          f"(1 turns guidance off; the official default is 5), got {guidance_scale:g}")
     if shift is not None and shift <= 0:
-        raise ValueError(f"{n('shift')} must be positive, got {shift:g}")
+        raise RequestError("shift", f"{n('shift')} must be positive, got {shift:g}")
     if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"{n('seed')} must be between 0 and {MAX_SEED} (2**64 - 1), got {seed}")
+        raise RequestError("seed", f"{n('seed')} must be between 0 and {MAX_SEED} (2**64 - 1), got {seed}")
 
     if video is not None:
         task = "v2v"
         if model_type != "t2v":
-            raise ValueError(f"video-to-video needs a T2V model; this one is {model_type}")
+            raise RequestError("video", f"video-to-video needs a T2V model; this one is {model_type}")
         if image is not None or last_image is not None:
-            raise ValueError(f"give either {n('video')} (video-to-video) or {n('image')}/{n('last_image')}, not both")
+            raise RequestError("video", f"give either {n('video')} (video-to-video) or {n('image')}/{n('last_image')}, not both")
         if not 0 < strength <= 1:
-            raise ValueError(f"{n('strength')} must be in (0, 1], got {strength}")
+            raise RequestError("strength", f"{n('strength')} must be in (0, 1], got {strength}")
     elif model_type == "t2v":
         task = "t2v"
         if image is not None or last_image is not None:
-            raise ValueError("this is a T2V model: image conditioning needs an I2V or FLF2V model "
+            raise RequestError("image", "this is a T2V model: image conditioning needs an I2V or FLF2V model "
                              "(e.g. Wan-AI/Wan2.1-I2V-14B-480P)")
     elif model_type == "i2v":
         task = "i2v"
         if image is None:
-            raise ValueError(f"this is an I2V model: give {n('image')} (the first frame)")
+            raise RequestError("image", f"this is an I2V model: give {n('image')} (the first frame)")
         if last_image is not None:
-            raise ValueError(f"{n('last_image')} needs an FLF2V model (Wan-AI/Wan2.1-FLF2V-14B-720P); this one is I2V")
+            raise RequestError("last_image", f"{n('last_image')} needs an FLF2V model (Wan-AI/Wan2.1-FLF2V-14B-720P); this one is I2V")
     else:
         task = "flf2v"
         if image is None or last_image is None:
-            raise ValueError(f"this is an FLF2V model: give {n('image')} (first frame) and {n('last_image')} (last frame)")
+            raise RequestError("image" if image is None else "last_image", f"this is an FLF2V model: give {n('image')} (first frame) and {n('last_image')} (last frame)")
     if task in ("i2v", "flf2v") and not has_image_encoder:
         raise ValueError(f"{task} needs an image encoder (CLIP) in the pipeline")
 
@@ -550,32 +568,42 @@ def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text
         plan.negative_prompt = negative_prompt if negative_prompt is not None else NEGATIVE_PROMPTS[task]
 
     if task in ("i2v", "flf2v"):
-        plan.image = _image_tensor(image)
+        plan.image = _read_input("image", _image_tensor, image)
         plan.height, plan.width = _size_for_image(plan.image, height * width)
         if shift is None and task == "i2v" and height * width <= AREA_480P:
             plan.shift = 3.0  # the official 480P I2V shift
         if last_image is not None:
-            plan.last_image = _image_tensor(last_image)
+            plan.last_image = _read_input("last_image", _image_tensor, last_image)
     if task == "v2v":
-        frames = _video_frames(video)  # [3, F, H, W]
+        frames = _read_input("video", _video_frames, video)  # [3, F, H, W]
         count = frames.shape[1]
         if num_frames is None:
             plan.num_frames = min(81, (count - 1) // 4 * 4 + 1)
         elif count < num_frames:
-            raise ValueError(f"the input video has {count} frames at {FPS} fps; {n('num_frames')} is {num_frames}: "
+            raise RequestError("num_frames", f"the input video has {count} frames at {FPS} fps; {n('num_frames')} is {num_frames}: "
                              f"lower it to {(count - 1) // 4 * 4 + 1} or give a longer video")
         plan.height, plan.width = _size_for_image(frames[:, 0], height * width)
         frames = frames[:, :plan.num_frames].transpose(0, 1)  # [F, 3, H, W]
         frames = F.interpolate(frames, size=(plan.height, plan.width), mode="bicubic", align_corners=False)
         plan.video = frames.clamp(-1, 1).transpose(0, 1)
     if min(plan.height, plan.width) < 16:
-        raise ValueError(f"the input's aspect ratio leaves a side under 16 pixels at {width}x{height}; "
+        raise RequestError("height", f"the input's aspect ratio leaves a side under 16 pixels at {width}x{height}; "
                          f"give a larger {n('height')}")
     if latents is not None:
         want = (16, (plan.num_frames - 1) // 4 + 1, plan.height // 8, plan.width // 8)
         if latents.numel() != math.prod(want):
             raise ValueError(f"latents must have shape [1, {', '.join(map(str, want))}], got {tuple(latents.shape)}")
     return plan
+
+
+def _read_input(field: str, read, value):
+    """An input file read for the plan; a file that is there but unusable names its field."""
+    try:
+        return read(value)
+    except RequestError:
+        raise
+    except ValueError as err:
+        raise RequestError(field, str(err)) from None
 
 
 def _alias(name: str, value, alias: str, alias_value):

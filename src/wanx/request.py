@@ -1,0 +1,118 @@
+"""One generation request as people write it: a JSON object with the keys of a
+`wanx generate --prompts` line (prompt, size, frames, steps, seed, ...). The CLI and the
+server both parse and check requests here, so a bad request gets the same words from either:
+first the keys and their types, then the pipeline's own rules (`plan_request`) and the memory
+estimate, all before a job is queued or a weight is loaded."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Mapping
+
+from .pipeline import MAX_SEED, RequestError, plan_request
+
+# Keys of a request and the type each holds (a JSON line of --prompts, a POST /v1/videos body).
+KEY_TYPES: dict[str, tuple[type, ...]] = {
+    "prompt": (str,), "negative_prompt": (str,), "seed": (int,), "image": (str,), "last_image": (str,),
+    "video": (str,), "strength": (int, float), "size": (str,), "frames": (int,), "steps": (int,),
+    "guidance": (int, float), "shift": (int, float), "sampler": (str,), "output": (str,),
+}
+JOB_KEYS = frozenset(KEY_TYPES)
+# A request key for each pipeline keyword, so that the pipeline's errors name the key to fix.
+PIPELINE_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "image": "image",
+                 "last_image": "last_image", "video": "video", "strength": "strength", "height": "size",
+                 "width": "size", "num_frames": "frames", "num_inference_steps": "steps", "guidance_scale": "guidance",
+                 "shift": "shift", "sampler": "sampler", "seed": "seed"}
+# How a request's keys are spelled in errors when no face says otherwise.
+KEY_NAMES = {**PIPELINE_KEYS, "height": "size height", "width": "size width"}
+
+
+def parse_size(text) -> tuple[int, int]:
+    """'832x480' (width x height; '*' as in the official CLI works too) -> (width, height)."""
+    try:
+        w, h = (int(v) for v in str(text).lower().replace("*", "x").split("x"))
+    except ValueError:
+        raise RequestError("size", f"size must be WIDTHxHEIGHT, e.g. 832x480; got {text!r}") from None
+    return w, h
+
+
+def parse_job(obj, *, where: str = "", types: Mapping[str, tuple[type, ...]] = KEY_TYPES) -> dict:
+    """A JSON object -> the request's settings, `size` as (width, height). Unknown keys and
+    values of the wrong type are refused in one line naming the key (`where` goes first).
+    types: the keys a face accepts and their types (default those of a --prompts line)."""
+    keys = types
+    if not isinstance(obj, dict):
+        raise RequestError("", f"{where}a request must be a JSON object such as {{\"prompt\": \"...\"}}")
+    unknown = set(obj) - set(keys)
+    if unknown:
+        raise RequestError(sorted(unknown)[0], f"{where}unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
+                                               f"known: {', '.join(sorted(keys))}")
+    job = {}
+    for key, value in obj.items():
+        kinds = types[key]
+        # JSON true is a Python int: refuse it where a number is meant
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            what = {str: "a string", int: "a whole number", list: "a list"}.get(kinds[0], "a number")
+            raise RequestError(key, f"{where}{key} must be {what}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # Python's json reads NaN and Infinity
+            raise RequestError(key, f"{where}{key} must be a finite number, got {value!r}")
+        job[key] = value
+    if job.get("size") is not None:
+        try:
+            job["size"] = parse_size(job["size"])
+        except RequestError as err:
+            raise RequestError("size", f"{where}{err}") from None
+    return job
+
+
+def fix_seed(job: dict, name: str = "seed") -> int:
+    """The job's seed, checked, or a random one chosen now (so its output name, metadata and
+    any retry agree)."""
+    seed = job.get("seed")
+    if seed is None:
+        seed = job["seed"] = random.randint(0, 2**31 - 1)
+    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise RequestError("seed", f"{job.get('where', '')}{name} must be a whole number between 0 and {MAX_SEED}, "
+                                   f"got {seed}")
+    return seed
+
+
+def pipeline_kwargs(job: Mapping) -> dict:
+    """The job's settings as WanPipeline keywords (the prompts apart)."""
+    width, height = job.get("size") or (None, None)
+    return dict(image=job.get("image"), last_image=job.get("last_image"), video=job.get("video"),
+                strength=job["strength"] if job.get("strength") is not None else 0.8, height=height, width=width,
+                num_frames=job.get("frames"), num_inference_steps=job.get("steps"),
+                guidance_scale=job.get("guidance"), shift=job.get("shift"), sampler=job.get("sampler"),
+                seed=job.get("seed"))
+
+
+def check_job(job: Mapping, files, *, runtime, weights: int, names: Mapping[str, str] | None = None):
+    """The pipeline's own checks of one job for the model `files` (hub.ModelFiles) on
+    `runtime`: inputs read, sizes, frames, ranges, and whether it fits the device beside
+    `weights` bytes already there. Returns (plan, pipeline keywords); raises RequestError
+    naming the pipeline keyword at fault. names: how the face spells each keyword."""
+    from .memory.estimate import check_fits
+
+    request = pipeline_kwargs(job)
+    plan = plan_request(files.model_type, job.get("prompt"), job.get("negative_prompt"), names=names or KEY_NAMES,
+                        model_defaults=files.defaults, **request)
+    try:  # batch 1: guidance runs as two passes when one batch of two does not fit
+        check_fits(files.dit_config, plan.height, plan.width, plan.num_frames, device=runtime.device,
+                   dtype=runtime.dtype, vae_dtype=runtime.vae_dtype, weights=weights, batch=1)
+    except ValueError as err:
+        raise RequestError("height", str(err)) from None
+    return plan, request
+
+
+def request_weights(files, runtime, fsdp_ranks: int = 1) -> int:
+    """Bytes of weights `runtime` keeps on its device for these model files (what a request's
+    work must fit beside). fsdp_ranks: each rank holds its shard of the DiT and umT5."""
+    from .memory.estimate import weight_bytes
+    from .memory.placement import device_weight_bytes
+
+    per_network = weight_bytes(files.parameter_counts(), runtime.dtype, runtime.vae_dtype, fp8=bool(runtime.quantize))
+    if fsdp_ranks > 1:
+        per_network = {k: v // fsdp_ranks if k in ("dit", "t5") else v for k, v in per_network.items()}
+    return device_weight_bytes(runtime.offload, runtime.device, per_network)

@@ -1,0 +1,235 @@
+"""The REST API under /v1: submit a video job, follow it, fetch the mp4, cancel or delete it.
+A request body has the keys of a `wanx generate --prompts` JSON line and is checked by the
+same code as the CLI before it is queued; a refusal is a 4xx whose `field` names the key."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel
+
+from ..pipeline import RequestError
+from .app import API_TYPES, UPLOADS, UploadError
+from .jobs import STATUSES
+
+router = APIRouter(prefix="/v1", tags=["videos"])
+
+_JSON_TYPES = {str: "string", int: "integer", float: "number", list: "array"}
+_DESCRIPTIONS = {
+    "prompt": "what the video shows", "negative_prompt": "what to avoid (default: the official negative prompt)",
+    "seed": "0..2**64-1 (default: random, returned in the settings)", "strength": "video-to-video: 0..1",
+    "size": "WIDTHxHEIGHT, multiples of 16, e.g. 832x480", "frames": "4k+1, e.g. 81",
+    "steps": "sampling steps (default 50; 40 for I2V)", "guidance": "1..30 (1: off)", "shift": "schedule shift",
+    "sampler": "unipc, dpm++ or euler", "teacache": "TeaCache threshold for this job (0 skips nothing)",
+    "loras": 'LoRAs from the server\'s --loras folder: [{"name": "style.safetensors", "strength": 0.8}]',
+}
+REQUEST_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["prompt"],
+    "properties": {key: {"type": _JSON_TYPES[kinds[-1] if kinds[-1] is float else kinds[0]],
+                         "description": _DESCRIPTIONS.get(key, key)} for key, kinds in API_TYPES.items()},
+}
+REQUEST_SCHEMA["properties"]["loras"]["items"] = {
+    "type": "object", "required": ["name"],
+    "properties": {"name": {"type": "string"}, "strength": {"type": "number"}}}
+_MULTIPART_SCHEMA = {
+    "type": "object", "required": ["request"],
+    "properties": {"request": {"type": "string", "description": "the JSON request, as for application/json"},
+                   **{field: {"type": "string", "format": "binary"} for field in UPLOADS}},
+}
+_ERROR = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+
+
+class Problem(BaseModel):
+    detail: str
+    field: str | None = None
+
+
+class Progress(BaseModel):
+    step: int | None
+    total: int | None
+    eta_s: float | None = None
+
+
+class Job(BaseModel):
+    id: str
+    status: Literal["queued", "running", "done", "failed", "cancelled", "interrupted"]
+    progress: Progress | None = None
+    request: dict[str, Any]
+    settings: dict[str, Any] | None = None
+    error: str | None = None
+    attempts: int
+    events: list[str]
+    inputs: list[str]
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    cancelling: bool = False
+
+
+class JobList(BaseModel):
+    videos: list[Job]
+    counts: dict[str, int]
+
+
+class Submitted(BaseModel):
+    id: str
+    status: str
+
+
+class Model(BaseModel):
+    model: str
+    model_type: str
+    tasks: list[str]
+    loras: list[str]
+
+
+def _server(request: Request):
+    return request.app.state.server
+
+
+def problem(status: int, detail: str, field: str | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail, "field": field}, status_code=status)
+
+
+@router.post("/videos", status_code=202, response_model=Submitted,
+             responses={400: _ERROR, 413: _ERROR, 415: _ERROR, 422: _ERROR},
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": REQUEST_SCHEMA},
+                 "multipart/form-data": {"schema": _MULTIPART_SCHEMA}}}})
+async def submit_video(request: Request):
+    """Queue a video. JSON body, or multipart with the JSON in the part `request` and files in
+    `image`, `last_image`, `video`. Answers at once with the job id."""
+    server = _server(request)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    uploads: dict[str, bytes] = {}
+    if kind == "application/json":
+        raw = await request.body()
+        text = raw.decode("utf-8", errors="replace")
+    elif kind in ("multipart/form-data", "application/x-www-form-urlencoded"):  # the latter: no files
+        limit = server.limits.max_upload
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > len(UPLOADS) * limit + 2**20:
+            return problem(413, f"the request is larger than this server takes ({limit / 2**20:.0f} MiB per file)")
+        form = await request.form(max_files=len(UPLOADS), max_fields=1, max_part_size=2**20)
+        try:
+            text = ""
+            for field, value in form.multi_items():
+                if field == "request" and isinstance(value, str):
+                    text = value
+                elif field == "request":
+                    text = (await value.read(2**20)).decode("utf-8", errors="replace")
+                elif isinstance(value, str):
+                    return problem(422, f"{field}: expected an uploaded file", field)
+                elif field in uploads:
+                    return problem(422, f"{field}: given twice", field)
+                else:
+                    data = await value.read(limit + 1)
+                    if len(data) > limit:
+                        return problem(413, f"{field}: the upload is larger than {limit / 2**20:.0f} MiB", field)
+                    uploads[field] = data
+        finally:
+            await form.close()  # the spooled temporary files go now
+        if not text:
+            return problem(422, "the multipart part 'request' (the JSON request) is missing", "request")
+    else:
+        return problem(415, "send the request as application/json, or as multipart/form-data with the JSON in "
+                            "the part 'request' and the files in 'image', 'last_image', 'video'")
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as err:
+        return problem(400, f"the request is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})")
+    try:
+        job_id = await run_in_threadpool(server.submit, body, uploads)
+    except UploadError as err:
+        return problem(err.status, str(err), err.field)
+    except RequestError as err:
+        return problem(422, str(err), err.field or None)
+    return JSONResponse({"id": job_id, "status": "queued"}, status_code=202,
+                        headers={"location": f"/v1/videos/{job_id}"})
+
+
+@router.get("/videos", response_model=JobList)
+def list_videos(request: Request, status: Literal[STATUSES] | None = None,  # type: ignore[valid-type]
+                limit: int = Query(100, ge=1, le=1000)):
+    """Jobs, newest first, and how many there are of each status."""
+    server = _server(request)
+    return {"videos": server.queue.list(status, limit), "counts": server.queue.counts()}
+
+
+@router.get("/videos/{video_id}", response_model=Job, responses={404: _ERROR})
+def get_video(request: Request, video_id: str):
+    """A job: status, progress (step, total, ETA in seconds), settings, error."""
+    job = _server(request).queue.get(video_id)
+    if job is None:
+        return problem(404, f"no video job {video_id!r}", "video_id")
+    return job
+
+
+@router.get("/videos/{video_id}/content", response_class=FileResponse,
+            responses={200: {"content": {"video/mp4": {}}}, 404: _ERROR, 409: _ERROR})
+def get_content(request: Request, video_id: str):
+    """The finished mp4."""
+    server = _server(request)
+    job = server.queue.get(video_id)
+    if job is None:
+        return problem(404, f"no video job {video_id!r}", "video_id")
+    if job["status"] != "done":
+        return problem(409, f"job {video_id} is {job['status']}: no video yet" if job["status"] in ("queued", "running")
+                       else f"job {video_id} is {job['status']}: it has no video")
+    path = server.queue.output_path(job["id"])  # the server's own id, never the client's text
+    if not path.is_file():
+        return problem(404, f"the video of job {video_id} is gone from the outputs folder")
+    return FileResponse(path, media_type="video/mp4", filename=f"{job['id']}.mp4")
+
+
+@router.get("/videos/{video_id}/preview", responses={200: {"content": {"image/png": {}}}, 404: _ERROR})
+def get_preview(request: Request, video_id: str):
+    """A cheap look at the running job's current latents (no decoding), as a PNG strip."""
+    from PIL import Image
+
+    frames = _server(request).queue.preview(video_id)
+    if frames is None:
+        return problem(404, f"no preview for {video_id!r}: only a running job has one")
+    buffer = io.BytesIO()
+    Image.fromarray(preview_strip(frames)).save(buffer, format="PNG")
+    return Response(buffer.getvalue(), media_type="image/png")
+
+
+@router.delete("/videos/{video_id}", responses={202: {"model": Job}, 404: _ERROR})
+def delete_video(request: Request, video_id: str):
+    """A queued or running job is cancelled (a running one at its next step: 202); a finished
+    one is deleted with its files."""
+    queue = _server(request).queue
+    job = queue.get(video_id)
+    if job is None:
+        return problem(404, f"no video job {video_id!r}", "video_id")
+    if job["status"] in ("queued", "running") or (job["status"] == "interrupted" and job["attempts"] <= queue.retries):
+        return JSONResponse(queue.cancel(job["id"]), status_code=202)
+    try:
+        queue.delete(job["id"])
+    except RuntimeError as err:  # it started in between
+        raise HTTPException(409, str(err)) from None
+    return {"id": job["id"], "deleted": True}
+
+
+@router.get("/model", response_model=Model)
+def get_model(request: Request):
+    """The loaded model, the tasks it runs and the LoRAs a request may name."""
+    server = _server(request)
+    return {"model": server.model_name, "model_type": server.model_type, "tasks": list(server.tasks),
+            "loras": server.lora_names()}
+
+
+def preview_strip(frames, height: int = 96):
+    """Latent preview frames `[F, h, w, 3]` side by side, scaled up (nearest) to about `height`."""
+    import numpy as np
+
+    scale = max(1, round(height / frames.shape[1]))
+    frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+    gap = np.full((frames.shape[1], 2, 3), 255, np.uint8)
+    return np.concatenate([part for frame in frames for part in (frame, gap)][:-1], axis=1)

@@ -1,0 +1,403 @@
+"""`wanx serve`: one process holding one model, the job queue, the REST API under /v1 and the
+web UI at /. The API and the UI check and submit requests through the same `Server.submit`,
+whose checks are the CLI's (`wanx.request`), and one worker runs the queue."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from http.cookies import SimpleCookie
+from pathlib import Path
+from urllib.parse import parse_qs, urlencode
+
+from ..pipeline import RequestError
+from ..request import KEY_NAMES, KEY_TYPES, PIPELINE_KEYS, check_job, fix_seed, parse_job, pipeline_kwargs
+from .jobs import INPUTS, JobQueue
+
+# Tasks a model of each type can run, and their names in the UI.
+TASKS = {"t2v": ("t2v", "v2v"), "i2v": ("i2v",), "flf2v": ("flf2v",)}
+TASK_NAMES = {"t2v": "Text to video", "i2v": "Image to video", "flf2v": "First and last frame", "v2v": "Video to video"}
+UPLOADS = ("image", "last_image", "video")  # request keys that only come as uploaded files
+# A POST body: a --prompts JSON line less `output` (the server names every file) and less the
+# input paths (uploaded instead), plus what the server chooses per job.
+API_TYPES = {**{k: v for k, v in KEY_TYPES.items() if k not in ("output", *UPLOADS)},
+             "loras": (list,), "teacache": (int, float)}
+LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+MAX_STEPS = 1000  # the queue is shared: one request cannot hold it for days
+MAX_FRAMES = 1001
+# Upload kinds by their first bytes (never by the client's name or content type).
+_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"GIF87a", ".gif"), (b"GIF89a", ".gif"),
+                (b"BM", ".bmp"))
+_VIDEO_MAGIC = ((b"\x1a\x45\xdf\xa3", ".webm"), (b"GIF87a", ".gif"), (b"GIF89a", ".gif"))
+
+
+class UploadError(ValueError):
+    """An upload refused for its size (413) or kind (415)."""
+
+    def __init__(self, field: str, message: str, status: int):
+        super().__init__(message)
+        self.field, self.status = field, status
+
+
+def upload_suffix(field: str, head: bytes) -> str:
+    """The file suffix the server gives an upload, from its first bytes; UploadError (415)
+    when it is not an image (image, last_image) or a video (video) wanx reads."""
+    if field == "video":
+        if head[4:8] == b"ftyp":  # mp4 / mov
+            return ".mp4"
+        kinds, what = _VIDEO_MAGIC, "an mp4, mov, webm or gif video"
+    else:
+        if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+            return ".webp"
+        kinds, what = _IMAGE_MAGIC, "a PNG, JPEG, WebP, GIF or BMP image"
+    for magic, suffix in kinds:
+        if head.startswith(magic):
+            return suffix
+    raise UploadError(field, f"{field}: the upload is not {what}", 415)
+
+
+@dataclass
+class Limits:
+    max_upload: int = 100 * 2**20  # bytes per uploaded file
+    max_steps: int = MAX_STEPS
+    max_frames: int = MAX_FRAMES
+
+
+class Server:
+    """The loaded pipeline, its queue and the request checks: what the API and the UI share.
+
+    pipe: a loaded WanPipeline (or None with `files` and `runtime` for a server that only
+    queues, as in tests of the API alone). loras: a folder of LoRA files the requests may name."""
+
+    def __init__(self, pipe, files, runtime, outputs: str | Path, *, loras: str | Path | None = None,
+                 token: str | None = None, limits: Limits | None = None, model_name: str | None = None):
+        from ..request import request_weights
+
+        self.pipe, self.files, self.runtime = pipe, files, runtime
+        self.outputs = Path(outputs)
+        self.loras_dir = Path(loras) if loras else None
+        self.token = token or None
+        self.limits = limits or Limits()
+        self.model_name = model_name or str(files.folder)
+        self.weights = request_weights(files, runtime)
+        self.queue = JobQueue(self.outputs, self.run)
+        self._applied_loras: tuple = ()
+        self._meta_dit = None
+        self._default_cache = pipe.step_cache if pipe is not None else None
+
+    @property
+    def model_type(self) -> str:
+        return self.files.model_type
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return TASKS[self.model_type]
+
+    def lora_names(self) -> list[str]:
+        """LoRA files in the --loras folder, by name: a request names one of these, never a path."""
+        if self.loras_dir is None or not self.loras_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.loras_dir.iterdir() if p.is_file() and p.suffix.lower() in LORA_SUFFIXES)
+
+    # -- requests ---------------------------------------------------------------------------
+    def submit(self, body, uploads: dict[str, tuple[bytes, str] | Path] | None = None) -> str:
+        """Check a request and queue it; returns the job id. body: the JSON object; uploads:
+        field -> the uploaded bytes (or a file the UI received). Raises RequestError or
+        UploadError naming the field; then nothing is queued and no file stays behind."""
+        uploads = {k: v for k, v in (uploads or {}).items() if v is not None}
+        if isinstance(body, dict):
+            given = [k for k in UPLOADS if k in body]
+            if given:
+                raise RequestError(given[0], f"{given[0]}: upload the file as the multipart part {given[0]!r}; "
+                                             "the server reads no path from a request")
+        job = parse_job(body, types=API_TYPES)
+        unknown = set(uploads) - set(UPLOADS)
+        if unknown:
+            name = sorted(unknown)[0]
+            raise RequestError(name, f"unknown upload {name!r}; uploads are {', '.join(UPLOADS)}")
+        job_id = self.queue.new_id()
+        saved: list[Path] = []
+        try:
+            inputs = {}
+            for field, data in uploads.items():
+                path = self._save_upload(job_id, field, data)
+                saved.append(path)
+                inputs[field] = path.name
+                job[field] = str(path)
+            self.check(job)
+            request = {k: v for k, v in job.items() if k not in UPLOADS}
+            if request.get("size"):
+                request["size"] = "{}x{}".format(*request["size"])
+            self.queue.submit(request, inputs=inputs, job_id=job_id)
+        except BaseException:
+            for path in saved:  # a refused request leaves nothing behind
+                path.unlink(missing_ok=True)
+            raise
+        return job_id
+
+    def check(self, job: dict) -> None:
+        """The CLI's checks (wanx.request) and the server's own limits; RequestError names the key."""
+        fix_seed(job)
+        if job.get("steps") is not None and job["steps"] > self.limits.max_steps:
+            raise RequestError("steps", f"steps must be at most {self.limits.max_steps} on this server, "
+                                        f"got {job['steps']}")
+        if job.get("frames") is not None and job["frames"] > self.limits.max_frames:
+            raise RequestError("frames", f"frames must be at most {self.limits.max_frames} on this server, "
+                                         f"got {job['frames']}")
+        if job.get("teacache") is not None and job["teacache"] < 0:
+            raise RequestError("teacache", f"teacache is a threshold >= 0 (0 skips nothing), got {job['teacache']}")
+        job["loras"] = self._check_loras(job.get("loras"))
+        try:
+            check_job(job, self.files, runtime=self.runtime, weights=self.weights, names=KEY_NAMES)
+        except RequestError as err:
+            raise RequestError(PIPELINE_KEYS.get(err.field, err.field), _without_paths(str(err), job)) from None
+        except (ValueError, FileNotFoundError) as err:  # an input file the readers refused
+            raise RequestError("", _without_paths(str(err), job)) from None
+
+    def _check_loras(self, loras) -> list[dict]:
+        if not loras:
+            return []
+        available = self.lora_names()
+        checked = []
+        for entry in loras:
+            if isinstance(entry, str):
+                entry = {"name": entry}
+            if not isinstance(entry, dict) or set(entry) - {"name", "strength"} or not isinstance(entry.get("name"), str):
+                raise RequestError("loras", 'loras must be a list of {"name": FILE, "strength": NUMBER}')
+            strength = entry.get("strength", 1.0)
+            if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not -10 <= strength <= 10:
+                raise RequestError("loras", f"loras: strength must be a number in [-10, 10], got {strength!r}")
+            if entry["name"] not in available:
+                known = ", ".join(available) or "none: start the server with --loras FOLDER"
+                raise RequestError("loras", f"loras: no LoRA named {entry['name']!r}; available: {known}")
+            self._check_lora_fits(entry["name"])
+            checked.append({"name": entry["name"], "strength": float(strength)})
+        return checked
+
+    def _check_lora_fits(self, name: str) -> None:
+        """The LoRA file read and matched against this model's DiT (shapes only, on the meta
+        device), as `wanx generate --lora` does, so a misfit is refused before it is queued."""
+        import torch
+
+        from ..lora import read_lora
+        from ..lora.apply import match
+        from ..models.transformer import WanDiT
+
+        if self._meta_dit is None:
+            with torch.device("meta"):
+                self._meta_dit = WanDiT(self.files.dit_config)
+        try:
+            match(self._meta_dit, read_lora(self.loras_dir / name))
+        except Exception as err:  # any unreadable or misfitting file: the request names it
+            raise RequestError("loras", f"loras: {name}: {str(err).replace(str(self.loras_dir / name), name)}") from None
+
+    def _save_upload(self, job_id: str, field: str, data) -> Path:
+        """Copy an upload under a server-made name, after checking its size and kind."""
+        if isinstance(data, (str, Path)):
+            size = Path(data).stat().st_size
+            with open(data, "rb") as fh:
+                head = fh.read(16)
+        else:
+            size, head = len(data), bytes(data[:16])
+        if size > self.limits.max_upload:
+            raise UploadError(field, f"{field}: the upload is {size / 2**20:.1f} MiB; this server takes at most "
+                                     f"{self.limits.max_upload / 2**20:.0f} MiB", 413)
+        if size == 0:
+            raise UploadError(field, f"{field}: the upload is empty", 422)
+        path = self.queue.input_path(job_id, field, upload_suffix(field, head))
+        tmp = path.with_name(f".{path.name}.partial")
+        try:
+            if isinstance(data, (str, Path)):
+                shutil.copyfile(data, tmp)
+            else:
+                tmp.write_bytes(data)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    # -- the worker's side ------------------------------------------------------------------
+    def run(self, job: dict, on_step):
+        """Make one job's video with the loaded pipeline (the queue's runner)."""
+        request = dict(job["request"])
+        if request.get("size"):
+            request["size"] = tuple(int(v) for v in request["size"].split("x"))
+        for field, name in job["input_files"].items():
+            request[field] = str(self.queue.folder / INPUTS / name)
+        self._use_loras(request.get("loras") or [])
+        if request.get("teacache") is not None:
+            self.pipe.enable_cache("teacache", float(request["teacache"]))
+        else:
+            self.pipe.step_cache = self._default_cache
+        video = self.pipe(request.get("prompt"), request.get("negative_prompt"), progress=False, callback=on_step,
+                          **pipeline_kwargs(request))
+        video.metadata["model"] = self.model_name
+        return video
+
+    def _use_loras(self, loras: list[dict]) -> None:
+        """Apply the job's LoRAs, keeping them when the next job asks for the same ones."""
+        wanted = tuple((entry["name"], entry["strength"]) for entry in loras)
+        if wanted == self._applied_loras:
+            return
+        if self._applied_loras:
+            self.pipe.unload_lora()
+        self._applied_loras = ()
+        try:
+            for name, strength in wanted:
+                self.pipe.load_lora(self.loras_dir / name, strength, name=Path(name).stem)
+        except BaseException:  # none half-applied: the next job must see the base weights
+            self.pipe.unload_lora()
+            raise
+        self._applied_loras = wanted
+
+    def authorised(self, supplied: str | None) -> bool:
+        return self.token is None or (supplied is not None and hmac.compare_digest(supplied.encode(), self.token.encode()))
+
+
+def _without_paths(message: str, job: dict) -> str:
+    """The pipeline names an input by its path; the client knows it by its field."""
+    for field in UPLOADS:
+        if job.get(field):
+            message = message.replace(str(job[field]), field)
+    return message
+
+
+# -- the ASGI app ---------------------------------------------------------------------------
+COOKIE = "wanx_token"
+
+
+class TokenGate:
+    """With --token, every request needs it: `Authorization: Bearer TOKEN` (programs), or the
+    cookie a browser gets by opening any page once with `?token=TOKEN` (HttpOnly, SameSite=Strict,
+    so other sites' pages cannot use it). Without --token everything passes."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket") or self.server.token is None:
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        auth = headers.get("authorization", "")
+        bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+        cookie = SimpleCookie()
+        try:
+            cookie.load(headers.get("cookie", ""))
+        except Exception:  # a malformed cookie header is no token
+            pass
+        from_cookie = cookie[COOKIE].value if COOKIE in cookie else None
+        if self.server.authorised(bearer) or self.server.authorised(from_cookie):
+            return await self.app(scope, receive, send)
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        if scope["type"] == "http" and self.server.authorised((query.get("token") or [None])[0]):
+            rest = urlencode({k: v for k, v in query.items() if k != "token"}, doseq=True)
+            location = scope.get("root_path", "") + scope["path"] + (f"?{rest}" if rest else "")
+            return await _respond(send, 303, b"", [(b"location", location.encode()), (
+                b"set-cookie", f"{COOKIE}={self.server.token}; Path=/; HttpOnly; SameSite=Strict".encode())])
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        body = json.dumps({"detail": "this server needs its token: send 'Authorization: Bearer TOKEN' "
+                                     "(in a browser, open /?token=TOKEN once)"}).encode()
+        await _respond(send, 401, body, [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")])
+
+
+async def _respond(send, status: int, body: bytes, headers: list) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(server: Server, *, ui: bool = True, worker: bool = True):
+    """The FastAPI app: /v1 (API and its OpenAPI schema at /v1/openapi.json), the web UI at /,
+    behind the token gate. worker: run the queue while the app runs (lifespan)."""
+    import contextlib
+
+    from fastapi import FastAPI
+
+    from .api import router
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if worker:
+            server.queue.start()
+        try:
+            yield
+        finally:
+            if worker:
+                server.queue.stop()
+
+    app = FastAPI(title="wanx", summary=f"Wan2.1 video jobs: {server.model_name} ({server.model_type})",
+                  version=_version(), openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None,
+                  lifespan=lifespan)
+    app.state.server = server
+    app.include_router(router)
+    if ui:
+        import gradio as gr
+
+        from .ui import build_ui
+
+        app = gr.mount_gradio_app(app, build_ui(server), path="", allowed_paths=[str(server.outputs.resolve())],
+                                  footer_links=["api"], max_file_size=server.limits.max_upload)
+    app.add_middleware(TokenGate, server=server)
+    return app
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def serve(args) -> int:
+    """`wanx serve`: check everything, load the model once, then serve until Ctrl-C."""
+    import os
+    import time
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the UI makes no calls out
+    import uvicorn
+
+    from ..hub import find_components, resolve_model
+    from ..pipeline import WanPipeline
+    from ..runtime import Runtime
+
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_upload_mb <= 0:
+        raise ValueError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    if args.loras and not Path(args.loras).is_dir():
+        raise FileNotFoundError(f"--loras {args.loras}: no such folder")
+    if args.token is not None and not re.fullmatch(r"[A-Za-z0-9._~+/=-]{8,}", args.token):
+        # it travels in a header and a cookie: no spaces, quotes or separators
+        raise ValueError("--token must be at least 8 characters of letters, digits and . _ ~ + / = -")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.token is None:
+        print(f"wanx serve: listening on {args.host} without --token: anyone who reaches this port can "
+              "submit jobs", file=sys.stderr)
+    if args.teacache is not None and args.magcache is not None:
+        raise ValueError("choose one step cache: --teacache or --magcache")
+    cache = "teacache" if args.teacache is not None else "magcache" if args.magcache is not None else None
+    threshold = args.teacache if args.teacache is not None else args.magcache
+    runtime = Runtime.create(args.device, args.dtype, offload=args.offload, vram_budget=args.vram_budget,
+                             quantize="fp8" if args.fp8 else None, t5_device=args.t5_device, cache=cache,
+                             cache_threshold=None if threshold == "auto" else threshold,
+                             cache_calibration=args.cache_calibration, compile=args.compile, attention=args.attention)
+    files = find_components(resolve_model(args.model, source=args.source), dit=args.dit)
+    outputs = Path(args.outputs)
+    outputs.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    pipe = WanPipeline.from_files(files, runtime=runtime, progress=not args.quiet)
+    pipe.name = args.model
+    if not args.quiet:
+        print(f"loading: {time.perf_counter() - start:.1f} s ({files.model_type} on {runtime.device})", file=sys.stderr)
+    server = Server(pipe, files, runtime, outputs, loras=args.loras, token=args.token,
+                    limits=Limits(max_upload=int(args.max_upload_mb * 2**20)), model_name=args.model)
+    app = create_app(server, ui=not args.no_ui)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"wanx serve: http://{host}:{args.port}/  (API: /v1, schema: /v1/openapi.json; outputs in {outputs})",
+          file=sys.stderr, flush=True)
+    # no access log: the UI polls once a second per open page
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info", access_log=False)
+    return 0

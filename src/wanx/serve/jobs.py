@@ -1,0 +1,329 @@
+"""The job queue of `wanx serve`: jobs persisted in SQLite in the outputs folder and run one
+at a time by a worker thread (one model, loaded once).
+
+A job moves queued -> running -> done | failed | cancelled. A restart finds the job that was
+running when the process died, marks it interrupted and runs it once more (then it is left
+interrupted); queued jobs simply run. Outputs are written to a temporary name and renamed
+(`Video.save`), the settings JSON beside them the same way, so a reader never sees half a file.
+Cancelling a running job stops it at the next sampling step (the pipeline's step callback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
+FINAL = ("done", "failed", "cancelled")
+DB_FILE = "jobs.sqlite"
+INPUTS = "inputs"  # uploaded images and videos, under server-made names
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,   -- submission order: the queue runs in it
+    id TEXT UNIQUE NOT NULL,
+    status TEXT NOT NULL,
+    request TEXT NOT NULL,                   -- the checked settings, JSON
+    inputs TEXT NOT NULL DEFAULT '{}',       -- field -> file name under inputs/
+    settings TEXT,                           -- what the video was made with (its metadata), JSON
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    events TEXT NOT NULL DEFAULT '[]',       -- [status, unix time] as the job moved
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL
+)
+"""
+
+
+class Cancelled(Exception):
+    """Raised from the step callback to stop a job the user cancelled."""
+
+
+class _Stopping(Exception):
+    """Raised from the step callback when the server shuts down: the job goes back to queued."""
+
+
+# runner(job, on_step) -> a wanx.video.Video; on_step(step, total, latents) after each step
+Runner = Callable[[dict, Callable[[int, int, object], None]], object]
+
+
+class JobQueue:
+    """Jobs in `folder/jobs.sqlite`, videos as `folder/<id>.mp4` with `folder/<id>.json`.
+
+    runner: makes the video of one job (the server's pipeline call). retries: how many times a
+    job interrupted by a crash is run again."""
+
+    def __init__(self, folder: str | Path, runner: Runner, *, retries: int = 1):
+        self.folder = Path(folder)
+        (self.folder / INPUTS).mkdir(parents=True, exist_ok=True)
+        self.runner, self.retries = runner, retries
+        # one connection shared by the HTTP threads and the worker, serialised by a lock
+        self._db = sqlite3.connect(self.folder / DB_FILE, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        self._wake = threading.Condition()
+        self._cancel: set[str] = set()
+        self._progress: dict[str, dict] = {}  # the running job: step, total, times
+        self._latents: dict[str, object] = {}  # its latest latents, for a preview on request
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        for stale in self.folder.glob(".*.partial"):  # half-written by a process that died
+            stale.unlink(missing_ok=True)
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")  # readers do not wait for the worker's writes
+            self._db.execute(_SCHEMA)
+            # A job still 'running' belongs to a process that died: it was interrupted.
+            for row in self._db.execute("SELECT id FROM jobs WHERE status = 'running'").fetchall():
+                self._set(row["id"], "interrupted", error="the server stopped while this job ran")
+
+    # -- submitting and reading -------------------------------------------------------------
+    @staticmethod
+    def new_id() -> str:
+        """A server-made id: it also names the job's files, so no client text reaches a path."""
+        return secrets.token_hex(8)
+
+    def input_path(self, job_id: str, field: str, suffix: str) -> Path:
+        return self.folder / INPUTS / f"{job_id}-{field}{suffix}"
+
+    def output_path(self, job_id: str) -> Path:
+        return self.folder / f"{job_id}.mp4"
+
+    def submit(self, request: dict, *, inputs: dict[str, str] | None = None, job_id: str | None = None) -> str:
+        job_id = job_id or self.new_id()
+        now = time.time()
+        with self._lock:
+            self._db.execute("INSERT INTO jobs (id, status, request, inputs, events, created) VALUES (?, ?, ?, ?, ?, ?)",
+                             (job_id, "queued", json.dumps(request), json.dumps(inputs or {}),
+                              json.dumps([["queued", now]]), now))
+        with self._wake:
+            self._wake.notify()
+        return job_id
+
+    def get(self, job_id: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return self._public(row) if row else None
+
+    def list(self, status: str | None = None, limit: int = 100) -> list[dict]:
+        """Newest first."""
+        with self._lock:
+            if status:
+                rows = self._db.execute("SELECT * FROM jobs WHERE status = ? ORDER BY seq DESC LIMIT ?",
+                                        (status, limit)).fetchall()
+            else:
+                rows = self._db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+        return [self._public(row) for row in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetchall()
+        return {row["status"]: row["n"] for row in rows}
+
+    def cancel(self, job_id: str) -> dict | None:
+        """A queued job is cancelled at once; a running one at its next sampling step."""
+        with self._lock:
+            row = self._db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            if row["status"] in ("queued", "interrupted"):
+                self._set(job_id, "cancelled", finished=time.time())
+                self._remove_inputs(job_id)
+            elif row["status"] == "running":
+                self._cancel.add(job_id)
+        return self.get(job_id)
+
+    def delete(self, job_id: str) -> bool:
+        """Remove a finished job with its files. False when there is no such job."""
+        with self._lock:
+            row = self._db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return False
+            if row["status"] not in FINAL and row["status"] != "interrupted":
+                raise RuntimeError(f"job {job_id} is {row['status']}: cancel it first")
+            self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        for path in (self.output_path(job_id), self.output_path(job_id).with_suffix(".json")):
+            path.unlink(missing_ok=True)
+        self._remove_inputs(job_id)
+        return True
+
+    def preview(self, job_id: str) -> np.ndarray | None:
+        """The running job's current latents as RGB frames (see latent_preview), or None."""
+        latents = self._latents.get(job_id)
+        return None if latents is None else latent_preview(latents)
+
+    # -- the worker -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._work, name="wanx-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 30) -> None:
+        """Stop after the current step; the job that was running goes back to the queue."""
+        self._stop.set()
+        with self._wake:
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._lock:
+            self._db.close()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once nothing is queued or running (for tests and scripts)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            counts = self.counts()
+            if not counts.get("queued") and not counts.get("running") and not self._retryable():
+                return True
+            time.sleep(0.05)
+        return False
+
+    def _retryable(self) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM jobs WHERE status = 'interrupted' AND attempts <= ?",
+                                    (self.retries,)).fetchone() is not None
+
+    def _claim(self) -> dict | None:
+        """The oldest job to run (queued, or interrupted with a retry left), marked running."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE status = 'queued' OR (status = 'interrupted' AND "
+                                   "attempts <= ?) ORDER BY seq LIMIT 1", (self.retries,)).fetchone()
+            if row is None:
+                return None
+            self._db.execute("UPDATE jobs SET attempts = attempts + 1 WHERE id = ?", (row["id"],))
+            self._set(row["id"], "running", started=time.time(), error=None)
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
+            return {**self._public(row), "input_files": json.loads(row["inputs"])}
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            job = self._claim()
+            if job is None:
+                with self._wake:
+                    self._wake.wait(0.5)
+                continue
+            self._run(job)
+
+    def _run(self, job: dict) -> None:
+        job_id = job["id"]
+        self._progress[job_id] = {"step": 0, "total": None, "since": time.monotonic(), "first": None}
+
+        def on_step(step: int, total: int, latents) -> None:
+            now = time.monotonic()
+            progress = self._progress[job_id]
+            if progress["first"] is None:  # the ETA counts from the first step: text encoding is not a step
+                progress["first"] = (now, step)
+            progress.update(step=step, total=total, at=now)
+            self._latents[job_id] = latents
+            if job_id in self._cancel:
+                raise Cancelled
+            if self._stop.is_set():
+                raise _Stopping
+
+        try:
+            video = self.runner(job, on_step)
+            out = self.output_path(job_id)
+            video.save(out)  # a temporary name, then renamed
+            settings = {**video.metadata, "id": job_id, "request": job["request"]}
+            _write_atomic(out.with_suffix(".json"), json.dumps(settings, indent=2, ensure_ascii=False))
+            with self._lock:
+                self._set(job_id, "done", finished=time.time(), settings=json.dumps(settings))
+        except Cancelled:
+            with self._lock:
+                self._set(job_id, "cancelled", finished=time.time())
+        except _Stopping:
+            with self._lock:  # not this job's fault: it runs again on the next start, as if never started
+                self._db.execute("UPDATE jobs SET attempts = attempts - 1 WHERE id = ?", (job_id,))
+                self._set(job_id, "queued")
+        except Exception as err:  # the job failed, the server goes on
+            traceback.print_exc(file=sys.stderr)
+            with self._lock:
+                self._set(job_id, "failed", finished=time.time(), error=_one_line(err))
+        finally:
+            self._cancel.discard(job_id)
+            self._progress.pop(job_id, None)
+            self._latents.pop(job_id, None)
+            if self.get(job_id) and self.get(job_id)["status"] in FINAL:
+                self._remove_inputs(job_id)
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _set(self, job_id: str, status: str, **columns) -> None:
+        """Move a job to `status` (recorded in its events), updating other columns too."""
+        row = self._db.execute("SELECT events FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        events = json.loads(row["events"]) + [[status, time.time()]]
+        sets = ", ".join(f"{k} = ?" for k in ("status", "events", *columns))
+        self._db.execute(f"UPDATE jobs SET {sets} WHERE id = ?",
+                         (status, json.dumps(events), *columns.values(), job_id))
+
+    def _remove_inputs(self, job_id: str) -> None:
+        for path in (self.folder / INPUTS).glob(f"{job_id}-*"):
+            path.unlink(missing_ok=True)
+
+    def _public(self, row: sqlite3.Row) -> dict:
+        job = {"id": row["id"], "status": row["status"], "request": json.loads(row["request"]),
+               "inputs": sorted(json.loads(row["inputs"])), "settings": json.loads(row["settings"] or "null"),
+               "error": row["error"], "attempts": row["attempts"],
+               "events": [status for status, _ in json.loads(row["events"])],
+               "created": row["created"], "started": row["started"], "finished": row["finished"],
+               "progress": None, "cancelling": row["id"] in self._cancel}
+        progress = self._progress.get(row["id"])
+        if row["status"] == "running" and progress is not None:
+            job["progress"] = _progress_view(progress)
+        elif row["status"] == "done" and job["settings"]:
+            steps = job["settings"].get("steps")
+            job["progress"] = {"step": steps, "total": steps, "eta_s": 0.0}
+        return job
+
+
+def _progress_view(progress: dict) -> dict:
+    step, total, first = progress["step"], progress["total"], progress["first"]
+    eta = None
+    if first is not None and total and step > first[1]:
+        per_step = (progress["at"] - first[0]) / (step - first[1])
+        eta = round(per_step * (total - step), 2)
+    return {"step": step, "total": total, "eta_s": eta}
+
+
+def latent_preview(latents, max_frames: int = 6) -> np.ndarray:
+    """A cheap look at latents `[1, 16, F', h, w]` (or `[16, F', h, w]`): their three main
+    directions across the 16 channels (PCA of this very tensor, so it needs no decoder) as
+    RGB, uint8 `[min(F', max_frames), h, w, 3]`. A sign is fixed per direction so colours
+    do not flip from one step to the next."""
+    import torch
+
+    x = latents.detach().float().cpu()
+    if x.ndim == 5:
+        x = x[0]
+    channels, frames = x.shape[:2]
+    pick = torch.linspace(0, frames - 1, min(frames, max_frames)).round().long()
+    x = x[:, pick]  # [16, f, h, w]
+    flat = x.reshape(channels, -1).T  # (N, 16)
+    flat = flat - flat.mean(0)
+    _, vectors = torch.linalg.eigh(flat.T @ flat / max(1, flat.shape[0]))
+    top = vectors[:, -3:].flip(1)  # (16, 3), largest first
+    top = top * torch.sign(top[top.abs().argmax(0), torch.arange(3)])  # the largest entry positive
+    rgb = flat @ top  # (N, 3)
+    scale = rgb.abs().quantile(0.99, dim=0).clamp_min(1e-6)
+    rgb = ((rgb / scale).clamp(-1, 1) + 1) * 127.5
+    return rgb.T.reshape(3, *x.shape[1:]).permute(1, 2, 3, 0).round().to(torch.uint8).numpy()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")

@@ -1,0 +1,234 @@
+"""The web UI of `wanx serve` (Gradio): a tab per task the loaded model runs, prompt and
+settings, LoRAs with strengths, live progress with a latent preview, the queue with cancel,
+and a gallery of past results whose settings can be reused. It submits through
+`Server.submit`, the same checks and queue as the API, so errors read as the CLI's."""
+
+from __future__ import annotations
+
+import functools
+
+import gradio as gr
+
+from ..pipeline import RequestError
+from .app import TASK_NAMES, Server, UploadError
+from .api import preview_strip
+
+SAMPLERS = ["unipc", "dpm++", "euler"]
+GALLERY_SIZE = 12
+_CSS = "#error p { color: #c0392b; font-weight: 600; }"
+
+
+def _number(value, integer: bool):
+    """A text field as a request value: blank -> unset (the default); "5" -> 5. Text that is not
+    a number stays text, so the request check refuses it in its own words, naming the key."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, (int, float)):
+        return int(value) if integer and float(value).is_integer() else value
+    text = value.strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return int(number) if integer and number.is_integer() else number
+
+
+def request_from_form(prompt, negative, size, frames, steps, guidance, shift, sampler, seed, teacache, loras,
+                      strength=None) -> dict:
+    """The form's fields as a POST /v1/videos body (blank fields are left to the defaults)."""
+    body = {"prompt": prompt or None}
+    if negative:
+        body["negative_prompt"] = negative
+    if size and size.strip():
+        body["size"] = size.strip()
+    for key, value, integer in (("frames", frames, True), ("steps", steps, True), ("guidance", guidance, False),
+                                ("shift", shift, False), ("seed", seed, True), ("teacache", teacache, False),
+                                ("strength", strength, False)):
+        value = _number(value, integer)
+        if value is not None:
+            body[key] = value
+    if sampler:
+        body["sampler"] = sampler
+    chosen = [{"name": str(row[0]), "strength": float(row[1])} for row in _rows(loras) if _nonzero(row[1])]
+    if chosen:
+        body["loras"] = chosen
+    return body
+
+
+def _rows(table) -> list:
+    if table is None:
+        return []
+    if hasattr(table, "values"):  # a pandas DataFrame
+        return table.values.tolist()
+    return list(table)
+
+
+def _nonzero(value) -> bool:
+    try:
+        return float(value) != 0
+    except (TypeError, ValueError):
+        return False
+
+
+@functools.lru_cache(maxsize=64)
+def _poster(path: str, mtime: float):
+    """The first frame of a finished video, for the gallery (cached per file version)."""
+    import av
+
+    with av.open(path) as container:
+        for frame in container.decode(video=0):
+            return frame.to_ndarray(format="rgb24")
+    return None
+
+
+def _status_line(job: dict | None) -> str:
+    if job is None:
+        return ""
+    status = job["status"]
+    progress = job.get("progress") or {}
+    if status == "running" and progress.get("total"):
+        eta = progress.get("eta_s")
+        when = f", ETA {eta:.1f} s" if eta is not None else ""
+        return f"**running** {job['id']}: step {progress['step']}/{progress['total']}{when}"
+    if status == "failed":
+        return f"**failed** {job['id']}: {job['error']}"
+    if status == "done":
+        took = (job["finished"] or 0) - (job["started"] or 0)
+        return f"**done** {job['id']} in {took:.1f} s (seed {job['settings'].get('seed')})"
+    return f"**{status}** {job['id']}"
+
+
+def build_ui(server: Server) -> gr.Blocks:
+    queue = server.queue
+    lora_names = server.lora_names()
+    with gr.Blocks(title=f"wanx: {server.model_name}") as ui:
+        gr.HTML(f"<style>{_CSS}</style>")
+        gr.Markdown(f"## wanx &middot; {server.model_name} ({server.model_type})")
+        task = gr.State(server.tasks[0])
+        job_id = gr.State(None)  # the job this page submitted last
+        shown = gr.State(None)  # the job whose video is on show (sent once, not at every tick)
+        gallery_ids = gr.State([])
+        inputs = {}
+        with gr.Tabs():
+            for name in server.tasks:
+                with gr.Tab(TASK_NAMES[name], id=name) as tab:
+                    if name in ("i2v", "flf2v"):
+                        inputs["image"] = gr.Image(label="First frame", type="filepath", elem_id="image")
+                    if name == "flf2v":
+                        inputs["last_image"] = gr.Image(label="Last frame", type="filepath", elem_id="last_image")
+                    if name == "v2v":
+                        inputs["video"] = gr.Video(label="Input video", elem_id="input_video")
+                        inputs["strength"] = gr.Slider(0.05, 1.0, value=0.8, step=0.05, label="Strength")
+                    if name == "t2v":
+                        gr.Markdown("Text only: describe the video below.")
+                tab.select(lambda n=name: n, outputs=task)
+        prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
+        negative = gr.Textbox(label="Negative prompt", placeholder="blank: the official negative prompt of the task",
+                              elem_id="negative")
+        with gr.Accordion("LoRAs", open=bool(lora_names)):
+            loras = gr.Dataframe(headers=["LoRA", "strength"], datatype=["str", "number"],
+                                 value=[[n, 0.0] for n in lora_names] or None, interactive=True,
+                                 label="strength 0: not used" if lora_names else "no --loras folder given")
+        with gr.Accordion("Advanced settings", open=True):
+            with gr.Row():
+                size = gr.Textbox(label="Size (WIDTHxHEIGHT)", placeholder="832x480", elem_id="size")
+                frames = gr.Textbox(label="Frames (4k+1)", placeholder="81", elem_id="frames")
+                steps = gr.Textbox(label="Steps", placeholder="50 (40 for I2V)", elem_id="steps")
+                seed = gr.Textbox(label="Seed", placeholder="random", elem_id="seed")
+            with gr.Row():
+                guidance = gr.Textbox(label="Guidance (1..30)", placeholder="5.0 (5.5 for FLF2V)", elem_id="guidance")
+                shift = gr.Textbox(label="Shift", placeholder="5.0 (3.0 for I2V 480P, 16 for FLF2V)", elem_id="shift")
+                sampler = gr.Dropdown(SAMPLERS, value="unipc", label="Sampler", elem_id="sampler")
+                teacache = gr.Textbox(label="TeaCache threshold", placeholder="off", elem_id="teacache")
+        generate = gr.Button("Generate", variant="primary", elem_id="generate")
+        error = gr.Markdown("", elem_id="error")
+        status = gr.Markdown("", elem_id="status")
+        with gr.Row():
+            preview = gr.Image(label="Preview (latents, no decoding)", interactive=False, elem_id="preview", height=160)
+            result = gr.Video(label="Result", interactive=False, elem_id="result")
+        with gr.Accordion("Queue", open=True):
+            table = gr.Dataframe(headers=["id", "status", "progress", "prompt"], interactive=False, elem_id="queue")
+            with gr.Row():
+                active = gr.Dropdown([], label="Job", elem_id="cancel_job")
+                cancel = gr.Button("Cancel", elem_id="cancel")
+        with gr.Accordion("Gallery (click a result to see it and reuse its settings)", open=True):
+            gallery = gr.Gallery(label="Past results", columns=6, height=220, object_fit="contain", elem_id="gallery")
+            settings = gr.JSON(label="Settings of the chosen result")
+
+        form = [prompt, negative, size, frames, steps, guidance, shift, sampler, seed, teacache, loras]
+        upload_fields = [f for f in ("image", "last_image", "video") if f in inputs]
+
+        def submit(current_task, *values):
+            fields = values[:len(form)]
+            uploads_given = dict(zip(upload_fields, values[len(form):len(form) + len(upload_fields)]))
+            strength_value = values[-1] if "strength" in inputs else None
+            body = request_from_form(*fields, strength=strength_value if current_task == "v2v" else None)
+            # only the active tab's inputs go with the request
+            wanted = {"i2v": ("image",), "flf2v": ("image", "last_image"), "v2v": ("video",)}.get(current_task, ())
+            # a missing one is left out: the pipeline's check names it, in the CLI's words
+            uploads = {f: uploads_given.get(f) for f in wanted if uploads_given.get(f)}
+            if current_task == "v2v" and "video" not in uploads:  # else it would quietly run as text to video
+                return "video: give the input video (video-to-video), or use the Text to video tab", gr.update()
+            try:
+                new_id = server.submit(body, uploads)
+            except (RequestError, UploadError) as err:
+                return str(err), gr.update()
+            return "", new_id
+
+        extra = [inputs[f] for f in upload_fields] + ([inputs["strength"]] if "strength" in inputs else [])
+        generate.click(submit, inputs=[task, *form, *extra], outputs=[error, job_id])
+
+        def refresh(current, on_show, known, chosen):
+            job = queue.get(current) if current else None
+            frames_now = queue.preview(current) if job is not None and job["status"] == "running" else None
+            picture = preview_strip(frames_now) if frames_now is not None else gr.update()
+            video, on_show_next = gr.update(), on_show
+            if job is not None and job["status"] == "done" and on_show != job["id"]:
+                video, on_show_next = str(queue.output_path(job["id"])), job["id"]
+            rows = []
+            for item in queue.list("running", 10) + queue.list("queued", 50)[::-1]:  # the order they will run
+                progress = item.get("progress") or {}
+                done = f"{progress.get('step')}/{progress.get('total')}" if progress.get("total") else ""
+                rows.append([item["id"], item["status"], done, (item["request"].get("prompt") or "")[:60]])
+            ids = [row[0] for row in rows]
+            recent = queue.list("done", GALLERY_SIZE)
+            recent_ids = [item["id"] for item in recent]
+            if recent_ids != known:
+                shown_items = []
+                for item in recent:
+                    path = queue.output_path(item["id"])
+                    if path.is_file():
+                        shown_items.append((_poster(str(path), path.stat().st_mtime),
+                                            (item["request"].get("prompt") or "")[:40]))
+                pictures = gr.update(value=shown_items)
+            else:
+                pictures = gr.update()
+            return (_status_line(job), picture, video, on_show_next, rows or None,
+                    gr.update(choices=ids, value=chosen if chosen in ids else ids[0] if ids else None), pictures,
+                    recent_ids)
+
+        timer = gr.Timer(1.0)  # progress, queue and gallery once a second: light beside the worker
+        timer.tick(refresh, inputs=[job_id, shown, gallery_ids, active],
+                   outputs=[status, preview, result, shown, table, active, gallery, gallery_ids],
+                   show_progress="hidden")
+
+        cancel.click(lambda chosen: queue.cancel(chosen) and None if chosen else None, inputs=active, outputs=None)
+
+        def reuse(known, evt: gr.SelectData):
+            job = queue.get(known[evt.index]) if evt.index is not None and evt.index < len(known) else None
+            if job is None:
+                return [gr.update()] * 10 + [None, gr.update()]
+            request = job["request"]
+            text = {k: "" if request.get(k) is None else str(request[k])
+                    for k in ("frames", "steps", "guidance", "shift", "seed", "teacache")}
+            return (request.get("prompt", ""), request.get("negative_prompt") or "", request.get("size") or "",
+                    text["frames"], text["steps"], text["guidance"], text["shift"], request.get("sampler") or "unipc",
+                    text["seed"], text["teacache"], job["settings"], str(queue.output_path(job["id"])))
+
+        gallery.select(reuse, inputs=gallery_ids, outputs=[prompt, negative, size, frames, steps, guidance, shift,
+                                                           sampler, seed, teacache, settings, result])
+    return ui
