@@ -288,3 +288,12 @@ def test_version_and_download_help():
     help_text = subprocess.run([sys.executable, "-m", "wanx", "download", "--help"], capture_output=True, text=True,
                                check=True).stdout
     assert "Download a Wan2.1 model repository" in help_text
+
+
+def test_cli_names_the_same_request_keys_as_wanx_request():
+    """cli.py spells the --prompts keys out (importing wanx.request loads torch and --help must
+    stay instant); they must stay the keys the shared request check accepts."""
+    from wanx import cli
+    from wanx.request import JOB_KEYS
+
+    assert set(cli._JOB_KEYS) == JOB_KEYS

@@ -41,13 +41,12 @@ def parse_job(obj, *, where: str = "", types: Mapping[str, tuple[type, ...]] = K
     """A JSON object -> the request's settings, `size` as (width, height). Unknown keys and
     values of the wrong type are refused in one line naming the key (`where` goes first).
     types: the keys a face accepts and their types (default those of a --prompts line)."""
-    keys = types
     if not isinstance(obj, dict):
         raise RequestError("", f"{where}a request must be a JSON object such as {{\"prompt\": \"...\"}}")
-    unknown = set(obj) - set(keys)
+    unknown = set(obj) - set(types)
     if unknown:
         raise RequestError(sorted(unknown)[0], f"{where}unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
-                                               f"known: {', '.join(sorted(keys))}")
+                                               f"known: {', '.join(sorted(types))}")
     job = {}
     for key, value in obj.items():
         kinds = types[key]

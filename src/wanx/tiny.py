@@ -256,8 +256,8 @@ def tokenizer_vocabulary(size: int, corpus: Sequence[str] | None = None) -> list
 
     <pad>=0, </s>=1, <unk>=2; then "▁" and every character of the (NFKC-normalised) corpus,
     alone and "▁"-prefixed, so any text made of them can be tokenised; then every whole word,
-    "▁"-prefixed and bare (for unspaced text); then, while there is room, the other substrings of the words ranked by
-    occurrences x (length - 1), ties by the piece itself. Scores follow a fixed rule: -10 per
+    "▁"-prefixed and bare (for unspaced text); then, while there is room, the other substrings
+    of the words ranked by occurrences x (length - 1), ties by the piece itself. Scores follow a fixed rule: -10 per
     piece (the fewest pieces win) plus occurrences / 1024 as the tie-break, all exactly
     representable, so the JSON is the same everywhere.
     """

@@ -220,14 +220,15 @@ def _fingerprint(files) -> str:
     for path in (files.vae, files.text_encoder):
         path = Path(path)
         members = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        digest = hashlib.sha1()
+        digest, total = hashlib.sha1(), 0
         for member in members:
             size = member.stat().st_size
+            total += size
             with open(member, "rb") as fh:
                 for k in range(16):
                     fh.seek(max(0, (size - 65536) * k // 15))
                     digest.update(fh.read(65536))
-        parts.append(f"{path.name}:{sum(m.stat().st_size for m in members)}:{digest.hexdigest()[:12]}")
+        parts.append(f"{path.name}:{total}:{digest.hexdigest()[:12]}")
     tokenizer = Path(files.tokenizer)
     tokenizer = tokenizer / "tokenizer.json" if tokenizer.is_dir() else tokenizer
     if tokenizer.is_file():

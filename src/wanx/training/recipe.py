@@ -265,41 +265,34 @@ def init_weights(dit: nn.Module, generator: torch.Generator) -> None:
         uniform(weight, math.sqrt(6 / (fan_in + fan_out)))
 
     small = {id(m) for e in (dit.text_embedding, dit.time_embedding) for m in e.modules()}
-    done = set()
     for module in dit.modules():
+        own = dict(module.named_parameters(recurse=False))
+        unknown = set(own) - {"weight", "bias"} if isinstance(module, (nn.Linear, nn.Conv3d)) else set()
+        if unknown:  # e.g. a layer a transform swapped in: its extra state has no rule here
+            raise ValueError(f"init_weights: no rule for {type(module).__name__}.{', '.join(sorted(unknown))}")
         if isinstance(module, nn.Linear):
             if id(module) in small:
                 module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.02)
             else:
                 xavier(module.weight)
+            if module.bias is not None:
+                module.bias.zero_()
         elif isinstance(module, nn.Conv3d):
             xavier(module.weight)
             if module.bias is not None:
                 uniform(module.bias, 1 / math.sqrt(module.weight[0].numel()))
-                done.add(id(module.bias))
         elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or "Norm" in type(module).__name__:
-            for name, param in module.named_parameters(recurse=False):
+            for name, param in own.items():
                 param.fill_(1.0 if name == "weight" else 0.0)
-                done.add(id(param))
-            continue
         else:
-            for name, param in module.named_parameters(recurse=False):
+            for name, param in own.items():
                 if name == "modulation":
                     param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(param.shape[-1]))
                 elif name == "emb_pos":
                     param.zero_()
                 else:
                     raise ValueError(f"init_weights: no rule for {type(module).__name__}.{name}")
-                done.add(id(param))
-            continue
-        done.add(id(module.weight))
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            module.bias.zero_()
-            done.add(id(module.bias))
     dit.head.head.weight.zero_()
-    missed = [name for name, param in dit.named_parameters() if id(param) not in done]
-    if missed:
-        raise ValueError(f"init_weights: no rule for {', '.join(missed)}")
 
 
 def checkpointed(block: nn.Module, *inputs):
