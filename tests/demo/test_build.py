@@ -20,6 +20,17 @@ def test_quick_build_runs_every_stage(tmp_path):
     from wanx.hub import find_components
 
     assert find_components(model).model_type == "t2v"
+    # the DiT trains in phases, each from the last; the model folder holds the last, in bf16
+    import torch
+    from safetensors.torch import load_file
+
+    assert len(QUICK.dit_phases) == 2 and (tmp_path / "out" / "run" / "model.safetensors").is_file()
+    last = load_file(str(tmp_path / "out" / "run-2" / "model.safetensors"))
+    shipped = load_file(str(model / "diffusion_pytorch_model.safetensors"))
+    assert shipped.keys() == last.keys()
+    assert all(torch.equal(shipped[k], last[k].to(torch.bfloat16)) for k in last)
+    first = load_file(str(tmp_path / "out" / "run" / "model.safetensors"))
+    assert any(not torch.equal(first[k], last[k]) for k in last)  # the second phase trained
 
 
 def test_evaluation_prompts_cover_the_held_out_combinations_in_both_languages():
