@@ -16,15 +16,17 @@ $(BIN)/.wanx-installed: pyproject.toml
 
 install: $(BIN)/.wanx-installed
 
+# The demo model ships in the package (`--model demo`): 96x96, 17 frames, its own steps and guidance.
 demo: install
-	$(BIN)/wanx generate --model tiny --prompt "a cat walks on the grass" --size 128x96 --frames 17 --steps 10 --seed 0 --output outputs/demo.mp4
+	$(BIN)/wanx generate --model demo --prompt "a red circle moving left on a black background" --seed 0 --output outputs/demo.mp4
 
 test: install
 	$(BIN)/python -m pytest -q
 
 # Rebuild the demo model from nothing with wanx's own tools (dataset, VAE, prepare, train,
-# accuracy report in demo-build/report.json). DEMO_FLAGS=--quick checks the stages in a
-# minute; DEMO_FLAGS=--resume finishes a stopped build; --ship copies the result into the package.
+# accuracy report in demo-build/report.json; about 110 min on 2 CPU cores). DEMO_FLAGS=--quick
+# checks the stages in seconds; --ship copies the result into the package. To finish a stopped
+# build, run `python -m wanx.demo.build demo-build --resume` (this target starts afresh).
 demo-model: install
 	rm -rf demo-build
 	$(BIN)/python -m wanx.demo.build demo-build $(DEMO_FLAGS)
