@@ -41,9 +41,10 @@ class BuildSettings:
     # (steps, crop, frames, batch, peak rate).
     vae_phases: tuple = ((400, 32, 1, 16, 1e-3), (400, 32, 9, 4, 3e-4), (300, 24, 17, 4, 1e-4))
     vae_gate: float = 0.9  # the round trip must keep colour and motion this often, or the build stops
-    # `still_drift`'s weight in the temporal phases. Off: the VAE codes a still black clip with
-    # latent frames 0.4-0.6 apart, and 0.3 from the start of the temporal phases left that at
-    # 0.26-0.55 while the round trip's L1 went 0.07 -> 0.16 and the gate failed (42%).
+    # `still_drift`'s weight in the temporal phases. Off: 0.3 from their start cut the drift of
+    # a still black clip's latent frames (mean |z_t - z_0|, unit-variance latents; the report's
+    # `still_drift`) from 0.6-1.7 to 0.26-0.52, but the round trip's L1 went 0.07 -> 0.16 and
+    # the gate failed (42%).
     vae_still_weight: float = 0.0
     t5_dim: int = 64
     dit_dim: int = 256
