@@ -12,9 +12,12 @@ from pathlib import Path
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .loading import CheckpointError, inspect_checkpoint
+    from .loading.layouts import expert_folders
     from .lora import LoraError, read_lora
 
-    for i, path in enumerate(args.paths):
+    # a Wan2.2 A14B folder: each expert in turn
+    paths = [p for path in args.paths for p in (expert_folders(path) or [path])]
+    for i, path in enumerate(paths):
         if i:
             print()
         try:
@@ -57,6 +60,18 @@ def _threshold(text: str) -> float | str:
     return value
 
 
+def _guidance(text: str) -> tuple[float, ...]:
+    """'5' -> (5.0,); '4.0,3.0' -> (4.0, 3.0): Wan2.2 A14B's high- then low-noise expert."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"a guidance scale such as 5.0, or two for Wan2.2 A14B's experts "
+                                         f"(high noise, low noise) such as 4.0,3.0; got {text!r}")
+    return values
+
+
 def _size(text: str) -> tuple[int, int]:
     """'832x480' (width x height; '*' as in the official CLI works too) -> (width, height)."""
     from .request import parse_size
@@ -71,9 +86,11 @@ def _size(text: str) -> tuple[int, int]:
 FLAGS = {"prompt": "--prompt (or --prompts FILE)", "negative_prompt": "--negative-prompt", "image": "--image",
          "last_image": "--last-image", "video": "--video", "strength": "--strength", "height": "--size height",
          "width": "--size width", "num_frames": "--frames", "num_inference_steps": "--steps",
-         "guidance_scale": "--guidance", "shift": "--shift", "sampler": "--sampler", "seed": "--seed"}
+         "guidance_scale": "--guidance", "shift": "--shift", "sampler": "--sampler", "seed": "--seed",
+         "guidance_scale_low": "--guidance (its second value, the low-noise expert's)", "boundary": "--boundary"}
 _JOB_KEYS = ("prompt", "negative_prompt", "seed", "image", "last_image", "video", "strength", "size", "frames", "steps",
-             "guidance", "shift", "sampler", "output")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
+             "guidance", "shift", "sampler", "output", "guidance_low",
+             "boundary")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
 QUALITY_RANGE = (0, 51)  # libx264 CRF
 
 
@@ -84,9 +101,11 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
 
     from .request import parse_job
 
+    guidance = args.guidance or (None,)
     base = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, image=args.image,
                 last_image=args.last_image, video=args.video, strength=args.strength, size=args.size,
-                frames=args.frames, steps=args.steps, guidance=args.guidance, shift=args.shift, sampler=args.sampler,
+                frames=args.frames, steps=args.steps, guidance=guidance[0], shift=args.shift, sampler=args.sampler,
+                guidance_low=guidance[1] if len(guidance) > 1 else None, boundary=args.boundary,
                 output=None, where="")
     if not args.prompts:
         return [base]
@@ -199,7 +218,7 @@ def _check_loras(specs: list[tuple[str, float]], files) -> list:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .hub import find_components, resolve_model
+    from .hub import find_model
     from .pipeline import WanPipeline
     from .request import check_job, fix_seed, request_weights
     from .runtime import Runtime
@@ -243,7 +262,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              quantize="fp8" if args.fp8 else None, t5_device=args.t5_device, cache=cache,
                              cache_threshold=None if threshold == "auto" else threshold,
                              cache_calibration=args.cache_calibration, compile=args.compile, attention=args.attention)
-    files = find_components(resolve_model(args.model, source=args.source), dit=args.dit)
+    files = find_model(args.model, dit=args.dit, dit_low=args.model_low, source=args.source)
+    if files.moe and (cache is not None or world is not None):
+        raise ValueError("two experts (Wan2.2 A14B) do not run with step caching or on several ranks yet")
     if world is not None:
         from .distributed import check_plan
 
@@ -282,7 +303,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if writer:
                 print(f"parallel: {plan.describe()}", file=sys.stderr)
         if not args.quiet:
-            print(f"loading: {time.perf_counter() - start:.1f} s ({files.model_type} on {runtime.device}, "
+            experts = ", two experts" if files.moe else ""
+            print(f"loading: {time.perf_counter() - start:.1f} s ({files.model_type}{experts} on {runtime.device}, "
                   f"{str(runtime.dtype).removeprefix('torch.')})", file=sys.stderr)
         for job, request, out in zip(jobs, requests, outputs):
             video = pipe(job["prompt"], job["negative_prompt"], progress=not args.quiet, **request)
@@ -564,9 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "text (T2V), --image (I2V), --image + --last-image (FLF2V), --video (video-to-video "
                                      "with a T2V model). Unset options take the official defaults of the task.")
     gen.add_argument("--model", required=True,
-                     help="model folder (official or diffusers layout), a model id such as Wan-AI/Wan2.1-T2V-1.3B "
-                          "(downloaded), demo (the trained demo model in the package: shapes, 96x96), or tiny / "
-                          "tiny-i2v / tiny-flf2v (random weights, offline)")
+                     help="model folder (official or diffusers layout), a model id such as Wan-AI/Wan2.1-T2V-1.3B or "
+                          "Wan-AI/Wan2.2-T2V-A14B (downloaded), a DiT file whose folder holds the other components, "
+                          "demo (the trained demo model in the package: shapes, 96x96), or tiny / tiny-i2v / "
+                          "tiny-flf2v / tiny-moe (random weights, offline; tiny-moe has Wan2.2's two experts)")
     gen.add_argument("--prompt", help="what the video shows")
     gen.add_argument("--negative-prompt", help="what to avoid (default: the official negative prompt of the task)")
     gen.add_argument("--prompts", metavar="FILE", help="batch: one prompt per line, or JSON lines with per-job keys "
@@ -580,9 +603,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--frames", type=int, help="number of frames, 4k+1 (default 81 = 5 s at 16 fps; video-to-video: "
                                                 "the input's frame count rounded down to 4k+1, at most 81)")
     gen.add_argument("--steps", type=int, help="sampling steps (default 50; 40 for I2V)")
-    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1..30 (default 5.0; 5.5 for "
-                                                    "FLF2V; 1 turns it off)")
-    gen.add_argument("--shift", type=float, help="schedule shift (default 5.0; 3.0 for I2V at 480P; 16 for FLF2V)")
+    gen.add_argument("--guidance", type=_guidance, help="classifier-free guidance scale, 1..30 (default 5.0; 5.5 for "
+                                                        "FLF2V; 1 turns it off). Wan2.2 A14B: HIGH,LOW for its two "
+                                                        "experts (default 4.0,3.0 T2V, 3.5,3.5 I2V); one value: both")
+    gen.add_argument("--boundary", type=float, help="Wan2.2 A14B: where the low-noise expert takes over, a share of "
+                                                    "the 1000 timesteps (default 0.875 T2V, 0.9 I2V); the split "
+                                                    "follows the timesteps, so --steps and --shift move it")
+    gen.add_argument("--shift", type=float, help="schedule shift (default 5.0; 3.0 for I2V at 480P; 16 for FLF2V; "
+                                                 "Wan2.2 A14B: 12 T2V, 5 I2V)")
     gen.add_argument("--sampler", choices=["unipc", "dpm++", "euler"], help="default unipc (official)")
     gen.add_argument("--seed", type=int, help="random seed, 0..2**64-1 (default: a random one, printed)")
     gen.add_argument("--output", "-o", help="an .mp4/.gif file, a new folder name for PNG frames, or an existing "
@@ -604,7 +632,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora", metavar="PATH[:STRENGTH]", type=_lora_arg, action="append",
                      help="apply a LoRA (any format: ComfyUI, kohya/musubi, diffusers, DiffSynth, LoHa/LoKr) with a "
                           "strength (default 1.0); repeat to stack")
-    gen.add_argument("--dit", metavar="FILE", help="the DiT checkpoint to use when the model folder holds several")
+    gen.add_argument("--dit", metavar="FILE", help="the DiT checkpoint to use when the model folder holds several "
+                                                   "(Wan2.2 A14B: the high-noise expert)")
+    gen.add_argument("--model-low", metavar="FILE", help="Wan2.2 A14B: the low-noise expert's DiT file (e.g. ComfyUI's "
+                                                         "wan2.2_t2v_low_noise_14B_fp16.safetensors), with --model "
+                                                         "HIGH_FILE or --dit HIGH_FILE; folders holding both experts "
+                                                         "need neither")
     _runtime_flags(gen, "DiT and encoder weights (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
     gen.set_defaults(func=cmd_generate)
 
@@ -728,11 +761,12 @@ def build_parser() -> argparse.ArgumentParser:
     cal.set_defaults(func=cmd_calibrate_cache)
 
     dl = sub.add_parser("download", help="download a model (e.g. Wan-AI/Wan2.1-T2V-1.3B) into the standard cache",
-                        description="Download a Wan2.1 model repository with huggingface_hub (or ModelScope) and print "
+                        description="Download a Wan model repository with huggingface_hub (or ModelScope) and print "
                                     "its local folder. Interrupted downloads resume; files already in the cache are "
                                     "not fetched again. Give the folder to --model, or use the id there directly.")
     dl.add_argument("model_id", help="e.g. Wan-AI/Wan2.1-T2V-1.3B, Wan-AI/Wan2.1-I2V-14B-480P, "
-                                     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+                                     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers, Wan-AI/Wan2.2-T2V-A14B, Wan-AI/Wan2.2-I2V-A14B, "
+                                     "Wan-AI/Wan2.2-TI2V-5B (each also -Diffusers)")
     dl.add_argument("--dir", help="download into this folder instead of the cache")
     dl.add_argument("--source", default="huggingface", choices=["huggingface", "modelscope"],
                     help="where the model comes from (default huggingface; modelscope needs pip install modelscope)")

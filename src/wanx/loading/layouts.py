@@ -206,6 +206,17 @@ def expert_of(path: str | Path) -> str | None:
     return None
 
 
+def expert_folders(folder: str | Path) -> list[Path]:
+    """The high- and the low-noise expert's folders of a Wan2.2 A14B model folder (official
+    or diffusers), or [] for any other path."""
+    folder = Path(folder)
+    for names in (EXPERT_FOLDERS, DIFFUSERS_EXPERTS):
+        found = [folder / name for name in names]
+        if all(p.is_dir() for p in found):
+            return found
+    return []
+
+
 def detect(keys: Iterable[str]) -> Detected | None:
     """Which network and layout a set of tensor names is, or None for a non-Wan file."""
     keys = set(keys)
