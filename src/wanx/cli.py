@@ -383,6 +383,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                          validate_every=args.validate_every if args.validation_prompts else None)
     items = cached_items(config.data)  # no prepared cache: say so before loading the model
     files = find_components(resolve_model(args.model, source=args.source))
+    if files.moe:
+        raise ValueError(f"{args.model} has two experts (Wan2.2 A14B): training one of them is not supported yet")
     check_cache(items, files)
     from accelerate import Accelerator
 
@@ -503,6 +505,8 @@ def cmd_calibrate_cache(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else Path(files.folder) / CALIBRATION_FILE
     if files.model_type != "t2v":
         raise ValueError("calibrate-cache runs text-to-video prompts: give a T2V model (I2V needs images; not yet)")
+    if files.moe:
+        raise ValueError("step caching does not support two experts (Wan2.2 A14B) yet")
     prompts = _prompts(args.prompts) if args.prompts else CALIBRATION_PROMPTS
     pipe = WanPipeline.from_files(files, runtime=runtime, progress=not args.quiet)
     width, height = args.size

@@ -48,6 +48,8 @@ def check_plan(world: int, num_heads: int | None, sp: str = "auto", cfg_parallel
 def parallelize(pipe, *, sp: str = "auto", cfg_parallel: bool = False, fsdp: bool = False) -> ParallelPlan:
     """Apply the plan to `pipe` on every rank of the initialised process group (every rank
     must call this, in the same order: it creates process groups)."""
+    if getattr(pipe, "dit_low", None) is not None:
+        raise ValueError("several ranks with two experts (Wan2.2 A14B) are not supported yet")
     world, rank = dist.get_world_size(), dist.get_rank()
     check_plan(world, pipe.dit.config.num_heads, sp, cfg_parallel)
     plan = ParallelPlan(world)
