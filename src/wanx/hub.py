@@ -199,11 +199,14 @@ def find_components(folder: str | Path, *, dit: str | Path | None = None,
         chosen.pop("clip", None)  # Wan2.2 I2V has no CLIP: a stray encoder file is not loaded
     clip = chosen.get("clip", (None, None))[0]
     index = _model_index(folder)
-    boundary = index.get("boundary_ratio")
+    boundary = index.get("boundary_ratio") if "dit_low" in chosen else None
+    defaults = read_defaults(folder)
+    if boundary is not None:  # the repository's own boundary, unless wanx-defaults.json says otherwise
+        defaults.setdefault("boundary", float(boundary))
     return ModelFiles(folder, model_type, chosen["dit"][0], chosen["vae"][0], chosen["t5"][0], tokenizer, clip,
-                      infos={network: info for network, (_, info) in chosen.items()}, defaults=read_defaults(folder),
+                      infos={network: info for network, (_, info) in chosen.items()}, defaults=defaults,
                       dit_low=chosen["dit_low"][0] if "dit_low" in chosen else None,
-                      boundary=float(boundary) if boundary is not None and "dit_low" in chosen else None,
+                      boundary=float(boundary) if boundary is not None else None,
                       expand_timesteps=bool(index.get("expand_timesteps", False)))
 
 
