@@ -119,8 +119,9 @@ class WanPipeline:
                         cache_threshold: float | None = None, cache_calibration: str | None = None,
                         compile: bool = False, attention: str = "auto", source: str = "huggingface",
                         progress: bool = False) -> "WanPipeline":
-        """An official or diffusers-layout model folder, a tiny model name, or a model id
-        (`Wan-AI/Wan2.1-T2V-1.3B`, downloaded into the standard cache).
+        """An official or diffusers-layout model folder (Wan2.2 A14B: both experts), a DiT file
+        whose folder holds the other components, a tiny model name, or a model id
+        (`Wan-AI/Wan2.1-T2V-1.3B`, `Wan-AI/Wan2.2-T2V-A14B`, downloaded into the standard cache).
 
         device: default CUDA when present, else CPU. dtype: of the DiT and encoders, default
         bf16 on a GPU and fp32 on a CPU (the same rule as `wanx generate --dtype auto`).
@@ -133,14 +134,14 @@ class WanPipeline:
         setting for the model; cache_calibration: a `wanx calibrate-cache` file). compile: the
         DiT block compiled once with torch.compile. attention: "auto", "sdpa", "flash2",
         "flash3" or "sage". See `wanx.runtime.Runtime`."""
-        from .hub import find_components, resolve_model
+        from .hub import find_model
 
         # Every choice is checked before any download or weight read.
         runtime = Runtime.create(device, dtype, vae_dtype, offload=offload, vram_budget=vram_budget,
                                  num_persistent_param_in_dit=num_persistent_param_in_dit, quantize=quantize,
                                  t5_device=t5_device, cache=cache, cache_threshold=cache_threshold,
                                  cache_calibration=cache_calibration, compile=compile, attention=attention)
-        files = find_components(resolve_model(path_or_id, source=source))
+        files = find_model(path_or_id, source=source)
         pipe = cls.from_files(files, runtime=runtime, progress=progress)
         pipe.name = str(path_or_id)
         return pipe
