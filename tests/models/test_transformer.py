@@ -44,19 +44,27 @@ def test_matches_diffusers(name):
 
 
 @pytest.mark.parametrize("name", ["tiny-ti2v", "tiny-i2v-A14B", "tiny"])
-def test_per_token_timesteps_match_diffusers(name):
+def test_per_token_timesteps_match_diffusers(name, tmp_path):
     """Wan2.2's per-token timestep (frame 0 at t=0, as TI2V's image frame) against diffusers'
-    `WanTransformer3DModel` given the same `[B, L]` timestep (its expand_timesteps path)."""
+    `WanTransformer3DModel` given the same `[B, L]` timestep (its expand_timesteps path); the
+    model as built, and loaded back from official and diffusers-layout folders."""
+    import wanx
+    from tests.oracles import write_diffusers_dit, write_official_dit
+
     model = tiny_dit(name)
     cfg = model.config
     oracle = diffusers_dit(cfg, official_state(model))
     x, t, context, extra = inputs(cfg)
     timestep = per_token(t, x)
-    with torch.no_grad():
-        ours = model(x, timestep, context, **extra)
     theirs = run_diffusers_dit(oracle, cfg, x, timestep, context, **extra)
-    assert ours.shape == x.shape
-    assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+    loaded = [wanx.load_model(write_official_dit(tmp_path / "official", model)),
+              wanx.load_model(write_diffusers_dit(tmp_path / "diffusers", model))]
+    for dit in [model, *loaded]:
+        assert dit.config == cfg
+        with torch.no_grad():
+            ours = dit(x, timestep, context, **extra)
+        assert ours.shape == x.shape
+        assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
     # the frame-0 tokens really see another timestep than the rest
     with torch.no_grad():
         assert not torch.allclose(ours, model(x, t, context, **extra), atol=1e-3)
