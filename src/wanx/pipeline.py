@@ -163,7 +163,7 @@ class WanPipeline:
         offload = resolve_offload(runtime.offload, device, weights, work, available_memory(device))
         where = load_devices(offload, device, runtime.text_device)
         if host_load:
-            where = {**where, "dit": torch.device("cpu"), "t5": torch.device("cpu")}
+            where = {**where, "dit": torch.device("cpu"), "dit_low": torch.device("cpu"), "t5": torch.device("cpu")}
         dit = load_model(files.dit, dtype=dtype, device=where["dit"], quantize=runtime.quantize, progress=progress)
         dit_low = None
         if files.dit_low is not None:  # fp32-stored experts are cast to dtype as they are read, like any DiT
