@@ -245,3 +245,66 @@ def test_i2v_a14b_runs_without_clip(tmp_path):
     x = pipe("x", image=image, height=32, width=32, num_frames=5, num_inference_steps=4, seed=1,
              output_type="latents", progress=False)
     assert x.shape == (1, 16, 2, 4, 4) and pipe.last_experts["high_noise_steps"] == 2
+
+
+# -- one expert's LoRA: trained on its timesteps, applied to it alone ----------------------------
+
+
+def test_expert_training_draws_only_its_timesteps():
+    from wanx.training.recipe import sample_sigma
+
+    gen = torch.Generator().manual_seed(0)
+    low = [float(sample_sigma(gen, 12.0, "uniform", (0.0, 0.875))) for _ in range(200)]
+    high = [float(sample_sigma(gen, 12.0, "logit-normal", (0.875, 1.0))) for _ in range(200)]
+    assert max(low) < 0.875 <= min(high)
+    # the whole range: one draw, the sigmas of every run before experts existed
+    t = torch.rand((), generator=torch.Generator().manual_seed(1))
+    assert sample_sigma(torch.Generator().manual_seed(1), 5.0) == 5 * t / (1 + 4 * t)
+
+
+def test_a_low_expert_lora_changes_only_the_low_noise_steps(tmp_path):
+    from safetensors import safe_open
+
+    from tests.training.test_prepare import moving_square
+    from wanx.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    moving_square(12).save(data / "clip.mp4")
+    (data / "metadata.csv").write_text("file_name,text\nclip.mp4,a red square moves right\n", encoding="utf-8")
+    assert main(["prepare", str(data), "--model", "tiny-moe", "--size", "32x32", "--frames", "5", "--quiet"]) == 0
+    assert main(["train", "--data", str(data), "--model", "tiny-moe", "--output", str(tmp_path / "run"), "--expert",
+                 "low", "--lora-rank", "4", "--steps", "3", "--lr", "1e-2", "--quiet"]) == 0
+    lora = tmp_path / "run" / "lora.safetensors"
+    with safe_open(str(lora), "pt") as fh:
+        assert fh.metadata()["expert"] == "low" and fh.metadata()["timesteps"] == "0-875"
+    assert main(["train", "--data", str(data), "--model", "tiny-moe", "--output", str(tmp_path / "x")]) == 2
+
+    pipe = WanPipeline.from_pretrained("tiny-moe", device="cpu")
+
+    def steps():
+        seen = []
+        pipe("a red square moves right", callback=lambda i, n, x: seen.append(x.clone()), **SMALL)
+        return seen
+
+    plain = steps()
+    pipe.load_lora(lora, expert="low")
+    with_lora = steps()
+    high = pipe.last_experts["high_noise_steps"]
+    # the same weights and ops on the high-noise steps: bit-identical; then the LoRA acts
+    assert all(torch.equal(a, b) for a, b in zip(plain[:high], with_lora[:high]))
+    assert all(not torch.allclose(a, b, atol=1e-6) for a, b in zip(plain[high:], with_lora[high:]))
+    pipe.unload_lora()
+    assert all(torch.equal(a, b) for a, b in zip(plain, steps()))
+    with pytest.raises(ValueError, match="two experts"):
+        WanPipeline(tiny_dit("tiny"), tiny_vae()).load_lora(lora, expert="low")
+
+    import av
+
+    out = tmp_path / "lora.mp4"
+    args = ["generate", "--prompt", "a red square", "--size", "32x32", "--frames", "1", "--steps", "3", "--quiet"]
+    assert main([*args, "--model", "tiny-moe", "--lora-low", f"{lora}:0.5", "-o", str(out)]) == 0
+    with av.open(str(out)) as container:
+        [entry] = json.loads(container.metadata["loras"])
+    assert (entry["experts"], entry["strength"]) == (["low"], 0.5)
+    assert main([*args, "--model", "tiny", "--lora-low", str(lora), "-o", str(tmp_path / "no.mp4")]) == 2

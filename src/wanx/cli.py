@@ -196,9 +196,9 @@ def _prepare_output(path: Path, created: list[Path]) -> None:
         raise PermissionError(f"{path}: cannot write there ({err.strerror or err}); choose another --output") from None
 
 
-def _check_loras(specs: list[tuple[str, float]], files) -> list:
-    """Read each --lora and check it against the model folder's DiT (built on the meta device:
-    shapes only), before any weight is loaded."""
+def _check_loras(specs: list[tuple[str, float, str | None]], files) -> list:
+    """Read each --lora (--lora-high, --lora-low: one Wan2.2 expert) and check it against the
+    model folder's DiT (built on the meta device: shapes only), before any weight is loaded."""
     import torch
 
     from .lora import read_lora
@@ -207,13 +207,15 @@ def _check_loras(specs: list[tuple[str, float]], files) -> list:
 
     if not specs:
         return []
+    if not files.moe and any(expert for _, _, expert in specs):
+        raise ValueError("--lora-high and --lora-low are for a model with two experts (Wan2.2 A14B); use --lora")
     with torch.device("meta"):
         dit = WanDiT(files.dit_config)
     checked = []
-    for path, strength in specs:
+    for path, strength, expert in specs:
         lora = read_lora(path)
         match(dit, lora)
-        checked.append((lora, strength))
+        checked.append((lora, strength, expert))
     return checked
 
 
@@ -271,7 +273,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_plan(world.size, files.dit_config.num_heads, args.sp, args.cfg_parallel)
     # each GPU holds its shard of the DiT and umT5 with --fsdp
     weights = request_weights(files, runtime, fsdp_ranks=world.size if args.fsdp and world is not None else 1)
-    loras = _check_loras(args.lora or [], files)
+    loras = _check_loras([(*spec, None) for spec in args.lora or []] + [(*spec, "high") for spec in args.lora_high or []]
+                         + [(*spec, "low") for spec in args.lora_low or []], files)
     requests = []
     for job in jobs:
         try:
@@ -292,10 +295,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pipe = WanPipeline.from_files(files, runtime=runtime, progress=not args.quiet,
                                       host_load=bool(args.fsdp and world is not None))
         pipe.name = args.model
-        for lora, strength in loras:
-            report = pipe.load_lora(lora, strength)  # read and checked already
+        for lora, strength, expert in loras:
+            report = pipe.load_lora(lora, strength, expert=expert)  # read and checked already
             if writer:
-                print(report, file=sys.stderr)
+                print(f"{report}{f' ({expert}-noise expert)' if expert else ''}", file=sys.stderr)
         if world is not None:
             from .distributed import parallelize
 
@@ -383,8 +386,19 @@ def cmd_train(args: argparse.Namespace) -> int:
                          validate_every=args.validate_every if args.validation_prompts else None)
     items = cached_items(config.data)  # no prepared cache: say so before loading the model
     files = find_components(resolve_model(args.model, source=args.source))
-    if files.moe:
-        raise ValueError(f"{args.model} has two experts (Wan2.2 A14B): training one of them is not supported yet")
+    dit_file = files.dit
+    if files.moe != bool(args.expert):
+        raise ValueError(f"{args.model} has two experts (Wan2.2 A14B): choose the one to train with --expert high|low"
+                         if files.moe else f"--expert is for a model with two experts (Wan2.2 A14B); {args.model} has one DiT")
+    if args.expert:  # one expert, on the timesteps it runs at generation: the split is the boundary
+        from .pipeline import DEFAULTS_A14B
+
+        if config.validate_every:
+            raise ValueError("validation videos need both experts: drop --validation-prompts with --expert")
+        boundary = 1000 * files.defaults.get("boundary", DEFAULTS_A14B[files.model_type]["boundary"])
+        dit_file = files.dit if args.expert == "high" else files.dit_low
+        config.expert = args.expert
+        config.timestep_range = (boundary, 1000.0) if args.expert == "high" else (0.0, boundary)
     check_cache(items, files)
     from accelerate import Accelerator
 
@@ -392,7 +406,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     accelerator = Accelerator(cpu=runtime.device.type == "cpu", mixed_precision=args.mixed_precision)
     device = accelerator.device if runtime.device.type != "cpu" else runtime.device  # one GPU per process
     streamed = args.offload == "blocks"
-    dit = load_model(files.dit, dtype=runtime.dtype, device="cpu" if streamed else device,
+    dit = load_model(dit_file, dtype=runtime.dtype, device="cpu" if streamed else device,
                      quantize="fp8" if args.fp8 else None, progress=not args.quiet and accelerator.is_main_process)
     if streamed:  # frozen blocks live in host memory and visit the device one by one
         from .memory.placement import auto_budget
@@ -636,6 +650,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora", metavar="PATH[:STRENGTH]", type=_lora_arg, action="append",
                      help="apply a LoRA (any format: ComfyUI, kohya/musubi, diffusers, DiffSynth, LoHa/LoKr) with a "
                           "strength (default 1.0); repeat to stack")
+    gen.add_argument("--lora-high", metavar="PATH[:STRENGTH]", type=_lora_arg, action="append",
+                     help="Wan2.2 A14B: a LoRA for the high-noise expert only (--lora: both)")
+    gen.add_argument("--lora-low", metavar="PATH[:STRENGTH]", type=_lora_arg, action="append",
+                     help="Wan2.2 A14B: a LoRA for the low-noise expert only (e.g. from wanx train --expert low)")
     gen.add_argument("--dit", metavar="FILE", help="the DiT checkpoint to use when the model folder holds several "
                                                    "(Wan2.2 A14B: the high-noise expert)")
     gen.add_argument("--model-low", metavar="FILE", help="Wan2.2 A14B: the low-noise expert's DiT file (e.g. ComfyUI's "
@@ -696,6 +714,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--model", help="model folder, model id, or tiny")
     tr.add_argument("--output", help="folder for the LoRA, the log and the checkpoints")
     tr.add_argument("--full", action="store_true", help="train every DiT weight instead of a LoRA")
+    tr.add_argument("--expert", choices=["high", "low"],
+                    help="Wan2.2 A14B: train this expert, on its own timesteps only (high: t >= 1000 x boundary, "
+                         "low: below); generate with the result as --lora-high / --lora-low")
     tr.add_argument("--from-scratch", action="store_true",
                     help="with --full: start from Wan's random initialisation (the model folder gives the "
                          "architecture; its DiT weights are not used)")

@@ -391,33 +391,51 @@ class WanPipeline:
             cache = self.step_cache
             metadata["cache"] = {"kind": cache.kind, "threshold": cache.active_threshold,
                                  "computed": cache.stats.total_computed, "skipped": cache.stats.total_skipped}
-        if loaded_loras(self.dit):
+        loras = {}  # name -> (entry, the experts that hold it)
+        for expert, dit in (("high", self.dit), ("low", self.dit_low)):
+            for name, entry in (loaded_loras(dit) if dit is not None else {}).items():
+                loras.setdefault(name, (entry, []))[1].append(expert)
+        if loras:
             metadata["loras"] = [{"name": name, "strength": entry.strength, "sha256": entry.lora.sha256,
-                                  "file": entry.lora.path.name if entry.lora.path else None}
-                                 for name, entry in loaded_loras(self.dit).items()]
+                                  "file": entry.lora.path.name if entry.lora.path else None,
+                                  **({"experts": experts} if self.dit_low is not None else {})}
+                                 for name, (entry, experts) in loras.items()]
         return Video(to_pixels(frames[0]), fps=FPS, metadata=metadata)
 
     # -------------------------------------------------------------------------------------
     def load_lora(self, path: str | Path, strength: float = 1.0, *, name: str | None = None,
-                  fuse: bool | None = None) -> LoraReport:
-        """Apply a LoRA file (any format `wanx.lora` reads) to the DiT (Wan2.2 A14B: to both
-        experts; per-expert LoRAs are not supported yet); call again to stack.
+                  fuse: bool | None = None, expert: str | None = None) -> LoraReport:
+        """Apply a LoRA file (any format `wanx.lora` reads) to the DiT; call again to stack.
         fuse: default merged into the weights on a resident bf16/fp32 model, live (added at
         run time) on an FP8 or streamed one. A LoRA that does not fit this model is an error
-        and changes nothing."""
-        report = apply_lora(self.dit, path, strength, fuse=fuse, name=name)
-        if self.dit_low is not None:
-            apply_lora(self.dit_low, path, strength, fuse=fuse, name=name)
+        and changes nothing. expert: Wan2.2 A14B, "high" or "low" for one expert (e.g. a LoRA
+        trained with `wanx train --expert`); default both."""
+        if expert not in (None, "high", "low"):
+            raise ValueError(f"expert must be 'high', 'low' or None (both), got {expert!r}")
+        if expert is not None and self.dit_low is None:
+            raise ValueError(f"a LoRA for the {expert}-noise expert needs a model with two experts (Wan2.2 A14B)")
+        experts = {None: list(self.experts.values()), "high": [self.dit], "low": [self.dit_low]}[expert]
+        report = apply_lora(experts[0], path, strength, fuse=fuse, name=name)
+        try:
+            for dit in experts[1:]:
+                apply_lora(dit, path, strength, fuse=fuse, name=name)
+        except Exception:
+            remove_lora(experts[0], report.name)  # nothing changes when a check fails
+            raise
         return report
 
     def set_lora_strength(self, name: str, strength: float) -> None:
-        for dit in self.experts.values():
+        for dit in self._holding(name):
             set_lora_strength(dit, name, strength)
 
     def unload_lora(self, name: str | None = None) -> None:
         """Remove one LoRA (or all): fused weights come back bit for bit."""
-        for dit in self.experts.values():
+        for dit in self.experts.values() if name is None else self._holding(name):
             remove_lora(dit, name)
+
+    def _holding(self, name: str) -> list:
+        """The experts that hold LoRA `name` (the DiT when none does: it names the error)."""
+        return [dit for dit in self.experts.values() if name in loaded_loras(dit)] or [self.dit]
 
     def plan(self, prompt=None, negative_prompt=None, **kwargs) -> _Plan:
         """Check every input and resolve the defaults; raises ValueError with one clear line."""
