@@ -111,6 +111,24 @@ def run_diffusers_dit(model, cfg: DiTConfig, x, t, context, clip_features=None, 
         return model(hidden_states=x, timestep=t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
 
 
+def diffusers_moe_pipeline(high: WanDiT, low: WanDiT, boundary: float, shift: float):
+    """diffusers' `WanPipeline` with `transformer` (high noise), `transformer_2` and
+    `boundary_ratio`, on the official UniPC grid (diffusers' own starts at sigma 1; see
+    tests/test_sampling.py), without text encoder or VAE: call it with prompt embeddings padded
+    to text_len, latents and output_type="latent"."""
+    import numpy as np
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        num_train_timesteps=1000, flow_shift=shift)
+    set_timesteps = scheduler.set_timesteps
+    scheduler.set_timesteps = lambda steps, device=None: set_timesteps(
+        sigmas=np.linspace(0.999, 0, steps + 1)[:-1].copy(), device=device)
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler,
+                       transformer=diffusers_dit(high.config, official_state(high)),
+                       transformer_2=diffusers_dit(low.config, official_state(low)), boundary_ratio=boundary)
+
+
 def diffusers_vae(official: dict[str, torch.Tensor], base_dim: int = 8):
     from diffusers import AutoencoderKLWan
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers

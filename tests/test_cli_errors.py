@@ -287,7 +287,7 @@ def test_version_and_download_help():
     assert re.fullmatch(r"wanx \d+\.\d+\.\d+\n", out)
     help_text = subprocess.run([sys.executable, "-m", "wanx", "download", "--help"], capture_output=True, text=True,
                                check=True).stdout
-    assert "Download a Wan2.1 model repository" in help_text
+    assert "Download a Wan model repository" in help_text and "Wan-AI/Wan2.2-T2V-A14B" in help_text
 
 
 def test_cli_names_the_same_request_keys_as_wanx_request():

@@ -37,8 +37,14 @@ def test_tiny_sets_are_byte_identical(homes, name):
     assert a == b
     expected = {"config.json", "diffusion_pytorch_model.safetensors", "Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth",
                 "google/umt5-xxl/tokenizer.json", "google/umt5-xxl/tokenizer_config.json", STAMP}
-    if name != "tiny":
+    if name in ("tiny-i2v", "tiny-flf2v"):
         expected.add("models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+    if name == "tiny-moe":  # Wan2.2's official layout: each expert in its folder, sharded, with its config
+        expected -= {"config.json", "diffusion_pytorch_model.safetensors"}
+        expected |= {f"{expert}/{file}" for expert in ("high_noise_model", "low_noise_model") for file in
+                     ("config.json", "diffusion_pytorch_model-00001-of-00002.safetensors",
+                      "diffusion_pytorch_model-00002-of-00002.safetensors",
+                      "diffusion_pytorch_model.safetensors.index.json")}
     assert set(a) == expected
     assert not [p.name for p in homes[0].iterdir() if p.name not in TINY_MODELS]  # no .partial / .old left
 

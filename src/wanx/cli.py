@@ -12,9 +12,12 @@ from pathlib import Path
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .loading import CheckpointError, inspect_checkpoint
+    from .loading.layouts import expert_folders
     from .lora import LoraError, read_lora
 
-    for i, path in enumerate(args.paths):
+    # a Wan2.2 A14B folder: each expert in turn
+    paths = [p for path in args.paths for p in (expert_folders(path) or [path])]
+    for i, path in enumerate(paths):
         if i:
             print()
         try:
@@ -57,6 +60,18 @@ def _threshold(text: str) -> float | str:
     return value
 
 
+def _guidance(text: str) -> tuple[float, ...]:
+    """'5' -> (5.0,); '4.0,3.0' -> (4.0, 3.0): Wan2.2 A14B's high- then low-noise expert."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"a guidance scale such as 5.0, or two for Wan2.2 A14B's experts "
+                                         f"(high noise, low noise) such as 4.0,3.0; got {text!r}")
+    return values
+
+
 def _size(text: str) -> tuple[int, int]:
     """'832x480' (width x height; '*' as in the official CLI works too) -> (width, height)."""
     from .request import parse_size
@@ -71,9 +86,11 @@ def _size(text: str) -> tuple[int, int]:
 FLAGS = {"prompt": "--prompt (or --prompts FILE)", "negative_prompt": "--negative-prompt", "image": "--image",
          "last_image": "--last-image", "video": "--video", "strength": "--strength", "height": "--size height",
          "width": "--size width", "num_frames": "--frames", "num_inference_steps": "--steps",
-         "guidance_scale": "--guidance", "shift": "--shift", "sampler": "--sampler", "seed": "--seed"}
+         "guidance_scale": "--guidance", "shift": "--shift", "sampler": "--sampler", "seed": "--seed",
+         "guidance_scale_low": "--guidance (its second value, the low-noise expert's)", "boundary": "--boundary"}
 _JOB_KEYS = ("prompt", "negative_prompt", "seed", "image", "last_image", "video", "strength", "size", "frames", "steps",
-             "guidance", "shift", "sampler", "output")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
+             "guidance", "shift", "sampler", "output", "guidance_low",
+             "boundary")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
 QUALITY_RANGE = (0, 51)  # libx264 CRF
 
 
@@ -84,9 +101,11 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
 
     from .request import parse_job
 
+    guidance = args.guidance or (None,)
     base = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, image=args.image,
                 last_image=args.last_image, video=args.video, strength=args.strength, size=args.size,
-                frames=args.frames, steps=args.steps, guidance=args.guidance, shift=args.shift, sampler=args.sampler,
+                frames=args.frames, steps=args.steps, guidance=guidance[0], shift=args.shift, sampler=args.sampler,
+                guidance_low=guidance[1] if len(guidance) > 1 else None, boundary=args.boundary,
                 output=None, where="")
     if not args.prompts:
         return [base]
@@ -177,9 +196,9 @@ def _prepare_output(path: Path, created: list[Path]) -> None:
         raise PermissionError(f"{path}: cannot write there ({err.strerror or err}); choose another --output") from None
 
 
-def _check_loras(specs: list[tuple[str, float]], files) -> list:
-    """Read each --lora and check it against the model folder's DiT (built on the meta device:
-    shapes only), before any weight is loaded."""
+def _check_loras(specs: list[tuple[str, float, str | None]], files) -> list:
+    """Read each --lora (--lora-high, --lora-low: one Wan2.2 expert) and check it against the
+    model folder's DiT (built on the meta device: shapes only), before any weight is loaded."""
     import torch
 
     from .lora import read_lora
@@ -188,18 +207,20 @@ def _check_loras(specs: list[tuple[str, float]], files) -> list:
 
     if not specs:
         return []
+    if not files.moe and any(expert for _, _, expert in specs):
+        raise ValueError("--lora-high and --lora-low are for a model with two experts (Wan2.2 A14B); use --lora")
     with torch.device("meta"):
         dit = WanDiT(files.dit_config)
     checked = []
-    for path, strength in specs:
+    for path, strength, expert in specs:
         lora = read_lora(path)
         match(dit, lora)
-        checked.append((lora, strength))
+        checked.append((lora, strength, expert))
     return checked
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .hub import find_components, resolve_model
+    from .hub import find_model
     from .pipeline import WanPipeline
     from .request import check_job, fix_seed, request_weights
     from .runtime import Runtime
@@ -243,14 +264,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              quantize="fp8" if args.fp8 else None, t5_device=args.t5_device, cache=cache,
                              cache_threshold=None if threshold == "auto" else threshold,
                              cache_calibration=args.cache_calibration, compile=args.compile, attention=args.attention)
-    files = find_components(resolve_model(args.model, source=args.source), dit=args.dit)
+    files = find_model(args.model, dit=args.dit, dit_low=args.model_low, source=args.source)
+    if files.moe and cache is not None:
+        raise ValueError("step caching (--teacache/--magcache) does not support two experts (Wan2.2 A14B) yet")
     if world is not None:
         from .distributed import check_plan
 
         check_plan(world.size, files.dit_config.num_heads, args.sp, args.cfg_parallel)
     # each GPU holds its shard of the DiT and umT5 with --fsdp
     weights = request_weights(files, runtime, fsdp_ranks=world.size if args.fsdp and world is not None else 1)
-    loras = _check_loras(args.lora or [], files)
+    loras = _check_loras([(*spec, None) for spec in args.lora or []] + [(*spec, "high") for spec in args.lora_high or []]
+                         + [(*spec, "low") for spec in args.lora_low or []], files)
     requests = []
     for job in jobs:
         try:
@@ -271,10 +295,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pipe = WanPipeline.from_files(files, runtime=runtime, progress=not args.quiet,
                                       host_load=bool(args.fsdp and world is not None))
         pipe.name = args.model
-        for lora, strength in loras:
-            report = pipe.load_lora(lora, strength)  # read and checked already
+        for lora, strength, expert in loras:
+            report = pipe.load_lora(lora, strength, expert=expert)  # read and checked already
             if writer:
-                print(report, file=sys.stderr)
+                print(f"{report}{f' ({expert}-noise expert)' if expert else ''}", file=sys.stderr)
         if world is not None:
             from .distributed import parallelize
 
@@ -282,7 +306,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if writer:
                 print(f"parallel: {plan.describe()}", file=sys.stderr)
         if not args.quiet:
-            print(f"loading: {time.perf_counter() - start:.1f} s ({files.model_type} on {runtime.device}, "
+            experts = ", two experts" if files.moe else ""
+            print(f"loading: {time.perf_counter() - start:.1f} s ({files.model_type}{experts} on {runtime.device}, "
                   f"{str(runtime.dtype).removeprefix('torch.')})", file=sys.stderr)
         for job, request, out in zip(jobs, requests, outputs):
             video = pipe(job["prompt"], job["negative_prompt"], progress=not args.quiet, **request)
@@ -361,6 +386,19 @@ def cmd_train(args: argparse.Namespace) -> int:
                          validate_every=args.validate_every if args.validation_prompts else None)
     items = cached_items(config.data)  # no prepared cache: say so before loading the model
     files = find_components(resolve_model(args.model, source=args.source))
+    dit_file = files.dit
+    if files.moe != bool(args.expert):
+        raise ValueError(f"{args.model} has two experts (Wan2.2 A14B): choose the one to train with --expert high|low"
+                         if files.moe else f"--expert is for a model with two experts (Wan2.2 A14B); {args.model} has one DiT")
+    if args.expert:  # one expert, on the timesteps it runs at generation: the split is the boundary
+        from .pipeline import DEFAULTS_A14B
+
+        if config.validate_every:
+            raise ValueError("validation videos need both experts: drop --validation-prompts with --expert")
+        boundary = 1000 * files.defaults.get("boundary", DEFAULTS_A14B[files.model_type]["boundary"])
+        dit_file = files.dit if args.expert == "high" else files.dit_low
+        config.expert = args.expert
+        config.timestep_range = (boundary, 1000.0) if args.expert == "high" else (0.0, boundary)
     check_cache(items, files)
     from accelerate import Accelerator
 
@@ -368,7 +406,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     accelerator = Accelerator(cpu=runtime.device.type == "cpu", mixed_precision=args.mixed_precision)
     device = accelerator.device if runtime.device.type != "cpu" else runtime.device  # one GPU per process
     streamed = args.offload == "blocks"
-    dit = load_model(files.dit, dtype=runtime.dtype, device="cpu" if streamed else device,
+    dit = load_model(dit_file, dtype=runtime.dtype, device="cpu" if streamed else device,
                      quantize="fp8" if args.fp8 else None, progress=not args.quiet and accelerator.is_main_process)
     if streamed:  # frozen blocks live in host memory and visit the device one by one
         from .memory.placement import auto_budget
@@ -481,6 +519,8 @@ def cmd_calibrate_cache(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else Path(files.folder) / CALIBRATION_FILE
     if files.model_type != "t2v":
         raise ValueError("calibrate-cache runs text-to-video prompts: give a T2V model (I2V needs images; not yet)")
+    if files.moe:
+        raise ValueError("step caching does not support two experts (Wan2.2 A14B) yet")
     prompts = _prompts(args.prompts) if args.prompts else CALIBRATION_PROMPTS
     pipe = WanPipeline.from_files(files, runtime=runtime, progress=not args.quiet)
     width, height = args.size
@@ -564,9 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "text (T2V), --image (I2V), --image + --last-image (FLF2V), --video (video-to-video "
                                      "with a T2V model). Unset options take the official defaults of the task.")
     gen.add_argument("--model", required=True,
-                     help="model folder (official or diffusers layout), a model id such as Wan-AI/Wan2.1-T2V-1.3B "
-                          "(downloaded), demo (the trained demo model in the package: shapes, 96x96), or tiny / "
-                          "tiny-i2v / tiny-flf2v (random weights, offline)")
+                     help="model folder (official or diffusers layout), a model id such as Wan-AI/Wan2.1-T2V-1.3B or "
+                          "Wan-AI/Wan2.2-T2V-A14B (downloaded), a DiT file whose folder holds the other components, "
+                          "demo (the trained demo model in the package: shapes, 96x96), or tiny / tiny-i2v / "
+                          "tiny-flf2v / tiny-moe (random weights, offline; tiny-moe has Wan2.2's two experts)")
     gen.add_argument("--prompt", help="what the video shows")
     gen.add_argument("--negative-prompt", help="what to avoid (default: the official negative prompt of the task)")
     gen.add_argument("--prompts", metavar="FILE", help="batch: one prompt per line, or JSON lines with per-job keys "
@@ -580,9 +621,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--frames", type=int, help="number of frames, 4k+1 (default 81 = 5 s at 16 fps; video-to-video: "
                                                 "the input's frame count rounded down to 4k+1, at most 81)")
     gen.add_argument("--steps", type=int, help="sampling steps (default 50; 40 for I2V)")
-    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1..30 (default 5.0; 5.5 for "
-                                                    "FLF2V; 1 turns it off)")
-    gen.add_argument("--shift", type=float, help="schedule shift (default 5.0; 3.0 for I2V at 480P; 16 for FLF2V)")
+    gen.add_argument("--guidance", type=_guidance, help="classifier-free guidance scale, 1..30 (default 5.0; 5.5 for "
+                                                        "FLF2V; 1 turns it off). Wan2.2 A14B: HIGH,LOW for its two "
+                                                        "experts (default 4.0,3.0 T2V, 3.5,3.5 I2V); one value: both")
+    gen.add_argument("--boundary", type=float, help="Wan2.2 A14B: where the low-noise expert takes over, a share of "
+                                                    "the 1000 timesteps (default 0.875 T2V, 0.9 I2V); the split "
+                                                    "follows the timesteps, so --steps and --shift move it")
+    gen.add_argument("--shift", type=float, help="schedule shift (default 5.0; 3.0 for I2V at 480P; 16 for FLF2V; "
+                                                 "Wan2.2 A14B: 12 T2V, 5 I2V)")
     gen.add_argument("--sampler", choices=["unipc", "dpm++", "euler"], help="default unipc (official)")
     gen.add_argument("--seed", type=int, help="random seed, 0..2**64-1 (default: a random one, printed)")
     gen.add_argument("--output", "-o", help="an .mp4/.gif file, a new folder name for PNG frames, or an existing "
@@ -604,7 +650,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora", metavar="PATH[:STRENGTH]", type=_lora_arg, action="append",
                      help="apply a LoRA (any format: ComfyUI, kohya/musubi, diffusers, DiffSynth, LoHa/LoKr) with a "
                           "strength (default 1.0); repeat to stack")
-    gen.add_argument("--dit", metavar="FILE", help="the DiT checkpoint to use when the model folder holds several")
+    gen.add_argument("--lora-high", metavar="PATH[:STRENGTH]", type=_lora_arg, action="append",
+                     help="Wan2.2 A14B: a LoRA for the high-noise expert only (--lora: both)")
+    gen.add_argument("--lora-low", metavar="PATH[:STRENGTH]", type=_lora_arg, action="append",
+                     help="Wan2.2 A14B: a LoRA for the low-noise expert only (e.g. from wanx train --expert low)")
+    gen.add_argument("--dit", metavar="FILE", help="the DiT checkpoint to use when the model folder holds several "
+                                                   "(Wan2.2 A14B: the high-noise expert)")
+    gen.add_argument("--model-low", metavar="FILE", help="Wan2.2 A14B: the low-noise expert's DiT file (e.g. ComfyUI's "
+                                                         "wan2.2_t2v_low_noise_14B_fp16.safetensors), with --model "
+                                                         "HIGH_FILE or --dit HIGH_FILE; folders holding both experts "
+                                                         "need neither")
     _runtime_flags(gen, "DiT and encoder weights (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
     gen.set_defaults(func=cmd_generate)
 
@@ -659,6 +714,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--model", help="model folder, model id, or tiny")
     tr.add_argument("--output", help="folder for the LoRA, the log and the checkpoints")
     tr.add_argument("--full", action="store_true", help="train every DiT weight instead of a LoRA")
+    tr.add_argument("--expert", choices=["high", "low"],
+                    help="Wan2.2 A14B: train this expert, on its own timesteps only (high: t >= 1000 x boundary, "
+                         "low: below); generate with the result as --lora-high / --lora-low")
     tr.add_argument("--from-scratch", action="store_true",
                     help="with --full: start from Wan's random initialisation (the model folder gives the "
                          "architecture; its DiT weights are not used)")
@@ -728,11 +786,12 @@ def build_parser() -> argparse.ArgumentParser:
     cal.set_defaults(func=cmd_calibrate_cache)
 
     dl = sub.add_parser("download", help="download a model (e.g. Wan-AI/Wan2.1-T2V-1.3B) into the standard cache",
-                        description="Download a Wan2.1 model repository with huggingface_hub (or ModelScope) and print "
+                        description="Download a Wan model repository with huggingface_hub (or ModelScope) and print "
                                     "its local folder. Interrupted downloads resume; files already in the cache are "
                                     "not fetched again. Give the folder to --model, or use the id there directly.")
     dl.add_argument("model_id", help="e.g. Wan-AI/Wan2.1-T2V-1.3B, Wan-AI/Wan2.1-I2V-14B-480P, "
-                                     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+                                     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers, Wan-AI/Wan2.2-T2V-A14B, Wan-AI/Wan2.2-I2V-A14B, "
+                                     "Wan-AI/Wan2.2-TI2V-5B (each also -Diffusers)")
     dl.add_argument("--dir", help="download into this folder instead of the cache")
     dl.add_argument("--source", default="huggingface", choices=["huggingface", "modelscope"],
                     help="where the model comes from (default huggingface; modelscope needs pip install modelscope)")

@@ -1,4 +1,4 @@
-"""Architecture configs of the Wan2.1 networks: frozen dataclasses with named presets.
+"""Architecture configs of the Wan2.1 and Wan2.2 networks: frozen dataclasses with named presets.
 
 Only architecture lives here. Runtime choices (device, dtype, attention backend, offload)
 are passed where the model is loaded or run, never stored in a config.
@@ -15,19 +15,22 @@ from typing import Mapping, Sequence
 # tensor shapes, so it is the fallback when no config.json sits beside the weights.
 RELEASED_HEAD_DIM = 128
 
-MODEL_TYPES = ("t2v", "i2v", "flf2v")
+MODEL_TYPES = ("t2v", "i2v", "flf2v", "ti2v")
 
 
 @dataclass(frozen=True)
 class DiTConfig:
-    """Wan2.1 diffusion transformer (official `WanModel` argument names)."""
+    """Wan2.1/Wan2.2 diffusion transformer (official `WanModel` argument names, plus `clip`).
 
-    model_type: str = "t2v"  # t2v | i2v | flf2v
+    Wan2.2's A14B experts are Wan2.1-14B DiTs (I2V without the CLIP branch); TI2V-5B is a
+    narrower one on 48 latent channels whose image frame is given by a per-token timestep."""
+
+    model_type: str = "t2v"  # t2v | i2v | flf2v | ti2v
     dim: int = 1536
     ffn_dim: int = 8960
     num_heads: int = 12
     num_layers: int = 30
-    in_dim: int = 16  # 16 for T2V; 36 = noise 16 + mask 4 + image latent 16 for I2V/FLF2V
+    in_dim: int = 16  # 16 for T2V; 36 = noise 16 + mask 4 + image latent 16 for I2V/FLF2V; 48 for TI2V
     out_dim: int = 16
     patch_size: tuple[int, int, int] = (1, 2, 2)
     freq_dim: int = 256
@@ -35,10 +38,15 @@ class DiTConfig:
     text_len: int = 512
     image_dim: int = 1280  # CLIP ViT-H/14 width; only used by i2v/flf2v
     eps: float = 1e-6
+    # i2v/flf2v: a second cross-attention to CLIP image tokens (Wan2.1). Wan2.2's I2V-A14B has
+    # none (False): its image enters only through y. Not an official argument: read from the keys.
+    clip: bool = True
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        if not self.clip and self.model_type != "i2v":
+            raise ValueError(f"only an i2v DiT can go without CLIP (Wan2.2 I2V); this is {self.model_type}")
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
             raise ValueError(f"dim {self.dim} must split into {self.num_heads} heads of even size")
 
@@ -48,6 +56,12 @@ class DiTConfig:
 
     @property
     def has_image_input(self) -> bool:
+        """Whether it reads CLIP image tokens (`clip_features`)."""
+        return self.model_type in ("i2v", "flf2v") and self.clip
+
+    @property
+    def has_y(self) -> bool:
+        """Whether it takes y, the mask and image latents beside the noise (I2V, FLF2V)."""
         return self.model_type in ("i2v", "flf2v")
 
     @property
@@ -114,14 +128,21 @@ CLIP_PRESETS: dict[str, CLIPVisionConfig] = {
 _14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 _TINY = dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=32)  # head dim 16: RoPE split 8/4/4
 
+# Wan2.2's A14B models are two experts each (high_noise_model, low_noise_model) of the same
+# architecture; t2v-A14B is t2v-14B's, so `preset_name` names an expert's config "t2v-14B".
 DIT_PRESETS: dict[str, DiTConfig] = {
     "t2v-1.3B": DiTConfig(),
     "t2v-14B": DiTConfig(**_14B),
     "i2v-14B": DiTConfig(model_type="i2v", in_dim=36, **_14B),  # 480P and 720P share it
     "flf2v-14B": DiTConfig(model_type="flf2v", in_dim=36, **_14B),
+    "t2v-A14B": DiTConfig(**_14B),
+    "i2v-A14B": DiTConfig(model_type="i2v", in_dim=36, clip=False, **_14B),
+    "ti2v-5B": DiTConfig(model_type="ti2v", dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48),
     "tiny": DiTConfig(**_TINY),
     "tiny-i2v": DiTConfig(model_type="i2v", in_dim=36, image_dim=160, **_TINY),
     "tiny-flf2v": DiTConfig(model_type="flf2v", in_dim=36, image_dim=160, **_TINY),
+    "tiny-i2v-A14B": DiTConfig(model_type="i2v", in_dim=36, clip=False, **_TINY),
+    "tiny-ti2v": DiTConfig(model_type="ti2v", in_dim=48, out_dim=48, **_TINY),
 }
 
 VAE_PRESETS: dict[str, VAEConfig] = {
@@ -167,7 +188,7 @@ def preset_name(config) -> str | None:
 
 
 def official_config_json(cfg: DiTConfig) -> dict:
-    """The `config.json` an official Wan2.1 model folder holds for this DiT (`WanModel` keys)."""
+    """The `config.json` an official Wan2.1/2.2 model folder holds for this DiT (`WanModel` keys)."""
     keys = ("dim", "eps", "ffn_dim", "freq_dim", "in_dim", "model_type", "num_heads", "num_layers", "out_dim",
             "text_len")
     return {"_class_name": "WanModel", **{k: getattr(cfg, k) for k in keys}}
@@ -192,10 +213,14 @@ def infer_dit_config(
     dim, in_dim, *patch = shapes["patch_embedding.weight"]
     patch_size = tuple(int(p) for p in patch)
     head_out = shapes["head.head.weight"][0]
+    clip = "img_emb.proj.1.weight" in shapes
+    out_dim = int(head_out) // (patch_size[0] * patch_size[1] * patch_size[2])
     if "img_emb.emb_pos" in shapes:
         model_type = "flf2v"
-    elif "img_emb.proj.1.weight" in shapes:
+    elif clip or in_dim > out_dim:  # Wan2.2 I2V: the y channels without the CLIP branch
         model_type = "i2v"
+    elif out_dim == 48:  # the Wan2.2 VAE's latents: TI2V (its image is a latent frame, not y)
+        model_type = "ti2v"
     else:
         model_type = "t2v"
     blocks = block_indices(list(shapes))
@@ -206,12 +231,13 @@ def infer_dit_config(
         num_heads=int(num_heads) if num_heads else int(dim) // RELEASED_HEAD_DIM,
         num_layers=int(num_layers) if num_layers else (blocks[-1] + 1) if blocks else 0,
         in_dim=int(in_dim),
-        out_dim=int(head_out) // (patch_size[0] * patch_size[1] * patch_size[2]),
+        out_dim=out_dim,
         patch_size=patch_size,  # type: ignore[arg-type]
         freq_dim=int(shapes["time_embedding.0.weight"][1]),
         text_dim=int(shapes["text_embedding.0.weight"][1]),
-        image_dim=int(shapes["img_emb.proj.0.weight"][0]) if model_type != "t2v" else DiTConfig.image_dim,
+        image_dim=int(shapes["img_emb.proj.0.weight"][0]) if clip else DiTConfig.image_dim,
         text_len=int(text_len) if text_len else DiTConfig.text_len,
+        clip=clip or model_type != "i2v",
     )
 
 

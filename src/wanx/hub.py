@@ -1,6 +1,7 @@
 """Model folders: resolve a path, the `demo` or a tiny-model name, or a model id to a local
 folder (downloading with huggingface_hub, or ModelScope with source="modelscope"), and find
-its components by content rather than by file name.
+its components by content rather than by file name. A Wan2.2 A14B folder holds two DiTs, the
+high- and the low-noise expert, told apart by where each is kept (`loading.layouts.expert_of`).
 
 A folder may also hold `wanx-defaults.json`: the generation settings its model was made for
 (e.g. the demo model's 96x96, 17 frames), used for every option a request leaves unset."""
@@ -17,7 +18,13 @@ from .tiny import TINY_MODELS, tiny_model_dir
 
 DEFAULTS_FILE = "wanx-defaults.json"
 DEFAULT_KEYS = ("width", "height", "num_frames", "num_inference_steps", "guidance_scale", "shift", "sampler",
-                "negative_prompt")
+                "negative_prompt", "guidance_scale_low", "boundary")
+# The released repositories `wanx download` is meant for (any other id downloads too).
+MODEL_IDS = (
+    "Wan-AI/Wan2.1-T2V-1.3B", "Wan-AI/Wan2.1-T2V-14B", "Wan-AI/Wan2.1-I2V-14B-480P", "Wan-AI/Wan2.1-I2V-14B-720P",
+    "Wan-AI/Wan2.1-FLF2V-14B-720P", "Wan-AI/Wan2.2-T2V-A14B", "Wan-AI/Wan2.2-I2V-A14B", "Wan-AI/Wan2.2-TI2V-5B",
+)
+MODEL_IDS = MODEL_IDS + tuple(f"{m}-Diffusers" for m in MODEL_IDS)
 DEMO_MODEL = "demo"
 _SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
@@ -26,18 +33,28 @@ _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
 @dataclass
 class ModelFiles:
     folder: Path
-    model_type: str  # of the DiT: t2v | i2v | flf2v
-    dit: Path
+    model_type: str  # of the DiT: t2v | i2v | flf2v | ti2v
+    dit: Path  # with two experts: the high-noise one
     vae: Path
     text_encoder: Path
     tokenizer: Path
     image_encoder: Path | None = None
     infos: dict[str, CheckpointInfo] = field(default_factory=dict, repr=False)  # network -> what was found
     defaults: dict = field(default_factory=dict)  # the folder's wanx-defaults.json: pipeline keyword -> value
+    dit_low: Path | None = None  # Wan2.2 A14B: the low-noise expert, which takes over below the boundary
+    # diffusers' model_index.json: where the low-noise expert takes over (a share of the 1000
+    # training timesteps; None: the pipeline's default for the model) and TI2V's per-token time
+    boundary: float | None = None
+    expand_timesteps: bool = False
 
     @property
     def dit_config(self):
         return self.infos["dit"].config
+
+    @property
+    def moe(self) -> bool:
+        """Two experts (Wan2.2 A14B)."""
+        return self.dit_low is not None
 
     def parameter_counts(self) -> list[tuple[str, int]]:
         """(network, parameters) of what a pipeline loads: CLIP only for image-conditioned DiTs."""
@@ -107,8 +124,11 @@ def download(model_id: str, *, source: str = "huggingface", local_dir: str | Pat
         raise ValueError(f"{model_id}: the repository is gated; accept its terms on the Hub and log in "
                          "(`hf auth login`)") from None
     except RepositoryNotFoundError:
-        raise ValueError(f"{model_id}: no such model on the Hugging Face Hub (or it is private); "
-                         "check the id, e.g. Wan-AI/Wan2.1-T2V-1.3B") from None
+        import difflib
+
+        near = difflib.get_close_matches(model_id, MODEL_IDS, n=1, cutoff=0.8)
+        hint = f"did you mean {near[0]}?" if near else "check the id, e.g. Wan-AI/Wan2.1-T2V-1.3B or Wan-AI/Wan2.2-T2V-A14B"
+        raise ValueError(f"{model_id}: no such model on the Hugging Face Hub (or it is private); {hint}") from None
     except LocalEntryNotFoundError as err:  # offline, DNS, refused connections, timeouts: huggingface_hub says so
         raise ValueError(f"{model_id}: the Hugging Face Hub cannot be reached and the model is not in the local cache "
                          f"({type(err.__cause__ or err).__name__}); download it where there is a connection and give its folder "
@@ -118,10 +138,28 @@ def download(model_id: str, *, source: str = "huggingface", local_dir: str | Pat
                          ) from None
 
 
-def find_components(folder: str | Path, *, dit: str | Path | None = None) -> ModelFiles:
+def find_model(path_or_id: str | Path, *, dit: str | Path | None = None, dit_low: str | Path | None = None,
+               source: str = "huggingface") -> ModelFiles:
+    """`resolve_model` + `find_components`; `path_or_id` may also be a DiT file (a ComfyUI
+    single file, e.g. one expert), whose folder then holds the other components."""
+    path = Path(str(path_or_id)).expanduser()
+    if path.is_file():
+        if dit is not None:
+            raise ValueError(f"{path}: a DiT file is given as the model; give --dit only with a model folder")
+        return find_components(path.parent, dit=path, dit_low=dit_low)
+    return find_components(resolve_model(path_or_id, source=source), dit=dit, dit_low=dit_low)
+
+
+def find_components(folder: str | Path, *, dit: str | Path | None = None,
+                    dit_low: str | Path | None = None) -> ModelFiles:
     """DiT, VAE, umT5, tokenizer and CLIP in an official or diffusers-layout folder, told
     apart by their tensor names (headers only for safetensors). `dit` chooses the DiT file
-    when the folder holds several (e.g. a bf16 and an fp8 copy side by side)."""
+    when the folder holds several (e.g. a bf16 and an fp8 copy side by side).
+
+    Wan2.2 A14B: the two experts are found where they are kept (official `high_noise_model/`
+    and `low_noise_model/`, diffusers `transformer/` and `transformer_2/`, files named
+    `*high_noise*` and `*low_noise*`); `dit_low` names the low-noise expert's file (with `dit`
+    the high-noise one, or alone when the folder holds one other DiT)."""
     folder = Path(folder)
     found: dict[str, list[tuple[Path, CheckpointInfo]]] = {}
     for candidate in _weight_files(folder):
@@ -132,12 +170,8 @@ def find_components(folder: str | Path, *, dit: str | Path | None = None) -> Mod
         except CheckpointError:
             continue  # a readable file that is no Wan network (e.g. a LoRA or an unrelated model)
         found.setdefault(info.network, []).append((candidate, info))
-    if dit is not None:
-        info = inspect_checkpoint(dit)
-        if info.network != "dit":
-            raise ValueError(f"{dit}: --dit must be a DiT checkpoint; this is a {info.network}")
-        found["dit"] = [(Path(dit), info)]
-    chosen: dict[str, tuple[Path, CheckpointInfo]] = {}
+    experts = _experts(folder, found.pop("dit", []), dit, dit_low)
+    chosen: dict[str, tuple[Path, CheckpointInfo]] = dict(experts)
     for network, entries in found.items():
         if len(entries) > 1:
             listing = ", ".join(str(p.relative_to(folder)) for p, _ in entries)
@@ -156,16 +190,80 @@ def find_components(folder: str | Path, *, dit: str | Path | None = None) -> Mod
     if tokenizer is None:
         raise FileNotFoundError(f"{folder}: the model folder has no tokenizer; expected google/umt5-xxl/tokenizer.json "
                                 "or tokenizer/tokenizer.json")
-    model_type = chosen["dit"][1].config.model_type
-    if model_type != "t2v" and "clip" not in chosen:
+    config = chosen["dit"][1].config
+    model_type = config.model_type
+    if config.has_image_input and "clip" not in chosen:
         raise FileNotFoundError(f"{folder}: an {model_type} model needs the CLIP image encoder; expected "
                                 "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or image_encoder/")
+    if not config.has_image_input:
+        chosen.pop("clip", None)  # Wan2.2 I2V has no CLIP: a stray encoder file is not loaded
     clip = chosen.get("clip", (None, None))[0]
+    index = _model_index(folder)
+    boundary = index.get("boundary_ratio") if "dit_low" in chosen else None
+    defaults = read_defaults(folder)
+    if boundary is not None:  # the repository's own boundary, unless wanx-defaults.json says otherwise
+        defaults.setdefault("boundary", float(boundary))
     return ModelFiles(folder, model_type, chosen["dit"][0], chosen["vae"][0], chosen["t5"][0], tokenizer, clip,
-                      infos={network: info for network, (_, info) in chosen.items()}, defaults=read_defaults(folder))
+                      infos={network: info for network, (_, info) in chosen.items()}, defaults=defaults,
+                      dit_low=chosen["dit_low"][0] if "dit_low" in chosen else None,
+                      boundary=float(boundary) if boundary is not None else None,
+                      expand_timesteps=bool(index.get("expand_timesteps", False)))
 
 
 _NAMES = {"dit": "DiT (diffusion transformer)", "vae": "VAE", "t5": "umT5 text encoder", "clip": "CLIP image encoder"}
+
+
+def _experts(folder: Path, dits: list[tuple[Path, CheckpointInfo]], dit, dit_low) -> dict[str, tuple[Path, CheckpointInfo]]:
+    """{"dit": (path, info)} for one DiT, plus "dit_low" for a Wan2.2 A14B pair."""
+    def given(path, flag: str) -> tuple[Path, CheckpointInfo]:
+        info = inspect_checkpoint(path)
+        if info.network != "dit":
+            raise ValueError(f"{path}: {flag} must be a DiT checkpoint; this is a {info.network}")
+        return Path(path), info
+
+    if dit_low is not None:
+        low = given(dit_low, "--model-low")
+        if dit is not None:
+            high = given(dit, "--dit")
+        else:
+            others = [(p, i) for p, i in dits if p.resolve() != low[0].resolve() and i.expert != "low"]
+            if len(others) != 1:
+                listing = ", ".join(str(p.relative_to(folder)) for p, _ in others) or "none"
+                raise ValueError(f"{folder}: with --model-low, the folder must hold one other DiT, the high-noise "
+                                 f"expert (found: {listing}); choose it with --dit FILE")
+            high = others[0]
+        pair = {"dit": high, "dit_low": low}
+    elif dit is not None:
+        return {"dit": given(dit, "--dit")}
+    elif not dits:
+        return {}
+    elif len(dits) == 1:
+        return {"dit": dits[0]}
+    else:
+        by_expert = {info.expert: (p, info) for p, info in dits}
+        if len(dits) != 2 or set(by_expert) != {"high", "low"}:
+            listing = ", ".join(str(p.relative_to(folder)) for p, _ in dits)
+            raise ValueError(f"{folder}: {len(dits)} {_NAMES['dit']} files ({listing}); choose one with --dit FILE "
+                             "(or two Wan2.2 experts with --dit HIGH --model-low LOW)")
+        pair = {"dit": by_expert["high"], "dit_low": by_expert["low"]}
+    (high_path, high), (low_path, low) = pair["dit"], pair["dit_low"]
+    if high.config != low.config:
+        raise ValueError(f"{folder}: the two experts differ in architecture ({high_path.name}: {high.config.model_type} "
+                         f"dim {high.config.dim}; {low_path.name}: {low.config.model_type} dim {low.config.dim}); "
+                         "a Wan2.2 A14B model's high- and low-noise experts are alike")
+    return pair
+
+
+def _model_index(folder: Path) -> dict:
+    """A diffusers repository's model_index.json (empty when there is none)."""
+    path = folder / "model_index.json"
+    if not path.is_file():
+        return {}
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    return index if isinstance(index, dict) else {}
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -2,6 +2,11 @@
 and video-to-video. The task follows from the DiT's type and the inputs given; conditioning
 (text, CLIP image tokens, first/last-frame latents with their mask, a noised input video) is
 assembled here and the sampling loop is the same for all.
+
+Wan2.2's A14B models run in the same loop with two DiTs: `dit` (the high-noise expert) and
+`dit_low`. Each step goes to one of them by its timestep, t >= boundary * 1000 to `dit`, with
+that expert's guidance scale; the sampler is one solver throughout, so its multistep history
+carries across the switch, as in the official code.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from .memory.estimate import available_memory, check_fits, decode_tiles, estimat
 from .memory.placement import Placement, auto_budget, load_devices, resolve_offload
 from .models.transformer import input_dtype
 from .runtime import Runtime
-from .sampling import SAMPLERS, guided, noise_to, schedule
+from .sampling import NUM_TRAIN_TIMESTEPS, SAMPLERS, guided, noise_to, schedule
 from .video import Video, read_image, read_video, to_pixels, to_unit
 
 # Official negative prompts (wan/configs): shared, I2V adds 镜头晃动 (camera shake), FLF2V also 镜头切换 (cut).
@@ -40,6 +45,12 @@ NEGATIVE_PROMPTS = {"t2v": NEGATIVE_PROMPT, "v2v": NEGATIVE_PROMPT, "i2v": "镜�
 # Official sampling defaults per task (generate.py and the generate() signatures).
 DEFAULTS = {"t2v": dict(steps=50, shift=5.0, guidance=5.0), "v2v": dict(steps=50, shift=5.0, guidance=5.0),
             "i2v": dict(steps=40, shift=5.0, guidance=5.0), "flf2v": dict(steps=50, shift=16.0, guidance=5.5)}
+# Wan2.2 A14B (wan/configs/wan_{t2v,i2v}_A14B.py): guidance per expert, high noise first here
+# (the official tuple is (low, high)); boundary as a share of the 1000 training timesteps.
+# Its negative prompt is the shared one, also for I2V; there is no 480P shift for I2V.
+DEFAULTS_A14B = {"t2v": dict(steps=40, shift=12.0, guidance=4.0, guidance_low=3.0, boundary=0.875),
+                 "i2v": dict(steps=40, shift=5.0, guidance=3.5, guidance_low=3.5, boundary=0.900)}
+DEFAULTS_A14B["v2v"] = DEFAULTS_A14B["t2v"]
 AREA_480P = 832 * 480
 FPS = 16
 
@@ -58,17 +69,24 @@ class _Plan:
     seed: int
     negative_prompt: str | None
     sampler: str = "unipc"
+    # Wan2.2 A14B: the low-noise expert's guidance, and where it takes over (share of 1000)
+    guidance_low: float | None = None
+    boundary: float | None = None
     image: Tensor | None = None  # [3, H, W] in [-1, 1]
     last_image: Tensor | None = None
     video: Tensor | None = None  # [3, F, H, W] in [-1, 1]
 
 
 class WanPipeline:
-    """`WanPipeline(dit=..., vae=..., text_encoder=..., image_encoder=...)`, or `from_pretrained`."""
+    """`WanPipeline(dit=..., vae=..., text_encoder=..., image_encoder=...)`, or `from_pretrained`.
+    Wan2.2 A14B: `dit` is the high-noise expert and `dit_low` the low-noise one."""
 
-    def __init__(self, dit, vae, text_encoder=None, image_encoder=None, *, name: str = "custom",
+    def __init__(self, dit, vae, text_encoder=None, image_encoder=None, *, dit_low=None, name: str = "custom",
                  runtime: Runtime | None = None, placement: Placement | None = None):
         self.dit, self.vae, self.text_encoder, self.image_encoder = dit, vae, text_encoder, image_encoder
+        self.dit_low = dit_low
+        if dit_low is not None and dit_low.config != dit.config:
+            raise ValueError("the two experts must be alike in architecture (Wan2.2 A14B's are)")
         self.defaults: dict = {}  # the model folder's generation settings (wanx-defaults.json)
         self.name = name
         self.runtime = runtime
@@ -77,6 +95,7 @@ class WanPipeline:
         self.compiled = None  # speed.compile.CompiledBlocks when the DiT block is compiled
         self.parallel = None  # distributed.ParallelPlan when several ranks share the work
         self.last_timings: dict = {}  # seconds of the first and later denoising steps of the last call
+        self.last_experts: dict = {}  # two experts: the last call's boundary and steps on each
 
     @property
     def device(self) -> torch.device:
@@ -85,6 +104,11 @@ class WanPipeline:
     @property
     def model_type(self) -> str:
         return self.dit.config.model_type
+
+    @property
+    def experts(self) -> dict:
+        """The DiTs by placement name: {"dit": ...}, plus "dit_low" for Wan2.2 A14B."""
+        return {"dit": self.dit, **({"dit_low": self.dit_low} if self.dit_low is not None else {})}
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, *, device: str | torch.device | None = None,
@@ -95,8 +119,9 @@ class WanPipeline:
                         cache_threshold: float | None = None, cache_calibration: str | None = None,
                         compile: bool = False, attention: str = "auto", source: str = "huggingface",
                         progress: bool = False) -> "WanPipeline":
-        """An official or diffusers-layout model folder, a tiny model name, or a model id
-        (`Wan-AI/Wan2.1-T2V-1.3B`, downloaded into the standard cache).
+        """An official or diffusers-layout model folder (Wan2.2 A14B: both experts), a DiT file
+        whose folder holds the other components, a tiny model name, or a model id
+        (`Wan-AI/Wan2.1-T2V-1.3B`, `Wan-AI/Wan2.2-T2V-A14B`, downloaded into the standard cache).
 
         device: default CUDA when present, else CPU. dtype: of the DiT and encoders, default
         bf16 on a GPU and fp32 on a CPU (the same rule as `wanx generate --dtype auto`).
@@ -109,14 +134,14 @@ class WanPipeline:
         setting for the model; cache_calibration: a `wanx calibrate-cache` file). compile: the
         DiT block compiled once with torch.compile. attention: "auto", "sdpa", "flash2",
         "flash3" or "sage". See `wanx.runtime.Runtime`."""
-        from .hub import find_components, resolve_model
+        from .hub import find_model
 
         # Every choice is checked before any download or weight read.
         runtime = Runtime.create(device, dtype, vae_dtype, offload=offload, vram_budget=vram_budget,
                                  num_persistent_param_in_dit=num_persistent_param_in_dit, quantize=quantize,
                                  t5_device=t5_device, cache=cache, cache_threshold=cache_threshold,
                                  cache_calibration=cache_calibration, compile=compile, attention=attention)
-        files = find_components(resolve_model(path_or_id, source=source))
+        files = find_model(path_or_id, source=source)
         pipe = cls.from_files(files, runtime=runtime, progress=progress)
         pipe.name = str(path_or_id)
         return pipe
@@ -138,8 +163,12 @@ class WanPipeline:
         offload = resolve_offload(runtime.offload, device, weights, work, available_memory(device))
         where = load_devices(offload, device, runtime.text_device)
         if host_load:
-            where = {**where, "dit": torch.device("cpu"), "t5": torch.device("cpu")}
+            where = {**where, "dit": torch.device("cpu"), "dit_low": torch.device("cpu"), "t5": torch.device("cpu")}
         dit = load_model(files.dit, dtype=dtype, device=where["dit"], quantize=runtime.quantize, progress=progress)
+        dit_low = None
+        if files.dit_low is not None:  # fp32-stored experts are cast to dtype as they are read, like any DiT
+            dit_low = load_model(files.dit_low, dtype=dtype, device=where["dit_low"], quantize=runtime.quantize,
+                                 progress=progress)
         vae = load_model(files.vae, dtype=runtime.vae_dtype, device=where["vae"], progress=progress)
         text_encoder = TextEncoder(load_model(files.text_encoder, dtype=dtype, device=where["t5"], progress=progress),
                                    tokenizer, device=runtime.text_device)
@@ -149,9 +178,10 @@ class WanPipeline:
         budget = runtime.vram_budget
         if budget == "auto":
             budget = auto_budget(available_memory(device), work)
-        placement = Placement(offload, device, {"dit": dit, "vae": vae, "t5": text_encoder.model, "clip": image_encoder},
-                              budget=budget, text_device=runtime.text_device)
-        pipe = cls(dit, vae, text_encoder, image_encoder, name=str(files.folder), runtime=runtime, placement=placement)
+        placement = Placement(offload, device, {"dit": dit, "dit_low": dit_low, "vae": vae, "t5": text_encoder.model,
+                                                "clip": image_encoder}, budget=budget, text_device=runtime.text_device)
+        pipe = cls(dit, vae, text_encoder, image_encoder, dit_low=dit_low, name=str(files.folder), runtime=runtime,
+                   placement=placement)
         pipe.defaults = dict(files.defaults)
         pipe.apply_speed(runtime, files.folder)
         return pipe
@@ -167,6 +197,8 @@ class WanPipeline:
             print(f"attention: {backend_for(runtime.device, runtime.dtype, cfg.head_dim)} ({runtime.attention})",
                   file=sys.stderr)
         if runtime.cache:
+            if self.dit_low is not None:
+                raise ValueError("step caching (--teacache/--magcache) does not support two experts (Wan2.2 A14B) yet")
             calibration = runtime.cache_calibration
             own = Path(folder) / CALIBRATION_FILE if folder is not None else None
             if calibration is None and own is not None and own.is_file():
@@ -176,6 +208,8 @@ class WanPipeline:
             from .speed.compile import compile_blocks
 
             self.compiled = compile_blocks(self.dit)
+            if self.dit_low is not None:
+                compile_blocks(self.dit_low)
 
     # -------------------------------------------------------------------------------------
     def __call__(
@@ -192,6 +226,8 @@ class WanPipeline:
         num_frames: int | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        guidance_scale_low: float | None = None,
+        boundary: float | None = None,
         shift: float | None = None,
         sampler: str | None = None,
         seed: int | None = None,
@@ -225,8 +261,16 @@ class WanPipeline:
                 frame count rounded down to 4k+1 (at most 81).
             num_inference_steps: sampling steps; default 50 (40 for I2V). Alias: `steps`.
             guidance_scale: classifier-free guidance scale in [1, 30]; 1 turns guidance off.
-                Default 5.0 (5.5 for FLF2V). Alias: `guidance`.
-            shift: schedule shift; default 5.0 (3.0 for I2V at 480P or below, 16 for FLF2V).
+                Default 5.0 (5.5 for FLF2V). Alias: `guidance`. Wan2.2 A14B: the high-noise
+                expert's (default 4.0 T2V, 3.5 I2V), and the low-noise one's too unless
+                guidance_scale_low is given.
+            guidance_scale_low: Wan2.2 A14B: the low-noise expert's guidance scale (default
+                3.0 T2V, 3.5 I2V; guidance_scale when only that is given).
+            boundary: Wan2.2 A14B: where the low-noise expert takes over, as a share of the 1000
+                training timesteps (steps with t >= 1000 * boundary run the high-noise expert);
+                default the model's (0.875 T2V, 0.9 I2V). Steps and shift move the split.
+            shift: schedule shift; default 5.0 (3.0 for I2V at 480P or below, 16 for FLF2V;
+                Wan2.2 A14B: 12.0 T2V, 5.0 I2V).
             sampler: "unipc" (official default), "dpm++" or "euler".
             Options left unset take the model folder's own settings first when it has them
             (`wanx-defaults.json`, e.g. the demo model's 96x96 and 17 frames).
@@ -250,7 +294,8 @@ class WanPipeline:
         guidance_scale = _alias("guidance_scale", guidance_scale, "guidance", guidance)
         plan = self.plan(prompt, negative_prompt, image=image, last_image=last_image, video=video, strength=strength,
                          height=height, width=width, num_frames=num_frames, num_inference_steps=num_inference_steps,
-                         guidance_scale=guidance_scale, shift=shift, sampler=sampler, seed=seed,
+                         guidance_scale=guidance_scale, guidance_scale_low=guidance_scale_low, boundary=boundary,
+                         shift=shift, sampler=sampler, seed=seed,
                          prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, latents=latents,
                          output_type=output_type)
         # The resident weights are loaded already: what is left must hold this request's work.
@@ -258,7 +303,7 @@ class WanPipeline:
         fit = functools.partial(check_fits, self.dit.config, plan.height, plan.width, plan.num_frames,
                                 device=self.device, dtype=input_dtype(self.dit.blocks[0].self_attn.q),
                                 vae_dtype=next(self.vae.parameters()).dtype)
-        batched = self.batch_cfg and plan.guidance != 1.0
+        batched = self.batch_cfg and any(g != 1.0 for g in (plan.guidance, plan.guidance_low) if g is not None)
         try:
             need = fit(batch=2 if batched else 1)
         except ValueError:
@@ -295,7 +340,8 @@ class WanPipeline:
                 sigmas, timesteps = sigmas[plan.steps - run:], timesteps[plan.steps - run:]
                 x = noise_to(x0, noise, float(sigmas[0]))
 
-            model_fn = self._velocity(context, context_null, plan.guidance, extra, batched)
+            model_fn = self._velocity(context, context_null, plan, extra, batched)
+            high = self._report_experts(plan, timesteps, progress)
             cache = self.step_cache
             if cache is not None:
                 cache.start(len(timesteps), self.dit.config, plan.height, plan.width)
@@ -311,6 +357,7 @@ class WanPipeline:
                     callback(i + 1, n, latents)
 
             try:
+                self.placement.activate("dit" if high else "dit_low")  # the expert of the first step comes in
                 with self.placement.phase("dit"):
                     x = SAMPLERS[plan.sampler](model_fn, x, sigmas, timesteps, callback=advance)
             finally:
@@ -337,36 +384,66 @@ class WanPipeline:
                         sampler=plan.sampler, generator="wanx")
         if plan.task == "v2v":
             metadata["strength"] = strength
+        if self.last_experts:
+            metadata["guidance_low"] = plan.guidance_low
+            metadata["experts"] = self.last_experts
         if self.step_cache is not None:
             cache = self.step_cache
             metadata["cache"] = {"kind": cache.kind, "threshold": cache.active_threshold,
                                  "computed": cache.stats.total_computed, "skipped": cache.stats.total_skipped}
-        if loaded_loras(self.dit):
+        loras = {}  # name -> (entry, the experts that hold it)
+        for expert, dit in (("high", self.dit), ("low", self.dit_low)):
+            for name, entry in (loaded_loras(dit) if dit is not None else {}).items():
+                loras.setdefault(name, (entry, []))[1].append(expert)
+        if loras:
             metadata["loras"] = [{"name": name, "strength": entry.strength, "sha256": entry.lora.sha256,
-                                  "file": entry.lora.path.name if entry.lora.path else None}
-                                 for name, entry in loaded_loras(self.dit).items()]
+                                  "file": entry.lora.path.name if entry.lora.path else None,
+                                  **({"experts": experts} if self.dit_low is not None else {})}
+                                 for name, (entry, experts) in loras.items()]
         return Video(to_pixels(frames[0]), fps=FPS, metadata=metadata)
 
     # -------------------------------------------------------------------------------------
     def load_lora(self, path: str | Path, strength: float = 1.0, *, name: str | None = None,
-                  fuse: bool | None = None) -> LoraReport:
+                  fuse: bool | None = None, expert: str | None = None) -> LoraReport:
         """Apply a LoRA file (any format `wanx.lora` reads) to the DiT; call again to stack.
         fuse: default merged into the weights on a resident bf16/fp32 model, live (added at
         run time) on an FP8 or streamed one. A LoRA that does not fit this model is an error
-        and changes nothing."""
-        return apply_lora(self.dit, path, strength, fuse=fuse, name=name)
+        and changes nothing. expert: Wan2.2 A14B, "high" or "low" for one expert (e.g. a LoRA
+        trained with `wanx train --expert`); default both."""
+        if expert not in (None, "high", "low"):
+            raise ValueError(f"expert must be 'high', 'low' or None (both), got {expert!r}")
+        if expert is not None and self.dit_low is None:
+            raise ValueError(f"a LoRA for the {expert}-noise expert needs a model with two experts (Wan2.2 A14B)")
+        experts = {None: list(self.experts.values()), "high": [self.dit], "low": [self.dit_low]}[expert]
+        report = apply_lora(experts[0], path, strength, fuse=fuse, name=name)
+        try:
+            for dit in experts[1:]:
+                apply_lora(dit, path, strength, fuse=fuse, name=name)
+        except Exception:
+            remove_lora(experts[0], report.name)  # nothing changes when a check fails
+            raise
+        return report
 
     def set_lora_strength(self, name: str, strength: float) -> None:
-        set_lora_strength(self.dit, name, strength)
+        for dit in self._holding(name):
+            set_lora_strength(dit, name, strength)
 
     def unload_lora(self, name: str | None = None) -> None:
         """Remove one LoRA (or all): fused weights come back bit for bit."""
-        remove_lora(self.dit, name)
+        for dit in self.experts.values() if name is None else self._holding(name):
+            remove_lora(dit, name)
+
+    def _holding(self, name: str) -> list:
+        """The experts that hold LoRA `name` (the DiT when none does: it names the error)."""
+        return [dit for dit in self.experts.values() if name in loaded_loras(dit)] or [self.dit]
 
     def plan(self, prompt=None, negative_prompt=None, **kwargs) -> _Plan:
         """Check every input and resolve the defaults; raises ValueError with one clear line."""
+        needs_clip = self.dit.config.has_image_input
         return plan_request(self.model_type, prompt, negative_prompt, has_text_encoder=self.text_encoder is not None,
-                            has_image_encoder=self.image_encoder is not None, model_defaults=self.defaults, **kwargs)
+                            has_image_encoder=self.image_encoder is not None or not needs_clip,
+                            model_defaults=self.defaults, experts=len(self.experts), clip=self.dit.config.clip,
+                            **kwargs)
 
     # -------------------------------------------------------------------------------------
     def _text(self, plan: _Plan, prompt, prompt_embeds, negative_prompt_embeds) -> tuple[Tensor, Tensor | None]:
@@ -397,12 +474,16 @@ class WanPipeline:
         return image_conditioning(self.image_encoder, self.vae, plan.image, plan.last_image, plan.height, plan.width,
                                   plan.num_frames, self.device)
 
-    def _velocity(self, context: Tensor, context_null: Tensor | None, guidance: float, extra: dict[str, Tensor],
+    def _velocity(self, context: Tensor, context_null: Tensor | None, plan: _Plan, extra: dict[str, Tensor],
                   batched: bool = True):
-        dit, cache = self.dit, self.step_cache
+        """The guided velocity function the sampler calls, once per step. With two experts it
+        routes each step by its timestep: the expert, its guidance scale, and (offloading) the
+        weights on the device follow t, never the step index."""
+        cache = self.step_cache
         step = [0]  # the sampler calls the model function once per step
+        boundary = None if self.dit_low is None else plan.boundary * NUM_TRAIN_TIMESTEPS
 
-        def run(x: Tensor, t: Tensor, ctx: Tensor, branches: tuple[str, ...]) -> Tensor:
+        def run(dit, x: Tensor, t: Tensor, ctx: Tensor, branches: tuple[str, ...]) -> Tensor:
             cond = {k: v.expand(len(branches), *v.shape[1:]) for k, v in extra.items()}
             if cache is not None:
                 cache.at(step[0], branches)
@@ -410,22 +491,26 @@ class WanPipeline:
             return dit(x, t.to(x.device).float().reshape(1), ctx, **cond)
 
         cfg_parallel = self.parallel.cfg if self.parallel is not None else None
-        if context_null is None or guidance == 1.0:
-            fn = lambda x, t: run(x, t, context, ("cond",))  # noqa: E731
-        elif cfg_parallel is not None:  # this rank's half computes one branch; the pair swaps results
-            def fn(x: Tensor, t: Tensor) -> Tensor:
-                mine = cfg_parallel.branch
-                cond, uncond = cfg_parallel.combine(run(x, t, context if mine == "cond" else context_null, (mine,)))
-                return uncond + guidance * (cond - uncond)
-        elif not batched:  # the negative pass keeps the image conditioning, as official
-            fn = guided(lambda x, t: run(x, t, context, ("cond",)), lambda x, t: run(x, t, context_null, ("uncond",)),
-                        guidance)
-        else:
-            both = torch.cat([context, context_null])
 
-            def fn(x: Tensor, t: Tensor) -> Tensor:
-                cond, uncond = run(torch.cat([x, x]), t, both, ("cond", "uncond")).chunk(2)
+        def fn(x: Tensor, t: Tensor) -> Tensor:
+            if boundary is None or float(t) >= boundary:
+                name, guidance = "dit", plan.guidance
+            else:
+                name, guidance = "dit_low", plan.guidance_low
+            self.placement.activate(name)  # the other expert leaves the device (offloading)
+            dit = self.experts[name]
+            if context_null is None or guidance == 1.0:
+                return run(dit, x, t, context, ("cond",))
+            if cfg_parallel is not None:  # this rank's half computes one branch; the pair swaps results
+                mine = cfg_parallel.branch
+                cond, uncond = cfg_parallel.combine(run(dit, x, t, context if mine == "cond" else context_null, (mine,)))
                 return uncond + guidance * (cond - uncond)
+            if not batched:  # the negative pass keeps the image conditioning, as official
+                return guided(lambda x, t: run(dit, x, t, context, ("cond",)),
+                              lambda x, t: run(dit, x, t, context_null, ("uncond",)), guidance)(x, t)
+            cond, uncond = run(dit, torch.cat([x, x]), t, torch.cat([context, context_null]),
+                               ("cond", "uncond")).chunk(2)
+            return uncond + guidance * (cond - uncond)
 
         def counted(x: Tensor, t: Tensor) -> Tensor:
             try:
@@ -434,6 +519,25 @@ class WanPipeline:
                 step[0] += 1
 
         return counted
+
+    def _report_experts(self, plan: _Plan, timesteps: Tensor, progress: bool) -> int:
+        """Steps on the high-noise expert (all of them with one DiT); with two, the split is kept
+        in `last_experts` (and the video's metadata) and said in one line."""
+        if self.dit_low is None:
+            self.last_experts = {}
+            return len(timesteps)
+        high = high_noise_steps(timesteps, plan.boundary)
+        ts = [int(t) for t in timesteps]
+        self.last_experts = {"boundary": plan.boundary, "high_noise_steps": high, "low_noise_steps": len(ts) - high}
+        if progress:
+            def part(name, steps, guidance):
+                span = f" (t {steps[0]}..{steps[-1]})" if steps else ""
+                return f"{name} {len(steps)} step{'s' * (len(steps) != 1)}{span}, guidance {guidance:g}"
+
+            print(f"experts: {part('high noise', ts[:high], plan.guidance)}; "
+                  f"{part('low noise', ts[high:], plan.guidance_low)}; boundary t = {plan.boundary * NUM_TRAIN_TIMESTEPS:g}",
+                  file=sys.stderr)
+        return high
 
     # -- step caching ------------------------------------------------------------------------
     @property
@@ -472,14 +576,23 @@ class RequestError(ValueError):
         self.field = field
 
 
+def high_noise_steps(timesteps: Tensor, boundary: float) -> int:
+    """How many steps of a schedule run Wan2.2's high-noise expert: those with t >= boundary *
+    1000 (official `_prepare_model_for_timestep`). Timesteps fall, so these come first."""
+    return int((timesteps.double() >= boundary * NUM_TRAIN_TIMESTEPS).sum())
+
+
 def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text_encoder: bool = True,
                  has_image_encoder: bool = True, image=None, last_image=None, video=None, strength=0.8, height=None,
-                 width=None, num_frames=None, num_inference_steps=None, guidance_scale=None, shift=None,
-                 sampler=None, seed=None, prompt_embeds=None, negative_prompt_embeds=None, latents=None,
-                 output_type="video", names: Mapping[str, str] | None = None,
-                 model_defaults: Mapping | None = None) -> _Plan:
+                 width=None, num_frames=None, num_inference_steps=None, guidance_scale=None, guidance_scale_low=None,
+                 boundary=None, shift=None, sampler=None, seed=None, prompt_embeds=None, negative_prompt_embeds=None,
+                 latents=None, output_type="video", names: Mapping[str, str] | None = None,
+                 model_defaults: Mapping | None = None, experts: int = 1, clip: bool = True) -> _Plan:
     """Validate a request for a `model_type` DiT (reading its image/video inputs) and resolve
     the defaults, before any weight is loaded or any heavy work starts.
+
+    experts: 2 for Wan2.2 A14B (its own defaults, a guidance scale per expert and a boundary).
+    clip: False for a Wan2.2 I2V DiT (no CLIP; the shared negative prompt, no 480P shift).
 
     names: how the caller's interface spells each argument in error messages (the CLI says
     `--frames` where Python says `num_frames`); default the Python keyword names.
@@ -496,6 +609,8 @@ def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text
     num_frames = num_frames if num_frames is not None else own.get("num_frames")
     num_inference_steps = num_inference_steps if num_inference_steps is not None else own.get("num_inference_steps")
     guidance_scale = guidance_scale if guidance_scale is not None else own.get("guidance_scale")
+    guidance_scale_low = guidance_scale_low if guidance_scale_low is not None else own.get("guidance_scale_low")
+    boundary = boundary if boundary is not None else own.get("boundary")
     shift = shift if shift is not None else own.get("shift")
     sampler = sampler if sampler is not None else own.get("sampler", "unipc")
 
@@ -521,9 +636,18 @@ def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text
         raise RequestError("num_frames", f"{n('num_frames')} {num_frames} must be 4k+1 (e.g. {low} or {low + 4})")
     if num_inference_steps is not None and num_inference_steps < 1:
         raise RequestError("num_inference_steps", f"{n('num_inference_steps')} must be >= 1, got {num_inference_steps}")
-    if guidance_scale is not None and not GUIDANCE_RANGE[0] <= guidance_scale <= GUIDANCE_RANGE[1]:
-        raise RequestError("guidance_scale", f"{n('guidance_scale')} must be in [{GUIDANCE_RANGE[0]:g}, {GUIDANCE_RANGE[1]:g}] "
-                         f"(1 turns guidance off; the official default is 5), got {guidance_scale:g}")
+    for arg, value in (("guidance_scale", guidance_scale), ("guidance_scale_low", guidance_scale_low)):
+        if value is not None and not GUIDANCE_RANGE[0] <= value <= GUIDANCE_RANGE[1]:
+            raise RequestError(arg, f"{n(arg)} must be in [{GUIDANCE_RANGE[0]:g}, {GUIDANCE_RANGE[1]:g}] "
+                                    f"(1 turns guidance off; the official default is 5), got {value:g}")
+    moe = experts == 2
+    if not moe and (guidance_scale_low is not None or boundary is not None):
+        arg = "guidance_scale_low" if guidance_scale_low is not None else "boundary"
+        raise RequestError(arg, f"{n(arg)} is for a model with two experts (Wan2.2 A14B, e.g. Wan-AI/Wan2.2-T2V-A14B); "
+                                "this one has one DiT")
+    if boundary is not None and not 0 <= boundary <= 1:
+        raise RequestError("boundary", f"{n('boundary')} is a share of the 1000 training timesteps, in [0, 1] "
+                                       f"(0.875 for T2V-A14B, 0.9 for I2V-A14B), got {boundary:g}")
     if shift is not None and shift <= 0:
         raise RequestError("shift", f"{n('shift')} must be positive, got {shift:g}")
     if seed is not None and not 0 <= seed <= MAX_SEED:
@@ -555,7 +679,7 @@ def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text
     if task in ("i2v", "flf2v") and not has_image_encoder:
         raise ValueError(f"{task} needs an image encoder (CLIP) in the pipeline")
 
-    defaults = DEFAULTS[task]
+    defaults = DEFAULTS_A14B[task] if moe else DEFAULTS[task]
     size_given = height is not None and width is not None
     height, width = (height, width) if size_given else (height or 480, width or 832)
     plan = _Plan(task=task, height=height, width=width, num_frames=num_frames or 81,
@@ -564,13 +688,21 @@ def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text
                  guidance=float(guidance_scale if guidance_scale is not None else defaults["guidance"]),
                  seed=int(seed) if seed is not None else random.randint(0, 2**31 - 1),
                  negative_prompt=None, sampler=sampler)
-    if negative_prompt_embeds is None and plan.guidance != 1.0:  # "" is a prompt too: the empty text
-        plan.negative_prompt = negative_prompt if negative_prompt is not None else NEGATIVE_PROMPTS[task]
+    if moe:  # one guidance given applies to both experts, as the official --sample_guide_scale
+        low = guidance_scale_low if guidance_scale_low is not None else \
+            guidance_scale if guidance_scale is not None else defaults["guidance_low"]
+        plan.guidance_low = float(low)
+        plan.boundary = float(boundary if boundary is not None else defaults["boundary"])
+    if negative_prompt_embeds is None and (plan.guidance != 1.0 or plan.guidance_low not in (None, 1.0)):
+        # "" is a prompt too: the empty text. Wan2.2 uses the shared negative prompt for every task.
+        wan22 = moe or not clip
+        plan.negative_prompt = negative_prompt if negative_prompt is not None else \
+            NEGATIVE_PROMPT if wan22 else NEGATIVE_PROMPTS[task]
 
     if task in ("i2v", "flf2v"):
         plan.image = _read_input("image", _image_tensor, image)
         plan.height, plan.width = _size_for_image(plan.image, height * width)
-        if shift is None and task == "i2v" and height * width <= AREA_480P:
+        if shift is None and task == "i2v" and height * width <= AREA_480P and clip and not moe:
             plan.shift = 3.0  # the official 480P I2V shift
         if last_image is not None:
             plan.last_image = _read_input("last_image", _image_tensor, last_image)
@@ -693,12 +825,14 @@ def _stage(name: str, enabled: bool):
 
 def image_conditioning(image_encoder, vae, image: Tensor, last_image: Tensor | None, h: int, w: int, n: int,
                        device) -> dict[str, Tensor]:
-    """I2V/FLF2V inputs of the DiT: CLIP tokens of the given frame(s) `[1, 257|514, d]`, and
-    y = [mask (4) | VAE latents of the frame(s) + zeros (16)] `[1, 20, F', h/8, w/8]`. image,
-    last_image: `[3, H, W]` in [-1, 1] at any size (CLIP sees them as given). Also used by
-    `wanx prepare` to cache the conditioning of I2V training clips."""
+    """I2V/FLF2V inputs of the DiT: CLIP tokens of the given frame(s) `[1, 257|514, d]` (not for
+    Wan2.2 I2V: image_encoder None), and y = [mask (4) | VAE latents of the frame(s) + zeros
+    (16)] `[1, 20, F', h/8, w/8]`. image, last_image: `[3, H, W]` in [-1, 1] at any size (CLIP
+    sees them as given). Also used by `wanx prepare` to cache the conditioning of I2V training clips."""
     images = [image] + ([last_image] if last_image is not None else [])
-    clip = torch.cat([image_encoder(img[None].to(device)) for img in images], dim=1)
+    clip = None
+    if image_encoder is not None:
+        clip = torch.cat([image_encoder(img[None].to(device)) for img in images], dim=1)
 
     first = F.interpolate(image[None], size=(h, w), mode="bicubic", align_corners=False)[0]
     frames = torch.zeros(3, n, h, w)
@@ -716,4 +850,5 @@ def image_conditioning(image_encoder, vae, image: Tensor, last_image: Tensor | N
         mask[:, -1] = 1
     mask = torch.cat([mask[:, :1].repeat_interleave(4, dim=1), mask[:, 1:]], dim=1)
     mask = mask.view(1, mask.shape[1] // 4, 4, h // 8, w // 8).transpose(1, 2)  # [1, 4, F', h/8, w/8]
-    return {"clip_features": clip, "y": torch.cat([mask, y], dim=1)}
+    y = torch.cat([mask, y], dim=1)
+    return {"y": y} if clip is None else {"clip_features": clip, "y": y}

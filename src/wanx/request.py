@@ -17,13 +17,15 @@ KEY_TYPES: dict[str, tuple[type, ...]] = {
     "prompt": (str,), "negative_prompt": (str,), "seed": (int,), "image": (str,), "last_image": (str,),
     "video": (str,), "strength": (int, float), "size": (str,), "frames": (int,), "steps": (int,),
     "guidance": (int, float), "shift": (int, float), "sampler": (str,), "output": (str,),
+    "guidance_low": (int, float), "boundary": (int, float),  # Wan2.2 A14B: the low-noise expert
 }
 JOB_KEYS = frozenset(KEY_TYPES)
 # A request key for each pipeline keyword, so that the pipeline's errors name the key to fix.
 PIPELINE_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "image": "image",
                  "last_image": "last_image", "video": "video", "strength": "strength", "height": "size",
                  "width": "size", "num_frames": "frames", "num_inference_steps": "steps", "guidance_scale": "guidance",
-                 "shift": "shift", "sampler": "sampler", "seed": "seed"}
+                 "shift": "shift", "sampler": "sampler", "seed": "seed", "guidance_scale_low": "guidance_low",
+                 "boundary": "boundary"}
 # How a request's keys are spelled in errors when no face says otherwise.
 KEY_NAMES = {**PIPELINE_KEYS, "height": "size height", "width": "size width"}
 
@@ -83,8 +85,8 @@ def pipeline_kwargs(job: Mapping) -> dict:
     return dict(image=job.get("image"), last_image=job.get("last_image"), video=job.get("video"),
                 strength=job["strength"] if job.get("strength") is not None else 0.8, height=height, width=width,
                 num_frames=job.get("frames"), num_inference_steps=job.get("steps"),
-                guidance_scale=job.get("guidance"), shift=job.get("shift"), sampler=job.get("sampler"),
-                seed=job.get("seed"))
+                guidance_scale=job.get("guidance"), guidance_scale_low=job.get("guidance_low"),
+                boundary=job.get("boundary"), shift=job.get("shift"), sampler=job.get("sampler"), seed=job.get("seed"))
 
 
 def check_job(job: Mapping, files, *, runtime, weights: int, names: Mapping[str, str] | None = None):
@@ -96,7 +98,8 @@ def check_job(job: Mapping, files, *, runtime, weights: int, names: Mapping[str,
 
     request = pipeline_kwargs(job)
     plan = plan_request(files.model_type, job.get("prompt"), job.get("negative_prompt"), names=names or KEY_NAMES,
-                        model_defaults=files.defaults, **request)
+                        model_defaults=files.defaults, experts=2 if files.moe else 1, clip=files.dit_config.clip,
+                        **request)
     try:  # batch 1: guidance runs as two passes when one batch of two does not fit
         check_fits(files.dit_config, plan.height, plan.width, plan.num_frames, device=runtime.device,
                    dtype=runtime.dtype, vae_dtype=runtime.vae_dtype, weights=weights, batch=1)

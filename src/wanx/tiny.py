@@ -1,4 +1,4 @@
-"""Tiny random-weight Wan2.1 model sets in the official folder layout, made locally in seconds.
+"""Tiny random-weight Wan model sets in the official folder layout, made locally in seconds.
 
 They exercise the whole path (checkpoint discovery, loading, tokenising, text and image
 encoding, sampling, decoding, video files) offline on a CPU. Their videos are noise: real
@@ -29,7 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-TINY_MODELS = {"tiny": "t2v", "tiny-i2v": "i2v", "tiny-flf2v": "flf2v"}
+# name -> task; "t2v-A14B" is Wan2.2's two-expert layout (high_noise_model/, low_noise_model/).
+TINY_MODELS = {"tiny": "t2v", "tiny-i2v": "i2v", "tiny-flf2v": "flf2v", "tiny-moe": "t2v-A14B"}
+EXPERT_FOLDERS = ("high_noise_model", "low_noise_model")
 
 # Bump whenever the bytes of a tiny set change: folders with another stamp are remade.
 TINY_VERSION = 2
@@ -53,7 +55,8 @@ def tiny_model_dir(name: str) -> Path:
 
 
 def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Path:
-    """Write a tiny model set for `task` (t2v, i2v, flf2v) with the official file names.
+    """Write a tiny model set for `task` (t2v, i2v, flf2v, or t2v-A14B: two experts, each in
+    its official folder as two shards and an index) with the official file names.
 
     The set is written in a private `.partial` folder beside `folder`, then renamed into place;
     an existing `folder` is replaced."""
@@ -65,7 +68,8 @@ def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Pat
     from .models.transformer import WanDiT
     from .models.vae import WanVAE
 
-    preset = {"t2v": "tiny", "i2v": "tiny-i2v", "flf2v": "tiny-flf2v"}[task]
+    preset = {"t2v": "tiny", "i2v": "tiny-i2v", "flf2v": "tiny-flf2v", "t2v-A14B": "tiny"}[task]
+    experts = EXPERT_FOLDERS if task == "t2v-A14B" else ()
     folder = Path(folder)
     tmp = folder.with_name(f"{folder.name}.{os.getpid()}.partial")  # private to this process
     shutil.rmtree(tmp, ignore_errors=True)  # left over by a crashed run
@@ -76,7 +80,9 @@ def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Pat
             t5 = UMT5Encoder("tiny")
             networks = {"diffusion_pytorch_model.safetensors": dit, "Wan2.1_VAE.pth": WanVAE("tiny"),
                         "models_t5_umt5-xxl-enc-bf16.pth": t5}
-            if task != "t2v":
+            if experts:
+                del networks["diffusion_pytorch_model.safetensors"]
+            if task in ("i2v", "flf2v"):
                 networks["models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"] = CLIPVisionEncoder("tiny")
         for file, network in networks.items():
             state = portable_weights(network, f"{seed}/{file}")
@@ -84,13 +90,36 @@ def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Pat
                 save_file(state, str(tmp / file))
             else:
                 save_pth(state, tmp / file)
-        _write_json(tmp / "config.json", official_config_json(dit.config))
+        for expert in experts:  # alike in architecture, not in weights (each its own hash key)
+            save_sharded(portable_weights(dit, f"{seed}/{expert}"), tmp / expert, shards=2)
+            _write_json(tmp / expert / "config.json", official_config_json(dit.config))
+        if not experts:
+            _write_json(tmp / "config.json", official_config_json(dit.config))
         write_tokenizer(tmp / "google" / "umt5-xxl", vocab=t5.config.vocab)
         _write_json(tmp / STAMP, _stamp(task, seed))  # last: a folder with a stamp is complete
         _move_into_place(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def save_sharded(state: dict[str, torch.Tensor], folder: Path, shards: int) -> None:
+    """`diffusion_pytorch_model-0000i-of-0000n.safetensors` and the index, as the official
+    expert folders are kept: consecutive keys per shard, in the state dict's order."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = list(state)
+    per = math.ceil(len(keys) / shards)
+    weight_map = {}
+    for i in range(shards):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = keys[i * per:(i + 1) * per]
+        save_file({k: state[k] for k in part}, str(folder / name))
+        weight_map.update(dict.fromkeys(part, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    _write_json(folder / "diffusion_pytorch_model.safetensors.index.json",
+                {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def _stamp(task: str, seed: int = 0) -> dict:

@@ -45,7 +45,8 @@ def test_two_ranks_match_one_process(tmp_path):
              dict(name="cfg", cfg=True, sp="none"), dict(name="fsdp", fsdp=True),
              dict(name="i2v", model="tiny-i2v", sp="ulysses", fsdp=True, request={"image": True}),
              dict(name="lora live, fsdp", fsdp=True, sp="ring", lora="live"),
-             dict(name="lora fused", sp="ulysses", lora="fused")]
+             dict(name="lora fused", sp="ulysses", lora="fused"),
+             dict(name="moe", model="tiny-moe", sp="ulysses", fsdp=True)]  # both experts sharded and split
     results = run_ranks(2, cases, tmp_path)
     reference = single()
     for name in ("ulysses", "ring", "cfg", "fsdp"):
@@ -56,6 +57,7 @@ def test_two_ranks_match_one_process(tmp_path):
     assert results["fsdp"][1].endswith("FSDP-sharded DiT and umT5")
     i2v = single("tiny-i2v", image=True)
     assert close(results["i2v"][0], i2v) <= TOLERANCE
+    assert close(results["moe"][0], single("tiny-moe")) <= TOLERANCE
     from tests.distributed.workers import lora_file
     from wanx.pipeline import WanPipeline
 

@@ -7,7 +7,7 @@ from tests.oracles import diffusers_dit, diffusers_vae, official_state, tiny_dit
 from wanx.loading.layouts import DIFFUSERS_DIT, DIFFUSERS_VAE, detect, rename
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-i2v", "tiny-flf2v"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-i2v", "tiny-flf2v", "tiny-i2v-A14B", "tiny-ti2v"])
 def test_every_diffusers_dit_key_maps(name):
     model = tiny_dit(name)
     official = official_state(model)
@@ -49,6 +49,27 @@ def test_comfy_prefixes(prefix):
     keys = [prefix + k for k in official_state(tiny_dit())]
     found = detect(keys)
     assert (found.network, found.layout, found.prefix) == ("dit", "comfyui", prefix)
+
+
+def test_released_wan22_dit_key_sets_map():
+    """Full-size Wan2.2 DiTs (one A14B expert each, and TI2V-5B) through the same table, built
+    by diffusers with the conversion script's configs (I2V-A14B: no image_dim)."""
+    from diffusers import WanTransformer3DModel
+
+    from wanx.configs import dit_config, infer_dit_config
+    from wanx.models.transformer import WanDiT
+
+    for preset, extra in (("i2v-A14B", dict(in_channels=36, out_channels=16)),
+                          ("ti2v-5B", dict(num_attention_heads=24, num_layers=30, ffn_dim=14336, in_channels=48,
+                                           out_channels=48))):
+        with torch.device("meta"):
+            official = WanDiT(preset).state_dict()
+            config = dict(num_attention_heads=40, num_layers=40, ffn_dim=13824, attention_head_dim=128,
+                          cross_attn_norm=True, eps=1e-6, qk_norm="rms_norm_across_heads")
+            foreign = WanTransformer3DModel(**{**config, **extra}).state_dict()
+        assert {rename(k, DIFFUSERS_DIT) for k in foreign} == set(official), preset
+        shapes = {rename(k, DIFFUSERS_DIT): tuple(v.shape) for k, v in foreign.items()}
+        assert infer_dit_config(shapes) == dit_config(preset)  # I2V without CLIP, TI2V from 48 channels
 
 
 def test_official_and_unknown():

@@ -13,15 +13,16 @@ from wanx.loading import CheckpointError, inspect_checkpoint
 
 def dit_inputs(cfg):
     gen = torch.Generator().manual_seed(5)
-    x = torch.randn(1, 16, 2, 4, 6, generator=gen)
+    x = torch.randn(1, cfg.out_dim, 2, 4, 6, generator=gen)
     extra = {}
+    if cfg.has_y:
+        extra["y"] = torch.randn(1, cfg.in_dim - cfg.out_dim, 2, 4, 6, generator=gen)
     if cfg.has_image_input:
-        extra = dict(y=torch.randn(1, 20, 2, 4, 6, generator=gen),
-                     clip_features=torch.randn(1, cfg.image_tokens, cfg.image_dim, generator=gen))
+        extra["clip_features"] = torch.randn(1, cfg.image_tokens, cfg.image_dim, generator=gen)
     return x, torch.tensor([700.0]), torch.randn(1, 5, cfg.text_dim, generator=gen), extra
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-i2v", "tiny-flf2v"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-i2v", "tiny-flf2v", "tiny-i2v-A14B", "tiny-ti2v"])
 def test_dit_layouts_load_to_identical_outputs(tmp_path, name):
     model = tiny_dit(name)
     paths = {

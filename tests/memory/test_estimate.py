@@ -75,5 +75,5 @@ def test_auto_offload_streams_only_when_things_do_not_fit(capsys):
     assert resolve_offload("model", cuda, weights=1, work=1, available=10 * GiB) == "model"
     assert auto_budget(10 * GiB, 3 * GiB) == 6 * GiB and auto_budget(GiB, 3 * GiB) == 0
     where = load_devices("blocks", cuda, cpu)
-    assert where == {"dit": cpu, "vae": cuda, "t5": cpu, "clip": cpu}
+    assert where == {"dit": cpu, "dit_low": cpu, "vae": cuda, "t5": cpu, "clip": cpu}  # dit_low: Wan2.2 A14B
     assert load_devices("none", cuda, cuda)["dit"] == cuda and load_devices("model", cuda, cuda)["vae"] == cpu

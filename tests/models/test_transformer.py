@@ -8,13 +8,23 @@ from wanx.models.transformer import WanDiT, rope_axes, sinusoidal_embedding
 
 def inputs(cfg, batch=2, frames=3, height=8, width=12, text=7, seed=1):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 16, frames, height, width, generator=gen)
+    x = torch.randn(batch, cfg.out_dim, frames, height, width, generator=gen)
     context = torch.randn(batch, text, cfg.text_dim, generator=gen)
     extra = {}
+    if cfg.has_y:
+        extra["y"] = torch.randn(batch, cfg.in_dim - cfg.out_dim, frames, height, width, generator=gen)
     if cfg.has_image_input:
-        extra["y"] = torch.randn(batch, 20, frames, height, width, generator=gen)
         extra["clip_features"] = torch.randn(batch, cfg.image_tokens, cfg.image_dim, generator=gen)
     return x, torch.tensor([999.0, 437.5])[:batch], context, extra
+
+
+def per_token(t, x, first_frame=0.0):
+    """The official TI2V timestep `[B, L]`: t on every patch token, `first_frame` on frame 0's."""
+    f, h, w = x.shape[2], x.shape[3] // 2, x.shape[4] // 2
+    tokens = t[:, None].repeat(1, f * h * w)
+    if first_frame is not None:
+        tokens[:, : h * w] = first_frame
+    return tokens
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-i2v", "tiny-flf2v"])
@@ -31,6 +41,55 @@ def test_matches_diffusers(name):
     assert ours.shape == x.shape and ours.dtype == torch.float32
     scale = theirs.abs().max()
     assert (ours - theirs).abs().max() <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("name", ["tiny-ti2v", "tiny-i2v-A14B", "tiny"])
+def test_per_token_timesteps_match_diffusers(name, tmp_path):
+    """Wan2.2's per-token timestep (frame 0 at t=0, as TI2V's image frame) against diffusers'
+    `WanTransformer3DModel` given the same `[B, L]` timestep (its expand_timesteps path); the
+    model as built, and loaded back from official and diffusers-layout folders."""
+    import wanx
+    from tests.oracles import write_diffusers_dit, write_official_dit
+
+    model = tiny_dit(name)
+    cfg = model.config
+    oracle = diffusers_dit(cfg, official_state(model))
+    x, t, context, extra = inputs(cfg)
+    timestep = per_token(t, x)
+    theirs = run_diffusers_dit(oracle, cfg, x, timestep, context, **extra)
+    loaded = [wanx.load_model(write_official_dit(tmp_path / "official", model)),
+              wanx.load_model(write_diffusers_dit(tmp_path / "diffusers", model))]
+    for dit in [model, *loaded]:
+        assert dit.config == cfg
+        with torch.no_grad():
+            ours = dit(x, timestep, context, **extra)
+        assert ours.shape == x.shape
+        assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+    # the frame-0 tokens really see another timestep than the rest
+    with torch.no_grad():
+        assert not torch.allclose(ours, model(x, t, context, **extra), atol=1e-3)
+
+
+def test_one_timestep_per_token_is_the_per_sample_path():
+    """`[B, L]` holding one value per sample gives exactly the `[B]` result (and `[1, L]`
+    exactly the `[1]` one): bit for bit, the per-sample path is what runs."""
+    model = tiny_dit("tiny-ti2v")
+    x, t, context, _ = inputs(model.config)
+    with torch.no_grad():
+        assert torch.equal(model(x, per_token(t, x, first_frame=None), context), model(x, t, context))
+        assert torch.equal(model(x, per_token(t[:1], x, first_frame=None), context), model(x, t[:1], context))
+
+
+def test_per_token_timestep_broadcasts_over_the_batch():
+    model = tiny_dit("tiny-ti2v")
+    x, t, context, _ = inputs(model.config)
+    one = per_token(t[:1], x)  # [1, L]: one token pattern for both rows (batched guidance)
+    with torch.no_grad():
+        both = model(x, one, context)
+        rows = [model(x[i:i + 1], one, context[i:i + 1]) for i in range(2)]
+    assert_same_outputs(both, torch.cat(rows))
+    with pytest.raises(ValueError, match=r"per-token timestep must be \[2, 72\]"):
+        model(x, one[:, :-1], context)
 
 
 def test_text_is_padded_to_text_len_before_embedding():
@@ -59,10 +118,16 @@ def test_rope_split_formula():
 
 def test_presets_have_released_sizes():
     with torch.device("meta"):
-        counts = {name: sum(p.numel() for p in WanDiT(DIT_PRESETS[name]).parameters())
-                  for name in ("t2v-1.3B", "t2v-14B", "i2v-14B", "flf2v-14B")}
+        models = {name: WanDiT(DIT_PRESETS[name]) for name in
+                  ("t2v-1.3B", "t2v-14B", "i2v-14B", "flf2v-14B", "t2v-A14B", "i2v-A14B", "ti2v-5B")}
+    counts = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
     assert counts == {"t2v-1.3B": 1_418_996_800, "t2v-14B": 14_288_491_584,
-                      "i2v-14B": 16_394_878_784, "flf2v-14B": 16_395_536_704}
+                      "i2v-14B": 16_394_878_784, "flf2v-14B": 16_395_536_704,
+                      # Wan2.2 (reference §1/§6: the official WanModel on the meta device)
+                      "t2v-A14B": 14_288_491_584, "i2v-A14B": 14_288_901_184, "ti2v-5B": 4_999_787_712}
+    keys = {name: len(model.state_dict()) for name, model in models.items()}
+    assert keys["t2v-A14B"] == keys["i2v-A14B"] == 1095 and keys["ti2v-5B"] == 825  # the T2V key set, no img_emb
+    assert models["ti2v-5B"].head.head.weight.shape == (192, 3072)
 
 
 def test_bf16_keeps_fp32_islands_and_stays_close():
@@ -94,6 +159,14 @@ def test_bad_inputs_raise_clear_errors(change, message):
     x, context, extra = change(x, context, extra)
     with pytest.raises(ValueError, match=message):
         model(x, t, context, **extra)
+
+
+def test_wan22_i2v_takes_y_but_no_clip_features():
+    model = tiny_dit("tiny-i2v-A14B")
+    x, t, context, extra = inputs(model.config)
+    assert set(extra) == {"y"} and not hasattr(model, "img_emb")
+    with pytest.raises(ValueError, match="no CLIP"):
+        model(x, t, context, clip_features=torch.zeros(2, 257, 1280), **extra)
 
 
 def test_i2v_requires_image_inputs():

@@ -48,6 +48,8 @@ def check_plan(world: int, num_heads: int | None, sp: str = "auto", cfg_parallel
 def parallelize(pipe, *, sp: str = "auto", cfg_parallel: bool = False, fsdp: bool = False) -> ParallelPlan:
     """Apply the plan to `pipe` on every rank of the initialised process group (every rank
     must call this, in the same order: it creates process groups)."""
+    # Wan2.2 A14B: both experts get the plan (each step runs one of them)
+    experts = [pipe.dit] + ([pipe.dit_low] if getattr(pipe, "dit_low", None) is not None else [])
     world, rank = dist.get_world_size(), dist.get_rank()
     check_plan(world, pipe.dit.config.num_heads, sp, cfg_parallel)
     plan = ParallelPlan(world)
@@ -64,11 +66,12 @@ def parallelize(pipe, *, sp: str = "auto", cfg_parallel: bool = False, fsdp: boo
     else:
         sp_group = None  # the whole world
     if sp != "none" and len(sp_ranks) > 1:
-        plan.sequence = SequenceParallel(pipe.dit, sp_group, sp)
+        plan.sequence = [SequenceParallel(dit, sp_group, sp) for dit in experts][0]
     if fsdp:
         from .shard import shard_blocks
 
-        shard_blocks(pipe.dit, world, pipe.device)
+        for dit in experts:
+            shard_blocks(dit, world, pipe.device)
         text = getattr(pipe.text_encoder, "model", None)
         if text is not None and pipe.text_encoder.device == pipe.device:  # not when umT5 runs on the CPU aside
             shard_blocks(text, world, pipe.device)

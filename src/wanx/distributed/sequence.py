@@ -67,8 +67,12 @@ class SequenceParallel:
         if padded != length:  # padding rows: never attended to as keys, dropped after the gather
             x = F.pad(x, (0, 0, 0, padded - length))
             rope = tuple(F.pad(r, (0, 0, 0, padded - length)) for r in rope)
+            if e0.ndim == 4:  # a per-token timestep (Wan2.2): its modulation rows go with the tokens
+                e0 = F.pad(e0, (0, 0, 0, 0, 0, padded - length))
         mine = slice(self.rank * chunk, (self.rank + 1) * chunk)
         self.length = length
+        if e0.ndim == 4:
+            e0 = e0[:, mine]
         local = type(self.dit).run_blocks(self.dit, x[:, mine].contiguous(), e0, context, context_img,
                                           tuple(r[mine] for r in rope))
         parts = [torch.empty_like(local) for _ in range(self.size)]

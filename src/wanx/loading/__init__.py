@@ -21,7 +21,7 @@ from ..configs import (
     infer_t5_config, infer_vae_config, preset_name,
 )
 from .files import FP8_DTYPES, CheckpointError, DamagedCheckpoint, TensorStore, open_checkpoint
-from .layouts import COMFY_FP8_MARKERS, FP8_SCALE_SUFFIXES, Detected, detect, rename
+from .layouts import COMFY_FP8_MARKERS, FP8_SCALE_SUFFIXES, Detected, detect, expert_of, rename
 
 __all__ = ["CheckpointError", "DamagedCheckpoint", "CheckpointInfo", "inspect_checkpoint", "load_model"]
 
@@ -42,6 +42,7 @@ class CheckpointInfo:
     fp8_scaled: bool = False
     # official name -> stored name(s); several are concatenated along dim 0 in order
     names: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
+    expert: str | None = None  # a Wan2.2 A14B expert: "high" or "low" noise (from where it is kept)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -54,7 +55,7 @@ class CheckpointInfo:
         cfg = self.config
         kind = NETWORK_NAMES[self.network]
         if isinstance(cfg, DiTConfig):
-            kind += f" {cfg.model_type}"
+            kind = f"{generation(cfg, self.expert)} DiT {cfg.model_type}"
         preset = preset_name(cfg)
         fields = ", ".join(f"{k}={v}" for k, v in vars(cfg).items())
         storage = ", ".join(f"{d} ({n:,} params)" for d, n in sorted(self.dtypes.items(), key=lambda x: -x[1]))
@@ -63,6 +64,7 @@ class CheckpointInfo:
             f"files:      {len(self.files)} ({', '.join(f.name for f in self.files[:3])}{', ...' if len(self.files) > 3 else ''})",
             f"network:    {kind}",
             f"layout:     {self.layout}{' (fp8 scaled)' if self.fp8_scaled else ''}",
+            *([f"model:      {model_name(cfg, self.expert)}"] if isinstance(cfg, DiTConfig) else []),
             f"preset:     {preset or '(custom)'}",
             f"config:     {type(cfg).__name__}({fields})",
             f"dtype:      {storage}",
@@ -72,12 +74,46 @@ class CheckpointInfo:
 
 
 def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
-    """Identify a checkpoint: network, layout, config, dtypes, parameter count."""
+    """Identify a checkpoint: network, layout, config, dtypes, parameter count (and for a DiT
+    kept as one of Wan2.2's two experts, which one)."""
     store = open_checkpoint(path)
     try:
-        return _identify(store)
+        info = _identify(store)
     finally:
         store.close()
+    if info.network == "dit":
+        info.expert = expert_of(path)
+    return info
+
+
+# Released DiTs by preset; t2v-14B's architecture is also each expert of Wan2.2 T2V-A14B.
+RELEASES = {"t2v-1.3B": "Wan2.1 T2V-1.3B", "t2v-14B": "Wan2.1 T2V-14B", "i2v-14B": "Wan2.1 I2V-14B (480P or 720P)",
+            "flf2v-14B": "Wan2.1 FLF2V-14B", "t2v-A14B": "Wan2.2 T2V-A14B", "i2v-A14B": "Wan2.2 I2V-A14B",
+            "ti2v-5B": "Wan2.2 TI2V-5B"}
+
+
+def generation(cfg: DiTConfig, expert: str | None = None) -> str:
+    """"Wan2.2" for what only Wan2.2 has (an expert, I2V without CLIP, TI2V), else "Wan2.1"."""
+    return "Wan2.2" if expert or not cfg.clip or cfg.model_type == "ti2v" else "Wan2.1"
+
+
+def model_name(cfg: DiTConfig, expert: str | None = None) -> str:
+    """The generation, model and expert a DiT config is, in words: "Wan2.2 T2V-A14B, high-noise
+    expert". A 14B T2V DiT kept nowhere that tells is either Wan2.1 T2V-14B or one A14B expert."""
+    preset = preset_name(cfg)
+    if preset == "t2v-14B" and expert:
+        preset = "t2v-A14B"
+    if preset in RELEASES:
+        name = RELEASES[preset]
+    else:
+        name = f"{generation(cfg, expert)} {cfg.model_type.upper()} DiT of another size ({preset or 'custom'})"
+    if expert:
+        return f"{name}, {expert}-noise expert"
+    if preset == "t2v-14B":
+        return f"{name} (or one expert of Wan2.2 T2V-A14B: the weights do not say which)"
+    if preset == "i2v-A14B":
+        return f"{name}, one expert (high or low noise: the weights do not say which)"
+    return name
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 # A replacement is the official name, or (official name, i): the i-th slice along dim 0 of a
@@ -177,6 +178,43 @@ _SIGNATURES: list[tuple[str, str, list[Rule] | Callable[[set[str]], list[Rule]] 
     ("clip", "transformers", transformers_clip_rules, ("vision_model.embeddings.patch_embedding.weight",)),
     ("clip", "transformers", transformers_clip_rules, ("embeddings.patch_embedding.weight", "pre_layrnorm.weight")),
 ]
+
+
+# Wan2.2's A14B models are two DiTs alike in every tensor name and shape: which is the
+# high-noise and which the low-noise expert only shows in where each is kept.
+EXPERT_FOLDERS = {"high_noise_model": "high", "low_noise_model": "low"}  # official (wan/configs)
+DIFFUSERS_EXPERTS = {"transformer": "high", "transformer_2": "low"}  # diffusers' WanPipeline components
+EXPERT_NAMES = ("high", "low")
+
+
+def expert_of(path: str | Path) -> str | None:
+    """"high" or "low" for one expert of a Wan2.2 A14B model, from where its weights are: an
+    official `high_noise_model/` / `low_noise_model/` folder, diffusers' `transformer/` beside a
+    `transformer_2/`, or a file named like ComfyUI's `wan2.2_t2v_high_noise_14B_fp16.safetensors`.
+    None when the place does not say (a Wan2.1 DiT, or an expert file under another name)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if folder.name in EXPERT_FOLDERS:
+        return EXPERT_FOLDERS[folder.name]
+    if folder.name in DIFFUSERS_EXPERTS and (folder.parent / "transformer_2").is_dir():
+        return DIFFUSERS_EXPERTS[folder.name]
+    if not path.is_dir():
+        name = path.name.lower().replace("-", "_")
+        for expert in EXPERT_NAMES:
+            if f"{expert}_noise" in name:
+                return expert
+    return None
+
+
+def expert_folders(folder: str | Path) -> list[Path]:
+    """The high- and the low-noise expert's folders of a Wan2.2 A14B model folder (official
+    or diffusers), or [] for any other path."""
+    folder = Path(folder)
+    for names in (EXPERT_FOLDERS, DIFFUSERS_EXPERTS):
+        found = [folder / name for name in names]
+        if all(p.is_dir() for p in found):
+            return found
+    return []
 
 
 def detect(keys: Iterable[str]) -> Detected | None:

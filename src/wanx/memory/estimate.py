@@ -61,7 +61,7 @@ def weight_bytes(networks: Iterable[tuple[str, int]], dtype: torch.dtype, vae_dt
     VAE in vae_dtype, the others in dtype; with fp8 the DiT at about one byte a parameter
     (its block Linear layers hold nearly all of them)."""
     def size(network: str) -> int:
-        if network == "dit" and fp8:
+        if network in ("dit", "dit_low") and fp8:  # dit_low: Wan2.2's low-noise expert
             return 1
         return _bytes(vae_dtype if network == "vae" else dtype)
 

@@ -1,9 +1,13 @@
-"""Wan2.1 diffusion transformer (DiT), with the official parameter names.
+"""Wan2.1/Wan2.2 diffusion transformer (DiT), with the official parameter names.
 
 Official checkpoints load into `WanDiT` without renaming. The numerics follow the
 official `WanModel`: sinusoidal time embedding in float64 (cos first), time MLPs,
 modulation, norms, head and the gated residual stream in float32; linear layers and
 attention in the weights' dtype (bf16 in production); RoPE angles in float64.
+
+Wan2.2 changes one thing in the math: the timestep may be given per token (`[B, L]`), so
+that the time embedding and every modulation become per token (TI2V gives its image frame's
+tokens timestep 0). A timestep per sample (`[B]`) is the Wan2.1 path, unchanged.
 """
 
 from __future__ import annotations
@@ -147,8 +151,9 @@ class WanAttentionBlock(nn.Module):
     def forward(
         self, x: Tensor, e0: Tensor, context: Tensor, context_img: Tensor | None, rope: tuple[Tensor, Tensor]
     ) -> Tensor:
-        """x `[B, L, D]` float32 residual stream, e0 `[B, 6, D]` float32 time projection."""
-        shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (self.modulation.float() + e0)[:, :, None].unbind(1)
+        """x `[B, L, D]` float32 residual stream, e0 `[B, 6, D]` (per sample) or `[B, L, 6, D]`
+        (per token) float32 time projection."""
+        shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = _per_token(self.modulation.float() + e0).unbind(-2)
         dtype = input_dtype(self.self_attn.q)
 
         # addcmul: the modulation and the gated residuals in one fused op each.
@@ -168,10 +173,16 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x: Tensor, e: Tensor) -> Tensor:
-        """x `[B, L, D]`, e `[B, D]` time embedding (not the projection) -> `[B, L, prod(patch)*C]`."""
-        shift, scale = (self.modulation.float() + e[:, None]).unsqueeze(2).unbind(1)
+        """x `[B, L, D]`, e `[B, D]` or `[B, L, D]` time embedding (not the projection) -> `[B, L, prod(patch)*C]`."""
+        shift, scale = _per_token(self.modulation.float() + e.unsqueeze(-2)).unbind(-2)
         h = torch.addcmul(shift, layer_norm(x, self.eps), 1 + scale)
         return self.head(h.to(self.head.weight.dtype))
+
+
+def _per_token(modulation: Tensor) -> Tensor:
+    """`[B, k, D]` (one row per sample) -> `[B, 1, k, D]`; `[B, L, k, D]` (per token) as it is:
+    unbound on dim -2, each part broadcasts over the `[B, L, D]` stream."""
+    return modulation.unsqueeze(1) if modulation.ndim == 3 else modulation
 
 
 class MLPProj(nn.Module):
@@ -197,7 +208,8 @@ class MLPProj(nn.Module):
 
 
 class WanDiT(nn.Module):
-    """Wan2.1 DiT: T2V-1.3B/14B, I2V-14B and FLF2V-14B, selected by `DiTConfig`."""
+    """Wan DiT, selected by `DiTConfig`: Wan2.1 T2V-1.3B/14B, I2V-14B and FLF2V-14B; Wan2.2's
+    A14B experts (each one `WanDiT`) and TI2V-5B."""
 
     # The repeated blocks, for runtime transforms that act block by block (memory.streaming).
     stream_blocks = ("blocks",)
@@ -236,19 +248,18 @@ class WanDiT(nn.Module):
         clip_features: Tensor | None = None,
         y: Tensor | None = None,
     ) -> Tensor:
-        """Velocity `[B, 16, F, H, W]` float32 for latents x `[B, 16, F, H, W]`.
+        """Velocity `[B, out_dim, F, H, W]` float32 for latents x `[B, out_dim, F, H, W]`.
 
-        timestep `[B]` on the 0..1000 scale; context `[B, L<=text_len, text_dim]` (zero-padded
-        to text_len here); I2V/FLF2V: y `[B, 20, F, H, W]` (mask 4 + image latent 16) and
-        clip_features `[B, 257|514, image_dim]`.
+        timestep on the 0..1000 scale: `[B]` (or `[1]` for the whole batch), or per token
+        `[B, L]` (or `[1, L]`) with L = (F/pt)(H/ph)(W/pw) patch tokens in (f, h, w) order, as
+        the official Wan2.2 model takes it. context `[B, L<=text_len, text_dim]` (zero-padded to
+        text_len here); I2V/FLF2V: y `[B, 20, F, H, W]` (mask 4 + image latent 16); Wan2.1
+        I2V/FLF2V: clip_features `[B, 257|514, image_dim]`.
         """
         cfg = self.config
         self._check_inputs(x, context, clip_features, y)
         dtype = self.patch_embedding.weight.dtype
-        # One timestep for the whole batch (batched guidance) is embedded once and broadcast.
-        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1)
-        if timestep.shape[0] not in (1, x.shape[0]):
-            raise ValueError(f"timestep must have 1 or {x.shape[0]} (batch) values, got {timestep.shape[0]}")
+        timestep = self._check_timestep(timestep, x)
 
         if y is not None:
             x = torch.cat([x, y], dim=1)  # [B, in_dim, F, H, W]
@@ -257,9 +268,13 @@ class WanDiT(nn.Module):
         x = rearrange(x, "b d f h w -> b (f h w) d").float()
         rope = rope_frequencies(cfg.head_dim, grid, x.device)
 
-        t = sinusoidal_embedding(cfg.freq_dim, timestep)
-        e = self.time_embedding(t.to(self.time_embedding[0].weight.dtype)).float()  # [B, D]
-        e0 = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float().unflatten(1, (6, cfg.dim))
+        if timestep.ndim == 1:
+            # One timestep per sample, or one for the whole batch (batched guidance): embedded once, broadcast.
+            e, e0 = self.embed_time(timestep)  # [B, D], [B, 6, D]
+        else:
+            # Per token: a handful of distinct values (TI2V: 0 and t), each embedded once.
+            values, index = torch.unique(timestep, return_inverse=True)
+            e, e0 = (part[index] for part in self.embed_time(values))  # [B, L, D], [B, L, 6, D]
 
         # The official model pads the text with zeros to text_len *before* the embedding
         # MLP and attends to every position, so padded rows carry text_embedding(0).
@@ -277,6 +292,13 @@ class WanDiT(nn.Module):
         x = rearrange(x, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)", f=grid[0], h=grid[1], pt=pt, ph=ph, pw=pw)
         return x.float()
 
+    def embed_time(self, timestep: Tensor) -> tuple[Tensor, Tensor]:
+        """`[N]` timesteps -> the time embedding e `[N, D]` and its projection e0 `[N, 6, D]`, float32."""
+        t = sinusoidal_embedding(self.config.freq_dim, timestep)
+        e = self.time_embedding(t.to(self.time_embedding[0].weight.dtype)).float()
+        e0 = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float()
+        return e, e0.unflatten(1, (6, self.config.dim))
+
     def run_blocks(self, x: Tensor, e0: Tensor, context: Tensor, context_img: Tensor | None,
                    rope: tuple[Tensor, Tensor]) -> Tensor:
         """The residual stream `[B, L, D]` through every block."""
@@ -285,18 +307,37 @@ class WanDiT(nn.Module):
             x = block(*inputs) if self.block_wrapper is None else self.block_wrapper(block, *inputs)
         return x
 
+    def _check_timestep(self, timestep, x: Tensor) -> Tensor:
+        """`[B]`/`[1]` (a scalar too) or `[B, L]`/`[1, L]` on x's device; a per-token timestep
+        that is one value per sample takes the per-sample path (the same numbers, less work)."""
+        batch = x.shape[0]
+        tokens = math.prod(s // p for s, p in zip(x.shape[2:], self.config.patch_size))
+        timestep = torch.as_tensor(timestep, device=x.device)
+        if timestep.ndim == 2:
+            if timestep.shape[0] not in (1, batch) or timestep.shape[1] != tokens:
+                raise ValueError(f"a per-token timestep must be [{batch}, {tokens}] (batch, patch tokens), "
+                                 f"got {list(timestep.shape)}")
+            if bool((timestep == timestep[:, :1]).all()):
+                return timestep[:, 0]
+            return timestep
+        timestep = timestep.reshape(-1)
+        if timestep.shape[0] not in (1, batch):
+            raise ValueError(f"timestep must have 1 or {batch} (batch) values, or be per token [{batch}, {tokens}]; "
+                             f"got {timestep.shape[0]}")
+        return timestep
+
     def _check_inputs(self, x: Tensor, context: Tensor, clip_features: Tensor | None, y: Tensor | None) -> None:
         cfg = self.config
         if x.ndim != 5:
             raise ValueError(f"x must be [B, C, F, H, W] latents, got shape {tuple(x.shape)}")
         channels = x.shape[1] + (y.shape[1] if y is not None else 0)
         if channels != cfg.in_dim:
-            need = "y [B, 20, F, H, W] (mask + image latent)" if cfg.has_image_input else "no y"
+            need = "y [B, 20, F, H, W] (mask + image latent)" if cfg.has_y else "no y"
             raise ValueError(f"{cfg.model_type} model takes {cfg.in_dim} input channels ({need}); got {channels}")
         if cfg.has_image_input and clip_features is None:
             raise ValueError(f"{cfg.model_type} model needs clip_features [B, {cfg.image_tokens}, {cfg.image_dim}]")
         if not cfg.has_image_input and clip_features is not None:
-            raise ValueError("t2v model takes no clip_features")
+            raise ValueError(f"{cfg.model_type} model{'' if cfg.clip else ' (Wan2.2, no CLIP)'} takes no clip_features")
         if clip_features is not None and tuple(clip_features.shape[1:]) != (cfg.image_tokens, cfg.image_dim):
             raise ValueError(
                 f"clip_features must be [B, {cfg.image_tokens}, {cfg.image_dim}], got {tuple(clip_features.shape)}"

@@ -26,6 +26,8 @@ _DESCRIPTIONS = {
     "size": "WIDTHxHEIGHT, multiples of 16, e.g. 832x480", "frames": "4k+1, e.g. 81",
     "steps": "sampling steps (default 50; 40 for I2V)", "guidance": "1..30 (1: off)", "shift": "schedule shift",
     "sampler": "unipc, dpm++ or euler", "teacache": "TeaCache threshold for this job (0 skips nothing)",
+    "guidance_low": "Wan2.2 A14B: the low-noise expert's guidance (default: guidance when given, else the model's)",
+    "boundary": "Wan2.2 A14B: where the low-noise expert takes over, 0..1 of the 1000 timesteps (0.875 T2V, 0.9 I2V)",
     "loras": 'LoRAs from the server\'s --loras folder: [{"name": "style.safetensors", "strength": 0.8}]',
 }
 REQUEST_SCHEMA = {

@@ -67,6 +67,10 @@ class TrainConfig:
     keep: int = 2
     resume: bool = False
     validate_every: int | None = None
+    # Wan2.2 A14B: one expert trained on its own timesteps, [low, high) of 0..1000, split at the
+    # boundary ("high" or "low", recorded in the file; None: one DiT, every timestep)
+    expert: str | None = None
+    timestep_range: tuple[float, float] = (0.0, 1000.0)
 
 
 # -- data --------------------------------------------------------------------------------
@@ -312,10 +316,18 @@ def checkpointed_offloaded(block: nn.Module, *inputs):
 # -- loss --------------------------------------------------------------------------------
 
 
-def sample_sigma(generator: torch.Generator, shift: float, timesteps: str = "uniform") -> Tensor:
-    t = torch.sigmoid(torch.randn((), generator=generator)) if timesteps == "logit-normal" \
-        else torch.rand((), generator=generator)
-    return shift * t / (1 + (shift - 1) * t)
+def sample_sigma(generator: torch.Generator, shift: float, timesteps: str = "uniform",
+                 sigma_range: tuple[float, float] = (0.0, 1.0)) -> Tensor:
+    """A shifted sigma; within `sigma_range` [lo, hi) (one Wan2.2 expert's share) drawn again
+    until inside, so it follows the same distribution conditioned on the range (with the
+    uniform draw: DiffSynth's timestep boundaries). The full range takes one draw, as always."""
+    lo, hi = sigma_range
+    while True:
+        t = torch.sigmoid(torch.randn((), generator=generator)) if timesteps == "logit-normal" \
+            else torch.rand((), generator=generator)
+        sigma = shift * t / (1 + (shift - 1) * t)
+        if (lo <= 0 and hi >= 1) or lo <= sigma < hi:
+            return sigma
 
 
 def gaussian_weight(sigma: Tensor, shift: float) -> Tensor:
@@ -336,7 +348,9 @@ def flow_matching_loss(dit: nn.Module, batch: dict[str, Tensor], config: TrainCo
     if config.caption_dropout > 0:  # drawn only when asked, so other runs keep their random stream
         keep = (torch.rand(x0.shape[0], generator=generator) >= config.caption_dropout).to(context.device)
         context = torch.where(keep.view(-1, 1, 1), context, batch["empty_text"])
-    sigma = torch.stack([sample_sigma(generator, config.shift, config.timesteps) for _ in range(x0.shape[0])])
+    sigma_range = tuple(t / 1000 for t in config.timestep_range)
+    sigma = torch.stack([sample_sigma(generator, config.shift, config.timesteps, sigma_range)
+                         for _ in range(x0.shape[0])])
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     s = sigma.to(x0.device).view(-1, 1, 1, 1, 1)
     x_t = (1 - s) * x0 + s * noise
@@ -493,6 +507,8 @@ def _save_final(path: Path, trained: Trainable, config: TrainConfig, step: int, 
     if not config.full:
         metadata.update({"rank": str(config.lora_rank), "targets": ",".join(config.targets),
                          "alpha": str(config.lora_alpha if config.lora_alpha is not None else config.lora_rank)})
+    if config.expert:  # which Wan2.2 expert, and the timesteps it saw
+        metadata.update({"expert": config.expert, "timesteps": "{:g}-{:g}".format(*config.timestep_range)})
     tmp = path.with_name(f".{path.name}.partial")
     save_file(trained.state(config.lora_format), str(tmp), metadata=metadata)
     if config.full and hasattr(trained.dit, "config"):  # so the weights load on their own (head count)
