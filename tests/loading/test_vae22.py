@@ -1,5 +1,7 @@
 """Telling the Wan2.1 and Wan2.2 VAEs apart in every layout, and loading the Wan2.2 one."""
 
+import hashlib
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -147,3 +149,36 @@ def test_unknown_diffusers_vae_name(tmp_path):
     one_line_error(tmp_path / "diffusion_pytorch_model.safetensors",
                    r"diffusers Wan VAE: 1 tensor\(s\) with unknown names: decoder\.up_blocks\.0\.upsampler\.extra")
 
+
+
+# -- the tiny Wan2.2 VAE for model sets -------------------------------------------------
+
+# The tiny Wan2.2 VAE's weights (seed 0) on any machine; a change of the recipe changes this
+# digest (bump wanx.tiny.TINY_VERSION then, so model sets holding it are remade).
+TINY_VAE22_WEIGHTS_SHA256 = "5494c4e4bebceb8056ca9a7b097ccb781168a2db3a32b21ab0d4a7a9e797deae"
+
+
+def _weights_digest(path) -> str:
+    digest = hashlib.sha256()
+    for key, tensor in sorted(torch.load(path, weights_only=True).items()):
+        digest.update(f"{key}/{tensor.dtype}/{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_tiny_vae22_file(tmp_path):
+    from wanx.tiny import make_tiny_vae22
+
+    (tmp_path / "a").mkdir()
+    first = make_tiny_vae22(tmp_path / "Wan2.2_VAE.pth")
+    again = make_tiny_vae22(tmp_path / "a" / "Wan2.2_VAE.pth")
+    assert first.read_bytes() == again.read_bytes()
+    digest = _weights_digest(first)
+    assert digest == _weights_digest(make_tiny_vae22(tmp_path / "renamed.pth")) == TINY_VAE22_WEIGHTS_SHA256
+    assert _weights_digest(make_tiny_vae22(tmp_path / "seed1.pth", seed=1)) != digest
+    info = inspect_checkpoint(first)
+    assert (info.name, info.layout, info.config) == ("Wan2.2 VAE", "official", vae_config("tiny-wan2.2"))
+    vae = wanx.load_model(first)
+    with torch.no_grad():
+        video = vae.decode(vae.encode(torch.rand(1, 3, 5, 32, 32) * 2 - 1))
+    assert video.shape == (1, 3, 5, 32, 32) and torch.isfinite(video).all()
