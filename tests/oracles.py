@@ -171,12 +171,14 @@ def diffusers_vae22(official: dict[str, torch.Tensor], cfg):
     """diffusers' Wan2.2 configuration (`vae22_diffusers_config`) at `cfg`'s widths."""
     from diffusers import AutoencoderKLWan
 
-    model = AutoencoderKLWan(
-        base_dim=cfg.dim, decoder_base_dim=cfg.dec_dim, z_dim=cfg.z_dim, is_residual=True, in_channels=12,
-        out_channels=12, patch_size=cfg.patch_size, scale_factor_temporal=4, scale_factor_spatial=16,
-        latents_mean=list(WanVAE22.latent_mean), latents_std=list(WanVAE22.latent_std),
-    )
-    model.load_state_dict(diffusers_vae22_state(dict(official)), strict=True)
+    with torch.device("meta"):  # every tensor is assigned below: no initialisation (minutes at the real width)
+        model = AutoencoderKLWan(
+            base_dim=cfg.dim, decoder_base_dim=cfg.dec_dim, z_dim=cfg.z_dim, is_residual=True, in_channels=12,
+            out_channels=12, patch_size=cfg.patch_size, scale_factor_temporal=4, scale_factor_spatial=16,
+            latents_mean=list(WanVAE22.latent_mean), latents_std=list(WanVAE22.latent_std),
+        )
+    model.load_state_dict(diffusers_vae22_state(dict(official)), strict=True, assign=True)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     return model.eval()
 
 

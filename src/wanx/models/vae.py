@@ -335,8 +335,9 @@ class WanVAE(nn.Module):
         posterior, untiled: what training the VAE needs."""
         dtype = self.conv1.weight.dtype
         cache = CausalCache()
-        video = self.patchify(video)
-        chunks = [self.encoder(video[:, :, s:e].to(dtype), cache) for s, e in _chunks(video.shape[2], chunk_frames)]
+        # Patchified chunk by chunk: no second copy of the whole video.
+        chunks = [self.encoder(self.patchify(video[:, :, s:e]).to(dtype), cache)
+                  for s, e in _chunks(video.shape[2], chunk_frames)]
         mu, log_var = self.conv1(torch.cat(chunks, dim=2)).float().chunk(2, dim=1)
         return mu, log_var
 
