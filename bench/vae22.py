@@ -3,12 +3,15 @@ against video length, which the causal chunk cache keeps flat, and decode time o
 diffusers (`AutoencoderKLWan(is_residual=True)`) on the same random weights.
 
     python bench/vae22.py                             # CPU: scaled-down sizes (minutes on 2 cores)
+    python bench/vae22.py --only count                # released widths at 704x1280, shapes only (seconds)
     python bench/vae22.py --device cuda --full        # real widths, 704x1280 memory, 17..121 frames
 
 Memory is measured in a fresh process per run: on CPU the resident set sampled every
-millisecond (malloc told to return freed tensors at once), on CUDA the allocator's peak. Read
-"beyond": the peak minus the output (the latents, the decoded video), which grows with the
-clip by necessity. Absolute times on shared machines mean little; read the ratio
+millisecond (malloc told to return freed tensors at once), on CUDA the allocator's peak.
+`count` runs the released VAE on the meta device (shapes, no arithmetic) and adds up the bytes
+of the tensors alive at each moment, so the real sizes need neither a GPU nor hours of CPU.
+Read "beyond": the peak minus the output (the latents, the decoded video), which grows with
+the clip by necessity. Absolute times on shared machines mean little; read the ratio
 (diffusers / wanx: > 1 means wanx is faster).
 """
 
@@ -20,9 +23,12 @@ import math
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.oracles: the diffusers weight conversion
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -96,6 +102,67 @@ def bench_memory(args, cfg: VAE22Config) -> list[dict]:
     return rows
 
 
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages alive at once among those the ops under it create.
+    A storage counts from the first tensor seen on it until the last such tensor dies; the
+    storages given in `external` (weights, the input) are never counted."""
+
+    def __init__(self, external: list[torch.Tensor]):
+        super().__init__()
+        self.live = self.peak = 0
+        self._refs: dict[int, int] = {}  # storage -> tensors seen on it and still alive
+        self._external = {t.untyped_storage()._cdata for t in external}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and (key := t.untyped_storage()._cdata) not in self._external:
+                if key not in self._refs:
+                    self._refs[key] = 0
+                    self.live += t.untyped_storage().nbytes()
+                    self.peak = max(self.peak, self.live)
+                self._refs[key] += 1
+                weakref.finalize(t, self._release, key, t.untyped_storage().nbytes())
+        return out
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._refs[key] -= 1
+        if not self._refs[key]:
+            del self._refs[key]
+            self.live -= nbytes
+
+
+def count_live_bytes(step: str, frames: int, height: int, width: int) -> tuple[int, int]:
+    """(peak live bytes, output bytes) of the released Wan2.2 VAE's encode or decode, on meta."""
+    with torch.device("meta"):
+        vae = WanVAE22().eval()
+        x = (torch.zeros(1, 3, frames, height, width) if step == "encode" else
+             torch.zeros(1, 48, (frames - 1) // 4 + 1, height // 16, width // 16))
+    with torch.no_grad(), LiveBytes([x, *vae.parameters()]) as counter:
+        out = vae.encode(x) if step == "encode" else vae.decode(x)
+    return counter.peak, out.numel() * out.element_size()
+
+
+def bench_count(args) -> list[dict]:
+    rows = []
+    for frames in FRAMES:
+        row = dict(frames=frames)
+        for step in ("encode", "decode"):
+            peak, output = count_live_bytes(step, frames, 704, 1280)
+            row[f"{step}_peak_MiB"] = peak / 2**20
+            row[f"{step}_beyond_MiB"] = (peak - output) / 2**20
+        rows.append(row)
+    return rows
+
+
+def print_memory_table(title: str, rows: list[dict]) -> None:
+    print(title)
+    print(f"{'frames':>7} {'encode peak':>12} {'encode beyond':>14} {'decode peak':>12} {'decode beyond':>14}")
+    for r in rows:
+        print(f"{r['frames']:>7} {r['encode_peak_MiB']:>12.1f} {r['encode_beyond_MiB']:>14.1f} "
+              f"{r['decode_peak_MiB']:>12.1f} {r['decode_beyond_MiB']:>14.1f}")
+
+
 def bench_decode_time(args) -> dict:
     cfg = VAE22Config()  # the released widths: encoder 160, decoder 256, 48 latent channels
     frames, height, width = (121, 704, 1280) if args.full else (args.time_frames, args.time_size, args.time_size)
@@ -130,7 +197,7 @@ def main() -> None:
     parser.add_argument("--time-frames", type=int, default=5, help="decode-time clip length (CPU)")
     parser.add_argument("--time-size", type=int, default=64, help="decode-time frame side (CPU)")
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--only", choices=["memory", "time"], default=None)
+    parser.add_argument("--only", choices=["memory", "count", "time"], default=None)
     parser.add_argument("--dims", nargs=2, type=int, metavar=("DIM", "DEC_DIM"),
                         help="memory runs' encoder and decoder widths (default: a quarter of the released 160 "
                              "and 256 on CPU, the released ones with --full)")
@@ -146,13 +213,13 @@ def main() -> None:
         return
 
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
+    if args.only in (None, "count"):
+        print_memory_table("Wan2.2 VAE live tensor bytes, released widths 160/256, 704x1280 frames, fp32, meta "
+                           "device (MiB; 'beyond' = peak minus the output itself):", bench_count(args))
     if args.only in (None, "memory"):
-        print(f"Wan2.2 VAE peak memory, {args.height}x{args.width} frames, encoder/decoder width {cfg.dim}/{cfg.dec_dim} "
-              "(MiB; 'beyond' = peak minus the output itself):")
-        print(f"{'frames':>7} {'encode peak':>12} {'encode beyond':>14} {'decode peak':>12} {'decode beyond':>14}")
-        for r in bench_memory(args, cfg):
-            print(f"{r['frames']:>7} {r['encode_peak_MiB']:>12.1f} {r['encode_beyond_MiB']:>14.1f} "
-                  f"{r['decode_peak_MiB']:>12.1f} {r['decode_beyond_MiB']:>14.1f}")
+        print_memory_table(f"Wan2.2 VAE peak memory, {args.height}x{args.width} frames, encoder/decoder width "
+                           f"{cfg.dim}/{cfg.dec_dim}, {args.device} (MiB; 'beyond' = peak minus the output itself):",
+                           bench_memory(args, cfg))
     if args.only in (None, "time"):
         r = bench_decode_time(args)
         print(f"Wan2.2 VAE decode {r['video']} (released widths 160/256, 705M params): wanx {r['wanx_s']:.2f} s, "

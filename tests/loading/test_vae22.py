@@ -119,8 +119,8 @@ def test_missing_tensor_is_named(tmp_path):
     state = official_state(tiny_vae22())
     del state["decoder.upsamples.1.upsamples.3.time_conv.weight"]
     torch.save(state, tmp_path / "Wan2.2_VAE.pth")
-    message = one_line_error(tmp_path / "Wan2.2_VAE.pth",
-                             r"official layout Wan2\.2 VAE .* 1 missing \(decoder\.upsamples\.1\.upsamples\.3\.time_conv")
+    missing = r"official layout Wan2\.2 VAE .* 1 missing \(decoder\.upsamples\.1\.upsamples\.3\.time_conv"
+    message = one_line_error(tmp_path / "Wan2.2_VAE.pth", missing)
     assert "Wan2.1" not in message
 
 
