@@ -195,7 +195,10 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=128, help="memory runs' frame height (default 128; --full 704)")
     parser.add_argument("--width", type=int, default=128, help="memory runs' frame width (default 128; --full 1280)")
     parser.add_argument("--time-frames", type=int, default=5, help="decode-time clip length (CPU)")
-    parser.add_argument("--time-size", type=int, default=64, help="decode-time frame side (CPU)")
+    # Below 128 px the 1024-wide first stages see latents of 4x4 or less, where PyTorch's own CPU
+    # rule sends diffusers' convs to the naive kernel and wanx's CausalConv3d takes oneDNN (whose
+    # per-call weight reorder dominates at that size): a regime no real video is decoded in.
+    parser.add_argument("--time-size", type=int, default=128, help="decode-time frame side (CPU; default 128)")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--only", choices=["memory", "count", "time"], default=None)
     parser.add_argument("--dims", nargs=2, type=int, metavar=("DIM", "DEC_DIM"),
