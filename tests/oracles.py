@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from wanx.configs import DiTConfig, dit_config, official_config_json, vae_config
 from wanx.models.transformer import WanDiT
 from wanx.models.vae import LATENT_MEAN, LATENT_STD, WanVAE
+from wanx.models.vae22 import WanVAE22
 
 
 def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
@@ -34,6 +35,11 @@ def tiny_dit(name: str = "tiny", seed: int = 0) -> WanDiT:
 
 def tiny_vae(seed: int = 0) -> WanVAE:
     return randomize(WanVAE(vae_config("tiny")), seed, std=0.15)
+
+
+def tiny_vae22(seed: int = 0) -> WanVAE22:
+    """Wan2.2 VAE, encoder 8 and decoder 12 wide, 48 latent channels (the released statistics)."""
+    return randomize(WanVAE22(vae_config("tiny-wan2.2")), seed, std=0.15)
 
 
 def official_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -138,9 +144,60 @@ def diffusers_vae(official: dict[str, torch.Tensor], base_dim: int = 8):
     return model.eval()
 
 
-def latent_stats():
-    shape = (1, 16, 1, 1, 1)
-    return torch.tensor(LATENT_MEAN).view(shape), torch.tensor(LATENT_STD).view(shape)
+def latent_stats(vae_type: type[WanVAE] = WanVAE):
+    shape = (1, len(vae_type.latent_mean), 1, 1, 1)
+    return torch.tensor(vae_type.latent_mean).view(shape), torch.tensor(vae_type.latent_std).view(shape)
+
+
+_VAE22_RESNET = {".residual.0.gamma": ".norm1.gamma", ".residual.2.": ".conv1.", ".residual.3.gamma": ".norm2.gamma",
+                 ".residual.6.": ".conv2.", ".shortcut.": ".conv_shortcut."}
+
+
+def diffusers_vae22_state(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official Wan2.2 VAE -> diffusers `AutoencoderKLWan(is_residual=True)` names, by the renames
+    of diffusers' `scripts/convert_wan_to_diffusers.py::convert_vae_22` (the script is not in the
+    package), written apart from wanx's own table so that parity tests check that table."""
+    out = {}
+    for key, value in official.items():
+        new = key
+        if key.split(".")[0] in ("conv1", "conv2"):
+            new = {"conv1": "quant_conv", "conv2": "post_quant_conv"}[key.split(".")[0]] + key[5:]
+        elif key.startswith(("encoder.conv1.", "decoder.conv1.")):
+            new = key.replace(".conv1.", ".conv_in.")
+        elif ".head.0." in key or ".head.2." in key:
+            new = key.replace(".head.0.", ".norm_out.").replace(".head.2.", ".conv_out.")
+        elif ".middle.1." in key:
+            new = key.replace(".middle.1.", ".mid_block.attentions.0.")
+        elif ".middle." in key:
+            new = key.replace(".middle.0.", ".mid_block.resnets.0.").replace(".middle.2.", ".mid_block.resnets.1.")
+            for old, replacement in _VAE22_RESNET.items():
+                new = new.replace(old, replacement)
+        else:  # {en,de}coder.{down,up}samples.i.{down,up}samples.j.<leaf>
+            part, _, stage, inner, j, *rest = key.split(".")
+            blocks = "down_blocks" if part == "encoder" else "up_blocks"
+            if rest[0] in ("resample", "time_conv"):
+                new = ".".join([part, blocks, stage, "downsampler" if part == "encoder" else "upsampler", *rest])
+            else:
+                new = ".".join([part, blocks, stage, "resnets", j, *rest])
+                for old, replacement in _VAE22_RESNET.items():
+                    new = new.replace(old, replacement)
+        out[new] = value
+    return out
+
+
+def diffusers_vae22(official: dict[str, torch.Tensor], cfg):
+    """diffusers' Wan2.2 configuration (`vae22_diffusers_config`) at `cfg`'s widths."""
+    from diffusers import AutoencoderKLWan
+
+    with torch.device("meta"):  # every tensor is assigned below: no initialisation (minutes at the real width)
+        model = AutoencoderKLWan(
+            base_dim=cfg.dim, decoder_base_dim=cfg.dec_dim, z_dim=cfg.z_dim, is_residual=True, in_channels=12,
+            out_channels=12, patch_size=cfg.patch_size, scale_factor_temporal=4, scale_factor_spatial=16,
+            latents_mean=list(WanVAE22.latent_mean), latents_std=list(WanVAE22.latent_std),
+        )
+    model.load_state_dict(diffusers_vae22_state(dict(official)), strict=True, assign=True)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    return model.eval()
 
 
 # -- checkpoint files in each layout ----------------------------------------------------
@@ -189,6 +246,9 @@ def write_official_vae(path: Path, model: WanVAE) -> Path:
 
 
 def write_diffusers_vae(folder: Path, model: WanVAE) -> Path:
+    if isinstance(model, WanVAE22):
+        diffusers_vae22(official_state(model), model.config).save_pretrained(folder)
+        return folder / "diffusion_pytorch_model.safetensors"
     diffusers_vae(official_state(model), model.config.dim).save_pretrained(folder)
     return folder / "diffusion_pytorch_model.safetensors"
 

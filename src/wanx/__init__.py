@@ -16,6 +16,7 @@ _LAZY = {
     "CheckpointError": "wanx.loading",
     "WanDiT": "wanx.models.transformer",
     "WanVAE": "wanx.models.vae",
+    "WanVAE22": "wanx.models.vae22",
     "UMT5Encoder": "wanx.models.t5",
     "CLIPVisionEncoder": "wanx.models.clip",
     "WanPipeline": "wanx.pipeline",
@@ -23,6 +24,7 @@ _LAZY = {
     "TextEncoder": "wanx.text",
     "DiTConfig": "wanx.configs",
     "VAEConfig": "wanx.configs",
+    "VAE22Config": "wanx.configs",
     "attention": "wanx.attention",
     "set_attention_backend": "wanx.attention",
 }

@@ -88,6 +88,30 @@ class VAEConfig:
     def spatial_stride(self) -> int:
         return 2 ** (len(self.dim_mult) - 1)
 
+    @property
+    def generation(self) -> str:
+        return "2.1"
+
+
+@dataclass(frozen=True)
+class VAE22Config(VAEConfig):
+    """Wan2.2 causal 3D VAE (official `WanVAE_` of `vae2_2.py`): the Wan2.1 stage layout with
+    residual stages, a decoder of its own width, and a 2x2 pixel patchify around both, so the
+    stride is 4x16x16."""
+
+    dim: int = 160
+    z_dim: int = 48
+    dec_dim: int = 256  # the decoder's base width (the official class default, never passed)
+    patch_size: int = 2  # pixels folded into channels before the encoder and after the decoder
+
+    @property
+    def spatial_stride(self) -> int:
+        return super().spatial_stride * self.patch_size
+
+    @property
+    def generation(self) -> str:
+        return "2.2"
+
 
 @dataclass(frozen=True)
 class T5Config:
@@ -148,6 +172,8 @@ DIT_PRESETS: dict[str, DiTConfig] = {
 VAE_PRESETS: dict[str, VAEConfig] = {
     "wan2.1": VAEConfig(),
     "tiny": VAEConfig(dim=8),
+    "wan2.2": VAE22Config(),  # TI2V-5B's Wan2.2_VAE.pth
+    "tiny-wan2.2": VAE22Config(dim=8, dec_dim=12),  # encoder and decoder of different widths, as released
 }
 
 
@@ -182,7 +208,7 @@ def _preset(table, name, what):
 
 def preset_name(config) -> str | None:
     """Name of the preset equal to `config`, if any."""
-    table = {DiTConfig: DIT_PRESETS, VAEConfig: VAE_PRESETS, T5Config: T5_PRESETS,
+    table = {DiTConfig: DIT_PRESETS, VAEConfig: VAE_PRESETS, VAE22Config: VAE_PRESETS, T5Config: T5_PRESETS,
              CLIPVisionConfig: CLIP_PRESETS}[type(config)]
     return next((name for name, c in table.items() if c == config), None)
 
@@ -242,12 +268,18 @@ def infer_dit_config(
 
 
 def infer_vae_config(shapes: Mapping[str, Sequence[int]]) -> VAEConfig:
-    """VAE config from official-layout tensor shapes.
+    """Wan2.1 or Wan2.2 VAE config from official-layout tensor shapes.
 
-    Only the released stage layout (dim_mult 1,2,4,4, two res blocks) exists, so the base
-    width and latent channels are the free parameters; anything else fails the shape check.
+    Wan2.2's stages are nested (`encoder.downsamples.0.downsamples.0...`), Wan2.1's flat.
+    Only the released stage layout (dim_mult 1,2,4,4, two res blocks) exists, so the widths,
+    latent channels and patch size are the free parameters; anything else fails the shape check.
     """
-    return VAEConfig(dim=int(shapes["encoder.conv1.weight"][0]), z_dim=int(shapes["conv2.weight"][0]))
+    dim, pixels = (int(n) for n in shapes["encoder.conv1.weight"][:2])
+    z_dim = int(shapes["conv2.weight"][0])
+    if not any(k.startswith("encoder.downsamples.0.downsamples.") for k in shapes):
+        return VAEConfig(dim=dim, z_dim=z_dim)
+    return VAE22Config(dim=dim, z_dim=z_dim, dec_dim=int(shapes["decoder.head.2.weight"][1]),
+                       patch_size=max(1, round(math.sqrt(pixels / 3))))  # 3 colours x p x p channels
 
 
 def infer_t5_config(shapes: Mapping[str, Sequence[int]]) -> T5Config:

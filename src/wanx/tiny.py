@@ -122,6 +122,22 @@ def save_sharded(state: dict[str, torch.Tensor], folder: Path, shards: int) -> N
                 {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
+def make_tiny_vae22(path: str | Path, seed: int = 0) -> Path:
+    """Write the tiny Wan2.2 VAE (preset `tiny-wan2.2`: encoder 8 and decoder 12 wide, 48 latent
+    channels, 4x16x16 stride) to `path` in the official layout, as a `Wan2.2_VAE.pth` is stored.
+
+    Its weights are the tiny sets' portable ones, keyed by the seed alone, so they are the same
+    under any file name, and a file of the same name is byte-identical wherever it is written
+    (torch.save names the archive's records after the file)."""
+    from .models.vae22 import WanVAE22
+
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]):  # module init draws from the global RNG: leave the caller's alone
+        vae = WanVAE22("tiny-wan2.2")
+    save_pth(portable_weights(vae, f"{seed}/Wan2.2_VAE.pth"), path)
+    return path
+
+
 def _stamp(task: str, seed: int = 0) -> dict:
     return {"wanx_tiny_version": TINY_VERSION, "task": task, "seed": seed}
 

@@ -17,15 +17,16 @@ from torch import nn
 
 from ..models import keeps_fp32
 from ..configs import (
-    RELEASED_HEAD_DIM, CLIPVisionConfig, DiTConfig, T5Config, VAEConfig, infer_clip_config, infer_dit_config,
-    infer_t5_config, infer_vae_config, preset_name,
+    RELEASED_HEAD_DIM, CLIPVisionConfig, DiTConfig, T5Config, VAE22Config, VAEConfig, infer_clip_config,
+    infer_dit_config, infer_t5_config, infer_vae_config, preset_name,
 )
 from .files import FP8_DTYPES, CheckpointError, DamagedCheckpoint, TensorStore, open_checkpoint
 from .layouts import COMFY_FP8_MARKERS, FP8_SCALE_SUFFIXES, Detected, detect, expert_of, rename
 
 __all__ = ["CheckpointError", "DamagedCheckpoint", "CheckpointInfo", "inspect_checkpoint", "load_model"]
 
-NETWORK_NAMES = {"dit": "Wan2.1 DiT", "vae": "Wan2.1 VAE", "t5": "umT5 text encoder", "clip": "CLIP ViT image encoder"}
+# What errors call a network before its config is known (`CheckpointInfo.name` after: "Wan2.2 VAE").
+NETWORK_NAMES = {"dit": "Wan2.1 DiT", "vae": "Wan VAE", "t5": "umT5 text encoder", "clip": "CLIP ViT image encoder"}
 
 
 @dataclass
@@ -45,6 +46,13 @@ class CheckpointInfo:
     expert: str | None = None  # a Wan2.2 A14B expert: "high" or "low" noise (from where it is kept)
 
     @property
+    def name(self) -> str:
+        """The network as `wanx info` and errors call it: "Wan2.1 VAE", "Wan2.2 VAE", ..."""
+        if isinstance(self.config, VAEConfig):
+            return f"Wan{self.config.generation} VAE"
+        return NETWORK_NAMES[self.network]
+
+    @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype most weights are stored in; fp8 storage computes in bf16."""
         name = max(self.dtypes, key=self.dtypes.get)
@@ -53,7 +61,7 @@ class CheckpointInfo:
 
     def summary(self) -> str:
         cfg = self.config
-        kind = NETWORK_NAMES[self.network]
+        kind = self.name
         if isinstance(cfg, DiTConfig):
             kind = f"{generation(cfg, self.expert)} DiT {cfg.model_type}"
         preset = preset_name(cfg)
@@ -150,7 +158,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: st
         if progress:
             from tqdm.auto import tqdm
 
-            items = tqdm(items, desc=f"loading {NETWORK_NAMES[info.network]}", unit="tensor", leave=False)
+            items = tqdm(items, desc=f"loading {info.name}", unit="tensor", leave=False)
         state = {}
         for name, meta in items:
             layer, _, leaf = name.rpartition(".")
@@ -272,8 +280,10 @@ def _build(info: CheckpointInfo) -> nn.Module:
     from ..models.t5 import UMT5Encoder
     from ..models.transformer import WanDiT
     from ..models.vae import WanVAE
+    from ..models.vae22 import WanVAE22
 
-    builder = {"dit": WanDiT, "vae": WanVAE, "t5": UMT5Encoder, "clip": CLIPVisionEncoder}[info.network]
+    vae = WanVAE22 if isinstance(info.config, VAE22Config) else WanVAE
+    builder = {"dit": WanDiT, "vae": vae, "t5": UMT5Encoder, "clip": CLIPVisionEncoder}[info.network]
     with torch.device("meta"):
         return builder(info.config)
 
@@ -296,7 +306,7 @@ def _check_tensors(info: CheckpointInfo, store: TensorStore, model: nn.Module) -
         problems.append(f"{len(mismatched)} mis-shaped ({'; '.join(mismatched[:3])})")
     if problems:
         raise CheckpointError(
-            f"{store.path}: {info.layout} layout {NETWORK_NAMES[info.network]} does not match the inferred config: "
+            f"{store.path}: {info.layout} layout {info.name} does not match the inferred config: "
             + "; ".join(problems)
         )
 

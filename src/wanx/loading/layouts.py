@@ -74,8 +74,9 @@ def _up_block(m: re.Match) -> str:
     return f"decoder.upsamples.{index}.{rest}"
 
 
-# diffusers `AutoencoderKLWan` -> official `WanVAE_`.
-DIFFUSERS_VAE: list[Rule] = [
+# diffusers `AutoencoderKLWan` -> official `WanVAE_` (Wan2.1 `vae.py`, Wan2.2 `vae2_2.py`): the
+# parts both generations share.
+_DIFFUSERS_VAE_COMMON: list[Rule] = [
     (r"quant_conv\.(weight|bias)", r"conv1.\1"),
     (r"post_quant_conv\.(weight|bias)", r"conv2.\1"),
     (r"(encoder|decoder)\.conv_in\.(weight|bias)", r"\1.conv1.\2"),
@@ -84,6 +85,11 @@ DIFFUSERS_VAE: list[Rule] = [
     (r"(encoder|decoder)\.mid_block\.attentions\.0\.(?P<rest>.+)", lambda m: f"{m[1]}.middle.1.{m['rest']}"),
     (rf"(encoder|decoder)\.mid_block\.resnets\.(?P<i>[01])\.{_RESNET_LEAVES}",
      lambda m: f"{m[1]}.middle.{2 * int(m['i'])}.{_resnet_leaf(m['leaf'])}"),
+]
+
+# Wan2.1 (flat stages).
+DIFFUSERS_VAE: list[Rule] = [
+    *_DIFFUSERS_VAE_COMMON,
     (rf"encoder\.down_blocks\.(?P<i>\d+)\.{_RESNET_LEAVES}",
      lambda m: f"encoder.downsamples.{m['i']}.{_resnet_leaf(m['leaf'])}"),
     (r"encoder\.down_blocks\.(?P<i>\d+)\.(?P<rest>(?:resample\.1|time_conv)\.(?:weight|bias))",
@@ -92,6 +98,27 @@ DIFFUSERS_VAE: list[Rule] = [
     (r"decoder\.up_blocks\.(?P<stage>\d+)\.(?P<kind>upsamplers)\.0\.(?P<rest>(?:resample\.1|time_conv)\.(?:weight|bias))",
      _up_block),
 ]
+
+# Wan2.2 (`is_residual=True`): stage i's res blocks, then its resampler, nested as in the official
+# `Down_ResidualBlock`/`Up_ResidualBlock`. The released layout (2 res blocks per encoder stage, 3
+# per decoder stage) puts the resampler at index 2 and 3; the shortcuts have no weights.
+DIFFUSERS_VAE22: list[Rule] = [
+    *_DIFFUSERS_VAE_COMMON,
+    (rf"encoder\.down_blocks\.(?P<i>\d+)\.resnets\.(?P<j>\d+)\.{_RESNET_LEAVES}",
+     lambda m: f"encoder.downsamples.{m['i']}.downsamples.{m['j']}.{_resnet_leaf(m['leaf'])}"),
+    (r"encoder\.down_blocks\.(\d+)\.downsampler\.((?:resample\.1|time_conv)\.(?:weight|bias))",
+     r"encoder.downsamples.\1.downsamples.2.\2"),
+    (rf"decoder\.up_blocks\.(?P<i>\d+)\.resnets\.(?P<j>\d+)\.{_RESNET_LEAVES}",
+     lambda m: f"decoder.upsamples.{m['i']}.upsamples.{m['j']}.{_resnet_leaf(m['leaf'])}"),
+    (r"decoder\.up_blocks\.(\d+)\.upsampler\.((?:resample\.1|time_conv)\.(?:weight|bias))",
+     r"decoder.upsamples.\1.upsamples.3.\2"),
+]
+
+
+def diffusers_vae_rules(keys: set[str]) -> list[Rule]:
+    """The Wan2.2 table when the encoder's stages hold `resnets` (nested), else Wan2.1's."""
+    nested = any(k.startswith("encoder.down_blocks.") and ".resnets." in k for k in keys)
+    return DIFFUSERS_VAE22 if nested else DIFFUSERS_VAE
 
 
 # transformers `UMT5EncoderModel` (diffusers repos' text_encoder/, ComfyUI umt5 files) -> official T5Encoder.
@@ -171,7 +198,7 @@ _SIGNATURES: list[tuple[str, str, list[Rule] | Callable[[set[str]], list[Rule]] 
     ("dit", "official", None, ("patch_embedding.weight", "time_projection.1.weight")),
     ("dit", "diffusers", DIFFUSERS_DIT, ("patch_embedding.weight", "condition_embedder.time_proj.weight")),
     ("vae", "official", None, ("encoder.conv1.weight", "decoder.conv1.weight", "conv2.weight")),
-    ("vae", "diffusers", DIFFUSERS_VAE, ("encoder.conv_in.weight", "decoder.conv_in.weight", "post_quant_conv.weight")),
+    ("vae", "diffusers", diffusers_vae_rules, ("encoder.conv_in.weight", "decoder.conv_in.weight", "post_quant_conv.weight")),
     ("t5", "official", None, ("token_embedding.weight", "blocks.0.pos_embedding.embedding.weight")),
     ("t5", "transformers", TRANSFORMERS_T5, ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",)),
     ("clip", "official", official_clip_rules, ("visual.patch_embedding.weight", "visual.transformer.0.attn.to_qkv.weight")),

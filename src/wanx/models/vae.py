@@ -130,12 +130,13 @@ class Resample(nn.Module):
     which is why T = 4k+1 frames <-> k+1 latent frames.
     """
 
-    def __init__(self, dim: int, mode: str):
+    def __init__(self, dim: int, mode: str, out_dim: int | None = None):
         super().__init__()
         self.mode = mode
         if mode.startswith("upsample"):
+            # Wan2.1's upsampling conv halves the channels; Wan2.2's keeps them (out_dim=dim).
             self.resample = nn.Sequential(nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
-                                          nn.Conv2d(dim, dim // 2, 3, padding=1))
+                                          nn.Conv2d(dim, out_dim or dim // 2, 3, padding=1))
         else:
             self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=(2, 2)))
         if mode == "upsample3d":
@@ -176,7 +177,8 @@ class Resample(nn.Module):
         return x if first is None else torch.cat([first, x], dim=2)
 
 
-def _run(layers: nn.Sequential, x: Tensor, cache: CausalCache) -> Tensor:
+def run_layers(layers: nn.Sequential, x: Tensor, cache: CausalCache) -> Tensor:
+    """Run `layers` in order, passing the clip's cache to those that keep causal state."""
     for layer in layers:
         x = layer(x, cache) if isinstance(layer, (CausalConv3d, ResidualBlock, AttentionBlock, Resample)) else layer(x)
     return x
@@ -201,9 +203,9 @@ class Encoder3d(nn.Module):
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
         x = self.conv1(x, cache)
-        x = _run(self.downsamples, x, cache)
-        x = _run(self.middle, x, cache)
-        return _run(self.head, x, cache)
+        x = run_layers(self.downsamples, x, cache)
+        x = run_layers(self.middle, x, cache)
+        return run_layers(self.head, x, cache)
 
 
 class Decoder3d(nn.Module):
@@ -227,9 +229,9 @@ class Decoder3d(nn.Module):
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
         x = self.conv1(x, cache)
-        x = _run(self.middle, x, cache)
-        x = _run(self.upsamples, x, cache)
-        return _run(self.head, x, cache)
+        x = run_layers(self.middle, x, cache)
+        x = run_layers(self.upsamples, x, cache)
+        return run_layers(self.head, x, cache)
 
 
 def _tiles(size: int, tile: int, stride: int) -> list[int]:
@@ -265,22 +267,44 @@ def _ramp(length: int, overlap_before: int, overlap_after: int, device, dtype) -
 
 
 class WanVAE(nn.Module):
-    """Causal video VAE. `encode`: video `[B, 3, 4k+1, H, W]` in [-1, 1] -> normalised latents
-    `[B, 16, k+1, H/8, W/8]`; `decode`: the reverse, clamped to [-1, 1]."""
+    """Wan2.1 causal video VAE. `encode`: video `[B, 3, 4k+1, H, W]` in [-1, 1] -> normalised
+    latents `[B, 16, k+1, H/8, W/8]`; `decode`: the reverse, clamped to [-1, 1].
+
+    The chunked, tiled encode and decode here serve the Wan2.2 VAE too (`WanVAE22`), which
+    swaps in its own encoder, decoder, latent statistics and pixel patchify.
+    """
+
+    config_type: type[VAEConfig] = VAEConfig
+    encoder_type: type[nn.Module] = Encoder3d
+    decoder_type: type[nn.Module] = Decoder3d
+    latent_mean: tuple[float, ...] = LATENT_MEAN
+    latent_std: tuple[float, ...] = LATENT_STD
 
     def __init__(self, config: VAEConfig | str = "wan2.1"):
         super().__init__()
         cfg = self.config = vae_config(config) if isinstance(config, str) else config
-        self.encoder = Encoder3d(cfg)
+        if type(cfg) is not self.config_type:
+            raise ValueError(f"{type(self).__name__} is built from a {self.config_type.__name__}, got a "
+                             f"{type(cfg).__name__} (the Wan2.1 VAE is WanVAE, the Wan2.2 VAE WanVAE22)")
+        self.encoder = self.encoder_type(cfg)
         self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
         self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
-        self.decoder = Decoder3d(cfg)
+        self.decoder = self.decoder_type(cfg)
+
+    # -- pixels <-> what the encoder takes and the decoder gives (Wan2.2 folds 2x2 pixels) --
+    def patchify(self, video: Tensor) -> Tensor:
+        return video
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        return x
 
     # -- latent statistics, built on the input's device --------------------------------
     def _stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        # The released statistics; a VAE of another latent width (one trained here) gets none.
         z = self.config.z_dim
-        mean = LATENT_MEAN if z == 16 else (0.0,) * z
-        std = LATENT_STD if z == 16 else (1.0,) * z
+        released = len(self.latent_mean) == z
+        mean = self.latent_mean if released else (0.0,) * z
+        std = self.latent_std if released else (1.0,) * z
         shape = (1, z, 1, 1, 1)
         mean_t = torch.tensor(mean, device=like.device, dtype=torch.float32).view(shape)
         inv_std = 1.0 / torch.tensor(std, device=like.device, dtype=torch.float32).view(shape)
@@ -289,10 +313,11 @@ class WanVAE(nn.Module):
     # -- encode --------------------------------------------------------------------------
     def encode(self, video: Tensor, *, chunk_frames: int = 4, tile_size: int | tuple[int, int] | None = None,
                tile_stride: int | tuple[int, int] | None = None) -> Tensor:
-        """video `[B, 3, T=4k+1, H, W]` in [-1, 1] -> latents `[B, z, k+1, H/8, W/8]` (mean of the posterior).
+        """video `[B, 3, T=4k+1, H, W]` in [-1, 1] -> latents `[B, z, k+1, H/s, W/s]` (mean of the
+        posterior; s = `config.spatial_stride`, 8 for Wan2.1, 16 for Wan2.2).
 
         chunk_frames: frames per causal chunk after the first frame (a multiple of 4).
-        tile_size/tile_stride: spatial tiles in pixels (multiples of 8), blended at the seams.
+        tile_size/tile_stride: spatial tiles in pixels (multiples of s), blended at the seams.
         """
         stride_t, stride_s = self.config.temporal_stride, self.config.spatial_stride
         b, c, t, h, w = video.shape
@@ -306,11 +331,13 @@ class WanVAE(nn.Module):
         return self._tiled(video, tile, stride, stride_s, down=True, fn=lambda v: self._encode_tile(v, chunk_frames))
 
     def posterior(self, video: Tensor, chunk_frames: int = 4) -> tuple[Tensor, Tensor]:
-        """mu and log-variance `[B, z, k+1, H/8, W/8]` of the raw (not normalised) latent
+        """mu and log-variance `[B, z, k+1, H/s, W/s]` of the raw (not normalised) latent
         posterior, untiled: what training the VAE needs."""
         dtype = self.conv1.weight.dtype
         cache = CausalCache()
-        chunks = [self.encoder(video[:, :, s:e].to(dtype), cache) for s, e in _chunks(video.shape[2], chunk_frames)]
+        # Patchified chunk by chunk: no second copy of the whole video.
+        chunks = [self.encoder(self.patchify(video[:, :, s:e]).to(dtype), cache)
+                  for s, e in _chunks(video.shape[2], chunk_frames)]
         mu, log_var = self.conv1(torch.cat(chunks, dim=2)).float().chunk(2, dim=1)
         return mu, log_var
 
@@ -325,10 +352,11 @@ class WanVAE(nn.Module):
     # -- decode --------------------------------------------------------------------------
     def decode(self, latents: Tensor, *, chunk_latents: int = 1, tile_size: int | tuple[int, int] | None = None,
                tile_stride: int | tuple[int, int] | None = None, callback=None, clamp: bool = True) -> Tensor:
-        """latents `[B, z, k+1, h, w]` -> video `[B, 3, 4k+1, 8h, 8w]` float32 in [-1, 1].
+        """latents `[B, z, k+1, h, w]` -> video `[B, 3, 4k+1, s*h, s*w]` float32 in [-1, 1]
+        (s = `config.spatial_stride`).
 
         chunk_latents: latent frames decoded per causal step (1 = the official schedule).
-        tile_size/tile_stride: spatial tiles in output pixels (multiples of 8), blended at the seams.
+        tile_size/tile_stride: spatial tiles in output pixels (multiples of s), blended at the seams.
         callback(done, total): called after each decoded chunk (for progress bars).
         clamp: False leaves the output unclamped, for training: a pixel clamped at +-1 passes no
         gradient, and a decoder pushed past the range everywhere never comes back.
@@ -358,7 +386,7 @@ class WanVAE(nn.Module):
         for start, end in [(0, 1)] + [(a, min(a + chunk_latents, t)) for a in range(1, t, chunk_latents)]:
             if start >= t:
                 break
-            chunk = self.decoder(z[:, :, start:end], cache)
+            chunk = self.unpatchify(self.decoder(z[:, :, start:end], cache))
             out[:, :, frame: frame + chunk.shape[2]] = chunk.float().clamp(-1, 1) if clamp else chunk.float()
             frame += chunk.shape[2]
             counter.step()
