@@ -1,0 +1,150 @@
+"""Wan2.2 TI2V-5B in the one pipeline, on `tiny-ti2v`: text-to-video, and image-to-video with
+the image as latent frame 0 (re-imposed after every step, its tokens at timestep 0), checked
+against the official loop restated here from the DiT, the VAE and the schedule."""
+
+import os
+import shutil
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wanx.cli import main
+from wanx.hub import tiny_model_dir
+from wanx.pipeline import NEGATIVE_PROMPT, WanPipeline, best_output_size
+from wanx.sampling import schedule
+from wanx.video import read_video, to_unit
+
+
+@pytest.fixture(scope="module", autouse=True)
+def wanx_home(tmp_path_factory):
+    old = os.environ.get("WANX_HOME")
+    os.environ["WANX_HOME"] = str(tmp_path_factory.mktemp("wanx-home"))
+    yield
+    if old is None:
+        os.environ.pop("WANX_HOME")
+    else:
+        os.environ["WANX_HOME"] = old
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return WanPipeline.from_pretrained("tiny-ti2v", device="cpu", dtype=torch.float32)
+
+
+def official_loop(pipe, context, context_null, image, height, width, frames, steps, shift, guidance, seed):
+    """wan/textimage2video.py (t2v and i2v) restated with the flow Euler step: mask2 zero on
+    latent frame 0 in I2V (all ones in T2V); latent = (1 - mask2) z + mask2 noise; per step the
+    per-token timestep = channel 0 of mask2 subsampled by the 2x2 patch, times t; cond and
+    uncond with the same latent and timesteps; then latent = (1 - mask2) z + mask2 latent."""
+    dit, vae = pipe.dit, pipe.vae
+    shape = (48, (frames - 1) // 4 + 1, height // 16, width // 16)
+    noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+    mask2 = torch.ones(shape)
+    z = torch.zeros(48, 1, *shape[2:])
+    if image is not None:
+        mask2[:, 0] = 0
+        z = vae.encode(image[:, None][None])[0].float()
+    latent = (1 - mask2) * z + mask2 * noise
+    sigmas, timesteps = schedule("euler", steps, shift)
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            temp_ts = (mask2[0][:, ::2, ::2] * t).flatten()[None]
+            cond = dit(latent[None], temp_ts, context)[0]
+            uncond = dit(latent[None], temp_ts, context_null)[0]
+            latent = latent + (sigmas[i + 1] - sigmas[i]) * (uncond + guidance * (cond - uncond))
+            latent = (1 - mask2) * z + mask2 * latent
+    return latent[None], z
+
+
+@pytest.mark.parametrize("mode", ["t2v", "i2v"])
+def test_pipeline_equals_the_official_loop(pipe, mode):
+    gen = torch.Generator().manual_seed(3)
+    context, context_null = torch.randn(1, 7, 32, generator=gen), torch.randn(1, 5, 32, generator=gen)
+    image = None
+    if mode == "i2v":  # an image already at the output size: the resize and crop keep it as it is
+        pixels = (torch.rand(64, 96, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        image = to_unit(pixels)
+    ours = pipe(prompt_embeds=context, negative_prompt_embeds=context_null, image=image, height=64, width=96,
+                num_frames=9, steps=3, shift=5.0, guidance=5.0, seed=11, sampler="euler", output_type="latents",
+                progress=False)
+    want, z = official_loop(pipe, context, context_null, image, 64, 96, 9, 3, 5.0, 5.0, 11)
+    assert ours.shape == (1, 48, 3, 4, 6)
+    assert (ours - want).abs().max() < 1e-5
+    if mode == "i2v":
+        assert torch.equal(ours[0, :, :1], z)  # frame 0 is exactly the encoded image
+
+
+def test_frame_zero_is_the_image_with_unipc(pipe):
+    image = torch.rand(3, 40, 50) * 2 - 1
+    plan = pipe.plan("a cat", image=image, height=64, width=64)
+    latents = pipe("a cat", image=image, height=64, width=64, num_frames=5, steps=3, seed=2, output_type="latents",
+                   progress=False)
+    z = pipe.vae.encode(plan.image[:, None][None]).float()
+    assert latents.shape[2:] == (2, plan.height // 16, plan.width // 16)
+    assert torch.equal(latents[:, :, :1], z)
+
+
+def test_size_rule_worked_examples():
+    """Reference §4: best_output_size(iw, ih, 32, 32, 704 * 1280)."""
+    area = 704 * 1280
+    assert best_output_size(1280, 720, 32, 32, area) == (1248, 704)
+    assert best_output_size(1024, 1024, 32, 32, area) == (960, 928)
+    assert best_output_size(1280, 704, 32, 32, area) == (1280, 704)
+
+
+def test_defaults_from_the_plan(pipe):
+    plan = pipe.plan("a cat", seed=1)
+    assert (plan.task, plan.width, plan.height, plan.num_frames, plan.fps) == ("ti2v", 1280, 704, 121, 24)
+    assert (plan.steps, plan.shift, plan.guidance, plan.sampler) == (50, 5.0, 5.0, "unipc")
+    assert plan.negative_prompt == NEGATIVE_PROMPT and plan.latent_shape() == (48, 31, 44, 80)
+    # I2V: the default area, the image's aspect ratio, multiples of 32 (the official 1248x704 for 16:9)
+    plan = pipe.plan("a cat", image=torch.zeros(3, 720, 1280), seed=1)
+    assert (plan.width, plan.height, plan.num_frames) == (1248, 704, 121)
+    assert tuple(plan.image.shape) == (3, 704, 1248)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pipe.plan("a cat", height=48, width=64)
+    with pytest.raises(ValueError, match="FLF2V"):
+        pipe.plan("a cat", image=torch.zeros(3, 64, 64), last_image=torch.zeros(3, 64, 64))
+
+
+def test_mismatched_vae_is_named_before_loading(tmp_path):
+    folder = tmp_path / "mixed"
+    shutil.copytree(tiny_model_dir("tiny-ti2v"), folder)
+    (folder / "Wan2.2_VAE.pth").unlink()
+    shutil.copy(tiny_model_dir("tiny") / "Wan2.1_VAE.pth", folder)
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model.safetensors.*needs Wan2.2_VAE.pth.*Wan2.1_VAE.pth"):
+        WanPipeline.from_pretrained(folder, device="cpu")
+    folder = tmp_path / "mixed21"
+    shutil.copytree(tiny_model_dir("tiny"), folder)
+    (folder / "Wan2.1_VAE.pth").unlink()
+    shutil.copy(tiny_model_dir("tiny-ti2v") / "Wan2.2_VAE.pth", folder)
+    with pytest.raises(ValueError, match="needs Wan2.1_VAE.pth"):
+        WanPipeline.from_pretrained(folder, device="cpu")
+
+
+@pytest.mark.parametrize("mode", ["t2v", "i2v"])
+def test_cli_end_to_end(tmp_path, mode):
+    out = tmp_path / "out.mp4"
+    args = ["generate", "--model", "tiny-ti2v", "--prompt", "a cat walks", "--size", "96x64", "--frames", "5",
+            "--steps", "2", "--seed", "4", "--quiet", "--output", str(out)]
+    if mode == "i2v":
+        image = tmp_path / "first.png"
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 100, 3), dtype=np.uint8)).save(image)
+        args += ["--image", str(image)]
+    assert main(args) == 0
+    video = read_video(out)
+    # I2V: the area 96x64 at the image's 5:3 -> best_output_size gives 96x64 as well
+    assert video.frames.shape == (5, 64, 96, 3) and video.fps == 24
+    with av.open(str(out)) as container:
+        meta = container.metadata
+    assert meta.get("task") == "ti2v" and meta.get("mode") == mode and meta.get("model") == "tiny-ti2v"
+
+
+def test_info_names_the_wan22_parts(capsys):
+    folder = tiny_model_dir("tiny-ti2v")
+    assert main(["info", str(folder / "diffusion_pytorch_model.safetensors"), str(folder / "Wan2.2_VAE.pth")]) == 0
+    text = capsys.readouterr().out
+    assert "Wan2.2 TI2V DiT" in text and "Wan2.2 VAE" in text
