@@ -148,3 +148,25 @@ def test_info_names_the_wan22_parts(capsys):
     assert main(["info", str(folder / "diffusion_pytorch_model.safetensors"), str(folder / "Wan2.2_VAE.pth")]) == 0
     text = capsys.readouterr().out
     assert "Wan2.2 TI2V DiT" in text and "Wan2.2 VAE" in text
+
+
+def test_prepare_and_train_a_lora(tmp_path, capsys):
+    """`wanx prepare` encodes through the Wan2.2 VAE (48 channels, 16x); `wanx train` runs a
+    LoRA on the 48-channel DiT, and the LoRA loads into the TI2V pipeline."""
+    from safetensors.torch import load_file
+
+    from tests.training.test_prepare import moving_square
+
+    data = tmp_path / "data"
+    data.mkdir()
+    moving_square(12).save(data / "clip.mp4")
+    (data / "metadata.csv").write_text("file_name,text\nclip.mp4,a red square moves right\n", encoding="utf-8")
+    assert main(["prepare", str(data), "--model", "tiny-ti2v", "--size", "64x48", "--frames", "9", "--quiet"]) == 2
+    assert "multiples of 32" in capsys.readouterr().err
+    assert main(["prepare", str(data), "--model", "tiny-ti2v", "--size", "64x64", "--frames", "9", "--quiet"]) == 0
+    (item,) = [p for p in (data / ".wanx-cache").glob("clip-*.safetensors")]
+    assert tuple(load_file(str(item))["latents"].shape) == (48, 3, 4, 4)
+    assert main(["train", "--data", str(data), "--model", "tiny-ti2v", "--output", str(tmp_path / "run"),
+                 "--lora-rank", "4", "--steps", "2", "--quiet"]) == 0
+    pipe = WanPipeline.from_pretrained("tiny-ti2v", device="cpu")
+    assert pipe.load_lora(tmp_path / "run" / "lora.safetensors").matched == 20

@@ -344,6 +344,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         raise ValueError(f"--size {args.size[0]}x{args.size[1]}: width and height must be positive multiples of 16")
     runtime = Runtime.create(_rank_device(args.device), args.dtype, t5_device=args.t5_device)
     files = find_components(resolve_model(args.model, source=args.source))
+    if files.model_type == "ti2v":  # Wan2.2 VAE (16x) and the 2x2 patch: whole tokens need multiples of 32
+        if args.buckets:
+            raise ValueError("--buckets sizes are multiples of 16; a TI2V model (Wan2.2 VAE) needs multiples of 32: "
+                             "give --size WxH instead")
+        if any(v % 32 for v in args.size):
+            raise ValueError(f"--size {args.size[0]}x{args.size[1]}: a TI2V model (Wan2.2 VAE, 16x) needs width and "
+                             "height in multiples of 32 (e.g. 1280x704)")
     report = prepare(args.dataset, files, cache=args.cache, size=args.size, buckets=args.buckets, frames=args.frames,
                      fps=args.fps, runtime=runtime, progress=not args.quiet)
     if os.environ.get("RANK", "0") == "0":  # several processes: the main one reports for all
