@@ -181,7 +181,8 @@ class WanPipeline:
         check_vae(files.dit_config, files.infos["vae"].config, files.dit, files.vae)  # before any weight is read
         tokenizer = Tokenizer(files.tokenizer)
         weights = sum(weight_bytes(files.parameter_counts(), dtype, runtime.vae_dtype, fp8=bool(runtime.quantize)).values())
-        work = estimate(files.dit_config, 480, 832, 81, dtype=dtype, vae_dtype=runtime.vae_dtype).work
+        typical = (704, 1280, 121) if files.model_type == "ti2v" else (480, 832, 81)  # the model's usual request
+        work = estimate(files.dit_config, *typical, dtype=dtype, vae_dtype=runtime.vae_dtype).work
         offload = resolve_offload(runtime.offload, device, weights, work, available_memory(device))
         where = load_devices(offload, device, runtime.text_device)
         if host_load:
@@ -269,8 +270,8 @@ class WanPipeline:
             prompt: what the video shows.
             negative_prompt: what to avoid; default the official (Chinese) negative prompt of
                 the task. Unused when guidance_scale is 1.
-            image: first frame for I2V/FLF2V: a path, PIL image, uint8 `[H, W, 3]` array or
-                `[3, H, W]` tensor in [-1, 1].
+            image: first frame for I2V/FLF2V (and TI2V-5B, whose image-to-video it makes): a
+                path, PIL image, uint8 `[H, W, 3]` array or `[3, H, W]` tensor in [-1, 1].
             last_image: last frame for FLF2V, same forms as `image`.
             video: input for video-to-video (T2V models): a path, `Video`, uint8
                 `[F, H, W, 3]` array or `[3, F, H, W]` tensor in [-1, 1].
@@ -278,9 +279,11 @@ class WanPipeline:
                 from the noised input (1 ignores the input).
             height, width: output size in pixels, multiples of 16; default 480x832. I2V,
                 FLF2V and video-to-video keep the input's aspect ratio within the area
-                height x width.
+                height x width. TI2V-5B: multiples of 32, default 704x1280; with an image, the
+                official `best_output_size` within that area (the image's aspect ratio in
+                multiples of 32), the image LANCZOS-resized and centre-cropped to it.
             num_frames: 4k+1 frames at 16 fps; default 81, or for video-to-video the input's
-                frame count rounded down to 4k+1 (at most 81).
+                frame count rounded down to 4k+1 (at most 81). TI2V-5B: 121 at 24 fps.
             num_inference_steps: sampling steps; default 50 (40 for I2V). Alias: `steps`.
             guidance_scale: classifier-free guidance scale in [1, 30]; 1 turns guidance off.
                 Default 5.0 (5.5 for FLF2V). Alias: `guidance`. Wan2.2 A14B: the high-noise
@@ -300,13 +303,15 @@ class WanPipeline:
                 Default: a random seed, kept in the video's metadata.
             prompt_embeds, negative_prompt_embeds: umT5 embeddings `[1, L, 4096]` instead of
                 the prompts (the text encoder is then not run).
-            latents: initial noise `[1, 16, F', H/8, W/8]` instead of the seed's.
+            latents: initial noise `[1, C, F', H/s, W/s]` instead of the seed's (the VAE's
+                channels and stride: C 16, s 8 for the Wan2.1 VAE; C 48, s 16 for the Wan2.2
+                VAE of TI2V-5B).
             output_type: "video" (a `Video` of uint8 frames) or "latents" (the denoised
                 latents, not decoded).
             progress: progress bars and stage timings on stderr.
             callback: called after each denoising step as `callback(step, total, latents)`
-                (step counts from 1; latents `[1, 16, F', H/8, W/8]`, the sampler's current
-                state). An exception it raises stops the call there, with nothing written:
+                (step counts from 1; latents `[1, C, F', H/s, W/s]`, the sampler's current
+                state; TI2V image-to-video: with frame 0 already the image again). An exception it raises stops the call there, with nothing written:
                 a server cancels a job this way.
 
         Returns:
@@ -790,11 +795,11 @@ def check_vae(dit_config, vae_config, dit_file=None, vae_file=None) -> None:
     """The DiT's latent channels must be the VAE's: 16 (Wan2.1 VAE) or 48 (Wan2.2 VAE, TI2V-5B)."""
     if dit_config.out_dim == vae_config.z_dim:
         return
-    def name(kind, file, what):
+    def name(file, what):
         return f"{file} ({what})" if file is not None else what
 
-    dit = name("DiT", dit_file, f"a {dit_config.model_type} DiT on {dit_config.out_dim} latent channels")
-    vae = name("VAE", vae_file, f"a Wan{vae_config.generation} VAE with {vae_config.z_dim}")
+    dit = name(dit_file, f"a {dit_config.model_type} DiT on {dit_config.out_dim} latent channels")
+    vae = name(vae_file, f"a Wan{vae_config.generation} VAE with {vae_config.z_dim}")
     want = "Wan2.2_VAE.pth" if dit_config.out_dim == 48 else "Wan2.1_VAE.pth"
     raise ValueError(f"the VAE does not fit the DiT: {dit} needs {want}; {vae} was found")
 
