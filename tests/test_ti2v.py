@@ -170,3 +170,10 @@ def test_prepare_and_train_a_lora(tmp_path, capsys):
                  "--lora-rank", "4", "--steps", "2", "--quiet"]) == 0
     pipe = WanPipeline.from_pretrained("tiny-ti2v", device="cpu")
     assert pipe.load_lora(tmp_path / "run" / "lora.safetensors").matched == 20
+
+
+def test_the_tiny_vae_is_make_tiny_vae22s(tmp_path):
+    from wanx.tiny import make_tiny_vae22
+
+    path = make_tiny_vae22(tmp_path / "Wan2.2_VAE.pth")
+    assert path.read_bytes() == (tiny_model_dir("tiny-ti2v") / "Wan2.2_VAE.pth").read_bytes()

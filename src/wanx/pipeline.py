@@ -311,8 +311,9 @@ class WanPipeline:
             progress: progress bars and stage timings on stderr.
             callback: called after each denoising step as `callback(step, total, latents)`
                 (step counts from 1; latents `[1, C, F', H/s, W/s]`, the sampler's current
-                state; TI2V image-to-video: with frame 0 already the image again). An exception it raises stops the call there, with nothing written:
-                a server cancels a job this way.
+                state; TI2V image-to-video: with frame 0 already the image again). An
+                exception it raises stops the call there, with nothing written: a server
+                cancels a job this way.
 
         Returns:
             A `Video` (`.save(path)`, `.frames` uint8 `[F, H, W, 3]`) or a latent tensor.
@@ -357,7 +358,7 @@ class WanPipeline:
             if plan.task in ("i2v", "flf2v"):
                 with _stage("image conditioning", progress), self.placement.phase("clip"), self.placement.phase("vae"):
                     extra = self._image_conditioning(plan)
-            first = None  # TI2V image-to-video: (the image's latent frame [1, C, 1, H', W'], its per-token timestep mask)
+            first = None  # TI2V image-to-video: the image's latent frame [1, C, 1, H', W']
             if plan.task == "ti2v" and plan.image is not None:
                 with _stage("image conditioning", progress), self.placement.phase("vae"):
                     first = ti2v_conditioning(self.vae, plan.image, device)
@@ -382,7 +383,11 @@ class WanPipeline:
             marks = [time.perf_counter()]
 
             def advance(i, n, latents):
-                if first is not None:  # TI2V: frame 0 is the image again after every step (the sampler's own state)
+                if first is not None:
+                    # TI2V: frame 0 is the image again after every step. In place, in the tensor
+                    # the sampler goes on from (the official `latent = (1 - mask2) z + mask2 latent`
+                    # after scheduler.step); UniPC's corrector keeps its own pre-step copy, as the
+                    # official scheduler's last_sample.
                     latents[:, :, :1] = first
                 marks.append(time.perf_counter())
                 if cache is not None:
