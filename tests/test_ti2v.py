@@ -93,6 +93,7 @@ def test_size_rule_worked_examples():
     assert best_output_size(1280, 720, 32, 32, area) == (1248, 704)
     assert best_output_size(1024, 1024, 32, 32, area) == (960, 928)
     assert best_output_size(1280, 704, 32, 32, area) == (1280, 704)
+    assert best_output_size(30, 400, 32, 32, 32 * 32) == (32, 96)  # a side of at least 32, not a division by zero
 
 
 def test_defaults_from_the_plan(pipe):

@@ -811,15 +811,16 @@ def check_vae(dit_config, vae_config, dit_file=None, vae_file=None) -> None:
 
 def best_output_size(w: int, h: int, dw: int, dh: int, expected_area: int) -> tuple[int, int]:
     """Official Wan2.2 `best_output_size`: the (width, height) in multiples of (dw, dh) within
-    expected_area whose aspect ratio is nearest w/h, trying width first and height first."""
+    expected_area whose aspect ratio is nearest w/h, trying width first and height first.
+    A side is at least one multiple (the official code divides by zero there instead)."""
     ratio = w / h
     ow = (expected_area * ratio) ** 0.5
     oh = expected_area / ow
-    ow1 = int(ow // dw * dw)
-    oh1 = int(expected_area / ow1 // dh * dh)
+    ow1 = max(dw, int(ow // dw * dw))
+    oh1 = max(dh, int(expected_area / ow1 // dh * dh))
     ratio1 = ow1 / oh1
-    oh2 = int(oh // dh * dh)
-    ow2 = int(expected_area / oh2 // dw * dw)
+    oh2 = max(dh, int(oh // dh * dh))
+    ow2 = max(dw, int(expected_area / oh2 // dw * dw))
     ratio2 = ow2 / oh2
     if max(ratio / ratio1, ratio1 / ratio) < max(ratio / ratio2, ratio2 / ratio):
         return ow1, oh1
@@ -971,13 +972,14 @@ def image_conditioning(image_encoder, vae, image: Tensor, last_image: Tensor | N
                                       mode="bicubic", align_corners=False)[0]
     y = vae.encode(frames[None].to(device))  # [1, 16, F', h/8, w/8]
 
-    # Mask: pixel frame 0 (and the last, for FLF2V) known; frame 0 repeated 4x so that the
-    # F pixel frames fold into [4, F'] like the latents.
-    mask = torch.zeros(1, n, h // 8, w // 8, device=device)
+    # Mask: pixel frame 0 (and the last, for FLF2V) known; frame 0 repeated 4x (the temporal
+    # stride) so that the F pixel frames fold into [4, F'] like the latents.
+    s, st = vae.config.spatial_stride, vae.config.temporal_stride
+    mask = torch.zeros(1, n, h // s, w // s, device=device)
     mask[:, 0] = 1
     if last_image is not None:
         mask[:, -1] = 1
-    mask = torch.cat([mask[:, :1].repeat_interleave(4, dim=1), mask[:, 1:]], dim=1)
-    mask = mask.view(1, mask.shape[1] // 4, 4, h // 8, w // 8).transpose(1, 2)  # [1, 4, F', h/8, w/8]
+    mask = torch.cat([mask[:, :1].repeat_interleave(st, dim=1), mask[:, 1:]], dim=1)
+    mask = mask.view(1, mask.shape[1] // st, st, h // s, w // s).transpose(1, 2)  # [1, 4, F', h/8, w/8]
     y = torch.cat([mask, y], dim=1)
     return {"y": y} if clip is None else {"clip_features": clip, "y": y}
