@@ -178,3 +178,33 @@ def test_the_tiny_vae_is_make_tiny_vae22s(tmp_path):
 
     path = make_tiny_vae22(tmp_path / "Wan2.2_VAE.pth")
     assert path.read_bytes() == (tiny_model_dir("tiny-ti2v") / "Wan2.2_VAE.pth").read_bytes()
+
+
+def test_served_with_and_without_an_image(pipe, tmp_path):
+    """`wanx serve` on a TI2V model: one task, the image optional."""
+    import io
+    import json
+
+    TestClient = pytest.importorskip("fastapi.testclient").TestClient  # the [serve] extra
+
+    from tests.serve.conftest import wait_for
+    from wanx.hub import find_components
+    from wanx.runtime import Runtime
+    from wanx.serve.app import Server, create_app
+
+    files = find_components(tiny_model_dir("tiny-ti2v"))
+    server = Server(pipe, files, Runtime.create("cpu"), tmp_path / "out", model_name="tiny-ti2v")
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), np.uint8)).save(png, "PNG")
+    body = {"prompt": "a cat", "size": "96x64", "frames": 5, "steps": 2}
+    try:
+        with TestClient(create_app(server, ui=False)) as client:
+            assert client.get("/v1/model").json()["tasks"] == ["ti2v"]
+            text = client.post("/v1/videos", json=body).json()["id"]
+            image = client.post("/v1/videos", data={"request": json.dumps(body)},
+                                files={"image": ("first.png", png.getvalue(), "image/png")}).json()["id"]
+            for job_id in (text, image):
+                job = wait_for(client, job_id)
+                assert job["status"] == "done", job
+    finally:
+        server.queue.stop(timeout=10)
