@@ -208,3 +208,37 @@ def test_served_with_and_without_an_image(pipe, tmp_path):
                 assert job["status"] == "done", job
     finally:
         server.queue.stop(timeout=10)
+
+
+def test_unipc_with_frame_zero_reimposed_equals_diffusers_scheduler(pipe):
+    """The re-imposition between UniPC steps as the official loop does it (after
+    scheduler.step, whose corrector keeps its own last_sample), with diffusers' UniPC
+    scheduler (test-only oracle, the official flow configuration) as the solver."""
+    UniPC = pytest.importorskip("diffusers").UniPCMultistepScheduler
+    gen = torch.Generator().manual_seed(5)
+    context, context_null = torch.randn(1, 7, 32, generator=gen), torch.randn(1, 5, 32, generator=gen)
+    image = torch.rand(3, 64, 96, generator=gen) * 2 - 1
+    steps, shift, guidance, seed = 6, 5.0, 5.0, 9
+    ours = pipe(prompt_embeds=context, negative_prompt_embeds=context_null, image=image, height=64, width=96,
+                num_frames=9, steps=steps, shift=shift, guidance=guidance, seed=seed, sampler="unipc",
+                output_type="latents", progress=False)
+
+    prepared = pipe.plan(prompt_embeds=context, image=image, height=64, width=96).image
+    shape = (48, 3, 4, 6)
+    noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+    mask2 = torch.ones(shape)
+    mask2[:, 0] = 0
+    with torch.no_grad():
+        z = pipe.vae.encode(prepared[:, None][None])[0].float()
+        latent = (1 - mask2) * z + mask2 * noise
+        scheduler = UniPC(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
+                          flow_shift=shift)
+        scheduler.set_timesteps(sigmas=np.linspace(0.999, 0, steps + 1)[:-1].copy())
+        for t in scheduler.timesteps:
+            temp_ts = (mask2[0][:, ::2, ::2] * t).flatten()[None].float()
+            cond = pipe.dit(latent[None], temp_ts, context)[0]
+            uncond = pipe.dit(latent[None], temp_ts, context_null)[0]
+            latent = scheduler.step((uncond + guidance * (cond - uncond))[None], t, latent[None]).prev_sample[0]
+            latent = (1 - mask2) * z + mask2 * latent
+    assert (ours[0] - latent).abs().max() <= 1e-4 * latent.abs().max()
+    assert torch.equal(ours[0, :, :1], z)
