@@ -45,6 +45,8 @@ def test_tiny_sets_are_byte_identical(homes, name):
                      ("config.json", "diffusion_pytorch_model-00001-of-00002.safetensors",
                       "diffusion_pytorch_model-00002-of-00002.safetensors",
                       "diffusion_pytorch_model.safetensors.index.json")}
+    if name == "tiny-ti2v":  # Wan2.2 TI2V-5B: the Wan2.2 VAE, the very file make_tiny_vae22 writes
+        expected = expected - {"Wan2.1_VAE.pth"} | {"Wan2.2_VAE.pth"}
     assert set(a) == expected
     assert not [p.name for p in homes[0].iterdir() if p.name not in TINY_MODELS]  # no .partial / .old left
 

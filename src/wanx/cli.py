@@ -344,6 +344,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         raise ValueError(f"--size {args.size[0]}x{args.size[1]}: width and height must be positive multiples of 16")
     runtime = Runtime.create(_rank_device(args.device), args.dtype, t5_device=args.t5_device)
     files = find_components(resolve_model(args.model, source=args.source))
+    if files.model_type == "ti2v":  # Wan2.2 VAE (16x) and the 2x2 patch: whole tokens need multiples of 32
+        if args.buckets:
+            raise ValueError("--buckets sizes are multiples of 16; a TI2V model (Wan2.2 VAE) needs multiples of 32: "
+                             "give --size WxH instead")
+        if any(v % 32 for v in args.size):
+            raise ValueError(f"--size {args.size[0]}x{args.size[1]}: a TI2V model (Wan2.2 VAE, 16x) needs width and "
+                             "height in multiples of 32 (e.g. 1280x704)")
     report = prepare(args.dataset, files, cache=args.cache, size=args.size, buckets=args.buckets, frames=args.frames,
                      fps=args.fps, runtime=runtime, progress=not args.quiet)
     if os.environ.get("RANK", "0") == "0":  # several processes: the main one reports for all
@@ -602,24 +609,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="make a video from text, an image, first+last frames, or a video",
                          description="Generate with a Wan2.1 model. The task follows from the model and the inputs: "
                                      "text (T2V), --image (I2V), --image + --last-image (FLF2V), --video (video-to-video "
-                                     "with a T2V model). Unset options take the official defaults of the task.")
+                                     "with a T2V model); Wan2.2 TI2V-5B: text, or text and --image. Unset options take the official "
+                                     "defaults of the task.")
     gen.add_argument("--model", required=True,
                      help="model folder (official or diffusers layout), a model id such as Wan-AI/Wan2.1-T2V-1.3B or "
                           "Wan-AI/Wan2.2-T2V-A14B (downloaded), a DiT file whose folder holds the other components, "
                           "demo (the trained demo model in the package: shapes, 96x96), or tiny / tiny-i2v / "
-                          "tiny-flf2v / tiny-moe (random weights, offline; tiny-moe has Wan2.2's two experts)")
+                          "tiny-flf2v / tiny-moe / tiny-ti2v (random weights, offline; tiny-moe has Wan2.2's two "
+                          "experts, tiny-ti2v is TI2V-5B-shaped on the Wan2.2 VAE)")
     gen.add_argument("--prompt", help="what the video shows")
     gen.add_argument("--negative-prompt", help="what to avoid (default: the official negative prompt of the task)")
     gen.add_argument("--prompts", metavar="FILE", help="batch: one prompt per line, or JSON lines with per-job keys "
                                                         f"({', '.join(sorted(_JOB_KEYS))})")
-    gen.add_argument("--image", help="first frame (I2V, FLF2V)")
+    gen.add_argument("--image", help="first frame (I2V, FLF2V; TI2V-5B: makes it image-to-video)")
     gen.add_argument("--last-image", help="last frame (FLF2V)")
     gen.add_argument("--video", help="input video for video-to-video")
     gen.add_argument("--strength", type=float, default=0.8, help="video-to-video: how much to change (0..1, default 0.8)")
     gen.add_argument("--size", type=_size, help="WIDTHxHEIGHT, multiples of 16 (default 832x480); I2V, FLF2V and "
-                                                 "video-to-video keep the input's aspect ratio within this area")
+                                                 "video-to-video keep the input's aspect ratio within this area. TI2V-5B: multiples "
+                                                 "of 32, default 1280x704")
     gen.add_argument("--frames", type=int, help="number of frames, 4k+1 (default 81 = 5 s at 16 fps; video-to-video: "
-                                                "the input's frame count rounded down to 4k+1, at most 81)")
+                                                "the input's frame count rounded down to 4k+1, at most 81; TI2V-5B: 121 at 24 fps)")
     gen.add_argument("--steps", type=int, help="sampling steps (default 50; 40 for I2V)")
     gen.add_argument("--guidance", type=_guidance, help="classifier-free guidance scale, 1..30 (default 5.0; 5.5 for "
                                                         "FLF2V; 1 turns it off). Wan2.2 A14B: HIGH,LOW for its two "

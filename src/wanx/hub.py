@@ -63,7 +63,7 @@ class ModelFiles:
 
 def resolve_model(path_or_id: str | Path, *, source: str = "huggingface") -> Path:
     """A local folder as is; `demo` (the trained demo model shipped in the package); `tiny`,
-    `tiny-i2v`, `tiny-flf2v` made locally; anything else of the form owner/name is downloaded
+    `tiny-i2v`, `tiny-flf2v`, `tiny-moe`, `tiny-ti2v` made locally; anything else of the form owner/name is downloaded
     (or found in the cache)."""
     text = str(path_or_id)
     if text == DEMO_MODEL:
@@ -181,7 +181,7 @@ def find_components(folder: str | Path, *, dit: str | Path | None = None,
     tokenizer = next((p.parent for p in sorted(folder.rglob("tokenizer.json"))), None)
     expected = {
         "dit": "diffusion_pytorch_model.safetensors (or its shards and .index.json), or transformer/",
-        "vae": "Wan2.1_VAE.pth, or vae/diffusion_pytorch_model.safetensors",
+        "vae": "Wan2.1_VAE.pth (Wan2.2 TI2V-5B: Wan2.2_VAE.pth), or vae/diffusion_pytorch_model.safetensors",
         "t5": "models_t5_umt5-xxl-enc-bf16.pth, or text_encoder/",
     }
     for network, files in expected.items():

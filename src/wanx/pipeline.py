@@ -3,6 +3,10 @@ and video-to-video. The task follows from the DiT's type and the inputs given; c
 (text, CLIP image tokens, first/last-frame latents with their mask, a noised input video) is
 assembled here and the sampling loop is the same for all.
 
+Wan2.2's TI2V-5B (model type "ti2v", a 48-channel DiT on the Wan2.2 VAE) runs text-to-video
+and image-to-video in the same loop: its image is latent frame 0 itself, put in place before the
+first step and after every step, with its tokens at timestep 0 (`ti2v_conditioning`).
+
 Wan2.2's A14B models run in the same loop with two DiTs: `dit` (the high-noise expert) and
 `dit_low`. Each step goes to one of them by its timestep, t >= boundary * 1000 to `dit`, with
 that expert's guidance scale; the sampler is one solver throughout, so its multistep history
@@ -51,6 +55,11 @@ DEFAULTS = {"t2v": dict(steps=50, shift=5.0, guidance=5.0), "v2v": dict(steps=50
 DEFAULTS_A14B = {"t2v": dict(steps=40, shift=12.0, guidance=4.0, guidance_low=3.0, boundary=0.875),
                  "i2v": dict(steps=40, shift=5.0, guidance=3.5, guidance_low=3.5, boundary=0.900)}
 DEFAULTS_A14B["v2v"] = DEFAULTS_A14B["t2v"]
+# Wan2.2 TI2V-5B (wan/configs/wan_ti2v_5B.py, generate.py): one model for text and image,
+# 1280x704 (the area in I2V), 121 frames at 24 fps; sizes in multiples of 32 (16x VAE, 2x2 patch).
+DEFAULTS["ti2v"] = dict(steps=50, shift=5.0, guidance=5.0, height=704, width=1280, num_frames=121)
+TI2V_FPS = 24
+TI2V_MULTIPLE = 32
 AREA_480P = 832 * 480
 FPS = 16
 
@@ -75,6 +84,17 @@ class _Plan:
     image: Tensor | None = None  # [3, H, W] in [-1, 1]
     last_image: Tensor | None = None
     video: Tensor | None = None  # [3, F, H, W] in [-1, 1]
+    # latent geometry of the model's VAE: channels, temporal and spatial stride
+    latent: tuple[int, int, int] = (16, 4, 8)
+
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """`(C, F', H', W')` of this request's latents."""
+        channels, st, ss = self.latent
+        return channels, (self.num_frames - 1) // st + 1, self.height // ss, self.width // ss
+
+    @property
+    def fps(self) -> int:
+        return TI2V_FPS if self.task == "ti2v" else FPS
 
 
 class WanPipeline:
@@ -87,6 +107,7 @@ class WanPipeline:
         self.dit_low = dit_low
         if dit_low is not None and dit_low.config != dit.config:
             raise ValueError("the two experts must be alike in architecture (Wan2.2 A14B's are)")
+        check_vae(dit.config, vae.config)
         self.defaults: dict = {}  # the model folder's generation settings (wanx-defaults.json)
         self.name = name
         self.runtime = runtime
@@ -157,9 +178,11 @@ class WanPipeline:
 
         runtime = runtime or Runtime.create()
         device, dtype = runtime.device, runtime.dtype
+        check_vae(files.dit_config, files.infos["vae"].config, files.dit, files.vae)  # before any weight is read
         tokenizer = Tokenizer(files.tokenizer)
         weights = sum(weight_bytes(files.parameter_counts(), dtype, runtime.vae_dtype, fp8=bool(runtime.quantize)).values())
-        work = estimate(files.dit_config, 480, 832, 81, dtype=dtype, vae_dtype=runtime.vae_dtype).work
+        typical = (704, 1280, 121) if files.model_type == "ti2v" else (480, 832, 81)  # the model's usual request
+        work = estimate(files.dit_config, *typical, dtype=dtype, vae_dtype=runtime.vae_dtype).work
         offload = resolve_offload(runtime.offload, device, weights, work, available_memory(device))
         where = load_devices(offload, device, runtime.text_device)
         if host_load:
@@ -247,8 +270,8 @@ class WanPipeline:
             prompt: what the video shows.
             negative_prompt: what to avoid; default the official (Chinese) negative prompt of
                 the task. Unused when guidance_scale is 1.
-            image: first frame for I2V/FLF2V: a path, PIL image, uint8 `[H, W, 3]` array or
-                `[3, H, W]` tensor in [-1, 1].
+            image: first frame for I2V/FLF2V (and TI2V-5B, whose image-to-video it makes): a
+                path, PIL image, uint8 `[H, W, 3]` array or `[3, H, W]` tensor in [-1, 1].
             last_image: last frame for FLF2V, same forms as `image`.
             video: input for video-to-video (T2V models): a path, `Video`, uint8
                 `[F, H, W, 3]` array or `[3, F, H, W]` tensor in [-1, 1].
@@ -256,9 +279,11 @@ class WanPipeline:
                 from the noised input (1 ignores the input).
             height, width: output size in pixels, multiples of 16; default 480x832. I2V,
                 FLF2V and video-to-video keep the input's aspect ratio within the area
-                height x width.
+                height x width. TI2V-5B: multiples of 32, default 704x1280; with an image, the
+                official `best_output_size` within that area (the image's aspect ratio in
+                multiples of 32), the image LANCZOS-resized and centre-cropped to it.
             num_frames: 4k+1 frames at 16 fps; default 81, or for video-to-video the input's
-                frame count rounded down to 4k+1 (at most 81).
+                frame count rounded down to 4k+1 (at most 81). TI2V-5B: 121 at 24 fps.
             num_inference_steps: sampling steps; default 50 (40 for I2V). Alias: `steps`.
             guidance_scale: classifier-free guidance scale in [1, 30]; 1 turns guidance off.
                 Default 5.0 (5.5 for FLF2V). Alias: `guidance`. Wan2.2 A14B: the high-noise
@@ -278,14 +303,17 @@ class WanPipeline:
                 Default: a random seed, kept in the video's metadata.
             prompt_embeds, negative_prompt_embeds: umT5 embeddings `[1, L, 4096]` instead of
                 the prompts (the text encoder is then not run).
-            latents: initial noise `[1, 16, F', H/8, W/8]` instead of the seed's.
+            latents: initial noise `[1, C, F', H/s, W/s]` instead of the seed's (the VAE's
+                channels and stride: C 16, s 8 for the Wan2.1 VAE; C 48, s 16 for the Wan2.2
+                VAE of TI2V-5B).
             output_type: "video" (a `Video` of uint8 frames) or "latents" (the denoised
                 latents, not decoded).
             progress: progress bars and stage timings on stderr.
             callback: called after each denoising step as `callback(step, total, latents)`
-                (step counts from 1; latents `[1, 16, F', H/8, W/8]`, the sampler's current
-                state). An exception it raises stops the call there, with nothing written:
-                a server cancels a job this way.
+                (step counts from 1; latents `[1, C, F', H/s, W/s]`, the sampler's current
+                state; TI2V image-to-video: with frame 0 already the image again). An
+                exception it raises stops the call there, with nothing written: a server
+                cancels a job this way.
 
         Returns:
             A `Video` (`.save(path)`, `.frames` uint8 `[F, H, W, 3]`) or a latent tensor.
@@ -318,7 +346,7 @@ class WanPipeline:
             with _stage("text encoding", progress), self.placement.phase("t5"):
                 context, context_null = self._text(plan, prompt, prompt_embeds, negative_prompt_embeds)
 
-            lat_shape = (16, (plan.num_frames - 1) // 4 + 1, plan.height // 8, plan.width // 8)
+            lat_shape = plan.latent_shape()
             if latents is None:
                 # The official noise: a generator on the sampling device, float32, unbatched shape.
                 gen = torch.Generator(device).manual_seed(plan.seed)
@@ -330,6 +358,12 @@ class WanPipeline:
             if plan.task in ("i2v", "flf2v"):
                 with _stage("image conditioning", progress), self.placement.phase("clip"), self.placement.phase("vae"):
                     extra = self._image_conditioning(plan)
+            first = None  # TI2V image-to-video: the image's latent frame [1, C, 1, H', W']
+            if plan.task == "ti2v" and plan.image is not None:
+                with _stage("image conditioning", progress), self.placement.phase("vae"):
+                    first = ti2v_conditioning(self.vae, plan.image, device)
+                noise = noise.clone()
+                noise[:, :, :1] = first  # official: latent = (1 - mask) * z + mask * noise
 
             sigmas, timesteps = schedule(plan.sampler, plan.steps, plan.shift)
             x = noise
@@ -340,7 +374,7 @@ class WanPipeline:
                 sigmas, timesteps = sigmas[plan.steps - run:], timesteps[plan.steps - run:]
                 x = noise_to(x0, noise, float(sigmas[0]))
 
-            model_fn = self._velocity(context, context_null, plan, extra, batched)
+            model_fn = self._velocity(context, context_null, plan, extra, batched, known_first=first is not None)
             high = self._report_experts(plan, timesteps, progress)
             cache = self.step_cache
             if cache is not None:
@@ -349,6 +383,12 @@ class WanPipeline:
             marks = [time.perf_counter()]
 
             def advance(i, n, latents):
+                if first is not None:
+                    # TI2V: frame 0 is the image again after every step. In place, in the tensor
+                    # the sampler goes on from (the official `latent = (1 - mask2) z + mask2 latent`
+                    # after scheduler.step); UniPC's corrector keeps its own pre-step copy, as the
+                    # official scheduler's last_sample.
+                    latents[:, :, :1] = first
                 marks.append(time.perf_counter())
                 if cache is not None:
                     bar.set_postfix(skipped=cache.stats.total_skipped, refresh=False)
@@ -384,6 +424,8 @@ class WanPipeline:
                         sampler=plan.sampler, generator="wanx")
         if plan.task == "v2v":
             metadata["strength"] = strength
+        if plan.task == "ti2v":
+            metadata["mode"] = "i2v" if plan.image is not None else "t2v"
         if self.last_experts:
             metadata["guidance_low"] = plan.guidance_low
             metadata["experts"] = self.last_experts
@@ -400,7 +442,7 @@ class WanPipeline:
                                   "file": entry.lora.path.name if entry.lora.path else None,
                                   **({"experts": experts} if self.dit_low is not None else {})}
                                  for name, (entry, experts) in loras.items()]
-        return Video(to_pixels(frames[0]), fps=FPS, metadata=metadata)
+        return Video(to_pixels(frames[0]), fps=plan.fps, metadata=metadata)
 
     # -------------------------------------------------------------------------------------
     def load_lora(self, path: str | Path, strength: float = 1.0, *, name: str | None = None,
@@ -443,7 +485,7 @@ class WanPipeline:
         return plan_request(self.model_type, prompt, negative_prompt, has_text_encoder=self.text_encoder is not None,
                             has_image_encoder=self.image_encoder is not None or not needs_clip,
                             model_defaults=self.defaults, experts=len(self.experts), clip=self.dit.config.clip,
-                            **kwargs)
+                            vae_config=self.vae.config, **kwargs)
 
     # -------------------------------------------------------------------------------------
     def _text(self, plan: _Plan, prompt, prompt_embeds, negative_prompt_embeds) -> tuple[Tensor, Tensor | None]:
@@ -475,10 +517,11 @@ class WanPipeline:
                                   plan.num_frames, self.device)
 
     def _velocity(self, context: Tensor, context_null: Tensor | None, plan: _Plan, extra: dict[str, Tensor],
-                  batched: bool = True):
+                  batched: bool = True, known_first: bool = False):
         """The guided velocity function the sampler calls, once per step. With two experts it
         routes each step by its timestep: the expert, its guidance scale, and (offloading) the
-        weights on the device follow t, never the step index."""
+        weights on the device follow t, never the step index. known_first (TI2V image-to-video):
+        the tokens of latent frame 0 (the image) at timestep 0, the others at t, for both branches."""
         cache = self.step_cache
         step = [0]  # the sampler calls the model function once per step
         boundary = None if self.dit_low is None else plan.boundary * NUM_TRAIN_TIMESTEPS
@@ -488,7 +531,10 @@ class WanPipeline:
             if cache is not None:
                 cache.at(step[0], branches)
             # one timestep for the batch: the DiT embeds it once for both branches
-            return dit(x, t.to(x.device).float().reshape(1), ctx, **cond)
+            t = t.to(x.device).float().reshape(1)
+            if known_first:
+                t = first_frame_timesteps(x.shape, dit.config.patch_size, t)  # [1, L]
+            return dit(x, t, ctx, **cond)
 
         cfg_parallel = self.parallel.cfg if self.parallel is not None else None
 
@@ -587,12 +633,14 @@ def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text
                  width=None, num_frames=None, num_inference_steps=None, guidance_scale=None, guidance_scale_low=None,
                  boundary=None, shift=None, sampler=None, seed=None, prompt_embeds=None, negative_prompt_embeds=None,
                  latents=None, output_type="video", names: Mapping[str, str] | None = None,
-                 model_defaults: Mapping | None = None, experts: int = 1, clip: bool = True) -> _Plan:
+                 model_defaults: Mapping | None = None, experts: int = 1, clip: bool = True, vae_config=None) -> _Plan:
     """Validate a request for a `model_type` DiT (reading its image/video inputs) and resolve
     the defaults, before any weight is loaded or any heavy work starts.
 
     experts: 2 for Wan2.2 A14B (its own defaults, a guidance scale per expert and a boundary).
     clip: False for a Wan2.2 I2V DiT (no CLIP; the shared negative prompt, no 480P shift).
+    vae_config: the model's VAE config (latent channels and strides); default the one the
+    model type is released with (the Wan2.2 VAE for ti2v, else the Wan2.1 VAE).
 
     names: how the caller's interface spells each argument in error messages (the CLI says
     `--frames` where Python says `num_frames`); default the Python keyword names.
@@ -622,15 +670,18 @@ def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text
         raise RequestError("sampler", f"unknown {n('sampler')} {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if output_type not in ("video", "latents"):
         raise ValueError(f"output_type must be 'video' or 'latents', got {output_type!r}")
+    ti2v = model_type == "ti2v"
+    m = TI2V_MULTIPLE if ti2v else 16  # the VAE's spatial stride times the 2x2 patch
+    trained = "Wan2.2 TI2V-5B is trained at 1280x704" if ti2v else "Wan2.1 is trained at 832x480 and 1280x720"
     for arg, value in (("width", width), ("height", height)):
         if value is None:
             continue
         if value <= 0:
-            raise RequestError(arg, f"{n(arg)} {value} must be positive (a multiple of 16, e.g. 832x480)")
-        if value % 16:
-            nearest = "16" if value < 16 else f"{value // 16 * 16} or {(value // 16 + 1) * 16}"
-            raise RequestError(arg, f"{n(arg)} {value} is not a multiple of 16; nearest valid: {nearest} "
-                             "(Wan2.1 is trained at 832x480 and 1280x720)")
+            raise RequestError(arg, f"{n(arg)} {value} must be positive (a multiple of {m}, e.g. "
+                                    f"{'1280x704' if ti2v else '832x480'})")
+        if value % m:
+            nearest = f"{m}" if value < m else f"{value // m * m} or {(value // m + 1) * m}"
+            raise RequestError(arg, f"{n(arg)} {value} is not a multiple of {m}; nearest valid: {nearest} ({trained})")
     if num_frames is not None and (num_frames < 1 or (num_frames - 1) % 4):
         low = max(1, (num_frames - 1) // 4 * 4 + 1)
         raise RequestError("num_frames", f"{n('num_frames')} {num_frames} must be 4k+1 (e.g. {low} or {low + 4})")
@@ -661,6 +712,11 @@ def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text
             raise RequestError("video", f"give either {n('video')} (video-to-video) or {n('image')}/{n('last_image')}, not both")
         if not 0 < strength <= 1:
             raise RequestError("strength", f"{n('strength')} must be in (0, 1], got {strength}")
+    elif ti2v:  # one model for both: an image makes it image-to-video
+        task = "ti2v"
+        if last_image is not None:
+            raise RequestError("last_image", f"{n('last_image')} needs an FLF2V model (Wan-AI/Wan2.1-FLF2V-14B-720P); "
+                                             "this one is TI2V (text, or text and a first frame)")
     elif model_type == "t2v":
         task = "t2v"
         if image is not None or last_image is not None:
@@ -681,8 +737,9 @@ def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text
 
     defaults = DEFAULTS_A14B[task] if moe else DEFAULTS[task]
     size_given = height is not None and width is not None
-    height, width = (height, width) if size_given else (height or 480, width or 832)
-    plan = _Plan(task=task, height=height, width=width, num_frames=num_frames or 81,
+    height, width = (height, width) if size_given else \
+        (height or defaults.get("height", 480), width or defaults.get("width", 832))
+    plan = _Plan(task=task, height=height, width=width, num_frames=num_frames or defaults.get("num_frames", 81),
                  steps=int(num_inference_steps if num_inference_steps is not None else defaults["steps"]),
                  shift=float(shift if shift is not None else defaults["shift"]),
                  guidance=float(guidance_scale if guidance_scale is not None else defaults["guidance"]),
@@ -695,10 +752,21 @@ def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text
         plan.boundary = float(boundary if boundary is not None else defaults["boundary"])
     if negative_prompt_embeds is None and (plan.guidance != 1.0 or plan.guidance_low not in (None, 1.0)):
         # "" is a prompt too: the empty text. Wan2.2 uses the shared negative prompt for every task.
-        wan22 = moe or not clip
+        wan22 = moe or not clip or ti2v
         plan.negative_prompt = negative_prompt if negative_prompt is not None else \
             NEGATIVE_PROMPT if wan22 else NEGATIVE_PROMPTS[task]
 
+    if vae_config is not None:
+        plan.latent = (vae_config.z_dim, vae_config.temporal_stride, vae_config.spatial_stride)
+    elif ti2v:
+        plan.latent = (48, 4, 16)
+    if ti2v and image is not None:
+        # Official: the output size nearest the image's aspect ratio within the area (the
+        # requested height x width, default 1280x704), then LANCZOS resize and centre crop.
+        picture = _read_input("image", _image_tensor, image)
+        plan.width, plan.height = best_output_size(picture.shape[2], picture.shape[1], TI2V_MULTIPLE, TI2V_MULTIPLE,
+                                                   height * width)
+        plan.image = resize_and_crop(picture, plan.height, plan.width)
     if task in ("i2v", "flf2v"):
         plan.image = _read_input("image", _image_tensor, image)
         plan.height, plan.width = _size_for_image(plan.image, height * width)
@@ -722,10 +790,72 @@ def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text
         raise RequestError("height", f"the input's aspect ratio leaves a side under 16 pixels at {width}x{height}; "
                          f"give a larger {n('height')}")
     if latents is not None:
-        want = (16, (plan.num_frames - 1) // 4 + 1, plan.height // 8, plan.width // 8)
+        want = plan.latent_shape()
         if latents.numel() != math.prod(want):
             raise ValueError(f"latents must have shape [1, {', '.join(map(str, want))}], got {tuple(latents.shape)}")
     return plan
+
+
+def check_vae(dit_config, vae_config, dit_file=None, vae_file=None) -> None:
+    """The DiT's latent channels must be the VAE's: 16 (Wan2.1 VAE) or 48 (Wan2.2 VAE, TI2V-5B)."""
+    if dit_config.out_dim == vae_config.z_dim:
+        return
+    def name(file, what):
+        return f"{file} ({what})" if file is not None else what
+
+    dit = name(dit_file, f"a {dit_config.model_type} DiT on {dit_config.out_dim} latent channels")
+    vae = name(vae_file, f"a Wan{vae_config.generation} VAE with {vae_config.z_dim}")
+    want = "Wan2.2_VAE.pth" if dit_config.out_dim == 48 else "Wan2.1_VAE.pth"
+    raise ValueError(f"the VAE does not fit the DiT: {dit} needs {want}; {vae} was found")
+
+
+def best_output_size(w: int, h: int, dw: int, dh: int, expected_area: int) -> tuple[int, int]:
+    """Official Wan2.2 `best_output_size`: the (width, height) in multiples of (dw, dh) within
+    expected_area whose aspect ratio is nearest w/h, trying width first and height first.
+    A side is at least one multiple (the official code divides by zero there instead)."""
+    ratio = w / h
+    ow = (expected_area * ratio) ** 0.5
+    oh = expected_area / ow
+    ow1 = max(dw, int(ow // dw * dw))
+    oh1 = max(dh, int(expected_area / ow1 // dh * dh))
+    ratio1 = ow1 / oh1
+    oh2 = max(dh, int(oh // dh * dh))
+    ow2 = max(dw, int(expected_area / oh2 // dw * dw))
+    ratio2 = ow2 / oh2
+    if max(ratio / ratio1, ratio1 / ratio) < max(ratio / ratio2, ratio2 / ratio):
+        return ow1, oh1
+    return ow2, oh2
+
+
+def resize_and_crop(image: Tensor, height: int, width: int) -> Tensor:
+    """Official TI2V image preparation: PIL LANCZOS resize by max(ow/iw, oh/ih), centre crop to
+    (width, height). `[3, H, W]` in [-1, 1] -> `[3, height, width]` in [-1, 1]."""
+    from PIL import Image
+
+    ih, iw = image.shape[1:]
+    scale = max(width / iw, height / ih)
+    picture = Image.fromarray(to_pixels(image[:, None])[0])
+    picture = picture.resize((round(iw * scale), round(ih * scale)), Image.LANCZOS)
+    left, top = (picture.width - width) // 2, (picture.height - height) // 2
+    picture = picture.crop((left, top, left + width, top + height))
+    return to_unit(np.asarray(picture))
+
+
+def ti2v_conditioning(vae, image: Tensor, device) -> Tensor:
+    """TI2V image-to-video: the image `[3, H, W]` in [-1, 1] (at the output size) encoded as one
+    latent frame `[1, C, 1, H/s, W/s]`, which replaces latent frame 0 (official `textimage2video.i2v`)."""
+    return vae.encode(image[:, None][None].to(device)).float()
+
+
+def first_frame_timesteps(shape, patch_size, t: Tensor) -> Tensor:
+    """Per-token timesteps `[1, L]` for latents of `shape` [B, C, F, H, W]: 0 for the tokens of
+    latent frame 0 (the known image), t elsewhere; official: channel 0 of the mask, subsampled
+    by the patch (frames are patched one by one, pt = 1)."""
+    _, _, f, h, w = shape
+    pt, ph, pw = patch_size
+    mask = torch.ones(f // pt, h // ph, w // pw, device=t.device)
+    mask[0] = 0
+    return (mask * t.reshape(())).flatten()[None]
 
 
 def _read_input(field: str, read, value):
@@ -842,13 +972,14 @@ def image_conditioning(image_encoder, vae, image: Tensor, last_image: Tensor | N
                                       mode="bicubic", align_corners=False)[0]
     y = vae.encode(frames[None].to(device))  # [1, 16, F', h/8, w/8]
 
-    # Mask: pixel frame 0 (and the last, for FLF2V) known; frame 0 repeated 4x so that the
-    # F pixel frames fold into [4, F'] like the latents.
-    mask = torch.zeros(1, n, h // 8, w // 8, device=device)
+    # Mask: pixel frame 0 (and the last, for FLF2V) known; frame 0 repeated 4x (the temporal
+    # stride) so that the F pixel frames fold into [4, F'] like the latents.
+    s, st = vae.config.spatial_stride, vae.config.temporal_stride
+    mask = torch.zeros(1, n, h // s, w // s, device=device)
     mask[:, 0] = 1
     if last_image is not None:
         mask[:, -1] = 1
-    mask = torch.cat([mask[:, :1].repeat_interleave(4, dim=1), mask[:, 1:]], dim=1)
-    mask = mask.view(1, mask.shape[1] // 4, 4, h // 8, w // 8).transpose(1, 2)  # [1, 4, F', h/8, w/8]
+    mask = torch.cat([mask[:, :1].repeat_interleave(st, dim=1), mask[:, 1:]], dim=1)
+    mask = mask.view(1, mask.shape[1] // st, st, h // s, w // s).transpose(1, 2)  # [1, 4, F', h/8, w/8]
     y = torch.cat([mask, y], dim=1)
     return {"y": y} if clip is None else {"clip_features": clip, "y": y}

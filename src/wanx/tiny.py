@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# name -> task; "t2v-A14B" is Wan2.2's two-expert layout (high_noise_model/, low_noise_model/).
-TINY_MODELS = {"tiny": "t2v", "tiny-i2v": "i2v", "tiny-flf2v": "flf2v", "tiny-moe": "t2v-A14B"}
+# name -> task; "t2v-A14B" is Wan2.2's two-expert layout (high_noise_model/, low_noise_model/);
+# "ti2v" is Wan2.2 TI2V-5B's: a 48-channel DiT on the Wan2.2 VAE (Wan2.2_VAE.pth).
+TINY_MODELS = {"tiny": "t2v", "tiny-i2v": "i2v", "tiny-flf2v": "flf2v", "tiny-moe": "t2v-A14B", "tiny-ti2v": "ti2v"}
 EXPERT_FOLDERS = ("high_noise_model", "low_noise_model")
 
 # Bump whenever the bytes of a tiny set change: folders with another stamp are remade.
@@ -55,8 +56,9 @@ def tiny_model_dir(name: str) -> Path:
 
 
 def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Path:
-    """Write a tiny model set for `task` (t2v, i2v, flf2v, or t2v-A14B: two experts, each in
-    its official folder as two shards and an index) with the official file names.
+    """Write a tiny model set for `task` (t2v, i2v, flf2v, t2v-A14B: two experts, each in its
+    official folder as two shards and an index, or ti2v: with the tiny Wan2.2 VAE) with the
+    official file names.
 
     The set is written in a private `.partial` folder beside `folder`, then renamed into place;
     an existing `folder` is replaced."""
@@ -68,7 +70,9 @@ def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Pat
     from .models.transformer import WanDiT
     from .models.vae import WanVAE
 
-    preset = {"t2v": "tiny", "i2v": "tiny-i2v", "flf2v": "tiny-flf2v", "t2v-A14B": "tiny"}[task]
+    from .models.vae22 import WanVAE22
+
+    preset = {"t2v": "tiny", "i2v": "tiny-i2v", "flf2v": "tiny-flf2v", "t2v-A14B": "tiny", "ti2v": "tiny-ti2v"}[task]
     experts = EXPERT_FOLDERS if task == "t2v-A14B" else ()
     folder = Path(folder)
     tmp = folder.with_name(f"{folder.name}.{os.getpid()}.partial")  # private to this process
@@ -82,6 +86,9 @@ def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Pat
                         "models_t5_umt5-xxl-enc-bf16.pth": t5}
             if experts:
                 del networks["diffusion_pytorch_model.safetensors"]
+            if task == "ti2v":  # the same weights as make_tiny_vae22's (keyed by seed and file name)
+                del networks["Wan2.1_VAE.pth"]
+                networks["Wan2.2_VAE.pth"] = WanVAE22("tiny-wan2.2")
             if task in ("i2v", "flf2v"):
                 networks["models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"] = CLIPVisionEncoder("tiny")
         for file, network in networks.items():

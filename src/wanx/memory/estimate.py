@@ -73,13 +73,20 @@ def estimate(config: DiTConfig, height: int, width: int, num_frames: int, *, dty
     """Peak memory of generating one video of `num_frames` x `height` x `width`; batch 2 is
     batched classifier-free guidance."""
     pt, ph, pw = config.patch_size
-    tokens = ((num_frames - 1) // 4 // pt + 1) * (height // 8 // ph) * (width // 8 // pw)
+    stride = latent_stride(config)
+    tokens = ((num_frames - 1) // 4 // pt + 1) * (height // stride // ph) * (width // stride // pw)
     per_token = 4 * _RESIDUAL_COPIES * config.dim + _bytes(dtype) * (config.dim + 2 * config.ffn_dim)
     denoise = batch * (tokens + config.text_len) * per_token
     smallest = DECODE_TILES[-1]
     decode = min(decode_bytes(height, width, vae_dtype), decode_bytes(min(height, smallest), min(width, smallest), vae_dtype))
     video = num_frames * height * width * 3 * (4 + 2)
     return MemoryEstimate(weights, denoise, decode, video)
+
+
+def latent_stride(config: DiTConfig) -> int:
+    """Pixels per latent side of the VAE a DiT runs on: 16 for the Wan2.2 VAE's 48 channels
+    (TI2V-5B), else 8 (the Wan2.1 VAE); the pipeline refuses any other pairing."""
+    return 16 if config.out_dim == 48 else 8
 
 
 def decode_bytes(height: int, width: int, vae_dtype: torch.dtype = torch.float32) -> int:
@@ -123,7 +130,7 @@ def check_fits(config: DiTConfig, height: int, width: int, num_frames: int, *, d
                dtype: torch.dtype, vae_dtype: torch.dtype = torch.float32, batch: int = 2, weights: int = 0,
                available: int | None = None) -> MemoryEstimate:
     """The estimate, or a one-line ValueError with it, what the device has, and the largest
-    size with the same aspect ratio (multiples of 16) that fits."""
+    size with the same aspect ratio (multiples of 16; 32 for TI2V) that fits."""
     available = available_memory(device) if available is None else available
     kwargs = dict(dtype=dtype, vae_dtype=vae_dtype, batch=batch, weights=weights)
     need = estimate(config, height, width, num_frames, **kwargs)
@@ -137,9 +144,10 @@ def check_fits(config: DiTConfig, height: int, width: int, num_frames: int, *, d
         raise ValueError(f"{what}; even the smallest size does not fit: use fewer frames, a smaller dtype, "
                          "or a device with more memory")
     low, high = 0.0, 1.0  # the largest scale of (width, height) that fits
+    m = 2 * latent_stride(config)  # whole 2x2 patches of latents
     for _ in range(40):
         mid = (low + high) / 2
-        w, h = max(16, int(width * mid) // 16 * 16), max(16, int(height * mid) // 16 * 16)
+        w, h = max(m, int(width * mid) // m * m), max(m, int(height * mid) // m * m)
         low, high = (mid, high) if estimate(config, h, w, num_frames, **kwargs).total <= available else (low, mid)
-    w, h = max(16, int(width * low) // 16 * 16), max(16, int(height * low) // 16 * 16)
+    w, h = max(m, int(width * low) // m * m), max(m, int(height * low) // m * m)
     raise ValueError(f"{what}; the largest size with this aspect ratio that fits is {w}x{h} (or use fewer frames)")

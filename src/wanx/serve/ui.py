@@ -116,8 +116,9 @@ def build_ui(server: Server) -> gr.Blocks:
         with gr.Tabs():
             for name in server.tasks:
                 with gr.Tab(TASK_NAMES[name], id=name) as tab:
-                    if name in ("i2v", "flf2v"):
-                        inputs["image"] = gr.Image(label="First frame", type="filepath", elem_id="image")
+                    if name in ("i2v", "flf2v", "ti2v"):  # TI2V-5B: optional, it makes image-to-video
+                        label = "First frame (optional)" if name == "ti2v" else "First frame"
+                        inputs["image"] = gr.Image(label=label, type="filepath", elem_id="image")
                     if name == "flf2v":
                         inputs["last_image"] = gr.Image(label="Last frame", type="filepath", elem_id="last_image")
                     if name == "v2v":
@@ -168,7 +169,8 @@ def build_ui(server: Server) -> gr.Blocks:
             strength_value = values[-1] if "strength" in inputs else None
             body = request_from_form(*fields, strength=strength_value if current_task == "v2v" else None)
             # only the active tab's inputs go with the request
-            wanted = {"i2v": ("image",), "flf2v": ("image", "last_image"), "v2v": ("video",)}.get(current_task, ())
+            wanted = {"i2v": ("image",), "ti2v": ("image",), "flf2v": ("image", "last_image"),
+                      "v2v": ("video",)}.get(current_task, ())
             # a missing one is left out: the pipeline's check names it, in the CLI's words
             uploads = {f: uploads_given.get(f) for f in wanted if uploads_given.get(f)}
             if current_task == "v2v" and "video" not in uploads:  # else it would quietly run as text to video
