@@ -2,7 +2,6 @@
 the image as latent frame 0 (re-imposed after every step, its tokens at timestep 0), checked
 against the official loop restated here from the DiT, the VAE and the schedule."""
 
-import os
 import shutil
 
 import av
@@ -16,17 +15,6 @@ from wanx.hub import tiny_model_dir
 from wanx.pipeline import NEGATIVE_PROMPT, WanPipeline, best_output_size
 from wanx.sampling import schedule
 from wanx.video import read_video, to_unit
-
-
-@pytest.fixture(scope="module", autouse=True)
-def wanx_home(tmp_path_factory):
-    old = os.environ.get("WANX_HOME")
-    os.environ["WANX_HOME"] = str(tmp_path_factory.mktemp("wanx-home"))
-    yield
-    if old is None:
-        os.environ.pop("WANX_HOME")
-    else:
-        os.environ["WANX_HOME"] = old
 
 
 @pytest.fixture(scope="module")
