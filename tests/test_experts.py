@@ -199,6 +199,7 @@ def test_expert_files_in_every_layout(experts, tmp_path, layout, capsys):
     assert_same_tensors(wanx.load_model(files.dit_low).state_dict(), low.state_dict(), layout)
     assert files.defaults.get("boundary") == (0.9 if layout == "diffusers" else None)
     assert [files.infos[n].expert for n in ("dit", "dit_low")] == ["high", "low"]
+    assert files.infos["dit"].name == "Wan2.2 DiT"  # the loading bar's label
 
     assert main(["info", str(root if layout != "comfyui" else files.dit)]) == 0
     out = capsys.readouterr().out

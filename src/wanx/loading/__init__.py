@@ -26,7 +26,7 @@ from .layouts import COMFY_FP8_MARKERS, FP8_SCALE_SUFFIXES, Detected, detect, ex
 __all__ = ["CheckpointError", "DamagedCheckpoint", "CheckpointInfo", "inspect_checkpoint", "load_model"]
 
 # What errors call a network before its config is known (`CheckpointInfo.name` after: "Wan2.2 VAE").
-NETWORK_NAMES = {"dit": "Wan2.1 DiT", "vae": "Wan VAE", "t5": "umT5 text encoder", "clip": "CLIP ViT image encoder"}
+NETWORK_NAMES = {"dit": "Wan DiT", "vae": "Wan VAE", "t5": "umT5 text encoder", "clip": "CLIP ViT image encoder"}
 
 
 @dataclass
@@ -50,6 +50,8 @@ class CheckpointInfo:
         """The network as `wanx info` and errors call it: "Wan2.1 VAE", "Wan2.2 VAE", ..."""
         if isinstance(self.config, VAEConfig):
             return f"Wan{self.config.generation} VAE"
+        if isinstance(self.config, DiTConfig):
+            return f"{generation(self.config, self.expert)} DiT"
         return NETWORK_NAMES[self.network]
 
     @property
@@ -61,9 +63,7 @@ class CheckpointInfo:
 
     def summary(self) -> str:
         cfg = self.config
-        kind = self.name
-        if isinstance(cfg, DiTConfig):
-            kind = f"{generation(cfg, self.expert)} DiT {cfg.model_type}"
+        kind = f"{self.name} {cfg.model_type}" if isinstance(cfg, DiTConfig) else self.name
         preset = preset_name(cfg)
         fields = ", ".join(f"{k}={v}" for k, v in vars(cfg).items())
         storage = ", ".join(f"{d} ({n:,} params)" for d, n in sorted(self.dtypes.items(), key=lambda x: -x[1]))
