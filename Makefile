@@ -24,7 +24,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 # Rebuild the demo model from nothing with wanx's own tools (dataset, VAE, prepare, train,
-# accuracy report in demo-build/report.json; about 110 min on 2 CPU cores). DEMO_FLAGS=--quick
+# accuracy report in demo-build/report.json; 92 min on 2 CPU cores). DEMO_FLAGS=--quick
 # checks the stages in seconds; --ship copies the result into the package. To finish a stopped
 # build, run `python -m wanx.demo.build demo-build --resume` (this target starts afresh).
 demo-model: install

@@ -25,8 +25,7 @@ def _seed_rngs():
 @pytest.fixture(scope="session", autouse=True)
 def _private_wanx_home(tmp_path_factory):
     """A fresh, empty WANX_HOME for the whole run: tiny model sets are made here on first
-    use, never read from (or written to) the user's ~/.cache/wanx, whose copies may be stale.
-    Modules that want their own (test_pipeline, test_generate) set and restore it."""
+    use, never read from (or written to) the user's ~/.cache/wanx, whose copies may be stale."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANX_HOME", str(tmp_path_factory.mktemp("wanx-home-session")))
         yield

@@ -20,11 +20,6 @@ from wanx.video import Video, read_video
 FAST = ["--frames", "5", "--steps", "2", "--size", "64x48", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def wanx_home(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("WANX_HOME", str(tmp_path_factory.getbasetemp() / "wanx-home-cli-errors"))
-
-
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fail the test if any weight is loaded: these requests must be refused before."""

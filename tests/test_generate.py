@@ -1,6 +1,5 @@
 """End to end: `wanx generate` on tiny random-weight models writes real mp4 files."""
 
-import os
 
 import numpy as np
 import pytest
@@ -10,18 +9,6 @@ from wanx.cli import main
 from wanx.video import Video, read_video
 
 FAST = ["--size", "64x48", "--frames", "9", "--steps", "3", "--quiet"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def wanx_home(tmp_path_factory):
-    """Tiny model sets are made once per module in a private WANX_HOME."""
-    old = os.environ.get("WANX_HOME")
-    os.environ["WANX_HOME"] = str(tmp_path_factory.mktemp("wanx-home"))
-    yield
-    if old is None:
-        os.environ.pop("WANX_HOME")
-    else:
-        os.environ["WANX_HOME"] = old
 
 
 @pytest.fixture(scope="module")

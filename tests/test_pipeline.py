@@ -1,5 +1,3 @@
-import os
-
 import pytest
 import torch
 
@@ -7,17 +5,8 @@ from wanx.pipeline import NEGATIVE_PROMPTS, WanPipeline, _size_for_image, plan_r
 
 
 @pytest.fixture(scope="module")
-def pipes(tmp_path_factory):
-    old = os.environ.get("WANX_HOME")
-    os.environ["WANX_HOME"] = str(tmp_path_factory.mktemp("wanx-home"))
-    try:
-        yield {name: WanPipeline.from_pretrained(name, device="cpu", dtype=torch.float32)
-               for name in ("tiny", "tiny-flf2v")}
-    finally:
-        if old is None:
-            os.environ.pop("WANX_HOME")
-        else:
-            os.environ["WANX_HOME"] = old
+def pipes():
+    return {name: WanPipeline.from_pretrained(name, device="cpu", dtype=torch.float32) for name in ("tiny", "tiny-flf2v")}
 
 
 SMALL = dict(height=32, width=48, num_frames=9, steps=3, progress=False)

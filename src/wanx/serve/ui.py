@@ -102,8 +102,31 @@ def _status_line(job: dict | None) -> str:
     return f"**{status}** {job['id']}"
 
 
+# What a blank field means for the released models (the official defaults, per task).
+_OFFICIAL_PLACEHOLDERS = {"size": "832x480", "frames": "81", "steps": "50 (40 for I2V)", "guidance": "5.0 (5.5 for FLF2V)",
+                          "shift": "5.0 (3.0 for I2V 480P, 16 for FLF2V)",
+                          "negative": "blank: the official negative prompt of the task"}
+
+
+def placeholders(defaults: dict) -> dict:
+    """The settings' placeholders: the model folder's own defaults (`wanx-defaults.json`, e.g.
+    the demo model's 96x96, 17 frames) where it has them, else the official ones, so a blank
+    field shows what it will run with."""
+    shown = dict(_OFFICIAL_PLACEHOLDERS)
+    if defaults.get("width") and defaults.get("height"):
+        shown["size"] = f"{defaults['width']}x{defaults['height']}"
+    for field, key in (("frames", "num_frames"), ("steps", "num_inference_steps"), ("guidance", "guidance_scale"),
+                       ("shift", "shift")):
+        if defaults.get(key) is not None:
+            shown[field] = f"{defaults[key]:g}"
+    if defaults.get("negative_prompt") is not None:
+        shown["negative"] = "blank: this model's own" + (" (none)" if not defaults["negative_prompt"] else "")
+    return shown
+
+
 def build_ui(server: Server) -> gr.Blocks:
     queue = server.queue
+    hint = placeholders(server.files.defaults)
     lora_names = server.lora_names()
     with gr.Blocks(title=f"wanx: {server.model_name}") as ui:
         gr.HTML(f"<style>{_CSS}</style>")
@@ -128,7 +151,7 @@ def build_ui(server: Server) -> gr.Blocks:
                         gr.Markdown("Text only: describe the video below.")
                 tab.select(lambda n=name: n, outputs=task)
         prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
-        negative = gr.Textbox(label="Negative prompt", placeholder="blank: the official negative prompt of the task",
+        negative = gr.Textbox(label="Negative prompt", placeholder=hint["negative"],
                               elem_id="negative")
         with gr.Accordion("LoRAs", open=bool(lora_names)):
             loras = gr.Dataframe(headers=["LoRA", "strength"], datatype=["str", "number"],
@@ -136,13 +159,13 @@ def build_ui(server: Server) -> gr.Blocks:
                                  label="strength 0: not used" if lora_names else "no --loras folder given")
         with gr.Accordion("Advanced settings", open=True):
             with gr.Row():
-                size = gr.Textbox(label="Size (WIDTHxHEIGHT)", placeholder="832x480", elem_id="size")
-                frames = gr.Textbox(label="Frames (4k+1)", placeholder="81", elem_id="frames")
-                steps = gr.Textbox(label="Steps", placeholder="50 (40 for I2V)", elem_id="steps")
+                size = gr.Textbox(label="Size (WIDTHxHEIGHT)", placeholder=hint["size"], elem_id="size")
+                frames = gr.Textbox(label="Frames (4k+1)", placeholder=hint["frames"], elem_id="frames")
+                steps = gr.Textbox(label="Steps", placeholder=hint["steps"], elem_id="steps")
                 seed = gr.Textbox(label="Seed", placeholder="random", elem_id="seed")
             with gr.Row():
-                guidance = gr.Textbox(label="Guidance (1..30)", placeholder="5.0 (5.5 for FLF2V)", elem_id="guidance")
-                shift = gr.Textbox(label="Shift", placeholder="5.0 (3.0 for I2V 480P, 16 for FLF2V)", elem_id="shift")
+                guidance = gr.Textbox(label="Guidance (1..30)", placeholder=hint["guidance"], elem_id="guidance")
+                shift = gr.Textbox(label="Shift", placeholder=hint["shift"], elem_id="shift")
                 sampler = gr.Dropdown(SAMPLERS, value="unipc", label="Sampler", elem_id="sampler")
                 teacache = gr.Textbox(label="TeaCache threshold", placeholder="off", elem_id="teacache")
         generate = gr.Button("Generate", variant="primary", elem_id="generate")
