@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.oracles: weight conversion helpers
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from memory import ResidentPeak  # noqa: E402
+from memory import peak_of, run_child  # noqa: E402
 
 from tests.oracles import diffusers_dit, diffusers_vae, latent_stats, official_state, run_diffusers_dit  # noqa: E402
 from wanx.configs import DiTConfig  # noqa: E402
@@ -105,20 +103,7 @@ def decode_memory_child(impl: str, latent_frames: int, height: int, width: int, 
     model.to(device)
     z = torch.randn(1, 16, latent_frames, height // 8, width // 8, device=device)
     mean, std = (s.to(device) for s in latent_stats())
-    with torch.no_grad():
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            out = model.decode(z) if impl == "wanx" else model.decode(z * std + mean).sample
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - before
-        else:
-            # MALLOC_MMAP_THRESHOLD_ (set by the parent) makes freed tensors leave RSS at once, so
-            # the samples follow live memory.
-            with ResidentPeak() as mem:
-                out = model.decode(z) if impl == "wanx" else model.decode(z * std + mean).sample
-            peak = mem.peak["total"] - mem.before["total"]
+    peak, out = peak_of(lambda: model.decode(z) if impl == "wanx" else model.decode(z * std + mean).sample, device)
     print(json.dumps(dict(peak=peak, output=out.numel() * out.element_size())))
 
 
@@ -130,9 +115,7 @@ def bench_decode_memory(args) -> list[dict]:
         for impl in ("wanx", "diffusers"):
             cmd = [sys.executable, __file__, "--child", impl, str((frames - 1) // 4 + 1), str(height), str(width),
                    "--device", args.device]
-            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-            run = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-            result = json.loads(run.stdout.strip().splitlines()[-1])
+            result = run_child(cmd)
             row[f"{impl}_peak_MiB"] = result["peak"] / 2**20
             row[f"{impl}_beyond_output_MiB"] = (result["peak"] - result["output"]) / 2**20
         rows.append(row)

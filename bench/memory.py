@@ -1,9 +1,13 @@
 """Peak resident memory of this process while a block runs, sampled every millisecond from
 /proc/self/status: anonymous memory (what the process really allocates) and file-backed pages
-(memory-mapped checkpoints: reclaimable page cache). Linux only."""
+(memory-mapped checkpoints: reclaimable page cache). Linux only. Also: the peak of one call on
+CPU or CUDA (`peak_of`), measured in a fresh child process (`run_child`)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import threading
 
 FIELDS = ("RssAnon", "RssFile")
@@ -47,3 +51,29 @@ class ResidentPeak:
         self._stop.set()
         self._thread.join()
         self._sample()
+
+
+def peak_of(run, device: str):
+    """(peak bytes beyond what was held before, output) of `run()` under no_grad: on CUDA the
+    allocator's peak, on CPU the sampled resident set."""
+    import torch
+
+    with torch.no_grad():
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            out = run()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - before, out
+        with ResidentPeak() as mem:
+            out = run()
+        return mem.peak["total"] - mem.before["total"], out
+
+
+def run_child(cmd: list[str]) -> dict:
+    """Run a bench child process and read the JSON object it prints last. MALLOC_MMAP_THRESHOLD_
+    makes freed tensors leave the resident set at once, so CPU samples follow live memory."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    return json.loads(done.stdout.strip().splitlines()[-1])

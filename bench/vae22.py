@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 import weakref
 from pathlib import Path
@@ -34,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.oracles: t
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_core import timed_pair  # noqa: E402
-from memory import ResidentPeak  # noqa: E402
+from memory import peak_of, run_child  # noqa: E402
 
 from tests.oracles import diffusers_vae22, latent_stats, official_state  # noqa: E402
 from wanx.configs import VAE22Config  # noqa: E402
@@ -71,18 +69,7 @@ def memory_child(step: str, cfg: VAE22Config, frames: int, height: int, width: i
     else:
         x = torch.randn(1, cfg.z_dim, (frames - 1) // 4 + 1, height // 16, width // 16, device=device, generator=gen)
         run = vae.decode
-    with torch.no_grad():
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            out = run(x)
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - before
-        else:
-            with ResidentPeak() as mem:
-                out = run(x)
-            peak = mem.peak["total"] - mem.before["total"]
+    peak, out = peak_of(lambda: run(x), device)
     print(json.dumps(dict(peak=peak, output=out.numel() * out.element_size())))
 
 
@@ -93,9 +80,7 @@ def bench_memory(args, cfg: VAE22Config) -> list[dict]:
         for step in ("encode", "decode"):
             cmd = [sys.executable, __file__, "--child", step, str(frames), str(args.height), str(args.width),
                    "--device", args.device, "--dims", str(cfg.dim), str(cfg.dec_dim)]
-            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-            run = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-            result = json.loads(run.stdout.strip().splitlines()[-1])
+            result = run_child(cmd)
             row[f"{step}_peak_MiB"] = result["peak"] / 2**20
             row[f"{step}_beyond_MiB"] = (result["peak"] - result["output"]) / 2**20
         rows.append(row)
