@@ -47,6 +47,15 @@ def timed_pair(fn_a, fn_b, device: str, repeat: int) -> tuple[float, float]:
     return statistics.median(times[0]), statistics.median(times[1])
 
 
+def compare_pair(run_ours, run_theirs, device: str, repeat: int) -> dict:
+    """wanx vs diffusers on the same inputs: the largest difference of their outputs, then each
+    one's median time and the ratio (diffusers / wanx: > 1 means wanx is faster)."""
+    with torch.no_grad():
+        diff = (run_ours().float() - run_theirs().float()).abs().max()
+        t_ours, t_theirs = timed_pair(run_ours, run_theirs, device, repeat)
+    return dict(wanx_s=t_ours, diffusers_s=t_theirs, ratio=t_theirs / t_ours, max_abs_diff=float(diff))
+
+
 def bench_dit(args) -> dict:
     layers = 30 if args.full else 2
     cfg = DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=layers)  # T2V-1.3B widths, head dim 128
@@ -60,14 +69,9 @@ def bench_dit(args) -> dict:
     x = torch.randn(1, 16, frames, height, width, device=args.device)
     t = torch.tensor([999.0], device=args.device)
     context = torch.randn(1, 512, cfg.text_dim, device=args.device)
-    with torch.no_grad():
-        diff = (ours(x, t, context) - run_diffusers_dit(theirs, cfg, x.to(dtype), t, context.to(dtype)).float()).abs().max()
-        t_ours, t_theirs = timed_pair(lambda: ours(x, t, context),
-                                      lambda: run_diffusers_dit(theirs, cfg, x.to(dtype), t, context.to(dtype)),
-                                      args.device, args.repeat)
-    tokens = frames * height * width // 4
-    return dict(layers=layers, tokens=tokens, wanx_s=t_ours, diffusers_s=t_theirs, ratio=t_theirs / t_ours,
-                max_abs_diff=float(diff))
+    result = compare_pair(lambda: ours(x, t, context),
+                          lambda: run_diffusers_dit(theirs, cfg, x.to(dtype), t, context.to(dtype)), args.device, args.repeat)
+    return dict(layers=layers, tokens=frames * height * width // 4, **result)
 
 
 def bench_vae(args) -> dict:
@@ -87,11 +91,7 @@ def bench_vae(args) -> dict:
         z = (theirs.encode(video).latent_dist.mode() - mean) / std
         return theirs.decode(z * std + mean).sample
 
-    with torch.no_grad():
-        diff = (run_ours() - run_theirs()).abs().max()
-        t_ours, t_theirs = timed_pair(run_ours, run_theirs, args.device, args.repeat)
-    return dict(video=[frames, height, width], wanx_s=t_ours, diffusers_s=t_theirs, ratio=t_theirs / t_ours,
-                max_abs_diff=float(diff))
+    return dict(video=[frames, height, width], **compare_pair(run_ours, run_theirs, args.device, args.repeat))
 
 
 def decode_memory_child(impl: str, latent_frames: int, height: int, width: int, device: str) -> None:

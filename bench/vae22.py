@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.oracles: the diffusers weight conversion
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_core import timed_pair  # noqa: E402
+from bench_core import compare_pair  # noqa: E402
 from memory import peak_of, run_child  # noqa: E402
 
 from tests.oracles import diffusers_vae22, latent_stats, official_state  # noqa: E402
@@ -159,17 +159,9 @@ def bench_decode_time(args) -> dict:
     gen = torch.Generator(device=args.device).manual_seed(1)
     z = torch.randn(1, 48, (frames - 1) // 4 + 1, height // 16, width // 16, device=args.device, generator=gen)
 
-    def run_ours():
-        return ours.decode(z)
-
-    def run_theirs():
-        return theirs.decode(z * std + mean).sample
-
-    with torch.no_grad():
-        diff = (run_ours() - run_theirs()).abs().max()
-        t_ours, t_theirs = timed_pair(run_ours, run_theirs, args.device, args.repeat)
-    return dict(video=[frames, height, width], wanx_s=t_ours, diffusers_s=t_theirs, ratio=t_theirs / t_ours,
-                max_abs_diff=float(diff))
+    result = compare_pair(lambda: ours.decode(z), lambda: theirs.decode(z * std + mean).sample, args.device,
+                          args.repeat)
+    return dict(video=[frames, height, width], **result)
 
 
 def main() -> None:
