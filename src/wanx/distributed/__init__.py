@@ -66,7 +66,8 @@ def parallelize(pipe, *, sp: str = "auto", cfg_parallel: bool = False, fsdp: boo
     else:
         sp_group = None  # the whole world
     if sp != "none" and len(sp_ranks) > 1:
-        plan.sequence = [SequenceParallel(dit, sp_group, sp) for dit in experts][0]
+        applied = [SequenceParallel(dit, sp_group, sp) for dit in experts]  # each expert's own attention seams
+        plan.sequence = applied[0]  # the experts are alike: the first describes the plan
     if fsdp:
         from .shard import shard_blocks
 
