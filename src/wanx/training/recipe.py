@@ -12,6 +12,11 @@ Everything random in a step (timesteps, noise) comes from a generator seeded by 
 the global batch number, and the data order from the seed and the epoch. So a step is the same
 whichever process runs it and whenever: a resumed run needs no RNG state to match a straight
 one, and N processes match one process that accumulates N times as many micro-batches.
+
+Bit for bit, that holds for the same prepared cache on the same CPU with the same torch and the
+same number of torch threads: CPU kernels (oneDNN convolutions, BLAS, reductions) split their
+sums by thread count, so another count rounds differently (1e-7 at the first step, growing).
+Checkpoints record the thread count and torch version, and a resume that differs says so.
 """
 
 from __future__ import annotations
@@ -537,8 +542,8 @@ def _save_checkpoint(output: Path, step: int, trained: Trainable, optimizer, sch
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(trained.state(), str(tmp / trained.file_name))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
-               tmp / "state.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "arithmetic": _arithmetic(trained.dit)}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in _checkpoints(output)[:-keep]:
@@ -562,4 +567,21 @@ def _resume(output: Path, trained: Trainable, optimizer, scheduler, clear: bool 
     scheduler.load_state_dict(state["scheduler"])
     if clear:  # the main process speaks for all
         print(f"resuming from {latest} (step {state['step']})", file=sys.stderr)
+        then, now = state.get("arithmetic"), _arithmetic(trained.dit)
+        if then and now and then != now:
+            print(f"warning: resuming with {_describe(now)}; {latest.name} was trained with {_describe(then)}: the "
+                  "result will not be bit-identical to an uninterrupted run (OMP_NUM_THREADS sets the threads)",
+                  file=sys.stderr)
     return int(state["step"])
+
+
+def _arithmetic(dit: nn.Module) -> dict | None:
+    """What a CPU run's rounding depends on besides the data and the seed: the torch threads
+    (kernels split their sums by it) and torch's version (None on a GPU: not tracked there)."""
+    if compute_device(dit).type != "cpu":
+        return None
+    return {"threads": torch.get_num_threads(), "torch": str(torch.__version__)}
+
+
+def _describe(arithmetic: dict) -> str:
+    return f"{arithmetic['threads']} CPU thread(s) and torch {arithmetic['torch']}"
