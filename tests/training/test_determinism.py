@@ -5,6 +5,7 @@ checkpoint; a resume with another thread count (whose kernels round differently)
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import torch
 from safetensors import safe_open
@@ -12,6 +13,18 @@ from safetensors import safe_open
 from tests.training.test_train import prepared, train  # noqa: F401 (the module's dataset fixture)
 
 STEPS = ["--steps", "8", "--lr", "1e-2"]
+
+
+@contextmanager
+def torch_threads(count: int):
+    """This process's torch threads set to `count` for a while: to compare a run here with one
+    in another process (torchrun and accelerate give their ranks OMP_NUM_THREADS=1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def train_in_fresh_process(data, output, threads: int) -> None:
@@ -47,11 +60,8 @@ def test_a_resume_with_another_thread_count_says_it_will_not_be_identical(prepar
     state = torch.load(tmp_path / "run" / "checkpoints" / "step-2" / "state.pt", weights_only=True)
     assert state["arithmetic"] == {"threads": before, "torch": torch.__version__}
     capsys.readouterr()
-    torch.set_num_threads(before + 1)
-    try:
+    with torch_threads(before + 1):
         train(prepared, tmp_path / "run", "--steps", "4", "--resume")
-    finally:
-        torch.set_num_threads(before)
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
     assert warnings == [f"warning: resuming with {before + 1} CPU thread(s) and torch {torch.__version__}; step-2 was "
                         f"trained with {before} CPU thread(s) and torch {torch.__version__}: the result will not be "
