@@ -58,12 +58,12 @@ def test_a_resume_with_another_thread_count_says_it_will_not_be_identical(prepar
     before = torch.get_num_threads()
     train(prepared, tmp_path / "run", "--steps", "2", "--save-every", "2")
     state = torch.load(tmp_path / "run" / "checkpoints" / "step-2" / "state.pt", weights_only=True)
-    assert state["arithmetic"] == {"threads": before, "torch": torch.__version__}
+    assert state["cpu_setup"] == {"threads": before, "torch": torch.__version__}
     capsys.readouterr()
     with torch_threads(before + 1):
         train(prepared, tmp_path / "run", "--steps", "4", "--resume")
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
     assert warnings == [f"warning: resuming with {before + 1} CPU thread(s) and torch {torch.__version__}; step-2 was "
                         f"trained with {before} CPU thread(s) and torch {torch.__version__}: the result will not be "
-                        "bit-identical to an uninterrupted run (OMP_NUM_THREADS sets the threads)"]
+                        f"bit-identical to an uninterrupted run (OMP_NUM_THREADS={before} sets the threads)"]
 

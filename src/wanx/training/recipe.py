@@ -15,8 +15,9 @@ one, and N processes match one process that accumulates N times as many micro-ba
 
 Bit for bit, that holds for the same prepared cache on the same CPU with the same torch and the
 same number of torch threads: CPU kernels (oneDNN convolutions, BLAS, reductions) split their
-sums by thread count, so another count rounds differently (1e-7 at the first step, growing).
-Checkpoints record the thread count and torch version, and a resume that differs says so.
+sums by thread count, so another count rounds differently (the tiny model: 1e-7 in the first
+step, a logged loss apart by step 8). Checkpoints record the thread count and torch version,
+and a resume with others says so.
 """
 
 from __future__ import annotations
@@ -543,7 +544,7 @@ def _save_checkpoint(output: Path, step: int, trained: Trainable, optimizer, sch
     tmp.mkdir(parents=True)
     save_file(trained.state(), str(tmp / trained.file_name))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "arithmetic": _arithmetic(trained.dit)}, tmp / "state.pt")
+                "cpu_setup": _cpu_setup(trained.dit)}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in _checkpoints(output)[:-keep]:
@@ -567,15 +568,15 @@ def _resume(output: Path, trained: Trainable, optimizer, scheduler, clear: bool 
     scheduler.load_state_dict(state["scheduler"])
     if clear:  # the main process speaks for all
         print(f"resuming from {latest} (step {state['step']})", file=sys.stderr)
-        then, now = state.get("arithmetic"), _arithmetic(trained.dit)
+        then, now = state.get("cpu_setup"), _cpu_setup(trained.dit)
         if then and now and then != now:
             print(f"warning: resuming with {_describe(now)}; {latest.name} was trained with {_describe(then)}: the "
-                  "result will not be bit-identical to an uninterrupted run (OMP_NUM_THREADS sets the threads)",
-                  file=sys.stderr)
+                  "result will not be bit-identical to an uninterrupted run "
+                  f"(OMP_NUM_THREADS={then['threads']} sets the threads)", file=sys.stderr)
     return int(state["step"])
 
 
-def _arithmetic(dit: nn.Module) -> dict | None:
+def _cpu_setup(dit: nn.Module) -> dict | None:
     """What a CPU run's rounding depends on besides the data and the seed: the torch threads
     (kernels split their sums by it) and torch's version (None on a GPU: not tracked there)."""
     if compute_device(dit).type != "cpu":
@@ -583,5 +584,5 @@ def _arithmetic(dit: nn.Module) -> dict | None:
     return {"threads": torch.get_num_threads(), "torch": str(torch.__version__)}
 
 
-def _describe(arithmetic: dict) -> str:
-    return f"{arithmetic['threads']} CPU thread(s) and torch {arithmetic['torch']}"
+def _describe(setup: dict) -> str:
+    return f"{setup['threads']} CPU thread(s) and torch {setup['torch']}"
