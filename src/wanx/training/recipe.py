@@ -191,13 +191,13 @@ def add_trainable_lora(dit: nn.Module, rank: int, alpha: float | None, targets: 
 def check_targets(dit: nn.Module, targets: tuple[str, ...]) -> None:
     """Each of `targets` must name block Linear layers of `dit` (a meta-device DiT will do):
     a misspelt one would otherwise train nothing where it was meant to."""
-    paths = {name.split(".", 2)[2] for name, layer in dit.named_modules()
-             if isinstance(layer, (nn.Linear, FP8Linear)) and name.startswith("blocks.")}  # e.g. self_attn.q
-    if not targets:
+    paths = list(dict.fromkeys(name.split(".", 2)[2] for name, layer in dit.named_modules()
+                               if isinstance(layer, (nn.Linear, FP8Linear)) and name.startswith("blocks.")))
+    if not targets:  # paths: e.g. self_attn.q, in module order
         raise ValueError("--targets is empty; give block Linear layers such as q,k,v,o,ffn.0,ffn.2")
     for target in targets:
         if not any(f".{path}".endswith(f".{target}") for path in paths):
-            short = sorted({p.split(".", 1)[1] if p.startswith(("self_attn.", "cross_attn.")) else p for p in paths})
+            short = dict.fromkeys(p.split(".", 1)[1] if p.startswith(("self_attn.", "cross_attn.")) else p for p in paths)
             raise ValueError(f"--targets: {target!r} matches no Linear layer of the DiT's blocks; valid: "
                              f"{', '.join(short)} (or self_attn.X / cross_attn.X for one attention)")
 
