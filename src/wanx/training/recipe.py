@@ -535,15 +535,18 @@ def _save_final(path: Path, trained: Trainable, config: TrainConfig, step: int, 
     if config.expert:  # which Wan2.2 expert, and the timesteps it saw
         metadata.update({"expert": config.expert, "timesteps": "{:g}-{:g}".format(*config.timestep_range)})
     tmp = path.with_name(f".{path.name}.partial")
-    save_file(trained.state(config.lora_format), str(tmp), metadata=metadata)
-    if config.full and hasattr(trained.dit, "config"):  # so the weights load on their own (head count)
-        import json
+    try:
+        save_file(trained.state(config.lora_format), str(tmp), metadata=metadata)
+        if config.full and hasattr(trained.dit, "config"):  # so the weights load on their own (head count)
+            import json
 
-        from ..configs import official_config_json
+            from ..configs import official_config_json
 
-        (path.parent / "config.json").write_text(json.dumps(official_config_json(trained.dit.config), indent=2) + "\n",
-                                                 encoding="utf-8")
-    os.replace(tmp, path)
+            (path.parent / "config.json").write_text(json.dumps(official_config_json(trained.dit.config), indent=2)
+                                                     + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:  # stopped while writing (Ctrl-C): no half file left beside the checkpoints
+        tmp.unlink(missing_ok=True)
 
 
 def _checkpoints(output: Path) -> list[Path]:
@@ -779,10 +782,17 @@ def check_resume(output: Path, settings: dict) -> None:
         if key == "full":
             raise ValueError(f"--resume: {latest} holds a {'--full' if theirs else 'LoRA'} run; "
                              f"{'add' if theirs else 'drop'} --full to continue it")
-        shown = {None: "none", True: "on", False: "off"}
-        value = lambda v: ",".join(v) if isinstance(v, list) else shown.get(v, f"{v:g}" if isinstance(v, float) else v)  # noqa: E731
-        raise ValueError(f"--resume: {latest} was trained with {flag} {value(theirs)}; this run has {flag} "
-                         f"{value(mine)}: give {flag} {value(theirs)} to continue it")
+        if theirs is None:  # e.g. --expert on a run of one DiT
+            raise ValueError(f"--resume: {latest} was trained without {flag}: drop it to continue the run")
+        raise ValueError(f"--resume: {latest} was trained with {flag} {_shown(theirs)}; this run has {flag} "
+                         f"{_shown(mine)}: give {flag} {_shown(theirs)} to continue it")
+
+
+def _shown(value) -> str:
+    """A setting as it is written on the command line."""
+    if isinstance(value, list):
+        return ",".join(value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def kept_after_interrupt(output: Path) -> str | None:
