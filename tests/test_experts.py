@@ -276,7 +276,7 @@ def test_a_low_expert_lora_changes_only_the_low_noise_steps(tmp_path):
     assert main(["prepare", str(data), "--model", "tiny-moe", "--size", "32x32", "--frames", "5", "--quiet"]) == 0
     assert main(["train", "--data", str(data), "--model", "tiny-moe", "--output", str(tmp_path / "run"), "--expert",
                  "low", "--lora-rank", "4", "--steps", "3", "--lr", "1e-2", "--quiet"]) == 0
-    lora = tmp_path / "run" / "lora.safetensors"
+    lora = tmp_path / "run" / "run.safetensors"
     with safe_open(str(lora), "pt") as fh:
         assert fh.metadata()["expert"] == "low" and fh.metadata()["timesteps"] == "0-875"
     assert main(["train", "--data", str(data), "--model", "tiny-moe", "--output", str(tmp_path / "x")]) == 2

@@ -158,7 +158,7 @@ def test_prepare_and_train_a_lora(tmp_path, capsys):
     assert main(["train", "--data", str(data), "--model", "tiny-ti2v", "--output", str(tmp_path / "run"),
                  "--lora-rank", "4", "--steps", "2", "--quiet"]) == 0
     pipe = WanPipeline.from_pretrained("tiny-ti2v", device="cpu")
-    assert pipe.load_lora(tmp_path / "run" / "lora.safetensors").matched == 20
+    assert pipe.load_lora(tmp_path / "run" / "run.safetensors").matched == 20
 
 
 def test_the_tiny_vae_is_make_tiny_vae22s(tmp_path):

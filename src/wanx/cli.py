@@ -363,15 +363,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .loading import load_model
     from .runtime import Runtime
     from .training.prepare import check_cache
-    from .training.recipe import TrainConfig, cached_items, train
+    from .training.recipe import TrainConfig, cached_items, check_output, check_resume, check_targets, \
+        kept_after_interrupt, run_settings, train
 
     for name in ("data", "model", "output"):
         if not getattr(args, name):
             raise ValueError(f"--{name} is required (on the command line or in the --config file)")
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if isinstance(args.targets, str) \
         else tuple(args.targets)
-    if args.lora_rank < 1 or (args.steps or 1) < 1 or args.grad_accum < 1 or args.batch_size < 1 or args.lr <= 0:
-        raise ValueError("--lora-rank, --steps, --batch-size and --grad-accum must be >= 1 and --lr positive")
+    if args.steps is not None and args.epochs is not None:
+        raise ValueError(f"give --steps or --epochs, not both (--steps {args.steps}, --epochs {args.epochs:g})")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps} (0 would write an untrained LoRA)")
+    if args.epochs is not None and not args.epochs > 0:
+        raise ValueError(f"--epochs must be positive, got {args.epochs:g}")
+    if args.lora_rank < 1 or args.grad_accum < 1 or args.batch_size < 1 or args.lr <= 0:
+        raise ValueError("--lora-rank, --batch-size and --grad-accum must be >= 1 and --lr positive")
+    for flag in ("save_every", "validate_every", "keep", "repeats"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.warmup_steps < 0:
+        raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     if not 0 <= args.caption_dropout < 1:
         raise ValueError(f"--caption-dropout is a share in [0, 1), got {args.caption_dropout}")
     if args.offload_activations and not args.gradient_checkpointing:
@@ -383,14 +396,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(data=Path(args.data), output=Path(args.output), full=args.full,
                          from_scratch=args.from_scratch, lora_rank=args.lora_rank,
                          lora_alpha=args.lora_alpha, targets=targets, lr=args.lr, lr_scheduler=args.lr_scheduler,
-                         warmup_steps=args.warmup_steps, steps=args.steps, epochs=args.epochs,
+                         warmup_steps=args.warmup_steps, steps=None if args.epochs is not None else args.steps or 100,
+                         epochs=args.epochs,
                          batch_size=args.batch_size, grad_accum=args.grad_accum, repeats=args.repeats,
                          shift=args.shift, seed=args.seed, timesteps=args.timesteps, weighting=args.weighting,
                          caption_dropout=args.caption_dropout,
                          lora_format=args.lora_format, gradient_checkpointing=args.gradient_checkpointing,
                          offload_activations=args.offload_activations, mixed_precision=args.mixed_precision,
-                         save_every=args.save_every, keep=args.keep, resume=args.resume,
+                         save_every=args.save_every, keep=args.keep, resume=args.resume, overwrite=args.overwrite,
                          validate_every=args.validate_every if args.validation_prompts else None)
+    check_output(config.output, resume=config.resume, overwrite=config.overwrite, full=config.full)
     items = cached_items(config.data)  # no prepared cache: say so before loading the model
     files = find_components(resolve_model(args.model, source=args.source))
     dit_file = files.dit
@@ -407,32 +422,84 @@ def cmd_train(args: argparse.Namespace) -> int:
         config.expert = args.expert
         config.timestep_range = (boundary, 1000.0) if args.expert == "high" else (0.0, boundary)
     check_cache(items, files)
+    if not config.full:  # on a DiT of no memory (meta): its layer names
+        import torch
+
+        from .models.transformer import WanDiT
+
+        with torch.device("meta"):
+            check_targets(WanDiT(files.dit_config), targets)
+    if config.resume:
+        check_resume(config.output, run_settings(config, files.dit_config, args.model))
+    validation = None
+    if config.validate_every:
+        from .training.validation import plan_validation
+
+        validation = plan_validation(files, _prompts(args.validation_prompts),
+                                     negative_prompt=args.validation_negative_prompt, size=args.validation_size,
+                                     frames=args.validation_frames, steps=args.validation_steps)
     from accelerate import Accelerator
 
     runtime = Runtime.create(args.device, args.dtype)
     accelerator = Accelerator(cpu=runtime.device.type == "cpu", mixed_precision=args.mixed_precision)
-    device = accelerator.device if runtime.device.type != "cpu" else runtime.device  # one GPU per process
-    streamed = args.offload == "blocks"
-    dit = load_model(dit_file, dtype=runtime.dtype, device="cpu" if streamed else device,
-                     quantize="fp8" if args.fp8 else None, progress=not args.quiet and accelerator.is_main_process)
-    if streamed:  # frozen blocks live in host memory and visit the device one by one
-        from .memory.placement import auto_budget
-        from .memory.streaming import BlockStreamer, parse_bytes
+    created = _make_folder(config.output, "--output")
+    try:
+        device = accelerator.device if runtime.device.type != "cpu" else runtime.device  # one GPU per process
+        streamed = args.offload == "blocks"
+        dit = load_model(dit_file, dtype=runtime.dtype, device="cpu" if streamed else device,
+                         quantize="fp8" if args.fp8 else None, progress=not args.quiet and accelerator.is_main_process)
+        if streamed:  # frozen blocks live in host memory and visit the device one by one
+            from .memory.placement import auto_budget
+            from .memory.streaming import BlockStreamer, parse_bytes
 
-        budget = parse_bytes(args.vram_budget) if args.vram_budget is not None else auto_budget(device)
-        BlockStreamer(dit, device, budget)
-    validate = None
-    if config.validate_every:
-        from .training.validation import Validator
+            budget = parse_bytes(args.vram_budget) if args.vram_budget is not None else auto_budget(device)
+            BlockStreamer(dit, device, budget)
+        validate = None
+        if validation is not None:
+            from .training.validation import Validator
 
-        validate = Validator(dit, files, runtime, _prompts(args.validation_prompts), output=config.output,
-                             size=args.validation_size, frames=args.validation_frames,
-                             steps=args.validation_steps, progress=not args.quiet)
-    path = train(dit, config, progress=not args.quiet, base_model=args.model, accelerator=accelerator,
-                 validate=validate)
+            validate = Validator(dit, files, runtime, validation, output=config.output, progress=not args.quiet)
+        path = train(dit, config, progress=not args.quiet, base_model=args.model, accelerator=accelerator,
+                     validate=validate)
+    except KeyboardInterrupt:  # say what a stopped run keeps and how to go on
+        if not accelerator.is_main_process:
+            return 130
+        if not args.quiet:
+            print(file=sys.stderr)  # end the progress bar's line
+        kept = kept_after_interrupt(config.output)
+        print(f"wanx: interrupted; {kept}" if kept else "wanx: interrupted, nothing written", file=sys.stderr)
+        return 130
+    finally:
+        for folder in reversed(created):  # folders made here and left empty (a failed or stopped start)
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
     if accelerator.is_main_process:
         print(path)
     return 0
+
+
+def _make_folder(folder: Path, flag: str) -> list[Path]:
+    """Create `folder` (and missing parents) and write a probe file there, so that an
+    unwritable one fails now, naming the flag, not after the model loads. Returns the
+    folders made here."""
+    missing, parent = [], Path(folder)
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    created = []
+    try:
+        for path in reversed(missing):
+            path.mkdir(exist_ok=True)  # exist_ok: another process of the run may make it first
+            created.append(path)
+        probe = Path(folder) / f".wanx-probe-{os.getpid()}"
+        probe.write_bytes(b"wanx")
+        probe.unlink()
+    except OSError as err:
+        for path in reversed(created):
+            if not any(path.iterdir()):
+                path.rmdir()
+        raise ValueError(f"{flag} {folder}: cannot write there ({err.strerror or err}); choose another folder") from None
+    return created
 
 
 def _without_gpus(argv: list[str]) -> list[str]:
@@ -714,15 +781,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train a LoRA (or the whole DiT) on a prepared dataset",
                         description="Training of the DiT on items made by `wanx prepare` (Wan's flow-matching "
-                                    "objective, AdamW). Writes OUTPUT/lora.safetensors in the official/ComfyUI key "
-                                    "format (OUTPUT/model.safetensors with --full), OUTPUT/log.csv, and checkpoints "
-                                    "OUTPUT/checkpoints/step-N/. Several processes/GPUs: start it with "
+                                    "objective, AdamW). Writes the LoRA OUTPUT/NAME.safetensors (NAME: the output "
+                                    "folder's name) in the official/ComfyUI key format (OUTPUT/model.safetensors "
+                                    "with --full), OUTPUT/log.csv, and checkpoints OUTPUT/checkpoints/step-N/. "
+                                    "Several processes/GPUs: start it with "
                                     "`accelerate launch -m wanx.cli train ...` or torchrun.")
     tr.add_argument("--config", metavar="TOML", help="read settings from a TOML file (keys are these flags' names); "
                                                      "flags on the command line win")
     tr.add_argument("--data", help="the dataset folder (its .wanx-cache) or a cache folder")
     tr.add_argument("--model", help="model folder, model id, or tiny")
-    tr.add_argument("--output", help="folder for the LoRA, the log and the checkpoints")
+    tr.add_argument("--output", help="folder for the LoRA (named after it: runs/cat -> runs/cat/cat.safetensors), "
+                                     "the log and the checkpoints; one run per folder")
     tr.add_argument("--full", action="store_true", help="train every DiT weight instead of a LoRA")
     tr.add_argument("--expert", choices=["high", "low"],
                     help="Wan2.2 A14B: train this expert, on its own timesteps only (high: t >= 1000 x boundary, "
@@ -737,7 +806,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr-scheduler", default="constant", choices=["constant", "cosine"],
                     help="constant (default, as DiffSynth) or cosine decay to 0 at the last step")
     tr.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps (default 0)")
-    tr.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    tr.add_argument("--steps", type=int, help="optimizer steps (default 100, unless --epochs)")
     tr.add_argument("--epochs", type=float, help="instead of --steps: passes over the dataset")
     tr.add_argument("--batch-size", type=int, default=1, help="items per micro-batch, from one bucket (default 1)")
     tr.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
@@ -751,7 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of items trained with the empty prompt (cached by wanx prepare), so guidance with "
                          "--negative-prompt \"\" has an unconditional model to push from (default 0)")
     tr.add_argument("--lora-format", default="official", choices=["official", "diffusers"],
-                    help="key format of lora.safetensors (official = ComfyUI's; both load in wanx)")
+                    help="key format of the LoRA file (official = ComfyUI's; both load in wanx)")
     tr.add_argument("--fp8", action="store_true", help="the frozen DiT's block weights in FP8 (half the memory); the "
                                                        "LoRA still trains in fp32")
     tr.add_argument("--offload", default="none", choices=["none", "blocks"],
@@ -768,12 +837,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--save-every", type=int, help="write a checkpoint every N steps")
     tr.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
     tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="start again in an --output holding a previous run: its LoRA, log, checkpoints, validation "
+                         "videos and TensorBoard events are removed first (other files stay)")
     tr.add_argument("--validation-prompts", metavar="TEXT|FILE",
                     help="prompts for validation videos: a file (one per line) or prompts separated by |")
     tr.add_argument("--validate-every", type=int, default=100, help="steps between validation videos (default 100)")
-    tr.add_argument("--validation-size", type=_size, default=(832, 480), help="WIDTHxHEIGHT (default 832x480)")
-    tr.add_argument("--validation-frames", type=int, default=33, help="frames, 4k+1 (default 33)")
-    tr.add_argument("--validation-steps", type=int, default=30, help="sampling steps (default 30)")
+    tr.add_argument("--validation-negative-prompt", metavar="TEXT",
+                    help="negative prompt of the validation videos (default: the model's own, else the official one)")
+    tr.add_argument("--validation-size", type=_size, help="WIDTHxHEIGHT (default: the model's own, else 832x480)")
+    tr.add_argument("--validation-frames", type=int, help="frames, 4k+1 (default: the model's own, else 33)")
+    tr.add_argument("--validation-steps", type=int, help="sampling steps (default: the model's own, else 30)")
     _runtime_flags(tr, "frozen DiT weights (default bf16 on GPU, fp32 on CPU); the LoRA trains in fp32")
     tr.set_defaults(func=cmd_train)
     parser.train_parser = tr

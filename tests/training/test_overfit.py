@@ -64,7 +64,7 @@ def test_a_trained_lora_moves_generation_toward_the_clip(wide, tmp_path):
     request = dict(prompt="a red square moves right", width=64, height=48, num_frames=9, num_inference_steps=10,
                    guidance_scale=1.0, output_type="latents")
     distances = []
-    for lora in (None, tmp_path / "lora.safetensors"):
+    for lora in (None, tmp_path / f"{tmp_path.name}.safetensors"):
         if lora:
             pipe.load_lora(lora)
         runs = [pipe(seed=seed, **request).reshape(clip.shape) for seed in range(3)]

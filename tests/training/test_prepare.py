@@ -77,7 +77,7 @@ def test_prepare_caches_the_empty_prompt_that_caption_dropout_trains_on(dataset,
     train = ["train", "--data", str(dataset), "--model", "tiny", "--output", str(tmp_path / "run"), "--steps", "1",
              "--caption-dropout", "0.5", "--quiet"]
     assert main(train) == 2 and "run `wanx prepare` again" in capsys.readouterr().err
-    assert not (tmp_path / "run" / "lora.safetensors").exists()
+    assert not (tmp_path / "run" / "run.safetensors").exists()
     assert run(dataset, capsys).startswith("0 encoded, 2 already cached") and empty.is_file()
     assert main(train) == 0
 

@@ -69,8 +69,8 @@ def test_two_processes_prepare_and_train_as_one(dataset, tmp_path):
         assert main(["train", "--data", str(one), "--output", str(tmp_path / "single"), "--grad-accum", "2",
                      *flags]) == 0
     launch("train", "--data", str(one), "--output", str(tmp_path / "pair"), *flags)
-    a = load_file(str(tmp_path / "single" / "lora.safetensors"))
-    b = load_file(str(tmp_path / "pair" / "lora.safetensors"))
+    a = load_file(str(tmp_path / "single" / "single.safetensors"))
+    b = load_file(str(tmp_path / "pair" / "pair.safetensors"))
     assert a.keys() == b.keys()
     for key in a:  # the same micro-batches and noise; only the gradient sum's order differs (measured: equal)
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)

@@ -41,12 +41,12 @@ def test_loss_falls_and_the_lora_loads(prepared, tmp_path):
     assert len(history) == 100
     first, last = sum(history[:10]) / 10, sum(history[-10:]) / 10
     assert last < 0.85 * first, (first, last)
-    lora = read_lora(tmp_path / "run" / "lora.safetensors")
+    lora = read_lora(tmp_path / "run" / "run.safetensors")
     assert lora.format == "official" and lora.ranks == [8] and len(lora.modules) == 2 * 10  # 2 blocks x 10 layers
     from wanx.pipeline import WanPipeline
 
     pipe = WanPipeline.from_pretrained("tiny")
-    report = pipe.load_lora(tmp_path / "run" / "lora.safetensors")
+    report = pipe.load_lora(tmp_path / "run" / "run.safetensors")
     assert report.matched == 20
 
 
@@ -54,7 +54,7 @@ def test_resume_is_bit_identical(prepared, tmp_path):
     train(prepared, tmp_path / "straight", "--steps", "6")
     train(prepared, tmp_path / "split", "--steps", "3", "--save-every", "3")
     train(prepared, tmp_path / "split", "--steps", "6", "--resume")
-    a, b = load_file(str(tmp_path / "straight" / "lora.safetensors")), load_file(str(tmp_path / "split" / "lora.safetensors"))
+    a, b = load_file(str(tmp_path / "straight" / "straight.safetensors")), load_file(str(tmp_path / "split" / "split.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     sa = torch.load(tmp_path / "straight" / "checkpoints" / "step-6" / "state.pt", weights_only=True)
     sb = torch.load(tmp_path / "split" / "checkpoints" / "step-6" / "state.pt", weights_only=True)
@@ -92,7 +92,7 @@ def test_trained_lora_interop(prepared, tmp_path):
     import wanx
 
     train(prepared, tmp_path / "run", "--steps", "5", "--lr", "1e-2")
-    path = tmp_path / "run" / "lora.safetensors"
+    path = tmp_path / "run" / "run.safetensors"
     state = load_file(str(path))
     assert {k for k in state if k.startswith("diffusion_model.blocks.0.")} == COMFY_KEYS
     base = wanx.load_model(tiny_model_dir("tiny"))
@@ -121,16 +121,16 @@ def test_a_checkpoint_cut_short_is_never_resumed_from(prepared, tmp_path, capsys
     train(prepared, tmp_path / "killed", "--steps", "6", "--resume")
     assert f"resuming from {tmp_path / 'killed' / 'checkpoints' / 'step-3'} (step 3)" in capsys.readouterr().err
     assert not partial.exists()
-    a = load_file(str(tmp_path / "straight" / "lora.safetensors"))
-    b = load_file(str(tmp_path / "killed" / "lora.safetensors"))
+    a = load_file(str(tmp_path / "straight" / "straight.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "killed.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_gradient_checkpointing_trains_the_same_lora(prepared, tmp_path):
     train(prepared, tmp_path / "plain", "--steps", "3", "--lr", "1e-2")
     train(prepared, tmp_path / "checkpointed", "--steps", "3", "--lr", "1e-2", "--gradient-checkpointing")
-    a = load_file(str(tmp_path / "plain" / "lora.safetensors"))
-    b = load_file(str(tmp_path / "checkpointed" / "lora.safetensors"))
+    a = load_file(str(tmp_path / "plain" / "plain.safetensors"))
+    b = load_file(str(tmp_path / "checkpointed" / "checkpointed.safetensors"))
     for key in a:  # the recomputation runs the same ops on the same tensors
         torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7)
     assert not torch.equal(a["diffusion_model.blocks.0.ffn.0.lora_B.weight"], torch.zeros_like(a["diffusion_model.blocks.0.ffn.0.lora_B.weight"]))
@@ -140,13 +140,13 @@ def test_training_on_an_fp8_base(prepared, tmp_path):
     train(prepared, tmp_path / "fp8", "--steps", "40", "--lr", "1e-2", "--fp8", "--gradient-checkpointing")
     history = losses(tmp_path / "fp8")
     assert sum(history[-10:]) < 0.9 * sum(history[:10])  # it learns on the FP8 base too
-    assert len(read_lora(tmp_path / "fp8" / "lora.safetensors").modules) == 20
+    assert len(read_lora(tmp_path / "fp8" / "fp8.safetensors").modules) == 20
 
 
 def test_diffusers_format_and_logit_normal_timesteps(prepared, tmp_path):
     train(prepared, tmp_path / "official", "--steps", "3", "--lr", "1e-2", "--lora-alpha", "4")
     train(prepared, tmp_path / "diffusers", "--steps", "3", "--lr", "1e-2", "--lora-alpha", "4", "--lora-format", "diffusers")
-    a, b = read_lora(tmp_path / "official" / "lora.safetensors"), read_lora(tmp_path / "diffusers" / "lora.safetensors")
+    a, b = read_lora(tmp_path / "official" / "official.safetensors"), read_lora(tmp_path / "diffusers" / "diffusers.safetensors")
     assert b.format == "diffusers" and a.modules.keys() == b.modules.keys()  # the names map back exactly
     for name, module in a.modules.items():  # the same deltas: alpha/rank folded into B
         torch.testing.assert_close(b.modules[name].delta(), module.delta(), rtol=1e-6, atol=1e-9)

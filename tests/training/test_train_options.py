@@ -83,8 +83,8 @@ def test_toml_config_equals_flags_and_flags_win(prepared, tmp_path, capsys):
     assert main(["train", "--config", str(toml)]) == 0
     assert main(["train", "--data", str(prepared), "--model", "tiny", "--output", str(tmp_path / "flags"),
                  "--lora-rank", "4", "--steps", "3", "--targets", "q,ffn.0", "--lr", "1e-2", "--quiet"]) == 0
-    assert_same_file(tmp_path / "toml" / "lora.safetensors", tmp_path / "flags" / "lora.safetensors")
-    state = load_file(str(tmp_path / "toml" / "lora.safetensors"))
+    assert_same_file(tmp_path / "toml" / "toml.safetensors", tmp_path / "flags" / "flags.safetensors")
+    state = load_file(str(tmp_path / "toml" / "toml.safetensors"))
     modules = {re.sub(r"^diffusion_model\.blocks\.\d+\.|\.(lora_A\.weight|lora_B\.weight|alpha)$", "", k) for k in state}
     assert modules == {"self_attn.q", "cross_attn.q", "ffn.0"}
     assert state["diffusion_model.blocks.0.ffn.0.lora_A.weight"].shape[0] == 4
@@ -132,9 +132,9 @@ def test_warmup_then_cosine_and_resume_keeps_it(prepared, tmp_path):
     # a run stopped after its step-3 checkpoint: the same run without its last checkpoint and file
     shutil.copytree(tmp_path / "straight", tmp_path / "split")
     shutil.rmtree(tmp_path / "split" / "checkpoints" / "step-6")
-    (tmp_path / "split" / "lora.safetensors").unlink()
+    (tmp_path / "split" / "straight.safetensors").unlink()  # the copy's LoRA, named after its first folder
     train(prepared, tmp_path / "split", *schedule, "--resume")
-    assert_same_file(tmp_path / "straight" / "lora.safetensors", tmp_path / "split" / "lora.safetensors")
+    assert_same_file(tmp_path / "straight" / "straight.safetensors", tmp_path / "split" / "split.safetensors")
     assert log(tmp_path / "split", "lr") == log(tmp_path / "straight", "lr")
     assert log(tmp_path / "split") == log(tmp_path / "straight")
 
@@ -184,7 +184,7 @@ def test_full_fine_tuning(prepared, tmp_path, capsys):
 
     train(prepared, tmp_path / "full", "--full", "--steps", "2", "--lr", "1e-3")
     path = tmp_path / "full" / "model.safetensors"
-    assert not (tmp_path / "full" / "lora.safetensors").exists()
+    assert not (tmp_path / "full" / "full.safetensors").exists()
     base = wanx.load_model(tiny_model_dir("tiny")).state_dict()
     trained = load_file(str(path))
     assert trained.keys() == base.keys()
@@ -291,7 +291,7 @@ def plain_run(prepared, tmp_path_factory):
 def test_activation_offload_trains_the_same_lora(prepared, plain_run, tmp_path, capsys):
     train(prepared, tmp_path / "offload", "--steps", "3", "--lr", "1e-2", "--gradient-checkpointing",
           "--offload-activations")
-    assert_close_files(plain_run / "lora.safetensors", tmp_path / "offload" / "lora.safetensors")
+    assert_close_files(plain_run / f"{plain_run.name}.safetensors", tmp_path / "offload" / "offload.safetensors")
     err = error_of(capsys, ["train", "--data", str(prepared), "--model", "tiny", "--output", str(tmp_path / "o"),
                             "--offload-activations", "--quiet"])
     assert "--gradient-checkpointing" in err
@@ -312,7 +312,7 @@ def test_streamed_base_trains_the_same_lora(prepared, plain_run, tmp_path, check
     extra = ["--gradient-checkpointing"] if checkpointing else []
     train(prepared, tmp_path / "streamed", "--steps", "3", "--lr", "1e-2", "--device", "cpu", "--offload", "blocks",
           "--vram-budget", "0", *extra)
-    assert_close_files(plain_run / "lora.safetensors", tmp_path / "streamed" / "lora.safetensors")
+    assert_close_files(plain_run / f"{plain_run.name}.safetensors", tmp_path / "streamed" / "streamed.safetensors")
     assert log(tmp_path / "streamed") == pytest.approx(log(plain_run), rel=1e-5)
     stats = streamers[0].stats  # the blocks really were copied in and dropped, not left resident
     assert len(streamers) == 1 and stats.resident == 0 and stats.streamed > 0 and stats.moved_bytes > 0
@@ -338,7 +338,7 @@ def test_validation_videos_leave_training_alone(prepared, tmp_path):
     # the LoRA being trained is live in validation: the same prompt and seed change with it
     early, late = (read_video(tmp_path / "validated" / "validation" / f"step-{n}" / "0.mp4").frames for n in (2, 4))
     assert not np.array_equal(early, late)
-    assert_same_file(tmp_path / "plain" / "lora.safetensors", tmp_path / "validated" / "lora.safetensors")
+    assert_same_file(tmp_path / "plain" / "plain.safetensors", tmp_path / "validated" / "validated.safetensors")
     assert log(tmp_path / "plain") == log(tmp_path / "validated")
 
 
@@ -361,7 +361,7 @@ def test_i2v_cache_and_training(prepared_i2v, tmp_path):
     train(prepared_i2v, tmp_path / "i2v", "--steps", "2", "--lr", "1e-2", model="tiny-i2v")
     losses = log(tmp_path / "i2v")
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
-    assert len(load_file(str(tmp_path / "i2v" / "lora.safetensors"))) == 2 * 10 * 3
+    assert len(load_file(str(tmp_path / "i2v" / "i2v.safetensors"))) == 2 * 10 * 3
 
 
 def test_cache_of_another_model_stops_training(prepared, prepared_i2v, tmp_path, capsys):

@@ -166,7 +166,8 @@ def build(out: Path, settings: BuildSettings, *, progress: bool = True, resume: 
         if k:  # the next phase starts from the last one's fp32 weights
             save_file(load_file(str(out / ("run" if k == 1 else f"run-{k}") / "model.safetensors")),
                       str(model / DIT_FILE))
-        again = ["--resume"] if resume and (run / "checkpoints").is_dir() else []
+        # a phase stopped before its first checkpoint is started again
+        again = ["--resume"] if resume and any((run / "checkpoints").glob("step-*")) else ["--overwrite"]
         if wanx(["train", "--data", str(out / "data"), "--model", str(model), "--output", str(run), "--full",
                  *(["--from-scratch"] if k == 0 else []), "--steps", str(steps), "--batch-size", str(s.batch_size),
                  "--lr", str(lr), "--seed", str(s.seed + k), "--shift", str(shift), "--caption-dropout", "0.1",

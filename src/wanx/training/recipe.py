@@ -72,6 +72,7 @@ class TrainConfig:
     save_every: int | None = None
     keep: int = 2
     resume: bool = False
+    overwrite: bool = False  # clear a previous run's files in `output` first (see `clear_run`)
     validate_every: int | None = None
     # Wan2.2 A14B: one expert trained on its own timesteps, [low, high) of 0..1000, split at the
     # boundary ("high" or "low", recorded in the file; None: one DiT, every timestep)
@@ -176,6 +177,7 @@ def add_trainable_lora(dit: nn.Module, rank: int, alpha: float | None, targets: 
     device = compute_device(dit)
     if rank < 1:
         raise ValueError(f"--lora-rank must be >= 1, got {rank}")
+    check_targets(dit, targets)
     adapters = {}
     for name, layer in dit.named_modules():
         if isinstance(layer, (nn.Linear, FP8Linear)) and name.startswith("blocks.") \
@@ -189,10 +191,21 @@ def add_trainable_lora(dit: nn.Module, rank: int, alpha: float | None, targets: 
             adapter.up.requires_grad_(True)
             attach(layer, "train", adapter)
             adapters[name] = adapter
-    if not adapters:
-        raise ValueError(f"--targets {','.join(targets)} match no Linear layer of the DiT's blocks "
-                         "(names such as q, k, v, o, ffn.0, ffn.2, k_img)")
     return adapters
+
+
+def check_targets(dit: nn.Module, targets: tuple[str, ...]) -> None:
+    """Each of `targets` must name block Linear layers of `dit` (a meta-device DiT will do):
+    a misspelt one would otherwise train nothing where it was meant to."""
+    paths = list(dict.fromkeys(name.split(".", 2)[2] for name, layer in dit.named_modules()
+                               if isinstance(layer, (nn.Linear, FP8Linear)) and name.startswith("blocks.")))
+    if not targets:  # paths: e.g. self_attn.q, in module order
+        raise ValueError("--targets is empty; give block Linear layers such as q,k,v,o,ffn.0,ffn.2")
+    for target in targets:
+        if not any(f".{path}".endswith(f".{target}") for path in paths):
+            short = dict.fromkeys(p.split(".", 1)[1] if p.startswith(("self_attn.", "cross_attn.")) else p for p in paths)
+            raise ValueError(f"--targets: {target!r} matches no Linear layer of the DiT's blocks; valid: "
+                             f"{', '.join(short)} (or self_attn.X / cross_attn.X for one attention)")
 
 
 # official block module -> diffusers (the inverse of the loader's diffusers table for the
@@ -246,17 +259,21 @@ class Trainable:
         return lora_state(self.adapters, fmt)
 
     def load(self, state: dict[str, Tensor]) -> None:
+        if self.config.full:
+            pairs = [(state.get(name), tensor) for name, tensor in self.dit.state_dict().items()]
+        else:
+            pairs = [(state.get(f"diffusion_model.{name}.lora_{ab}.weight"), tensor)
+                     for name, adapter in self.adapters.items() for ab, tensor in (("A", adapter.down), ("B", adapter.up))]
+        if any(saved is None or saved.shape != tensor.shape for saved, tensor in pairs):  # a checkpoint from before
+            raise ValueError("--resume: the checkpoint was trained with other settings (another --model, --lora-rank, "
+                             "--targets or --full); resume with the ones it was made with")
         with torch.no_grad():
-            if self.config.full:
-                for name, tensor in self.dit.state_dict().items():
-                    tensor.copy_(state[name])
-                return
-            for name, adapter in self.adapters.items():
-                adapter.down.copy_(state[f"diffusion_model.{name}.lora_A.weight"])
-                adapter.up.copy_(state[f"diffusion_model.{name}.lora_B.weight"])
+            for saved, tensor in pairs:
+                tensor.copy_(saved)
 
     @property
     def file_name(self) -> str:
+        """The weights' name inside a checkpoint (the final file is `final_file`)."""
         return "model.safetensors" if self.config.full else "lora.safetensors"
 
 
@@ -390,10 +407,11 @@ def total_steps(config: TrainConfig, dataset: CachedDataset, processes: int) -> 
 
 def train(dit: nn.Module, config: TrainConfig, *, progress: bool = True, base_model: str = "",
           accelerator=None, validate: Callable[[int], None] | None = None) -> Path:
-    """Train on `dit` and write `output/lora.safetensors` (`model.safetensors` with `full`);
-    returns its path. `accelerator`: an `accelerate.Accelerator` (default: one made here,
-    which is one process unless started by `accelerate launch`/`torchrun`). `validate(step)`
-    is called on the main process every `validate_every` steps."""
+    """Train on `dit` and write the LoRA `output/<output's name>.safetensors`
+    (`model.safetensors` with `full`); returns its path. `accelerator`: an
+    `accelerate.Accelerator` (default: one made here, which is one process unless started by
+    `accelerate launch`/`torchrun`). `validate(step)` is called on the main process every
+    `validate_every` steps."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -401,11 +419,18 @@ def train(dit: nn.Module, config: TrainConfig, *, progress: bool = True, base_mo
     if accelerator is None:
         accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision)
     processes, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    output = Path(config.output)
+    check_output(output, resume=config.resume, overwrite=config.overwrite, full=config.full)
+    settings = run_settings(config, dit.config, base_model) if hasattr(dit, "config") else {}
+    if config.resume:
+        check_resume(output, settings)
     dataset = CachedDataset(cached_items(config.data), config.batch_size, config.repeats, config.seed,
                             empty_text=config.caption_dropout > 0)
     steps = total_steps(config, dataset, processes)
-    output = Path(config.output)
+    accelerator.wait_for_everyone()  # every process has looked at the folder before it changes
     if main:
+        if config.overwrite:
+            clear_run(output, config.full)
         output.mkdir(parents=True, exist_ok=True)
     if config.gradient_checkpointing:
         dit.block_wrapper = checkpointed_offloaded if config.offload_activations else checkpointed
@@ -447,17 +472,17 @@ def train(dit: nn.Module, config: TrainConfig, *, progress: bool = True, base_mo
             bar.set_postfix(loss=f"{float(total):.4f}")
             bar.update(1)
             if config.save_every and step % config.save_every == 0 and step < steps and main:
-                _save_checkpoint(output, step, trained, optimizer, scheduler, config.keep)
+                _save_checkpoint(output, step, trained, optimizer, scheduler, config.keep, settings)
             if validate is not None and config.validate_every and step % config.validate_every == 0 and main:
                 validate(step)
             accelerator.wait_for_everyone()
     finally:
         bar.close()
         log.close()
-    path = output / trained.file_name
+    path = final_file(output, config.full)
     if main:
         _save_final(path, trained, config, step, len(dataset.files), base_model)
-        _save_checkpoint(output, step, trained, optimizer, scheduler, config.keep)
+        _save_checkpoint(output, step, trained, optimizer, scheduler, config.keep, settings)
     accelerator.wait_for_everyone()
     return path
 
@@ -516,15 +541,18 @@ def _save_final(path: Path, trained: Trainable, config: TrainConfig, step: int, 
     if config.expert:  # which Wan2.2 expert, and the timesteps it saw
         metadata.update({"expert": config.expert, "timesteps": "{:g}-{:g}".format(*config.timestep_range)})
     tmp = path.with_name(f".{path.name}.partial")
-    save_file(trained.state(config.lora_format), str(tmp), metadata=metadata)
-    if config.full and hasattr(trained.dit, "config"):  # so the weights load on their own (head count)
-        import json
+    try:
+        save_file(trained.state(config.lora_format), str(tmp), metadata=metadata)
+        if config.full and hasattr(trained.dit, "config"):  # so the weights load on their own (head count)
+            import json
 
-        from ..configs import official_config_json
+            from ..configs import official_config_json
 
-        (path.parent / "config.json").write_text(json.dumps(official_config_json(trained.dit.config), indent=2) + "\n",
-                                                 encoding="utf-8")
-    os.replace(tmp, path)
+            (path.parent / "config.json").write_text(json.dumps(official_config_json(trained.dit.config), indent=2)
+                                                     + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:  # stopped while writing (Ctrl-C): no half file left beside the checkpoints
+        tmp.unlink(missing_ok=True)
 
 
 def _checkpoints(output: Path) -> list[Path]:
@@ -532,9 +560,13 @@ def _checkpoints(output: Path) -> list[Path]:
     return sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
 
 
-def _save_checkpoint(output: Path, step: int, trained: Trainable, optimizer, scheduler, keep: int) -> None:
+def _save_checkpoint(output: Path, step: int, trained: Trainable, optimizer, scheduler, keep: int,
+                     settings: dict | None = None) -> None:
     """checkpoints/step-N/, written in a temporary folder and renamed: a crash never leaves a
-    half-written checkpoint. Keeps the last `keep`."""
+    half-written checkpoint. Keeps the last `keep`. `settings` (`run_settings`) go beside the
+    weights as settings.json, so --resume compares them before it loads anything."""
+    import json
+
     from safetensors.torch import save_file
 
     root = output / "checkpoints"
@@ -545,6 +577,8 @@ def _save_checkpoint(output: Path, step: int, trained: Trainable, optimizer, sch
     save_file(trained.state(), str(tmp / trained.file_name))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                 "cpu_setup": _cpu_setup(trained.dit)}, tmp / "state.pt")
+    if settings:
+        (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in _checkpoints(output)[:-keep]:
@@ -567,6 +601,7 @@ def _resume(output: Path, trained: Trainable, optimizer, scheduler, clear: bool 
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if clear:  # the main process speaks for all
+        _drop_later_validation(output, int(state["step"]))
         print(f"resuming from {latest} (step {state['step']})", file=sys.stderr)
         then, now = state.get("cpu_setup"), _cpu_setup(trained.dit)
         if then and now and then != now:
@@ -586,3 +621,217 @@ def _cpu_setup(dit: nn.Module) -> dict | None:
 
 def _describe(setup: dict) -> str:
     return f"{setup['threads']} CPU thread(s) and torch {setup['torch']}"
+
+
+# -- the output folder -------------------------------------------------------------------
+# One folder holds one run: its result, log.csv, checkpoints/step-N/, validation/step-N/ and
+# tensorboard/. A new run never writes over another's files (its log and result would not
+# match the checkpoints left behind); it continues one (--resume) or clears it (--overwrite).
+
+SETTINGS_FILE = "settings.json"  # in each checkpoint: what --resume must match
+_LOG_HEADER = "step,loss,lr,seconds,samples_per_s"
+
+
+def final_file(output: Path, full: bool = False) -> Path:
+    """The run's result: the LoRA named after its folder (`runs/cat` -> `runs/cat/cat.safetensors`),
+    so LoRAs of several runs keep apart names when stacked; `model.safetensors` with --full (a
+    model folder's DiT, beside its config.json)."""
+    output = Path(output)
+    return output / ("model.safetensors" if full else f"{output.resolve().name or 'lora'}.safetensors")
+
+
+def _wanx_file(path: Path) -> bool:
+    """Whether a .safetensors file is the result of a `wanx train` run (its metadata says so)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return (fh.metadata() or {}).get("format") in ("wanx-lora", "wanx-full")
+    except Exception:  # not a safetensors file at all
+        return False
+
+
+def _wanx_log(path: Path) -> bool:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return fh.readline().strip() == _LOG_HEADER
+
+
+def previous_run(output: Path, full: bool = False) -> list[Path]:
+    """The files a `wanx train` run left in `output`. Raises where a file this run (`full` or
+    not) would write is there but was not written by wanx: a user's own file is never replaced."""
+    output = Path(output)
+    if not output.is_dir():
+        return []
+    found = []
+    mine = final_file(output, full)
+    for name in sorted({final_file(output).name, "lora.safetensors", "model.safetensors"}):  # lora.safetensors:
+        path = output / name  # the name of every LoRA before they were named after their folder
+        if path.is_file() and _wanx_file(path):
+            found.append(path)
+        elif path.exists() and path == mine:
+            raise ValueError(f"--output {output}: {path} is not a file wanx train wrote, and this run would write "
+                             "over it; move it or choose another --output")
+    if full and (output / "config.json").exists() and output / "model.safetensors" not in found:
+        raise ValueError(f"--output {output}: a --full run writes config.json beside model.safetensors, and "
+                         f"{output / 'config.json'} is another's; move it or choose another --output")
+    log = output / "log.csv"
+    if log.is_file() and not _wanx_log(log):
+        raise ValueError(f"--output {output}: {log} is not a wanx training log, and this run would write over it; "
+                         "move it or choose another --output")
+    found += [output / name for name in ("log.csv", "checkpoints", "validation", "tensorboard")
+              if (output / name).exists()]
+    return found
+
+
+def check_output(output: Path, *, resume: bool = False, overwrite: bool = False, full: bool = False) -> None:
+    """Refuse an --output that cannot be a run folder, or that holds a previous run unless it is
+    continued (--resume) or replaced (--overwrite); before any weight is loaded."""
+    output = Path(output)
+    if output.suffix == ".safetensors":
+        raise ValueError(f"--output {output}: give a folder; the LoRA goes inside it as "
+                         f"{final_file(output.with_suffix('')).name} (named after the folder)")
+    for parent in (output, *output.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--output {output}: {parent} is a file, not a folder; choose another --output")
+            break
+    if resume and overwrite:
+        raise ValueError("give --resume (continue the run in --output) or --overwrite (start it again), not both")
+    checkpoints = _checkpoints(output) if output.is_dir() else []
+    if resume:
+        if not checkpoints:
+            raise ValueError(f"--resume: {output} holds no checkpoint to resume from (checkpoints/step-N/, "
+                             "written with --save-every N and at the end); drop --resume to start")
+        return
+    previous = previous_run(output, full)
+    if previous and not overwrite:
+        names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in previous)
+        again = (f"add --resume to continue it from step {checkpoints[-1].name.split('-')[1]}, or --overwrite to start again"
+                 if checkpoints else "it has no checkpoint to resume from; add --overwrite to start again")
+        raise ValueError(f"--output {output} holds a previous run ({names}): {again}, or choose a new folder")
+
+
+def clear_run(output: Path, full: bool = False) -> None:
+    """Remove the previous run's files from `output` (what `previous_run` finds), nothing else:
+    files of other names stay, and so do the folders holding them."""
+    import re
+
+    output = Path(output)
+    for path in previous_run(output, full):
+        if path.is_file():
+            if path.name == "model.safetensors":
+                (output / "config.json").unlink(missing_ok=True)  # written beside it by a --full run
+            path.unlink()
+    # step-N/ and their .partial leftovers whole: a checkpoint left half-removed could be
+    # resumed from later
+    patterns = {"checkpoints": (r"\.?step-\d+(\.partial)?", True), "validation": (r"step-\d+", False),
+                "tensorboard": (r"events\.out\.tfevents\..*", False)}
+    for folder, (pattern, whole) in patterns.items():
+        root = output / folder
+        if not root.is_dir():
+            continue
+        for path in root.iterdir():
+            if not re.fullmatch(pattern, path.name):
+                continue
+            if path.is_dir() and whole:
+                shutil.rmtree(path)
+            elif path.is_dir():  # validation/step-N/: its videos K.mp4
+                for video in path.iterdir():
+                    if re.fullmatch(r"\d+\.mp4", video.name):
+                        video.unlink()
+                _remove_if_empty(path)
+            else:
+                path.unlink()
+        _remove_if_empty(root)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def _drop_later_validation(output: Path, step: int) -> None:
+    """Validation videos of steps after the checkpoint a run resumes from came from the part it
+    does again: removed with the log rows of those steps."""
+    import re
+
+    root = output / "validation"
+    for folder in root.glob("step-*") if root.is_dir() else ():
+        if folder.is_dir() and re.fullmatch(r"step-\d+", folder.name) and int(folder.name[5:]) > step:
+            for video in folder.iterdir():
+                if re.fullmatch(r"\d+\.mp4", video.name):
+                    video.unlink()
+            _remove_if_empty(folder)
+
+
+def run_settings(config: TrainConfig, dit_config, base_model: str = "") -> dict:
+    """What a checkpoint's weights depend on: a resumed run must have the same."""
+    import dataclasses
+    import json
+
+    lora = not config.full
+    return {"full": config.full, "expert": config.expert, "base_model": base_model,
+            "lora_rank": config.lora_rank if lora else None,
+            "lora_alpha": float(config.lora_alpha if config.lora_alpha is not None else config.lora_rank) if lora else None,
+            "targets": list(config.targets) if lora else None,
+            "dit": json.loads(json.dumps(dataclasses.asdict(dit_config)))}  # tuples as JSON lists, as read back
+
+
+def check_resume(output: Path, settings: dict) -> None:
+    """Compare this run's `run_settings` with those of the checkpoint --resume continues, naming
+    the flag that differs (before any weight is loaded). Checkpoints written before wanx stored
+    them are checked by shape as they load."""
+    import json
+
+    checkpoints = _checkpoints(Path(output))
+    if not checkpoints or not (checkpoints[-1] / SETTINGS_FILE).is_file():
+        return
+    latest = checkpoints[-1]
+    saved = json.loads((latest / SETTINGS_FILE).read_text(encoding="utf-8"))
+
+    def describe(dit: dict) -> str:
+        return f"{dit.get('model_type')} DiT, dim {dit.get('dim')}, {dit.get('num_layers')} layers"
+
+    flags = {"full": "--full", "expert": "--expert", "lora_rank": "--lora-rank", "lora_alpha": "--lora-alpha",
+             "targets": "--targets", "dit": "--model"}
+    for key, flag in flags.items():
+        mine, theirs = settings.get(key), saved.get(key)
+        if key not in saved or mine == theirs:
+            continue
+        if key == "dit":
+            raise ValueError(f"--resume: {latest} was trained on {saved.get('base_model') or 'another model'} "
+                             f"({describe(theirs)}); this --model {settings.get('base_model')} is a {describe(mine)}: "
+                             "give the model it was trained on")
+        if key == "full":
+            raise ValueError(f"--resume: {latest} holds a {'--full' if theirs else 'LoRA'} run; "
+                             f"{'add' if theirs else 'drop'} --full to continue it")
+        if theirs is None:  # e.g. --expert on a run of one DiT
+            raise ValueError(f"--resume: {latest} was trained without {flag}: drop it to continue the run")
+        raise ValueError(f"--resume: {latest} was trained with {flag} {_shown(theirs)}; this run has {flag} "
+                         f"{_shown(mine)}: give {flag} {_shown(theirs)} to continue it")
+
+
+def _shown(value) -> str:
+    """A setting as it is written on the command line."""
+    if isinstance(value, list):
+        return ",".join(value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def kept_after_interrupt(output: Path) -> str | None:
+    """What a stopped run left in `output` and how to go on, in words (None: nothing)."""
+    output = Path(output)
+    log, checkpoints = output / "log.csv", _checkpoints(output) if output.is_dir() else []
+    rows = 0
+    if log.is_file():
+        with open(log, encoding="utf-8") as fh:
+            rows = max(0, sum(1 for line in fh if line.strip()) - 1)
+    if not rows and not checkpoints:
+        return None
+    kept = [f"log.csv ({rows} step{'s' if rows != 1 else ''})"] if rows else []
+    if checkpoints:
+        kept.append(f"the checkpoint of step {checkpoints[-1].name.split('-')[1]} ({checkpoints[-1]})")
+        then = "continue with the same command and --resume"
+    else:
+        then = "no checkpoint to continue from (--save-every N writes them); start again with --overwrite"
+    return f"kept {' and '.join(kept)} in {output}; {then}"
