@@ -333,17 +333,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def _check_folder(path: Path, flag: str) -> None:
+    """An output folder that cannot be made (it is a file, or a file is on its way) or written
+    in: one line naming the flag, before anything is loaded."""
+    if path.is_file():
+        raise ValueError(f"{flag} {path}: is a file; give a folder")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is a file, not a folder; give a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path}: cannot write in {parent}; give another folder")
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
+    import math
+
     from .hub import find_components, resolve_model
     from .runtime import Runtime
-    from .training.prepare import prepare
+    from .training.prepare import model_geometry, prepare
 
+    if not (math.isfinite(args.fps) and args.fps > 0):
+        raise ValueError(f"--fps must be a positive frame rate such as 16, got {args.fps:g}")
+    _check_folder(Path(args.cache) if args.cache else Path(args.dataset) / ".wanx-cache", "--cache")
+    runtime = Runtime.create(_rank_device(args.device), args.dtype, t5_device=args.t5_device)
+    files = find_components(resolve_model(args.model, source=args.source))
+    # unset: the model's own size and length (wanx-defaults.json), else the official ones
+    args.size, args.frames = model_geometry(files, args.size, args.frames)
     if args.frames < 1 or (args.frames - 1) % 4:
         raise ValueError(f"--frames {args.frames} must be 4k+1 (e.g. 17, 33, 81)")
     if min(args.size) <= 0 or any(v % 16 for v in args.size):
         raise ValueError(f"--size {args.size[0]}x{args.size[1]}: width and height must be positive multiples of 16")
-    runtime = Runtime.create(_rank_device(args.device), args.dtype, t5_device=args.t5_device)
-    files = find_components(resolve_model(args.model, source=args.source))
     if files.model_type == "ti2v":  # Wan2.2 VAE (16x) and the 2x2 patch: whole tokens need multiples of 32
         if args.buckets:
             raise ValueError("--buckets sizes are multiples of 16; a TI2V model (Wan2.2 VAE) needs multiples of 32: "
@@ -354,6 +375,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     report = prepare(args.dataset, files, cache=args.cache, size=args.size, buckets=args.buckets, frames=args.frames,
                      fps=args.fps, runtime=runtime, progress=not args.quiet)
     if os.environ.get("RANK", "0") == "0":  # several processes: the main one reports for all
+        empty = report.nothing_prepared()
+        if empty:  # `train` would only find an empty cache
+            raise ValueError(empty)
         print(report.summary())
     return 0
 
@@ -701,12 +725,13 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("dataset", help="the dataset folder")
     prep.add_argument("--model", required=True, help="model folder, model id, or tiny (its VAE and umT5 are used)")
     prep.add_argument("--cache", help="where the encoded items go (default DATASET/.wanx-cache)")
-    prep.add_argument("--size", type=_size, default=(832, 480), help="WIDTHxHEIGHT every item is resized and "
-                                                                     "centre-cropped to (default 832x480)")
+    prep.add_argument("--size", type=_size, help="WIDTHxHEIGHT every item is resized and centre-cropped to "
+                                                 "(default: the model's own, e.g. the demo's 96x96; else 832x480)")
     prep.add_argument("--buckets", action="store_true", help="resolution and frame-count buckets instead: several "
                                                              "aspect ratios of the --size area, frame counts up to "
                                                              "--frames; small buckets merged, none dropped")
-    prep.add_argument("--frames", type=int, default=81, help="frames per clip, 4k+1 (with buckets: the most; default 81)")
+    prep.add_argument("--frames", type=int, help="frames per clip, 4k+1 (with buckets: the most; default: the "
+                                                 "model's own, e.g. the demo's 17; else 81)")
     prep.add_argument("--fps", type=float, default=16.0, help="frame rate clips are resampled to (default 16)")
     prep.add_argument("--t5-device", help="run umT5 here, e.g. cpu")
     _runtime_flags(prep, "umT5 weights (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
