@@ -174,4 +174,4 @@ def test_prepare_bad_flags_are_one_line_errors(dataset, capsys, tmp_path):
     assert main([*common, "--cache", str(tmp_path / "notes.md" / "c")]) == 2
     assert "notes.md is a file, not a folder" in capsys.readouterr().err
     assert main([*common, "--cache", str(tmp_path / "notes.md")]) == 2
-    assert "is a file; give a folder" in capsys.readouterr().err
+    assert "notes.md: " in (err := capsys.readouterr().err) and "notes.md is a file, not a folder" in err
