@@ -319,8 +319,9 @@ def check_memory(files, runtime, size: tuple[int, int], frames: int, *, availabl
         what = (f"--size {width}x{height} with --frames {frames} needs about {need(width, height) / GiB:.1f} GiB "
                 f"to encode one clip but {place} has {have / GiB:.1f} GiB available")
         if need(m, m) > have:
-            raise ValueError(f"{what}; even the smallest size does not fit: use fewer --frames, or a device "
-                             "with more memory")
+            raise ValueError(f"{what}; even the smallest size does not fit beside the encoders' weights "
+                             f"({need(0, 0) / GiB:.1f} GiB there): use fewer --frames, --dtype bf16, --t5-device "
+                             "cpu (beside a GPU), or a device with more memory")
         low, high = 0.0, 1.0  # the largest scale of (width, height) that fits
 
         def scaled(k: float) -> tuple[int, int]:
