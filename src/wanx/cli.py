@@ -333,17 +333,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def _check_folder(folder: Path, flag: str, given: Path | None = None) -> None:
+    """An output folder that cannot be made (it or a folder on its way is a file) or written
+    in: one line naming the flag and what it was `given`, before anything is loaded."""
+    parent = folder
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {given or folder}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {given or folder}: cannot write in {parent}; choose another place")
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
+    import math
+
     from .hub import find_components, resolve_model
     from .runtime import Runtime
-    from .training.prepare import prepare
+    from .training.prepare import model_geometry, prepare
 
+    if not (math.isfinite(args.fps) and args.fps > 0):
+        raise ValueError(f"--fps must be a positive frame rate such as 16, got {args.fps:g}")
+    _check_folder(Path(args.cache) if args.cache else Path(args.dataset) / ".wanx-cache", "--cache")
+    runtime = Runtime.create(_rank_device(args.device), args.dtype, t5_device=args.t5_device)
+    files = find_components(resolve_model(args.model, source=args.source))
+    # unset: the model's own size and length (wanx-defaults.json), else the official ones
+    args.size, args.frames = model_geometry(files, args.size, args.frames)
     if args.frames < 1 or (args.frames - 1) % 4:
         raise ValueError(f"--frames {args.frames} must be 4k+1 (e.g. 17, 33, 81)")
     if min(args.size) <= 0 or any(v % 16 for v in args.size):
         raise ValueError(f"--size {args.size[0]}x{args.size[1]}: width and height must be positive multiples of 16")
-    runtime = Runtime.create(_rank_device(args.device), args.dtype, t5_device=args.t5_device)
-    files = find_components(resolve_model(args.model, source=args.source))
     if files.model_type == "ti2v":  # Wan2.2 VAE (16x) and the 2x2 patch: whole tokens need multiples of 32
         if args.buckets:
             raise ValueError("--buckets sizes are multiples of 16; a TI2V model (Wan2.2 VAE) needs multiples of 32: "
@@ -354,6 +373,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     report = prepare(args.dataset, files, cache=args.cache, size=args.size, buckets=args.buckets, frames=args.frames,
                      fps=args.fps, runtime=runtime, progress=not args.quiet)
     if os.environ.get("RANK", "0") == "0":  # several processes: the main one reports for all
+        empty = report.nothing_prepared()
+        if empty:  # `train` would only find an empty cache
+            raise ValueError(empty)
         print(report.summary())
     return 0
 
@@ -582,25 +604,58 @@ def cmd_calibrate_cache(args: argparse.Namespace) -> int:
     import json
 
     from .hub import find_components, resolve_model
-    from .pipeline import CALIBRATION_FILE, WanPipeline
+    from .pipeline import WanPipeline
+    from .request import check_job, request_weights
     from .runtime import Runtime
-    from .speed.cache import calibrate
+    from .speed.cache import calibrate, calibration_path
+    from .text import Tokenizer
 
-    if args.steps < 10:
-        raise ValueError("--steps must be >= 10 (the first 5 steps are never skipped, so they do not calibrate)")
+    # Everything is checked before any weight is loaded: model, output, settings, memory, prompts.
     runtime = Runtime.create(args.device, args.dtype)
     files = find_components(resolve_model(args.model, source=args.source), dit=args.dit)
-    output = Path(args.output) if args.output else Path(files.folder) / CALIBRATION_FILE
     if files.model_type != "t2v":
         raise ValueError("calibrate-cache runs text-to-video prompts: give a T2V model (I2V needs images; not yet)")
     if files.moe:
         raise ValueError("step caching does not support two experts (Wan2.2 A14B) yet")
-    prompts = _prompts(args.prompts) if args.prompts else CALIBRATION_PROMPTS
+    # the package's demo and download caches are not the user's: their calibration goes to WANX_HOME
+    output = Path(args.output) if args.output else calibration_path(files.folder)
+    if args.output:
+        if output.is_dir():
+            raise ValueError(f"--output {output}: is a folder; give a file name such as calibration.json")
+        _check_folder(output.parent, "--output", output)
+    if args.prompts:
+        try:
+            prompts = _prompts(args.prompts)
+        except ValueError:
+            raise ValueError(f"--prompts {args.prompts!r} holds no prompt") from None
+    else:
+        prompts = CALIBRATION_PROMPTS
+    # size, frames, steps and negative prompt: as `generate` takes them (the model's own defaults
+    # from wanx-defaults.json, else the official ones), and the same memory check
+    job = dict(prompt=prompts[0], size=args.size, frames=args.frames, steps=args.steps, seed=args.seed)
+    plan, _ = check_job(job, files, runtime=runtime, weights=request_weights(files, runtime), names=FLAGS)
+    if plan.steps < 10:
+        raise ValueError(f"--steps {plan.steps} must be >= 10 (the first 5 steps are never skipped, so they do not "
+                         "calibrate)")
+    text_len = files.dit_config.text_len
+    texts = prompts + ([plan.negative_prompt] if plan.negative_prompt else [])
+    lengths = Tokenizer(files.tokenizer)(texts)[1].sum(1).tolist()
+    for k, (text, n) in enumerate(zip(texts, lengths)):
+        if n <= text_len:
+            continue
+        if k == len(prompts):
+            what = f"the model's negative prompt ({files.folder}/wanx-defaults.json, or the official one)"
+        elif args.prompts:
+            what = f"--prompts: prompt {k + 1} ({text[:40]!r})"
+        else:
+            what = f"the built-in prompt {text!r} (give your own with --prompts)"
+        raise ValueError(f"{what} has {n} tokens; this model reads at most {text_len}: shorten it")
     pipe = WanPipeline.from_files(files, runtime=runtime, progress=not args.quiet)
-    width, height = args.size
-    result = calibrate(pipe, prompts, num_inference_steps=args.steps, width=width, height=height,
-                       num_frames=args.frames, seed=args.seed, progress=not args.quiet)
-    result.update(model=str(files.dit), size=f"{width}x{height}", frames=args.frames, prompts=len(prompts))
+    result = calibrate(pipe, prompts, num_inference_steps=plan.steps, width=plan.width, height=plan.height,
+                       num_frames=plan.num_frames, seed=args.seed, progress=not args.quiet)
+    result.update(model=str(files.dit), size=f"{plan.width}x{plan.height}", frames=plan.num_frames,
+                  prompts=len(prompts))
+    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.partial")
     tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     tmp.replace(output)
@@ -608,9 +663,10 @@ def cmd_calibrate_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+# Short enough for a model that reads 32 tokens (the demo): 32, 27 and 26 of its tokens.
 CALIBRATION_PROMPTS = ["A cat walks on the grass, realistic style.",
-                       "A red sports car drives along a coastal road at sunset, aerial shot.",
-                       "Two people talk in a busy cafe, handheld camera."]
+                       "A red car drives along a road at sunset.",
+                       "Two people talk in a busy cafe."]
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -768,12 +824,13 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("dataset", help="the dataset folder")
     prep.add_argument("--model", required=True, help="model folder, model id, or tiny (its VAE and umT5 are used)")
     prep.add_argument("--cache", help="where the encoded items go (default DATASET/.wanx-cache)")
-    prep.add_argument("--size", type=_size, default=(832, 480), help="WIDTHxHEIGHT every item is resized and "
-                                                                     "centre-cropped to (default 832x480)")
+    prep.add_argument("--size", type=_size, help="WIDTHxHEIGHT every item is resized and centre-cropped to "
+                                                 "(default: the model's own, e.g. the demo's 96x96; else 832x480)")
     prep.add_argument("--buckets", action="store_true", help="resolution and frame-count buckets instead: several "
                                                              "aspect ratios of the --size area, frame counts up to "
                                                              "--frames; small buckets merged, none dropped")
-    prep.add_argument("--frames", type=int, default=81, help="frames per clip, 4k+1 (with buckets: the most; default 81)")
+    prep.add_argument("--frames", type=int, help="frames per clip, 4k+1 (with buckets: the most; default: the "
+                                                 "model's own, e.g. the demo's 17; else 81)")
     prep.add_argument("--fps", type=float, default=16.0, help="frame rate clips are resampled to (default 16)")
     prep.add_argument("--t5-device", help="run umT5 here, e.g. cpu")
     _runtime_flags(prep, "umT5 weights (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
@@ -856,16 +913,20 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Generate a few prompts without skipping, measure how the DiT's block stack "
                                      "changes from step to step, and fit TeaCache's polynomial and MagCache's ratio "
                                      "table for this model (a fine-tune, or a size with no published calibration). "
-                                     "Written to MODEL/wanx-cache-calibration.json, where --teacache/--magcache find it.")
+                                     "Written to MODEL/wanx-cache-calibration.json (for the demo and downloaded "
+                                     "models: $WANX_HOME/calibrations/), where --teacache/--magcache find it.")
     cal.add_argument("--model", required=True, help="model folder, model id, or tiny")
     cal.add_argument("--dit", metavar="FILE", help="the DiT checkpoint to use when the model folder holds several")
     cal.add_argument("--prompts", metavar="TEXT|FILE", help="prompts (a file, one per line, or separated by |); "
                                                             "default: 3 built-in prompts")
-    cal.add_argument("--steps", type=int, default=50, help="sampling steps, as you will generate (default 50)")
-    cal.add_argument("--size", type=_size, default=(832, 480), help="WIDTHxHEIGHT (default 832x480)")
-    cal.add_argument("--frames", type=int, default=81, help="frames, 4k+1 (default 81)")
+    cal.add_argument("--steps", type=int, help="sampling steps, as you will generate (default: the model's own, "
+                                               "e.g. the demo's 20; else 50)")
+    cal.add_argument("--size", type=_size, help="WIDTHxHEIGHT (default: the model's own, e.g. the demo's 96x96; "
+                                                "else 832x480)")
+    cal.add_argument("--frames", type=int, help="frames, 4k+1 (default: the model's own, e.g. the demo's 17; else 81)")
     cal.add_argument("--seed", type=int, default=0)
-    cal.add_argument("--output", help="where to write the calibration (default: in the model folder)")
+    cal.add_argument("--output", help="where to write the calibration (default: in the model folder, or for the "
+                                      "demo and downloaded models under $WANX_HOME/calibrations/)")
     _runtime_flags(cal, "DiT and encoder weights (default bf16 on GPU, fp32 on CPU)")
     cal.set_defaults(func=cmd_calibrate_cache)
 

@@ -210,8 +210,9 @@ class WanPipeline:
         return pipe
 
     def apply_speed(self, runtime: Runtime, folder: Path | None = None) -> None:
-        """The runtime's speed options: attention kernel, step cache (with the model folder's
-        own calibration when `wanx calibrate-cache` wrote one there), regional compile."""
+        """The runtime's speed options: attention kernel, step cache (with the model's own
+        calibration when `wanx calibrate-cache` made one: `speed.cache.find_calibration`),
+        regional compile."""
         from .attention import backend_for, set_attention_backend
 
         set_attention_backend(runtime.attention)
@@ -223,9 +224,10 @@ class WanPipeline:
             if self.dit_low is not None:
                 raise ValueError("step caching (--teacache/--magcache) does not support two experts (Wan2.2 A14B) yet")
             calibration = runtime.cache_calibration
-            own = Path(folder) / CALIBRATION_FILE if folder is not None else None
-            if calibration is None and own is not None and own.is_file():
-                calibration = own
+            if calibration is None and folder is not None:
+                from .speed.cache import find_calibration
+
+                calibration = find_calibration(folder)
             self.enable_cache(runtime.cache, runtime.cache_threshold, calibration=calibration)
         if runtime.compile:
             from .speed.compile import compile_blocks
@@ -608,7 +610,6 @@ class WanPipeline:
         self.step_cache = None
 
 
-CALIBRATION_FILE = "wanx-cache-calibration.json"  # written by `wanx calibrate-cache` into the model folder
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 GUIDANCE_RANGE = (1.0, 30.0)
 

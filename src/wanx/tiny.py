@@ -45,11 +45,15 @@ _CORPUS = [
 ]
 
 
+def wanx_home() -> Path:
+    """Where wanx keeps what it makes for the user: $WANX_HOME, default ~/.cache/wanx."""
+    return Path(os.environ.get("WANX_HOME", Path.home() / ".cache" / "wanx"))
+
+
 def tiny_model_dir(name: str) -> Path:
     """Where `name` is kept: $WANX_HOME (default ~/.cache/wanx)/<name>; made on first use, and
     made again when it was made by another version of the recipe (its stamp differs)."""
-    home = Path(os.environ.get("WANX_HOME", Path.home() / ".cache" / "wanx"))
-    folder = home / name
+    folder = wanx_home() / name
     if _read_stamp(folder) != _stamp(TINY_MODELS[name]):
         make_tiny_model(folder, TINY_MODELS[name])
     return folder

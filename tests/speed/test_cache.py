@@ -172,7 +172,8 @@ def test_published_tables_resample_and_uncalibrated_models_say_so(pipe, capsys, 
 def test_calibration_file_is_found_in_the_model_folder_and_bad_input_stops(calibration, tmp_path, capsys):
     import shutil
 
-    from wanx.pipeline import CALIBRATION_FILE, WanPipeline
+    from wanx.pipeline import WanPipeline
+    from wanx.speed.cache import CALIBRATION_FILE
     from wanx.tiny import tiny_model_dir
 
     folder = tmp_path / "model"

@@ -91,6 +91,28 @@ def test_missing_file_row_is_skipped_with_row_and_name(tmp_path):
         find_items(tmp_path)
 
 
+def test_an_empty_caption_is_skipped_with_file_and_row(tmp_path):
+    """An empty caption is almost always a mistake (caption dropout trains the empty prompt on
+    purpose): the row is skipped with its line, as a missing file is, never cached as ""."""
+    for name in ("a.mp4", "b.mp4", "c.mp4"):
+        write_video(tmp_path / name)
+    (tmp_path / "metadata.csv").write_text('file_name,text\na.mp4,one\nb.mp4,"  "\nc.mp4\n', encoding="utf-8")
+    report = DatasetReport()
+    assert [i.path.name for i in find_items(tmp_path, report)] == ["a.mp4"]
+    assert report.skipped == [(tmp_path / "b.mp4", "metadata.csv line 3: no caption"),
+                              (tmp_path / "c.mp4", "metadata.csv line 4: no caption")]
+    with pytest.raises(ValueError, match="b.mp4: metadata.csv line 3: no caption"):
+        find_items(tmp_path)
+    assert len(find_items(tmp_path, captions=False)) == 3  # what trains without text (the VAE) keeps them
+
+    (tmp_path / "metadata.csv").unlink()  # the caption-file layout: an empty .txt
+    for name, text in (("a", "one"), ("b", "\n"), ("c", "three")):
+        (tmp_path / f"{name}.txt").write_text(text, encoding="utf-8")
+    report = DatasetReport()
+    assert [i.path.name for i in find_items(tmp_path, report)] == ["a.mp4", "c.mp4"]
+    assert report.skipped == [(tmp_path / "b.mp4", "no caption (b.txt is empty)")]
+
+
 def test_dataset_errors(tmp_path):
     with pytest.raises(ValueError, match="no such dataset folder"):
         find_items(tmp_path / "nope")

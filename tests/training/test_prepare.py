@@ -122,3 +122,56 @@ def test_other_weights_of_the_same_size_or_another_tokenizer_are_encoded_again(d
     tokenizer = files.tokenizer / "tokenizer.json" if files.tokenizer.is_dir() else files.tokenizer
     tokenizer.write_text(tokenizer.read_text(encoding="utf-8") + " ", encoding="utf-8")  # same JSON, other bytes
     assert prepare().startswith("2 encoded")
+
+
+def test_prepare_takes_the_model_defaults_and_an_empty_result_is_an_error(dataset, capsys):
+    """Without --size/--frames the model's own (the demo's 96x96, 17 frames) are used, not
+    832x480x81 that every clip here is too short for; when nothing can be prepared the command
+    fails and says which --frames would keep the clips. A row without a caption is skipped."""
+    import shutil
+
+    shutil.copy(dataset / "red.mp4", dataset / "nocap.mp4")
+    with open(dataset / "metadata.csv", "a", encoding="utf-8") as fh:
+        fh.write("nocap.mp4,\n")
+    assert main(["prepare", str(dataset), "--model", "demo", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("2 encoded") and "(buckets 96x96x17: 2)" in out, out
+    assert "nocap.mp4 (metadata.csv line 6: no caption)" in out
+    assert main(["prepare", str(dataset), "--model", "tiny", "--size", "64x48", "--frames", "33", "--quiet",
+                 "--cache", str(dataset / "long")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wanx: error: nothing was prepared") and "\n" not in err
+    assert "the shortest clip has 5 frames at 16 fps: give --frames 5" in err and "--buckets" in err
+    assert [f.name for f in (dataset / "long").glob("*.safetensors")] == ["empty-text.safetensors"]  # no item
+
+
+def test_prepare_refuses_what_does_not_fit_before_encoding(dataset, capsys):
+    from wanx.hub import find_model
+    from wanx.memory.estimate import GiB
+    from wanx.runtime import Runtime
+    from wanx.training.prepare import check_memory
+
+    assert main(["prepare", str(dataset), "--model", "tiny", "--size", "65536x65536", "--frames", "81",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--size 65536x65536 with --frames 81 needs about" in err and "the largest --size" in err
+    assert not (dataset / ".wanx-cache").exists()
+    files, runtime = find_model("tiny"), Runtime.create("cpu")
+    check_memory(files, runtime, (832, 480), 81, available={"cpu": 8 * GiB})
+    with pytest.raises(ValueError, match=r"8192x8192 with --frames 17 needs about .* the largest --size with this "
+                                         r"aspect ratio that fits is (\d+)x\1 ") as info:
+        check_memory(files, runtime, (8192, 8192), 17, available={"cpu": 8 * GiB})
+    side = int(str(info.value).split("fits is ")[1].split("x")[0])
+    assert 832 < side < 8192 and side % 16 == 0
+    check_memory(files, runtime, (side, side), 17, available={"cpu": 8 * GiB})
+
+
+def test_prepare_bad_flags_are_one_line_errors(dataset, capsys, tmp_path):
+    common = ["prepare", str(dataset), "--model", "tiny", "--size", "64x48", "--frames", "9", "--quiet"]
+    assert main([*common, "--fps", "0"]) == 2
+    assert "--fps must be a positive frame rate" in capsys.readouterr().err
+    (tmp_path / "notes.md").write_text("x", encoding="utf-8")
+    assert main([*common, "--cache", str(tmp_path / "notes.md" / "c")]) == 2
+    assert "notes.md is a file, not a folder" in capsys.readouterr().err
+    assert main([*common, "--cache", str(tmp_path / "notes.md")]) == 2
+    assert "notes.md: " in (err := capsys.readouterr().err) and "notes.md is a file, not a folder" in err

@@ -309,6 +309,59 @@ def resample_ratios(ratios: Sequence[float], num_steps: int) -> list[float]:
 # -- calibration ---------------------------------------------------------------------------
 
 
+CALIBRATION_FILE = "wanx-cache-calibration.json"
+
+
+def calibration_path(folder: str | Path) -> Path:
+    """Where `wanx calibrate-cache` keeps a model folder's calibration: in the folder when it is
+    the user's own, else (the demo shipped in the package, a Hugging Face or ModelScope cache
+    snapshot, a folder the user cannot write) under $WANX_HOME/calibrations/, named after the
+    model and a digest of the folder's path (another snapshot is another model)."""
+    import hashlib
+
+    from ..tiny import wanx_home
+
+    folder = Path(folder).resolve()
+    if _users_own(folder):
+        return folder / CALIBRATION_FILE
+    parts = folder.parts
+    repo = next((p.removeprefix("models--") for p, q in zip(parts, parts[1:])
+                 if p.startswith("models--") and q == "snapshots"), None)
+    name = "demo" if folder == _package() / "demo" / "model" else repo or folder.name
+    digest = hashlib.sha1(str(folder).encode("utf-8")).hexdigest()[:10]
+    return wanx_home() / "calibrations" / f"{name}-{digest}.json"
+
+
+def find_calibration(folder: str | Path) -> Path | None:
+    """The calibration `wanx calibrate-cache` made for a model folder (`calibration_path`), or
+    one the folder holds itself; None when there is neither."""
+    for path in (calibration_path(folder), Path(folder) / CALIBRATION_FILE):
+        if path.is_file():
+            return path
+    return None
+
+
+def _package() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def _users_own(folder: Path) -> bool:
+    """A model folder the user made or chose (a `wanx download --dir` folder, a fine-tune), as
+    opposed to one a tool keeps: the package's own files and download caches are not for
+    user data (a reinstall or a cache cleanup would lose it, or write into site-packages)."""
+    import os
+
+    if folder.is_relative_to(_package()):
+        return False
+    parts = folder.parts
+    if any(p.startswith("models--") and q == "snapshots" for p, q in zip(parts, parts[1:])):
+        return False  # huggingface_hub's cache layout
+    modelscope = Path(os.environ.get("MODELSCOPE_CACHE", Path.home() / ".cache" / "modelscope")).resolve()
+    if folder.is_relative_to(modelscope):
+        return False
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
 def load_calibration(path: str | Path) -> dict:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))

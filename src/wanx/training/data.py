@@ -67,11 +67,12 @@ class Bucket(NamedTuple):
 
 
 class SkippedItem(ValueError):
-    """An item that cannot be used (unreadable, corrupt, too short); `reason` says why in words."""
+    """An item that cannot be used (unreadable, corrupt, too short); `reason` says why in words,
+    and for a clip too short, `frames` how many it holds (at the target frame rate)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, frames: int | None = None):
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.frames = reason, frames
 
 
 @dataclass
@@ -79,9 +80,14 @@ class DatasetReport:
     """The files left out of training, each with the reason, for one summary line to the user."""
 
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    # clips skipped as too short -> the frames each holds, so that the user can be told which
+    # --frames would keep them
+    short: dict[Path, int] = field(default_factory=dict)
 
-    def add(self, path: str | Path, reason: str) -> None:
+    def add(self, path: str | Path, reason: str, frames: int | None = None) -> None:
         self.skipped.append((Path(path), reason))
+        if frames is not None:
+            self.short[Path(path)] = frames
 
     def summary(self, shown: int = 3) -> str:
         """One line: how many files were skipped and why, the first `shown` by name."""
@@ -96,20 +102,22 @@ class DatasetReport:
 # ----------------------------------------------------------------------------- finding items
 
 
-def find_items(folder: str | Path, report: DatasetReport | None = None) -> list[Item]:
+def find_items(folder: str | Path, report: DatasetReport | None = None, *, captions: bool = True) -> list[Item]:
     """The dataset's items, from `metadata.csv` (in `folder` or `folder/train`) if there is one,
     else from each video/image with a same-stem `.txt` caption (searched recursively).
 
-    Files that cannot be used (a csv row naming a missing file, a video without a caption)
-    are added to `report` with the reason; without a report the first one raises, so nothing
-    is left out silently either way."""
+    Files that cannot be used (a csv row naming a missing file, a video without a caption, an
+    empty caption: almost always a mistake, and caption dropout trains the empty prompt on
+    purpose) are added to `report` with the reason; without a report the first one raises, so
+    nothing is left out silently either way. captions=False keeps items with empty captions
+    (for what trains without text, such as the VAE)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder}: no such dataset folder")
     strict = report is None
     report = report if report is not None else DatasetReport()
     csv_path = next((p for p in (folder / METADATA, folder / "train" / METADATA) if p.is_file()), None)
-    items = _items_from_csv(csv_path, report) if csv_path else _items_from_captions(folder, report)
+    items = _items_from_csv(csv_path, report, captions) if csv_path else _items_from_captions(folder, report, captions)
     if strict and report.skipped:
         path, reason = report.skipped[0]
         raise ValueError(f"{path}: {reason}")
@@ -121,7 +129,7 @@ def find_items(folder: str | Path, report: DatasetReport | None = None) -> list[
     return items
 
 
-def _items_from_csv(csv_path: Path, report: DatasetReport) -> list[Item]:
+def _items_from_csv(csv_path: Path, report: DatasetReport, captions: bool = True) -> list[Item]:
     """Rows of `file_name,text`; quoted fields may hold commas and newlines. `utf-8-sig`
     because spreadsheet programs start their UTF-8 exports with a byte-order mark."""
     items = []
@@ -141,12 +149,14 @@ def _items_from_csv(csv_path: Path, report: DatasetReport) -> list[Item]:
                 report.add(path, f"{where}: no such file {name}")
             elif (kind := _kind(path)) is None:
                 report.add(path, f"{where}: not a video or image ({path.suffix or 'no suffix'})")
+            elif not (text := (row["text"] or "").strip()) and captions:  # a short row has text None
+                report.add(path, f"{where}: no caption")
             else:
-                items.append(Item(path, (row["text"] or "").strip(), kind))
+                items.append(Item(path, text, kind))
     return items
 
 
-def _items_from_captions(folder: Path, report: DatasetReport) -> list[Item]:
+def _items_from_captions(folder: Path, report: DatasetReport, captions: bool = True) -> list[Item]:
     items = []
     for path in sorted(folder.rglob("*")):
         if not path.is_file() or _kind(path) is None or _hidden(path.relative_to(folder)):
@@ -155,7 +165,11 @@ def _items_from_captions(folder: Path, report: DatasetReport) -> list[Item]:
         if not caption.is_file():
             report.add(path, f"no caption file {caption.name}")
             continue
-        items.append(Item(path, caption.read_text(encoding="utf-8-sig").strip(), _kind(path)))
+        text = caption.read_text(encoding="utf-8-sig").strip()
+        if not text and captions:
+            report.add(path, f"no caption ({caption.name} is empty)")
+            continue
+        items.append(Item(path, text, _kind(path)))
     return items
 
 
@@ -297,7 +311,7 @@ def assign_buckets(clips: Iterable[Clip], *, area: int = AREA_480P,
         except SkippedItem as err:
             if report is None:
                 raise ValueError(f"{clip.item.path}: {err.reason}") from None
-            report.add(clip.item.path, err.reason)
+            report.add(clip.item.path, err.reason, err.frames)
             continue
         buckets.setdefault(Bucket(height, width, frames), []).append(clip)
     _merge_small(buckets, min_items)
@@ -309,7 +323,7 @@ def _frame_bucket(clip: Clip, frame_counts: Sequence[int], target_fps: float | N
     available = len(resample_index(clip.frame_count, clip.fps, target_fps=target_fps, frame_stride=frame_stride))
     fitting = [n for n in frame_counts if n <= available]
     if not fitting:
-        raise SkippedItem(_too_short(available, min(frame_counts), clip.fps, target_fps, frame_stride))
+        raise SkippedItem(_too_short(available, min(frame_counts), clip.fps, target_fps, frame_stride), available)
     return max(fitting)
 
 
@@ -367,5 +381,5 @@ def load_item(item: Item, *, height: int, width: int, num_frames: int, target_fp
         available = len(resample_index(len(frames), fps, target_fps=target_fps, frame_stride=frame_stride))
         if item.kind == "image":
             raise SkippedItem(f"an image is 1 frame, needs {num_frames}")
-        raise SkippedItem(_too_short(available, num_frames, fps, target_fps, frame_stride))
+        raise SkippedItem(_too_short(available, num_frames, fps, target_fps, frame_stride), available)
     return resize_crop(sampled, height, width)

@@ -41,6 +41,24 @@ class PrepareReport:
     reused: list[Path] = field(default_factory=list)
     skipped: DatasetReport = field(default_factory=DatasetReport)
     buckets: dict[Bucket, int] = field(default_factory=dict)
+    frames: int = 81  # the settings it was made with, for the advice when nothing could be used
+    fps: float = FPS
+    bucketed: bool = False
+
+    def nothing_prepared(self) -> str | None:
+        """None when the cache holds items; else one line saying why none, and which --frames
+        would keep the clips that were too short (users otherwise find an empty cache at `train`)."""
+        if self.encoded or self.reused:
+            return None
+        line = f"nothing was prepared in {self.cache}: {self.skipped.summary()}"
+        if self.skipped.short:
+            shortest = min(self.skipped.short.values())
+            fits = (shortest - 1) // 4 * 4 + 1  # 4k+1
+            line += (f"; the shortest clip has {shortest} frames at {self.fps:g} fps: give --frames {fits} "
+                     f"(4k+1, at most {shortest}) to keep every clip")
+            if not self.bucketed and max(self.skipped.short.values()) >= min(FRAME_COUNTS):
+                line += ", or --buckets (each clip at the most frames it holds, up to --frames)"
+        return line
 
     def summary(self) -> str:
         sizes = ", ".join(f"{b.width}x{b.height}x{b.num_frames}: {n}" for b, n in self.buckets.items())
@@ -57,16 +75,21 @@ def cache_file(cache: Path, dataset: Path, item: Item) -> Path:
     return cache / f"{item.path.stem[:60]}-{digest}.safetensors"
 
 
-def prepare(dataset: str | Path, files, *, cache: str | Path | None = None, size: tuple[int, int] = (832, 480),
-            buckets: bool = False, frames: int = 81, fps: float = FPS, runtime=None,
+def prepare(dataset: str | Path, files, *, cache: str | Path | None = None, size: tuple[int, int] | None = None,
+            buckets: bool = False, frames: int | None = None, fps: float = FPS, runtime=None,
             progress: bool = True) -> PrepareReport:
     """Encode every usable item of `dataset` with the VAE and umT5 of `files`
     (`wanx.hub.find_components`). size: (width, height) every item is resized and cropped to,
     or with `buckets` the area of the resolution buckets (several aspect ratios, frame counts
-    up to `frames`); frames: 4k+1."""
+    up to `frames`); frames: 4k+1. Left unset, both are the model's own (`model_geometry`)."""
+    from ..runtime import Runtime
+
     dataset = Path(dataset)
     cache = Path(cache) if cache is not None else dataset / ".wanx-cache"
-    report = PrepareReport(cache)
+    size, frames = model_geometry(files, size, frames)
+    runtime = runtime or Runtime.create()
+    check_memory(files, runtime, size, frames)  # before any clip is read
+    report = PrepareReport(cache, frames=frames, fps=fps, buckets=buckets)
     items = find_items(dataset, report.skipped)
     plans = _plan(items, size=size, buckets=buckets, frames=frames, fps=fps, report=report)
     fingerprint = _fingerprint(files)
@@ -103,7 +126,7 @@ def prepare(dataset: str | Path, files, *, cache: str | Path | None = None, size
                 pixels = load_item(item, height=bucket.height, width=bucket.width, num_frames=bucket.num_frames,
                                    target_fps=fps)
             except SkippedItem as err:
-                report.skipped.add(item.path, err.reason)
+                report.skipped.add(item.path, err.reason, err.frames)
                 if report.buckets.get(bucket):  # the summary counts what was cached
                     report.buckets[bucket] -= 1
                 continue
@@ -123,8 +146,10 @@ def prepare(dataset: str | Path, files, *, cache: str | Path | None = None, size
 
         skipped = gather_object(report.skipped.skipped)
         encoded = gather_object(report.encoded)
+        short = gather_object(list(report.skipped.short.items()))
         report.skipped.skipped[:] = list(dict.fromkeys(skipped))  # items every process probed are listed once
         report.encoded[:] = encoded
+        report.skipped.short.update(short)
         if rank:
             return report
     if report.skipped.skipped:
@@ -238,10 +263,8 @@ def _fingerprint(files) -> str:
 
 def _encoders(files, runtime, progress: bool):
     from ..loading import load_model
-    from ..runtime import Runtime
     from ..text import TextEncoder, Tokenizer
 
-    runtime = runtime or Runtime.create()
     tokenizer = Tokenizer(files.tokenizer)
     vae = load_model(files.vae, dtype=runtime.vae_dtype, device=runtime.device, progress=progress)
     t5 = load_model(files.text_encoder, dtype=runtime.dtype, device=runtime.text_device, progress=progress)
@@ -251,3 +274,102 @@ def _encoders(files, runtime, progress: bool):
     if progress:
         print(f"encoders loaded on {runtime.device}", file=sys.stderr)
     return vae, TextEncoder(t5, tokenizer, device=runtime.text_device), clip, runtime.device
+
+
+def model_geometry(files, size: tuple[int, int] | None = None, frames: int | None = None) -> tuple[tuple[int, int], int]:
+    """(width, height) and frames to prepare at: those given, else the model folder's own
+    (`wanx-defaults.json`, e.g. the demo model's 96x96 and 17 frames), else the official ones
+    of its task (832x480 and 81 frames; TI2V-5B 1280x704 and 121)."""
+    from ..pipeline import DEFAULTS
+
+    own, official = files.defaults, DEFAULTS.get(files.model_type, {})
+    if size is None:
+        size = (own.get("width") or official.get("width", 832), own.get("height") or official.get("height", 480))
+    if frames is None:
+        frames = own.get("num_frames") or official.get("num_frames", 81)
+    return (int(size[0]), int(size[1])), int(frames)
+
+
+# One item is read, resized and encoded at a time. What it holds at once, in bytes:
+# - its frames as uint8 [F, H, W, 3] (kept for the whole item), and while they are resized one
+#   float32 chunk of 16 frames in and out (`resize_crop`);
+# - the clip as float32 [3, F, H, W], made through one more float32 copy (`to_unit`), then on
+#   the device with the VAE encoder's workspace for one tile (512 pixels a side above 512x512,
+#   as `prepare` tiles): about the decoder's per pixel (the real VAE measured 19 KB per pixel in
+#   fp32 at 128x128 and 256x256), so `estimate.decode_bytes`; for I2V also the first-frame
+#   clip and its untiled encode (`image_conditioning`).
+# The source video's own decoded frames (at its resolution) come on top, unknown before reading.
+ENCODE_TILE = 512
+
+
+def check_memory(files, runtime, size: tuple[int, int], frames: int, *, available: dict | None = None) -> None:
+    """Refuse, in one line naming --size and --frames, a size whose encoding does not fit the
+    device (and, beside a GPU, the host) with the encoders' weights, and say the largest size of
+    the same aspect ratio that does: an 8192x8192 clip is otherwise killed for memory mid-run.
+    available: bytes per device type ("cpu", "cuda"), measured when not given."""
+    from ..memory.estimate import GiB, available_memory
+
+    width, height = size
+    m = 32 if files.model_type == "ti2v" else 16
+    for place, need in _encode_memory(files, runtime, frames):
+        have = (available or {}).get(place.type)
+        have = available_memory(place) if have is None else have
+        if need(width, height) <= have:
+            continue
+        what = (f"--size {width}x{height} with --frames {frames} needs about {need(width, height) / GiB:.1f} GiB "
+                f"to encode one clip but {place} has {have / GiB:.1f} GiB available")
+        if need(m, m) > have:
+            raise ValueError(f"{what}; even the smallest size does not fit beside the encoders' weights "
+                             f"({need(0, 0) / GiB:.1f} GiB there): use fewer --frames, --dtype bf16, --t5-device "
+                             "cpu (beside a GPU), or a device with more memory")
+        low, high = 0.0, 1.0  # the largest scale of (width, height) that fits
+
+        def scaled(k: float) -> tuple[int, int]:
+            return max(m, int(width * k) // m * m), max(m, int(height * k) // m * m)
+
+        for _ in range(40):
+            mid = (low + high) / 2
+            low, high = (mid, high) if need(*scaled(mid)) <= have else (low, mid)
+        w, h = scaled(low)
+        raise ValueError(f"{what}; the largest --size with this aspect ratio that fits is {w}x{h} "
+                         "(or use fewer --frames)")
+
+
+def _encode_memory(files, runtime, frames: int) -> list:
+    """[(device, bytes needed there as a function of (width, height))] for `check_memory`: one
+    entry on a CPU, the GPU and the host otherwise."""
+    import torch
+
+    from ..memory.estimate import decode_bytes, weight_bytes
+
+    counts = [(net, n) for net, n in files.parameter_counts() if net in ("vae", "t5", "clip")]
+    weights = weight_bytes(counts, runtime.dtype, runtime.vae_dtype)
+    on_device = sum(b for net, b in weights.items() if net != "t5" or runtime.text_device == runtime.device)
+    on_host = sum(weights.values()) - on_device
+    conditioning = _conditioning(files) is not None
+
+    def phases(w: int, h: int) -> tuple[int, int, int, int]:
+        pixels = frames * h * w * 3  # uint8
+        resize = 2 * min(frames, 16) * h * w * 3 * 4
+        clip = pixels * 4  # float32
+        tile = (min(h, ENCODE_TILE), min(w, ENCODE_TILE)) if h * w > ENCODE_TILE ** 2 else (h, w)
+        encode = clip + decode_bytes(*tile, runtime.vae_dtype)
+        if conditioning:
+            encode += clip + decode_bytes(h, w, runtime.vae_dtype)
+        return pixels, resize, 2 * clip, encode
+
+    if runtime.device.type == "cpu":
+        def everything(w: int, h: int) -> int:
+            pixels, resize, to_unit, encode = phases(w, h)
+            return on_device + on_host + pixels + max(resize, to_unit, encode)
+
+        return [(runtime.device, everything)]
+
+    def device(w: int, h: int) -> int:
+        return on_device + phases(w, h)[3]
+
+    def host(w: int, h: int) -> int:
+        pixels, resize, to_unit, _ = phases(w, h)
+        return on_host + pixels + max(resize, to_unit)
+
+    return [(runtime.device, device), (torch.device("cpu"), host)]

@@ -58,7 +58,7 @@ def load_clips(data: Path, frames: int, *, captions: bool = False) -> list:
     from .data import find_items
 
     clips = []
-    for item in find_items(data):
+    for item in find_items(data, captions=captions):
         if item.kind != "video":
             continue
         video = read_video(item.path).frames
