@@ -58,7 +58,8 @@ def loaded_loras(dit: nn.Module) -> dict[str, _Loaded]:
 
 def apply_lora(dit: nn.Module, source: str | Path | dict | LoraFile, strength: float = 1.0, *,
                fuse: bool | None = None, name: str | None = None) -> LoraReport:
-    """Apply a LoRA to `dit` (see module doc). Nothing changes when a check fails."""
+    """Apply a LoRA to `dit` (see module doc). Nothing changes when a check fails. name: default
+    the file's stem, or where a loaded LoRA has it, more of its path (`lora_names`)."""
     lora = source if isinstance(source, LoraFile) else read_lora(source)
     loaded = loaded_loras(dit)
     if name is None and lora.path is not None:
