@@ -32,13 +32,45 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lora_arg(text: str) -> tuple[str, float]:
-    """PATH or PATH:STRENGTH (the last colon, if a number follows it)."""
-    path, _, strength = text.rpartition(":")
+_LORA_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt", ".bin")
+_LORA_FORMS = "write PATH, PATH:STRENGTH or PATH:STRENGTH:NAME, e.g. style.safetensors:0.8"
+
+
+def _lora_arg(flag: str, text: str) -> tuple[str, float, str | None]:
+    """PATH, PATH:STRENGTH or PATH:STRENGTH:NAME. Split at the last colons only where a number
+    (then a name) follows, so a path may hold colons; any other word where the strength goes
+    is a bad strength, not a missing file."""
+    import re
+
+    if ":" not in text or Path(text).expanduser().is_file():
+        return text, 1.0, None
+    rest, _, last = text.rpartition(":")
+    path, _, middle = rest.rpartition(":")
+    if path and _number(middle) is not None and _number(last) is None:
+        if not re.fullmatch(r"[\w.+/-]+", last):
+            raise ValueError(f"{flag} {text}: bad LoRA name {last!r}: use letters, digits and . _ - + /")
+        return path, _strength(flag, text, middle), last
+    if _number(last) is not None:
+        return rest, _strength(flag, text, last), None
+    if "/" in last or last.lower().endswith(_LORA_SUFFIXES):  # a path with a colon: read_lora says if it is missing
+        return text, 1.0, None
+    raise ValueError(f"{flag} {text}: bad strength {last!r}; {_LORA_FORMS}")
+
+
+def _number(text: str) -> float | None:
     try:
-        return (path, float(strength)) if path else (text, 1.0)
+        return float(text)
     except ValueError:
-        return text, 1.0
+        return None
+
+
+def _strength(flag: str, text: str, strength: str) -> float:
+    import math
+
+    value = float(strength)
+    if not math.isfinite(value):
+        raise ValueError(f"{flag} {text}: bad strength {strength!r}: give a finite number; {_LORA_FORMS}")
+    return value
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -196,27 +228,48 @@ def _prepare_output(path: Path, created: list[Path]) -> None:
         raise PermissionError(f"{path}: cannot write there ({err.strerror or err}); choose another --output") from None
 
 
-def _check_loras(specs: list[tuple[str, float, str | None]], files) -> list:
-    """Read each --lora (--lora-high, --lora-low: one Wan2.2 expert) and check it against the
-    model folder's DiT (built on the meta device: shapes only), before any weight is loaded."""
+def _lora_specs(args: argparse.Namespace) -> list[tuple]:
+    """Every --lora (--lora-high, --lora-low: one Wan2.2 expert) parsed, named and read, before
+    the model is found (perhaps downloaded): [(LoraFile, strength, expert, name)]. Names are
+    the given ones, else the file stems, told apart by their folders where stems clash."""
+    from .lora import LoraError, lora_names, read_lora
+
+    specs = [(flag, *_lora_arg(flag, text), expert)
+             for flag, texts, expert in (("--lora", args.lora, None), ("--lora-high", args.lora_high, "high"),
+                                         ("--lora-low", args.lora_low, "low"))
+             for text in texts or []]
+    given = [name for _, _, _, name, _ in specs if name is not None]
+    twice = next((name for i, name in enumerate(given) if name in given[:i]), None)
+    if twice is not None:
+        raise ValueError(f"two LoRAs are named {twice!r}: give each its own name (PATH:STRENGTH:NAME)")
+    defaults = iter(lora_names([path for _, path, _, name, _ in specs if name is None], taken=given))
+    read = []
+    for flag, path, strength, name, expert in specs:
+        try:
+            lora = read_lora(path)
+        except LoraError as err:
+            raise LoraError(f"{flag} {err}") from None
+        read.append((lora, strength, expert, name if name is not None else next(defaults)))
+    return read
+
+
+def _check_loras(specs: list[tuple], files) -> list[tuple]:
+    """Check each LoRA of `_lora_specs` against the model folder's DiT (built on the meta
+    device: shapes only), before any weight is loaded."""
     import torch
 
-    from .lora import read_lora
     from .lora.apply import match
     from .models.transformer import WanDiT
 
     if not specs:
         return []
-    if not files.moe and any(expert for _, _, expert in specs):
+    if not files.moe and any(expert for _, _, expert, _ in specs):
         raise ValueError("--lora-high and --lora-low are for a model with two experts (Wan2.2 A14B); use --lora")
     with torch.device("meta"):
         dit = WanDiT(files.dit_config)
-    checked = []
-    for path, strength, expert in specs:
-        lora = read_lora(path)
+    for lora, *_ in specs:
         match(dit, lora)
-        checked.append((lora, strength, expert))
-    return checked
+    return specs
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -264,6 +317,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              quantize="fp8" if args.fp8 else None, t5_device=args.t5_device, cache=cache,
                              cache_threshold=None if threshold == "auto" else threshold,
                              cache_calibration=args.cache_calibration, compile=args.compile, attention=args.attention)
+    lora_specs = _lora_specs(args)
     files = find_model(args.model, dit=args.dit, dit_low=args.model_low, source=args.source)
     if files.moe and cache is not None:
         raise ValueError("step caching (--teacache/--magcache) does not support two experts (Wan2.2 A14B) yet")
@@ -273,8 +327,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_plan(world.size, files.dit_config.num_heads, args.sp, args.cfg_parallel)
     # each GPU holds its shard of the DiT and umT5 with --fsdp
     weights = request_weights(files, runtime, fsdp_ranks=world.size if args.fsdp and world is not None else 1)
-    loras = _check_loras([(*spec, None) for spec in args.lora or []] + [(*spec, "high") for spec in args.lora_high or []]
-                         + [(*spec, "low") for spec in args.lora_low or []], files)
+    loras = _check_loras(lora_specs, files)
     requests = []
     for job in jobs:
         try:
@@ -295,8 +348,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pipe = WanPipeline.from_files(files, runtime=runtime, progress=not args.quiet,
                                       host_load=bool(args.fsdp and world is not None))
         pipe.name = args.model
-        for lora, strength, expert in loras:
-            report = pipe.load_lora(lora, strength, expert=expert)  # read and checked already
+        for lora, strength, expert, name in loras:
+            report = pipe.load_lora(lora, strength, expert=expert, name=name)  # read and checked already
             if writer:
                 print(f"{report}{f' ({expert}-noise expert)' if expert else ''}", file=sys.stderr)
         if world is not None:
@@ -780,12 +833,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "(an even count)")
     par.add_argument("--fsdp", action="store_true", help="shard the DiT weights across the ranks (FSDP2): no rank "
                                                           "holds a whole 14B copy")
-    gen.add_argument("--lora", metavar="PATH[:STRENGTH]", type=_lora_arg, action="append",
+    gen.add_argument("--lora", metavar="PATH[:STRENGTH[:NAME]]", action="append",
                      help="apply a LoRA (any format: ComfyUI, kohya/musubi, diffusers, DiffSynth, LoHa/LoKr) with a "
-                          "strength (default 1.0); repeat to stack")
-    gen.add_argument("--lora-high", metavar="PATH[:STRENGTH]", type=_lora_arg, action="append",
+                          "strength (default 1.0) and a name for the output (default: the file's stem, with its "
+                          "folder where two stems clash); repeat to stack")
+    gen.add_argument("--lora-high", metavar="PATH[:STRENGTH[:NAME]]", action="append",
                      help="Wan2.2 A14B: a LoRA for the high-noise expert only (--lora: both)")
-    gen.add_argument("--lora-low", metavar="PATH[:STRENGTH]", type=_lora_arg, action="append",
+    gen.add_argument("--lora-low", metavar="PATH[:STRENGTH[:NAME]]", action="append",
                      help="Wan2.2 A14B: a LoRA for the low-noise expert only (e.g. from wanx train --expert low)")
     gen.add_argument("--dit", metavar="FILE", help="the DiT checkpoint to use when the model folder holds several "
                                                    "(Wan2.2 A14B: the high-noise expert)")

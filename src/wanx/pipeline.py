@@ -461,8 +461,8 @@ class WanPipeline:
         experts = {None: list(self.experts.values()), "high": [self.dit], "low": [self.dit_low]}[expert]
         report = apply_lora(experts[0], path, strength, fuse=fuse, name=name)
         try:
-            for dit in experts[1:]:
-                apply_lora(dit, path, strength, fuse=fuse, name=name)
+            for dit in experts[1:]:  # under the first expert's name, which may have been made unique there
+                apply_lora(dit, path, strength, fuse=fuse, name=report.name)
         except Exception:
             remove_lora(experts[0], report.name)  # nothing changes when a check fails
             raise

@@ -304,3 +304,175 @@ def test_live_adapters_on_a_streamed_model_live_where_it_computes(base, tmp_path
     apply_lora(model, path, 1.0, fuse=False)
     adapter = model.blocks[0].self_attn.q.lora_adapters
     assert {p.device.type for p in adapter.parameters()} == {"meta"}
+
+
+# -- issue 24: a diff beside a LoRA, every key applied, unique names ------------------------
+
+
+def test_a_diff_beside_a_lora_is_added_to_it(base):
+    """The official/ComfyUI meaning of a module with LoRA factors and a `.diff` (lightx2v-style
+    files): W' = W + strength * (diff + scale * up @ down), b' = b + strength * diff_b. The diff
+    was dropped without a word (3.5e-4 of the output)."""
+    model, (x, t, context, _) = base
+    gen = torch.Generator().manual_seed(7)
+
+    def rand(*shape, std=0.1):
+        return torch.randn(*shape, generator=gen) * std
+
+    dim, ffn = model.config.dim, model.blocks[1].ffn[0].out_features
+    q_down, q_up, q_diff, q_diff_b = rand(RANK, dim), rand(dim, RANK), rand(dim, dim), rand(dim)
+    f_down, f_up, f_diff = rand(RANK, dim), rand(ffn, RANK), rand(ffn, dim)
+    h1a, h1b, h2a, h2b, k_diff = rand(dim, 2, std=0.3), rand(2, dim, std=0.3), rand(dim, 2, std=0.3), rand(2, dim, std=0.3), rand(dim, dim)
+    norm_diff = rand(dim)
+    state = {
+        "diffusion_model.blocks.0.self_attn.q.lora_down.weight": q_down, "diffusion_model.blocks.0.self_attn.q.lora_up.weight": q_up,
+        "diffusion_model.blocks.0.self_attn.q.alpha": torch.tensor(ALPHA), "diffusion_model.blocks.0.self_attn.q.diff": q_diff,
+        "diffusion_model.blocks.0.self_attn.q.diff_b": q_diff_b,
+        "diffusion_model.blocks.1.ffn.0.lora_A.weight": f_down, "diffusion_model.blocks.1.ffn.0.lora_B.weight": f_up,
+        "diffusion_model.blocks.1.ffn.0.diff": f_diff,
+        "lora_unet_blocks_1_self_attn_k.hada_w1_a": h1a, "lora_unet_blocks_1_self_attn_k.hada_w1_b": h1b,
+        "lora_unet_blocks_1_self_attn_k.hada_w2_a": h2a, "lora_unet_blocks_1_self_attn_k.hada_w2_b": h2b,
+        "lora_unet_blocks_1_self_attn_k.diff": k_diff,
+        "diffusion_model.blocks.0.self_attn.norm_q.diff": norm_diff,
+    }
+    s = 0.7
+    hand = copy.deepcopy(model)
+    with torch.no_grad():
+        hand.blocks[0].self_attn.q.weight += s * (q_diff + ALPHA / RANK * q_up @ q_down)
+        hand.blocks[0].self_attn.q.bias += s * q_diff_b
+        hand.blocks[1].ffn[0].weight += s * (f_diff + f_up @ f_down)
+        hand.blocks[1].self_attn.k.weight += s * (k_diff + (h1a @ h1b) * (h2a @ h2b))
+        hand.blocks[0].self_attn.norm_q.weight += s * norm_diff
+        expected = hand(x, t, context)
+        assert "lora+diff" in read_lora(state).summary()
+        for fuse in (True, False):
+            dit = copy.deepcopy(model)
+            report = apply_lora(dit, state, s, fuse=fuse)
+            assert report.matched == report.modules == 4
+            close(dit(x, t, context), expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": "down", "diffusion_model.blocks.0.self_attn.q.lora_B.weight": "up",
+      "diffusion_model.blocks.0.self_attn.q.lora_down.weight": "down"},
+     r"lora_A.weight and diffusion_model.blocks.0.self_attn.q.lora_down.weight both hold the down of blocks.0.self_attn.q"),
+    ({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": "down", "diffusion_model.blocks.0.self_attn.q.lora_B.weight": "up",
+      "transformer.blocks.0.attn1.to_q.lora_A.weight": "down", "transformer.blocks.0.attn1.to_q.lora_B.weight": "up"},
+     r"both hold the down of blocks.0.self_attn.q"),  # two namings of one module
+    ({"diffusion_model.blocks.0.self_attn.q.lora_B.bias": "bias", "diffusion_model.blocks.0.self_attn.q.diff_b": "bias"},
+     r"both hold the diff_b of blocks.0.self_attn.q"),
+    ({"lora_unet_blocks_0_self_attn_q.lora_down.weight": "down", "lora_unet_blocks_0_self_attn_q.lora_up.weight": "up",
+      "lora_unet_blocks_0_self_attn_q.hada_w1_a": "a", "lora_unet_blocks_0_self_attn_q.hada_w1_b": "b",
+      "lora_unet_blocks_0_self_attn_q.hada_w2_a": "a", "lora_unet_blocks_0_self_attn_q.hada_w2_b": "b"},
+     r"key lora_unet_blocks_0_self_attn_q.hada_w1_a would not be applied: blocks.0.self_attn.q takes its product from "
+     r"lora_unet_blocks_0_self_attn_q.lora_down.weight, lora_unet_blocks_0_self_attn_q.lora_up.weight \(lora\)"),
+    ({"lora_unet_blocks_0_self_attn_q.lokr_w1": "k1", "lora_unet_blocks_0_self_attn_q.lokr_w1_a": "a",
+      "lora_unet_blocks_0_self_attn_q.lokr_w1_b": "b", "lora_unet_blocks_0_self_attn_q.lokr_w2": "k2"},
+     r"key lora_unet_blocks_0_self_attn_q.lokr_w1_a would not be applied"),
+    ({"diffusion_model.blocks.0.self_attn.q.diff": "diff", "diffusion_model.blocks.0.self_attn.q.alpha": "alpha"},
+     r"key diffusion_model.blocks.0.self_attn.q.alpha would not be applied: an alpha, and blocks.0.self_attn.q has no"),
+    ({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": "down", "diffusion_model.blocks.0.self_attn.q.diff": "diff"},
+     r"only part of a LoRA"),  # lora_A beside a diff: was applied as the diff alone
+])
+def test_every_key_is_applied_or_the_file_is_refused(base, keys, message):
+    model, _ = base
+    dim = model.config.dim
+    shapes = {"down": (RANK, dim), "up": (dim, RANK), "bias": (dim,), "diff": (dim, dim), "alpha": (), "a": (4, 2),
+              "b": (2, 8), "k1": (4, 4), "k2": (8, 8)}
+    state = {key: torch.ones(shapes[role]) for key, role in keys.items()}
+    dit = copy.deepcopy(model)
+    with pytest.raises(LoraError, match=message) as err:
+        apply_lora(dit, state)
+    assert "\n" not in str(err.value)
+    assert all(torch.equal(a, b) for a, b in zip(dit.state_dict().values(), model.state_dict().values()))
+
+
+def test_lora_names_are_unique_and_readable():
+    from wanx.lora import lora_names
+
+    assert lora_names(["a/lora.safetensors", "b/lora.safetensors", "style.safetensors"]) == ["a/lora", "b/lora", "style"]
+    assert lora_names(["lora.safetensors", "runs/a/lora.safetensors"]) == ["lora", "a/lora"]
+    assert lora_names(["runs/cat/out/lora.safetensors", "runs/dog/out/lora.safetensors"]) == ["cat/out/lora", "dog/out/lora"]
+    assert lora_names(["loras/style.safetensors", "loras/style.ckpt"]) == ["style.safetensors", "style.ckpt"]
+    assert lora_names(["x.safetensors", "x.safetensors"]) == ["x", "x-2"]  # the same file twice
+    assert lora_names(["b/lora.safetensors"], taken={"lora"}) == ["b/lora"]  # clashes with a given name
+
+
+def test_same_stem_loras_stack_under_their_folders(base, tmp_path):
+    model, (x, t, context, _) = base
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a, b = tmp_path / "a" / "lora.safetensors", tmp_path / "b" / "lora.safetensors"
+    save_file(write("official", factors(model, 1)), str(a))
+    save_file(write("kohya", factors(model, 2)), str(b))
+    with torch.no_grad():
+        expected = merged(merged(model, lowrank_deltas(factors(model, 1), 1.0), 0.7),
+                          lowrank_deltas(factors(model, 2), ALPHA / RANK), 0.5)(x, t, context)
+        for fuse in (True, False):
+            dit = copy.deepcopy(model)
+            assert apply_lora(dit, a, 0.7, fuse=fuse).name == "lora"
+            assert apply_lora(dit, b, 0.5, fuse=fuse).name == "b/lora"
+            close(dit(x, t, context), expected)
+            with pytest.raises(LoraError, match=r"lora.safetensors is loaded already \(as 'lora'\)"):
+                apply_lora(dit, a, fuse=fuse)  # the same file again, unnamed: a rerun cell, not a stack
+        # names that differ only in punctuation keep apart in the live layers
+        dit = copy.deepcopy(model)
+        apply_lora(dit, a, 0.7, fuse=False, name="a/lora")
+        apply_lora(dit, b, 0.5, fuse=False, name="a_lora")
+        assert len(dit.blocks[0].self_attn.q.lora_adapters) == 2
+        close(dit(x, t, context), expected)
+
+
+def test_lora_arg_forms(tmp_path, monkeypatch):
+    from wanx.cli import _lora_arg
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my:style.safetensors").write_bytes(b"")
+    assert _lora_arg("--lora", "a.safetensors") == ("a.safetensors", 1.0, None)
+    assert _lora_arg("--lora", "a.safetensors:0.7") == ("a.safetensors", 0.7, None)
+    assert _lora_arg("--lora", "a.safetensors:-1.5:cat") == ("a.safetensors", -1.5, "cat")
+    assert _lora_arg("--lora", "my:style.safetensors") == ("my:style.safetensors", 1.0, None)  # a path with a colon
+    assert _lora_arg("--lora", "my:style.safetensors:0.5:s") == ("my:style.safetensors", 0.5, "s")
+    assert _lora_arg("--lora", "missing:x.safetensors") == ("missing:x.safetensors", 1.0, None)  # no such file, later
+    for text, message in [("x:abc", r"--lora x:abc: bad strength 'abc'; write PATH, PATH:STRENGTH or PATH:STRENGTH:NAME"),
+                          ("x.safetensors:", "bad strength ''"), ("x.safetensors:nan", "bad strength 'nan': give a finite"),
+                          ("x.safetensors:0.5:a b", "bad LoRA name 'a b'")]:
+        with pytest.raises(ValueError, match=message):
+            _lora_arg("--lora", text)
+
+
+def test_cli_stacks_same_stem_loras_and_checks_specs_before_the_model(tmp_path, capsys, monkeypatch):
+    import av
+
+    import wanx.hub
+    from wanx.cli import main
+    from wanx.pipeline import WanPipeline
+
+    model = tiny_dit()
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a, b = tmp_path / "a" / "lora.safetensors", tmp_path / "b" / "lora.safetensors"
+    save_file(write("official", factors(model, 1)), str(a))
+    save_file(write("kohya", factors(model, 2)), str(b))
+    args = ["generate", "--model", "tiny", "--prompt", "a cat", "--size", "64x48", "--frames", "5", "--steps", "1",
+            "--seed", "1", "--quiet"]
+    out = tmp_path / "two.mp4"
+    assert main([*args, "--lora", f"{a}:0.7", "--lora", f"{b}:0.5", "--lora", f"{b}:0.2:mine", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "LoRA a/lora: official format" in err and "LoRA b/lora: kohya format" in err and "LoRA mine: kohya" in err
+    with av.open(str(out)) as container:
+        loras = container.metadata["loras"]
+    assert all(f'"name": "{n}"' in loras for n in ("a/lora", "b/lora", "mine"))
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was looked for before the LoRAs were checked")
+
+    monkeypatch.setattr(wanx.hub, "find_model", refuse)
+    monkeypatch.setattr(WanPipeline, "from_files", refuse)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a LoRA")
+    for lora, message in [([f"{a}:abc"], f"--lora {a}:abc: bad strength 'abc'"),
+                          ([f"{tmp_path}/nope.safetensors:0.5"], f"--lora {tmp_path}/nope.safetensors: no such LoRA file"),
+                          ([f"{a}:1:x", f"{b}:1:x"], "two LoRAs are named 'x'"),
+                          ([f"{text}:0.5"], "unknown LoRA file type")]:
+        assert main([*args, *(f for spec in lora for f in ("--lora", spec)), "-o", str(tmp_path / "x.mp4")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("wanx: error: ") and "\n" not in err and message in err, err

@@ -11,6 +11,7 @@ of a non-Linear) are always fused: they are tiny.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,10 +58,17 @@ def loaded_loras(dit: nn.Module) -> dict[str, _Loaded]:
 
 def apply_lora(dit: nn.Module, source: str | Path | dict | LoraFile, strength: float = 1.0, *,
                fuse: bool | None = None, name: str | None = None) -> LoraReport:
-    """Apply a LoRA to `dit` (see module doc). Nothing changes when a check fails."""
+    """Apply a LoRA to `dit` (see module doc). Nothing changes when a check fails. name: default
+    the file's stem, or where a loaded LoRA has it, more of its path (`lora_names`)."""
     lora = source if isinstance(source, LoraFile) else read_lora(source)
     loaded = loaded_loras(dit)
-    name = name or (lora.path.stem if lora.path else f"lora{len(loaded)}")
+    if name is None and lora.path is not None:
+        again = [n for n, entry in loaded.items() if entry.lora.path is not None and _same_file(entry.lora.path, lora.path)]
+        if again:  # e.g. a notebook cell run twice: stacking it twice would be a quiet surprise
+            raise LoraError(f"{lora.path} is loaded already (as {again[0]!r}): unload it first, or give a name to "
+                            "load it twice")
+        name = lora_names([lora.path], taken=loaded)[0]
+    name = name or f"lora{len(loaded)}"
     if name in loaded:
         raise LoraError(f"a LoRA named {name!r} is loaded already: unload it first, or give another name")
     targets = match(dit, lora)
@@ -90,6 +98,42 @@ def apply_lora(dit: nn.Module, source: str | Path | dict | LoraFile, strength: f
                 attach(target, name, LoraAdapter(lora.modules[module_name], strength, device=device, dtype=dtype))
         _refuse(dit, {t for t in targets.values() if not _is_linear(t)})
     return report
+
+
+def lora_names(paths: list[str | Path], taken: Iterable[str] = ()) -> list[str]:
+    """Distinct readable names for LoRAs loaded together: each file's stem; stems that clash
+    (with each other or with a name in `taken`) take as many of their folders as tell them
+    apart (`a/lora`, `b/lora`), else their file names (`style.ckpt`), else a number (`lora-2`)."""
+    paths = [Path(p).expanduser() for p in paths]
+    taken = set(taken)
+    names: list[str | None] = [None] * len(paths)
+    groups: dict[str, list[int]] = {}
+    for i, path in enumerate(paths):
+        groups.setdefault(path.stem, []).append(i)
+    for stem, group in groups.items():
+        folders = {i: [f for f in paths[i].parent.parts if f not in (paths[i].anchor, ".")] for i in group}
+        tries = [[stem] * len(group)]
+        tries += [["/".join([*folders[i][-depth:], stem]) for i in group]
+                  for depth in range(1, max(len(f) for f in folders.values()) + 1)]
+        tries.append([paths[i].name for i in group])
+        chosen = next((t for t in tries if len(set(t)) == len(t) and not taken & set(t)), None)
+        if chosen is None:  # the same file twice: lora, lora-2, ...
+            chosen, numbered = [], taken | set()
+            for _ in group:
+                chosen.append(next(n for k in range(1, len(taken) + len(group) + 2)
+                                   if (n := stem if k == 1 else f"{stem}-{k}") not in numbered))
+                numbered.add(chosen[-1])
+        for i, name in zip(group, chosen):
+            names[i] = name
+        taken |= set(chosen)
+    return names
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return a == b
 
 
 def set_lora_strength(dit: nn.Module, name: str, strength: float) -> None:
@@ -153,9 +197,10 @@ def match(dit: nn.Module, lora: LoraFile) -> dict[str, nn.Module | nn.Parameter]
             missing.append(name)
             continue
         weight = target.weight if isinstance(target, nn.Module) else target
-        want = _delta_shape(module)
-        if want is not None and tuple(want) != tuple(weight.shape) and _squeeze(want) != _squeeze(weight.shape):
-            misfit.append(f"{name} {list(want)} (model {list(weight.shape)})")
+        wrong = [want for want in _delta_shapes(module)
+                 if tuple(want) != tuple(weight.shape) and _squeeze(want) != _squeeze(weight.shape)]
+        if wrong:
+            misfit.append(f"{name} {list(wrong[0])} (model {list(weight.shape)})")
             continue
         if "diff_b" in module.parts and (getattr(target, "bias", None) is None
                                          or target.bias.shape != module.parts["diff_b"].shape):
@@ -189,21 +234,21 @@ def _resolve(dit: nn.Module, name: str) -> nn.Module | nn.Parameter | None:
     return target if isinstance(getattr(target, "weight", None), Tensor) else None
 
 
-def _delta_shape(module: LoraModule) -> tuple[int, ...] | None:
+def _delta_shapes(module: LoraModule) -> list[tuple[int, ...]]:
+    """The shapes of the module's weight deltas: its product's and its diff's."""
     p = module.parts
     kind = module.kind
+    shapes = [tuple(p["diff"].shape)] if "diff" in p else []
     if kind == "lora":
-        return (p["up"].shape[0], *p["down"].shape[1:])
-    if kind == "loha":
-        return p["hada_w1_a"].shape[0], p["hada_w1_b"].shape[1]
-    if kind == "lokr":
+        shapes.append((p["up"].shape[0], *p["down"].shape[1:]))
+    elif kind == "loha":
+        shapes.append((p["hada_w1_a"].shape[0], p["hada_w1_b"].shape[1]))
+    elif kind == "lokr":
         def dims(full, a, b):
             return p[full].shape if full in p else (p[a].shape[0], p[b].shape[1])
         (o1, i1), (o2, i2) = dims("lokr_w1", "lokr_w1_a", "lokr_w1_b"), dims("lokr_w2", "lokr_w2_a", "lokr_w2_b")
-        return o1 * o2, i1 * i2
-    if kind == "diff":
-        return tuple(p["diff"].shape)
-    return None
+        shapes.append((o1 * o2, i1 * i2))
+    return shapes
 
 
 def _is_linear(target) -> bool:

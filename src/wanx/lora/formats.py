@@ -5,7 +5,8 @@ Formats, told apart by their keys (any of the prefixes `diffusion_model.`,
 `model.diffusion_model.`, `transformer.`, `base_model.model.`):
 - official / ComfyUI: `blocks.N.self_attn.q.lora_A.weight` + `lora_B` (or `lora_down`/`lora_up`),
   optional `.alpha`; full differences `.diff` (weights, norms) and `.diff_b` (biases), as the
-  lightx2v / CausVid step-distillation LoRAs carry;
+  lightx2v / CausVid step-distillation LoRAs carry, alone or beside a module's LoRA factors
+  (W' = W + strength x (diff + scale x up @ down));
 - kohya / musubi-tuner: `lora_unet_blocks_N_self_attn_q.lora_down.weight`, `.lora_up.weight`, `.alpha`;
 - diffusers / PEFT: `blocks.N.attn1.to_q.lora_A.weight` (attn1/attn2, to_q/k/v/out.0,
   add_k_proj/add_v_proj, ffn.net.0.proj/ffn.net.2, condition_embedder.*, proj_out); `lora_B.bias`;
@@ -14,7 +15,8 @@ Formats, told apart by their keys (any of the prefixes `diffusion_model.`,
 - LyCORIS LoHa (`hada_w1_a`, `hada_w1_b`, `hada_w2_a`, `hada_w2_b`) and LoKr (`lokr_w1` or
   `lokr_w1_a/b`, `lokr_w2` or `lokr_w2_a/b`), with their `.alpha`, in any of the namings above.
 
-Scale = strength x alpha / rank (alpha = rank when the file has none).
+Scale = strength x alpha / rank (alpha = rank when the file has none). Every key is applied or
+the file is refused, naming the key: a key read and then dropped would change the output unseen.
 """
 
 from __future__ import annotations
@@ -63,28 +65,53 @@ class LoraError(ValueError):
     """A LoRA that cannot be applied; the message says why in a user's words."""
 
 
+_LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+_FACTOR_ROLES = {"down", "up", *_LOHA, "lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"}
+
+
 @dataclass
 class LoraModule:
-    """The factors of one module's delta: `up @ down` (LoRA), a LoHa or LoKr product, or a
-    full `diff`; `diff_b` adds to the bias. Scale = alpha / rank."""
+    """The factors of one module's delta: `up @ down` (LoRA), a LoHa or LoKr product, and/or a
+    full `diff` (added to the product when both are there); `diff_b` adds to the bias.
+    Scale = alpha / rank, of the product only."""
 
     name: str  # official module name, e.g. blocks.0.self_attn.q
     parts: dict[str, Tensor] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)  # role -> the key the file stores it under
+
+    @property
+    def factors(self) -> tuple[str | None, tuple[str, ...]]:
+        """The low-rank product's kind (lora, loha, lokr; None without a complete one) and the
+        roles it reads."""
+        p = self.parts
+        if "down" in p and "up" in p:
+            return "lora", ("down", "up")
+        if all(role in p for role in _LOHA):
+            return "loha", _LOHA
+        w1 = ("lokr_w1",) if "lokr_w1" in p else ("lokr_w1_a", "lokr_w1_b")
+        w2 = ("lokr_w2",) if "lokr_w2" in p else ("lokr_w2_a", "lokr_w2_b")
+        if all(role in p for role in w1 + w2):
+            return "lokr", w1 + w2
+        return None, ()
 
     @property
     def kind(self) -> str:
-        keys = set(self.parts)
-        if {"down", "up"} <= keys:
-            return "lora"
-        if any(k.startswith("hada_") for k in keys):
-            return "loha"
-        if any(k.startswith("lokr_") for k in keys):
-            return "lokr"
-        if "diff" in keys:
+        product, _ = self.factors
+        if product is not None:
+            return product
+        if _FACTOR_ROLES & set(self.parts):  # e.g. lora_A without lora_B, beside a diff or not
+            return "incomplete"
+        if "diff" in self.parts:
             return "diff"
-        if "diff_b" in keys:
+        if "diff_b" in self.parts:
             return "bias"
         return "incomplete"
+
+    def unused_roles(self) -> list[str]:
+        """Parts the delta does not read (a second factorisation, an alpha with nothing to scale)."""
+        product, roles = self.factors
+        used = {*roles, "diff", "diff_b", *(["alpha"] if product else [])}
+        return [role for role in self.parts if role not in used]
 
     @property
     def rank(self) -> int | None:
@@ -116,12 +143,23 @@ class LoraModule:
         if self.kind == "lora" and self.parts["down"].ndim == 2:
             down = self.parts["down"].to(weight.device, torch.float32)
             up = self.parts["up"].to(weight.device, torch.float32)
-            return torch.addmm(weight, up, down, alpha=strength * self.scale)
-        delta = self.delta()
+            weight = torch.addmm(weight, up, down, alpha=strength * self.scale)
+            delta = self.parts["diff"].float() if "diff" in self.parts else None
+        else:
+            delta = self.delta()
         return weight if delta is None else weight + strength * delta.to(weight.device).reshape(weight.shape)
 
     def delta(self) -> Tensor | None:
-        """The full weight delta in float32, scale included (None for a bias-only module)."""
+        """The full weight delta in float32: the product (scale included) plus `diff` (None for
+        a bias-only module)."""
+        product = self.product()
+        diff = self.parts.get("diff")
+        if diff is None:
+            return product
+        return diff.float() if product is None else product.reshape(diff.shape) + diff.float()
+
+    def product(self) -> Tensor | None:
+        """The low-rank product's delta in float32, scale included (None without one)."""
         p = {k: v.float() for k, v in self.parts.items()}
         kind = self.kind
         if kind == "lora":
@@ -135,8 +173,6 @@ class LoraModule:
             w1 = p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
             w2 = p["lokr_w2"] if "lokr_w2" in p else p["lokr_w2_a"] @ p["lokr_w2_b"]
             return torch.kron(w1, w2) * self.scale
-        if kind == "diff":
-            return p["diff"]
         return None
 
 
@@ -192,7 +228,7 @@ class LoraFile:
         return ", ".join(parts)
 
     def summary(self) -> str:
-        kinds = sorted({m.kind for m in self.modules.values()})
+        kinds = sorted({m.kind + ("+diff" if m.factors[0] and "diff" in m.parts else "") for m in self.modules.values()})
         lines = [
             f"path:       {self.path}",
             "network:    LoRA for the Wan2.1 DiT",
@@ -229,7 +265,11 @@ def read_lora(source: str | Path | dict[str, Tensor]) -> LoraFile:
             continue
         name, role, fmt = parsed
         formats.add(fmt)
-        modules.setdefault(name, LoraModule(name)).parts[role] = tensor
+        module = modules.setdefault(name, LoraModule(name))
+        if role in module.parts:  # e.g. lora_A and lora_down, or two prefixes, for one module
+            raise LoraError(f"{where}: {module.keys[role]} and {key} both hold the {role} of {name}; the file holds "
+                            "that module twice (mis-converted?)")
+        module.parts[role], module.keys[role] = tensor, key
     if not modules:
         sample = ", ".join(list(state)[:4])
         raise LoraError(f"{where}: not a LoRA for the Wan2.1 DiT (no lora_A/lora_B, lora_down/lora_up, LoHa, LoKr or "
@@ -238,6 +278,15 @@ def read_lora(source: str | Path | dict[str, Tensor]) -> LoraFile:
     if incomplete:
         raise LoraError(f"{where}: {len(incomplete)} module(s) have only part of a LoRA (e.g. lora_A without lora_B): "
                         f"{', '.join(incomplete[:5])}; the file may be truncated or mis-converted")
+    for name, module in modules.items():  # every key is applied, or the file is refused: never a silent drop
+        unused = module.unused_roles()
+        if unused:
+            key = module.keys[unused[0]]
+            product, roles = module.factors
+            why = (f"an alpha, and {name} has no lora_A/lora_B, LoHa or LoKr factors for it to scale" if unused[0] == "alpha"
+                   else f"{name} takes its product from {', '.join(module.keys[r] for r in roles)} ({product}), and a "
+                        "module takes one factorisation")
+            raise LoraError(f"{where}: key {key} would not be applied: {why}")
     fmt = "+".join(sorted(formats)) if len(formats) > 1 else next(iter(formats))
     return LoraFile(path, fmt, modules, digest, unknown)
 

@@ -13,8 +13,9 @@ from .formats import LoraModule
 
 
 class LoraAdapter(nn.Module):
-    """One LoRA on one layer: `(x @ down.T) @ up.T * scale * strength` for a low-rank LoRA, or
-    `x @ delta.T * strength` for a LoHa/LoKr/full difference; plus `strength * diff_b`."""
+    """One LoRA on one layer: `(x @ down.T) @ up.T * scale * strength` for a low-rank LoRA,
+    `x @ delta.T * strength` for a LoHa/LoKr/full difference (both when a LoRA carries a
+    `diff` beside its factors); plus `strength * diff_b`."""
 
     def __init__(self, module: LoraModule, strength: float, *, device: torch.device, dtype: torch.dtype):
         super().__init__()
@@ -29,14 +30,14 @@ class LoraAdapter(nn.Module):
             self.register_buffer("factors", torch.zeros(2, device=device), persistent=False)
         self.strength = strength
         parts = module.parts
-        if module.kind == "lora":
+        if module.kind == "lora":  # the factors as they are; a `diff` beside them as a full delta
             self.down = nn.Parameter(parts["down"].to(device, dtype).flatten(1), requires_grad=False)
             self.up = nn.Parameter(parts["up"].to(device, dtype).flatten(1), requires_grad=False)
-            self.delta = None
+            delta = parts.get("diff")
         else:
             self.down = self.up = None
             delta = module.delta()
-            self.delta = None if delta is None else nn.Parameter(delta.to(device, dtype), requires_grad=False)
+        self.delta = None if delta is None else nn.Parameter(delta.to(device, dtype), requires_grad=False)
         diff_b = parts.get("diff_b")
         self.diff_b = None if diff_b is None else nn.Parameter(diff_b.to(device, dtype), requires_grad=False)
 
@@ -77,8 +78,9 @@ class LoraAdapter(nn.Module):
         out = None
         if self.down is not None:
             out = (x.to(self.down.dtype) @ self.down.t()) @ self.up.t() * scaled
-        elif self.delta is not None:
-            out = x.to(self.delta.dtype) @ self.delta.t() * strength
+        if self.delta is not None:
+            full = x.to(self.delta.dtype) @ self.delta.t() * strength
+            out = full if out is None else out + full
         if self.diff_b is not None:
             out = self.diff_b * strength if out is None else out + self.diff_b * strength
         return out
@@ -86,8 +88,10 @@ class LoraAdapter(nn.Module):
 
 def adapter_key(name: str) -> str:
     """The ModuleDict key of a LoRA name: keys may not contain dots nor shadow Module
-    attributes (a LoRA called "train" or "style.v2")."""
-    return "lora_" + re.sub(r"\W", "_", name)
+    attributes (a LoRA called "train" or "style.v2"). Each other character is written as its
+    code (`a/lora` -> `lora_a_2f_lora`, `a_lora` -> `lora_a_5f_lora`), so that two names never
+    share a key."""
+    return "lora_" + re.sub(r"[^0-9A-Za-z]", lambda m: f"_{ord(m.group()):x}_", name)
 
 
 def adapter_of(layer: nn.Module, name: str) -> LoraAdapter | None:

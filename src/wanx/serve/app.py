@@ -247,9 +247,11 @@ class Server:
         if self._applied_loras:
             self.pipe.unload_lora()
         self._applied_loras = ()
-        try:
-            for name, strength in wanted:
-                self.pipe.load_lora(self.loras_dir / name, strength, name=Path(name).stem)
+        from ..lora import lora_names
+
+        try:  # named by stem, or by file name where stems clash (style.safetensors, style.ckpt)
+            for (file, strength), name in zip(wanted, lora_names([file for file, _ in wanted])):
+                self.pipe.load_lora(self.loras_dir / file, strength, name=name)
         except BaseException:  # none half-applied: the next job must see the base weights
             self.pipe.unload_lora()
             raise
