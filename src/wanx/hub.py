@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .loading import CheckpointError, CheckpointInfo, DamagedCheckpoint, inspect_checkpoint
-from .tiny import TINY_MODELS, tiny_model_dir
+from .tiny import DEFAULTS_FILE, TINY_MODELS, tiny_model_dir
 
-DEFAULTS_FILE = "wanx-defaults.json"
 DEFAULT_KEYS = ("width", "height", "num_frames", "num_inference_steps", "guidance_scale", "shift", "sampler",
                 "negative_prompt", "guidance_scale_low", "boundary")
 # The released repositories `wanx download` is meant for (any other id downloads too).
