@@ -124,6 +124,28 @@ def test_jsonl_errors_name_the_file_and_line(capsys, no_loading, tmp_path):
     assert f"{prompts}: not UTF-8 text" in error_of(capsys, ["generate", "--model", "tiny", "--prompts", str(prompts)])
 
 
+def test_jsonl_input_paths_are_relative_to_the_prompts_file(capsys, tmp_path, monkeypatch):
+    """A prompts file names its images as they lie beside it, wherever wanx is started from;
+    a missing one is named with FILE:LINE and the path that was looked at."""
+    from PIL import Image
+
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(jobs / "cat.png")
+    prompts = jobs / "p.jsonl"
+    prompts.write_text('{"prompt": "a cat", "image": "cat.png", "output": "cat.mp4"}\n', encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["generate", "--model", "tiny-i2v", "--prompts", str(prompts), *FAST, "--seed", "1", "-o", "out"]) == 0
+    assert (elsewhere / "out" / "cat.mp4").is_file()
+    capsys.readouterr()
+    prompts.write_text('{"prompt": "a cat", "image": "cat.png"}\n{"prompt": "a dog", "image": "dog.png"}\n',
+                       encoding="utf-8")
+    err = error_of(capsys, ["generate", "--model", "tiny-i2v", "--prompts", str(prompts), *FAST])
+    assert f"{prompts}:2: {jobs / 'dog.png'}: no such image file" in err
+
+
 # -- memory --------------------------------------------------------------------------------
 
 

@@ -132,6 +132,9 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
             if not isinstance(job, dict):
                 raise ValueError(f"{where}a JSON line must be an object such as {{\"prompt\": \"...\"}}")
             job = parse_job(job, where=where)  # the server reads its request bodies with the same rules
+            for key in ("image", "last_image", "video"):  # relative to the prompts file, as its author sees them
+                if isinstance(job.get(key), str) and not Path(job[key]).expanduser().is_absolute():
+                    job[key] = str(path.parent / job[key])
         else:
             job = {"prompt": line}
         jobs.append({**base, **job, "output": job.get("output"), "where": where})
@@ -279,7 +282,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for job in jobs:
         try:
             _, request = check_job(job, files, runtime=runtime, weights=weights, names=FLAGS)
-        except ValueError as err:
+        except (ValueError, FileNotFoundError) as err:  # a missing input file too: name the prompts line
             raise ValueError(f"{job['where']}{err}") from None
         requests.append(request)
     outputs = _output_paths(jobs, args)
@@ -620,7 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", help="what the video shows")
     gen.add_argument("--negative-prompt", help="what to avoid (default: the official negative prompt of the task)")
     gen.add_argument("--prompts", metavar="FILE", help="batch: one prompt per line, or JSON lines with per-job keys "
-                                                        f"({', '.join(sorted(_JOB_KEYS))})")
+                                                        f"({', '.join(sorted(_JOB_KEYS))}); their image, last_image "
+                                                        "and video paths are relative to FILE's folder")
     gen.add_argument("--image", help="first frame (I2V, FLF2V; TI2V-5B: makes it image-to-video)")
     gen.add_argument("--last-image", help="last frame (FLF2V)")
     gen.add_argument("--video", help="input video for video-to-video")
