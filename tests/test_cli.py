@@ -65,3 +65,30 @@ def test_package_exports():
     import wanx
 
     assert wanx.WanPipeline.__name__ == "WanPipeline" and wanx.Video.__name__ == "Video"
+
+
+def test_info_takes_the_model_names_generate_takes(capsys):
+    """demo and the tiny sets are --model names; info reads them too, and says small counts in
+    words that are not zero."""
+    assert main(["info", "demo", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("network:    Wan2.1 DiT t2v") == 2
+    assert "parameters: 4,862,272 (4.86 M)" in out and "parameters: 48,032 (48 K)" in out
+
+
+def test_info_on_a_folder_generate_refuses_lists_each_dit(tmp_path, capsys):
+    import shutil
+
+    from wanx.hub import find_model
+
+    tiny = find_model("tiny").folder
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for name in ("diffusion_pytorch_model.safetensors", "config.json"):
+        shutil.copy(tiny / name, folder / name)
+    shutil.copy(tiny / "diffusion_pytorch_model.safetensors", folder / "finetune.safetensors")
+    assert main(["info", str(folder)]) == 0
+    out, err = capsys.readouterr()
+    assert f"path:       {folder / 'diffusion_pytorch_model.safetensors'}" in out
+    assert f"path:       {folder / 'finetune.safetensors'}" in out
+    assert "2 DiT (diffusion transformer) files" in err and "choose one with --dit FILE" in err

@@ -124,6 +124,17 @@ def test_jsonl_errors_name_the_file_and_line(capsys, no_loading, tmp_path):
     assert f"{prompts}: not UTF-8 text" in error_of(capsys, ["generate", "--model", "tiny", "--prompts", str(prompts)])
 
 
+@pytest.mark.parametrize("model", ["./nope", "../nope", "nope/a/b", "~/wanx-no-such-model", "outputs/nope"])
+def test_a_missing_model_folder_is_called_one(capsys, no_loading, tmp_path, monkeypatch, model):
+    """A path-like --model that is not there is a missing folder, not a Hub id to download;
+    owner/name stays an id unless owner is a folder here."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    err = error_of(capsys, ["generate", "--model", model, "--prompt", "x"])
+    assert err == f"wanx: error: {model}: no such model folder (a model id is owner/name, e.g. Wan-AI/Wan2.1-T2V-1.3B)"
+    assert "did you mean tiny-i2v?" in error_of(capsys, ["generate", "--model", "tiny-i2", "--prompt", "x"])
+
+
 def test_jsonl_input_paths_are_relative_to_the_prompts_file(capsys, tmp_path, monkeypatch):
     """A prompts file names its images as they lie beside it, wherever wanx is started from;
     a missing one is named with FILE:LINE and the path that was looked at."""

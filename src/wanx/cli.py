@@ -11,12 +11,26 @@ from pathlib import Path
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .hub import DEMO_MODEL, TINY_MODELS, check_dits, find_networks, resolve_model
     from .loading import CheckpointError, inspect_checkpoint
     from .loading.layouts import expert_folders
     from .lora import LoraError, read_lora
 
-    # a Wan2.2 A14B folder: each expert in turn
-    paths = [p for path in args.paths for p in (expert_folders(path) or [path])]
+    paths, notes = [], []
+    for text in args.paths:
+        path = resolve_model(text) if text == DEMO_MODEL or text in TINY_MODELS else Path(text)  # as --model names them
+        if expert_folders(path):  # a Wan2.2 A14B folder: each expert in turn
+            paths.extend(expert_folders(path))
+            continue
+        dits = find_networks(path).get("dit", []) if path.is_dir() else []
+        if len(dits) > 1:  # each of them, and what generate says of the folder
+            paths.extend(p for p, _ in dits)
+            try:
+                check_dits(path, dits)
+            except ValueError as err:
+                notes.append(f"wanx generate --model {text} would stop here: {err}")
+        else:
+            paths.append(path)
     for i, path in enumerate(paths):
         if i:
             print()
@@ -29,6 +43,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                 print(read_lora(path).summary())
             except LoraError:
                 raise err from None
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 
@@ -606,7 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="say what a checkpoint file or model folder is",
                           description="Print network, layout (official/diffusers/comfyui), config, dtype and "
                                       "parameter count of Wan2.1 checkpoints, reading only their headers where possible.")
-    info.add_argument("paths", nargs="+", metavar="PATH", help=".safetensors, shard index, .pth/.pt, or model folder")
+    info.add_argument("paths", nargs="+", metavar="PATH", help=".safetensors, shard index, .pth/.pt, model folder "
+                                                               "(its DiT), demo, or a tiny set's name")
     info.set_defaults(func=cmd_info)
 
     gen = sub.add_parser("generate", help="make a video from text, an image, first+last frames, or a video",
