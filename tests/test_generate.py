@@ -120,3 +120,21 @@ def test_bad_inputs(tmp_path, images, capsys, args, message):
     assert err.startswith("wanx: error: ") and "\n" not in err
     assert __import__("re").search(message, err), err
     assert not out.exists() and not list(tmp_path.glob(".*.partial"))
+
+
+def test_tiny_defaults_and_quiet_still_says_where_and_which_seed(tmp_path, capsys, monkeypatch):
+    """Nothing but a prompt on a tiny set: its own small defaults (64x64, 5 frames, 4 steps),
+    not the official 832x480x81 at 50 steps; -q drops the progress, never the line that says
+    where the video went and with which (random) seed, on stdout."""
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--model", "tiny", "--prompt", "a cat", "-q"]) == 0
+    out, err = capsys.readouterr()
+    match = re.fullmatch(r"outputs/000-seed(\d+)\.mp4  \(seed (\d+), 5 frames, 64x64\)\n", out)
+    assert match and match[1] == match[2], out
+    assert err == ""
+    import av
+
+    with av.open(str(tmp_path / "outputs" / f"000-seed{match[1]}.mp4")) as container:
+        assert container.metadata.get("steps") == "4"
