@@ -16,6 +16,19 @@ def test_help_does_not_import_torch():
     assert "info" in out and "demo" in out
 
 
+def test_generate_and_serve_help_name_every_tiny_set():
+    """The names come from wanx.tiny's table, which --help reads without importing torch."""
+    from wanx.cli import build_parser
+    from wanx.tiny import TINY_MODELS
+
+    code = "import sys, wanx.cli, wanx.tiny; wanx.cli.build_parser(); assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for command in ("generate", "serve"):
+        model = next(a for a in commands[command]._actions if a.dest == "model")
+        assert all(name in model.help for name in TINY_MODELS), (command, model.help)
+
+
 def test_info_on_each_layout(tmp_path, capsys):
     model = tiny_dit("tiny-i2v")
     paths = [

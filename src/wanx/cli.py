@@ -614,6 +614,9 @@ def _memory_speed_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .tiny import TINY_MODELS  # a plain table: no torch
+
+    tiny = " / ".join(TINY_MODELS)
 
     parser = argparse.ArgumentParser(prog="wanx", description="Run and fine-tune Wan2.1 video models.")
     parser.add_argument("--version", action="version", version=f"wanx {__version__}")
@@ -634,9 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True,
                      help="model folder (official or diffusers layout), a model id such as Wan-AI/Wan2.1-T2V-1.3B or "
                           "Wan-AI/Wan2.2-T2V-A14B (downloaded), a DiT file whose folder holds the other components, "
-                          "demo (the trained demo model in the package: shapes, 96x96), or tiny / tiny-i2v / "
-                          "tiny-flf2v / tiny-moe / tiny-ti2v (random weights, offline; tiny-moe has Wan2.2's two "
-                          "experts, tiny-ti2v is TI2V-5B-shaped on the Wan2.2 VAE)")
+                          f"demo (the trained demo model in the package: shapes, 96x96), or {tiny} (random "
+                          "weights, offline, 64x64 by default; tiny-moe has Wan2.2's two experts, tiny-ti2v is "
+                          "TI2V-5B-shaped on the Wan2.2 VAE)")
     gen.add_argument("--prompt", help="what the video shows")
     gen.add_argument("--negative-prompt", help="what to avoid (default: the official negative prompt of the task)")
     gen.add_argument("--prompts", metavar="FILE", help="batch: one prompt per line, or JSON lines with per-job keys "
@@ -699,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "API under /v1 (POST /v1/videos with the keys of a --prompts JSON line; schema "
                                      "at /v1/openapi.json). Jobs run one at a time from a queue kept in "
                                      "OUTPUTS/jobs.sqlite: a restart resumes it.")
-    srv.add_argument("--model", required=True, help="model folder, model id, demo, or tiny / tiny-i2v / tiny-flf2v")
+    srv.add_argument("--model", required=True, help=f"model folder, model id, demo, or {tiny} (random weights)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                                                          "only; give 0.0.0.0 to be reached from others, with --token)")
     srv.add_argument("--port", type=int, default=7860, help="default 7860")

@@ -25,9 +25,11 @@ import zipfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # torch and numpy are imported where used: `wanx --help` reads TINY_MODELS and stays instant
+    import numpy as np
+    import torch
 
 DEFAULTS_FILE = "wanx-defaults.json"  # a model folder's generation settings (hub.read_defaults)
 
@@ -69,6 +71,7 @@ def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Pat
 
     The set is written in a private `.partial` folder beside `folder`, then renamed into place;
     an existing `folder` is replaced."""
+    import torch
     from safetensors.torch import save_file
 
     from .configs import official_config_json
@@ -144,6 +147,8 @@ def make_tiny_vae22(path: str | Path, seed: int = 0) -> Path:
     Its weights are the tiny sets' portable ones, keyed by the seed alone, so they are the same
     under any file name, and a file of the same name is byte-identical wherever it is written
     (torch.save names the archive's records after the file)."""
+    import torch
+
     from .models.vae22 import WanVAE22
 
     path = Path(path)
@@ -214,6 +219,9 @@ def portable_weights(module: torch.nn.Module, key: str) -> dict[str, torch.Tenso
     and the like are not in the state dict); a non-constant floating-point buffer, whose
     values (cos, sin, exp...) could differ between machines, is refused rather than written.
     """
+    import numpy as np
+    import torch
+
     state = module.state_dict()
     parameters = {name for name, _ in module.named_parameters()}
     out = {}
@@ -249,6 +257,8 @@ def _has_weight(name: str, state: dict[str, torch.Tensor]) -> bool:
 
 def _splitmix64(seed: int, n: int) -> np.ndarray:
     """n 64-bit outputs of splitmix64 started at `seed` (Steele, Lea & Flood 2014), vectorised."""
+    import numpy as np
+
     with np.errstate(over="ignore"):
         z = np.uint64(seed) + np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -272,6 +282,8 @@ def save_pth(state: dict[str, torch.Tensor], path: Path) -> None:
     updated in the data descriptor and central directory. The result is an ordinary torch.save
     archive: torch.load(weights_only=True, mmap=True) reads it, and zipfile checks its CRCs.
     """
+    import torch
+
     torch.save(state, path)
     data = bytearray(path.read_bytes())
     with zipfile.ZipFile(path) as archive:
