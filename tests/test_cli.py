@@ -105,3 +105,11 @@ def test_info_on_a_folder_generate_refuses_lists_each_dit(tmp_path, capsys):
     assert f"path:       {folder / 'diffusion_pytorch_model.safetensors'}" in out
     assert f"path:       {folder / 'finetune.safetensors'}" in out
     assert "2 DiT (diffusion transformer) files" in err and "choose one with --dit FILE" in err
+
+
+def test_strength_help_says_what_the_number_means():
+    from wanx.cli import build_parser
+
+    generate = build_parser()._subparsers._group_actions[0].choices["generate"]
+    text = next(a for a in generate._actions if a.dest == "strength").help
+    assert "share of the --steps that is run" in text and "sigma 0.88 at 0.6" in text

@@ -648,7 +648,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", help="first frame (I2V, FLF2V; TI2V-5B: makes it image-to-video)")
     gen.add_argument("--last-image", help="last frame (FLF2V)")
     gen.add_argument("--video", help="input video for video-to-video")
-    gen.add_argument("--strength", type=float, default=0.8, help="video-to-video: how much to change (0..1, default 0.8)")
+    gen.add_argument("--strength", type=float, default=0.8,
+                     help="video-to-video: the share of the --steps that is run (the last ones), from the input "
+                          "noised to where they begin; 0 < STRENGTH <= 1, default 0.8. The schedule is shifted toward "
+                          "high noise: at shift 5 the input is noised to sigma 0.68 at 0.3, 0.88 at 0.6 and 0.95 at "
+                          "0.8: lower values keep more of the input; 1 ignores it")
     gen.add_argument("--size", type=_size, help="WIDTHxHEIGHT, multiples of 16 (default 832x480); I2V, FLF2V and "
                                                  "video-to-video keep the input's aspect ratio within this area. TI2V-5B: multiples "
                                                  "of 32, default 1280x704")

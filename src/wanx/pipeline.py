@@ -275,8 +275,11 @@ class WanPipeline:
             last_image: last frame for FLF2V, same forms as `image`.
             video: input for video-to-video (T2V models): a path, `Video`, uint8
                 `[F, H, W, 3]` array or `[3, F, H, W]` tensor in [-1, 1].
-            strength: video-to-video, in (0, 1]: the fraction of the schedule that is run
-                from the noised input (1 ignores the input).
+            strength: video-to-video, in (0, 1]: the share of the sampling steps that is run,
+                the last ones, from the input noised to the sigma where they begin (diffusers'
+                definition; `strength_schedule`). The shifted schedule makes that sigma high: at
+                shift 5, 0.3 starts at sigma 0.68 and 0.6 at 0.88, where little of the input's
+                detail is left. 1 ignores the input.
             height, width: output size in pixels, multiples of 16; default 480x832. I2V,
                 FLF2V and video-to-video keep the input's aspect ratio within the area
                 height x width. TI2V-5B: multiples of 32, default 704x1280; with an image, the
@@ -370,9 +373,11 @@ class WanPipeline:
             if plan.task == "v2v":
                 with _stage("video encoding", progress), self.placement.phase("vae"):
                     x0 = self.vae.encode(plan.video[None].to(device))
-                run = max(1, min(plan.steps, round(plan.steps * strength)))
-                sigmas, timesteps = sigmas[plan.steps - run:], timesteps[plan.steps - run:]
+                sigmas, timesteps = strength_schedule(sigmas, timesteps, strength)
                 x = noise_to(x0, noise, float(sigmas[0]))
+                if progress:
+                    print(f"video-to-video: strength {strength:g} runs the last {len(timesteps)} of {plan.steps} "
+                          f"steps, from the input noised to sigma {float(sigmas[0]):.2f}", file=sys.stderr)
 
             model_fn = self._velocity(context, context_null, plan, extra, batched, known_first=first is not None)
             high = self._report_experts(plan, timesteps, progress)
@@ -626,6 +631,16 @@ def high_noise_steps(timesteps: Tensor, boundary: float) -> int:
     """How many steps of a schedule run Wan2.2's high-noise expert: those with t >= boundary *
     1000 (official `_prepare_model_for_timestep`). Timesteps fall, so these come first."""
     return int((timesteps.double() >= boundary * NUM_TRAIN_TIMESTEPS).sum())
+
+
+def strength_schedule(sigmas: Tensor, timesteps: Tensor, strength: float) -> tuple[Tensor, Tensor]:
+    """Video-to-video: the last int(steps x strength) steps of the schedule (at least one), as
+    diffusers' WanVideoToVideoPipeline.get_timesteps; the input is noised to the first sigma
+    kept. Wan's shifted schedules spend most steps at high noise, so that sigma is high: with
+    shift 5 and 50 steps, strength 0.3 starts at sigma 0.68, 0.6 at 0.88, 0.8 at 0.95."""
+    steps = len(timesteps)
+    run = max(1, min(steps, math.floor(steps * strength + 1e-9)))  # 50 x 0.58 is 28.999...: 29 steps, not 28
+    return sigmas[steps - run:], timesteps[steps - run:]
 
 
 def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text_encoder: bool = True,
