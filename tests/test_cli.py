@@ -112,4 +112,4 @@ def test_strength_help_says_what_the_number_means():
 
     generate = build_parser()._subparsers._group_actions[0].choices["generate"]
     text = next(a for a in generate._actions if a.dest == "strength").help
-    assert "share of the --steps that is run" in text and "sigma 0.88 at 0.6" in text
+    assert "share of the --steps that is run" in text and "sigma 0.68 at 0.3, 0.88 at 0.6" in text
