@@ -112,4 +112,9 @@ def test_strength_help_says_what_the_number_means():
 
     generate = build_parser()._subparsers._group_actions[0].choices["generate"]
     text = next(a for a in generate._actions if a.dest == "strength").help
-    assert "share of the --steps that is run" in text and "sigma 0.68 at 0.3, 0.88 at 0.6" in text
+    from wanx.pipeline import strength_schedule
+    from wanx.sampling import schedule
+
+    sigma = {strength: float(strength_schedule(*schedule("unipc", 50, 5.0), strength)[0][0]) for strength in (0.3, 0.6, 0.8)}
+    assert "share of the --steps that is run" in text
+    assert f"sigma {sigma[0.3]:.2f} at 0.3, {sigma[0.6]:.2f} at 0.6 and {sigma[0.8]:.2f} at 0.8" in text  # the code's
