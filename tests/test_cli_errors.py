@@ -276,15 +276,31 @@ def test_offline_model_id_is_one_line(tmp_path):
 
 
 def test_v2v_frames_and_size_come_from_the_input(tmp_path):
+    import shutil
+
+    from wanx.tiny import tiny_model_dir
+
+    plain = tmp_path / "plain"  # the tiny set without its own defaults: the official rule, at most 81
+    shutil.copytree(tiny_model_dir("tiny"), plain)
+    (plain / "wanx-defaults.json").unlink()
     clip = tmp_path / "portrait.mp4"
     rng = np.random.default_rng(0)
     Video(rng.integers(0, 255, (9, 160, 96, 3), dtype=np.uint8), fps=16).save(clip)  # 96x160 portrait, 9 frames
     out = tmp_path / "v2v.mp4"
-    assert main(["generate", "--model", "tiny", "--prompt", "snow", "--video", str(clip), "--steps", "2",
+    assert main(["generate", "--model", str(plain), "--prompt", "snow", "--video", str(clip), "--steps", "2",
                  "--size", "64x48", "--quiet", "-o", str(out)]) == 0
     frames = read_video(out).frames
     # 9 frames kept; portrait kept within the 64x48 area: the official rounding gives 32x64.
     assert frames.shape == (9, 64, 32, 3)
+    # A folder's own frame count (the tiny set's 5) is the most taken from a longer input, and a
+    # shorter input is no error about a --frames nobody gave.
+    assert main(["generate", "--model", "tiny", "--prompt", "snow", "--video", str(clip), "--steps", "2",
+                 "--size", "64x48", "--quiet", "-o", str(tmp_path / "capped.mp4")]) == 0
+    assert read_video(tmp_path / "capped.mp4").frames.shape == (5, 64, 32, 3)
+    Video(rng.integers(0, 255, (3, 160, 96, 3), dtype=np.uint8), fps=16).save(tmp_path / "short.mp4")
+    assert main(["generate", "--model", "tiny", "--prompt", "snow", "--video", str(tmp_path / "short.mp4"), "--steps",
+                 "2", "--size", "64x48", "--quiet", "-o", str(tmp_path / "short-out.mp4")]) == 0
+    assert read_video(tmp_path / "short-out.mp4").frames.shape == (1, 64, 32, 3)
 
 
 # -- Python API ------------------------------------------------------------------------------

@@ -286,7 +286,8 @@ class WanPipeline:
                 official `best_output_size` within that area (the image's aspect ratio in
                 multiples of 32), the image LANCZOS-resized and centre-cropped to it.
             num_frames: 4k+1 frames at 16 fps; default 81, or for video-to-video the input's
-                frame count rounded down to 4k+1 (at most 81). TI2V-5B: 121 at 24 fps.
+                frame count rounded down to 4k+1 (at most 81, or the model folder's own
+                default). TI2V-5B: 121 at 24 fps.
             num_inference_steps: sampling steps; default 50 (40 for I2V). Alias: `steps`.
             guidance_scale: classifier-free guidance scale in [1, 30]; 1 turns guidance off.
                 Default 5.0 (5.5 for FLF2V). Alias: `guidance`. Wan2.2 A14B: the high-noise
@@ -669,7 +670,8 @@ def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text
         negative_prompt = own.get("negative_prompt")
     if width is None and height is None:
         width, height = own.get("width"), own.get("height")
-    num_frames = num_frames if num_frames is not None else own.get("num_frames")
+    frames_given = num_frames is not None  # video-to-video: else the input's count, up to the default
+    num_frames = num_frames if frames_given else own.get("num_frames")
     num_inference_steps = num_inference_steps if num_inference_steps is not None else own.get("num_inference_steps")
     guidance_scale = guidance_scale if guidance_scale is not None else own.get("guidance_scale")
     guidance_scale_low = guidance_scale_low if guidance_scale_low is not None else own.get("guidance_scale_low")
@@ -792,8 +794,8 @@ def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text
     if task == "v2v":
         frames = _read_input("video", _video_frames, video)  # [3, F, H, W]
         count = frames.shape[1]
-        if num_frames is None:
-            plan.num_frames = min(81, (count - 1) // 4 * 4 + 1)
+        if not frames_given:  # the folder's frame count (the demo model's 17) is the most, as the official 81
+            plan.num_frames = min(num_frames or 81, (count - 1) // 4 * 4 + 1)
         elif count < num_frames:
             raise RequestError("num_frames", f"the input video has {count} frames at {FPS} fps; {n('num_frames')} is {num_frames}: "
                              f"lower it to {(count - 1) // 4 * 4 + 1} or give a longer video")
