@@ -16,6 +16,19 @@ def test_help_does_not_import_torch():
     assert "info" in out and "demo" in out
 
 
+def test_generate_and_serve_help_name_every_tiny_set():
+    """The names come from wanx.tiny's table, which --help reads without importing torch."""
+    from wanx.cli import build_parser
+    from wanx.tiny import TINY_MODELS
+
+    code = "import sys, wanx.cli, wanx.tiny; wanx.cli.build_parser(); assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for command in ("generate", "serve"):
+        model = next(a for a in commands[command]._actions if a.dest == "model")
+        assert all(name in model.help for name in TINY_MODELS), (command, model.help)
+
+
 def test_info_on_each_layout(tmp_path, capsys):
     model = tiny_dit("tiny-i2v")
     paths = [
@@ -65,3 +78,43 @@ def test_package_exports():
     import wanx
 
     assert wanx.WanPipeline.__name__ == "WanPipeline" and wanx.Video.__name__ == "Video"
+
+
+def test_info_takes_the_model_names_generate_takes(capsys):
+    """demo and the tiny sets are --model names; info reads them too, and says small counts in
+    words that are not zero."""
+    assert main(["info", "demo", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("network:    Wan2.1 DiT t2v") == 2
+    assert "parameters: 4,862,272 (4.86 M)" in out and "parameters: 48,032 (48 K)" in out
+
+
+def test_info_on_a_folder_generate_refuses_lists_each_dit(tmp_path, capsys):
+    import shutil
+
+    from wanx.hub import find_model
+
+    tiny = find_model("tiny").folder
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for name in ("diffusion_pytorch_model.safetensors", "config.json"):
+        shutil.copy(tiny / name, folder / name)
+    shutil.copy(tiny / "diffusion_pytorch_model.safetensors", folder / "finetune.safetensors")
+    assert main(["info", str(folder)]) == 0
+    out, err = capsys.readouterr()
+    assert f"path:       {folder / 'diffusion_pytorch_model.safetensors'}" in out
+    assert f"path:       {folder / 'finetune.safetensors'}" in out
+    assert "2 DiT (diffusion transformer) files" in err and "choose one with --dit FILE" in err
+
+
+def test_strength_help_says_what_the_number_means():
+    from wanx.cli import build_parser
+
+    generate = build_parser()._subparsers._group_actions[0].choices["generate"]
+    text = next(a for a in generate._actions if a.dest == "strength").help
+    from wanx.pipeline import strength_schedule
+    from wanx.sampling import schedule
+
+    sigma = {strength: float(strength_schedule(*schedule("unipc", 50, 5.0), strength)[0][0]) for strength in (0.3, 0.6, 0.8)}
+    assert "share of the --steps that is run" in text
+    assert f"sigma {sigma[0.3]:.2f} at 0.3, {sigma[0.6]:.2f} at 0.6 and {sigma[0.8]:.2f} at 0.8" in text  # the code's

@@ -124,6 +124,39 @@ def test_jsonl_errors_name_the_file_and_line(capsys, no_loading, tmp_path):
     assert f"{prompts}: not UTF-8 text" in error_of(capsys, ["generate", "--model", "tiny", "--prompts", str(prompts)])
 
 
+@pytest.mark.parametrize("model", ["./nope", "../nope", "nope/a/b", "~/wanx-no-such-model", "outputs/nope"])
+def test_a_missing_model_folder_is_called_one(capsys, no_loading, tmp_path, monkeypatch, model):
+    """A path-like --model that is not there is a missing folder, not a Hub id to download;
+    owner/name stays an id unless owner is a folder here."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    err = error_of(capsys, ["generate", "--model", model, "--prompt", "x"])
+    assert err == f"wanx: error: {model}: no such model folder (a model id is owner/name, e.g. Wan-AI/Wan2.1-T2V-1.3B)"
+    assert "did you mean tiny-i2v?" in error_of(capsys, ["generate", "--model", "tiny-i2", "--prompt", "x"])
+
+
+def test_jsonl_input_paths_are_relative_to_the_prompts_file(capsys, tmp_path, monkeypatch):
+    """A prompts file names its images as they lie beside it, wherever wanx is started from;
+    a missing one is named with FILE:LINE and the path that was looked at."""
+    from PIL import Image
+
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(jobs / "cat.png")
+    prompts = jobs / "p.jsonl"
+    prompts.write_text('{"prompt": "a cat", "image": "cat.png", "output": "cat.mp4"}\n', encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["generate", "--model", "tiny-i2v", "--prompts", str(prompts), *FAST, "--seed", "1", "-o", "out"]) == 0
+    assert (elsewhere / "out" / "cat.mp4").is_file()
+    capsys.readouterr()
+    prompts.write_text('{"prompt": "a cat", "image": "cat.png"}\n{"prompt": "a dog", "image": "dog.png"}\n',
+                       encoding="utf-8")
+    err = error_of(capsys, ["generate", "--model", "tiny-i2v", "--prompts", str(prompts), *FAST])
+    assert f"{prompts}:2: {jobs / 'dog.png'}: no such image file" in err
+
+
 # -- memory --------------------------------------------------------------------------------
 
 
@@ -243,15 +276,31 @@ def test_offline_model_id_is_one_line(tmp_path):
 
 
 def test_v2v_frames_and_size_come_from_the_input(tmp_path):
+    import shutil
+
+    from wanx.tiny import tiny_model_dir
+
+    plain = tmp_path / "plain"  # the tiny set without its own defaults: the official rule, at most 81
+    shutil.copytree(tiny_model_dir("tiny"), plain)
+    (plain / "wanx-defaults.json").unlink()
     clip = tmp_path / "portrait.mp4"
     rng = np.random.default_rng(0)
     Video(rng.integers(0, 255, (9, 160, 96, 3), dtype=np.uint8), fps=16).save(clip)  # 96x160 portrait, 9 frames
     out = tmp_path / "v2v.mp4"
-    assert main(["generate", "--model", "tiny", "--prompt", "snow", "--video", str(clip), "--steps", "2",
+    assert main(["generate", "--model", str(plain), "--prompt", "snow", "--video", str(clip), "--steps", "2",
                  "--size", "64x48", "--quiet", "-o", str(out)]) == 0
     frames = read_video(out).frames
     # 9 frames kept; portrait kept within the 64x48 area: the official rounding gives 32x64.
     assert frames.shape == (9, 64, 32, 3)
+    # A folder's own frame count (the tiny set's 5) is the most taken from a longer input, and a
+    # shorter input is no error about a --frames nobody gave.
+    assert main(["generate", "--model", "tiny", "--prompt", "snow", "--video", str(clip), "--steps", "2",
+                 "--size", "64x48", "--quiet", "-o", str(tmp_path / "capped.mp4")]) == 0
+    assert read_video(tmp_path / "capped.mp4").frames.shape == (5, 64, 32, 3)
+    Video(rng.integers(0, 255, (3, 160, 96, 3), dtype=np.uint8), fps=16).save(tmp_path / "short.mp4")
+    assert main(["generate", "--model", "tiny", "--prompt", "snow", "--video", str(tmp_path / "short.mp4"), "--steps",
+                 "2", "--size", "64x48", "--quiet", "-o", str(tmp_path / "short-out.mp4")]) == 0
+    assert read_video(tmp_path / "short-out.mp4").frames.shape == (1, 64, 32, 3)
 
 
 # -- Python API ------------------------------------------------------------------------------

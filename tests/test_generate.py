@@ -120,3 +120,61 @@ def test_bad_inputs(tmp_path, images, capsys, args, message):
     assert err.startswith("wanx: error: ") and "\n" not in err
     assert __import__("re").search(message, err), err
     assert not out.exists() and not list(tmp_path.glob(".*.partial"))
+
+
+def test_tiny_defaults_and_quiet_still_says_where_and_which_seed(tmp_path, capsys, monkeypatch):
+    """Nothing but a prompt on a tiny set: its own small defaults (64x64, 5 frames, 4 steps),
+    not the official 832x480x81 at 50 steps; -q drops the progress, never the line that says
+    where the video went and with which (random) seed, on stdout."""
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--model", "tiny", "--prompt", "a cat", "-q"]) == 0
+    out, err = capsys.readouterr()
+    match = re.fullmatch(r"outputs/000-seed(\d+)\.mp4  \(seed (\d+), 5 frames, 64x64\)\n", out)
+    assert match and match[1] == match[2], out
+    assert err == ""
+    import av
+
+    with av.open(str(tmp_path / "outputs" / f"000-seed{match[1]}.mp4")) as container:
+        assert container.metadata.get("steps") == "4"
+
+
+@pytest.mark.parametrize("steps,shift", [(20, 3.0), (50, 5.0)])  # the demo model's, the official T2V's
+def test_v2v_strength_is_diffusers_get_timesteps(steps, shift):
+    """--strength means what it means in diffusers' WanVideoToVideoPipeline: the last
+    int(steps x strength) steps run, from the input noised (scheduler.add_noise) to the first
+    of them. 0.63 x 20 = 12.6 is 12 steps there (wanx rounded to 13 before)."""
+    from types import SimpleNamespace
+
+    import torch
+    from diffusers import UniPCMultistepScheduler, WanVideoToVideoPipeline
+
+    from wanx.pipeline import strength_schedule
+    from wanx.sampling import noise_to, schedule
+
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(1, 16, 2, 4, 4, generator=gen), torch.randn(1, 16, 2, 4, 4, generator=gen)
+    for strength in (0.3, 0.5, 0.6, 0.63, 0.75, 0.8, 0.96, 1.0):
+        ref = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                      num_train_timesteps=1000, flow_shift=shift)
+        ref.set_timesteps(sigmas=np.linspace(0.999, 0, steps + 1)[:-1].copy())  # the official grid (test_sampling)
+        kept, run = WanVideoToVideoPipeline.get_timesteps(SimpleNamespace(scheduler=ref), steps, ref.timesteps,
+                                                          strength, "cpu")
+        sigmas, timesteps = strength_schedule(*schedule("unipc", steps, shift), strength)
+        assert timesteps.tolist() == kept.tolist() and len(timesteps) == run, strength
+        noised = noise_to(x0, noise, float(sigmas[0]))
+        assert torch.allclose(noised, ref.add_noise(x0, noise, kept[:1]), atol=1e-6), strength
+    # diffusers' float artefact is not copied: 50 x 0.58 = 28.999... runs 29 steps (diffusers: 28)
+    assert len(strength_schedule(*schedule("unipc", 50, 5.0), 0.58)[1]) == 29
+    assert len(strength_schedule(*schedule("unipc", 50, 5.0), 0.001)[1]) == 1  # at least one step
+
+
+def test_v2v_says_what_the_strength_does(images, capsys):
+    from wanx.pipeline import WanPipeline
+
+    pipe = WanPipeline.from_pretrained("tiny", device="cpu")
+    pipe("make it snow", video=str(images["video"]), strength=0.6, num_inference_steps=20, num_frames=5, seed=1,
+         output_type="latents")
+    assert "video-to-video: strength 0.6 runs the last 12 of 20 steps, from the input noised to sigma 0.88" \
+        in capsys.readouterr().err

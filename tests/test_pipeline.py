@@ -75,8 +75,9 @@ def test_prompt_embeds_replace_the_text_encoder(pipes):
     assert torch.allclose(direct, pipe("a cat", seed=2, output_type="latents", **SMALL), atol=1e-6)
 
 
-def test_flf2v_mask_and_conditioning(pipes):
+def test_flf2v_mask_and_conditioning(pipes, monkeypatch):
     pipe = pipes["tiny-flf2v"]
+    monkeypatch.setattr(pipe, "defaults", {})  # the official ones, not the tiny set's own (4 steps)
     first, last = torch.rand(3, 40, 60) * 2 - 1, torch.rand(3, 50, 50) * 2 - 1
     plan = pipe.plan("x", image=first, last_image=last, height=32, width=48, num_frames=13)
     assert (plan.steps, plan.shift, plan.guidance) == (50, 16.0, 5.5)  # official FLF2V defaults

@@ -84,7 +84,8 @@ def test_size_rule_worked_examples():
     assert best_output_size(30, 400, 32, 32, 32 * 32) == (32, 96)  # a side of at least 32, not a division by zero
 
 
-def test_defaults_from_the_plan(pipe):
+def test_defaults_from_the_plan(pipe, monkeypatch):
+    monkeypatch.setattr(pipe, "defaults", {})  # the official ones, not the tiny set's own (64x64, 5 frames)
     plan = pipe.plan("a cat", seed=1)
     assert (plan.task, plan.width, plan.height, plan.num_frames, plan.fps) == ("ti2v", 1280, 704, 121, 24)
     assert (plan.steps, plan.shift, plan.guidance, plan.sampler) == (50, 5.0, 5.0, "unipc")

@@ -36,7 +36,8 @@ def test_tiny_sets_are_byte_identical(homes, name):
     a, b = (_digests(home / name) for home in homes)
     assert a == b
     expected = {"config.json", "diffusion_pytorch_model.safetensors", "Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth",
-                "google/umt5-xxl/tokenizer.json", "google/umt5-xxl/tokenizer_config.json", STAMP}
+                "google/umt5-xxl/tokenizer.json", "google/umt5-xxl/tokenizer_config.json", STAMP,
+                "wanx-defaults.json"}
     if name in ("tiny-i2v", "tiny-flf2v"):
         expected.add("models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
     if name == "tiny-moe":  # Wan2.2's official layout: each expert in its folder, sharded, with its config
@@ -49,6 +50,25 @@ def test_tiny_sets_are_byte_identical(homes, name):
         expected = expected - {"Wan2.1_VAE.pth"} | {"Wan2.2_VAE.pth"}
     assert set(a) == expected
     assert not [p.name for p in homes[0].iterdir() if p.name not in TINY_MODELS]  # no .partial / .old left
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_tiny_sets_default_to_a_small_valid_request(homes, name):
+    """A tiny set's videos are noise: a run that leaves the size, frames and steps unset takes a
+    second (its wanx-defaults.json), not the official 832x480x81 at 50 steps; guidance, shift and
+    negative prompt stay the official ones of the task."""
+    from wanx.hub import find_components
+    from wanx.pipeline import plan_request
+
+    files = find_components(homes[0] / name)
+    images = {"i2v": dict(image=torch.zeros(3, 64, 64)),
+              "flf2v": dict(image=torch.zeros(3, 64, 64), last_image=torch.zeros(3, 64, 64))}
+    common = dict(experts=2 if files.moe else 1, seed=0, **images.get(files.model_type, {}))
+    plan = plan_request(files.model_type, "a cat", model_defaults=files.defaults, **common)
+    assert (plan.width, plan.height, plan.num_frames, plan.steps) == (64, 64, 5, 4)
+    official = plan_request(files.model_type, "a cat", width=64, height=64, num_frames=5, num_inference_steps=4,
+                            **common)
+    assert plan == official  # the rest as if the folder had no defaults: the official ones
 
 
 def test_pth_files_load_as_official_checkpoints_with_mmap(homes):

@@ -11,12 +11,26 @@ from pathlib import Path
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .hub import DEMO_MODEL, TINY_MODELS, check_dits, find_networks, resolve_model
     from .loading import CheckpointError, inspect_checkpoint
     from .loading.layouts import expert_folders
     from .lora import LoraError, read_lora
 
-    # a Wan2.2 A14B folder: each expert in turn
-    paths = [p for path in args.paths for p in (expert_folders(path) or [path])]
+    paths, notes = [], []
+    for text in args.paths:
+        path = resolve_model(text) if text == DEMO_MODEL or text in TINY_MODELS else Path(text)  # as --model names them
+        if expert_folders(path):  # a Wan2.2 A14B folder: each expert in turn
+            paths.extend(expert_folders(path))
+            continue
+        dits = find_networks(path).get("dit", []) if path.is_dir() else []
+        if len(dits) > 1:  # each of them, and what generate says of the folder
+            paths.extend(p for p, _ in dits)
+            try:
+                check_dits(path, dits)
+            except ValueError as err:
+                notes.append(f"wanx generate --model {text} would stop here: {err}")
+        else:
+            paths.append(path)
     for i, path in enumerate(paths):
         if i:
             print()
@@ -29,6 +43,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                 print(read_lora(path).summary())
             except LoraError:
                 raise err from None
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 
@@ -164,6 +180,9 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
             if not isinstance(job, dict):
                 raise ValueError(f"{where}a JSON line must be an object such as {{\"prompt\": \"...\"}}")
             job = parse_job(job, where=where)  # the server reads its request bodies with the same rules
+            for key in ("image", "last_image", "video"):  # relative to the prompts file, as its author sees them
+                if isinstance(job.get(key), str) and not Path(job[key]).expanduser().is_absolute():
+                    job[key] = str(path.parent / job[key])
         else:
             job = {"prompt": line}
         jobs.append({**base, **job, "output": job.get("output"), "where": where})
@@ -332,7 +351,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for job in jobs:
         try:
             _, request = check_job(job, files, runtime=runtime, weights=weights, names=FLAGS)
-        except ValueError as err:
+        except (ValueError, FileNotFoundError) as err:  # a missing input file too: name the prompts line
             raise ValueError(f"{job['where']}{err}") from None
         requests.append(request)
     outputs = _output_paths(jobs, args)
@@ -771,6 +790,9 @@ def _memory_speed_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .tiny import TINY_MODELS  # a plain table: no torch
+
+    tiny = " / ".join(TINY_MODELS)
 
     parser = argparse.ArgumentParser(prog="wanx", description="Run and fine-tune Wan2.1 video models.")
     parser.add_argument("--version", action="version", version=f"wanx {__version__}")
@@ -779,7 +801,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="say what a checkpoint file or model folder is",
                           description="Print network, layout (official/diffusers/comfyui), config, dtype and "
                                       "parameter count of Wan2.1 checkpoints, reading only their headers where possible.")
-    info.add_argument("paths", nargs="+", metavar="PATH", help=".safetensors, shard index, .pth/.pt, or model folder")
+    info.add_argument("paths", nargs="+", metavar="PATH", help=".safetensors, shard index, .pth/.pt, model folder "
+                                                               "(its DiT), demo, or a tiny set's name")
     info.set_defaults(func=cmd_info)
 
     gen = sub.add_parser("generate", help="make a video from text, an image, first+last frames, or a video",
@@ -790,17 +813,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True,
                      help="model folder (official or diffusers layout), a model id such as Wan-AI/Wan2.1-T2V-1.3B or "
                           "Wan-AI/Wan2.2-T2V-A14B (downloaded), a DiT file whose folder holds the other components, "
-                          "demo (the trained demo model in the package: shapes, 96x96), or tiny / tiny-i2v / "
-                          "tiny-flf2v / tiny-moe / tiny-ti2v (random weights, offline; tiny-moe has Wan2.2's two "
-                          "experts, tiny-ti2v is TI2V-5B-shaped on the Wan2.2 VAE)")
+                          f"demo (the trained demo model in the package: shapes, 96x96), or {tiny} (random "
+                          "weights, offline, 64x64 by default; tiny-moe has Wan2.2's two experts, tiny-ti2v is "
+                          "TI2V-5B-shaped on the Wan2.2 VAE)")
     gen.add_argument("--prompt", help="what the video shows")
     gen.add_argument("--negative-prompt", help="what to avoid (default: the official negative prompt of the task)")
     gen.add_argument("--prompts", metavar="FILE", help="batch: one prompt per line, or JSON lines with per-job keys "
-                                                        f"({', '.join(sorted(_JOB_KEYS))})")
+                                                        f"({', '.join(sorted(_JOB_KEYS))}); their image, last_image "
+                                                        "and video paths are relative to FILE's folder")
     gen.add_argument("--image", help="first frame (I2V, FLF2V; TI2V-5B: makes it image-to-video)")
     gen.add_argument("--last-image", help="last frame (FLF2V)")
     gen.add_argument("--video", help="input video for video-to-video")
-    gen.add_argument("--strength", type=float, default=0.8, help="video-to-video: how much to change (0..1, default 0.8)")
+    gen.add_argument("--strength", type=float, default=0.8,
+                     help="video-to-video: the share of the --steps that is run (the last ones), from the input "
+                          "noised to where they begin; 0 < STRENGTH <= 1, default 0.8. The schedule is shifted toward "
+                          "high noise: at shift 5 the input is noised to sigma 0.68 at 0.3, 0.88 at 0.6 and 0.95 at "
+                          "0.8: lower values keep more of the input; 1 ignores it")
     gen.add_argument("--size", type=_size, help="WIDTHxHEIGHT, multiples of 16 (default 832x480); I2V, FLF2V and "
                                                  "video-to-video keep the input's aspect ratio within this area. TI2V-5B: multiples "
                                                  "of 32, default 1280x704")
@@ -855,7 +883,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "API under /v1 (POST /v1/videos with the keys of a --prompts JSON line; schema "
                                      "at /v1/openapi.json). Jobs run one at a time from a queue kept in "
                                      "OUTPUTS/jobs.sqlite: a restart resumes it.")
-    srv.add_argument("--model", required=True, help="model folder, model id, demo, or tiny / tiny-i2v / tiny-flf2v")
+    srv.add_argument("--model", required=True, help=f"model folder, model id, demo, or {tiny} (random weights)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                                                          "only; give 0.0.0.0 to be reached from others, with --token)")
     srv.add_argument("--port", type=int, default=7860, help="default 7860")

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .loading import CheckpointError, CheckpointInfo, DamagedCheckpoint, inspect_checkpoint
-from .tiny import TINY_MODELS, tiny_model_dir
+from .tiny import DEFAULTS_FILE, TINY_MODELS, tiny_model_dir
 
-DEFAULTS_FILE = "wanx-defaults.json"
 DEFAULT_KEYS = ("width", "height", "num_frames", "num_inference_steps", "guidance_scale", "shift", "sampler",
                 "negative_prompt", "guidance_scale_low", "boundary")
 # The released repositories `wanx download` is meant for (any other id downloads too).
@@ -75,9 +74,21 @@ def resolve_model(path_or_id: str | Path, *, source: str = "huggingface") -> Pat
         if not path.is_dir():
             raise ValueError(f"{path}: give the model folder, not a single file")
         return path
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
-        raise FileNotFoundError(f"{path}: no such model folder (or a model id like Wan-AI/Wan2.1-T2V-1.3B)")
+    if not is_model_id(text):
+        import difflib
+
+        near = difflib.get_close_matches(text, [DEMO_MODEL, *TINY_MODELS], n=1, cutoff=0.7)
+        hint = f"did you mean {near[0]}?" if near else "a model id is owner/name, e.g. Wan-AI/Wan2.1-T2V-1.3B"
+        raise FileNotFoundError(f"{text}: no such model folder ({hint})")
     return download(text, source=source)
+
+
+def is_model_id(text: str) -> bool:
+    """Whether a name that is no local path reads as a Hub repository id: owner/name, each of
+    letters, digits, '-', '_', '.' and neither starting nor ending with '-' or '.'. So ./x, ../x,
+    /x, ~/x and a/b/c are folders; and so is models/x when models/ is a folder here."""
+    part = r"[\w](?:[\w.-]*[\w])?"
+    return bool(re.fullmatch(rf"{part}/{part}", text)) and not Path(text.split("/")[0]).is_dir()
 
 
 def demo_model_dir() -> Path:
@@ -161,15 +172,7 @@ def find_components(folder: str | Path, *, dit: str | Path | None = None,
     `*high_noise*` and `*low_noise*`); `dit_low` names the low-noise expert's file (with `dit`
     the high-noise one, or alone when the folder holds one other DiT)."""
     folder = Path(folder)
-    found: dict[str, list[tuple[Path, CheckpointInfo]]] = {}
-    for candidate in _weight_files(folder):
-        try:
-            info = inspect_checkpoint(candidate)
-        except DamagedCheckpoint:
-            raise  # a truncated download must be named, not taken for a missing component
-        except CheckpointError:
-            continue  # a readable file that is no Wan network (e.g. a LoRA or an unrelated model)
-        found.setdefault(info.network, []).append((candidate, info))
+    found = find_networks(folder)
     experts = _experts(folder, found.pop("dit", []), dit, dit_low)
     chosen: dict[str, tuple[Path, CheckpointInfo]] = dict(experts)
     for network, entries in found.items():
@@ -208,6 +211,27 @@ def find_components(folder: str | Path, *, dit: str | Path | None = None,
                       dit_low=chosen["dit_low"][0] if "dit_low" in chosen else None,
                       boundary=float(boundary) if boundary is not None else None,
                       expand_timesteps=bool(index.get("expand_timesteps", False)))
+
+
+def find_networks(folder: str | Path) -> dict[str, list[tuple[Path, CheckpointInfo]]]:
+    """Every Wan network's weights in the folder and its direct subfolders, by network ("dit",
+    "vae", "t5", "clip"), told apart by their tensor names; files of anything else are passed over."""
+    found: dict[str, list[tuple[Path, CheckpointInfo]]] = {}
+    for candidate in _weight_files(Path(folder)):
+        try:
+            info = inspect_checkpoint(candidate)
+        except DamagedCheckpoint:
+            raise  # a truncated download must be named, not taken for a missing component
+        except CheckpointError:
+            continue  # a readable file that is no Wan network (e.g. a LoRA or an unrelated model)
+        found.setdefault(info.network, []).append((candidate, info))
+    return found
+
+
+def check_dits(folder: str | Path, dits: list[tuple[Path, CheckpointInfo]]) -> None:
+    """The ValueError `find_components` raises for these DiT files of a folder when no --dit
+    chooses (several that are not one Wan2.2 expert pair), so that `wanx info` says it too."""
+    _experts(Path(folder), dits, None, None)
 
 
 _NAMES = {"dit": "DiT (diffusion transformer)", "vae": "VAE", "t5": "umT5 text encoder", "clip": "CLIP image encoder"}

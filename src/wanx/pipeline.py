@@ -277,15 +277,19 @@ class WanPipeline:
             last_image: last frame for FLF2V, same forms as `image`.
             video: input for video-to-video (T2V models): a path, `Video`, uint8
                 `[F, H, W, 3]` array or `[3, F, H, W]` tensor in [-1, 1].
-            strength: video-to-video, in (0, 1]: the fraction of the schedule that is run
-                from the noised input (1 ignores the input).
+            strength: video-to-video, in (0, 1]: the share of the sampling steps that is run,
+                the last ones, from the input noised to the sigma where they begin (diffusers'
+                definition; `strength_schedule`). The shifted schedule makes that sigma high: at
+                shift 5, 0.3 starts at sigma 0.68 and 0.6 at 0.88, where little of the input's
+                detail is left. 1 ignores the input.
             height, width: output size in pixels, multiples of 16; default 480x832. I2V,
                 FLF2V and video-to-video keep the input's aspect ratio within the area
                 height x width. TI2V-5B: multiples of 32, default 704x1280; with an image, the
                 official `best_output_size` within that area (the image's aspect ratio in
                 multiples of 32), the image LANCZOS-resized and centre-cropped to it.
             num_frames: 4k+1 frames at 16 fps; default 81, or for video-to-video the input's
-                frame count rounded down to 4k+1 (at most 81). TI2V-5B: 121 at 24 fps.
+                frame count rounded down to 4k+1 (at most 81, or the model folder's own
+                default). TI2V-5B: 121 at 24 fps.
             num_inference_steps: sampling steps; default 50 (40 for I2V). Alias: `steps`.
             guidance_scale: classifier-free guidance scale in [1, 30]; 1 turns guidance off.
                 Default 5.0 (5.5 for FLF2V). Alias: `guidance`. Wan2.2 A14B: the high-noise
@@ -372,9 +376,11 @@ class WanPipeline:
             if plan.task == "v2v":
                 with _stage("video encoding", progress), self.placement.phase("vae"):
                     x0 = self.vae.encode(plan.video[None].to(device))
-                run = max(1, min(plan.steps, round(plan.steps * strength)))
-                sigmas, timesteps = sigmas[plan.steps - run:], timesteps[plan.steps - run:]
+                sigmas, timesteps = strength_schedule(sigmas, timesteps, strength)
                 x = noise_to(x0, noise, float(sigmas[0]))
+                if progress:
+                    print(f"video-to-video: strength {strength:g} runs the last {len(timesteps)} of {plan.steps} "
+                          f"steps, from the input noised to sigma {float(sigmas[0]):.2f}", file=sys.stderr)
 
             model_fn = self._velocity(context, context_null, plan, extra, batched, known_first=first is not None)
             high = self._report_experts(plan, timesteps, progress)
@@ -629,6 +635,16 @@ def high_noise_steps(timesteps: Tensor, boundary: float) -> int:
     return int((timesteps.double() >= boundary * NUM_TRAIN_TIMESTEPS).sum())
 
 
+def strength_schedule(sigmas: Tensor, timesteps: Tensor, strength: float) -> tuple[Tensor, Tensor]:
+    """Video-to-video: the last int(steps x strength) steps of the schedule (at least one), as
+    diffusers' WanVideoToVideoPipeline.get_timesteps; the input is noised to the first sigma
+    kept. Wan's shifted schedules spend most steps at high noise, so that sigma is high: with
+    shift 5 and 50 steps, strength 0.3 starts at sigma 0.68, 0.6 at 0.88, 0.8 at 0.95."""
+    steps = len(timesteps)
+    run = max(1, min(steps, math.floor(steps * strength + 1e-9)))  # 50 x 0.58 is 28.999...: 29 steps, not 28
+    return sigmas[steps - run:], timesteps[steps - run:]
+
+
 def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text_encoder: bool = True,
                  has_image_encoder: bool = True, image=None, last_image=None, video=None, strength=0.8, height=None,
                  width=None, num_frames=None, num_inference_steps=None, guidance_scale=None, guidance_scale_low=None,
@@ -655,7 +671,8 @@ def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text
         negative_prompt = own.get("negative_prompt")
     if width is None and height is None:
         width, height = own.get("width"), own.get("height")
-    num_frames = num_frames if num_frames is not None else own.get("num_frames")
+    frames_given = num_frames is not None  # video-to-video: else the input's count, up to the default
+    num_frames = num_frames if frames_given else own.get("num_frames")
     num_inference_steps = num_inference_steps if num_inference_steps is not None else own.get("num_inference_steps")
     guidance_scale = guidance_scale if guidance_scale is not None else own.get("guidance_scale")
     guidance_scale_low = guidance_scale_low if guidance_scale_low is not None else own.get("guidance_scale_low")
@@ -778,8 +795,8 @@ def plan_request(model_type: str, prompt=None, negative_prompt=None, *, has_text
     if task == "v2v":
         frames = _read_input("video", _video_frames, video)  # [3, F, H, W]
         count = frames.shape[1]
-        if num_frames is None:
-            plan.num_frames = min(81, (count - 1) // 4 * 4 + 1)
+        if not frames_given:  # the folder's frame count (the demo model's 17) is the most, as the official 81
+            plan.num_frames = min(num_frames or 81, (count - 1) // 4 * 4 + 1)
         elif count < num_frames:
             raise RequestError("num_frames", f"the input video has {count} frames at {FPS} fps; {n('num_frames')} is {num_frames}: "
                              f"lower it to {(count - 1) // 4 * 4 + 1} or give a longer video")

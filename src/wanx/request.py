@@ -54,7 +54,10 @@ def parse_job(obj, *, where: str = "", types: Mapping[str, tuple[type, ...]] = K
         kinds = types[key]
         # JSON true is a Python int: refuse it where a number is meant
         if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
-            what = {str: "a string", int: "a whole number", list: "a list"}.get(kinds[0], "a number")
+            # (int, float) is any number: 0.1 is as good as 1 there
+            what = "a number" if float in kinds else {str: "a string", int: "a whole number", list: "a list"}[kinds[0]]
+            if float in kinds and isinstance(value, str) and _decimal_comma(value):
+                what = "a number, with a decimal point"
             raise RequestError(key, f"{where}{key} must be {what}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):  # Python's json reads NaN and Infinity
             raise RequestError(key, f"{where}{key} must be a finite number, got {value!r}")
@@ -65,6 +68,15 @@ def parse_job(obj, *, where: str = "", types: Mapping[str, tuple[type, ...]] = K
         except RequestError as err:
             raise RequestError("size", f"{where}{err}") from None
     return job
+
+
+def _decimal_comma(text: str) -> bool:
+    """'0,1': a number written with a decimal comma."""
+    try:
+        float(text.strip().replace(",", "."))
+    except ValueError:
+        return False
+    return "," in text
 
 
 def fix_seed(job: dict, name: str = "seed") -> int:

@@ -25,9 +25,13 @@ import zipfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # torch and numpy are imported where used: `wanx --help` reads TINY_MODELS and stays instant
+    import numpy as np
+    import torch
+
+DEFAULTS_FILE = "wanx-defaults.json"  # a model folder's generation settings (hub.read_defaults)
 
 # name -> task; "t2v-A14B" is Wan2.2's two-expert layout (high_noise_model/, low_noise_model/);
 # "ti2v" is Wan2.2 TI2V-5B's: a 48-channel DiT on the Wan2.2 VAE (Wan2.2_VAE.pth).
@@ -35,8 +39,13 @@ TINY_MODELS = {"tiny": "t2v", "tiny-i2v": "i2v", "tiny-flf2v": "flf2v", "tiny-mo
 EXPERT_FOLDERS = ("high_noise_model", "low_noise_model")
 
 # Bump whenever the bytes of a tiny set change: folders with another stamp are remade.
-TINY_VERSION = 2
+TINY_VERSION = 3
 STAMP = "wanx-tiny.json"
+# Each set's `wanx-defaults.json` (hub.read_defaults): a run that leaves them unset takes a
+# second, not the official 832x480x81 at 50 steps (minutes of CPU for noise). 64 is a multiple
+# of every task's size step (16; 32 for TI2V) and 5 frames make two latent frames. Guidance,
+# shift and negative prompt stay the official ones of the task, which the sets are there to run.
+TINY_DEFAULTS = {"width": 64, "height": 64, "num_frames": 5, "num_inference_steps": 4}
 
 # The tokenizer's vocabulary is built from these lines; other characters become <unk>.
 _CORPUS = [
@@ -66,6 +75,7 @@ def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Pat
 
     The set is written in a private `.partial` folder beside `folder`, then renamed into place;
     an existing `folder` is replaced."""
+    import torch
     from safetensors.torch import save_file
 
     from .configs import official_config_json
@@ -107,6 +117,7 @@ def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Pat
         if not experts:
             _write_json(tmp / "config.json", official_config_json(dit.config))
         write_tokenizer(tmp / "google" / "umt5-xxl", vocab=t5.config.vocab)
+        _write_json(tmp / DEFAULTS_FILE, TINY_DEFAULTS)
         _write_json(tmp / STAMP, _stamp(task, seed))  # last: a folder with a stamp is complete
         _move_into_place(tmp, folder)
     finally:
@@ -140,6 +151,8 @@ def make_tiny_vae22(path: str | Path, seed: int = 0) -> Path:
     Its weights are the tiny sets' portable ones, keyed by the seed alone, so they are the same
     under any file name, and a file of the same name is byte-identical wherever it is written
     (torch.save names the archive's records after the file)."""
+    import torch
+
     from .models.vae22 import WanVAE22
 
     path = Path(path)
@@ -210,6 +223,9 @@ def portable_weights(module: torch.nn.Module, key: str) -> dict[str, torch.Tenso
     and the like are not in the state dict); a non-constant floating-point buffer, whose
     values (cos, sin, exp...) could differ between machines, is refused rather than written.
     """
+    import numpy as np
+    import torch
+
     state = module.state_dict()
     parameters = {name for name, _ in module.named_parameters()}
     out = {}
@@ -245,6 +261,8 @@ def _has_weight(name: str, state: dict[str, torch.Tensor]) -> bool:
 
 def _splitmix64(seed: int, n: int) -> np.ndarray:
     """n 64-bit outputs of splitmix64 started at `seed` (Steele, Lea & Flood 2014), vectorised."""
+    import numpy as np
+
     with np.errstate(over="ignore"):
         z = np.uint64(seed) + np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -268,6 +286,8 @@ def save_pth(state: dict[str, torch.Tensor], path: Path) -> None:
     updated in the data descriptor and central directory. The result is an ordinary torch.save
     archive: torch.load(weights_only=True, mmap=True) reads it, and zipfile checks its CRCs.
     """
+    import torch
+
     torch.save(state, path)
     data = bytearray(path.read_bytes())
     with zipfile.ZipFile(path) as archive:

@@ -63,6 +63,9 @@ def test_submit_poll_download_a_playable_mp4(client):
     ({"prompt": "x", "seed": -1}, "seed", "seed must be a whole number between 0 and 18446744073709551615"),
     ({"prompt": "x", "sampler": "ddim"}, "sampler", "unknown sampler 'ddim'; choose one of unipc, dpm++, euler"),
     ({"prompt": "x", "frames": "five"}, "frames", "frames must be a whole number, got 'five'"),
+    ({"prompt": "x", "teacache": "0.1"}, "teacache", "teacache must be a number, got '0.1'"),
+    ({"prompt": "x", "teacache": "0,1"}, "teacache", "teacache must be a number, with a decimal point, got '0,1'"),
+    ({"prompt": "x", "guidance": "high"}, "guidance", "guidance must be a number, got 'high'"),
     ({"prompt": "x", "steps": 5000}, "steps", "steps must be at most 1000 on this server"),
     ({"prompt": "x", "output": "/etc/cron.d/x"}, "output", "unknown key(s) output"),
     ({"prompt": "x", "image": "/etc/passwd"}, "image", "upload the file as the multipart part 'image'"),
@@ -260,7 +263,7 @@ def test_loras_by_name_change_the_video_and_go_away_after(make_server, tiny, tmp
 
 
 def test_teacache_is_chosen_per_job(client):
-    cached = client.post("/v1/videos", json={"prompt": "a cat", "seed": 2, "teacache": 0.5, **FAST}).json()["id"]
+    cached = client.post("/v1/videos", json={"prompt": "a cat", "seed": 2, "teacache": 0.1, **FAST}).json()["id"]
     plain = client.post("/v1/videos", json={"prompt": "a cat", "seed": 2, **FAST}).json()["id"]
     assert wait_for(client, cached)["settings"]["cache"]["kind"] == "teacache"
     assert wait_for(client, plain)["settings"].get("cache") is None  # the next job is back to the server's default

@@ -76,9 +76,17 @@ class CheckpointInfo:
             f"preset:     {preset or '(custom)'}",
             f"config:     {type(cfg).__name__}({fields})",
             f"dtype:      {storage}",
-            f"parameters: {self.num_params:,} ({self.num_params / 1e9:.2f} B)",
+            f"parameters: {self.num_params:,} ({count_in_words(self.num_params)})",
         ]
         return "\n".join(lines)
+
+
+def count_in_words(n: int) -> str:
+    """A parameter count as model cards give it: 1.42 B, 4.86 M, 12.3 K (three figures)."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale * 0.9995:  # 999,999 is 1.00 M, not 1000 K
+            return f"{n / scale:.3g} {unit}" if n < scale * 999.5 else f"{n / scale:.0f} {unit}"
+    return str(n)
 
 
 def inspect_checkpoint(path: str | Path) -> CheckpointInfo:

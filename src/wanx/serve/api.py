@@ -22,7 +22,9 @@ router = APIRouter(prefix="/v1", tags=["videos"])
 _JSON_TYPES = {str: "string", int: "integer", float: "number", list: "array"}
 _DESCRIPTIONS = {
     "prompt": "what the video shows", "negative_prompt": "what to avoid (default: the official negative prompt)",
-    "seed": "0..2**64-1 (default: random, returned in the settings)", "strength": "video-to-video: 0..1",
+    "seed": "0..2**64-1 (default: random, returned in the settings)",
+    "strength": "video-to-video: the share of the steps run (the last ones) from the noised input, in (0, 1]; "
+                "default 0.8, lower keeps more of the input",
     "size": "WIDTHxHEIGHT, multiples of 16, e.g. 832x480", "frames": "4k+1, e.g. 81",
     "steps": "sampling steps (default 50; 40 for I2V)", "guidance": "1..30 (1: off)", "shift": "schedule shift",
     "sampler": "unipc, dpm++ or euler", "teacache": "TeaCache threshold for this job (0 skips nothing)",

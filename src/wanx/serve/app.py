@@ -355,6 +355,24 @@ def _version() -> str:
     return __version__
 
 
+def check_port(host: str, port: int) -> None:
+    """Bind host:port as uvicorn will (IPv6 for a host with ':', SO_REUSEADDR) and let it go:
+    a port in use is named before the model loads, not in uvicorn's words after."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise ValueError(f"--port {port}: {host}:{port} is in use (another wanx serve?); choose another "
+                                 "--port") from None
+            raise ValueError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})") from None
+
+
 def serve(args) -> int:
     """`wanx serve`: check everything, load the model once, then serve until Ctrl-C."""
     import os
@@ -387,9 +405,14 @@ def serve(args) -> int:
                              quantize="fp8" if args.fp8 else None, t5_device=args.t5_device, cache=cache,
                              cache_threshold=None if threshold == "auto" else threshold,
                              cache_calibration=args.cache_calibration, compile=args.compile, attention=args.attention)
+    check_port(args.host, args.port)  # now, not after the model has loaded
     files = find_components(resolve_model(args.model, source=args.source), dit=args.dit)
     outputs = Path(args.outputs)
-    outputs.mkdir(parents=True, exist_ok=True)
+    try:
+        outputs.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file on the way (README.md/x), no permission, ...
+        raise ValueError(f"--outputs {outputs}: cannot make the folder ({err.strerror or err}); choose another "
+                         "--outputs") from None
     start = time.perf_counter()
     pipe = WanPipeline.from_files(files, runtime=runtime, progress=not args.quiet)
     pipe.name = args.model

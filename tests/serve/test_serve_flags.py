@@ -1,0 +1,46 @@
+"""`wanx serve` refuses a bad --outputs or a port in use in one line naming the flag, before
+the model loads (not a traceback, nor uvicorn's error after a long load)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from tests.serve.conftest import free_port
+from wanx.cli import main
+from wanx.pipeline import WanPipeline
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were refused")
+
+    monkeypatch.setattr(WanPipeline, "from_files", refuse)
+
+
+def error_of(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("wanx: error: ") and "\n" not in err, err
+    return err
+
+
+def test_outputs_under_a_file_names_the_flag(capsys, no_loading, tmp_path):
+    (tmp_path / "README.md").write_text("not a folder", encoding="utf-8")
+    outputs = tmp_path / "README.md" / "x"
+    err = error_of(capsys, ["serve", "--model", "tiny", "--no-ui", "--port", str(free_port()), "--outputs", str(outputs)])
+    assert f"--outputs {outputs}: cannot make the folder (Not a directory)" in err
+
+
+def test_a_port_in_use_is_named_before_the_model_loads(capsys, no_loading, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        err = error_of(capsys, ["serve", "--model", "tiny", "--no-ui", "--port", str(port),
+                                "--outputs", str(tmp_path / "out")])
+    assert f"--port {port}: 127.0.0.1:{port} is in use" in err and "choose another --port" in err
+    assert not (tmp_path / "out").exists()  # refused before anything was made
