@@ -267,8 +267,8 @@ def _entry_problem(entry) -> str | None:
         return f"data_offsets {_short(offsets)} is not [begin, end] with 0 <= begin <= end"
     bits = math.prod(shape) * DTYPE_BITS[dtype]
     if bits % 8 or bits // 8 != offsets[1] - offsets[0]:
-        return (f"shape {_short(shape)} of {dtype} needs {bits / 8:,g} bytes but its data_offsets span "
-                f"{offsets[1] - offsets[0]:,}")
+        needs = f"{bits // 8:,}" if bits % 8 == 0 else f"{bits / 8:,.1f}"
+        return f"shape {_short(shape)} of {dtype} needs {needs} bytes but its data_offsets span {offsets[1] - offsets[0]:,}"
     return None
 
 
