@@ -175,9 +175,19 @@ def test_damaged_shard_index(capsys, tmp_path):
     assert "not a safetensors shard index" in damaged_line(capsys, ["info", str(index)])
 
 
-def test_config_json_that_is_not_an_object(capsys, folder):
-    (folder / "config.json").write_text("[1, 2]")
-    assert "config.json: holds a JSON list" in damaged_line(capsys, ["info", str(folder)])
+@pytest.mark.parametrize("text, what", [("[1, 2]", "holds a JSON list"), ("{", "not valid JSON"),
+                                        ('{"num_heads": 2, "num_layers": "x"}', "num_layers is 'x', not a positive integer")])
+def test_damaged_config_json_is_named_not_taken_for_a_missing_dit(capsys, folder, tmp_path, text, what):
+    (folder / "config.json").write_text(text)
+    assert f"config.json: {what}" in damaged_line(capsys, ["info", str(folder)])
+    err = damaged_line(capsys, ["generate", "--model", str(folder), *FAST, "-o", str(tmp_path / "a.mp4")])
+    assert f"config.json: {what}" in err
+
+
+def test_deeply_nested_model_index(capsys, folder, tmp_path):
+    (folder / "model_index.json").write_text("[" * 100_000)
+    err = main(["generate", "--model", str(folder), *FAST, "-o", str(tmp_path / "a.mp4")]), capsys.readouterr().err
+    assert err[0] == 2 and "model_index.json: not valid JSON" in err[1] and "Traceback" not in err[1]
 
 
 def test_damaged_lora_is_one_line(capsys, tmp_path):

@@ -58,6 +58,8 @@ DTYPE_BITS = {
     "U16": 16, "I16": 16, "F16": 16, "BF16": 16, "U32": 32, "I32": 32, "F32": 32,
     "U64": 64, "I64": 64, "F64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
 }
+# The config.json settings the DiT's config is read from (`loading._infer_config`).
+CONFIG_COUNTS = ("num_heads", "num_attention_heads", "num_layers", "text_len")
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses longer headers
 
 
@@ -122,6 +124,10 @@ def open_checkpoint(path: str | Path) -> TensorStore:
             raise _damaged(config, f"not valid JSON ({_first_line(err)})") from None
         if not isinstance(store.config_json, dict):
             raise _damaged(config, f"holds a JSON {type(store.config_json).__name__}, not an object of settings")
+        for key in CONFIG_COUNTS:
+            value = store.config_json.get(key)
+            if value is not None and not (type(value) is int and value > 0):
+                raise _damaged(config, f"{key} is {_short(value)}, not a positive integer")
     if not store.shapes:
         raise CheckpointError(f"{path}: the checkpoint holds no tensors")
     return store
