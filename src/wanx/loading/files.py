@@ -319,13 +319,26 @@ def _torch_load(file: Path):
     except OSError as err:
         raise _unreadable(file, err) from None
     except Exception as err:  # torch.load has no error type of its own for a bad file
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        refused = _refused(err)
         if refused:
             raise DamagedCheckpoint(
-                f"{file}: refused, the pickle holds Python objects other than tensors ({refused[1]}); "
+                f"{file}: refused, the pickle holds Python objects other than tensors ({refused}); "
                 "wanx opens .pth files with torch.load(weights_only=True) only. Use a safetensors copy of the weights."
             ) from None
         raise _damaged(file, f"unreadable or truncated ({_torch_reason(err)}); download it again") from None
+
+
+def _refused(err: Exception) -> str | None:
+    """What weights_only=True refused to build (a global, a class, a function), or None when
+    the pickle is not refused but broken (truncated, random bytes: "Unsupported operand")."""
+    text = str(err)
+    named = re.search(r"GLOBAL (\S+)", text)
+    if named:
+        return named[1]
+    if "allowlisted" in text or "unrecognized function" in text:
+        reason = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
+        return reason[1].strip() if reason else _first_line(err)
+    return None
 
 
 def _torch_reason(err: Exception) -> str:
