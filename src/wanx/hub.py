@@ -285,7 +285,7 @@ def _model_index(folder: Path) -> dict:
         return {}
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     return index if isinstance(index, dict) else {}
 

@@ -303,6 +303,8 @@ def _load(path: Path) -> tuple[dict[str, Tensor], str]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        from ..loading.files import read_safetensors_header
+        read_safetensors_header(path)  # a damaged file: "damaged: FILE: what", in one line
         try:
             return load_file(str(path)), digest.hexdigest()
         except Exception as err:  # safetensors raises its own error types
