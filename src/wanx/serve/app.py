@@ -12,17 +12,19 @@ import sys
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from pathlib import Path
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs, quote, urlencode
 
 from ..pipeline import RequestError
 from ..request import KEY_NAMES, KEY_TYPES, PIPELINE_KEYS, check_job, fix_seed, parse_job, pipeline_kwargs
-from .jobs import INPUTS, JobQueue
+from .jobs import DB_FILE, INPUTS, JobQueue
 
 # Tasks a model of each type can run, and their names in the UI.
 TASKS = {"t2v": ("t2v", "v2v"), "i2v": ("i2v",), "flf2v": ("flf2v",), "ti2v": ("ti2v",)}
 TASK_NAMES = {"t2v": "Text to video", "i2v": "Image to video", "flf2v": "First and last frame", "v2v": "Video to video",
               "ti2v": "Text (and image) to video"}
-UPLOADS = ("image", "last_image", "video")  # request keys that only come as uploaded files
+UPLOADS = ("image", "last_image", "video")
+# what the UI must never hand out by path: the job database (and SQLite's companions) and the uploads
+PRIVATE_FILES = (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", f"{DB_FILE}-journal", INPUTS)  # request keys that only come as uploaded files
 # A POST body: a --prompts JSON line less `output` (the server names every file) and less the
 # input paths (uploaded instead), plus what the server chooses per job.
 API_TYPES = {**{k: v for k, v in KEY_TYPES.items() if k not in ("output", *UPLOADS)},
@@ -269,20 +271,33 @@ def _without_paths(message: str, job: dict) -> str:
 
 # -- the ASGI app ---------------------------------------------------------------------------
 COOKIE = "wanx_token"
+UI_FILES = ".gradio"  # the UI's uploads and Gradio's copies of shown files, under the outputs folder
+FILE_ROUTES = ("/gradio_api/file=", "/gradio_api/file/")  # where Gradio serves files by path
 
 
-class TokenGate:
-    """With --token, every request needs it: `Authorization: Bearer TOKEN` (programs), or the
+class Gate:
+    """What every request passes before the API or the UI sees it.
+
+    With --token, every request needs it: `Authorization: Bearer TOKEN` (programs), or the
     cookie a browser gets by opening any page once with `?token=TOKEN` (HttpOnly, SameSite=Strict,
-    so other sites' pages cannot use it). Without --token everything passes."""
+    so other sites' pages cannot use it). Without --token that check passes. Gradio serves
+    files by path only from its own folder of uploads and copies (never the job database or
+    the inputs)."""
 
     def __init__(self, app, server: Server):
         self.app, self.server = app, server
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] not in ("http", "websocket") or self.server.token is None:
+        if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.server.token is not None and not self._has_token(headers):
+            return await self._refuse_or_redirect(scope, send, headers)
+        if scope["type"] == "http" and scope["path"].startswith(FILE_ROUTES) and not self._shown_file(scope["path"]):
+            return await _problem(send, 403, "this server shows only its videos and the files uploaded to it")
+        return await self.app(scope, receive, send)
+
+    def _has_token(self, headers: dict) -> bool:
         auth = headers.get("authorization", "")
         bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else None
         cookie = SimpleCookie()
@@ -291,19 +306,41 @@ class TokenGate:
         except Exception:  # a malformed cookie header is no token
             pass
         from_cookie = cookie[COOKIE].value if COOKIE in cookie else None
-        if self.server.authorised(bearer) or self.server.authorised(from_cookie):
-            return await self.app(scope, receive, send)
+        return self.server.authorised(bearer) or self.server.authorised(from_cookie)
+
+    async def _refuse_or_redirect(self, scope, send, headers: dict):
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         if scope["type"] == "http" and self.server.authorised((query.get("token") or [None])[0]):
             rest = urlencode({k: v for k, v in query.items() if k != "token"}, doseq=True)
-            location = scope.get("root_path", "") + scope["path"] + (f"?{rest}" if rest else "")
+            # only a path on this server: '//evil.example/x' would send the browser elsewhere
+            path = quote(scope.get("root_path", "") + scope["path"], safe="/:@!$&'()*+,;=-._~")
+            location = "/" + path.lstrip("/") + (f"?{rest}" if rest else "")
+            secure = "; Secure" if _is_https(scope, headers) else ""
             return await _respond(send, 303, b"", [(b"location", location.encode()), (
-                b"set-cookie", f"{COOKIE}={self.server.token}; Path=/; HttpOnly; SameSite=Strict".encode())])
+                b"set-cookie", f"{COOKIE}={self.server.token}; Path=/; HttpOnly; SameSite=Strict{secure}".encode())])
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008})
-        body = json.dumps({"detail": "this server needs its token: send 'Authorization: Bearer TOKEN' "
-                                     "(in a browser, open /?token=TOKEN once)"}).encode()
-        await _respond(send, 401, body, [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")])
+        await _problem(send, 401, "this server needs its token: send 'Authorization: Bearer TOKEN' "
+                                  "(in a browser, open /?token=TOKEN once)", [(b"www-authenticate", b"Bearer")])
+
+    def _shown_file(self, path: str) -> bool:
+        """A path Gradio may serve: inside its own folder under the outputs (symlinks resolved)."""
+        import os
+
+        target = path[len(FILE_ROUTES[0]):]
+        folder = os.path.realpath(self.server.outputs / UI_FILES)
+        return os.path.realpath(target).startswith(folder + os.sep)
+
+
+def _is_https(scope, headers: dict) -> bool:
+    """Served over HTTPS: directly, or behind a proxy that says so."""
+    forwarded = headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    return scope.get("scheme") in ("https", "wss") or forwarded == "https"
+
+
+async def _problem(send, status: int, detail: str, headers: list | None = None) -> None:
+    body = json.dumps({"detail": detail, "field": None}).encode()
+    await _respond(send, status, body, [(b"content-type", b"application/json"), *(headers or [])])
 
 
 async def _respond(send, status: int, body: bytes, headers: list) -> None:
@@ -314,8 +351,9 @@ async def _respond(send, status: int, body: bytes, headers: list) -> None:
 
 def create_app(server: Server, *, ui: bool = True, worker: bool = True):
     """The FastAPI app: /v1 (API and its OpenAPI schema at /v1/openapi.json), the web UI at /,
-    behind the token gate. worker: run the queue while the app runs (lifespan)."""
+    behind the gate. worker: run the queue while the app runs (lifespan)."""
     import contextlib
+    import os
 
     from fastapi import FastAPI
 
@@ -337,13 +375,25 @@ def create_app(server: Server, *, ui: bool = True, worker: bool = True):
     app.state.server = server
     app.include_router(router)
     if ui:
+        # Gradio keeps uploads and copies of what it shows in GRADIO_TEMP_DIR (read when the UI
+        # is built): beside this server's outputs, emptied at each start (no page survives one)
+        ui_files = server.outputs / UI_FILES
+        shutil.rmtree(ui_files, ignore_errors=True)
+        ui_files.mkdir(parents=True)
+        os.environ["GRADIO_TEMP_DIR"] = str(ui_files.resolve())
         import gradio as gr
 
         from .ui import build_ui
 
-        app = gr.mount_gradio_app(app, build_ui(server), path="", allowed_paths=[str(server.outputs.resolve())],
-                                  footer_links=["api"], max_file_size=server.limits.max_upload)
-    app.add_middleware(TokenGate, server=server)
+        blocks = build_ui(server)
+        outputs = server.outputs.resolve()
+        app = gr.mount_gradio_app(app, blocks, path="", allowed_paths=[str(outputs)], footer_links=["api"],
+                                  blocked_paths=[str(outputs / name) for name in PRIVATE_FILES],
+                                  max_file_size=server.limits.max_upload)
+        # mount_gradio_app leaves has_launched False, and then Gradio skips its check that a file
+        # a request names was uploaded through it: any server path would be read as an input
+        blocks.has_launched = True
+    app.add_middleware(Gate, server=server)
     return app
 
 

@@ -1,0 +1,165 @@
+"""Hostile requests against a real `wanx serve --model tiny` (uvicorn in a subprocess): each
+test sends the exact request an attacker or a careless client would, over HTTP, and checks
+that the server refuses it with one line and stays up. A new surface of the server (a route,
+a form field, a header it reads) gets its case here.
+
+One server per module where the case allows (the `server` fixture, with a token); cases that
+stop or crash a server start their own."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from pathlib import Path
+
+import av
+import httpx
+import numpy as np
+import pytest
+
+from .conftest import FAST, ServeProcess, wait_for
+
+TOKEN = "hostile-test-token"
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def server(tiny, tmp_path_factory):
+    """One `wanx serve --model tiny --token ...` for the module's cases that leave it running."""
+    root = tmp_path_factory.mktemp("hostile")
+    process = ServeProcess(root / "outputs", token=TOKEN)
+    process.root = root
+    yield process
+    process.close()
+
+
+def _mp4(path: Path, width: int = 64, height: int = 48, frames: int = 5) -> Path:
+    """A small black H.264 mp4 (PyAV)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=16)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        black = av.VideoFrame.from_ndarray(np.zeros((height, width, 3), np.uint8), format="rgb24")
+        for _ in range(frames):
+            for packet in stream.encode(black):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+class GradioPage:
+    """The Gradio API as the UI's page calls it (queue/join, then the event stream), in one
+    session, with the dependencies found by name in /config."""
+
+    def __init__(self, server: ServeProcess):
+        self.client = server.client
+        self.session = uuid.uuid4().hex[:10]
+        config = self.client.get("/config").json()
+        self.deps = {dep["api_name"]: (index, dep["targets"][0][0]) for index, dep in enumerate(config["dependencies"])}
+
+    def call(self, api_name: str, data: list, timeout: float = 60) -> dict:
+        """The `process_completed` message of one call (its output, or success False and the error)."""
+        index, trigger = self.deps[api_name]
+        joined = self.client.post("/gradio_api/queue/join", json={
+            "data": data, "fn_index": index, "session_hash": self.session, "event_data": None, "trigger_id": trigger})
+        assert joined.status_code == 200, joined.text
+        with self.client.stream("GET", "/gradio_api/queue/data", params={"session_hash": self.session},
+                                timeout=timeout) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data:"):
+                    message = json.loads(line[5:])
+                    if message.get("msg") == "process_completed":
+                        return message
+        raise AssertionError(f"{api_name}: the event stream ended without a result")
+
+    def submit_video(self, video: dict, **fields) -> dict:
+        """Generate on the Video to video tab with `video` as the input video's value."""
+        self.call("lambda_1", [])  # the tab's select event: the session's task becomes v2v
+        form = {"prompt": "a cat", "negative": "", "size": "64x48", "frames": "5", "steps": "2", "guidance": "",
+                "shift": "", "sampler": "unipc", "seed": "", "teacache": "", **fields}
+        loras = {"headers": ["LoRA", "strength"], "data": [], "metadata": None}
+        return self.call("submit", [None, *form.values(), loras, video, 0.8])
+
+
+def _file_data(path) -> dict:
+    return {"path": str(path), "meta": {"_type": "gradio.FileData"}, "orig_name": "clip.mp4"}
+
+
+def _refused(message: dict) -> bool:
+    """Gradio answered with an error, or the UI's error line is set."""
+    return not message["success"] or bool(message["output"]["data"][0])
+
+
+# -- 1: the Gradio API reads only files uploaded through it ---------------------------------------
+@pytest.mark.parametrize("target", ["/etc/passwd", "outside", "symlink"])
+def test_gradio_api_reads_no_server_path(server, target):
+    outputs = server.root / "outputs"
+    secret = _mp4(server.root / "secret" / "clip.mp4")
+    if target == "outside":
+        target = secret
+    elif target == "symlink":  # a link inside the UI's own upload folder to a file outside it
+        link = outputs / ".gradio" / "planted" / "clip.mp4"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(secret)
+        target = link
+    before = server.client.get("/v1/videos").json()["videos"]
+    answer = GradioPage(server).submit_video(_file_data(target))
+    assert _refused(answer), answer
+    assert server.client.get("/v1/videos").json()["videos"] == before  # nothing queued
+    copies = [p for p in server.root.rglob("*") if p.name in ("passwd", "clip.mp4") and p.is_file()
+              and not p.is_symlink() and p != secret]
+    assert copies == []  # and nothing copied anywhere
+
+
+def test_gradio_api_does_not_read_dev_zero(server):
+    """Reading /dev/zero never ends: before, it froze the whole server."""
+    result = {}
+    call = threading.Thread(target=lambda: result.update(answer=GradioPage(server).submit_video(
+        _file_data("/dev/zero"))), daemon=True)
+    call.start()
+    call.join(30)
+    alive = httpx.get(server.url + "/v1/model", headers=BEARER, timeout=10)
+    assert alive.status_code == 200
+    assert not call.is_alive() and _refused(result["answer"]), result
+
+
+# -- 9: what the UI refuses is not kept ---------------------------------------------------------
+def test_refused_ui_uploads_are_removed(server):
+    ui_files = server.root / "outputs" / ".gradio"
+    page = GradioPage(server)
+    uploaded = page.client.post("/gradio_api/upload", files={"files": ("notes.mp4", b"not a video at all" * 10)})
+    assert uploaded.status_code == 200, uploaded.text
+    path = Path(uploaded.json()[0])
+    assert path.is_file() and path.resolve().is_relative_to(ui_files.resolve())  # Gradio's folder is the server's
+    answer = page.submit_video(_file_data(path))
+    assert answer["success"] and "video: the upload is not an mp4" in answer["output"]["data"][0]
+    assert not path.exists()
+    assert answer["output"]["data"][2] is None  # the page's input is cleared: it asks for another file
+
+
+# -- 12: redirects stay on this server; the cookie is Secure over HTTPS; no database by path ----
+def test_token_redirect_stays_on_this_server(server):
+    for path, expected in (("//evil.example/x", "/evil.example/x"), ("/\\evil.example/x", "/%5Cevil.example/x"),
+                           ("/%09/evil.example", "/%09/evil.example")):
+        answer = httpx.get(f"{server.url}{path}?token={TOKEN}&a=1", follow_redirects=False)
+        assert answer.status_code == 303
+        assert answer.headers["location"] == f"{expected}?a=1", answer.headers["location"]
+
+
+def test_cookie_is_secure_behind_an_https_proxy(server):
+    plain = httpx.get(f"{server.url}/?token={TOKEN}", follow_redirects=False)
+    assert "Secure" not in plain.headers["set-cookie"]  # plain HTTP on loopback: a Secure cookie would be dropped
+    proxied = httpx.get(f"{server.url}/?token={TOKEN}", headers={"X-Forwarded-Proto": "https"}, follow_redirects=False)
+    assert proxied.status_code == 303 and "; Secure" in proxied.headers["set-cookie"]
+
+
+def test_gradio_serves_no_database_or_inputs(server):
+    outputs = (server.root / "outputs").resolve()
+    (outputs / "inputs" / "someone-image.png").write_bytes(b"\x89PNG\r\n\x1a\nprivate")
+    for path in (outputs / "jobs.sqlite", outputs / "inputs" / "someone-image.png", Path("/etc/passwd"),
+                 server.root / "secret" / "clip.mp4"):
+        answer = server.client.get(f"/gradio_api/file={path}")
+        assert answer.status_code == 403, (path, answer.status_code)
