@@ -163,3 +163,94 @@ def test_gradio_serves_no_database_or_inputs(server):
                  server.root / "secret" / "clip.mp4"):
         answer = server.client.get(f"/gradio_api/file={path}")
         assert answer.status_code == 403, (path, answer.status_code)
+
+
+# -- 3: CSRF and DNS rebinding -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def open_server(tiny, tmp_path_factory):
+    """A second server, without --token (anyone on this machine may use it: no other site's page)."""
+    process = ServeProcess(tmp_path_factory.mktemp("hostile-open") / "outputs")
+    yield process
+    process.close()
+
+
+JOB = json.dumps({"prompt": "forged", **FAST})
+COOKIE = {"Cookie": f"wanx_token={TOKEN}"}
+
+
+def _count(server) -> int:
+    return len(server.client.get("/v1/videos").json()["videos"])
+
+
+def test_a_foreign_host_is_not_served(server, open_server):
+    for process, auth in ((server, BEARER), (open_server, {})):
+        answer = httpx.get(process.url + "/v1/videos", headers={"Host": "evil.example", **auth})
+        assert answer.status_code == 400 and "--allowed-hosts" in answer.json()["detail"]
+        assert httpx.get(process.url + "/", headers={"Host": "evil.example:80", **auth}).status_code == 400
+        assert httpx.get(process.url + "/v1/model", headers={"Host": f"localhost:{process.port}", **auth}).status_code == 200
+
+
+def test_forms_from_other_pages_queue_nothing(server, open_server):
+    before, before_open = _count(server), _count(open_server)
+    other = f"http://127.0.0.1:{server.port + 1}"  # a page on another local port: the same site for the cookie
+    for headers in ({**COOKIE, "Origin": other}, COOKIE, {**COOKIE, "Origin": "null"}):
+        for post in ({"data": {"request": JOB}}, {"files": {"request": (None, JOB)}}):
+            answer = httpx.post(server.url + "/v1/videos", headers=headers, **post)
+            assert answer.status_code == 403, (headers, post, answer.text)
+    answer = httpx.post(open_server.url + "/v1/videos", headers={"Origin": other}, data={"request": JOB})
+    assert answer.status_code == 403 and "cross-origin" in answer.json()["detail"]
+    assert httpx.post(server.url + "/gradio_api/upload", headers={**COOKIE, "Origin": other},
+                      files={"files": ("a.mp4", b"x")}).status_code == 403
+    assert (_count(server), _count(open_server)) == (before, before_open)
+    # what stays: curl with the token (no Origin), the page's own JSON with the cookie, and a tokenless curl
+    assert httpx.post(server.url + "/v1/videos", headers=BEARER, files={"request": (None, JOB)}).status_code == 202
+    same = httpx.post(server.url + "/v1/videos", json=json.loads(JOB), headers={**COOKIE, "Origin": server.url})
+    assert same.status_code == 202, same.text
+    assert httpx.post(open_server.url + "/v1/videos", data={"request": JOB}).status_code == 202
+
+
+def test_a_page_on_another_port_cannot_queue_through_the_browser(server, tmp_path):
+    """The CSRF case end to end: Chromium holds the cookie; a page served from another local
+    port posts a form to the server when it loads."""
+    import http.server
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on this machine (apt-get install chromium)")
+    from .test_browser import ARGS
+
+    form = (f'<form method="post" enctype="multipart/form-data" action="{server.url}/v1/videos">'
+            f"<input name=\"request\" value='{JOB}'></form><script>document.forms[0].submit()</script>")
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            body = form.encode()
+            self.send_response(200)
+            self.send_header("content-type", "text/html")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    before = _count(server)
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=ARGS)
+            try:
+                page = browser.new_page()
+                page.goto(f"{server.url}/v1/model?token={TOKEN}")  # the user opened the server once: the cookie
+                assert page.context.cookies()[0]["name"] == "wanx_token"
+                with page.expect_response(f"{server.url}/v1/videos") as posted:
+                    page.goto(f"http://127.0.0.1:{evil.server_address[1]}/")
+                assert posted.value.request.method == "POST" and posted.value.status == 403
+            finally:
+                browser.close()
+    finally:
+        evil.shutdown()
+    assert _count(server) == before

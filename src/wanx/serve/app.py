@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from pathlib import Path
-from urllib.parse import parse_qs, quote, urlencode
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from ..pipeline import RequestError
 from ..request import KEY_NAMES, KEY_TYPES, PIPELINE_KEYS, check_job, fix_seed, parse_job, pipeline_kwargs
@@ -77,13 +77,18 @@ class Server:
     queues, as in tests of the API alone). loras: a folder of LoRA files the requests may name."""
 
     def __init__(self, pipe, files, runtime, outputs: str | Path, *, loras: str | Path | None = None,
-                 token: str | None = None, limits: Limits | None = None, model_name: str | None = None):
+                 token: str | None = None, limits: Limits | None = None, model_name: str | None = None,
+                 host: str = "127.0.0.1", allowed_hosts: tuple[str, ...] = ()):
         from ..request import request_weights
 
         self.pipe, self.files, self.runtime = pipe, files, runtime
         self.outputs = Path(outputs)
         self.loras_dir = Path(loras) if loras else None
         self.token = token or None
+        # names (beyond localhost and IP addresses) a request's Host may give: --host, --allowed-hosts;
+        # the latter also the pages' (a proxy's name, as the browser sees it)
+        self.allowed_hosts = {name.strip().lower().strip("[]") for name in allowed_hosts if name.strip()}
+        self.host = host.lower().strip("[]")
         self.limits = limits or Limits()
         self.model_name = model_name or str(files.folder)
         self.weights = request_weights(files, runtime)
@@ -257,6 +262,21 @@ class Server:
             raise
         self._applied_loras = wanted
 
+    def serves_host(self, name: str) -> bool:
+        """A Host header's name this server answers to: localhost, an IP address (no DNS name
+        an attacker could point here), --host, or --allowed-hosts ('*': any)."""
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return name in ("localhost", self.host) or self.named_host(name)
+
+    def named_host(self, name: str) -> bool:
+        """A name given with --allowed-hosts."""
+        return bool(name) and (name.lower() in self.allowed_hosts or "*" in self.allowed_hosts)
+
     def authorised(self, supplied: str | None) -> bool:
         return self.token is None or (supplied is not None and hmac.compare_digest(supplied.encode(), self.token.encode()))
 
@@ -291,22 +311,47 @@ class Gate:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.server.token is not None and not self._has_token(headers):
+        refused = self._foreign(scope, headers)
+        if refused:
+            if scope["type"] == "websocket":
+                return await send({"type": "websocket.close", "code": 1008})
+            return await _problem(send, *refused)
+        by_bearer = self.server.authorised(_bearer(headers)) if self.server.token is not None else False
+        if self.server.token is not None and not by_bearer and not self._has_cookie(headers):
             return await self._refuse_or_redirect(scope, send, headers)
+        if (self.server.token is not None and not by_bearer and scope["type"] == "http"
+                and scope["method"] in CHANGING and scope["path"].startswith("/v1/")
+                and _media_type(headers) in SIMPLE_TYPES and "x-requested-with" not in headers):
+            # what a form on any page can send with the browser's cookie (no preflight asks first)
+            return await _problem(send, 403, "with the cookie, send the request as application/json or with the "
+                                             "header X-Requested-With; programs send 'Authorization: Bearer TOKEN'")
         if scope["type"] == "http" and scope["path"].startswith(FILE_ROUTES) and not self._shown_file(scope["path"]):
             return await _problem(send, 403, "this server shows only its videos and the files uploaded to it")
         return await self.app(scope, receive, send)
 
-    def _has_token(self, headers: dict) -> bool:
-        auth = headers.get("authorization", "")
-        bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+    def _foreign(self, scope, headers: dict) -> tuple[int, str] | None:
+        """(status, why) for a request another site's page made: a Host this server does not
+        go by (DNS rebinding: a name the attacker controls, pointed at this address) or an
+        Origin other than this server (CSRF; Gradio's CORS would let any localhost page read)."""
+        host = headers.get("host", "")
+        if not self.server.serves_host(_hostname(host)):
+            return 400, (f"Host {host!r} is not served here; behind a proxy or under another name, start "
+                         "wanx serve with --allowed-hosts NAME")
+        origin = headers.get("origin")
+        if origin is not None:
+            netloc = urlsplit(origin).netloc.lower() if origin != "null" else ""
+            if netloc != host.lower() and not self.server.named_host(_hostname(netloc)):
+                return 403, (f"a page from {origin} may not use this server (cross-origin); behind a proxy, start "
+                             "wanx serve with --allowed-hosts NAME")
+        return None
+
+    def _has_cookie(self, headers: dict) -> bool:
         cookie = SimpleCookie()
         try:
             cookie.load(headers.get("cookie", ""))
         except Exception:  # a malformed cookie header is no token
             pass
-        from_cookie = cookie[COOKIE].value if COOKIE in cookie else None
-        return self.server.authorised(bearer) or self.server.authorised(from_cookie)
+        return self.server.authorised(cookie[COOKIE].value if COOKIE in cookie else None)
 
     async def _refuse_or_redirect(self, scope, send, headers: dict):
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
@@ -330,6 +375,28 @@ class Gate:
         target = path[len(FILE_ROUTES[0]):]
         folder = os.path.realpath(self.server.outputs / UI_FILES)
         return os.path.realpath(target).startswith(folder + os.sep)
+
+
+CHANGING = ("POST", "PUT", "PATCH", "DELETE")
+# the content types a page's form (or a fetch without a preflight) can send
+SIMPLE_TYPES = ("", "application/x-www-form-urlencoded", "multipart/form-data", "text/plain")
+
+
+def _bearer(headers: dict) -> str | None:
+    auth = headers.get("authorization", "")
+    return auth[7:].strip() if auth[:7].lower() == "bearer " else None
+
+
+def _media_type(headers: dict) -> str:
+    return headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _hostname(netloc: str) -> str:
+    """'Example.org:7860' -> 'example.org'; '[::1]:80' -> '::1'; '' when unreadable."""
+    try:
+        return urlsplit("//" + netloc).hostname or ""
+    except ValueError:
+        return ""
 
 
 def _is_https(scope, headers: dict) -> bool:
@@ -444,7 +511,8 @@ def serve(args) -> int:
     if not args.quiet:
         print(f"loading: {time.perf_counter() - start:.1f} s ({files.model_type} on {runtime.device})", file=sys.stderr)
     server = Server(pipe, files, runtime, outputs, loras=args.loras, token=args.token,
-                    limits=Limits(max_upload=int(args.max_upload_mb * 2**20)), model_name=args.model)
+                    limits=Limits(max_upload=int(args.max_upload_mb * 2**20)), model_name=args.model,
+                    host=args.host, allowed_hosts=tuple((getattr(args, "allowed_hosts", None) or "").split(",")))
     app = create_app(server, ui=not args.no_ui)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"wanx serve: http://{host}:{args.port}/  (API: /v1, schema: /v1/openapi.json; outputs in {outputs})",
