@@ -254,3 +254,23 @@ def test_a_page_on_another_port_cannot_queue_through_the_browser(server, tmp_pat
     finally:
         evil.shutdown()
     assert _count(server) == before
+
+
+# -- 4: one server per outputs folder ---------------------------------------------------------
+def test_a_second_server_on_the_same_outputs_is_refused_before_loading(server):
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import free_port
+
+    job = server.client.post("/v1/videos", json={"prompt": "mine", **FAST}).json()["id"]
+    start = time.monotonic()
+    second = subprocess.run([sys.executable, "-m", "wanx", "serve", "--model", "tiny", "--device", "cpu",
+                             "--port", str(free_port()), "--outputs", str(server.root / "outputs")],
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2, second.stderr
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and "in use by another wanx serve (pid " in lines[0], second.stderr
+    assert wait_for(server.client, job)["events"] == ["queued", "running", "done"]  # the first one's, untouched
+    assert time.monotonic() - start < 60

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from ..pipeline import RequestError
 from ..request import KEY_NAMES, KEY_TYPES, PIPELINE_KEYS, check_job, fix_seed, parse_job, pipeline_kwargs
-from .jobs import DB_FILE, INPUTS, JobQueue
+from .jobs import DB_FILE, INPUTS, LOCK_FILE, JobQueue, hold_folder
 
 # Tasks a model of each type can run, and their names in the UI.
 TASKS = {"t2v": ("t2v", "v2v"), "i2v": ("i2v",), "flf2v": ("flf2v",), "ti2v": ("ti2v",)}
@@ -24,7 +24,7 @@ TASK_NAMES = {"t2v": "Text to video", "i2v": "Image to video", "flf2v": "First a
               "ti2v": "Text (and image) to video"}
 UPLOADS = ("image", "last_image", "video")
 # what the UI must never hand out by path: the job database (and SQLite's companions) and the uploads
-PRIVATE_FILES = (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", f"{DB_FILE}-journal", INPUTS)  # request keys that only come as uploaded files
+PRIVATE_FILES = (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", f"{DB_FILE}-journal", INPUTS, LOCK_FILE)  # request keys that only come as uploaded files
 # A POST body: a --prompts JSON line less `output` (the server names every file) and less the
 # input paths (uploaded instead), plus what the server chooses per job.
 API_TYPES = {**{k: v for k, v in KEY_TYPES.items() if k not in ("output", *UPLOADS)},
@@ -505,6 +505,7 @@ def serve(args) -> int:
     files = find_components(resolve_model(args.model, source=args.source), dit=args.dit)
     outputs = Path(args.outputs)
     outputs.mkdir(parents=True, exist_ok=True)
+    lock = hold_folder(outputs)  # before the model loads: a second server on the folder stops here
     start = time.perf_counter()
     pipe = WanPipeline.from_files(files, runtime=runtime, progress=not args.quiet)
     pipe.name = args.model
@@ -518,5 +519,9 @@ def serve(args) -> int:
     print(f"wanx serve: http://{host}:{args.port}/  (API: /v1, schema: /v1/openapi.json; outputs in {outputs})",
           file=sys.stderr, flush=True)
     # no access log: the UI polls once a second per open page
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info", access_log=False)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
+                    access_log=False)
+    finally:
+        lock.close()
     return 0

@@ -26,6 +26,7 @@ import numpy as np
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 FINAL = ("done", "failed", "cancelled")
 DB_FILE = "jobs.sqlite"
+LOCK_FILE = "serve.lock"  # held (flock) by the one server that runs this folder's queue
 INPUTS = "inputs"  # uploaded images and videos, under server-made names
 
 _SCHEMA = """
@@ -44,6 +45,30 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL
 )
 """
+
+
+def hold_folder(folder: str | Path):
+    """Take the outputs folder for this process: an exclusive lock on `folder/serve.lock`, held
+    while the returned file stays open (the kernel lets it go when the process dies, however).
+    Two servers on one folder would both run its queue, each taking the other's running job for
+    an interrupted one. ValueError, naming the holder, when another process has it."""
+    import fcntl
+
+    folder = Path(folder)
+    handle = open(folder / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ValueError(f"{folder} is in use by another wanx serve ({holder}); stop it, or give this one "
+                         "other --outputs") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
 
 
 class Cancelled(Exception):
