@@ -62,8 +62,10 @@ class GradioPage:
     def call(self, api_name: str, data: list, timeout: float = 60) -> dict:
         """The `process_completed` message of one call (its output, or success False and the error)."""
         index, trigger = self.deps[api_name]
-        joined = self.client.post("/gradio_api/queue/join", json={
-            "data": data, "fn_index": index, "session_hash": self.session, "event_data": None, "trigger_id": trigger})
+        payload = {"data": data, "fn_index": index, "session_hash": self.session, "event_data": None,
+                   "trigger_id": trigger}
+        joined = self.client.post("/gradio_api/queue/join", content=json.dumps(payload),  # JSON escapes any text
+                                  headers={"content-type": "application/json"})
         assert joined.status_code == 200, joined.text
         with self.client.stream("GET", "/gradio_api/queue/data", params={"session_hash": self.session},
                                 timeout=timeout) as stream:
@@ -274,3 +276,22 @@ def test_a_second_server_on_the_same_outputs_is_refused_before_loading(server):
     assert len(lines) == 1 and "in use by another wanx serve (pid " in lines[0], second.stderr
     assert wait_for(server.client, job)["events"] == ["queued", "running", "done"]  # the first one's, untouched
     assert time.monotonic() - start < 60
+
+
+# -- 6: text must be text ------------------------------------------------------------------------
+def test_a_lone_surrogate_is_refused_and_the_queue_still_lists(server):
+    before = _count(server)
+    for body in (b'{"prompt": "a \\ud800 cat", "size": "64x48", "frames": 5, "steps": 2}',
+                 b'{"prompt": "a cat", "negative_prompt": "\\udfff", "size": "64x48", "frames": 5, "steps": 2}',
+                 b'{"prompt": "a cat", "\\ud800": 1}'):
+        answer = server.client.post("/v1/videos", content=body, headers={"content-type": "application/json"})
+        assert answer.status_code == 422 and "lone UTF-16 surrogate" in answer.json()["detail"], answer.text
+    bad_bytes = server.client.post("/v1/videos", content=b'{"prompt": "a \xff cat"}',
+                                   headers={"content-type": "application/json"})
+    assert bad_bytes.status_code == 400 and "not UTF-8" in bad_bytes.json()["detail"]
+    answer = GradioPage(server).call("submit", [None, "a \ud800", "", "64x48", "5", "2", "", "", "unipc", "", "", "",
+                                                {"headers": ["LoRA", "strength"], "data": [], "metadata": None},
+                                                None, 0.8])
+    assert _refused(answer), answer
+    listed = server.client.get("/v1/videos")
+    assert listed.status_code == 200 and _count(server) == before

@@ -118,6 +118,9 @@ class Server:
         UploadError naming the field; then nothing is queued and no file stays behind."""
         uploads = {k: v for k, v in (uploads or {}).items() if v is not None}
         if isinstance(body, dict):
+            for key, value in body.items():
+                check_text(key, "request")  # a key is named in the answer: it must be text too
+                check_text(value, key)
             given = [k for k in UPLOADS if k in body]
             if given:
                 raise RequestError(given[0], f"{given[0]}: upload the file as the multipart part {given[0]!r}; "
@@ -279,6 +282,25 @@ class Server:
 
     def authorised(self, supplied: str | None) -> bool:
         return self.token is None or (supplied is not None and hmac.compare_digest(supplied.encode(), self.token.encode()))
+
+
+def check_text(value, field: str) -> None:
+    """RequestError when a string in `value` (a request value, or a list or object of them) is
+    not text UTF-8 can hold: JSON's escapes can spell a lone UTF-16 surrogate ("\\ud800"),
+    which no database row, JSON answer or video tag can be written with."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise RequestError(field, f"{field}: not valid text (a lone UTF-16 surrogate, "
+                                      f"{value[err.start]!r}, at character {err.start}); send UTF-8 text") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, field)
+            check_text(item, field)
+    elif isinstance(value, list):
+        for item in value:
+            check_text(item, field)
 
 
 def _without_paths(message: str, job: dict) -> str:
