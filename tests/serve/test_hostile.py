@@ -295,3 +295,34 @@ def test_a_lone_surrogate_is_refused_and_the_queue_still_lists(server):
     assert _refused(answer), answer
     listed = server.client.get("/v1/videos")
     assert listed.status_code == 200 and _count(server) == before
+
+
+# -- 7: a cancel outlives a crash -----------------------------------------------------------------
+def test_a_cancel_is_kept_across_a_crash(tiny, tmp_path):
+    """DELETE a running job, SIGKILL the server before the job stops, start it again: the job
+    stays cancelled. The job is cancelled while its VAE decodes (seconds per chunk on 256x256),
+    so the kill lands before the worker sees the cancel."""
+    import time
+
+    outputs = tmp_path / "outputs"
+    first = ServeProcess(outputs)
+    try:
+        job = first.client.post("/v1/videos", json={"prompt": "long", "size": "256x256", "frames": 17,
+                                                    "steps": 2}).json()["id"]
+        end = time.monotonic() + 180
+        while (first.client.get(f"/v1/videos/{job}").json()["progress"] or {}).get("step") != 2:
+            assert time.monotonic() < end, "the job made no steps"
+            time.sleep(0.02)
+        answer = first.client.delete(f"/v1/videos/{job}")
+        first.kill()
+        assert answer.status_code == 202 and answer.json()["cancelling"], answer.text
+    finally:
+        first.close()
+    second = ServeProcess(outputs)
+    try:
+        again = second.client.get(f"/v1/videos/{job}").json()
+        assert again["status"] == "cancelled" and again["attempts"] == 1, again
+        assert again["events"] == ["queued", "running", "cancelled"]
+        assert not (outputs / f"{job}.mp4").exists()
+    finally:
+        second.close()

@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     events TEXT NOT NULL DEFAULT '[]',       -- [status, unix time] as the job moved
+    cancel INTEGER NOT NULL DEFAULT 0,       -- 1: cancelled while running (kept across a crash)
     created REAL NOT NULL,
     started REAL,
     finished REAL
@@ -108,9 +109,17 @@ class JobQueue:
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")  # readers do not wait for the worker's writes
             self._db.execute(_SCHEMA)
-            # A job still 'running' belongs to a process that died: it was interrupted.
-            for row in self._db.execute("SELECT id FROM jobs WHERE status = 'running'").fetchall():
-                self._set(row["id"], "interrupted", error="the server stopped while this job ran")
+            if "cancel" not in {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}:
+                self._db.execute("ALTER TABLE jobs ADD COLUMN cancel INTEGER NOT NULL DEFAULT 0")  # an older folder
+            # A job still 'running' belongs to a process that died: it was interrupted, or it
+            # was being cancelled (then it stays cancelled: never run again).
+            for row in self._db.execute("SELECT id, cancel FROM jobs WHERE status IN ('running', 'interrupted') "
+                                        "AND (status = 'running' OR cancel = 1)").fetchall():
+                if row["cancel"]:
+                    self._set(row["id"], "cancelled", finished=time.time())
+                    self._remove_inputs(row["id"])
+                else:
+                    self._set(row["id"], "interrupted", error="the server stopped while this job ran")
 
     # -- submitting and reading -------------------------------------------------------------
     @staticmethod
@@ -165,6 +174,8 @@ class JobQueue:
                 self._set(job_id, "cancelled", finished=time.time())
                 self._remove_inputs(job_id)
             elif row["status"] == "running":
+                # written before the answer: a crash between now and the next step must not run it again
+                self._db.execute("UPDATE jobs SET cancel = 1 WHERE id = ?", (job_id,))
                 self._cancel.add(job_id)
         return self.get(job_id)
 
@@ -300,7 +311,7 @@ class JobQueue:
                "error": row["error"], "attempts": row["attempts"],
                "events": [status for status, _ in json.loads(row["events"])],
                "created": row["created"], "started": row["started"], "finished": row["finished"],
-               "progress": None, "cancelling": row["id"] in self._cancel}
+               "progress": None, "cancelling": row["status"] == "running" and bool(row["cancel"])}
         progress = self._progress.get(row["id"])
         if row["status"] == "running" and progress is not None:
             job["progress"] = _progress_view(progress)
