@@ -170,8 +170,9 @@ def test_gradio_serves_no_database_or_inputs(server):
 # -- 3: CSRF and DNS rebinding -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def open_server(tiny, tmp_path_factory):
-    """A second server, without --token (anyone on this machine may use it: no other site's page)."""
-    process = ServeProcess(tmp_path_factory.mktemp("hostile-open") / "outputs")
+    """A second server, without --token (anyone on this machine may use it: no other site's page),
+    taking uploads of at most 1 MiB."""
+    process = ServeProcess(tmp_path_factory.mktemp("hostile-open") / "outputs", "--max-upload-mb", "1")
     yield process
     process.close()
 
@@ -326,3 +327,53 @@ def test_a_cancel_is_kept_across_a_crash(tiny, tmp_path):
         assert not (outputs / f"{job}.mp4").exists()
     finally:
         second.close()
+
+
+# -- 5: bodies and prompts are bounded -----------------------------------------------------------
+def test_a_large_json_body_is_413(server):
+    before = _count(server)
+    body = json.dumps({"prompt": "a " * 2_500_000, **FAST}).encode()  # 5 MB
+    sized = server.client.post("/v1/videos", content=body, headers={"content-type": "application/json"})
+    assert sized.status_code == 413 and "at most 1 MiB" in sized.json()["detail"], sized.text
+    chunked = server.client.post("/v1/videos", content=(body[i:i + 65536] for i in range(0, len(body), 65536)),
+                                 headers={"content-type": "application/json"})
+    assert chunked.status_code == 413, chunked.text
+    assert _count(server) == before
+
+
+def test_a_chunked_upload_is_cut_at_the_limit(open_server):
+    """No Content-Length: the server counts what arrives and stops reading past its limit
+    (1 MiB per file here: 4 MiB for a request), not after spooling all of it."""
+    before = _count(open_server)
+    sent = [0]
+    boundary = "hostileboundary"
+
+    def body():
+        head = (f'--{boundary}\r\ncontent-disposition: form-data; name="request"\r\n\r\n{JOB}\r\n'
+                f'--{boundary}\r\ncontent-disposition: form-data; name="video"; filename="v.mp4"\r\n'
+                "content-type: video/mp4\r\n\r\n").encode()
+        yield head
+        chunk = bytes(2**20)
+        for _ in range(256):  # 256 MiB, if the server read it all
+            sent[0] += len(chunk)
+            yield chunk
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    try:
+        answer = httpx.post(open_server.url + "/v1/videos", content=body(), timeout=60,
+                            headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+        assert answer.status_code == 413, answer.text
+    except httpx.TransportError:  # the server closed the connection after its 413
+        pass
+    assert sent[0] < 64 * 2**20, f"the server read {sent[0] / 2**20:.0f} MiB"
+    assert _count(open_server) == before
+
+
+def test_a_prompt_longer_than_the_model_reads_is_refused(server):
+    before = _count(server)
+    words = server.client.post("/v1/videos", json={"prompt": "cat " * 600, **FAST})
+    assert words.status_code == 422 and words.json()["field"] == "prompt", words.text
+    assert "this model reads at most 512" in words.json()["detail"] and "has 601 tokens" in words.json()["detail"]
+    negative = server.client.post("/v1/videos", json={"prompt": "a cat", "negative_prompt": "x" * 400_000, **FAST})
+    assert negative.status_code == 422 and negative.json()["field"] == "negative_prompt", negative.text
+    assert _count(server) == before

@@ -32,6 +32,8 @@ API_TYPES = {**{k: v for k, v in KEY_TYPES.items() if k not in ("output", *UPLOA
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 MAX_STEPS = 1000  # the queue is shared: one request cannot hold it for days
 MAX_FRAMES = 1001
+MAX_JSON = 2**20  # a JSON body (a request, or the UI's calls): prompts are read only to 512 tokens
+CHARS_PER_TOKEN = 32  # longer text is refused before it is tokenized (umT5 tokens are rarely over 16)
 # Upload kinds by their first bytes (never by the client's name or content type).
 _IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"GIF87a", ".gif"), (b"GIF89a", ".gif"),
                 (b"BM", ".bmp"))
@@ -95,6 +97,7 @@ class Server:
         self.queue = JobQueue(self.outputs, self.run)
         self._applied_loras: tuple = ()
         self._meta_dit = None
+        self._tokenizer = None
         self._default_cache = pipe.step_cache if pipe is not None else None
 
     @property
@@ -162,12 +165,30 @@ class Server:
         if job.get("teacache") is not None and job["teacache"] < 0:
             raise RequestError("teacache", f"teacache is a threshold >= 0 (0 skips nothing), got {job['teacache']}")
         job["loras"] = self._check_loras(job.get("loras"))
+        for key in ("prompt", "negative_prompt"):
+            self._check_tokens(key, job.get(key))
         try:
             check_job(job, self.files, runtime=self.runtime, weights=self.weights, names=KEY_NAMES)
         except RequestError as err:
             raise RequestError(PIPELINE_KEYS.get(err.field, err.field), _without_paths(str(err), job)) from None
         except (ValueError, FileNotFoundError) as err:  # an input file the readers refused
             raise RequestError("", _without_paths(str(err), job)) from None
+
+    def _check_tokens(self, key: str, text) -> None:
+        """The model reads `text_len` tokens of a prompt (512): a longer one is refused, not cut."""
+        if not isinstance(text, str):
+            return
+        from ..text import Tokenizer
+
+        limit = self.files.dit_config.text_len
+        if len(text) > CHARS_PER_TOKEN * limit:
+            raise RequestError(key, f"{key} is {len(text)} characters; this model reads at most {limit} tokens: "
+                                    "shorten it")
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer(self.files.tokenizer)
+        count = self._tokenizer.count(text)
+        if count > limit:
+            raise RequestError(key, f"{key} has {count} tokens; this model reads at most {limit}: shorten it")
 
     def _check_loras(self, loras) -> list[dict]:
         if not loras:
@@ -349,7 +370,46 @@ class Gate:
                                              "header X-Requested-With; programs send 'Authorization: Bearer TOKEN'")
         if scope["type"] == "http" and scope["path"].startswith(FILE_ROUTES) and not self._shown_file(scope["path"]):
             return await _problem(send, 403, "this server shows only its videos and the files uploaded to it")
-        return await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        return await self._limited(scope, receive, send, headers)
+
+    async def _limited(self, scope, receive, send, headers: dict):
+        """The app with the body counted as it arrives (chunked too): past the limit, the app
+        reads no more and the client gets 413, before anything is spooled beyond it."""
+        json_body = _media_type(headers) == "application/json"
+        limit = MAX_JSON if json_body else len(UPLOADS) * self.server.limits.max_upload + MAX_JSON
+        what = "a JSON body" if json_body else "a request"
+        detail = f"{what} on this server is at most {limit / 2**20:.0f} MiB"
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            return await _problem(send, 413, f"{detail}; this one is {int(length) / 2**20:.1f} MiB",
+                                  [(b"connection", b"close")])
+        state = {"read": 0, "over": False, "started": False}
+
+        async def counted():
+            message = await receive()
+            if message["type"] == "http.request":
+                state["read"] += len(message.get("body", b""))
+                if state["read"] > limit:
+                    state["over"] = True
+                    raise _TooLarge
+            return message
+
+        async def sent(message):
+            if state["over"]:  # the app's own answer to the cut body: the 413 goes instead
+                return
+            state["started"] = state["started"] or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, sent)
+        except Exception:
+            if not state["over"]:
+                raise
+        if state["over"] and not state["started"]:
+            # and the connection closes: else the server would go on reading (and dropping) the rest
+            await _problem(send, 413, detail, [(b"connection", b"close")])
 
     def _foreign(self, scope, headers: dict) -> tuple[int, str] | None:
         """(status, why) for a request another site's page made: a Host this server does not
@@ -397,6 +457,10 @@ class Gate:
         target = path[len(FILE_ROUTES[0]):]
         folder = os.path.realpath(self.server.outputs / UI_FILES)
         return os.path.realpath(target).startswith(folder + os.sep)
+
+
+class _TooLarge(Exception):
+    """The body went past the server's limit (raised into the app reading it)."""
 
 
 CHANGING = ("POST", "PUT", "PATCH", "DELETE")
