@@ -172,7 +172,9 @@ def test_gradio_serves_no_database_or_inputs(server):
 def open_server(tiny, tmp_path_factory):
     """A second server, without --token (anyone on this machine may use it: no other site's page),
     taking uploads of at most 1 MiB."""
-    process = ServeProcess(tmp_path_factory.mktemp("hostile-open") / "outputs", "--max-upload-mb", "1")
+    root = tmp_path_factory.mktemp("hostile-open")
+    process = ServeProcess(root / "outputs", "--max-upload-mb", "1")
+    process.root = root
     yield process
     process.close()
 
@@ -377,3 +379,32 @@ def test_a_prompt_longer_than_the_model_reads_is_refused(server):
     negative = server.client.post("/v1/videos", json={"prompt": "a cat", "negative_prompt": "x" * 400_000, **FAST})
     assert negative.status_code == 422 and negative.json()["field"] == "negative_prompt", negative.text
     assert _count(server) == before
+
+
+# -- 8: sizes are bounded; a cancel reaches the VAE decode ---------------------------------------
+@pytest.mark.parametrize("size, words", [("1000000x16", "each side must be at most 4096"),
+                                         ("2048x256", "aspect ratio must be at most 4:1"),
+                                         ("256x2048", "aspect ratio must be at most 4:1")])
+def test_sizes_are_bounded(server, size, words):
+    before = _count(server)
+    answer = server.client.post("/v1/videos", json={"prompt": "a cat", "size": size, "frames": 5, "steps": 2})
+    assert answer.status_code == 422 and answer.json()["field"] == "size" and words in answer.json()["detail"], \
+        answer.text
+    assert _count(server) == before
+
+
+def test_a_cancel_stops_the_vae_decode(open_server):
+    """Cancelled once the last step is done (its VAE decode takes seconds per chunk at 256x256):
+    the job ends cancelled with no video, not done after decoding everything."""
+    import time
+
+    job = open_server.client.post("/v1/videos", json={"prompt": "decode", "size": "256x256", "frames": 17,
+                                                      "steps": 2}).json()["id"]
+    end = time.monotonic() + 180
+    while (open_server.client.get(f"/v1/videos/{job}").json()["progress"] or {}).get("step") != 2:
+        assert time.monotonic() < end, "the job made no steps"
+        time.sleep(0.02)
+    assert open_server.client.delete(f"/v1/videos/{job}").status_code == 202
+    stopped = wait_for(open_server.client, job)
+    assert stopped["status"] == "cancelled", stopped
+    assert not (open_server.root / "outputs" / f"{job}.mp4").exists()

@@ -32,6 +32,8 @@ API_TYPES = {**{k: v for k, v in KEY_TYPES.items() if k not in ("output", *UPLOA
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 MAX_STEPS = 1000  # the queue is shared: one request cannot hold it for days
 MAX_FRAMES = 1001
+MAX_SIDE = 4096  # pixels: twice the largest official size (1280x720); more only holds the queue
+MAX_ASPECT = 4  # width:height or height:width; the models are trained on 16:9 at most
 MAX_JSON = 2**20  # a JSON body (a request, or the UI's calls): prompts are read only to 512 tokens
 CHARS_PER_TOKEN = 32  # longer text is refused before it is tokenized (umT5 tokens are rarely over 16)
 # Upload kinds by their first bytes (never by the client's name or content type).
@@ -164,6 +166,16 @@ class Server:
                                          f"got {job['frames']}")
         if job.get("teacache") is not None and job["teacache"] < 0:
             raise RequestError("teacache", f"teacache is a threshold >= 0 (0 skips nothing), got {job['teacache']}")
+        # before the CLI's checks, which read the inputs at this size: a size that fits the device
+        # can still hold the one queue for hours
+        if job.get("size"):
+            width, height = job["size"]
+            if max(width, height) > MAX_SIDE:
+                raise RequestError("size", f"size {width}x{height}: each side must be at most {MAX_SIDE} on this "
+                                           "server")
+            if min(width, height) > 0 and max(width, height) > MAX_ASPECT * min(width, height):
+                raise RequestError("size", f"size {width}x{height}: the aspect ratio must be at most "
+                                           f"{MAX_ASPECT}:1 either way on this server")
         job["loras"] = self._check_loras(job.get("loras"))
         for key in ("prompt", "negative_prompt"):
             self._check_tokens(key, job.get(key))
@@ -173,7 +185,6 @@ class Server:
             raise RequestError(PIPELINE_KEYS.get(err.field, err.field), _without_paths(str(err), job)) from None
         except (ValueError, FileNotFoundError) as err:  # an input file the readers refused
             raise RequestError("", _without_paths(str(err), job)) from None
-
     def _check_tokens(self, key: str, text) -> None:
         """The model reads `text_len` tokens of a prompt (512): a longer one is refused, not cut."""
         if not isinstance(text, str):
@@ -266,7 +277,7 @@ class Server:
         else:
             self.pipe.step_cache = self._default_cache
         video = self.pipe(request.get("prompt"), request.get("negative_prompt"), progress=False, callback=on_step,
-                          **pipeline_kwargs(request))
+                          decode_callback=lambda done, total: on_step(None, None, None), **pipeline_kwargs(request))
         video.metadata["model"] = self.model_name
         return video
 

@@ -80,7 +80,8 @@ class _Stopping(Exception):
     """Raised from the step callback when the server shuts down: the job goes back to queued."""
 
 
-# runner(job, on_step) -> a wanx.video.Video; on_step(step, total, latents) after each step
+# runner(job, on_step) -> a wanx.video.Video; on_step(step, total, latents) after each step, and
+# on_step(None, None, None) between the chunks the VAE decodes: a cancel stops the job at either
 Runner = Callable[[dict, Callable[[int, int, object], None]], object]
 
 
@@ -254,13 +255,14 @@ class JobQueue:
         job_id = job["id"]
         self._progress[job_id] = {"step": 0, "total": None, "since": time.monotonic(), "first": None}
 
-        def on_step(step: int, total: int, latents) -> None:
-            now = time.monotonic()
-            progress = self._progress[job_id]
-            if progress["first"] is None:  # the ETA counts from the first step: text encoding is not a step
-                progress["first"] = (now, step)
-            progress.update(step=step, total=total, at=now)
-            self._latents[job_id] = latents
+        def on_step(step: int | None, total: int | None, latents) -> None:
+            if step is not None:  # a sampling step (None: a decoded chunk)
+                now = time.monotonic()
+                progress = self._progress[job_id]
+                if progress["first"] is None:  # the ETA counts from the first step: text encoding is not a step
+                    progress["first"] = (now, step)
+                progress.update(step=step, total=total, at=now)
+                self._latents[job_id] = latents
             if job_id in self._cancel:
                 raise Cancelled
             if self._stop.is_set():
