@@ -408,3 +408,53 @@ def test_a_cancel_stops_the_vae_decode(open_server):
     stopped = wait_for(open_server.client, job)
     assert stopped["status"] == "cancelled", stopped
     assert not (open_server.root / "outputs" / f"{job}.mp4").exists()
+
+
+# -- 2: small files that decode to gigabytes ------------------------------------------------------
+def _peak_rise(process: ServeProcess, post) -> tuple[int, object]:
+    """How far the server's peak resident memory (VmHWM, its own accounting) rises above its
+    resident memory while `post()` runs (and the job it queues, until it ends), in bytes."""
+    status = Path(f"/proc/{process.proc.pid}/status")
+
+    def field(name: str) -> int:
+        line = next(line for line in status.read_text().splitlines() if line.startswith(name + ":"))
+        return int(line.split()[1]) * 1024
+
+    Path(f"/proc/{process.proc.pid}/clear_refs").write_text("5")  # the peak starts again from now
+    before = field("VmRSS")
+    answer = post()
+    if answer.status_code == 202:
+        wait_for(process.client, answer.json()["id"])
+    return field("VmHWM") - before, answer
+
+
+@pytest.fixture(scope="module")
+def i2v_server(tiny, tmp_path_factory):
+    process = ServeProcess(tmp_path_factory.mktemp("hostile-i2v") / "outputs", "--model", "tiny-i2v")
+    yield process
+    process.close()
+
+
+def test_a_video_bomb_is_read_at_the_job_s_size(open_server, tmp_path):
+    bomb = _mp4(tmp_path / "bomb.mp4", 1280, 720, 300)  # 300 black 720p frames: a few hundred KB
+    assert bomb.stat().st_size < 2**20
+    request = json.dumps({"prompt": "a cat", "size": "64x48", "frames": 5, "steps": 2, "strength": 0.5})
+    rise, answer = _peak_rise(open_server, lambda: open_server.client.post(
+        "/v1/videos", data={"request": request}, files={"video": ("bomb.mp4", bomb.read_bytes(), "video/mp4")}))
+    assert answer.status_code == 202, answer.text
+    job = open_server.client.get(f"/v1/videos/{answer.json()['id']}").json()
+    assert job["status"] == "done" and job["settings"]["size"] == "64x32", job  # 16:9 within 64x48
+    assert rise < 300 * 2**20, f"the server's peak memory rose {rise / 2**20:.0f} MiB"
+
+
+def test_an_image_bomb_is_read_at_the_job_s_size(i2v_server, tmp_path):
+    from PIL import Image
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("RGB", (8000, 8000)).save(bomb)  # 64 megapixels of black: about 190 KB
+    request = json.dumps({"prompt": "a cat", "size": "64x48", "frames": 5, "steps": 2})
+    rise, answer = _peak_rise(i2v_server, lambda: i2v_server.client.post(
+        "/v1/videos", data={"request": request}, files={"image": ("bomb.png", bomb.read_bytes(), "image/png")}))
+    assert answer.status_code == 202, answer.text
+    assert i2v_server.client.get(f"/v1/videos/{answer.json()['id']}").json()["status"] == "done"
+    assert rise < 300 * 2**20, f"the server's peak memory rose {rise / 2**20:.0f} MiB"

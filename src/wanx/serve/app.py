@@ -35,6 +35,8 @@ MAX_FRAMES = 1001
 MAX_SIDE = 4096  # pixels: twice the largest official size (1280x720); more only holds the queue
 MAX_ASPECT = 4  # width:height or height:width; the models are trained on 16:9 at most
 MAX_JSON = 2**20  # a JSON body (a request, or the UI's calls): prompts are read only to 512 tokens
+MAX_INPUT_PIXELS = 4096 * 4096  # a frame of an uploaded video, read from its header (images: read_image's)
+MAX_DECODED = 512 * 2**20  # bytes of uploaded frames a request decodes (at the job's size)
 CHARS_PER_TOKEN = 32  # longer text is refused before it is tokenized (umT5 tokens are rarely over 16)
 # Upload kinds by their first bytes (never by the client's name or content type).
 _IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"GIF87a", ".gif"), (b"GIF89a", ".gif"),
@@ -145,13 +147,16 @@ class Server:
                 inputs[field] = path.name
                 job[field] = str(path)
             self.check(job)
+            for field in inputs:  # the checks may have stored a smaller copy (_fit_inputs)
+                saved.append(Path(job[field]))
+                inputs[field] = Path(job[field]).name
             request = {k: v for k, v in job.items() if k not in UPLOADS}
             if request.get("size"):
                 request["size"] = "{}x{}".format(*request["size"])
             self.queue.submit(request, inputs=inputs, job_id=job_id)
         except BaseException:
-            for path in saved:  # a refused request leaves nothing behind
-                path.unlink(missing_ok=True)
+            for path in saved + [Path(job[field]) for field in inputs if job.get(field)]:
+                path.unlink(missing_ok=True)  # a refused request leaves nothing behind
             raise
         return job_id
 
@@ -179,12 +184,71 @@ class Server:
         job["loras"] = self._check_loras(job.get("loras"))
         for key in ("prompt", "negative_prompt"):
             self._check_tokens(key, job.get(key))
+        self._fit_inputs(job)
         try:
             check_job(job, self.files, runtime=self.runtime, weights=self.weights, names=KEY_NAMES)
         except RequestError as err:
             raise RequestError(PIPELINE_KEYS.get(err.field, err.field), _without_paths(str(err), job)) from None
         except (ValueError, FileNotFoundError) as err:  # an input file the readers refused
             raise RequestError("", _without_paths(str(err), job)) from None
+    def _fit_inputs(self, job: dict) -> None:
+        """Uploaded images and videos stored again at about the size the job uses, read frame by
+        frame at that size: a small file can decode to gigabytes (a 339 KB mp4 of 300 black
+        1280x720 frames; an 8000x8000 PNG of 187 KB). Their sizes are read from the headers
+        first; a frame over MAX_INPUT_PIXELS, or more decoded bytes than MAX_DECODED, is refused."""
+        import math
+
+        from PIL import Image
+
+        from ..video import MAX_IMAGE_PIXELS, image_size, probe_video, read_video_fitted
+
+        if job.get("size"):
+            area = job["size"][0] * job["size"][1]
+        else:
+            defaults = self.files.defaults
+            area = (defaults.get("width") or 832) * (defaults.get("height") or 480)
+        for field in UPLOADS:
+            if not job.get(field):
+                continue
+            path = Path(job[field])
+            try:
+                width, height, _ = probe_video(path) if field == "video" else (*image_size(path), None)
+            except ValueError as err:
+                raise RequestError(field, _without_paths(str(err), job)) from None
+            most = MAX_INPUT_PIXELS if field == "video" else MAX_IMAGE_PIXELS
+            if width * height > most:
+                raise UploadError(field, f"{field}: the upload is {width}x{height}; this server reads at most "
+                                         f"{most / 1e6:.0f} megapixels a frame: resize it first", 422)
+            if field == "video":
+                scale = min(1.0, math.sqrt(area / (width * height)))  # the pipeline keeps the aspect ratio
+                size = (max(16, round(width * scale / 2) * 2), max(16, round(height * scale / 2) * 2))
+                frames = job.get("frames") or 81
+                if frames * size[0] * size[1] * 3 > MAX_DECODED:
+                    raise UploadError(field, f"{field}: {frames} frames at {size[0]}x{size[1]} are more than this "
+                                             f"server decodes for a request ({MAX_DECODED / 2**20:.0f} MiB)", 413)
+                try:
+                    video = read_video_fitted(path, size, fps=16, max_frames=frames)
+                except ValueError as err:
+                    raise RequestError(field, _without_paths(str(err), job)) from None
+                fitted = video.save(path.with_name(f"{path.stem}-fitted.mp4"), quality=12)
+            elif width * height > 2 * area:  # an image: kept a little larger, the pipeline crops and resizes it
+                scale = math.sqrt(2 * area / (width * height))
+                try:
+                    with Image.open(path) as img:
+                        target = (round(width * scale), round(height * scale))
+                        img.draft("RGB", target)  # JPEG: decoded at a fraction of its size already
+                        if img.mode not in ("RGB", "RGBA", "L"):  # palettes: no filter of their own
+                            img = img.convert("RGB")
+                        img.thumbnail(target, Image.LANCZOS)  # in place: the full size is held once
+                        fitted = path.with_name(f"{path.stem}-fitted.png")
+                        img.convert("RGB").save(fitted)
+                except (OSError, Image.DecompressionBombError) as err:
+                    raise RequestError(field, f"{field}: not a readable image ({err})") from None
+            else:
+                continue
+            path.unlink(missing_ok=True)
+            job[field] = str(fitted)
+
     def _check_tokens(self, key: str, text) -> None:
         """The model reads `text_len` tokens of a prompt (512): a longer one is refused, not cut."""
         if not isinstance(text, str):
