@@ -187,7 +187,7 @@ def test_served_with_and_without_an_image(pipe, tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), np.uint8)).save(png, "PNG")
     body = {"prompt": "a cat", "size": "96x64", "frames": 5, "steps": 2}
     try:
-        with TestClient(create_app(server, ui=False)) as client:
+        with TestClient(create_app(server, ui=False), base_url="http://localhost") as client:
             assert client.get("/v1/model").json()["tasks"] == ["ti2v"]
             text = client.post("/v1/videos", json=body).json()["id"]
             image = client.post("/v1/videos", data={"request": json.dumps(body)},

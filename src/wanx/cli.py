@@ -895,6 +895,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--no-ui", action="store_true", help="the API only (no Gradio: starts faster)")
     srv.add_argument("--max-upload-mb", type=float, default=100, help="largest image or video upload (default 100)")
     srv.add_argument("--dit", metavar="FILE", help="the DiT checkpoint to use when the model folder holds several")
+    srv.add_argument("--allowed-hosts", metavar="NAMES", help="host names (comma-separated) the server is reached as "
+                                                             "besides localhost, IP addresses and --host, e.g. behind "
+                                                             "a proxy; * for any")
     _memory_speed_flags(srv)
     _runtime_flags(srv, "DiT and encoder weights (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
     srv.set_defaults(func=cmd_serve)

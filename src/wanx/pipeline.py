@@ -262,6 +262,7 @@ class WanPipeline:
         output_type: str = "video",
         progress: bool = True,
         callback: Callable[[int, int, Tensor], None] | None = None,
+        decode_callback: Callable[[int, int], None] | None = None,
         steps: int | None = None,
         guidance: float | None = None,
     ) -> Video | Tensor:
@@ -320,6 +321,8 @@ class WanPipeline:
                 state; TI2V image-to-video: with frame 0 already the image again). An
                 exception it raises stops the call there, with nothing written: a server
                 cancels a job this way.
+            decode_callback: called after each decoded chunk of the VAE as
+                `decode_callback(done, total)`; an exception it raises stops the decode there.
 
         Returns:
             A `Video` (`.save(path)`, `.frames` uint8 `[F, H, W, 3]`) or a latent tensor.
@@ -424,7 +427,8 @@ class WanPipeline:
                 tiles = decode_tiles(plan.height, plan.width, next(self.vae.parameters()).dtype,
                                      available_memory(device) - need.video)
                 frames = self.vae.decode(x, tile_size=tiles and tiles[0], tile_stride=tiles and tiles[1],
-                                         callback=lambda done, total: (setattr(bar, "total", total), bar.update(1)))
+                                         callback=lambda done, total: (setattr(bar, "total", total), bar.update(1),
+                                                                       decode_callback and decode_callback(done, total)))
             bar.close()  # frames: [1, 3, F, H, W] in [-1, 1]
         metadata = dict(prompt=prompt or "", negative_prompt=plan.negative_prompt or "", seed=plan.seed,
                         model=self.name, task=plan.task, size=f"{plan.width}x{plan.height}",

@@ -47,6 +47,16 @@ class Tokenizer:
         self._tok.enable_truncation(max_length=length)
         self._tok.enable_padding(length=length, pad_id=0 if pad_id is None else pad_id, pad_token="<pad>")
 
+    def count(self, prompt: str) -> int:
+        """The tokens of `prompt` (EOS included) before truncation: more than `length` are not read."""
+        if not hasattr(self, "_whole"):
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self._whole = HFTokenizer.from_str(self._tok.to_str())
+            self._whole.no_truncation()
+            self._whole.no_padding()
+        return len(self._whole.encode(clean_prompt(prompt)).ids)
+
     def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """-> input_ids `[B, length]` int64, attention_mask `[B, length]` int64."""
         encodings = self._tok.encode_batch([clean_prompt(p) for p in prompts])

@@ -164,3 +164,63 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ValueError(f"{path}: the image is too large to read ({err}); resize it first") from None
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"{path}: not a readable image ({err})") from None
+
+
+def probe_video(path: str | Path) -> tuple[int, int, float]:
+    """(width, height, fps) of a video's first stream, from the container: no frame decoded."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path}: has no video stream; give a video file")
+            stream = container.streams.video[0]
+            return stream.codec_context.width, stream.codec_context.height, float(
+                stream.average_rate or stream.guessed_rate or 16)
+    except av.error.FFmpegError as err:
+        raise ValueError(f"{path}: not a readable video ({err})") from None
+
+
+def read_video_fitted(path: str | Path, size: tuple[int, int], *, fps: float, max_frames: int) -> Video:
+    """The first `max_frames` frames of a video at `fps` (nearest source frame, as `read_video`),
+    each scaled to `size` (width, height) as it is decoded: memory holds the frames kept at
+    that size, never the source's frames at full size or more of them than asked for."""
+    import av
+
+    width, height = size
+    kept: list[np.ndarray] = []
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            source_fps = float(stream.average_rate or stream.guessed_rate or 16)
+            half = 0.5 / source_fps
+            previous, start, last = None, None, 0.0
+            for frame in container.decode(stream):
+                time = float(frame.time) if frame.time is not None else last + 1 / source_fps
+                start = time if start is None else start
+                last = time
+                # the output times up to this frame take the one before it
+                while previous is not None and len(kept) < max_frames and len(kept) / fps + half < time - start:
+                    kept.append(previous)
+                if len(kept) >= max_frames:
+                    break
+                previous = frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
+            end = last - (start or 0.0) + 1 / source_fps
+            while previous is not None and len(kept) < max_frames and len(kept) / fps < end - 1e-9:
+                kept.append(previous)
+    except av.error.FFmpegError as err:
+        raise ValueError(f"{path}: not a readable video ({err})") from None
+    if not kept:
+        raise ValueError(f"{path}: the video has no frames")
+    return Video(np.stack(kept), fps=int(round(fps)))
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image file from its header: no pixel decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{path}: not a readable image ({err})") from None

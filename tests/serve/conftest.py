@@ -78,9 +78,7 @@ class ServeProcess:
         self.log = open(outputs.parent / f"serve-{self.port}.log", "wb")
         args = [sys.executable, "-m", "wanx", "serve", "--model", "tiny", "--port", str(self.port),
                 "--outputs", str(outputs), "--device", "cpu", *extra] + (["--token", token] if token else [])
-        # Gradio's copies of shown files go beside the outputs, not into the machine's /tmp/gradio
-        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(outputs.parent / "gradio"),
-               **(env or {})}
+        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=30)

@@ -113,7 +113,10 @@ async def submit_video(request: Request):
     uploads: dict[str, bytes] = {}
     if kind == "application/json":
         raw = await request.body()
-        text = raw.decode("utf-8", errors="replace")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            return problem(400, f"the request is not UTF-8 (byte {err.start}); send the JSON as UTF-8")
     elif kind in ("multipart/form-data", "application/x-www-form-urlencoded"):  # the latter: no files
         limit = server.limits.max_upload
         length = request.headers.get("content-length")

@@ -12,17 +12,19 @@ import sys
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from pathlib import Path
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from ..pipeline import RequestError
 from ..request import KEY_NAMES, KEY_TYPES, PIPELINE_KEYS, check_job, fix_seed, parse_job, pipeline_kwargs
-from .jobs import INPUTS, JobQueue
+from .jobs import DB_FILE, INPUTS, LOCK_FILE, JobQueue, hold_folder
 
 # Tasks a model of each type can run, and their names in the UI.
 TASKS = {"t2v": ("t2v", "v2v"), "i2v": ("i2v",), "flf2v": ("flf2v",), "ti2v": ("ti2v",)}
 TASK_NAMES = {"t2v": "Text to video", "i2v": "Image to video", "flf2v": "First and last frame", "v2v": "Video to video",
               "ti2v": "Text (and image) to video"}
-UPLOADS = ("image", "last_image", "video")  # request keys that only come as uploaded files
+UPLOADS = ("image", "last_image", "video")
+# what the UI must never hand out by path: the job database (and SQLite's companions) and the uploads
+PRIVATE_FILES = (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", f"{DB_FILE}-journal", INPUTS, LOCK_FILE)  # request keys that only come as uploaded files
 # A POST body: a --prompts JSON line less `output` (the server names every file) and less the
 # input paths (uploaded instead), plus what the server chooses per job.
 API_TYPES = {**{k: v for k, v in KEY_TYPES.items() if k not in ("output", *UPLOADS)},
@@ -30,6 +32,12 @@ API_TYPES = {**{k: v for k, v in KEY_TYPES.items() if k not in ("output", *UPLOA
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 MAX_STEPS = 1000  # the queue is shared: one request cannot hold it for days
 MAX_FRAMES = 1001
+MAX_SIDE = 4096  # pixels: twice the largest official size (1280x720); more only holds the queue
+MAX_ASPECT = 4  # width:height or height:width; the models are trained on 16:9 at most
+MAX_JSON = 2**20  # a JSON body (a request, or the UI's calls): prompts are read only to 512 tokens
+MAX_INPUT_PIXELS = 4096 * 4096  # a frame of an uploaded video, read from its header (images: read_image's)
+MAX_DECODED = 512 * 2**20  # bytes of uploaded frames a request decodes (at the job's size)
+CHARS_PER_TOKEN = 32  # longer text is refused before it is tokenized (umT5 tokens are rarely over 16)
 # Upload kinds by their first bytes (never by the client's name or content type).
 _IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"GIF87a", ".gif"), (b"GIF89a", ".gif"),
                 (b"BM", ".bmp"))
@@ -75,19 +83,25 @@ class Server:
     queues, as in tests of the API alone). loras: a folder of LoRA files the requests may name."""
 
     def __init__(self, pipe, files, runtime, outputs: str | Path, *, loras: str | Path | None = None,
-                 token: str | None = None, limits: Limits | None = None, model_name: str | None = None):
+                 token: str | None = None, limits: Limits | None = None, model_name: str | None = None,
+                 host: str = "127.0.0.1", allowed_hosts: tuple[str, ...] = ()):
         from ..request import request_weights
 
         self.pipe, self.files, self.runtime = pipe, files, runtime
         self.outputs = Path(outputs)
         self.loras_dir = Path(loras) if loras else None
         self.token = token or None
+        # names (beyond localhost and IP addresses) a request's Host may give: --host, --allowed-hosts;
+        # the latter also the pages' (a proxy's name, as the browser sees it)
+        self.allowed_hosts = {name.strip().lower().strip("[]") for name in allowed_hosts if name.strip()}
+        self.host = host.lower().strip("[]")
         self.limits = limits or Limits()
         self.model_name = model_name or str(files.folder)
         self.weights = request_weights(files, runtime)
         self.queue = JobQueue(self.outputs, self.run)
         self._applied_loras: tuple = ()
         self._meta_dit = None
+        self._tokenizer = None
         self._default_cache = pipe.step_cache if pipe is not None else None
 
     @property
@@ -111,6 +125,9 @@ class Server:
         UploadError naming the field; then nothing is queued and no file stays behind."""
         uploads = {k: v for k, v in (uploads or {}).items() if v is not None}
         if isinstance(body, dict):
+            for key, value in body.items():
+                check_text(key, "request")  # a key is named in the answer: it must be text too
+                check_text(value, key)
             given = [k for k in UPLOADS if k in body]
             if given:
                 raise RequestError(given[0], f"{given[0]}: upload the file as the multipart part {given[0]!r}; "
@@ -130,13 +147,16 @@ class Server:
                 inputs[field] = path.name
                 job[field] = str(path)
             self.check(job)
+            for field in inputs:  # the checks may have stored a smaller copy (_fit_inputs)
+                saved.append(Path(job[field]))
+                inputs[field] = Path(job[field]).name
             request = {k: v for k, v in job.items() if k not in UPLOADS}
             if request.get("size"):
                 request["size"] = "{}x{}".format(*request["size"])
             self.queue.submit(request, inputs=inputs, job_id=job_id)
         except BaseException:
-            for path in saved:  # a refused request leaves nothing behind
-                path.unlink(missing_ok=True)
+            for path in saved + [Path(job[field]) for field in inputs if job.get(field)]:
+                path.unlink(missing_ok=True)  # a refused request leaves nothing behind
             raise
         return job_id
 
@@ -151,13 +171,99 @@ class Server:
                                          f"got {job['frames']}")
         if job.get("teacache") is not None and job["teacache"] < 0:
             raise RequestError("teacache", f"teacache is a threshold >= 0 (0 skips nothing), got {job['teacache']}")
+        # before the CLI's checks, which read the inputs at this size: a size that fits the device
+        # can still hold the one queue for hours
+        if job.get("size"):
+            width, height = job["size"]
+            if max(width, height) > MAX_SIDE:
+                raise RequestError("size", f"size {width}x{height}: each side must be at most {MAX_SIDE} on this "
+                                           "server")
+            if min(width, height) > 0 and max(width, height) > MAX_ASPECT * min(width, height):
+                raise RequestError("size", f"size {width}x{height}: the aspect ratio must be at most "
+                                           f"{MAX_ASPECT}:1 either way on this server")
         job["loras"] = self._check_loras(job.get("loras"))
+        for key in ("prompt", "negative_prompt"):
+            self._check_tokens(key, job.get(key))
+        self._fit_inputs(job)
         try:
             check_job(job, self.files, runtime=self.runtime, weights=self.weights, names=KEY_NAMES)
         except RequestError as err:
             raise RequestError(PIPELINE_KEYS.get(err.field, err.field), _without_paths(str(err), job)) from None
         except (ValueError, FileNotFoundError) as err:  # an input file the readers refused
             raise RequestError("", _without_paths(str(err), job)) from None
+    def _fit_inputs(self, job: dict) -> None:
+        """Uploaded images and videos stored again at about the size the job uses, read frame by
+        frame at that size: a small file can decode to gigabytes (a 339 KB mp4 of 300 black
+        1280x720 frames; an 8000x8000 PNG of 187 KB). Their sizes are read from the headers
+        first; a frame over MAX_INPUT_PIXELS, or more decoded bytes than MAX_DECODED, is refused."""
+        import math
+
+        from PIL import Image
+
+        from ..video import MAX_IMAGE_PIXELS, image_size, probe_video, read_video_fitted
+
+        if job.get("size"):
+            area = job["size"][0] * job["size"][1]
+        else:
+            defaults = self.files.defaults
+            area = (defaults.get("width") or 832) * (defaults.get("height") or 480)
+        for field in UPLOADS:
+            if not job.get(field):
+                continue
+            path = Path(job[field])
+            try:
+                width, height, _ = probe_video(path) if field == "video" else (*image_size(path), None)
+            except ValueError as err:
+                raise RequestError(field, _without_paths(str(err), job)) from None
+            most = MAX_INPUT_PIXELS if field == "video" else MAX_IMAGE_PIXELS
+            if width * height > most:
+                raise UploadError(field, f"{field}: the upload is {width}x{height}; this server reads at most "
+                                         f"{most / 1e6:.0f} megapixels a frame: resize it first", 422)
+            if field == "video":
+                scale = min(1.0, math.sqrt(area / (width * height)))  # the pipeline keeps the aspect ratio
+                size = (max(16, round(width * scale / 2) * 2), max(16, round(height * scale / 2) * 2))
+                frames = job.get("frames") or 81
+                if frames * size[0] * size[1] * 3 > MAX_DECODED:
+                    raise UploadError(field, f"{field}: {frames} frames at {size[0]}x{size[1]} are more than this "
+                                             f"server decodes for a request ({MAX_DECODED / 2**20:.0f} MiB)", 413)
+                try:
+                    video = read_video_fitted(path, size, fps=16, max_frames=frames)
+                except ValueError as err:
+                    raise RequestError(field, _without_paths(str(err), job)) from None
+                fitted = video.save(path.with_name(f"{path.stem}-fitted.mp4"), quality=12)
+            elif width * height > 2 * area:  # an image: kept a little larger, the pipeline crops and resizes it
+                scale = math.sqrt(2 * area / (width * height))
+                try:
+                    with Image.open(path) as img:
+                        target = (round(width * scale), round(height * scale))
+                        img.draft("RGB", target)  # JPEG: decoded at a fraction of its size already
+                        if img.mode not in ("RGB", "RGBA", "L"):  # palettes: no filter of their own
+                            img = img.convert("RGB")
+                        img.thumbnail(target, Image.LANCZOS)  # in place: the full size is held once
+                        fitted = path.with_name(f"{path.stem}-fitted.png")
+                        img.convert("RGB").save(fitted)
+                except (OSError, Image.DecompressionBombError) as err:
+                    raise RequestError(field, f"{field}: not a readable image ({err})") from None
+            else:
+                continue
+            path.unlink(missing_ok=True)
+            job[field] = str(fitted)
+
+    def _check_tokens(self, key: str, text) -> None:
+        """The model reads `text_len` tokens of a prompt (512): a longer one is refused, not cut."""
+        if not isinstance(text, str):
+            return
+        from ..text import Tokenizer
+
+        limit = self.files.dit_config.text_len
+        if len(text) > CHARS_PER_TOKEN * limit:
+            raise RequestError(key, f"{key} is {len(text)} characters; this model reads at most {limit} tokens: "
+                                    "shorten it")
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer(self.files.tokenizer)
+        count = self._tokenizer.count(text)
+        if count > limit:
+            raise RequestError(key, f"{key} has {count} tokens; this model reads at most {limit}: shorten it")
 
     def _check_loras(self, loras) -> list[dict]:
         if not loras:
@@ -235,7 +341,7 @@ class Server:
         else:
             self.pipe.step_cache = self._default_cache
         video = self.pipe(request.get("prompt"), request.get("negative_prompt"), progress=False, callback=on_step,
-                          **pipeline_kwargs(request))
+                          decode_callback=lambda done, total: on_step(None, None, None), **pipeline_kwargs(request))
         video.metadata["model"] = self.model_name
         return video
 
@@ -257,8 +363,42 @@ class Server:
             raise
         self._applied_loras = wanted
 
+    def serves_host(self, name: str) -> bool:
+        """A Host header's name this server answers to: localhost, an IP address (no DNS name
+        an attacker could point here), --host, or --allowed-hosts ('*': any)."""
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return name in ("localhost", self.host) or self.named_host(name)
+
+    def named_host(self, name: str) -> bool:
+        """A name given with --allowed-hosts."""
+        return bool(name) and (name.lower() in self.allowed_hosts or "*" in self.allowed_hosts)
+
     def authorised(self, supplied: str | None) -> bool:
         return self.token is None or (supplied is not None and hmac.compare_digest(supplied.encode(), self.token.encode()))
+
+
+def check_text(value, field: str) -> None:
+    """RequestError when a string in `value` (a request value, or a list or object of them) is
+    not text UTF-8 can hold: JSON's escapes can spell a lone UTF-16 surrogate ("\\ud800"),
+    which no database row, JSON answer or video tag can be written with."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise RequestError(field, f"{field}: not valid text (a lone UTF-16 surrogate, "
+                                      f"{value[err.start]!r}, at character {err.start}); send UTF-8 text") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, field)
+            check_text(item, field)
+    elif isinstance(value, list):
+        for item in value:
+            check_text(item, field)
 
 
 def _without_paths(message: str, job: dict) -> str:
@@ -271,41 +411,166 @@ def _without_paths(message: str, job: dict) -> str:
 
 # -- the ASGI app ---------------------------------------------------------------------------
 COOKIE = "wanx_token"
+UI_FILES = ".gradio"  # the UI's uploads and Gradio's copies of shown files, under the outputs folder
+FILE_ROUTES = ("/gradio_api/file=", "/gradio_api/file/")  # where Gradio serves files by path
 
 
-class TokenGate:
-    """With --token, every request needs it: `Authorization: Bearer TOKEN` (programs), or the
+class Gate:
+    """What every request passes before the API or the UI sees it.
+
+    With --token, every request needs it: `Authorization: Bearer TOKEN` (programs), or the
     cookie a browser gets by opening any page once with `?token=TOKEN` (HttpOnly, SameSite=Strict,
-    so other sites' pages cannot use it). Without --token everything passes."""
+    so other sites' pages cannot use it). Without --token that check passes. Gradio serves
+    files by path only from its own folder of uploads and copies (never the job database or
+    the inputs)."""
 
     def __init__(self, app, server: Server):
         self.app, self.server = app, server
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] not in ("http", "websocket") or self.server.token is None:
+        if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        auth = headers.get("authorization", "")
-        bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+        refused = self._foreign(scope, headers)
+        if refused:
+            if scope["type"] == "websocket":
+                return await send({"type": "websocket.close", "code": 1008})
+            return await _problem(send, *refused)
+        by_bearer = self.server.authorised(_bearer(headers)) if self.server.token is not None else False
+        if self.server.token is not None and not by_bearer and not self._has_cookie(headers):
+            return await self._refuse_or_redirect(scope, send, headers)
+        if (self.server.token is not None and not by_bearer and scope["type"] == "http"
+                and scope["method"] in CHANGING and scope["path"].startswith("/v1/")
+                and _media_type(headers) in SIMPLE_TYPES and "x-requested-with" not in headers):
+            # what a form on any page can send with the browser's cookie (no preflight asks first)
+            return await _problem(send, 403, "with the cookie, send the request as application/json or with the "
+                                             "header X-Requested-With; programs send 'Authorization: Bearer TOKEN'")
+        if scope["type"] == "http" and scope["path"].startswith(FILE_ROUTES) and not self._shown_file(scope["path"]):
+            return await _problem(send, 403, "this server shows only its videos and the files uploaded to it")
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        return await self._limited(scope, receive, send, headers)
+
+    async def _limited(self, scope, receive, send, headers: dict):
+        """The app with the body counted as it arrives (chunked too): past the limit, the app
+        reads no more and the client gets 413, before anything is spooled beyond it."""
+        json_body = _media_type(headers) == "application/json"
+        limit = MAX_JSON if json_body else len(UPLOADS) * self.server.limits.max_upload + MAX_JSON
+        what = "a JSON body" if json_body else "a request"
+        detail = f"{what} on this server is at most {limit / 2**20:.0f} MiB"
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            return await _problem(send, 413, f"{detail}; this one is {int(length) / 2**20:.1f} MiB",
+                                  [(b"connection", b"close")])
+        state = {"read": 0, "over": False, "started": False}
+
+        async def counted():
+            message = await receive()
+            if message["type"] == "http.request":
+                state["read"] += len(message.get("body", b""))
+                if state["read"] > limit:
+                    state["over"] = True
+                    raise _TooLarge
+            return message
+
+        async def sent(message):
+            if state["over"]:  # the app's own answer to the cut body: the 413 goes instead
+                return
+            state["started"] = state["started"] or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, sent)
+        except Exception:
+            if not state["over"]:
+                raise
+        if state["over"] and not state["started"]:
+            # and the connection closes: else the server would go on reading (and dropping) the rest
+            await _problem(send, 413, detail, [(b"connection", b"close")])
+
+    def _foreign(self, scope, headers: dict) -> tuple[int, str] | None:
+        """(status, why) for a request another site's page made: a Host this server does not
+        go by (DNS rebinding: a name the attacker controls, pointed at this address) or an
+        Origin other than this server (CSRF; Gradio's CORS would let any localhost page read)."""
+        host = headers.get("host", "")
+        if not self.server.serves_host(_hostname(host)):
+            return 400, (f"Host {host!r} is not served here; behind a proxy or under another name, start "
+                         "wanx serve with --allowed-hosts NAME")
+        origin = headers.get("origin")
+        if origin is not None:
+            netloc = urlsplit(origin).netloc.lower() if origin != "null" else ""
+            if netloc != host.lower() and not self.server.named_host(_hostname(netloc)):
+                return 403, (f"a page from {origin} may not use this server (cross-origin); behind a proxy, start "
+                             "wanx serve with --allowed-hosts NAME")
+        return None
+
+    def _has_cookie(self, headers: dict) -> bool:
         cookie = SimpleCookie()
         try:
             cookie.load(headers.get("cookie", ""))
         except Exception:  # a malformed cookie header is no token
             pass
-        from_cookie = cookie[COOKIE].value if COOKIE in cookie else None
-        if self.server.authorised(bearer) or self.server.authorised(from_cookie):
-            return await self.app(scope, receive, send)
+        return self.server.authorised(cookie[COOKIE].value if COOKIE in cookie else None)
+
+    async def _refuse_or_redirect(self, scope, send, headers: dict):
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         if scope["type"] == "http" and self.server.authorised((query.get("token") or [None])[0]):
             rest = urlencode({k: v for k, v in query.items() if k != "token"}, doseq=True)
-            location = scope.get("root_path", "") + scope["path"] + (f"?{rest}" if rest else "")
+            # only a path on this server: '//evil.example/x' would send the browser elsewhere
+            path = quote(scope.get("root_path", "") + scope["path"], safe="/:@!$&'()*+,;=-._~")
+            location = "/" + path.lstrip("/") + (f"?{rest}" if rest else "")
+            secure = "; Secure" if _is_https(scope, headers) else ""
             return await _respond(send, 303, b"", [(b"location", location.encode()), (
-                b"set-cookie", f"{COOKIE}={self.server.token}; Path=/; HttpOnly; SameSite=Strict".encode())])
+                b"set-cookie", f"{COOKIE}={self.server.token}; Path=/; HttpOnly; SameSite=Strict{secure}".encode())])
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008})
-        body = json.dumps({"detail": "this server needs its token: send 'Authorization: Bearer TOKEN' "
-                                     "(in a browser, open /?token=TOKEN once)"}).encode()
-        await _respond(send, 401, body, [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")])
+        await _problem(send, 401, "this server needs its token: send 'Authorization: Bearer TOKEN' "
+                                  "(in a browser, open /?token=TOKEN once)", [(b"www-authenticate", b"Bearer")])
+
+    def _shown_file(self, path: str) -> bool:
+        """A path Gradio may serve: inside its own folder under the outputs (symlinks resolved)."""
+        import os
+
+        target = path[len(FILE_ROUTES[0]):]
+        folder = os.path.realpath(self.server.outputs / UI_FILES)
+        return os.path.realpath(target).startswith(folder + os.sep)
+
+
+class _TooLarge(Exception):
+    """The body went past the server's limit (raised into the app reading it)."""
+
+
+CHANGING = ("POST", "PUT", "PATCH", "DELETE")
+# the content types a page's form (or a fetch without a preflight) can send
+SIMPLE_TYPES = ("", "application/x-www-form-urlencoded", "multipart/form-data", "text/plain")
+
+
+def _bearer(headers: dict) -> str | None:
+    auth = headers.get("authorization", "")
+    return auth[7:].strip() if auth[:7].lower() == "bearer " else None
+
+
+def _media_type(headers: dict) -> str:
+    return headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _hostname(netloc: str) -> str:
+    """'Example.org:7860' -> 'example.org'; '[::1]:80' -> '::1'; '' when unreadable."""
+    try:
+        return urlsplit("//" + netloc).hostname or ""
+    except ValueError:
+        return ""
+
+
+def _is_https(scope, headers: dict) -> bool:
+    """Served over HTTPS: directly, or behind a proxy that says so."""
+    forwarded = headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    return scope.get("scheme") in ("https", "wss") or forwarded == "https"
+
+
+async def _problem(send, status: int, detail: str, headers: list | None = None) -> None:
+    body = json.dumps({"detail": detail, "field": None}).encode()
+    await _respond(send, status, body, [(b"content-type", b"application/json"), *(headers or [])])
 
 
 async def _respond(send, status: int, body: bytes, headers: list) -> None:
@@ -316,8 +581,9 @@ async def _respond(send, status: int, body: bytes, headers: list) -> None:
 
 def create_app(server: Server, *, ui: bool = True, worker: bool = True):
     """The FastAPI app: /v1 (API and its OpenAPI schema at /v1/openapi.json), the web UI at /,
-    behind the token gate. worker: run the queue while the app runs (lifespan)."""
+    behind the gate. worker: run the queue while the app runs (lifespan)."""
     import contextlib
+    import os
 
     from fastapi import FastAPI
 
@@ -339,13 +605,25 @@ def create_app(server: Server, *, ui: bool = True, worker: bool = True):
     app.state.server = server
     app.include_router(router)
     if ui:
+        # Gradio keeps uploads and copies of what it shows in GRADIO_TEMP_DIR (read when the UI
+        # is built): beside this server's outputs, emptied at each start (no page survives one)
+        ui_files = server.outputs / UI_FILES
+        shutil.rmtree(ui_files, ignore_errors=True)
+        ui_files.mkdir(parents=True)
+        os.environ["GRADIO_TEMP_DIR"] = str(ui_files.resolve())
         import gradio as gr
 
         from .ui import build_ui
 
-        app = gr.mount_gradio_app(app, build_ui(server), path="", allowed_paths=[str(server.outputs.resolve())],
-                                  footer_links=["api"], max_file_size=server.limits.max_upload)
-    app.add_middleware(TokenGate, server=server)
+        blocks = build_ui(server)
+        outputs = server.outputs.resolve()
+        app = gr.mount_gradio_app(app, blocks, path="", allowed_paths=[str(outputs)], footer_links=["api"],
+                                  blocked_paths=[str(outputs / name) for name in PRIVATE_FILES],
+                                  max_file_size=server.limits.max_upload)
+        # mount_gradio_app leaves has_launched False, and then Gradio skips its check that a file
+        # a request names was uploaded through it: any server path would be read as an input
+        blocks.has_launched = True
+    app.add_middleware(Gate, server=server)
     return app
 
 
@@ -413,17 +691,23 @@ def serve(args) -> int:
     except OSError as err:  # a file on the way (README.md/x), no permission, ...
         raise ValueError(f"--outputs {outputs}: cannot make the folder ({err.strerror or err}); choose another "
                          "--outputs") from None
+    lock = hold_folder(outputs)  # before the model loads: a second server on the folder stops here
     start = time.perf_counter()
     pipe = WanPipeline.from_files(files, runtime=runtime, progress=not args.quiet)
     pipe.name = args.model
     if not args.quiet:
         print(f"loading: {time.perf_counter() - start:.1f} s ({files.model_type} on {runtime.device})", file=sys.stderr)
     server = Server(pipe, files, runtime, outputs, loras=args.loras, token=args.token,
-                    limits=Limits(max_upload=int(args.max_upload_mb * 2**20)), model_name=args.model)
+                    limits=Limits(max_upload=int(args.max_upload_mb * 2**20)), model_name=args.model,
+                    host=args.host, allowed_hosts=tuple((getattr(args, "allowed_hosts", None) or "").split(",")))
     app = create_app(server, ui=not args.no_ui)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"wanx serve: http://{host}:{args.port}/  (API: /v1, schema: /v1/openapi.json; outputs in {outputs})",
           file=sys.stderr, flush=True)
     # no access log: the UI polls once a second per open page
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info", access_log=False)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
+                    access_log=False)
+    finally:
+        lock.close()
     return 0

@@ -26,6 +26,7 @@ import numpy as np
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 FINAL = ("done", "failed", "cancelled")
 DB_FILE = "jobs.sqlite"
+LOCK_FILE = "serve.lock"  # held (flock) by the one server that runs this folder's queue
 INPUTS = "inputs"  # uploaded images and videos, under server-made names
 
 _SCHEMA = """
@@ -39,11 +40,36 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     events TEXT NOT NULL DEFAULT '[]',       -- [status, unix time] as the job moved
+    cancel INTEGER NOT NULL DEFAULT 0,       -- 1: cancelled while running (kept across a crash)
     created REAL NOT NULL,
     started REAL,
     finished REAL
 )
 """
+
+
+def hold_folder(folder: str | Path):
+    """Take the outputs folder for this process: an exclusive lock on `folder/serve.lock`, held
+    while the returned file stays open (the kernel lets it go when the process dies, however).
+    Two servers on one folder would both run its queue, each taking the other's running job for
+    an interrupted one. ValueError, naming the holder, when another process has it."""
+    import fcntl
+
+    folder = Path(folder)
+    handle = open(folder / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ValueError(f"{folder} is in use by another wanx serve ({holder}); stop it, or give this one "
+                         "other --outputs") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
 
 
 class Cancelled(Exception):
@@ -54,7 +80,8 @@ class _Stopping(Exception):
     """Raised from the step callback when the server shuts down: the job goes back to queued."""
 
 
-# runner(job, on_step) -> a wanx.video.Video; on_step(step, total, latents) after each step
+# runner(job, on_step) -> a wanx.video.Video; on_step(step, total, latents) after each step, and
+# on_step(None, None, None) between the chunks the VAE decodes: a cancel stops the job at either
 Runner = Callable[[dict, Callable[[int, int, object], None]], object]
 
 
@@ -83,9 +110,17 @@ class JobQueue:
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")  # readers do not wait for the worker's writes
             self._db.execute(_SCHEMA)
-            # A job still 'running' belongs to a process that died: it was interrupted.
-            for row in self._db.execute("SELECT id FROM jobs WHERE status = 'running'").fetchall():
-                self._set(row["id"], "interrupted", error="the server stopped while this job ran")
+            if "cancel" not in {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}:
+                self._db.execute("ALTER TABLE jobs ADD COLUMN cancel INTEGER NOT NULL DEFAULT 0")  # an older folder
+            # A job still 'running' belongs to a process that died: it was interrupted, or it
+            # was being cancelled (then it stays cancelled: never run again).
+            for row in self._db.execute("SELECT id, cancel FROM jobs WHERE status IN ('running', 'interrupted') "
+                                        "AND (status = 'running' OR cancel = 1)").fetchall():
+                if row["cancel"]:
+                    self._set(row["id"], "cancelled", finished=time.time())
+                    self._remove_inputs(row["id"])
+                else:
+                    self._set(row["id"], "interrupted", error="the server stopped while this job ran")
 
     # -- submitting and reading -------------------------------------------------------------
     @staticmethod
@@ -140,6 +175,8 @@ class JobQueue:
                 self._set(job_id, "cancelled", finished=time.time())
                 self._remove_inputs(job_id)
             elif row["status"] == "running":
+                # written before the answer: a crash between now and the next step must not run it again
+                self._db.execute("UPDATE jobs SET cancel = 1 WHERE id = ?", (job_id,))
                 self._cancel.add(job_id)
         return self.get(job_id)
 
@@ -218,13 +255,14 @@ class JobQueue:
         job_id = job["id"]
         self._progress[job_id] = {"step": 0, "total": None, "since": time.monotonic(), "first": None}
 
-        def on_step(step: int, total: int, latents) -> None:
-            now = time.monotonic()
-            progress = self._progress[job_id]
-            if progress["first"] is None:  # the ETA counts from the first step: text encoding is not a step
-                progress["first"] = (now, step)
-            progress.update(step=step, total=total, at=now)
-            self._latents[job_id] = latents
+        def on_step(step: int | None, total: int | None, latents) -> None:
+            if step is not None:  # a sampling step (None: a decoded chunk)
+                now = time.monotonic()
+                progress = self._progress[job_id]
+                if progress["first"] is None:  # the ETA counts from the first step: text encoding is not a step
+                    progress["first"] = (now, step)
+                progress.update(step=step, total=total, at=now)
+                self._latents[job_id] = latents
             if job_id in self._cancel:
                 raise Cancelled
             if self._stop.is_set():
@@ -275,7 +313,7 @@ class JobQueue:
                "error": row["error"], "attempts": row["attempts"],
                "events": [status for status, _ in json.loads(row["events"])],
                "created": row["created"], "started": row["started"], "finished": row["finished"],
-               "progress": None, "cancelling": row["id"] in self._cancel}
+               "progress": None, "cancelling": row["status"] == "running" and bool(row["cancel"])}
         progress = self._progress.get(row["id"])
         if row["status"] == "running" and progress is not None:
             job["progress"] = _progress_view(progress)

@@ -6,6 +6,7 @@ and a gallery of past results whose settings can be reused. It submits through
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import gradio as gr
 
@@ -124,6 +125,36 @@ def placeholders(defaults: dict) -> dict:
     return shown
 
 
+def _ui_folder() -> Path:
+    """Where Gradio keeps the files uploaded to the page (`wanx serve` puts it under the outputs)."""
+    from gradio.utils import get_upload_folder
+
+    return Path(get_upload_folder()).resolve()
+
+
+def received(path) -> bool:
+    """A file Gradio received from a page: a regular file inside its upload folder, symlinks
+    resolved (a request may name any path on the server)."""
+    try:
+        resolved = Path(path).resolve(strict=True)
+    except (OSError, RuntimeError):
+        return False
+    return resolved.is_relative_to(_ui_folder()) and resolved.is_file() and not Path(path).is_symlink()
+
+
+def discard(path) -> None:
+    """Remove an upload from Gradio's folder, with the folder Gradio made for it when empty."""
+    path = Path(path)
+    if not received(path):
+        return
+    path.unlink(missing_ok=True)
+    if path.parent != _ui_folder():
+        try:
+            path.parent.rmdir()
+        except OSError:  # something else is in it
+            pass
+
+
 def build_ui(server: Server) -> gr.Blocks:
     queue = server.queue
     hint = placeholders(server.files.defaults)
@@ -196,16 +227,25 @@ def build_ui(server: Server) -> gr.Blocks:
                       "v2v": ("video",)}.get(current_task, ())
             # a missing one is left out: the pipeline's check names it, in the CLI's words
             uploads = {f: uploads_given.get(f) for f in wanted if uploads_given.get(f)}
+            keep = [gr.update()] * len(upload_fields)
             if current_task == "v2v" and "video" not in uploads:  # else it would quietly run as text to video
-                return "video: give the input video (video-to-video), or use the Text to video tab", gr.update()
+                return "video: give the input video (video-to-video), or use the Text to video tab", gr.update(), *keep
+            for field, path in uploads.items():
+                if not received(path):  # Gradio checks this too; a file it let through is still not read
+                    return f"{field}: only a file uploaded through this page is read", gr.update(), *keep
             try:
                 new_id = server.submit(body, uploads)
             except (RequestError, UploadError) as err:
-                return str(err), gr.update()
-            return "", new_id
+                # an upload the server refused is of no further use: removed, and the page asks for another
+                refused = [f for f in uploads if isinstance(err, UploadError) and err.field == f
+                           or isinstance(err, RequestError) and err.field in (f, "")]
+                for field in refused:
+                    discard(uploads[field])
+                return str(err), gr.update(), *[None if f in refused else gr.update() for f in upload_fields]
+            return "", new_id, *keep
 
         extra = [inputs[f] for f in upload_fields] + ([inputs["strength"]] if "strength" in inputs else [])
-        generate.click(submit, inputs=[task, *form, *extra], outputs=[error, job_id])
+        generate.click(submit, inputs=[task, *form, *extra], outputs=[error, job_id, *[inputs[f] for f in upload_fields]])
 
         def refresh(current, on_show, known, chosen):
             job = queue.get(current) if current else None
