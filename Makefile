@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-model test test-shuffled install clean
+.PHONY: demo demo-model test test-shuffled docs install clean
 
 $(BIN)/.wanx-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,5 +43,15 @@ test-shuffled: install
 		$(BIN)/python -m pytest -q -p randomly --randomly-seed=$$seed || status=$$?; \
 	done; exit $$status
 
+# The manual (docs/*.md, nav in mkdocs.yml) as a site in site/; --strict fails on any warning
+# (a broken link or anchor). The docs extra is installed once, beside the test extras.
+# NO_MKDOCS_2_WARNING quiets mkdocs-material's end-of-life banner (a notice, not about this build).
+$(BIN)/.wanx-docs-installed: $(BIN)/.wanx-installed pyproject.toml
+	$(BIN)/pip install -q -e ".[docs]"
+	touch $@
+
+docs: $(BIN)/.wanx-docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) site

@@ -5,7 +5,7 @@ then a screenshot of the page with the result, the queue and the gallery.
     python docs/serve_screenshot.py [OUT.png]      # needs the serve and test extras, and chromium
 
 The tests drive the same UI on the tiny random model (tests/serve/test_browser.py); this script
-only makes the README's picture, on the model whose videos mean something.
+only makes the picture in docs/serve.md, on the model whose videos mean something.
 """
 
 from __future__ import annotations
