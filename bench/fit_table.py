@@ -1,7 +1,7 @@
 """Which `wanx generate` memory flags fit which GPU, computed with wanx's own estimator
 (`wanx.memory.estimate`: weights, DiT activations with batched guidance, VAE decode with tiles
 when needed, the video) plus a 1 GiB margin. Not measured: no GPU was at hand. Prints the
-README's table.
+table in docs/memory.md.
 
     .venv/bin/python bench/fit_table.py
 """

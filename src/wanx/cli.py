@@ -772,7 +772,7 @@ def _memory_speed_flags(parser: argparse.ArgumentParser) -> None:
                                                         "the memory of bf16, small quality cost")
     mem.add_argument("--t5-device", metavar="DEVICE", help="run the umT5 text encoder here, e.g. cpu (the official "
                                                            "--t5_cpu): frees ~11 GB of GPU memory")
-    fast = parser.add_argument_group("speed", "opt-in: each option's measured speed-up and fidelity cost is in the README")
+    fast = parser.add_argument_group("speed", "opt-in: each option's measured speed-up and fidelity cost is in docs/benchmarks.md")
     fast.add_argument("--teacache", metavar="THRESHOLD", type=_threshold, nargs="?", const="auto",
                       help="TeaCache step caching; higher skips more (published: 0.1 T2V-1.3B, 0.2 T2V-14B, 0.3 "
                            "I2V); no value: the model's published one; 0: nothing skipped")

@@ -92,7 +92,7 @@ def test_generate_in_the_browser(serve_process, tmp_path):
             jobs = server.client.get("/v1/videos").json()["videos"]
             assert jobs[0]["status"] == "cancelled" and jobs[0]["progress"] is None
             assert (tmp_path / "serve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-            if os.environ.get("WANX_SERVE_SCREENSHOT"):  # the README's picture: docs/serve.png
+            if os.environ.get("WANX_SERVE_SCREENSHOT"):  # docs/serve.md's picture: docs/serve.png
                 shutil.copyfile(tmp_path / "serve.png", os.environ["WANX_SERVE_SCREENSHOT"])
         finally:
             browser.close()

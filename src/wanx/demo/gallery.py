@@ -1,4 +1,4 @@
-"""A GIF of demo-model videos side by side, for the README:
+"""A GIF of demo-model videos side by side, for docs/demo-model.md:
 
     python -m wanx.demo.gallery docs/demo.gif
 
