@@ -49,9 +49,9 @@ def test_fresh_processes_and_a_resumed_run_write_the_same_file(prepared, tmp_pat
     train(prepared, tmp_path / "split", "--steps", "4", "--lr", "1e-2", "--save-every", "4")
     train(prepared, tmp_path / "split", *STEPS, "--resume")
     assert "warning" not in capsys.readouterr().err
-    lora = bits(tmp_path / "a" / "lora.safetensors")
-    assert bits(tmp_path / "b" / "lora.safetensors") == lora
-    assert bits(tmp_path / "split" / "lora.safetensors") == lora
+    lora = bits(tmp_path / "a" / "a.safetensors")
+    assert bits(tmp_path / "b" / "b.safetensors") == lora
+    assert bits(tmp_path / "split" / "split.safetensors") == lora
 
 
 def test_a_resume_with_another_thread_count_says_it_will_not_be_identical(prepared, tmp_path, capsys):  # noqa: F811
