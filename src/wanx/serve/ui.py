@@ -281,7 +281,16 @@ def build_ui(server: Server) -> gr.Blocks:
                    outputs=[status, preview, result, shown, table, active, gallery, gallery_ids],
                    show_progress="hidden")
 
-        cancel.click(lambda chosen: queue.cancel(chosen) and None if chosen else None, inputs=active, outputs=None)
+        def cancel_job(chosen, current):
+            # the job chosen in the queue; else this page's own job: the dropdown is refilled every
+            # second, and a click that lands while it is being refilled arrives with no value
+            target = chosen or current
+            if not target:
+                return "nothing to cancel: choose a job in the queue"
+            queue.cancel(target)
+            return ""
+
+        cancel.click(cancel_job, inputs=[active, job_id], outputs=error)
 
         def reuse(known, evt: gr.SelectData):
             job = queue.get(known[evt.index]) if evt.index is not None and evt.index < len(known) else None
