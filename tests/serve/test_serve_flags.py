@@ -8,24 +8,7 @@ import socket
 import pytest
 
 from tests.serve.conftest import free_port
-from wanx.cli import main
-from wanx.pipeline import WanPipeline
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the flags were refused")
-
-    monkeypatch.setattr(WanPipeline, "from_files", refuse)
-
-
-def error_of(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("wanx: error: ") and "\n" not in err, err
-    return err
+from tests.test_cli_errors import error_of, no_loading  # noqa: F401 (a fixture)
 
 
 def test_outputs_under_a_file_names_the_flag(capsys, no_loading, tmp_path):
