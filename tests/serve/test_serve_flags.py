@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 
-import pytest
 
 from tests.serve.conftest import free_port
 from tests.test_cli_errors import error_of, no_loading  # noqa: F401 (a fixture)
