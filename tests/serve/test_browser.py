@@ -80,12 +80,15 @@ def test_generate_in_the_browser(serve_process, tmp_path):
             assert field(page, "seed").input_value() == "5" and field(page, "size").input_value() == "64x48"
             page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
 
-            # live progress of a long job, then cancel it from the queue
-            field(page, "steps").fill("400")
+            # live progress of a long job, then cancel it from the queue. Long enough to be caught
+            # running: 400 steps at 64x48x5 took 0.8 s on one warm thread and ended before the click
+            field(page, "size").fill("256x256")
+            field(page, "frames").fill("17")
+            field(page, "steps").fill("1000")
             page.locator("#generate").click()
             status = page.locator("#status")
             status.get_by_text("ETA").wait_for(timeout=WAIT)
-            assert "running" in status.inner_text() and "/400" in status.inner_text()
+            assert "running" in status.inner_text() and "/1000" in status.inner_text()
             page.locator("#queue").get_by_text("running").filter(visible=True).first.wait_for(timeout=WAIT)
             page.locator("#cancel").click()
             status.get_by_text("cancelled").wait_for(timeout=WAIT)
