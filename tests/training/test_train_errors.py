@@ -234,3 +234,16 @@ def test_after_an_interrupt_nothing_or_the_log_only(tmp_path):
     (tmp_path / "log.csv").write_text("step,loss,lr,seconds,samples_per_s\n1,0.5,0.0001,1.0,1.0\n", encoding="utf-8")
     kept = kept_after_interrupt(tmp_path)
     assert kept.startswith("kept log.csv (1 step) in") and "--overwrite" in kept
+
+
+def test_a_damaged_prepared_item_is_named_with_the_way_out(prepared, tmp_path, capsys):
+    """A cache item cut short (a killed copy, a full disk) is one line naming the file and
+    `wanx prepare`, not the SafetensorError traceback `train` gave (issue 25, item 11)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared / ".wanx-cache", data)
+    item = next(p for p in sorted(data.glob("*.safetensors")) if p.name != "empty-text.safetensors")
+    item.write_bytes(item.read_bytes()[:-100])
+    err = error_of(capsys, argv(data, tmp_path / "run", "--steps", "1"))
+    assert f"the prepared item {item} is damaged" in err and "run `wanx prepare` again" in err, err

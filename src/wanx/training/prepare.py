@@ -226,6 +226,7 @@ def check_cache(items: list[Path], files) -> None:
     the image conditioning this model takes."""
     fingerprint, conditioning = _fingerprint(files), _conditioning(files)
     for path in items:
+        check_item(path)
         settings = json.loads(_settings_of(path) or "{}")
         if settings.get("model") != fingerprint:
             raise ValueError(f"{path.parent}: the cache was made with other encoders ({settings.get('model')}); "
@@ -234,6 +235,18 @@ def check_cache(items: list[Path], files) -> None:
             need = f"a {files.model_type} model's image conditioning" if conditioning else "no image conditioning"
             raise ValueError(f"{path.parent}: the cache does not match this model ({need}); "
                              f"run `wanx prepare` again with this --model")
+
+
+def check_item(path: Path) -> None:
+    """A prepared item cut short (a killed copy, a full disk) is named with the way out, not
+    read into a SafetensorError traceback or taken for another model's cache."""
+    from ..loading.files import DamagedCheckpoint, read_safetensors_header
+
+    try:
+        read_safetensors_header(path)
+    except DamagedCheckpoint as err:
+        raise ValueError(f"the prepared item {path} is damaged ({str(err).split(': ')[-1]}); run `wanx prepare` "
+                         "again, which re-encodes unreadable items and keeps the rest") from None
 
 
 def _fingerprint(files) -> str:

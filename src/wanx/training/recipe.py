@@ -118,7 +118,10 @@ class CachedDataset:
                                  "prompt); run `wanx prepare` again, which adds it and keeps the items")
             self.empty_text = load_file(str(path))["context"]
         self.shapes, self.settings = [], set()
+        from .prepare import check_item
+
         for path in files:
+            check_item(path)
             with safe_open(str(path), framework="pt") as fh:
                 self.shapes.append(tuple(fh.get_slice("latents").get_shape()))
                 self.settings.add((fh.metadata() or {}).get("settings", ""))
