@@ -67,6 +67,10 @@ def test_markdown_table_from_the_report(cpu_run):
     empty = gpu_all("--markdown", "none")
     lines = [line for line in empty.stdout.splitlines() if line.startswith("| ") and "measurement" not in line]
     assert lines and all("| not measured |" in line for line in lines)
+    docs = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    docs = docs[docs.index("## One GPU run (bench/gpu_all.py)"):]
+    for line in lines:  # the docs table has every row the script reports
+        assert f"| {line.split(' | ')[1]} |" in docs, line
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
