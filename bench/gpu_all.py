@@ -56,6 +56,7 @@ REPORT = "gpu-report.json"
 TABLE = "gpu-report.md"
 GB = gpu.GB
 GUIDANCE = 5.0
+CACHE_NOTE = "a cache skips little in a few steps: its 50-step speed-up needs a 50-step run"
 SECTIONS = ("correctness", "speed", "memory", "end_to_end", "training")
 
 # Every row the full run reports, in table order: the docs table lists them all, "not measured"
@@ -182,7 +183,7 @@ def random_inputs(cfg, size, device, batch: int = 1, seed: int = 1):
 
 
 def random_lora(cfg, rank: int = 8, seed: int = 5) -> dict[str, torch.Tensor]:
-    """A LoRA (diffusers/official key names) on every block's q, k, v, o and FFN layers."""
+    """A LoRA (official key names) on every block's self-attention q and o, cross-attention k and FFN."""
     gen = torch.Generator().manual_seed(seed)
     state = {}
     shapes = {"self_attn.q": (cfg.dim, cfg.dim), "self_attn.o": (cfg.dim, cfg.dim),
@@ -191,7 +192,7 @@ def random_lora(cfg, rank: int = 8, seed: int = 5) -> dict[str, torch.Tensor]:
         for name, (out, inp) in shapes.items():
             key = f"diffusion_model.blocks.{i}.{name}"
             state[f"{key}.lora_A.weight"] = torch.randn(rank, inp, generator=gen) / math.sqrt(inp)
-            state[f"{key}.lora_B.weight"] = torch.randn(out, rank, generator=gen) * 0.02
+            state[f"{key}.lora_B.weight"] = torch.randn(out, rank, generator=gen) * 0.1
     return state
 
 
@@ -270,7 +271,7 @@ def section_correctness(rows: Rows, args, mode: Mode, device: torch.device) -> N
     rows.attempt("live LoRA vs fused", lora)
 
     if not mode.compile:
-        rows.add("compiled vs eager", skipped="--quick on CPU: inductor's C++ compile takes minutes on 2 cores "
+        rows.add("compiled vs eager", skipped="--quick on CPU: inductor's cold C++ compile can take minutes on 2 cores "
                  "(run without --quick)")
     else:
         def compiled():
@@ -353,7 +354,7 @@ def section_speed(rows: Rows, args, mode: Mode, device: torch.device) -> None:
         if r is None:  # a compiled row of a backend that did not run
             base = by_name.get(name.removesuffix(" compiled"))
             why = base.skipped if base is not None and base.skipped else (
-                "--quick on CPU: no compile (inductor's C++ compile takes minutes on 2 cores)" if not mode.compile
+                "--quick on CPU: no compile (inductor's cold C++ compile can take minutes on 2 cores)" if not mode.compile
                 else "not run")
             rows.add(name, skipped=why)
             continue
@@ -471,7 +472,7 @@ def section_end_to_end(rows: Rows, args, mode: Mode, device: torch.device) -> No
                       if cache else f"{2 * n}/{2 * n}")
             return dict(s_step=step, first_step_s=timing["first_step"], decode_s=decode, total_s=total,
                         total_50_s=timing["first_step"] + 49 * step + decode, passes=passes, **peaks(device),
-                        note="a cache skips little in a few steps: its 50-step speed-up needs a 50-step run" if kind else "")
+                        note=CACHE_NOTE if kind else "")
         rows.attempt(name, one, note=label)
     pipe.disable_cache()
     del pipe, dit, vae
@@ -575,7 +576,9 @@ def markdown(report: dict | None) -> str:
 
 
 def environment(device: torch.device, mode: Mode, argv: list[str]) -> dict:
-    gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    cuda = device.type == "cuda"
+    gpu_name = (torch.cuda.get_device_name(device) if cuda
+                else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     optional = {}
     for module in ("diffusers", "flash_attn", "flash_attn_interface", "sageattention", "av"):
         try:
@@ -583,11 +586,11 @@ def environment(device: torch.device, mode: Mode, argv: list[str]) -> dict:
             optional[module] = getattr(mod, "__version__", "installed")
         except Exception as err:
             optional[module] = f"not importable ({type(err).__name__})"
-    return dict(gpu=gpu_name, torch=torch.__version__, cuda=torch.version.cuda if device.type == "cuda" else None,
+    return dict(gpu=gpu_name, torch=torch.__version__, cuda=torch.version.cuda if cuda else None,
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), device=str(device),
                 mode=mode.name, command="python bench/gpu_all.py " + " ".join(argv), python=platform.python_version(),
                 optional=optional, wall_s=0.0,
-                capability=".".join(map(str, torch.cuda.get_device_capability(device))) if device.type == "cuda" else None)
+                capability=".".join(map(str, torch.cuda.get_device_capability(device))) if cuda else None)
 
 
 def main(argv: list[str] | None = None) -> int:
