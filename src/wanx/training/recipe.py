@@ -26,7 +26,9 @@ import csv
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -445,6 +447,7 @@ def train(dit: nn.Module, config: TrainConfig, *, progress: bool = True, base_mo
     log = _Log(output, step, enabled=main)
     bar = tqdm(total=steps, initial=step, desc="training", unit="step", disable=not progress or not main)
     per_step = config.grad_accum * processes
+    interrupt = _StepBoundaryInterrupt(enabled=processes == 1)
     try:
         while step < steps:
             start = time.perf_counter()
@@ -478,8 +481,10 @@ def train(dit: nn.Module, config: TrainConfig, *, progress: bool = True, base_mo
                 _save_checkpoint(output, step, trained, optimizer, scheduler, config.keep, settings)
             if validate is not None and config.validate_every and step % config.validate_every == 0 and main:
                 validate(step)
+            interrupt.check()
             accelerator.wait_for_everyone()
     finally:
+        interrupt.restore()
         bar.close()
         log.close()
     path = final_file(output, config.full)
@@ -488,6 +493,36 @@ def train(dit: nn.Module, config: TrainConfig, *, progress: bool = True, base_mo
         _save_checkpoint(output, step, trained, optimizer, scheduler, config.keep, settings)
     accelerator.wait_for_everyone()
     return path
+
+
+class _StepBoundaryInterrupt:
+    """Ctrl-C stops a one-process run after the step in progress (its checkpoint written
+    whole), not inside it: a KeyboardInterrupt raised inside torch's C++ (while a checkpoint is
+    pickled, say) can come out as another error, or leave a file half-written. A second Ctrl-C
+    stops at once. Several processes keep the default: each would stop at a step of its own
+    and leave the others waiting in a collective."""
+
+    def __init__(self, enabled: bool):
+        self.requested = False
+        self.previous = None
+        if enabled and threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nwanx: stopping after this step (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 class _Log:
