@@ -221,11 +221,23 @@ def _image_inputs(image_encoder, vae, video: torch.Tensor, conditioning: str, de
     return {k: v[0].float().cpu().contiguous() for k, v in inputs.items()}
 
 
+def check_item(path: Path) -> None:
+    """A cut-short item (killed prepare, full disk) named in one line, not in a traceback mid-run."""
+    from ..loading.files import read_safetensors_header
+
+    try:
+        read_safetensors_header(path)
+    except Exception as e:  # noqa: BLE001 -- any unreadable header makes the item unusable
+        raise ValueError(f"{path}: the prepared item is damaged ({' '.join(str(e).split())[:160]}); "
+                         "run `wanx prepare` again, which rebuilds it") from None
+
+
 def check_cache(items: list[Path], files) -> None:
     """Stop before training when the cache was made with other encoders, or lacks (or has)
     the image conditioning this model takes."""
     fingerprint, conditioning = _fingerprint(files), _conditioning(files)
     for path in items:
+        check_item(path)
         settings = json.loads(_settings_of(path) or "{}")
         if settings.get("model") != fingerprint:
             raise ValueError(f"{path.parent}: the cache was made with other encoders ({settings.get('model')}); "
