@@ -33,3 +33,14 @@ def test_a_damaged_prepared_item_is_named_in_one_line(prepared, tmp_path, capsys
     cut(item)
     err = error_of(capsys, argv(data, tmp_path / "out", "--steps", "1"))
     assert item.name in err and "wanx prepare" in err
+
+
+def test_prepare_removes_the_partial_files_of_a_killed_run(prepared, tmp_path):
+    from wanx.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    stale = data / ".wanx-cache" / ".clip-0000000000.safetensors.partial"
+    stale.write_bytes(b"half an item")
+    assert main(["prepare", str(data), "--model", "tiny", "--size", "64x48", "--frames", "9", "--quiet"]) == 0
+    assert not stale.exists()
