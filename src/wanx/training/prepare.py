@@ -108,6 +108,9 @@ def prepare(dataset: str | Path, files, *, cache: str | Path | None = None, size
         todo.append((item, bucket, path, settings))
     rank, processes = _share()
     todo = todo[rank::processes]
+    if rank == 0 and cache.is_dir():  # half-written items of a killed run (see _save_atomic)
+        for stale in cache.glob(".*.safetensors.partial"):
+            stale.unlink(missing_ok=True)
     empty_text = cache / EMPTY_TEXT_FILE
     write_empty = rank == 0 and _settings_of(empty_text) != fingerprint
     if todo or write_empty:

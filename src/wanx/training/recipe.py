@@ -109,7 +109,7 @@ class CachedDataset:
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        from .prepare import EMPTY_TEXT_FILE
+        from .prepare import EMPTY_TEXT_FILE, check_item
 
         self.files, self.batch_size, self.repeats, self.seed = files, batch_size, repeats, seed
         self.empty_text = None  # [L, text_dim]: the empty prompt, for caption dropout
@@ -120,8 +120,6 @@ class CachedDataset:
                                  "prompt); run `wanx prepare` again, which adds it and keeps the items")
             self.empty_text = load_file(str(path))["context"]
         self.shapes, self.settings = [], set()
-        from .prepare import check_item
-
         for path in files:
             check_item(path)
             with safe_open(str(path), framework="pt") as fh:
@@ -631,11 +629,21 @@ def _resume(output: Path, trained: Trainable, optimizer, scheduler, clear: bool 
     done = _checkpoints(output)
     if not done:
         raise ValueError(f"{output}: no checkpoint to resume from (checkpoints/step-N/); drop --resume to start")
-    latest = done[-1]
-    if not (latest / trained.file_name).is_file():
-        raise ValueError(f"{latest}: no {trained.file_name}; it was written by a {'LoRA' if trained.config.full else '--full'} run")
+    if not (done[-1] / trained.file_name).is_file():
+        raise ValueError(f"{done[-1]}: no {trained.file_name}; it was written by a {'LoRA' if trained.config.full else '--full'} run")
+    latest, state, damage = None, None, None
+    for candidate in reversed(done):  # a checkpoint cut short (full disk, killed copy): the newest intact one
+        state, problem = _intact(candidate, trained.file_name)
+        if state is not None:
+            latest = candidate
+            break
+        damage = damage or f"{candidate.relative_to(output)} is damaged ({problem})"
+    if latest is None:
+        raise ValueError(f"--resume: {damage}, and no earlier checkpoint in {output / 'checkpoints'} is intact; "
+                         "drop --resume and add --overwrite to start again")
+    if damage and clear:
+        print(f"{damage}; resuming from {latest.name}", file=sys.stderr)
     trained.load(load_file(str(latest / trained.file_name)))
-    state = torch.load(latest / "state.pt", weights_only=True)  # never unpickle code
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if clear:  # the main process speaks for all
@@ -647,6 +655,17 @@ def _resume(output: Path, trained: Trainable, optimizer, scheduler, clear: bool 
                   "result will not be bit-identical to an uninterrupted run "
                   f"(OMP_NUM_THREADS={then['threads']} sets the threads)", file=sys.stderr)
     return int(state["step"])
+
+
+def _intact(checkpoint: Path, file_name: str) -> tuple[dict | None, str]:
+    """(its state.pt, "") when the checkpoint's weights and state read whole, else (None, what is wrong)."""
+    from ..loading.files import read_safetensors_header
+
+    try:
+        read_safetensors_header(checkpoint / file_name)  # header and data spans against the file size
+        return torch.load(checkpoint / "state.pt", weights_only=True), ""  # never unpickle code
+    except Exception as e:  # noqa: BLE001 -- any unreadable part makes the checkpoint unusable
+        return None, " ".join(str(e).split())[:200] or type(e).__name__
 
 
 def _cpu_setup(dit: nn.Module) -> dict | None:
