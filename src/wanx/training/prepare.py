@@ -16,9 +16,11 @@ Started by `accelerate launch` (or torchrun), each process encodes its share of 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,12 +164,30 @@ def prepare(dataset: str | Path, files, *, cache: str | Path | None = None, size
     return report
 
 
+@contextlib.contextmanager
+def writing(path: Path, then: str, tmp: Path | None = None):
+    """Around a write of `path` (through `tmp`, a file or a folder the caller renames): a
+    failed write (a full disk, a file-size limit) removes `tmp` and becomes one line naming
+    `path` and `then`, the way to go on, instead of the writer's traceback. safetensors and
+    torch.save report such failures in their own error types, not as OSError."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError, RuntimeError) as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0][:160]
+        raise ValueError(f"cannot write {path} ({reason}); nothing half-written is kept: {then}") from None
+
+
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.partial")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with writing(path, "make room and run `wanx prepare` again (the items already written are kept)", tmp):
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
 
 
 def _settings_of(path: Path) -> str | None:

@@ -41,6 +41,7 @@ from ..lora.formats import LoraModule
 from ..lora.layer import LoraAdapter, attach
 from ..memory.fp8 import FP8Linear
 from ..memory.streaming import compute_device
+from .prepare import writing
 
 TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
 
@@ -97,6 +98,10 @@ def cached_items(data: Path) -> list[Path]:
         if files:
             return files
     raise ValueError(f"{data}: no prepared items; run `wanx prepare {data} --model ...` first")
+
+
+# a write that failed mid-run (a full disk, a file-size limit): the checkpoints kept are whole
+RESUME_AFTER_WRITE_FAILURE = "make room and add --resume to continue from the last checkpoint"
 
 
 class CachedDataset:
@@ -553,8 +558,9 @@ class _Log:
     def write(self, step: int, loss: float, lr: float, seconds: float, samples_per_s: float) -> None:
         if not self.enabled:
             return
-        self.writer.writerow([step, f"{loss:.6f}", f"{lr:.6g}", f"{seconds:.3f}", f"{samples_per_s:.3f}"])
-        self.fh.flush()
+        with writing(Path(self.fh.name), RESUME_AFTER_WRITE_FAILURE):
+            self.writer.writerow([step, f"{loss:.6f}", f"{lr:.6g}", f"{seconds:.3f}", f"{samples_per_s:.3f}"])
+            self.fh.flush()
         if self.board is not None:
             self.board.add_scalar("loss", loss, step)
             self.board.add_scalar("lr", lr, step)
@@ -578,15 +584,16 @@ def _save_final(path: Path, trained: Trainable, config: TrainConfig, step: int, 
         metadata.update({"expert": config.expert, "timesteps": "{:g}-{:g}".format(*config.timestep_range)})
     tmp = path.with_name(f".{path.name}.partial")
     try:
-        save_file(trained.state(config.lora_format), str(tmp), metadata=metadata)
-        if config.full and hasattr(trained.dit, "config"):  # so the weights load on their own (head count)
-            import json
+        with writing(path, RESUME_AFTER_WRITE_FAILURE, tmp):
+            save_file(trained.state(config.lora_format), str(tmp), metadata=metadata)
+            if config.full and hasattr(trained.dit, "config"):  # so the weights load on their own (head count)
+                import json
 
-            from ..configs import official_config_json
+                from ..configs import official_config_json
 
-            (path.parent / "config.json").write_text(json.dumps(official_config_json(trained.dit.config), indent=2)
-                                                     + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+                (path.parent / "config.json").write_text(
+                    json.dumps(official_config_json(trained.dit.config), indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
     finally:  # stopped while writing (Ctrl-C): no half file left beside the checkpoints
         tmp.unlink(missing_ok=True)
 
@@ -609,14 +616,15 @@ def _save_checkpoint(output: Path, step: int, trained: Trainable, optimizer, sch
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trained.state(), str(tmp / trained.file_name))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "cpu_setup": _cpu_setup(trained.dit)}, tmp / "state.pt")
-    if settings:
-        (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with writing(final, RESUME_AFTER_WRITE_FAILURE, tmp):
+        tmp.mkdir(parents=True)
+        save_file(trained.state(), str(tmp / trained.file_name))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                    "cpu_setup": _cpu_setup(trained.dit)}, tmp / "state.pt")
+        if settings:
+            (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
     for old in _checkpoints(output)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
