@@ -16,15 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tests.training.test_train import losses, prepared, train  # noqa: F401 (prepared: a fixture)
+from tests.training.test_train_options import error_of
 from wanx.cli import main
-
-
-def error_of(capsys, argv):
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("wanx: error: ") and err.count("\n") == 1, err  # one line, no traceback
-    return err
 
 
 def steps_of(path):
