@@ -711,10 +711,10 @@ def cmd_calibrate_cache(args: argparse.Namespace) -> int:
                          "calibrate)")
     text_len = files.dit_config.text_len
     texts = prompts + ([plan.negative_prompt] if plan.negative_prompt else [])
-    lengths = Tokenizer(files.tokenizer)(texts)[1].sum(1).tolist()
-    for k, (text, n) in enumerate(zip(texts, lengths)):
-        if n <= text_len:
-            continue
+    too_long = Tokenizer(files.tokenizer).first_too_long(texts, text_len)
+    if too_long:
+        k, n = too_long
+        text = texts[k]
         if k == len(prompts):
             what = f"the model's negative prompt ({files.folder}/wanx-defaults.json, or the official one)"
         elif args.prompts:

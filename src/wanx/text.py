@@ -57,6 +57,15 @@ class Tokenizer:
             self._whole.no_padding()
         return len(self._whole.encode(clean_prompt(prompt)).ids)
 
+    def first_too_long(self, texts: list[str], limit: int) -> tuple[int, int] | None:
+        """(index, tokens) of the first text with more than `limit` tokens (the model would cut
+        it), or None. Counted untruncated: the mask of `__call__` stops at `length`."""
+        for k, text in enumerate(texts):
+            count = self.count(text)
+            if count > limit:
+                return k, count
+        return None
+
     def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """-> input_ids `[B, length]` int64, attention_mask `[B, length]` int64."""
         encodings = self._tok.encode_batch([clean_prompt(p) for p in prompts])

@@ -55,11 +55,10 @@ def plan_validation(files, prompts: list[str], *, negative_prompt: str | None = 
                         experts=2 if files.moe else 1, clip=files.dit_config.clip, width=width, height=height,
                         num_frames=frames, num_inference_steps=steps, seed=seed)
     texts = [*prompts, *([plan.negative_prompt] if plan.negative_prompt is not None else [])]
-    _, mask = Tokenizer(files.tokenizer)(texts)
     limit = files.dit_config.text_len
-    for k, count in enumerate(mask.sum(1).tolist()):
-        if count <= limit:
-            continue
+    too_long = Tokenizer(files.tokenizer).first_too_long(texts, limit)
+    if too_long:
+        k, count = too_long
         if k < len(prompts):
             shown = prompts[k] if len(prompts[k]) <= 40 else prompts[k][:37] + "..."
             raise ValueError(f"--validation-prompts: {shown!r} has {count} tokens; this model reads at most {limit}: "
