@@ -13,7 +13,9 @@ from tests.oracles import (
     assert_same_outputs, assert_same_tensors, diffusers_moe_pipeline, tiny_dit, tiny_vae, write_comfy_dit,
     write_diffusers_dit, write_official_dit,
 )
-from wanx.pipeline import DEFAULTS_A14B, NEGATIVE_PROMPT, RequestError, WanPipeline, high_noise_steps, plan_request
+from wanx.pipeline import RequestError, WanPipeline, high_noise_steps, plan_request
+from wanx.pipeline.conditioning import Run, conditioning_for
+from wanx.tasks import NEGATIVE_PROMPT, TASKS
 from wanx.sampling import schedule
 
 # -- the split --------------------------------------------------------------------------------
@@ -25,10 +27,10 @@ from wanx.sampling import schedule
     ("i2v", 5.0, 15, 902, 892),
 ])
 def test_the_official_split_at_the_defaults(sampler, task, shift, high, last_high, first_low):
-    defaults = DEFAULTS_A14B[task]
-    assert (defaults["steps"], defaults["shift"]) == (40, shift)
+    row = TASKS[f"{task}-A14B"]
+    assert (row.steps, row.shift) == (40, shift)
     _, timesteps = schedule(sampler, 40, shift)
-    assert high_noise_steps(timesteps, defaults["boundary"]) == high
+    assert high_noise_steps(timesteps, row.boundary) == high
     if sampler == "unipc":
         assert (timesteps[high - 1], timesteps[high]) == (last_high, first_low)
 
@@ -242,7 +244,7 @@ def test_i2v_a14b_runs_without_clip(tmp_path):
     image = torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(0)) * 2 - 1
     plan = pipe.plan("x", image=image, height=32, width=32, num_frames=5)
     assert (plan.guidance, plan.guidance_low, plan.boundary, plan.shift) == (3.5, 3.5, 0.9, 5.0)
-    assert set(pipe._image_conditioning(plan)) == {"y"}
+    assert set(conditioning_for(plan.spec)(plan).inputs(Run(pipe, False))) == {"y"}
     x = pipe("x", image=image, height=32, width=32, num_frames=5, num_inference_steps=4, seed=1,
              output_type="latents", progress=False)
     assert x.shape == (1, 16, 2, 4, 4) and pipe.last_experts["high_noise_steps"] == 2

@@ -1,7 +1,10 @@
 import pytest
 import torch
 
-from wanx.pipeline import NEGATIVE_PROMPTS, WanPipeline, _size_for_image, plan_request
+from wanx.pipeline import WanPipeline, plan_request
+from wanx.pipeline.conditioning import Run, conditioning_for
+from wanx.pipeline.conditioning.base import size_for_image
+from wanx.tasks import TASKS
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +73,7 @@ def test_batched_and_two_pass_guidance_agree(pipes):
 
 def test_prompt_embeds_replace_the_text_encoder(pipes):
     pipe = pipes["tiny"]
-    emb, _ = pipe.text_encoder.encode(["a cat", NEGATIVE_PROMPTS["t2v"]])
+    emb, _ = pipe.text_encoder.encode(["a cat", TASKS["t2v"].negative_prompt])
     direct = pipe(prompt_embeds=emb[:1], negative_prompt_embeds=emb[1:], seed=2, output_type="latents", **SMALL)
     assert torch.allclose(direct, pipe("a cat", seed=2, output_type="latents", **SMALL), atol=1e-6)
 
@@ -82,7 +85,7 @@ def test_flf2v_mask_and_conditioning(pipes, monkeypatch):
     plan = pipe.plan("x", image=first, last_image=last, height=32, width=48, num_frames=13)
     assert (plan.steps, plan.shift, plan.guidance) == (50, 16.0, 5.5)  # official FLF2V defaults
     assert plan.negative_prompt.startswith("镜头切换，镜头晃动，")
-    cond = pipe._image_conditioning(plan)
+    cond = conditioning_for(plan.spec)(plan).inputs(Run(pipe, False))
     mask = cond["y"][0, :4]  # [4, F'=4, h, w]
     assert cond["y"].shape[1] == 20 and cond["clip_features"].shape == (1, 514, 160)
     assert mask[:, 0].eq(1).all() and mask[:, 1:3].eq(0).all()
@@ -93,7 +96,7 @@ def test_i2v_defaults_and_size():
     image = torch.zeros(3, 720, 1280)
     plan = plan_request("i2v", "x", image=image, height=480, width=832)
     assert (plan.steps, plan.shift, plan.guidance) == (40, 3.0, 5.0)  # 480P I2V shift 3
-    assert (plan.height, plan.width) == (464, 832) == _size_for_image(image, 480 * 832)
+    assert (plan.height, plan.width) == (464, 832) == size_for_image(image, 480 * 832)
     assert plan_request("i2v", "x", image=image, height=720, width=1280).shift == 5.0
 
 
@@ -177,7 +180,7 @@ def test_a_model_folder_carries_its_own_generation_defaults(tmp_path):
             plan.negative_prompt) == (64, 64, 5, 4, 1.5, 7.0, "unipc", "blur")
     official = plan_request("t2v", "x", "", seed=1)  # no folder settings: "" still means the empty text
     assert official.negative_prompt == "" and (official.width, official.num_frames, official.steps) == (832, 81, 50)
-    assert plan_request("t2v", "x", seed=1).negative_prompt == NEGATIVE_PROMPTS["t2v"]
+    assert plan_request("t2v", "x", seed=1).negative_prompt == TASKS["t2v"].negative_prompt
     video = pipe("x", seed=1, progress=False)
     assert video.frames.shape == (9, 32, 48, 3)
 

@@ -12,7 +12,8 @@ from PIL import Image
 
 from wanx.cli import main
 from wanx.hub import tiny_model_dir
-from wanx.pipeline import NEGATIVE_PROMPT, WanPipeline, best_output_size
+from wanx.pipeline import WanPipeline, best_output_size
+from wanx.tasks import NEGATIVE_PROMPT
 from wanx.sampling import schedule
 from wanx.video import read_video, to_unit
 

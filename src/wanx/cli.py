@@ -507,11 +507,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model} has two experts (Wan2.2 A14B): choose the one to train with --expert high|low"
                          if files.moe else f"--expert is for a model with two experts (Wan2.2 A14B); {args.model} has one DiT")
     if args.expert:  # one expert, on the timesteps it runs at generation: the split is the boundary
-        from .pipeline import DEFAULTS_A14B
+        from .tasks import default_task
 
         if config.validate_every:
             raise ValueError("validation videos need both experts: drop --validation-prompts with --expert")
-        boundary = 1000 * files.defaults.get("boundary", DEFAULTS_A14B[files.model_type]["boundary"])
+        boundary = 1000 * files.defaults.get("boundary", default_task(files.model_type, 2).boundary)
         dit_file = files.dit if args.expert == "high" else files.dit_low
         config.expert = args.expert
         config.timestep_range = (boundary, 1000.0) if args.expert == "high" else (0.0, boundary)

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .guidance import cfg
+
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[int, int, Tensor], None]  # (step, total, x)
 
@@ -56,7 +58,7 @@ def guided(cond_fn: ModelFn, uncond_fn: ModelFn | None, guidance: float) -> Mode
 
     def fn(x: Tensor, t: Tensor) -> Tensor:
         uncond = uncond_fn(x, t)
-        return uncond + guidance * (cond_fn(x, t) - uncond)
+        return cfg(cond_fn(x, t), uncond, guidance)
 
     return fn
 

@@ -316,13 +316,13 @@ def model_geometry(files, size: tuple[int, int] | None = None, frames: int | Non
     """(width, height) and frames to prepare at: those given, else the model folder's own
     (`wanx-defaults.json`, e.g. the demo model's 96x96 and 17 frames), else the official ones
     of its task (832x480 and 81 frames; TI2V-5B 1280x704 and 121)."""
-    from ..pipeline import DEFAULTS
+    from ..tasks import default_task
 
-    own, official = files.defaults, DEFAULTS.get(files.model_type, {})
+    own, official = files.defaults, default_task(files.model_type)
     if size is None:
-        size = (own.get("width") or official.get("width", 832), own.get("height") or official.get("height", 480))
+        size = (own.get("width") or official.width, own.get("height") or official.height)
     if frames is None:
-        frames = own.get("num_frames") or official.get("num_frames", 81)
+        frames = own.get("num_frames") or official.num_frames
     return (int(size[0]), int(size[1])), int(frames)
 
 

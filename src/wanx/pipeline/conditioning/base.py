@@ -1,0 +1,130 @@
+"""The conditioning contract, and the inputs every task reads the same way."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch import Tensor
+
+from ...video import Video, read_image, read_video, to_unit
+
+
+@dataclass
+class Run:
+    """What a conditioning may use while a request runs: the pipeline's networks and device,
+    and `stage`, which times a stage and brings the networks it names onto the device."""
+
+    pipe: object
+    progress: bool
+
+    @property
+    def device(self):
+        return self.pipe.device
+
+    @contextlib.contextmanager
+    def stage(self, name: str, *networks: str):
+        """Time a stage (one line on stderr with progress on), with `networks` placed for it."""
+        start = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            for network in networks:
+                stack.enter_context(self.pipe.placement.phase(network))
+            yield
+        if self.progress:
+            print(f"{name}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+    def say(self, text: str) -> None:
+        if self.progress:
+            print(text, file=sys.stderr)
+
+
+class Conditioning:
+    """Text alone: nothing to add. Every method's default is the plain text-to-video loop."""
+
+    task = ""
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    @classmethod
+    def read(cls, plan, given: dict, *, area: int, frames_given: bool, shift_given: bool, name) -> None:
+        """Read and check this task's inputs from `given` (the request's keywords) into `plan`,
+        and size the output from them (within `area` pixels). name: how the caller spells an
+        argument, for errors."""
+
+    def inputs(self, run: Run) -> dict[str, Tensor]:
+        """Extra DiT inputs, batch 1 (expanded to the guidance batch)."""
+        return {}
+
+    def schedule(self, sigmas: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
+        return sigmas, timesteps
+
+    def start(self, run: Run, noise: Tensor, sigmas: Tensor) -> Tensor:
+        """The latents the loop starts from."""
+        return noise
+
+    def timesteps(self, t: Tensor, shape, patch_size) -> Tensor:
+        """The DiT's timestep input for latents of `shape`: t `[1]` for every token by default."""
+        return t
+
+    def fix(self, latents: Tensor) -> None:
+        """After each step, in place: frames the task holds to a known value."""
+
+    def metadata(self) -> dict:
+        return {}
+
+
+def read_input(field: str, read, value):
+    """An input file read for the plan; a file that is there but unusable names its field."""
+    from ..plan import RequestError
+
+    try:
+        return read(value)
+    except RequestError:
+        raise
+    except ValueError as err:
+        raise RequestError(field, str(err)) from None
+
+
+def image_tensor(image) -> Tensor:
+    """A path, PIL image, uint8 `[H, W, 3]` array or `[3, H, W]` tensor in [-1, 1] -> tensor in [-1, 1]."""
+    if isinstance(image, Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"image tensor must be [3, H, W] in [-1, 1], got {tuple(image.shape)}")
+        return image.float().cpu()
+    if isinstance(image, (str, Path)):
+        image = read_image(image)
+    array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    if array.ndim != 3 or array.shape[-1] != 3:
+        raise ValueError(f"image must be RGB [H, W, 3], got shape {array.shape}")
+    return to_unit(array)
+
+
+def video_frames(video, fps: int) -> Tensor:
+    """A path, `Video`, uint8 `[F, H, W, 3]` array or `[3, F, H, W]` tensor -> `[3, F, H, W]` in [-1, 1]
+    (files are read at `fps`)."""
+    if isinstance(video, (str, Path)):
+        video = read_video(video, fps=fps)
+    if isinstance(video, Video):
+        video = video.frames
+    if isinstance(video, Tensor):
+        if video.ndim != 4 or video.shape[0] != 3:
+            raise ValueError(f"video tensor must be [3, F, H, W] in [-1, 1], got {tuple(video.shape)}")
+        return video.float().cpu()
+    array = np.asarray(video)
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"video frames must be [F, H, W, 3] uint8, got shape {array.shape}")
+    return to_unit(array)
+
+
+def size_for_image(image: Tensor, max_area: int) -> tuple[int, int]:
+    """The official I2V size: the image's aspect ratio within max_area, multiples of 16."""
+    height, width = image.shape[1:]
+    lat_h = round(math.sqrt(max_area * height / width) // 8 // 2 * 2)
+    lat_w = round(math.sqrt(max_area * width / height) // 8 // 2 * 2)
+    return lat_h * 8, lat_w * 8

@@ -1,0 +1,541 @@
+"""WanPipeline: one sampling loop for every task. A request is planned from the task table
+(`plan.py`, `wanx.tasks`), the text encoded, the task's conditioning prepared
+(`conditioning/`), the loop run over the model's expert(s) (`experts.py`) with guidance
+(`wanx.guidance`), and the latents decoded. Nothing here branches on the task: what a task
+adds lives in its conditioning file and its row of the table.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..guidance import Guidance, ParallelHalves, TwoPass
+from ..lora import LoraReport, apply_lora, loaded_loras, remove_lora, set_lora_strength
+from ..memory.estimate import available_memory, check_fits, decode_tiles, estimate, weight_bytes
+from ..memory.placement import Placement, auto_budget, load_devices, resolve_offload
+from ..models.transformer import input_dtype
+from ..runtime import Runtime
+from ..sampling import SAMPLERS, schedule
+from ..tasks import default_task
+from ..video import Video, to_pixels
+from .conditioning import Conditioning, Run, conditioning_for
+from .experts import Experts
+from .plan import Plan, plan_request
+
+
+class WanPipeline:
+    """`WanPipeline(dit=..., vae=..., text_encoder=..., image_encoder=...)`, or `from_pretrained`.
+    Wan2.2 A14B: `dit` is the high-noise expert and `dit_low` the low-noise one."""
+
+    def __init__(self, dit, vae, text_encoder=None, image_encoder=None, *, dit_low=None, name: str = "custom",
+                 runtime: Runtime | None = None, placement: Placement | None = None):
+        self.dit, self.vae, self.text_encoder, self.image_encoder = dit, vae, text_encoder, image_encoder
+        self.dit_low = dit_low
+        if dit_low is not None and dit_low.config != dit.config:
+            raise ValueError("the two experts must be alike in architecture (Wan2.2 A14B's are)")
+        check_vae(dit.config, vae.config)
+        self.defaults: dict = {}  # the model folder's generation settings (wanx-defaults.json)
+        self.name = name
+        self.runtime = runtime
+        self.placement = placement or Placement("none", self.device, {})
+        self.batch_cfg = True  # cond and uncond as one batch of 2; False: two passes (less memory)
+        self.compiled = None  # speed.compile.CompiledBlocks when the DiT block is compiled
+        self.parallel = None  # distributed.ParallelPlan when several ranks share the work
+        self.last_timings: dict = {}  # seconds of the first and later denoising steps of the last call
+        self.last_experts: dict = {}  # two experts: the last call's boundary and steps on each
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device if self.runtime else next(self.dit.parameters()).device
+
+    @property
+    def model_type(self) -> str:
+        return self.dit.config.model_type
+
+    @property
+    def experts(self) -> dict:
+        """The DiTs by placement name: {"dit": ...}, plus "dit_low" for Wan2.2 A14B."""
+        return {"dit": self.dit, **({"dit_low": self.dit_low} if self.dit_low is not None else {})}
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, *, device: str | torch.device | None = None,
+                        dtype: torch.dtype | str | None = None, vae_dtype: torch.dtype | str = torch.float32,
+                        offload: str = "auto", vram_budget: int | float | str | None = None,
+                        num_persistent_param_in_dit: int | None = None, quantize: str | None = None,
+                        t5_device: str | torch.device | None = None, cache: str | None = None,
+                        cache_threshold: float | None = None, cache_calibration: str | None = None,
+                        compile: bool = False, attention: str = "auto", source: str = "huggingface",
+                        progress: bool = False) -> "WanPipeline":
+        """An official or diffusers-layout model folder (Wan2.2 A14B: both experts), a DiT file
+        whose folder holds the other components, a tiny model name, or a model id
+        (`Wan-AI/Wan2.1-T2V-1.3B`, `Wan-AI/Wan2.2-T2V-A14B`, downloaded into the standard cache).
+
+        device: default CUDA when present, else CPU. dtype: of the DiT and encoders, default
+        bf16 on a GPU and fp32 on a CPU (the same rule as `wanx generate --dtype auto`).
+        offload: "auto" (default: everything resident when it fits, else DiT blocks streamed),
+        "none", "model" (each network on the device only for its phase) or "blocks".
+        vram_budget: DiT bytes kept resident with offload="blocks" ("6GB", 6e9, 0, "auto");
+        num_persistent_param_in_dit: the same in parameters. quantize: "fp8" or "fp8_fast".
+        t5_device: "cpu" runs umT5 on the CPU (the official --t5_cpu).
+        cache: "teacache" or "magcache" step caching (cache_threshold None: the published
+        setting for the model; cache_calibration: a `wanx calibrate-cache` file). compile: the
+        DiT block compiled once with torch.compile. attention: "auto", "sdpa", "flash2",
+        "flash3" or "sage". See `wanx.runtime.Runtime`."""
+        from ..hub import find_model
+
+        # Every choice is checked before any download or weight read.
+        runtime = Runtime.create(device, dtype, vae_dtype, offload=offload, vram_budget=vram_budget,
+                                 num_persistent_param_in_dit=num_persistent_param_in_dit, quantize=quantize,
+                                 t5_device=t5_device, cache=cache, cache_threshold=cache_threshold,
+                                 cache_calibration=cache_calibration, compile=compile, attention=attention)
+        files = find_model(path_or_id, source=source)
+        pipe = cls.from_files(files, runtime=runtime, progress=progress)
+        pipe.name = str(path_or_id)
+        return pipe
+
+    @classmethod
+    def from_files(cls, files, *, runtime: Runtime | None = None, progress: bool = False,
+                   host_load: bool = False) -> "WanPipeline":
+        """Load the components `wanx.hub.find_components` found, placed as `runtime` says.
+        host_load: the DiT and umT5 stay (memory-mapped) in host memory, for a transform
+        that places them itself (FSDP moves only each rank's shard to its GPU)."""
+        from ..loading import load_model
+        from ..text import TextEncoder, Tokenizer
+
+        runtime = runtime or Runtime.create()
+        device, dtype = runtime.device, runtime.dtype
+        check_vae(files.dit_config, files.infos["vae"].config, files.dit, files.vae)  # before any weight is read
+        tokenizer = Tokenizer(files.tokenizer)
+        weights = sum(weight_bytes(files.parameter_counts(), dtype, runtime.vae_dtype, fp8=bool(runtime.quantize)).values())
+        usual = default_task(files.model_type, 2 if files.moe else 1)  # the model's usual request
+        work = estimate(files.dit_config, usual.height, usual.width, usual.num_frames, dtype=dtype,
+                        vae_dtype=runtime.vae_dtype).work
+        offload = resolve_offload(runtime.offload, device, weights, work, available_memory(device))
+        where = load_devices(offload, device, runtime.text_device)
+        if host_load:
+            where = {**where, "dit": torch.device("cpu"), "dit_low": torch.device("cpu"), "t5": torch.device("cpu")}
+        dit = load_model(files.dit, dtype=dtype, device=where["dit"], quantize=runtime.quantize, progress=progress)
+        dit_low = None
+        if files.dit_low is not None:  # fp32-stored experts are cast to dtype as they are read, like any DiT
+            dit_low = load_model(files.dit_low, dtype=dtype, device=where["dit_low"], quantize=runtime.quantize,
+                                 progress=progress)
+        vae = load_model(files.vae, dtype=runtime.vae_dtype, device=where["vae"], progress=progress)
+        text_encoder = TextEncoder(load_model(files.text_encoder, dtype=dtype, device=where["t5"], progress=progress),
+                                   tokenizer, device=runtime.text_device)
+        image_encoder = None
+        if dit.config.has_image_input:
+            image_encoder = load_model(files.image_encoder, dtype=dtype, device=where["clip"], progress=progress)
+        budget = runtime.vram_budget
+        if budget == "auto":
+            budget = auto_budget(available_memory(device), work)
+        placement = Placement(offload, device, {"dit": dit, "dit_low": dit_low, "vae": vae, "t5": text_encoder.model,
+                                                "clip": image_encoder}, budget=budget, text_device=runtime.text_device)
+        pipe = cls(dit, vae, text_encoder, image_encoder, dit_low=dit_low, name=str(files.folder), runtime=runtime,
+                   placement=placement)
+        pipe.defaults = dict(files.defaults)
+        pipe.apply_speed(runtime, files.folder)
+        return pipe
+
+    def apply_speed(self, runtime: Runtime, folder: Path | None = None) -> None:
+        """The runtime's speed options: attention kernel, step cache (with the model's own
+        calibration when `wanx calibrate-cache` made one: `speed.cache.find_calibration`),
+        regional compile."""
+        from ..attention import backend_for, set_attention_backend
+
+        set_attention_backend(runtime.attention)
+        if runtime.device.type == "cuda":  # which kernel runs, in one line (CPU: always SDPA)
+            cfg = self.dit.config
+            print(f"attention: {backend_for(runtime.device, runtime.dtype, cfg.head_dim)} ({runtime.attention})",
+                  file=sys.stderr)
+        if runtime.cache:
+            if self.dit_low is not None:
+                raise ValueError("step caching (--teacache/--magcache) does not support two experts (Wan2.2 A14B) yet")
+            calibration = runtime.cache_calibration
+            if calibration is None and folder is not None:
+                from ..speed.cache import find_calibration
+
+                calibration = find_calibration(folder)
+            self.enable_cache(runtime.cache, runtime.cache_threshold, calibration=calibration)
+        if runtime.compile:
+            from ..speed.compile import compile_blocks
+
+            self.compiled = compile_blocks(self.dit)
+            if self.dit_low is not None:
+                compile_blocks(self.dit_low)
+
+
+    # -------------------------------------------------------------------------------------
+    def __call__(
+        self,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
+        *,
+        image=None,
+        last_image=None,
+        video=None,
+        strength: float = 0.8,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_scale_low: float | None = None,
+        boundary: float | None = None,
+        shift: float | None = None,
+        sampler: str | None = None,
+        seed: int | None = None,
+        prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        latents: Tensor | None = None,
+        output_type: str = "video",
+        progress: bool = True,
+        callback: Callable[[int, int, Tensor], None] | None = None,
+        decode_callback: Callable[[int, int], None] | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+    ) -> Video | Tensor:
+        """Generate one video. The task follows from the model and the inputs; every unset
+        option takes the official default of that task. Inputs are checked before any work.
+
+        Args:
+            prompt: what the video shows.
+            negative_prompt: what to avoid; default the official (Chinese) negative prompt of
+                the task. Unused when guidance_scale is 1.
+            image: first frame for I2V/FLF2V (and TI2V-5B, whose image-to-video it makes): a
+                path, PIL image, uint8 `[H, W, 3]` array or `[3, H, W]` tensor in [-1, 1].
+            last_image: last frame for FLF2V, same forms as `image`.
+            video: input for video-to-video (T2V models): a path, `Video`, uint8
+                `[F, H, W, 3]` array or `[3, F, H, W]` tensor in [-1, 1].
+            strength: video-to-video, in (0, 1]: the share of the sampling steps that is run,
+                the last ones, from the input noised to the sigma where they begin (diffusers'
+                definition; `strength_schedule`). The shifted schedule makes that sigma high: at
+                shift 5, 0.3 starts at sigma 0.68 and 0.6 at 0.88, where little of the input's
+                detail is left. 1 ignores the input.
+            height, width: output size in pixels, multiples of 16; default 480x832. I2V,
+                FLF2V and video-to-video keep the input's aspect ratio within the area
+                height x width. TI2V-5B: multiples of 32, default 704x1280; with an image, the
+                official `best_output_size` within that area (the image's aspect ratio in
+                multiples of 32), the image LANCZOS-resized and centre-cropped to it.
+            num_frames: 4k+1 frames at 16 fps; default 81, or for video-to-video the input's
+                frame count rounded down to 4k+1 (at most 81, or the model folder's own
+                default). TI2V-5B: 121 at 24 fps.
+            num_inference_steps: sampling steps; default 50 (40 for I2V). Alias: `steps`.
+            guidance_scale: classifier-free guidance scale in [1, 30]; 1 turns guidance off.
+                Default 5.0 (5.5 for FLF2V). Alias: `guidance`. Wan2.2 A14B: the high-noise
+                expert's (default 4.0 T2V, 3.5 I2V), and the low-noise one's too unless
+                guidance_scale_low is given.
+            guidance_scale_low: Wan2.2 A14B: the low-noise expert's guidance scale (default
+                3.0 T2V, 3.5 I2V; guidance_scale when only that is given).
+            boundary: Wan2.2 A14B: where the low-noise expert takes over, as a share of the 1000
+                training timesteps (steps with t >= 1000 * boundary run the high-noise expert);
+                default the model's (0.875 T2V, 0.9 I2V). Steps and shift move the split.
+            shift: schedule shift; default 5.0 (3.0 for I2V at 480P or below, 16 for FLF2V;
+                Wan2.2 A14B: 12.0 T2V, 5.0 I2V).
+            sampler: "unipc" (official default), "dpm++" or "euler".
+            Options left unset take the model folder's own settings first when it has them
+            (`wanx-defaults.json`, e.g. the demo model's 96x96 and 17 frames).
+            seed: noise seed in [0, 2**64); the same seed gives the official code's noise.
+                Default: a random seed, kept in the video's metadata.
+            prompt_embeds, negative_prompt_embeds: umT5 embeddings `[1, L, 4096]` instead of
+                the prompts (the text encoder is then not run).
+            latents: initial noise `[1, C, F', H/s, W/s]` instead of the seed's (the VAE's
+                channels and stride: C 16, s 8 for the Wan2.1 VAE; C 48, s 16 for the Wan2.2
+                VAE of TI2V-5B).
+            output_type: "video" (a `Video` of uint8 frames) or "latents" (the denoised
+                latents, not decoded).
+            progress: progress bars and stage timings on stderr.
+            callback: called after each denoising step as `callback(step, total, latents)`
+                (step counts from 1; latents `[1, C, F', H/s, W/s]`, the sampler's current
+                state; TI2V image-to-video: with frame 0 already the image again). An
+                exception it raises stops the call there, with nothing written: a server
+                cancels a job this way.
+            decode_callback: called after each decoded chunk of the VAE as
+                `decode_callback(done, total)`; an exception it raises stops the decode there.
+
+        Returns:
+            A `Video` (`.save(path)`, `.frames` uint8 `[F, H, W, 3]`) or a latent tensor.
+        """
+        plan = self.plan(prompt, negative_prompt, image=image, last_image=last_image, video=video, strength=strength,
+                         height=height, width=width, num_frames=num_frames,
+                         num_inference_steps=_alias("num_inference_steps", num_inference_steps, "steps", steps),
+                         guidance_scale=_alias("guidance_scale", guidance_scale, "guidance", guidance),
+                         guidance_scale_low=guidance_scale_low, boundary=boundary, shift=shift, sampler=sampler,
+                         seed=seed, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                         latents=latents, output_type=output_type)
+        need, batched = self._fit(plan)
+        run = Run(self, progress)
+        conditioning = conditioning_for(plan.spec)(plan)
+        with torch.no_grad():
+            with run.stage("text encoding", "t5"):
+                context, context_null = self._text(plan, prompt, prompt_embeds, negative_prompt_embeds)
+            noise = self._noise(plan, latents)
+            inputs = conditioning.inputs(run)
+            sigmas, timesteps = conditioning.schedule(*schedule(plan.sampler, plan.steps, plan.shift))
+            x = conditioning.start(run, noise, sigmas)
+            x = self._denoise(run, plan, conditioning, inputs, (context, context_null), x, sigmas, timesteps,
+                              batched, callback)
+            if output_type == "latents":
+                return x
+            frames = self._decode(run, plan, x, need, decode_callback)  # [1, 3, F, H, W] in [-1, 1]
+        return Video(to_pixels(frames[0]), fps=plan.fps, metadata=self._metadata(plan, conditioning, prompt))
+
+    def _fit(self, plan: Plan):
+        """The memory this request needs beside the resident weights, and whether guidance
+        runs as one batch of two (when that fits) or as two passes (half the activations)."""
+        fit = functools.partial(check_fits, self.dit.config, plan.height, plan.width, plan.num_frames,
+                                device=self.device, dtype=input_dtype(self.dit.blocks[0].self_attn.q),
+                                vae_dtype=next(self.vae.parameters()).dtype)
+        batched = self.batch_cfg and any(g != 1.0 for g in (plan.guidance, plan.guidance_low) if g is not None)
+        try:
+            need = fit(batch=2 if batched else 1)
+        except ValueError:
+            if not batched:
+                raise
+            need, batched = fit(batch=1), False
+        if self.runtime is not None and self.runtime.vram_budget == "auto":
+            self.placement.set_dit_budget(auto_budget(self.placement.free_for_dit(), need.work))
+        return need, batched
+
+    def _noise(self, plan: Plan, latents: Tensor | None) -> Tensor:
+        """The official noise: a generator on the sampling device, float32, unbatched shape."""
+        shape = plan.latent_shape()
+        if latents is not None:
+            return latents.to(self.device, torch.float32).reshape(1, *shape)
+        generator = torch.Generator(self.device).manual_seed(plan.seed)
+        return torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)[None]
+
+    def _denoise(self, run: Run, plan: Plan, conditioning: Conditioning, inputs: dict[str, Tensor], texts,
+                 x: Tensor, sigmas: Tensor, timesteps: Tensor, batched: bool, callback) -> Tensor:
+        """The sampling loop: each step picks its expert by timestep, guides it, and lets the
+        conditioning hold its frames; a step cache (when on) decides inside the DiT."""
+        experts = Experts(self.dit, self.dit_low, plan.boundary, plan.guidance, plan.guidance_low, self.placement)
+        self.last_experts = experts.split(timesteps)
+        if self.last_experts:
+            run.say(experts.describe(timesteps))
+        guide = ParallelHalves(self.parallel.cfg) if self.parallel is not None and self.parallel.cfg else \
+            Guidance() if batched else TwoPass()
+        cache, step = self.step_cache, [0]  # the sampler calls the model function once per step
+        if cache is not None:
+            cache.start(len(timesteps), self.dit.config, plan.height, plan.width)
+
+        def branch(dit, x: Tensor, t: Tensor, context: Tensor, names: tuple[str, ...]) -> Tensor:
+            if cache is not None:
+                cache.at(step[0], names)
+            # one timestep for the batch: the DiT embeds it once for every branch
+            t = conditioning.timesteps(t.to(x.device).float().reshape(1), x.shape, dit.config.patch_size)
+            return dit(x, t, context, **{k: v.expand(len(names), *v.shape[1:]) for k, v in inputs.items()})
+
+        def velocity(x: Tensor, t: Tensor) -> Tensor:
+            dit, scale = experts.pick(t)
+            try:
+                return guide(functools.partial(branch, dit), x, t, *texts, scale)
+            finally:
+                step[0] += 1
+
+        bar = _progress(len(timesteps), "denoising", run.progress)
+        marks = [time.perf_counter()]
+
+        def advance(i: int, total: int, latents: Tensor) -> None:
+            conditioning.fix(latents)
+            marks.append(time.perf_counter())
+            if cache is not None:
+                bar.set_postfix(skipped=cache.stats.total_skipped, refresh=False)
+            bar.update(1)
+            if callback is not None:
+                callback(i + 1, total, latents)
+
+        try:
+            experts.pick(timesteps[0])  # the expert of the first step comes in
+            with self.placement.phase("dit"):
+                x = SAMPLERS[plan.sampler](velocity, x, sigmas, timesteps, callback=advance)
+        finally:
+            bar.close()
+        times = [b - a for a, b in zip(marks, marks[1:])]
+        self.last_timings = {"first_step": times[0], "later_steps": times[1:]}
+        if self.compiled is not None and len(times) > 1:  # compile time apart from step time
+            run.say(f"compile: first step {times[0]:.1f} s (warm-up), then "
+                    f"{sorted(times[1:])[len(times[1:]) // 2]:.2f} s/step")
+        return x
+
+    def _decode(self, run: Run, plan: Plan, x: Tensor, need, decode_callback) -> Tensor:
+        bar = _progress(None, "decoding", run.progress, unit="chunk")
+
+        def done(chunk: int, total: int) -> None:
+            bar.total = total
+            bar.update(1)
+            if decode_callback is not None:
+                decode_callback(chunk, total)
+
+        with self.placement.phase("vae"):
+            # Tiles only when whole frames would not fit what is free now (never by default on a big GPU).
+            tiles = decode_tiles(plan.height, plan.width, next(self.vae.parameters()).dtype,
+                                 available_memory(self.device) - need.video)
+            frames = self.vae.decode(x, tile_size=tiles and tiles[0], tile_stride=tiles and tiles[1], callback=done)
+        bar.close()
+        return frames
+
+    def _metadata(self, plan: Plan, conditioning: Conditioning, prompt) -> dict:
+        metadata = dict(prompt=prompt or "", negative_prompt=plan.negative_prompt or "", seed=plan.seed,
+                        model=self.name, task=plan.task, size=f"{plan.width}x{plan.height}",
+                        frames=plan.num_frames, steps=plan.steps, guidance=plan.guidance, shift=plan.shift,
+                        sampler=plan.sampler, generator="wanx", **conditioning.metadata())
+        if self.last_experts:
+            metadata["guidance_low"] = plan.guidance_low
+            metadata["experts"] = self.last_experts
+        if self.step_cache is not None:
+            cache = self.step_cache
+            metadata["cache"] = {"kind": cache.kind, "threshold": cache.active_threshold,
+                                 "computed": cache.stats.total_computed, "skipped": cache.stats.total_skipped}
+        loras = {}  # name -> (entry, the experts that hold it)
+        for expert, dit in (("high", self.dit), ("low", self.dit_low)):
+            for name, entry in (loaded_loras(dit) if dit is not None else {}).items():
+                loras.setdefault(name, (entry, []))[1].append(expert)
+        if loras:
+            metadata["loras"] = [{"name": name, "strength": entry.strength, "sha256": entry.lora.sha256,
+                                  "file": entry.lora.path.name if entry.lora.path else None,
+                                  **({"experts": experts} if self.dit_low is not None else {})}
+                                 for name, (entry, experts) in loras.items()]
+        return metadata
+
+
+    # -------------------------------------------------------------------------------------
+    def load_lora(self, path: str | Path, strength: float = 1.0, *, name: str | None = None,
+                  fuse: bool | None = None, expert: str | None = None) -> LoraReport:
+        """Apply a LoRA file (any format `wanx.lora` reads) to the DiT; call again to stack.
+        fuse: default merged into the weights on a resident bf16/fp32 model, live (added at
+        run time) on an FP8 or streamed one. A LoRA that does not fit this model is an error
+        and changes nothing. expert: Wan2.2 A14B, "high" or "low" for one expert (e.g. a LoRA
+        trained with `wanx train --expert`); default both."""
+        if expert not in (None, "high", "low"):
+            raise ValueError(f"expert must be 'high', 'low' or None (both), got {expert!r}")
+        if expert is not None and self.dit_low is None:
+            raise ValueError(f"a LoRA for the {expert}-noise expert needs a model with two experts (Wan2.2 A14B)")
+        experts = {None: list(self.experts.values()), "high": [self.dit], "low": [self.dit_low]}[expert]
+        report = apply_lora(experts[0], path, strength, fuse=fuse, name=name)
+        try:
+            for dit in experts[1:]:  # under the first expert's name, which may have been made unique there
+                apply_lora(dit, path, strength, fuse=fuse, name=report.name)
+        except Exception:
+            remove_lora(experts[0], report.name)  # nothing changes when a check fails
+            raise
+        return report
+
+    def set_lora_strength(self, name: str, strength: float) -> None:
+        for dit in self._holding(name):
+            set_lora_strength(dit, name, strength)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA (or all): fused weights come back bit for bit."""
+        for dit in self.experts.values() if name is None else self._holding(name):
+            remove_lora(dit, name)
+
+    def _holding(self, name: str) -> list:
+        """The experts that hold LoRA `name` (the DiT when none does: it names the error)."""
+        return [dit for dit in self.experts.values() if name in loaded_loras(dit)] or [self.dit]
+
+    def plan(self, prompt=None, negative_prompt=None, **request) -> Plan:
+        """Check every input and resolve the defaults; raises ValueError with one clear line."""
+        return plan_request(self.model_type, prompt, negative_prompt, has_text_encoder=self.text_encoder is not None,
+                            has_image_encoder=self.image_encoder is not None or not self.dit.config.has_image_input,
+                            model_defaults=self.defaults, experts=len(self.experts), clip=self.dit.config.clip,
+                            vae_config=self.vae.config, **request)
+
+
+    # -------------------------------------------------------------------------------------
+    def _text(self, plan: Plan, prompt, prompt_embeds, negative_prompt_embeds) -> tuple[Tensor, Tensor | None]:
+        device = self.device
+        prompts = [] if prompt_embeds is not None else [prompt]
+        if negative_prompt_embeds is None and plan.negative_prompt is not None:
+            prompts.append(plan.negative_prompt)
+        encoded = None
+        if prompts:  # zeros after each prompt's tokens: keep the longest, the DiT pads to text_len
+            encoded, lengths = self.text_encoder.encode(prompts)
+            if int(lengths.max()) > self.dit.config.text_len:
+                raise ValueError(f"the prompt has {int(lengths.max())} tokens; this model reads at most "
+                                 f"{self.dit.config.text_len}: shorten it")
+            encoded = encoded[:, : int(lengths.max())]
+        context = prompt_embeds if prompt_embeds is not None else encoded[:1]
+        if negative_prompt_embeds is not None:
+            context_null = negative_prompt_embeds
+        elif plan.negative_prompt is not None:
+            context_null = encoded[-1:]
+        else:
+            context_null = None
+        context = _pad_text(context.to(device), self.dit.config.text_len)
+        if context_null is not None:
+            context_null = _pad_text(context_null.to(device), self.dit.config.text_len)
+        return context, context_null
+
+
+    @property
+    def step_cache(self):
+        return getattr(self, "_step_cache", None)
+
+    @step_cache.setter
+    def step_cache(self, cache) -> None:
+        self._step_cache = cache
+        self.dit.loop_wrapper = cache
+
+    def enable_cache(self, kind: str = "teacache", threshold: float | None = None, **options):
+        """Step caching ("teacache" or "magcache"; threshold None: the published setting for
+        the model). options: magcache_k, retention, calibration (a file from
+        `wanx calibrate-cache`). Returns the StepCache; its `stats` tell what was skipped."""
+        from ..speed.cache import StepCache
+
+        self.step_cache = StepCache(kind, threshold, **options)
+        return self.step_cache
+
+    def disable_cache(self) -> None:
+        self.step_cache = None
+
+
+
+def check_vae(dit_config, vae_config, dit_file=None, vae_file=None) -> None:
+    """The DiT's latent channels must be the VAE's: 16 (Wan2.1 VAE) or 48 (Wan2.2 VAE, TI2V-5B)."""
+    if dit_config.out_dim == vae_config.z_dim:
+        return
+    def name(file, what):
+        return f"{file} ({what})" if file is not None else what
+
+    dit = name(dit_file, f"a {dit_config.model_type} DiT on {dit_config.out_dim} latent channels")
+    vae = name(vae_file, f"a Wan{vae_config.generation} VAE with {vae_config.z_dim}")
+    want = "Wan2.2_VAE.pth" if dit_config.out_dim == 48 else "Wan2.1_VAE.pth"
+    raise ValueError(f"the VAE does not fit the DiT: {dit} needs {want}; {vae} was found")
+
+
+
+
+def _alias(name: str, value, alias: str, alias_value):
+    """One canonical keyword, the other accepted as its alias; both at once is an error."""
+    if alias_value is not None and value is not None:
+        raise ValueError(f"give {name} or its alias {alias}, not both")
+    return value if value is not None else alias_value
+
+
+
+
+def _pad_text(context: Tensor, text_len: int) -> Tensor:
+    if context.ndim == 2:
+        context = context[None]
+    if context.shape[1] > text_len:
+        raise ValueError(f"text embeddings hold {context.shape[1]} tokens; at most {text_len}")
+    return F.pad(context.float(), (0, 0, 0, text_len - context.shape[1]))
+
+
+
+
+def _progress(total: int | None, desc: str, enabled: bool, unit: str = "step"):
+    """A tqdm bar on stderr: rate, elapsed time and ETA."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False)
+
+

@@ -1,0 +1,227 @@
+"""A request checked and resolved before any heavy work: the task chosen from the task table
+(`wanx.tasks`) by the model and the inputs given, every unset option taken from the model
+folder's own settings, then the task's official defaults, and the inputs read and sized by
+the task's conditioning (`conditioning.read`). Errors name the argument to change, spelled as
+the caller's face spells it (`names`: the CLI says `--frames` where Python says `num_frames`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from torch import Tensor
+
+from ..sampling import SAMPLERS
+from ..tasks import NEGATIVE_PROMPT, TaskError, TaskSpec, choose_task, frames_ok
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
+GUIDANCE_RANGE = (1.0, 30.0)
+# The request's keywords (WanPipeline.__call__'s), each None when not given.
+REQUEST_KEYS = ("image", "last_image", "video", "strength", "height", "width", "num_frames", "num_inference_steps",
+                "guidance_scale", "guidance_scale_low", "boundary", "shift", "sampler", "seed", "prompt_embeds",
+                "negative_prompt_embeds", "latents", "output_type")
+# Options a model folder's wanx-defaults.json may set, under the same keywords.
+OWN_KEYS = ("num_frames", "num_inference_steps", "guidance_scale", "guidance_scale_low", "boundary", "shift", "sampler")
+
+
+class RequestError(ValueError):
+    """A request the pipeline refuses, with the argument to change (a pipeline keyword such
+    as "num_frames"), so that each face can point at its own field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What planning needs to know of a model, from a built pipeline or from its files."""
+
+    model_type: str
+    experts: int = 1  # 2: Wan2.2 A14B
+    clip: bool = True  # False: a Wan2.2 I2V DiT (no CLIP; the shared negative prompt, no 480P shift)
+    latent: tuple[int, int, int] | None = None  # its VAE's channels and strides; None: the task's own
+    defaults: Mapping = field(default_factory=dict)  # the folder's wanx-defaults.json
+    has_text_encoder: bool = True
+    has_image_encoder: bool = True
+
+
+@dataclass
+class Plan:
+    """A validated request: everything decided before any heavy work."""
+
+    spec: TaskSpec
+    height: int
+    width: int
+    num_frames: int
+    steps: int
+    shift: float
+    guidance: float
+    seed: int
+    negative_prompt: str | None
+    sampler: str = "unipc"
+    # Wan2.2 A14B: the low-noise expert's guidance, and where it takes over (share of 1000)
+    guidance_low: float | None = None
+    boundary: float | None = None
+    image: Tensor | None = None  # [3, H, W] in [-1, 1]
+    last_image: Tensor | None = None
+    video: Tensor | None = None  # [3, F, H, W] in [-1, 1]
+    strength: float = 0.8  # video-to-video
+    # latent geometry of the model's VAE: channels, temporal and spatial stride
+    latent: tuple[int, int, int] = (16, 4, 8)
+
+    @property
+    def task(self) -> str:
+        return self.spec.task
+
+    @property
+    def fps(self) -> int:
+        return self.spec.fps
+
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """`(C, F', H', W')` of this request's latents."""
+        channels, temporal, spatial = self.latent
+        return channels, (self.num_frames - 1) // temporal + 1, self.height // spatial, self.width // spatial
+
+
+def plan_request(model_type: str, prompt=None, negative_prompt=None, *, names: Mapping[str, str] | None = None,
+                 model_defaults: Mapping | None = None, experts: int = 1, clip: bool = True, vae_config=None,
+                 has_text_encoder: bool = True, has_image_encoder: bool = True, **request) -> Plan:
+    """Validate a request for a `model_type` DiT (reading its image/video inputs) and resolve
+    the defaults, before any weight is loaded or any heavy work starts. request: the keywords
+    of `WanPipeline.__call__` (image, num_frames, ...).
+
+    experts: 2 for Wan2.2 A14B. clip: False for a Wan2.2 I2V DiT. vae_config: the model's VAE
+    config (latent channels and strides); default the one the task is released with.
+    model_defaults: the model folder's own settings (`wanx-defaults.json`), taken for every
+    option left unset before the official defaults of the task."""
+    latent = None if vae_config is None else (vae_config.z_dim, vae_config.temporal_stride, vae_config.spatial_stride)
+    model = ModelFacts(model_type, experts, clip, latent, model_defaults or {}, has_text_encoder, has_image_encoder)
+    return make_plan(model, prompt, negative_prompt, request, names or {})
+
+
+def make_plan(model: ModelFacts, prompt, negative_prompt, request: Mapping, names: Mapping[str, str]) -> Plan:
+    unknown = set(request) - set(REQUEST_KEYS)
+    if unknown:
+        raise TypeError(f"unknown request keyword(s): {', '.join(sorted(unknown))}")
+    given = {key: request.get(key) for key in REQUEST_KEYS}
+
+    def name(arg: str) -> str:
+        return names.get(arg, arg)
+
+    own = model.defaults
+    if negative_prompt is None:
+        negative_prompt = own.get("negative_prompt")
+    if given["width"] is None and given["height"] is None:
+        given["width"], given["height"] = own.get("width"), own.get("height")
+    frames_given = given["num_frames"] is not None  # video-to-video: else the input's count, up to the default
+    for key in OWN_KEYS:
+        if given[key] is None:
+            given[key] = own.get(key)
+    given["sampler"] = given["sampler"] or "unipc"
+    if given["output_type"] is None:
+        given["output_type"] = "video"
+    _check_values(model, prompt, given, name, bool(names))
+
+    inputs = {arg for arg in ("image", "last_image", "video") if given[arg] is not None}
+    try:
+        spec = choose_task(model.model_type, model.experts, inputs, name)
+    except TaskError as err:
+        raise RequestError(err.field, str(err)) from None
+    if spec.needs_image_encoder and not model.clip:  # a Wan2.2 I2V DiT alone: Wan2.2's negative prompt, no 480P rule
+        spec = dataclasses.replace(spec, needs_image_encoder=False, shift_480p=None, negative_prompt=NEGATIVE_PROMPT)
+    if spec.needs_image_encoder and not model.has_image_encoder:
+        raise ValueError(f"{spec.task} needs an image encoder (CLIP) in the pipeline")
+
+    height, width = given["height"], given["width"]
+    if height is None or width is None:
+        height, width = height or spec.height, width or spec.width
+    guidance = given["guidance_scale"]
+    plan = Plan(spec=spec, height=height, width=width, num_frames=given["num_frames"] or spec.num_frames,
+                steps=int(given["num_inference_steps"] if given["num_inference_steps"] is not None else spec.steps),
+                shift=float(given["shift"] if given["shift"] is not None else spec.shift),
+                guidance=float(guidance if guidance is not None else spec.guidance),
+                seed=int(given["seed"]) if given["seed"] is not None else random.randint(0, 2**31 - 1),
+                negative_prompt=None, sampler=given["sampler"],
+                strength=given["strength"] if given["strength"] is not None else 0.8,
+                latent=model.latent or spec.latent)
+    if spec.experts == 2:  # one guidance given applies to both experts, as the official --sample_guide_scale
+        low = given["guidance_scale_low"]
+        plan.guidance_low = float(low if low is not None else guidance if guidance is not None else spec.guidance_low)
+        plan.boundary = float(given["boundary"] if given["boundary"] is not None else spec.boundary)
+    if given["negative_prompt_embeds"] is None and (plan.guidance != 1.0 or plan.guidance_low not in (None, 1.0)):
+        # "" is a prompt too: the empty text
+        plan.negative_prompt = negative_prompt if negative_prompt is not None else spec.negative_prompt
+
+    from .conditioning import conditioning_for
+
+    conditioning_for(spec).read(plan, given, area=height * width, frames_given=frames_given,
+                                shift_given=given["shift"] is not None, name=name)
+    if min(plan.height, plan.width) < 16:
+        raise RequestError("height", f"the input's aspect ratio leaves a side under 16 pixels at {width}x{height}; "
+                                     f"give a larger {name('height')}")
+    latents = given["latents"]
+    if latents is not None and latents.numel() != math.prod(plan.latent_shape()):
+        raise ValueError(f"latents must have shape [1, {', '.join(map(str, plan.latent_shape()))}], "
+                         f"got {tuple(latents.shape)}")
+    return plan
+
+
+def _check_values(model: ModelFacts, prompt, given: dict, name, face: bool) -> None:
+    """Each option on its own: present where needed, of the right range and size multiple."""
+    if prompt is None and given["prompt_embeds"] is None:
+        raise RequestError("prompt", f"give {name('prompt')}" + ("" if face else " (or prompt_embeds)"))
+    if prompt is not None and given["prompt_embeds"] is None and not model.has_text_encoder:
+        raise ValueError("this pipeline has no text encoder: pass prompt_embeds")
+    if given["sampler"] not in SAMPLERS:
+        raise RequestError("sampler", f"unknown {name('sampler')} {given['sampler']!r}; choose one of "
+                                      f"{', '.join(SAMPLERS)}")
+    if given["output_type"] not in ("video", "latents"):
+        raise ValueError(f"output_type must be 'video' or 'latents', got {given['output_type']!r}")
+    from ..tasks import default_task
+
+    family = default_task(model.model_type, model.experts) if model.experts == 2 or model.model_type == "ti2v" \
+        else default_task(model.model_type)
+    multiple = family.multiple
+    for arg in ("width", "height"):
+        value = given[arg]
+        if value is None:
+            continue
+        if value <= 0:
+            raise RequestError(arg, f"{name(arg)} {value} must be positive (a multiple of {multiple}, e.g. "
+                                    f"{family.example_size})")
+        if value % multiple:
+            nearest = f"{multiple}" if value < multiple else \
+                f"{value // multiple * multiple} or {(value // multiple + 1) * multiple}"
+            raise RequestError(arg, f"{name(arg)} {value} is not a multiple of {multiple}; nearest valid: {nearest} "
+                                    f"({family.trained_at})")
+    frames = given["num_frames"]
+    if frames is not None and not frames_ok(frames):
+        low = max(1, (frames - 1) // 4 * 4 + 1)
+        raise RequestError("num_frames", f"{name('num_frames')} {frames} must be 4k+1 (e.g. {low} or {low + 4})")
+    steps = given["num_inference_steps"]
+    if steps is not None and steps < 1:
+        raise RequestError("num_inference_steps", f"{name('num_inference_steps')} must be >= 1, got {steps}")
+    for arg in ("guidance_scale", "guidance_scale_low"):
+        value = given[arg]
+        if value is not None and not GUIDANCE_RANGE[0] <= value <= GUIDANCE_RANGE[1]:
+            raise RequestError(arg, f"{name(arg)} must be in [{GUIDANCE_RANGE[0]:g}, {GUIDANCE_RANGE[1]:g}] "
+                                    f"(1 turns guidance off; the official default is 5), got {value:g}")
+    if model.experts != 2 and (given["guidance_scale_low"] is not None or given["boundary"] is not None):
+        arg = "guidance_scale_low" if given["guidance_scale_low"] is not None else "boundary"
+        raise RequestError(arg, f"{name(arg)} is for a model with two experts (Wan2.2 A14B, e.g. "
+                                "Wan-AI/Wan2.2-T2V-A14B); this one has one DiT")
+    boundary = given["boundary"]
+    if boundary is not None and not 0 <= boundary <= 1:
+        raise RequestError("boundary", f"{name('boundary')} is a share of the 1000 training timesteps, in [0, 1] "
+                                       f"(0.875 for T2V-A14B, 0.9 for I2V-A14B), got {boundary:g}")
+    shift = given["shift"]
+    if shift is not None and shift <= 0:
+        raise RequestError("shift", f"{name('shift')} must be positive, got {shift:g}")
+    seed = given["seed"]
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise RequestError("seed", f"{name('seed')} must be between 0 and {MAX_SEED} (2**64 - 1), got {seed}")

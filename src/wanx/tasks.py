@@ -1,0 +1,143 @@
+"""The task table: one frozen row per task of each model family, with everything wanx knows
+about it as data: which DiT it runs on, the inputs it needs and takes, the official defaults
+(size, frames, fps, steps, shift and its 480P rule, guidance per expert, boundary, negative
+prompt), the size multiple and the conditioning that prepares its model inputs
+(`wanx.pipeline.conditioning`).
+
+The pipeline chooses a row from the model and the inputs given (`choose_task`); the CLI's
+help, the server's UI placeholders and its API description read the defaults from here. A new
+task is a row here plus a conditioning file. Plain data: no torch, so `wanx --help` stays
+instant.
+
+Sources: the official wan/configs (`wan_t2v_1_3B.py`, `wan_i2v_14B.py`, `wan_flf2v_14B.py`,
+`wan_t2v_A14B.py`, `wan_i2v_A14B.py`, `wan_ti2v_5B.py`) and generate.py's per-task defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Official negative prompts (wan/configs): shared, I2V adds 镜头晃动 (camera shake), FLF2V also 镜头切换 (cut).
+# Wan2.2 uses the shared one for every task.
+NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+    "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，"
+    "背景人很多，倒着走"
+)
+AREA_480P = 832 * 480  # I2V at or below this area samples with shift 3 (official generate.py)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of one model family. Inputs are pipeline keywords (`image`, `last_image`, `video`)."""
+
+    name: str  # the row's key, e.g. "i2v" or "i2v-A14B"
+    task: str  # what the video's metadata and the conditioning call it: t2v, i2v, flf2v, v2v, ti2v
+    title: str  # in words, for help texts
+    model_type: str  # the DiT it runs on (DiTConfig.model_type)
+    experts: int = 1  # 2: Wan2.2 A14B's high- and low-noise DiTs
+    needs: tuple[str, ...] = ()  # inputs it cannot run without
+    takes: tuple[str, ...] = ()  # every input it reads (needs included)
+    steps: int = 50
+    shift: float = 5.0
+    shift_480p: float | None = None  # the shift at or below 832x480 (Wan2.1 I2V with CLIP: 3.0)
+    guidance: float = 5.0  # with two experts: the high-noise expert's
+    guidance_low: float | None = None  # the low-noise expert's
+    boundary: float | None = None  # where the low-noise expert takes over, a share of 1000 timesteps
+    negative_prompt: str = NEGATIVE_PROMPT
+    width: int = 832
+    height: int = 480
+    num_frames: int = 81
+    fps: int = 16
+    multiple: int = 16  # sizes in multiples of this: the VAE's spatial stride x the 2x2 patch
+    latent: tuple[int, int, int] = (16, 4, 8)  # the VAE it is released with: channels, temporal, spatial stride
+    trained_at: str = "Wan2.1 is trained at 832x480 and 1280x720"
+    needs_image_encoder: bool = False  # Wan2.1 I2V/FLF2V read CLIP tokens of the image(s)
+
+    @property
+    def example_size(self) -> str:
+        return f"{self.width}x{self.height}"
+
+
+_I2V_NEGATIVE = "镜头晃动，" + NEGATIVE_PROMPT
+_A14B = dict(experts=2, steps=40)
+
+TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
+    TaskSpec("t2v", "t2v", "text-to-video", "t2v"),
+    TaskSpec("v2v", "v2v", "video-to-video", "t2v", needs=("video",), takes=("video",)),
+    TaskSpec("i2v", "i2v", "image-to-video", "i2v", needs=("image",), takes=("image",), steps=40, shift_480p=3.0,
+             negative_prompt=_I2V_NEGATIVE, needs_image_encoder=True),
+    TaskSpec("flf2v", "flf2v", "first-last-frame-to-video", "flf2v", needs=("image", "last_image"),
+             takes=("image", "last_image"), shift=16.0, guidance=5.5, negative_prompt="镜头切换，" + _I2V_NEGATIVE,
+             needs_image_encoder=True),
+    # Wan2.2 A14B: guidance per expert, high noise first here (the official tuple is (low, high));
+    # no 480P shift for I2V.
+    TaskSpec("t2v-A14B", "t2v", "text-to-video", "t2v", shift=12.0, guidance=4.0, guidance_low=3.0, boundary=0.875,
+             **_A14B),
+    TaskSpec("v2v-A14B", "v2v", "video-to-video", "t2v", needs=("video",), takes=("video",), shift=12.0,
+             guidance=4.0, guidance_low=3.0, boundary=0.875, **_A14B),
+    TaskSpec("i2v-A14B", "i2v", "image-to-video", "i2v", needs=("image",), takes=("image",), guidance=3.5,
+             guidance_low=3.5, boundary=0.900, **_A14B),
+    # Wan2.2 TI2V-5B: one model for text and image, 1280x704 (the area with an image), 121 frames
+    # at 24 fps, on the Wan2.2 VAE (48 channels, 16x): sizes in multiples of 32.
+    TaskSpec("ti2v", "ti2v", "text-(image-)to-video", "ti2v", takes=("image",), width=1280, height=704,
+             num_frames=121, fps=24, multiple=32, latent=(48, 4, 16), trained_at="Wan2.2 TI2V-5B is trained at 1280x704"),
+)}
+
+INPUTS = ("image", "last_image", "video")
+# What each model type is called, and what an input it cannot take would need instead.
+MODEL_NAMES = {"t2v": "a T2V model", "i2v": "an I2V model", "flf2v": "an FLF2V model",
+               "ti2v": "a TI2V model (text, or text and a first frame)"}
+INPUT_NEEDS = {"image": "an I2V or FLF2V model (e.g. Wan-AI/Wan2.1-I2V-14B-480P)",
+               "last_image": "an FLF2V model (Wan-AI/Wan2.1-FLF2V-14B-720P)",
+               "video": "a T2V model (video-to-video)"}
+INPUT_WORDS = {"image": "the first frame", "last_image": "the last frame", "video": "the input video"}
+
+
+def model_tasks(model_type: str, experts: int = 1) -> list[TaskSpec]:
+    """The rows a model runs: its DiT type and number of experts."""
+    return [spec for spec in TASKS.values() if spec.model_type == model_type and spec.experts == experts]
+
+
+def default_task(model_type: str, experts: int = 1) -> TaskSpec:
+    """The model's own row (what it does with text alone, or with its one kind of input)."""
+    rows = model_tasks(model_type, experts)
+    if not rows:
+        raise ValueError(f"no task for a {model_type} model with {experts} expert(s)")
+    return next((spec for spec in rows if spec.task == model_type), rows[0])
+
+
+class TaskError(ValueError):
+    """No task of the model fits the inputs; `field` is the input to change."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def choose_task(model_type: str, experts: int, given: set[str], name=lambda arg: arg) -> TaskSpec:
+    """The row that needs no input missing from `given` and takes every input in it; else a
+    TaskError naming the input to change. name: how the caller spells an input."""
+    rows = model_tasks(model_type, experts)
+    if not rows:
+        raise TaskError("", f"no task for a {model_type} model with {experts} expert(s)")
+    fitting = [spec for spec in rows if set(spec.needs) <= given <= set(spec.takes)]
+    if fitting:  # the most specific: the one that uses the most of what was given
+        return max(fitting, key=lambda spec: len(spec.needs))
+    model = MODEL_NAMES.get(model_type, f"a {model_type} model")
+    taken = set().union(*(spec.takes for spec in rows))
+    for arg in INPUTS:
+        if arg in given and arg not in taken:
+            raise TaskError(arg, f"this is {model}: {name(arg)} needs {INPUT_NEEDS[arg]}")
+    together = [arg for arg in INPUTS if arg in given]
+    if not any(set(together) <= set(spec.takes) for spec in rows):
+        first, *rest = together
+        raise TaskError(first, f"give either {name(first)} or {'/'.join(map(name, rest))}, not both")
+    missing = min((spec for spec in rows if given <= set(spec.takes)), key=lambda spec: len(set(spec.needs) - given))
+    wanted = " and ".join(f"{name(arg)} ({INPUT_WORDS[arg]})" for arg in missing.needs)
+    raise TaskError(next(arg for arg in missing.needs if arg not in given), f"this is {model}: give {wanted}")
+
+
+def frames_ok(num_frames: int, temporal_stride: int = 4) -> bool:
+    """Wan's causal VAE folds frames as 1 + stride k: 4k+1 pixel frames (1, 5, ..., 81)."""
+    return num_frames >= 1 and (num_frames - 1) % temporal_stride == 0
