@@ -203,62 +203,32 @@ class WanPipeline:
         guidance: float | None = None,
     ) -> Video | Tensor:
         """Generate one video. The task follows from the model and the inputs; every unset
-        option takes the official default of that task. Inputs are checked before any work.
+        option takes the model folder's own setting (`wanx-defaults.json`), else the official
+        default of the task (its row of `wanx.tasks.TASKS`). Inputs are checked before any work.
 
         Args:
-            prompt: what the video shows.
-            negative_prompt: what to avoid; default the official (Chinese) negative prompt of
-                the task. Unused when guidance_scale is 1.
-            image: first frame for I2V/FLF2V (and TI2V-5B, whose image-to-video it makes): a
-                path, PIL image, uint8 `[H, W, 3]` array or `[3, H, W]` tensor in [-1, 1].
-            last_image: last frame for FLF2V, same forms as `image`.
-            video: input for video-to-video (T2V models): a path, `Video`, uint8
-                `[F, H, W, 3]` array or `[3, F, H, W]` tensor in [-1, 1].
-            strength: video-to-video, in (0, 1]: the share of the sampling steps that is run,
-                the last ones, from the input noised to the sigma where they begin (diffusers'
-                definition; `strength_schedule`). The shifted schedule makes that sigma high: at
-                shift 5, 0.3 starts at sigma 0.68 and 0.6 at 0.88, where little of the input's
-                detail is left. 1 ignores the input.
-            height, width: output size in pixels, multiples of 16; default 480x832. I2V,
-                FLF2V and video-to-video keep the input's aspect ratio within the area
-                height x width. TI2V-5B: multiples of 32, default 704x1280; with an image, the
-                official `best_output_size` within that area (the image's aspect ratio in
-                multiples of 32), the image LANCZOS-resized and centre-cropped to it.
-            num_frames: 4k+1 frames at 16 fps; default 81, or for video-to-video the input's
-                frame count rounded down to 4k+1 (at most 81, or the model folder's own
-                default). TI2V-5B: 121 at 24 fps.
-            num_inference_steps: sampling steps; default 50 (40 for I2V). Alias: `steps`.
-            guidance_scale: classifier-free guidance scale in [1, 30]; 1 turns guidance off.
-                Default 5.0 (5.5 for FLF2V). Alias: `guidance`. Wan2.2 A14B: the high-noise
-                expert's (default 4.0 T2V, 3.5 I2V), and the low-noise one's too unless
-                guidance_scale_low is given.
-            guidance_scale_low: Wan2.2 A14B: the low-noise expert's guidance scale (default
-                3.0 T2V, 3.5 I2V; guidance_scale when only that is given).
-            boundary: Wan2.2 A14B: where the low-noise expert takes over, as a share of the 1000
-                training timesteps (steps with t >= 1000 * boundary run the high-noise expert);
-                default the model's (0.875 T2V, 0.9 I2V). Steps and shift move the split.
-            shift: schedule shift; default 5.0 (3.0 for I2V at 480P or below, 16 for FLF2V;
-                Wan2.2 A14B: 12.0 T2V, 5.0 I2V).
-            sampler: "unipc" (official default), "dpm++" or "euler".
-            Options left unset take the model folder's own settings first when it has them
-            (`wanx-defaults.json`, e.g. the demo model's 96x96 and 17 frames).
-            seed: noise seed in [0, 2**64); the same seed gives the official code's noise.
-                Default: a random seed, kept in the video's metadata.
-            prompt_embeds, negative_prompt_embeds: umT5 embeddings `[1, L, 4096]` instead of
-                the prompts (the text encoder is then not run).
-            latents: initial noise `[1, C, F', H/s, W/s]` instead of the seed's (the VAE's
-                channels and stride: C 16, s 8 for the Wan2.1 VAE; C 48, s 16 for the Wan2.2
-                VAE of TI2V-5B).
-            output_type: "video" (a `Video` of uint8 frames) or "latents" (the denoised
-                latents, not decoded).
+            prompt, negative_prompt: what the video shows and what to avoid (default the
+                task's official negative prompt; unused when guidance_scale is 1).
+            image, last_image: first and last frame (I2V, FLF2V; TI2V-5B: image makes it
+                image-to-video): a path, PIL image, uint8 `[H, W, 3]` or `[3, H, W]` in [-1, 1].
+                The output keeps the image's aspect ratio within height x width.
+            video: video-to-video input (T2V models): a path, `Video`, uint8 `[F, H, W, 3]` or
+                `[3, F, H, W]` in [-1, 1]. strength, in (0, 1]: the share of the steps run, the
+                last ones, from the input noised to where they begin (`strength_schedule`).
+            height, width: pixels, multiples of the task's size multiple (16; TI2V-5B 32).
+            num_frames: 4k+1. Video-to-video: default the input's count, rounded down to 4k+1.
+            num_inference_steps (alias steps), shift, sampler ("unipc", "dpm++", "euler").
+            guidance_scale (alias guidance): in [1, 30], 1 turns guidance off; Wan2.2 A14B: the
+                high-noise expert's, and the low-noise one's unless guidance_scale_low is given.
+            boundary: Wan2.2 A14B: steps with t >= 1000 x boundary run the high-noise expert.
+            seed: in [0, 2**64), the official code's noise; default random, kept in the metadata.
+            prompt_embeds, negative_prompt_embeds: umT5 embeddings `[1, L, 4096]` instead of text.
+            latents: initial noise `[1, C, F', H/s, W/s]` instead of the seed's.
+            output_type: "video" (uint8 frames) or "latents" (denoised, not decoded).
             progress: progress bars and stage timings on stderr.
-            callback: called after each denoising step as `callback(step, total, latents)`
-                (step counts from 1; latents `[1, C, F', H/s, W/s]`, the sampler's current
-                state; TI2V image-to-video: with frame 0 already the image again). An
-                exception it raises stops the call there, with nothing written: a server
-                cancels a job this way.
-            decode_callback: called after each decoded chunk of the VAE as
-                `decode_callback(done, total)`; an exception it raises stops the decode there.
+            callback: `callback(step, total, latents)` after each step (step from 1); an
+                exception it raises stops the call, nothing written (a server cancels this way).
+            decode_callback: `decode_callback(done, total)` after each decoded VAE chunk.
 
         Returns:
             A `Video` (`.save(path)`, `.frames` uint8 `[F, H, W, 3]`) or a latent tensor.

@@ -16,7 +16,7 @@ from typing import Mapping
 from torch import Tensor
 
 from ..sampling import SAMPLERS
-from ..tasks import NEGATIVE_PROMPT, TaskError, TaskSpec, choose_task, frames_ok
+from ..tasks import NEGATIVE_PROMPT, TaskError, TaskSpec, choose_task, default_task, frames_ok
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 GUIDANCE_RANGE = (1.0, 30.0)
@@ -182,10 +182,7 @@ def _check_values(model: ModelFacts, prompt, given: dict, name, face: bool) -> N
                                       f"{', '.join(SAMPLERS)}")
     if given["output_type"] not in ("video", "latents"):
         raise ValueError(f"output_type must be 'video' or 'latents', got {given['output_type']!r}")
-    from ..tasks import default_task
-
-    family = default_task(model.model_type, model.experts) if model.experts == 2 or model.model_type == "ti2v" \
-        else default_task(model.model_type)
+    family = default_task(model.model_type, model.experts)  # its rows share the size rule
     multiple = family.multiple
     for arg in ("width", "height"):
         value = given[arg]
