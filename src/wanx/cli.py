@@ -139,6 +139,10 @@ FLAGS = {"prompt": "--prompt (or --prompts FILE)", "negative_prompt": "--negativ
 _JOB_KEYS = ("prompt", "negative_prompt", "seed", "image", "last_image", "video", "strength", "size", "frames", "steps",
              "guidance", "shift", "sampler", "output", "guidance_low",
              "boundary")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
+# How the CLI spells each runtime choice and parallel-plan parameter in Runtime.check's refusals.
+RUNTIME_FLAGS = {"offload": "--offload", "vram_budget": "--vram-budget", "quantize": "--fp8",
+                 "cache": "--teacache/--magcache", "fsdp": "--fsdp", "sp": "--sp", "cfg_parallel": "--cfg-parallel",
+                 "ranks": "add --gpus N, or start with torchrun"}
 QUALITY_RANGE = (0, 51)  # libx264 CRF
 
 
@@ -292,6 +296,8 @@ def _check_loras(specs: list[tuple], files) -> list[tuple]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from .hub import find_model
     from .pipeline import WanPipeline
     from .request import check_job, fix_seed, request_weights
@@ -305,8 +311,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_plan(args.gpus, None, args.sp, args.cfg_parallel)  # before any rank starts
         return spawn(args.gpus, main, _without_gpus(args.argv))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1 and (args.cfg_parallel or args.fsdp or args.sp != "auto"):
-        raise ValueError("--sp, --cfg-parallel and --fsdp need several ranks: add --gpus N, or start with torchrun")
+    if world_size > 1:  # one rank of several: its own GPU
+        args.device = _rank_device(args.device)
+    runtime = Runtime.from_flags(args)
+    plan = dict(world=world_size, fsdp=args.fsdp, sp=args.sp, cfg_parallel=args.cfg_parallel)
+    runtime.check(**plan, names=RUNTIME_FLAGS)  # again below, once the model's experts are known
+    if args.fsdp:  # the shards place the DiT and umT5 themselves (check: no other offload was asked for)
+        runtime = replace(runtime, offload="none")
     jobs = _jobs(args)
     if not QUALITY_RANGE[0] <= args.quality <= QUALITY_RANGE[1]:
         raise ValueError(f"--quality must be in [{QUALITY_RANGE[0]}, {QUALITY_RANGE[1]}] (H.264 CRF; lower is better, "
@@ -315,31 +326,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         fix_seed(job, "--seed")
     # Everything is checked before any weight is loaded: device, model folder, inputs, memory, outputs.
     world = None
-    if world_size > 1:  # one rank of several: its own GPU, the same seeds everywhere, rank 0 writes
+    if world_size > 1:  # one rank of several: the same seeds everywhere, rank 0 writes
         from .distributed import broadcast_object, init
 
-        args.device = _rank_device(args.device)
-        world = init(Runtime.create(args.device).device)
+        world = init(runtime.device)
         seeds = broadcast_object([job["seed"] for job in jobs])
         for job, seed in zip(jobs, seeds):
             job["seed"] = seed
         if not world.main:
             args.quiet = True
-    if args.teacache is not None and args.magcache is not None:
-        raise ValueError("choose one step cache: --teacache or --magcache")
-    cache = "teacache" if args.teacache is not None else "magcache" if args.magcache is not None else None
-    threshold = args.teacache if args.teacache is not None else args.magcache
-    if args.fsdp and (args.offload not in ("auto", "none") or args.vram_budget is not None):
-        raise ValueError("--fsdp shards the weights across GPUs; it does not combine with --offload/--vram-budget")
-    runtime = Runtime.create(args.device, args.dtype, offload="none" if args.fsdp else args.offload,
-                             vram_budget=args.vram_budget,
-                             quantize="fp8" if args.fp8 else None, t5_device=args.t5_device, cache=cache,
-                             cache_threshold=None if threshold == "auto" else threshold,
-                             cache_calibration=args.cache_calibration, compile=args.compile, attention=args.attention)
     lora_specs = _lora_specs(args)
     files = find_model(args.model, dit=args.dit, dit_low=args.model_low, source=args.source)
-    if files.moe and cache is not None:
-        raise ValueError("step caching (--teacache/--magcache) does not support two experts (Wan2.2 A14B) yet")
+    runtime.check(experts=2 if files.moe else 1, **plan, names=RUNTIME_FLAGS)
     if world is not None:
         from .distributed import check_plan
 
@@ -674,6 +672,7 @@ def _train_toml(parser: argparse.ArgumentParser, path: str) -> None:
 
 def cmd_calibrate_cache(args: argparse.Namespace) -> int:
     import json
+    from dataclasses import replace
 
     from .hub import find_components, resolve_model
     from .pipeline import WanPipeline
@@ -683,12 +682,13 @@ def cmd_calibrate_cache(args: argparse.Namespace) -> int:
     from .text import Tokenizer
 
     # Everything is checked before any weight is loaded: model, output, settings, memory, prompts.
-    runtime = Runtime.create(args.device, args.dtype)
+    runtime = Runtime.from_flags(args)
     files = find_components(resolve_model(args.model, source=args.source), dit=args.dit)
     if files.model_type != "t2v":
         raise ValueError("calibrate-cache runs text-to-video prompts: give a T2V model (I2V needs images; not yet)")
-    if files.moe:
-        raise ValueError("step caching does not support two experts (Wan2.2 A14B) yet")
+    # the runs measure what a step cache would skip: the step cache's pairs apply
+    replace(runtime, cache="teacache").check(experts=2 if files.moe else 1,
+                                             names={**RUNTIME_FLAGS, "cache": "calibrate-cache"})
     # the package's demo and download caches are not the user's: their calibration goes to WANX_HOME
     output = Path(args.output) if args.output else calibration_path(files.folder)
     if args.output:

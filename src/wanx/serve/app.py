@@ -9,7 +9,7 @@ import json
 import re
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.cookies import SimpleCookie
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
@@ -169,8 +169,14 @@ class Server:
         if job.get("frames") is not None and job["frames"] > self.limits.max_frames:
             raise RequestError("frames", f"frames must be at most {self.limits.max_frames} on this server, "
                                          f"got {job['frames']}")
-        if job.get("teacache") is not None and job["teacache"] < 0:
-            raise RequestError("teacache", f"teacache is a threshold >= 0 (0 skips nothing), got {job['teacache']}")
+        if job.get("teacache") is not None:
+            if job["teacache"] < 0:
+                raise RequestError("teacache", f"teacache is a threshold >= 0 (0 skips nothing), got {job['teacache']}")
+            try:  # the job runs this server's runtime with TeaCache: the same pairs as `--teacache`
+                replace(self.runtime, cache="teacache").check(experts=2 if self.files.moe else 1,
+                                                              names={"cache": "teacache"})
+            except ValueError as err:
+                raise RequestError("teacache", str(err)) from None
         # before the CLI's checks, which read the inputs at this size: a size that fits the device
         # can still hold the one queue for hours
         if job.get("size"):
@@ -659,6 +665,7 @@ def serve(args) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the UI makes no calls out
     import uvicorn
 
+    from ..cli import RUNTIME_FLAGS
     from ..hub import find_components, resolve_model
     from ..pipeline import WanPipeline
     from ..runtime import Runtime
@@ -675,16 +682,10 @@ def serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.token is None:
         print(f"wanx serve: listening on {args.host} without --token: anyone who reaches this port can "
               "submit jobs", file=sys.stderr)
-    if args.teacache is not None and args.magcache is not None:
-        raise ValueError("choose one step cache: --teacache or --magcache")
-    cache = "teacache" if args.teacache is not None else "magcache" if args.magcache is not None else None
-    threshold = args.teacache if args.teacache is not None else args.magcache
-    runtime = Runtime.create(args.device, args.dtype, offload=args.offload, vram_budget=args.vram_budget,
-                             quantize="fp8" if args.fp8 else None, t5_device=args.t5_device, cache=cache,
-                             cache_threshold=None if threshold == "auto" else threshold,
-                             cache_calibration=args.cache_calibration, compile=args.compile, attention=args.attention)
+    runtime = Runtime.from_flags(args)
     check_port(args.host, args.port)  # now, not after the model has loaded
     files = find_components(resolve_model(args.model, source=args.source), dit=args.dit)
+    runtime.check(experts=2 if files.moe else 1, names=RUNTIME_FLAGS)  # before the model loads
     outputs = Path(args.outputs)
     try:
         outputs.mkdir(parents=True, exist_ok=True)
