@@ -783,7 +783,7 @@ def _memory_speed_flags(parser: argparse.ArgumentParser) -> None:
                            "model folder)")
     fast.add_argument("--compile", action="store_true", help="compile the DiT block once with torch.compile "
                                                               "(warm-up on the first step, faster after)")
-    fast.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash2", "flash3", "sage"],
+    fast.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash3", "flash2", "sage"],
                       help="attention kernel (auto: FlashAttention 3 > 2 > SDPA, as installed; sage is 8-bit, "
                            "only on request)")
 

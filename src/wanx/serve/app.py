@@ -15,20 +15,12 @@ from pathlib import Path
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from ..pipeline import RequestError
-from ..request import KEY_NAMES, KEY_TYPES, PIPELINE_KEYS, check_job, fix_seed, parse_job, pipeline_kwargs
+from ..request import KEY_NAMES, PIPELINE_KEYS, check_job, fix_seed, parse_job, pipeline_kwargs
+from .common import API_TYPES, TASKS, UPLOADS, UploadError
 from .jobs import DB_FILE, INPUTS, LOCK_FILE, JobQueue, hold_folder
 
-# Tasks a model of each type can run, and their names in the UI.
-TASKS = {"t2v": ("t2v", "v2v"), "i2v": ("i2v",), "flf2v": ("flf2v",), "ti2v": ("ti2v",)}
-TASK_NAMES = {"t2v": "Text to video", "i2v": "Image to video", "flf2v": "First and last frame", "v2v": "Video to video",
-              "ti2v": "Text (and image) to video"}
-UPLOADS = ("image", "last_image", "video")
 # what the UI must never hand out by path: the job database (and SQLite's companions) and the uploads
-PRIVATE_FILES = (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", f"{DB_FILE}-journal", INPUTS, LOCK_FILE)  # request keys that only come as uploaded files
-# A POST body: a --prompts JSON line less `output` (the server names every file) and less the
-# input paths (uploaded instead), plus what the server chooses per job.
-API_TYPES = {**{k: v for k, v in KEY_TYPES.items() if k not in ("output", *UPLOADS)},
-             "loras": (list,), "teacache": (int, float)}
+PRIVATE_FILES = (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", f"{DB_FILE}-journal", INPUTS, LOCK_FILE)
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 MAX_STEPS = 1000  # the queue is shared: one request cannot hold it for days
 MAX_FRAMES = 1001
@@ -42,14 +34,6 @@ CHARS_PER_TOKEN = 32  # longer text is refused before it is tokenized (umT5 toke
 _IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"GIF87a", ".gif"), (b"GIF89a", ".gif"),
                 (b"BM", ".bmp"))
 _VIDEO_MAGIC = ((b"\x1a\x45\xdf\xa3", ".webm"), (b"GIF87a", ".gif"), (b"GIF89a", ".gif"))
-
-
-class UploadError(ValueError):
-    """An upload refused for its size (413) or kind (415)."""
-
-    def __init__(self, field: str, message: str, status: int):
-        super().__init__(message)
-        self.field, self.status = field, status
 
 
 def upload_suffix(field: str, head: bytes) -> str:
