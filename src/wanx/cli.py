@@ -797,7 +797,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wanx", description="Run and fine-tune Wan2.1 video models.")
     parser.add_argument("--version", action="version", version=f"wanx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_info(sub)
+    _add_generate(sub, tiny)
+    _add_serve(sub, tiny)
+    _add_prepare(sub)
+    parser.train_parser = _add_train(sub)
+    _add_calibrate_cache(sub)
+    _add_download(sub)
+    _add_demo(sub)
+    return parser
 
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    """`wanx info PATH...`."""
     info = sub.add_parser("info", help="say what a checkpoint file or model folder is",
                           description="Print network, layout (official/diffusers/comfyui), config, dtype and "
                                       "parameter count of Wan2.1 checkpoints, reading only their headers where possible.")
@@ -805,6 +817,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "(its DiT), demo, or a tiny set's name")
     info.set_defaults(func=cmd_info)
 
+
+def _add_generate(sub: argparse._SubParsersAction, tiny: str) -> None:
+    """`wanx generate`: the task follows from the model and the inputs."""
     gen = sub.add_parser("generate", help="make a video from text, an image, first+last frames, or a video",
                          description="Generate with a Wan2.1 model. The task follows from the model and the inputs: "
                                      "text (T2V), --image (I2V), --image + --last-image (FLF2V), --video (video-to-video "
@@ -878,6 +893,9 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_flags(gen, "DiT and encoder weights (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
     gen.set_defaults(func=cmd_generate)
 
+
+def _add_serve(sub: argparse._SubParsersAction, tiny: str) -> None:
+    """`wanx serve`: one model behind the web UI and the job API."""
     srv = sub.add_parser("serve", help="a web UI and an HTTP job API for one model (one queue, kept across restarts)",
                          description="Load a model once and serve it: the web UI at http://HOST:PORT/ and the REST "
                                      "API under /v1 (POST /v1/videos with the keys of a --prompts JSON line; schema "
@@ -902,6 +920,9 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_flags(srv, "DiT and encoder weights (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
     srv.set_defaults(func=cmd_serve)
 
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    """`wanx prepare DATASET`: a training dataset encoded once."""
     prep = sub.add_parser("prepare", help="encode a training dataset once: VAE latents and umT5 text, cached",
                           description="VAE-encode and umT5-encode every video/image of a dataset folder (metadata.csv "
                                       "with file_name,text, or a caption .txt beside each file) into one .safetensors "
@@ -921,6 +942,9 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_flags(prep, "umT5 weights (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
     prep.set_defaults(func=cmd_prepare)
 
+
+def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """`wanx train`; returned for --config, whose TOML keys are its flags."""
     tr = sub.add_parser("train", help="train a LoRA (or the whole DiT) on a prepared dataset",
                         description="Training of the DiT on items made by `wanx prepare` (Wan's flow-matching "
                                     "objective, AdamW). Writes the LoRA OUTPUT/NAME.safetensors (NAME: the output "
@@ -992,8 +1016,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--validation-steps", type=int, help="sampling steps (default: the model's own, else 30)")
     _runtime_flags(tr, "frozen DiT weights (default bf16 on GPU, fp32 on CPU); the LoRA trains in fp32")
     tr.set_defaults(func=cmd_train)
-    parser.train_parser = tr
+    return tr
 
+
+def _add_calibrate_cache(sub: argparse._SubParsersAction) -> None:
+    """`wanx calibrate-cache`."""
     cal = sub.add_parser("calibrate-cache", help="fit a model's own TeaCache/MagCache calibration from uncached runs",
                          description="Generate a few prompts without skipping, measure how the DiT's block stack "
                                      "changes from step to step, and fit TeaCache's polynomial and MagCache's ratio "
@@ -1015,6 +1042,9 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_flags(cal, "DiT and encoder weights (default bf16 on GPU, fp32 on CPU)")
     cal.set_defaults(func=cmd_calibrate_cache)
 
+
+def _add_download(sub: argparse._SubParsersAction) -> None:
+    """`wanx download MODEL_ID`."""
     dl = sub.add_parser("download", help="download a model (e.g. Wan-AI/Wan2.1-T2V-1.3B) into the standard cache",
                         description="Download a Wan model repository with huggingface_hub (or ModelScope) and print "
                                     "its local folder. Interrupted downloads resume; files already in the cache are "
@@ -1027,12 +1057,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the model comes from (default huggingface; modelscope needs pip install modelscope)")
     dl.set_defaults(func=cmd_download)
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    """`wanx demo`."""
     demo = sub.add_parser("demo", help="write a tiny random-weight model set, load it and run it (offline, seconds)",
                           description="Writes tiny DiT and VAE checkpoints in the official layout, loads them back "
                                       "with wanx.load_model, and runs a DiT forward and a VAE round trip.")
     demo.add_argument("--workdir", default=None, help="where to write the tiny checkpoints (default: a temp folder)")
     demo.set_defaults(func=cmd_demo)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
