@@ -56,3 +56,9 @@ def test_generate_refuses_a_pair_before_loading(capsys, tmp_path):
                  "-o", str(tmp_path / "x.mp4")]) == 2
     assert "step caching (--teacache/--magcache) does not support two experts" in capsys.readouterr().err
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_calibrate_cache_refuses_two_experts_before_loading(capsys):
+    assert main(["calibrate-cache", "--model", "tiny-moe", "--device", "cpu", "-q"]) == 2
+    assert capsys.readouterr().err.strip() == ("wanx: error: step caching (calibrate-cache) does not support two "
+                                               "experts (Wan2.2 A14B) yet")
