@@ -139,6 +139,10 @@ FLAGS = {"prompt": "--prompt (or --prompts FILE)", "negative_prompt": "--negativ
 _JOB_KEYS = ("prompt", "negative_prompt", "seed", "image", "last_image", "video", "strength", "size", "frames", "steps",
              "guidance", "shift", "sampler", "output", "guidance_low",
              "boundary")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
+# How the CLI spells each runtime choice and parallel-plan parameter in Runtime.check's refusals.
+RUNTIME_FLAGS = {"offload": "--offload", "vram_budget": "--vram-budget", "quantize": "--fp8",
+                 "cache": "--teacache/--magcache", "fsdp": "--fsdp", "sp": "--sp", "cfg_parallel": "--cfg-parallel",
+                 "ranks": "add --gpus N, or start with torchrun"}
 QUALITY_RANGE = (0, 51)  # libx264 CRF
 
 
@@ -292,6 +296,8 @@ def _check_loras(specs: list[tuple], files) -> list[tuple]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from .hub import find_model
     from .pipeline import WanPipeline
     from .request import check_job, fix_seed, request_weights
@@ -305,8 +311,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_plan(args.gpus, None, args.sp, args.cfg_parallel)  # before any rank starts
         return spawn(args.gpus, main, _without_gpus(args.argv))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1 and (args.cfg_parallel or args.fsdp or args.sp != "auto"):
-        raise ValueError("--sp, --cfg-parallel and --fsdp need several ranks: add --gpus N, or start with torchrun")
+    if world_size > 1:  # one rank of several: its own GPU
+        args.device = _rank_device(args.device)
+    runtime = Runtime.from_flags(args)
+    plan = dict(world=world_size, fsdp=args.fsdp, sp=args.sp, cfg_parallel=args.cfg_parallel)
+    runtime.check(**plan, names=RUNTIME_FLAGS)  # again below, once the model's experts are known
+    if args.fsdp:  # the shards place the DiT and umT5 themselves (check: no other offload was asked for)
+        runtime = replace(runtime, offload="none")
     jobs = _jobs(args)
     if not QUALITY_RANGE[0] <= args.quality <= QUALITY_RANGE[1]:
         raise ValueError(f"--quality must be in [{QUALITY_RANGE[0]}, {QUALITY_RANGE[1]}] (H.264 CRF; lower is better, "
@@ -315,31 +326,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         fix_seed(job, "--seed")
     # Everything is checked before any weight is loaded: device, model folder, inputs, memory, outputs.
     world = None
-    if world_size > 1:  # one rank of several: its own GPU, the same seeds everywhere, rank 0 writes
+    if world_size > 1:  # one rank of several: the same seeds everywhere, rank 0 writes
         from .distributed import broadcast_object, init
 
-        args.device = _rank_device(args.device)
-        world = init(Runtime.create(args.device).device)
+        world = init(runtime.device)
         seeds = broadcast_object([job["seed"] for job in jobs])
         for job, seed in zip(jobs, seeds):
             job["seed"] = seed
         if not world.main:
             args.quiet = True
-    if args.teacache is not None and args.magcache is not None:
-        raise ValueError("choose one step cache: --teacache or --magcache")
-    cache = "teacache" if args.teacache is not None else "magcache" if args.magcache is not None else None
-    threshold = args.teacache if args.teacache is not None else args.magcache
-    if args.fsdp and (args.offload not in ("auto", "none") or args.vram_budget is not None):
-        raise ValueError("--fsdp shards the weights across GPUs; it does not combine with --offload/--vram-budget")
-    runtime = Runtime.create(args.device, args.dtype, offload="none" if args.fsdp else args.offload,
-                             vram_budget=args.vram_budget,
-                             quantize="fp8" if args.fp8 else None, t5_device=args.t5_device, cache=cache,
-                             cache_threshold=None if threshold == "auto" else threshold,
-                             cache_calibration=args.cache_calibration, compile=args.compile, attention=args.attention)
     lora_specs = _lora_specs(args)
     files = find_model(args.model, dit=args.dit, dit_low=args.model_low, source=args.source)
-    if files.moe and cache is not None:
-        raise ValueError("step caching (--teacache/--magcache) does not support two experts (Wan2.2 A14B) yet")
+    runtime.check(experts=2 if files.moe else 1, **plan, names=RUNTIME_FLAGS)
     if world is not None:
         from .distributed import check_plan
 
@@ -674,6 +672,7 @@ def _train_toml(parser: argparse.ArgumentParser, path: str) -> None:
 
 def cmd_calibrate_cache(args: argparse.Namespace) -> int:
     import json
+    from dataclasses import replace
 
     from .hub import find_components, resolve_model
     from .pipeline import WanPipeline
@@ -683,12 +682,13 @@ def cmd_calibrate_cache(args: argparse.Namespace) -> int:
     from .text import Tokenizer
 
     # Everything is checked before any weight is loaded: model, output, settings, memory, prompts.
-    runtime = Runtime.create(args.device, args.dtype)
+    runtime = Runtime.from_flags(args)
     files = find_components(resolve_model(args.model, source=args.source), dit=args.dit)
     if files.model_type != "t2v":
         raise ValueError("calibrate-cache runs text-to-video prompts: give a T2V model (I2V needs images; not yet)")
-    if files.moe:
-        raise ValueError("step caching does not support two experts (Wan2.2 A14B) yet")
+    # the runs measure what a step cache would skip: the step cache's pairs apply
+    replace(runtime, cache="teacache").check(experts=2 if files.moe else 1,
+                                             names={**RUNTIME_FLAGS, "cache": "calibrate-cache"})
     # the package's demo and download caches are not the user's: their calibration goes to WANX_HOME
     output = Path(args.output) if args.output else calibration_path(files.folder)
     if args.output:
@@ -783,7 +783,7 @@ def _memory_speed_flags(parser: argparse.ArgumentParser) -> None:
                            "model folder)")
     fast.add_argument("--compile", action="store_true", help="compile the DiT block once with torch.compile "
                                                               "(warm-up on the first step, faster after)")
-    fast.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash2", "flash3", "sage"],
+    fast.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash3", "flash2", "sage"],
                       help="attention kernel (auto: FlashAttention 3 > 2 > SDPA, as installed; sage is 8-bit, "
                            "only on request)")
 
@@ -797,7 +797,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wanx", description="Run and fine-tune Wan2.1 video models.")
     parser.add_argument("--version", action="version", version=f"wanx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_info(sub)
+    _add_generate(sub, tiny)
+    _add_serve(sub, tiny)
+    _add_prepare(sub)
+    parser.train_parser = _add_train(sub)
+    _add_calibrate_cache(sub)
+    _add_download(sub)
+    _add_demo(sub)
+    return parser
 
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    """`wanx info PATH...`."""
     info = sub.add_parser("info", help="say what a checkpoint file or model folder is",
                           description="Print network, layout (official/diffusers/comfyui), config, dtype and "
                                       "parameter count of Wan2.1 checkpoints, reading only their headers where possible.")
@@ -805,6 +817,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "(its DiT), demo, or a tiny set's name")
     info.set_defaults(func=cmd_info)
 
+
+def _add_generate(sub: argparse._SubParsersAction, tiny: str) -> None:
+    """`wanx generate`: the task follows from the model and the inputs."""
     gen = sub.add_parser("generate", help="make a video from text, an image, first+last frames, or a video",
                          description="Generate with a Wan2.1 model. The task follows from the model and the inputs: "
                                      "text (T2V), --image (I2V), --image + --last-image (FLF2V), --video (video-to-video "
@@ -878,6 +893,9 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_flags(gen, "DiT and encoder weights (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
     gen.set_defaults(func=cmd_generate)
 
+
+def _add_serve(sub: argparse._SubParsersAction, tiny: str) -> None:
+    """`wanx serve`: one model behind the web UI and the job API."""
     srv = sub.add_parser("serve", help="a web UI and an HTTP job API for one model (one queue, kept across restarts)",
                          description="Load a model once and serve it: the web UI at http://HOST:PORT/ and the REST "
                                      "API under /v1 (POST /v1/videos with the keys of a --prompts JSON line; schema "
@@ -902,6 +920,9 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_flags(srv, "DiT and encoder weights (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
     srv.set_defaults(func=cmd_serve)
 
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    """`wanx prepare DATASET`: a training dataset encoded once."""
     prep = sub.add_parser("prepare", help="encode a training dataset once: VAE latents and umT5 text, cached",
                           description="VAE-encode and umT5-encode every video/image of a dataset folder (metadata.csv "
                                       "with file_name,text, or a caption .txt beside each file) into one .safetensors "
@@ -921,6 +942,9 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_flags(prep, "umT5 weights (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
     prep.set_defaults(func=cmd_prepare)
 
+
+def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """`wanx train`; returned for --config, whose TOML keys are its flags."""
     tr = sub.add_parser("train", help="train a LoRA (or the whole DiT) on a prepared dataset",
                         description="Training of the DiT on items made by `wanx prepare` (Wan's flow-matching "
                                     "objective, AdamW). Writes the LoRA OUTPUT/NAME.safetensors (NAME: the output "
@@ -992,8 +1016,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--validation-steps", type=int, help="sampling steps (default: the model's own, else 30)")
     _runtime_flags(tr, "frozen DiT weights (default bf16 on GPU, fp32 on CPU); the LoRA trains in fp32")
     tr.set_defaults(func=cmd_train)
-    parser.train_parser = tr
+    return tr
 
+
+def _add_calibrate_cache(sub: argparse._SubParsersAction) -> None:
+    """`wanx calibrate-cache`."""
     cal = sub.add_parser("calibrate-cache", help="fit a model's own TeaCache/MagCache calibration from uncached runs",
                          description="Generate a few prompts without skipping, measure how the DiT's block stack "
                                      "changes from step to step, and fit TeaCache's polynomial and MagCache's ratio "
@@ -1015,6 +1042,9 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_flags(cal, "DiT and encoder weights (default bf16 on GPU, fp32 on CPU)")
     cal.set_defaults(func=cmd_calibrate_cache)
 
+
+def _add_download(sub: argparse._SubParsersAction) -> None:
+    """`wanx download MODEL_ID`."""
     dl = sub.add_parser("download", help="download a model (e.g. Wan-AI/Wan2.1-T2V-1.3B) into the standard cache",
                         description="Download a Wan model repository with huggingface_hub (or ModelScope) and print "
                                     "its local folder. Interrupted downloads resume; files already in the cache are "
@@ -1027,12 +1057,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the model comes from (default huggingface; modelscope needs pip install modelscope)")
     dl.set_defaults(func=cmd_download)
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    """`wanx demo`."""
     demo = sub.add_parser("demo", help="write a tiny random-weight model set, load it and run it (offline, seconds)",
                           description="Writes tiny DiT and VAE checkpoints in the official layout, loads them back "
                                       "with wanx.load_model, and runs a DiT forward and a VAE round trip.")
     demo.add_argument("--workdir", default=None, help="where to write the tiny checkpoints (default: a temp folder)")
     demo.set_defaults(func=cmd_demo)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -113,6 +113,17 @@ class VAE22Config(VAEConfig):
         return "2.2"
 
 
+def frames_ok(num_frames: int) -> bool:
+    """A frame count both VAEs take whole: 4k+1 (the first frame alone, then each 4 frames one
+    latent frame: the temporal stride)."""
+    return num_frames >= 1 and (num_frames - 1) % 4 == 0
+
+
+def frames_at_most(num_frames: int) -> int:
+    """The longest 4k+1 frame count not over `num_frames` (1 at the least)."""
+    return max(1, (num_frames - 1) // 4 * 4 + 1)
+
+
 @dataclass(frozen=True)
 class T5Config:
     """umT5 encoder (official `umt5_xxl` argument names)."""

@@ -60,6 +60,9 @@ class ModelFiles:
         return [(net, info.num_params) for net, info in self.infos.items() if net != "clip" or self.image_encoder]
 
 
+SOURCES = ("huggingface", "modelscope")  # where model ids are downloaded from
+
+
 def resolve_model(path_or_id: str | Path, *, source: str = "huggingface") -> Path:
     """A local folder as is; `demo` (the trained demo model shipped in the package); `tiny`,
     `tiny-i2v`, `tiny-flf2v`, `tiny-moe`, `tiny-ti2v` made locally; anything else of the form owner/name is downloaded
@@ -124,8 +127,8 @@ def download(model_id: str, *, source: str = "huggingface", local_dir: str | Pat
         except ImportError:
             raise ImportError("source='modelscope' needs the modelscope package: pip install modelscope") from None
         return Path(ms_download(model_id, local_dir=str(local_dir) if local_dir else None))
-    if source != "huggingface":
-        raise ValueError(f"unknown source {source!r}: 'huggingface' or 'modelscope'")
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}: {' or '.join(map(repr, SOURCES))}")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 

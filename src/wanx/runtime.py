@@ -9,6 +9,7 @@ compile) join it so that no signature has to grow.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 
@@ -60,10 +61,9 @@ class Runtime:
                 raise ValueError("give vram_budget or num_persistent_param_in_dit, not both")
             vram_budget = int(num_persistent_param_in_dit) * (1 if quantize else torch.empty((), dtype=dt).element_size())
         budget: int | str = "auto" if vram_budget in (None, "auto") else parse_bytes(vram_budget)
+        _refuse_conflicts(_Choices(offload=offload, vram_budget=vram_budget, quantize=quantize), None)
         if vram_budget is not None and offload == "auto":
             offload = "blocks"  # a budget asks for streaming
-        if vram_budget is not None and offload in ("none", "model"):
-            raise ValueError(f"a VRAM budget streams DiT blocks: it cannot go with offload {offload!r}")
         t5 = resolve_device(t5_device) if t5_device is not None else None
         from .attention import BACKENDS
         from .speed.cache import KINDS
@@ -82,9 +82,91 @@ class Runtime:
         return cls(dev, dt, resolve_dtype(vae_dtype, dev), offload, budget, quantize, t5, cache, cache_threshold,
                    None if cache_calibration is None else str(cache_calibration), bool(compile), attention)
 
+    @classmethod
+    def from_flags(cls, args: Any) -> "Runtime":
+        """The runtime a command's flags ask for (`wanx generate`, `serve`, `calibrate-cache`;
+        `train` and `prepare` too): --device, --dtype, --offload, --vram-budget, --fp8,
+        --t5-device, --teacache/--magcache [THRESHOLD], --cache-calibration, --compile,
+        --attention. A flag the command does not have takes its default."""
+        def flag(name: str, default=None):
+            return getattr(args, name, default)
+
+        teacache, magcache = flag("teacache"), flag("magcache")
+        if teacache is not None and magcache is not None:  # one `cache` field: the pair cannot reach check()
+            raise ValueError("choose one step cache: --teacache or --magcache")
+        cache = "teacache" if teacache is not None else "magcache" if magcache is not None else None
+        threshold = teacache if teacache is not None else magcache
+        return cls.create(flag("device"), flag("dtype"), offload=flag("offload", "auto"),
+                          vram_budget=flag("vram_budget"), quantize="fp8" if flag("fp8", False) else None,
+                          t5_device=flag("t5_device"), cache=cache,
+                          cache_threshold=None if threshold == "auto" else threshold,  # auto: the published one
+                          cache_calibration=flag("cache_calibration"), compile=flag("compile", False),
+                          attention=flag("attention", "auto"))
+
+    def check(self, *, experts: int = 1, world: int = 1, fsdp: bool = False, sp: str = "auto",
+              cfg_parallel: bool = False, names: Mapping[str, str] | None = None) -> None:
+        """Refuse, in one line, a pair of choices that cannot go together (the table CONFLICTS):
+        this runtime on a model with `experts` DiTs (2: Wan2.2 A14B), run on `world` ranks with
+        the parallel plan `fsdp`, `sp`, `cfg_parallel` (`wanx.distributed.parallelize`'s words).
+        Call it once the model is known, before any weight is loaded. names: how the caller
+        spells each parameter (the CLI: its flags); default PARAMETERS."""
+        given = None if self.vram_budget == "auto" and self.offload != "blocks" else self.vram_budget
+        _refuse_conflicts(_Choices(self.offload, given, self.quantize, self.cache, experts, world, fsdp, sp,
+                                   cfg_parallel), names)
+
     @property
     def text_device(self) -> torch.device:
         return self.t5_device or self.device
+
+
+@dataclass(frozen=True)
+class _Choices:
+    """What CONFLICTS reads: the runtime's choices as given (vram_budget None: not asked for)
+    and what is known of the model and the parallel plan."""
+    offload: str = "auto"
+    vram_budget: Any = None
+    quantize: str | None = None
+    cache: str | None = None
+    experts: int = 1
+    world: int = 1
+    fsdp: bool = False
+    sp: str = "auto"
+    cfg_parallel: bool = False
+
+
+# How the library names each choice in a refusal; a face passes its own words (the CLI, its
+# flags: wanx.cli.RUNTIME_FLAGS). "ranks" is how to get several ranks.
+PARAMETERS = {"offload": "offload", "vram_budget": "vram_budget", "quantize": "quantize",
+              "cache": "cache='teacache'/'magcache'", "fsdp": "fsdp", "sp": "sp", "cfg_parallel": "cfg_parallel",
+              "ranks": "run in a torch.distributed process group of several ranks"}
+
+# Every pair of choices that cannot go together, in one place: (when they clash, what to say).
+# Read by Runtime.create (the runtime alone), Runtime.check (with the model and the parallel
+# plan), and so by the CLI, the server, WanPipeline.from_pretrained and training. `n` spells
+# a parameter as the caller knows it.
+CONFLICTS = (
+    (lambda c: c.world == 1 and (c.sp != "auto" or c.cfg_parallel or c.fsdp),
+     lambda c, n: f"{n('sp')}, {n('cfg_parallel')} and {n('fsdp')} need several ranks: {n('ranks')}"),
+    (lambda c: c.fsdp and (c.offload in ("model", "blocks") or c.vram_budget is not None),
+     lambda c, n: f"{n('fsdp')} shards the weights across GPUs; it does not combine with "
+                  f"{n('offload')}/{n('vram_budget')}"),
+    (lambda c: c.vram_budget is not None and c.offload in ("none", "model"),  # a budget is for streamed blocks
+     lambda c, n: f"a VRAM budget streams DiT blocks: it cannot go with offload {c.offload!r}"),
+    (lambda c: c.fsdp and c.quantize is not None,
+     lambda c, n: f"{n('fsdp')} shards bf16/fp32 weights; FP8 layers cannot be sharded yet: drop {n('quantize')} "
+                  f"or {n('fsdp')}"),
+    (lambda c: c.experts > 1 and c.cache is not None,
+     lambda c, n: f"step caching ({n('cache')}) does not support two experts (Wan2.2 A14B) yet"),
+)
+
+
+def _refuse_conflicts(choices: _Choices, names: Mapping[str, str] | None) -> None:
+    def spell(parameter: str) -> str:
+        return (names or {}).get(parameter, PARAMETERS[parameter])
+
+    for clash, message in CONFLICTS:
+        if clash(choices):
+            raise ValueError(message(choices, spell))
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

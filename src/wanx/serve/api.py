@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel
 
 from ..pipeline import RequestError
-from .app import API_TYPES, UPLOADS, UploadError
+from .common import API_TYPES, UPLOADS, UploadError, preview_strip
 from .jobs import STATUSES
 
 router = APIRouter(prefix="/v1", tags=["videos"])
@@ -230,13 +230,3 @@ def get_model(request: Request):
     server = _server(request)
     return {"model": server.model_name, "model_type": server.model_type, "tasks": list(server.tasks),
             "loras": server.lora_names()}
-
-
-def preview_strip(frames, height: int = 96):
-    """Latent preview frames `[F, h, w, 3]` side by side, scaled up (nearest) to about `height`."""
-    import numpy as np
-
-    scale = max(1, round(height / frames.shape[1]))
-    frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
-    gap = np.full((frames.shape[1], 2, 3), 255, np.uint8)
-    return np.concatenate([part for frame in frames for part in (frame, gap)][:-1], axis=1)

@@ -9,26 +9,18 @@ import json
 import re
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.cookies import SimpleCookie
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from ..pipeline import RequestError
-from ..request import KEY_NAMES, KEY_TYPES, PIPELINE_KEYS, check_job, fix_seed, parse_job, pipeline_kwargs
+from ..request import KEY_NAMES, PIPELINE_KEYS, check_job, fix_seed, parse_job, pipeline_kwargs
+from .common import API_TYPES, TASKS, UPLOADS, UploadError
 from .jobs import DB_FILE, INPUTS, LOCK_FILE, JobQueue, hold_folder
 
-# Tasks a model of each type can run, and their names in the UI.
-TASKS = {"t2v": ("t2v", "v2v"), "i2v": ("i2v",), "flf2v": ("flf2v",), "ti2v": ("ti2v",)}
-TASK_NAMES = {"t2v": "Text to video", "i2v": "Image to video", "flf2v": "First and last frame", "v2v": "Video to video",
-              "ti2v": "Text (and image) to video"}
-UPLOADS = ("image", "last_image", "video")
 # what the UI must never hand out by path: the job database (and SQLite's companions) and the uploads
-PRIVATE_FILES = (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", f"{DB_FILE}-journal", INPUTS, LOCK_FILE)  # request keys that only come as uploaded files
-# A POST body: a --prompts JSON line less `output` (the server names every file) and less the
-# input paths (uploaded instead), plus what the server chooses per job.
-API_TYPES = {**{k: v for k, v in KEY_TYPES.items() if k not in ("output", *UPLOADS)},
-             "loras": (list,), "teacache": (int, float)}
+PRIVATE_FILES = (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", f"{DB_FILE}-journal", INPUTS, LOCK_FILE)
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 MAX_STEPS = 1000  # the queue is shared: one request cannot hold it for days
 MAX_FRAMES = 1001
@@ -42,14 +34,6 @@ CHARS_PER_TOKEN = 32  # longer text is refused before it is tokenized (umT5 toke
 _IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"GIF87a", ".gif"), (b"GIF89a", ".gif"),
                 (b"BM", ".bmp"))
 _VIDEO_MAGIC = ((b"\x1a\x45\xdf\xa3", ".webm"), (b"GIF87a", ".gif"), (b"GIF89a", ".gif"))
-
-
-class UploadError(ValueError):
-    """An upload refused for its size (413) or kind (415)."""
-
-    def __init__(self, field: str, message: str, status: int):
-        super().__init__(message)
-        self.field, self.status = field, status
 
 
 def upload_suffix(field: str, head: bytes) -> str:
@@ -169,8 +153,14 @@ class Server:
         if job.get("frames") is not None and job["frames"] > self.limits.max_frames:
             raise RequestError("frames", f"frames must be at most {self.limits.max_frames} on this server, "
                                          f"got {job['frames']}")
-        if job.get("teacache") is not None and job["teacache"] < 0:
-            raise RequestError("teacache", f"teacache is a threshold >= 0 (0 skips nothing), got {job['teacache']}")
+        if job.get("teacache") is not None:
+            if job["teacache"] < 0:
+                raise RequestError("teacache", f"teacache is a threshold >= 0 (0 skips nothing), got {job['teacache']}")
+            try:  # the job runs this server's runtime with TeaCache: the same pairs as `--teacache`
+                replace(self.runtime, cache="teacache").check(experts=2 if self.files.moe else 1,
+                                                              names={"cache": "teacache"})
+            except ValueError as err:
+                raise RequestError("teacache", str(err)) from None
         # before the CLI's checks, which read the inputs at this size: a size that fits the device
         # can still hold the one queue for hours
         if job.get("size"):
@@ -659,6 +649,7 @@ def serve(args) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the UI makes no calls out
     import uvicorn
 
+    from ..cli import RUNTIME_FLAGS
     from ..hub import find_components, resolve_model
     from ..pipeline import WanPipeline
     from ..runtime import Runtime
@@ -675,16 +666,10 @@ def serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.token is None:
         print(f"wanx serve: listening on {args.host} without --token: anyone who reaches this port can "
               "submit jobs", file=sys.stderr)
-    if args.teacache is not None and args.magcache is not None:
-        raise ValueError("choose one step cache: --teacache or --magcache")
-    cache = "teacache" if args.teacache is not None else "magcache" if args.magcache is not None else None
-    threshold = args.teacache if args.teacache is not None else args.magcache
-    runtime = Runtime.create(args.device, args.dtype, offload=args.offload, vram_budget=args.vram_budget,
-                             quantize="fp8" if args.fp8 else None, t5_device=args.t5_device, cache=cache,
-                             cache_threshold=None if threshold == "auto" else threshold,
-                             cache_calibration=args.cache_calibration, compile=args.compile, attention=args.attention)
+    runtime = Runtime.from_flags(args)
     check_port(args.host, args.port)  # now, not after the model has loaded
     files = find_components(resolve_model(args.model, source=args.source), dit=args.dit)
+    runtime.check(experts=2 if files.moe else 1, names=RUNTIME_FLAGS)  # before the model loads
     outputs = Path(args.outputs)
     try:
         outputs.mkdir(parents=True, exist_ok=True)

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gradio as gr
 
 from ..pipeline import RequestError
-from .app import TASK_NAMES, Server, UploadError
-from .api import preview_strip
+from ..sampling import SAMPLERS
+from .common import TASK_NAMES, UploadError, preview_strip
 
-SAMPLERS = ["unipc", "dpm++", "euler"]
+if TYPE_CHECKING:  # the server passed in; no import back into the app
+    from .app import Server
+
 GALLERY_SIZE = 12
 _CSS = "#error p { color: #c0392b; font-weight: 600; }"
 
@@ -197,7 +200,7 @@ def build_ui(server: Server) -> gr.Blocks:
             with gr.Row():
                 guidance = gr.Textbox(label="Guidance (1..30)", placeholder=hint["guidance"], elem_id="guidance")
                 shift = gr.Textbox(label="Shift", placeholder=hint["shift"], elem_id="shift")
-                sampler = gr.Dropdown(SAMPLERS, value="unipc", label="Sampler", elem_id="sampler")
+                sampler = gr.Dropdown(list(SAMPLERS), value="unipc", label="Sampler", elem_id="sampler")
                 teacache = gr.Textbox(label="TeaCache threshold", placeholder="off", elem_id="teacache")
         generate = gr.Button("Generate", variant="primary", elem_id="generate")
         error = gr.Markdown("", elem_id="error")

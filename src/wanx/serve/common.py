@@ -1,0 +1,34 @@
+"""What the server's parts share (the app, the API and the UI), so that imports run one way:
+app -> api, ui -> common, jobs."""
+
+from __future__ import annotations
+
+from ..request import KEY_TYPES
+
+# Tasks a model of each type can run, and their names in the UI.
+TASKS = {"t2v": ("t2v", "v2v"), "i2v": ("i2v",), "flf2v": ("flf2v",), "ti2v": ("ti2v",)}
+TASK_NAMES = {"t2v": "Text to video", "i2v": "Image to video", "flf2v": "First and last frame", "v2v": "Video to video",
+              "ti2v": "Text (and image) to video"}
+UPLOADS = ("image", "last_image", "video")  # request keys that only come as uploaded files
+# A POST body: a --prompts JSON line less `output` (the server names every file) and less the
+# input paths (uploaded instead), plus what the server chooses per job.
+API_TYPES = {**{k: v for k, v in KEY_TYPES.items() if k not in ("output", *UPLOADS)},
+             "loras": (list,), "teacache": (int, float)}
+
+
+class UploadError(ValueError):
+    """An upload refused for its size (413) or kind (415)."""
+
+    def __init__(self, field: str, message: str, status: int):
+        super().__init__(message)
+        self.field, self.status = field, status
+
+
+def preview_strip(frames, height: int = 96):
+    """Latent preview frames `[F, h, w, 3]` side by side, scaled up (nearest) to about `height`."""
+    import numpy as np
+
+    scale = max(1, round(height / frames.shape[1]))
+    frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+    gap = np.full((frames.shape[1], 2, 3), 255, np.uint8)
+    return np.concatenate([part for frame in frames for part in (frame, gap)][:-1], axis=1)
