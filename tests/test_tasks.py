@@ -6,7 +6,8 @@ import torch
 
 from wanx.pipeline import WanPipeline
 from wanx.pipeline.conditioning import CONDITIONINGS, Conditioning
-from wanx.tasks import TASKS, TaskError, TaskSpec, choose_task, default_task, frames_ok, model_tasks
+from wanx.tasks import TASKS, TaskError, TaskSpec, choose_task, default_task, model_tasks
+from wanx.configs import frames_ok
 
 
 @pytest.mark.parametrize("model_type, experts, given, row", [

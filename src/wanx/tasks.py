@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .configs import frames_ok  # noqa: F401 (the 4k+1 rule, read with the table)
+
 # Official negative prompts (wan/configs): shared, I2V adds 镜头晃动 (camera shake), FLF2V also 镜头切换 (cut).
 # Wan2.2 uses the shared one for every task.
 NEGATIVE_PROMPT = (
@@ -136,8 +138,3 @@ def choose_task(model_type: str, experts: int, given: set[str], name=lambda arg:
     missing = min((spec for spec in rows if given <= set(spec.takes)), key=lambda spec: len(set(spec.needs) - given))
     wanted = " and ".join(f"{name(arg)} ({INPUT_WORDS[arg]})" for arg in missing.needs)
     raise TaskError(next(arg for arg in missing.needs if arg not in given), f"this is {model}: give {wanted}")
-
-
-def frames_ok(num_frames: int, temporal_stride: int = 4) -> bool:
-    """Wan's causal VAE folds frames as 1 + stride k: 4k+1 pixel frames (1, 5, ..., 81)."""
-    return num_frames >= 1 and (num_frames - 1) % temporal_stride == 0

@@ -111,6 +111,7 @@ class WanPipeline:
         from ..text import TextEncoder, Tokenizer
 
         runtime = runtime or Runtime.create()
+        runtime.check(experts=2 if files.moe else 1)  # before any weight is read
         device, dtype = runtime.device, runtime.dtype
         check_vae(files.dit_config, files.infos["vae"].config, files.dit, files.vae)  # before any weight is read
         tokenizer = Tokenizer(files.tokenizer)
@@ -156,8 +157,6 @@ class WanPipeline:
             print(f"attention: {backend_for(runtime.device, runtime.dtype, cfg.head_dim)} ({runtime.attention})",
                   file=sys.stderr)
         if runtime.cache:
-            if self.dit_low is not None:
-                raise ValueError("step caching (--teacache/--magcache) does not support two experts (Wan2.2 A14B) yet")
             calibration = runtime.cache_calibration
             if calibration is None and folder is not None:
                 from ..speed.cache import find_calibration

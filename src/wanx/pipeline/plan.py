@@ -16,7 +16,8 @@ from typing import Mapping
 from torch import Tensor
 
 from ..sampling import SAMPLERS
-from ..tasks import NEGATIVE_PROMPT, TaskError, TaskSpec, choose_task, default_task, frames_ok
+from ..configs import frames_at_most, frames_ok
+from ..tasks import NEGATIVE_PROMPT, TaskError, TaskSpec, choose_task, default_task
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 GUIDANCE_RANGE = (1.0, 30.0)
@@ -198,7 +199,7 @@ def _check_values(model: ModelFacts, prompt, given: dict, name, face: bool) -> N
                                     f"({family.trained_at})")
     frames = given["num_frames"]
     if frames is not None and not frames_ok(frames):
-        low = max(1, (frames - 1) // 4 * 4 + 1)
+        low = frames_at_most(frames)
         raise RequestError("num_frames", f"{name('num_frames')} {frames} must be 4k+1 (e.g. {low} or {low + 4})")
     steps = given["num_inference_steps"]
     if steps is not None and steps < 1:

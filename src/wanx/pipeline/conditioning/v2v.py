@@ -8,6 +8,7 @@ import math
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...configs import frames_at_most
 from ...sampling import noise_to
 from .base import Conditioning, Run, read_input, size_for_image, video_frames
 
@@ -24,7 +25,7 @@ class VideoToVideo(Conditioning):
         fps = plan.spec.fps
         frames = read_input("video", lambda video: video_frames(video, fps), given["video"])  # [3, F, H, W]
         count = frames.shape[1]
-        longest = (count - 1) // 4 * 4 + 1
+        longest = frames_at_most(count)
         if not frames_given:  # the folder's frame count (the demo model's 17) is the most, as the official 81
             plan.num_frames = min(plan.num_frames, longest)
         elif count < plan.num_frames:
