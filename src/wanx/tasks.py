@@ -35,7 +35,7 @@ class TaskSpec:
 
     name: str  # the row's key, e.g. "i2v" or "i2v-A14B"
     task: str  # what the video's metadata and the conditioning call it: t2v, i2v, flf2v, v2v, ti2v
-    title: str  # in words, for help texts
+    title: str  # in words: the server UI's tab, help texts
     model_type: str  # the DiT it runs on (DiTConfig.model_type)
     experts: int = 1  # 2: Wan2.2 A14B's high- and low-noise DiTs
     needs: tuple[str, ...] = ()  # inputs it cannot run without
@@ -65,24 +65,24 @@ _I2V_NEGATIVE = "镜头晃动，" + NEGATIVE_PROMPT
 _A14B = dict(experts=2, steps=40)
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
-    TaskSpec("t2v", "t2v", "text-to-video", "t2v"),
-    TaskSpec("v2v", "v2v", "video-to-video", "t2v", needs=("video",), takes=("video",)),
-    TaskSpec("i2v", "i2v", "image-to-video", "i2v", needs=("image",), takes=("image",), steps=40, shift_480p=3.0,
+    TaskSpec("t2v", "t2v", "Text to video", "t2v"),
+    TaskSpec("v2v", "v2v", "Video to video", "t2v", needs=("video",), takes=("video",)),
+    TaskSpec("i2v", "i2v", "Image to video", "i2v", needs=("image",), takes=("image",), steps=40, shift_480p=3.0,
              negative_prompt=_I2V_NEGATIVE, needs_image_encoder=True),
-    TaskSpec("flf2v", "flf2v", "first-last-frame-to-video", "flf2v", needs=("image", "last_image"),
+    TaskSpec("flf2v", "flf2v", "First and last frame", "flf2v", needs=("image", "last_image"),
              takes=("image", "last_image"), shift=16.0, guidance=5.5, negative_prompt="镜头切换，" + _I2V_NEGATIVE,
              needs_image_encoder=True),
     # Wan2.2 A14B: guidance per expert, high noise first here (the official tuple is (low, high));
     # no 480P shift for I2V.
-    TaskSpec("t2v-A14B", "t2v", "text-to-video", "t2v", shift=12.0, guidance=4.0, guidance_low=3.0, boundary=0.875,
+    TaskSpec("t2v-A14B", "t2v", "Text to video", "t2v", shift=12.0, guidance=4.0, guidance_low=3.0, boundary=0.875,
              **_A14B),
-    TaskSpec("v2v-A14B", "v2v", "video-to-video", "t2v", needs=("video",), takes=("video",), shift=12.0,
+    TaskSpec("v2v-A14B", "v2v", "Video to video", "t2v", needs=("video",), takes=("video",), shift=12.0,
              guidance=4.0, guidance_low=3.0, boundary=0.875, **_A14B),
-    TaskSpec("i2v-A14B", "i2v", "image-to-video", "i2v", needs=("image",), takes=("image",), guidance=3.5,
+    TaskSpec("i2v-A14B", "i2v", "Image to video", "i2v", needs=("image",), takes=("image",), guidance=3.5,
              guidance_low=3.5, boundary=0.900, **_A14B),
     # Wan2.2 TI2V-5B: one model for text and image, 1280x704 (the area with an image), 121 frames
     # at 24 fps, on the Wan2.2 VAE (48 channels, 16x): sizes in multiples of 32.
-    TaskSpec("ti2v", "ti2v", "text-(image-)to-video", "ti2v", takes=("image",), width=1280, height=704,
+    TaskSpec("ti2v", "ti2v", "Text (and image) to video", "ti2v", takes=("image",), width=1280, height=704,
              num_frames=121, fps=24, multiple=32, latent=(48, 4, 16), trained_at="Wan2.2 TI2V-5B is trained at 1280x704"),
 )}
 
@@ -94,6 +94,22 @@ INPUT_NEEDS = {"image": "an I2V or FLF2V model (e.g. Wan-AI/Wan2.1-I2V-14B-480P)
                "last_image": "an FLF2V model (Wan-AI/Wan2.1-FLF2V-14B-720P)",
                "video": "a T2V model (video-to-video)"}
 INPUT_WORDS = {"image": "the first frame", "last_image": "the last frame", "video": "the input video"}
+
+
+def describe_default(model_type: str, experts: int, setting: str) -> str:
+    """A setting's default for a model, in words: the model's own row's value, and where
+    another of its rows or a rule differs (e.g. shift "5 (3 at 480P or below)")."""
+    rows = model_tasks(model_type, experts)
+    row = default_task(model_type, experts)
+    if setting == "size":
+        return row.example_size
+    if setting == "guidance" and row.guidance_low is not None:
+        return f"{row.guidance:g},{row.guidance_low:g}"
+    text = f"{getattr(row, setting):g}"
+    others = {f"{getattr(r, setting):g} for {r.title.lower()}" for r in rows if getattr(r, setting) != getattr(row, setting)}
+    if setting == "shift" and row.shift_480p is not None:
+        others.add(f"{row.shift_480p:g} at 480P or below")
+    return text + (f" ({', '.join(sorted(others))})" if others else "")
 
 
 def model_tasks(model_type: str, experts: int = 1) -> list[TaskSpec]:

@@ -21,8 +21,8 @@ def test_blank_settings_show_what_the_model_runs_with(make_server, tiny, tmp_pat
     from wanx.runtime import Runtime
     from wanx.serve.app import Server
 
-    official = {"size": "832x480", "frames": "81", "steps": "50 (40 for I2V)", "guidance": "5.0 (5.5 for FLF2V)",
-                "shift": "5.0 (3.0 for I2V 480P, 16 for FLF2V)",
+    # a T2V model's: its rows (text and video to video) from the task table
+    official = {"size": "832x480", "frames": "81", "steps": "50", "guidance": "5", "shift": "5",
                 "negative": "blank: the official negative prompt of the task"}
     # the tiny set's own size, frames and steps; the official guidance, shift and negative prompt
     assert _placeholders(make_server()) == {**official, "size": "64x64", "frames": "5", "steps": "4"}
@@ -41,3 +41,13 @@ def test_blank_settings_show_what_the_model_runs_with(make_server, tiny, tmp_pat
                                         "negative": "blank: this model's own (none)"}
     finally:
         server.queue.stop(timeout=10)
+
+
+def test_placeholders_follow_the_task_table():
+    """Each model type's own defaults, with the rule or row that differs said beside them."""
+    from wanx.serve.ui import placeholders
+
+    i2v = placeholders({}, "i2v")
+    assert (i2v["steps"], i2v["shift"], i2v["guidance"]) == ("40", "5 (3 at 480P or below)", "5")
+    assert placeholders({}, "flf2v")["shift"] == "16" and placeholders({}, "ti2v")["size"] == "1280x704"
+    assert placeholders({}, "t2v", 2)["guidance"] == "4,3" and placeholders({}, "i2v", 2)["shift"] == "5"

@@ -228,5 +228,5 @@ def delete_video(request: Request, video_id: str):
 def get_model(request: Request):
     """The loaded model, the tasks it runs and the LoRAs a request may name."""
     server = _server(request)
-    return {"model": server.model_name, "model_type": server.model_type, "tasks": list(server.tasks),
+    return {"model": server.model_name, "model_type": server.model_type, "tasks": [spec.task for spec in server.tasks],
             "loras": server.lora_names()}

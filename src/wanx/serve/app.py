@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from ..pipeline import RequestError
 from ..request import KEY_NAMES, PIPELINE_KEYS, check_job, fix_seed, parse_job, pipeline_kwargs
-from .common import API_TYPES, TASKS, UPLOADS, UploadError
+from .common import API_TYPES, UPLOADS, UploadError
 from .jobs import DB_FILE, INPUTS, LOCK_FILE, JobQueue, hold_folder
 
 # what the UI must never hand out by path: the job database (and SQLite's companions) and the uploads
@@ -93,8 +93,11 @@ class Server:
         return self.files.model_type
 
     @property
-    def tasks(self) -> tuple[str, ...]:
-        return TASKS[self.model_type]
+    def tasks(self) -> list:
+        """The task-table rows this model runs (`wanx.tasks`): the UI's tabs, the API's list."""
+        from ..tasks import model_tasks
+
+        return model_tasks(self.model_type, 2 if self.files.moe else 1)
 
     def lora_names(self) -> list[str]:
         """LoRA files in the --loras folder, by name: a request names one of these, never a path."""

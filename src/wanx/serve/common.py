@@ -5,10 +5,6 @@ from __future__ import annotations
 
 from ..request import KEY_TYPES
 
-# Tasks a model of each type can run, and their names in the UI.
-TASKS = {"t2v": ("t2v", "v2v"), "i2v": ("i2v",), "flf2v": ("flf2v",), "ti2v": ("ti2v",)}
-TASK_NAMES = {"t2v": "Text to video", "i2v": "Image to video", "flf2v": "First and last frame", "v2v": "Video to video",
-              "ti2v": "Text (and image) to video"}
 UPLOADS = ("image", "last_image", "video")  # request keys that only come as uploaded files
 # A POST body: a --prompts JSON line less `output` (the server names every file) and less the
 # input paths (uploaded instead), plus what the server chooses per job.

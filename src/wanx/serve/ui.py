@@ -13,7 +13,8 @@ import gradio as gr
 
 from ..pipeline import RequestError
 from ..sampling import SAMPLERS
-from .common import TASK_NAMES, UploadError, preview_strip
+from ..tasks import INPUT_WORDS
+from .common import UploadError, preview_strip
 
 if TYPE_CHECKING:  # the server passed in; no import back into the app
     from .app import Server
@@ -107,16 +108,15 @@ def _status_line(job: dict | None) -> str:
 
 
 # What a blank field means for the released models (the official defaults, per task).
-_OFFICIAL_PLACEHOLDERS = {"size": "832x480", "frames": "81", "steps": "50 (40 for I2V)", "guidance": "5.0 (5.5 for FLF2V)",
-                          "shift": "5.0 (3.0 for I2V 480P, 16 for FLF2V)",
-                          "negative": "blank: the official negative prompt of the task"}
-
-
-def placeholders(defaults: dict) -> dict:
+def placeholders(defaults: dict, model_type: str = "t2v", experts: int = 1) -> dict:
     """The settings' placeholders: the model folder's own defaults (`wanx-defaults.json`, e.g.
-    the demo model's 96x96, 17 frames) where it has them, else the official ones, so a blank
-    field shows what it will run with."""
-    shown = dict(_OFFICIAL_PLACEHOLDERS)
+    the demo model's 96x96, 17 frames) where it has them, else the official ones of its tasks
+    (the task table), so a blank field shows what it will run with."""
+    from ..tasks import describe_default
+
+    shown = {field: describe_default(model_type, experts, setting) for field, setting in (
+        ("size", "size"), ("frames", "num_frames"), ("steps", "steps"), ("guidance", "guidance"), ("shift", "shift"))}
+    shown["negative"] = "blank: the official negative prompt of the task"
     if defaults.get("width") and defaults.get("height"):
         shown["size"] = f"{defaults['width']}x{defaults['height']}"
     for field, key in (("frames", "num_frames"), ("steps", "num_inference_steps"), ("guidance", "guidance_scale"),
@@ -160,28 +160,29 @@ def discard(path) -> None:
 
 def build_ui(server: Server) -> gr.Blocks:
     queue = server.queue
-    hint = placeholders(server.files.defaults)
+    hint = placeholders(server.files.defaults, server.model_type, 2 if server.files.moe else 1)
     lora_names = server.lora_names()
     with gr.Blocks(title=f"wanx: {server.model_name}") as ui:
         gr.HTML(f"<style>{_CSS}</style>")
         gr.Markdown(f"## wanx &middot; {server.model_name} ({server.model_type})")
-        task = gr.State(server.tasks[0])
+        task = gr.State(server.tasks[0].task)
         job_id = gr.State(None)  # the job this page submitted last
         shown = gr.State(None)  # the job whose video is on show (sent once, not at every tick)
         gallery_ids = gr.State([])
         inputs = {}
         with gr.Tabs():
-            for name in server.tasks:
-                with gr.Tab(TASK_NAMES[name], id=name) as tab:
-                    if name in ("i2v", "flf2v", "ti2v"):  # TI2V-5B: optional, it makes image-to-video
-                        label = "First frame (optional)" if name == "ti2v" else "First frame"
-                        inputs["image"] = gr.Image(label=label, type="filepath", elem_id="image")
-                    if name == "flf2v":
-                        inputs["last_image"] = gr.Image(label="Last frame", type="filepath", elem_id="last_image")
-                    if name == "v2v":
-                        inputs["video"] = gr.Video(label="Input video", elem_id="input_video")
-                        inputs["strength"] = gr.Slider(0.05, 1.0, value=0.8, step=0.05, label="Strength")
-                    if name == "t2v":
+            for spec in server.tasks:  # one tab per task-table row of the model, its inputs from the row
+                name = spec.task
+                with gr.Tab(spec.title, id=name) as tab:
+                    for field in spec.takes:
+                        optional = "" if field in spec.needs else " (optional)"
+                        if field == "video":
+                            inputs["video"] = gr.Video(label="Input video", elem_id="input_video")
+                            inputs["strength"] = gr.Slider(0.05, 1.0, value=0.8, step=0.05, label="Strength")
+                        else:
+                            inputs[field] = gr.Image(label=f"{INPUT_WORDS[field].removeprefix('the ').capitalize()}"
+                                                           f"{optional}", type="filepath", elem_id=field)
+                    if not spec.takes:
                         gr.Markdown("Text only: describe the video below.")
                 tab.select(lambda n=name: n, outputs=task)
         prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
@@ -224,15 +225,17 @@ def build_ui(server: Server) -> gr.Blocks:
             fields = values[:len(form)]
             uploads_given = dict(zip(upload_fields, values[len(form):len(form) + len(upload_fields)]))
             strength_value = values[-1] if "strength" in inputs else None
-            body = request_from_form(*fields, strength=strength_value if current_task == "v2v" else None)
-            # only the active tab's inputs go with the request
-            wanted = {"i2v": ("image",), "ti2v": ("image",), "flf2v": ("image", "last_image"),
-                      "v2v": ("video",)}.get(current_task, ())
-            # a missing one is left out: the pipeline's check names it, in the CLI's words
-            uploads = {f: uploads_given.get(f) for f in wanted if uploads_given.get(f)}
+            spec = next(spec for spec in server.tasks if spec.task == current_task)
+            body = request_from_form(*fields, strength=strength_value if "video" in spec.takes else None)
+            # only the active tab's inputs go with the request; a missing one is left out: the
+            # pipeline's check names it, in the CLI's words
+            uploads = {f: uploads_given.get(f) for f in spec.takes if uploads_given.get(f)}
             keep = [gr.update()] * len(upload_fields)
-            if current_task == "v2v" and "video" not in uploads:  # else it would quietly run as text to video
-                return "video: give the input video (video-to-video), or use the Text to video tab", gr.update(), *keep
+            missing = [f for f in spec.needs if f not in uploads]
+            plain = next((other for other in server.tasks if not set(other.needs) - set(uploads)), None)
+            if missing and plain is not None:  # else it would quietly run as the model's other task
+                return (f"{missing[0]}: give {INPUT_WORDS[missing[0]]} ({spec.title.lower()}), or use the "
+                        f"{plain.title} tab"), gr.update(), *keep
             for field, path in uploads.items():
                 if not received(path):  # Gradio checks this too; a file it let through is still not read
                     return f"{field}: only a file uploaded through this page is read", gr.update(), *keep
