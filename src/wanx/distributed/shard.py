@@ -17,8 +17,6 @@ def shard_blocks(model: nn.Module, ranks: int, device: torch.device) -> nn.Modul
 
     if any(isinstance(m, FP8Linear) for m in model.modules()):
         raise ValueError("--fsdp shards bf16/fp32 weights; FP8 layers cannot be sharded yet: drop --fp8 or --fsdp")
-    if getattr(model, "_wanx_streamer", None) is not None:
-        raise ValueError("--fsdp and --offload blocks both manage where DiT weights live: choose one")
     mesh = init_device_mesh(device.type, (ranks,))
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
