@@ -80,9 +80,9 @@ def test_four_ranks_cfg_halves_with_ring_inside(tmp_path):
     assert close(latents, single()) <= TOLERANCE
 
 
-def test_compile_and_a_step_cache_with_ulysses_match_one_process(tmp_path):
+def test_compile_and_a_step_cache_with_several_ranks_match_one_process(tmp_path):
     """Sequence parallel (Ulysses, 2 ranks) beside the other DiT transforms: the compiled block
-    (a block wrapper) and TeaCache (a loop wrapper outside the split: it decides on the whole
+    (a block wrapper; with FSDP too, whose hooks the compiled call skips) and TeaCache (a loop wrapper outside the split: it decides on the whole
     tensors, the same on every rank; here the steps after the first five are skipped) each give
     what one process gives with the same transform."""
     from tests.speed.test_compile import _cannot_compile
@@ -92,9 +92,12 @@ def test_compile_and_a_step_cache_with_ulysses_match_one_process(tmp_path):
         pytest.skip(reason)
     cache = dict(cache="teacache", cache_threshold=0.5)
     cases = [dict(name="compile", sp="ulysses", load={"compile": True}),
+             dict(name="compile, fsdp", fsdp=True, load={"compile": True}),
              dict(name="teacache", sp="ulysses", load=cache, request={"num_inference_steps": 7})]
     results = run_ranks(2, cases, tmp_path)
-    assert close(results["compile"][0], single()) <= TOLERANCE
+    reference = single()
+    for name in ("compile", "compile, fsdp"):
+        assert close(results[name][0], reference) <= TOLERANCE, name
     pipe = WanPipeline.from_pretrained("tiny", **cache)
     cached = pipe(**dict(REQUEST, num_inference_steps=7))
     skipped = pipe.step_cache.stats.total_skipped

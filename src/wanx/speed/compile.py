@@ -11,7 +11,8 @@ dynamo's recompile limit (8) on a 30- or 40-block model.
 Only `forward` is compiled, not `Module.__call__`, and the wrapper calls it without going
 through `block(...)`, so a block's own hooks do not run: what must happen around a block (the
 block streamer swapping weights in and out, activation checkpointing) is a block wrapper before
-this one in the list, in eager Python around the graph. Hooks on layers *inside*
+this one in the list, in eager Python around the graph (FSDP keeps its hooks for the eager
+call and gathers the shards in a block wrapper too: `distributed.shard`). Hooks on layers *inside*
 a block (live LoRAs) are traced into the graph; their strengths live in tensors so a strength
 change needs no recompile (see `lora.layer`).
 
@@ -48,10 +49,6 @@ class CompiledBlocks:
         if self.dit.block_wrappers[-1] is not self:  # a wrapper inside this one would never run
             raise RuntimeError("the compiled block must be the last of dit.block_wrappers: add the other block "
                                "wrappers (streaming, checkpointing) before compile_blocks")
-        if block._forward_pre_hooks or block._forward_hooks:
-            # e.g. FSDP's gathering of the block's shards: this call would skip them
-            raise RuntimeError("a compiled block is called without its module hooks, and this block has some "
-                               "(FSDP sharding?): such a transform must be a block wrapper to combine with --compile")
         if self.dynamic is None:
             # maybe_: a size of 0 or 1 is specialised by dynamo instead of failing the call.
             torch._dynamo.maybe_mark_dynamic(x, 1)
