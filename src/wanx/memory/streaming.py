@@ -153,7 +153,8 @@ class StreamStats:
 
 
 class BlockStreamer:
-    """Hooks that keep `model`'s weights within `budget` bytes on `device` (see module doc)."""
+    """Keeps `model`'s weights within `budget` bytes on `device`: a block wrapper and hooks (see
+    module doc); `remove()` undoes it."""
 
     def __init__(self, model: nn.Module, device: torch.device | str, budget: int, *, prefetch: bool | None = None):
         self.model, self.device = model, torch.device(device)

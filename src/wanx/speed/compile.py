@@ -2,19 +2,18 @@
 
 `compile_blocks(dit)` adds a wrapper at the end of `dit.block_wrappers` (the innermost: it
 calls the block itself) that calls one compiled function of the block class' `forward` with
-each block as `self`. Dynamo caches compiled
-frames per code object, and with nn.Module inlining the block's parameters are graph inputs,
-so every block hits the same cache entry: one graph for N blocks, compiled once (seconds
-rather than the minutes of a whole-model compile), not N graphs that would also run into
-dynamo's recompile limit (8) on a 30- or 40-block model.
+each block as `self`. Dynamo caches compiled frames per code object, and with nn.Module
+inlining the block's parameters are graph inputs, so every block hits the same cache entry:
+one graph for N blocks, compiled once (seconds rather than the minutes of a whole-model
+compile), not N graphs that would also run into dynamo's recompile limit (8) on a 30- or
+40-block model.
 
 Only `forward` is compiled, not `Module.__call__`, and the wrapper calls it without going
 through `block(...)`, so a block's own hooks do not run: what must happen around a block (the
-block streamer swapping weights in and out, activation checkpointing) is a block wrapper before
-this one in the list, in eager Python around the graph (FSDP keeps its hooks for the eager
-call and gathers the shards in a block wrapper too: `distributed.shard`). Hooks on layers *inside*
-a block (live LoRAs) are traced into the graph; their strengths live in tensors so a strength
-change needs no recompile (see `lora.layer`).
+block streamer swapping weights in and out, activation checkpointing, FSDP's gathering of the
+block's shards) is a block wrapper before this one in the list, in eager Python around the
+graph. Hooks on layers *inside* a block (live LoRAs) are traced into the graph; their
+strengths live in tensors so a strength change needs no recompile (see `lora.layer`).
 
 The token count (dim 1 of x, dim 0 of the RoPE tables) is marked dynamic on every call, so
 a new video size reuses the graph; batch, width and text length stay static (a new batch size
