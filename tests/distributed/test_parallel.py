@@ -80,6 +80,32 @@ def test_four_ranks_cfg_halves_with_ring_inside(tmp_path):
     assert close(latents, single()) <= TOLERANCE
 
 
+def test_compile_and_a_step_cache_with_several_ranks_match_one_process(tmp_path):
+    """Sequence parallel (Ulysses, 2 ranks) beside the other DiT transforms: the compiled block
+    (a block wrapper; with FSDP too, whose hooks the compiled call skips) and TeaCache (a loop wrapper outside the split: it decides on the whole
+    tensors, the same on every rank; here the steps after the first five are skipped) each give
+    what one process gives with the same transform."""
+    from tests.speed.test_compile import _cannot_compile
+    from wanx.pipeline import WanPipeline
+
+    if reason := _cannot_compile():
+        pytest.skip(reason)
+    cache = dict(cache="teacache", cache_threshold=0.5)
+    cases = [dict(name="compile", sp="ulysses", load={"compile": True}),
+             dict(name="compile, fsdp", fsdp=True, load={"compile": True}),
+             dict(name="teacache", sp="ulysses", load=cache, request={"num_inference_steps": 7})]
+    results = run_ranks(2, cases, tmp_path)
+    reference = single()
+    for name in ("compile", "compile, fsdp"):
+        assert close(results[name][0], reference) <= TOLERANCE, name
+    pipe = WanPipeline.from_pretrained("tiny", **cache)
+    cached = pipe(**dict(REQUEST, num_inference_steps=7))
+    skipped = pipe.step_cache.stats.total_skipped
+    assert skipped > 0 and results["skipped"] == {"teacache": skipped}
+    assert close(results["teacache"][0], cached) <= TOLERANCE
+    assert close(cached, single(num_inference_steps=7)) > 1e-4  # the skipped steps change the result
+
+
 def png_frames(folder) -> np.ndarray:
     return np.stack([np.asarray(Image.open(f)) for f in sorted(folder.iterdir())]).astype(int)
 

@@ -41,7 +41,7 @@ def run_cases(rank: int, world: int, port: int, cases: list[dict], out: str) -> 
     results = {}
     try:
         for case in cases:
-            pipe = WanPipeline.from_pretrained(case.get("model", "tiny"))
+            pipe = WanPipeline.from_pretrained(case.get("model", "tiny"), **case.get("load", {}))
             if case.get("lora"):  # loaded before the plan, as the CLI does
                 pipe.load_lora(lora_file(os.path.dirname(out)), 0.8, fuse=case["lora"] == "fused")
             plan = parallelize(pipe, sp=case.get("sp", "auto"), cfg_parallel=case.get("cfg", False),
@@ -51,6 +51,8 @@ def run_cases(rank: int, world: int, port: int, cases: list[dict], out: str) -> 
                 request["image"] = image()
             results[case["name"]] = (pipe(**request), plan.describe(),
                                      plan.sequence.length if plan.sequence else None)
+            if pipe.step_cache is not None:
+                results.setdefault("skipped", {})[case["name"]] = pipe.step_cache.stats.total_skipped
     finally:
         if rank == 0:
             torch.save(results, out)

@@ -292,17 +292,24 @@ def test_cli_lora_flag_info_and_metadata(tmp_path, capsys, monkeypatch):
 
 def test_live_adapters_on_a_streamed_model_live_where_it_computes(base, tmp_path):
     """The streamed weights wait in host memory; the live LoRA must be made on the streamer's
-    device (the GPU), or the first block fails with tensors on two devices."""
-    from types import SimpleNamespace
+    device (the GPU), or the first block fails with tensors on two devices. The caller may
+    say so itself (streamed=, device=) instead of the streamer's record."""
+    from wanx.memory.streaming import BlockStreamer
 
+    told = copy.deepcopy(base[0])
     model = copy.deepcopy(base[0])
-    object.__setattr__(model, "_wanx_streamer", SimpleNamespace(device=torch.device("meta")))  # stands in for cuda
+    BlockStreamer(model, "meta", 0)  # stands in for cuda: budget 0, nothing is copied there yet
     dim = model.config.dim
     path = tmp_path / "q.safetensors"
     save_file({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.ones(2, dim),
                "diffusion_model.blocks.0.self_attn.q.lora_B.weight": torch.ones(dim, 2)}, str(path))
     apply_lora(model, path, 1.0, fuse=False)
     adapter = model.blocks[0].self_attn.q.lora_adapters
+    assert {p.device.type for p in adapter.parameters()} == {"meta"}
+    with pytest.raises(LoraError, match="streamed model"):
+        apply_lora(told, path, 1.0, fuse=True, streamed=True)
+    apply_lora(told, path, 1.0, streamed=True, device="meta")  # live: the default on a streamed model
+    adapter = told.blocks[0].self_attn.q.lora_adapters
     assert {p.device.type for p in adapter.parameters()} == {"meta"}
 
 

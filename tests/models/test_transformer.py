@@ -181,3 +181,91 @@ def test_i2v_requires_image_inputs():
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown DiT preset"):
         dit_config("t2v-7B")
+
+
+# -- the seams (issue 27): ordered wrapper lists, each transform adds and takes off its own ----
+
+
+def test_wrappers_compose_in_list_order_first_outermost():
+    dit = tiny_dit()
+    x, t, context, _ = inputs(dit.config)
+    with torch.no_grad():
+        plain = dit(x, t, context)
+        calls = []
+
+        def loop(tag):
+            def wrapper(inner, state):
+                calls.append(f"{tag}>")
+                out = inner(state)
+                calls.append(f"<{tag}")
+                return out
+            return wrapper
+
+        def block(tag):
+            def wrapper(inner, blk, *inputs):
+                calls.append(f"{tag}{list(dit.blocks).index(blk)}")
+                return inner(blk, *inputs)
+            return wrapper
+
+        dit.loop_wrappers += [loop("a"), loop("b")]
+        dit.block_wrappers += [block("p"), block("q")]
+        assert torch.equal(dit(x, t, context), plain)  # wrappers that change nothing change no bit
+        assert calls == ["a>", "b>", "p0", "q0", "p1", "q1", "<b", "<a"]
+        # the same as forward, seam by seam
+        state = dit.embed(x, t, context)
+        assert state.x.shape == (2, 3 * 4 * 6, dit.config.dim) and state.grid == (3, 4, 6)
+        assert torch.equal(dit.run_head(state, dit.run_blocks(state)), plain)
+
+
+def test_each_transform_takes_off_only_its_own_wrapper():
+    """Streaming, sequence parallel, the step cache and compile put themselves at their place in
+    the lists (cache first, sequence parallel last; compile after streaming) and `remove()` leaves
+    the lists as they were, whatever the order of removal."""
+    import torch.distributed as dist
+
+    from wanx.distributed.sequence import SequenceParallel
+    from wanx.memory.streaming import BlockStreamer, compute_device, streamer_of
+    from wanx.speed.cache import StepCache
+    from wanx.speed.compile import compile_blocks
+
+    dit = tiny_dit()
+    x, t, context, _ = inputs(dit.config)
+
+    def mine_loop(inner, state):
+        return inner(state)
+
+    def mine_block(inner, blk, *inputs):
+        return inner(blk, *inputs)
+
+    dit.loop_wrappers.append(mine_loop)
+    dit.block_wrappers.append(mine_block)
+    with torch.no_grad():
+        plain = dit(x, t, context)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        streamer = BlockStreamer(dit, "cpu", 0)
+        sequence = SequenceParallel(dit, mode="ulysses")
+        cache = StepCache("teacache", quiet=True).add_to(dit)
+        assert dit.loop_wrappers == [cache, mine_loop, sequence]
+        assert dit.block_wrappers == [mine_block, streamer]
+        assert streamer_of(dit) is streamer and compute_device(dit) == torch.device("cpu")
+        with torch.no_grad():  # one rank, a cache not started, every block streamed: the same bits
+            assert torch.equal(dit(x, t, context), plain)
+        assert streamer.stats.moved_bytes > 0
+        compiled = compile_blocks(dit)  # torch.compile compiles on the first call: none here
+        assert dit.block_wrappers == [mine_block, streamer, compiled]
+        dit.block_wrappers.append(mine_block)  # after the compiled block: it would never run
+        with pytest.raises(RuntimeError, match="last of dit.block_wrappers"), torch.no_grad():
+            dit(x, t, context)
+        dit.block_wrappers.pop()
+        sequence.remove()
+        compiled.remove()
+        cache.remove()
+        streamer.remove()
+    finally:
+        dist.destroy_process_group()
+    assert dit.loop_wrappers == [mine_loop] and dit.block_wrappers == [mine_block]
+    assert streamer_of(dit) is None and all(b.self_attn.attention_fn is None for b in dit.blocks)
+    assert not any(b._forward_pre_hooks or b._forward_hooks for b in dit.modules())
+    with torch.no_grad():
+        assert torch.equal(dit(x, t, context), plain)

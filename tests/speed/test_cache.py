@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from wanx.cli import main
+from wanx.models.transformer import DiTState
 from wanx.speed.cache import MAGCACHE_RATIOS, StepCache, resample_ratios
 from wanx.video import read_video
 
@@ -100,13 +101,19 @@ def test_batched_and_separate_guidance_agree_under_a_cache(pipe, calibration):
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
+def loop_state(x, e, e0, context) -> DiTState:
+    """What the block loop gets (no image context, no RoPE tables: these blocks use neither)."""
+    return DiTState(x, e, e0, context, None, None, (1, 1, 1))
+
+
 def test_each_branch_adds_its_own_residual():
     """A block stack that adds +1 to cond rows and -1 to uncond rows: on a skipped step each row
     must get its own branch's residual back (mixed state would swap or average them)."""
     class Config:
         model_type, dim, num_layers = "t2v", 1536, 30
 
-    def run(x, e0, context, context_img, rope):
+    def run(state):
+        x, context = state.x, state.context
         return x + context[:, :1, :1]  # the context carries each row's offset
 
     cache = StepCache("magcache", 10.0, magcache_k=5, retention=0.0, quiet=True)
@@ -115,17 +122,17 @@ def test_each_branch_adds_its_own_residual():
     context = torch.tensor([1.0, -1.0]).view(2, 1, 1)
     e = e0 = torch.zeros(1, 6, 1)
     cache.at(0, ("cond", "uncond"))
-    first = cache(run, x, e, e0, context, None, None)
+    first = cache(run, loop_state(x, e, e0, context))
     cache.at(1, ("cond", "uncond"))
-    skipped = cache(run, x + 5, e, e0, torch.zeros_like(context), None, None)  # a skip ignores the new context
+    skipped = cache(run, loop_state(x + 5, e, e0, torch.zeros_like(context)))  # a skip ignores the new context
     assert cache.stats.skipped == {"cond": 1, "uncond": 1}
     assert torch.equal(first[:, 0, 0], torch.tensor([1.0, -1.0]))
     assert torch.equal(skipped[:, 0, 0], torch.tensor([6.0, 4.0]))
     # separate calls (unbatched guidance), uncond first: still each branch's own residual
     cache.at(2, ("uncond",))
-    assert float(cache(run, x[:1], e, e0, torch.zeros(1, 1, 1), None, None)[0, 0, 0]) == -1.0
+    assert float(cache(run, loop_state(x[:1], e, e0, torch.zeros(1, 1, 1)))[0, 0, 0]) == -1.0
     cache.at(2, ("cond",))
-    out = cache(run, x[:1], e, e0, torch.zeros(1, 1, 1), None, None)
+    out = cache(run, loop_state(x[:1], e, e0, torch.zeros(1, 1, 1)))
     assert float(out[0, 0, 0]) == 1.0  # cond skipped again: its residual (+1), not uncond's
 
 
@@ -135,7 +142,8 @@ def test_only_the_rows_that_run_go_through_the_blocks():
 
     rows = []
 
-    def run(x, e0, context, context_img, rope):
+    def run(state):
+        x, context = state.x, state.context
         rows.append(x.shape[0])
         return x + context[:, :1, :1]
 
@@ -143,9 +151,9 @@ def test_only_the_rows_that_run_go_through_the_blocks():
     cache.start(3, Config, 480, 832)
     context = torch.tensor([1.0, -1.0]).view(2, 1, 1)
     cache.at(0, ("cond",))  # only cond has a residual yet
-    cache(run, torch.zeros(1, 3, 1), None, torch.zeros(1, 6, 1), context[:1], None, None)
+    cache(run, loop_state(torch.zeros(1, 3, 1), None, torch.zeros(1, 6, 1), context[:1]))
     cache.at(1, ("cond", "uncond"))
-    out = cache(run, torch.zeros(2, 3, 1), None, torch.zeros(1, 6, 1), context, None, None)
+    out = cache(run, loop_state(torch.zeros(2, 3, 1), None, torch.zeros(1, 6, 1), context))
     assert rows == [1, 1]  # the second call ran the uncond row alone
     assert torch.equal(out[:, 0, 0], torch.tensor([1.0, -1.0]))
 

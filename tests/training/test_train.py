@@ -158,14 +158,13 @@ def test_adapters_live_where_a_streamed_dit_computes():
     """With --offload blocks the frozen weights stay in host memory and visit the GPU block by
     block; the trainable LoRA must be made on the GPU (the streamer's device), not beside the
     host weights (found on an H200: a 14B run failed with mat2 on cpu)."""
-    from types import SimpleNamespace
-
+    from wanx.memory.streaming import BlockStreamer
     from wanx.models.transformer import WanDiT
     from wanx.training.recipe import add_trainable_lora, compute_device
 
     dit = WanDiT("tiny")
     assert compute_device(dit) == torch.device("cpu")
-    object.__setattr__(dit, "_wanx_streamer", SimpleNamespace(device=torch.device("meta")))  # stands in for cuda
+    BlockStreamer(dit, "meta", 0)  # stands in for cuda: budget 0, nothing is copied there yet
     assert compute_device(dit) == torch.device("meta")
     adapters = add_trainable_lora(dit, 4, None, ("q",), torch.Generator().manual_seed(0))
     assert {a.down.device.type for a in adapters.values()} == {"meta"}

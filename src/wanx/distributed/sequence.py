@@ -1,8 +1,9 @@
 """Sequence parallelism for the DiT: every rank holds a slice of the video tokens.
 
-Applied from outside at two seams of `WanDiT`: `run_blocks` (the tokens are padded to a
-multiple of the group size, each rank keeps its slice and the matching RoPE rows, and the
-slices are gathered again before the head) and `SelfAttention.attention_fn` (the only place a
+Applied from outside at two seams of `WanDiT`: the block loop (the last of `loop_wrappers`:
+the tokens are padded to a multiple of the group size, each rank keeps its slice and the
+matching RoPE rows, and the slices are gathered again before the head; a step cache before it
+in the list sees whole tensors) and `SelfAttention.attention_fn` (the only place a
 token looks at other tokens; cross-attention reads the replicated text, norms, modulation and
 the FFN act per token). Unlike the official xDiT path, the padding is masked out of the keys, so
 the result equals one device's.
@@ -17,6 +18,7 @@ Two ways to attend across ranks:
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -48,19 +50,19 @@ class SequenceParallel:
         self._attention = [block.self_attn for block in dit.blocks]
         for module in self._attention:
             module.attention_fn = attend
-        dit.run_blocks = self._run_blocks  # shadows the method: the seam around the block loop
-        object.__setattr__(dit, "_wanx_sequence_parallel", self)
+        dit.loop_wrappers.append(self)  # innermost: split after everything else, gather first
 
     def remove(self) -> None:
         for module in self._attention:
             module.attention_fn = None
-        self.dit.__dict__.pop("run_blocks", None)
-        self.dit.__dict__.pop("_wanx_sequence_parallel", None)
+        self.dit.loop_wrappers[:] = [w for w in self.dit.loop_wrappers if w is not self]
 
     # -- the block-loop seam -----------------------------------------------------------------
 
-    def _run_blocks(self, x: Tensor, e0: Tensor, context: Tensor, context_img: Tensor | None,
-                    rope: tuple[Tensor, Tensor]) -> Tensor:
+    def __call__(self, inner, state) -> Tensor:
+        """The loop wrapper: `inner` (the blocks) on this rank's slice of the tokens, then every
+        rank's slices gathered."""
+        x, e0, rope = state.x, state.e0, state.rope
         length = x.shape[1]
         chunk = math.ceil(length / self.size)
         padded = chunk * self.size
@@ -73,8 +75,7 @@ class SequenceParallel:
         self.length = length
         if e0.ndim == 4:
             e0 = e0[:, mine]
-        local = type(self.dit).run_blocks(self.dit, x[:, mine].contiguous(), e0, context, context_img,
-                                          tuple(r[mine] for r in rope))
+        local = inner(replace(state, x=x[:, mine].contiguous(), e0=e0, rope=tuple(r[mine] for r in rope)))
         parts = [torch.empty_like(local) for _ in range(self.size)]
         dist.all_gather(parts, local.contiguous(), group=self.group)
         return torch.cat(parts, dim=1)[:, :length]

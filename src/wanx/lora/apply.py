@@ -11,6 +11,7 @@ of a non-Linear) are always fused: they are tiny.
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..memory.fp8 import FP8Linear, quantize_weight
-from ..memory.streaming import compute_device
+from ..memory.streaming import compute_device, streamer_of
 from .formats import LoraError, LoraFile, LoraModule, read_lora
 from .layer import LoraAdapter, adapter_of, attach, detach
 
@@ -50,16 +51,23 @@ class _Loaded:
     report: LoraReport
 
 
+# model -> {name: its loaded LoRA}, in load order (weak: a dropped model is not kept alive).
+_LOADED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def loaded_loras(dit: nn.Module) -> dict[str, _Loaded]:
-    if not hasattr(dit, "_wanx_loras"):
-        object.__setattr__(dit, "_wanx_loras", {})
-    return dit._wanx_loras
+    """The LoRAs loaded on `dit`, by name, in load order (the registry itself: do not change it)."""
+    return _LOADED.setdefault(dit, {})
 
 
 def apply_lora(dit: nn.Module, source: str | Path | dict | LoraFile, strength: float = 1.0, *,
-               fuse: bool | None = None, name: str | None = None) -> LoraReport:
+               fuse: bool | None = None, name: str | None = None, streamed: bool | None = None,
+               device: torch.device | str | None = None) -> LoraReport:
     """Apply a LoRA to `dit` (see module doc). Nothing changes when a check fails. name: default
-    the file's stem, or where a loaded LoRA has it, more of its path (`lora_names`)."""
+    the file's stem, or where a loaded LoRA has it, more of its path (`lora_names`).
+    streamed: whether the model's weights are streamed block by block (no fusing then);
+    device: where it computes (a live LoRA's adapters are made there). Both default to what
+    `memory.streaming` records for the model (`streamer_of`, `compute_device`)."""
     lora = source if isinstance(source, LoraFile) else read_lora(source)
     loaded = loaded_loras(dit)
     if name is None and lora.path is not None:
@@ -72,7 +80,8 @@ def apply_lora(dit: nn.Module, source: str | Path | dict | LoraFile, strength: f
     if name in loaded:
         raise LoraError(f"a LoRA named {name!r} is loaded already: unload it first, or give another name")
     targets = match(dit, lora)
-    streamed = getattr(dit, "_wanx_streamer", None) is not None
+    if streamed is None:
+        streamed = streamer_of(dit) is not None
     fp8 = any(isinstance(t, FP8Linear) for t in targets.values())
     if fuse is None:
         fuse = not (streamed or fp8)
@@ -86,17 +95,17 @@ def apply_lora(dit: nn.Module, source: str | Path | dict | LoraFile, strength: f
     report = LoraReport(name, lora.format, len(targets), len(lora.modules), lora.ranks, float(strength), fuse, lora.sha256)
     loaded[name] = _Loaded(lora, float(strength), fuse, targets, report)
     if fuse:
-        _refuse(dit, set(targets.values()))
+        _rebuild_fused_weights(dit, set(targets.values()))
     else:
         # On a streamed model the weights wait in host memory between blocks; the adapters are
         # small and stay resident where the blocks compute.
-        device = compute_device(dit)
+        device = compute_device(dit) if device is None else torch.device(device)
         for module_name, target in targets.items():
             if _is_linear(target):
                 weight = target.weight
                 dtype = target.compute_dtype if isinstance(target, FP8Linear) else weight.dtype
                 attach(target, name, LoraAdapter(lora.modules[module_name], strength, device=device, dtype=dtype))
-        _refuse(dit, {t for t in targets.values() if not _is_linear(t)})
+        _rebuild_fused_weights(dit, {t for t in targets.values() if not _is_linear(t)})
     return report
 
 
@@ -143,7 +152,7 @@ def set_lora_strength(dit: nn.Module, name: str, strength: float) -> None:
         adapter = adapter_of(target, name)
         if adapter is not None:
             adapter.strength = float(strength)
-    _refuse(dit, {t for t in entry.targets.values() if entry.fused or not _is_linear(t)})
+    _rebuild_fused_weights(dit, {t for t in entry.targets.values() if entry.fused or not _is_linear(t)})
 
 
 def remove_lora(dit: nn.Module, name: str | None = None) -> None:
@@ -157,7 +166,7 @@ def remove_lora(dit: nn.Module, name: str | None = None) -> None:
             if _is_linear(target):
                 detach(target, n)
             touched.add(target)
-    _refuse(dit, touched)
+    _rebuild_fused_weights(dit, touched)
 
 
 def _entry(dit: nn.Module, name: str) -> _Loaded:
@@ -258,7 +267,7 @@ def _is_linear(target) -> bool:
 # -- fusing ------------------------------------------------------------------------------
 
 
-def _refuse(dit: nn.Module, targets: set) -> None:
+def _rebuild_fused_weights(dit: nn.Module, targets: set) -> None:
     """Set each target's weights to its original plus every fused LoRA on it, in load order."""
     loaded = loaded_loras(dit)
     for target in targets:

@@ -2,13 +2,17 @@
 block lives in (pinned) host memory and is copied in just before it runs, the next one
 prefetched on a side CUDA stream while the current one computes.
 
-Applied to a built model from outside: forward hooks on each unit, `param.data` swapped
+Applied to a built model from outside: around each unit, `param.data` swapped
 between the host tensor and its device copy, so the model's math, its Parameter objects (and
 whatever holds them: LoRA layers, optimizers) are untouched. Frozen weights are never copied
 back: releasing a block just drops its device copy.
 
 A unit is one element of each block list the model declares (`stream_blocks`, e.g. DiT
-`blocks.N`) or one of the other modules that hold weights (embeddings, head). Parameters held
+`blocks.N`) or one of the other modules that hold weights (embeddings, head). A model with a
+block seam (`block_wrappers`, the DiT) has its blocks streamed by a block wrapper, so that
+what runs a block without `block(...)` (a compiled block) and what runs it again (activation
+checkpointing) are inside or outside the load as their place in that list says; every other
+unit is streamed by forward hooks. Parameters held
 directly by a container on the way to a block list (CLIP's class and position embeddings) stay
 on the device.
 
@@ -18,6 +22,7 @@ there is no side stream there, so nothing is prefetched and one block is in flig
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -148,11 +153,11 @@ class StreamStats:
 
 
 class BlockStreamer:
-    """Hooks that keep `model`'s weights within `budget` bytes on `device` (see module doc)."""
+    """Keeps `model`'s weights within `budget` bytes on `device`: a block wrapper and hooks (see
+    module doc); `remove()` undoes it."""
 
     def __init__(self, model: nn.Module, device: torch.device | str, budget: int, *, prefetch: bool | None = None):
         self.model, self.device = model, torch.device(device)
-        object.__setattr__(model, "_wanx_streamer", self)  # other transforms ask (a fused LoRA cannot apply)
         self.units, self.pinned = stream_units(model)
         cuda = self.device.type == "cuda"
         self.prefetch = cuda if prefetch is None else prefetch
@@ -164,10 +169,26 @@ class BlockStreamer:
         for unit in self.pinned:
             unit.load(self.device)
         self._hooks = []
+        wrapped = hasattr(model, "block_wrappers")
+        blocks = set(_block_units(model, self.units)) if wrapped else set()
+        self._block_unit = {id(u.module): u for u in blocks}
         for unit in self.units:
+            if unit in blocks:
+                continue
             self._hooks.append(unit.module.register_forward_pre_hook(lambda m, a, u=unit: self._enter(u)))
             self._hooks.append(unit.module.register_forward_hook(lambda m, a, o, u=unit: self._exit(u)))
+        if wrapped:
+            model.block_wrappers.append(self)
+        _STREAMERS[model] = self
         self.set_budget(budget)
+
+    def __call__(self, inner, block: nn.Module, *inputs):
+        """The block wrapper: the block's weights on the device for its call."""
+        unit = self._block_unit[id(block)]
+        self._enter(unit)
+        out = inner(block, *inputs)
+        self._exit(unit)
+        return out
 
     def set_budget(self, budget: int) -> StreamStats:
         """Choose the resident set: the always-resident tensors, then the non-block units (used
@@ -203,9 +224,12 @@ class BlockStreamer:
         """Take the hooks off and put every weight on the device (the plain model again)."""
         for hook in self._hooks:
             hook.remove()
+        if hasattr(self.model, "block_wrappers"):
+            self.model.block_wrappers[:] = [w for w in self.model.block_wrappers if w is not self]
         for unit in self.units:
             unit.load(self.device)
-        object.__setattr__(self.model, "_wanx_streamer", None)
+        if _STREAMERS.get(self.model) is self:
+            del _STREAMERS[self.model]
 
     # -- hooks -----------------------------------------------------------------------------
     def _enter(self, unit: Unit) -> None:
@@ -261,9 +285,19 @@ def _block_units(model: nn.Module, units: list[Unit]) -> list[Unit]:
     return [u for u in units if u.name.rsplit(".", 1)[0] in lists]
 
 
+# model -> its BlockStreamer while streamed: the streamer's own record, read through
+# `streamer_of` and `compute_device` (weak, so a dropped model is not kept alive).
+_STREAMERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def streamer_of(model: nn.Module) -> BlockStreamer | None:
+    """The BlockStreamer that streams `model`, or None."""
+    return _STREAMERS.get(model)
+
+
 def compute_device(model: nn.Module) -> torch.device:
     """Where `model` computes: its weights' device, or the block streamer's target when its
     weights live in host memory and visit the device block by block. What is made for it
     later (a live LoRA, a trainable adapter, a batch) belongs there."""
-    streamer = getattr(model, "_wanx_streamer", None)
+    streamer = streamer_of(model)
     return streamer.device if streamer is not None else next(model.parameters()).device

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -207,6 +208,33 @@ class MLPProj(nn.Module):
         return norm_out(x.float()).to(fc1.weight.dtype)
 
 
+@dataclass
+class DiTState:
+    """What `WanDiT.embed` makes of the inputs, read by the block loop and the head: the tokens
+    x `[B, L, D]` float32, the time embedding e (`[B, D]` or per token `[B, L, D]`) and its
+    projection e0 (`[B, 6, D]` or `[B, L, 6, D]`), the embedded text context `[B, text_len, D]`
+    and image context (`[B, 257|514, D]` or None), the RoPE tables and the token grid (f, h, w)."""
+
+    x: Tensor
+    e: Tensor
+    e0: Tensor
+    context: Tensor
+    context_img: Tensor | None
+    rope: tuple[Tensor, Tensor]
+    grid: tuple[int, int, int]
+
+
+def _call_block(block: nn.Module, *inputs) -> Tensor:
+    return block(*inputs)
+
+
+def _wrapped(wrappers: list, inner):
+    """`inner` inside each wrapper, the first in the list outermost."""
+    for wrapper in reversed(wrappers):
+        inner = functools.partial(wrapper, inner)
+    return inner
+
+
 class WanDiT(nn.Module):
     """Wan DiT, selected by `DiTConfig`: Wan2.1 T2V-1.3B/14B, I2V-14B and FLF2V-14B; Wan2.2's
     A14B experts (each one `WanDiT`) and TI2V-5B."""
@@ -232,13 +260,15 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         if cfg.has_image_input:
             self.img_emb = MLPProj(cfg)
-        # The seam around each block: None runs `block(...)`; a transform may set a callable
-        # `(block, *inputs) -> output` (training: activation checkpointing). Never model math.
-        self.block_wrapper = None
-        # The seam around the whole block loop: None runs `run_blocks`; a transform may set a
-        # callable `(run_blocks, x, e, e0, context, context_img, rope) -> x` (step caches skip
-        # the loop and add a stored residual; e and e0 are their probes). Never model math.
-        self.loop_wrapper = None
+        # The seams, each an ordered list of wrappers (the first is the outermost) that
+        # runtime transforms add themselves to and take themselves off; never model math.
+        # Around the block loop: `(inner, state) -> x`, inner `(state) -> x` (a step cache
+        # skips the loop and adds a stored residual; sequence parallelism runs it on its
+        # slice of the tokens). Around each block: `(inner, block, x, e0, context, context_img,
+        # rope) -> x`, inner of the same signature less itself (activation checkpointing,
+        # block streaming, the compiled block).
+        self.loop_wrappers: list = []
+        self.block_wrappers: list = []
 
     def forward(
         self,
@@ -256,6 +286,27 @@ class WanDiT(nn.Module):
         text_len here); I2V/FLF2V: y `[B, 20, F, H, W]` (mask 4 + image latent 16); Wan2.1
         I2V/FLF2V: clip_features `[B, 257|514, image_dim]`.
         """
+        state = self.embed(x, timestep, context, clip_features, y)
+        x = _wrapped(self.loop_wrappers, self.run_blocks)(state)
+        return self.run_head(state, x)
+
+    # Transitional, until pipeline.py calls `StepCache.add_to(dit)` / `remove()`: the one
+    # loop wrapper `dit.loop_wrapper = w` set (first in the list) or took off (None).
+    @property
+    def loop_wrapper(self):
+        return self.__dict__.get("_set_loop_wrapper")
+
+    @loop_wrapper.setter
+    def loop_wrapper(self, wrapper) -> None:
+        previous = self.__dict__.pop("_set_loop_wrapper", None)
+        self.loop_wrappers[:] = [w for w in self.loop_wrappers if w is not previous]
+        if wrapper is not None:
+            self.loop_wrappers.insert(0, wrapper)
+            self.__dict__["_set_loop_wrapper"] = wrapper
+
+    def embed(self, x: Tensor, timestep: Tensor, context: Tensor, clip_features: Tensor | None = None,
+              y: Tensor | None = None) -> DiTState:
+        """The inputs (as `forward` takes them) checked and embedded: tokens, time, text, image."""
         cfg = self.config
         self._check_inputs(x, context, clip_features, y)
         dtype = self.patch_embedding.weight.dtype
@@ -281,15 +332,22 @@ class WanDiT(nn.Module):
         context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
         context = self.text_embedding(context.to(dtype))  # [B, text_len, D]
         context_img = self.img_emb(clip_features) if clip_features is not None else None
+        return DiTState(x, e, e0, context, context_img, rope, grid)
 
-        if self.loop_wrapper is None:
-            x = self.run_blocks(x, e0, context, context_img, rope)
-        else:
-            x = self.loop_wrapper(self.run_blocks, x, e, e0, context, context_img, rope)
+    def run_blocks(self, state: DiTState) -> Tensor:
+        """The residual stream `state.x` `[B, L, D]` through every block, each through the block wrappers."""
+        call = _wrapped(self.block_wrappers, _call_block)
+        x = state.x
+        for block in self.blocks:
+            x = call(block, x, state.e0, state.context, state.context_img, state.rope)
+        return x
 
-        x = self.head(x, e)  # [B, L, pt*ph*pw*C], channels fastest
-        pt, ph, pw = cfg.patch_size
-        x = rearrange(x, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)", f=grid[0], h=grid[1], pt=pt, ph=ph, pw=pw)
+    def run_head(self, state: DiTState, x: Tensor) -> Tensor:
+        """The residual stream `[B, L, D]` after the blocks -> velocity `[B, out_dim, F, H, W]` float32."""
+        x = self.head(x, state.e)  # [B, L, pt*ph*pw*C], channels fastest
+        pt, ph, pw = self.config.patch_size
+        f, h, _ = state.grid
+        x = rearrange(x, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)", f=f, h=h, pt=pt, ph=ph, pw=pw)
         return x.float()
 
     def embed_time(self, timestep: Tensor) -> tuple[Tensor, Tensor]:
@@ -298,14 +356,6 @@ class WanDiT(nn.Module):
         e = self.time_embedding(t.to(self.time_embedding[0].weight.dtype)).float()
         e0 = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float()
         return e, e0.unflatten(1, (6, self.config.dim))
-
-    def run_blocks(self, x: Tensor, e0: Tensor, context: Tensor, context_img: Tensor | None,
-                   rope: tuple[Tensor, Tensor]) -> Tensor:
-        """The residual stream `[B, L, D]` through every block."""
-        for block in self.blocks:
-            inputs = (x, e0, context, context_img, rope)
-            x = block(*inputs) if self.block_wrapper is None else self.block_wrapper(block, *inputs)
-        return x
 
     def _check_timestep(self, timestep, x: Tensor) -> Tensor:
         """`[B]`/`[1]` (a scalar too) or `[B, L]`/`[1, L]` on x's device; a per-token timestep

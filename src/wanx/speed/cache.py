@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -136,8 +136,9 @@ class _Branch:
 
 
 class StepCache:
-    """The transform at `WanDiT.loop_wrapper`. Use: `start(num_steps, dit, height, width)` per
-    video, `at(step, branches)` before each DiT call, `stats` after."""
+    """A wrapper of `WanDiT.loop_wrappers`, put first (outermost: it sees whole tensors, outside
+    sequence parallelism) by `add_to(dit)` and taken off by `remove()`. Use: `start(num_steps,
+    dit, height, width)` per video, `at(step, branches)` before each DiT call, `stats` after."""
 
     def __init__(self, kind: str, threshold: float | None = None, *, magcache_k: int | None = None,
                  retention: float | None = None, calibration: dict | str | Path | None = None, quiet: bool = False):
@@ -151,6 +152,7 @@ class StepCache:
         self.recording: dict[str, list] | None = None  # calibrate(): every step computed, measured
         self.stats = CacheStats()
         self.num_steps, self._step, self._branches = 0, 0, ("cond",)
+        self.dit = None  # the model whose loop it wraps (`add_to`)
 
     # -- the pipeline's side ---------------------------------------------------------------
 
@@ -181,10 +183,24 @@ class StepCache:
 
     # -- the DiT's side ----------------------------------------------------------------------
 
-    def __call__(self, run, x: Tensor, e: Tensor, e0: Tensor, context: Tensor, context_img: Tensor | None, rope):
+    def add_to(self, dit) -> StepCache:
+        """Put this cache around `dit`'s block loop (outermost); `remove()` takes it off."""
+        self.remove()
+        self.dit = dit
+        dit.loop_wrappers.insert(0, self)
+        return self
+
+    def remove(self) -> None:
+        dit = getattr(self, "dit", None)
+        if dit is not None:
+            dit.loop_wrappers[:] = [w for w in dit.loop_wrappers if w is not self]
+            self.dit = None
+
+    def __call__(self, run, state) -> Tensor:
+        x, e0, context, context_img = state.x, state.e0, state.context, state.context_img
         branches = self._branches if len(self._branches) == x.shape[0] else ("cond",) * x.shape[0]
         if self.num_steps == 0:  # not started by a pipeline: a plain forward
-            return run(x, e0, context, context_img, rope)
+            return run(state)
         compute = self._decide(branches, e0)
         rows = [i for i, c in enumerate(compute) if c]
         out = x.clone() if len(rows) < len(branches) else None
@@ -192,7 +208,7 @@ class StepCache:
             def take(t):
                 return t if t is None or t.shape[0] == 1 else t[rows]
             part = x if out is None else x[rows]
-            result = run(part, take(e0), take(context), take(context_img), rope)
+            result = run(replace(state, x=part, e0=take(e0), context=take(context), context_img=take(context_img)))
             residual = result - part
             for j, i in enumerate(rows):
                 self._record(branches[i], residual[j:j + 1])

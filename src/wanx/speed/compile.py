@@ -1,16 +1,19 @@
 """Regional compile: `torch.compile` the repeated DiT block once, shared by every block.
 
-`compile_blocks(dit)` replaces each block's `forward` (an instance attribute shadowing the
-class method) with one compiled function of the class' `forward`. Dynamo caches compiled
-frames per code object, and with nn.Module inlining the block's parameters are graph inputs,
-so every block hits the same cache entry: one graph for N blocks, compiled once (seconds
-rather than the minutes of a whole-model compile), not N graphs that would also run into
-dynamo's recompile limit (8) on a 30- or 40-block model.
+`compile_blocks(dit)` adds a wrapper at the end of `dit.block_wrappers` (the innermost: it
+calls the block itself) that calls one compiled function of the block class' `forward` with
+each block as `self`. Dynamo caches compiled frames per code object, and with nn.Module
+inlining the block's parameters are graph inputs, so every block hits the same cache entry:
+one graph for N blocks, compiled once (seconds rather than the minutes of a whole-model
+compile), not N graphs that would also run into dynamo's recompile limit (8) on a 30- or
+40-block model.
 
-Only `forward` is compiled, not `Module.__call__`: the block's own hooks (the block streamer
-swapping weights in and out) stay in eager Python around the graph. Hooks on layers *inside*
-a block (live LoRAs) are traced into the graph; their strengths live in tensors so a strength
-change needs no recompile (see `lora.layer`).
+Only `forward` is compiled, not `Module.__call__`, and the wrapper calls it without going
+through `block(...)`, so a block's own hooks do not run: what must happen around a block (the
+block streamer swapping weights in and out, activation checkpointing, FSDP's gathering of the
+block's shards) is a block wrapper before this one in the list, in eager Python around the
+graph. Hooks on layers *inside* a block (live LoRAs) are traced into the graph; their
+strengths live in tensors so a strength change needs no recompile (see `lora.layer`).
 
 The token count (dim 1 of x, dim 0 of the RoPE tables) is marked dynamic on every call, so
 a new video size reuses the graph; batch, width and text length stay static (a new batch size
@@ -28,9 +31,10 @@ from torch import nn
 from ..attention import get_attention_backend
 
 
-@dataclass
+@dataclass(eq=False)
 class CompiledBlocks:
-    """What `compile_blocks` did, with the means to undo it (`remove()`)."""
+    """The block wrapper `compile_blocks` adds (the last of `dit.block_wrappers`), with the
+    means to undo it (`remove()`)."""
 
     dit: nn.Module
     blocks: list[nn.Module]
@@ -40,14 +44,23 @@ class CompiledBlocks:
     warmup_s: float | None = None  # set by `warm_up`
     _removed: bool = field(default=False, repr=False)
 
+    def __call__(self, inner, block: nn.Module, x, e0, context, context_img, rope):
+        if self.dit.block_wrappers[-1] is not self:  # a wrapper inside this one would never run
+            raise RuntimeError("the compiled block must be the last of dit.block_wrappers: add the other block "
+                               "wrappers (streaming, checkpointing) before compile_blocks")
+        if self.dynamic is None:
+            # maybe_: a size of 0 or 1 is specialised by dynamo instead of failing the call.
+            torch._dynamo.maybe_mark_dynamic(x, 1)
+            for table in rope:
+                torch._dynamo.maybe_mark_dynamic(table, 0)
+        return self.compiled(block, x, e0, context, context_img, rope)
+
     def remove(self) -> None:
-        """Give every block its class' eager forward back (compiled code stays in dynamo's
+        """Take the wrapper off: the blocks run eagerly again (compiled code stays in dynamo's
         cache until `torch._dynamo.reset()`; it is simply no longer called)."""
         if self._removed:
             return
-        for block in self.blocks:
-            if getattr(block.__dict__.get("forward"), "_wanx_compiled", None) is self:
-                del block.forward
+        self.dit.block_wrappers[:] = [w for w in self.dit.block_wrappers if w is not self]
         self._removed = True
 
     def warm_up(self, *inputs, **kwargs) -> float:
@@ -73,8 +86,8 @@ def compile_blocks(dit: nn.Module, *, dynamic: bool | None = None, mode: str | N
     blocks = list(dit.blocks)
     if not blocks:
         raise ValueError("the model has no blocks to compile")
-    if any("forward" in b.__dict__ for b in blocks):
-        raise ValueError("the blocks' forward is replaced already (compiled twice?): remove() the first first")
+    if any(isinstance(w, CompiledBlocks) for w in dit.block_wrappers):
+        raise ValueError("the blocks are compiled already (compiled twice?): remove() the first first")
     classes = {type(b) for b in blocks}
     if len(classes) != 1:
         raise ValueError(f"blocks of different classes cannot share a graph: {sorted(c.__name__ for c in classes)}")
@@ -89,20 +102,5 @@ def compile_blocks(dit: nn.Module, *, dynamic: bool | None = None, mode: str | N
     # hooks into the graph, and recompiled on a new video size.
     compiled = torch.compile(classes.pop().forward, dynamic=dynamic, mode=mode, fullgraph=fullgraph)
     handle = CompiledBlocks(dit, blocks, compiled, dynamic, mode)
-    mark = dynamic is None
-    for block in blocks:
-        block.forward = _bind(compiled, block, mark, handle)
+    dit.block_wrappers.append(handle)
     return handle
-
-
-def _bind(compiled, block: nn.Module, mark_tokens: bool, handle: CompiledBlocks):
-    def forward(x, e0, context, context_img, rope):
-        if mark_tokens:
-            # maybe_: a size of 0 or 1 is specialised by dynamo instead of failing the call.
-            torch._dynamo.maybe_mark_dynamic(x, 1)
-            for table in rope:
-                torch._dynamo.maybe_mark_dynamic(table, 0)
-        return compiled(block, x, e0, context, context_img, rope)
-
-    forward._wanx_compiled = handle
-    return forward

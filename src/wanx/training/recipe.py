@@ -330,18 +330,19 @@ def init_weights(dit: nn.Module, generator: torch.Generator) -> None:
     dit.head.head.weight.zero_()
 
 
-def checkpointed(block: nn.Module, *inputs):
-    """Run a block without keeping its activations; they are recomputed for the backward
-    pass (one block's activations alive at a time instead of all of them)."""
+def checkpointed(inner, block: nn.Module, *inputs):
+    """A block wrapper (the first of `WanDiT.block_wrappers`): run a block without keeping its
+    activations; they are recomputed for the backward pass (one block's activations alive at a
+    time instead of all of them), through the wrappers inside (a streamed block loads again)."""
     from torch.utils.checkpoint import checkpoint
 
-    return checkpoint(block, *inputs, use_reentrant=False)
+    return checkpoint(inner, block, *inputs, use_reentrant=False)
 
 
-def checkpointed_offloaded(block: nn.Module, *inputs):
+def checkpointed_offloaded(inner, block: nn.Module, *inputs):
     """As `checkpointed`, and the block inputs it keeps wait in (pinned) host memory."""
     with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
-        return checkpointed(block, *inputs)
+        return checkpointed(inner, block, *inputs)
 
 
 # -- loss --------------------------------------------------------------------------------
@@ -441,7 +442,7 @@ def train(dit: nn.Module, config: TrainConfig, *, progress: bool = True, base_mo
             clear_run(output, config.full)
         output.mkdir(parents=True, exist_ok=True)
     if config.gradient_checkpointing:
-        dit.block_wrapper = checkpointed_offloaded if config.offload_activations else checkpointed
+        dit.block_wrappers.insert(0, checkpointed_offloaded if config.offload_activations else checkpointed)
     trained = Trainable(dit, config)
     optimizer = torch.optim.AdamW(trained.params, lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, steps))

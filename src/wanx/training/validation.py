@@ -95,7 +95,10 @@ class Validator:
             self._pipe.defaults = dict(self.files.defaults)  # the model's guidance, shift and sampler
         folder = self.output / "validation" / f"step-{step}"
         folder.mkdir(parents=True, exist_ok=True)
-        wrapper, self.dit.block_wrapper = self.dit.block_wrapper, None  # nothing to recompute without gradients
+        from .recipe import checkpointed, checkpointed_offloaded
+
+        wrappers = list(self.dit.block_wrappers)  # checkpointing off: nothing to recompute without gradients
+        self.dit.block_wrappers[:] = [w for w in wrappers if w is not checkpointed and w is not checkpointed_offloaded]
         s = self.settings
         written = []
         try:
@@ -107,7 +110,7 @@ class Validator:
                     video.save(path)
                     written.append(path)
         finally:
-            self.dit.block_wrapper = wrapper
+            self.dit.block_wrappers[:] = wrappers
         if self.progress:
             print(f"\nvalidation: {len(written)} video(s) in {folder}", file=sys.stderr)
         return written
