@@ -362,19 +362,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         # --fsdp: DiT and umT5 stay memory-mapped on the host until fully_shard moves each
         # rank's shard to its GPU, so no GPU ever holds a whole copy
-        pipe = WanPipeline.from_files(files, runtime=runtime, progress=not args.quiet,
-                                      host_load=bool(args.fsdp and world is not None))
+        parallel = None if world is None else dict(sp=args.sp, cfg_parallel=args.cfg_parallel, fsdp=args.fsdp)
+        pipe = WanPipeline.from_files(files, runtime=runtime, progress=not args.quiet, loras=loras,  # read, checked
+                                      parallel=parallel, host_load=bool(args.fsdp and world is not None))
         pipe.name = args.model
-        for lora, strength, expert, name in loras:
-            report = pipe.load_lora(lora, strength, expert=expert, name=name)  # read and checked already
-            if writer:
-                print(f"{report}{f' ({expert}-noise expert)' if expert else ''}", file=sys.stderr)
-        if world is not None:
-            from .distributed import parallelize
-
-            plan = parallelize(pipe, sp=args.sp, cfg_parallel=args.cfg_parallel, fsdp=args.fsdp)
-            if writer:
-                print(f"parallel: {plan.describe()}", file=sys.stderr)
+        for report, expert in pipe.applied.loras if writer else ():
+            print(f"{report}{f' ({expert}-noise expert)' if expert else ''}", file=sys.stderr)
+        if pipe.parallel is not None and writer:
+            print(f"parallel: {pipe.parallel.describe()}", file=sys.stderr)
         if not args.quiet:
             experts = ", two experts" if files.moe else ""
             print(f"loading: {time.perf_counter() - start:.1f} s ({files.model_type}{experts} on {runtime.device}, "

@@ -8,8 +8,8 @@ compile) join it so that no signature has to grow.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -167,6 +167,77 @@ def _refuse_conflicts(choices: _Choices, names: Mapping[str, str] | None) -> Non
     for clash, message in CONFLICTS:
         if clash(choices):
             raise ValueError(message(choices, spell))
+
+
+# The one order in which `apply` transforms a pipeline's networks. Quantization happens as the
+# weights are read (`load_model(quantize=...)`: FP8 layers are filled directly, no bf16 copy
+# first). Placement comes next, so that a live LoRA's adapters are made where the blocks
+# compute and stay resident beside streamed weights (a fused LoRA is refused on streamed
+# weights either way); the parallel plan then wraps the block loop (innermost) and shards what
+# stays resident; the step cache wraps the loop outermost, seeing whole tensors; compile goes
+# last, as the innermost block wrapper (`dit.block_wrappers`), the others around its graph.
+ORDER = ("quantize", "placement", "lora", "parallel", "cache", "compile")
+
+
+@dataclass
+class Applied:
+    """What `apply` did to a pipeline's networks: the handle the pipeline (and a trainer) reads
+    instead of asking the transforms themselves."""
+
+    runtime: Runtime
+    placement: Any  # memory.placement.Placement: where each network's weights are, per phase
+    loras: list = field(default_factory=list)  # (LoraReport, expert) in load order
+    parallel: Any = None  # distributed.ParallelPlan on several ranks
+    cache: Any = None  # speed.cache.StepCache around the DiT's block loop
+    compiled: list = field(default_factory=list)  # speed.compile.CompiledBlocks, one per expert
+
+    @property
+    def streamed(self) -> bool:
+        return bool(self.placement.streamers.get("dit"))
+
+
+def apply(runtime: Runtime, networks: Mapping[str, Any], *, offload: str, budget: int, folder=None,
+          loras: Sequence = (), parallel: Mapping | None = None, say=None) -> Applied:
+    """Transform a pipeline's loaded networks ({"dit", "dit_low", "vae", "t5", "clip"}, the
+    absent ones None) as `runtime` asks, in ORDER. offload: "none", "model" or "blocks" (auto
+    resolved); budget: the DiT bytes resident with "blocks". folder: the model folder (its own
+    cache calibration). loras: (LoRA file or path, strength, expert, name) each; parallel: the
+    keywords of `distributed.plan_parallel` (sp, cfg_parallel, fsdp) when several ranks share the
+    work. say: where one-line notes go (the attention kernel chosen)."""
+    from .attention import backend_for, set_attention_backend
+    from .memory.placement import Placement
+
+    dit = networks["dit"]
+    experts = {name: networks[name] for name in ("dit", "dit_low") if networks.get(name) is not None}
+    set_attention_backend(runtime.attention)
+    if runtime.device.type == "cuda" and say is not None:  # which kernel runs, in one line (CPU: always SDPA)
+        say(f"attention: {backend_for(runtime.device, runtime.dtype, dit.config.head_dim)} ({runtime.attention})")
+    placement = Placement(offload, runtime.device, dict(networks), budget=budget, text_device=runtime.text_device)
+    applied = Applied(runtime, placement)
+    if loras:
+        from .lora.apply import apply_to_experts
+
+        streamed = applied.streamed
+        for lora, strength, expert, name in loras:
+            report = apply_to_experts(experts, lora, strength, expert=expert, name=name, streamed=streamed)
+            applied.loras.append((report, expert))
+    if parallel is not None:
+        from .distributed import plan_parallel
+
+        text = networks.get("t5") if runtime.text_device == runtime.device else None
+        applied.parallel = plan_parallel(list(experts.values()), runtime.device, text_model=text, **parallel)
+    if runtime.cache:
+        from .speed.cache import StepCache, find_calibration
+
+        calibration = runtime.cache_calibration
+        if calibration is None and folder is not None:
+            calibration = find_calibration(folder)
+        applied.cache = StepCache(runtime.cache, runtime.cache_threshold, calibration=calibration).add_to(dit)
+    if runtime.compile:
+        from .speed.compile import compile_blocks
+
+        applied.compiled = [compile_blocks(model) for model in experts.values()]
+    return applied
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -21,7 +21,7 @@ def test_estimate_counts_tiled_decoding():
 
 
 def test_pipeline_decodes_in_tiles_when_memory_is_short(tmp_path, monkeypatch):
-    import wanx.pipeline as pipeline
+    import wanx.pipeline.pipeline as pipeline
 
     monkeypatch.setenv("WANX_HOME", str(tmp_path))
     pipe = pipeline.WanPipeline.from_pretrained("tiny")
@@ -39,7 +39,7 @@ def test_pipeline_decodes_in_tiles_when_memory_is_short(tmp_path, monkeypatch):
 
 
 def test_guidance_falls_back_to_two_passes_when_a_batch_of_two_does_not_fit(tmp_path, monkeypatch):
-    import wanx.pipeline as pipeline
+    import wanx.pipeline.pipeline as pipeline
 
     monkeypatch.setenv("WANX_HOME", str(tmp_path))
     pipe = pipeline.WanPipeline.from_pretrained("tiny")

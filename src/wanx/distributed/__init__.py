@@ -46,12 +46,23 @@ def check_plan(world: int, num_heads: int | None, sp: str = "auto", cfg_parallel
 
 
 def parallelize(pipe, *, sp: str = "auto", cfg_parallel: bool = False, fsdp: bool = False) -> ParallelPlan:
-    """Apply the plan to `pipe` on every rank of the initialised process group (every rank
-    must call this, in the same order: it creates process groups)."""
-    # Wan2.2 A14B: both experts get the plan (each step runs one of them)
-    experts = [pipe.dit] + ([pipe.dit_low] if getattr(pipe, "dit_low", None) is not None else [])
+    """Apply the plan to a built pipeline on every rank of the initialised process group (every
+    rank must call this, in the same order: it creates process groups). `wanx.runtime.apply`
+    makes the same plan at its place in the transform order when the pipeline is built."""
+    text = pipe.text_encoder
+    plan = plan_parallel(list(pipe.experts.values()), pipe.device, sp=sp, cfg_parallel=cfg_parallel, fsdp=fsdp,
+                         text_model=getattr(text, "model", None) if text is not None and text.device == pipe.device
+                         else None)  # not umT5 running on the CPU aside
+    pipe.parallel = plan
+    return plan
+
+
+def plan_parallel(experts: list, device, *, sp: str = "auto", cfg_parallel: bool = False, fsdp: bool = False,
+                  text_model=None) -> ParallelPlan:
+    """The plan on the DiT(s) (Wan2.2 A14B: both experts, each step runs one of them) and, with
+    fsdp, umT5 (`text_model`; None: not sharded)."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    check_plan(world, pipe.dit.config.num_heads, sp, cfg_parallel)
+    check_plan(world, experts[0].config.num_heads, sp, cfg_parallel)
     plan = ParallelPlan(world)
     sp_ranks = list(range(world))
     if cfg_parallel:
@@ -72,16 +83,14 @@ def parallelize(pipe, *, sp: str = "auto", cfg_parallel: bool = False, fsdp: boo
         from .shard import shard_blocks
 
         for dit in experts:
-            shard_blocks(dit, world, pipe.device)
-        text = getattr(pipe.text_encoder, "model", None)
-        if text is not None and pipe.text_encoder.device == pipe.device:  # not when umT5 runs on the CPU aside
-            shard_blocks(text, world, pipe.device)
+            shard_blocks(dit, world, device)
+        if text_model is not None:
+            shard_blocks(text_model, world, device)
         plan.sharded = True
-    pipe.parallel = plan
     return plan
 
 
-__all__ = ["ParallelPlan", "SequenceParallel", "CfgParallel", "World", "check_plan", "init", "parallelize", "spawn",
+__all__ = ["ParallelPlan", "SequenceParallel", "CfgParallel", "World", "check_plan", "init", "parallelize", "plan_parallel", "spawn",
            "world_from_env"]
 
 

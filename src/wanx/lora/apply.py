@@ -109,6 +109,27 @@ def apply_lora(dit: nn.Module, source: str | Path | dict | LoraFile, strength: f
     return report
 
 
+def apply_to_experts(experts: dict[str, nn.Module], source, strength: float = 1.0, *, expert: str | None = None,
+                     name: str | None = None, fuse: bool | None = None, streamed: bool | None = None,
+                     device=None) -> LoraReport:
+    """A LoRA on a pipeline's DiT(s) (`experts`: {"dit": ...} plus "dit_low" for Wan2.2 A14B):
+    both experts, or one with expert "high"/"low". Nothing changes when a check fails."""
+    if expert not in (None, "high", "low"):
+        raise ValueError(f"expert must be 'high', 'low' or None (both), got {expert!r}")
+    if expert is not None and "dit_low" not in experts:
+        raise ValueError(f"a LoRA for the {expert}-noise expert needs a model with two experts (Wan2.2 A14B)")
+    chosen = {None: list(experts.values()), "high": [experts["dit"]], "low": [experts.get("dit_low")]}[expert]
+    lora = source if isinstance(source, LoraFile) else read_lora(source)  # read once for both experts
+    report = apply_lora(chosen[0], lora, strength, fuse=fuse, name=name, streamed=streamed, device=device)
+    try:
+        for dit in chosen[1:]:  # under the first expert's name, which may have been made unique there
+            apply_lora(dit, lora, strength, fuse=fuse, name=report.name, streamed=streamed, device=device)
+    except Exception:
+        remove_lora(chosen[0], report.name)
+        raise
+    return report
+
+
 def lora_names(paths: list[str | Path], taken: Iterable[str] = ()) -> list[str]:
     """Distinct readable names for LoRAs loaded together: each file's stem; stems that clash
     (with each other or with a name in `taken`) take as many of their folders as tell them

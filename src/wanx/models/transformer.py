@@ -290,20 +290,6 @@ class WanDiT(nn.Module):
         x = _wrapped(self.loop_wrappers, self.run_blocks)(state)
         return self.run_head(state, x)
 
-    # Transitional, until pipeline.py calls `StepCache.add_to(dit)` / `remove()`: the one
-    # loop wrapper `dit.loop_wrapper = w` set (first in the list) or took off (None).
-    @property
-    def loop_wrapper(self):
-        return self.__dict__.get("_set_loop_wrapper")
-
-    @loop_wrapper.setter
-    def loop_wrapper(self, wrapper) -> None:
-        previous = self.__dict__.pop("_set_loop_wrapper", None)
-        self.loop_wrappers[:] = [w for w in self.loop_wrappers if w is not previous]
-        if wrapper is not None:
-            self.loop_wrappers.insert(0, wrapper)
-            self.__dict__["_set_loop_wrapper"] = wrapper
-
     def embed(self, x: Tensor, timestep: Tensor, context: Tensor, clip_features: Tensor | None = None,
               y: Tensor | None = None) -> DiTState:
         """The inputs (as `forward` takes them) checked and embedded: tokens, time, text, image."""

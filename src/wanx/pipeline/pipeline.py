@@ -11,18 +11,19 @@ import functools
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..guidance import Guidance, ParallelHalves, TwoPass
-from ..lora import LoraReport, apply_lora, loaded_loras, remove_lora, set_lora_strength
+from ..lora import LoraReport, apply_to_experts, loaded_loras, remove_lora, set_lora_strength
 from ..memory.estimate import available_memory, check_fits, decode_tiles, estimate, weight_bytes
 from ..memory.placement import Placement, auto_budget, load_devices, resolve_offload
 from ..models.transformer import input_dtype
-from ..runtime import Runtime
+from ..runtime import Applied, Runtime
+from ..runtime import apply as runtime_apply
 from ..sampling import SAMPLERS, schedule
 from ..tasks import default_task
 from ..video import Video, to_pixels
@@ -36,7 +37,7 @@ class WanPipeline:
     Wan2.2 A14B: `dit` is the high-noise expert and `dit_low` the low-noise one."""
 
     def __init__(self, dit, vae, text_encoder=None, image_encoder=None, *, dit_low=None, name: str = "custom",
-                 runtime: Runtime | None = None, placement: Placement | None = None):
+                 runtime: Runtime | None = None, placement: Placement | None = None, applied: Applied | None = None):
         self.dit, self.vae, self.text_encoder, self.image_encoder = dit, vae, text_encoder, image_encoder
         self.dit_low = dit_low
         if dit_low is not None and dit_low.config != dit.config:
@@ -45,12 +46,30 @@ class WanPipeline:
         self.defaults: dict = {}  # the model folder's generation settings (wanx-defaults.json)
         self.name = name
         self.runtime = runtime
-        self.placement = placement or Placement("none", self.device, {})
+        # what runtime.apply did (placement, LoRAs, parallel plan, step cache, compiled blocks);
+        # a pipeline built by hand has its networks where they are
+        self.applied = applied or Applied(runtime, placement or Placement("none", self.device, {}))
         self.batch_cfg = True  # cond and uncond as one batch of 2; False: two passes (less memory)
-        self.compiled = None  # speed.compile.CompiledBlocks when the DiT block is compiled
-        self.parallel = None  # distributed.ParallelPlan when several ranks share the work
         self.last_timings: dict = {}  # seconds of the first and later denoising steps of the last call
         self.last_experts: dict = {}  # two experts: the last call's boundary and steps on each
+
+    @property
+    def placement(self) -> Placement:
+        return self.applied.placement
+
+    @property
+    def parallel(self):
+        """distributed.ParallelPlan when several ranks share the work."""
+        return self.applied.parallel
+
+    @parallel.setter
+    def parallel(self, plan) -> None:  # distributed.parallelize on a built pipeline
+        self.applied.parallel = plan
+
+    @property
+    def compiled(self):
+        """speed.compile.CompiledBlocks of the (high-noise) DiT when its block is compiled."""
+        return self.applied.compiled[0] if self.applied.compiled else None
 
     @property
     def device(self) -> torch.device:
@@ -102,11 +121,13 @@ class WanPipeline:
         return pipe
 
     @classmethod
-    def from_files(cls, files, *, runtime: Runtime | None = None, progress: bool = False,
-                   host_load: bool = False) -> "WanPipeline":
-        """Load the components `wanx.hub.find_components` found, placed as `runtime` says.
-        host_load: the DiT and umT5 stay (memory-mapped) in host memory, for a transform
-        that places them itself (FSDP moves only each rank's shard to its GPU)."""
+    def from_files(cls, files, *, runtime: Runtime | None = None, progress: bool = False, host_load: bool = False,
+                   loras: Sequence = (), parallel: Mapping | None = None) -> "WanPipeline":
+        """Load the components `wanx.hub.find_components` found and transform them as `runtime`
+        says (`wanx.runtime.apply`, in its one order). host_load: the DiT and umT5 stay
+        (memory-mapped) in host memory, for a transform that places them itself (FSDP moves only
+        each rank's shard to its GPU). loras: (LoRA file or path, strength, expert, name) each;
+        parallel: `distributed.plan_parallel`'s keywords (sp, cfg_parallel, fsdp) on several ranks."""
         from ..loading import load_model
         from ..text import TextEncoder, Tokenizer
 
@@ -123,53 +144,25 @@ class WanPipeline:
         where = load_devices(offload, device, runtime.text_device)
         if host_load:
             where = {**where, "dit": torch.device("cpu"), "dit_low": torch.device("cpu"), "t5": torch.device("cpu")}
-        dit = load_model(files.dit, dtype=dtype, device=where["dit"], quantize=runtime.quantize, progress=progress)
-        dit_low = None
+        networks = {"dit": load_model(files.dit, dtype=dtype, device=where["dit"], quantize=runtime.quantize,
+                                      progress=progress), "dit_low": None, "clip": None}
         if files.dit_low is not None:  # fp32-stored experts are cast to dtype as they are read, like any DiT
-            dit_low = load_model(files.dit_low, dtype=dtype, device=where["dit_low"], quantize=runtime.quantize,
-                                 progress=progress)
-        vae = load_model(files.vae, dtype=runtime.vae_dtype, device=where["vae"], progress=progress)
-        text_encoder = TextEncoder(load_model(files.text_encoder, dtype=dtype, device=where["t5"], progress=progress),
-                                   tokenizer, device=runtime.text_device)
-        image_encoder = None
-        if dit.config.has_image_input:
-            image_encoder = load_model(files.image_encoder, dtype=dtype, device=where["clip"], progress=progress)
+            networks["dit_low"] = load_model(files.dit_low, dtype=dtype, device=where["dit_low"],
+                                             quantize=runtime.quantize, progress=progress)
+        networks["vae"] = load_model(files.vae, dtype=runtime.vae_dtype, device=where["vae"], progress=progress)
+        networks["t5"] = load_model(files.text_encoder, dtype=dtype, device=where["t5"], progress=progress)
+        if files.dit_config.has_image_input:
+            networks["clip"] = load_model(files.image_encoder, dtype=dtype, device=where["clip"], progress=progress)
         budget = runtime.vram_budget
         if budget == "auto":
             budget = auto_budget(available_memory(device), work)
-        placement = Placement(offload, device, {"dit": dit, "dit_low": dit_low, "vae": vae, "t5": text_encoder.model,
-                                                "clip": image_encoder}, budget=budget, text_device=runtime.text_device)
-        pipe = cls(dit, vae, text_encoder, image_encoder, dit_low=dit_low, name=str(files.folder), runtime=runtime,
-                   placement=placement)
+        applied = runtime_apply(runtime, networks, offload=offload, budget=budget, folder=files.folder, loras=loras,
+                                parallel=parallel, say=lambda line: print(line, file=sys.stderr))
+        pipe = cls(networks["dit"], networks["vae"], TextEncoder(networks["t5"], tokenizer, device=runtime.text_device),
+                   networks["clip"], dit_low=networks["dit_low"], name=str(files.folder), runtime=runtime,
+                   applied=applied)
         pipe.defaults = dict(files.defaults)
-        pipe.apply_speed(runtime, files.folder)
         return pipe
-
-    def apply_speed(self, runtime: Runtime, folder: Path | None = None) -> None:
-        """The runtime's speed options: attention kernel, step cache (with the model's own
-        calibration when `wanx calibrate-cache` made one: `speed.cache.find_calibration`),
-        regional compile."""
-        from ..attention import backend_for, set_attention_backend
-
-        set_attention_backend(runtime.attention)
-        if runtime.device.type == "cuda":  # which kernel runs, in one line (CPU: always SDPA)
-            cfg = self.dit.config
-            print(f"attention: {backend_for(runtime.device, runtime.dtype, cfg.head_dim)} ({runtime.attention})",
-                  file=sys.stderr)
-        if runtime.cache:
-            calibration = runtime.cache_calibration
-            if calibration is None and folder is not None:
-                from ..speed.cache import find_calibration
-
-                calibration = find_calibration(folder)
-            self.enable_cache(runtime.cache, runtime.cache_threshold, calibration=calibration)
-        if runtime.compile:
-            from ..speed.compile import compile_blocks
-
-            self.compiled = compile_blocks(self.dit)
-            if self.dit_low is not None:
-                compile_blocks(self.dit_low)
-
 
     # -------------------------------------------------------------------------------------
     def __call__(
@@ -383,18 +376,8 @@ class WanPipeline:
         run time) on an FP8 or streamed one. A LoRA that does not fit this model is an error
         and changes nothing. expert: Wan2.2 A14B, "high" or "low" for one expert (e.g. a LoRA
         trained with `wanx train --expert`); default both."""
-        if expert not in (None, "high", "low"):
-            raise ValueError(f"expert must be 'high', 'low' or None (both), got {expert!r}")
-        if expert is not None and self.dit_low is None:
-            raise ValueError(f"a LoRA for the {expert}-noise expert needs a model with two experts (Wan2.2 A14B)")
-        experts = {None: list(self.experts.values()), "high": [self.dit], "low": [self.dit_low]}[expert]
-        report = apply_lora(experts[0], path, strength, fuse=fuse, name=name)
-        try:
-            for dit in experts[1:]:  # under the first expert's name, which may have been made unique there
-                apply_lora(dit, path, strength, fuse=fuse, name=report.name)
-        except Exception:
-            remove_lora(experts[0], report.name)  # nothing changes when a check fails
-            raise
+        report = apply_to_experts(self.experts, path, strength, expert=expert, name=name, fuse=fuse)
+        self.applied.loras.append((report, expert))
         return report
 
     def set_lora_strength(self, name: str, strength: float) -> None:
@@ -446,12 +429,14 @@ class WanPipeline:
 
     @property
     def step_cache(self):
-        return getattr(self, "_step_cache", None)
+        """speed.cache.StepCache around the DiT's block loop, or None."""
+        return self.applied.cache
 
     @step_cache.setter
     def step_cache(self, cache) -> None:
-        self._step_cache = cache
-        self.dit.loop_wrapper = cache
+        if self.applied.cache is not None:
+            self.applied.cache.remove()
+        self.applied.cache = cache.add_to(self.dit) if cache is not None else None
 
     def enable_cache(self, kind: str = "teacache", threshold: float | None = None, **options):
         """Step caching ("teacache" or "magcache"; threshold None: the published setting for
