@@ -161,7 +161,8 @@ def test_adapters_live_where_a_streamed_dit_computes():
     from types import SimpleNamespace
 
     from wanx.models.transformer import WanDiT
-    from wanx.training.recipe import add_trainable_lora, compute_device
+    from wanx.memory.streaming import compute_device
+    from wanx.training.trainable import add_trainable_lora
 
     dit = WanDiT("tiny")
     assert compute_device(dit) == torch.device("cpu")
@@ -178,7 +179,8 @@ def test_caption_dropout_trains_on_the_empty_text():
     from pathlib import Path
 
     from wanx.models.transformer import WanDiT
-    from wanx.training.recipe import TrainConfig, flow_matching_loss
+    from wanx.training.loss import flow_matching_loss
+    from wanx.training.recipe import TrainConfig
 
     torch.manual_seed(0)
     dit = WanDiT("tiny")
