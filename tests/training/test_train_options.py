@@ -319,6 +319,46 @@ def test_streamed_base_trains_the_same_lora(prepared, plain_run, tmp_path, check
     assert len(streamers) == 1 and stats.resident == 0 and stats.streamed > 0 and stats.moved_bytes > 0
 
 
+def test_streamed_base_without_a_budget_keeps_every_block_on_a_cpu(prepared, plain_run, tmp_path, monkeypatch):
+    """--offload blocks without --vram-budget: an automatic budget (it was a TypeError, issue
+    27). On a CPU host and device are one memory, so the budget keeps every block resident."""
+    from wanx.memory import streaming
+
+    streamers = []
+
+    class Recorded(streaming.BlockStreamer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            streamers.append(self)
+
+    monkeypatch.setattr(streaming, "BlockStreamer", Recorded)
+    train(prepared, tmp_path / "auto", "--steps", "3", "--lr", "1e-2", "--device", "cpu", "--offload", "blocks")
+    assert_close_files(plain_run / f"{plain_run.name}.safetensors", tmp_path / "auto" / "auto.safetensors")
+    stats = streamers[0].stats
+    assert len(streamers) == 1 and stats.streamed == 0 and stats.resident > 0 and stats.moved_bytes == 0
+
+
+def test_training_work_follows_the_settings(tmp_path):
+    """The automatic budget of a streamed DiT on a GPU is its free memory less this: more for a
+    larger batch, less with gradient checkpointing (less again with the kept inputs in host
+    memory), the optimizer state on top with --full."""
+    from wanx.configs import DiTConfig
+    from wanx.training.recipe import TrainConfig
+    from wanx.training.run import training_work
+
+    item = tmp_path / "item.safetensors"
+    save_file({"latents": torch.zeros(16, 3, 6, 8)}, str(item))
+    dit = DiTConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=32, text_len=16)
+
+    def work(**options):
+        return training_work(dit, TrainConfig(data=tmp_path, output=tmp_path, **options), [item])
+
+    plain = work()
+    assert work(batch_size=2) > plain > work(gradient_checkpointing=True) \
+        > work(gradient_checkpointing=True, offload_activations=True) > 0
+    assert work(full=True) > plain
+
+
 # -- 8. validation videos ------------------------------------------------------------------
 
 

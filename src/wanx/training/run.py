@@ -155,9 +155,10 @@ def training_work(dit_config, config: TrainConfig, items: list[Path]) -> int:
     """Bytes a training step needs on the device besides the frozen weights, for the largest
     prepared item: the activations autograd keeps for the backward pass and the trained weights'
     gradients and AdamW moments. A rough upper estimate, not a measurement: each block keeps
-    about what `memory.estimate` counts as one block's live forward bytes per token; with
-    gradient checkpointing only the fp32 block inputs are kept (none on the device with
-    offload_activations) and one block is recomputed at a time."""
+    about what `memory.estimate` counts as one block's live forward bytes per token, and the
+    backward pass of a block needs as much again; with gradient checkpointing only the fp32
+    block inputs are kept (none on the device with offload_activations) and one block is
+    recomputed (its forward and backward) at a time."""
     from safetensors import safe_open
 
     shapes = []
@@ -169,7 +170,7 @@ def training_work(dit_config, config: TrainConfig, items: list[Path]) -> int:
     tokens = config.batch_size * ((frames // pt) * (height // ph) * (width // pw) + dit_config.text_len)
     per_token = 4 * 2 * dit_config.dim + 4 * (dit_config.dim + 2 * dit_config.ffn_dim)  # fp32: the upper bound
     if not config.gradient_checkpointing:
-        kept = dit_config.num_layers * per_token
+        kept = (dit_config.num_layers + 1) * per_token
     else:
         kept = 2 * per_token + (0 if config.offload_activations else dit_config.num_layers * 4 * dit_config.dim)
     trained = 0
