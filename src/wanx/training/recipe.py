@@ -7,9 +7,8 @@ This file holds the loop; each stage has its module: `batches` (the prepared ite
 `trainable` (LoRA injection, initialisation), `loss`, `checkpoint` (saving, resuming) and
 `output` (the run folder).
 
-The objective is Wan's: x_t = (1 - s) x0 + s eps, the DiT predicts eps - x0, s from the
-shifted schedule s = shift t / (1 + (shift - 1) t) with t uniform (DiffSynth samples the same
-grid) or logit-normal, timestep = 1000 s.
+The objective is Wan's flow matching (`loss`): the DiT predicts eps - x0 from
+x_t = (1 - s) x0 + s eps at timestep 1000 s.
 
 Everything random in a step (timesteps, noise) comes from a generator seeded by the seed and
 the global batch number, and the data order from the seed and the epoch. So a step is the same
