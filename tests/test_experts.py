@@ -254,7 +254,7 @@ def test_i2v_a14b_runs_without_clip(tmp_path):
 
 
 def test_expert_training_draws_only_its_timesteps():
-    from wanx.training.recipe import sample_sigma
+    from wanx.training.loss import sample_sigma
 
     gen = torch.Generator().manual_seed(0)
     low = [float(sample_sigma(gen, 12.0, "uniform", (0.0, 0.875))) for _ in range(200)]

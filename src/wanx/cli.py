@@ -424,7 +424,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     files = find_components(resolve_model(args.model, source=args.source))
     # unset: the model's own size and length (wanx-defaults.json), else the official ones
     args.size, args.frames = model_geometry(files, args.size, args.frames)
-    if args.frames < 1 or (args.frames - 1) % 4:
+    from .configs import frames_ok
+
+    if not frames_ok(args.frames):
         raise ValueError(f"--frames {args.frames} must be 4k+1 (e.g. 17, 33, 81)")
     if min(args.size) <= 0 or any(v % 16 for v in args.size):
         raise ValueError(f"--size {args.size[0]}x{args.size[1]}: width and height must be positive multiples of 16")
@@ -446,12 +448,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .hub import find_components, resolve_model
-    from .loading import load_model
+    """Flags -> TrainConfig, ValidationRequest and Runtime -> `wanx.training.run`."""
     from .runtime import Runtime
-    from .training.prepare import check_cache
-    from .training.recipe import TrainConfig, cached_items, check_output, check_resume, check_targets, \
-        kept_after_interrupt, run_settings, train
+    from .training import run
+    from .training.output import kept_after_interrupt
+    from .training.recipe import TrainConfig
+    from .training.run import ValidationRequest
 
     for name in ("data", "model", "output"):
         if not getattr(args, name):
@@ -491,102 +493,36 @@ def cmd_train(args: argparse.Namespace) -> int:
                          lora_format=args.lora_format, gradient_checkpointing=args.gradient_checkpointing,
                          offload_activations=args.offload_activations, mixed_precision=args.mixed_precision,
                          save_every=args.save_every, keep=args.keep, resume=args.resume, overwrite=args.overwrite,
-                         validate_every=args.validate_every if args.validation_prompts else None)
-    check_output(config.output, resume=config.resume, overwrite=config.overwrite, full=config.full)
-    items = cached_items(config.data)  # no prepared cache: say so before loading the model
-    files = find_components(resolve_model(args.model, source=args.source))
-    dit_file = files.dit
-    if files.moe != bool(args.expert):
-        raise ValueError(f"{args.model} has two experts (Wan2.2 A14B): choose the one to train with --expert high|low"
-                         if files.moe else f"--expert is for a model with two experts (Wan2.2 A14B); {args.model} has one DiT")
-    if args.expert:  # one expert, on the timesteps it runs at generation: the split is the boundary
-        from .tasks import default_task
-
-        if config.validate_every:
-            raise ValueError("validation videos need both experts: drop --validation-prompts with --expert")
-        boundary = 1000 * files.defaults.get("boundary", default_task(files.model_type, 2).boundary)
-        dit_file = files.dit if args.expert == "high" else files.dit_low
-        config.expert = args.expert
-        config.timestep_range = (boundary, 1000.0) if args.expert == "high" else (0.0, boundary)
-    check_cache(items, files)
-    if not config.full:  # on a DiT of no memory (meta): its layer names
-        import torch
-
-        from .models.transformer import WanDiT
-
-        with torch.device("meta"):
-            check_targets(WanDiT(files.dit_config), targets)
-    if config.resume:
-        check_resume(config.output, run_settings(config, files.dit_config, args.model))
+                         validate_every=args.validate_every if args.validation_prompts else None,
+                         expert=args.expert)
     validation = None
-    if config.validate_every:
-        from .training.validation import plan_validation
-
-        validation = plan_validation(files, _prompts(args.validation_prompts),
-                                     negative_prompt=args.validation_negative_prompt, size=args.validation_size,
-                                     frames=args.validation_frames, steps=args.validation_steps)
-    from accelerate import Accelerator
-
-    runtime = Runtime.create(args.device, args.dtype)
-    accelerator = Accelerator(cpu=runtime.device.type == "cpu", mixed_precision=args.mixed_precision)
-    created = _make_folder(config.output, "--output")
+    if args.validation_prompts:
+        validation = ValidationRequest(_prompts(args.validation_prompts), args.validation_negative_prompt,
+                                       args.validation_size, args.validation_frames, args.validation_steps)
+    # train's --vram-budget is read with --offload blocks only (its help says so)
+    runtime = Runtime.create(args.device, args.dtype, offload=args.offload,
+                             vram_budget=args.vram_budget if args.offload == "blocks" else None,
+                             quantize="fp8" if args.fp8 else None)
+    main_process = os.environ.get("RANK", "0") == "0"  # several processes: the main one reports for all
     try:
-        device = accelerator.device if runtime.device.type != "cpu" else runtime.device  # one GPU per process
-        streamed = args.offload == "blocks"
-        dit = load_model(dit_file, dtype=runtime.dtype, device="cpu" if streamed else device,
-                         quantize="fp8" if args.fp8 else None, progress=not args.quiet and accelerator.is_main_process)
-        if streamed:  # frozen blocks live in host memory and visit the device one by one
-            from .memory.placement import auto_budget
-            from .memory.streaming import BlockStreamer, parse_bytes
-
-            budget = parse_bytes(args.vram_budget) if args.vram_budget is not None else auto_budget(device)
-            BlockStreamer(dit, device, budget)
-        validate = None
-        if validation is not None:
-            from .training.validation import Validator
-
-            validate = Validator(dit, files, runtime, validation, output=config.output, progress=not args.quiet)
-        path = train(dit, config, progress=not args.quiet, base_model=args.model, accelerator=accelerator,
-                     validate=validate)
+        path = run(config, runtime, model=args.model, source=args.source, validation=validation,
+                   progress=not args.quiet, names=TRAIN_FLAGS)
     except KeyboardInterrupt:  # say what a stopped run keeps and how to go on
-        if not accelerator.is_main_process:
+        if not main_process:
             return 130
         if not args.quiet:
             print(file=sys.stderr)  # end the progress bar's line
         kept = kept_after_interrupt(config.output)
         print(f"wanx: interrupted; {kept}" if kept else "wanx: interrupted, nothing written", file=sys.stderr)
         return 130
-    finally:
-        for folder in reversed(created):  # folders made here and left empty (a failed or stopped start)
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-    if accelerator.is_main_process:
+    if main_process:
         print(path)
     return 0
 
 
-def _make_folder(folder: Path, flag: str) -> list[Path]:
-    """Create `folder` (and missing parents) and write a probe file there, so that an
-    unwritable one fails now, naming the flag, not after the model loads. Returns the
-    folders made here."""
-    missing, parent = [], Path(folder)
-    while not parent.exists():
-        missing.append(parent)
-        parent = parent.parent
-    created = []
-    try:
-        for path in reversed(missing):
-            path.mkdir(exist_ok=True)  # exist_ok: another process of the run may make it first
-            created.append(path)
-        probe = Path(folder) / f".wanx-probe-{os.getpid()}"
-        probe.write_bytes(b"wanx")
-        probe.unlink()
-    except OSError as err:
-        for path in reversed(created):
-            if not any(path.iterdir()):
-                path.rmdir()
-        raise ValueError(f"{flag} {folder}: cannot write there ({err.strerror or err}); choose another folder") from None
-    return created
+# How `wanx train` spells the parameters of `wanx.training.run` in its errors.
+TRAIN_FLAGS = {"model": "--model", "expert": "--expert", "output": "--output", "validation": "--validation-prompts",
+               "offload": "--offload"}
 
 
 def _without_gpus(argv: list[str]) -> list[str]:

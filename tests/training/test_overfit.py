@@ -54,7 +54,7 @@ def test_fine_tuning_halves_the_loss_on_one_clip(wide, tmp_path):
 
 def test_a_trained_lora_moves_generation_toward_the_clip(wide, tmp_path):
     from wanx.pipeline import WanPipeline
-    from wanx.training.recipe import cached_items
+    from wanx.training.batches import cached_items
 
     model, data = wide
     assert main(["train", "--data", str(data), "--model", str(model), "--output", str(tmp_path), "--steps", "60",

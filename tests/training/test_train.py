@@ -72,6 +72,28 @@ def test_bad_input_stops_before_training(tmp_path, capsys):
     assert "--lora-rank" in capsys.readouterr().err
 
 
+def test_training_run_is_a_library_call(prepared, tmp_path):
+    """`wanx.training.run`, what `wanx train` and the demo build call: its errors name its
+    parameters (the CLI's name its flags), before anything is made; then the run, as the CLI's."""
+    from wanx import training
+    from wanx.runtime import Runtime
+    from wanx.training.recipe import TrainConfig
+
+    runtime = Runtime.create("cpu")
+    with pytest.raises(ValueError, match=r"^config\.expert is for a model with two experts"):
+        training.run(TrainConfig(data=prepared, output=tmp_path / "o", expert="high"), runtime, model="tiny")
+    with pytest.raises(ValueError, match=r"^runtime\.offload 'model'"):
+        training.run(TrainConfig(data=prepared, output=tmp_path / "o"), Runtime.create("cpu", offload="model"),
+                     model="tiny")
+    assert not (tmp_path / "o").exists()
+    path = training.run(TrainConfig(data=prepared, output=tmp_path / "lib", lora_rank=8, steps=2), runtime,
+                        model="tiny", progress=False)
+    train(prepared, tmp_path / "cli", "--steps", "2")
+    assert path == tmp_path / "lib" / "lib.safetensors"
+    a, b = load_file(str(path)), load_file(str(tmp_path / "cli" / "cli.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 # The LoRA key names ComfyUI's Wan loader maps onto its model (comfy/lora.py: the
 # "diffusion_model." prefix + the official module name + lora_A/lora_B/alpha), for one block.
 COMFY_KEYS = {f"diffusion_model.blocks.0.{m}.{leaf}" for m in
@@ -160,7 +182,8 @@ def test_adapters_live_where_a_streamed_dit_computes():
     host weights (found on an H200: a 14B run failed with mat2 on cpu)."""
     from wanx.memory.streaming import BlockStreamer
     from wanx.models.transformer import WanDiT
-    from wanx.training.recipe import add_trainable_lora, compute_device
+    from wanx.memory.streaming import compute_device
+    from wanx.training.trainable import add_trainable_lora
 
     dit = WanDiT("tiny")
     assert compute_device(dit) == torch.device("cpu")
@@ -177,7 +200,8 @@ def test_caption_dropout_trains_on_the_empty_text():
     from pathlib import Path
 
     from wanx.models.transformer import WanDiT
-    from wanx.training.recipe import TrainConfig, flow_matching_loss
+    from wanx.training.loss import flow_matching_loss
+    from wanx.training.recipe import TrainConfig
 
     torch.manual_seed(0)
     dit = WanDiT("tiny")

@@ -227,7 +227,7 @@ def test_ctrl_c_says_what_was_kept_and_how_to_go_on(prepared, tmp_path):
 
 
 def test_after_an_interrupt_nothing_or_the_log_only(tmp_path):
-    from wanx.training.recipe import kept_after_interrupt
+    from wanx.training.output import kept_after_interrupt
 
     assert kept_after_interrupt(tmp_path / "never-made") is None
     (tmp_path / "log.csv").write_text("step,loss,lr,seconds,samples_per_s\n1,0.5,0.0001,1.0,1.0\n", encoding="utf-8")

@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from tests.training.test_prepare import moving_square
 from wanx.cli import main
-from wanx.training import recipe
+from wanx.training import loss, trainable
+from wanx.training.batches import CachedDataset, cached_items
 
 SQUARES = [((255, 64, 32), "a red square"), ((32, 200, 64), "a green square"), ((40, 80, 250), "a blue square"),
            ((240, 240, 40), "a yellow square")]
@@ -150,7 +151,7 @@ def test_batches_keep_one_shape_and_every_item(tmp_path):
         save_file({"latents": torch.full(shape, float(k)), "context": torch.ones(3 + k, 32)}, str(path))
         files.append(path)
     for repeats, per_epoch in ((1, 2 + 1), (2, 4 + 2)):
-        dataset = recipe.CachedDataset(files, batch_size=2, repeats=repeats, seed=7)
+        dataset = CachedDataset(files, batch_size=2, repeats=repeats, seed=7)
         assert dataset.batches_per_epoch == per_epoch
         orders = []
         for epoch in range(3):
@@ -208,11 +209,11 @@ def test_init_weights_is_wans_from_scratch_start():
 
     cfg = DiTConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=16, text_len=8)
     a, b = WanDiT(cfg), WanDiT(cfg)  # two different default inits
-    recipe.init_weights(a, torch.Generator().manual_seed(3))
+    trainable.init_weights(a, torch.Generator().manual_seed(3))
     with torch.no_grad():  # as if b were loaded from a trained checkpoint
         b.blocks[0].norm3.weight.fill_(3.0)
         b.blocks[0].self_attn.norm_q.weight.fill_(3.0)
-    recipe.init_weights(b, torch.Generator().manual_seed(3))
+    trainable.init_weights(b, torch.Generator().manual_seed(3))
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name  # nothing loaded leaks into the start, norms included
     assert not a.head.head.weight.any() and not a.blocks[0].self_attn.q.bias.any()
@@ -225,7 +226,7 @@ def test_init_weights_is_wans_from_scratch_start():
     assert not a(x, torch.tensor([500.0]), torch.randn(1, 8, 16)).any()
     flf2v = WanDiT(DiTConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=1, text_dim=16, text_len=8, in_dim=36,
                              model_type="flf2v", image_dim=24))
-    recipe.init_weights(flf2v, torch.Generator())  # a rule for every parameter of every variant
+    trainable.init_weights(flf2v, torch.Generator())  # a rule for every parameter of every variant
     assert not flf2v.img_emb.emb_pos.any()
 
 
@@ -249,14 +250,14 @@ def test_gaussian_weight():
     shift = 5.0
     t = torch.linspace(1, 0, 1001)[:-1]
     grid = shift * t / (1 + (shift - 1) * t)
-    weights = recipe.gaussian_weight(grid, shift)
+    weights = loss.gaussian_weight(grid, shift)
     assert weights.mean().item() == pytest.approx(1.0, abs=1e-5)
     assert weights.min().item() == pytest.approx(0.0, abs=1e-6)
     curve = torch.exp(-2 * ((1000 * grid.double() - 500) / 1000) ** 2)
     expected = (curve - curve.min()) / (curve - curve.min()).mean()
     torch.testing.assert_close(weights.double(), expected, rtol=1e-5, atol=1e-6)
     sigmas = torch.linspace(0, 1, 101)
-    w = recipe.gaussian_weight(sigmas, shift)
+    w = loss.gaussian_weight(sigmas, shift)
     assert w.argmax().item() == 50 and w[50] > w[10] and w[50] > w[90]
 
 
@@ -267,8 +268,8 @@ def test_gaussian_weighting_scales_the_loss(prepared, tmp_path):
     assert plain != gauss
     # step 1: the same untouched model, timestep and noise; only the weight of its sigma differs
     generator = torch.Generator().manual_seed(0)
-    sigma = recipe.sample_sigma(generator, 5.0)
-    assert gauss[0] == pytest.approx(plain[0] * recipe.gaussian_weight(sigma, 5.0).item(), rel=1e-4)
+    sigma = loss.sample_sigma(generator, 5.0)
+    assert gauss[0] == pytest.approx(plain[0] * loss.gaussian_weight(sigma, 5.0).item(), rel=1e-4)
 
 
 # -- 6, 7. memory options train the same LoRA ----------------------------------------------
@@ -318,6 +319,46 @@ def test_streamed_base_trains_the_same_lora(prepared, plain_run, tmp_path, check
     assert len(streamers) == 1 and stats.resident == 0 and stats.streamed > 0 and stats.moved_bytes > 0
 
 
+def test_streamed_base_without_a_budget_keeps_every_block_on_a_cpu(prepared, plain_run, tmp_path, monkeypatch):
+    """--offload blocks without --vram-budget: an automatic budget (it was a TypeError, issue
+    27). On a CPU host and device are one memory, so the budget keeps every block resident."""
+    from wanx.memory import streaming
+
+    streamers = []
+
+    class Recorded(streaming.BlockStreamer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            streamers.append(self)
+
+    monkeypatch.setattr(streaming, "BlockStreamer", Recorded)
+    train(prepared, tmp_path / "auto", "--steps", "3", "--lr", "1e-2", "--device", "cpu", "--offload", "blocks")
+    assert_close_files(plain_run / f"{plain_run.name}.safetensors", tmp_path / "auto" / "auto.safetensors")
+    stats = streamers[0].stats
+    assert len(streamers) == 1 and stats.streamed == 0 and stats.resident > 0 and stats.moved_bytes == 0
+
+
+def test_training_work_follows_the_settings(tmp_path):
+    """The automatic budget of a streamed DiT on a GPU is its free memory less this: more for a
+    larger batch, less with gradient checkpointing (less again with the kept inputs in host
+    memory), the optimizer state on top with --full."""
+    from wanx.configs import DiTConfig
+    from wanx.training.recipe import TrainConfig
+    from wanx.training.run import training_work
+
+    item = tmp_path / "item.safetensors"
+    save_file({"latents": torch.zeros(16, 3, 6, 8)}, str(item))
+    dit = DiTConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=32, text_len=16)
+
+    def work(**options):
+        return training_work(dit, TrainConfig(data=tmp_path, output=tmp_path, **options), [item])
+
+    plain = work()
+    assert work(batch_size=2) > plain > work(gradient_checkpointing=True) \
+        > work(gradient_checkpointing=True, offload_activations=True) > 0
+    assert work(full=True) > plain
+
+
 # -- 8. validation videos ------------------------------------------------------------------
 
 
@@ -350,7 +391,7 @@ def test_i2v_cache_and_training(prepared_i2v, tmp_path):
     from wanx.tiny import tiny_model_dir
 
     image_dim = wanx.load_model(tiny_model_dir("tiny-i2v")).config.image_dim
-    files = recipe.cached_items(prepared_i2v)
+    files = cached_items(prepared_i2v)
     assert len(files) == 2
     with safe_open(str(files[0]), framework="pt") as fh:
         assert tuple(fh.get_tensor("latents").shape) == (16, 3, 6, 8)
@@ -373,7 +414,7 @@ def test_cache_of_another_model_stops_training(prepared, prepared_i2v, tmp_path,
 
     cache = tmp_path / "cache"
     shutil.copytree(prepared / ".wanx-cache", cache)
-    last = recipe.cached_items(cache)[-1]  # every item is checked, not just the first
+    last = cached_items(cache)[-1]  # every item is checked, not just the first
     with safe_open(str(last), framework="pt") as fh:
         metadata, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
     settings = json.loads(metadata["settings"])

@@ -3,8 +3,8 @@
 1. the shapes dataset (`wanx.demo.shapes.write_dataset`): mp4 clips + metadata.csv;
 2. a tokenizer built from every caption (English and Chinese) and a small umT5, random and frozen;
 3. a small Wan VAE trained from scratch on crops of the clips (`wanx.training.vae`);
-4. `wanx prepare` (latents and text embeddings with that VAE and umT5), then
-   `wanx train --full` of a small DiT from random weights;
+4. `wanx.training.prepare` (latents and text embeddings with that VAE and umT5), then
+   `wanx.training.run` of a small DiT (every weight, from random ones: `wanx train --full`);
 5. 40 prompts with seeds never used in training, half English and half Chinese, including every
    held-out combination: generated, checked with the detector, accuracy reported.
 
@@ -79,7 +79,6 @@ QUICK = BuildSettings(size=32, frames=5, clips_per_combination=1, clips=12, vae_
 def build(out: Path, settings: BuildSettings, *, progress: bool = True, resume: bool = False) -> dict:
     """resume: keep what a stopped build in `out` finished (dataset, VAE phases, prepared
     items, training checkpoints) and do the rest."""
-    from ..cli import main as wanx
     from ..configs import DiTConfig, T5Config, VAEConfig, official_config_json
     from ..hub import DEFAULTS_FILE
     from ..models.t5 import UMT5Encoder
@@ -151,11 +150,8 @@ def build(out: Path, settings: BuildSettings, *, progress: bool = True, resume: 
     (model / "config.json").write_text(json.dumps(official_config_json(dit.config), indent=2), encoding="utf-8")
     (model / DEFAULTS_FILE).write_text(json.dumps(generation_defaults(s), indent=2), encoding="utf-8")
 
-    quiet = [] if progress else ["--quiet"]
     start = time.perf_counter()
-    if wanx(["prepare", str(out / "data"), "--model", str(model), "--size", f"{s.size}x{s.size}", "--frames",
-             str(s.frames), *quiet]) != 0:
-        raise RuntimeError("wanx prepare failed")
+    prepare_data(out / "data", model, s, progress=progress)
     times["prepare"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -167,13 +163,9 @@ def build(out: Path, settings: BuildSettings, *, progress: bool = True, resume: 
             save_file(load_file(str(out / ("run" if k == 1 else f"run-{k}") / "model.safetensors")),
                       str(model / DIT_FILE))
         # a phase stopped before its first checkpoint is started again
-        again = ["--resume"] if resume and any((run / "checkpoints").glob("step-*")) else ["--overwrite"]
-        if wanx(["train", "--data", str(out / "data"), "--model", str(model), "--output", str(run), "--full",
-                 *(["--from-scratch"] if k == 0 else []), "--steps", str(steps), "--batch-size", str(s.batch_size),
-                 "--lr", str(lr), "--seed", str(s.seed + k), "--shift", str(shift), "--caption-dropout", "0.1",
-                 "--lr-scheduler", "cosine", "--warmup-steps", str(warmup), "--save-every", str(max(1, steps // 2)),
-                 *quiet, *again]) != 0:
-            raise RuntimeError(f"wanx train (DiT phase {k + 1}) failed")
+        again = resume and any((run / "checkpoints").glob("step-*"))
+        train_phase(out / "data", model, run, s, k, steps=steps, lr=lr, warmup=warmup, shift=shift, resume=again,
+                    progress=progress)
     # Shipped in bf16 (as the official checkpoints are): half the bytes; measured as shipped below.
     trained = load_file(str(run / "model.safetensors"))
     save_file({name: v.to(torch.bfloat16) for name, v in trained.items()}, str(model / DIT_FILE))
@@ -185,6 +177,39 @@ def build(out: Path, settings: BuildSettings, *, progress: bool = True, resume: 
     report["seconds"] = times
     (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     return report
+
+
+def prepare_data(data: Path, model: Path, s: BuildSettings, *, progress: bool = True) -> None:
+    """`wanx prepare DATA --model MODEL --size SxS --frames F`: the clips' latents and captions'
+    embeddings with the model's own VAE and umT5."""
+    from ..hub import find_components
+    from ..runtime import Runtime
+    from ..training.data import FPS
+    from ..training.prepare import prepare
+
+    # fps as a float, as `wanx prepare` gives it: it is part of each item's recorded settings
+    report = prepare(data, find_components(model), size=(s.size, s.size), frames=s.frames, fps=float(FPS),
+                     runtime=Runtime.create(), progress=progress)
+    empty = report.nothing_prepared()
+    if empty:
+        raise RuntimeError(f"prepare: {empty}")
+    if progress:
+        print(report.summary(), file=sys.stderr)
+
+
+def train_phase(data: Path, model: Path, run: Path, s: BuildSettings, k: int, *, steps: int, lr: float, warmup: int,
+                shift: float, resume: bool = False, progress: bool = True) -> Path:
+    """DiT phase k (from 0): `wanx train --full` of the model folder's DiT, the first phase from
+    Wan's random initialisation; the cosine schedule, a checkpoint half-way, caption dropout
+    for guidance. `resume` continues a stopped phase; otherwise a previous one is replaced."""
+    from .. import training
+    from ..runtime import Runtime
+    from ..training.recipe import TrainConfig
+
+    config = TrainConfig(data=data, output=run, full=True, from_scratch=k == 0, steps=steps, batch_size=s.batch_size,
+                         lr=lr, seed=s.seed + k, shift=shift, caption_dropout=0.1, lr_scheduler="cosine",
+                         warmup_steps=warmup, save_every=max(1, steps // 2), resume=resume, overwrite=not resume)
+    return training.run(config, Runtime.create(offload="none"), model=model, progress=progress)
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
+from wanx.configs import frames_ok
 from wanx.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_image, read_video
 
 METADATA = "metadata.csv"
@@ -243,7 +244,7 @@ def resize_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _check_frame_count(num_frames: int) -> None:
-    if num_frames < 1 or (num_frames - 1) % 4:
+    if not frames_ok(num_frames):
         raise ValueError(f"num_frames must be 4k+1 (1, 5, ..., 81), got {num_frames}")
 
 

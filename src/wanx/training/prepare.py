@@ -29,6 +29,7 @@ import torch
 
 from .data import (FPS, FRAME_COUNTS, Bucket, DatasetReport, Item, SkippedItem, assign_buckets,
                    find_items, load_item, probe)
+from ..configs import frames_at_most
 from ..video import to_unit
 
 CACHE_VERSION = 1
@@ -55,7 +56,7 @@ class PrepareReport:
         line = f"nothing was prepared in {self.cache}: {self.skipped.summary()}"
         if self.skipped.short:
             shortest = min(self.skipped.short.values())
-            fits = (shortest - 1) // 4 * 4 + 1  # 4k+1
+            fits = frames_at_most(shortest)
             line += (f"; the shortest clip has {shortest} frames at {self.fps:g} fps: give --frames {fits} "
                      f"(4k+1, at most {shortest}) to keep every clip")
             if not self.bucketed and max(self.skipped.short.values()) >= min(FRAME_COUNTS):

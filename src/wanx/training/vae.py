@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..configs import frames_ok
 from ..video import to_unit
 
 
@@ -170,7 +171,7 @@ def train_vae(vae: nn.Module, config: VAETrainConfig, *, progress: bool = True) 
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    if config.crop % 8 or config.crop < 8 or (config.frames - 1) % 4:
+    if config.crop % 8 or config.crop < 8 or not frames_ok(config.frames):
         raise ValueError(f"crop must be a multiple of 8 and frames 4k+1, got {config.crop} and {config.frames}")
     clips = load_clips(Path(config.data), config.frames)
     if min(min(c.shape[1:3]) for c in clips) < config.crop:

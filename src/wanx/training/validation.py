@@ -95,7 +95,7 @@ class Validator:
             self._pipe.defaults = dict(self.files.defaults)  # the model's guidance, shift and sampler
         folder = self.output / "validation" / f"step-{step}"
         folder.mkdir(parents=True, exist_ok=True)
-        from .recipe import checkpointed, checkpointed_offloaded
+        from .trainable import checkpointed, checkpointed_offloaded
 
         wrappers = list(self.dit.block_wrappers)  # checkpointing off: nothing to recompute without gradients
         self.dit.block_wrappers[:] = [w for w in wrappers if w is not checkpointed and w is not checkpointed_offloaded]
