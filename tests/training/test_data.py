@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from wanx.pipeline import _size_for_image
+from wanx.pipeline.conditioning.base import size_for_image as _size_for_image
 from wanx.training.data import (ASPECTS, Bucket, Clip, DatasetReport, Item, SkippedItem, assign_buckets,
                                 bucket_size, find_items, load_item, probe, resample_index, resize_crop,
                                 sample_frames)

@@ -253,7 +253,7 @@ def _check_frame_count(num_frames: int) -> None:
 
 def bucket_size(aspect: float, area: int = AREA_480P) -> tuple[int, int]:
     """(height, width) for height/width = `aspect` within `area`, multiples of 16: the rule of
-    `pipeline._size_for_image`, the official I2V sizing, so training and inference sizes agree."""
+    `pipeline.conditioning.base.size_for_image`, the official I2V sizing, so training and inference sizes agree."""
     lat_h = round(math.sqrt(area * aspect) // 8 // 2 * 2)
     lat_w = round(math.sqrt(area / aspect) // 8 // 2 * 2)
     if min(lat_h, lat_w) < 2:
