@@ -420,7 +420,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.fps) and args.fps > 0):
         raise ValueError(f"--fps must be a positive frame rate such as 16, got {args.fps:g}")
     _check_folder(Path(args.cache) if args.cache else Path(args.dataset) / ".wanx-cache", "--cache")
-    runtime = Runtime.create(_rank_device(args.device), args.dtype, t5_device=args.t5_device)
+    args.device = _rank_device(args.device)
+    runtime = Runtime.from_flags(args)
     files = find_components(resolve_model(args.model, source=args.source))
     # unset: the model's own size and length (wanx-defaults.json), else the official ones
     args.size, args.frames = model_geometry(files, args.size, args.frames)
@@ -500,9 +501,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         validation = ValidationRequest(_prompts(args.validation_prompts), args.validation_negative_prompt,
                                        args.validation_size, args.validation_frames, args.validation_steps)
     # train's --vram-budget is read with --offload blocks only (its help says so)
-    runtime = Runtime.create(args.device, args.dtype, offload=args.offload,
-                             vram_budget=args.vram_budget if args.offload == "blocks" else None,
-                             quantize="fp8" if args.fp8 else None)
+    runtime = Runtime.from_flags(args)  # a --vram-budget without --offload blocks is refused, not ignored
     main_process = os.environ.get("RANK", "0") == "0"  # several processes: the main one reports for all
     try:
         path = run(config, runtime, model=args.model, source=args.source, validation=validation,
@@ -522,7 +521,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # How `wanx train` spells the parameters of `wanx.training.run` in its errors.
 TRAIN_FLAGS = {"model": "--model", "expert": "--expert", "output": "--output", "validation": "--validation-prompts",
-               "offload": "--offload"}
+               "offload": "--offload", "vram_budget": "--vram-budget", "quantize": "--fp8"}
 
 
 def _without_gpus(argv: list[str]) -> list[str]:
@@ -751,6 +750,8 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 def _add_generate(sub: argparse._SubParsersAction, tiny: str) -> None:
     """`wanx generate`: the task follows from the model and the inputs."""
+    from .tasks import describe_all as defaults
+
     gen = sub.add_parser("generate", help="make a video from text, an image, first+last frames, or a video",
                          description="Generate with a Wan2.1 model. The task follows from the model and the inputs: "
                                      "text (T2V), --image (I2V), --image + --last-image (FLF2V), --video (video-to-video "
@@ -764,6 +765,7 @@ def _add_generate(sub: argparse._SubParsersAction, tiny: str) -> None:
                           "TI2V-5B-shaped on the Wan2.2 VAE)")
     gen.add_argument("--prompt", help="what the video shows")
     gen.add_argument("--negative-prompt", help="what to avoid (default: the official negative prompt of the task)")
+    # every default below is read from the task table (wanx.tasks, plain data: no torch)
     gen.add_argument("--prompts", metavar="FILE", help="batch: one prompt per line, or JSON lines with per-job keys "
                                                         f"({', '.join(sorted(_JOB_KEYS))}); their image, last_image "
                                                         "and video paths are relative to FILE's folder")
@@ -775,20 +777,21 @@ def _add_generate(sub: argparse._SubParsersAction, tiny: str) -> None:
                           "noised to where they begin; 0 < STRENGTH <= 1, default 0.8. The schedule is shifted toward "
                           "high noise: at shift 5 the input is noised to sigma 0.68 at 0.3, 0.88 at 0.6 and 0.95 at "
                           "0.8: lower values keep more of the input; 1 ignores it")
-    gen.add_argument("--size", type=_size, help="WIDTHxHEIGHT, multiples of 16 (default 832x480); I2V, FLF2V and "
-                                                 "video-to-video keep the input's aspect ratio within this area. TI2V-5B: multiples "
-                                                 "of 32, default 1280x704")
-    gen.add_argument("--frames", type=int, help="number of frames, 4k+1 (default 81 = 5 s at 16 fps; video-to-video: "
-                                                "the input's frame count rounded down to 4k+1, at most 81; TI2V-5B: 121 at 24 fps)")
-    gen.add_argument("--steps", type=int, help="sampling steps (default 50; 40 for I2V)")
-    gen.add_argument("--guidance", type=_guidance, help="classifier-free guidance scale, 1..30 (default 5.0; 5.5 for "
-                                                        "FLF2V; 1 turns it off). Wan2.2 A14B: HIGH,LOW for its two "
-                                                        "experts (default 4.0,3.0 T2V, 3.5,3.5 I2V); one value: both")
+    gen.add_argument("--size", type=_size, help=f"WIDTHxHEIGHT, multiples of 16 (default {defaults('size')}); I2V, "
+                                                 "FLF2V and video-to-video keep the input's aspect ratio within this "
+                                                 "area. TI2V-5B: multiples of 32")
+    gen.add_argument("--frames", type=int, help=f"number of frames, 4k+1 (default {defaults('num_frames')}; "
+                                                "video-to-video: the input's frame count rounded down to 4k+1, at most "
+                                                f"the default; frame rate {defaults('fps')})")
+    gen.add_argument("--steps", type=int, help=f"sampling steps (default {defaults('steps')})")
+    gen.add_argument("--guidance", type=_guidance, help="classifier-free guidance scale, 1..30; 1 turns it off "
+                                                        f"(default {defaults('guidance')}). Wan2.2 A14B: HIGH,LOW for "
+                                                        "its two experts (the low-noise one's default "
+                                                        f"{defaults('guidance_low')}); one value: both")
     gen.add_argument("--boundary", type=float, help="Wan2.2 A14B: where the low-noise expert takes over, a share of "
-                                                    "the 1000 timesteps (default 0.875 T2V, 0.9 I2V); the split "
+                                                    f"the 1000 timesteps (default {defaults('boundary')}); the split "
                                                     "follows the timesteps, so --steps and --shift move it")
-    gen.add_argument("--shift", type=float, help="schedule shift (default 5.0; 3.0 for I2V at 480P; 16 for FLF2V; "
-                                                 "Wan2.2 A14B: 12 T2V, 5 I2V)")
+    gen.add_argument("--shift", type=float, help=f"schedule shift (default {defaults('shift')})")
     gen.add_argument("--sampler", choices=["unipc", "dpm++", "euler"], help="default unipc (official)")
     gen.add_argument("--seed", type=int, help="random seed, 0..2**64-1 (default: a random one, printed)")
     gen.add_argument("--output", "-o", help="an .mp4/.gif file, a new folder name for PNG frames, or an existing "

@@ -55,6 +55,11 @@ class TaskSpec:
     latent: tuple[int, int, int] = (16, 4, 8)  # the VAE it is released with: channels, temporal, spatial stride
     trained_at: str = "Wan2.1 is trained at 832x480 and 1280x720"
     needs_image_encoder: bool = False  # Wan2.1 I2V/FLF2V read CLIP tokens of the image(s)
+    label: str = ""  # the row in help texts; default its name in capitals (I2V-A14B)
+
+    @property
+    def short(self) -> str:
+        return self.label or self.name.upper()
 
     @property
     def example_size(self) -> str:
@@ -83,7 +88,8 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     # Wan2.2 TI2V-5B: one model for text and image, 1280x704 (the area with an image), 121 frames
     # at 24 fps, on the Wan2.2 VAE (48 channels, 16x): sizes in multiples of 32.
     TaskSpec("ti2v", "ti2v", "Text (and image) to video", "ti2v", takes=("image",), width=1280, height=704,
-             num_frames=121, fps=24, multiple=32, latent=(48, 4, 16), trained_at="Wan2.2 TI2V-5B is trained at 1280x704"),
+             num_frames=121, fps=24, multiple=32, latent=(48, 4, 16), trained_at="Wan2.2 TI2V-5B is trained at 1280x704",
+             label="TI2V-5B"),
 )}
 
 INPUTS = ("image", "last_image", "video")
@@ -154,3 +160,27 @@ def choose_task(model_type: str, experts: int, given: set[str], name=lambda arg:
     missing = min((spec for spec in rows if given <= set(spec.takes)), key=lambda spec: len(set(spec.needs) - given))
     wanted = " and ".join(f"{name(arg)} ({INPUT_WORDS[arg]})" for arg in missing.needs)
     raise TaskError(next(arg for arg in missing.needs if arg not in given), f"this is {model}: give {wanted}")
+
+
+def describe_all(setting: str) -> str:
+    """A setting's official defaults over the whole table, for help texts: the T2V row's value,
+    then the rows that differ ("50; 40 for I2V, T2V-A14B, ..."). size is WIDTHxHEIGHT;
+    guidance_low and boundary (two experts only) list their rows alone."""
+    def value(spec: TaskSpec):
+        return spec.example_size if setting == "size" else getattr(spec, setting)
+
+    def text(v) -> str:
+        return v if isinstance(v, str) else f"{v:g}"
+
+    rows = [spec for spec in TASKS.values() if value(spec) is not None]
+    base = value(TASKS["t2v"])
+    others: dict[str, list[str]] = {}
+    for spec in rows:
+        if value(spec) != base:
+            others.setdefault(text(value(spec)), []).append(spec.short)
+    parts = [f"{v} for {', '.join(names)}" for v, names in others.items()]
+    if setting == "shift":
+        parts += [f"{spec.shift_480p:g} for {spec.short} at 480P or below" for spec in rows if spec.shift_480p]
+    if base is None:
+        return "; ".join(parts)
+    return text(base) + (f"; {'; '.join(parts)}" if parts else "")

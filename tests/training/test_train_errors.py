@@ -246,3 +246,13 @@ def test_a_damaged_prepared_item_is_named_with_the_way_out(prepared, tmp_path, c
     item.write_bytes(item.read_bytes()[:-100])
     err = error_of(capsys, argv(data, tmp_path / "run", "--steps", "1"))
     assert f"the prepared item {item} is damaged" in err and "run `wanx prepare` again" in err, err
+
+
+def test_a_vram_budget_without_streaming_is_refused_not_ignored(prepared, tmp_path, capsys):  # noqa: F811
+    """--vram-budget keeps blocks resident only when they are streamed (--offload blocks); with
+    the default --offload none it was read and ignored. Now the runtime's table of choices that
+    cannot go together refuses it, before anything is made."""
+    err = error_of(capsys, ["train", "--data", str(prepared), "--model", "tiny", "--output", str(tmp_path / "run"),
+                            "--vram-budget", "1GB", "--steps", "1"])
+    assert "VRAM budget" in err and "offload 'none'" in err
+    assert not (tmp_path / "run").exists()

@@ -300,7 +300,7 @@ def test_activation_offload_trains_the_same_lora(prepared, plain_run, tmp_path, 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_streamed_base_trains_the_same_lora(prepared, plain_run, tmp_path, checkpointing, monkeypatch):
-    from wanx.memory import streaming
+    from wanx.memory import placement, streaming
 
     streamers = []
 
@@ -309,7 +309,7 @@ def test_streamed_base_trains_the_same_lora(prepared, plain_run, tmp_path, check
             super().__init__(*args, **kwargs)
             streamers.append(self)
 
-    monkeypatch.setattr(streaming, "BlockStreamer", Recorded)
+    monkeypatch.setattr(placement, "BlockStreamer", Recorded)  # training streams through runtime.apply's placement
     extra = ["--gradient-checkpointing"] if checkpointing else []
     train(prepared, tmp_path / "streamed", "--steps", "3", "--lr", "1e-2", "--device", "cpu", "--offload", "blocks",
           "--vram-budget", "0", *extra)
@@ -322,7 +322,7 @@ def test_streamed_base_trains_the_same_lora(prepared, plain_run, tmp_path, check
 def test_streamed_base_without_a_budget_keeps_every_block_on_a_cpu(prepared, plain_run, tmp_path, monkeypatch):
     """--offload blocks without --vram-budget: an automatic budget (it was a TypeError, issue
     27). On a CPU host and device are one memory, so the budget keeps every block resident."""
-    from wanx.memory import streaming
+    from wanx.memory import placement, streaming
 
     streamers = []
 
@@ -331,7 +331,7 @@ def test_streamed_base_without_a_budget_keeps_every_block_on_a_cpu(prepared, pla
             super().__init__(*args, **kwargs)
             streamers.append(self)
 
-    monkeypatch.setattr(streaming, "BlockStreamer", Recorded)
+    monkeypatch.setattr(placement, "BlockStreamer", Recorded)
     train(prepared, tmp_path / "auto", "--steps", "3", "--lr", "1e-2", "--device", "cpu", "--offload", "blocks")
     assert_close_files(plain_run / f"{plain_run.name}.safetensors", tmp_path / "auto" / "auto.safetensors")
     stats = streamers[0].stats

@@ -14,6 +14,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel
 
 from ..pipeline import RequestError
+from ..tasks import describe_all
 from .common import API_TYPES, UPLOADS, UploadError, preview_strip
 from .jobs import STATUSES
 
@@ -25,11 +26,16 @@ _DESCRIPTIONS = {
     "seed": "0..2**64-1 (default: random, returned in the settings)",
     "strength": "video-to-video: the share of the steps run (the last ones) from the noised input, in (0, 1]; "
                 "default 0.8, lower keeps more of the input",
-    "size": "WIDTHxHEIGHT, multiples of 16, e.g. 832x480", "frames": "4k+1, e.g. 81",
-    "steps": "sampling steps (default 50; 40 for I2V)", "guidance": "1..30 (1: off)", "shift": "schedule shift",
+    "size": f"WIDTHxHEIGHT, multiples of 16 (default {describe_all('size')})",
+    "frames": f"4k+1 (default {describe_all('num_frames')})",
+    "steps": f"sampling steps (default {describe_all('steps')})",
+    "guidance": f"1..30, 1: off (default {describe_all('guidance')})",
+    "shift": f"schedule shift (default {describe_all('shift')})",
     "sampler": "unipc, dpm++ or euler", "teacache": "TeaCache threshold for this job (0 skips nothing)",
-    "guidance_low": "Wan2.2 A14B: the low-noise expert's guidance (default: guidance when given, else the model's)",
-    "boundary": "Wan2.2 A14B: where the low-noise expert takes over, 0..1 of the 1000 timesteps (0.875 T2V, 0.9 I2V)",
+    "guidance_low": "Wan2.2 A14B: the low-noise expert's guidance (default: guidance when given, else "
+                    f"{describe_all('guidance_low')})",
+    "boundary": "Wan2.2 A14B: where the low-noise expert takes over, 0..1 of the 1000 timesteps "
+                f"(default {describe_all('boundary')})",
     "loras": 'LoRAs from the server\'s --loras folder: [{"name": "style.safetensors", "strength": 0.8}]',
 }
 REQUEST_SCHEMA = {

@@ -53,6 +53,7 @@ def run(config: TrainConfig, runtime: Runtime, *, model: str | Path, source: str
     from ..hub import find_components, resolve_model
     from ..loading import load_model
     from ..paths import make_folder, remove_empty
+    from ..runtime import apply
     from .batches import cached_items
     from .checkpoint import check_resume, run_settings
     from .output import check_output
@@ -60,6 +61,7 @@ def run(config: TrainConfig, runtime: Runtime, *, model: str | Path, source: str
     from .recipe import train
 
     names = {**PARAMETERS, **(names or {})}
+    runtime.check(names=names)  # the table of choices that cannot go together, as for a generation
     if runtime.offload == "model":
         raise ValueError(f"{names['offload']} 'model' moves whole networks between phases of a generation; "
                          "training keeps the DiT resident ('none') or streams its blocks ('blocks')")
@@ -88,13 +90,12 @@ def run(config: TrainConfig, runtime: Runtime, *, model: str | Path, source: str
         streamed = runtime.offload == "blocks"
         dit = load_model(dit_file, dtype=runtime.dtype, device="cpu" if streamed else device,
                          quantize=runtime.quantize, progress=progress and accelerator.is_main_process)
-        if streamed:  # frozen blocks live in host memory and visit the device one by one
-            from ..memory.streaming import BlockStreamer
-
-            budget = runtime.vram_budget
-            if budget == "auto":
-                budget = training_budget(dit, device, config, items)
-            BlockStreamer(dit, device, budget)
+        budget = runtime.vram_budget  # with "blocks": frozen blocks live in host memory and visit the device
+        if streamed and budget == "auto":
+            budget = training_budget(dit, device, config, items)
+        # the same transforms, in the same order, as a generation (here: placement only)
+        apply(dataclasses.replace(runtime, device=device), {"dit": dit}, offload="blocks" if streamed else "none",
+              budget=budget if streamed else 0)
         validate = None
         if plan is not None:
             from .validation import Validator
