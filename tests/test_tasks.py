@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from wanx.pipeline import WanPipeline
-from wanx.pipeline.conditioning import CONDITIONINGS, Conditioning
+from wanx.pipeline.conditioning import Conditioning, conditioning_for
+from wanx.pipeline.conditioning.ti2v import TextImageToVideo
 from wanx.tasks import TASKS, TaskError, TaskSpec, choose_task, default_task, model_tasks
 from wanx.configs import frames_ok
 
@@ -36,7 +37,7 @@ def test_no_row_fits_names_the_input(model_type, given, field, message):
 def test_every_row_is_consistent():
     for spec in TASKS.values():
         assert set(spec.needs) <= set(spec.takes), spec.name
-        assert spec.task in CONDITIONINGS, spec.name
+        assert issubclass(conditioning_for(spec), Conditioning), spec.name
         assert (spec.experts == 2) == (spec.boundary is not None) == (spec.guidance_low is not None), spec.name
         assert frames_ok(spec.num_frames) and spec.width % spec.multiple == 0 == spec.height % spec.multiple
         assert spec in model_tasks(spec.model_type, spec.experts)
@@ -45,28 +46,30 @@ def test_every_row_is_consistent():
     assert [n for n in range(12) if frames_ok(n)] == [1, 5, 9]
 
 
+class FirstFrameHeld(TextImageToVideo):
+    """The walk-through's "conditioning file": a T2V model holding its first frame to an image,
+    as TI2V-5B does (latent frame 0 replaced after every step, its tokens at timestep 0)."""
+
+    task = "t2v-first"
+
+    @classmethod
+    def read(cls, plan, given, **_):
+        from wanx.pipeline.conditioning.base import image_tensor
+
+        image = image_tensor(given["image"])
+        plan.image = torch.nn.functional.interpolate(image[None], size=(plan.height, plan.width))[0]
+
+    def metadata(self):
+        return {"held": "first frame"}
+
+
 def test_a_new_task_is_a_conditioning_and_a_row(monkeypatch):
-    """Walk-through: 'extend' a T2V model to hold its first frame to an image, as TI2V-5B does
-    (latent frame 0 replaced after every step, its tokens at timestep 0). Two additions, no
-    other file: the pipeline, CLI (--image exists) and server find it through the table."""
-    from wanx.pipeline.conditioning.ti2v import TextImageToVideo
-
-    class FirstFrameHeld(TextImageToVideo):  # the "conditioning file"
-        task = "t2v-first"
-
-        @classmethod
-        def read(cls, plan, given, **_):
-            from wanx.pipeline.conditioning.base import image_tensor
-
-            image = image_tensor(given["image"])
-            plan.image = torch.nn.functional.interpolate(image[None], size=(plan.height, plan.width))[0]
-
-        def metadata(self):
-            return {"held": "first frame"}
-
-    row = TaskSpec("t2v-first", "t2v-first", "first-frame-held", "t2v", needs=("image",), takes=("image",), steps=3)
-    monkeypatch.setitem(TASKS, row.name, row)  # the "row"
-    monkeypatch.setitem(CONDITIONINGS, FirstFrameHeld.task, FirstFrameHeld)
+    """Walk-through: a new task is the class above (a new file) and one row naming its module;
+    nothing else changes: the pipeline, the CLI (--image exists) and the server find it through
+    the table."""
+    row = TaskSpec("t2v-first", "t2v-first", "First frame held", "t2v", needs=("image",), takes=("image",), steps=3,
+                   conditioning=__name__)
+    monkeypatch.setitem(TASKS, row.name, row)
 
     pipe = WanPipeline.from_pretrained("tiny", device="cpu")
     image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -76,4 +79,4 @@ def test_a_new_task_is_a_conditioning_and_a_row(monkeypatch):
     assert video.metadata["steps"] == 4  # the tiny set's own setting comes before the row's default
     first = pipe.vae.encode(image[:, None][None]).float()
     assert all(torch.equal(x, first) for x in seen) and len(seen) == 4
-    assert isinstance(CONDITIONINGS["t2v"](pipe.plan("x", seed=1)), Conditioning)
+    assert conditioning_for(TASKS["t2v"]).__name__ == "TextToVideo"

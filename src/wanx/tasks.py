@@ -34,7 +34,7 @@ class TaskSpec:
     """One task of one model family. Inputs are pipeline keywords (`image`, `last_image`, `video`)."""
 
     name: str  # the row's key, e.g. "i2v" or "i2v-A14B"
-    task: str  # what the video's metadata and the conditioning call it: t2v, i2v, flf2v, v2v, ti2v
+    task: str  # what the video's metadata and the conditioning class call it: t2v, i2v, flf2v, v2v, ti2v
     title: str  # in words: the server UI's tab, help texts
     model_type: str  # the DiT it runs on (DiTConfig.model_type)
     experts: int = 1  # 2: Wan2.2 A14B's high- and low-noise DiTs
@@ -56,6 +56,13 @@ class TaskSpec:
     trained_at: str = "Wan2.1 is trained at 832x480 and 1280x720"
     needs_image_encoder: bool = False  # Wan2.1 I2V/FLF2V read CLIP tokens of the image(s)
     label: str = ""  # the row in help texts; default its name in capitals (I2V-A14B)
+    # the module holding its conditioning class: a file of wanx/pipeline/conditioning/, or a
+    # dotted module path; default the task's name
+    conditioning: str = ""
+
+    def __post_init__(self):
+        if not self.conditioning:
+            object.__setattr__(self, "conditioning", self.task)
 
     @property
     def short(self) -> str:
@@ -76,7 +83,7 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
              negative_prompt=_I2V_NEGATIVE, needs_image_encoder=True),
     TaskSpec("flf2v", "flf2v", "First and last frame", "flf2v", needs=("image", "last_image"),
              takes=("image", "last_image"), shift=16.0, guidance=5.5, negative_prompt="镜头切换，" + _I2V_NEGATIVE,
-             needs_image_encoder=True),
+             needs_image_encoder=True, conditioning="i2v"),
     # Wan2.2 A14B: guidance per expert, high noise first here (the official tuple is (low, high));
     # no 480P shift for I2V.
     TaskSpec("t2v-A14B", "t2v", "Text to video", "t2v", shift=12.0, guidance=4.0, guidance_low=3.0, boundary=0.875,

@@ -4,25 +4,28 @@ At plan time `read` reads and checks the task's inputs and sizes the output from
 time the pipeline asks the same object, in this order: `inputs` (extra DiT inputs such as the
 image latents and CLIP tokens), `schedule` (the steps it runs), `start` (the latents the loop
 begins from), then each step `timesteps` (per token, or one for all) and `fix` (frames held to
-a known value), and at the end `metadata`. A new task is a file here, registered in
-`CONDITIONINGS` under the task table's `task`, plus its row in `wanx.tasks`.
+a known value), and at the end `metadata`. A new task is a file here (or any module) holding a
+`Conditioning` subclass whose `task` is the row's, plus its row in `wanx.tasks`, which names the
+module (`TaskSpec.conditioning`); nothing registers it anywhere else.
 """
 
 from __future__ import annotations
 
-from .base import Conditioning, Run
-from .i2v import FirstLastFrameToVideo, ImageToVideo
-from .t2v import TextToVideo
-from .ti2v import TextImageToVideo
-from .v2v import VideoToVideo
+import importlib
 
-CONDITIONINGS: dict[str, type[Conditioning]] = {cls.task: cls for cls in (
-    TextToVideo, VideoToVideo, ImageToVideo, FirstLastFrameToVideo, TextImageToVideo)}
+from .base import Conditioning, Run
 
 
 def conditioning_for(spec) -> type[Conditioning]:
-    """The conditioning class of a task-table row."""
-    return CONDITIONINGS[spec.task]
+    """The conditioning class of a task-table row: in the module the row names (a file of this
+    package, or a dotted module path), the `Conditioning` subclass whose `task` is the row's."""
+    module = spec.conditioning if "." in spec.conditioning else f"{__name__}.{spec.conditioning}"
+    found = [value for value in vars(importlib.import_module(module)).values()
+             if isinstance(value, type) and issubclass(value, Conditioning) and value.task == spec.task]
+    if len(found) != 1:
+        raise LookupError(f"task {spec.name!r}: {module} holds {len(found)} Conditioning classes for "
+                          f"task {spec.task!r}; it needs one")
+    return found[0]
 
 
-__all__ = ["CONDITIONINGS", "Conditioning", "Run", "conditioning_for"]
+__all__ = ["Conditioning", "Run", "conditioning_for"]
