@@ -232,3 +232,14 @@ def test_unipc_with_frame_zero_reimposed_equals_diffusers_scheduler(pipe):
             latent = (1 - mask2) * z + mask2 * latent
     assert (ours[0] - latent).abs().max() <= 1e-4 * latent.abs().max()
     assert torch.equal(ours[0, :, :1], z)
+
+
+def test_calibrate_cache_fits_a_ti2v_model(tmp_path):
+    """TI2V-5B's default task needs no image, so its text-to-video prompts calibrate a step
+    cache for it (the task table decides; before, only model type "t2v" was let through)."""
+    import json
+
+    out = tmp_path / "calibration.json"
+    assert main(["calibrate-cache", "--model", "tiny-ti2v", "--steps", "10", "--output", str(out), "--quiet"]) == 0
+    fitted = json.loads(out.read_text(encoding="utf-8"))
+    assert len(fitted["teacache"]) == 5 and len(fitted["magcache"]) == 10

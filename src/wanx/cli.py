@@ -431,13 +431,16 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         raise ValueError(f"--frames {args.frames} must be 4k+1 (e.g. 17, 33, 81)")
     if min(args.size) <= 0 or any(v % 16 for v in args.size):
         raise ValueError(f"--size {args.size[0]}x{args.size[1]}: width and height must be positive multiples of 16")
-    if files.model_type == "ti2v":  # Wan2.2 VAE (16x) and the 2x2 patch: whole tokens need multiples of 32
+    from .tasks import default_task
+
+    row = default_task(files.model_type, 2 if files.moe else 1)  # its size multiple: the VAE's stride x the patch
+    if row.multiple != 16:
         if args.buckets:
-            raise ValueError("--buckets sizes are multiples of 16; a TI2V model (Wan2.2 VAE) needs multiples of 32: "
-                             "give --size WxH instead")
-        if any(v % 32 for v in args.size):
-            raise ValueError(f"--size {args.size[0]}x{args.size[1]}: a TI2V model (Wan2.2 VAE, 16x) needs width and "
-                             "height in multiples of 32 (e.g. 1280x704)")
+            raise ValueError(f"--buckets sizes are multiples of 16; a {row.short} model needs multiples of "
+                             f"{row.multiple}: give --size WxH instead")
+        if any(v % row.multiple for v in args.size):
+            raise ValueError(f"--size {args.size[0]}x{args.size[1]}: a {row.short} model needs width and height in "
+                             f"multiples of {row.multiple} (e.g. {row.example_size})")
     report = prepare(args.dataset, files, cache=args.cache, size=args.size, buckets=args.buckets, frames=args.frames,
                      fps=args.fps, runtime=runtime, progress=not args.quiet)
     if os.environ.get("RANK", "0") == "0":  # several processes: the main one reports for all
@@ -614,7 +617,9 @@ def cmd_calibrate_cache(args: argparse.Namespace) -> int:
     # Everything is checked before any weight is loaded: model, output, settings, memory, prompts.
     runtime = Runtime.from_flags(args)
     files = find_components(resolve_model(args.model, source=args.source), dit=args.dit)
-    if files.model_type != "t2v":
+    from .tasks import default_task
+
+    if default_task(files.model_type, 2 if files.moe else 1).needs:  # an I2V/FLF2V model needs images per prompt
         raise ValueError("calibrate-cache runs text-to-video prompts: give a T2V model (I2V needs images; not yet)")
     # the runs measure what a step cache would skip: the step cache's pairs apply
     replace(runtime, cache="teacache").check(experts=2 if files.moe else 1,

@@ -232,7 +232,12 @@ def _share() -> tuple[int, int]:
 
 
 def _conditioning(files) -> str | None:
-    return {"i2v": "first-frame", "flf2v": "first-last-frame"}.get(files.model_type)
+    """What the model's task conditions on besides text (cached with each item): its first
+    frame, or its first and last frames; None for text alone."""
+    from ..tasks import default_task
+
+    needs = default_task(files.model_type, 2 if files.moe else 1).needs
+    return {("image",): "first-frame", ("image", "last_image"): "first-last-frame"}.get(needs)
 
 
 def _image_inputs(image_encoder, vae, video: torch.Tensor, conditioning: str, device) -> dict[str, torch.Tensor]:
@@ -347,7 +352,9 @@ def check_memory(files, runtime, size: tuple[int, int], frames: int, *, availabl
     from ..memory.estimate import GiB, available_memory
 
     width, height = size
-    m = 32 if files.model_type == "ti2v" else 16
+    from ..tasks import default_task
+
+    m = default_task(files.model_type, 2 if files.moe else 1).multiple
     for place, need in _encode_memory(files, runtime, frames):
         have = (available or {}).get(place.type)
         have = available_memory(place) if have is None else have

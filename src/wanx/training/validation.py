@@ -43,7 +43,9 @@ def plan_validation(files, prompts: list[str], *, negative_prompt: str | None = 
     from ..pipeline import plan_request
     from ..text import Tokenizer
 
-    if files.model_type != "t2v":
+    from ..tasks import default_task
+
+    if default_task(files.model_type, 2 if files.moe else 1).needs:  # a prompt alone cannot make the video
         raise ValueError("validation videos are made for T2V models; I2V validation needs an image per prompt "
                          "(not supported yet): drop --validation-prompts")
     own = files.defaults
