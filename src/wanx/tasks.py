@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .configs import frames_ok  # noqa: F401 (the 4k+1 rule, read with the table)
-
 # Official negative prompts (wan/configs): shared, I2V adds 镜头晃动 (camera shake), FLF2V also 镜头切换 (cut).
 # Wan2.2 uses the shared one for every task.
 NEGATIVE_PROMPT = (
