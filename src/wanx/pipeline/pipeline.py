@@ -236,8 +236,8 @@ class WanPipeline:
                          num_inference_steps=_alias("num_inference_steps", num_inference_steps, "steps", steps),
                          guidance_scale=_alias("guidance_scale", guidance_scale, "guidance", guidance),
                          guidance_scale_low=guidance_scale_low, boundary=boundary, shift=shift, sampler=sampler,
-                         timesteps=timesteps, seed=seed, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                         latents=latents, output_type=output_type)
+                         timesteps=timesteps, seed=seed, prompt_embeds=prompt_embeds,
+                         negative_prompt_embeds=negative_prompt_embeds, latents=latents, output_type=output_type)
         need, batched = self._fit(plan)
         run = Run(self, progress)
         conditioning = conditioning_for(plan.spec)(plan)
