@@ -123,3 +123,4 @@ def test_check_timesteps(value, message):
     with pytest.raises(ValueError, match=message):
         check_timesteps(value)
     assert check_timesteps([1000, 750.5, 1]) == (1000.0, 750.5, 1.0)
+    assert check_timesteps([np.int64(1000), np.float32(500)]) == check_timesteps(torch.tensor([1000, 500])) == (1000, 500)

@@ -16,6 +16,7 @@ separate functions; guidance wraps `model_fn` (`guided`), so every sampler gets 
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable
 
 import numpy as np
@@ -232,7 +233,7 @@ def check_timesteps(value) -> tuple[float, ...]:
     if not values:
         raise ValueError("is empty: give at least one timestep, such as [1000, 750, 500, 250]")
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v):
             raise ValueError(f"must hold numbers such as 1000, 750, 500, 250; got {v!r}")
     bad = [v for v in values if not 0 < v <= NUM_TRAIN_TIMESTEPS]
     if bad:
