@@ -106,6 +106,16 @@ def test_prompts_file_conflicts(capsys, no_loading, tmp_path, extra, message):
     (["--model", "tiny", "--prompt", "x", "--quality", "99"], "--quality must be in \\[0, 51\\]"),
     (["--model", "tiny", "--prompt", "x", "--seed", "1180591620717411303424"], "--seed must be a whole number between 0 and 18446744073709551615"),
     (["--model", "tiny", "--prompt", "x", "--seed", "-1"], "--seed must be a whole number between 0 and"),
+    (["--model", "tiny", "--prompt", "x", "--timesteps", "1000,1000"], "--timesteps must be strictly decreasing"),
+    (["--model", "tiny", "--prompt", "x", "--timesteps", "500,1000"], "--timesteps must be strictly decreasing .* "
+                                                                       "1000 follows 500"),
+    (["--model", "tiny", "--prompt", "x", "--timesteps", "2000,500"], r"--timesteps values must be in \(0, 1000\]"),
+    (["--model", "tiny", "--prompt", "x", "--timesteps", "500,0"], r"--timesteps values must be in \(0, 1000\]"),
+    (["--model", "tiny", "--prompt", "x", "--timesteps", ""], "--timesteps is empty"),
+    (["--model", "tiny", "--prompt", "x", "--timesteps", "1000,x"], "--timesteps '1000,x': give numbers separated "
+                                                                     "by commas"),
+    (["--model", "tiny", "--prompt", "x", "--timesteps", "1000,500,250"], "--steps 2 disagrees with the 3 "
+                                                                           "--timesteps"),
 ])
 def test_errors_speak_in_flags(capsys, no_loading, args, message):
     err = error_of(capsys, ["generate", *FAST, *args])
@@ -120,6 +130,13 @@ def test_jsonl_errors_name_the_file_and_line(capsys, no_loading, tmp_path):
     assert f"{prompts}:2: --size width 100 is not a multiple of 16" in err
     prompts.write_text('{"prompt": "b", "size": "big"}\n', encoding="utf-8")
     assert f"{prompts}:1: size must be WIDTHxHEIGHT" in error_of(capsys, ["generate", "--model", "tiny", "--prompts", str(prompts)])
+    prompts.write_text('{"prompt": "b", "timesteps": "1000,500"}\n{"prompt": "b", "timesteps": [1000, "a"]}\n',
+                       encoding="utf-8")
+    assert f"{prompts}:1: timesteps must be a list, got '1000,500'" in error_of(
+        capsys, ["generate", "--model", "tiny", "--prompts", str(prompts)])
+    prompts.write_text('{"prompt": "b", "timesteps": [1000, "a"]}\n', encoding="utf-8")
+    assert f"{prompts}:1: --timesteps must hold numbers such as 1000, 750, 500, 250; got 'a'" in error_of(
+        capsys, ["generate", "--model", "tiny", "--prompts", str(prompts)])
     prompts.write_bytes(b"a cat\n\xff\xfe caf\xe9\n")
     assert f"{prompts}: not UTF-8 text" in error_of(capsys, ["generate", "--model", "tiny", "--prompts", str(prompts)])
 

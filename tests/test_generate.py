@@ -178,3 +178,22 @@ def test_v2v_says_what_the_strength_does(images, capsys):
          output_type="latents")
     assert "video-to-video: strength 0.6 runs the last 12 of 20 steps, from the input noised to sigma 0.88" \
         in capsys.readouterr().err
+
+
+def test_lcm_with_a_timestep_list(tmp_path):
+    """The 4-step release recipe on the command line: lcm on an explicit step list (agreeing
+    with --steps; the tiny folder's own 4 steps give way), same seed same video."""
+    import av
+
+    args = ["--model", "tiny", "--prompt", "a cat", "--seed", "3", "--sampler", "lcm", "--guidance", "1",
+            "--timesteps", "1000,750,500"]
+    a, b = generate(tmp_path, "a.mp4", *args), generate(tmp_path, "b.mp4", *args)
+    assert np.array_equal(frames_of(a)[0], frames_of(b)[0])
+    with av.open(str(a)) as container:
+        meta = container.metadata
+    assert meta.get("sampler") == "lcm" and meta.get("steps") == "3" and "750" in meta.get("timesteps", ""), meta
+    out = tmp_path / "c.mp4"
+    assert main(["generate", "--model", "tiny", "--prompt", "a cat", "--timesteps", "1000,500", "--quiet",
+                 "--size", "64x48", "--frames", "5", "--output", str(out)]) == 0  # no --steps: the list's 2
+    with av.open(str(out)) as container:
+        assert container.metadata.get("steps") == "2"

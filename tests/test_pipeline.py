@@ -25,7 +25,7 @@ def test_seed_draws_the_official_noise(pipes):
     assert torch.equal(by_seed, by_latents)
 
 
-@pytest.mark.parametrize("sampler", ["unipc", "dpm++", "euler"])
+@pytest.mark.parametrize("sampler", ["unipc", "dpm++", "euler", "lcm"])
 def test_step_callback_sees_every_step_and_can_stop_the_call(pipes, sampler):
     pipe = pipes["tiny"]
     calls = []
@@ -189,3 +189,67 @@ def test_a_model_folder_carries_its_own_generation_defaults(tmp_path):
         WanPipeline.from_pretrained(folder)
     assert main(["generate", "--model", str(folder), "--prompt", "x", "--output", str(tmp_path / "x.mp4")]) == 2
     assert not (tmp_path / "x.mp4").exists()
+
+
+def dit_timesteps(pipe, monkeypatch) -> list:
+    """The timestep the DiT receives at each call, recorded on the way in."""
+    seen, forward = [], pipe.dit.forward
+
+    def spy(x, t, *args, **kwargs):
+        seen.append(float(t.flatten()[0]))
+        return forward(x, t, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.dit, "forward", spy)
+    return seen
+
+
+@pytest.mark.parametrize("sampler", ["euler", "lcm"])
+def test_timesteps_are_the_step_list_the_releases_run(pipes, sampler, monkeypatch):
+    pipe = pipes["tiny"]
+    small = dict(SMALL, steps=None, guidance_scale=1.0, seed=5, sampler=sampler, output_type="latents")
+    # lightx2v's 4-step list is the 4-step Euler/LCM grid: the same run, bit for bit
+    listed = pipe("a cat", timesteps=[1000, 750, 500, 250], shift=5.0, **small)
+    assert torch.equal(listed, pipe("a cat", num_inference_steps=4, shift=5.0, **small))
+    # any list: sigma = t / 1000, shifted; the DiT gets sigma x 1000, one call per step (no CFG)
+    seen = dit_timesteps(pipe, monkeypatch)
+    pipe("a cat", timesteps=[1000, 900, 600, 200], shift=3.0, **small)
+    s = torch.tensor([1000, 900, 600, 200], dtype=torch.float64) / 1000
+    assert seen == pytest.approx((3 * s / (1 + 2 * s) * 1000).tolist(), abs=1e-3)
+    with pytest.raises(ValueError, match="num_inference_steps 3 disagrees with the 4 timesteps"):
+        pipe("a cat", timesteps=[1000, 750, 500, 250], num_inference_steps=3, **small)
+
+
+def test_lcm_noise_comes_from_the_seed(pipes):
+    pipe = pipes["tiny"]
+    small = dict(SMALL, guidance_scale=1.0, sampler="lcm", output_type="latents")
+    a, b = pipe("a cat", seed=5, **small), pipe("a cat", seed=5, **small)
+    assert torch.equal(a, b)  # fresh noise at each step, all of it from the seed
+    # given latents: the step noise still follows the seed
+    noise = torch.randn(16, 3, 4, 6, generator=torch.Generator("cpu").manual_seed(9))
+    c, d = (pipe("a cat", seed=seed, latents=noise, **small) for seed in (5, 6))
+    assert not torch.equal(c, d)
+    assert not torch.equal(a, pipe("a cat", seed=5, **dict(small, sampler="euler")))
+
+
+def test_timesteps_with_video_to_video_strength(pipes, monkeypatch):
+    pipe = pipes["tiny"]
+    video = torch.rand(3, 9, 32, 48) * 2 - 1
+    seen = dit_timesteps(pipe, monkeypatch)
+    steps = []
+    pipe("a cat", video=video, strength=0.5, timesteps=[1000, 750, 500, 250], shift=5.0, guidance_scale=1.0,
+         sampler="lcm", seed=1, progress=False, output_type="latents", callback=lambda i, n, x: steps.append((i, n)))
+    assert steps == [(1, 2), (2, 2)]  # the last half of the list
+    assert seen == pytest.approx([5 * 0.5 / 3 * 1000, 5 * 0.25 / 2 * 1000], abs=1e-3)
+
+
+def test_timesteps_replace_the_folder_s_step_count():
+    from wanx.pipeline import RequestError
+
+    plan = plan_request("t2v", "x", timesteps=[1000, 500], model_defaults={"num_inference_steps": 30})
+    assert plan.steps == 2 and plan.timesteps == (1000.0, 500.0)
+    assert plan_request("t2v", "x", timesteps=[1000, 500], num_inference_steps=2).steps == 2
+    for bad, field in (([500, 1000], "timesteps"), ([], "timesteps"), ([1000, 0], "timesteps")):
+        with pytest.raises(RequestError) as err:
+            plan_request("t2v", "x", timesteps=bad)
+        assert err.value.field == field
+    assert plan_request("t2v", "x").timesteps is None

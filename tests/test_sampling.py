@@ -72,3 +72,55 @@ def test_unknown_sampler_and_bad_steps():
         schedule("ddim", 10, 5.0)
     with pytest.raises(ValueError, match="steps must be"):
         schedule("unipc", 0, 5.0)
+
+
+@pytest.mark.parametrize("timesteps, shift", [([1000, 750, 500, 250], 5.0), ([999, 900, 620, 380, 120], 3.0)])
+def test_lcm_matches_diffusers(setup, timesteps, shift):
+    """Flow-matching LCM against diffusers' FlowMatchLCMScheduler on the same sigmas, each
+    drawing its fresh noise from a generator seeded alike (so the same noise is injected)."""
+    from diffusers import FlowMatchLCMScheduler
+
+    fn, noise, cond, uncond = setup
+    sigmas, ts = schedule("lcm", len(timesteps), shift, timesteps)
+    ours = SAMPLERS["lcm"](lambda x, t: fn(x, t, cond), noise.clone(), sigmas, ts,
+                           generator=torch.Generator().manual_seed(7))
+    ref = FlowMatchLCMScheduler(shift=shift)
+    ref.set_timesteps(sigmas=[t / 1000 for t in timesteps])  # diffusers shifts them
+    assert torch.allclose(ref.sigmas, sigmas, atol=1e-6) and torch.allclose(ref.timesteps, ts, atol=1e-3)
+    ref.sigmas, ref.timesteps = sigmas.clone(), ts.clone()  # bit for bit (diffusers shifts in float32)
+    generator, x = torch.Generator().manual_seed(7), noise.clone()
+    for t in ref.timesteps:
+        x = ref.step(fn(x, t, cond), t, x, generator=generator, return_dict=False)[0]
+    assert (ours - x).abs().max() <= 1e-5
+    # the noise matters: another seed gives another result
+    other = SAMPLERS["lcm"](lambda x, t: fn(x, t, cond), noise.clone(), sigmas, ts,
+                            generator=torch.Generator().manual_seed(8))
+    assert (other - ours).abs().max() > 1e-3
+
+
+def test_explicit_timesteps_schedule():
+    """sigma = t / 1000 shifted (lightx2v's denoising_step_list), final 0, the DiT fed sigma x 1000;
+    1000,750,500,250 is the 4-step Euler/LCM grid."""
+    sigmas, ts = schedule("unipc", 4, 5.0, [1000, 750, 500, 250])
+    s = np.array([1000, 750, 500, 250]) / 1000
+    expect = 5 * s / (1 + 4 * s)
+    assert torch.allclose(sigmas, torch.tensor([*expect, 0.0], dtype=torch.float32))
+    assert torch.allclose(ts, torch.tensor(expect * 1000, dtype=torch.float32)) and ts.dtype == torch.float32
+    for sampler in ("euler", "lcm"):
+        grid = schedule(sampler, 4, 5.0)
+        assert torch.equal(grid[0], sigmas) and torch.equal(grid[1], ts)
+    with pytest.raises(ValueError, match="must be the number of timesteps"):
+        schedule("euler", 3, 5.0, [1000, 750, 500, 250])
+
+
+@pytest.mark.parametrize("value, message", [
+    ([], "is empty"), ([1000, 750, 750], "strictly decreasing"), ([250, 500], "strictly decreasing"),
+    ([1001, 500], r"in \(0, 1000\]"), ([500, 0], r"in \(0, 1000\]"), (["a"], "numbers"), ([True], "numbers"),
+    ("1000,750", "a list of numbers"), ([float("nan")], "numbers")])
+def test_check_timesteps(value, message):
+    from wanx.sampling import check_timesteps
+
+    with pytest.raises(ValueError, match=message):
+        check_timesteps(value)
+    assert check_timesteps([1000, 750.5, 1]) == (1000.0, 750.5, 1.0)
+    assert check_timesteps([np.int64(1000), np.float32(500)]) == check_timesteps(torch.tensor([1000, 500])) == (1000, 500)

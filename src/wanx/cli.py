@@ -120,6 +120,17 @@ def _guidance(text: str) -> tuple[float, ...]:
     return values
 
 
+def _timesteps(text: str | None) -> list[float] | None:
+    """'1000,750,500,250' -> [1000.0, 750.0, 500.0, 250.0]; the range and order are the plan's
+    checks (the same for every face)."""
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")] if text.strip() else []
+    except ValueError:
+        raise ValueError(f"--timesteps {text!r}: give numbers separated by commas, such as 1000,750,500,250") from None
+
+
 def _size(text: str) -> tuple[int, int]:
     """'832x480' (width x height; '*' as in the official CLI works too) -> (width, height)."""
     from .request import parse_size
@@ -135,10 +146,11 @@ FLAGS = {"prompt": "--prompt (or --prompts FILE)", "negative_prompt": "--negativ
          "last_image": "--last-image", "video": "--video", "strength": "--strength", "height": "--size height",
          "width": "--size width", "num_frames": "--frames", "num_inference_steps": "--steps",
          "guidance_scale": "--guidance", "shift": "--shift", "sampler": "--sampler", "seed": "--seed",
-         "guidance_scale_low": "--guidance (its second value, the low-noise expert's)", "boundary": "--boundary"}
+         "guidance_scale_low": "--guidance (its second value, the low-noise expert's)", "boundary": "--boundary",
+         "timesteps": "--timesteps"}
 _JOB_KEYS = ("prompt", "negative_prompt", "seed", "image", "last_image", "video", "strength", "size", "frames", "steps",
              "guidance", "shift", "sampler", "output", "guidance_low",
-             "boundary")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
+             "boundary", "timesteps")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
 # How the CLI spells each runtime choice and parallel-plan parameter in Runtime.check's refusals.
 RUNTIME_FLAGS = {"offload": "--offload", "vram_budget": "--vram-budget", "quantize": "--fp8",
                  "cache": "--teacache/--magcache", "fsdp": "--fsdp", "sp": "--sp", "cfg_parallel": "--cfg-parallel",
@@ -158,7 +170,7 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
                 last_image=args.last_image, video=args.video, strength=args.strength, size=args.size,
                 frames=args.frames, steps=args.steps, guidance=guidance[0], shift=args.shift, sampler=args.sampler,
                 guidance_low=guidance[1] if len(guidance) > 1 else None, boundary=args.boundary,
-                output=None, where="")
+                timesteps=_timesteps(args.timesteps), output=None, where="")
     if not args.prompts:
         return [base]
     if args.prompt is not None:
@@ -797,7 +809,13 @@ def _add_generate(sub: argparse._SubParsersAction, tiny: str) -> None:
                                                     f"the 1000 timesteps (default {defaults('boundary')}); the split "
                                                     "follows the timesteps, so --steps and --shift move it")
     gen.add_argument("--shift", type=float, help=f"schedule shift (default {defaults('shift')})")
-    gen.add_argument("--sampler", choices=["unipc", "dpm++", "euler"], help="default unipc (official)")
+    gen.add_argument("--sampler", choices=["unipc", "dpm++", "euler", "lcm"],
+                     help="default unipc (official); lcm: x0 re-noised with fresh noise from the seed at each step "
+                          "(step-distilled Wan2.1 models: lightx2v, rCM)")
+    gen.add_argument("--timesteps", metavar="T1,T2,...",
+                     help="an explicit denoising step list on the 0..1000 scale before --shift, strictly decreasing, "
+                          "e.g. 1000,750,500,250 (lightx2v's 4-step releases): sigma = T/1000 shifted, final sigma 0; "
+                          "it sets the step count (replaces --steps)")
     gen.add_argument("--seed", type=int, help="random seed, 0..2**64-1 (default: a random one, printed)")
     gen.add_argument("--output", "-o", help="an .mp4/.gif file, a new folder name for PNG frames, or an existing "
                                             "folder (a generated name inside). With --prompts: the folder for the "

@@ -18,6 +18,7 @@ KEY_TYPES: dict[str, tuple[type, ...]] = {
     "video": (str,), "strength": (int, float), "size": (str,), "frames": (int,), "steps": (int,),
     "guidance": (int, float), "shift": (int, float), "sampler": (str,), "output": (str,),
     "guidance_low": (int, float), "boundary": (int, float),  # Wan2.2 A14B: the low-noise expert
+    "timesteps": (list,),  # an explicit denoising step list, e.g. [1000, 750, 500, 250]
 }
 JOB_KEYS = frozenset(KEY_TYPES)
 # A request key for each pipeline keyword, so that the pipeline's errors name the key to fix.
@@ -25,7 +26,7 @@ PIPELINE_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "imag
                  "last_image": "last_image", "video": "video", "strength": "strength", "height": "size",
                  "width": "size", "num_frames": "frames", "num_inference_steps": "steps", "guidance_scale": "guidance",
                  "shift": "shift", "sampler": "sampler", "seed": "seed", "guidance_scale_low": "guidance_low",
-                 "boundary": "boundary"}
+                 "boundary": "boundary", "timesteps": "timesteps"}
 # How a request's keys are spelled in errors when no face says otherwise.
 KEY_NAMES = {**PIPELINE_KEYS, "height": "size height", "width": "size width"}
 
@@ -98,7 +99,8 @@ def pipeline_kwargs(job: Mapping) -> dict:
                 strength=job["strength"] if job.get("strength") is not None else 0.8, height=height, width=width,
                 num_frames=job.get("frames"), num_inference_steps=job.get("steps"),
                 guidance_scale=job.get("guidance"), guidance_scale_low=job.get("guidance_low"),
-                boundary=job.get("boundary"), shift=job.get("shift"), sampler=job.get("sampler"), seed=job.get("seed"))
+                boundary=job.get("boundary"), shift=job.get("shift"), sampler=job.get("sampler"), seed=job.get("seed"),
+                timesteps=job.get("timesteps"))
 
 
 def check_job(job: Mapping, files, *, runtime, weights: int, names: Mapping[str, str] | None = None):

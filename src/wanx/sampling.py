@@ -5,15 +5,18 @@ predicts the velocity v = noise - x0, so x0 = x_t - sigma * v.
 
 Every sampler has one call shape:
 
-    sample(model_fn, x, sigmas, timesteps, callback=None) -> x0
+    sample(model_fn, x, sigmas, timesteps, callback=None, generator=None) -> x0
 
 `model_fn(x, t)` returns v for latents x at model timestep t (0..1000 scale); `sigmas` has
-len(timesteps) + 1 entries, the last one 0. Schedules are separate functions; guidance wraps
-`model_fn` (`guided`), so every sampler gets it.
+len(timesteps) + 1 entries, the last one 0. `generator` is the source of the fresh noise a
+stochastic sampler (LCM) draws: the pipeline passes the one its initial noise came from, so a
+seed fixes the whole run; the deterministic samplers take it and draw nothing. Schedules are
+separate functions; guidance wraps `model_fn` (`guided`), so every sampler gets it.
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable
 
 import numpy as np
@@ -68,7 +71,8 @@ def _lambda(sigma: Tensor) -> Tensor:
     return torch.log(1 - sigma) - torch.log(sigma)
 
 
-def sample_euler(model_fn: ModelFn, x: Tensor, sigmas: Tensor, timesteps: Tensor, callback: Callback | None = None) -> Tensor:
+def sample_euler(model_fn: ModelFn, x: Tensor, sigmas: Tensor, timesteps: Tensor, callback: Callback | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
     """Flow-matching Euler: x += (sigma_next - sigma) * v."""
     for i, t in enumerate(timesteps):
         v = model_fn(x, t)
@@ -78,8 +82,28 @@ def sample_euler(model_fn: ModelFn, x: Tensor, sigmas: Tensor, timesteps: Tensor
     return x
 
 
+def sample_lcm(model_fn: ModelFn, x: Tensor, sigmas: Tensor, timesteps: Tensor, callback: Callback | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+    """Flow-matching LCM (diffusers' FlowMatchLCMScheduler): predict x0 = x - sigma * v, then
+    noise it afresh to the next sigma, (1 - sigma_next) * x0 + sigma_next * noise; the last step
+    (sigma 0) returns x0. This is the update of the step-distilled Wan2.1 releases (lightx2v's
+    WanStepDistillScheduler) and, in flow terms, of rCM's consistency sampler. The noise is
+    float32 standard normal from `generator` (torch's global one when None)."""
+    n = len(timesteps)
+    for i, t in enumerate(timesteps):
+        v = model_fn(x, t)
+        x0 = x.float() - sigmas[i].float() * v.float()
+        if i < n - 1 and float(sigmas[i + 1]) > 0:  # no draw for a step that ends at sigma 0
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
+            x0 = noise_to(x0, noise, sigmas[i + 1].float())
+        x = x0.to(x.dtype)
+        if callback:
+            callback(i, n, x)
+    return x
+
+
 def sample_dpmpp_2m(model_fn: ModelFn, x: Tensor, sigmas: Tensor, timesteps: Tensor,
-                    callback: Callback | None = None) -> Tensor:
+                    callback: Callback | None = None, generator: torch.Generator | None = None) -> Tensor:
     """DPM-Solver++(2M), midpoint form (Lu et al. 2022), data prediction; first order on the
     first step and on the last one (final sigma 0), as the official flow DPM++ solver."""
     sig = sigmas.double()
@@ -105,7 +129,7 @@ def sample_dpmpp_2m(model_fn: ModelFn, x: Tensor, sigmas: Tensor, timesteps: Ten
 
 
 def sample_unipc(model_fn: ModelFn, x: Tensor, sigmas: Tensor, timesteps: Tensor, callback: Callback | None = None,
-                 order: int = 2) -> Tensor:
+                 generator: torch.Generator | None = None, order: int = 2) -> Tensor:
     """UniPC multistep, B(h) = expm1(h) ('bh2'), data prediction (Zhao et al. 2023): a UniC
     corrector with each new model output, then a UniP predictor; order `order` (2 in the
     official code), lowered on the first steps and the final ones."""
@@ -170,18 +194,55 @@ def _unipc_update(x: Tensor, history: list[Tensor], x0_new: Tensor | None, lam: 
     return base - float(alpha_next * b_h) * (residual + float(rhos[-1]) * (x0_new - m0))
 
 
-SAMPLERS = {"unipc": sample_unipc, "dpm++": sample_dpmpp_2m, "euler": sample_euler}
+SAMPLERS = {"unipc": sample_unipc, "dpm++": sample_dpmpp_2m, "euler": sample_euler, "lcm": sample_lcm}
 
 
-def schedule(sampler: str, steps: int, shift: float) -> tuple[Tensor, Tensor]:
-    """The official grid for a sampler: UniPC from sigma 0.999, DPM++ and Euler from 1."""
+def schedule(sampler: str, steps: int, shift: float, timesteps=None) -> tuple[Tensor, Tensor]:
+    """The official grid for a sampler: UniPC from sigma 0.999, DPM++, Euler and LCM from 1
+    (LCM at 4 steps is lightx2v's [1000, 750, 500, 250]). timesteps: an explicit denoising step
+    list instead (`explicit_schedule`), for any sampler; then steps must be its length."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if timesteps is not None:
+        if len(timesteps) != steps:
+            raise ValueError(f"steps ({steps}) must be the number of timesteps ({len(timesteps)})")
+        return explicit_schedule(timesteps, shift)
     if sampler == "unipc":
         return unipc_schedule(steps, shift)
     return flow_schedule(steps, shift, integer_timesteps=sampler == "dpm++")
+
+
+def explicit_schedule(timesteps, shift: float) -> tuple[Tensor, Tensor]:
+    """A given denoising step list on the 0..1000 scale, as the step-distilled releases read
+    their `denoising_step_list` (lightx2v's WanStepDistillScheduler): sigma = t / 1000, shifted,
+    final sigma 0; the DiT gets the shifted sigma x 1000, a float. [1000, 750, 500, 250] at
+    shift 5 runs sigmas 1, 0.9375, 0.8333, 0.625."""
+    sigmas = shift_sigmas(np.asarray(timesteps, dtype=np.float64) / NUM_TRAIN_TIMESTEPS, shift)
+    return (torch.from_numpy(np.append(sigmas, 0.0)).to(torch.float32),
+            torch.from_numpy(sigmas * NUM_TRAIN_TIMESTEPS).to(torch.float32))
+
+
+def check_timesteps(value) -> tuple[float, ...]:
+    """An explicit step list, checked: numbers in (0, 1000], strictly decreasing, at least one.
+    ValueError says what is wrong (the caller names its argument)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"must be a list of numbers such as [1000, 750, 500, 250], got {value!r}")
+    values = list(value.tolist() if hasattr(value, "tolist") else value)
+    if not values:
+        raise ValueError("is empty: give at least one timestep, such as [1000, 750, 500, 250]")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v):
+            raise ValueError(f"must hold numbers such as 1000, 750, 500, 250; got {v!r}")
+    bad = [v for v in values if not 0 < v <= NUM_TRAIN_TIMESTEPS]
+    if bad:
+        raise ValueError(f"values must be in (0, 1000] (the training timesteps before the shift), got {bad[0]:g}")
+    for a, b in zip(values, values[1:]):
+        if not b < a:
+            raise ValueError(f"must be strictly decreasing (from high noise to low, e.g. 1000, 750, 500, 250); "
+                             f"{b:g} follows {a:g}")
+    return tuple(float(v) for v in values)
 
 
 def noise_to(x0: Tensor, noise: Tensor, sigma: float) -> Tensor:

@@ -183,6 +183,7 @@ class WanPipeline:
         boundary: float | None = None,
         shift: float | None = None,
         sampler: str | None = None,
+        timesteps: Sequence[float] | None = None,
         seed: int | None = None,
         prompt_embeds: Tensor | None = None,
         negative_prompt_embeds: Tensor | None = None,
@@ -209,7 +210,12 @@ class WanPipeline:
                 last ones, from the input noised to where they begin (`strength_schedule`).
             height, width: pixels, multiples of the task's size multiple (16; TI2V-5B 32).
             num_frames: 4k+1. Video-to-video: default the input's count, rounded down to 4k+1.
-            num_inference_steps (alias steps), shift, sampler ("unipc", "dpm++", "euler").
+            num_inference_steps (alias steps), shift, sampler ("unipc", "dpm++", "euler", "lcm":
+                x0 re-noised with fresh noise from the seed at each step, for step-distilled models).
+            timesteps: an explicit denoising step list on the 0..1000 scale before the shift,
+                strictly decreasing, e.g. [1000, 750, 500, 250] (lightx2v's 4-step releases):
+                sigma = t / 1000, shifted, final sigma 0; it sets the step count (any
+                num_inference_steps must agree). Works with every sampler and with strength.
             guidance_scale (alias guidance): in [1, 30], 1 turns guidance off; Wan2.2 A14B: the
                 high-noise expert's, and the low-noise one's unless guidance_scale_low is given.
             boundary: Wan2.2 A14B: steps with t >= 1000 x boundary run the high-noise expert.
@@ -230,20 +236,20 @@ class WanPipeline:
                          num_inference_steps=_alias("num_inference_steps", num_inference_steps, "steps", steps),
                          guidance_scale=_alias("guidance_scale", guidance_scale, "guidance", guidance),
                          guidance_scale_low=guidance_scale_low, boundary=boundary, shift=shift, sampler=sampler,
-                         seed=seed, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                         latents=latents, output_type=output_type)
+                         timesteps=timesteps, seed=seed, prompt_embeds=prompt_embeds,
+                         negative_prompt_embeds=negative_prompt_embeds, latents=latents, output_type=output_type)
         need, batched = self._fit(plan)
         run = Run(self, progress)
         conditioning = conditioning_for(plan.spec)(plan)
         with torch.no_grad():
             with run.stage("text encoding", "t5"):
                 context, context_null = self._text(plan, prompt, prompt_embeds, negative_prompt_embeds)
-            noise = self._noise(plan, latents)
+            noise, generator = self._noise(plan, latents)
             inputs = conditioning.inputs(run)
-            sigmas, timesteps = conditioning.schedule(*schedule(plan.sampler, plan.steps, plan.shift))
+            sigmas, timesteps = conditioning.schedule(*schedule(plan.sampler, plan.steps, plan.shift, plan.timesteps))
             x = conditioning.start(run, noise, sigmas)
             x = self._denoise(run, plan, conditioning, inputs, (context, context_null), x, sigmas, timesteps,
-                              batched, callback)
+                              batched, callback, generator)
             if output_type == "latents":
                 return x
             frames = self._decode(run, plan, x, need, decode_callback)  # [1, 3, F, H, W] in [-1, 1]
@@ -266,16 +272,19 @@ class WanPipeline:
             self.placement.set_dit_budget(auto_budget(self.placement.free_for_dit(), need.work))
         return need, batched
 
-    def _noise(self, plan: Plan, latents: Tensor | None) -> Tensor:
-        """The official noise: a generator on the sampling device, float32, unbatched shape."""
+    def _noise(self, plan: Plan, latents: Tensor | None) -> tuple[Tensor, torch.Generator]:
+        """The official noise: a generator on the sampling device, float32, unbatched shape; and
+        that generator, which then gives a stochastic sampler its fresh noise (as lightx2v's
+        step-distill scheduler draws both from one generator), so the seed fixes the run."""
         shape = plan.latent_shape()
-        if latents is not None:
-            return latents.to(self.device, torch.float32).reshape(1, *shape)
         generator = torch.Generator(self.device).manual_seed(plan.seed)
-        return torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)[None]
+        if latents is not None:
+            return latents.to(self.device, torch.float32).reshape(1, *shape), generator
+        return torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)[None], generator
 
     def _denoise(self, run: Run, plan: Plan, conditioning: Conditioning, inputs: dict[str, Tensor], texts,
-                 x: Tensor, sigmas: Tensor, timesteps: Tensor, batched: bool, callback) -> Tensor:
+                 x: Tensor, sigmas: Tensor, timesteps: Tensor, batched: bool, callback,
+                 generator: torch.Generator | None = None) -> Tensor:
         """The sampling loop: each step picks its expert by timestep, guides it, and lets the
         conditioning hold its frames; a step cache (when on) decides inside the DiT."""
         experts = Experts(self.dit, self.dit_low, plan.boundary, plan.guidance, plan.guidance_low, self.placement)
@@ -317,7 +326,7 @@ class WanPipeline:
         try:
             experts.pick(timesteps[0])  # the expert of the first step comes in
             with self.placement.phase("dit"):
-                x = SAMPLERS[plan.sampler](velocity, x, sigmas, timesteps, callback=advance)
+                x = SAMPLERS[plan.sampler](velocity, x, sigmas, timesteps, callback=advance, generator=generator)
         finally:
             bar.close()
         times = [b - a for a, b in zip(marks, marks[1:])]
@@ -349,6 +358,8 @@ class WanPipeline:
                         model=self.name, task=plan.task, size=f"{plan.width}x{plan.height}",
                         frames=plan.num_frames, steps=plan.steps, guidance=plan.guidance, shift=plan.shift,
                         sampler=plan.sampler, generator="wanx", **conditioning.metadata())
+        if plan.timesteps is not None:
+            metadata["timesteps"] = list(plan.timesteps)
         if self.last_experts:
             metadata["guidance_low"] = plan.guidance_low
             metadata["experts"] = self.last_experts

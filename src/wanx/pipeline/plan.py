@@ -15,7 +15,7 @@ from typing import Mapping
 
 from torch import Tensor
 
-from ..sampling import SAMPLERS
+from ..sampling import SAMPLERS, check_timesteps
 from ..configs import frames_at_most, frames_ok
 from ..tasks import NEGATIVE_PROMPT, TaskError, TaskSpec, choose_task, default_task
 
@@ -24,7 +24,7 @@ GUIDANCE_RANGE = (1.0, 30.0)
 # The request's keywords (WanPipeline.__call__'s), each None when not given.
 REQUEST_KEYS = ("image", "last_image", "video", "strength", "height", "width", "num_frames", "num_inference_steps",
                 "guidance_scale", "guidance_scale_low", "boundary", "shift", "sampler", "seed", "prompt_embeds",
-                "negative_prompt_embeds", "latents", "output_type")
+                "negative_prompt_embeds", "latents", "output_type", "timesteps")
 # Options a model folder's wanx-defaults.json may set, under the same keywords.
 OWN_KEYS = ("num_frames", "num_inference_steps", "guidance_scale", "guidance_scale_low", "boundary", "shift", "sampler")
 
@@ -74,6 +74,9 @@ class Plan:
     strength: float = 0.8  # video-to-video
     # latent geometry of the model's VAE: channels, temporal and spatial stride
     latent: tuple[int, int, int] = (16, 4, 8)
+    # an explicit denoising step list (0..1000, before the shift) instead of the sampler's grid;
+    # steps is its length
+    timesteps: tuple[float, ...] | None = None
 
     @property
     def task(self) -> str:
@@ -121,8 +124,8 @@ def make_plan(model: ModelFacts, prompt, negative_prompt, request: Mapping, name
         given["width"], given["height"] = own.get("width"), own.get("height")
     frames_given = given["num_frames"] is not None  # video-to-video: else the input's count, up to the default
     for key in OWN_KEYS:
-        if given[key] is None:
-            given[key] = own.get(key)
+        if given[key] is None and not (key == "num_inference_steps" and given["timesteps"] is not None):
+            given[key] = own.get(key)  # a step list is the step count: the folder's count does not apply
     given["sampler"] = given["sampler"] or "unipc"
     if given["output_type"] is None:
         given["output_type"] = "video"
@@ -142,14 +145,15 @@ def make_plan(model: ModelFacts, prompt, negative_prompt, request: Mapping, name
     if height is None or width is None:
         height, width = height or spec.height, width or spec.width
     guidance = given["guidance_scale"]
+    steps = given["num_inference_steps"] if given["num_inference_steps"] is not None else spec.steps
     plan = Plan(spec=spec, height=height, width=width, num_frames=given["num_frames"] or spec.num_frames,
-                steps=int(given["num_inference_steps"] if given["num_inference_steps"] is not None else spec.steps),
+                steps=len(given["timesteps"]) if given["timesteps"] is not None else int(steps),
                 shift=float(given["shift"] if given["shift"] is not None else spec.shift),
                 guidance=float(guidance if guidance is not None else spec.guidance),
                 seed=int(given["seed"]) if given["seed"] is not None else random.randint(0, 2**31 - 1),
                 negative_prompt=None, sampler=given["sampler"],
                 strength=given["strength"] if given["strength"] is not None else 0.8,
-                latent=model.latent or spec.latent)
+                latent=model.latent or spec.latent, timesteps=given["timesteps"])
     if spec.experts == 2:  # one guidance given applies to both experts, as the official --sample_guide_scale
         low = given["guidance_scale_low"]
         plan.guidance_low = float(low if low is not None else guidance if guidance is not None else spec.guidance_low)
@@ -204,6 +208,16 @@ def _check_values(model: ModelFacts, prompt, given: dict, name, face: bool) -> N
     steps = given["num_inference_steps"]
     if steps is not None and steps < 1:
         raise RequestError("num_inference_steps", f"{name('num_inference_steps')} must be >= 1, got {steps}")
+    if given["timesteps"] is not None:
+        try:
+            given["timesteps"] = check_timesteps(given["timesteps"])
+        except ValueError as err:
+            raise RequestError("timesteps", f"{name('timesteps')} {err}") from None
+        count = len(given["timesteps"])
+        if steps is not None and steps != count:
+            raise RequestError("num_inference_steps", f"{name('num_inference_steps')} {steps} disagrees with the "
+                                                      f"{count} {name('timesteps')}: give one of them (the step "
+                                                      "list sets the step count)")
     for arg in ("guidance_scale", "guidance_scale_low"):
         value = given[arg]
         if value is not None and not GUIDANCE_RANGE[0] <= value <= GUIDANCE_RANGE[1]:

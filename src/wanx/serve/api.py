@@ -31,7 +31,10 @@ _DESCRIPTIONS = {
     "steps": f"sampling steps (default {describe_all('steps')})",
     "guidance": f"1..30, 1: off (default {describe_all('guidance')})",
     "shift": f"schedule shift (default {describe_all('shift')})",
-    "sampler": "unipc, dpm++ or euler", "teacache": "TeaCache threshold for this job (0 skips nothing)",
+    "sampler": "unipc, dpm++, euler or lcm (step-distilled models)",
+    "timesteps": "an explicit denoising step list, 0..1000 before the shift, strictly decreasing, e.g. "
+                 "[1000, 750, 500, 250]; sets the step count (steps, if given, must agree)",
+    "teacache": "TeaCache threshold for this job (0 skips nothing)",
     "guidance_low": "Wan2.2 A14B: the low-noise expert's guidance (default: guidance when given, else "
                     f"{describe_all('guidance_low')})",
     "boundary": "Wan2.2 A14B: where the low-noise expert takes over, 0..1 of the 1000 timesteps "
@@ -43,6 +46,7 @@ REQUEST_SCHEMA = {
     "properties": {key: {"type": _JSON_TYPES[kinds[-1] if kinds[-1] is float else kinds[0]],
                          "description": _DESCRIPTIONS.get(key, key)} for key, kinds in API_TYPES.items()},
 }
+REQUEST_SCHEMA["properties"]["timesteps"]["items"] = {"type": "number"}
 REQUEST_SCHEMA["properties"]["loras"]["items"] = {
     "type": "object", "required": ["name"],
     "properties": {"name": {"type": "string"}, "strength": {"type": "number"}}}

@@ -153,6 +153,9 @@ class Server:
         if job.get("steps") is not None and job["steps"] > self.limits.max_steps:
             raise RequestError("steps", f"steps must be at most {self.limits.max_steps} on this server, "
                                         f"got {job['steps']}")
+        if isinstance(job.get("timesteps"), list) and len(job["timesteps"]) > self.limits.max_steps:
+            raise RequestError("timesteps", f"timesteps must hold at most {self.limits.max_steps} steps on this "
+                                            f"server, got {len(job['timesteps'])}")
         if job.get("frames") is not None and job["frames"] > self.limits.max_frames:
             raise RequestError("frames", f"frames must be at most {self.limits.max_frames} on this server, "
                                          f"got {job['frames']}")
