@@ -177,6 +177,15 @@ def test_defaults_and_schedules_agree_bit_for_bit(pipe):
     assert pipe("a cat", **FAST, guidance=5.0).equal(plain)  # a number: guidance_scale's alias, as before
 
 
+def test_slg_keeps_its_own_branch_in_the_step_cache(pipe):
+    cache = pipe.enable_cache("teacache", 0.0)  # every step computed; the branches it saw are counted
+    try:
+        pipe("a cat", **FAST, guidance_scale=5.0, guidance=g.SLG([0], start=0.25, end=0.75))
+        assert cache.stats.computed == {"cond": 4, "uncond": 2, "uncond-skip": 2}  # steps 1, 2
+    finally:
+        pipe.disable_cache()
+
+
 def test_apg_object_reused_gives_the_same_video(pipe):
     apg = g.APG(momentum=-0.5)
     assert torch.equal(pipe("a cat", **FAST, guidance=apg), pipe("a cat", **FAST, guidance=apg))

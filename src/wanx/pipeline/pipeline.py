@@ -233,7 +233,7 @@ class WanPipeline:
             A `Video` (`.save(path)`, `.frames` uint8 `[F, H, W, 3]`) or a latent tensor.
         """
         strategy = None
-        if guidance is not None and not isinstance(guidance, (int, float)):  # a strategy object
+        if guidance is not None and not isinstance(guidance, (int, float, list, tuple)):  # a strategy object
             strategy, guidance = guidance, None
         plan = self.plan(prompt, negative_prompt, image=image, last_image=last_image, video=video, strength=strength,
                          height=height, width=width, num_frames=num_frames,
