@@ -3,9 +3,14 @@ branches (one batch of two, two passes, or the two halves of the ranks with CFG 
 
 A strategy is called once per step with `branch(x, t, context, names) -> velocity`, the
 model function of one expert for a batch of branches (`names` tells a step cache which
-branches the batch holds), and returns the guided velocity. Variants that change the formula
-or the schedule of scales (CFG-Zero*, APG, per-step scales) belong here too, as strategies
-the loop does not have to know about.
+branches the batch holds), and returns the guided velocity.
+
+The variants (`CFG` with its schedule: `cfg_steps`, a scale per step; `CFGZeroStar`, `APG`,
+`SLG`, `NAG`) take the step they are at too (`Step`: index, total, the expert's DiT) and
+compute their two branches as the pipeline's choice above does (`bind`). SLG and NAG act
+inside the DiT only through its seams (`WanDiT.block_wrappers`, `CrossAttention.attention_fn`)
+for the span of one pass; the model's math is untouched. `from_options` builds one from the
+request keys (`--cfg-steps`, `--cfg-zero-star`, `--apg`, `--slg-layers`, `--nag-scale`, ...).
 """
 
 from __future__ import annotations
@@ -94,7 +99,6 @@ class CFG:
     request's). A step whose scale is 1 runs one DiT pass, never two."""
 
     name = "cfg"
-    needs_negative = False  # True: a negative prompt even when no step runs CFG (NAG)
 
     def __init__(self, *, cfg_steps: int | None = None, scales: Sequence[float] | None = None):
         self.cfg_steps = cfg_steps
@@ -258,7 +262,6 @@ class NAG(CFG):
     uncond pass is plain and the cond pass guided (two passes)."""
 
     name = "nag"
-    needs_negative = True
 
     def __init__(self, scale: float, *, tau: float = 2.5, alpha: float = 0.25, **schedule):
         super().__init__(**schedule)
