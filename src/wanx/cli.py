@@ -131,6 +131,44 @@ def _timesteps(text: str | None) -> list[float] | None:
         raise ValueError(f"--timesteps {text!r}: give numbers separated by commas, such as 1000,750,500,250") from None
 
 
+def _layers(text: str) -> list[int]:
+    """'9' -> [9]; '9,10' -> [9, 10]: DiT blocks."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"DiT block numbers such as 9 or 9,10; got {text!r}") from None
+
+
+# the "guidance variants" flags, each a request key (wanx.request.GUIDANCE_KEYS)
+_GUIDANCE_FLAGS = ("cfg_steps", "cfg_zero_star", "apg", "apg_eta", "apg_norm_threshold", "apg_momentum", "slg_layers",
+                   "slg_start", "slg_end", "nag_scale", "nag_tau", "nag_alpha")
+
+
+def _guidance_flags(gen: argparse.ArgumentParser) -> None:
+    """`wanx generate`'s guidance variants (wanx.guidance): one at a time; --cfg-steps with any."""
+    var = gen.add_argument_group("guidance variants", "one of --cfg-zero-star, --apg, --slg-layers, --nag-scale; "
+                                                      "--cfg-steps goes with any")
+    var.add_argument("--cfg-steps", type=int, metavar="N", help="real CFG on the first N steps only, then one DiT "
+                                                                "pass per step (distilled LoRAs: motion from CFG early)")
+    var.add_argument("--cfg-zero-star", action="store_true", default=None,
+                     help="CFG-Zero*: the uncond prediction scaled by <c,u>/|u|^2, zero velocity on the first step")
+    var.add_argument("--apg", action="store_true", default=None, help="adaptive projected guidance (diffusers' "
+                                                                      "AdaptiveProjectedGuidance)")
+    var.add_argument("--apg-eta", type=float, help="APG: weight of the part parallel to the cond prediction "
+                                                   "(default 1.0)")
+    var.add_argument("--apg-norm-threshold", type=float, help="APG: cap on the guidance difference's norm, 0: none "
+                                                              "(default 15.0)")
+    var.add_argument("--apg-momentum", type=float, help="APG: momentum in (-1, 1), e.g. -0.5 (default: none)")
+    var.add_argument("--slg-layers", type=_layers, metavar="N[,N...]",
+                     help="skip-layer guidance: the uncond pass skips these DiT blocks, e.g. 9 or 9,10")
+    var.add_argument("--slg-start", type=float, help="SLG from this fraction of the steps (default 0.1)")
+    var.add_argument("--slg-end", type=float, help="SLG until this fraction of the steps (default 0.9)")
+    var.add_argument("--nag-scale", type=float, help="NAG: negative-prompt guidance in cross-attention for CFG-free "
+                                                     "(distilled) models, >= 1, e.g. 11; needs --negative-prompt")
+    var.add_argument("--nag-tau", type=float, help="NAG: norm cap (default 2.5)")
+    var.add_argument("--nag-alpha", type=float, help="NAG: blend 0..1 (default 0.25)")
+
+
 def _size(text: str) -> tuple[int, int]:
     """'832x480' (width x height; '*' as in the official CLI works too) -> (width, height)."""
     from .request import parse_size
@@ -147,10 +185,15 @@ FLAGS = {"prompt": "--prompt (or --prompts FILE)", "negative_prompt": "--negativ
          "width": "--size width", "num_frames": "--frames", "num_inference_steps": "--steps",
          "guidance_scale": "--guidance", "shift": "--shift", "sampler": "--sampler", "seed": "--seed",
          "guidance_scale_low": "--guidance (its second value, the low-noise expert's)", "boundary": "--boundary",
-         "timesteps": "--timesteps"}
+         "timesteps": "--timesteps",
+         **{key: "--" + key.replace("_", "-") for key in (  # wanx.request.GUIDANCE_KEYS
+             "cfg_steps", "cfg_zero_star", "apg", "apg_eta", "apg_norm_threshold", "apg_momentum", "slg_layers",
+             "slg_start", "slg_end", "nag_scale", "nag_tau", "nag_alpha")}}
 _JOB_KEYS = ("prompt", "negative_prompt", "seed", "image", "last_image", "video", "strength", "size", "frames", "steps",
              "guidance", "shift", "sampler", "output", "guidance_low",
-             "boundary", "timesteps")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
+             "boundary", "timesteps", "cfg_steps", "cfg_zero_star", "apg", "apg_eta", "apg_norm_threshold", "apg_momentum",
+             "slg_layers", "slg_start", "slg_end", "nag_scale", "nag_tau",
+             "nag_alpha")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
 # How the CLI spells each runtime choice and parallel-plan parameter in Runtime.check's refusals.
 RUNTIME_FLAGS = {"offload": "--offload", "vram_budget": "--vram-budget", "quantize": "--fp8",
                  "cache": "--teacache/--magcache", "fsdp": "--fsdp", "sp": "--sp", "cfg_parallel": "--cfg-parallel",
@@ -170,7 +213,8 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
                 last_image=args.last_image, video=args.video, strength=args.strength, size=args.size,
                 frames=args.frames, steps=args.steps, guidance=guidance[0], shift=args.shift, sampler=args.sampler,
                 guidance_low=guidance[1] if len(guidance) > 1 else None, boundary=args.boundary,
-                timesteps=_timesteps(args.timesteps), output=None, where="")
+                timesteps=_timesteps(args.timesteps), output=None, where="",
+                **{key: getattr(args, key) for key in _GUIDANCE_FLAGS})
     if not args.prompts:
         return [base]
     if args.prompt is not None:
@@ -817,6 +861,7 @@ def _add_generate(sub: argparse._SubParsersAction, tiny: str) -> None:
                           "e.g. 1000,750,500,250 (lightx2v's 4-step releases): sigma = T/1000 shifted, final sigma 0; "
                           "it sets the step count (replaces --steps)")
     gen.add_argument("--seed", type=int, help="random seed, 0..2**64-1 (default: a random one, printed)")
+    _guidance_flags(gen)
     gen.add_argument("--output", "-o", help="an .mp4/.gif file, a new folder name for PNG frames, or an existing "
                                             "folder (a generated name inside). With --prompts: the folder for the "
                                             "videos (default outputs/); a job's relative \"output\" is inside it")

@@ -19,7 +19,15 @@ KEY_TYPES: dict[str, tuple[type, ...]] = {
     "guidance": (int, float), "shift": (int, float), "sampler": (str,), "output": (str,),
     "guidance_low": (int, float), "boundary": (int, float),  # Wan2.2 A14B: the low-noise expert
     "timesteps": (list,),  # an explicit denoising step list, e.g. [1000, 750, 500, 250]
+
+    # guidance variants and schedule (wanx.guidance.from_options)
+    "cfg_steps": (int,), "cfg_zero_star": (bool,), "apg": (bool,), "apg_eta": (int, float),
+    "apg_norm_threshold": (int, float), "apg_momentum": (int, float), "slg_layers": (list, int),
+    "slg_start": (int, float), "slg_end": (int, float), "nag_scale": (int, float), "nag_tau": (int, float),
+    "nag_alpha": (int, float),
 }
+GUIDANCE_KEYS = ("cfg_steps", "cfg_zero_star", "apg", "apg_eta", "apg_norm_threshold", "apg_momentum", "slg_layers",
+                 "slg_start", "slg_end", "nag_scale", "nag_tau", "nag_alpha")
 JOB_KEYS = frozenset(KEY_TYPES)
 # A request key for each pipeline keyword, so that the pipeline's errors name the key to fix.
 PIPELINE_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "image": "image",
@@ -54,9 +62,10 @@ def parse_job(obj, *, where: str = "", types: Mapping[str, tuple[type, ...]] = K
     for key, value in obj.items():
         kinds = types[key]
         # JSON true is a Python int: refuse it where a number is meant
-        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+        if value is not None and (isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds)):
             # (int, float) is any number: 0.1 is as good as 1 there
-            what = "a number" if float in kinds else {str: "a string", int: "a whole number", list: "a list"}[kinds[0]]
+            what = "a number" if float in kinds else {str: "a string", int: "a whole number", list: "a list",
+                                                      bool: "true or false"}[kinds[0]]
             if float in kinds and isinstance(value, str) and _decimal_comma(value):
                 what = "a number, with a decimal point"
             raise RequestError(key, f"{where}{key} must be {what}, got {value!r}")
@@ -92,15 +101,19 @@ def fix_seed(job: dict, name: str = "seed") -> int:
     return seed
 
 
-def pipeline_kwargs(job: Mapping) -> dict:
-    """The job's settings as WanPipeline keywords (the prompts apart)."""
+def pipeline_kwargs(job: Mapping, names: Mapping[str, str] | None = None) -> dict:
+    """The job's settings as WanPipeline keywords (the prompts apart); its guidance keys as a
+    `wanx.guidance` strategy (`guidance`), None when none is set."""
+    from .guidance import from_options
+
     width, height = job.get("size") or (None, None)
+    strategy = from_options({key: job.get(key) for key in GUIDANCE_KEYS}, lambda key: (names or {}).get(key, key))
     return dict(image=job.get("image"), last_image=job.get("last_image"), video=job.get("video"),
                 strength=job["strength"] if job.get("strength") is not None else 0.8, height=height, width=width,
                 num_frames=job.get("frames"), num_inference_steps=job.get("steps"),
                 guidance_scale=job.get("guidance"), guidance_scale_low=job.get("guidance_low"),
                 boundary=job.get("boundary"), shift=job.get("shift"), sampler=job.get("sampler"), seed=job.get("seed"),
-                timesteps=job.get("timesteps"))
+                timesteps=job.get("timesteps"), guidance=strategy)
 
 
 def check_job(job: Mapping, files, *, runtime, weights: int, names: Mapping[str, str] | None = None):
@@ -110,10 +123,10 @@ def check_job(job: Mapping, files, *, runtime, weights: int, names: Mapping[str,
     naming the pipeline keyword at fault. names: how the face spells each keyword."""
     from .memory.estimate import check_fits
 
-    request = pipeline_kwargs(job)
+    request = pipeline_kwargs(job, names or KEY_NAMES)
     plan = plan_request(files.model_type, job.get("prompt"), job.get("negative_prompt"), names=names or KEY_NAMES,
                         model_defaults=files.defaults, experts=2 if files.moe else 1, clip=files.dit_config.clip,
-                        **request)
+                        layers=files.dit_config.num_layers, **request)
     try:  # batch 1: guidance runs as two passes when one batch of two does not fit
         check_fits(files.dit_config, plan.height, plan.width, plan.num_frames, device=runtime.device,
                    dtype=runtime.dtype, vae_dtype=runtime.vae_dtype, weights=weights, batch=1)

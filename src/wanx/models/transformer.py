@@ -116,6 +116,11 @@ class CrossAttention(nn.Module):
     """Attention to the text tokens; I2V/FLF2V add a second attention to the CLIP tokens
     sharing the query and the output projection."""
 
+    # The seam for guidance in the text attention: None calls `attention`; NAG (wanx.guidance)
+    # sets a function of the same signature `(q, k, v) -> out` on each block for one pass, that
+    # also attends to the negative prompt. Never model math.
+    attention_fn = None
+
     def __init__(self, dim: int, num_heads: int, eps: float, image_input: bool):
         super().__init__()
         self.num_heads = num_heads
@@ -131,7 +136,7 @@ class CrossAttention(nn.Module):
         v = self.v(context).unflatten(-1, (n, -1))
         q = self.norm_q(self.q(x)).unflatten(-1, (n, -1)).to(v.dtype)
         k = self.norm_k(self.k(context)).unflatten(-1, (n, -1)).to(v.dtype)
-        out = attention(q, k, v)
+        out = (self.attention_fn or attention)(q, k, v)
         if context_img is not None:
             v_img = self.v_img(context_img).unflatten(-1, (n, -1))
             k_img = self.norm_k_img(self.k_img(context_img)).unflatten(-1, (n, -1)).to(v_img.dtype)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..guidance import Guidance, ParallelHalves, TwoPass
+from ..guidance import CFG, Guidance, ParallelHalves, Step, TwoPass, describe
 from ..lora import LoraReport, apply_to_experts, loaded_loras, remove_lora, set_lora_strength
 from ..memory.estimate import available_memory, check_fits, decode_tiles, estimate, weight_bytes
 from ..memory.placement import Placement, auto_budget, load_devices, resolve_offload
@@ -178,7 +178,7 @@ class WanPipeline:
         width: int | None = None,
         num_frames: int | None = None,
         num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
+        guidance_scale: float | Sequence[float] | None = None,
         guidance_scale_low: float | None = None,
         boundary: float | None = None,
         shift: float | None = None,
@@ -193,7 +193,7 @@ class WanPipeline:
         callback: Callable[[int, int, Tensor], None] | None = None,
         decode_callback: Callable[[int, int], None] | None = None,
         steps: int | None = None,
-        guidance: float | None = None,
+        guidance: float | CFG | None = None,
     ) -> Video | Tensor:
         """Generate one video. The task follows from the model and the inputs; every unset
         option takes the model folder's own setting (`wanx-defaults.json`), else the official
@@ -218,6 +218,13 @@ class WanPipeline:
                 num_inference_steps must agree). Works with every sampler and with strength.
             guidance_scale (alias guidance): in [1, 30], 1 turns guidance off; Wan2.2 A14B: the
                 high-noise expert's, and the low-noise one's unless guidance_scale_low is given.
+                A list: one scale per step (both experts), e.g. [5, 5, 1, 1].
+            guidance: a number (guidance_scale's alias) or a guidance strategy from
+                `wanx.guidance`: `CFG(cfg_steps=2)` (CFG on the first 2 steps, one pass after),
+                `CFGZeroStar()`, `APG(eta=1.0, norm_threshold=15.0, momentum=None)`,
+                `SLG([9], start=0.1, end=0.9)`, `NAG(11.0, tau=2.5, alpha=0.25)` (needs a
+                negative prompt); each takes cfg_steps too. Its state (APG's momentum) is
+                per call; the scale comes from guidance_scale.
             boundary: Wan2.2 A14B: steps with t >= 1000 x boundary run the high-noise expert.
             seed: in [0, 2**64), the official code's noise; default random, kept in the metadata.
             prompt_embeds, negative_prompt_embeds: umT5 embeddings `[1, L, 4096]` instead of text.
@@ -231,13 +238,17 @@ class WanPipeline:
         Returns:
             A `Video` (`.save(path)`, `.frames` uint8 `[F, H, W, 3]`) or a latent tensor.
         """
+        strategy = None
+        if guidance is not None and not isinstance(guidance, (int, float, list, tuple)):  # a strategy object
+            strategy, guidance = guidance, None
         plan = self.plan(prompt, negative_prompt, image=image, last_image=last_image, video=video, strength=strength,
                          height=height, width=width, num_frames=num_frames,
                          num_inference_steps=_alias("num_inference_steps", num_inference_steps, "steps", steps),
                          guidance_scale=_alias("guidance_scale", guidance_scale, "guidance", guidance),
                          guidance_scale_low=guidance_scale_low, boundary=boundary, shift=shift, sampler=sampler,
                          timesteps=timesteps, seed=seed, prompt_embeds=prompt_embeds,
-                         negative_prompt_embeds=negative_prompt_embeds, latents=latents, output_type=output_type)
+                         negative_prompt_embeds=negative_prompt_embeds, latents=latents, output_type=output_type,
+                         guidance=strategy)
         need, batched = self._fit(plan)
         run = Run(self, progress)
         conditioning = conditioning_for(plan.spec)(plan)
@@ -293,6 +304,9 @@ class WanPipeline:
             run.say(experts.describe(timesteps))
         guide = ParallelHalves(self.parallel.cfg) if self.parallel is not None and self.parallel.cfg else \
             Guidance() if batched else TwoPass()
+        if plan.guider is not None:  # a variant or schedule, its branches computed as `guide` computes them
+            guide = plan.guider.bind(guide)
+            guide.start(len(timesteps))
         cache, step = self.step_cache, [0]  # the sampler calls the model function once per step
         if cache is not None:
             cache.start(len(timesteps), self.dit.config, plan.height, plan.width)
@@ -307,6 +321,8 @@ class WanPipeline:
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             dit, scale = experts.pick(t)
             try:
+                if plan.guider is not None:  # it needs to know the step and its expert
+                    return guide(functools.partial(branch, dit), x, t, *texts, scale, Step(step[0], len(timesteps), dit))
                 return guide(functools.partial(branch, dit), x, t, *texts, scale)
             finally:
                 step[0] += 1
@@ -360,6 +376,9 @@ class WanPipeline:
                         sampler=plan.sampler, generator="wanx", **conditioning.metadata())
         if plan.timesteps is not None:
             metadata["timesteps"] = list(plan.timesteps)
+
+        if plan.guider is not None:
+            metadata["guidance_variant"] = describe(plan.guider)
         if self.last_experts:
             metadata["guidance_low"] = plan.guidance_low
             metadata["experts"] = self.last_experts
@@ -409,7 +428,7 @@ class WanPipeline:
         return plan_request(self.model_type, prompt, negative_prompt, has_text_encoder=self.text_encoder is not None,
                             has_image_encoder=self.image_encoder is not None or not self.dit.config.has_image_input,
                             model_defaults=self.defaults, experts=len(self.experts), clip=self.dit.config.clip,
-                            vae_config=self.vae.config, **request)
+                            vae_config=self.vae.config, layers=self.dit.config.num_layers, **request)
 
 
     # -------------------------------------------------------------------------------------

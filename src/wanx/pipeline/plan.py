@@ -7,6 +7,7 @@ the caller's face spells it (`names`: the CLI says `--frames` where Python says 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import random
@@ -24,7 +25,7 @@ GUIDANCE_RANGE = (1.0, 30.0)
 # The request's keywords (WanPipeline.__call__'s), each None when not given.
 REQUEST_KEYS = ("image", "last_image", "video", "strength", "height", "width", "num_frames", "num_inference_steps",
                 "guidance_scale", "guidance_scale_low", "boundary", "shift", "sampler", "seed", "prompt_embeds",
-                "negative_prompt_embeds", "latents", "output_type", "timesteps")
+                "negative_prompt_embeds", "latents", "output_type", "timesteps", "guidance")
 # Options a model folder's wanx-defaults.json may set, under the same keywords.
 OWN_KEYS = ("num_frames", "num_inference_steps", "guidance_scale", "guidance_scale_low", "boundary", "shift", "sampler")
 
@@ -49,6 +50,7 @@ class ModelFacts:
     defaults: Mapping = field(default_factory=dict)  # the folder's wanx-defaults.json
     has_text_encoder: bool = True
     has_image_encoder: bool = True
+    layers: int | None = None  # DiT blocks (the range of skip-layer guidance's layers); None: not checked
 
 
 @dataclass
@@ -78,6 +80,9 @@ class Plan:
     # steps is its length
     timesteps: tuple[float, ...] | None = None
 
+    # a guidance variant or schedule (wanx.guidance: CFG, CFGZeroStar, APG, SLG, NAG); None: plain CFG
+    guider: object | None = None
+
     @property
     def task(self) -> str:
         return self.spec.task
@@ -94,7 +99,8 @@ class Plan:
 
 def plan_request(model_type: str, prompt=None, negative_prompt=None, *, names: Mapping[str, str] | None = None,
                  model_defaults: Mapping | None = None, experts: int = 1, clip: bool = True, vae_config=None,
-                 has_text_encoder: bool = True, has_image_encoder: bool = True, **request) -> Plan:
+                 has_text_encoder: bool = True, has_image_encoder: bool = True, layers: int | None = None,
+                 **request) -> Plan:
     """Validate a request for a `model_type` DiT (reading its image/video inputs) and resolve
     the defaults, before any weight is loaded or any heavy work starts. request: the keywords
     of `WanPipeline.__call__` (image, num_frames, ...).
@@ -102,9 +108,11 @@ def plan_request(model_type: str, prompt=None, negative_prompt=None, *, names: M
     experts: 2 for Wan2.2 A14B. clip: False for a Wan2.2 I2V DiT. vae_config: the model's VAE
     config (latent channels and strides); default the one the task is released with.
     model_defaults: the model folder's own settings (`wanx-defaults.json`), taken for every
-    option left unset before the official defaults of the task."""
+    option left unset before the official defaults of the task. layers: the DiT's blocks (checks
+    skip-layer guidance's layers)."""
     latent = None if vae_config is None else (vae_config.z_dim, vae_config.temporal_stride, vae_config.spatial_stride)
-    model = ModelFacts(model_type, experts, clip, latent, model_defaults or {}, has_text_encoder, has_image_encoder)
+    model = ModelFacts(model_type, experts, clip, latent, model_defaults or {}, has_text_encoder, has_image_encoder,
+                       layers)
     return make_plan(model, prompt, negative_prompt, request, names or {})
 
 
@@ -129,6 +137,13 @@ def make_plan(model: ModelFacts, prompt, negative_prompt, request: Mapping, name
     given["sampler"] = given["sampler"] or "unipc"
     if given["output_type"] is None:
         given["output_type"] = "video"
+    scales = given["guidance_scale"]  # a list: a guidance scale per step
+    if isinstance(scales, (list, tuple)):
+        given["guidance_scale"] = max(scales, default=None)  # the checks of one scale, on each
+        for value in scales:
+            _check_values(model, prompt, {**given, "guidance_scale": value}, name, bool(names))
+    else:
+        scales = None
     _check_values(model, prompt, given, name, bool(names))
 
     inputs = {arg for arg in ("image", "last_image", "video") if given[arg] is not None}
@@ -161,6 +176,7 @@ def make_plan(model: ModelFacts, prompt, negative_prompt, request: Mapping, name
     if given["negative_prompt_embeds"] is None and (plan.guidance != 1.0 or plan.guidance_low not in (None, 1.0)):
         # "" is a prompt too: the empty text
         plan.negative_prompt = negative_prompt if negative_prompt is not None else spec.negative_prompt
+    plan.guider = _check_guidance(model, plan, given["guidance"], scales, negative_prompt, given, name)
 
     from .conditioning import conditioning_for
 
@@ -237,3 +253,60 @@ def _check_values(model: ModelFacts, prompt, given: dict, name, face: bool) -> N
     seed = given["seed"]
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise RequestError("seed", f"{name('seed')} must be between 0 and {MAX_SEED} (2**64 - 1), got {seed}")
+
+
+def _check_guidance(model: ModelFacts, plan: Plan, strategy, scales, negative_prompt, given: dict, name):
+    """A guidance variant or schedule (`wanx.guidance`) checked against the request: its
+    settings' ranges, its steps within the request's, its layers within the DiT's, a negative
+    prompt for NAG. Returns the strategy, with the per-step scales when a list was given."""
+    from .. import guidance as g
+
+    if strategy is not None and not isinstance(strategy, g.CFG):
+        raise TypeError(f"guidance must be a number or a wanx.guidance strategy (CFG, CFGZeroStar, APG, SLG, NAG), "
+                        f"got {type(strategy).__name__}")
+    if scales is not None:
+        if len(scales) != plan.steps:
+            raise RequestError("guidance_scale", f"{name('guidance_scale')} has {len(scales)} values, one per step: "
+                                                 f"give {plan.steps} (the steps) or one number")
+        strategy = copy.copy(strategy) if strategy is not None else g.CFG()
+        strategy.scales = tuple(float(v) for v in scales)
+    if strategy is None:
+        return None
+
+    def refuse(field: str, message: str):
+        raise RequestError(field, f"{name(field)} {message}")
+
+    if strategy.cfg_steps is not None and not 0 <= strategy.cfg_steps <= plan.steps:
+        refuse("cfg_steps", f"must be between 0 and the {plan.steps} steps, got {strategy.cfg_steps}")
+    if isinstance(strategy, g.CFGZeroStar) and not 0 <= strategy.zero_init_steps < plan.steps:
+        refuse("cfg_zero_star", f"zero-init steps must be in [0, {plan.steps}), got {strategy.zero_init_steps}")
+    if isinstance(strategy, g.APG):
+        if not math.isfinite(strategy.eta):
+            refuse("apg_eta", f"must be a finite number, got {strategy.eta}")
+        if not strategy.norm_threshold >= 0:
+            refuse("apg_norm_threshold", f"must be >= 0 (0: no cap), got {strategy.norm_threshold}")
+        if strategy.momentum is not None and not -1 < strategy.momentum < 1:
+            refuse("apg_momentum", f"must be in (-1, 1) (the paper uses -0.5), got {strategy.momentum}")
+    if isinstance(strategy, g.SLG):
+        layers = model.layers
+        if not strategy.layers:
+            refuse("slg_layers", "names no block: give one or more, e.g. 9 or 9,10")
+        bad = [i for i in strategy.layers if i < 0 or (layers is not None and i >= layers)]
+        if bad:
+            refuse("slg_layers", f"{bad[0]} is not a block of this DiT: blocks are 0..{(layers or 1) - 1}")
+        if not 0 <= strategy.start_at < 1:
+            refuse("slg_start", f"is a fraction of the steps in [0, 1), got {strategy.start_at}")
+        if not strategy.start_at < strategy.end_at <= 1:
+            refuse("slg_end", f"is a fraction of the steps in ({strategy.start_at}, 1], got {strategy.end_at}")
+    if isinstance(strategy, g.NAG):
+        if not strategy.scale >= 1:
+            refuse("nag_scale", f"must be >= 1 (1: no effect; WanVideoWrapper's default 11), got {strategy.scale}")
+        if not strategy.tau > 0:
+            refuse("nag_tau", f"must be > 0 (default 2.5), got {strategy.tau}")
+        if not 0 <= strategy.alpha <= 1:
+            refuse("nag_alpha", f"must be in [0, 1] (default 0.25), got {strategy.alpha}")
+        if negative_prompt is None and given["negative_prompt_embeds"] is None:
+            refuse("nag_scale", f"guides away from a negative prompt: give {name('negative_prompt')}")
+        if given["negative_prompt_embeds"] is None:
+            plan.negative_prompt = negative_prompt
+    return strategy

@@ -20,7 +20,7 @@ from .jobs import STATUSES
 
 router = APIRouter(prefix="/v1", tags=["videos"])
 
-_JSON_TYPES = {str: "string", int: "integer", float: "number", list: "array"}
+_JSON_TYPES = {str: "string", int: "integer", float: "number", list: "array", bool: "boolean"}
 _DESCRIPTIONS = {
     "prompt": "what the video shows", "negative_prompt": "what to avoid (default: the official negative prompt)",
     "seed": "0..2**64-1 (default: random, returned in the settings)",
@@ -39,6 +39,17 @@ _DESCRIPTIONS = {
                     f"{describe_all('guidance_low')})",
     "boundary": "Wan2.2 A14B: where the low-noise expert takes over, 0..1 of the 1000 timesteps "
                 f"(default {describe_all('boundary')})",
+    # guidance variants (wanx.guidance): one of cfg_zero_star, apg, slg_layers, nag_scale; cfg_steps with any
+    "cfg_steps": "real CFG on the first N steps only, then one DiT pass per step (default: every step)",
+    "cfg_zero_star": "CFG-Zero*: optimized uncond scale, zero velocity on the first step (default false)",
+    "apg": "adaptive projected guidance (default false)", "apg_eta": "APG: weight of the parallel part (default 1.0)",
+    "apg_norm_threshold": "APG: cap on the guidance difference's norm, 0: none (default 15.0)",
+    "apg_momentum": "APG: momentum of the guidance difference, in (-1, 1) (default: none)",
+    "slg_layers": "skip-layer guidance: DiT blocks the uncond pass skips, e.g. [9] or [9, 10]",
+    "slg_start": "SLG: first step, a fraction of the steps (default 0.1)",
+    "slg_end": "SLG: end step, a fraction of the steps (default 0.9)",
+    "nag_scale": "NAG (negative prompt for CFG-free models; needs negative_prompt): scale, >= 1 (typical 11)",
+    "nag_tau": "NAG: norm cap (default 2.5)", "nag_alpha": "NAG: blend, 0..1 (default 0.25)",
     "loras": 'LoRAs from the server\'s --loras folder: [{"name": "style.safetensors", "strength": 0.8}]',
 }
 REQUEST_SCHEMA = {
