@@ -244,3 +244,33 @@ def test_partial_applies_what_fits_and_names_the_rest(tmp_path):
                f"{PREFIX}blocks.0.zz.lora_up.weight": torch.zeros(32, 2)}, str(bare))
     with pytest.raises(LoraError, match="no module of the LoRA is in this model"):
         apply_lora(copy.deepcopy(a14b), bare, partial=True)
+
+
+@pytest.mark.parametrize("budget", [0, "one block"])
+def test_lightx2v_norm_and_modulation_diffs_on_a_streamed_model(budget):
+    """lightx2v's files carry norm (`.diff`) and modulation (`.diff_m`) differences; a streamed
+    model (--offload blocks) took none (refused): they are fused into the streamer's host copies,
+    the same output as on a resident model, and removed bit for bit."""
+    from wanx.lora import remove_lora
+    from wanx.memory.streaming import BlockStreamer
+
+    model = tiny("tiny-i2v")
+    x, t, context, extra = dit_inputs(model.config)
+    state = filled(extractor_keys(model, "i2v-14B", 4, True), seed=5)
+    with torch.no_grad():
+        resident = copy.deepcopy(model)
+        apply_lora(resident, state, 0.6, fuse=False)
+        expected = resident(x, t, context, **extra)
+        plain = model(x, t, context, **extra)
+        streamed = copy.deepcopy(model)
+        total = sum(p.numel() * p.element_size() for p in model.parameters())
+        last = sum(p.numel() * p.element_size() for p in model.blocks[-1].parameters())
+        streamer = BlockStreamer(streamed, "cpu", 0 if budget == 0 else total - last)  # all but the last block stay
+        assert streamer.stats.streamed > 0 and (budget == 0) == (not streamer.stats.resident_units)
+        report = apply_lora(streamed, state, 0.6)
+        assert not report.fused and report.applied_keys == report.keys == len(state)
+        assert torch.equal(streamed(x, t, context, **extra), expected)
+        remove_lora(streamed)
+        assert torch.equal(streamed(x, t, context, **extra), plain)
+        streamer.remove()
+        assert all(torch.equal(a, b) for a, b in zip(streamed.state_dict().values(), model.state_dict().values()))

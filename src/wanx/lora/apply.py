@@ -5,7 +5,8 @@ Live (the default on an FP8 or streamed base): adapters added to each layer's ou
 in float32, cast back (an FP8 layer is dequantised, merged and requantized); the original
 tensors are kept (a reference when they are memory-mapped, a CPU copy otherwise) so removing a
 LoRA restores them bit for bit instead of subtracting. Norm and modulation differences (`.diff`
-of a non-Linear) are always fused: they are tiny.
+of a non-Linear) are always fused: they are tiny (on a streamed model, into the streamer's host
+copies: `BlockStreamer.replace`).
 """
 
 from __future__ import annotations
@@ -150,10 +151,6 @@ def apply_lora(dit: nn.Module, source: str | Path | dict | LoraFile, strength: S
     if fuse and streamed:
         raise LoraError("a streamed model keeps its weights off the device between blocks: load the LoRA live "
                         "(fuse=False), or without offloading to fuse it")
-    if streamed and any(not _is_linear(t) for t in targets.values()):
-        names = [n for n, t in targets.items() if not _is_linear(t)]
-        raise LoraError(f"the LoRA changes norm/modulation weights ({', '.join(names[:3])}), which cannot be changed "
-                        "on a streamed model yet: load it without offloading")
     left = not_applied(lora, targets)
     keys = sum(len(m.keys) for m in lora.modules.values()) + len(lora.unknown_keys)
     report = LoraReport(name, lora.format, len(targets), len(lora.modules), lora.ranks, float(strength), fuse, lora.sha256,
@@ -422,7 +419,7 @@ def _rebuild_fused_weights(dit: nn.Module, targets: set) -> None:
     """Set each target's weights to its original plus every fused LoRA on it, in load order."""
     loaded = loaded_loras(dit)
     for target in targets:
-        _restore(target)
+        _restore(dit, target)
         contributions = [(entry, name) for entry in loaded.values() for name, t in entry.targets.items()
                          if t is target and (entry.fused or not _is_linear(t))]
         if not contributions:
@@ -434,7 +431,14 @@ def _rebuild_fused_weights(dit: nn.Module, targets: set) -> None:
             weight = module.added_to(weight, entry.strength)
             if "diff_b" in module.parts and bias is not None:
                 bias = bias + entry.strength * module.parts["diff_b"].to(bias.device, torch.float32)
-        _set_weights(target, weight, bias)
+        _set_weights(dit, target, weight, bias)
+
+
+def _assign(dit: nn.Module, param: nn.Parameter, tensor: Tensor) -> None:
+    """param's new values; on a streamed model through the streamer, which keeps the host copy."""
+    streamer = streamer_of(dit)
+    if streamer is None or not streamer.replace(param, tensor):
+        param.data = tensor.to(param.device) if tensor.device != param.device else tensor
 
 
 def _stash(target) -> None:
@@ -450,13 +454,13 @@ def _stash(target) -> None:
     object.__setattr__(target, "_lora_original", kept)
 
 
-def _restore(target) -> None:
+def _restore(dit: nn.Module, target) -> None:
     original = getattr(target, "_lora_original", None)
     if original is None:
         return
     for key, tensor in original.items():
         param = target if key == "weight" and not isinstance(target, nn.Module) else getattr(target, key)
-        param.data = tensor.to(param.device) if tensor.device != param.device else tensor
+        _assign(dit, param, tensor)
     object.__delattr__(target, "_lora_original")
 
 
@@ -470,12 +474,12 @@ def _float_weights(target) -> tuple[Tensor, Tensor | None]:
     return weight, (None if bias is None else bias.detach().float())
 
 
-def _set_weights(target, weight: Tensor, bias: Tensor | None) -> None:
+def _set_weights(dit: nn.Module, target, weight: Tensor, bias: Tensor | None) -> None:
     if isinstance(target, FP8Linear):
         q, scale = quantize_weight(weight)
         target.weight.data, target.scale.data = q, scale
     else:
         param = target.weight if isinstance(target, nn.Module) else target
-        param.data = weight.to(param.dtype)
+        _assign(dit, param, weight.to(param.dtype))
     if bias is not None:
-        target.bias.data = bias.to(target.bias.dtype)
+        _assign(dit, target.bias, bias.to(target.bias.dtype))
