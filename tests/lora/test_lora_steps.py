@@ -158,4 +158,8 @@ def test_cli_per_step_partial_and_defaults(tmp_path, capsys, monkeypatch, lora_p
     assert "LoRA fast: its metadata sets --steps 2, --guidance 1 (options you give win)" in err
     with av.open(str(out)) as container:
         assert container.metadata["steps"] == "2" and container.metadata["shift"] == "3.0"
+    assert main(["info", str(meta), str(i2v)]) == 0
+    out = capsys.readouterr().out
+    assert "settings:   steps 2, guidance 1, shift 5 (its metadata)" in out
+    assert "settings:   looks 4-step distilled: try --steps 4 --guidance 1 --shift 5" in out
 

@@ -242,6 +242,22 @@ class LoraFile:
             f"base model: {self.describe_base()}",
             f"sha256:     {self.sha256[:16]}",
         ]
+        from .defaults import distilled_steps, metadata_defaults
+
+        try:
+            settings = metadata_defaults(self.metadata)
+        except ValueError as err:
+            settings, note = {}, str(err)
+        else:
+            note = ""
+        steps = distilled_steps(self.path.name if self.path else "", self.metadata)
+        if settings:
+            lines.append("settings:   " + ", ".join(f"{k} {v:g}" if not isinstance(v, str) else f"{k} {v}"
+                                                    for k, v in settings.items()) + " (its metadata)")
+        elif steps is not None:
+            lines.append(f"settings:   looks {steps}-step distilled: try --steps {steps} --guidance 1 --shift 5")
+        if note:
+            lines.append(f"settings:   {note}")
         return "\n".join(lines)
 
 
