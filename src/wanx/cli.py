@@ -49,28 +49,46 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 _LORA_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt", ".bin")
-_LORA_FORMS = "write PATH, PATH:STRENGTH or PATH:STRENGTH:NAME, e.g. style.safetensors:0.8"
+_LORA_FORMS = ("write PATH, PATH:STRENGTH or PATH:STRENGTH:NAME, e.g. style.safetensors:0.8; STRENGTH per step: "
+               "S1,S2,... (one per step) or START-END (linear over the steps)")
 
 
-def _lora_arg(flag: str, text: str) -> tuple[str, float, str | None]:
-    """PATH, PATH:STRENGTH or PATH:STRENGTH:NAME. Split at the last colons only where a number
+def _lora_arg(flag: str, text: str) -> tuple[str, object, str | None]:
+    """PATH, PATH:STRENGTH or PATH:STRENGTH:NAME. Split at the last colons only where a strength
     (then a name) follows, so a path may hold colons; any other word where the strength goes
-    is a bad strength, not a missing file."""
+    is a bad strength, not a missing file. STRENGTH: a number, one per step (1,0.8,0.6,0.4), or
+    a range START-END (`wanx.lora.Ramp`, linear from the first step to the last)."""
     import re
 
     if ":" not in text or Path(text).expanduser().is_file():
         return text, 1.0, None
     rest, _, last = text.rpartition(":")
     path, _, middle = rest.rpartition(":")
-    if path and _number(middle) is not None and _number(last) is None:
+    if path and _lora_strength_text(middle) is not None and _lora_strength_text(last) is None:
         if not re.fullmatch(r"[\w.+/-]+", last):
             raise ValueError(f"{flag} {text}: bad LoRA name {last!r}: use letters, digits and . _ - + /")
         return path, _strength(flag, text, middle), last
-    if _number(last) is not None:
+    if _lora_strength_text(last) is not None:
         return rest, _strength(flag, text, last), None
     if "/" in last or last.lower().endswith(_LORA_SUFFIXES):  # a path with a colon: read_lora says if it is missing
         return text, 1.0, None
     raise ValueError(f"{flag} {text}: bad strength {last!r}; {_LORA_FORMS}")
+
+
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+
+
+def _lora_strength_text(text: str) -> float | list[float] | tuple[float, float] | None:
+    """A strength as written: a number, a list (S1,S2,...), or a range (START, END); else None."""
+    import re
+
+    if _number(text) is not None:
+        return _number(text)
+    if "," in text:
+        values = [_number(part) for part in text.split(",")]
+        return None if any(v is None for v in values) else values
+    match = re.fullmatch(rf"({_NUMBER})-({_NUMBER})", text.strip())
+    return (float(match.group(1)), float(match.group(2))) if match else None
 
 
 def _number(text: str) -> float | None:
@@ -80,12 +98,17 @@ def _number(text: str) -> float | None:
         return None
 
 
-def _strength(flag: str, text: str, strength: str) -> float:
+def _strength(flag: str, text: str, strength: str):
     import math
 
-    value = float(strength)
-    if not math.isfinite(value):
+    value = _lora_strength_text(strength)
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if not all(math.isfinite(v) for v in values):
         raise ValueError(f"{flag} {text}: bad strength {strength!r}: give a finite number; {_LORA_FORMS}")
+    if isinstance(value, tuple):
+        from .lora.apply import Ramp
+
+        return Ramp(*value)
     return value
 
 
@@ -332,9 +355,10 @@ def _lora_specs(args: argparse.Namespace) -> list[tuple]:
     return read
 
 
-def _check_loras(specs: list[tuple], files) -> list[tuple]:
+def _check_loras(specs: list[tuple], files, partial: bool = False) -> list[tuple]:
     """Check each LoRA of `_lora_specs` against the model folder's DiT (built on the meta
-    device: shapes only), before any weight is loaded."""
+    device: shapes only), before any weight is loaded. partial (--lora-partial): what fits is
+    applied, the rest named when it loads. Returns the specs with `partial` added."""
     import torch
 
     from .lora.apply import match
@@ -347,8 +371,48 @@ def _check_loras(specs: list[tuple], files) -> list[tuple]:
     with torch.device("meta"):
         dit = WanDiT(files.dit_config)
     for lora, *_ in specs:
-        match(dit, lora)
-    return specs
+        match(dit, lora, partial=partial)
+    return [(*spec, partial) for spec in specs]
+
+
+def _lora_steps(specs: list[tuple], texts: list[str], plans) -> None:
+    """A per-step strength list whose length is not the steps of every job: one line, before
+    any weight is loaded."""
+    for (lora, strength, *_), text in zip(specs, texts):
+        if not isinstance(strength, list):
+            continue
+        for plan, where in plans:
+            if len(strength) != plan.steps:
+                raise ValueError(f"{where}--lora {text}: {len(strength)} strengths for {plan.steps} steps: give one "
+                                 "per step, or a range START-END (linear over the steps)")
+
+
+def _lora_defaults(specs: list[tuple], jobs: list[dict]) -> None:
+    """Settings the LoRAs' metadata names (steps, guidance, shift, sampler) fill the options the
+    user left unset, said in one line; a LoRA that only looks step-distilled gets a hint."""
+    from .lora.defaults import distilled_steps, metadata_defaults
+
+    for lora, _, _, name, *_ in specs:
+        try:
+            found = metadata_defaults(lora.metadata)
+        except ValueError as err:
+            raise ValueError(f"LoRA {name}: {err}") from None
+        flag = {"steps": "--steps", "guidance": "--guidance", "shift": "--shift", "sampler": "--sampler"}
+        if found:
+            used = {k: v for k, v in found.items() if any(job.get(k) is None for job in jobs)}
+            for job in jobs:
+                for key, value in used.items():
+                    if job.get(key) is None:
+                        job[key] = value
+            if used:
+                given = ", ".join(f"{flag[k]} {v:g}" if not isinstance(v, str) else f"{flag[k]} {v}"
+                                  for k, v in used.items())
+                print(f"LoRA {name}: its metadata sets {given} (options you give win)", file=sys.stderr)
+            continue
+        steps = distilled_steps(lora.path.name if lora.path else name, lora.metadata)
+        if steps is not None and any(job.get("steps") is None or job["steps"] > 2 * steps for job in jobs):
+            print(f"hint: LoRA {name} looks like a {steps}-step distilled LoRA: try --steps {steps} --guidance 1 "
+                  "--shift 5", file=sys.stderr)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -392,6 +456,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not world.main:
             args.quiet = True
     lora_specs = _lora_specs(args)
+    _lora_defaults(lora_specs, jobs)
     files = find_model(args.model, dit=args.dit, dit_low=args.model_low, source=args.source)
     runtime.check(experts=2 if files.moe else 1, **plan, names=RUNTIME_FLAGS)
     if world is not None:
@@ -400,14 +465,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_plan(world.size, files.dit_config.num_heads, args.sp, args.cfg_parallel)
     # each GPU holds its shard of the DiT and umT5 with --fsdp
     weights = request_weights(files, runtime, fsdp_ranks=world.size if args.fsdp and world is not None else 1)
-    loras = _check_loras(lora_specs, files)
-    requests = []
+    loras = _check_loras(lora_specs, files, partial=args.lora_partial)
+    requests, plans = [], []
     for job in jobs:
         try:
-            _, request = check_job(job, files, runtime=runtime, weights=weights, names=FLAGS)
+            plan, request = check_job(job, files, runtime=runtime, weights=weights, names=FLAGS)
         except (ValueError, FileNotFoundError) as err:  # a missing input file too: name the prompts line
             raise ValueError(f"{job['where']}{err}") from None
         requests.append(request)
+        plans.append((plan, job["where"]))
+    _lora_steps(loras, [text for texts in (args.lora, args.lora_high, args.lora_low) for text in texts or []], plans)
     outputs = _output_paths(jobs, args)
     writer = world is None or world.main  # only rank 0 writes files and speaks
     created: list[Path] = []
@@ -880,8 +947,12 @@ def _add_generate(sub: argparse._SubParsersAction, tiny: str) -> None:
                                                           "holds a whole 14B copy")
     gen.add_argument("--lora", metavar="PATH[:STRENGTH[:NAME]]", action="append",
                      help="apply a LoRA (any format: ComfyUI, kohya/musubi, diffusers, DiffSynth, LoHa/LoKr) with a "
-                          "strength (default 1.0) and a name for the output (default: the file's stem, with its "
-                          "folder where two stems clash); repeat to stack")
+                          "strength (default 1.0; per step: S1,S2,... one per step, or START-END linear over the "
+                          "steps) and a name for the output (default: the file's stem, with its folder where two "
+                          "stems clash); repeat to stack")
+    gen.add_argument("--lora-partial", action="store_true",
+                     help="apply the parts of a LoRA this model has (e.g. a Wan2.1 I2V LoRA's image cross-attention "
+                          "on Wan2.2) and list the rest, instead of refusing it")
     gen.add_argument("--lora-high", metavar="PATH[:STRENGTH[:NAME]]", action="append",
                      help="Wan2.2 A14B: a LoRA for the high-noise expert only (--lora: both)")
     gen.add_argument("--lora-low", metavar="PATH[:STRENGTH[:NAME]]", action="append",

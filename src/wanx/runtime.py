@@ -201,7 +201,7 @@ def apply(runtime: Runtime, networks: Mapping[str, Any], *, offload: str, budget
     """Transform a pipeline's loaded networks ({"dit", "dit_low", "vae", "t5", "clip"}, the
     absent ones None) as `runtime` asks, in ORDER. offload: "none", "model" or "blocks" (auto
     resolved); budget: the DiT bytes resident with "blocks". folder: the model folder (its own
-    cache calibration). loras: (LoRA file or path, strength, expert, name) each; parallel: the
+    cache calibration). loras: (LoRA file or path, strength, expert, name[, partial]) each; parallel: the
     keywords of `distributed.plan_parallel` (sp, cfg_parallel, fsdp) when several ranks share the
     work. say: where one-line notes go (the attention kernel chosen)."""
     from .attention import backend_for, set_attention_backend
@@ -218,8 +218,9 @@ def apply(runtime: Runtime, networks: Mapping[str, Any], *, offload: str, budget
         from .lora.apply import apply_to_experts
 
         streamed = applied.streamed
-        for lora, strength, expert, name in loras:
-            report = apply_to_experts(experts, lora, strength, expert=expert, name=name, streamed=streamed)
+        for lora, strength, expert, name, *partial in loras:  # partial (optional): apply what fits, name the rest
+            report = apply_to_experts(experts, lora, strength, expert=expert, name=name, streamed=streamed,
+                                      partial=bool(partial and partial[0]))
             applied.loras.append((report, expert))
     if parallel is not None:
         from .distributed import plan_parallel

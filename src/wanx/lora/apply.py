@@ -5,15 +5,17 @@ Live (the default on an FP8 or streamed base): adapters added to each layer's ou
 in float32, cast back (an FP8 layer is dequantised, merged and requantized); the original
 tensors are kept (a reference when they are memory-mapped, a CPU copy otherwise) so removing a
 LoRA restores them bit for bit instead of subtracting. Norm and modulation differences (`.diff`
-of a non-Linear) are always fused: they are tiny.
+of a non-Linear) are always fused: they are tiny (on a streamed model, into the streamer's host
+copies: `BlockStreamer.replace`).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import weakref
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +25,50 @@ from ..memory.fp8 import FP8Linear, quantize_weight
 from ..memory.streaming import compute_device, streamer_of
 from .formats import LoraError, LoraFile, LoraModule, read_lora
 from .layer import LoraAdapter, adapter_of, attach, detach
+
+
+@dataclass(frozen=True)
+class Ramp:
+    """A strength that goes linearly from `start` (first step) to `end` (last step), whatever
+    the number of steps: `apply_lora(dit, path, Ramp(1.0, 0.5))`, `--lora PATH:1.0-0.5`."""
+
+    start: float
+    end: float
+
+    def values(self, steps: int) -> list[float]:
+        if steps == 1:
+            return [self.start]
+        return [self.start + (self.end - self.start) * i / (steps - 1) for i in range(steps)]
+
+    def __str__(self) -> str:
+        return f"{self.start:g}-{self.end:g}"
+
+
+Strength = float | Sequence[float] | Ramp  # one for every step, one per step, or a ramp over the steps
+
+
+def strength_schedule(strength: Strength) -> tuple[float, list[float] | Ramp | None]:
+    """(the strength of the first step, the per-step schedule or None for a fixed strength);
+    raises LoraError for a strength that is not finite or an empty list."""
+    if isinstance(strength, Ramp):
+        values, schedule = [strength.start, strength.end], strength
+    elif isinstance(strength, (int, float)):
+        values, schedule = [float(strength)], None
+    else:
+        values = schedule = [float(v) for v in strength]
+        if not values:
+            raise LoraError("a per-step LoRA strength needs one value per denoising step; the list is empty")
+    if not all(math.isfinite(v) for v in values):
+        raise LoraError(f"a LoRA strength must be a finite number, got {strength!r}")
+    return values[0], schedule
+
+
+def describe_strength(strength: float, schedule: list[float] | Ramp | None) -> str:
+    if schedule is None:
+        return f"strength {strength:g}"
+    if isinstance(schedule, Ramp):
+        return f"strength {schedule} over the steps"
+    return f"strength per step {','.join(f'{v:g}' for v in schedule)}"
 
 
 @dataclass
@@ -35,11 +81,19 @@ class LoraReport:
     strength: float
     fused: bool
     sha256: str = ""
+    keys: int = 0  # tensors in the file
+    applied_keys: int = 0  # of them, applied (all unless loaded with partial=True)
+    not_applied: list[str] = field(default_factory=list)  # the keys left out (partial=True)
+    schedule: list[float] | Ramp | None = None  # per-step strengths
 
     def __str__(self) -> str:
         rank = "/".join(map(str, self.ranks)) or "full"
-        return (f"LoRA {self.name}: {self.format} format, {self.matched}/{self.modules} modules matched, rank {rank}, "
-                f"strength {self.strength:g}, {'fused' if self.fused else 'live'}")
+        line = (f"LoRA {self.name}: {self.format} format, {self.matched}/{self.modules} modules matched, rank {rank}, "
+                f"{describe_strength(self.strength, self.schedule)}, {'fused' if self.fused else 'live'}")
+        if self.not_applied:
+            line += (f"; partial: {self.applied_keys}/{self.keys} tensors applied, not applied: "
+                     f"{_leftover_summary(self.not_applied)}")
+        return line
 
 
 @dataclass
@@ -49,6 +103,7 @@ class _Loaded:
     fused: bool
     targets: dict[str, nn.Module | nn.Parameter]
     report: LoraReport
+    schedule: list[float] | Ramp | None = None  # per-step strengths (live adapters only)
 
 
 # model -> {name: its loaded LoRA}, in load order (weak: a dropped model is not kept alive).
@@ -60,14 +115,19 @@ def loaded_loras(dit: nn.Module) -> dict[str, _Loaded]:
     return _LOADED.setdefault(dit, {})
 
 
-def apply_lora(dit: nn.Module, source: str | Path | dict | LoraFile, strength: float = 1.0, *,
+def apply_lora(dit: nn.Module, source: str | Path | dict | LoraFile, strength: Strength = 1.0, *,
                fuse: bool | None = None, name: str | None = None, streamed: bool | None = None,
-               device: torch.device | str | None = None) -> LoraReport:
+               device: torch.device | str | None = None, partial: bool = False) -> LoraReport:
     """Apply a LoRA to `dit` (see module doc). Nothing changes when a check fails. name: default
     the file's stem, or where a loaded LoRA has it, more of its path (`lora_names`).
+    strength: a number, one per denoising step (a list), or a `Ramp(start, end)`; a per-step
+    strength loads live (the pipeline sets each step's value on the adapters: `lora_steps`).
     streamed: whether the model's weights are streamed block by block (no fusing then);
     device: where it computes (a live LoRA's adapters are made there). Both default to what
-    `memory.streaming` records for the model (`streamer_of`, `compute_device`)."""
+    `memory.streaming` records for the model (`streamer_of`, `compute_device`).
+    partial: apply the modules this model has and leave the others (e.g. a Wan2.1 I2V LoRA's
+    image cross-attention on Wan2.2), naming them in the report; default: such a LoRA is refused."""
+    strength, schedule = strength_schedule(strength)
     lora = source if isinstance(source, LoraFile) else read_lora(source)
     loaded = loaded_loras(dit)
     if name is None and lora.path is not None:
@@ -79,21 +139,23 @@ def apply_lora(dit: nn.Module, source: str | Path | dict | LoraFile, strength: f
     name = name or f"lora{len(loaded)}"
     if name in loaded:
         raise LoraError(f"a LoRA named {name!r} is loaded already: unload it first, or give another name")
-    targets = match(dit, lora)
+    targets = match(dit, lora, partial=partial)
     if streamed is None:
         streamed = streamer_of(dit) is not None
     fp8 = any(isinstance(t, FP8Linear) for t in targets.values())
+    if schedule is not None and fuse:
+        raise LoraError("a per-step LoRA strength changes between steps on the live adapters: load it with "
+                        "fuse=False (or leave fuse unset)")
     if fuse is None:
-        fuse = not (streamed or fp8)
+        fuse = not (streamed or fp8 or schedule is not None)
     if fuse and streamed:
         raise LoraError("a streamed model keeps its weights off the device between blocks: load the LoRA live "
                         "(fuse=False), or without offloading to fuse it")
-    if streamed and any(not _is_linear(t) for t in targets.values()):
-        names = [n for n, t in targets.items() if not _is_linear(t)]
-        raise LoraError(f"the LoRA changes norm/modulation weights ({', '.join(names[:3])}), which cannot be changed "
-                        "on a streamed model yet: load it without offloading")
-    report = LoraReport(name, lora.format, len(targets), len(lora.modules), lora.ranks, float(strength), fuse, lora.sha256)
-    loaded[name] = _Loaded(lora, float(strength), fuse, targets, report)
+    left = not_applied(lora, targets)
+    keys = sum(len(m.keys) for m in lora.modules.values()) + len(lora.unknown_keys)
+    report = LoraReport(name, lora.format, len(targets), len(lora.modules), lora.ranks, float(strength), fuse, lora.sha256,
+                        keys=keys, applied_keys=keys - len(left), not_applied=left, schedule=schedule)
+    loaded[name] = _Loaded(lora, float(strength), fuse, targets, report, schedule)
     if fuse:
         _rebuild_fused_weights(dit, set(targets.values()))
     else:
@@ -109,9 +171,9 @@ def apply_lora(dit: nn.Module, source: str | Path | dict | LoraFile, strength: f
     return report
 
 
-def apply_to_experts(experts: dict[str, nn.Module], source, strength: float = 1.0, *, expert: str | None = None,
+def apply_to_experts(experts: dict[str, nn.Module], source, strength: Strength = 1.0, *, expert: str | None = None,
                      name: str | None = None, fuse: bool | None = None, streamed: bool | None = None,
-                     device=None) -> LoraReport:
+                     device=None, partial: bool = False) -> LoraReport:
     """A LoRA on a pipeline's DiT(s) (`experts`: {"dit": ...} plus "dit_low" for Wan2.2 A14B):
     both experts, or one with expert "high"/"low". Nothing changes when a check fails."""
     if expert not in (None, "high", "low"):
@@ -120,10 +182,12 @@ def apply_to_experts(experts: dict[str, nn.Module], source, strength: float = 1.
         raise ValueError(f"a LoRA for the {expert}-noise expert needs a model with two experts (Wan2.2 A14B)")
     chosen = {None: list(experts.values()), "high": [experts["dit"]], "low": [experts.get("dit_low")]}[expert]
     lora = source if isinstance(source, LoraFile) else read_lora(source)  # read once for both experts
-    report = apply_lora(chosen[0], lora, strength, fuse=fuse, name=name, streamed=streamed, device=device)
+    report = apply_lora(chosen[0], lora, strength, fuse=fuse, name=name, streamed=streamed, device=device,
+                        partial=partial)
     try:
         for dit in chosen[1:]:  # under the first expert's name, which may have been made unique there
-            apply_lora(dit, lora, strength, fuse=fuse, name=report.name, streamed=streamed, device=device)
+            apply_lora(dit, lora, strength, fuse=fuse, name=report.name, streamed=streamed, device=device,
+                       partial=partial)
     except Exception:
         remove_lora(chosen[0], report.name)
         raise
@@ -166,8 +230,47 @@ def _same_file(a: Path, b: Path) -> bool:
         return a == b
 
 
-def set_lora_strength(dit: nn.Module, name: str, strength: float) -> None:
+def set_lora_strength(dit: nn.Module, name: str, strength: Strength) -> None:
+    """A new strength for a loaded LoRA: a number, or per step (a list or `Ramp`) on a live one."""
     entry = _entry(dit, name)
+    value, schedule = strength_schedule(strength)
+    if schedule is not None and entry.fused:
+        raise LoraError(f"LoRA {name!r} is fused into the weights: a per-step strength needs it loaded live "
+                        "(fuse=False)")
+    entry.schedule = entry.report.schedule = schedule
+    _set_strength(dit, name, entry, value)
+
+
+def lora_steps(dits: Iterable[nn.Module], steps: int) -> Callable[[int], None] | None:
+    """For a run of `steps` denoising steps: a function that gives every LoRA with a per-step
+    strength on `dits` (a pipeline's experts) its strength of step i, or None when none has one.
+    Raises LoraError (before any work) when a list's length is not `steps`. Only the live
+    adapters' strength data changes between steps (no weight is re-fused or moved); a norm or
+    modulation difference, always fused, is re-fused when its strength changes (a few vectors)."""
+    scheduled = []
+    for dit in dits:
+        for name, entry in loaded_loras(dit).items():
+            if entry.schedule is None:
+                continue
+            if isinstance(entry.schedule, Ramp):
+                values = entry.schedule.values(steps)
+            elif len(entry.schedule) != steps:
+                raise LoraError(f"LoRA {name!r} has {len(entry.schedule)} per-step strengths for {steps} steps: give "
+                                "one per step, or a range START-END")
+            else:
+                values = entry.schedule
+            scheduled.append((dit, name, entry, values))
+    if not scheduled:
+        return None
+
+    def at(step: int) -> None:
+        for dit, name, entry, values in scheduled:
+            if values[step] != entry.strength:
+                _set_strength(dit, name, entry, values[step])
+    return at
+
+
+def _set_strength(dit: nn.Module, name: str, entry: _Loaded, strength: float) -> None:
     entry.strength = entry.report.strength = float(strength)
     for target in entry.targets.values():
         adapter = adapter_of(target, name)
@@ -200,10 +303,12 @@ def _entry(dit: nn.Module, name: str) -> _Loaded:
 # -- matching and diagnostics ------------------------------------------------------------
 
 
-def match(dit: nn.Module, lora: LoraFile) -> dict[str, nn.Module | nn.Parameter]:
-    """The DiT module (or parameter) for every LoRA module, or a LoraError that says why not."""
+def match(dit: nn.Module, lora: LoraFile, *, partial: bool = False) -> dict[str, nn.Module | nn.Parameter]:
+    """The DiT module (or parameter) for every LoRA module, or a LoraError that says why not.
+    partial: modules (and keys) this model has no place for are left out instead (`not_applied`
+    names them); a LoRA for another model size stays an error, as does one of which nothing fits."""
     where = lora.path or "the LoRA"
-    if lora.unknown_keys:
+    if lora.unknown_keys and not partial:
         raise LoraError(f"{where}: {len(lora.unknown_keys)} key(s) are not LoRA weights wanx knows: "
                         f"{', '.join(lora.unknown_keys[:5])}")
     cfg = dit.config
@@ -213,13 +318,15 @@ def match(dit: nn.Module, lora: LoraFile) -> dict[str, nn.Module | nn.Parameter]
         raise LoraError(f"{where}: this LoRA targets a {blocks}-block model{_size(size, blocks)}; the loaded model has "
                         f"{cfg.num_layers} blocks{_size(size, cfg.num_layers)}")
     if lora.width and lora.width != cfg.dim:
-        widths = {1536: "1.3B", 5120: "14B"}
+        widths = {1536: "1.3B", 5120: "14B", 3072: "TI2V-5B"}
         raise LoraError(f"{where}: this LoRA is for a model of width {lora.width}{_size(widths, lora.width)}; the loaded "
                         f"model has width {cfg.dim}{_size(widths, cfg.dim)}")
-    if lora.image_conditioned and not cfg.has_image_input:
+    if lora.image_conditioned and not cfg.has_image_input and not partial:
         image_keys = [n for n in lora.modules if re.search(r"(k_img|v_img|norm_k_img)$", n) or n.startswith("img_emb.")]
+        model = ("a Wan2.2 I2V model, which has no image cross-attention (no CLIP)" if cfg.model_type == "i2v"
+                 else f"a {cfg.model_type.upper()} model")
         raise LoraError(f"{where}: the LoRA has image cross-attention keys (k_img/v_img): it was trained on an I2V model; "
-                        f"this is a T2V model ({', '.join(image_keys[:5])})")
+                        f"this is {model} ({', '.join(image_keys[:3])}, ...; --lora-partial applies the rest)")
     targets, missing, misfit = {}, [], []
     for name, module in lora.modules.items():
         target = _resolve(dit, name)
@@ -237,16 +344,36 @@ def match(dit: nn.Module, lora: LoraFile) -> dict[str, nn.Module | nn.Parameter]
             misfit.append(f"{name} bias {list(module.parts['diff_b'].shape)}")
             continue
         targets[name] = target
-    if missing:
+    if missing and not partial:
         raise LoraError(f"{where}: {len(missing)} LoRA module(s) match no module of this Wan2.1 DiT: "
-                        f"{', '.join(missing[:5])}")
+                        f"{', '.join(missing[:5])} (--lora-partial applies the others)")
     if misfit:
         raise LoraError(f"{where}: {len(misfit)} LoRA module(s) do not fit the model's shapes: {'; '.join(misfit[:5])}")
+    if not targets:
+        raise LoraError(f"{where}: no module of the LoRA is in this model (e.g. {', '.join(missing[:3])}): it is "
+                        "for another model")
     return targets
 
 
+def not_applied(lora: LoraFile, targets: dict) -> list[str]:
+    """The file's keys that `targets` (from `match`) leave out, in file order."""
+    left = [key for name, module in lora.modules.items() if name not in targets for key in module.keys.values()]
+    return left + list(lora.unknown_keys)
+
+
+def _leftover_summary(keys: list[str]) -> str:
+    """The keys left out, in one line: block numbers folded (`blocks.*.cross_attn.k_img.lora_down.weight x40`)."""
+    groups: dict[str, int] = {}
+    for key in keys:
+        folded = re.sub(r"(blocks[._])\d+", r"\1*", key)
+        groups[folded] = groups.get(folded, 0) + 1
+    return ", ".join(f"{k} x{n}" if n > 1 else k for k, n in groups.items())
+
+
 def _size(table: dict, key) -> str:
-    return f" (Wan2.1 {table[key]})" if key in table else ""
+    if key not in table:
+        return ""
+    return f" (Wan2.2 {table[key]})" if table[key] == "TI2V-5B" else f" (Wan2.1 {table[key]})"
 
 
 def _squeeze(shape) -> tuple:
@@ -292,7 +419,7 @@ def _rebuild_fused_weights(dit: nn.Module, targets: set) -> None:
     """Set each target's weights to its original plus every fused LoRA on it, in load order."""
     loaded = loaded_loras(dit)
     for target in targets:
-        _restore(target)
+        _restore(dit, target)
         contributions = [(entry, name) for entry in loaded.values() for name, t in entry.targets.items()
                          if t is target and (entry.fused or not _is_linear(t))]
         if not contributions:
@@ -304,7 +431,14 @@ def _rebuild_fused_weights(dit: nn.Module, targets: set) -> None:
             weight = module.added_to(weight, entry.strength)
             if "diff_b" in module.parts and bias is not None:
                 bias = bias + entry.strength * module.parts["diff_b"].to(bias.device, torch.float32)
-        _set_weights(target, weight, bias)
+        _set_weights(dit, target, weight, bias)
+
+
+def _assign(dit: nn.Module, param: nn.Parameter, tensor: Tensor) -> None:
+    """param's new values; on a streamed model through the streamer, which keeps the host copy."""
+    streamer = streamer_of(dit)
+    if streamer is None or not streamer.replace(param, tensor):
+        param.data = tensor.to(param.device) if tensor.device != param.device else tensor
 
 
 def _stash(target) -> None:
@@ -320,13 +454,13 @@ def _stash(target) -> None:
     object.__setattr__(target, "_lora_original", kept)
 
 
-def _restore(target) -> None:
+def _restore(dit: nn.Module, target) -> None:
     original = getattr(target, "_lora_original", None)
     if original is None:
         return
     for key, tensor in original.items():
         param = target if key == "weight" and not isinstance(target, nn.Module) else getattr(target, key)
-        param.data = tensor.to(param.device) if tensor.device != param.device else tensor
+        _assign(dit, param, tensor)
     object.__delattr__(target, "_lora_original")
 
 
@@ -340,12 +474,12 @@ def _float_weights(target) -> tuple[Tensor, Tensor | None]:
     return weight, (None if bias is None else bias.detach().float())
 
 
-def _set_weights(target, weight: Tensor, bias: Tensor | None) -> None:
+def _set_weights(dit: nn.Module, target, weight: Tensor, bias: Tensor | None) -> None:
     if isinstance(target, FP8Linear):
         q, scale = quantize_weight(weight)
         target.weight.data, target.scale.data = q, scale
     else:
         param = target.weight if isinstance(target, nn.Module) else target
-        param.data = weight.to(param.dtype)
+        _assign(dit, param, weight.to(param.dtype))
     if bias is not None:
-        target.bias.data = bias.to(target.bias.dtype)
+        _assign(dit, target.bias, bias.to(target.bias.dtype))

@@ -6,7 +6,8 @@ Formats, told apart by their keys (any of the prefixes `diffusion_model.`,
 - official / ComfyUI: `blocks.N.self_attn.q.lora_A.weight` + `lora_B` (or `lora_down`/`lora_up`),
   optional `.alpha`; full differences `.diff` (weights, norms) and `.diff_b` (biases), as the
   lightx2v / CausVid step-distillation LoRAs carry, alone or beside a module's LoRA factors
-  (W' = W + strength x (diff + scale x up @ down));
+  (W' = W + strength x (diff + scale x up @ down)); `.diff_m` is the difference of a block's (or the
+  head's) `modulation` parameter, as lightx2v's LoRA extractor writes it (`blocks.N.diff_m`);
 - kohya / musubi-tuner: `lora_unet_blocks_N_self_attn_q.lora_down.weight`, `.lora_up.weight`, `.alpha`;
 - diffusers / PEFT: `blocks.N.attn1.to_q.lora_A.weight` (attn1/attn2, to_q/k/v/out.0,
   add_k_proj/add_v_proj, ffn.net.0.proj/ffn.net.2, condition_embedder.*, proj_out); `lora_B.bias`;
@@ -41,6 +42,7 @@ _KOHYA = [
     (r"^blocks_(\d+)_(self_attn|cross_attn)_(q|k|v|o|k_img|v_img|norm_q|norm_k|norm_k_img)$", r"blocks.\1.\2.\3"),
     (r"^blocks_(\d+)_ffn_(\d+)$", r"blocks.\1.ffn.\2"),
     (r"^blocks_(\d+)_(norm3|modulation)$", r"blocks.\1.\2"),
+    (r"^head_modulation$", "head.modulation"),
     (r"^(text_embedding|time_embedding|time_projection)_(\d+)$", r"\1.\2"),
     (r"^img_emb_proj_(\d+)$", r"img_emb.proj.\1"),
     (r"^head_head$", "head.head"),
@@ -57,7 +59,7 @@ _SUFFIXES = [
     (".lokr_w1", "lokr_w1", "lokr"), (".lokr_w2", "lokr_w2", "lokr"),
     (".lokr_w1_a", "lokr_w1_a", "lokr"), (".lokr_w1_b", "lokr_w1_b", "lokr"),
     (".lokr_w2_a", "lokr_w2_a", "lokr"), (".lokr_w2_b", "lokr_w2_b", "lokr"),
-    (".diff_b", "diff_b", None), (".diff", "diff", None), (".alpha", "alpha", None),
+    (".diff_b", "diff_b", None), (".diff_m", "diff_m", None), (".diff", "diff", None), (".alpha", "alpha", None),
 ]
 
 
@@ -185,6 +187,7 @@ class LoraFile:
     modules: dict[str, LoraModule]
     sha256: str = ""
     unknown_keys: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)  # the safetensors header's __metadata__
 
     @property
     def ranks(self) -> list[int]:
@@ -239,6 +242,22 @@ class LoraFile:
             f"base model: {self.describe_base()}",
             f"sha256:     {self.sha256[:16]}",
         ]
+        from .defaults import distilled_steps, metadata_defaults
+
+        try:
+            settings = metadata_defaults(self.metadata)
+        except ValueError as err:
+            settings, note = {}, str(err)
+        else:
+            note = ""
+        steps = distilled_steps(self.path.name if self.path else "", self.metadata)
+        if settings:
+            lines.append("settings:   " + ", ".join(f"{k} {v:g}" if not isinstance(v, str) else f"{k} {v}"
+                                                    for k, v in settings.items()) + " (its metadata)")
+        elif steps is not None:
+            lines.append(f"settings:   looks {steps}-step distilled: try --steps {steps} --guidance 1 --shift 5")
+        if note:
+            lines.append(f"settings:   {note}")
         return "\n".join(lines)
 
 
@@ -246,12 +265,12 @@ def read_lora(source: str | Path | dict[str, Tensor]) -> LoraFile:
     """Read a LoRA (.safetensors, or a .ckpt/.pth/.pt opened with weights_only=True, or a state
     dict) into official module names. Raises LoraError for a file that is not a LoRA."""
     path = None
-    digest = ""
+    digest, metadata = "", {}
     if isinstance(source, dict):
         state = source
     else:
         path = Path(source).expanduser()
-        state, digest = _load(path)
+        state, digest, metadata = _load(path)
     where = str(path) if path else "the LoRA"
     modules: dict[str, LoraModule] = {}
     formats: set[str] = set()
@@ -288,10 +307,10 @@ def read_lora(source: str | Path | dict[str, Tensor]) -> LoraFile:
                         "module takes one factorisation")
             raise LoraError(f"{where}: key {key} would not be applied: {why}")
     fmt = "+".join(sorted(formats)) if len(formats) > 1 else next(iter(formats))
-    return LoraFile(path, fmt, modules, digest, unknown)
+    return LoraFile(path, fmt, modules, digest, unknown, metadata)
 
 
-def _load(path: Path) -> tuple[dict[str, Tensor], str]:
+def _load(path: Path) -> tuple[dict[str, Tensor], str, dict[str, str]]:
     from ..loading.files import CheckpointError, _torch_load  # weights_only=True, refuses code
 
     if not path.is_file():
@@ -304,9 +323,11 @@ def _load(path: Path) -> tuple[dict[str, Tensor], str]:
         from safetensors.torch import load_file
 
         from ..loading.files import read_safetensors_header
-        read_safetensors_header(path)  # a damaged file: "damaged: FILE: what", in one line
+        header = read_safetensors_header(path)  # a damaged file: "damaged: FILE: what", in one line
+        metadata = header.get("__metadata__")
+        metadata = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
         try:
-            return load_file(str(path)), digest.hexdigest()
+            return load_file(str(path)), digest.hexdigest(), metadata
         except Exception as err:  # safetensors raises its own error types
             raise LoraError(f"{path}: not a readable safetensors file ({err})") from None
     if path.suffix in (".ckpt", ".pth", ".pt", ".bin"):
@@ -318,7 +339,7 @@ def _load(path: Path) -> tuple[dict[str, Tensor], str]:
             obj = obj["state_dict"]
         if not isinstance(obj, dict):
             raise LoraError(f"{path}: holds a {type(obj).__name__}, not a dictionary of tensors")
-        return obj, digest.hexdigest()
+        return obj, digest.hexdigest(), {}
     raise LoraError(f"{path}: unknown LoRA file type; expected .safetensors, .ckpt, .pth or .pt")
 
 
@@ -336,6 +357,8 @@ def _parse_key(key: str) -> tuple[str, str, str] | None:
             break
     if stem.startswith("pipe.dit."):  # DiffSynth's training module
         stem = stem[len("pipe.dit."):]
+    if role == "diff_m":  # lightx2v: `blocks.N.diff_m` holds the difference of `blocks.N.modulation`
+        stem, role = stem + ("_modulation" if stem.startswith("lora_unet_") else ".modulation"), "diff"
     if stem.startswith("lora_unet_"):
         stem = stem[len("lora_unet_"):]
         for pattern, repl in _KOHYA:

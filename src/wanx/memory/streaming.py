@@ -220,6 +220,19 @@ class BlockStreamer:
         self.stats.reset()
         return self.stats
 
+    def replace(self, param: nn.Parameter, tensor: Tensor) -> bool:
+        """New values for a streamed parameter (a LoRA's fused norm or modulation difference):
+        its host tensor is replaced, not written (it may be the checkpoint's memory map), and
+        its device copy with it when the unit is there. False when `param` is not streamed."""
+        for unit in self.units:
+            for j, (owner, attr, is_param) in enumerate(unit.slots):
+                if is_param and owner._parameters[attr] is param:
+                    host = tensor.to(unit.host[j].device, unit.host[j].dtype, copy=True)
+                    unit.host[j] = host.pin_memory() if unit.host[j].is_pinned() else host
+                    param.data = unit.host[j].to(self.device, copy=True) if unit.on_device else unit.host[j]
+                    return True
+        return False
+
     def remove(self) -> None:
         """Take the hooks off and put every weight on the device (the plain model again)."""
         for hook in self._hooks:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..guidance import CFG, Guidance, ParallelHalves, Step, TwoPass, describe
-from ..lora import LoraReport, apply_to_experts, loaded_loras, remove_lora, set_lora_strength
+from ..lora import LoraReport, apply_to_experts, loaded_loras, lora_steps, remove_lora, set_lora_strength
 from ..memory.estimate import available_memory, check_fits, decode_tiles, estimate, weight_bytes
 from ..memory.placement import Placement, auto_budget, load_devices, resolve_offload
 from ..models.transformer import input_dtype
@@ -250,6 +250,7 @@ class WanPipeline:
                          negative_prompt_embeds=negative_prompt_embeds, latents=latents, output_type=output_type,
                          guidance=strategy)
         need, batched = self._fit(plan)
+        lora_steps(self.experts.values(), plan.steps)  # a per-step LoRA strength for another step count: before work
         run = Run(self, progress)
         conditioning = conditioning_for(plan.spec)(plan)
         with torch.no_grad():
@@ -302,11 +303,10 @@ class WanPipeline:
         self.last_experts = experts.split(timesteps)
         if self.last_experts:
             run.say(experts.describe(timesteps))
-        guide = ParallelHalves(self.parallel.cfg) if self.parallel is not None and self.parallel.cfg else \
-            Guidance() if batched else TwoPass()
-        if plan.guider is not None:  # a variant or schedule, its branches computed as `guide` computes them
-            guide = plan.guider.bind(guide)
-            guide.start(len(timesteps))
+        passes = ParallelHalves(self.parallel.cfg) if self.parallel is not None and self.parallel.cfg else \
+            Guidance() if batched else TwoPass()  # how a step's cond and uncond branches are computed
+        guide = (plan.guider or CFG()).bind(passes)  # plain CFG, or the request's variant or schedule
+        guide.start(len(timesteps))
         cache, step = self.step_cache, [0]  # the sampler calls the model function once per step
         if cache is not None:
             cache.start(len(timesteps), self.dit.config, plan.height, plan.width)
@@ -321,16 +321,20 @@ class WanPipeline:
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             dit, scale = experts.pick(t)
             try:
-                if plan.guider is not None:  # it needs to know the step and its expert
-                    return guide(functools.partial(branch, dit), x, t, *texts, scale, Step(step[0], len(timesteps), dit))
-                return guide(functools.partial(branch, dit), x, t, *texts, scale)
+                return guide(functools.partial(branch, dit), x, t, *texts, scale, Step(step[0], len(timesteps), dit))
             finally:
                 step[0] += 1
 
         bar = _progress(len(timesteps), "denoising", run.progress)
         marks = [time.perf_counter()]
+        # per-step LoRA strengths: step i of the plan's steps (video-to-video runs the last ones)
+        lora_step, first = lora_steps(self.experts.values(), plan.steps), plan.steps - len(timesteps)
+        if lora_step is not None:
+            lora_step(first)
 
         def advance(i: int, total: int, latents: Tensor) -> None:
+            if lora_step is not None and i + 1 < total:
+                lora_step(first + i + 1)
             conditioning.fix(latents)
             marks.append(time.perf_counter())
             if cache is not None:
@@ -391,7 +395,10 @@ class WanPipeline:
             for name, entry in (loaded_loras(dit) if dit is not None else {}).items():
                 loras.setdefault(name, (entry, []))[1].append(expert)
         if loras:
-            metadata["loras"] = [{"name": name, "strength": entry.strength, "sha256": entry.lora.sha256,
+            metadata["loras"] = [{"name": name, "sha256": entry.lora.sha256,
+                                  "strength": entry.strength if entry.schedule is None else
+                                  entry.schedule.values(plan.steps) if hasattr(entry.schedule, "values") else
+                                  list(entry.schedule),
                                   "file": entry.lora.path.name if entry.lora.path else None,
                                   **({"experts": experts} if self.dit_low is not None else {})}
                                  for name, (entry, experts) in loras.items()]
@@ -399,14 +406,17 @@ class WanPipeline:
 
 
     # -------------------------------------------------------------------------------------
-    def load_lora(self, path: str | Path, strength: float = 1.0, *, name: str | None = None,
-                  fuse: bool | None = None, expert: str | None = None) -> LoraReport:
+    def load_lora(self, path: str | Path, strength=1.0, *, name: str | None = None,
+                  fuse: bool | None = None, expert: str | None = None, partial: bool = False) -> LoraReport:
         """Apply a LoRA file (any format `wanx.lora` reads) to the DiT; call again to stack.
+        strength: a number, a list with one per denoising step, or `wanx.lora.Ramp(start, end)`
+        (a per-step strength loads live and changes between steps without re-fusing).
         fuse: default merged into the weights on a resident bf16/fp32 model, live (added at
         run time) on an FP8 or streamed one. A LoRA that does not fit this model is an error
-        and changes nothing. expert: Wan2.2 A14B, "high" or "low" for one expert (e.g. a LoRA
+        and changes nothing; partial=True applies the modules the model has and names the rest
+        in the report. expert: Wan2.2 A14B, "high" or "low" for one expert (e.g. a LoRA
         trained with `wanx train --expert`); default both."""
-        report = apply_to_experts(self.experts, path, strength, expert=expert, name=name, fuse=fuse)
+        report = apply_to_experts(self.experts, path, strength, expert=expert, name=name, fuse=fuse, partial=partial)
         self.applied.loras.append((report, expert))
         return report
 
