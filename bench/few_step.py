@@ -1,6 +1,6 @@
 """Few-step distilled sampling against the defaults, in one run on the same weights: DiT forwards
 (counted by a forward pre-hook: calls, and passes = the batch rows they carry, so one batched
-CFG call of cond + uncond is two passes) and wall time.
+CFG call of cond + uncond is two passes), the sampling loop's time and the whole call's.
 
 1. A T2V-1.3B-shaped DiT (`WanDiT("t2v-1.3B")`, random weights, float32 on the CPU) at a small
    token count, latents only: the default 50 UniPC steps with CFG 5 (batched: one call of
@@ -17,7 +17,8 @@ CFG call of cond + uncond is two passes) and wall time.
     .venv/bin/python bench/few_step.py --quick      # a tiny DiT in part 1 (the test's run, seconds)
     python bench/few_step.py --device cuda          # adds part 3
 
-Absolute CPU times on shared cores are noisy: read the ratios.
+Wall times on shared cores are noisy (other jobs take turns on them): the CPU-time column
+(this process's, all threads) is the steadier measure there; the counts are exact.
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def denoise_seconds(pipe) -> float:
+    """The sampling loop's share of the last call (the pipeline times its steps)."""
+    timing = pipe.last_timings
+    return timing["first_step"] + sum(timing["later_steps"])
+
+
 def timed_runs(pipe, device: torch.device, request: dict, settings: dict[str, dict]) -> dict[str, dict]:
     """Each setting once (after one warm-up step of the fast setting), counted and timed."""
     counter = ForwardCounter(pipe.dit)
@@ -70,12 +77,13 @@ def timed_runs(pipe, device: torch.device, request: dict, settings: dict[str, di
         for name, setting in settings.items():
             counter.reset()
             sync(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             pipe(**{**request, **setting})
             sync(device)
             results[name] = dict(steps=setting.get("num_inference_steps"), guidance=setting.get("guidance_scale"),
                                  sampler=setting.get("sampler"), calls=counter.calls, passes=counter.passes,
-                                 seconds=time.perf_counter() - start)
+                                 seconds=time.perf_counter() - start, denoise_seconds=denoise_seconds(pipe),
+                                 cpu_seconds=time.process_time() - cpu_start)
         return results
     finally:
         counter.remove()
@@ -83,14 +91,16 @@ def timed_runs(pipe, device: torch.device, request: dict, settings: dict[str, di
 
 def table(title: str, results: dict[str, dict]) -> str:
     base, fast = results["default"], results["4 steps, no CFG"]
-    lines = [title, f"  {'run':28s} {'steps':>5s} {'CFG':>4s} {'DiT calls':>9s} {'passes':>6s} {'wall s':>8s}"]
+    lines = [title, f"  {'run':28s} {'steps':>5s} {'CFG':>4s} {'DiT calls':>9s} {'passes':>6s} {'denoise s':>9s} {'wall s':>8s} {'CPU s':>8s}"]
     for name, r in results.items():
         guidance = "off" if r["guidance"] in (None, 1.0) and name != "default" else f"{r['guidance'] or '':g}"
         steps = r["steps"] if r["steps"] is not None else "dflt"
         lines.append(f"  {name + ' (' + (r['sampler'] or 'unipc') + ')':28s} {steps!s:>5s} {guidance:>4s} "
-                     f"{r['calls']:9d} {r['passes']:6d} {r['seconds']:8.2f}")
+                     f"{r['calls']:9d} {r['passes']:6d} {r['denoise_seconds']:9.2f} {r['seconds']:8.2f} "
+                     f"{r['cpu_seconds']:8.2f}")
     lines.append(f"  {'default / 4 steps':28s} {'':5s} {'':4s} {base['calls'] / fast['calls']:8.1f}x "
-                 f"{base['passes'] / fast['passes']:5.1f}x {base['seconds'] / fast['seconds']:7.1f}x")
+                 f"{base['passes'] / fast['passes']:5.1f}x {base['denoise_seconds'] / fast['denoise_seconds']:8.1f}x "
+                 f"{base['seconds'] / fast['seconds']:7.1f}x {base['cpu_seconds'] / fast['cpu_seconds']:7.1f}x")
     return "\n".join(lines)
 
 

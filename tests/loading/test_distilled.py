@@ -94,3 +94,12 @@ def test_base_models_say_nothing(tmp_path, capsys, card):
     assert inspect_checkpoint(folder).distilled is None
     assert main(["info", str(folder)]) == 0
     assert "distilled" not in capsys.readouterr().out
+
+
+def test_metadata_strings():
+    """Metadata values are strings: JSON ones, and Python's str(False) as some writers leave it."""
+    from wanx.loading.distilled import from_settings
+
+    found = from_settings({"infer_steps": "4", "enable_cfg": "False"}, "x")
+    assert (found.steps, found.cfg) == (4, False)
+    assert from_settings({"infer_steps": "50", "enable_cfg": "true"}, "x") is None  # a base model's run config

@@ -42,6 +42,8 @@ def from_settings(settings: dict, source: str) -> Distilled | None:
     def value(key):
         raw = settings.get(key)
         if isinstance(raw, str):
+            if raw.strip().lower() in ("true", "false"):  # str(True) as well as JSON's true
+                return raw.strip().lower() == "true"
             try:
                 return json.loads(raw)
             except ValueError:
