@@ -69,7 +69,7 @@ CATALOGUE = {
     + ["official WanModel", "diffusers WanTransformer3DModel"],
     "memory": ["1.3B resident", "1.3B streamed 4GB", "1.3B streamed 0", "1.3B FP8 streamed 0",
                "14B FP8 streamed 6GB"],
-    "end_to_end": ["cache off", "teacache", "magcache"],
+    "end_to_end": ["cache off", "teacache", "magcache", "4 steps, no CFG"],
     "training": ["LoRA step: ckpt + offload act. + FP8"],
 }
 
@@ -475,6 +475,16 @@ def section_end_to_end(rows: Rows, args, mode: Mode, device: torch.device) -> No
                         note=CACHE_NOTE if kind else "")
         rows.attempt(name, one, note=label)
     pipe.disable_cache()
+
+    def few_step():  # a step-distilled model's run (lightx2v, Lightning): all of it measured
+        reset_peaks(device)
+        gpu.sync(device)
+        start = time.perf_counter()
+        pipe(**{**request, "num_inference_steps": 4, "guidance_scale": 1.0, "sampler": "euler"})
+        gpu.sync(device)
+        return dict(total_s=time.perf_counter() - start, passes="4/4", **peaks(device))
+    rows.attempt("4 steps, no CFG", few_step, note=f"{w}x{h}x{f}, 4 Euler steps at guidance 1, measured "
+                                                   "(bench/few_step.py has the 50-step run beside it)")
     del pipe, dit, vae
     gpu.release(device)
 

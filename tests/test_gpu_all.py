@@ -52,6 +52,7 @@ def test_every_section_has_figures_or_a_reason(cpu_run):
     streamed, resident = rows["memory", "1.3B streamed 0"]["metrics"], rows["memory", "1.3B resident"]["metrics"]
     assert streamed["weights_gb"] < resident["weights_gb"]
     assert rows["end_to_end", "cache off"]["metrics"]["decode_s"] > 0
+    assert rows["end_to_end", "4 steps, no CFG"]["metrics"]["total_s"] > 0
     assert rows["training", "LoRA step: ckpt + offload act. + FP8"]["metrics"]["s_step"] > 0
 
 

@@ -20,6 +20,7 @@ from ..configs import (
     RELEASED_HEAD_DIM, CLIPVisionConfig, DiTConfig, T5Config, VAE22Config, VAEConfig, infer_clip_config,
     infer_dit_config, infer_t5_config, infer_vae_config, preset_name,
 )
+from .distilled import Distilled, find as find_distilled
 from .files import FP8_DTYPES, CheckpointError, DamagedCheckpoint, TensorStore, open_checkpoint
 from .layouts import COMFY_FP8_MARKERS, FP8_SCALE_SUFFIXES, Detected, detect, expert_of, rename
 
@@ -44,6 +45,7 @@ class CheckpointInfo:
     # official name -> stored name(s); several are concatenated along dim 0 in order
     names: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
     expert: str | None = None  # a Wan2.2 A14B expert: "high" or "low" noise (from where it is kept)
+    distilled: Distilled | None = None  # step/CFG-distilled, as its metadata, config.json or model card says
 
     @property
     def name(self) -> str:
@@ -77,6 +79,7 @@ class CheckpointInfo:
             f"config:     {type(cfg).__name__}({fields})",
             f"dtype:      {storage}",
             f"parameters: {self.num_params:,} ({count_in_words(self.num_params)})",
+            *([f"sampling:   {self.distilled.summary()}"] if self.distilled else []),
         ]
         return "\n".join(lines)
 
@@ -99,6 +102,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         store.close()
     if info.network == "dit":
         info.expert = expert_of(path)
+        info.distilled = find_distilled(store.metadata, store.files, Path(path).expanduser(), store.config_json)
     return info
 
 

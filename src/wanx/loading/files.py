@@ -72,6 +72,7 @@ class TensorStore:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)
     config_json: dict | None = None
+    metadata: dict[str, str] = field(default_factory=dict)  # the safetensors __metadata__ (first file)
     _where: dict[str, Path] = field(default_factory=dict)  # safetensors: key -> file
     _tensors: dict[str, Tensor] = field(default_factory=dict)  # pickles: already (mmap-)loaded
     _handles: dict[Path, object] = field(default_factory=dict)
@@ -195,6 +196,8 @@ def _index_safetensors(store: TensorStore, file: Path) -> None:
     header = read_safetensors_header(file)
     for key, entry in header.items():
         if key == "__metadata__":
+            if not store.metadata:
+                store.metadata = dict(entry)
             continue
         if key in store.shapes:
             raise CheckpointError(f"{file}: tensor {key!r} appears in more than one shard")
