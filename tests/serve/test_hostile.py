@@ -80,7 +80,7 @@ class GradioPage:
         """Generate on the Video to video tab with `video` as the input video's value."""
         self.call("lambda_1", [])  # the tab's select event: the session's task becomes v2v
         form = {"prompt": "a cat", "negative": "", "size": "64x48", "frames": "5", "steps": "2", "guidance": "",
-                "shift": "", "sampler": "unipc", "seed": "", "teacache": "", **fields}
+                "shift": "", "sampler": "unipc", "seed": "", "teacache": "", "cfg_steps": "", "timesteps": "", **fields}
         loras = {"headers": ["LoRA", "strength"], "data": [], "metadata": None}
         return self.call("submit", [None, *form.values(), loras, video, 0.8])
 
@@ -292,7 +292,7 @@ def test_a_lone_surrogate_is_refused_and_the_queue_still_lists(server):
     bad_bytes = server.client.post("/v1/videos", content=b'{"prompt": "a \xff cat"}',
                                    headers={"content-type": "application/json"})
     assert bad_bytes.status_code == 400 and "not UTF-8" in bad_bytes.json()["detail"]
-    answer = GradioPage(server).call("submit", [None, "a \ud800", "", "64x48", "5", "2", "", "", "unipc", "", "", "",
+    answer = GradioPage(server).call("submit", [None, "a \ud800", "", "64x48", "5", "2", "", "", "unipc", "", "", "", "", "",
                                                 {"headers": ["LoRA", "strength"], "data": [], "metadata": None},
                                                 None, 0.8])
     assert _refused(answer), answer

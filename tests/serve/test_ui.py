@@ -51,3 +51,14 @@ def test_placeholders_follow_the_task_table():
     assert (i2v["steps"], i2v["shift"], i2v["guidance"]) == ("40", "5 (3 at 480P or below)", "5")
     assert placeholders({}, "flf2v")["shift"] == "16" and placeholders({}, "ti2v")["size"] == "1280x704"
     assert placeholders({}, "t2v", 2)["guidance"] == "4,3" and placeholders({}, "i2v", 2)["shift"] == "5"
+
+
+def test_the_form_sends_the_few_step_options():
+    """CFG steps and a timestep list from the form reach the request as the CLI's keys; text
+    that is not a list of numbers goes on as it is, for the request's check to name."""
+    from wanx.serve.ui import request_from_form
+
+    body = request_from_form("a cat", "", "", "", "", "5", "", "lcm", "", "", "2", "1000, 750,500,250", None)
+    assert body == {"prompt": "a cat", "guidance": 5.0, "sampler": "lcm", "cfg_steps": 2,
+                    "timesteps": [1000.0, 750.0, 500.0, 250.0]}
+    assert request_from_form("a cat", "", "", "", "", "", "", "", "", "", "", "1000,x", None)["timesteps"] == "1000,x"

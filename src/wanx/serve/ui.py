@@ -42,8 +42,8 @@ def _number(value, integer: bool):
     return int(number) if integer and number.is_integer() else number
 
 
-def request_from_form(prompt, negative, size, frames, steps, guidance, shift, sampler, seed, teacache, loras,
-                      strength=None) -> dict:
+def request_from_form(prompt, negative, size, frames, steps, guidance, shift, sampler, seed, teacache, cfg_steps,
+                      timesteps, loras, strength=None) -> dict:
     """The form's fields as a POST /v1/videos body (blank fields are left to the defaults)."""
     body = {"prompt": prompt or None}
     if negative:
@@ -52,12 +52,17 @@ def request_from_form(prompt, negative, size, frames, steps, guidance, shift, sa
         body["size"] = size.strip()
     for key, value, integer in (("frames", frames, True), ("steps", steps, True), ("guidance", guidance, False),
                                 ("shift", shift, False), ("seed", seed, True), ("teacache", teacache, False),
-                                ("strength", strength, False)):
+                                ("cfg_steps", cfg_steps, True), ("strength", strength, False)):
         value = _number(value, integer)
         if value is not None:
             body[key] = value
     if sampler:
         body["sampler"] = sampler
+    if timesteps and timesteps.strip():  # 1000,750,500,250; what is not a number list the request's check names
+        try:
+            body["timesteps"] = [float(v) for v in timesteps.split(",")]
+        except ValueError:
+            body["timesteps"] = timesteps.strip()
     chosen = [{"name": str(row[0]), "strength": float(row[1])} for row in _rows(loras) if _nonzero(row[1])]
     if chosen:
         body["loras"] = chosen
@@ -203,6 +208,10 @@ def build_ui(server: Server) -> gr.Blocks:
                 shift = gr.Textbox(label="Shift", placeholder=hint["shift"], elem_id="shift")
                 sampler = gr.Dropdown(list(SAMPLERS), value="unipc", label="Sampler", elem_id="sampler")
                 teacache = gr.Textbox(label="TeaCache threshold", placeholder="off", elem_id="teacache")
+            with gr.Row():  # few-step (distilled) models: their step list, CFG on the first steps only
+                cfg_steps = gr.Textbox(label="CFG steps (then one pass a step)", placeholder="all", elem_id="cfg_steps")
+                timesteps = gr.Textbox(label="Timesteps (e.g. 1000,750,500,250)", placeholder="from Steps",
+                                       elem_id="timesteps")
         generate = gr.Button("Generate", variant="primary", elem_id="generate")
         error = gr.Markdown("", elem_id="error")
         status = gr.Markdown("", elem_id="status")
@@ -218,7 +227,8 @@ def build_ui(server: Server) -> gr.Blocks:
             gallery = gr.Gallery(label="Past results", columns=6, height=220, object_fit="contain", elem_id="gallery")
             settings = gr.JSON(label="Settings of the chosen result")
 
-        form = [prompt, negative, size, frames, steps, guidance, shift, sampler, seed, teacache, loras]
+        form = [prompt, negative, size, frames, steps, guidance, shift, sampler, seed, teacache, cfg_steps, timesteps,
+                loras]
         upload_fields = [f for f in ("image", "last_image", "video") if f in inputs]
 
         def submit(current_task, *values):
@@ -301,14 +311,17 @@ def build_ui(server: Server) -> gr.Blocks:
         def reuse(known, evt: gr.SelectData):
             job = queue.get(known[evt.index]) if evt.index is not None and evt.index < len(known) else None
             if job is None:
-                return [gr.update()] * 10 + [None, gr.update()]
+                return [gr.update()] * 12 + [None, gr.update()]
             request = job["request"]
             text = {k: "" if request.get(k) is None else str(request[k])
-                    for k in ("frames", "steps", "guidance", "shift", "seed", "teacache")}
+                    for k in ("frames", "steps", "guidance", "shift", "seed", "teacache", "cfg_steps")}
+            steps_list = ",".join(f"{t:g}" for t in request["timesteps"]) if request.get("timesteps") else ""
             return (request.get("prompt", ""), request.get("negative_prompt") or "", request.get("size") or "",
                     text["frames"], text["steps"], text["guidance"], text["shift"], request.get("sampler") or "unipc",
-                    text["seed"], text["teacache"], job["settings"], str(queue.output_path(job["id"])))
+                    text["seed"], text["teacache"], text["cfg_steps"], steps_list, job["settings"],
+                    str(queue.output_path(job["id"])))
 
         gallery.select(reuse, inputs=gallery_ids, outputs=[prompt, negative, size, frames, steps, guidance, shift,
-                                                           sampler, seed, teacache, settings, result])
+                                                           sampler, seed, teacache, cfg_steps, timesteps, settings,
+                                                           result])
     return ui
