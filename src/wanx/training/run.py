@@ -101,8 +101,13 @@ def run(config: TrainConfig, runtime: Runtime, *, model: str | Path, source: str
             from .validation import Validator
 
             validate = Validator(dit, files, runtime, plan, output=config.output, progress=progress)
-        return train(dit, config, progress=progress, base_model=str(model), accelerator=accelerator,
-                     validate=validate)
+        result = train(dit, config, progress=progress, base_model=str(model), accelerator=accelerator,
+                       validate=validate)
+        # Several processes: the process group ends here, in order, rather than in the interpreter's
+        # exit, where gloo's threads could still be running ("terminate called without an active
+        # exception", seen under load in tests/training/test_processes.py).
+        accelerator.end_training()
+        return result
     finally:
         remove_empty(created)  # folders made here and left empty (a failed or stopped start)
 
