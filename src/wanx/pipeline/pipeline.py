@@ -210,21 +210,13 @@ class WanPipeline:
                 last ones, from the input noised to where they begin (`strength_schedule`).
             height, width: pixels, multiples of the task's size multiple (16; TI2V-5B 32).
             num_frames: 4k+1. Video-to-video: default the input's count, rounded down to 4k+1.
-            num_inference_steps (alias steps), shift, sampler ("unipc", "dpm++", "euler", "lcm":
-                x0 re-noised with fresh noise from the seed at each step, for step-distilled models).
-            timesteps: an explicit denoising step list on the 0..1000 scale before the shift,
-                strictly decreasing, e.g. [1000, 750, 500, 250] (lightx2v's 4-step releases):
-                sigma = t / 1000, shifted, final sigma 0; it sets the step count (any
-                num_inference_steps must agree). Works with every sampler and with strength.
-            guidance_scale (alias guidance): in [1, 30], 1 turns guidance off; Wan2.2 A14B: the
-                high-noise expert's, and the low-noise one's unless guidance_scale_low is given.
-                A list: one scale per step (both experts), e.g. [5, 5, 1, 1].
-            guidance: a number (guidance_scale's alias) or a guidance strategy from
-                `wanx.guidance`: `CFG(cfg_steps=2)` (CFG on the first 2 steps, one pass after),
-                `CFGZeroStar()`, `APG(eta=1.0, norm_threshold=15.0, momentum=None)`,
-                `SLG([9], start=0.1, end=0.9)`, `NAG(11.0, tau=2.5, alpha=0.25)` (needs a
-                negative prompt); each takes cfg_steps too. Its state (APG's momentum) is
-                per call; the scale comes from guidance_scale.
+            num_inference_steps (alias steps), shift, sampler ("unipc", "dpm++", "euler", "lcm").
+            timesteps: the denoising step list itself, 0..1000 before the shift, e.g. [1000,
+                750, 500, 250] (lightx2v's 4-step releases); it sets the step count.
+            guidance_scale: in [1, 30], 1 turns guidance off; a list: one per step. Wan2.2
+                A14B: the high-noise expert's (the low one's too unless guidance_scale_low).
+            guidance: guidance_scale's alias, or a strategy of `wanx.guidance` (CFG(cfg_steps=2),
+                CFGZeroStar, APG, SLG, NAG), its scale from guidance_scale.
             boundary: Wan2.2 A14B: steps with t >= 1000 x boundary run the high-noise expert.
             seed: in [0, 2**64), the official code's noise; default random, kept in the metadata.
             prompt_embeds, negative_prompt_embeds: umT5 embeddings `[1, L, 4096]` instead of text.
