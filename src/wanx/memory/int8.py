@@ -1,0 +1,101 @@
+"""INT8 weights: Linear layers stored as int8 with one float32 scale per output channel
+(symmetric, weight-only), half the bytes of bf16. A module swap applied to a built model from
+outside, as `memory.fp8` does; the layer also holds lightx2v's `*_int8` checkpoints as stored.
+
+Compute dequantises the weight to the compute dtype per layer (w8 * scale, one rounding) and
+runs F.linear, so it runs everywhere. Int8 keeps 8 significant bits per row where e4m3 keeps
+4: its error is an even 1/254 of the row's largest magnitude (FP8's is relative to each value).
+Norms, embeddings, modulation and head are not touched: the same layers as FP8 are swapped
+(inside the model's blocks, never one kept in fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..models import keeps_fp32
+
+INT8_MAX = 127  # symmetric: -128 is never used, so negation stays exact
+
+
+def quantize_weight(weight: Tensor, rows: int = 256) -> tuple[Tensor, Tensor]:
+    """`[out, in]` -> (int8 `[out, in]`, float32 scale `[out]`), per output channel: each row's
+    largest magnitude maps to 127, values rounded to the nearest step. Done `rows` rows at a
+    time, so the float32 temporaries stay small (as `fp8.quantize_weight`)."""
+    scale = weight.abs().amax(dim=1).float().clamp(min=1e-12) / INT8_MAX
+    out = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    for start in range(0, weight.shape[0], rows):
+        chunk = weight[start:start + rows].float() / scale[start:start + rows, None]
+        out[start:start + rows] = chunk.round_().clamp_(-INT8_MAX, INT8_MAX)
+    return out, scale
+
+
+class Int8Linear(nn.Module):
+    """A Linear whose weight is int8 `[out, in]` with float32 `scale` `[out]`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 compute_dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8, device=device),
+                                   requires_grad=False)
+        self.scale = nn.Parameter(torch.ones(out_features, dtype=torch.float32, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype, device=device),
+                                 requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, compute_dtype: torch.dtype) -> "Int8Linear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype=compute_dtype,
+                    device="meta")
+        layer.set_weight(linear.weight.data, linear.bias.data if linear.bias is not None else None)
+        return layer
+
+    def set_weight(self, weight: Tensor, bias: Tensor | None = None, *, scale: Tensor | None = None) -> None:
+        """From a float weight (quantized here), or an int8 weight with its per-channel `scale`
+        (`[out]` or `[out, 1]`, as lightx2v stores it): stored as is, no float copy."""
+        if weight.dtype == torch.int8:
+            if scale is None or scale.numel() != self.out_features:
+                raise ValueError(f"an int8 weight [{self.out_features}, {self.in_features}] needs a per-channel scale "
+                                 f"of {self.out_features} values, got {None if scale is None else list(scale.shape)}")
+            q, s = weight, scale.float().reshape(-1)
+        else:
+            q, s = quantize_weight(weight if scale is None else weight.float() * scale.float().reshape(-1, 1))
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.scale = nn.Parameter(s.to(q.device).contiguous(), requires_grad=False)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.to(self.compute_dtype), requires_grad=False)
+
+    def dequantized(self) -> Tensor:
+        return (self.weight.to(torch.float32) * self.scale[:, None]).to(self.compute_dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.to(self.compute_dtype), self.dequantized(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8, " \
+               f"compute={str(self.compute_dtype).removeprefix('torch.')}"
+
+
+def int8_layer_names(model: nn.Module) -> list[str]:
+    """The Linear layers INT8 applies to, the same as FP8's: inside the model's blocks
+    (`stream_blocks`), not kept in fp32."""
+    lists = tuple(getattr(model, "stream_blocks", ()))
+    keep = getattr(model, "keep_in_fp32", ())
+    return [name for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, Int8Linear)) and name.startswith(tuple(f"{p}." for p in lists))
+            and not keeps_fp32(name + ".weight", keep)]
+
+
+def quantize_int8(model: nn.Module, *, compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Swap the model's block Linear layers for Int8Linear in place (their weights quantized
+    one by one, so no second float copy of the model exists). Returns the model."""
+    for name in int8_layer_names(model):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = getattr(parent, attr)
+        if isinstance(layer, nn.Linear):
+            setattr(parent, attr, Int8Linear.from_linear(layer, compute_dtype=compute_dtype))
+    return model
