@@ -218,7 +218,7 @@ _JOB_KEYS = ("prompt", "negative_prompt", "seed", "image", "last_image", "video"
              "slg_layers", "slg_start", "slg_end", "nag_scale", "nag_tau",
              "nag_alpha")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
 # How the CLI spells each runtime choice and parallel-plan parameter in Runtime.check's refusals.
-RUNTIME_FLAGS = {"offload": "--offload", "vram_budget": "--vram-budget", "quantize": "--fp8",
+RUNTIME_FLAGS = {"offload": "--offload", "vram_budget": "--vram-budget", "quantize": "--fp8/--int8",
                  "cache": "--teacache/--magcache", "fsdp": "--fsdp", "sp": "--sp", "cfg_parallel": "--cfg-parallel",
                  "ranks": "add --gpus N, or start with torchrun"}
 QUALITY_RANGE = (0, 51)  # libx264 CRF
@@ -816,7 +816,7 @@ def _runtime_flags(parser: argparse.ArgumentParser, dtype_help: str) -> None:
 
 
 def _memory_speed_flags(parser: argparse.ArgumentParser) -> None:
-    """--offload, --vram-budget, --fp8, --t5-device, --teacache, --magcache, --compile,
+    """--offload, --vram-budget, --fp8, --int8, --t5-device, --teacache, --magcache, --compile,
     --attention: how a loaded model runs (generate and serve)."""
     mem = parser.add_argument_group("memory", "fit the GPU you have (default: everything resident when it fits, "
                                               "else DiT blocks streamed with an automatic budget)")
@@ -828,6 +828,8 @@ def _memory_speed_flags(parser: argparse.ArgumentParser) -> None:
                                                              "request's work); implies --offload blocks")
     mem.add_argument("--fp8", action="store_true", help="DiT block weights in FP8 (e4m3, per-channel scales): half "
                                                         "the memory of bf16, small quality cost")
+    mem.add_argument("--int8", action="store_true", help="DiT block weights in INT8 (weight-only, per-channel "
+                                                         "scales): half the memory of bf16, closer to it than --fp8")
     mem.add_argument("--t5-device", metavar="DEVICE", help="run the umT5 text encoder here, e.g. cpu (the official "
                                                            "--t5_cpu): frees ~11 GB of GPU memory")
     fast = parser.add_argument_group("speed", "opt-in: each option's measured speed-up and fidelity cost is in docs/benchmarks.md")

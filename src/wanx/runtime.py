@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 OFFLOAD = ("auto", "none", "model", "blocks")
-QUANTIZE = (None, "fp8", "fp8_fast")
+QUANTIZE = (None, "fp8", "fp8_fast", "int8")
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Runtime:
     # "auto": "none" when everything fits the device, else "blocks" with an automatic budget.
     offload: str = "auto"
     vram_budget: int | str = "auto"  # bytes of DiT weights kept resident with "blocks", or "auto"
-    quantize: str | None = None  # "fp8" / "fp8_fast": DiT block Linear weights in float8_e4m3fn
+    quantize: str | None = None  # "fp8" / "fp8_fast": DiT block Linear weights in float8_e4m3fn; "int8": in int8
     t5_device: torch.device | None = None  # where umT5 runs (the official --t5_cpu: cpu); default: device
     # speed: step caching ("teacache"/"magcache"; threshold None = the published one for the
     # model; a calibration file from `wanx calibrate-cache`), regional compile, attention kernel
@@ -55,7 +55,7 @@ class Runtime:
             raise ValueError(f"offload must be one of {', '.join(OFFLOAD)}, got {offload!r}")
         quantize = None if quantize in ("none", "") else quantize
         if quantize not in QUANTIZE:
-            raise ValueError(f"quantize must be 'fp8' or 'fp8_fast', got {quantize!r}")
+            raise ValueError(f"quantize must be 'fp8', 'fp8_fast' or 'int8', got {quantize!r}")
         if num_persistent_param_in_dit is not None:
             if vram_budget is not None:
                 raise ValueError("give vram_budget or num_persistent_param_in_dit, not both")
@@ -85,7 +85,7 @@ class Runtime:
     @classmethod
     def from_flags(cls, args: Any) -> "Runtime":
         """The runtime a command's flags ask for (`wanx generate`, `serve`, `calibrate-cache`;
-        `train` and `prepare` too): --device, --dtype, --offload, --vram-budget, --fp8,
+        `train` and `prepare` too): --device, --dtype, --offload, --vram-budget, --fp8/--int8,
         --t5-device, --teacache/--magcache [THRESHOLD], --cache-calibration, --compile,
         --attention. A flag the command does not have takes its default."""
         def flag(name: str, default=None):
@@ -95,9 +95,12 @@ class Runtime:
         if teacache is not None and magcache is not None:  # one `cache` field: the pair cannot reach check()
             raise ValueError("choose one step cache: --teacache or --magcache")
         cache = "teacache" if teacache is not None else "magcache" if magcache is not None else None
+        if flag("fp8", False) and flag("int8", False):  # one `quantize` field, as the cache above
+            raise ValueError("choose one weight format: --fp8 or --int8")
+        quantize = "fp8" if flag("fp8", False) else "int8" if flag("int8", False) else None
         threshold = teacache if teacache is not None else magcache
         return cls.create(flag("device"), flag("dtype"), offload=flag("offload", "auto"),
-                          vram_budget=flag("vram_budget"), quantize="fp8" if flag("fp8", False) else None,
+                          vram_budget=flag("vram_budget"), quantize=quantize,
                           t5_device=flag("t5_device"), cache=cache,
                           cache_threshold=None if threshold == "auto" else threshold,  # auto: the published one
                           cache_calibration=flag("cache_calibration"), compile=flag("compile", False),
@@ -153,8 +156,8 @@ CONFLICTS = (
     (lambda c: c.vram_budget is not None and c.offload in ("none", "model"),  # a budget is for streamed blocks
      lambda c, n: f"a VRAM budget streams DiT blocks: it cannot go with offload {c.offload!r}"),
     (lambda c: c.fsdp and c.quantize is not None,
-     lambda c, n: f"{n('fsdp')} shards bf16/fp32 weights; FP8 layers cannot be sharded yet: drop {n('quantize')} "
-                  f"or {n('fsdp')}"),
+     lambda c, n: f"{n('fsdp')} shards bf16/fp32 weights; {'INT8' if c.quantize == 'int8' else 'FP8'} layers cannot be "
+                  f"sharded yet: drop {n('quantize')} or {n('fsdp')}"),
     (lambda c: c.experts > 1 and c.cache is not None,
      lambda c, n: f"step caching ({n('cache')}) does not support two experts (Wan2.2 A14B) yet"),
 )

@@ -147,12 +147,14 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: st
     quantized tensor by tensor as they are read, so no float copy of the model ever exists;
     fp8 files (ComfyUI fp8_e4m3fn / fp8_scaled) go into FP8 layers as stored. Default: FP8
     layers when the file stores its weights in fp8; "none" dequantises such files to `dtype`.
+    "int8": the same layers in int8 with per-channel scales (`wanx.memory.int8`), quantized as read.
     progress: a bar per tensor.
     """
     from ..memory.fp8 import FP8Linear, fp8_layer_names, quantize_fp8
+    from ..memory.int8 import Int8Linear, quantize_int8
 
-    if quantize not in (None, "none", "fp8", "fp8_fast"):
-        raise ValueError(f"quantize must be 'fp8', 'fp8_fast' or 'none', got {quantize!r}")
+    if quantize not in (None, "none", "fp8", "fp8_fast", "int8"):
+        raise ValueError(f"quantize must be 'fp8', 'fp8_fast', 'int8' or 'none', got {quantize!r}")
     store = open_checkpoint(path)
     try:
         info = _identify(store)
@@ -164,8 +166,11 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: st
         stored_fp8 = getattr(torch, max(info.dtypes, key=info.dtypes.get)) in FP8_DTYPES
         if quantize is None and stored_fp8:
             quantize = "fp8"
-        fp8_layers = set(fp8_layer_names(model)) if quantize in ("fp8", "fp8_fast") else set()
-        if fp8_layers:  # on the meta device: only the module types change here
+        # The layers stored quantized (FP8 or INT8, the same ones): filled from the file as read.
+        fp8_layers = set(fp8_layer_names(model)) if quantize in ("fp8", "fp8_fast", "int8") else set()
+        if quantize == "int8":  # on the meta device: only the module types change here
+            quantize_int8(model, compute_dtype=target)
+        elif fp8_layers:
             quantize_fp8(model, compute_dtype=target, fast=quantize == "fp8_fast")
         if progress:
             from tqdm.auto import tqdm
@@ -175,8 +180,9 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: st
         for name, meta in items:
             layer, _, leaf = name.rpartition(".")
             if layer in fp8_layers and leaf == "weight":
-                weight, scale = _read_parts(store, info.names[name], dequantize=False)
-                module: FP8Linear = model.get_submodule(layer)
+                # An fp8 weight goes to an INT8 layer as float (its scale applied): one rounding more.
+                weight, scale = _read_parts(store, info.names[name], dequantize=quantize == "int8")
+                module: FP8Linear | Int8Linear = model.get_submodule(layer)
                 module.set_weight(weight.reshape(meta.shape).to(device), scale=None if scale is None else scale.to(device))
                 continue
             tensor = _read_parts(store, info.names[name])[0].reshape(meta.shape)
