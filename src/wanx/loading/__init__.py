@@ -22,7 +22,7 @@ from ..configs import (
 )
 from .distilled import Distilled, find as find_distilled
 from .files import FP8_DTYPES, CheckpointError, DamagedCheckpoint, TensorStore, open_checkpoint
-from .layouts import COMFY_FP8_MARKERS, FP8_SCALE_SUFFIXES, Detected, detect, expert_of, rename
+from .layouts import CHANNEL_SCALE_SUFFIX, COMFY_FP8_MARKERS, FP8_SCALE_SUFFIXES, Detected, detect, expert_of, rename
 
 __all__ = ["CheckpointError", "DamagedCheckpoint", "CheckpointInfo", "inspect_checkpoint", "load_model"]
 
@@ -42,6 +42,7 @@ class CheckpointInfo:
     dtypes: dict[str, int]  # dtype name -> number of parameters stored in it
     num_params: int
     fp8_scaled: bool = False
+    channel_scaled: bool = False  # lightx2v's int8/fp8 weights with a per-channel `weight_scale`
     # official name -> stored name(s); several are concatenated along dim 0 in order
     names: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
     expert: str | None = None  # a Wan2.2 A14B expert: "high" or "low" noise (from where it is kept)
@@ -58,10 +59,10 @@ class CheckpointInfo:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """The dtype most weights are stored in; fp8 storage computes in bf16."""
+        """The dtype most weights are stored in; fp8 and int8 storage compute in bf16."""
         name = max(self.dtypes, key=self.dtypes.get)
         dtype = getattr(torch, name)
-        return torch.bfloat16 if dtype in FP8_DTYPES else dtype
+        return torch.bfloat16 if dtype in FP8_DTYPES or dtype == torch.int8 else dtype
 
     def summary(self) -> str:
         cfg = self.config
@@ -73,7 +74,8 @@ class CheckpointInfo:
             f"path:       {self.path}",
             f"files:      {len(self.files)} ({', '.join(f.name for f in self.files[:3])}{', ...' if len(self.files) > 3 else ''})",
             f"network:    {kind}",
-            f"layout:     {self.layout}{' (fp8 scaled)' if self.fp8_scaled else ''}",
+            f"layout:     {self.layout}{' (fp8 scaled)' if self.fp8_scaled else ''}"
+            f"{' (lightx2v per-channel weight_scale)' if self.channel_scaled else ''}",
             *([f"model:      {model_name(cfg, self.expert)}"] if isinstance(cfg, DiTConfig) else []),
             f"preset:     {preset or '(custom)'}",
             f"config:     {type(cfg).__name__}({fields})",
@@ -145,9 +147,11 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: st
     quantize: "fp8" (or "fp8_fast": torch._scaled_mm on GPUs with FP8 tensor cores) stores the
     block Linear weights as float8_e4m3fn with per-channel scales (`wanx.memory.fp8`),
     quantized tensor by tensor as they are read, so no float copy of the model ever exists;
-    fp8 files (ComfyUI fp8_e4m3fn / fp8_scaled) go into FP8 layers as stored. Default: FP8
-    layers when the file stores its weights in fp8; "none" dequantises such files to `dtype`.
-    "int8": the same layers in int8 with per-channel scales (`wanx.memory.int8`), quantized as read.
+    fp8 files (ComfyUI fp8_e4m3fn / fp8_scaled, lightx2v `*_fp8`) go into FP8 layers as stored.
+    "int8": the same layers in int8 with per-channel scales (`wanx.memory.int8`), quantized as
+    read; lightx2v's `*_int8` files go into them as stored. Default: FP8 layers when the file
+    stores its weights in fp8, INT8 layers when it holds int8 ones; "none" dequantises such
+    files to `dtype`.
     progress: a bar per tensor.
     """
     from ..memory.fp8 import FP8Linear, fp8_layer_names, quantize_fp8
@@ -166,6 +170,8 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: st
         stored_fp8 = getattr(torch, max(info.dtypes, key=info.dtypes.get)) in FP8_DTYPES
         if quantize is None and stored_fp8:
             quantize = "fp8"
+        elif quantize is None and "int8" in info.dtypes:  # lightx2v int8: kept int8, whatever else it holds
+            quantize = "int8"
         # The layers stored quantized (FP8 or INT8, the same ones): filled from the file as read.
         fp8_layers = set(fp8_layer_names(model)) if quantize in ("fp8", "fp8_fast", "int8") else set()
         if quantize == "int8":  # on the meta device: only the module types change here
@@ -180,8 +186,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: st
         for name, meta in items:
             layer, _, leaf = name.rpartition(".")
             if layer in fp8_layers and leaf == "weight":
-                # An fp8 weight goes to an INT8 layer as float (its scale applied): one rounding more.
-                weight, scale = _read_parts(store, info.names[name], dequantize=quantize == "int8")
+                weight, scale = _read_parts(store, info.names[name], dequantize=False)
                 module: FP8Linear | Int8Linear = model.get_submodule(layer)
                 module.set_weight(weight.reshape(meta.shape).to(device), scale=None if scale is None else scale.to(device))
                 continue
@@ -220,11 +225,33 @@ def _identify(store: TensorStore) -> CheckpointInfo:
     counts: Counter[str] = Counter()
     for stored in (key for parts in names.values() for key in parts):
         counts[str(store.dtypes[stored]).removeprefix("torch.")] += math.prod(store.shapes[stored])
+        if store.dtypes[stored] == torch.int8 and _channel_scale(store, stored) is None:
+            found = f"{stored}_scale is {list(store.shapes[stored + '_scale'])}" if stored + "_scale" in store.shapes \
+                else f"no {stored}_scale"
+            raise CheckpointError(
+                f"{store.path}: {stored} is stored as int8 without a per-channel scale ({found}; lightx2v writes one "
+                f"float per output channel, [{store.shapes[stored][0]}, 1]): a quantized layout wanx does not know"
+            )
     return CheckpointInfo(
         path=store.path, files=store.files, network=found.network, layout=found.layout, config=config,
         dtypes=dict(counts), num_params=sum(counts.values()),
-        fp8_scaled=any(k.endswith(FP8_SCALE_SUFFIXES[0]) for k in store.keys()), names=names,
+        fp8_scaled=any(k.endswith(FP8_SCALE_SUFFIXES[0]) for k in store.keys()),
+        channel_scaled=any(k.endswith(CHANNEL_SCALE_SUFFIX) for k in store.keys()), names=names,
     )
+
+
+def _channel_scale(store: TensorStore, weight: str) -> str | None:
+    """The key of `weight`'s lightx2v per-channel scale, when `weight` is an int8 or fp8 matrix
+    with a float `weight_scale` of one value per output channel beside it; else None (a scale
+    of any other shape, or beside a float weight, is a layout wanx does not know: left to be
+    refused as an unexpected tensor)."""
+    key = weight + "_scale"
+    if not weight.endswith(".weight") or key not in store.shapes or len(store.shapes.get(weight, ())) != 2:
+        return None
+    out = store.shapes[weight][0]
+    quantized = store.dtypes[weight] == torch.int8 or store.dtypes[weight] in FP8_DTYPES
+    per_channel = tuple(store.shapes[key]) in ((out,), (out, 1)) and store.dtypes[key].is_floating_point
+    return key if quantized and per_channel else None
 
 
 def _official_names(store: TensorStore, found: Detected) -> tuple[dict[str, tuple[str, ...]], list[str]]:
@@ -233,6 +260,8 @@ def _official_names(store: TensorStore, found: Detected) -> tuple[dict[str, tupl
     unmapped = []
     for stored in store.keys():
         if stored in COMFY_FP8_MARKERS or stored.endswith(FP8_SCALE_SUFFIXES):
+            continue  # consumed by `_read`
+        if stored.endswith(CHANNEL_SCALE_SUFFIX) and _channel_scale(store, stored.removesuffix("_scale")) == stored:
             continue  # consumed by `_read`
         if not stored.startswith(found.prefix):
             unmapped.append(stored)
@@ -338,13 +367,18 @@ def _read_parts(store: TensorStore, parts: tuple[str, ...], *, dequantize: bool 
 
 
 def _read(store: TensorStore, stored: str, *, dequantize: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(tensor, scale): a stored tensor and its ComfyUI `scale_weight` if it has one. With
-    `dequantize`, fp8 weights come back as float (scaled) and the scale as None."""
+    """(tensor, scale): a stored tensor and its ComfyUI `scale_weight` or lightx2v per-channel
+    `weight_scale` (as `[out, 1]`) if it has one. With `dequantize`, fp8 and int8 weights come
+    back as float (scaled) and the scale as None."""
     tensor = store.get(stored)
     scale = None
-    if tensor.dtype in FP8_DTYPES:
+    if tensor.dtype in FP8_DTYPES or tensor.dtype == torch.int8:
         scale_key = stored.removesuffix(".weight") + FP8_SCALE_SUFFIXES[0]
-        scale = store.get(scale_key).float() if scale_key in store.shapes else None
+        channel_key = _channel_scale(store, stored)
+        if channel_key is not None:
+            scale = store.get(channel_key).float().reshape(-1, 1)
+        elif scale_key in store.shapes:
+            scale = store.get(scale_key).float()
         if dequantize:
             tensor, scale = (tensor.float() * scale if scale is not None else tensor.to(torch.bfloat16)), None
     return tensor, scale

@@ -21,6 +21,10 @@ COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "first_stage_mod
 # ComfyUI fp8 exports: a marker tensor, and per-layer scales consumed while dequantising.
 COMFY_FP8_MARKERS = ("scaled_fp8",)
 FP8_SCALE_SUFFIXES = (".scale_weight", ".scale_input")
+# lightx2v's quantized DiTs (`*_int8.safetensors`, `*_fp8.safetensors`, its converter's
+# `--quantized`): a quantized Linear's `weight` is int8 or float8_e4m3fn, beside `weight_scale`
+# of one float per output channel, `[out, 1]` (symmetric: weight = w8 * scale).
+CHANNEL_SCALE_SUFFIX = ".weight_scale"
 
 
 def _attention_rules(diffusers: str, official: str, extra: Sequence[tuple[str, str]] = ()) -> list[Rule]:

@@ -61,8 +61,10 @@ class Int8Linear(nn.Module):
                 raise ValueError(f"an int8 weight [{self.out_features}, {self.in_features}] needs a per-channel scale "
                                  f"of {self.out_features} values, got {None if scale is None else list(scale.shape)}")
             q, s = weight, scale.float().reshape(-1)
-        else:
-            q, s = quantize_weight(weight if scale is None else weight.float() * scale.float().reshape(-1, 1))
+        else:  # a float weight, or another format's (fp8) with its scale: quantized here
+            if scale is not None or weight.element_size() == 1:
+                weight = weight.float() * (1 if scale is None else scale.float().reshape(-1, 1))
+            q, s = quantize_weight(weight)
         self.weight = nn.Parameter(q, requires_grad=False)
         self.scale = nn.Parameter(s.to(q.device).contiguous(), requires_grad=False)
         if bias is not None:
