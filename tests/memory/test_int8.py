@@ -1,6 +1,8 @@
 """INT8 weight-only layers: error per layer and on a tiny DiT stated and bounded, half the
 bytes of bf16."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -82,3 +84,32 @@ def test_fp8_and_int8_together_is_one_line(capsys):
 def test_int8_with_fsdp_is_refused():
     with pytest.raises(ValueError, match="INT8 layers cannot be sharded yet: drop quantize or fsdp"):
         Runtime.create("cpu", quantize="int8").check(world=2, fsdp=True)
+
+
+def test_lora_on_an_int8_base():
+    """Live by default (adapters beside the int8 weights, as on FP8); fused on request is
+    dequantised, merged and requantized in int8. Both within the INT8 bound (3%) of the float
+    model with the LoRA merged by hand."""
+    from tests.lora.test_lora import factors, lowrank_deltas, merged, write
+    from wanx.lora import apply_lora, remove_lora
+
+    model = tiny_dit()
+    x, t, context, _ = dit_inputs(model.config)
+    state = write("official", factors(model))
+    with torch.no_grad():
+        reference = merged(model, lowrank_deltas(factors(model), 1.0))(x, t, context)
+        base = quantize_int8(copy.deepcopy(model), compute_dtype=torch.float32)
+        plain = base(x, t, context)
+        weights = {n: base.get_submodule(n).weight.clone() for n in int8_layer_names(base)}
+        report = apply_lora(base, state)
+        assert not report.fused  # an INT8 base defaults to live
+        assert all(torch.equal(base.get_submodule(n).weight, w) for n, w in weights.items())  # int8 kept
+        assert (base(x, t, context) - reference).abs().max() <= 0.03 * reference.abs().max()
+        remove_lora(base)
+        assert torch.equal(base(x, t, context), plain)
+        fused = quantize_int8(copy.deepcopy(model), compute_dtype=torch.float32)
+        apply_lora(fused, state, fuse=True)
+        assert fused.blocks[0].ffn[0].weight.dtype == torch.int8
+        assert (fused(x, t, context) - reference).abs().max() <= 0.03 * reference.abs().max()
+        remove_lora(fused)
+        assert torch.equal(fused(x, t, context), plain)

@@ -21,7 +21,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..memory import int8
 from ..memory.fp8 import FP8Linear, quantize_weight
+from ..memory.int8 import Int8Linear
+
+QUANTIZED = (FP8Linear, Int8Linear)  # weight * per-channel scale: live adapters by default, fused = requantized
 from ..memory.streaming import compute_device, streamer_of
 from .formats import LoraError, LoraFile, LoraModule, read_lora
 from .layer import LoraAdapter, adapter_of, attach, detach
@@ -142,7 +146,7 @@ def apply_lora(dit: nn.Module, source: str | Path | dict | LoraFile, strength: S
     targets = match(dit, lora, partial=partial)
     if streamed is None:
         streamed = streamer_of(dit) is not None
-    fp8 = any(isinstance(t, FP8Linear) for t in targets.values())
+    fp8 = any(isinstance(t, QUANTIZED) for t in targets.values())
     if schedule is not None and fuse:
         raise LoraError("a per-step LoRA strength changes between steps on the live adapters: load it with "
                         "fuse=False (or leave fuse unset)")
@@ -165,7 +169,7 @@ def apply_lora(dit: nn.Module, source: str | Path | dict | LoraFile, strength: S
         for module_name, target in targets.items():
             if _is_linear(target):
                 weight = target.weight
-                dtype = target.compute_dtype if isinstance(target, FP8Linear) else weight.dtype
+                dtype = target.compute_dtype if isinstance(target, QUANTIZED) else weight.dtype
                 attach(target, name, LoraAdapter(lora.modules[module_name], strength, device=device, dtype=dtype))
         _rebuild_fused_weights(dit, {t for t in targets.values() if not _is_linear(t)})
     return report
@@ -409,7 +413,7 @@ def _delta_shapes(module: LoraModule) -> list[tuple[int, ...]]:
 
 
 def _is_linear(target) -> bool:
-    return isinstance(target, (nn.Linear, FP8Linear))
+    return isinstance(target, (nn.Linear, *QUANTIZED))
 
 
 # -- fusing ------------------------------------------------------------------------------
@@ -448,7 +452,7 @@ def _stash(target) -> None:
     tensors = {"weight": target.weight if isinstance(target, nn.Module) else target}
     if isinstance(target, nn.Module) and getattr(target, "bias", None) is not None:
         tensors["bias"] = target.bias
-    if isinstance(target, FP8Linear):
+    if isinstance(target, QUANTIZED):
         tensors["scale"] = target.scale
     kept = {k: (v.data if v.device.type == "cpu" else v.data.to("cpu")) for k, v in tensors.items()}
     object.__setattr__(target, "_lora_original", kept)
@@ -466,7 +470,7 @@ def _restore(dit: nn.Module, target) -> None:
 
 def _float_weights(target) -> tuple[Tensor, Tensor | None]:
     """The weight and bias in float32, without a copy when they are float32 already."""
-    if isinstance(target, FP8Linear):
+    if isinstance(target, QUANTIZED):
         weight = target.weight.float() * target.scale[:, None]
     else:
         weight = (target.weight if isinstance(target, nn.Module) else target).detach().float()
@@ -475,8 +479,8 @@ def _float_weights(target) -> tuple[Tensor, Tensor | None]:
 
 
 def _set_weights(dit: nn.Module, target, weight: Tensor, bias: Tensor | None) -> None:
-    if isinstance(target, FP8Linear):
-        q, scale = quantize_weight(weight)
+    if isinstance(target, QUANTIZED):
+        q, scale = (int8.quantize_weight if isinstance(target, Int8Linear) else quantize_weight)(weight)
         target.weight.data, target.scale.data = q, scale
     else:
         param = target.weight if isinstance(target, nn.Module) else target
