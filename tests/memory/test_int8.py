@@ -113,3 +113,27 @@ def test_lora_on_an_int8_base():
         assert (fused(x, t, context) - reference).abs().max() <= 0.03 * reference.abs().max()
         remove_lora(fused)
         assert torch.equal(fused(x, t, context), plain)
+
+
+def test_trainable_lora_on_an_int8_base():
+    """A LoRA trains on a frozen INT8 DiT (e.g. a lightx2v int8 file): adapters on the Int8Linear
+    layers, gradients reach them and only them; --full on it is refused."""
+    from wanx.training.trainable import add_trainable_lora, check_targets
+
+    model = quantize_int8(tiny_dit(), compute_dtype=torch.float32).requires_grad_(False)
+    check_targets(model, ("q", "ffn.0"))
+    adapters = add_trainable_lora(model, 4, None, ("q", "ffn.0"), torch.Generator().manual_seed(0))
+    assert len(adapters) == 3 * model.config.num_layers  # self_attn.q, cross_attn.q, ffn.0
+    assert all(isinstance(model.get_submodule(name), Int8Linear) for name in adapters)
+    for adapter in adapters.values():  # up starts at zero: a step's gradient reaches down only through up
+        adapter.up.data.normal_()
+    x, t, context, _ = dit_inputs(model.config)
+    model(x, t, context).square().mean().backward()
+    assert all(a.down.grad is not None and a.down.grad.abs().sum() > 0 for a in adapters.values())
+    trained = {id(p) for a in adapters.values() for p in a.parameters()}
+    assert all(p.grad is None for p in model.parameters() if id(p) not in trained)
+    from wanx.training.recipe import TrainConfig
+    from wanx.training.trainable import Trainable
+
+    with pytest.raises(ValueError, match="--full trains every weight: load the DiT in bf16/fp32"):
+        Trainable(quantize_int8(tiny_dit()), TrainConfig(data="unused", output="unused", full=True))
