@@ -21,7 +21,7 @@ from wanx.memory.int8 import Int8Linear
 QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 
 
-def lightx2v_file(tmp_path, model, dtype, name):
+def lightx2v_file(tmp_path, model, dtype, name, config=True):
     """The model as lightx2v's converter writes it: block Linear weights quantized per output
     channel with `<layer>.weight_scale` [out, 1] in the source dtype (bf16), the rest bf16."""
     state = {k: v.bfloat16() if v.is_floating_point() else v for k, v in official_state(model).items()}
@@ -33,7 +33,8 @@ def lightx2v_file(tmp_path, model, dtype, name):
         state[f"{layer}.weight_scale"] = scale.bfloat16()
     path = tmp_path / name
     save_file(state, str(path))
-    (tmp_path / "config.json").write_text(json.dumps({"num_heads": 2}), encoding="utf-8")
+    if config:
+        (tmp_path / "config.json").write_text(json.dumps({"num_heads": 2}), encoding="utf-8")
     return path, state
 
 

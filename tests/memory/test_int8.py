@@ -1,5 +1,5 @@
 """INT8 weight-only layers: error per layer and on a tiny DiT stated and bounded, half the
-bytes of bf16."""
+bytes of bf16; --int8 and lightx2v int8 files through `wanx generate`, streaming, LoRA, training."""
 
 import copy
 
@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 import torch
 
+import wanx
 from tests.loading.test_load_model import dit_inputs
 from tests.memory.test_fp8 import to_bf16
-from tests.memory.test_offload_cli import frames  # noqa: F401 (the fixture)
+from tests.memory.test_offload_cli import ARGS, frames  # noqa: F401 (the fixture)
 from tests.oracles import tiny_dit
 from wanx.cli import main
 from wanx.memory.int8 import Int8Linear, int8_layer_names, quantize_int8, quantize_weight
+from wanx.memory.streaming import BlockStreamer
 from wanx.pipeline import WanPipeline
 from wanx.runtime import Runtime
 
@@ -60,6 +62,21 @@ def test_generate_int8_writes_close_frames(frames):
     3.1, bound 8)."""
     difference = np.abs(frames("--int8") - frames())
     assert 0 < difference.mean() <= 4
+
+
+def test_int8_streamed_blocks_write_the_same_frames_and_move_half_the_bytes(frames):
+    """--int8 with --offload blocks: the same frames as --int8 resident (the int8 bytes are
+    copied, not recomputed); the streamer moves int8 weights (plus scales), not bf16 ones."""
+    assert np.array_equal(frames("--int8", "--offload", "blocks", "--vram-budget", "0"), frames("--int8"))
+    model = tiny_dit()
+    bf16_streamer = BlockStreamer(to_bf16(model), "cpu", 0)
+    int8 = quantize_int8(to_bf16(model))
+    int8_streamer = BlockStreamer(int8, "cpu", 0)
+    layers = [int8.get_submodule(n) for n in int8_layer_names(int8)]
+    saved = sum(m.weight.numel() for m in layers) - sum(m.scale.nbytes for m in layers)  # 2 bytes -> 1, plus scales
+    assert bf16_streamer.stats.streamed - int8_streamer.stats.streamed >= saved > 0
+    bf16_streamer.remove()
+    int8_streamer.remove()
 
 
 def test_int8_pipeline_latents_close_to_float(tmp_path, monkeypatch):
@@ -137,3 +154,26 @@ def test_trainable_lora_on_an_int8_base():
 
     with pytest.raises(ValueError, match="--full trains every weight: load the DiT in bf16/fp32"):
         Trainable(quantize_int8(tiny_dit()), TrainConfig(data="unused", output="unused", full=True))
+
+
+def test_generate_from_a_lightx2v_int8_file(frames, tmp_path):
+    """`wanx generate --model FILE` with a lightx2v int8 DiT whose folder holds the other
+    components: the INT8 layers as stored. Stated bound: mean frame difference from the float
+    run at most 4 of 255 levels (as --int8's; measured 2.7, the file's other tensors being bf16)."""
+    import shutil
+
+    from tests.loading.test_lightx2v_quantized import lightx2v_file
+    from wanx.tiny import tiny_model_dir
+    from wanx.video import read_video
+
+    reference = frames()
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("tiny"), folder)
+    model = wanx.load_model(folder / "diffusion_pytorch_model.safetensors")
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    path, _ = lightx2v_file(folder, model, torch.int8, "wan2.1_t2v_int8.safetensors", config=False)
+    out = tmp_path / "int8.mp4"
+    args = [a if a != "tiny" else str(path) for a in ARGS]
+    assert main(["generate", *args, "-o", str(out)]) == 0
+    difference = np.abs(read_video(out).frames.astype(np.int16) - reference)
+    assert 0 < difference.mean() <= 4
