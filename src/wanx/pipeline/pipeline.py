@@ -102,7 +102,7 @@ class WanPipeline:
         offload: "auto" (default: everything resident when it fits, else DiT blocks streamed),
         "none", "model" (each network on the device only for its phase) or "blocks".
         vram_budget: DiT bytes kept resident with offload="blocks" ("6GB", 6e9, 0, "auto");
-        num_persistent_param_in_dit: the same in parameters. quantize: "fp8" or "fp8_fast".
+        num_persistent_param_in_dit: the same in parameters. quantize: "fp8", "fp8_fast" or "int8".
         t5_device: "cpu" runs umT5 on the CPU (the official --t5_cpu).
         cache: "teacache" or "magcache" step caching (cache_threshold None: the published
         setting for the model; cache_calibration: a `wanx calibrate-cache` file). compile: the
