@@ -46,6 +46,7 @@ class CheckpointInfo:
     names: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
     expert: str | None = None  # a Wan2.2 A14B expert: "high" or "low" noise (from where it is kept)
     distilled: Distilled | None = None  # step/CFG-distilled, as its metadata, config.json or model card says
+    gguf: str | None = None  # a GGUF file: its architecture, quant types with tensor counts, bytes (one line)
 
     @property
     def name(self) -> str:
@@ -60,8 +61,8 @@ class CheckpointInfo:
     def compute_dtype(self) -> torch.dtype:
         """The dtype most weights are stored in; fp8 storage computes in bf16."""
         name = max(self.dtypes, key=self.dtypes.get)
-        dtype = getattr(torch, name)
-        return torch.bfloat16 if dtype in FP8_DTYPES else dtype
+        dtype = getattr(torch, name, None)  # None: a GGUF quant type ("Q4_0"), computed in bf16
+        return torch.bfloat16 if dtype is None or dtype in FP8_DTYPES else dtype
 
     def summary(self) -> str:
         cfg = self.config
@@ -80,6 +81,7 @@ class CheckpointInfo:
             f"dtype:      {storage}",
             f"parameters: {self.num_params:,} ({count_in_words(self.num_params)})",
             *([f"sampling:   {self.distilled.summary()}"] if self.distilled else []),
+            *([f"gguf:       {self.gguf}"] if self.gguf else []),
         ]
         return "\n".join(lines)
 
@@ -147,6 +149,9 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: st
     quantized tensor by tensor as they are read, so no float copy of the model ever exists;
     fp8 files (ComfyUI fp8_e4m3fn / fp8_scaled) go into FP8 layers as stored. Default: FP8
     layers when the file stores its weights in fp8; "none" dequantises such files to `dtype`.
+    GGUF files: by default the block Linear weights stored quantized stay packed in GGUFLinear
+    layers (`wanx.memory.gguf`, dequantized per call); other tensors are dequantized to `dtype`;
+    "none" dequantizes everything, "fp8" re-quantizes the dequantized weights to fp8.
     progress: a bar per tensor.
     """
     from ..memory.fp8 import FP8Linear, fp8_layer_names, quantize_fp8
@@ -161,12 +166,14 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: st
         keep_fp32 = getattr(model, "keep_in_fp32", ())
         target = dtype or info.compute_dtype
         items = model.state_dict().items()
-        stored_fp8 = getattr(torch, max(info.dtypes, key=info.dtypes.get)) in FP8_DTYPES
+        stored_fp8 = getattr(torch, max(info.dtypes, key=info.dtypes.get), None) in FP8_DTYPES
         if quantize is None and stored_fp8:
             quantize = "fp8"
         fp8_layers = set(fp8_layer_names(model)) if quantize in ("fp8", "fp8_fast") else set()
         if fp8_layers:  # on the meta device: only the module types change here
             quantize_fp8(model, compute_dtype=target, fast=quantize == "fp8_fast")
+        # GGUF: block Linear weights stored quantized stay packed (GGUFLinear) unless asked for fp8 or "none"
+        gguf_layers = _swap_gguf(model, info, store, target) if store.qtypes and quantize is None else set()
         if progress:
             from tqdm.auto import tqdm
 
@@ -179,16 +186,39 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: st
                 module: FP8Linear = model.get_submodule(layer)
                 module.set_weight(weight.reshape(meta.shape).to(device), scale=None if scale is None else scale.to(device))
                 continue
+            if layer in gguf_layers and leaf == "weight":
+                model.get_submodule(layer).set_weight(store._packed[info.names[name][0]].to(device))
+                continue
             tensor = _read_parts(store, info.names[name])[0].reshape(meta.shape)
             want = torch.float32 if keeps_fp32(name, keep_fp32) else target
             state[name] = tensor.to(device=device, dtype=want if meta.is_floating_point() else meta.dtype)
-        model.load_state_dict(state, assign=True, strict=not fp8_layers)
+        model.load_state_dict(state, assign=True, strict=not (fp8_layers or gguf_layers))
     finally:
         store.close()
     return model.eval()
 
 
 # ---------------------------------------------------------------------------------------
+
+
+def _swap_gguf(model: nn.Module, info: CheckpointInfo, store: TensorStore, compute_dtype: torch.dtype) -> set[str]:
+    """On the meta model, the block Linear layers (as FP8 picks them) whose GGUF weight is
+    quantized become GGUFLinear of that type; returns their names."""
+    from ..memory.fp8 import fp8_layer_names
+    from ..memory.gguf import GGUFLinear
+
+    swapped = set()
+    for name in fp8_layer_names(model):
+        stored = info.names.get(name + ".weight", ())
+        if len(stored) != 1 or stored[0] not in store.qtypes:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, attr)
+        setattr(parent, attr, GGUFLinear(linear.in_features, linear.out_features, store.qtypes[stored[0]],
+                                         linear.bias is not None, compute_dtype=compute_dtype, device="meta"))
+        swapped.add(name)
+    return swapped
 
 
 def _identify(store: TensorStore) -> CheckpointInfo:
@@ -213,12 +243,30 @@ def _identify(store: TensorStore) -> CheckpointInfo:
         ) from None
     counts: Counter[str] = Counter()
     for stored in (key for parts in names.values() for key in parts):
-        counts[str(store.dtypes[stored]).removeprefix("torch.")] += math.prod(store.shapes[stored])
+        kind = store.qtypes.get(stored) or str(store.dtypes[stored]).removeprefix("torch.")
+        counts[kind] += math.prod(store.shapes[stored])
     return CheckpointInfo(
-        path=store.path, files=store.files, network=found.network, layout=found.layout, config=config,
-        dtypes=dict(counts), num_params=sum(counts.values()),
+        path=store.path, files=store.files, network=found.network, layout="gguf" if store.gguf else found.layout,
+        config=config, dtypes=dict(counts), num_params=sum(counts.values()),
         fp8_scaled=any(k.endswith(FP8_SCALE_SUFFIXES[0]) for k in store.keys()), names=names,
+        gguf=_gguf_line(store) if store.gguf else None,
     )
+
+
+def _gguf_line(store: TensorStore) -> str:
+    """'architecture wan; Q4_0 x 240, F32 x 90; 1.2 GB of tensors': what a GGUF holds."""
+    from ..memory.gguf import packed_bytes
+
+    kinds: Counter[str] = Counter()
+    size = 0
+    for key, shape in store.shapes.items():
+        kind = store.qtypes.get(key) or {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[
+            str(store.dtypes[key]).removeprefix("torch.")]
+        kinds[kind] += 1
+        size += packed_bytes(kind, shape)
+    types = ", ".join(f"{k} x {n}" for k, n in kinds.most_common())
+    return f"architecture {store.metadata.get('general.architecture')}; {types} tensors; {size:,} bytes of tensors"
+
 
 
 def _official_names(store: TensorStore, found: Detected) -> tuple[dict[str, tuple[str, ...]], list[str]]:

@@ -1,0 +1,139 @@
+"""GGUF files of Wan DiTs as city96's conversions write them: loaded with the block Linear
+weights kept packed (GGUFLinear), compared with the float model they came from."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+import wanx  # noqa: E402
+from tests.oracles import official_config_json, official_state, tiny_dit  # noqa: E402
+from tests.loading.test_load_model import dit_inputs  # noqa: E402
+from wanx.loading import CheckpointError, DamagedCheckpoint, inspect_checkpoint  # noqa: E402
+from wanx.memory.fp8 import fp8_layer_names  # noqa: E402
+from wanx.memory.gguf import GGUFLinear  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+
+
+def write_gguf(path, model, qtype, *, arch="wan", others=Q.F16):
+    """city96's layout: block Linear weights in `qtype` (a list: taken in turn), other >1-dim
+    tensors in `others`, 1-dim tensors F32, tensors of more than 4 dims flattened with
+    `comfy.gguf.orig_shape.<name>`."""
+    kinds = qtype if isinstance(qtype, list) else [qtype]
+    linears = {n + ".weight": kinds[i % len(kinds)] for i, n in enumerate(fp8_layer_names(model))}
+    writer = gguf.GGUFWriter(str(path), arch)
+    for name, tensor in official_state(model).items():
+        data = tensor.float().numpy()
+        if data.ndim > 4:
+            writer.add_array(f"comfy.gguf.orig_shape.{name}", list(data.shape))
+            data = data.reshape(-1)
+        kind = linears[name] if name in linears else (Q.F32 if data.ndim == 1 else others)
+        writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    # a tiny DiT's head count is not the released head dim's: config.json beside it, as for safetensors
+    (path.parent / "config.json").write_text(json.dumps(official_config_json(model.config)), encoding="utf-8")
+    return path
+
+
+# Stated output error of the tiny DiT (random weights, width 32: a worst case, every layer's
+# rounding lands on a narrow residual stream) against its fp32 self, as a fraction of the
+# output's largest magnitude, computing in fp32. Measured: Q8_0 0.7% (FP8 in bf16 is 2.7%,
+# tests/memory/test_fp8.py), Q5_0 6.8%, Q4_0 7.1%, the mix 6.1%. Q5_0 is not below Q4_0 here
+# although its weights are (RMS 0.043 vs 0.086 of N(0, 1)): at this size the maximum is noise.
+# K-quants need rows of 256, wider than the tiny DiT's; their dequantization is tested in
+# tests/memory/test_gguf.py.
+BOUNDS = {"Q8_0": 0.015, "Q5_0": 0.10, "Q4_0": 0.12, "Q8_0+Q4_0+F16": 0.12}
+
+
+@pytest.mark.parametrize("name", sorted(BOUNDS))
+def test_gguf_dit_loads_packed_and_stays_close(tmp_path, name):
+    model = tiny_dit()
+    kinds = [Q[k] for k in name.split("+")]
+    path = write_gguf(tmp_path / "wan-tiny.gguf", model, kinds)
+    loaded = wanx.load_model(path, dtype=torch.float32)
+    layers = fp8_layer_names(model)
+    want = {n: kinds[i % len(kinds)].name for i, n in enumerate(layers)}
+    got = {n: getattr(loaded.get_submodule(n), "qtype", "F16") for n in layers}
+    assert got == want  # quantized layers packed in their type, F16 ones plain Linear
+    assert all(isinstance(loaded.get_submodule(n), GGUFLinear) == (want[n] != "F16") for n in layers)
+    assert loaded.patch_embedding.weight.shape == model.patch_embedding.weight.shape  # 5-dim, from orig_shape
+    assert not any(p.is_meta for p in loaded.parameters())
+    x, t, context, _ = dit_inputs(model.config)
+    with torch.no_grad():
+        reference, out = model(x, t, context), loaded(x, t, context)
+    error = ((out - reference).abs().max() / reference.abs().max()).item()
+    assert 0 < error <= BOUNDS[name], error
+
+
+def test_gguf_dit_computes_in_bf16_by_default(tmp_path):
+    model = tiny_dit()
+    loaded = wanx.load_model(write_gguf(tmp_path / "q8.gguf", model, Q.Q8_0))
+    layer = loaded.get_submodule(fp8_layer_names(model)[0])
+    assert layer.compute_dtype == torch.bfloat16 and layer.qweight.dtype == torch.uint8
+    x, t, context, _ = dit_inputs(model.config)
+    with torch.no_grad():
+        reference, out = model(x, t, context), loaded(x, t, context)
+    assert (out.float() - reference).abs().max() <= 0.06 * reference.abs().max()
+
+
+def test_quantize_none_dequantizes_everything(tmp_path):
+    model = tiny_dit()
+    loaded = wanx.load_model(write_gguf(tmp_path / "q8.gguf", model, Q.Q8_0), dtype=torch.float32, quantize="none")
+    assert not any(isinstance(m, GGUFLinear) for m in loaded.modules())
+    assert loaded.blocks[0].self_attn.q.weight.dtype == torch.float32
+
+
+def test_inspect_names_the_quant_types_and_bytes(tmp_path):
+    model = tiny_dit()
+    path = write_gguf(tmp_path / "mixed.gguf", model, Q.Q4_0)
+    info = inspect_checkpoint(path)
+    n_linear = len(fp8_layer_names(model))
+    assert info.layout == "gguf" and info.network == "dit" and info.config == model.config
+    assert info.dtypes["Q4_0"] == sum(model.get_submodule(n).weight.numel() for n in fp8_layer_names(model))
+    assert f"Q4_0 x {n_linear}" in info.gguf and "architecture wan" in info.gguf
+    assert "gguf:       architecture wan" in info.summary()
+    assert info.compute_dtype == torch.bfloat16
+
+
+def test_another_architecture_is_refused_in_one_line(tmp_path):
+    path = write_gguf(tmp_path / "llama.gguf", tiny_dit(), Q.Q8_0, arch="llama")
+    with pytest.raises(CheckpointError, match=r"a GGUF of architecture 'llama', not a Wan DiT") as err:
+        wanx.load_model(path)
+    assert "\n" not in str(err.value)
+
+
+def test_truncated_gguf_is_damaged(tmp_path):
+    path = write_gguf(tmp_path / "full.gguf", tiny_dit(), Q.Q8_0)
+    short = tmp_path / "short.gguf"
+    short.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DamagedCheckpoint, match=r"damaged: .*short.gguf: .*truncated") as err:
+        wanx.load_model(short)
+    assert "\n" not in str(err.value)
+
+
+def test_unsupported_quant_type_is_named(tmp_path):
+    writer_path = tmp_path / "iq.gguf"
+    writer = gguf.GGUFWriter(str(writer_path), "wan")
+    # bytes of an IQ4_NL [2, 32] tensor (2 blocks of 18 bytes): the type is what matters here
+    writer.add_tensor("patch_embedding.bias", np.zeros((2, 18), dtype=np.uint8), raw_dtype=Q.IQ4_NL)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match=r"'patch_embedding.bias': GGUF tensor type IQ4_NL is not supported; "
+                                              r"supported: .*Q8_0.*Q3_K"):
+        wanx.load_model(writer_path)
+
+
+def test_gguf_suffix_without_the_magic(tmp_path):
+    path = tmp_path / "fake.gguf"
+    path.write_bytes(b"not a gguf at all")
+    with pytest.raises(DamagedCheckpoint, match="does not start with the GGUF magic"):
+        wanx.load_model(path)
