@@ -137,3 +137,52 @@ def test_gguf_suffix_without_the_magic(tmp_path):
     path.write_bytes(b"not a gguf at all")
     with pytest.raises(DamagedCheckpoint, match="does not start with the GGUF magic"):
         wanx.load_model(path)
+
+
+@pytest.fixture(scope="module")
+def gguf_frames(tmp_path_factory):
+    """`wanx generate` frames from the tiny model folder, and from GGUF copies of its DiT kept
+    in a folder beside the other components (as a downloaded GGUF is used)."""
+    import shutil
+
+    from wanx.cli import main
+    from wanx.tiny import make_tiny_model
+    from wanx.video import read_video
+
+    root = tmp_path_factory.mktemp("gguf-generate")
+    floats = make_tiny_model(root / "float")
+    folder = root / "gguf"
+    shutil.copytree(floats, folder, ignore=shutil.ignore_patterns("diffusion_pytorch_model*"))
+    model = wanx.load_model(floats, dtype=torch.float32)
+    made = {}
+
+    def run(kind, *extra):
+        if (kind, extra) not in made:
+            model_path = floats if kind == "float" else folder / f"wan-tiny-{kind}.gguf"
+            if kind != "float" and not model_path.exists():
+                write_gguf(model_path, model, Q[kind])
+            out = root / f"{len(made)}.mp4"
+            args = ["generate", "--model", str(model_path), "--prompt", "a cat walks on the grass", "--size", "64x48",
+                    "--frames", "5", "--steps", "3", "--seed", "5", "--quiet", *extra, "-o", str(out)]
+            assert main(args) == 0
+            made[kind, extra] = read_video(out).frames.astype(np.int16)
+        return made[kind, extra]
+
+    return run
+
+
+# Mean frame difference from the float model, of 255 levels, on random tiny weights; both runs
+# compute in float32 on the CPU, so it is the quantization alone. Measured: Q8_0 2.4, Q4_0 3.8
+# (FP8, computing in bf16: 3.4, tests/memory/test_offload_cli.py).
+FRAME_BOUNDS = {"Q8_0": 6, "Q4_0": 10}
+
+
+@pytest.mark.parametrize("kind", sorted(FRAME_BOUNDS))
+def test_generate_from_a_gguf_file_writes_close_frames(gguf_frames, kind):
+    difference = np.abs(gguf_frames(kind) - gguf_frames("float"))
+    assert 0 < difference.mean() <= FRAME_BOUNDS[kind]
+
+
+def test_gguf_streams_with_offload_blocks(gguf_frames):
+    # the packed layers stream as any block's parameters do (on a CPU: the same frames)
+    assert np.array_equal(gguf_frames("Q4_0", "--offload", "blocks", "--vram-budget", "0"), gguf_frames("Q4_0"))
