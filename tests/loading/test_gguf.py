@@ -186,3 +186,17 @@ def test_generate_from_a_gguf_file_writes_close_frames(gguf_frames, kind):
 def test_gguf_streams_with_offload_blocks(gguf_frames):
     # the packed layers stream as any block's parameters do (on a CPU: the same frames)
     assert np.array_equal(gguf_frames("Q4_0", "--offload", "blocks", "--vram-budget", "0"), gguf_frames("Q4_0"))
+
+
+def test_resident_bytes_are_the_files_tensor_bytes(tmp_path):
+    """Held packed: the loaded quantized layers take exactly the bytes their tensors take in the
+    file (Q4_0: 18 bytes per 32 weights), a quarter-ish of bf16's."""
+    model = tiny_dit()
+    path = write_gguf(tmp_path / "q4.gguf", model, Q.Q4_0)
+    loaded = wanx.load_model(path)
+    reader = gguf.GGUFReader(path)
+    file_bytes = {t.name: int(t.n_bytes) for t in reader.tensors}
+    layers = fp8_layer_names(model)
+    assert sum(loaded.get_submodule(n).qweight.nbytes for n in layers) == sum(file_bytes[n + ".weight"] for n in layers)
+    weights = sum(model.get_submodule(n).weight.numel() for n in layers)
+    assert sum(loaded.get_submodule(n).qweight.nbytes for n in layers) * 32 == weights * 18
