@@ -200,3 +200,30 @@ def test_resident_bytes_are_the_files_tensor_bytes(tmp_path):
     assert sum(loaded.get_submodule(n).qweight.nbytes for n in layers) == sum(file_bytes[n + ".weight"] for n in layers)
     weights = sum(model.get_submodule(n).weight.numel() for n in layers)
     assert sum(loaded.get_submodule(n).qweight.nbytes for n in layers) * 32 == weights * 18
+
+
+def test_live_lora_on_a_gguf_base(tmp_path):
+    """A LoRA on packed layers loads live (adapters beside the packed weight): the same output as
+    the same LoRA live on the dequantized weights; fusing is refused in one line (lossy)."""
+    from tests.lora.test_lora import factors, write
+    from wanx.lora import LoraError, apply_lora, remove_lora
+
+    model = tiny_dit()
+    path = write_gguf(tmp_path / "q4.gguf", model, Q.Q4_0)
+    state = write("official", factors(model))
+    packed = wanx.load_model(path, dtype=torch.float32)
+    floats = wanx.load_model(path, dtype=torch.float32, quantize="none")
+    x, t, context, _ = dit_inputs(model.config)
+    with torch.no_grad():
+        base = packed(x, t, context)
+        report = apply_lora(packed, state)
+        apply_lora(floats, state, fuse=False)
+        out, reference = packed(x, t, context), floats(x, t, context)
+    assert not report.fused and report.matched == report.modules == 7 * model.config.num_layers
+    assert (out - base).abs().max() > 0.01 * base.abs().max()  # the LoRA does something
+    assert (out - reference).abs().max() <= 1e-5 * reference.abs().max()
+    with pytest.raises(LoraError, match="a GGUF base keeps its weights packed: fusing would dequantize"):
+        apply_lora(packed, state, fuse=True, name="again")
+    remove_lora(packed, report.name)
+    with torch.no_grad():
+        assert torch.equal(packed(x, t, context), base)
