@@ -227,3 +227,21 @@ def test_live_lora_on_a_gguf_base(tmp_path):
     remove_lora(packed, report.name)
     with torch.no_grad():
         assert torch.equal(packed(x, t, context), base)
+
+
+def test_a_model_folder_holding_a_gguf_dit(tmp_path):
+    """--model FOLDER finds a GGUF DiT among the other components (GGUFs of other networks,
+    e.g. a llama text model, are passed over as other non-Wan files are)."""
+    import shutil
+
+    from wanx.hub import find_model
+    from wanx.tiny import make_tiny_model
+
+    floats = make_tiny_model(tmp_path / "float")
+    folder = tmp_path / "gguf"
+    shutil.copytree(floats, folder, ignore=shutil.ignore_patterns("diffusion_pytorch_model*"))
+    write_gguf(folder / "wan-tiny-Q8_0.gguf", wanx.load_model(floats), Q.Q8_0)
+    (folder / "other").mkdir()
+    write_gguf(folder / "other" / "llama.gguf", tiny_dit(), Q.Q8_0, arch="llama")
+    files = find_model(folder)
+    assert files.dit == folder / "wan-tiny-Q8_0.gguf"
