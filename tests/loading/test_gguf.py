@@ -102,11 +102,16 @@ def test_inspect_names_the_quant_types_and_bytes(tmp_path):
     assert info.compute_dtype == torch.bfloat16
 
 
-def test_another_architecture_is_refused_in_one_line(tmp_path):
-    path = write_gguf(tmp_path / "llama.gguf", tiny_dit(), Q.Q8_0, arch="llama")
-    with pytest.raises(CheckpointError, match=r"a GGUF of architecture 'llama', not a Wan DiT") as err:
+@pytest.mark.parametrize("arch", ["llama", "t5encoder"])  # a language model; city96's umT5 encoder GGUF
+def test_another_architecture_is_refused_in_one_line(tmp_path, capsys, arch):
+    from wanx.cli import main
+
+    path = write_gguf(tmp_path / f"{arch}.gguf", tiny_dit(), Q.Q8_0, arch=arch)
+    with pytest.raises(CheckpointError, match=rf"a GGUF of architecture '{arch}', not a Wan DiT; .*text encoders") as err:
         wanx.load_model(path)
     assert "\n" not in str(err.value)
+    assert main(["info", str(path)]) != 0
+    assert capsys.readouterr().err.strip().count("\n") == 0
 
 
 def test_truncated_gguf_is_damaged(tmp_path):
