@@ -250,3 +250,24 @@ def test_a_model_folder_holding_a_gguf_dit(tmp_path):
     write_gguf(folder / "other" / "llama.gguf", tiny_dit(), Q.Q8_0, arch="llama")
     files = find_model(folder)
     assert files.dit == folder / "wan-tiny-Q8_0.gguf"
+
+
+def test_streaming_moves_the_packed_bytes(tmp_path):
+    """Block streaming moves the packed weights: per step, the bf16 blocks' bytes less what each
+    quantized weight saves (Q8_0: 34 bytes per 32 weights instead of 64; Q4_0: 18)."""
+    from wanx.memory.streaming import BlockStreamer
+
+    model = tiny_dit()
+    layers = fp8_layer_names(model)
+    weights = sum(model.get_submodule(n).weight.numel() for n in layers)
+    bf16 = BlockStreamer(wanx.load_model(write_gguf(tmp_path / "f16.gguf", model, Q.F16), dtype=torch.bfloat16), "cpu", 0)
+    x, t, context, _ = dit_inputs(model.config)
+    for kind, size in (("Q8_0", 34), ("Q4_0", 18)):
+        loaded = wanx.load_model(write_gguf(tmp_path / f"{kind}.gguf", model, Q[kind]), dtype=torch.bfloat16)
+        streamer = BlockStreamer(loaded, "cpu", 0)
+        with torch.no_grad():
+            loaded(x, t, context)
+        assert streamer.stats.moved_bytes == streamer.stats.streamed
+        assert bf16.stats.streamed - streamer.stats.streamed == weights * 2 - weights // 32 * size, kind
+        streamer.remove()
+    bf16.remove()
