@@ -271,3 +271,29 @@ def test_streaming_moves_the_packed_bytes(tmp_path):
         assert bf16.stats.streamed - streamer.stats.streamed == weights * 2 - weights // 32 * size, kind
         streamer.remove()
     bf16.remove()
+
+
+def test_a_lora_trains_on_a_gguf_base(tmp_path):
+    """The trainer's LoRA attaches to the packed layers and learns (gradients reach the adapters
+    through the dequantized matmul); the packed weights stay frozen and unchanged."""
+    from wanx.training.trainable import add_trainable_lora
+
+    model = tiny_dit()
+    dit = wanx.load_model(write_gguf(tmp_path / "q4.gguf", model, Q.Q4_0), dtype=torch.float32)
+    packed = {n: m.qweight.clone() for n, m in dit.named_modules() if isinstance(m, GGUFLinear)}
+    adapters = add_trainable_lora(dit, 4, 4.0, ("q", "v", "ffn.0"), torch.Generator().manual_seed(0))
+    assert len(adapters) == 5 * model.config.num_layers and all(  # q, v of both attentions, ffn.0
+        isinstance(dit.get_submodule(n), GGUFLinear) for n in adapters)
+    params = [p for a in adapters.values() for p in (a.down, a.up)]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    x, t, context, _ = dit_inputs(model.config)
+    target = torch.zeros_like(x)
+    losses = []
+    for _ in range(8):
+        loss = torch.nn.functional.mse_loss(dit(x, t, context), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.95, losses
+    assert all(torch.equal(m.qweight, packed[n]) for n, m in dit.named_modules() if isinstance(m, GGUFLinear))

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..lora.formats import LoraModule
 from ..lora.layer import LoraAdapter, attach
 from ..memory.fp8 import FP8Linear
+from ..memory.gguf import GGUFLinear
 from ..memory.streaming import compute_device
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ def add_trainable_lora(dit: nn.Module, rank: int, alpha: float | None, targets: 
     check_targets(dit, targets)
     adapters = {}
     for name, layer in dit.named_modules():
-        if isinstance(layer, (nn.Linear, FP8Linear)) and name.startswith("blocks.") \
+        if isinstance(layer, (nn.Linear, FP8Linear, GGUFLinear)) and name.startswith("blocks.") \
                 and name.endswith(tuple(f".{t}" for t in targets)):
             bound = 1 / math.sqrt(layer.in_features)
             down = (torch.rand(rank, layer.in_features, generator=generator) * 2 - 1) * bound
@@ -47,7 +48,7 @@ def check_targets(dit: nn.Module, targets: tuple[str, ...]) -> None:
     """Each of `targets` must name block Linear layers of `dit` (a meta-device DiT will do):
     a misspelt one would otherwise train nothing where it was meant to."""
     paths = list(dict.fromkeys(name.split(".", 2)[2] for name, layer in dit.named_modules()
-                               if isinstance(layer, (nn.Linear, FP8Linear)) and name.startswith("blocks.")))
+                               if isinstance(layer, (nn.Linear, FP8Linear, GGUFLinear)) and name.startswith("blocks.")))
     if not targets:  # paths: e.g. self_attn.q, in module order
         raise ValueError("--targets is empty; give block Linear layers such as q,k,v,o,ffn.0,ffn.2")
     for target in targets:
@@ -92,6 +93,9 @@ class Trainable:
         if config.full:
             if any(isinstance(m, FP8Linear) for m in dit.modules()):
                 raise ValueError("--full trains every weight: load the DiT in bf16/fp32, not --fp8")
+            if any(isinstance(m, GGUFLinear) for m in dit.modules()):
+                raise ValueError("--full trains every weight: a GGUF DiT's are packed; train a LoRA on it, or --full "
+                                 "from a bf16/fp32 checkpoint")
             if config.from_scratch:
                 init_weights(dit, torch.Generator().manual_seed(config.seed))
             dit.requires_grad_(True)
