@@ -297,3 +297,12 @@ def test_a_lora_trains_on_a_gguf_base(tmp_path):
         losses.append(loss.item())
     assert losses[-1] < losses[0] * 0.95, losses
     assert all(torch.equal(m.qweight, packed[n]) for n, m in dit.named_modules() if isinstance(m, GGUFLinear))
+
+
+def test_full_training_on_a_gguf_base_is_refused(tmp_path):
+    from wanx.training.recipe import TrainConfig
+    from wanx.training.trainable import Trainable
+
+    dit = wanx.load_model(write_gguf(tmp_path / "q8.gguf", tiny_dit(), Q.Q8_0))
+    with pytest.raises(ValueError, match="--full trains every weight: a GGUF DiT's are packed"):
+        Trainable(dit, TrainConfig(data=tmp_path, output=tmp_path / "out", full=True))
