@@ -88,6 +88,10 @@ def test_quantize_none_dequantizes_everything(tmp_path):
     loaded = wanx.load_model(write_gguf(tmp_path / "q8.gguf", model, Q.Q8_0), dtype=torch.float32, quantize="none")
     assert not any(isinstance(m, GGUFLinear) for m in loaded.modules())
     assert loaded.blocks[0].self_attn.q.weight.dtype == torch.float32
+    from wanx.memory.fp8 import FP8Linear  # --fp8: dequantized, then re-quantized to fp8 per channel
+
+    fp8 = wanx.load_model(tmp_path / "q8.gguf", quantize="fp8")
+    assert all(isinstance(fp8.get_submodule(n), FP8Linear) for n in fp8_layer_names(model))
 
 
 def test_inspect_names_the_quant_types_and_bytes(tmp_path):
