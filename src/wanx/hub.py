@@ -26,7 +26,7 @@ MODEL_IDS = (
 MODEL_IDS = MODEL_IDS + tuple(f"{m}-Diffusers" for m in MODEL_IDS)
 DEMO_MODEL = "demo"
 _SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
-_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".gguf")
 
 
 @dataclass

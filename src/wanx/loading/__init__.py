@@ -47,6 +47,7 @@ class CheckpointInfo:
     names: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
     expert: str | None = None  # a Wan2.2 A14B expert: "high" or "low" noise (from where it is kept)
     distilled: Distilled | None = None  # step/CFG-distilled, as its metadata, config.json or model card says
+    gguf: str | None = None  # a GGUF file: its architecture, quant types with tensor counts, bytes (one line)
 
     @property
     def name(self) -> str:
@@ -61,8 +62,8 @@ class CheckpointInfo:
     def compute_dtype(self) -> torch.dtype:
         """The dtype most weights are stored in; fp8 and int8 storage compute in bf16."""
         name = max(self.dtypes, key=self.dtypes.get)
-        dtype = getattr(torch, name)
-        return torch.bfloat16 if dtype in FP8_DTYPES or dtype == torch.int8 else dtype
+        dtype = getattr(torch, name, None)  # None: a GGUF quant type ("Q4_0"), computed in bf16
+        return torch.bfloat16 if dtype is None or dtype in FP8_DTYPES or dtype == torch.int8 else dtype
 
     def summary(self) -> str:
         cfg = self.config
@@ -82,6 +83,7 @@ class CheckpointInfo:
             f"dtype:      {storage}",
             f"parameters: {self.num_params:,} ({count_in_words(self.num_params)})",
             *([f"sampling:   {self.distilled.summary()}"] if self.distilled else []),
+            *([f"gguf:       {self.gguf}"] if self.gguf else []),
         ]
         return "\n".join(lines)
 
@@ -152,6 +154,9 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: st
     read; lightx2v's `*_int8` files go into them as stored. Default: FP8 layers when the file
     stores its weights in fp8, INT8 layers when it holds int8 ones; "none" dequantises such
     files to `dtype`.
+    GGUF files: by default the block Linear weights stored quantized stay packed in GGUFLinear
+    layers (`wanx.memory.gguf`, dequantized per call); other tensors are dequantized to `dtype`;
+    "none" dequantizes everything, "fp8" re-quantizes the dequantized weights to fp8.
     progress: a bar per tensor.
     """
     from ..memory.fp8 import FP8Linear, fp8_layer_names, quantize_fp8
@@ -167,7 +172,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: st
         keep_fp32 = getattr(model, "keep_in_fp32", ())
         target = dtype or info.compute_dtype
         items = model.state_dict().items()
-        stored_fp8 = getattr(torch, max(info.dtypes, key=info.dtypes.get)) in FP8_DTYPES
+        stored_fp8 = getattr(torch, max(info.dtypes, key=info.dtypes.get), None) in FP8_DTYPES
         if quantize is None and stored_fp8:
             quantize = "fp8"
         elif quantize is None and "int8" in info.dtypes:  # lightx2v int8: kept int8, whatever else it holds
@@ -178,6 +183,8 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: st
             quantize_int8(model, compute_dtype=target)
         elif fp8_layers:
             quantize_fp8(model, compute_dtype=target, fast=quantize == "fp8_fast")
+        # GGUF: block Linear weights stored quantized stay packed (GGUFLinear) unless asked for fp8 or "none"
+        gguf_layers = _swap_gguf(model, info, store, target) if store.qtypes and quantize is None else set()
         if progress:
             from tqdm.auto import tqdm
 
@@ -190,16 +197,39 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: st
                 module: FP8Linear | Int8Linear = model.get_submodule(layer)
                 module.set_weight(weight.reshape(meta.shape).to(device), scale=None if scale is None else scale.to(device))
                 continue
+            if layer in gguf_layers and leaf == "weight":
+                model.get_submodule(layer).set_weight(store._packed[info.names[name][0]].to(device))
+                continue
             tensor = _read_parts(store, info.names[name])[0].reshape(meta.shape)
             want = torch.float32 if keeps_fp32(name, keep_fp32) else target
             state[name] = tensor.to(device=device, dtype=want if meta.is_floating_point() else meta.dtype)
-        model.load_state_dict(state, assign=True, strict=not fp8_layers)
+        model.load_state_dict(state, assign=True, strict=not (fp8_layers or gguf_layers))
     finally:
         store.close()
     return model.eval()
 
 
 # ---------------------------------------------------------------------------------------
+
+
+def _swap_gguf(model: nn.Module, info: CheckpointInfo, store: TensorStore, compute_dtype: torch.dtype) -> set[str]:
+    """On the meta model, the block Linear layers (as FP8 picks them) whose GGUF weight is
+    quantized become GGUFLinear of that type; returns their names."""
+    from ..memory.fp8 import fp8_layer_names
+    from ..memory.gguf import GGUFLinear
+
+    swapped = set()
+    for name in fp8_layer_names(model):
+        stored = info.names.get(name + ".weight", ())
+        if len(stored) != 1 or stored[0] not in store.qtypes:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, attr)
+        setattr(parent, attr, GGUFLinear(linear.in_features, linear.out_features, store.qtypes[stored[0]],
+                                         linear.bias is not None, compute_dtype=compute_dtype, device="meta"))
+        swapped.add(name)
+    return swapped
 
 
 def _identify(store: TensorStore) -> CheckpointInfo:
@@ -224,7 +254,8 @@ def _identify(store: TensorStore) -> CheckpointInfo:
         ) from None
     counts: Counter[str] = Counter()
     for stored in (key for parts in names.values() for key in parts):
-        counts[str(store.dtypes[stored]).removeprefix("torch.")] += math.prod(store.shapes[stored])
+        kind = store.qtypes.get(stored) or str(store.dtypes[stored]).removeprefix("torch.")
+        counts[kind] += math.prod(store.shapes[stored])
         if store.dtypes[stored] == torch.int8 and _channel_scale(store, stored) is None:
             found = f"{stored}_scale is {list(store.shapes[stored + '_scale'])}" if stored + "_scale" in store.shapes \
                 else f"no {stored}_scale"
@@ -233,10 +264,11 @@ def _identify(store: TensorStore) -> CheckpointInfo:
                 f"float per output channel, [{store.shapes[stored][0]}, 1]): a quantized layout wanx does not know"
             )
     return CheckpointInfo(
-        path=store.path, files=store.files, network=found.network, layout=found.layout, config=config,
-        dtypes=dict(counts), num_params=sum(counts.values()),
+        path=store.path, files=store.files, network=found.network, layout="gguf" if store.gguf else found.layout,
+        config=config, dtypes=dict(counts), num_params=sum(counts.values()),
         fp8_scaled=any(k.endswith(FP8_SCALE_SUFFIXES[0]) for k in store.keys()),
         channel_scaled=any(k.endswith(CHANNEL_SCALE_SUFFIX) for k in store.keys()), names=names,
+        gguf=_gguf_line(store) if store.gguf else None,
     )
 
 
@@ -252,6 +284,22 @@ def _channel_scale(store: TensorStore, weight: str) -> str | None:
     quantized = store.dtypes[weight] == torch.int8 or store.dtypes[weight] in FP8_DTYPES
     per_channel = tuple(store.shapes[key]) in ((out,), (out, 1)) and store.dtypes[key].is_floating_point
     return key if quantized and per_channel else None
+
+
+def _gguf_line(store: TensorStore) -> str:
+    """'architecture wan; Q4_0 x 240, F32 x 90; 1.2 GB of tensors': what a GGUF holds."""
+    from ..memory.gguf import packed_bytes
+
+    kinds: Counter[str] = Counter()
+    size = 0
+    for key, shape in store.shapes.items():
+        kind = store.qtypes.get(key) or {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[
+            str(store.dtypes[key]).removeprefix("torch.")]
+        kinds[kind] += 1
+        size += packed_bytes(kind, shape)
+    types = ", ".join(f"{k} x {n}" for k, n in kinds.most_common())
+    return f"architecture {store.metadata.get('general.architecture')}; {types} tensors; {size:,} bytes of tensors"
+
 
 
 def _official_names(store: TensorStore, found: Detected) -> tuple[dict[str, tuple[str, ...]], list[str]]:

@@ -76,11 +76,18 @@ class TensorStore:
     _where: dict[str, Path] = field(default_factory=dict)  # safetensors: key -> file
     _tensors: dict[str, Tensor] = field(default_factory=dict)  # pickles: already (mmap-)loaded
     _handles: dict[Path, object] = field(default_factory=dict)
+    gguf: bool = False  # a GGUF file (`loading.gguf`)
+    qtypes: dict[str, str] = field(default_factory=dict)  # GGUF: key -> quant type ("Q4_0") of a packed tensor
+    _packed: dict[str, Tensor] = field(default_factory=dict)  # GGUF: key -> its packed bytes (uint8, mmap)
 
     def keys(self) -> list[str]:
         return list(self.shapes)
 
     def get(self, key: str) -> Tensor:
+        if key in self._packed:  # a quantized GGUF tensor, as float32
+            from ..memory.gguf import dequantize
+
+            return dequantize(self._packed[key], self.qtypes[key], self.shapes[key])
         if key in self._tensors:
             return self._tensors[key]
         file = self._where[key]
@@ -96,6 +103,7 @@ class TensorStore:
     def close(self) -> None:
         self._handles.clear()
         self._tensors.clear()
+        self._packed.clear()
 
 
 def open_checkpoint(path: str | Path) -> TensorStore:
@@ -108,9 +116,13 @@ def open_checkpoint(path: str | Path) -> TensorStore:
         if err.errno == errno.ENOENT and not path.is_symlink():
             raise CheckpointError(f"{path}: no such file or folder") from None
         raise _unreadable(path, err) from None
-    files = _resolve(path)
+    from .gguf import index_gguf, is_gguf
+
+    files = [path] if path.is_file() and is_gguf(path) else _resolve(path)  # GGUF by content, any name
     store = TensorStore(path=path, files=files)
-    if files[0].suffix in _PICKLE_SUFFIXES:
+    if files[0] == path and is_gguf(path):
+        index_gguf(store, path)
+    elif files[0].suffix in _PICKLE_SUFFIXES:
         _index_pickle(store, files[0])
     else:
         for file in files:
@@ -147,7 +159,9 @@ def _resolve(path: Path) -> list[Path]:
         return _shards_from_index(index) if index is not None and index.is_file() else [path]
     if path.suffix in _PICKLE_SUFFIXES:
         return [path]
-    raise CheckpointError(f"{path}: unknown checkpoint format; expected .safetensors, a shard index .json, .pth or .pt")
+    if path.suffix == ".gguf":  # GGUF is read by content: this one lacks the magic
+        raise _damaged(path, "not a GGUF file (it does not start with the GGUF magic); download it again")
+    raise CheckpointError(f"{path}: unknown checkpoint format; expected .safetensors, a shard index .json, .pth, .pt or .gguf")
 
 
 def _resolve_folder(folder: Path) -> list[Path]:

@@ -1,6 +1,6 @@
 """Apply, re-weight and remove LoRAs on a built WanDiT, checked before anything changes.
 
-Live (the default on an FP8 or streamed base): adapters added to each layer's output
+Live (the default on an FP8, GGUF or streamed base): adapters added to each layer's output
 (`layer.LoraAdapter`). Fused (the default on a resident bf16/fp32 base): W += strength x delta
 in float32, cast back (an FP8 layer is dequantised, merged and requantized); the original
 tensors are kept (a reference when they are memory-mapped, a CPU copy otherwise) so removing a
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..memory import int8
 from ..memory.fp8 import FP8Linear, quantize_weight
+from ..memory.gguf import GGUFLinear
 from ..memory.int8 import Int8Linear
 
 QUANTIZED = (FP8Linear, Int8Linear)  # weight * per-channel scale: live adapters by default, fused = requantized
@@ -147,11 +148,15 @@ def apply_lora(dit: nn.Module, source: str | Path | dict | LoraFile, strength: S
     if streamed is None:
         streamed = streamer_of(dit) is not None
     fp8 = any(isinstance(t, QUANTIZED) for t in targets.values())
+    packed = any(isinstance(t, GGUFLinear) for t in targets.values())
+    if fuse and packed:
+        raise LoraError("a GGUF base keeps its weights packed: fusing would dequantize, add and re-quantize them "
+                        "(a second, lossy rounding); load the LoRA live (fuse=False, the default)")
     if schedule is not None and fuse:
         raise LoraError("a per-step LoRA strength changes between steps on the live adapters: load it with "
                         "fuse=False (or leave fuse unset)")
     if fuse is None:
-        fuse = not (streamed or fp8 or schedule is not None)
+        fuse = not (streamed or fp8 or packed or schedule is not None)
     if fuse and streamed:
         raise LoraError("a streamed model keeps its weights off the device between blocks: load the LoRA live "
                         "(fuse=False), or without offloading to fuse it")
@@ -168,8 +173,7 @@ def apply_lora(dit: nn.Module, source: str | Path | dict | LoraFile, strength: S
         device = compute_device(dit) if device is None else torch.device(device)
         for module_name, target in targets.items():
             if _is_linear(target):
-                weight = target.weight
-                dtype = target.compute_dtype if isinstance(target, QUANTIZED) else weight.dtype
+                dtype = target.compute_dtype if isinstance(target, (*QUANTIZED, GGUFLinear)) else target.weight.dtype
                 attach(target, name, LoraAdapter(lora.modules[module_name], strength, device=device, dtype=dtype))
         _rebuild_fused_weights(dit, {t for t in targets.values() if not _is_linear(t)})
     return report
@@ -337,11 +341,11 @@ def match(dit: nn.Module, lora: LoraFile, *, partial: bool = False) -> dict[str,
         if target is None:
             missing.append(name)
             continue
-        weight = target.weight if isinstance(target, nn.Module) else target
+        shape = _weight_shape(target)
         wrong = [want for want in _delta_shapes(module)
-                 if tuple(want) != tuple(weight.shape) and _squeeze(want) != _squeeze(weight.shape)]
+                 if tuple(want) != tuple(shape) and _squeeze(want) != _squeeze(shape)]
         if wrong:
-            misfit.append(f"{name} {list(wrong[0])} (model {list(weight.shape)})")
+            misfit.append(f"{name} {list(wrong[0])} (model {list(shape)})")
             continue
         if "diff_b" in module.parts and (getattr(target, "bias", None) is None
                                          or target.bias.shape != module.parts["diff_b"].shape):
@@ -392,7 +396,13 @@ def _resolve(dit: nn.Module, name: str) -> nn.Module | nn.Parameter | None:
             return dit.get_parameter(name)
         except AttributeError:
             return None
-    return target if isinstance(getattr(target, "weight", None), Tensor) else None
+    return target if isinstance(getattr(target, "weight", None), Tensor) or isinstance(target, GGUFLinear) else None
+
+
+def _weight_shape(target) -> tuple[int, ...]:
+    if isinstance(target, GGUFLinear):  # packed: no weight tensor of its shape
+        return (target.out_features, target.in_features)
+    return tuple((target.weight if isinstance(target, nn.Module) else target).shape)
 
 
 def _delta_shapes(module: LoraModule) -> list[tuple[int, ...]]:
@@ -413,7 +423,7 @@ def _delta_shapes(module: LoraModule) -> list[tuple[int, ...]]:
 
 
 def _is_linear(target) -> bool:
-    return isinstance(target, (nn.Linear, *QUANTIZED))
+    return isinstance(target, (nn.Linear, *QUANTIZED, GGUFLinear))
 
 
 # -- fusing ------------------------------------------------------------------------------

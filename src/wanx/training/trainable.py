@@ -12,9 +12,11 @@ from torch import Tensor, nn
 from ..lora.formats import LoraModule
 from ..lora.layer import LoraAdapter, attach
 from ..memory.fp8 import FP8Linear
+from ..memory.gguf import GGUFLinear
 from ..memory.int8 import Int8Linear
 
-LINEARS = (nn.Linear, FP8Linear, Int8Linear)  # the layers a LoRA trains on (frozen bases may be quantized)
+# the layers a LoRA trains on (frozen bases may be quantized or packed)
+LINEARS = (nn.Linear, FP8Linear, Int8Linear, GGUFLinear)
 from ..memory.streaming import compute_device
 
 if TYPE_CHECKING:
@@ -96,6 +98,9 @@ class Trainable:
             if any(isinstance(m, (FP8Linear, Int8Linear)) for m in dit.modules()):
                 raise ValueError("--full trains every weight: load the DiT in bf16/fp32, not --fp8 (nor an fp8/int8 "
                                  "file)")
+            if any(isinstance(m, GGUFLinear) for m in dit.modules()):
+                raise ValueError("--full trains every weight: a GGUF DiT's are packed; train a LoRA on it, or --full "
+                                 "from a bf16/fp32 checkpoint")
             if config.from_scratch:
                 init_weights(dit, torch.Generator().manual_seed(config.seed))
             dit.requires_grad_(True)
