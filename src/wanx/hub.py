@@ -59,6 +59,11 @@ class ModelFiles:
         """(network, parameters) of what a pipeline loads: CLIP only for image-conditioned DiTs."""
         return [(net, info.num_params) for net, info in self.infos.items() if net != "clip" or self.image_encoder]
 
+    def stored_kinds(self) -> dict[str, dict[str, int]]:
+        """Each network's parameters by the kind its file stores them in (bf16, float8_e4m3fn,
+        int8, Q4_0, ...): a quantized DiT's packed size (`memory.estimate.weight_bytes`)."""
+        return {net: dict(info.dtypes) for net, info in self.infos.items()}
+
 
 SOURCES = ("huggingface", "modelscope")  # where model ids are downloaded from
 

@@ -141,7 +141,8 @@ def request_weights(files, runtime, fsdp_ranks: int = 1) -> int:
     from .memory.estimate import weight_bytes
     from .memory.placement import device_weight_bytes
 
-    per_network = weight_bytes(files.parameter_counts(), runtime.dtype, runtime.vae_dtype, fp8=bool(runtime.quantize))
+    per_network = weight_bytes(files.parameter_counts(), runtime.dtype, runtime.vae_dtype, fp8=bool(runtime.quantize),
+                               stored=files.stored_kinds())
     if fsdp_ranks > 1:
         per_network = {k: v // fsdp_ranks if k in ("dit", "t5") else v for k, v in per_network.items()}
     return device_weight_bytes(runtime.offload, runtime.device, per_network)

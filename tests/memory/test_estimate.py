@@ -77,3 +77,20 @@ def test_auto_offload_streams_only_when_things_do_not_fit(capsys):
     where = load_devices("blocks", cuda, cpu)
     assert where == {"dit": cpu, "dit_low": cpu, "vae": cuda, "t5": cpu, "clip": cpu}  # dit_low: Wan2.2 A14B
     assert load_devices("none", cuda, cuda)["dit"] == cuda and load_devices("model", cuda, cuda)["vae"] == cpu
+
+
+def test_a_dit_kept_quantized_counts_at_its_packed_size():
+    """A DiT whose file holds packed GGUF blocks or int8/fp8 weights stays so on the device:
+    the estimate counts those bytes, not the compute dtype's (which would over-estimate ~4x for
+    Q4_0 and could stream a model that fits); the VAE and text encoder are cast as before."""
+    import torch
+
+    from wanx.memory.estimate import weight_bytes
+
+    stored = {"dit": {"Q4_0": 3200, "float32": 100}, "t5": {"bfloat16": 50}}
+    counts = [("dit", 3300), ("t5", 50), ("vae", 10)]
+    packed = weight_bytes(counts, torch.bfloat16, stored=stored)
+    assert packed == {"dit": 3200 * 18 // 32 + 100 * 2, "t5": 100, "vae": 40}
+    assert weight_bytes(counts, torch.bfloat16, stored={"dit": {"int8": 3000, "bfloat16": 300}})["dit"] == 3000 + 600
+    assert weight_bytes(counts, torch.bfloat16)["dit"] == 3300 * 2  # a float file, as before
+    assert weight_bytes(counts, torch.bfloat16, fp8=True, stored=stored)["dit"] == 3300  # --fp8/--int8: one byte

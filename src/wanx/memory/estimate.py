@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 
 from ..configs import DiTConfig
+from .gguf import QUANTIZED, TYPES, qtype_id
 
 GiB = 2**30
 # Per token and sample: the fp32 residual stream and its modulated copy, plus one block's
@@ -56,16 +57,39 @@ def _bytes(dtype: torch.dtype) -> int:
 
 
 def weight_bytes(networks: Iterable[tuple[str, int]], dtype: torch.dtype, vae_dtype: torch.dtype = torch.float32,
-                 *, fp8: bool = False) -> dict[str, int]:
+                 *, fp8: bool = False, stored: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, int]:
     """Bytes of each network's weights once cast, from (network, parameter count) pairs: the
-    VAE in vae_dtype, the others in dtype; with fp8 the DiT at about one byte a parameter
-    (its block Linear layers hold nearly all of them)."""
-    def size(network: str) -> int:
+    VAE in vae_dtype, the others in dtype; with fp8 (or int8) the DiT at about one byte a
+    parameter (its block Linear layers hold nearly all of them). stored: each network's
+    parameters by the kind its file holds them in (`CheckpointInfo.dtypes`): a DiT kept in its
+    file's quantized form (GGUF, lightx2v int8/fp8, ComfyUI fp8) counts at its packed size."""
+    def size(network: str, n: int) -> int:
         if network in ("dit", "dit_low") and fp8:  # dit_low: Wan2.2's low-noise expert
-            return 1
-        return _bytes(vae_dtype if network == "vae" else dtype)
+            return n
+        kinds = (stored or {}).get(network)
+        if network in ("dit", "dit_low") and kinds and any(kind in _PACKED or kind in QUANTIZED for kind in kinds):
+            return kept_bytes(kinds, dtype)
+        return n * _bytes(vae_dtype if network == "vae" else dtype)
 
-    return {network: n * size(network) for network, n in networks}
+    return {network: size(network, n) for network, n in networks}
+
+
+_PACKED = ("int8", "float8_e4m3fn", "float8_e5m2")  # one byte a parameter, as stored
+
+
+def kept_bytes(kinds: Mapping[str, int], dtype: torch.dtype) -> int:
+    """Bytes of a DiT kept as its file stores it: GGUF types at their block size, int8/fp8 one
+    byte a parameter, float tensors cast to `dtype` (they are dequantized or cast on load)."""
+    total = 0
+    for kind, n in kinds.items():
+        if kind in _PACKED:
+            total += n
+        elif kind in QUANTIZED:
+            _, block, size = TYPES[qtype_id(kind)]
+            total += n * size // block
+        else:
+            total += n * _bytes(dtype)
+    return total
 
 
 def estimate(config: DiTConfig, height: int, width: int, num_frames: int, *, dtype: torch.dtype,

@@ -136,7 +136,8 @@ class WanPipeline:
         device, dtype = runtime.device, runtime.dtype
         check_vae(files.dit_config, files.infos["vae"].config, files.dit, files.vae)  # before any weight is read
         tokenizer = Tokenizer(files.tokenizer)
-        weights = sum(weight_bytes(files.parameter_counts(), dtype, runtime.vae_dtype, fp8=bool(runtime.quantize)).values())
+        weights = sum(weight_bytes(files.parameter_counts(), dtype, runtime.vae_dtype, fp8=bool(runtime.quantize),
+                                   stored=files.stored_kinds()).values())
         usual = default_task(files.model_type, 2 if files.moe else 1)  # the model's usual request
         work = estimate(files.dit_config, usual.height, usual.width, usual.num_frames, dtype=dtype,
                         vae_dtype=runtime.vae_dtype).work
