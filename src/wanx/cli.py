@@ -495,8 +495,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"parallel: {pipe.parallel.describe()}", file=sys.stderr)
         if not args.quiet:
             experts = ", two experts" if files.moe else ""
+            from .memory.estimate import held_form
+
+            held = held_form(pipe.dit)  # quantized or packed block layers, as kept on the device
             print(f"loading: {time.perf_counter() - start:.1f} s ({files.model_type}{experts} on {runtime.device}, "
-                  f"{str(runtime.dtype).removeprefix('torch.')})", file=sys.stderr)
+                  f"{str(runtime.dtype).removeprefix('torch.')}{f'; DiT layers {held}' if held else ''})",
+                  file=sys.stderr)
         for job, request, out in zip(jobs, requests, outputs):
             video = pipe(job["prompt"], job["negative_prompt"], progress=not args.quiet, **request)
             if not writer:

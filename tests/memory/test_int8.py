@@ -177,3 +177,17 @@ def test_generate_from_a_lightx2v_int8_file(frames, tmp_path):
     assert main(["generate", *args, "-o", str(out)]) == 0
     difference = np.abs(read_video(out).frames.astype(np.int16) - reference)
     assert 0 < difference.mean() <= 4
+
+
+def test_the_loading_line_says_how_the_dit_is_held(tmp_path, capsys):
+    """`wanx generate --int8` says the DiT's block layers are int8 on its loading line; a
+    plain run says nothing of the kind."""
+    from wanx.cli import main
+
+    args = ["generate", "--model", "tiny", "--prompt", "x", "--steps", "1", "--seed", "1"]
+    assert main([*args, "--int8", "-o", str(tmp_path / "a.mp4")]) == 0
+    line = next(l for l in capsys.readouterr().err.splitlines() if l.startswith("loading:"))
+    assert "DiT layers int8 x " in line, line
+    assert main([*args, "-o", str(tmp_path / "b.mp4")]) == 0
+    line = next(l for l in capsys.readouterr().err.splitlines() if l.startswith("loading:"))
+    assert "DiT layers" not in line, line

@@ -175,3 +175,26 @@ def check_fits(config: DiTConfig, height: int, width: int, num_frames: int, *, d
         low, high = (mid, high) if estimate(config, h, w, num_frames, **kwargs).total <= available else (low, mid)
     w, h = max(m, int(width * low) // m * m), max(m, int(height * low) // m * m)
     raise ValueError(f"{what}; the largest size with this aspect ratio that fits is {w}x{h} (or use fewer frames)")
+
+
+def held_form(model) -> str:
+    """How a DiT's block Linear weights are held, in words for the loading line: "Q4_0 x 200,
+    Q8_0 x 40 (GGUF, packed)", "int8 x 240", "fp8 x 240", or "" for plain float layers."""
+    from collections import Counter
+
+    from .fp8 import FP8Linear
+    from .gguf import GGUFLinear
+    from .int8 import Int8Linear
+
+    kinds: Counter[str] = Counter()
+    for layer in model.modules():
+        if isinstance(layer, GGUFLinear):
+            kinds[layer.qtype] += 1
+        elif isinstance(layer, Int8Linear):
+            kinds["int8"] += 1
+        elif isinstance(layer, FP8Linear):
+            kinds["fp8"] += 1
+    if not kinds:
+        return ""
+    packed = " (GGUF, packed)" if any(kind in QUANTIZED for kind in kinds) else ""
+    return ", ".join(f"{kind} x {n}" for kind, n in kinds.most_common()) + packed
