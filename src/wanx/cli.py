@@ -217,7 +217,8 @@ _JOB_KEYS = ("prompt", "negative_prompt", "seed", "image", "last_image", "video"
              "boundary", "timesteps", "cfg_steps", "cfg_zero_star", "apg", "apg_eta", "apg_norm_threshold", "apg_momentum",
              "slg_layers", "slg_start", "slg_end", "nag_scale", "nag_tau",
              "nag_alpha")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
-# How the CLI spells each runtime choice and parallel-plan parameter in Runtime.check's refusals.
+# How the CLI spells each runtime choice and parallel-plan parameter in Runtime.check's refusals
+# (`wanx serve` is given them too: its flags are these).
 RUNTIME_FLAGS = {"offload": "--offload", "vram_budget": "--vram-budget", "quantize": "--fp8/--int8",
                  "cache": "--teacache/--magcache", "fsdp": "--fsdp", "sp": "--sp", "cfg_parallel": "--cfg-parallel",
                  "ranks": "add --gpus N, or start with torchrun"}
@@ -522,7 +523,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.token is None:
         args.token = os.environ.get("WANX_TOKEN") or None
-    return serve(args)
+    return serve(args, flags=RUNTIME_FLAGS)
 
 
 def _check_folder(folder: Path, flag: str, given: Path | None = None) -> None:

@@ -9,8 +9,8 @@ The variants (`CFG` with its schedule: `cfg_steps`, a scale per step; `CFGZeroSt
 `SLG`, `NAG`) take the step they are at too (`Step`: index, total, the expert's DiT) and
 compute their two branches as the pipeline's choice above does (`bind`). SLG and NAG act
 inside the DiT only through its seams (`WanDiT.block_wrappers`, `CrossAttention.attention_fn`)
-for the span of one pass; the model's math is untouched. `from_options` builds one from the
-request keys (`--cfg-steps`, `--cfg-zero-star`, `--apg`, `--slg-layers`, `--nag-scale`, ...).
+for the span of one pass; the model's math is untouched. `wanx.request.guidance_from_options`
+builds one from the request keys (`--cfg-steps`, `--cfg-zero-star`, `--apg`, `--slg-layers`, ...).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -315,48 +315,6 @@ class NagAttention:
         positive = attention(q, k, v)
         out = self.nag.transform(positive.flatten(2).float(), attention(q, k_neg, v_neg).flatten(2).float())
         return out.to(positive.dtype).unflatten(-1, positive.shape[-2:])
-
-
-VARIANTS = {"cfg_zero_star": CFGZeroStar, "apg": APG, "slg_layers": SLG, "nag_scale": NAG}
-
-
-def from_options(options: Mapping, name: Callable[[str], str] = str) -> CFG | None:
-    """A strategy from request options (the keys of a --prompts line: cfg_steps, cfg_zero_star,
-    apg, apg_eta, apg_norm_threshold, apg_momentum, slg_layers, slg_start, slg_end, nag_scale,
-    nag_tau, nag_alpha), or None when none is set. One variant at a most; `cfg_steps` goes with
-    any. name: how the caller spells each key, for its errors."""
-    from .pipeline.plan import RequestError
-
-    given = {k: v for k, v in options.items() if v is not None and v is not False}
-    variants = [k for k in VARIANTS if k in given]
-    if len(variants) > 1:
-        raise RequestError(variants[1], f"{name(variants[0])} and {name(variants[1])} are two guidance variants: "
-                                        "choose one")
-    for key, owner in (("apg_eta", "apg"), ("apg_norm_threshold", "apg"), ("apg_momentum", "apg"),
-                       ("slg_start", "slg_layers"), ("slg_end", "slg_layers"), ("nag_tau", "nag_scale"),
-                       ("nag_alpha", "nag_scale")):
-        if key in given and owner not in given:
-            raise RequestError(key, f"{name(key)} is a setting of {name(owner)}: give {name(owner)} too")
-    schedule = {"cfg_steps": given["cfg_steps"]} if "cfg_steps" in given else {}
-    if not variants:
-        return CFG(**schedule) if schedule else None
-    kind = variants[0]
-
-    def pick(**pairs):
-        return {k: given[key] for k, key in pairs.items() if key in given}
-
-    if kind == "cfg_zero_star":
-        return CFGZeroStar(**schedule)
-    if kind == "apg":
-        return APG(**pick(eta="apg_eta", norm_threshold="apg_norm_threshold", momentum="apg_momentum"), **schedule)
-    if kind == "slg_layers":
-        layers = given["slg_layers"]
-        layers = [layers] if isinstance(layers, int) else layers
-        if isinstance(layers, str) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-            raise RequestError("slg_layers", f"{name('slg_layers')} must be DiT block numbers such as [9, 10], "
-                                             f"got {layers!r}")
-        return SLG(layers, **pick(start="slg_start", end="slg_end"), **schedule)
-    return NAG(given["nag_scale"], **pick(tau="nag_tau", alpha="nag_alpha"), **schedule)
 
 
 def describe(strategy: CFG) -> dict:

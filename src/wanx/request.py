@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Mapping
+from typing import Callable, Mapping
 
 from .pipeline import MAX_SEED, RequestError, plan_request
 
@@ -20,7 +20,7 @@ KEY_TYPES: dict[str, tuple[type, ...]] = {
     "guidance_low": (int, float), "boundary": (int, float),  # Wan2.2 A14B: the low-noise expert
     "timesteps": (list,),  # an explicit denoising step list, e.g. [1000, 750, 500, 250]
 
-    # guidance variants and schedule (wanx.guidance.from_options)
+    # guidance variants and schedule (guidance_from_options)
     "cfg_steps": (int,), "cfg_zero_star": (bool,), "apg": (bool,), "apg_eta": (int, float),
     "apg_norm_threshold": (int, float), "apg_momentum": (int, float), "slg_layers": (list, int),
     "slg_start": (int, float), "slg_end": (int, float), "nag_scale": (int, float), "nag_tau": (int, float),
@@ -104,10 +104,9 @@ def fix_seed(job: dict, name: str = "seed") -> int:
 def pipeline_kwargs(job: Mapping, names: Mapping[str, str] | None = None) -> dict:
     """The job's settings as WanPipeline keywords (the prompts apart); its guidance keys as a
     `wanx.guidance` strategy (`guidance`), None when none is set."""
-    from .guidance import from_options
-
     width, height = job.get("size") or (None, None)
-    strategy = from_options({key: job.get(key) for key in GUIDANCE_KEYS}, lambda key: (names or {}).get(key, key))
+    strategy = guidance_from_options({key: job.get(key) for key in GUIDANCE_KEYS},
+                                     lambda key: (names or {}).get(key, key))
     return dict(image=job.get("image"), last_image=job.get("last_image"), video=job.get("video"),
                 strength=job["strength"] if job.get("strength") is not None else 0.8, height=height, width=width,
                 num_frames=job.get("frames"), num_inference_steps=job.get("steps"),
@@ -146,3 +145,45 @@ def request_weights(files, runtime, fsdp_ranks: int = 1) -> int:
     if fsdp_ranks > 1:
         per_network = {k: v // fsdp_ranks if k in ("dit", "t5") else v for k, v in per_network.items()}
     return device_weight_bytes(runtime.offload, runtime.device, per_network)
+
+
+GUIDANCE_VARIANTS = ("cfg_zero_star", "apg", "slg_layers", "nag_scale")  # the keys that choose a variant
+
+
+def guidance_from_options(options: Mapping, name: Callable[[str], str] = str):
+    """A strategy from request options (the keys of a --prompts line: cfg_steps, cfg_zero_star,
+    apg, apg_eta, apg_norm_threshold, apg_momentum, slg_layers, slg_start, slg_end, nag_scale,
+    nag_tau, nag_alpha), or None when none is set. One variant at a most; `cfg_steps` goes with
+    any. name: how the caller spells each key, for its errors."""
+    from .guidance import APG, CFG, NAG, SLG, CFGZeroStar
+
+    given = {k: v for k, v in options.items() if v is not None and v is not False}
+    variants = [k for k in GUIDANCE_VARIANTS if k in given]
+    if len(variants) > 1:
+        raise RequestError(variants[1], f"{name(variants[0])} and {name(variants[1])} are two guidance variants: "
+                                        "choose one")
+    for key, owner in (("apg_eta", "apg"), ("apg_norm_threshold", "apg"), ("apg_momentum", "apg"),
+                       ("slg_start", "slg_layers"), ("slg_end", "slg_layers"), ("nag_tau", "nag_scale"),
+                       ("nag_alpha", "nag_scale")):
+        if key in given and owner not in given:
+            raise RequestError(key, f"{name(key)} is a setting of {name(owner)}: give {name(owner)} too")
+    schedule = {"cfg_steps": given["cfg_steps"]} if "cfg_steps" in given else {}
+    if not variants:
+        return CFG(**schedule) if schedule else None
+    kind = variants[0]
+
+    def pick(**pairs):
+        return {k: given[key] for k, key in pairs.items() if key in given}
+
+    if kind == "cfg_zero_star":
+        return CFGZeroStar(**schedule)
+    if kind == "apg":
+        return APG(**pick(eta="apg_eta", norm_threshold="apg_norm_threshold", momentum="apg_momentum"), **schedule)
+    if kind == "slg_layers":
+        layers = given["slg_layers"]
+        layers = [layers] if isinstance(layers, int) else layers
+        if isinstance(layers, str) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise RequestError("slg_layers", f"{name('slg_layers')} must be DiT block numbers such as [9, 10], "
+                                             f"got {layers!r}")
+        return SLG(layers, **pick(start="slg_start", end="slg_end"), **schedule)
+    return NAG(given["nag_scale"], **pick(tau="nag_tau", alpha="nag_alpha"), **schedule)

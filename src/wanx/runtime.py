@@ -138,7 +138,7 @@ class _Choices:
 
 
 # How the library names each choice in a refusal; a face passes its own words (the CLI, its
-# flags: wanx.cli.RUNTIME_FLAGS). "ranks" is how to get several ranks.
+# flags: wanx.cli.RUNTIME_FLAGS, which `wanx serve` is given). "ranks" is how to get several ranks.
 PARAMETERS = {"offload": "offload", "vram_budget": "vram_budget", "quantize": "quantize",
               "cache": "cache='teacache'/'magcache'", "fsdp": "fsdp", "sp": "sp", "cfg_parallel": "cfg_parallel",
               "ranks": "run in a torch.distributed process group of several ranks"}

@@ -647,15 +647,15 @@ def check_port(host: str, port: int) -> None:
             raise ValueError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})") from None
 
 
-def serve(args) -> int:
-    """`wanx serve`: check everything, load the model once, then serve until Ctrl-C."""
+def serve(args, flags: dict | None = None) -> int:
+    """`wanx serve`: check everything, load the model once, then serve until Ctrl-C. flags: how
+    the command line spells each runtime choice, for Runtime.check's refusals."""
     import os
     import time
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the UI makes no calls out
     import uvicorn
 
-    from ..cli import RUNTIME_FLAGS
     from ..hub import find_components, resolve_model
     from ..pipeline import WanPipeline
     from ..runtime import Runtime
@@ -675,7 +675,7 @@ def serve(args) -> int:
     runtime = Runtime.from_flags(args)
     check_port(args.host, args.port)  # now, not after the model has loaded
     files = find_components(resolve_model(args.model, source=args.source), dit=args.dit)
-    runtime.check(experts=2 if files.moe else 1, names=RUNTIME_FLAGS)  # before the model loads
+    runtime.check(experts=2 if files.moe else 1, names=flags)  # before the model loads
     outputs = Path(args.outputs)
     try:
         outputs.mkdir(parents=True, exist_ok=True)
