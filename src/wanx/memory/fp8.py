@@ -96,23 +96,35 @@ def _fp8_matmul(x: Tensor, w8: Tensor, w_scale: Tensor, bias: Tensor | None, out
     return out.reshape(*shape[:-1], -1)
 
 
-def fp8_layer_names(model: nn.Module) -> list[str]:
-    """The Linear layers FP8 applies to: inside the model's blocks (`stream_blocks`), not kept in fp32."""
+def block_linear_names(model: nn.Module, quantized: tuple[type, ...] = ()) -> list[str]:
+    """The Linear layers weight quantization (FP8, INT8) applies to: inside the model's blocks
+    (`stream_blocks`), not kept in fp32; `quantized`: layer classes already in the place of one."""
     lists = tuple(getattr(model, "stream_blocks", ()))
     keep = getattr(model, "keep_in_fp32", ())
     return [name for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, FP8Linear)) and name.startswith(tuple(f"{p}." for p in lists))
+            if isinstance(m, (nn.Linear, *quantized)) and name.startswith(tuple(f"{p}." for p in lists))
             and not keeps_fp32(name + ".weight", keep)]
+
+
+def fp8_layer_names(model: nn.Module) -> list[str]:
+    """The Linear layers FP8 applies to: inside the model's blocks (`stream_blocks`), not kept in fp32."""
+    return block_linear_names(model, (FP8Linear,))
+
+
+def swap_block_linears(model: nn.Module, make, quantized: tuple[type, ...]) -> nn.Module:
+    """Replace each float block Linear of `block_linear_names` by `make(linear)` in place, one
+    by one (so no second float copy of the model exists). Returns the model."""
+    for name in block_linear_names(model, quantized):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = getattr(parent, attr)
+        if isinstance(layer, nn.Linear):
+            setattr(parent, attr, make(layer))
+    return model
 
 
 def quantize_fp8(model: nn.Module, *, compute_dtype: torch.dtype = torch.bfloat16, fast: bool = False) -> nn.Module:
     """Swap the model's block Linear layers for FP8Linear in place (their weights quantized
     one by one, so no second float copy of the model exists). Returns the model."""
-    for name in fp8_layer_names(model):
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        layer = getattr(parent, attr)
-        if isinstance(layer, nn.Linear):
-            fp8 = FP8Linear.from_linear(layer, compute_dtype=compute_dtype, fast=fast)
-            setattr(parent, attr, fp8)
-    return model
+    return swap_block_linears(model, lambda linear: FP8Linear.from_linear(linear, compute_dtype=compute_dtype,
+                                                                          fast=fast), (FP8Linear,))

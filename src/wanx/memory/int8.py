@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models import keeps_fp32
+from .fp8 import block_linear_names, swap_block_linears
 
 INT8_MAX = 127  # symmetric: -128 is never used, so negation stays exact
 
@@ -84,20 +84,11 @@ class Int8Linear(nn.Module):
 def int8_layer_names(model: nn.Module) -> list[str]:
     """The Linear layers INT8 applies to, the same as FP8's: inside the model's blocks
     (`stream_blocks`), not kept in fp32."""
-    lists = tuple(getattr(model, "stream_blocks", ()))
-    keep = getattr(model, "keep_in_fp32", ())
-    return [name for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, Int8Linear)) and name.startswith(tuple(f"{p}." for p in lists))
-            and not keeps_fp32(name + ".weight", keep)]
+    return block_linear_names(model, (Int8Linear,))
 
 
 def quantize_int8(model: nn.Module, *, compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Swap the model's block Linear layers for Int8Linear in place (their weights quantized
     one by one, so no second float copy of the model exists). Returns the model."""
-    for name in int8_layer_names(model):
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        layer = getattr(parent, attr)
-        if isinstance(layer, nn.Linear):
-            setattr(parent, attr, Int8Linear.from_linear(layer, compute_dtype=compute_dtype))
-    return model
+    return swap_block_linears(model, lambda linear: Int8Linear.from_linear(linear, compute_dtype=compute_dtype),
+                              (Int8Linear,))
