@@ -22,7 +22,7 @@ def final_file(output: Path, full: bool = False) -> Path:
     return output / ("model.safetensors" if full else f"{output.resolve().name or 'lora'}.safetensors")
 
 
-def _wanx_file(path: Path) -> bool:
+def _written_by_wanx_train(path: Path) -> bool:
     """Whether a .safetensors file is the result of a `wanx train` run (its metadata says so)."""
     from safetensors import safe_open
 
@@ -33,7 +33,7 @@ def _wanx_file(path: Path) -> bool:
         return False
 
 
-def _wanx_log(path: Path) -> bool:
+def _is_wanx_training_log(path: Path) -> bool:
     with open(path, encoding="utf-8", errors="replace") as fh:
         return fh.readline().strip() == LOG_HEADER
 
@@ -48,7 +48,7 @@ def previous_run(output: Path, full: bool = False) -> list[Path]:
     mine = final_file(output, full)
     for name in sorted({final_file(output).name, "lora.safetensors", "model.safetensors"}):  # lora.safetensors:
         path = output / name  # the name of every LoRA before they were named after their folder
-        if path.is_file() and _wanx_file(path):
+        if path.is_file() and _written_by_wanx_train(path):
             found.append(path)
         elif path.exists() and path == mine:
             raise ValueError(f"--output {output}: {path} is not a file wanx train wrote, and this run would write "
@@ -57,7 +57,7 @@ def previous_run(output: Path, full: bool = False) -> list[Path]:
         raise ValueError(f"--output {output}: a --full run writes config.json beside model.safetensors, and "
                          f"{output / 'config.json'} is another's; move it or choose another --output")
     log = output / "log.csv"
-    if log.is_file() and not _wanx_log(log):
+    if log.is_file() and not _is_wanx_training_log(log):
         raise ValueError(f"--output {output}: {log} is not a wanx training log, and this run would write over it; "
                          "move it or choose another --output")
     found += [output / name for name in ("log.csv", "checkpoints", "validation", "tensorboard")
