@@ -243,7 +243,8 @@ class WanPipeline:
                          negative_prompt_embeds=negative_prompt_embeds, latents=latents, output_type=output_type,
                          guidance=strategy)
         need, batched = self._fit(plan)
-        lora_steps(self.experts.values(), plan.steps)  # a per-step LoRA strength for another step count: before work
+        # per-step LoRA strengths for this step count (another count is refused here, before any work)
+        lora_step = lora_steps(self.experts.values(), plan.steps)
         run = Run(self, progress)
         conditioning = conditioning_for(plan.spec)(plan)
         with torch.no_grad():
@@ -254,7 +255,7 @@ class WanPipeline:
             sigmas, timesteps = conditioning.schedule(*schedule(plan.sampler, plan.steps, plan.shift, plan.timesteps))
             x = conditioning.start(run, noise, sigmas)
             x = self._denoise(run, plan, conditioning, inputs, (context, context_null), x, sigmas, timesteps,
-                              batched, callback, generator)
+                              batched, callback, generator, lora_step)
             if output_type == "latents":
                 return x
             frames = self._decode(run, plan, x, need, decode_callback)  # [1, 3, F, H, W] in [-1, 1]
@@ -289,7 +290,7 @@ class WanPipeline:
 
     def _denoise(self, run: Run, plan: Plan, conditioning: Conditioning, inputs: dict[str, Tensor], texts,
                  x: Tensor, sigmas: Tensor, timesteps: Tensor, batched: bool, callback,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, lora_step=None) -> Tensor:
         """The sampling loop: each step picks its expert by timestep, guides it, and lets the
         conditioning hold its frames; a step cache (when on) decides inside the DiT."""
         experts = Experts(self.dit, self.dit_low, plan.boundary, plan.guidance, plan.guidance_low, self.placement)
@@ -321,7 +322,7 @@ class WanPipeline:
         bar = _progress(len(timesteps), "denoising", run.progress)
         marks = [time.perf_counter()]
         # per-step LoRA strengths: step i of the plan's steps (video-to-video runs the last ones)
-        lora_step, first = lora_steps(self.experts.values(), plan.steps), plan.steps - len(timesteps)
+        first = plan.steps - len(timesteps)
         if lora_step is not None:
             lora_step(first)
 
