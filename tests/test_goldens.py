@@ -47,18 +47,6 @@ def moving_frames(frames: int, height: int = 64, width: int = 64) -> np.ndarray:
     return video
 
 
-def lora_state(seed: int = 3) -> dict[str, torch.Tensor]:
-    """A rank-4 LoRA on the tiny DiT's self-attention q and ffn.0 of both blocks."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for block in range(2):
-        for name, (rows, cols) in {"self_attn.q": (32, 32), "ffn.0": (64, 32)}.items():
-            key = f"diffusion_model.blocks.{block}.{name}"
-            state[f"{key}.lora_A.weight"] = torch.randn(4, cols, generator=g) * 0.3
-            state[f"{key}.lora_B.weight"] = torch.randn(rows, 4, generator=g) * 0.3
-    return state
-
-
 # name -> (model, load keywords, call keywords, extra: "lora-live" | "lora-fused" | "two-pass" | None)
 CASES = {
     "t2v": ("tiny", {}, {}, None),
@@ -92,13 +80,14 @@ def inputs() -> dict:
 def run_case(name: str, tmp: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import save_file
 
+    from tests.distributed.workers import lora_state
     from wanx.pipeline import WanPipeline
 
     model, load, call, extra = CASES[name]
     pipe = WanPipeline.from_pretrained(model, device="cpu", **load)
     if extra in ("lora-live", "lora-fused"):
         path = tmp / "golden-lora.safetensors"
-        save_file(lora_state(), str(path))
+        save_file(lora_state(0.3), str(path))
         pipe.load_lora(path, 0.8, fuse=extra == "lora-fused")
     if extra == "two-pass":
         pipe.batch_cfg = False

@@ -14,19 +14,25 @@ def image() -> torch.Tensor:
     return torch.rand(3, 48, 80, generator=torch.Generator().manual_seed(5)) * 2 - 1
 
 
-def lora_file(folder: str) -> str:
-    """A LoRA on every block's self-attention q and ffn.0, the same in every process."""
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(3)
+def lora_state(scale: float, seed: int = 3) -> dict[str, torch.Tensor]:
+    """A rank-4 LoRA on the tiny DiT's self-attention q and ffn.0 of both blocks, the same in
+    every process."""
+    g = torch.Generator().manual_seed(seed)
     state = {}
     for block in range(2):
         for name, (rows, cols) in {"self_attn.q": (32, 32), "ffn.0": (64, 32)}.items():
             key = f"diffusion_model.blocks.{block}.{name}"
-            state[f"{key}.lora_A.weight"] = torch.randn(4, cols, generator=g) * 0.2
-            state[f"{key}.lora_B.weight"] = torch.randn(rows, 4, generator=g) * 0.2
+            state[f"{key}.lora_A.weight"] = torch.randn(4, cols, generator=g) * scale
+            state[f"{key}.lora_B.weight"] = torch.randn(rows, 4, generator=g) * scale
+    return state
+
+
+def lora_file(folder: str) -> str:
+    """`lora_state(0.2)` written to a file of this process."""
+    from safetensors.torch import save_file
+
     path = os.path.join(folder, f"style-{os.getpid()}.safetensors")
-    save_file(state, path)
+    save_file(lora_state(0.2), path)
     return path
 
 
