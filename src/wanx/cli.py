@@ -192,6 +192,24 @@ def _guidance_flags(gen: argparse.ArgumentParser) -> None:
     var.add_argument("--nag-alpha", type=float, help="NAG: blend 0..1 (default 0.25)")
 
 
+_WINDOW_FLAGS = ("context_frames", "context_overlap", "context_schedule", "context_blend")  # wanx.request.WINDOW_KEYS
+
+
+def _window_flags(gen: argparse.ArgumentParser) -> None:
+    """`wanx generate`'s context windows (wanx.pipeline.windows): a video longer than the model's."""
+    win = gen.add_argument_group("long videos", "denoise a video longer than the model's 81 frames in overlapping "
+                                                "windows, blended at every step")
+    win.add_argument("--context-frames", type=int, metavar="N", help="frames per window, 4k+1 (e.g. 81); default: "
+                                                                     "the whole video at once")
+    win.add_argument("--context-overlap", type=int, metavar="N", help="frames neighbouring windows share, a "
+                                                                      "multiple of 4 (default 16)")
+    win.add_argument("--context-schedule", choices=["static", "uniform", "looped"],
+                     help="static: the same windows every step (default); uniform: they slide from step to step, "
+                          "so no seam stays put; looped: a video that loops")
+    win.add_argument("--context-blend", choices=["linear", "pyramid"], help="how windows blend: linear ramps over "
+                                                                            "the overlap (default) or pyramid")
+
+
 def _size(text: str) -> tuple[int, int]:
     """'832x480' (width x height; '*' as in the official CLI works too) -> (width, height)."""
     from .request import parse_size
@@ -211,12 +229,14 @@ FLAGS = {"prompt": "--prompt (or --prompts FILE)", "negative_prompt": "--negativ
          "timesteps": "--timesteps",
          **{key: "--" + key.replace("_", "-") for key in (  # wanx.request.GUIDANCE_KEYS
              "cfg_steps", "cfg_zero_star", "apg", "apg_eta", "apg_norm_threshold", "apg_momentum", "slg_layers",
-             "slg_start", "slg_end", "nag_scale", "nag_tau", "nag_alpha")}}
+             "slg_start", "slg_end", "nag_scale", "nag_tau", "nag_alpha",
+             "context_frames", "context_overlap", "context_schedule", "context_blend")}}
 _JOB_KEYS = ("prompt", "negative_prompt", "seed", "image", "last_image", "video", "strength", "size", "frames", "steps",
              "guidance", "shift", "sampler", "output", "guidance_low",
              "boundary", "timesteps", "cfg_steps", "cfg_zero_star", "apg", "apg_eta", "apg_norm_threshold", "apg_momentum",
              "slg_layers", "slg_start", "slg_end", "nag_scale", "nag_tau",
-             "nag_alpha")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
+             "nag_alpha", "context_frames", "context_overlap", "context_schedule",
+             "context_blend")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
 # How the CLI spells each runtime choice and parallel-plan parameter in Runtime.check's refusals
 # (`wanx serve` is given them too: its flags are these).
 RUNTIME_FLAGS = {"offload": "--offload", "vram_budget": "--vram-budget", "quantize": "--fp8/--int8",
@@ -238,7 +258,7 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
                 frames=args.frames, steps=args.steps, guidance=guidance[0], shift=args.shift, sampler=args.sampler,
                 guidance_low=guidance[1] if len(guidance) > 1 else None, boundary=args.boundary,
                 timesteps=_timesteps(args.timesteps), output=None, where="",
-                **{key: getattr(args, key) for key in _GUIDANCE_FLAGS})
+                **{key: getattr(args, key) for key in _GUIDANCE_FLAGS + _WINDOW_FLAGS})
     if not args.prompts:
         return [base]
     if args.prompt is not None:
@@ -936,6 +956,7 @@ def _add_generate(sub: argparse._SubParsersAction, tiny: str) -> None:
                           "it sets the step count (replaces --steps)")
     gen.add_argument("--seed", type=int, help="random seed, 0..2**64-1 (default: a random one, printed)")
     _guidance_flags(gen)
+    _window_flags(gen)
     gen.add_argument("--output", "-o", help="an .mp4/.gif file, a new folder name for PNG frames, or an existing "
                                             "folder (a generated name inside). With --prompts: the folder for the "
                                             "videos (default outputs/); a job's relative \"output\" is inside it")

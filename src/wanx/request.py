@@ -25,7 +25,11 @@ KEY_TYPES: dict[str, tuple[type, ...]] = {
     "apg_norm_threshold": (int, float), "apg_momentum": (int, float), "slg_layers": (list, int),
     "slg_start": (int, float), "slg_end": (int, float), "nag_scale": (int, float), "nag_tau": (int, float),
     "nag_alpha": (int, float),
+
+    # context windows over a long video (windows_from_options)
+    "context_frames": (int,), "context_overlap": (int,), "context_schedule": (str,), "context_blend": (str,),
 }
+WINDOW_KEYS = ("context_frames", "context_overlap", "context_schedule", "context_blend")
 GUIDANCE_KEYS = ("cfg_steps", "cfg_zero_star", "apg", "apg_eta", "apg_norm_threshold", "apg_momentum", "slg_layers",
                  "slg_start", "slg_end", "nag_scale", "nag_tau", "nag_alpha")
 JOB_KEYS = frozenset(KEY_TYPES)
@@ -34,7 +38,7 @@ PIPELINE_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "imag
                  "last_image": "last_image", "video": "video", "strength": "strength", "height": "size",
                  "width": "size", "num_frames": "frames", "num_inference_steps": "steps", "guidance_scale": "guidance",
                  "shift": "shift", "sampler": "sampler", "seed": "seed", "guidance_scale_low": "guidance_low",
-                 "boundary": "boundary", "timesteps": "timesteps"}
+                 "boundary": "boundary", "timesteps": "timesteps", "context_windows": "context_frames"}
 # How a request's keys are spelled in errors when no face says otherwise.
 KEY_NAMES = {**PIPELINE_KEYS, "height": "size height", "width": "size width"}
 
@@ -112,7 +116,9 @@ def pipeline_kwargs(job: Mapping, names: Mapping[str, str] | None = None) -> dic
                 num_frames=job.get("frames"), num_inference_steps=job.get("steps"),
                 guidance_scale=job.get("guidance"), guidance_scale_low=job.get("guidance_low"),
                 boundary=job.get("boundary"), shift=job.get("shift"), sampler=job.get("sampler"), seed=job.get("seed"),
-                timesteps=job.get("timesteps"), guidance=strategy)
+                timesteps=job.get("timesteps"), guidance=strategy,
+                context_windows=windows_from_options({key: job.get(key) for key in WINDOW_KEYS},
+                                                     lambda key: (names or {}).get(key, key)))
 
 
 def check_job(job: Mapping, files, *, runtime, weights: int, names: Mapping[str, str] | None = None):
@@ -126,9 +132,10 @@ def check_job(job: Mapping, files, *, runtime, weights: int, names: Mapping[str,
     plan = plan_request(files.model_type, job.get("prompt"), job.get("negative_prompt"), names=names or KEY_NAMES,
                         model_defaults=files.defaults, experts=2 if files.moe else 1, clip=files.dit_config.clip,
                         layers=files.dit_config.num_layers, **request)
+    window = None if plan.windows is None else (plan.windows.size - 1) * plan.latent[1] + 1
     try:  # batch 1: guidance runs as two passes when one batch of two does not fit
         check_fits(files.dit_config, plan.height, plan.width, plan.num_frames, device=runtime.device,
-                   dtype=runtime.dtype, vae_dtype=runtime.vae_dtype, weights=weights, batch=1)
+                   dtype=runtime.dtype, vae_dtype=runtime.vae_dtype, weights=weights, batch=1, window_frames=window)
     except ValueError as err:
         raise RequestError("height", str(err)) from None
     return plan, request
@@ -187,3 +194,20 @@ def guidance_from_options(options: Mapping, name: Callable[[str], str] = str):
                                              f"got {layers!r}")
         return SLG(layers, **pick(start="slg_start", end="slg_end"), **schedule)
     return NAG(given["nag_scale"], **pick(tau="nag_tau", alpha="nag_alpha"), **schedule)
+
+
+def windows_from_options(options: Mapping, name: Callable[[str], str] = str):
+    """Context windows from request options (context_frames, context_overlap, context_schedule,
+    context_blend), or None when context_frames is not set; the others are its settings."""
+    from .pipeline import ContextWindows
+
+    given = {k: v for k, v in options.items() if v is not None}
+    if "context_frames" not in given:
+        if given:
+            key = sorted(given)[0]
+            raise RequestError(key, f"{name(key)} is a setting of {name('context_frames')}: give "
+                                    f"{name('context_frames')} too (e.g. 81)")
+        return None
+    keys = dict(frames="context_frames", overlap="context_overlap", schedule="context_schedule",
+                blend="context_blend")
+    return ContextWindows(**{k: given[key] for k, key in keys.items() if key in given})

@@ -93,12 +93,15 @@ def kept_bytes(kinds: Mapping[str, int], dtype: torch.dtype) -> int:
 
 
 def estimate(config: DiTConfig, height: int, width: int, num_frames: int, *, dtype: torch.dtype,
-             vae_dtype: torch.dtype = torch.float32, batch: int = 2, weights: int = 0) -> MemoryEstimate:
+             vae_dtype: torch.dtype = torch.float32, batch: int = 2, weights: int = 0,
+             window_frames: int | None = None) -> MemoryEstimate:
     """Peak memory of generating one video of `num_frames` x `height` x `width`; batch 2 is
-    batched classifier-free guidance."""
+    batched classifier-free guidance. window_frames: the DiT sees context windows of this many
+    frames at a time (its activations are a window's, however long the video)."""
     pt, ph, pw = config.patch_size
     stride = latent_stride(config)
-    tokens = ((num_frames - 1) // 4 // pt + 1) * (height // stride // ph) * (width // stride // pw)
+    seen = min(num_frames, window_frames or num_frames)
+    tokens = ((seen - 1) // 4 // pt + 1) * (height // stride // ph) * (width // stride // pw)
     per_token = 4 * _RESIDUAL_COPIES * config.dim + _bytes(dtype) * (config.dim + 2 * config.ffn_dim)
     denoise = batch * (tokens + config.text_len) * per_token
     smallest = DECODE_TILES[-1]
@@ -152,11 +155,11 @@ def available_memory(device: torch.device) -> int:
 
 def check_fits(config: DiTConfig, height: int, width: int, num_frames: int, *, device: torch.device,
                dtype: torch.dtype, vae_dtype: torch.dtype = torch.float32, batch: int = 2, weights: int = 0,
-               available: int | None = None) -> MemoryEstimate:
+               available: int | None = None, window_frames: int | None = None) -> MemoryEstimate:
     """The estimate, or a one-line ValueError with it, what the device has, and the largest
     size with the same aspect ratio (multiples of 16; 32 for TI2V) that fits."""
     available = available_memory(device) if available is None else available
-    kwargs = dict(dtype=dtype, vae_dtype=vae_dtype, batch=batch, weights=weights)
+    kwargs = dict(dtype=dtype, vae_dtype=vae_dtype, batch=batch, weights=weights, window_frames=window_frames)
     need = estimate(config, height, width, num_frames, **kwargs)
     if need.total <= available:
         return need

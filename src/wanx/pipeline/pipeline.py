@@ -30,6 +30,7 @@ from ..video import Video, to_pixels
 from .conditioning import Conditioning, Run, conditioning_for
 from .experts import Experts
 from .plan import Plan, plan_request
+from .windows import ContextWindows
 
 
 class WanPipeline:
@@ -195,6 +196,7 @@ class WanPipeline:
         decode_callback: Callable[[int, int], None] | None = None,
         steps: int | None = None,
         guidance: float | CFG | None = None,
+        context_windows: ContextWindows | None = None,
     ) -> Video | Tensor:
         """Generate one video. The task follows from the model and the inputs; every unset
         option takes the model folder's own setting (`wanx-defaults.json`), else the official
@@ -219,6 +221,9 @@ class WanPipeline:
             guidance: guidance_scale's alias, or a strategy of `wanx.guidance` (CFG(cfg_steps=2),
                 CFGZeroStar, APG, SLG, NAG), its scale from guidance_scale.
             boundary: Wan2.2 A14B: steps with t >= 1000 x boundary run the high-noise expert.
+            context_windows: `ContextWindows(frames=81, overlap=16, schedule, blend)`: the DiT
+                denoises a longer video in overlapping windows of `frames`, blended
+                (`wanx.pipeline.windows`); one window over the whole video is the plain run.
             seed: in [0, 2**64), the official code's noise; default random, kept in the metadata.
             prompt_embeds, negative_prompt_embeds: umT5 embeddings `[1, L, 4096]` instead of text.
             latents: initial noise `[1, C, F', H/s, W/s]` instead of the seed's.
@@ -241,7 +246,7 @@ class WanPipeline:
                          guidance_scale_low=guidance_scale_low, boundary=boundary, shift=shift, sampler=sampler,
                          timesteps=timesteps, seed=seed, prompt_embeds=prompt_embeds,
                          negative_prompt_embeds=negative_prompt_embeds, latents=latents, output_type=output_type,
-                         guidance=strategy)
+                         guidance=strategy, context_windows=context_windows)
         need, batched = self._fit(plan)
         # per-step LoRA strengths for this step count (another count is refused here, before any work)
         lora_step = lora_steps(self.experts.values(), plan.steps)
@@ -264,9 +269,11 @@ class WanPipeline:
     def _fit(self, plan: Plan):
         """The memory this request needs beside the resident weights, and whether guidance
         runs as one batch of two (when that fits) or as two passes (half the activations)."""
+        window = None if plan.windows is None else plan.windows.size
         fit = functools.partial(check_fits, self.dit.config, plan.height, plan.width, plan.num_frames,
                                 device=self.device, dtype=input_dtype(self.dit.blocks[0].self_attn.q),
-                                vae_dtype=next(self.vae.parameters()).dtype)
+                                vae_dtype=next(self.vae.parameters()).dtype,
+                                window_frames=None if window is None else (window - 1) * plan.latent[1] + 1)
         batched = self.batch_cfg and any(g != 1.0 for g in (plan.guidance, plan.guidance_low) if g is not None)
         try:
             need = fit(batch=2 if batched else 1)
@@ -305,21 +312,35 @@ class WanPipeline:
         if cache is not None:
             cache.start(len(timesteps), self.dit.config, plan.height, plan.width)
 
-        def branch(dit, x: Tensor, t: Tensor, context: Tensor, names: tuple[str, ...]) -> Tensor:
+        windows = plan.windows
+        if windows is not None:
+            run.say(windows.describe(plan.latent[1]))
+
+        def branch(dit, frames, x: Tensor, t: Tensor, context: Tensor, names: tuple[str, ...]) -> Tensor:
+            """One DiT pass; frames: the latent frames of the context window x holds (None: all)."""
+            given = inputs
+            if frames is not None:  # a step cache keeps each window's state apart, by where it starts
+                names, given = tuple(f"{name}@{frames[0]}" for name in names), conditioning.window(inputs, frames)
             if cache is not None:
                 cache.at(step[0], names)
             # one timestep for the batch: the DiT embeds it once for every branch
-            t = conditioning.timesteps(t.to(x.device).float().reshape(1), x.shape, dit.config.patch_size)
-            return dit(x, t, context, **{k: v.expand(len(names), *v.shape[1:]) for k, v in inputs.items()})
+            t = conditioning.timesteps(t.to(x.device).float().reshape(1), x.shape, dit.config.patch_size, frames)
+            return dit(x, t, context, **{k: v.expand(len(names), *v.shape[1:]) for k, v in given.items()})
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             dit, scale = experts.pick(t)
+            at = Step(step[0], len(timesteps), dit)
             try:
-                return guide(functools.partial(branch, dit), x, t, *texts, scale, Step(step[0], len(timesteps), dit))
+                if windows is None:
+                    return guide(functools.partial(branch, dit, None), x, t, *texts, scale, at)
+                return windows.run(step[0], x, lambda part, frames: guide(functools.partial(branch, dit, frames),
+                                                                          part, t, *texts, scale, at), bar.update)
             finally:
                 step[0] += 1
 
-        bar = _progress(len(timesteps), "denoising", run.progress)
+        # one bar over steps, or over windows x steps
+        bar = _progress(len(timesteps) if windows is None else windows.count(len(timesteps)), "denoising",
+                        run.progress, unit="step" if windows is None else "window")
         marks = [time.perf_counter()]
         # per-step LoRA strengths: step i of the plan's steps (video-to-video runs the last ones)
         first = plan.steps - len(timesteps)
@@ -333,7 +354,8 @@ class WanPipeline:
             marks.append(time.perf_counter())
             if cache is not None:
                 bar.set_postfix(skipped=cache.stats.total_skipped, refresh=False)
-            bar.update(1)
+            if windows is None:
+                bar.update(1)
             if callback is not None:
                 callback(i + 1, total, latents)
 
@@ -374,6 +396,10 @@ class WanPipeline:
                         sampler=plan.sampler, generator="wanx", **conditioning.metadata())
         if plan.timesteps is not None:
             metadata["timesteps"] = list(plan.timesteps)
+        if plan.windows is not None:
+            w, temporal = plan.windows, plan.latent[1]
+            metadata["context_windows"] = {"frames": (w.size - 1) * temporal + 1, "overlap": w.overlap * temporal,
+                                           "schedule": w.schedule, "blend": w.blend}
 
         if plan.guider is not None:
             metadata["guidance_variant"] = describe(plan.guider)

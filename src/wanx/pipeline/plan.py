@@ -25,7 +25,7 @@ GUIDANCE_RANGE = (1.0, 30.0)
 # The request's keywords (WanPipeline.__call__'s), each None when not given.
 REQUEST_KEYS = ("image", "last_image", "video", "strength", "height", "width", "num_frames", "num_inference_steps",
                 "guidance_scale", "guidance_scale_low", "boundary", "shift", "sampler", "seed", "prompt_embeds",
-                "negative_prompt_embeds", "latents", "output_type", "timesteps", "guidance")
+                "negative_prompt_embeds", "latents", "output_type", "timesteps", "guidance", "context_windows")
 # Options a model folder's wanx-defaults.json may set, under the same keywords.
 OWN_KEYS = ("num_frames", "num_inference_steps", "guidance_scale", "guidance_scale_low", "boundary", "shift", "sampler")
 
@@ -82,6 +82,8 @@ class Plan:
 
     # a guidance variant or schedule (wanx.guidance: CFG, CFGZeroStar, APG, SLG, NAG); None: plain CFG
     guider: object | None = None
+    # context windows over a long video (windows.Windows, in latent frames); None: the DiT sees it whole
+    windows: object | None = None
 
     @property
     def task(self) -> str:
@@ -185,6 +187,12 @@ def make_plan(model: ModelFacts, prompt, negative_prompt, request: Mapping, name
     if min(plan.height, plan.width) < 16:
         raise RequestError("height", f"the input's aspect ratio leaves a side under 16 pixels at {width}x{height}; "
                                      f"give a larger {name('height')}")
+    from .windows import plan_windows
+
+    plan.windows = plan_windows(given["context_windows"], plan.num_frames, plan.latent[1], name)
+    if plan.windows is not None and getattr(plan.guider, "momentum", None) is not None:
+        raise RequestError("apg_momentum", f"{name('apg_momentum')} carries one running sum over the whole video; "
+                                           f"with context windows leave it unset")
     latents = given["latents"]
     if latents is not None and latents.numel() != math.prod(plan.latent_shape()):
         raise ValueError(f"latents must have shape [1, {', '.join(map(str, plan.latent_shape()))}], "

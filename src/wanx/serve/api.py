@@ -50,6 +50,13 @@ _DESCRIPTIONS = {
     "slg_end": "SLG: end step, a fraction of the steps (default 0.9)",
     "nag_scale": "NAG (negative prompt for CFG-free models; needs negative_prompt): scale, >= 1 (typical 11)",
     "nag_tau": "NAG: norm cap (default 2.5)", "nag_alpha": "NAG: blend, 0..1 (default 0.25)",
+    # context windows over a long video (wanx.pipeline.windows)
+    "context_frames": "denoise in overlapping windows of this many frames (4k+1, e.g. 81) for videos longer "
+                      "than the model's; default: the whole video at once",
+    "context_overlap": "frames neighbouring windows share, a multiple of 4 (default 16)",
+    "context_schedule": "static (the same windows every step), uniform (windows slide from step to step) or "
+                        "looped (a video that loops)",
+    "context_blend": "linear (ramps over the overlap) or pyramid",
     "loras": 'LoRAs from the server\'s --loras folder: [{"name": "style.safetensors", "strength": 0.8}]',
 }
 REQUEST_SCHEMA = {

@@ -265,7 +265,8 @@ class StepCache:
         return compute
 
     def _magcache(self, name: str, state: _Branch) -> bool:
-        branch = BRANCHES.index(name) if name in BRANCHES else 0
+        kind = name.split("@")[0]  # a context window's branch is "cond@<its first latent frame>"
+        branch = BRANCHES.index(kind) if kind in BRANCHES else 0
         call = 2 * self._step + branch
         if call < self.retained or state.residual is None:
             return True

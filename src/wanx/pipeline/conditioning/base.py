@@ -68,9 +68,16 @@ class Conditioning:
         """The latents the loop starts from."""
         return noise
 
-    def timesteps(self, t: Tensor, shape, patch_size) -> Tensor:
-        """The DiT's timestep input for latents of `shape`: t `[1]` for every token by default."""
+    def timesteps(self, t: Tensor, shape, patch_size, frames: list[int] | None = None) -> Tensor:
+        """The DiT's timestep input for latents of `shape`: t `[1]` for every token by default.
+        frames: the latent frames x holds, when a context window holds only some (None: all)."""
         return t
+
+    def window(self, inputs: dict[str, Tensor], frames: list[int]) -> dict[str, Tensor]:
+        """The DiT inputs of a context window holding latent `frames`: an input laid out over
+        latent frames (`[B, C, F', H, W]`, I2V's y) is cut to them; the rest (CLIP tokens)
+        is the same for every window."""
+        return {key: value[:, :, frames] if value.ndim == 5 else value for key, value in inputs.items()}
 
     def fix(self, latents: Tensor) -> None:
         """After each step, in place: frames the task holds to a known value."""

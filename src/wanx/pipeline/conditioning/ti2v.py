@@ -38,8 +38,10 @@ class TextImageToVideo(Conditioning):
         noise[:, :, :1] = self.first  # official: latent = (1 - mask) * z + mask * noise
         return noise
 
-    def timesteps(self, t: Tensor, shape, patch_size) -> Tensor:
-        return t if self.first is None else first_frame_timesteps(shape, patch_size, t)
+    def timesteps(self, t: Tensor, shape, patch_size, frames: list[int] | None = None) -> Tensor:
+        if self.first is None or (frames is not None and 0 not in frames):
+            return t  # a context window without the image's frame: plain text-to-video
+        return first_frame_timesteps(shape, patch_size, t, 0 if frames is None else frames.index(0))
 
     def fix(self, latents: Tensor) -> None:
         # Frame 0 is the image again after every step, in the tensor the sampler goes on from
@@ -52,14 +54,15 @@ class TextImageToVideo(Conditioning):
         return {"mode": "i2v" if self.plan.image is not None else "t2v"}
 
 
-def first_frame_timesteps(shape, patch_size, t: Tensor) -> Tensor:
+def first_frame_timesteps(shape, patch_size, t: Tensor, known: int = 0) -> Tensor:
     """Per-token timesteps `[1, L]` for latents of `shape` [B, C, F, H, W]: 0 for the tokens of
-    latent frame 0 (the known image), t elsewhere; official: channel 0 of the mask, subsampled
+    latent frame `known` (the image: frame 0, or its place in a looped context window), t
+    elsewhere; official: channel 0 of the mask, subsampled
     by the patch (frames are patched one by one, pt = 1)."""
     _, _, f, h, w = shape
     pt, ph, pw = patch_size
     mask = torch.ones(f // pt, h // ph, w // pw, device=t.device)
-    mask[0] = 0
+    mask[known] = 0
     return (mask * t.reshape(())).flatten()[None]
 
 
