@@ -162,3 +162,37 @@ def test_window_settings_without_a_window_are_refused(tmp_path, capsys):
                  "-o", str(tmp_path / "x.mp4")]) == 2
     assert "--context-overlap is a setting of --context-frames" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_color_matching_holds_later_frames_to_the_first_window():
+    from wanx.pipeline.windows import match_colors
+
+    x = torch.randn(1, 4, 12, 5, 5, generator=torch.Generator().manual_seed(0))
+    drifting = x + torch.linspace(0, 3, 12).view(1, 1, -1, 1, 1)  # brightness creeping up frame by frame
+    matched = match_colors(drifting, 3)
+    assert torch.equal(matched[:, :, :3], drifting[:, :, :3])  # the reference window as it was
+    late = matched[:, :, 6:].mean(dim=(0, 2, 3, 4))
+    first = drifting[:, :, :3].mean(dim=(0, 2, 3, 4))
+    assert (late - first).abs().max() < 0.3 < (drifting[:, :, 6:].mean(dim=(0, 2, 3, 4)) - first).abs().min()
+    assert torch.equal(match_colors(drifting, 12), drifting)  # one window: nothing to hold
+
+
+def test_seam_and_drift_measures():
+    import numpy as np
+
+    from wanx.pipeline.windows import color_drift, seam_frames, seam_ratio
+
+    assert seam_frames(Windows(5, 2, 8, "static"), 4) == [8, 16]  # window 2 starts at latent 3, window 1 ends after 4
+    frames = np.zeros((21, 4, 4, 3), dtype=np.uint8)
+    frames[9:] = 40  # one jump, between frames 8 and 9
+    seam, inside, ratio = seam_ratio(frames, [8])
+    assert seam == 40 and inside == 0 and ratio > 1e6
+    assert seam_ratio(frames, [3])[2] == 0
+    drift = color_drift(frames, 5)
+    assert drift["mean"] == 40 and drift["runs"] == 4
+
+
+def test_generate_with_color_matching_says_so(pipe):
+    video = pipe("a cat", seed=2, num_frames=33, height=32, width=48, steps=2, progress=False,
+                 context_windows=ContextWindows(17, 8, color_match=True))
+    assert video.metadata["context_windows"]["color_match"] is True

@@ -192,7 +192,8 @@ def _guidance_flags(gen: argparse.ArgumentParser) -> None:
     var.add_argument("--nag-alpha", type=float, help="NAG: blend 0..1 (default 0.25)")
 
 
-_WINDOW_FLAGS = ("context_frames", "context_overlap", "context_schedule", "context_blend")  # wanx.request.WINDOW_KEYS
+_WINDOW_FLAGS = ("context_frames", "context_overlap", "context_schedule", "context_blend",
+                 "color_match")  # wanx.request.WINDOW_KEYS
 
 
 def _window_flags(gen: argparse.ArgumentParser) -> None:
@@ -208,6 +209,8 @@ def _window_flags(gen: argparse.ArgumentParser) -> None:
                           "so no seam stays put; looped: a video that loops")
     win.add_argument("--context-blend", choices=["linear", "pyramid"], help="how windows blend: linear ramps over "
                                                                             "the overlap (default) or pyramid")
+    win.add_argument("--color-match", action="store_true", default=None,
+                     help="hold later windows to the first window's colour and brightness (latent statistics)")
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -230,13 +233,13 @@ FLAGS = {"prompt": "--prompt (or --prompts FILE)", "negative_prompt": "--negativ
          **{key: "--" + key.replace("_", "-") for key in (  # wanx.request.GUIDANCE_KEYS
              "cfg_steps", "cfg_zero_star", "apg", "apg_eta", "apg_norm_threshold", "apg_momentum", "slg_layers",
              "slg_start", "slg_end", "nag_scale", "nag_tau", "nag_alpha",
-             "context_frames", "context_overlap", "context_schedule", "context_blend")}}
+             "context_frames", "context_overlap", "context_schedule", "context_blend", "color_match")}}
 _JOB_KEYS = ("prompt", "negative_prompt", "seed", "image", "last_image", "video", "strength", "size", "frames", "steps",
              "guidance", "shift", "sampler", "output", "guidance_low",
              "boundary", "timesteps", "cfg_steps", "cfg_zero_star", "apg", "apg_eta", "apg_norm_threshold", "apg_momentum",
              "slg_layers", "slg_start", "slg_end", "nag_scale", "nag_tau",
              "nag_alpha", "context_frames", "context_overlap", "context_schedule",
-             "context_blend")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
+             "context_blend", "color_match")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
 # How the CLI spells each runtime choice and parallel-plan parameter in Runtime.check's refusals
 # (`wanx serve` is given them too: its flags are these).
 RUNTIME_FLAGS = {"offload": "--offload", "vram_budget": "--vram-budget", "quantize": "--fp8/--int8",

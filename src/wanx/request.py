@@ -28,8 +28,9 @@ KEY_TYPES: dict[str, tuple[type, ...]] = {
 
     # context windows over a long video (windows_from_options)
     "context_frames": (int,), "context_overlap": (int,), "context_schedule": (str,), "context_blend": (str,),
+    "color_match": (bool,),
 }
-WINDOW_KEYS = ("context_frames", "context_overlap", "context_schedule", "context_blend")
+WINDOW_KEYS = ("context_frames", "context_overlap", "context_schedule", "context_blend", "color_match")
 GUIDANCE_KEYS = ("cfg_steps", "cfg_zero_star", "apg", "apg_eta", "apg_norm_threshold", "apg_momentum", "slg_layers",
                  "slg_start", "slg_end", "nag_scale", "nag_tau", "nag_alpha")
 JOB_KEYS = frozenset(KEY_TYPES)
@@ -198,10 +199,10 @@ def guidance_from_options(options: Mapping, name: Callable[[str], str] = str):
 
 def windows_from_options(options: Mapping, name: Callable[[str], str] = str):
     """Context windows from request options (context_frames, context_overlap, context_schedule,
-    context_blend), or None when context_frames is not set; the others are its settings."""
+    context_blend, color_match), or None when context_frames is not set; the others are its settings."""
     from .pipeline import ContextWindows
 
-    given = {k: v for k, v in options.items() if v is not None}
+    given = {k: v for k, v in options.items() if v is not None and v is not False}
     if "context_frames" not in given:
         if given:
             key = sorted(given)[0]
@@ -209,5 +210,5 @@ def windows_from_options(options: Mapping, name: Callable[[str], str] = str):
                                     f"{name('context_frames')} too (e.g. 81)")
         return None
     keys = dict(frames="context_frames", overlap="context_overlap", schedule="context_schedule",
-                blend="context_blend")
+                blend="context_blend", color_match="color_match")
     return ContextWindows(**{k: given[key] for k, key in keys.items() if key in given})

@@ -30,7 +30,7 @@ from ..video import Video, to_pixels
 from .conditioning import Conditioning, Run, conditioning_for
 from .experts import Experts
 from .plan import Plan, plan_request
-from .windows import ContextWindows
+from .windows import ContextWindows, match_colors
 
 
 class WanPipeline:
@@ -261,6 +261,8 @@ class WanPipeline:
             x = conditioning.start(run, noise, sigmas)
             x = self._denoise(run, plan, conditioning, inputs, (context, context_null), x, sigmas, timesteps,
                               batched, callback, generator, lora_step)
+            if plan.windows is not None and plan.windows.color_match:
+                x = match_colors(x, plan.windows.size)
             if output_type == "latents":
                 return x
             frames = self._decode(run, plan, x, need, decode_callback)  # [1, 3, F, H, W] in [-1, 1]
@@ -399,7 +401,8 @@ class WanPipeline:
         if plan.windows is not None:
             w, temporal = plan.windows, plan.latent[1]
             metadata["context_windows"] = {"frames": (w.size - 1) * temporal + 1, "overlap": w.overlap * temporal,
-                                           "schedule": w.schedule, "blend": w.blend}
+                                           "schedule": w.schedule, "blend": w.blend,
+                                           **({"color_match": True} if w.color_match else {})}
 
         if plan.guider is not None:
             metadata["guidance_variant"] = describe(plan.guider)

@@ -36,6 +36,7 @@ class ContextWindows:
     overlap: int = 16
     schedule: str = "static"
     blend: str = "linear"
+    color_match: bool = False  # hold later windows to the first one's colours (`match_colors`)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Windows:
     total: int  # latent frames of the video
     schedule: str = "static"
     blend: str = "linear"
+    color_match: bool = False
 
     @property
     def stride(self) -> int:
@@ -150,4 +152,65 @@ def plan_windows(request: ContextWindows | None, num_frames: int, temporal: int,
     size = (frames - 1) // temporal + 1
     if size == total and request.schedule != "looped":
         return None
-    return Windows(size, overlap // temporal, total, request.schedule, request.blend)
+    return Windows(size, overlap // temporal, total, request.schedule, request.blend, bool(request.color_match))
+
+
+def match_colors(latents: Tensor, reference: int) -> Tensor:
+    """Colour and brightness held to the first `reference` latent frames (the first window):
+    each later latent frame's per-channel mean and standard deviation, taken over a moving span
+    of `reference` frames around it (so motion and flicker inside a window stay as they are),
+    are moved to the reference's. Wan's latent channels carry colour and brightness, so this
+    is the pixel-space correction peers do (Wan2GP matches each window to the last), done on
+    the small latents before decoding: the decoder streams untouched."""
+    x = latents.float()
+    total = x.shape[2]
+    if reference >= total:
+        return latents
+    dims = (0, 2, 3, 4)  # per channel
+    mean_ref, std_ref = x[:, :, :reference].mean(dims, keepdim=True), x[:, :, :reference].std(dims, keepdim=True)
+    out = x.clone()
+    half = reference // 2
+    for f in range(reference, total):
+        span = x[:, :, max(0, f - half): min(total, f - half + reference)]
+        mean, std = span.mean(dims, keepdim=True), span.std(dims, keepdim=True)
+        out[:, :, f: f + 1] = (x[:, :, f: f + 1] - mean) / std.clamp_min(1e-6) * std_ref + mean_ref
+    return out.to(latents.dtype)
+
+
+# -- measurements (bench/long_video.py, tests) ------------------------------------------------
+
+def seam_frames(windows: Windows, temporal: int) -> list[int]:
+    """Video frames i whose step to frame i + 1 crosses the edge of a window (the windows of
+    step 0): where a window's influence begins or ends."""
+    edges = set()
+    for window in windows.at(0):
+        for k in (window[0], window[-1] + 1):
+            if 0 < k < windows.total:  # between latent frames k - 1 and k
+                edges.add((k - 1) * temporal)  # the last video frame of latent k - 1
+    return sorted(edges)
+
+
+def seam_ratio(frames, seams: list[int]) -> tuple[float, float, float]:
+    """(mean |frame difference| at the seams, inside the windows, their ratio) of uint8 frames
+    `[F, H, W, 3]`; a ratio near 1 means the seams do not show as jumps."""
+    import numpy as np
+
+    video = np.asarray(frames, dtype=np.float32)
+    steps = np.abs(np.diff(video, axis=0)).mean(axis=(1, 2, 3))  # [F - 1]
+    at = np.zeros(len(steps), dtype=bool)
+    at[[i for i in seams if i < len(steps)]] = True
+    seam, inside = float(steps[at].mean()), float(steps[~at].mean())
+    return seam, inside, seam / max(inside, 1e-9)
+
+
+def color_drift(frames, span: int) -> dict[str, float]:
+    """How far colours wander: per-channel mean (and standard deviation) of each run of `span`
+    frames against the first run, the largest absolute difference in levels of 255."""
+    import numpy as np
+
+    video = np.asarray(frames, dtype=np.float32)
+    runs = [video[i: i + span] for i in range(0, len(video) - span // 2, span)]
+    means = np.stack([r.mean(axis=(0, 1, 2)) for r in runs])
+    stds = np.stack([r.std(axis=(0, 1, 2)) for r in runs])
+    return {"mean": float(np.abs(means - means[0]).max()), "std": float(np.abs(stds - stds[0]).max()),
+            "runs": len(runs)}

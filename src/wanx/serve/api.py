@@ -57,6 +57,7 @@ _DESCRIPTIONS = {
     "context_schedule": "static (the same windows every step), uniform (windows slide from step to step) or "
                         "looped (a video that loops)",
     "context_blend": "linear (ramps over the overlap) or pyramid",
+    "color_match": "hold later windows to the first window's colour and brightness (default false)",
     "loras": 'LoRAs from the server\'s --loras folder: [{"name": "style.safetensors", "strength": 0.8}]',
 }
 REQUEST_SCHEMA = {
