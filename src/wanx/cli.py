@@ -633,8 +633,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--caption-dropout is a share in [0, 1), got {args.caption_dropout}")
     if args.offload_activations and not args.gradient_checkpointing:
         raise ValueError("--offload-activations needs --gradient-checkpointing (it moves what checkpointing keeps)")
-    if args.full and args.fp8:
-        raise ValueError("--full trains every weight: drop --fp8 (FP8 weights are frozen)")
+    if args.full and (args.fp8 or args.int8):
+        flag = "--fp8" if args.fp8 else "--int8"
+        raise ValueError(f"--full trains every weight: drop {flag} ({flag[2:].upper()} weights are frozen)")
     if args.from_scratch and not args.full:
         raise ValueError("--from-scratch trains a whole new DiT: add --full")
     config = TrainConfig(data=Path(args.data), output=Path(args.output), full=args.full,
@@ -675,7 +676,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # How `wanx train` spells the parameters of `wanx.training.run` in its errors.
 TRAIN_FLAGS = {"model": "--model", "expert": "--expert", "output": "--output", "validation": "--validation-prompts",
-               "offload": "--offload", "vram_budget": "--vram-budget", "quantize": "--fp8"}
+               "offload": "--offload", "vram_budget": "--vram-budget", "quantize": "--fp8/--int8"}
 
 
 def _without_gpus(argv: list[str]) -> list[str]:
@@ -1093,6 +1094,9 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     help="key format of the LoRA file (official = ComfyUI's; both load in wanx)")
     tr.add_argument("--fp8", action="store_true", help="the frozen DiT's block weights in FP8 (half the memory); the "
                                                        "LoRA still trains in fp32")
+    tr.add_argument("--int8", action="store_true", help="the frozen DiT's block weights in INT8 (weight-only, "
+                                                        "per-channel scales; half the memory, closer than FP8); the "
+                                                        "LoRA still trains in fp32")
     tr.add_argument("--offload", default="none", choices=["none", "blocks"],
                     help="blocks: the frozen DiT stays in host memory and its blocks are streamed to the GPU "
                          "within --vram-budget (with --fp8: 14B LoRA training on a 24 GB GPU)")

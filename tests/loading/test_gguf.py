@@ -11,6 +11,7 @@ gguf = pytest.importorskip("gguf")
 
 import wanx  # noqa: E402
 from tests.oracles import official_config_json, official_state, tiny_dit  # noqa: E402
+from tests.loading.kquants import K_QUANTS, quantize_k  # noqa: E402
 from tests.loading.test_load_model import dit_inputs  # noqa: E402
 from wanx.loading import CheckpointError, DamagedCheckpoint, inspect_checkpoint  # noqa: E402
 from wanx.memory.fp8 import fp8_layer_names  # noqa: E402
@@ -22,7 +23,8 @@ Q = gguf.GGMLQuantizationType
 def write_gguf(path, model, qtype, *, arch="wan", others=Q.F16):
     """city96's layout: block Linear weights in `qtype` (a list: taken in turn), other >1-dim
     tensors in `others`, 1-dim tensors F32, tensors of more than 4 dims flattened with
-    `comfy.gguf.orig_shape.<name>`."""
+    `comfy.gguf.orig_shape.<name>`; a weight whose rows are not whole blocks of its type stays
+    F16, as city96's converter leaves it."""
     kinds = qtype if isinstance(qtype, list) else [qtype]
     linears = {n + ".weight": kinds[i % len(kinds)] for i, n in enumerate(fp8_layer_names(model))}
     writer = gguf.GGUFWriter(str(path), arch)
@@ -32,7 +34,10 @@ def write_gguf(path, model, qtype, *, arch="wan", others=Q.F16):
             writer.add_array(f"comfy.gguf.orig_shape.{name}", list(data.shape))
             data = data.reshape(-1)
         kind = linears[name] if name in linears else (Q.F32 if data.ndim == 1 else others)
-        writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+        if data.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
+            kind = Q.F16
+        packed = quantize_k(data, kind.name) if kind.name in K_QUANTS else gguf.quants.quantize(data, kind)
+        writer.add_tensor(name, packed, raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -47,8 +52,7 @@ def write_gguf(path, model, qtype, *, arch="wan", others=Q.F16):
 # output's largest magnitude, computing in fp32. Measured: Q8_0 0.7% (FP8 in bf16 is 2.7%,
 # tests/memory/test_fp8.py), Q5_0 6.8%, Q4_0 7.1%, the mix 6.1%. Q5_0 is not below Q4_0 here
 # although its weights are (RMS 0.043 vs 0.086 of N(0, 1)): at this size the maximum is noise.
-# K-quants need rows of 256, wider than the tiny DiT's; their dequantization is tested in
-# tests/memory/test_gguf.py.
+# K-quants need rows of 256, wider than the tiny DiT's: test_k_quant_dit_loads_packed_and_stays_close.
 BOUNDS = {"Q8_0": 0.015, "Q5_0": 0.10, "Q4_0": 0.12, "Q8_0+Q4_0+F16": 0.12}
 
 
@@ -70,6 +74,37 @@ def test_gguf_dit_loads_packed_and_stays_close(tmp_path, name):
         reference, out = model(x, t, context), loaded(x, t, context)
     error = ((out - reference).abs().max() / reference.abs().max()).item()
     assert 0 < error <= BOUNDS[name], error
+
+
+# The K-quants on a DiT 256 wide (rows of 256: one K-quant block), ffn 384 wide so that ffn.2's
+# rows are not whole blocks and stay F16, as city96's converter leaves them; weights N(0, 1/256)
+# as a trained layer's scale. The output's RMS error against its fp32 self, as a fraction of the
+# output's RMS, computing in fp32. Measured (the writer rounds to nearest, tests/loading/kquants.py;
+# llama.cpp's search of scales does better): Q6_K 1.4%, Q5_K 2.8%, Q4_K 5.7%, Q3_K 12%, Q2_K 25%.
+K_BOUNDS = {"Q6_K": 0.03, "Q5_K": 0.05, "Q4_K": 0.10, "Q3_K": 0.20, "Q2_K": 0.40}
+
+
+def test_k_quant_dit_loads_packed_and_stays_close(tmp_path):
+    from tests.oracles import randomize
+    from wanx.configs import DiTConfig
+    from wanx.models.transformer import WanDiT
+
+    config = DiTConfig(dim=256, ffn_dim=384, num_heads=4, num_layers=2, text_dim=32)
+    model = randomize(WanDiT(config), 0, std=1 / 16)
+    x, t, context, _ = dit_inputs(config)
+    with torch.no_grad():
+        reference = model(x, t, context)
+    layers = fp8_layer_names(model)
+    errors = {}
+    for name in K_BOUNDS:
+        loaded = wanx.load_model(write_gguf(tmp_path / f"{name}.gguf", model, Q[name]), dtype=torch.float32)
+        kinds = {n: getattr(loaded.get_submodule(n), "qtype", "F16") for n in layers}
+        assert kinds == {n: "F16" if n.endswith("ffn.2") else name for n in layers}
+        with torch.no_grad():
+            out = loaded(x, t, context)
+        errors[name] = ((out - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt()).item()
+    assert all(0 < errors[k] <= bound for k, bound in K_BOUNDS.items()), errors
+    assert list(errors.values()) == sorted(errors.values()), errors  # fewer bits, larger error
 
 
 def test_gguf_dit_computes_in_bf16_by_default(tmp_path):
@@ -310,3 +345,73 @@ def test_full_training_on_a_gguf_base_is_refused(tmp_path):
     dit = wanx.load_model(write_gguf(tmp_path / "q8.gguf", tiny_dit(), Q.Q8_0))
     with pytest.raises(ValueError, match="--full trains every weight: a GGUF DiT's are packed"):
         Trainable(dit, TrainConfig(data=tmp_path, output=tmp_path / "out", full=True))
+
+
+# -- Wan2.2 ---------------------------------------------------------------------------------------
+
+
+def _gguf_copy(tmp_path, tiny: str, ggufs: dict[str, str], kinds=(Q.Q8_0, Q.Q4_0)):
+    """A copy of a tiny model set with its DiT(s) as GGUF files named as released: `ggufs` maps
+    the DiT's place in the tiny set ("." or an expert folder) to the GGUF's path in the copy."""
+    import shutil
+
+    from wanx.tiny import tiny_model_dir
+
+    floats = tiny_model_dir(tiny)
+    folder = tmp_path / tiny
+    shutil.copytree(floats, folder, ignore=shutil.ignore_patterns("diffusion_pytorch_model*", "*_noise_model"))
+    for (source, name), kind in zip(ggufs.items(), kinds):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        write_gguf(folder / name, wanx.load_model(floats / source, dtype=torch.float32), kind)
+    return floats, folder
+
+
+def _latents(model, **extra):
+    from wanx.pipeline import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(model, device="cpu", dtype=torch.float32, offload="none")
+    return pipe("a cat walks", height=32, width=32, num_frames=5, num_inference_steps=4, seed=3,
+                output_type="latents", progress=False, **extra), pipe
+
+
+@pytest.mark.parametrize("high, low", [
+    ("Wan2.2-T2V-A14B-HighNoise-Q8_0.gguf", "Wan2.2-T2V-A14B-LowNoise-Q4_0.gguf"),  # QuantStack
+    ("HighNoise/Wan2.2-T2V-A14B-high-noise-Q8_0.gguf", "LowNoise/Wan2.2-T2V-A14B-low-noise-Q4_0.gguf"),
+    ("wan2.2_t2v_high_noise_14B_Q8_0.gguf", "wan2.2_t2v_low_noise_14B_Q4_0.gguf"),  # bullerwins, as ComfyUI's
+])
+def test_wan22_expert_ggufs_are_found_as_the_pair(tmp_path, high, low):
+    """Two GGUF expert files beside the other components are Wan2.2 A14B's pair, told apart by
+    their names as the released GGUFs are named, each kept packed in its own quant type."""
+    from wanx.hub import find_model
+
+    _, folder = _gguf_copy(tmp_path, "tiny-moe", {"high_noise_model": high, "low_noise_model": low})
+    files = find_model(folder)
+    assert (files.dit, files.dit_low) == (folder / high, folder / low) and files.moe
+    assert [files.infos[n].expert for n in ("dit", "dit_low")] == ["high", "low"]
+    assert [files.infos[n].layout for n in ("dit", "dit_low")] == ["gguf", "gguf"]
+
+
+def test_wan22_expert_ggufs_generate_close_to_the_float_experts(tmp_path):
+    """tiny-moe with its experts as Q8_0 (high noise) and Q4_0 (low noise) GGUFs: both experts
+    packed in the pipeline, latents close to the float experts'. Measured: 0.84% RMS."""
+    floats, folder = _gguf_copy(tmp_path, "tiny-moe", {"high_noise_model": "Wan2.2-T2V-A14B-HighNoise-Q8_0.gguf",
+                                                       "low_noise_model": "Wan2.2-T2V-A14B-LowNoise-Q4_0.gguf"})
+    reference, _ = _latents(floats)
+    latents, pipe = _latents(folder)
+    kinds = [{m.qtype for m in dit.modules() if isinstance(m, GGUFLinear)} for dit in (pipe.dit, pipe.dit_low)]
+    assert kinds == [{"Q8_0"}, {"Q4_0"}]
+    error = ((latents - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt()).item()
+    assert 0 < error <= 0.03, error
+
+
+def test_a_ti2v_5b_gguf_generates_close_to_the_float_dit(tmp_path):
+    """TI2V-5B's DiT (48 latent channels, on the Wan2.2 VAE) as a GGUF, text and image to video.
+    Q8_0; measured: 0.063% RMS (text), 0.060% (image)."""
+    floats, folder = _gguf_copy(tmp_path, "tiny-ti2v", {".": "Wan2.2-TI2V-5B-Q8_0.gguf"})
+    for extra in ({}, {"image": torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1}):
+        reference, _ = _latents(floats, **extra)
+        latents, pipe = _latents(folder, **extra)
+        assert pipe.dit.config.model_type == "ti2v" and latents.shape[1] == 48
+        assert any(isinstance(m, GGUFLinear) for m in pipe.dit.modules())
+        error = ((latents - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt()).item()
+        assert 0 < error <= 0.005, (extra.keys(), error)

@@ -78,7 +78,8 @@ def test_lightx2v_int8_into_fp8_layers(tmp_path):
     assert (out - reference).abs().max() <= 0.06 * reference.abs().max()
 
 
-@pytest.mark.parametrize("change", ["float weight", "block-wise fp8 scale", "int8 block-wise scale", "int8 without scale"])
+@pytest.mark.parametrize("change", ["float weight", "block-wise fp8 scale", "int8 block-wise scale", "int8 per-tensor scale",
+                                    "int8 without scale"])
 def test_unknown_scale_layouts_are_refused_in_one_line(tmp_path, change):
     model = tiny_dit()
     dtype = torch.float8_e4m3fn if "fp8" in change else torch.int8
@@ -87,13 +88,14 @@ def test_unknown_scale_layouts_are_refused_in_one_line(tmp_path, change):
     if change == "float weight":  # a scale beside a float weight: not lightx2v's layout
         state[key] = model.blocks[0].ffn[0].weight.detach().bfloat16()
         expected = r"1 unexpected \(blocks\.0\.ffn\.0\.weight_scale\)"
-    elif change == "block-wise fp8 scale":  # 128x128-block scales (lightx2v's deepgemm layout): not per channel
+    elif "block-wise" in change:  # [out/128, in/128] (lightx2v's 128x128-block layout): not per channel
         state[f"{key}_scale"] = torch.ones(1, 1)
-        expected = r"1 unexpected \(blocks\.0\.ffn\.0\.weight_scale\)"
-    elif change == "int8 block-wise scale":
-        state[f"{key}_scale"] = torch.ones(1, 1)
-        expected = r"blocks\.0\.ffn\.0\.weight is stored as int8 without a per-channel scale \(blocks\.0\.ffn\.0" \
-                   r"\.weight_scale is \[1, 1\]"
+        expected = rf"blocks\.0\.ffn\.0\.weight is stored as {'float8_e4m3fn' if 'fp8' in change else 'int8'} without " \
+                   r"a per-channel scale \(blocks\.0\.ffn\.0\.weight_scale is \[1, 1\]: block-wise scales\); wanx " \
+                   r"reads int8/fp8 weights with one float scale per output channel \(\[64\] or \[64, 1\]"
+    elif change == "int8 per-tensor scale":
+        state[f"{key}_scale"] = torch.ones(1)
+        expected = r"weight_scale is \[1\]: per-tensor scales\)"
     else:
         del state[f"{key}_scale"]
         expected = r"blocks\.0\.ffn\.0\.weight is stored as int8 without a per-channel scale \(no blocks"

@@ -9,9 +9,9 @@ gguf = pytest.importorskip("gguf")
 from wanx.memory.gguf import QUANTIZED, TYPES, GGUFLinear, dequantize, qtype_id  # noqa: E402
 
 SIMPLE = ["Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1"]
-K_QUANTS = ["Q6_K", "Q5_K", "Q4_K", "Q3_K"]
+K_QUANTS = ["Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]
 # where each K-quant block keeps its fp16 scales (d, and dmin where it has one)
-FP16_FIELDS = {"Q6_K": (208,), "Q5_K": (0, 2), "Q4_K": (0, 2), "Q3_K": (108,)}
+FP16_FIELDS = {"Q6_K": (208,), "Q5_K": (0, 2), "Q4_K": (0, 2), "Q3_K": (108,), "Q2_K": (80, 82)}
 
 
 def _random_k_blocks(name: str, n: int, rng) -> np.ndarray:

@@ -112,3 +112,65 @@ def test_compile_twice_is_refused_and_remove_is_idempotent():
     handle.remove()
     handle.remove()
     compile_blocks(dit).remove()
+
+
+class _EveryQuantizedLinear(torch.nn.Module):
+    """A GGUFLinear of every supported quant type and an Int8Linear side by side on one input."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)
+
+    def forward(self, x):
+        return torch.stack([layer(x) for layer in self.layers])
+
+
+def test_packed_layers_compile_in_one_graph_and_match_eager():
+    """The dequantization (uint8 bit fields, fp16 scales viewed from bytes) traces without a
+    graph break for every GGUF type and INT8, and the compiled layers give eager's output."""
+    gguf = pytest.importorskip("gguf")
+    from tests.loading.kquants import K_QUANTS, quantize_k
+    from wanx.memory.gguf import QUANTIZED, GGUFLinear
+    from wanx.memory.int8 import Int8Linear
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 256, generator=gen) * 0.05
+    layers = []
+    for name in QUANTIZED:
+        kind = gguf.GGMLQuantizationType[name]
+        packed = quantize_k(weight.numpy(), name) if name in K_QUANTS else gguf.quants.quantize(weight.numpy(), kind)
+        layer = GGUFLinear(256, 16, name, compute_dtype=torch.float32)
+        layer.set_weight(torch.from_numpy(packed), torch.randn(16, generator=gen))
+        layers.append(layer)
+    layers.append(Int8Linear.from_linear(torch.nn.Linear(256, 16), compute_dtype=torch.float32))
+    model = _EveryQuantizedLinear(layers)
+    x = torch.randn(3, 256, generator=gen)
+    with torch.no_grad():
+        close(torch.compile(model, fullgraph=True)(x), model(x))  # fullgraph: a graph break raises
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
+def test_regional_compile_of_a_gguf_and_int8_dit_is_one_graph(tmp_path):
+    """A GGUF DiT (Q8_0, Q4_0 and Q5_1 layers packed, the F16 ones then made INT8) compiles its
+    blocks in one graph without a break, as the float DiT does, and matches eager. (The quant
+    type of each layer is part of the graph: blocks typed differently compile one graph each.)"""
+    gguf = pytest.importorskip("gguf")
+    import wanx
+    from tests.loading.test_gguf import write_gguf
+    from wanx.memory.gguf import GGUFLinear
+    from wanx.memory.int8 import Int8Linear, quantize_int8
+
+    Q = gguf.GGMLQuantizationType
+    path = write_gguf(tmp_path / "mixed.gguf", tiny_dit(), [Q.Q8_0, Q.Q4_0, Q.F16, Q.Q5_1, Q.F16])  # 10 layers a block
+    dit = quantize_int8(wanx.load_model(path, dtype=torch.float32), compute_dtype=torch.float32)
+    kinds = {type(m) for m in dit.blocks[0].modules()}
+    assert {GGUFLinear, Int8Linear} <= kinds and torch.nn.Linear not in kinds
+    reference = copy.deepcopy(dit)
+    compile_blocks(dit, fullgraph=True)
+    x, context = inputs()
+    with torch.no_grad():
+        for t in (700.0, 300.0):
+            t = torch.tensor([t])
+            close(dit(x, t, context), reference(x, t, context))
+    # (with fullgraph=True dynamo does not count the frame as "ok": the graphs are the count)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["stats"])

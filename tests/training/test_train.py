@@ -165,6 +165,19 @@ def test_training_on_an_fp8_base(prepared, tmp_path):
     assert len(read_lora(tmp_path / "fp8" / "fp8.safetensors").modules) == 20
 
 
+def test_training_on_an_int8_base(prepared, tmp_path):
+    """--int8: the frozen base quantized to INT8 as it loads, the LoRA trained on its Int8Linear
+    layers (fp32 adapters); a different LoRA from the same run on the float base."""
+    train(prepared, tmp_path / "int8", "--steps", "3", "--lr", "1e-2", "--int8")
+    train(prepared, tmp_path / "float", "--steps", "3", "--lr", "1e-2")
+    history = losses(tmp_path / "int8")
+    assert len(history) == 3 and all(torch.isfinite(torch.tensor(history)))
+    lora, floats = load_file(str(tmp_path / "int8" / "int8.safetensors")), load_file(str(tmp_path / "float" / "float.safetensors"))
+    assert len(read_lora(tmp_path / "int8" / "int8.safetensors").modules) == 20 and lora.keys() == floats.keys()
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in lora.values())
+    assert any(not torch.equal(lora[k], floats[k]) for k in lora if "lora_B" in k)  # it trained on another base
+
+
 def test_diffusers_format_and_logit_normal_timesteps(prepared, tmp_path):
     train(prepared, tmp_path / "official", "--steps", "3", "--lr", "1e-2", "--lora-alpha", "4")
     train(prepared, tmp_path / "diffusers", "--steps", "3", "--lr", "1e-2", "--lora-alpha", "4", "--lora-format", "diffusers")

@@ -203,6 +203,13 @@ def test_full_fine_tuning(prepared, tmp_path, capsys):
     assert "--fp8" in err
 
 
+def test_full_with_int8_is_refused_in_one_line(prepared, tmp_path, capsys):
+    err = error_of(capsys, ["train", "--data", str(prepared), "--model", "tiny", "--output", str(tmp_path / "int8"),
+                            "--full", "--int8", "--quiet"])
+    assert "--full trains every weight: drop --int8 (INT8 weights are frozen)" in err
+    assert not (tmp_path / "int8").exists()  # refused before anything was made
+
+
 def test_init_weights_is_wans_from_scratch_start():
     from wanx.configs import DiTConfig
     from wanx.models.transformer import WanDiT

@@ -256,13 +256,8 @@ def _identify(store: TensorStore) -> CheckpointInfo:
     for stored in (key for parts in names.values() for key in parts):
         kind = store.qtypes.get(stored) or str(store.dtypes[stored]).removeprefix("torch.")
         counts[kind] += math.prod(store.shapes[stored])
-        if store.dtypes[stored] == torch.int8 and _channel_scale(store, stored) is None:
-            found = f"{stored}_scale is {list(store.shapes[stored + '_scale'])}" if stored + "_scale" in store.shapes \
-                else f"no {stored}_scale"
-            raise CheckpointError(
-                f"{store.path}: {stored} is stored as int8 without a per-channel scale ({found}; lightx2v writes one "
-                f"float per output channel, [{store.shapes[stored][0]}, 1]): a quantized layout wanx does not know"
-            )
+        if problem := _unknown_scale(store, stored):
+            raise CheckpointError(f"{store.path}: {problem}")
     return CheckpointInfo(
         path=store.path, files=store.files, network=found.network, layout="gguf" if store.gguf else found.layout,
         config=config, dtypes=dict(counts), num_params=sum(counts.values()),
@@ -270,6 +265,29 @@ def _identify(store: TensorStore) -> CheckpointInfo:
         channel_scaled=any(k.endswith(CHANNEL_SCALE_SUFFIX) for k in store.keys()), names=names,
         gguf=_gguf_line(store) if store.gguf else None,
     )
+
+
+def _unknown_scale(store: TensorStore, weight: str) -> str | None:
+    """What is wrong with an int8 or fp8 `weight` whose scale is not lightx2v's per-channel one
+    (int8 without any scale; int8 or fp8 with a block-wise or per-tensor `weight_scale`, as
+    lightx2v's 128x128-block files write), or None. An fp8 weight without `weight_scale` is
+    ComfyUI's (no scale, or its `scale_weight`)."""
+    dtype = store.dtypes[weight]
+    key = weight + "_scale"
+    if not (dtype == torch.int8 or (dtype in FP8_DTYPES and key in store.shapes)) or _channel_scale(store, weight):
+        return None
+    kind = str(dtype).removeprefix("torch.")
+    shape = list(store.shapes[weight])
+    if key not in store.shapes:
+        found = f"no {key}"
+    else:
+        scale = list(store.shapes[key])
+        layout = "per-tensor" if math.prod(scale) == 1 and len(scale) < 2 else \
+            "block-wise" if len(scale) == 2 and len(shape) == 2 else "unknown"
+        found = f"{key} is {scale}: {layout} scales"
+    return (f"{weight} is stored as {kind} without a per-channel scale ({found}); wanx reads int8/fp8 weights "
+            f"with one float scale per output channel ([{shape[0]}] or [{shape[0]}, 1], as lightx2v's per-channel "
+            "files), or fp8 as ComfyUI writes it: a quantized layout wanx does not know")
 
 
 def _channel_scale(store: TensorStore, weight: str) -> str | None:

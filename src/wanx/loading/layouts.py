@@ -221,7 +221,8 @@ EXPERT_NAMES = ("high", "low")
 def expert_of(path: str | Path) -> str | None:
     """"high" or "low" for one expert of a Wan2.2 A14B model, from where its weights are: an
     official `high_noise_model/` / `low_noise_model/` folder, diffusers' `transformer/` beside a
-    `transformer_2/`, or a file named like ComfyUI's `wan2.2_t2v_high_noise_14B_fp16.safetensors`.
+    `transformer_2/`, or a file named like ComfyUI's `wan2.2_t2v_high_noise_14B_fp16.safetensors`
+    or QuantStack's `Wan2.2-T2V-A14B-HighNoise-Q4_K_S.gguf`.
     None when the place does not say (a Wan2.1 DiT, or an expert file under another name)."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
@@ -229,10 +230,10 @@ def expert_of(path: str | Path) -> str | None:
         return EXPERT_FOLDERS[folder.name]
     if folder.name in DIFFUSERS_EXPERTS and (folder.parent / "transformer_2").is_dir():
         return DIFFUSERS_EXPERTS[folder.name]
-    if not path.is_dir():
-        name = path.name.lower().replace("-", "_")
+    if not path.is_dir():  # ComfyUI's high_noise; QuantStack's GGUFs write HighNoise
+        name = path.name.lower().replace("-", "").replace("_", "")
         for expert in EXPERT_NAMES:
-            if f"{expert}_noise" in name:
+            if f"{expert}noise" in name:
                 return expert
     return None
 

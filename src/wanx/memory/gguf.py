@@ -18,7 +18,7 @@ QK_K = 256
 TYPES = {
     0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2),
     2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34),
-    11: ("Q3_K", QK_K, 110), 12: ("Q4_K", QK_K, 144), 13: ("Q5_K", QK_K, 176), 14: ("Q6_K", QK_K, 210),
+    10: ("Q2_K", QK_K, 84), 11: ("Q3_K", QK_K, 110), 12: ("Q4_K", QK_K, 144), 13: ("Q5_K", QK_K, 176), 14: ("Q6_K", QK_K, 210),
 }
 QUANTIZED = tuple(name for name, size, _ in TYPES.values() if size > 1)
 _BY_NAME = {name: qtype for qtype, (name, _, _) in TYPES.items()}
@@ -144,8 +144,19 @@ def _q3_k(b: Tensor) -> Tensor:
     return (dl * q).reshape(n, QK_K)
 
 
+def _q2_k(b: Tensor) -> Tensor:
+    """16 sub-blocks of 16: a 4-bit scale (low nibble) and 4-bit min (high nibble) each, times
+    the block's fp16 d and dmin; the 2-bit values sit four to a byte."""
+    n = b.shape[0]
+    scales, qs = b[:, :16], b[:, 16:80]
+    dl = (_f16(b[:, 80:82]) * (scales & 0x0F).float()).reshape(n, 16, 1)
+    ml = (_f16(b[:, 82:84]) * (scales >> 4).float()).reshape(n, 16, 1)
+    q = _bits(qs.reshape(n, 2, 32), 2, 4).reshape(n, 16, QK_K // 16).float()
+    return (dl * q - ml).reshape(n, QK_K)
+
+
 _DEQUANT = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1,
-            "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+            "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
 
 
 def dequantize(packed: Tensor, qtype: int | str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
