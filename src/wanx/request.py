@@ -14,7 +14,7 @@ from .pipeline import MAX_SEED, RequestError, plan_request
 
 # Keys of a request and the type each holds (a JSON line of --prompts, a POST /v1/videos body).
 KEY_TYPES: dict[str, tuple[type, ...]] = {
-    "prompt": (str,), "negative_prompt": (str,), "seed": (int,), "image": (str,), "last_image": (str,),
+    "prompt": (str, list), "negative_prompt": (str,), "seed": (int,), "image": (str,), "last_image": (str,),
     "video": (str,), "strength": (int, float), "size": (str,), "frames": (int,), "steps": (int,),
     "guidance": (int, float), "shift": (int, float), "sampler": (str,), "output": (str,),
     "guidance_low": (int, float), "boundary": (int, float),  # Wan2.2 A14B: the low-noise expert

@@ -204,7 +204,9 @@ class WanPipeline:
 
         Args:
             prompt, negative_prompt: what the video shows and what to avoid (default the
-                task's official negative prompt; unused when guidance_scale is 1).
+                task's official negative prompt; unused when guidance_scale is 1). With context
+                windows, prompt may be a list: prompts over time, each window reading the one
+                for the stretch of the video its middle falls in.
             image, last_image: first and last frame (I2V, FLF2V; TI2V-5B: image makes it
                 image-to-video): a path, PIL image, uint8 `[H, W, 3]` or `[3, H, W]` in [-1, 1].
                 The output keeps the image's aspect ratio within height x width.
@@ -336,9 +338,19 @@ class WanPipeline:
                 if windows is None:
                     return guide(functools.partial(branch, dit, None), x, t, *texts, scale, at)
                 return windows.run(step[0], x, lambda part, frames: guide(functools.partial(branch, dit, frames),
-                                                                          part, t, *texts, scale, at), bar.update)
+                                                                          part, t, *window_texts(frames), scale, at),
+                                   bar.update)
             finally:
                 step[0] += 1
+
+        def window_texts(frames: list[int]) -> tuple:
+            """Prompts over time: the prompt of the stretch where the window's middle lies."""
+            context, context_null = texts
+            if len(context) == 1:
+                return texts
+            middle = (frames[0] + frames[-1]) / 2 / windows.total
+            row = min(len(context) - 1, int(middle * len(context)))
+            return context[row: row + 1], context_null
 
         # one bar over steps, or over windows x steps
         bar = _progress(len(timesteps) if windows is None else windows.count(len(timesteps)), "denoising",
@@ -466,8 +478,10 @@ class WanPipeline:
 
     # -------------------------------------------------------------------------------------
     def _text(self, plan: Plan, prompt, prompt_embeds, negative_prompt_embeds) -> tuple[Tensor, Tensor | None]:
+        """(context `[n, text_len, 4096]`, one row per prompt, the negative's `[1, ...]` or None)."""
         device = self.device
-        prompts = [] if prompt_embeds is not None else [prompt]
+        prompts = [] if prompt_embeds is not None else list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
+        count = len(prompts) or 1  # prompts over time: one context each (context windows pick theirs)
         if negative_prompt_embeds is None and plan.negative_prompt is not None:
             prompts.append(plan.negative_prompt)
         encoded = None
@@ -477,7 +491,7 @@ class WanPipeline:
                 raise ValueError(f"the prompt has {int(lengths.max())} tokens; this model reads at most "
                                  f"{self.dit.config.text_len}: shorten it")
             encoded = encoded[:, : int(lengths.max())]
-        context = prompt_embeds if prompt_embeds is not None else encoded[:1]
+        context = prompt_embeds if prompt_embeds is not None else encoded[:count]
         if negative_prompt_embeds is not None:
             context_null = negative_prompt_embeds
         elif plan.negative_prompt is not None:

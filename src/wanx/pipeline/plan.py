@@ -190,6 +190,14 @@ def make_plan(model: ModelFacts, prompt, negative_prompt, request: Mapping, name
     from .windows import plan_windows
 
     plan.windows = plan_windows(given["context_windows"], plan.num_frames, plan.latent[1], name)
+    if isinstance(prompt, (list, tuple)):  # prompts over time: each window reads the one for where it is
+        if plan.windows is None:
+            raise RequestError("prompt", f"a list of prompts (one per stretch of the video) needs context windows: "
+                                         f"give {name('context_frames')} shorter than the video")
+        if not prompt or not all(isinstance(p, str) and p.strip() for p in prompt):
+            raise RequestError("prompt", f"{name('prompt')}: a list of prompts must hold non-empty strings")
+        if given["prompt_embeds"] is not None:
+            raise RequestError("prompt", f"give a list of prompts or prompt_embeds, not both")
     if plan.windows is not None and getattr(plan.guider, "momentum", None) is not None:
         raise RequestError("apg_momentum", f"{name('apg_momentum')} carries one running sum over the whole video; "
                                            f"with context windows leave it unset")
