@@ -300,7 +300,7 @@ def load_row(preset: str, qtype: str, num_layers: int | None) -> dict:
 # -- CUDA: the whole DiT on the device ------------------------------------------------------------
 
 
-def device_dit_bytes(preset: str, fmt: str, device: torch.device) -> int:
+def device_dit_bytes(preset: str | object, fmt: str, device: torch.device) -> int:
     """Bytes allocated on the device by the DiT held in `fmt` (meta model moved there empty,
     packed weights filled with valid random bytes)."""
     torch.cuda.empty_cache()
