@@ -74,3 +74,23 @@ def test_a_written_gguf_loads_with_the_counted_bytes(quant):
     one_block = dataclasses.replace(dit_config("t2v-1.3B"), num_layers=1)
     assert found["held"] == quant.dit_bytes(one_block, "Q4_0")["held"]
     assert found["anon"] >= 0 and found["file_bytes"] > found["held"] // 2
+
+
+def test_fit_table_counts_quantized_dits_packed_and_is_the_docs_table(capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_fit_table", ROOT / "bench" / "fit_table.py")
+    fit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit)
+    linear = fit.block_linear_params("t2v-14B")
+    assert linear == 40 * (8 * 5120 * 5120 + 2 * 13824 * 5120)
+    rest = fit.DIT_PARAMS["t2v-14B"] - linear
+    assert fit.dit_bytes("t2v-14B", "GGUF Q4_K") == linear * 144 // 256 + rest * 2
+    assert fit.dit_bytes("t2v-14B", "INT8") == linear + rest * 2
+    # 14B at 480P on 24 GiB: resident only once the DiT is packed to Q4_K (bf16 needs --fp8 there)
+    assert fit.best("t2v-14B", "480P", 24, "GGUF Q4_K").startswith("--t5-device cpu:")
+    assert fit.best("t2v-14B", "480P", 24, "INT8").startswith("--int8 ")
+    fit.main()
+    printed = capsys.readouterr().out
+    docs = (ROOT / "docs" / "memory.md").read_text(encoding="utf-8")
+    for line in printed.splitlines():
+        assert line in docs, line  # docs/memory.md shows what bench/fit_table.py prints
