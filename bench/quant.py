@@ -1,7 +1,7 @@
 """Quantized DiT weights (issue #29): what each format wanx holds costs in bytes, host RAM to
 load and time per layer, for T2V-1.3B- and 14B-shaped DiTs on random weights.
 
-    .venv/bin/python bench/quant.py                  # CPU: ~1-2 minutes on 2 cores
+    .venv/bin/python bench/quant.py                  # CPU: ~2 minutes on 2 cores
     .venv/bin/python bench/quant.py --bytes-only     # the byte table alone (instant)
     python bench/quant.py                            # with CUDA: adds the device rows
 
@@ -15,7 +15,8 @@ keeps in float32 in float32.
    a file stored that way (`memory.estimate.kept_bytes`, what `wanx generate` plans with).
 2. load: peak host RAM (anonymous, sampled every ms, in a fresh child process) of
    `wanx.load_model` on a GGUF file of T2V-1.3B shape written here from random packed bytes
-   (Q4_0 block Linear layers, F16/F32 for the rest, city96's layout), against the bytes held.
+   (Q4_0 block Linear layers, F16/F32 for the rest, city96's layout), against the bytes held:
+   10 of its 30 blocks by default (`--load-layers 0`: all of them; the file costs its disk write).
 3. layer: one block Linear of each shape (1.3B: 1536x1536 attention, 8960x1536 FFN; 14B:
    5120x5120, 13824x5120) in each format, dequantizing per call as wanx does, on a token count
    (CPU default 1024; a 480P 81-frame video is 32,760) against a bf16 and a float32 nn.Linear
@@ -32,7 +33,6 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -137,7 +137,9 @@ def packed_random(fmt: str, out_features: int, in_features: int, *, device="cpu"
     in [2^-7, 1) and the dequantized weight is finite (no NaN or denormal to slow a CPU)."""
     n = wgguf.packed_bytes(fmt, (out_features, in_features))
     gen = torch.Generator(device=device).manual_seed(seed)
-    return torch.randint(0x20, 0x3C, (n,), dtype=torch.uint8, device=device, generator=gen)
+    # one random MiB repeated: drawing every byte of a GB-sized file costs more than writing it
+    chunk = torch.randint(0x20, 0x3C, (min(n, 1 << 20),), dtype=torch.uint8, device=device, generator=gen)
+    return chunk.repeat(-(-n // chunk.numel()))[:n]
 
 
 def filled_layer(fmt: str, out_features: int, in_features: int, device: torch.device, seed: int = 0) -> nn.Module:
@@ -182,18 +184,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of `repeats` calls after one warm-up."""
+def timed_together(calls: dict, device: torch.device, repeats: int) -> dict:
+    """Seconds of each call: one warm-up each, then `repeats` rounds calling them in turn, the
+    fastest of each kept. On a shared machine other work only ever adds time, and taking turns
+    spreads its drift over every format alike."""
+    best = {}
     with torch.no_grad():
-        fn()
-        times = []
-        for _ in range(repeats):
-            sync(device)
-            start = time.perf_counter()
+        for fn in calls.values():
             fn()
-            sync(device)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for _ in range(repeats):
+            for name, fn in calls.items():
+                sync(device)
+                start = time.perf_counter()
+                fn()
+                sync(device)
+                best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+    return best
 
 
 def layer_rows(fmts: list[str], shapes, tokens: int, device: torch.device, repeats: int,
@@ -203,28 +209,20 @@ def layer_rows(fmts: list[str], shapes, tokens: int, device: torch.device, repea
     rows, ao_note = [], ""
     for label, out_f, in_f in shapes:
         x = torch.randn(tokens, in_f, device=device, generator=torch.Generator(device=device).manual_seed(1))
-        base = {}
-        for fmt in ("bf16", "fp32"):
-            layer = filled_layer(fmt, out_f, in_f, device)
-            xin = x.to(layer.weight.dtype)
-            base[fmt] = timed(lambda: layer(xin), device, repeats)
-            del layer
         xb = x.to(torch.bfloat16)
-        for fmt in ["fp32", "bf16", *[f for f in fmts if f != "bf16"]] + (["torchao int8"] if with_torchao else []):
-            if fmt in base:
-                row = dict(shape=label, format=fmt, s=base[fmt], dequant_s=0.0)
-            elif fmt == "torchao int8":
-                layer, ao_note = torchao_layer(out_f, in_f, device)
-                if layer is None:
-                    continue
-                row = dict(shape=label, format=fmt, s=timed(lambda: layer(xb), device, repeats), dequant_s=None)
-            else:
-                layer = filled_layer(fmt, out_f, in_f, device)
-                row = dict(shape=label, format=fmt, s=timed(lambda: layer(xb), device, repeats),
-                           dequant_s=timed(layer.dequantized, device, 1))
-                del layer
-            row.update(x_bf16=row["s"] / base["bf16"], x_fp32=row["s"] / base["fp32"])
-            rows.append(row)
+        layers = {fmt: filled_layer(fmt, out_f, in_f, device) for fmt in ["fp32", "bf16", *[f for f in fmts if f != "bf16"]]}
+        calls = {fmt: (lambda layer=layer: layer(x if layer.weight.dtype == torch.float32 else xb))
+                 if isinstance(layer, nn.Linear) else (lambda layer=layer: layer(xb)) for fmt, layer in layers.items()}
+        calls.update({("dequant", fmt): layer.dequantized for fmt, layer in layers.items() if hasattr(layer, "dequantized")})
+        if with_torchao:
+            ao, ao_note = torchao_layer(out_f, in_f, device)
+            if ao is not None:
+                calls["torchao int8"] = lambda: ao(xb)
+        found = timed_together(calls, device, repeats)
+        del layers, calls
+        for fmt in [k for k in found if isinstance(k, str)]:
+            rows.append(dict(shape=label, format=fmt, s=found[fmt], dequant_s=found.get(("dequant", fmt)),
+                             x_bf16=found[fmt] / found["bf16"], x_fp32=found[fmt] / found["fp32"]))
     return rows, ao_note
 
 
@@ -340,6 +338,7 @@ def print_layers(rows: list[dict], tokens: int, where: str) -> None:
     print("|---|---|---|---|---|---|")
     for r in rows:
         share = "-" if r["dequant_s"] is None else f"{min(r['dequant_s'] / r['s'], 1):.0%}"
+        share = "0%" if r["format"] in ("bf16", "fp32") else share
         print(f"| {r['shape']} | {r['format']} | {r['x_bf16']:.2f} | {r['x_fp32']:.2f} | {share} | {r['s'] * 1e3:.1f} |")
 
 
@@ -348,14 +347,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bytes-only", action="store_true", help="print the byte table and stop")
     parser.add_argument("--tokens", type=int, default=None,
                         help=f"tokens per layer call (default: 1024 on CPU, {VIDEO_TOKENS} on CUDA)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per layer (median; default 3)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed rounds per layer (the fastest is kept; default 2)")
     parser.add_argument("--shapes", default=None,
                         help=f"comma-separated layer shapes to time, or 'all' (default: all on CUDA, "
                              f"{','.join(CPU_SHAPES)} on a CPU; the ratios hardly depend on the shape at a given "
                              "token count: dequantization and matmul both scale with the weight count)")
     parser.add_argument("--formats", default=None, help="comma-separated formats (default: all)")
-    parser.add_argument("--load-layers", type=int, default=None,
-                        help="blocks of the 1.3B-shaped GGUF file the load is measured on (default: all 30)")
+    parser.add_argument("--load-layers", type=int, default=10,
+                        help="blocks of the 1.3B-shaped GGUF file the load is measured on (default 10 of 30: "
+                             "writing the whole 0.84 GB file takes 15-40 s on a slow disk; 0: all 30)")
     parser.add_argument("--load-qtypes", default="Q4_0", help="GGUF types of the load rows ('' for none)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     parser.add_argument("--load-child", help=argparse.SUPPRESS)
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         print("| file | blocks | file size | held by the model | peak anonymous | peak / held | file pages | write s |")
         print("|---|---|---|---|---|---|---|---|")
         for qtype in qtypes:
-            r = load_row("t2v-1.3B", qtype, args.load_layers)
+            r = load_row("t2v-1.3B", qtype, args.load_layers or None)
             print(f"| {qtype} | {r['num_layers']} of 30 | {r['file_bytes'] / GB:.3f} GB | {r['held'] / GB:.3f} GB | "
                   f"{r['anon'] / GB:.3f} GB | {r['anon'] / r['held']:.2f} | "
                   f"{r['file'] / GB:.3f} GB | {r['write_s']:.1f} |")
