@@ -172,7 +172,12 @@ def torchao_layer(out_features: int, in_features: int, device: torch.device) -> 
     except Exception as err:  # not installed, or built against another torch
         return None, f"torchao not available ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})"
     model = nn.Sequential(filled_layer("bf16", out_features, in_features, device))
-    quantize_(model, Int8WeightOnlyConfig())
+    try:
+        quantize_(model, Int8WeightOnlyConfig())
+        with torch.no_grad():
+            model(torch.zeros(1, in_features, dtype=torch.bfloat16, device=device))
+    except Exception as err:  # imported, but its kernels do not run with this torch or device
+        return None, f"torchao {torchao.__version__} does not run here ({type(err).__name__}: {str(err)[:120]})"
     return model, f"torchao {torchao.__version__}"
 
 
