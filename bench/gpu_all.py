@@ -430,6 +430,33 @@ def section_memory(rows: Rows, args, mode: Mode, device: torch.device) -> None:
     memory_rows(rows, mode.cfg14, [
         ("14B FP8 streamed 6GB", Spec("wanx fp8 blocks 6GB", "wanx", fp8=True, budget=parse_bytes("6GB"))),
     ], mode, device, "; ".join(x for x in (size, stand_in or layers) if x))
+    quant_rows(rows, mode, device)
+
+
+QUANT_FORMATS = ("bf16", "fp8", "int8", "Q8_0", "Q4_K", "Q4_0")  # bench/quant.py has every GGUF type
+
+
+def quant_rows(rows: Rows, mode: Mode, device: torch.device) -> None:
+    """`bench/quant.py` in a few seconds: the T2V-14B DiT held in a few formats (allocated on
+    the device and measured on CUDA; counted on a meta model elsewhere) and one 14B FFN layer
+    (13824x5120) dequantizing per call against bf16's nn.Linear, at a 480P 81-frame video's
+    tokens (CPU: a 1024x512 stand-in layer at 64 tokens, a smoke test: its times are noise)."""
+    import quant
+
+    cuda = device.type == "cuda"
+    label, out_f, in_f = ("14B ffn.0", 13824, 5120) if cuda else ("stand-in", 1024, 512)
+    tokens = quant.VIDEO_TOKENS if cuda else 64
+    fmts = [f for f in QUANT_FORMATS if f in quant.formats()]
+    timings = {r["format"]: r for r in quant.layer_rows(fmts, [(label, out_f, in_f)], tokens, device,
+                                                         max(3, mode.steps), with_torchao=False)[0]}
+    for fmt in fmts:
+        def one(fmt=fmt):
+            computed = quant.dit_bytes("t2v-14B", fmt)["held"] / GB
+            measured = dict(weights_gb=quant.device_dit_bytes("t2v-14B", fmt, device) / GB) if cuda else {}
+            return dict(**measured, computed_gb=computed, x_bf16=timings[fmt]["x_bf16"])
+        rows.attempt(f"quant: 14B DiT {fmt}", one,
+                     note=f"layer {label} {out_f}x{in_f}, {tokens} tokens"
+                     + ("" if cuda else "; DiT bytes computed (CPU: nothing allocated)"))
 
 
 # -- section 4: end to end -------------------------------------------------------------------------
@@ -537,7 +564,8 @@ FORMATS = {  # metric -> (format, label)
     "peak_reserved_gb": ("{:.2f} GB", "peak reserved"), "weights_gb": ("{:.3f} GB", "weights on device"),
     "units": ("{}", "resident units"), "first_step_s": ("{:.2f} s", "first step"), "decode_s": ("{:.2f} s", "decode"),
     "total_s": ("{:.2f} s", "measured total"), "total_50_s": ("{:.1f} s", "50 steps (extrapolated)"),
-    "passes": ("{}", "passes"),
+    "passes": ("{}", "passes"), "computed_gb": ("{:.2f} GB", "computed"),
+    "x_bf16": ("{:.2f}x", "layer time x bf16 Linear"),
 }
 
 

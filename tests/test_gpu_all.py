@@ -51,6 +51,11 @@ def test_every_section_has_figures_or_a_reason(cpu_run):
         assert "peak: CUDA only" in rows["memory", name]["note"]
     streamed, resident = rows["memory", "1.3B streamed 0"]["metrics"], rows["memory", "1.3B resident"]["metrics"]
     assert streamed["weights_gb"] < resident["weights_gb"]
+    # bench/quant.py's rows: the 14B DiT's bytes per format (computed on a CPU, never a fake measurement)
+    held = {f: rows["memory", f"quant: 14B DiT {f}"]["metrics"] for f in ("bf16", "int8", "Q8_0", "Q4_K", "Q4_0")}
+    assert all("weights_gb" not in m and m["x_bf16"] > 0 for m in held.values())
+    assert held["bf16"]["computed_gb"] > held["Q8_0"]["computed_gb"] > held["int8"]["computed_gb"]
+    assert held["Q4_K"]["computed_gb"] == held["Q4_0"]["computed_gb"] < 0.31 * held["bf16"]["computed_gb"]
     assert rows["end_to_end", "cache off"]["metrics"]["decode_s"] > 0
     assert rows["end_to_end", "4 steps, no CFG"]["metrics"]["total_s"] > 0
     assert rows["training", "LoRA step: ckpt + offload act. + FP8"]["metrics"]["s_step"] > 0
