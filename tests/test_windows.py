@@ -196,3 +196,29 @@ def test_generate_with_color_matching_says_so(pipe):
     video = pipe("a cat", seed=2, num_frames=33, height=32, width=48, steps=2, progress=False,
                  context_windows=ContextWindows(17, 8, color_match=True))
     assert video.metadata["context_windows"]["color_match"] is True
+
+
+def test_prompts_over_time_each_window_reads_its_own(pipe):
+    seen = []
+    real = pipe.dit.forward
+
+    def spy(x, t, context, **kw):
+        seen.append(context[0, :2, :3].clone())
+        return real(x, t, context, **kw)
+
+    pipe.dit.forward = spy
+    try:
+        out = pipe(["a cat", "a dog"], seed=2, num_frames=33, steps=1, height=32, width=48, progress=False,
+                   output_type="latents", guidance_scale=1.0, context_windows=ContextWindows(17, 8))
+        texts = pipe.text_encoder.encode(["a cat", "a dog"])[0][:, :2, :3]
+    finally:
+        del pipe.dit.forward
+    assert torch.isfinite(out).all() and len(seen) == 3  # windows at latent 0, 3, 4 of 9: middles 2, 5, 6
+    assert torch.equal(seen[0], texts[0]) and torch.equal(seen[1], texts[1]) and torch.equal(seen[2], texts[1])
+
+
+def test_a_list_of_prompts_needs_windows(pipe):
+    with pytest.raises(RequestError, match="needs context windows"):
+        pipe.plan(["a cat", "a dog"], num_frames=33)
+    with pytest.raises(RequestError, match="non-empty strings"):
+        pipe.plan(["a cat", ""], num_frames=33, context_windows=ContextWindows(17, 8))

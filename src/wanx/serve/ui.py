@@ -274,7 +274,7 @@ def build_ui(server: Server) -> gr.Blocks:
             for item in queue.list("running", 10) + queue.list("queued", 50)[::-1]:  # the order they will run
                 progress = item.get("progress") or {}
                 done = f"{progress.get('step')}/{progress.get('total')}" if progress.get("total") else ""
-                rows.append([item["id"], item["status"], done, (item["request"].get("prompt") or "")[:60]])
+                rows.append([item["id"], item["status"], done, _prompt_text(item["request"])[:60]])
             ids = [row[0] for row in rows]
             recent = queue.list("done", GALLERY_SIZE)
             recent_ids = [item["id"] for item in recent]
@@ -284,7 +284,7 @@ def build_ui(server: Server) -> gr.Blocks:
                     path = queue.output_path(item["id"])
                     if path.is_file():
                         shown_items.append((_poster(str(path), path.stat().st_mtime),
-                                            (item["request"].get("prompt") or "")[:40]))
+                                            _prompt_text(item["request"])[:40]))
                 pictures = gr.update(value=shown_items)
             else:
                 pictures = gr.update()
@@ -325,3 +325,9 @@ def build_ui(server: Server) -> gr.Blocks:
                                                            sampler, seed, teacache, cfg_steps, timesteps, settings,
                                                            result])
     return ui
+
+
+def _prompt_text(request: dict) -> str:
+    """A job's prompt in one line (prompts over time joined by " | ")."""
+    prompt = request.get("prompt") or ""
+    return " | ".join(prompt) if isinstance(prompt, list) else prompt
