@@ -216,9 +216,9 @@ def gguf_frames(tmp_path_factory):
 
 
 # Mean frame difference from the float model, of 255 levels, on random tiny weights; both runs
-# compute in float32 on the CPU, so it is the quantization alone. Measured: Q8_0 2.4, Q4_0 3.8
+# compute in float32 on the CPU, so it is the quantization alone. Measured: Q8_0 2.4, Q5_0 3.1, Q4_0 3.8
 # (FP8, computing in bf16: 3.4, tests/memory/test_offload_cli.py).
-FRAME_BOUNDS = {"Q8_0": 6, "Q4_0": 10}
+FRAME_BOUNDS = {"Q8_0": 6, "Q5_0": 10, "Q4_0": 10}
 
 
 @pytest.mark.parametrize("kind", sorted(FRAME_BOUNDS))
