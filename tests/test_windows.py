@@ -222,3 +222,16 @@ def test_a_list_of_prompts_needs_windows(pipe):
         pipe.plan(["a cat", "a dog"], num_frames=33)
     with pytest.raises(RequestError, match="non-empty strings"):
         pipe.plan(["a cat", ""], num_frames=33, context_windows=ContextWindows(17, 8))
+
+
+def test_windows_on_two_experts_and_on_streamed_blocks():
+    moe = WanPipeline.from_pretrained("tiny-moe", device="cpu", dtype=torch.float32)
+    request = dict(seed=3, num_frames=33, height=32, width=48, steps=4, progress=False, output_type="latents",
+                   context_windows=ContextWindows(17, 8, "uniform"))
+    resident = moe("a cat", **request)
+    assert moe.last_experts["high_noise_steps"] > 0 and moe.last_experts["low_noise_steps"] > 0
+    streamed = WanPipeline.from_pretrained("tiny-moe", device="cpu", dtype=torch.float32, offload="blocks",
+                                           vram_budget=0)
+    # on a CPU a streamed block computes on copies of the same weights (other memory may take
+    # other BLAS kernels): the same latents to float32 rounding
+    torch.testing.assert_close(streamed("a cat", **request), resident, rtol=1e-5, atol=1e-5)
