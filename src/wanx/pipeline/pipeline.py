@@ -338,19 +338,10 @@ class WanPipeline:
                 if windows is None:
                     return guide(functools.partial(branch, dit, None), x, t, *texts, scale, at)
                 return windows.run(step[0], x, lambda part, frames: guide(functools.partial(branch, dit, frames),
-                                                                          part, t, *window_texts(frames), scale, at),
+                                                                          part, t, *windows.texts(texts, frames), scale, at),
                                    bar.update)
             finally:
                 step[0] += 1
-
-        def window_texts(frames: list[int]) -> tuple:
-            """Prompts over time: the prompt of the stretch where the window's middle lies."""
-            context, context_null = texts
-            if len(context) == 1:
-                return texts
-            middle = (frames[0] + frames[-1]) / 2 / windows.total
-            row = min(len(context) - 1, int(middle * len(context)))
-            return context[row: row + 1], context_null
 
         # one bar over steps, or over windows x steps
         bar = _progress(len(timesteps) if windows is None else windows.count(len(timesteps)), "denoising",

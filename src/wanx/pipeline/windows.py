@@ -87,6 +87,16 @@ class Windows:
             w[n - self.overlap:] = torch.minimum(w[n - self.overlap:], ramp.flip(0))
         return w
 
+    def texts(self, texts: tuple, frames: list[int]) -> tuple:
+        """(context, context_null) of a window: with prompts over time (context `[n, L, D]`),
+        the prompt of the stretch of the video where the window's middle lies."""
+        context, context_null = texts
+        if len(context) == 1:
+            return texts
+        middle = (frames[0] + frames[-1]) / 2 / self.total
+        row = min(len(context) - 1, int(middle * len(context)))
+        return context[row: row + 1], context_null
+
     def count(self, steps: int) -> int:
         """DiT windows run over `steps` steps (a progress bar's total)."""
         return sum(len(self.at(step)) for step in range(steps))
