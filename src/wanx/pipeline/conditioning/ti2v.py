@@ -52,14 +52,15 @@ class TextImageToVideo(Conditioning):
         return {"mode": "i2v" if self.plan.image is not None else "t2v"}
 
 
-def first_frame_timesteps(shape, patch_size, t: Tensor) -> Tensor:
+def first_frame_timesteps(shape, patch_size, t: Tensor, frames: int = 1) -> Tensor:
     """Per-token timesteps `[1, L]` for latents of `shape` [B, C, F, H, W]: 0 for the tokens of
-    latent frame 0 (the known image), t elsewhere; official: channel 0 of the mask, subsampled
-    by the patch (frames are patched one by one, pt = 1)."""
+    the first `frames` latent frames (the known image; continuation: the known frames), t
+    elsewhere; official: channel 0 of the mask, subsampled by the patch (frames are patched one
+    by one, pt = 1)."""
     _, _, f, h, w = shape
     pt, ph, pw = patch_size
     mask = torch.ones(f // pt, h // ph, w // pw, device=t.device)
-    mask[0] = 0
+    mask[:frames] = 0
     return (mask * t.reshape(())).flatten()[None]
 
 
