@@ -302,7 +302,6 @@ MIXINS = {"t2v": {"renoise": RenoisedPrefix, "clean": CleanPrefix}, "ti2v": Clea
           "flf2v": MaskedPrefix}
 
 
-@functools.lru_cache(maxsize=None)
 def extended(cls: type[Conditioning], t2v_method: str | None = None) -> type[Conditioning]:
     """The task's conditioning with continuation: the family's mixin in front of it."""
     mixin = MIXINS.get(cls.task)
@@ -310,4 +309,9 @@ def extended(cls: type[Conditioning], t2v_method: str | None = None) -> type[Con
         mixin = mixin[t2v_method or T2V_METHOD]
     if mixin is None:
         raise ValueError(f"{cls.task} cannot continue a video")
+    return _compose(mixin, cls)
+
+
+@functools.lru_cache(maxsize=None)
+def _compose(mixin: type, cls: type) -> type[Conditioning]:
     return type(f"Extended{cls.__name__}", (mixin, cls), {"task": cls.task})

@@ -1,0 +1,78 @@
+"""Continuation's seam on the demo model (T2V): a video is made, saved with its side file and
+continued; the seam metric is the mean |frame difference| between the last old frame and the
+first new one over the mean difference between the other neighbouring frames of the output
+(1.0: the seam is as smooth as the motion). Both ways of holding the known frames on a T2V
+model are measured (`wanx.pipeline.extend`: "renoise", the chosen one, and "clean"), from the
+stored latents and from the frames encoded again, beside an unconditioned second video
+(what the seam would be with nothing carried over).
+
+    python bench/extend_seam.py [--prompts 3] [--steps 20]     # CPU, a few minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wanx.demo.gallery import PROMPTS
+from wanx.pipeline import WanPipeline
+from wanx.pipeline import extend as ext
+from wanx.video import read_video
+
+
+def seam_ratio(frames: np.ndarray, seam: int) -> tuple[float, float]:
+    """(diff at the seam between frames seam-1 and seam, mean diff of the other neighbours)."""
+    diffs = np.abs(np.diff(frames.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))  # [F-1]
+    inside = np.delete(diffs, seam - 1).mean()
+    return float(diffs[seam - 1]), float(inside)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prompts", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=None, help="default the demo model's 20")
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    pipe = WanPipeline.from_pretrained("demo", device="cpu", dtype=torch.float32)
+    rows: dict[str, list[float]] = {}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, prompt in enumerate(PROMPTS[:args.prompts]):
+            seed = args.seed + k
+            old = pipe(prompt, seed=seed, num_inference_steps=args.steps, progress=False)
+            path = Path(tmp) / f"old{k}.mp4"
+            old.save(path)
+            ext.write_side_file(path, old, pipe.vae.config)
+            n = len(read_video(path))
+            for method in ("renoise", "clean"):
+                ext.T2V_METHOD = method
+                for source in ("stored", "encoded"):
+                    if source == "encoded":
+                        ext.side_file(path).rename(Path(tmp) / "aside")
+                    new = pipe(prompt, seed=seed + 100, num_inference_steps=args.steps, extend=path, progress=False)
+                    if source == "encoded":
+                        (Path(tmp) / "aside").rename(ext.side_file(path))
+                    seam, inside = seam_ratio(new.frames, n)
+                    rows.setdefault(f"{method:8s} {source}", []).append(seam / inside)
+            ext.T2V_METHOD = "renoise"
+            fresh = pipe(prompt, seed=seed + 100, num_inference_steps=args.steps, progress=False)
+            joined = np.concatenate([read_video(path).frames, fresh.frames])
+            seam, inside = seam_ratio(joined, n)
+            rows.setdefault("independent (no carry-over)", []).append(seam / inside)
+            print(f"{prompt}: " + ", ".join(f"{name.strip()} {values[-1]:.2f}" for name, values in rows.items()),
+                  file=sys.stderr)
+    print(f"seam / inside, mean over {args.prompts} prompts (demo model, 9-frame overlap, 8 new frames; "
+          f"{time.perf_counter() - start:.0f} s):")
+    for name, values in rows.items():
+        print(f"  {name:30s} {np.mean(values):.2f}  (each: {', '.join(f'{v:.2f}' for v in values)})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
