@@ -198,3 +198,30 @@ def test_generate_writes_the_side_file_and_extends_from_it(tmp_path, capsys):
 
     with av.open(str(second)) as container:
         assert json.loads(container.metadata["comment"])["extends"] == "a.mp4"
+
+
+def test_a_prompts_line_extends_a_video_beside_the_prompts_file(tmp_path):
+    from wanx.cli import _jobs, build_parser
+    from wanx.request import pipeline_kwargs
+
+    prompts = tmp_path / "jobs.jsonl"
+    prompts.write_text('{"prompt": "on", "extend": "clip.mp4", "extend_frames": 5, "frames": 8}\n', encoding="utf-8")
+    (job,) = _jobs(build_parser().parse_args(["generate", "--model", "tiny", "--prompts", str(prompts)]))
+    request = pipeline_kwargs(job)
+    assert (request["extend"], request["extend_frames"], request["num_frames"]) == (str(tmp_path / "clip.mp4"), 5, 8)
+
+
+def test_demo_model_continues_without_a_jump_at_the_seam(tmp_path):
+    """The seam metric on the trained demo model (T2V, the chosen re-noised prefix, from the
+    stored latents): the mean |frame difference| between the last old frame and the first new
+    one is within 1.5x the mean difference of the other neighbouring frames
+    (bench/extend_seam.py: 0.83-1.01 at 20 steps; an unconditioned second video: 2.8-3.0)."""
+    pipe = WanPipeline.from_pretrained("demo", device="cpu", dtype=torch.float32)
+    prompt, path = "a red circle moving left on a black background", tmp_path / "old.mp4"
+    old = pipe(prompt, seed=7, num_inference_steps=8, progress=False)
+    old.save(path)
+    ext.write_side_file(path, old, pipe.vae.config)
+    new = pipe(prompt, seed=107, num_inference_steps=8, extend=path, progress=False)
+    diffs = np.abs(np.diff(new.frames.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))
+    seam, inside = diffs[len(old) - 1], np.delete(diffs, len(old) - 1).mean()
+    assert seam <= 1.5 * inside, (seam, inside)
