@@ -215,13 +215,14 @@ def test_demo_model_continues_without_a_jump_at_the_seam(tmp_path):
     """The seam metric on the trained demo model (T2V, the chosen re-noised prefix, from the
     stored latents): the mean |frame difference| between the last old frame and the first new
     one is within 1.5x the mean difference of the other neighbouring frames
-    (bench/extend_seam.py: 0.83-1.01 at 20 steps; an unconditioned second video: 2.8-3.0)."""
+    (bench/extend_seam.py, 3 prompts at 20 steps: 0.84 on average, 0.67-1.01; an unconditioned
+    second video: 2.41; without the prefix held this test's seam is 2.6x)."""
     pipe = WanPipeline.from_pretrained("demo", device="cpu", dtype=torch.float32)
     prompt, path = "a red circle moving left on a black background", tmp_path / "old.mp4"
-    old = pipe(prompt, seed=7, num_inference_steps=8, progress=False)
+    old = pipe(prompt, seed=7, num_inference_steps=6, progress=False)
     old.save(path)
     ext.write_side_file(path, old, pipe.vae.config)
-    new = pipe(prompt, seed=107, num_inference_steps=8, extend=path, progress=False)
+    new = pipe(prompt, seed=107, num_inference_steps=6, extend=path, progress=False)
     diffs = np.abs(np.diff(new.frames.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))
     seam, inside = diffs[len(old) - 1], np.delete(diffs, len(old) - 1).mean()
     assert seam <= 1.5 * inside, (seam, inside)

@@ -888,9 +888,13 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 def _write_latents(out: Path, video, pipe) -> None:
     """Beside an mp4: its last latent frames (`<stem>.latents.safetensors`), so that
     `--extend` continues it from them and not from its frames encoded again."""
-    from .pipeline.extend import write_side_file
+    from .pipeline.extend import side_file, write_side_file
 
-    write_side_file(out, video, pipe.vae.config)
+    try:
+        write_side_file(out, video, pipe.vae.config)
+    except OSError as err:  # the video is written: say what --extend will do without its latents
+        print(f"wanx: warning: {side_file(out)} not written ({err.strerror or err}); --extend {out.name} will encode "
+              "its last frames instead", file=sys.stderr)
 
 
 def _add_generate(sub: argparse._SubParsersAction, tiny: str) -> None:
