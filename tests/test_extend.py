@@ -57,6 +57,9 @@ def test_a_wanx_video_continues_from_its_stored_latents_and_any_other_is_encoded
     assert new.fps == old.fps and new.size == (32, 32)
     assert new.metadata["extends"] == "old.mp4" and new.metadata["overlap_frames"] == 9
 
+    in_memory = t2v("a cat", extend=old, num_frames=4, seed=2, output_type="latents", **SMALL)  # a Video: its latents
+    assert count.calls == 0 and torch.equal(in_memory[0, :, :3], old.latents[:, -3:])
+
     Video(as_read, fps=old.fps).save(path, quality=30)  # the video edited: its side file's sha256 no longer matches
     t2v("a cat", extend=path, num_frames=4, seed=2, output_type="latents", **SMALL)
     assert count.calls == 1  # its last frames encoded, once

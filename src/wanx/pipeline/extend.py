@@ -158,16 +158,20 @@ def read_extension(plan, given: dict, name, *, size: tuple, frames) -> None:
     if not isinstance(overlap, int) or isinstance(overlap, bool) or overlap < 1 or not frames_ok(overlap):
         raise RequestError("extend_frames", f"{name('extend_frames')} {overlap} must be 4k+1 video frames (k latent "
                                             f"frames), e.g. {DEFAULT_OVERLAP}")
-    if not isinstance(source, (str, Path)):
-        raise RequestError("extend", f"{name('extend')} takes a video file's path, got {type(source).__name__}")
-    path = Path(source).expanduser()
-    if path.suffix.lower() not in VIDEO_SUFFIXES:
-        raise RequestError("extend", f"{name('extend')} {path}: not a video ({', '.join(VIDEO_SUFFIXES)}); "
-                                     f"an image starts a video with {name('image')}")
-    try:
-        video = read_video(path)  # at its own rate: the output keeps it
-    except (ValueError, FileNotFoundError) as err:
-        raise RequestError("extend", f"{name('extend')} {err}") from None
+    if isinstance(source, Video):  # a pipeline's result in memory: its own latents when it has them
+        video, path = source, Path("video")
+    elif isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        if path.suffix.lower() not in VIDEO_SUFFIXES:
+            raise RequestError("extend", f"{name('extend')} {path}: not a video ({', '.join(VIDEO_SUFFIXES)}); "
+                                         f"an image starts a video with {name('image')}")
+        try:
+            video = read_video(path)  # at its own rate: the output keeps it
+        except (ValueError, FileNotFoundError) as err:
+            raise RequestError("extend", f"{name('extend')} {err}") from None
+    else:
+        raise RequestError("extend", f"{name('extend')} takes a video file's path or a Video, got "
+                                     f"{type(source).__name__}")
     width, height = video.size
     if tuple(size) not in ((None, None), (width, height)):
         raise RequestError("height", f"{name('extend')} {path.name} is {width}x{height}: the new frames take its size; "
@@ -187,7 +191,13 @@ def read_extension(plan, given: dict, name, *, size: tuple, frames) -> None:
                                          f"multiple of {temporal} (each latent frame adds {temporal}), e.g. "
                                          f"{max(temporal, (81 - overlap) // temporal * temporal)}, got {new}")
     k = (overlap - 1) // temporal + 1
-    stored = stored_latents(path, width, height, plan.latent, k)
+    if isinstance(source, Video):
+        latents = source.latents
+        fits = latents is not None and tuple(latents.shape) == (channels, (len(video) - 1) // temporal + 1,
+                                                                height // spatial, width // spatial)
+        stored = latents[:, -k:].float() if fits else None
+    else:
+        stored = stored_latents(path, width, height, plan.latent, k)
     plan.width, plan.height = width, height
     plan.num_frames = overlap + new  # the clip the DiT makes: the overlap and the new frames, 4k+1
     plan.extend = Extension(path, video.frames, video.fps, overlap, new, stored, temporal)

@@ -230,7 +230,8 @@ class WanPipeline:
             callback: `callback(step, total, latents)` after each step (step from 1); an
                 exception it raises stops the call, nothing written (a server cancels this way).
             decode_callback: `decode_callback(done, total)` after each decoded VAE chunk.
-            extend: a video file to continue (`wanx.pipeline.extend`): the output is that video
+            extend: a video file, or a `Video` this pipeline returned (its `.latents` are used),
+                to continue (`wanx.pipeline.extend`): the output is that video
                 followed by the new frames, at its size and frame rate; num_frames then counts
                 the new frames (a multiple of 4). Its last frames are known latents at the
                 start, from the side file wanx writes next to its mp4s when there is one.
