@@ -48,7 +48,11 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--steps", type=int, default=None, help="default the demo model's 20")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--overlaps", default="", help="e.g. 5,9,13: the chosen way, from stored latents, at each "
+                                                        "overlap (video frames) instead of the table of ways")
     args = parser.parse_args()
+    if args.overlaps:
+        return by_overlap(args, [int(v) for v in args.overlaps.split(",")])
     pipe = WanPipeline.from_pretrained("demo", device="cpu", dtype=torch.float32)
     rows: dict[str, list[float]] = {}
     start = time.perf_counter()
@@ -81,6 +85,28 @@ def main() -> int:
           f"{time.perf_counter() - start:.0f} s):")
     for name, values in rows.items():
         print(f"  {name:30s} {np.mean(values):.2f}  (each: {', '.join(f'{v:.2f}' for v in values)})")
+    return 0
+
+
+def by_overlap(args, overlaps: list[int]) -> int:
+    pipe = WanPipeline.from_pretrained("demo", device="cpu", dtype=torch.float32)
+    rows: dict[int, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, prompt in enumerate(PROMPTS[:args.prompts]):
+            seed = args.seed + k
+            old = pipe(prompt, seed=seed, num_inference_steps=args.steps, progress=False)
+            path = Path(tmp) / f"old{k}.mp4"
+            old.save(path)
+            ext.write_side_file(path, old, pipe.vae.config)
+            for overlap in overlaps:
+                new = pipe(prompt, seed=seed + 100, num_inference_steps=args.steps, extend=path, extend_frames=overlap,
+                           num_frames=8, progress=False)
+                seam, inside = seam_ratio(new.frames, len(old))
+                rows.setdefault(overlap, []).append(seam / inside)
+                print(f"{prompt}: overlap {overlap}: {seam / inside:.2f}", file=sys.stderr)
+    print(f"seam / inside by overlap ({ext.T2V_METHOD}, stored latents, 8 new frames, {args.prompts} prompts):")
+    for overlap, values in rows.items():
+        print(f"  {overlap:3d} frames  {np.mean(values):.2f}  (each: {', '.join(f'{v:.2f}' for v in values)})")
     return 0
 
 

@@ -930,7 +930,7 @@ def _add_generate(sub: argparse._SubParsersAction, tiny: str) -> None:
                      help="continue VIDEO: the output is VIDEO followed by the new frames, at its size and frame rate "
                           "(--frames then counts the NEW frames, a multiple of 4; default the model's frame count "
                           "less the overlap). Its last frames start the new ones: from the latents wanx stored beside "
-                          "it (VIDEO.latents.safetensors) when it made the video, else encoded once. T2V, TI2V-5B, I2V "
+                          "it (out.mp4: out.latents.safetensors) when it made the video, else encoded once. T2V, TI2V-5B, I2V "
                           "(the last frame is the image) and FLF2V (with --last-image) models; not with --image or "
                           "--video")
     gen.add_argument("--extend-frames", type=int, metavar="N",
@@ -941,7 +941,8 @@ def _add_generate(sub: argparse._SubParsersAction, tiny: str) -> None:
                                                  "area. TI2V-5B: multiples of 32")
     gen.add_argument("--frames", type=int, help=f"number of frames, 4k+1 (default {defaults('num_frames')}; "
                                                 "video-to-video: the input's frame count rounded down to 4k+1, at most "
-                                                f"the default; frame rate {defaults('fps')})")
+                                                f"the default; frame rate {defaults('fps')}). With --extend: the NEW "
+                                                "frames, a multiple of 4")
     gen.add_argument("--steps", type=int, help=f"sampling steps (default {defaults('steps')})")
     gen.add_argument("--guidance", type=_guidance, help="classifier-free guidance scale, 1..30; 1 turns it off "
                                                         f"(default {defaults('guidance')}). Wan2.2 A14B: HIGH,LOW for "
