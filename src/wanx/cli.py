@@ -265,7 +265,8 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
             if not isinstance(job, dict):
                 raise ValueError(f"{where}a JSON line must be an object such as {{\"prompt\": \"...\"}}")
             job = parse_job(job, where=where)  # the server reads its request bodies with the same rules
-            for key in ("image", "last_image", "video", "extend"):  # relative to the prompts file, as its author sees them
+            # relative to the prompts file, as its author sees them
+            for key in ("image", "last_image", "video", "extend"):
                 if isinstance(job.get(key), str) and not Path(job[key]).expanduser().is_absolute():
                     job[key] = str(path.parent / job[key])
         else:
@@ -930,9 +931,9 @@ def _add_generate(sub: argparse._SubParsersAction, tiny: str) -> None:
                      help="continue VIDEO: the output is VIDEO followed by the new frames, at its size and frame rate "
                           "(--frames then counts the NEW frames, a multiple of 4; default the model's frame count "
                           "less the overlap). Its last frames start the new ones: from the latents wanx stored beside "
-                          "it (out.mp4: out.latents.safetensors) when it made the video, else encoded once. T2V, TI2V-5B, I2V "
-                          "(the last frame is the image) and FLF2V (with --last-image) models; not with --image or "
-                          "--video")
+                          "it (out.mp4: out.latents.safetensors) when it made the video, else encoded once. T2V, "
+                          "TI2V-5B, I2V (the last frame is the image) and FLF2V (with --last-image) models; not with "
+                          "--image or --video")
     gen.add_argument("--extend-frames", type=int, metavar="N",
                      help="--extend's overlap in video frames, 4k+1 (default 9: 3 latent frames); at most 29 come "
                           "from the stored latents")

@@ -159,7 +159,8 @@ def make_plan(model: ModelFacts, prompt, negative_prompt, request: Mapping, name
         check_inputs(given, needs_image, name)
         inputs |= {"image"} if needs_image else set()
     elif given["extend_frames"] is not None:
-        raise RequestError("extend_frames", f"{name('extend_frames')} is the overlap of {name('extend')}: give that too")
+        raise RequestError("extend_frames", f"{name('extend_frames')} is the overlap of {name('extend')}: "
+                                            "give that too")
     try:
         spec = choose_task(model.model_type, model.experts, inputs, name)
     except TaskError as err:
