@@ -55,12 +55,13 @@ class Extension:
     """A video to continue, read and checked at plan time."""
 
     source: Path
-    frames: np.ndarray  # the old video as read, uint8 [F, H, W, 3]
+    last: np.ndarray  # its last `overlap` frames, uint8 [overlap, H, W, 3]: the plan holds no more of it
     fps: int
     overlap: int  # video frames, 4k+1
     new_frames: int  # frames the output adds after the old ones
     stored: Tensor | None  # its last latent frames from the side file [C, k, H', W'], or None: encode
     temporal_stride: int = 4
+    video: Video | None = None  # a Video given in memory (else the file is read again for the output)
 
     @property
     def latent_frames(self) -> int:
@@ -68,7 +69,40 @@ class Extension:
 
     def tail(self) -> Tensor:
         """The last `overlap` old frames, `[3, overlap, H, W]` in [-1, 1]."""
-        return to_unit(self.frames[-self.overlap:])
+        return to_unit(self.last)
+
+    def frames(self) -> np.ndarray:
+        """The whole old video, uint8 `[F, H, W, 3]`: read when the output is assembled, not held
+        from the plan on (a batch of plans would hold every input video)."""
+        return self.video.frames if self.video is not None else read_video(self.source).frames
+
+
+def read_tail(path: Path, count: int) -> tuple[np.ndarray, int, tuple[int, int], int]:
+    """(the last `count` frames uint8, the number of frames, (width, height), fps) of a video
+    file at its own rate, decoded frame by frame: never more than `count` frames held."""
+    import collections
+
+    import av
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such video file")
+    kept: collections.deque = collections.deque(maxlen=count)
+    total = 0
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path}: has no video stream; give a video file")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 16)
+            for frame in container.decode(stream):
+                kept.append(frame.to_ndarray(format="rgb24"))
+                total += 1
+    except av.error.FFmpegError as err:
+        raise ValueError(f"{path}: not a readable video ({err})") from None
+    if not kept:
+        raise ValueError(f"{path}: the video has no frames")
+    last = np.stack(kept)
+    return last, total, (last.shape[2], last.shape[1]), int(round(fps))
 
 
 def side_file(video_path: str | Path) -> Path:
@@ -159,20 +193,20 @@ def read_extension(plan, given: dict, name, *, size: tuple, frames) -> None:
         raise RequestError("extend_frames", f"{name('extend_frames')} {overlap} must be 4k+1 video frames (k latent "
                                             f"frames), e.g. {DEFAULT_OVERLAP}")
     if isinstance(source, Video):  # a pipeline's result in memory: its own latents when it has them
-        video, path = source, Path("video")
+        path, video = Path("video"), source
+        last, count, (width, height), fps = source.frames[-overlap:], len(source), source.size, source.fps
     elif isinstance(source, (str, Path)):
-        path = Path(source).expanduser()
+        path, video = Path(source).expanduser(), None
         if path.suffix.lower() not in VIDEO_SUFFIXES:
             raise RequestError("extend", f"{name('extend')} {path}: not a video ({', '.join(VIDEO_SUFFIXES)}); "
                                          f"an image starts a video with {name('image')}")
         try:
-            video = read_video(path)  # at its own rate: the output keeps it
+            last, count, (width, height), fps = read_tail(path, overlap)  # at its own rate: the output keeps it
         except (ValueError, FileNotFoundError) as err:
             raise RequestError("extend", f"{name('extend')} {err}") from None
     else:
         raise RequestError("extend", f"{name('extend')} takes a video file's path or a Video, got "
                                      f"{type(source).__name__}")
-    width, height = video.size
     if tuple(size) not in ((None, None), (width, height)):
         raise RequestError("height", f"{name('extend')} {path.name} is {width}x{height}: the new frames take its size; "
                                      f"give {width}x{height} or leave the size out")
@@ -180,8 +214,8 @@ def read_extension(plan, given: dict, name, *, size: tuple, frames) -> None:
     if width % multiple or height % multiple:
         raise RequestError("extend", f"{name('extend')} {path.name} is {width}x{height}: this model needs sides in "
                                      f"multiples of {multiple}; resize the video first")
-    if len(video) < overlap:
-        raise RequestError("extend_frames", f"{name('extend')} {path.name} has {len(video)} frames, fewer than the "
+    if count < overlap:
+        raise RequestError("extend_frames", f"{name('extend')} {path.name} has {count} frames, fewer than the "
                                             f"{overlap}-frame overlap ({name('extend_frames')}): lower it")
     new = frames
     if new is None:  # the DiT runs the model's usual length, the overlap included
@@ -191,18 +225,18 @@ def read_extension(plan, given: dict, name, *, size: tuple, frames) -> None:
                                          f"multiple of {temporal} (each latent frame adds {temporal}), e.g. "
                                          f"{max(temporal, (81 - overlap) // temporal * temporal)}, got {new}")
     k = (overlap - 1) // temporal + 1
-    if isinstance(source, Video):
-        latents = source.latents
-        fits = latents is not None and tuple(latents.shape) == (channels, (len(video) - 1) // temporal + 1,
+    if video is not None:
+        latents = video.latents
+        fits = latents is not None and tuple(latents.shape) == (channels, (count - 1) // temporal + 1,
                                                                 height // spatial, width // spatial)
         stored = latents[:, -k:].float() if fits else None
     else:
         stored = stored_latents(path, width, height, plan.latent, k)
     plan.width, plan.height = width, height
     plan.num_frames = overlap + new  # the clip the DiT makes: the overlap and the new frames, 4k+1
-    plan.extend = Extension(path, video.frames, video.fps, overlap, new, stored, temporal)
+    plan.extend = Extension(path, last, fps, overlap, new, stored, temporal, video)
     if "image" in plan.spec.needs:  # I2V/FLF2V: the last old frame is CLIP's image
-        given["image"] = to_unit(video.frames[-1])
+        given["image"] = to_unit(last[-1])
 
 
 # -- the mixins: one per family ---------------------------------------------------------
@@ -229,7 +263,7 @@ class Extended(Conditioning):
         return self._known
 
     def output_frames(self) -> tuple[np.ndarray | None, int]:
-        return self.plan.extend.frames, self.plan.extend.overlap
+        return self.plan.extend.frames(), self.plan.extend.overlap
 
     def metadata(self) -> dict:
         ext = self.plan.extend
