@@ -57,6 +57,10 @@ def test_a_wanx_video_continues_from_its_stored_latents_and_any_other_is_encoded
     assert new.fps == old.fps and new.size == (32, 32)
     assert new.metadata["extends"] == "old.mp4" and new.metadata["overlap_frames"] == 9
 
+    # one frame of overlap: a stored latent frame holds four, the first of a clip one: encoded instead
+    assert t2v.plan("a cat", extend=path, extend_frames=1, num_frames=4).extend.stored is None
+    assert t2v.plan("a cat", extend=path, extend_frames=5, num_frames=4).extend.stored.shape[1] == 2
+
     in_memory = t2v("a cat", extend=old, num_frames=4, seed=2, output_type="latents", **SMALL)  # a Video: its latents
     assert count.calls == 0 and torch.equal(in_memory[0, :, :3], old.latents[:, -3:])
 
