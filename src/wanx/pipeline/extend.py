@@ -228,9 +228,9 @@ def read_extension(plan, given: dict, name, *, size: tuple, frames) -> None:
     if k == 1:
         # A stored latent frame holds 4 video frames; a clip's first latent frame holds one (the
         # causal VAE's first step), so a lone stored one would stand where a one-frame latent
-        # belongs: the demo model's seam was 3.4-8.7x the motion that way, against 0.4-1.6 with
-        # 5 frames and 0.7-1.0 with 9 (where later known frames carry the motion). The one
-        # frame is encoded instead: a single frame, no round trip of motion.
+        # belongs: the demo model's seam was 3.4-8.7x the motion that way (1.25-1.58 with the one
+        # frame encoded instead), against 0.4-1.6 with 5 frames and 0.7-1.0 with 9, where the
+        # later known frames carry the motion (bench/extend_seam.py).
         stored = None
     elif video is not None:
         latents = video.latents
