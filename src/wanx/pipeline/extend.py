@@ -291,7 +291,7 @@ class RenoisedPrefix(Extended):
 
     def fix(self, latents: Tensor) -> None:
         super().fix(latents)
-        self._step += 1  # fix runs once after each step: latents are now at sigmas[step]
+        self._step = min(self._step + 1, len(self._sigmas) - 1)  # once after each step: now at sigmas[step]
         sigma = float(self._sigmas[self._step])
         latents[:, :, :self._known.shape[2]] = noise_to(self._known, self._noise, sigma)
 
