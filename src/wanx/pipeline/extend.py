@@ -46,7 +46,10 @@ from .conditioning.i2v import fold_mask
 DEFAULT_OVERLAP = 9  # video frames: 3 latent frames with Wan's 4x temporal stride
 SIDE_LATENT_FRAMES = 8  # latent frames kept in the side file: overlaps up to 29 video frames
 SIDE_SUFFIX = ".latents.safetensors"
-# T2V: "renoise" (chosen by measurement on the demo model, see tests/test_extend.py) or "clean"
+# T2V: "renoise" or "clean"; measured on the demo model (bench/extend_seam.py, seam / inside
+# over 3 prompts from stored latents): renoise 0.84, clean 0.93. Renoise also leaves every
+# token at the step's timestep, as the T2V DiT was trained (clean needs per-token timesteps,
+# which Wan2.1 never saw; FramePack-style clean history is trained for, not zero-shot).
 T2V_METHOD = "renoise"
 
 
