@@ -200,7 +200,6 @@ def test_generate_writes_the_side_file_and_extends_from_it(tmp_path, capsys):
                  str(second)]) == 0
     video = read_video(second)
     assert len(video) == 5 + 4
-    from wanx.video import probe_video  # noqa: F401  (the metadata is in the container)
     import av
 
     with av.open(str(second)) as container:
