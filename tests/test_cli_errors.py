@@ -70,7 +70,9 @@ def test_existing_folder_gets_generated_names(tmp_path):
     folder.mkdir()
     (folder / "004-seed1.mp4").write_bytes(b"")  # an earlier run's file is not overwritten
     assert main(["generate", "--model", "tiny", "--prompt", "x", *FAST, "--seed", "3", "-o", str(folder)]) == 0
-    assert sorted(p.name for p in folder.iterdir()) == ["004-seed1.mp4", "005-seed3.mp4"]
+    # the new mp4's latents beside it (for --extend)
+    assert sorted(p.name for p in folder.iterdir()) == ["004-seed1.mp4", "005-seed3.latents.safetensors",
+                                                        "005-seed3.mp4"]
 
 
 def test_batch_outputs_resolve_inside_the_output_folder(tmp_path, monkeypatch):

@@ -229,7 +229,7 @@ FLAGS = {"prompt": "--prompt (or --prompts FILE)", "negative_prompt": "--negativ
          "width": "--size width", "num_frames": "--frames", "num_inference_steps": "--steps",
          "guidance_scale": "--guidance", "shift": "--shift", "sampler": "--sampler", "seed": "--seed",
          "guidance_scale_low": "--guidance (its second value, the low-noise expert's)", "boundary": "--boundary",
-         "timesteps": "--timesteps",
+         "timesteps": "--timesteps", "extend": "--extend", "extend_frames": "--extend-frames",
          **{key: "--" + key.replace("_", "-") for key in (  # wanx.request.GUIDANCE_KEYS
              "cfg_steps", "cfg_zero_star", "apg", "apg_eta", "apg_norm_threshold", "apg_momentum", "slg_layers",
              "slg_start", "slg_end", "nag_scale", "nag_tau", "nag_alpha",
@@ -239,7 +239,7 @@ _JOB_KEYS = ("prompt", "negative_prompt", "seed", "image", "last_image", "video"
              "boundary", "timesteps", "cfg_steps", "cfg_zero_star", "apg", "apg_eta", "apg_norm_threshold", "apg_momentum",
              "slg_layers", "slg_start", "slg_end", "nag_scale", "nag_tau",
              "nag_alpha", "context_frames", "context_overlap", "context_schedule",
-             "context_blend", "color_match")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
+             "context_blend", "color_match", "extend", "extend_frames")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
 # How the CLI spells each runtime choice and parallel-plan parameter in Runtime.check's refusals
 # (`wanx serve` is given them too: its flags are these).
 RUNTIME_FLAGS = {"offload": "--offload", "vram_budget": "--vram-budget", "quantize": "--fp8/--int8",
@@ -260,7 +260,8 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
                 last_image=args.last_image, video=args.video, strength=args.strength, size=args.size,
                 frames=args.frames, steps=args.steps, guidance=guidance[0], shift=args.shift, sampler=args.sampler,
                 guidance_low=guidance[1] if len(guidance) > 1 else None, boundary=args.boundary,
-                timesteps=_timesteps(args.timesteps), output=None, where="",
+                timesteps=_timesteps(args.timesteps), output=None, where="", extend=args.extend,
+                extend_frames=args.extend_frames,
                 **{key: getattr(args, key) for key in _GUIDANCE_FLAGS + _WINDOW_FLAGS})
     if not args.prompts:
         return [base]
@@ -287,7 +288,8 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
             if not isinstance(job, dict):
                 raise ValueError(f"{where}a JSON line must be an object such as {{\"prompt\": \"...\"}}")
             job = parse_job(job, where=where)  # the server reads its request bodies with the same rules
-            for key in ("image", "last_image", "video"):  # relative to the prompts file, as its author sees them
+            # relative to the prompts file, as its author sees them
+            for key in ("image", "last_image", "video", "extend"):
                 if isinstance(job.get(key), str) and not Path(job[key]).expanduser().is_absolute():
                     job[key] = str(path.parent / job[key])
         else:
@@ -530,6 +532,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if not writer:
                 continue
             video.save(out, quality=args.quality)
+            _write_latents(out, video, pipe)
             args.written.append(out)
             print(f"{out}  (seed {job['seed']}, {len(video)} frames, {video.size[0]}x{video.size[1]})")
             if pipe.step_cache is not None and not args.quiet:
@@ -907,6 +910,18 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     info.set_defaults(func=cmd_info)
 
 
+def _write_latents(out: Path, video, pipe) -> None:
+    """Beside an mp4: its last latent frames (`<stem>.latents.safetensors`), so that
+    `--extend` continues it from them and not from its frames encoded again."""
+    from .pipeline.extend import side_file, write_side_file
+
+    try:
+        write_side_file(out, video, pipe.vae.config)
+    except OSError as err:  # the video is written: say what --extend will do without its latents
+        print(f"wanx: warning: {side_file(out)} not written ({err.strerror or err}); --extend {out.name} will encode "
+              "its last frames instead", file=sys.stderr)
+
+
 def _add_generate(sub: argparse._SubParsersAction, tiny: str) -> None:
     """`wanx generate`: the task follows from the model and the inputs."""
     from .tasks import describe_all as defaults
@@ -936,12 +951,23 @@ def _add_generate(sub: argparse._SubParsersAction, tiny: str) -> None:
                           "noised to where they begin; 0 < STRENGTH <= 1, default 0.8. The schedule is shifted toward "
                           "high noise: at shift 5 the input is noised to sigma 0.68 at 0.3, 0.88 at 0.6 and 0.95 at "
                           "0.8: lower values keep more of the input; 1 ignores it")
+    gen.add_argument("--extend", metavar="VIDEO",
+                     help="continue VIDEO: the output is VIDEO followed by the new frames, at its size and frame rate "
+                          "(--frames then counts the NEW frames, a multiple of 4; default the model's frame count "
+                          "less the overlap). Its last frames start the new ones: from the latents wanx stored beside "
+                          "it (out.mp4: out.latents.safetensors) when it made the video, else encoded once. T2V, "
+                          "TI2V-5B, I2V (the last frame is the image) and FLF2V (with --last-image) models; not with "
+                          "--image or --video")
+    gen.add_argument("--extend-frames", type=int, metavar="N",
+                     help="--extend's overlap in video frames, 4k+1 (default 9: 3 latent frames); at most 29 come "
+                          "from the stored latents")
     gen.add_argument("--size", type=_size, help=f"WIDTHxHEIGHT, multiples of 16 (default {defaults('size')}); I2V, "
                                                  "FLF2V and video-to-video keep the input's aspect ratio within this "
                                                  "area. TI2V-5B: multiples of 32")
     gen.add_argument("--frames", type=int, help=f"number of frames, 4k+1 (default {defaults('num_frames')}; "
                                                 "video-to-video: the input's frame count rounded down to 4k+1, at most "
-                                                f"the default; frame rate {defaults('fps')})")
+                                                f"the default; frame rate {defaults('fps')}). With --extend: the NEW "
+                                                "frames, a multiple of 4")
     gen.add_argument("--steps", type=int, help=f"sampling steps (default {defaults('steps')})")
     gen.add_argument("--guidance", type=_guidance, help="classifier-free guidance scale, 1..30; 1 turns it off "
                                                         f"(default {defaults('guidance')}). Wan2.2 A14B: HIGH,LOW for "

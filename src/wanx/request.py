@@ -19,6 +19,7 @@ KEY_TYPES: dict[str, tuple[type, ...]] = {
     "guidance": (int, float), "shift": (int, float), "sampler": (str,), "output": (str,),
     "guidance_low": (int, float), "boundary": (int, float),  # Wan2.2 A14B: the low-noise expert
     "timesteps": (list,),  # an explicit denoising step list, e.g. [1000, 750, 500, 250]
+    "extend": (str,), "extend_frames": (int,),  # continue a video; the overlap in video frames
 
     # guidance variants and schedule (guidance_from_options)
     "cfg_steps": (int,), "cfg_zero_star": (bool,), "apg": (bool,), "apg_eta": (int, float),
@@ -39,7 +40,8 @@ PIPELINE_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "imag
                  "last_image": "last_image", "video": "video", "strength": "strength", "height": "size",
                  "width": "size", "num_frames": "frames", "num_inference_steps": "steps", "guidance_scale": "guidance",
                  "shift": "shift", "sampler": "sampler", "seed": "seed", "guidance_scale_low": "guidance_low",
-                 "boundary": "boundary", "timesteps": "timesteps", "context_windows": "context_frames"}
+                 "boundary": "boundary", "timesteps": "timesteps", "context_windows": "context_frames",
+                 "extend": "extend", "extend_frames": "extend_frames"}
 # How a request's keys are spelled in errors when no face says otherwise.
 KEY_NAMES = {**PIPELINE_KEYS, "height": "size height", "width": "size width"}
 
@@ -117,7 +119,8 @@ def pipeline_kwargs(job: Mapping, names: Mapping[str, str] | None = None) -> dic
                 num_frames=job.get("frames"), num_inference_steps=job.get("steps"),
                 guidance_scale=job.get("guidance"), guidance_scale_low=job.get("guidance_low"),
                 boundary=job.get("boundary"), shift=job.get("shift"), sampler=job.get("sampler"), seed=job.get("seed"),
-                timesteps=job.get("timesteps"), guidance=strategy,
+                timesteps=job.get("timesteps"), guidance=strategy, extend=job.get("extend"),
+                extend_frames=job.get("extend_frames"),
                 context_windows=windows_from_options({key: job.get(key) for key in WINDOW_KEYS},
                                                      lambda key: (names or {}).get(key, key)))
 

@@ -37,6 +37,8 @@ class Video:
     frames: np.ndarray
     fps: int = 16
     metadata: dict = field(default_factory=dict)
+    # the denoised latents `[C, F', H', W']` (CPU) when a pipeline made it: continuation reads them
+    latents: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if self.frames.ndim != 4 or self.frames.shape[-1] != 3 or self.frames.dtype != np.uint8:

@@ -276,3 +276,24 @@ def test_teacache_is_chosen_per_job(client):
     assert wait_for(client, cached)["settings"]["cache"]["kind"] == "teacache"
     assert wait_for(client, plain)["settings"].get("cache") is None  # the next job is back to the server's default
     assert client.post("/v1/videos", json={"prompt": "x", "teacache": -1}).json()["field"] == "teacache"
+
+
+def test_an_uploaded_video_is_continued(client, tmp_path):
+    """`extend` comes as an upload like the other inputs, kept at its size (not refitted): the
+    video is the upload's frames followed by the new ones."""
+    from wanx.video import Video
+
+    clip = tmp_path / "clip.mp4"
+    Video(np.random.default_rng(0).integers(0, 255, (9, 48, 64, 3), np.uint8)).save(clip)
+    body = {"prompt": "it goes on", "seed": 3, "steps": 2, "frames": 4, "extend_frames": 5}
+    answer = client.post("/v1/videos", data={"request": json.dumps(body)},
+                         files={"extend": ("clip.mp4", clip.read_bytes(), "video/mp4")})
+    assert answer.status_code == 202, answer.text
+    job = wait_for(client, answer.json()["id"])
+    assert job["status"] == "done", job
+    path = tmp_path / "got.mp4"
+    path.write_bytes(client.get(f"/v1/videos/{job['id']}/content").content)
+    video = read_video(path)
+    assert len(video) == 9 + 4 and video.size == (64, 48)
+    with av.open(str(path)) as container:
+        assert json.loads(container.metadata["comment"])["overlap_frames"] == 5

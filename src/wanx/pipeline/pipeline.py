@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -197,6 +198,8 @@ class WanPipeline:
         steps: int | None = None,
         guidance: float | CFG | None = None,
         context_windows: ContextWindows | None = None,
+        extend=None,
+        extend_frames: int | None = None,
     ) -> Video | Tensor:
         """Generate one video. The task follows from the model and the inputs; every unset
         option takes the model folder's own setting (`wanx-defaults.json`), else the official
@@ -234,9 +237,16 @@ class WanPipeline:
             callback: `callback(step, total, latents)` after each step (step from 1); an
                 exception it raises stops the call, nothing written (a server cancels this way).
             decode_callback: `decode_callback(done, total)` after each decoded VAE chunk.
+            extend: a video file, or a `Video` this pipeline returned (its `.latents` are used),
+                to continue (`wanx.pipeline.extend`): the output is that video
+                followed by the new frames, at its size and frame rate; num_frames then counts
+                the new frames (a multiple of 4). Its last frames are known latents at the
+                start, from the side file wanx writes next to its mp4s when there is one.
+            extend_frames: the overlap in video frames, 4k+1 (default 9: 3 latent frames).
 
         Returns:
-            A `Video` (`.save(path)`, `.frames` uint8 `[F, H, W, 3]`) or a latent tensor.
+            A `Video` (`.save(path)`, `.frames` uint8 `[F, H, W, 3]`, `.latents` the denoised
+            latents `[C, F', H', W']` on the CPU) or a latent tensor.
         """
         strategy = None
         if guidance is not None and not isinstance(guidance, (int, float, list, tuple)):  # a strategy object
@@ -248,12 +258,13 @@ class WanPipeline:
                          guidance_scale_low=guidance_scale_low, boundary=boundary, shift=shift, sampler=sampler,
                          timesteps=timesteps, seed=seed, prompt_embeds=prompt_embeds,
                          negative_prompt_embeds=negative_prompt_embeds, latents=latents, output_type=output_type,
-                         guidance=strategy, context_windows=context_windows)
+                         guidance=strategy, context_windows=context_windows, extend=extend,
+                         extend_frames=extend_frames)
         need, batched = self._fit(plan)
         # per-step LoRA strengths for this step count (another count is refused here, before any work)
         lora_step = lora_steps(self.experts.values(), plan.steps)
         run = Run(self, progress)
-        conditioning = conditioning_for(plan.spec)(plan)
+        conditioning = conditioning_for(plan.spec, extend=plan.extend is not None)(plan)
         with torch.no_grad():
             with run.stage("text encoding", "t5"):
                 context, context_null = self._text(plan, prompt, prompt_embeds, negative_prompt_embeds)
@@ -268,7 +279,13 @@ class WanPipeline:
             if output_type == "latents":
                 return x
             frames = self._decode(run, plan, x, need, decode_callback)  # [1, 3, F, H, W] in [-1, 1]
-        return Video(to_pixels(frames[0]), fps=plan.fps, metadata=self._metadata(plan, conditioning, prompt))
+        head, drop = conditioning.output_frames()  # continuation: the old video, then the new frames
+        pixels = to_pixels(frames[0])[drop:]
+        if head is not None:
+            pixels = np.concatenate([head, pixels])
+        video = Video(pixels, fps=plan.fps, metadata=self._metadata(plan, conditioning, prompt))
+        video.latents = x[0].cpu()  # for the side file continuation reads (`extend.write_side_file`)
+        return video
 
     def _fit(self, plan: Plan):
         """The memory this request needs beside the resident weights, and whether guidance

@@ -18,14 +18,15 @@ from torch import Tensor
 
 from ..sampling import SAMPLERS, check_timesteps
 from ..configs import frames_at_most, frames_ok
-from ..tasks import NEGATIVE_PROMPT, TaskError, TaskSpec, choose_task, default_task
+from ..tasks import NEGATIVE_PROMPT, TaskError, TaskSpec, choose_task, default_task, model_tasks
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 GUIDANCE_RANGE = (1.0, 30.0)
 # The request's keywords (WanPipeline.__call__'s), each None when not given.
 REQUEST_KEYS = ("image", "last_image", "video", "strength", "height", "width", "num_frames", "num_inference_steps",
                 "guidance_scale", "guidance_scale_low", "boundary", "shift", "sampler", "seed", "prompt_embeds",
-                "negative_prompt_embeds", "latents", "output_type", "timesteps", "guidance", "context_windows")
+                "negative_prompt_embeds", "latents", "output_type", "timesteps", "guidance", "context_windows",
+                "extend", "extend_frames")
 # Options a model folder's wanx-defaults.json may set, under the same keywords.
 OWN_KEYS = ("num_frames", "num_inference_steps", "guidance_scale", "guidance_scale_low", "boundary", "shift", "sampler")
 
@@ -84,6 +85,9 @@ class Plan:
     guider: object | None = None
     # context windows over a long video (windows.Windows, in latent frames); None: the DiT sees it whole
     windows: object | None = None
+    # continuation: the video to continue (pipeline.extend.Extension); num_frames is then the
+    # clip the DiT makes, the overlap included
+    extend: object | None = None
 
     @property
     def task(self) -> str:
@@ -91,7 +95,7 @@ class Plan:
 
     @property
     def fps(self) -> int:
-        return self.spec.fps
+        return self.extend.fps if self.extend is not None else self.spec.fps
 
     def latent_shape(self) -> tuple[int, int, int, int]:
         """`(C, F', H', W')` of this request's latents."""
@@ -149,6 +153,16 @@ def make_plan(model: ModelFacts, prompt, negative_prompt, request: Mapping, name
     _check_values(model, prompt, given, name, bool(names))
 
     inputs = {arg for arg in ("image", "last_image", "video") if given[arg] is not None}
+    extending = given["extend"] is not None
+    if extending:  # the old video's last frame is an I2V/FLF2V model's image
+        from .extend import check_inputs
+
+        needs_image = all("image" in spec.needs for spec in model_tasks(model.model_type, model.experts))
+        check_inputs(given, needs_image, name)
+        inputs |= {"image"} if needs_image else set()
+    elif given["extend_frames"] is not None:
+        raise RequestError("extend_frames", f"{name('extend_frames')} is the overlap of {name('extend')}: "
+                                            "give that too")
     try:
         spec = choose_task(model.model_type, model.experts, inputs, name)
     except TaskError as err:
@@ -182,7 +196,14 @@ def make_plan(model: ModelFacts, prompt, negative_prompt, request: Mapping, name
 
     from .conditioning import conditioning_for
 
-    conditioning_for(spec).read(plan, given, area=height * width, frames_given=frames_given,
+    area = height * width
+    if extending:  # the output takes the old video's size and rate
+        from .extend import read_extension
+
+        read_extension(plan, given, name, size=(request.get("width"), request.get("height")),
+                       frames=request.get("num_frames"))
+        area = plan.height * plan.width
+    conditioning_for(spec, extend=extending).read(plan, given, area=area, frames_given=frames_given,
                                 shift_given=given["shift"] is not None, name=name)
     if min(plan.height, plan.width) < 16:
         raise RequestError("height", f"the input's aspect ratio leaves a side under 16 pixels at {width}x{height}; "
@@ -234,7 +255,7 @@ def _check_values(model: ModelFacts, prompt, given: dict, name, face: bool) -> N
             raise RequestError(arg, f"{name(arg)} {value} is not a multiple of {multiple}; nearest valid: {nearest} "
                                     f"({family.trained_at})")
     frames = given["num_frames"]
-    if frames is not None and not frames_ok(frames):
+    if frames is not None and not frames_ok(frames) and given["extend"] is None:  # extend: the new frames
         low = frames_at_most(frames)
         raise RequestError("num_frames", f"{name('num_frames')} {frames} must be 4k+1 (e.g. {low} or {low + 4})")
     steps = given["num_inference_steps"]

@@ -35,6 +35,8 @@ _DESCRIPTIONS = {
     "timesteps": "an explicit denoising step list, 0..1000 before the shift, strictly decreasing, e.g. "
                  "[1000, 750, 500, 250]; sets the step count (steps, if given, must agree)",
     "teacache": "TeaCache threshold for this job (0 skips nothing)",
+    "extend_frames": "with the upload `extend` (a video to continue, at its size and frame rate; frames then counts "
+                     "the new frames, a multiple of 4): the overlap in video frames, 4k+1 (default 9)",
     "guidance_low": "Wan2.2 A14B: the low-noise expert's guidance (default: guidance when given, else "
                     f"{describe_all('guidance_low')})",
     "boundary": "Wan2.2 A14B: where the low-noise expert takes over, 0..1 of the 1000 timesteps "
@@ -136,7 +138,7 @@ def problem(status: int, detail: str, field: str | None = None) -> JSONResponse:
                  "multipart/form-data": {"schema": _MULTIPART_SCHEMA}}}})
 async def submit_video(request: Request):
     """Queue a video. JSON body, or multipart with the JSON in the part `request` and files in
-    `image`, `last_image`, `video`. Answers at once with the job id."""
+    `image`, `last_image`, `video`, `extend`. Answers at once with the job id."""
     server = _server(request)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     uploads: dict[str, bytes] = {}
@@ -174,7 +176,7 @@ async def submit_video(request: Request):
             return problem(422, "the multipart part 'request' (the JSON request) is missing", "request")
     else:
         return problem(415, "send the request as application/json, or as multipart/form-data with the JSON in "
-                            "the part 'request' and the files in 'image', 'last_image', 'video'")
+                            "the part 'request' and the files in 'image', 'last_image', 'video', 'extend'")
     try:
         body = json.loads(text)
     except json.JSONDecodeError as err:

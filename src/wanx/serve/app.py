@@ -39,7 +39,7 @@ _VIDEO_MAGIC = ((b"\x1a\x45\xdf\xa3", ".webm"), (b"GIF87a", ".gif"), (b"GIF89a",
 def upload_suffix(field: str, head: bytes) -> str:
     """The file suffix the server gives an upload, from its first bytes; UploadError (415)
     when it is not an image (image, last_image) or a video (video) wanx reads."""
-    if field == "video":
+    if field in ("video", "extend"):
         if head[4:8] == b"ftyp":  # mp4 / mov
             return ".mp4"
         kinds, what = _VIDEO_MAGIC, "an mp4, mov, webm or gif video"
@@ -52,6 +52,22 @@ def upload_suffix(field: str, head: bytes) -> str:
             return suffix
     raise UploadError(field, f"{field}: the upload is not {what}", 415)
 
+
+
+def _frame_count(path: Path) -> int:
+    """A video's frames from its container (its duration x rate where the count is not stored)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            if stream.frames:
+                return int(stream.frames)
+            rate = float(stream.average_rate or stream.guessed_rate or 16)
+            seconds = float(stream.duration * stream.time_base) if stream.duration else container.duration / 1e6
+            return int(seconds * rate) + 1
+    except (av.error.FFmpegError, IndexError, TypeError) as err:
+        raise RequestError("extend", f"extend: not a readable video ({err})") from None
 
 @dataclass
 class Limits:
@@ -207,14 +223,21 @@ class Server:
             if not job.get(field):
                 continue
             path = Path(job[field])
+            video_field = field in ("video", "extend")
             try:
-                width, height, _ = probe_video(path) if field == "video" else (*image_size(path), None)
+                width, height, _ = probe_video(path) if video_field else (*image_size(path), None)
             except ValueError as err:
                 raise RequestError(field, _without_paths(str(err), job)) from None
-            most = MAX_INPUT_PIXELS if field == "video" else MAX_IMAGE_PIXELS
+            most = MAX_INPUT_PIXELS if video_field else MAX_IMAGE_PIXELS
             if width * height > most:
                 raise UploadError(field, f"{field}: the upload is {width}x{height}; this server reads at most "
                                          f"{most / 1e6:.0f} megapixels a frame: resize it first", 422)
+            if field == "extend":  # continued as it is (its size is the output's): only its decoded bytes capped
+                frames = _frame_count(path)
+                if frames * width * height * 3 > MAX_DECODED:
+                    raise UploadError(field, f"{field}: {frames} frames at {width}x{height} are more than this "
+                                             f"server decodes for a request ({MAX_DECODED / 2**20:.0f} MiB)", 413)
+                continue
             if field == "video":
                 scale = min(1.0, math.sqrt(area / (width * height)))  # the pipeline keeps the aspect ratio
                 size = (max(16, round(width * scale / 2) * 2), max(16, round(height * scale / 2) * 2))

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from ..request import KEY_TYPES
 
-UPLOADS = ("image", "last_image", "video")  # request keys that only come as uploaded files
+# request keys that only come as uploaded files (extend: a video to continue, kept as uploaded)
+UPLOADS = ("image", "last_image", "video", "extend")
 # A POST body: a --prompts JSON line less `output` (the server names every file) and less the
 # input paths (uploaded instead), plus what the server chooses per job.
 API_TYPES = {**{k: v for k, v in KEY_TYPES.items() if k not in ("output", *UPLOADS)},

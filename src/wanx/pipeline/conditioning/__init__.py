@@ -16,15 +16,20 @@ import importlib
 from .base import Conditioning, Run
 
 
-def conditioning_for(spec) -> type[Conditioning]:
+def conditioning_for(spec, extend: bool = False) -> type[Conditioning]:
     """The conditioning class of a task-table row: in the module the row names (a file of this
-    package, or a dotted module path), the `Conditioning` subclass whose `task` is the row's."""
+    package, or a dotted module path), the `Conditioning` subclass whose `task` is the row's.
+    extend: with continuation of a video (`wanx.pipeline.extend`) in front of it."""
     module = spec.conditioning if "." in spec.conditioning else f"{__name__}.{spec.conditioning}"
     found = [value for value in vars(importlib.import_module(module)).values()
              if isinstance(value, type) and issubclass(value, Conditioning) and value.task == spec.task]
     if len(found) != 1:
         raise LookupError(f"task {spec.name!r}: {module} holds {len(found)} Conditioning classes for "
                           f"task {spec.task!r}; it needs one")
+    if extend:
+        from ..extend import extended
+
+        return extended(found[0])
     return found[0]
 
 

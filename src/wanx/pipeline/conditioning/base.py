@@ -82,6 +82,11 @@ class Conditioning:
     def fix(self, latents: Tensor) -> None:
         """After each step, in place: frames the task holds to a known value."""
 
+    def output_frames(self) -> tuple[np.ndarray | None, int]:
+        """(frames that go before the generated ones, generated frames dropped at the start):
+        continuation puts the old video first and drops the overlap it regenerated."""
+        return None, 0
+
     def metadata(self) -> dict:
         return {}
 

@@ -64,10 +64,16 @@ def image_conditioning(image_encoder, vae, image: Tensor, last_image: Tensor | N
     mask[:, 0] = 1
     if last_image is not None:
         mask[:, -1] = 1
-    mask = torch.cat([mask[:, :1].repeat_interleave(st, dim=1), mask[:, 1:]], dim=1)
-    mask = mask.view(1, mask.shape[1] // st, st, h // s, w // s).transpose(1, 2)  # [1, 4, F', h/8, w/8]
-    y = torch.cat([mask, y], dim=1)
+    y = torch.cat([fold_mask(mask, st), y], dim=1)
     return {"y": y} if clip is None else {"clip_features": clip, "y": y}
+
+
+def fold_mask(mask: Tensor, st: int) -> Tensor:
+    """A mask over pixel frames `[1, F, h, w]` -> `[1, st, F', h, w]`: frame 0 repeated st times
+    (the temporal stride) so that the F pixel frames fold into [st, F'] like the latents."""
+    _, _, h, w = mask.shape
+    mask = torch.cat([mask[:, :1].repeat_interleave(st, dim=1), mask[:, 1:]], dim=1)
+    return mask.view(1, mask.shape[1] // st, st, h, w).transpose(1, 2)
 
 
 def crop_to_aspect(image: Tensor, aspect: float) -> Tensor:

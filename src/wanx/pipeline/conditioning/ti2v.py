@@ -41,7 +41,7 @@ class TextImageToVideo(Conditioning):
     def timesteps(self, t: Tensor, shape, patch_size, frames: list[int] | None = None) -> Tensor:
         if self.first is None or (frames is not None and 0 not in frames):
             return t  # a context window without the image's frame: plain text-to-video
-        return first_frame_timesteps(shape, patch_size, t, 0 if frames is None else frames.index(0))
+        return first_frame_timesteps(shape, patch_size, t, 1 if frames is None else [frames.index(0)])
 
     def fix(self, latents: Tensor) -> None:
         # Frame 0 is the image again after every step, in the tensor the sampler goes on from
@@ -54,15 +54,15 @@ class TextImageToVideo(Conditioning):
         return {"mode": "i2v" if self.plan.image is not None else "t2v"}
 
 
-def first_frame_timesteps(shape, patch_size, t: Tensor, known: int = 0) -> Tensor:
+def first_frame_timesteps(shape, patch_size, t: Tensor, known: int | list[int] = 1) -> Tensor:
     """Per-token timesteps `[1, L]` for latents of `shape` [B, C, F, H, W]: 0 for the tokens of
-    latent frame `known` (the image: frame 0, or its place in a looped context window), t
-    elsewhere; official: channel 0 of the mask, subsampled
-    by the patch (frames are patched one by one, pt = 1)."""
+    the known latent frames, t elsewhere. known: how many at the start (the image: 1;
+    continuation: the overlap), or their positions (a context window holding them elsewhere).
+    Official: channel 0 of the mask, subsampled by the patch (frames are patched one by one, pt = 1)."""
     _, _, f, h, w = shape
     pt, ph, pw = patch_size
     mask = torch.ones(f // pt, h // ph, w // pw, device=t.device)
-    mask[known] = 0
+    mask[slice(known) if isinstance(known, int) else list(known)] = 0
     return (mask * t.reshape(())).flatten()[None]
 
 
