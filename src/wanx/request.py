@@ -115,11 +115,13 @@ def pipeline_kwargs(job: Mapping, names: Mapping[str, str] | None = None) -> dic
                 timesteps=job.get("timesteps"), guidance=strategy)
 
 
-def check_job(job: Mapping, files, *, runtime, weights: int, names: Mapping[str, str] | None = None):
+def check_job(job: Mapping, files, *, runtime, weights: int, names: Mapping[str, str] | None = None,
+              stream: bool = False):
     """The pipeline's own checks of one job for the model `files` (hub.ModelFiles) on
     `runtime`: inputs read, sizes, frames, ranges, and whether it fits the device beside
     `weights` bytes already there. Returns (plan, pipeline keywords); raises RequestError
-    naming the pipeline keyword at fault. names: how the face spells each keyword."""
+    naming the pipeline keyword at fault. names: how the face spells each keyword. stream:
+    the frames go to a file as they are decoded (`output_path`), never all held."""
     from .memory.estimate import check_fits
 
     request = pipeline_kwargs(job, names or KEY_NAMES)
@@ -128,7 +130,7 @@ def check_job(job: Mapping, files, *, runtime, weights: int, names: Mapping[str,
                         layers=files.dit_config.num_layers, **request)
     try:  # batch 1: guidance runs as two passes when one batch of two does not fit
         check_fits(files.dit_config, plan.height, plan.width, plan.num_frames, device=runtime.device,
-                   dtype=runtime.dtype, vae_dtype=runtime.vae_dtype, weights=weights, batch=1)
+                   dtype=runtime.dtype, vae_dtype=runtime.vae_dtype, weights=weights, batch=1, stream=stream)
     except ValueError as err:
         raise RequestError("height", str(err)) from None
     return plan, request

@@ -1,5 +1,5 @@
 """Video files: a `Video` of uint8 frames that saves to H.264 mp4 (PyAV), GIF or a PNG folder,
-and readers for videos and images (used for video-to-video, image conditioning and training)."""
+a `VideoWriter` that writes them as they come (a long video is never held whole), and readers for videos and images (used for video-to-video, image conditioning and training)."""
 
 from __future__ import annotations
 
@@ -64,6 +64,29 @@ class Video:
         return out.path
 
 
+@dataclass
+class SavedVideo:
+    """A video written to `path` as it was decoded (`WanPipeline(..., output_path=...)`): its
+    frames are in the file, never all in memory. `len()`, `size`, `fps` and `metadata` as a
+    `Video`'s; `read()` loads the frames back (as the file holds them: mp4 is lossy)."""
+
+    path: Path
+    num_frames: int
+    size: tuple[int, int]  # (width, height)
+    fps: int = 16
+    metadata: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.num_frames
+
+    def read(self) -> Video:
+        if self.path.is_dir():
+            frames = np.stack([read_image(p) for p in sorted(self.path.glob("*.png"))])
+            return Video(frames, fps=self.fps, metadata=self.metadata)
+        video = read_video(self.path)
+        return Video(video.frames, fps=self.fps, metadata=self.metadata)
+
+
 class VideoWriter:
     """Frames written to a video file as they come, so a long video is never held whole:
     `with VideoWriter("out.mp4", 16) as out: out.write(frames)` (uint8 `[n, H, W, 3]`, any n
@@ -82,6 +105,11 @@ class VideoWriter:
         self.suffix = self.path.suffix.lower()
         if self.suffix not in ("", ".mp4", ".gif"):
             raise ValueError(f"{path}: unsupported output type {self.suffix!r}; use .mp4, .gif or a folder for PNG frames")
+        if not (isinstance(quality, int) and 0 <= quality <= 51):
+            raise ValueError(f"quality must be an H.264 CRF in [0, 51] (lower is better, 18 ~ visually lossless), "
+                             f"got {quality!r}")
+        if self.suffix == "" and self.path.exists():  # before any frame is made
+            raise FileExistsError(f"{self.path}: folder exists; choose a new name for the PNG frames")
         self.fps, self.quality, self.metadata = fps, quality, dict(metadata or {})
         self.keep_partial = keep_partial
         self.frames_written = 0
