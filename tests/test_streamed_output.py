@@ -37,8 +37,9 @@ def test_streamed_output_is_the_in_memory_video(pipe, in_memory, tmp_path):
         (len(in_memory), in_memory.size, in_memory.fps, in_memory.metadata)
     # the same frames through the same encoder and settings: the same bytes, metadata included
     assert saved.path.read_bytes() == in_memory.save(tmp_path / "in_memory.mp4").read_bytes()
-    folder = pipe("a cat", output_path=tmp_path / "frames", **RUN).path
-    assert np.array_equal(png_frames(folder), in_memory.frames)
+    frames = pipe("a cat", output_path=tmp_path / "frames", **RUN)
+    assert np.array_equal(png_frames(frames.path), in_memory.frames)
+    assert np.array_equal(frames.read().frames, in_memory.frames) and len(saved.read()) == 33
     assert sorted(p.name for p in tmp_path.iterdir()) == ["frames", "in_memory.mp4", "streamed.mp4"]
 
 
