@@ -80,8 +80,8 @@ def test_writer_in_pieces_writes_the_file_save_writes(tmp_path):
         out.write(video.frames[:2])
         assert len(list((tmp_path / ".frames.partial").glob("*.png"))) == 2  # on disk already
         out.write(video.frames[2:])
-    assert [np.array_equal(read_image(p), f) for p, f in zip(sorted((tmp_path / "frames").glob("*.png")), video.frames)] \
-        == [True] * 9
+    pngs = sorted((tmp_path / "frames").glob("*.png"))
+    assert [np.array_equal(read_image(p), f) for p, f in zip(pngs, video.frames)] == [True] * 9
     assert sorted(p.name for p in tmp_path.iterdir()) == ["frames", "pieces", "whole"]
 
 

@@ -1,5 +1,6 @@
 """Video files: a `Video` of uint8 frames that saves to H.264 mp4 (PyAV), GIF or a PNG folder,
-a `VideoWriter` that writes them as they come (a long video is never held whole), and readers for videos and images (used for video-to-video, image conditioning and training)."""
+a `VideoWriter` that writes frames as they come (a long video is never held whole), and
+readers for videos and images (used for video-to-video, image conditioning and training)."""
 
 from __future__ import annotations
 
@@ -104,7 +105,8 @@ class VideoWriter:
         self.path = Path(path)
         self.suffix = self.path.suffix.lower()
         if self.suffix not in ("", ".mp4", ".gif"):
-            raise ValueError(f"{path}: unsupported output type {self.suffix!r}; use .mp4, .gif or a folder for PNG frames")
+            raise ValueError(f"{path}: unsupported output type {self.suffix!r}; "
+                             "use .mp4, .gif or a folder for PNG frames")
         if not (isinstance(quality, int) and 0 <= quality <= 51):
             raise ValueError(f"quality must be an H.264 CRF in [0, 51] (lower is better, 18 ~ visually lossless), "
                              f"got {quality!r}")
@@ -143,8 +145,8 @@ class VideoWriter:
             raise ValueError(f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {frames.shape}")
         size = (frames.shape[2], frames.shape[1])
         if self.size is not None and size != self.size:
-            raise ValueError(f"{self.path}: frames of {size[0]}x{size[1]} after frames of {self.size[0]}x{self.size[1]}; "
-                             "a video has one size")
+            raise ValueError(f"{self.path}: frames of {size[0]}x{size[1]} after frames of "
+                             f"{self.size[0]}x{self.size[1]}; a video has one size")
         self.size = size
         if self.suffix == ".mp4":
             self._write_mp4(frames)
