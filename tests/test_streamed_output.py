@@ -30,13 +30,28 @@ def png_frames(folder):
     return np.stack([read_image(p) for p in sorted(folder.glob("*.png"))])
 
 
+def close(a, b) -> bool:
+    """The same frames, to the odd rounding (different frames of random weights differ by ~40)."""
+    return a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).mean() < 1
+
+
+def probe_metadata(path) -> dict:
+    import av
+
+    with av.open(str(path)) as container:
+        return dict(container.metadata)
+
+
 def test_streamed_output_is_the_in_memory_video(pipe, in_memory, tmp_path):
     saved = pipe("a cat", output_path=tmp_path / "streamed.mp4", **RUN)
     assert isinstance(saved, SavedVideo) and saved.path == tmp_path / "streamed.mp4"
     assert (len(saved), saved.size, saved.fps, saved.metadata) == \
         (len(in_memory), in_memory.size, in_memory.fps, in_memory.metadata)
-    # the same frames through the same encoder and settings: the same bytes, metadata included
-    assert saved.path.read_bytes() == in_memory.save(tmp_path / "in_memory.mp4").read_bytes()
+    # the same frames through the same encoder and settings (libx264 may differ by a rounding
+    # between runs: tests/distributed notes it reading uninitialised memory); PNG frames: exact
+    reference = read_video(in_memory.save(tmp_path / "in_memory.mp4")).frames
+    assert close(read_video(saved.path).frames, reference)
+    assert probe_metadata(saved.path) == probe_metadata(tmp_path / "in_memory.mp4")
     frames = pipe("a cat", output_path=tmp_path / "frames", **RUN)
     assert np.array_equal(png_frames(frames.path), in_memory.frames)
     assert np.array_equal(frames.read().frames, in_memory.frames) and len(saved.read()) == 33
@@ -58,7 +73,7 @@ def test_stopped_while_decoding_keeps_the_frames_written(pipe, in_memory, tmp_pa
     else:  # a finished, playable mp4: the one those 5 frames make saved on their own
         back = read_video(tmp_path / partial).frames
         reference = Video(in_memory.frames[:5], metadata=in_memory.metadata).save(tmp_path / "ref" / "5.mp4")
-        assert back.shape == (5, 32, 48, 3) and np.array_equal(back, read_video(reference).frames)
+        assert back.shape == (5, 32, 48, 3) and close(back, read_video(reference).frames)
 
 
 def test_a_failure_before_any_frame_leaves_nothing(pipe, tmp_path):
