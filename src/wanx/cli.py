@@ -506,9 +506,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for job, request, out in zip(jobs, requests, outputs):
             # mp4 and PNG frames are written as they are decoded (memory flat in length); a gif is collected
             streamed = writer and out.suffix.lower() != ".gif"
-            try:
+            try:  # the other ranks stop at the latents: rank 0 alone decodes and writes
                 video = pipe(job["prompt"], job["negative_prompt"], progress=not args.quiet,
-                             output_path=out if streamed else None, quality=args.quality, **request)
+                             output_path=out if streamed else None, quality=args.quality,
+                             output_type="video" if writer else "latents", **request)
             except KeyboardInterrupt:
                 args.partial = pipe.last_partial  # the frames decoded before the stop, for main's message
                 raise
