@@ -21,6 +21,8 @@ _LAZY = {
     "CLIPVisionEncoder": "wanx.models.clip",
     "WanPipeline": "wanx.pipeline",
     "Video": "wanx.video",
+    "VideoWriter": "wanx.video",
+    "SavedVideo": "wanx.video",
     "TextEncoder": "wanx.text",
     "DiTConfig": "wanx.configs",
     "VAEConfig": "wanx.configs",

@@ -493,15 +493,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     weights = request_weights(files, runtime, fsdp_ranks=world.size if args.fsdp and world is not None else 1)
     loras = _check_loras(lora_specs, files, partial=args.lora_partial)
     requests, plans = [], []
-    for job in jobs:
-        try:
-            plan, request = check_job(job, files, runtime=runtime, weights=weights, names=FLAGS)
+    outputs = _output_paths(jobs, args)
+    for job, out in zip(jobs, outputs):
+        try:  # an mp4 or PNG frames are streamed: the frames decoded are never all held
+            plan, request = check_job(job, files, runtime=runtime, weights=weights, names=FLAGS,
+                                      stream=out.suffix.lower() != ".gif")
         except (ValueError, FileNotFoundError) as err:  # a missing input file too: name the prompts line
             raise ValueError(f"{job['where']}{err}") from None
         requests.append(request)
         plans.append((plan, job["where"]))
     _lora_steps(loras, [text for texts in (args.lora, args.lora_high, args.lora_low) for text in texts or []], plans)
-    outputs = _output_paths(jobs, args)
     writer = world is None or world.main  # only rank 0 writes files and speaks
     created: list[Path] = []
     args.written = []  # for the Ctrl-C message
@@ -528,10 +529,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   f"{str(runtime.dtype).removeprefix('torch.')}{f'; DiT layers {held}' if held else ''})",
                   file=sys.stderr)
         for job, request, out in zip(jobs, requests, outputs):
-            video = pipe(job["prompt"], job["negative_prompt"], progress=not args.quiet, **request)
+            # mp4 and PNG frames are written as they are decoded (memory flat in length); a gif is collected
+            streamed = writer and out.suffix.lower() != ".gif"
+            try:  # the other ranks stop at the latents: rank 0 alone decodes and writes
+                video = pipe(job["prompt"], job["negative_prompt"], progress=not args.quiet,
+                             output_path=out if streamed else None, quality=args.quality,
+                             output_type="video" if writer else "latents", **request)
+            except KeyboardInterrupt:
+                args.partial = pipe.last_partial  # the frames decoded before the stop, for main's message
+                raise
             if not writer:
                 continue
-            video.save(out, quality=args.quality)
+            if not streamed:
+                video.save(out, quality=args.quality)
             _write_latents(out, video, pipe)
             args.written.append(out)
             print(f"{out}  (seed {job['seed']}, {len(video)} frames, {video.size[0]}x{video.size[1]})")
@@ -1223,7 +1233,9 @@ def main(argv: list[str] | None = None) -> int:
         done = f"; {len(written)} video(s) were finished before" if written else ""
         if not getattr(args, "quiet", True):
             print(file=sys.stderr)  # end the progress bar's line
-        print(f"wanx: interrupted, nothing written{' for the current job' if written else ''}{done}", file=sys.stderr)
+        partial = getattr(args, "partial", None)  # a video stopped while it was being decoded keeps its frames
+        what = f"the frames decoded so far are in {partial}" if partial else "nothing written"
+        print(f"wanx: interrupted, {what}{' for the current job' if written else ''}{done}", file=sys.stderr)
         return 130
     except Exception as err:  # user errors: one line, no stack trace
         from .loading.files import CheckpointError

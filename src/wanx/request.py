@@ -125,11 +125,13 @@ def pipeline_kwargs(job: Mapping, names: Mapping[str, str] | None = None) -> dic
                                                      lambda key: (names or {}).get(key, key)))
 
 
-def check_job(job: Mapping, files, *, runtime, weights: int, names: Mapping[str, str] | None = None):
+def check_job(job: Mapping, files, *, runtime, weights: int, names: Mapping[str, str] | None = None,
+              stream: bool = False):
     """The pipeline's own checks of one job for the model `files` (hub.ModelFiles) on
     `runtime`: inputs read, sizes, frames, ranges, and whether it fits the device beside
     `weights` bytes already there. Returns (plan, pipeline keywords); raises RequestError
-    naming the pipeline keyword at fault. names: how the face spells each keyword."""
+    naming the pipeline keyword at fault. names: how the face spells each keyword. stream:
+    the frames go to a file as they are decoded (`output_path`), never all held."""
     from .memory.estimate import check_fits
 
     request = pipeline_kwargs(job, names or KEY_NAMES)
@@ -139,7 +141,8 @@ def check_job(job: Mapping, files, *, runtime, weights: int, names: Mapping[str,
     window = None if plan.windows is None else (plan.windows.size - 1) * plan.latent[1] + 1
     try:  # batch 1: guidance runs as two passes when one batch of two does not fit
         check_fits(files.dit_config, plan.height, plan.width, plan.num_frames, device=runtime.device,
-                   dtype=runtime.dtype, vae_dtype=runtime.vae_dtype, weights=weights, batch=1, window_frames=window)
+                   dtype=runtime.dtype, vae_dtype=runtime.vae_dtype, weights=weights, batch=1, window_frames=window,
+                   stream=stream)
     except ValueError as err:
         raise RequestError("height", str(err)) from None
     return plan, request

@@ -1,5 +1,6 @@
 """Video files: a `Video` of uint8 frames that saves to H.264 mp4 (PyAV), GIF or a PNG folder,
-and readers for videos and images (used for video-to-video, image conditioning and training)."""
+a `VideoWriter` that writes frames as they come (a long video is never held whole), and
+readers for videos and images (used for video-to-video, image conditioning and training)."""
 
 from __future__ import annotations
 
@@ -59,60 +60,188 @@ class Video:
 
     def save(self, path: str | Path, fps: int | None = None, quality: int = 18) -> Path:
         """Write .mp4 (H.264, yuv420p, CRF `quality`: lower is better, 18 ~ visually lossless),
-        .gif, or a folder of PNG frames (a path without suffix). Written to a temporary name
-        and renamed, so a failed write leaves nothing behind."""
-        path = Path(path)
-        fps = fps or self.fps
-        suffix = path.suffix.lower()
-        if suffix not in ("", ".mp4", ".gif"):
-            raise ValueError(f"{path}: unsupported output type {suffix!r}; use .mp4, .gif or a folder for PNG frames")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
+        .gif, or a folder of PNG frames (a path without suffix), through a `VideoWriter`.
+        Written to a temporary name and renamed, so a failed write leaves nothing behind."""
+        with VideoWriter(path, fps or self.fps, quality=quality, metadata=self.metadata, keep_partial=False) as out:
+            out.write(self.frames)
+        return out.path
+
+
+@dataclass
+class SavedVideo:
+    """A video written to `path` as it was decoded (`WanPipeline(..., output_path=...)`): its
+    frames are in the file, never all in memory. `len()`, `size`, `fps` and `metadata` as a
+    `Video`'s; `read()` loads the frames back (as the file holds them: mp4 is lossy)."""
+
+    path: Path
+    num_frames: int
+    size: tuple[int, int]  # (width, height)
+    fps: int = 16
+    metadata: dict = field(default_factory=dict)
+    latents: object = field(default=None, repr=False, compare=False)  # as a Video's: continuation reads them
+
+    def __len__(self) -> int:
+        return self.num_frames
+
+    def read(self) -> Video:
+        if self.path.is_dir():
+            frames = np.stack([read_image(p) for p in sorted(self.path.glob("*.png"))])
+            return Video(frames, fps=self.fps, metadata=self.metadata)
+        video = read_video(self.path)
+        return Video(video.frames, fps=self.fps, metadata=self.metadata)
+
+
+class VideoWriter:
+    """Frames written to a video file as they come, so a long video is never held whole:
+    `with VideoWriter("out.mp4", 16) as out: out.write(frames)` (uint8 `[n, H, W, 3]`, any n
+    per call). .mp4 (H.264, yuv420p, CRF `quality`, odd sizes padded by the edge, `metadata`
+    as tags and all of it in `comment`), a folder of PNG frames (a path without suffix: one
+    file per frame as written) or .gif (collected: gifs are small).
+
+    The file is written under a hidden temporary name and renamed to `path` at the end. When
+    the writing stops on an exception (Ctrl-C too) after some frames, the file is finished
+    properly, so it plays, and kept as `<stem>.partial<suffix>` (`out.partial.mp4`, named in
+    `kept`); with keep_partial=False, or when no frame was written, nothing stays behind."""
+
+    def __init__(self, path: str | Path, fps: float, *, quality: int = 18, metadata: dict | None = None,
+                 keep_partial: bool = True):
+        self.path = Path(path)
+        self.suffix = self.path.suffix.lower()
+        if self.suffix not in ("", ".mp4", ".gif"):
+            raise ValueError(f"{path}: unsupported output type {self.suffix!r}; "
+                             "use .mp4, .gif or a folder for PNG frames")
+        if not (isinstance(quality, int) and 0 <= quality <= 51):
+            raise ValueError(f"quality must be an H.264 CRF in [0, 51] (lower is better, 18 ~ visually lossless), "
+                             f"got {quality!r}")
+        if self.suffix == "" and self.path.exists():  # before any frame is made
+            raise FileExistsError(f"{self.path}: folder exists; choose a new name for the PNG frames")
+        self.fps, self.quality, self.metadata = fps, quality, dict(metadata or {})
+        self.keep_partial = keep_partial
+        self.frames_written = 0
+        self.size: tuple[int, int] | None = None  # (width, height) of the first frames
+        self.kept: Path | None = None  # the .partial file kept after an interruption
+        self._tmp = self.path.with_name(f".{self.path.name}.partial")
+        self._container = self._stream = None
+        self._gif: list[np.ndarray] = []
+
+    @property
+    def partial_path(self) -> Path:
+        """Where an interrupted write keeps what it wrote: out.mp4 -> out.partial.mp4."""
+        return self.path.with_name(f"{self.path.stem}.partial{self.path.suffix}")
+
+    def __enter__(self) -> "VideoWriter":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._abort()
+
+    def write(self, frames: np.ndarray) -> None:
+        """Append uint8 frames `[n, H, W, 3]` (or one `[H, W, 3]`) of the size of the first ones."""
+        frames = np.asarray(frames)
+        if frames.ndim == 3:
+            frames = frames[None]
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {frames.shape}")
+        size = (frames.shape[2], frames.shape[1])
+        if self.size is not None and size != self.size:
+            raise ValueError(f"{self.path}: frames of {size[0]}x{size[1]} after frames of "
+                             f"{self.size[0]}x{self.size[1]}; a video has one size")
+        self.size = size
+        if self.suffix == ".mp4":
+            self._write_mp4(frames)
+        elif self.suffix == ".gif":
+            self._gif.extend(frames)
+            self.frames_written += len(frames)
+        else:
+            from PIL import Image
+
+            self._tmp.mkdir(exist_ok=True)
+            for frame in frames:
+                Image.fromarray(frame).save(self._tmp / f"{self.frames_written:05d}.png")
+                self.frames_written += 1
+
+    def close(self) -> Path:
+        """Finish the file and give it its name."""
         try:
-            if suffix == ".mp4":
-                self._write_mp4(tmp, fps, quality)
-            elif suffix == ".gif":
-                frames = self.to_pil()
-                frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=1000 / fps, loop=0)
-            else:
-                tmp.mkdir(parents=True, exist_ok=True)
-                for i, frame in enumerate(self.to_pil()):
-                    frame.save(tmp / f"{i:05d}.png")
-            if suffix == "" and path.exists():
-                raise FileExistsError(f"{path}: folder exists; choose a new name for the PNG frames")
-            tmp.replace(path)
-        finally:  # also on Ctrl-C: no half-written file or frame folder stays behind
-            if tmp.is_dir():
-                import shutil
+            self._finish()
+            if self.frames_written == 0:
+                raise ValueError(f"{self.path}: no frames were written")
+            if self.suffix == "" and self.path.exists():
+                raise FileExistsError(f"{self.path}: folder exists; choose a new name for the PNG frames")
+            self._tmp.replace(self.path)
+        finally:
+            self._remove_tmp()
+        return self.path
 
-                shutil.rmtree(tmp, ignore_errors=True)
-            elif tmp.exists():
-                tmp.unlink()
-        return path
+    def _abort(self) -> None:
+        """Stopped part-way: keep what was written as a finished .partial file, or nothing."""
+        try:
+            if self.keep_partial and self.frames_written:
+                self._finish()
+                if self.suffix == "" and self.partial_path.exists():
+                    import shutil
 
-    def _write_mp4(self, path: Path, fps: int, quality: int) -> None:
+                    shutil.rmtree(self.partial_path)  # a folder of frames from an earlier stop
+                self._tmp.replace(self.partial_path)
+                self.kept = self.partial_path
+        except Exception:  # noqa: BLE001 (the exception on its way out is the one to report)
+            pass
+        finally:
+            self._remove_tmp()
+
+    def _finish(self) -> None:
+        if self._container is not None:
+            container, self._container = self._container, None
+            try:
+                for packet in self._stream.encode():  # flush the frames the encoder holds
+                    container.mux(packet)
+            finally:
+                container.close()
+        elif self._gif:
+            from PIL import Image
+
+            frames = [Image.fromarray(f) for f in self._gif]
+            frames[0].save(self._tmp, format="GIF", save_all=True, append_images=frames[1:], duration=1000 / self.fps,
+                           loop=0)
+
+    def _remove_tmp(self) -> None:
+        if self._container is not None:  # stopped in a way that left it open
+            self._container.close()
+            self._container = None
+        if self._tmp.is_dir():
+            import shutil
+
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        elif self._tmp.exists():
+            self._tmp.unlink()
+
+    def _write_mp4(self, frames: np.ndarray) -> None:
         import av
 
-        frames = self.frames
         h, w = frames.shape[1:3]
         # yuv420p needs even sizes: pad the odd row/column by repeating the edge.
         if h % 2 or w % 2:
             frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-        # use_metadata_tags: keep our own keys (prompt, seed, ...) rather than only the standard ones.
-        with av.open(str(path), mode="w", format="mp4", options={"movflags": "use_metadata_tags"}) as container:
+        if self._container is None:
+            # use_metadata_tags: keep our own keys (prompt, seed, ...) rather than only the standard ones.
+            container = av.open(str(self._tmp), mode="w", format="mp4", options={"movflags": "use_metadata_tags"})
+            self._container = container
             for key, value in self.metadata.items():
                 container.metadata[key] = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
             if self.metadata:  # players show `comment`: all settings in one line
                 container.metadata["comment"] = json.dumps(self.metadata, ensure_ascii=False)
-            stream = container.add_stream("libx264", rate=Fraction(fps))
-            stream.width, stream.height = frames.shape[2], frames.shape[1]
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(quality)}
-            for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
+            self._stream = container.add_stream("libx264", rate=Fraction(self.fps))
+            self._stream.width, self._stream.height = frames.shape[2], frames.shape[1]
+            self._stream.pix_fmt = "yuv420p"
+            self._stream.options = {"crf": str(self.quality)}
+        for frame in frames:
+            for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                self._container.mux(packet)
+            self.frames_written += 1
 
 
 def read_video(path: str | Path, *, fps: float | None = None, max_frames: int | None = None) -> Video:

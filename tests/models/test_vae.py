@@ -1,6 +1,10 @@
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from tests.oracles import diffusers_vae, latent_stats, official_state, randomize, tiny_vae
 from wanx.models.vae import WanVAE
@@ -151,3 +155,70 @@ def test_causal_conv_on_cpu_takes_onednn_with_the_plain_result():
     refs = torch.autograd.grad(ref.square().sum(), [x, conv.weight])
     for g, r in zip(grads, refs):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_chunks_stream_the_frames_of_decode(vae):
+    """The stream yields decode's frames bit for bit, a causal chunk at a time, tiled or not."""
+    z = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for tiles in ({}, dict(tile_size=32, tile_stride=(32, 16))):  # 1 tile, 2 overlapping
+            calls = []
+            chunks = list(vae.decode_chunks(z, callback=lambda done, total: calls.append((done, total)), **tiles))
+            assert [c.shape[2] for c in chunks] == [1, 4, 4]
+            assert torch.equal(torch.cat(chunks, dim=2), vae.decode(z, **tiles))
+            assert calls[-1] == (len(calls), len(calls)) == (3 * (1 + bool(tiles)),) * 2
+        assert [c.shape[2] for c in vae.decode_chunks(z, chunk_latents=2)] == [1, 8]
+    with pytest.raises(ValueError, match="chunk_latents"):  # at the call, before any chunk is asked for
+        vae.decode_chunks(z, chunk_latents=0)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the storages alive at once among those the ops under it create."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._refs: dict[int, int] = {}  # storage -> tensors seen on it and still alive
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                key, nbytes = t.untyped_storage()._cdata, t.untyped_storage().nbytes()
+                if key not in self._refs:
+                    self._refs[key] = 0
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                self._refs[key] += 1
+                weakref.finalize(t, self._release, key, nbytes)
+        return out
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._refs[key] -= 1
+        if not self._refs[key]:
+            del self._refs[key]
+            self.live -= nbytes
+
+
+@pytest.mark.parametrize("tiles", [{}, dict(tile_size=(128, 256), tile_stride=(128, 128))])
+def test_streamed_decode_memory_is_flat_in_length(tiles):
+    """The released VAE on the meta device (shapes only, no arithmetic): streaming 4x more
+    frames takes the same peak of live tensor bytes (only the latents grow), while `decode`
+    grows by the video."""
+    with torch.device("meta"):
+        vae = WanVAE().eval()
+
+    def peak(latent_frames: int, stream: bool) -> int:
+        z = torch.zeros(1, 16, latent_frames, 16, 48, device="meta")  # 128x384 pixels, 2 tiles
+        with torch.no_grad(), LiveBytes() as counter:
+            if stream:
+                for _ in vae.decode_chunks(z, **tiles):
+                    pass  # each chunk dropped, as a writer does once it is encoded
+            else:
+                vae.decode(z, **tiles)
+        return counter.peak
+
+    short, long = peak(3, True), peak(12, True)
+    video_growth = 4 * 36 * 128 * 384 * 3  # the float32 bytes of 9 latent frames' 36 frames
+    assert long - short <= video_growth / 8  # the latents grow (16 channels at 1/64 the pixels), no frame held
+    assert peak(12, False) - peak(3, False) >= video_growth  # the measure sees a held video

@@ -3,7 +3,8 @@ an impossible request (`--size 16000x16000`) is refused at once instead of dying
 
 Peak = resident weights + the larger of the two phases that never overlap: the DiT forward
 (activations scale with tokens x width) and the VAE decode (a causal chunk at full resolution:
-scales with pixels, not with length), plus the decoded video itself. The coefficients are
+scales with pixels, not with length), plus the decoded video itself (one causal chunk of it
+when the frames are written to the file as they are decoded). The coefficients are
 measured on the real architectures in fp32 as the peak of live tensor bytes (a dispatch-mode
 count, not the allocator's): a 1.3B-width DiT block at 4,800 tokens (75.6 KB per token and
 sample) and the real VAE decoding at 128x192 and 256x384 (18.9 KB per output pixel).
@@ -33,6 +34,9 @@ _VAE_BYTES_PER_PIXEL_FP32 = 20 * 1024
 # pixels a side (overlapping by DECODE_OVERLAP, blended), so decoding never sets the limit.
 DECODE_TILES = (768, 512, 384, 256)
 DECODE_OVERLAP = 64
+# Frames of the largest causal chunk the VAE decodes (one latent frame: 4), all that a
+# streamed decode holds of the video at once.
+STREAM_CHUNK_FRAMES = 4
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class MemoryEstimate:
     weights: int  # bytes resident for the weights (0 when they are loaded already)
     denoise: int  # DiT activations of one forward (both guidance branches when batched)
     decode: int  # VAE decode workspace
-    video: int  # the decoded video (float32 and uint8 copies)
+    video: int  # the decoded video (float32 and uint8 copies); streamed to a file: one chunk of it
 
     @property
     def work(self) -> int:
@@ -94,10 +98,12 @@ def kept_bytes(kinds: Mapping[str, int], dtype: torch.dtype) -> int:
 
 def estimate(config: DiTConfig, height: int, width: int, num_frames: int, *, dtype: torch.dtype,
              vae_dtype: torch.dtype = torch.float32, batch: int = 2, weights: int = 0,
-             window_frames: int | None = None) -> MemoryEstimate:
+             window_frames: int | None = None, stream: bool = False) -> MemoryEstimate:
     """Peak memory of generating one video of `num_frames` x `height` x `width`; batch 2 is
     batched classifier-free guidance. window_frames: the DiT sees context windows of this many
-    frames at a time (its activations are a window's, however long the video)."""
+    frames at a time (its activations are a window's, however long the video). stream: the
+    frames go to the file as they are decoded (`WanPipeline(..., output_path=...)`), so only
+    one causal chunk of them is ever held."""
     pt, ph, pw = config.patch_size
     stride = latent_stride(config)
     seen = min(num_frames, window_frames or num_frames)
@@ -106,7 +112,8 @@ def estimate(config: DiTConfig, height: int, width: int, num_frames: int, *, dty
     denoise = batch * (tokens + config.text_len) * per_token
     smallest = DECODE_TILES[-1]
     decode = min(decode_bytes(height, width, vae_dtype), decode_bytes(min(height, smallest), min(width, smallest), vae_dtype))
-    video = num_frames * height * width * 3 * (4 + 2)
+    held = min(num_frames, STREAM_CHUNK_FRAMES) if stream else num_frames
+    video = held * height * width * 3 * (4 + 2)
     return MemoryEstimate(weights, denoise, decode, video)
 
 
@@ -155,11 +162,13 @@ def available_memory(device: torch.device) -> int:
 
 def check_fits(config: DiTConfig, height: int, width: int, num_frames: int, *, device: torch.device,
                dtype: torch.dtype, vae_dtype: torch.dtype = torch.float32, batch: int = 2, weights: int = 0,
-               available: int | None = None, window_frames: int | None = None) -> MemoryEstimate:
+               available: int | None = None, window_frames: int | None = None,
+               stream: bool = False) -> MemoryEstimate:
     """The estimate, or a one-line ValueError with it, what the device has, and the largest
     size with the same aspect ratio (multiples of 16; 32 for TI2V) that fits."""
     available = available_memory(device) if available is None else available
-    kwargs = dict(dtype=dtype, vae_dtype=vae_dtype, batch=batch, weights=weights, window_frames=window_frames)
+    kwargs = dict(dtype=dtype, vae_dtype=vae_dtype, batch=batch, weights=weights, window_frames=window_frames,
+                  stream=stream)
     need = estimate(config, height, width, num_frames, **kwargs)
     if need.total <= available:
         return need

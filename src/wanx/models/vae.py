@@ -353,7 +353,7 @@ class WanVAE(nn.Module):
     def decode(self, latents: Tensor, *, chunk_latents: int = 1, tile_size: int | tuple[int, int] | None = None,
                tile_stride: int | tuple[int, int] | None = None, callback=None, clamp: bool = True) -> Tensor:
         """latents `[B, z, k+1, h, w]` -> video `[B, 3, 4k+1, s*h, s*w]` float32 in [-1, 1]
-        (s = `config.spatial_stride`).
+        (s = `config.spatial_stride`): `decode_chunks` gathered into one tensor.
 
         chunk_latents: latent frames decoded per causal step (1 = the official schedule).
         tile_size/tile_stride: spatial tiles in output pixels (multiples of s), blended at the seams.
@@ -361,6 +361,25 @@ class WanVAE(nn.Module):
         clamp: False leaves the output unclamped, for training: a pixel clamped at +-1 passes no
         gradient, and a decoder pushed past the range everywhere never comes back.
         """
+        out, frame = None, 0
+        frames = 1 + self.config.temporal_stride * (latents.shape[2] - 1) if latents.ndim == 5 else 0
+        for chunk in self.decode_chunks(latents, chunk_latents=chunk_latents, tile_size=tile_size,
+                                        tile_stride=tile_stride, callback=callback, clamp=clamp):
+            if out is None:  # filled in place: no list of chunks beside the video
+                out = chunk.new_empty(*chunk.shape[:2], frames, *chunk.shape[3:])
+            out[:, :, frame: frame + chunk.shape[2]] = chunk
+            frame += chunk.shape[2]
+        return out
+
+    def decode_chunks(self, latents: Tensor, *, chunk_latents: int = 1,
+                      tile_size: int | tuple[int, int] | None = None,
+                      tile_stride: int | tuple[int, int] | None = None, callback=None,
+                      clamp: bool = True) -> Iterator[Tensor]:
+        """`decode` as a stream: yields the video's frames `[B, 3, n, s*h, s*w]` float32 in order,
+        one causal chunk at a time (1 frame, then 4 x chunk_latents), so a video of any length
+        is decoded without ever holding all its frames. With spatial tiles every tile keeps its
+        own causal cache; chunk k of each tile is decoded and the tiles blended before it is
+        yielded. Same arguments as `decode`; callback(done, total) after each tile's chunk."""
         if latents.ndim != 5 or latents.shape[1] != self.config.z_dim:
             raise ValueError(f"latents must be [B, {self.config.z_dim}, F, H, W], got {tuple(latents.shape)}")
         if chunk_latents < 1:
@@ -370,27 +389,46 @@ class WanVAE(nn.Module):
         stride = _pair(tile_stride, s, "tile_stride")
         tile = None if tile is None else (tile[0] // s, tile[1] // s)
         stride = None if stride is None else (stride[0] // s, stride[1] // s)
-        rows, cols = _tile_grid(latents.shape[-2:], tile, stride)
+        h, w = latents.shape[-2:]
+        rows, cols = _tile_grid((h, w), tile, stride)
         counter = _Counter((1 + math.ceil((latents.shape[2] - 1) / chunk_latents)) * len(rows) * len(cols), callback)
-        return self._tiled(latents, tile, stride, s, down=False,
-                           fn=lambda z: self._decode_tile(z, chunk_latents, counter, clamp))
+        return self._decode_stream(latents, rows, cols, tile, chunk_latents, counter, clamp)
 
-    def _decode_tile(self, latents: Tensor, chunk_latents: int, counter: "_Counter", clamp: bool = True) -> Tensor:
+    def _decode_stream(self, latents: Tensor, rows, cols, tile, chunk_latents: int, counter: "_Counter",
+                       clamp: bool) -> Iterator[Tensor]:
+        # A generator apart from decode_chunks, so that bad arguments raise at the call, not at the first chunk.
+        if len(rows) == 1 and len(cols) == 1:
+            yield from self._decode_tile(latents, chunk_latents, counter, clamp)
+            return
+        h, w = latents.shape[-2:]
+        s = self.config.spatial_stride
+        th, tw = min(tile[0], h), min(tile[1], w)
+        places = _placements(rows, cols, th, tw, lambda n: n * s)
+        tiles = [self._decode_tile(latents[..., top: top + th, left: left + tw], chunk_latents, counter, clamp)
+                 for top, left, *_ in places]
+        masks = weight = None
+        for chunks in zip(*tiles):  # chunk k of every tile, each tile's cache carried on
+            out = chunks[0].new_zeros(*chunks[0].shape[:-2], h * s, w * s)
+            if masks is None:
+                masks = [_blend_mask(y, *overlaps) for y, (_, _, *overlaps) in zip(chunks, places)]
+                weight = chunks[0].new_zeros(h * s, w * s)
+                for y, mask, (top, left, *_) in zip(chunks, masks, places):
+                    weight[top * s: top * s + y.shape[-2], left * s: left * s + y.shape[-1]] += mask
+            for y, mask, (top, left, *_) in zip(chunks, masks, places):
+                out[..., top * s: top * s + y.shape[-2], left * s: left * s + y.shape[-1]] += y * mask
+            yield out / weight
+
+    def _decode_tile(self, latents: Tensor, chunk_latents: int, counter: "_Counter",
+                     clamp: bool = True) -> Iterator[Tensor]:
+        """One tile's frames, a causal chunk at a time, with the tile's own cache."""
         dtype = self.conv2.weight.dtype
         mean, inv_std = self._stats(latents)
-        z = self.conv2((latents.float() / inv_std + mean).to(dtype))
-        b, _, t, h, w = z.shape
-        s, st = self.config.spatial_stride, self.config.temporal_stride
-        out = torch.empty(b, 3, 1 + st * (t - 1), h * s, w * s, device=z.device, dtype=torch.float32)
-        cache, frame = CausalCache(), 0
-        for start, end in [(0, 1)] + [(a, min(a + chunk_latents, t)) for a in range(1, t, chunk_latents)]:
-            if start >= t:
-                break
-            chunk = self.unpatchify(self.decoder(z[:, :, start:end], cache))
-            out[:, :, frame: frame + chunk.shape[2]] = chunk.float().clamp(-1, 1) if clamp else chunk.float()
-            frame += chunk.shape[2]
+        z = self.conv2((latents.float() / inv_std + mean).to(dtype))  # a 1x1 conv: the whole tile at once
+        cache = CausalCache()
+        for start, end in _chunks(z.shape[2], chunk_latents):
+            chunk = self.unpatchify(self.decoder(z[:, :, start:end], cache)).float()
             counter.step()
-        return out
+            yield chunk.clamp(-1, 1) if clamp else chunk
 
     # -- spatial tiling ------------------------------------------------------------------
     def _tiled(self, x: Tensor, tile, stride, scale: int, *, down: bool, fn) -> Tensor:
@@ -406,24 +444,37 @@ class WanVAE(nn.Module):
         to_out = (lambda n: n // scale) if down else (lambda n: n * scale)
         out = weight = None
         th, tw = min(tile[0], h), min(tile[1], w)
-        for i, top in enumerate(rows):
-            for j, left in enumerate(cols):
-                y = fn(x[..., top: top + th, left: left + tw])
-                if out is None:
-                    out = y.new_zeros(*y.shape[:-2], to_out(h), to_out(w))
-                    weight = y.new_zeros(to_out(h), to_out(w))
-                # Overlap with the neighbours on each side, in output pixels.
-                above = to_out(rows[i - 1] + th - top) if i else 0
-                below = to_out(top + th - rows[i + 1]) if i + 1 < len(rows) else 0
-                before = to_out(cols[j - 1] + tw - left) if j else 0
-                after = to_out(left + tw - cols[j + 1]) if j + 1 < len(cols) else 0
-                wy = _ramp(y.shape[-2], above, below, y.device, y.dtype)
-                wx = _ramp(y.shape[-1], before, after, y.device, y.dtype)
-                mask = wy[:, None] * wx[None, :]
-                oy, ox = to_out(top), to_out(left)
-                out[..., oy: oy + y.shape[-2], ox: ox + y.shape[-1]] += y * mask
-                weight[oy: oy + y.shape[-2], ox: ox + y.shape[-1]] += mask
+        for top, left, *overlaps in _placements(rows, cols, th, tw, to_out):
+            y = fn(x[..., top: top + th, left: left + tw])
+            if out is None:
+                out = y.new_zeros(*y.shape[:-2], to_out(h), to_out(w))
+                weight = y.new_zeros(to_out(h), to_out(w))
+            mask = _blend_mask(y, *overlaps)
+            oy, ox = to_out(top), to_out(left)
+            out[..., oy: oy + y.shape[-2], ox: ox + y.shape[-1]] += y * mask
+            weight[oy: oy + y.shape[-2], ox: ox + y.shape[-1]] += mask
         return out / weight
+
+
+def _placements(rows: list[int], cols: list[int], th: int, tw: int, to_out) -> list[tuple[int, ...]]:
+    """(top, left, above, below, before, after) of each tile in row order: its start in the
+    input and its overlap with the neighbour on each side, in output pixels."""
+    places = []
+    for i, top in enumerate(rows):
+        for j, left in enumerate(cols):
+            above = to_out(rows[i - 1] + th - top) if i else 0
+            below = to_out(top + th - rows[i + 1]) if i + 1 < len(rows) else 0
+            before = to_out(cols[j - 1] + tw - left) if j else 0
+            after = to_out(left + tw - cols[j + 1]) if j + 1 < len(cols) else 0
+            places.append((top, left, above, below, before, after))
+    return places
+
+
+def _blend_mask(y: Tensor, above: int, below: int, before: int, after: int) -> Tensor:
+    """A tile's blend weights `[h, w]`: linear ramps over its overlaps."""
+    wy = _ramp(y.shape[-2], above, below, y.device, y.dtype)
+    wx = _ramp(y.shape[-1], before, after, y.device, y.dtype)
+    return wy[:, None] * wx[None, :]
 
 
 class _Counter:

@@ -27,7 +27,7 @@ from ..runtime import Applied, Runtime
 from ..runtime import apply as runtime_apply
 from ..sampling import SAMPLERS, schedule
 from ..tasks import default_task
-from ..video import Video, to_pixels
+from ..video import SavedVideo, Video, VideoWriter, to_pixels
 from .conditioning import Conditioning, Run, conditioning_for
 from .experts import Experts
 from .plan import Plan, plan_request
@@ -54,6 +54,7 @@ class WanPipeline:
         self.batch_cfg = True  # cond and uncond as one batch of 2; False: two passes (less memory)
         self.last_timings: dict = {}  # seconds of the first and later denoising steps of the last call
         self.last_experts: dict = {}  # two experts: the last call's boundary and steps on each
+        self.last_partial: Path | None = None  # output_path: the .partial file a stopped call kept
 
     @property
     def placement(self) -> Placement:
@@ -200,7 +201,9 @@ class WanPipeline:
         context_windows: ContextWindows | None = None,
         extend=None,
         extend_frames: int | None = None,
-    ) -> Video | Tensor:
+        output_path: str | Path | None = None,
+        quality: int = 18,
+    ) -> Video | SavedVideo | Tensor:
         """Generate one video. The task follows from the model and the inputs; every unset
         option takes the model folder's own setting (`wanx-defaults.json`), else the official
         default of the task (its row of `wanx.tasks.TASKS`). Inputs are checked before any work.
@@ -243,10 +246,15 @@ class WanPipeline:
                 the new frames (a multiple of 4). Its last frames are known latents at the
                 start, from the side file wanx writes next to its mp4s when there is one.
             extend_frames: the overlap in video frames, 4k+1 (default 9: 3 latent frames).
+            output_path: write the video there (.mp4, .gif, or a new folder for PNG frames)
+                chunk by chunk as it is decoded, never holding all its frames (memory flat in
+                length); quality: the mp4's H.264 CRF. Stopped part-way (an exception, Ctrl-C),
+                the frames written so far stay as `<stem>.partial<suffix>` (`last_partial`).
 
         Returns:
-            A `Video` (`.save(path)`, `.frames` uint8 `[F, H, W, 3]`, `.latents` the denoised
-            latents `[C, F', H', W']` on the CPU) or a latent tensor.
+            A `Video` (`.save(path)`, `.frames` uint8 `[F, H, W, 3]`), with output_path a
+            `SavedVideo` (`.path`, `len()`, `.size`; frames in the file), or a latent tensor;
+            a video's `.latents` are the denoised latents `[C, F', H', W']` on the CPU.
         """
         strategy = None
         if guidance is not None and not isinstance(guidance, (int, float, list, tuple)):  # a strategy object
@@ -260,7 +268,12 @@ class WanPipeline:
                          negative_prompt_embeds=negative_prompt_embeds, latents=latents, output_type=output_type,
                          guidance=strategy, context_windows=context_windows, extend=extend,
                          extend_frames=extend_frames)
-        need, batched = self._fit(plan)
+        self.last_partial = None
+        if output_path is not None and output_type == "latents":
+            raise ValueError("output_path writes decoded frames: it does not go with output_type='latents'")
+        # the output's type is checked before any work; the file is made at the first frame
+        writer = None if output_path is None else VideoWriter(output_path, plan.fps, quality=quality)
+        need, batched = self._fit(plan, stream=writer is not None)
         # per-step LoRA strengths for this step count (another count is refused here, before any work)
         lora_step = lora_steps(self.experts.values(), plan.steps)
         run = Run(self, progress)
@@ -278,22 +291,29 @@ class WanPipeline:
                 x = match_colors(x, plan.windows.size)
             if output_type == "latents":
                 return x
+            metadata = self._metadata(plan, conditioning, prompt)
+            if writer is not None:
+                saved = self._decode_to(writer, metadata, run, plan, x, need, decode_callback,
+                                        conditioning.output_frames())
+                saved.latents = x[0].cpu()
+                return saved
             frames = self._decode(run, plan, x, need, decode_callback)  # [1, 3, F, H, W] in [-1, 1]
         head, drop = conditioning.output_frames()  # continuation: the old video, then the new frames
         pixels = to_pixels(frames[0])[drop:]
         if head is not None:
             pixels = np.concatenate([head, pixels])
-        video = Video(pixels, fps=plan.fps, metadata=self._metadata(plan, conditioning, prompt))
+        video = Video(pixels, fps=plan.fps, metadata=metadata)
         video.latents = x[0].cpu()  # for the side file continuation reads (`extend.write_side_file`)
         return video
 
-    def _fit(self, plan: Plan):
+    def _fit(self, plan: Plan, stream: bool = False):
         """The memory this request needs beside the resident weights, and whether guidance
-        runs as one batch of two (when that fits) or as two passes (half the activations)."""
+        runs as one batch of two (when that fits) or as two passes (half the activations).
+        stream: the frames go to a file as they are decoded (one chunk of them held)."""
         window = None if plan.windows is None else plan.windows.size
         fit = functools.partial(check_fits, self.dit.config, plan.height, plan.width, plan.num_frames,
                                 device=self.device, dtype=input_dtype(self.dit.blocks[0].self_attn.q),
-                                vae_dtype=next(self.vae.parameters()).dtype,
+                                vae_dtype=next(self.vae.parameters()).dtype, stream=stream,
                                 window_frames=None if window is None else (window - 1) * plan.latent[1] + 1)
         batched = self.batch_cfg and any(g != 1.0 for g in (plan.guidance, plan.guidance_low) if g is not None)
         try:
@@ -394,7 +414,11 @@ class WanPipeline:
                     f"{sorted(times[1:])[len(times[1:]) // 2]:.2f} s/step")
         return x
 
-    def _decode(self, run: Run, plan: Plan, x: Tensor, need, decode_callback) -> Tensor:
+    def _decode(self, run: Run, plan: Plan, x: Tensor, need, decode_callback, writer: VideoWriter | None = None,
+                around: tuple = (None, 0)) -> Tensor | None:
+        """The decoded video `[1, 3, F, H, W]` in [-1, 1]; with a writer, each chunk goes to it
+        as uint8 frames as soon as it is decoded, and nothing is returned. around: frames the
+        writer gets first and decoded frames it skips (continuation: the old video, the overlap)."""
         bar = _progress(None, "decoding", run.progress, unit="chunk")
 
         def done(chunk: int, total: int) -> None:
@@ -403,13 +427,37 @@ class WanPipeline:
             if decode_callback is not None:
                 decode_callback(chunk, total)
 
-        with self.placement.phase("vae"):
-            # Tiles only when whole frames would not fit what is free now (never by default on a big GPU).
-            tiles = decode_tiles(plan.height, plan.width, next(self.vae.parameters()).dtype,
-                                 available_memory(self.device) - need.video)
-            frames = self.vae.decode(x, tile_size=tiles and tiles[0], tile_stride=tiles and tiles[1], callback=done)
-        bar.close()
-        return frames
+        try:
+            with self.placement.phase("vae"):
+                # Tiles only when whole frames would not fit what is free now (never by default on a big GPU).
+                tiles = decode_tiles(plan.height, plan.width, next(self.vae.parameters()).dtype,
+                                     available_memory(self.device) - need.video)
+                tiling = dict(tile_size=tiles and tiles[0], tile_stride=tiles and tiles[1], callback=done)
+                if writer is None:
+                    return self.vae.decode(x, **tiling)
+                head, skip = around
+                if head is not None:
+                    writer.write(head)
+                for chunk in self.vae.decode_chunks(x, **tiling):  # [1, 3, n, H, W]
+                    pixels = to_pixels(chunk[0])
+                    cut = min(skip, len(pixels))
+                    skip -= cut
+                    if cut < len(pixels):
+                        writer.write(pixels[cut:])
+                return None
+        finally:
+            bar.close()
+
+    def _decode_to(self, writer: VideoWriter, metadata: dict, run: Run, plan: Plan, x: Tensor, need,
+                   decode_callback, around: tuple = (None, 0)) -> SavedVideo:
+        """Decode into the file chunk by chunk; stopped part-way, what was written is kept."""
+        writer.metadata = metadata
+        try:
+            with writer:
+                self._decode(run, plan, x, need, decode_callback, writer, around)
+        finally:
+            self.last_partial = writer.kept
+        return SavedVideo(writer.path, writer.frames_written, writer.size, fps=plan.fps, metadata=metadata)
 
     def _metadata(self, plan: Plan, conditioning: Conditioning, prompt) -> dict:
         metadata = dict(prompt=prompt or "", negative_prompt=plan.negative_prompt or "", seed=plan.seed,
