@@ -5,8 +5,8 @@
     python bench/long_video.py --device cuda --gpu   # a 1.3B-shaped DiT at 480P, 1025 frames (GPU)
 
 Every row runs in a fresh child process, so each peak is its own:
-- length: the tiny model in windows of 17 frames (overlap 8), 17 -> 161 -> 481 frames. Peak
-  resident memory of the generate call (CPU: sampled RSS; CUDA: the allocator's peak) and its
+- length: the tiny model in windows of 17 frames (overlap 8), 17 -> 161 -> 481 frames, written
+  to an mp4 as they are decoded (`output_path`). Peak resident memory of the generate call (CPU: sampled RSS; CUDA: the allocator's peak) and its
   time; the ratios to the shortest run are what to read (time per frame should stay flat).
 - seams and drift: the demo model (trained on 17-frame clips of shapes) at 161 frames, windows
   of 17 frames, per schedule, with and without --color-match. Seam ratio: mean |frame
@@ -51,8 +51,10 @@ def child(spec: dict) -> dict:
         text, prompt = {}, spec["prompt"]
     windows = ContextWindows(spec["window"], spec["overlap"], spec["schedule"], color_match=spec["color_match"]) \
         if spec["window"] else None
+    out = Path(spec["out"]) if spec.get("out") else None  # streamed to a file: the frames are never all held
     request = dict(num_frames=spec["frames"], height=spec["size"], width=spec["size"], seed=spec["seed"],
-                   num_inference_steps=spec["steps"], context_windows=windows, progress=False, **text)
+                   num_inference_steps=spec["steps"], context_windows=windows, progress=False, output_path=out,
+                   **text)
 
     def generate():
         return pipe(prompt, **request)
@@ -74,8 +76,9 @@ def child(spec: dict) -> dict:
     planned = plan_windows(windows, spec["frames"], 4, str)
     result = {"seconds": seconds, "peak": peak, "frames": len(video), "windows": len(planned.at(0)) if planned else 1}
     if planned is not None and spec.get("measure"):
-        result["seam"], result["inside"], result["ratio"] = seam_ratio(video.frames, seam_frames(planned, 4))
-        result["drift"] = color_drift(video.frames, spec["window"])
+        frames = video.read().frames if out is not None else video.frames
+        result["seam"], result["inside"], result["ratio"] = seam_ratio(frames, seam_frames(planned, 4))
+        result["drift"] = color_drift(frames, spec["window"])
     return result
 
 
@@ -88,15 +91,18 @@ def mib(n: float) -> str:
 
 
 def length_rows(model: str, lengths, size: int, steps: int, window: int, overlap: int, device: str) -> None:
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="wanx-long-"))
     print(f"\n## memory and time against length: {model}, {size}x{size}, {steps} steps, windows of {window} "
-          f"frames (overlap {overlap}), {device}")
+          f"frames (overlap {overlap}), written to an mp4 as decoded, {device}")
     print("| frames | windows | peak memory of the call | x shortest | seconds | s per frame | x shortest |")
     print("|---|---|---|---|---|---|---|")
     first = None
     for frames in lengths:
         spec = dict(model=model, prompt="a red circle moving left on a black background", frames=frames, size=size,
                     steps=steps, window=window if frames > window else 0, overlap=overlap, schedule="static",
-                    color_match=False, seed=1, device=device)
+                    color_match=False, seed=1, device=device, out=str(folder / f"{model}-{frames}.mp4"))
         r = run(spec)
         per_frame = r["seconds"] / frames
         first = first or (r["peak"], per_frame)
