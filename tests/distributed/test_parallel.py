@@ -17,8 +17,11 @@ from tests.distributed.workers import REQUEST, fail_on_rank_one, image, run_case
 from tests.training.test_determinism import torch_threads
 from wanx.cli import main
 from wanx.distributed.launch import free_port, spawn
+from wanx.pipeline import ContextWindows
 
 TOLERANCE = 1e-5  # relative to the latents' largest value, fp32
+# 17 frames in windows of 9 overlapping by 4: 2 windows of 3 latent frames, 45 tokens each (padded for 2)
+WINDOWED = {"num_frames": 17, "context_windows": ContextWindows(9, 4)}
 
 
 def run_ranks(world: int, cases: list[dict], tmp_path) -> dict:
@@ -48,7 +51,8 @@ def test_two_ranks_match_one_process(tmp_path):
              dict(name="i2v", model="tiny-i2v", sp="ulysses", fsdp=True, request={"image": True}),
              dict(name="lora live, fsdp", fsdp=True, sp="ring", lora="live"),
              dict(name="lora fused", sp="ulysses", lora="fused"),
-             dict(name="moe", model="tiny-moe", sp="ulysses", fsdp=True)]  # both experts sharded and split
+             dict(name="moe", model="tiny-moe", sp="ulysses", fsdp=True),  # both experts sharded and split
+             dict(name="windows", sp="ulysses", request=WINDOWED)]  # each context window split over the ranks
     results = run_ranks(2, cases, tmp_path)
     reference = single()
     for name in ("ulysses", "ring", "cfg", "fsdp"):
@@ -60,6 +64,7 @@ def test_two_ranks_match_one_process(tmp_path):
     i2v = single("tiny-i2v", image=True)
     assert close(results["i2v"][0], i2v) <= TOLERANCE
     assert close(results["moe"][0], single("tiny-moe")) <= TOLERANCE
+    assert close(results["windows"][0], single(**WINDOWED)) <= TOLERANCE
     from tests.distributed.workers import lora_file
     from wanx.pipeline import WanPipeline
 
