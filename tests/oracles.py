@@ -244,7 +244,8 @@ def write_official_dit(folder: Path, model: WanDiT, shards: int = 1) -> Path:
 
 
 def write_diffusers_dit(folder: Path, model: WanDiT) -> Path:
-    diffusers_dit(model.config, official_state(model)).save_pretrained(folder)
+    build = diffusers_vace_dit if model.config.model_type == "vace" else diffusers_dit
+    build(model.config, official_state(model)).save_pretrained(folder)
     return folder
 
 

@@ -200,9 +200,10 @@ DIT_PRESETS: dict[str, DiTConfig] = {
     "tiny-flf2v": DiTConfig(model_type="flf2v", in_dim=36, image_dim=160, **_TINY),
     "tiny-i2v-A14B": DiTConfig(model_type="i2v", in_dim=36, clip=False, **_TINY),
     "tiny-ti2v": DiTConfig(model_type="ti2v", in_dim=48, out_dim=48, **_TINY),
-    # Wan2.1 VACE: the T2V DiT of its size with VACE blocks at every other block (official configs).
+    # Wan2.1 VACE: the T2V DiT of its size with VACE blocks (the released config.json files):
+    # 1.3B at every other block (the official default), 14B at every fifth.
     "vace-1.3B": VaceConfig(),
-    "vace-14B": VaceConfig(**_14B),
+    "vace-14B": VaceConfig(vace_layers=tuple(range(0, 40, 5)), **_14B),
     "tiny-vace": VaceConfig(vace_layers=(0, 1), **_TINY),  # both kinds of VACE block (block 0 has before_proj)
 }
 
@@ -292,6 +293,8 @@ def infer_dit_config(
     """DiT config from official-layout tensor shapes; `num_heads` (and `num_layers`, so a
     missing last block is noticed), `text_len` (no tensor shows it) and a VACE model's
     `vace_layers` from config.json when known."""
+    if "vace_patch_embedding.weight" not in shapes and any(_VACE_BLOCK.match(k) for k in shapes):
+        raise KeyError("vace_patch_embedding.weight")  # VACE blocks without their input: a damaged VACE file
     if "vace_patch_embedding.weight" in shapes:
         base = infer_dit_config({k: v for k, v in shapes.items() if not k.startswith("vace_")}, num_heads, num_layers,
                                 text_len)

@@ -35,7 +35,8 @@ def relative(ours, theirs):
 
 def test_presets_and_dispatch():
     assert DIT_PRESETS["vace-1.3B"].vace_layers == tuple(range(0, 30, 2))
-    assert DIT_PRESETS["vace-14B"].vace_layers == tuple(range(0, 40, 2)) and DIT_PRESETS["vace-14B"].dim == 5120
+    assert DIT_PRESETS["vace-14B"].vace_layers == (0, 5, 10, 15, 20, 25, 30, 35)  # Wan2.1-VACE-14B's config
+    assert DIT_PRESETS["vace-14B"].dim == 5120
     assert DIT_PRESETS["vace-1.3B"].vace_in_dim == 96
     with torch.device("meta"):
         model = WanDiT("vace-1.3B")
@@ -239,3 +240,4 @@ def test_sequence_parallel_and_fsdp_on_two_ranks_equal_one_process(tmp_path):
         reference = model(x, t, context, vace_context=vace, vace_context_scale=0.7)
     for case, latents in torch.load(out).items():
         assert relative(latents, reference) <= 1e-5, case
+
