@@ -241,3 +241,17 @@ def test_sequence_parallel_and_fsdp_on_two_ranks_equal_one_process(tmp_path):
     for case, latents in torch.load(out).items():
         assert relative(latents, reference) <= 1e-5, case
 
+
+def test_tiny_vace_set_is_a_vace_model_whose_hints_act():
+    import wanx
+    from wanx.hub import resolve_model
+
+    model = wanx.load_model(resolve_model("tiny-vace"))
+    assert type(model) is VaceWanDiT and model.config == DIT_PRESETS["tiny-vace"]
+    assert model.config.vace_layers == (0, 1)  # both kinds of VACE block
+    assert all(b.after_proj.weight.abs().sum() > 0 for b in model.vace_blocks)
+    assert model.vace_blocks[0].before_proj.weight.abs().sum() > 0
+    x, t, context, vace = vace_inputs(model.config, batch=1)
+    with torch.no_grad():
+        assert relative(model(x, t, context, vace_context=vace, vace_context_scale=0.0),
+                        model(x, t, context, vace_context=vace)) > 1e-3
