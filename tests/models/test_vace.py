@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.oracles import diffusers_vace_dit, official_state, randomize, run_diffusers_dit
-from wanx.configs import DIT_PRESETS, VaceConfig
+from wanx.configs import DIT_PRESETS, VaceConfig, dit_config
 from wanx.models.transformer import WanDiT
 from wanx.models.vace import VaceWanDiT
 
@@ -255,3 +255,12 @@ def test_tiny_vace_set_is_a_vace_model_whose_hints_act():
     with torch.no_grad():
         assert relative(model(x, t, context, vace_context=vace, vace_context_scale=0.0),
                         model(x, t, context, vace_context=vace)) > 1e-3
+
+
+def test_memory_estimate_counts_the_hints():
+    from wanx.memory.estimate import estimate
+
+    base, vace = (estimate(dit_config(name), 480, 832, 81, dtype=torch.bfloat16)
+                  for name in ("t2v-1.3B", "vace-1.3B"))
+    tokens = 21 * 30 * 52
+    assert vace.denoise - base.denoise == 2 * tokens * 4 * 1536 * 16  # 15 hints and the VACE stream, batch 2
