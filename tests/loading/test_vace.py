@@ -89,3 +89,22 @@ def test_vace_blocks_that_do_not_match_the_config_stop_in_one_line(tmp_path):
     save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
     with pytest.raises(CheckpointError, match="missing tensor 'vace_patch_embedding.weight'"):
         wanx.load_model(folder)
+
+
+def test_gguf_vace_file_keeps_the_vace_blocks_packed(tmp_path):
+    """A city96-style GGUF of a VACE DiT (as QuantStack's VACE GGUFs): the VACE blocks' Linear
+    weights stay packed like the main blocks', and the output stays within the Q8_0 bound."""
+    pytest.importorskip("gguf")
+    from tests.loading.test_gguf import BOUNDS, Q, write_gguf
+    from wanx.memory.gguf import GGUFLinear
+
+    model = tiny_vace()
+    path = write_gguf(tmp_path / "wan-vace-tiny.gguf", model, Q.Q8_0)
+    loaded = wanx.load_model(path, dtype=torch.float32)
+    assert type(loaded) is VaceWanDiT and loaded.config == model.config
+    assert isinstance(loaded.vace_blocks[0].before_proj, GGUFLinear)
+    assert isinstance(loaded.vace_blocks[1].self_attn.q, GGUFLinear)
+    x, t, context, vace = vace_inputs(model.config, batch=1)
+    with torch.no_grad():
+        error = relative(loaded(x, t, context, vace_context=vace), model(x, t, context, vace_context=vace))
+    assert 0 < error <= BOUNDS["Q8_0"], error
