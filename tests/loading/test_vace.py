@@ -108,3 +108,13 @@ def test_gguf_vace_file_keeps_the_vace_blocks_packed(tmp_path):
     with torch.no_grad():
         error = relative(loaded(x, t, context, vace_context=vace), model(x, t, context, vace_context=vace))
     assert 0 < error <= BOUNDS["Q8_0"], error
+
+
+def test_a_vace_module_file_alone_is_named(tmp_path):
+    """Kijai's `Wan2_1-VACE_module_*` files hold only the VACE part (for ComfyUI to add to a T2V
+    DiT): refused in one line that says so, not as "not a Wan checkpoint"."""
+    state = {k: v for k, v in tiny_vace().state_dict().items() if k.startswith("vace_")}
+    save_file(state, str(tmp_path / "Wan2_1-VACE_module_tiny.safetensors"))
+    with pytest.raises(CheckpointError, match="only the VACE blocks of a VACE model") as err:
+        inspect_checkpoint(tmp_path / "Wan2_1-VACE_module_tiny.safetensors")
+    assert "\n" not in str(err.value)

@@ -237,6 +237,11 @@ def _swap_gguf(model: nn.Module, info: CheckpointInfo, store: TensorStore, compu
 
 def _identify(store: TensorStore) -> CheckpointInfo:
     found = detect(store.keys())
+    if found is None and any(k.endswith("vace_patch_embedding.weight") for k in store.keys()):
+        raise CheckpointError(
+            f"{store.path}: only the VACE blocks of a VACE model (a \"VACE module\" file, without the T2V DiT it is "
+            "added to); wanx loads whole VACE models: use the full Wan2.1-VACE (or Wan2.2 VACE-Fun) DiT file"
+        )
     if found is None:
         sample = ", ".join(store.keys()[:4])
         raise CheckpointError(
