@@ -157,6 +157,18 @@ def test_fp8_quantizes_the_vace_blocks_and_stays_close():
     assert relative(out, ref) <= 0.06  # the base DiT's stated FP8 bound
 
 
+def test_int8_quantizes_the_vace_blocks_and_stays_close():
+    from wanx.memory.int8 import Int8Linear, quantize_int8
+
+    model = tiny_vace()
+    x, t, context, vace = vace_inputs(model.config)
+    int8 = quantize_int8(copy.deepcopy(model), compute_dtype=torch.float32)
+    assert isinstance(int8.vace_blocks[0].before_proj, Int8Linear) and isinstance(int8.vace_blocks[1].ffn[0], Int8Linear)
+    with torch.no_grad():
+        ref, out = model(x, t, context, vace_context=vace), int8(x, t, context, vace_context=vace)
+    assert 0 < relative(out, ref) <= 0.03  # the base DiT's stated INT8 bound
+
+
 @pytest.mark.parametrize("fmt", ["official", "kohya", "diffusers"])
 def test_lora_on_vace_module_keys(fmt):
     """A LoRA on `vace_blocks.N.*` (a block layer and the hint projection) changes those weights
