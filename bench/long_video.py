@@ -110,14 +110,15 @@ def length_rows(model: str, lengths, size: int, steps: int, window: int, overlap
               f"{per_frame:.3f} | {per_frame / first[1]:.2f} |", flush=True)
 
 
-def seam_rows(frames: int, steps: int | None, device: str, seeds=(1,)) -> None:
+def seam_rows(frames: int, steps: int | None, device: str, seeds=(1,),
+              schedules=("static", "uniform", "looped")) -> None:
     print(f"\n## seams and colour drift: demo model, {frames} frames, windows of 17 (overlap 8), "
           f"{steps or 'its 20'} steps, seeds {', '.join(map(str, seeds))}")
     print("| schedule | colour match | seam ratio (seams / inside) | mean |diff| at seams | inside | "
           "channel-mean drift (levels) | std drift |")
     print("|---|---|---|---|---|---|---|")
-    for schedule in ("static", "uniform"):
-        for color_match in (False, True):
+    for schedule in schedules:
+        for color_match in (False, True) if schedule != "looped" else (False,):
             rows = []
             for seed in seeds:
                 spec = dict(model="demo", prompt="a red circle moving left on a black background", frames=frames,
@@ -137,7 +138,7 @@ def main() -> None:
     parser.add_argument("--dit-1.3b", dest="dit13", action="store_true", help="also a 1.3B-shaped DiT at 64x64")
     parser.add_argument("--gpu", action="store_true", help="a 1.3B-shaped DiT at 480P, 1025 frames (CUDA)")
     parser.add_argument("--demo-frames", type=int, default=161)
-    parser.add_argument("--demo-steps", type=int, default=None, help="default: the demo's own (20)")
+    parser.add_argument("--demo-steps", type=int, default=10, help="the demo model's steps (its own default is 20)")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
@@ -147,7 +148,7 @@ def main() -> None:
         length_rows("dit-1.3B", (81, 321, 1025), 640, 4, 81, 16, args.device)
         return
     length_rows("tiny", (17, 161, 481), 32, 4, 17, 8, args.device)
-    seam_rows(args.demo_frames, args.demo_steps, args.device)
+    seam_rows(args.demo_frames, args.demo_steps or 10, args.device)
     if args.dit13:
         length_rows("dit-1.3B", (17, 81, 161), 64, 2, 17, 8, args.device)
 
