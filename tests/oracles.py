@@ -104,8 +104,25 @@ def diffusers_dit(cfg: DiTConfig, official: dict[str, torch.Tensor]):
     return model.eval()
 
 
-def run_diffusers_dit(model, cfg: DiTConfig, x, t, context, clip_features=None, y=None):
-    """The diffusers call equivalent to `WanDiT(x, t, context, clip_features, y)`."""
+def diffusers_vace_dit(cfg, official: dict[str, torch.Tensor]):
+    """diffusers' `WanVACETransformer3DModel` with the official VACE weights (`before_proj`/`after_proj`
+    become `proj_in`/`proj_out` in the package converter's table)."""
+    from diffusers import WanVACETransformer3DModel
+
+    model = WanVACETransformer3DModel(
+        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, eps=cfg.eps,
+        vace_layers=list(cfg.vace_layers), vace_in_channels=cfg.vace_in_dim,
+    )
+    model.load_state_dict(diffusers_dit_state(official), strict=True)
+    return model.eval()
+
+
+def run_diffusers_dit(model, cfg: DiTConfig, x, t, context, clip_features=None, y=None, vace_context=None,
+                      vace_context_scale=1.0):
+    """The diffusers call equivalent to `WanDiT(x, t, context, clip_features, y)` (a VACE model:
+    with `vace_context=`, `vace_context_scale=`)."""
     context = torch.nn.functional.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
     kwargs = {}
     if y is not None:
@@ -113,6 +130,9 @@ def run_diffusers_dit(model, cfg: DiTConfig, x, t, context, clip_features=None, 
     if clip_features is not None:
         # diffusers takes FLF2V's two images as two batch rows of 257 tokens.
         kwargs["encoder_hidden_states_image"] = clip_features.reshape(-1, 257, clip_features.shape[-1])
+    if vace_context is not None:  # diffusers' names: the VACE context and one scale per VACE layer
+        kwargs["control_hidden_states"] = vace_context
+        kwargs["control_hidden_states_scale"] = torch.full((len(cfg.vace_layers),), float(vace_context_scale))
     with torch.no_grad():
         return model(hidden_states=x, timestep=t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
 
@@ -224,7 +244,8 @@ def write_official_dit(folder: Path, model: WanDiT, shards: int = 1) -> Path:
 
 
 def write_diffusers_dit(folder: Path, model: WanDiT) -> Path:
-    diffusers_dit(model.config, official_state(model)).save_pretrained(folder)
+    build = diffusers_vace_dit if model.config.model_type == "vace" else diffusers_dit
+    build(model.config, official_state(model)).save_pretrained(folder)
     return folder
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from wanx.tasks import model_tasks
 from wanx.tiny import STAMP, TINY_MODELS, TINY_VERSION, make_tiny_model, tiny_model_dir
 
 
@@ -61,6 +62,8 @@ def test_tiny_sets_default_to_a_small_valid_request(homes, name):
     from wanx.pipeline import plan_request
 
     files = find_components(homes[0] / name)
+    if not model_tasks(files.model_type, 2 if files.moe else 1):
+        pytest.skip(f"{name}: no task row for a {files.model_type} model yet (its conditioning comes with the task)")
     images = {"i2v": dict(image=torch.zeros(3, 64, 64)),
               "flf2v": dict(image=torch.zeros(3, 64, 64), last_image=torch.zeros(3, 64, 64))}
     common = dict(experts=2 if files.moe else 1, seed=0, **images.get(files.model_type, {}))

@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 # tensor shapes, so it is the fallback when no config.json sits beside the weights.
 RELEASED_HEAD_DIM = 128
 
-MODEL_TYPES = ("t2v", "i2v", "flf2v", "ti2v")
+MODEL_TYPES = ("t2v", "i2v", "flf2v", "ti2v", "vace")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ class DiTConfig:
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        if (self.model_type == "vace") != isinstance(self, VaceConfig):
+            raise ValueError("a VACE DiT is described by VaceConfig (its vace_layers and vace_in_dim), "
+                             f"not DiTConfig(model_type={self.model_type!r})")
         if not self.clip and self.model_type != "i2v":
             raise ValueError(f"only an i2v DiT can go without CLIP (Wan2.2 I2V); this is {self.model_type}")
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
@@ -68,6 +71,25 @@ class DiTConfig:
     def image_tokens(self) -> int:
         """CLIP tokens per sample: 257 (one image) or 514 (first and last frame)."""
         return 514 if self.model_type == "flf2v" else 257
+
+
+@dataclass(frozen=True)
+class VaceConfig(DiTConfig):
+    """Wan2.1 VACE DiT (official `VaceWanModel`): a T2V DiT plus VACE blocks whose hints are
+    added after the main blocks at `vace_layers`, read from the VACE context (`vace_in_dim`
+    channels: inactive and reactive frame latents, 16 + 16, and the 8x8-folded mask, 64)."""
+
+    model_type: str = "vace"
+    vace_layers: tuple[int, ...] | None = None  # None: every other block from 0 (the official default)
+    vace_in_dim: int = 96
+
+    def __post_init__(self) -> None:
+        layers = tuple(range(0, self.num_layers, 2)) if self.vace_layers is None else tuple(int(i) for i in self.vace_layers)
+        object.__setattr__(self, "vace_layers", layers)
+        super().__post_init__()
+        if not layers or layers[0] != 0 or list(layers) != sorted(set(layers)) or layers[-1] >= self.num_layers:
+            raise ValueError(f"vace_layers must be increasing block indices from 0, below num_layers "
+                             f"{self.num_layers}; got {list(layers)}")
 
 
 @dataclass(frozen=True)
@@ -178,6 +200,11 @@ DIT_PRESETS: dict[str, DiTConfig] = {
     "tiny-flf2v": DiTConfig(model_type="flf2v", in_dim=36, image_dim=160, **_TINY),
     "tiny-i2v-A14B": DiTConfig(model_type="i2v", in_dim=36, clip=False, **_TINY),
     "tiny-ti2v": DiTConfig(model_type="ti2v", in_dim=48, out_dim=48, **_TINY),
+    # Wan2.1 VACE: the T2V DiT of its size with VACE blocks (the released config.json files):
+    # 1.3B at every other block (the official default), 14B at every fifth.
+    "vace-1.3B": VaceConfig(),
+    "vace-14B": VaceConfig(vace_layers=tuple(range(0, 40, 5)), **_14B),
+    "tiny-vace": VaceConfig(vace_layers=(0, 1), **_TINY),  # both kinds of VACE block (block 0 has before_proj)
 }
 
 VAE_PRESETS: dict[str, VAEConfig] = {
@@ -219,7 +246,7 @@ def _preset(table, name, what):
 
 def preset_name(config) -> str | None:
     """Name of the preset equal to `config`, if any."""
-    table = {DiTConfig: DIT_PRESETS, VAEConfig: VAE_PRESETS, VAE22Config: VAE_PRESETS, T5Config: T5_PRESETS,
+    table = {DiTConfig: DIT_PRESETS, VaceConfig: DIT_PRESETS, VAEConfig: VAE_PRESETS, VAE22Config: VAE_PRESETS, T5Config: T5_PRESETS,
              CLIPVisionConfig: CLIP_PRESETS}[type(config)]
     return next((name for name, c in table.items() if c == config), None)
 
@@ -228,6 +255,9 @@ def official_config_json(cfg: DiTConfig) -> dict:
     """The `config.json` an official Wan2.1/2.2 model folder holds for this DiT (`WanModel` keys)."""
     keys = ("dim", "eps", "ffn_dim", "freq_dim", "in_dim", "model_type", "num_heads", "num_layers", "out_dim",
             "text_len")
+    if isinstance(cfg, VaceConfig):
+        return {"_class_name": "VaceWanModel", **{k: getattr(cfg, k) for k in keys},
+                "vace_layers": list(cfg.vace_layers), "vace_in_dim": cfg.vace_in_dim}
     return {"_class_name": "WanModel", **{k: getattr(cfg, k) for k in keys}}
 
 
@@ -241,12 +271,43 @@ def block_indices(keys: Sequence[str]) -> list[int]:
     return sorted({int(m.group(1)) for k in keys if (m := _BLOCK.match(k))})
 
 
+_VACE_BLOCK = re.compile(r"^vace_blocks\.(\d+)\.")
+
+
+def vace_layers_for(num_vace_blocks: int, num_layers: int) -> tuple[int, ...]:
+    """The main blocks a file's VACE blocks feed, when no config.json says: every other block
+    (Wan2.1 VACE's official default, 15 of 30 or 20 of 40) or, for fewer blocks, evenly spaced
+    from 0 (8 of 40: 0, 5, ..., 35, as VACE-Fun and diffusers' default)."""
+    if num_vace_blocks == len(range(0, num_layers, 2)):
+        return tuple(range(0, num_layers, 2))
+    if num_vace_blocks and num_layers % num_vace_blocks == 0:
+        return tuple(range(0, num_layers, num_layers // num_vace_blocks))
+    raise ValueError(f"cannot tell which of the {num_layers} blocks the {num_vace_blocks} VACE blocks feed; put a "
+                     "config.json with \"vace_layers\" beside the weights")
+
+
 def infer_dit_config(
     shapes: Mapping[str, Sequence[int]], num_heads: int | None = None, num_layers: int | None = None,
-    text_len: int | None = None,
+    text_len: int | None = None, vace_layers: Sequence[int] | None = None,
 ) -> DiTConfig:
     """DiT config from official-layout tensor shapes; `num_heads` (and `num_layers`, so a
-    missing last block is noticed) and `text_len` (no tensor shows it) from config.json when known."""
+    missing last block is noticed), `text_len` (no tensor shows it) and a VACE model's
+    `vace_layers` from config.json when known."""
+    if "vace_patch_embedding.weight" not in shapes and any(_VACE_BLOCK.match(k) for k in shapes):
+        raise KeyError("vace_patch_embedding.weight")  # VACE blocks without their input: a damaged VACE file
+    if "vace_patch_embedding.weight" in shapes:
+        base = infer_dit_config({k: v for k, v in shapes.items() if not k.startswith("vace_")}, num_heads, num_layers,
+                                text_len)
+        found = sorted({int(m.group(1)) for k in shapes if (m := _VACE_BLOCK.match(k))})
+        count = found[-1] + 1 if found else 0
+        if vace_layers is None:
+            vace_layers = vace_layers_for(count, base.num_layers)
+        elif len(vace_layers) != count:
+            raise ValueError(f"config.json's vace_layers names {len(vace_layers)} VACE layers but the weights hold "
+                             f"{count} vace_blocks; fix vace_layers or use the matching weights")
+        fields = {k: getattr(base, k) for k in DiTConfig.__dataclass_fields__ if k not in ("model_type", "clip")}
+        return VaceConfig(**fields, vace_layers=tuple(vace_layers),
+                          vace_in_dim=int(shapes["vace_patch_embedding.weight"][1]))
     dim, in_dim, *patch = shapes["patch_embedding.weight"]
     patch_size = tuple(int(p) for p in patch)
     head_out = shapes["head.head.weight"][0]

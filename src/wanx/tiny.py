@@ -35,7 +35,9 @@ DEFAULTS_FILE = "wanx-defaults.json"  # a model folder's generation settings (hu
 
 # name -> task; "t2v-A14B" is Wan2.2's two-expert layout (high_noise_model/, low_noise_model/);
 # "ti2v" is Wan2.2 TI2V-5B's: a 48-channel DiT on the Wan2.2 VAE (Wan2.2_VAE.pth).
-TINY_MODELS = {"tiny": "t2v", "tiny-i2v": "i2v", "tiny-flf2v": "flf2v", "tiny-moe": "t2v-A14B", "tiny-ti2v": "ti2v"}
+# "vace" is Wan2.1 VACE's: the T2V DiT with VACE blocks (preset tiny-vace: a hint after both blocks).
+TINY_MODELS = {"tiny": "t2v", "tiny-i2v": "i2v", "tiny-flf2v": "flf2v", "tiny-moe": "t2v-A14B", "tiny-ti2v": "ti2v",
+               "tiny-vace": "vace"}
 EXPERT_FOLDERS = ("high_noise_model", "low_noise_model")
 
 # Bump whenever the bytes of a tiny set change: folders with another stamp are remade.
@@ -70,8 +72,8 @@ def tiny_model_dir(name: str) -> Path:
 
 def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Path:
     """Write a tiny model set for `task` (t2v, i2v, flf2v, t2v-A14B: two experts, each in its
-    official folder as two shards and an index, or ti2v: with the tiny Wan2.2 VAE) with the
-    official file names.
+    official folder as two shards and an index, ti2v: with the tiny Wan2.2 VAE, or vace) with
+    the official file names.
 
     The set is written in a private `.partial` folder beside `folder`, then renamed into place;
     an existing `folder` is replaced."""
@@ -86,7 +88,8 @@ def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Pat
 
     from .models.vae22 import WanVAE22
 
-    preset = {"t2v": "tiny", "i2v": "tiny-i2v", "flf2v": "tiny-flf2v", "t2v-A14B": "tiny", "ti2v": "tiny-ti2v"}[task]
+    preset = {"t2v": "tiny", "i2v": "tiny-i2v", "flf2v": "tiny-flf2v", "t2v-A14B": "tiny", "ti2v": "tiny-ti2v",
+              "vace": "tiny-vace"}[task]
     experts = EXPERT_FOLDERS if task == "t2v-A14B" else ()
     folder = Path(folder)
     tmp = folder.with_name(f"{folder.name}.{os.getpid()}.partial")  # private to this process
@@ -95,6 +98,13 @@ def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Pat
     try:
         with torch.random.fork_rng(devices=[]):  # module init draws from the global RNG: leave the caller's alone
             dit = WanDiT(preset)
+            for block in getattr(dit, "vace_blocks", ()):
+                # Zero-initialised officially (a fresh VACE model is its base model); constant
+                # tensors keep their values in `portable_weights`: made non-constant here so the
+                # tiny set's hints act, as a trained model's do.
+                for projection in (getattr(block, "before_proj", None), block.after_proj):
+                    if projection is not None:
+                        projection.reset_parameters()
             t5 = UMT5Encoder("tiny")
             networks = {"diffusion_pytorch_model.safetensors": dit, "Wan2.1_VAE.pth": WanVAE("tiny"),
                         "models_t5_umt5-xxl-enc-bf16.pth": t5}

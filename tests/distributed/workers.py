@@ -72,3 +72,30 @@ def fail_on_rank_one(argv: list[str]) -> int:
         raise RuntimeError("rank 1 broke on purpose")
     dist.barrier()  # rank 0 would wait here forever if the launcher did not stop it
     return 0
+
+
+def vace_rank(rank: int, world: int, port: int, out: str) -> None:
+    """The tiny VACE DiT on 2 ranks: sequence parallel (Ulysses, Ring) and FSDP-sharded blocks
+    (the VACE blocks too); rank 0 saves each output."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from tests.models.test_vace import FOUR_BLOCKS, tiny_vace, vace_inputs
+    from wanx.distributed.sequence import SequenceParallel
+    from wanx.distributed.shard import shard_blocks
+
+    results = {}
+    try:
+        x, t, context, vace = vace_inputs(FOUR_BLOCKS, frames=3, height=6, width=10)  # 45 tokens: a padding row
+        for case in ("ulysses", "ring", "fsdp"):
+            model = tiny_vace(FOUR_BLOCKS)
+            if case == "fsdp":
+                shard_blocks(model, world, torch.device("cpu"))
+            else:
+                SequenceParallel(model, mode=case)
+            with torch.no_grad():
+                results[case] = model(x, t, context, vace_context=vace, vace_context_scale=0.7)
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.destroy_process_group()

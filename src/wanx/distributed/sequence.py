@@ -47,7 +47,8 @@ class SequenceParallel:
         self.mode = mode
         self.length = 0  # the real token count of the current forward (keys beyond it are padding)
         attend = self._ulysses if mode == "ulysses" else self._ring
-        self._attention = [block.self_attn for block in dit.blocks]
+        self._attention = [block.self_attn for name in getattr(dit, "stream_blocks", ("blocks",))
+                           for block in dit.get_submodule(name)]  # the VACE blocks' too
         for module in self._attention:
             module.attention_fn = attend
         dit.loop_wrappers.append(self)  # innermost: split after everything else, gather first
@@ -63,11 +64,13 @@ class SequenceParallel:
         """The loop wrapper: `inner` (the blocks) on this rank's slice of the tokens, then every
         rank's slices gathered."""
         x, e0, rope = state.x, state.e0, state.rope
+        tokens = {name: getattr(state, name) for name in state.token_fields}  # [B, L, D] like x (VACE)
         length = x.shape[1]
         chunk = math.ceil(length / self.size)
         padded = chunk * self.size
         if padded != length:  # padding rows: never attended to as keys, dropped after the gather
             x = F.pad(x, (0, 0, 0, padded - length))
+            tokens = {name: F.pad(t, (0, 0, 0, padded - length)) for name, t in tokens.items()}
             rope = tuple(F.pad(r, (0, 0, 0, padded - length)) for r in rope)
             if e0.ndim == 4:  # a per-token timestep (Wan2.2): its modulation rows go with the tokens
                 e0 = F.pad(e0, (0, 0, 0, 0, 0, padded - length))
@@ -75,7 +78,8 @@ class SequenceParallel:
         self.length = length
         if e0.ndim == 4:
             e0 = e0[:, mine]
-        local = inner(replace(state, x=x[:, mine].contiguous(), e0=e0, rope=tuple(r[mine] for r in rope)))
+        local = inner(replace(state, x=x[:, mine].contiguous(), e0=e0, rope=tuple(r[mine] for r in rope),
+                              **{name: t[:, mine].contiguous() for name, t in tokens.items()}))
         parts = [torch.empty_like(local) for _ in range(self.size)]
         dist.all_gather(parts, local.contiguous(), group=self.group)
         return torch.cat(parts, dim=1)[:, :length]

@@ -21,8 +21,9 @@ def shard_blocks(model: nn.Module, ranks: int, device: torch.device) -> nn.Modul
     if any(isinstance(m, FP8Linear) for m in model.modules()):
         raise ValueError("--fsdp shards bf16/fp32 weights; FP8 layers cannot be sharded yet: drop --fp8 or --fsdp")
     mesh = init_device_mesh(device.type, (ranks,))
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
+    for name in getattr(model, "stream_blocks", ("blocks",)):  # the DiT's blocks and a VACE model's vace_blocks
+        for block in model.get_submodule(name):
+            fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     if hasattr(model, "block_wrappers"):
         model.block_wrappers.insert(0, gathered)

@@ -111,7 +111,8 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
 
 
 # Released DiTs by preset; t2v-14B's architecture is also each expert of Wan2.2 T2V-A14B.
-RELEASES = {"t2v-1.3B": "Wan2.1 T2V-1.3B", "t2v-14B": "Wan2.1 T2V-14B", "i2v-14B": "Wan2.1 I2V-14B (480P or 720P)",
+RELEASES = {"vace-1.3B": "Wan2.1 VACE-1.3B", "vace-14B": "Wan2.1 VACE-14B", "vace-A14B": "Wan2.2 VACE-Fun A14B",
+            "t2v-1.3B": "Wan2.1 T2V-1.3B", "t2v-14B": "Wan2.1 T2V-14B", "i2v-14B": "Wan2.1 I2V-14B (480P or 720P)",
             "flf2v-14B": "Wan2.1 FLF2V-14B", "t2v-A14B": "Wan2.2 T2V-A14B", "i2v-A14B": "Wan2.2 I2V-A14B",
             "ti2v-5B": "Wan2.2 TI2V-5B"}
 
@@ -127,6 +128,8 @@ def model_name(cfg: DiTConfig, expert: str | None = None) -> str:
     preset = preset_name(cfg)
     if preset == "t2v-14B" and expert:
         preset = "t2v-A14B"
+    if preset == "vace-14B" and expert:
+        preset = "vace-A14B"
     if preset in RELEASES:
         name = RELEASES[preset]
     else:
@@ -234,6 +237,11 @@ def _swap_gguf(model: nn.Module, info: CheckpointInfo, store: TensorStore, compu
 
 def _identify(store: TensorStore) -> CheckpointInfo:
     found = detect(store.keys())
+    if found is None and any(k.endswith("vace_patch_embedding.weight") for k in store.keys()):
+        raise CheckpointError(
+            f"{store.path}: only the VACE blocks of a VACE model (a \"VACE module\" file, without the T2V DiT it is "
+            "added to); wanx loads whole VACE models: use the full Wan2.1-VACE (or Wan2.2 VACE-Fun) DiT file"
+        )
     if found is None:
         sample = ", ".join(store.keys()[:4])
         raise CheckpointError(
@@ -383,7 +391,7 @@ def _infer_config(network: str, shapes: dict, store: TensorStore) -> DiTConfig |
         # The text is zero-padded to text_len before the text MLP and cross-attention sees every
         # position, so a model trained at another length (the demo's 32) must keep it.
         return infer_dit_config(shapes, num_heads=heads, num_layers=cfg_json.get("num_layers"),
-                                text_len=cfg_json.get("text_len"))
+                                text_len=cfg_json.get("text_len"), vace_layers=cfg_json.get("vace_layers"))
     except ValueError as err:
         raise CheckpointError(f"{store.path}: {err}") from None
 

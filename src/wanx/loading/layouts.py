@@ -59,6 +59,16 @@ DIFFUSERS_DIT: list[Rule] = [
     (r"blocks\.(\d+)\.attn2\.norm_added_q\.weight", None),  # present in some exports, unused
 ]
 
+# diffusers `WanVACETransformer3DModel` -> official `VaceWanModel`: its `vace_blocks` are named as
+# its main blocks, with `proj_in`/`proj_out` for the official `before_proj`/`after_proj`.
+DIFFUSERS_DIT += [
+    (r"vace_patch_embedding\.(weight|bias)", r"vace_patch_embedding.\1"),
+    (r"vace_blocks\.(\d+)\.proj_in\.(weight|bias)", r"vace_blocks.\1.before_proj.\2"),
+    (r"vace_blocks\.(\d+)\.proj_out\.(weight|bias)", r"vace_blocks.\1.after_proj.\2"),
+    *[("vace_" + pattern, replacement if replacement is None else "vace_" + replacement)
+      for pattern, replacement in DIFFUSERS_DIT if pattern.startswith(r"blocks\.")],
+]
+
 _RESNET_LEAVES = r"(?P<leaf>norm1\.gamma|conv1\.(?:weight|bias)|norm2\.gamma|conv2\.(?:weight|bias)|conv_shortcut\.(?:weight|bias))"
 _RESNET_LEAF_NAMES = {"norm1.gamma": "residual.0.gamma", "conv1": "residual.2", "norm2.gamma": "residual.3.gamma",
                       "conv2": "residual.6", "conv_shortcut": "shortcut"}

@@ -39,9 +39,13 @@ _DIFFUSERS_MARKERS = ("attn1", "attn2", "to_q", "to_out", "ffn.net", "condition_
 
 # kohya flattens dots to underscores; official module names rebuilt by pattern.
 _KOHYA = [
-    (r"^blocks_(\d+)_(self_attn|cross_attn)_(q|k|v|o|k_img|v_img|norm_q|norm_k|norm_k_img)$", r"blocks.\1.\2.\3"),
-    (r"^blocks_(\d+)_ffn_(\d+)$", r"blocks.\1.ffn.\2"),
-    (r"^blocks_(\d+)_(norm3|modulation)$", r"blocks.\1.\2"),
+    # `vace_blocks_N_...`: a VACE model's blocks are named as the main ones, plus its projections
+    (r"^((?:vace_)?blocks)_(\d+)_(self_attn|cross_attn)_(q|k|v|o|k_img|v_img|norm_q|norm_k|norm_k_img)$",
+     r"\1.\2.\3.\4"),
+    (r"^((?:vace_)?blocks)_(\d+)_ffn_(\d+)$", r"\1.\2.ffn.\3"),
+    (r"^((?:vace_)?blocks)_(\d+)_(norm3|modulation)$", r"\1.\2.\3"),
+    (r"^vace_blocks_(\d+)_(before_proj|after_proj)$", r"vace_blocks.\1.\2"),
+    (r"^vace_patch_embedding$", "vace_patch_embedding"),
     (r"^head_modulation$", "head.modulation"),
     (r"^(text_embedding|time_embedding|time_projection)_(\d+)$", r"\1.\2"),
     (r"^img_emb_proj_(\d+)$", r"img_emb.proj.\1"),

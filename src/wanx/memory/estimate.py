@@ -110,6 +110,9 @@ def estimate(config: DiTConfig, height: int, width: int, num_frames: int, *, dty
     tokens = ((seen - 1) // 4 // pt + 1) * (height // stride // ph) * (width // stride // pw)
     per_token = 4 * _RESIDUAL_COPIES * config.dim + _bytes(dtype) * (config.dim + 2 * config.ffn_dim)
     denoise = batch * (tokens + config.text_len) * per_token
+    # VACE: every hint (float32, one per VACE layer) waits for its main block, beside the VACE stream.
+    if vace_layers := getattr(config, "vace_layers", None):
+        denoise += batch * tokens * 4 * config.dim * (len(vace_layers) + 1)
     smallest = DECODE_TILES[-1]
     decode = min(decode_bytes(height, width, vae_dtype), decode_bytes(min(height, smallest), min(width, smallest), vae_dtype))
     held = min(num_frames, STREAM_CHUNK_FRAMES) if stream else num_frames

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..attention import attention
-from ..configs import DiTConfig, dit_config
+from ..configs import DiTConfig, VaceConfig, dit_config
 
 
 
@@ -228,6 +229,12 @@ class DiTState:
     rope: tuple[Tensor, Tensor]
     grid: tuple[int, int, int]
 
+    # What a loop wrapper that runs the loop on some batch rows (a step cache) takes the rows
+    # of, besides x; and what one that runs it on a slice of the tokens (sequence parallelism)
+    # slices like x, besides e0 and rope. A model with more inputs to its loop (VACE) adds its own.
+    batch_fields: ClassVar[tuple[str, ...]] = ("e0", "context", "context_img")
+    token_fields: ClassVar[tuple[str, ...]] = ()
+
 
 def _call_block(block: nn.Module, *inputs) -> Tensor:
     return block(*inputs)
@@ -251,6 +258,15 @@ class WanDiT(nn.Module):
     # dotted-name components), as the official model computes them under fp32 autocast.
     keep_in_fp32 = ("time_embedding", "time_projection", "modulation", "norm3", "norm_q", "norm_k",
                     "norm_k_img", "head.head", "img_emb.proj.0", "img_emb.proj.4", "emb_pos")
+
+    def __new__(cls, config: DiTConfig | str = "t2v-1.3B", *args, **kwargs):
+        # `WanDiT(config)` builds the class the config is: a VaceConfig makes a VaceWanDiT, so
+        # every place that builds a DiT from a checkpoint's config builds VACE models too.
+        if cls is WanDiT and isinstance(dit_config(config) if isinstance(config, str) else config, VaceConfig):
+            from .vace import VaceWanDiT
+
+            cls = VaceWanDiT
+        return super().__new__(cls)
 
     def __init__(self, config: DiTConfig | str = "t2v-1.3B"):
         super().__init__()

@@ -197,7 +197,7 @@ class StepCache:
             self.dit = None
 
     def __call__(self, run, state) -> Tensor:
-        x, e0, context, context_img = state.x, state.e0, state.context, state.context_img
+        x, e0 = state.x, state.e0
         branches = self._branches if len(self._branches) == x.shape[0] else ("cond",) * x.shape[0]
         if self.num_steps == 0:  # not started by a pipeline: a plain forward
             return run(state)
@@ -208,7 +208,7 @@ class StepCache:
             def take(t):
                 return t if t is None or t.shape[0] == 1 else t[rows]
             part = x if out is None else x[rows]
-            result = run(replace(state, x=part, e0=take(e0), context=take(context), context_img=take(context_img)))
+            result = run(replace(state, x=part, **{name: take(getattr(state, name)) for name in state.batch_fields}))
             residual = result - part
             for j, i in enumerate(rows):
                 self._record(branches[i], residual[j:j + 1])

@@ -44,7 +44,10 @@ class CompiledBlocks:
     warmup_s: float | None = None  # set by `warm_up`
     _removed: bool = field(default=False, repr=False)
 
-    def __call__(self, inner, block: nn.Module, x, e0, context, context_img, rope):
+    # Other block classes of the model (a VACE model's `vace_blocks`): one compiled function each.
+    others: dict = field(default_factory=dict)
+
+    def __call__(self, inner, block: nn.Module, x, e0, context, context_img, rope, *more):
         if self.dit.block_wrappers[-1] is not self:  # a wrapper inside this one would never run
             raise RuntimeError("the compiled block must be the last of dit.block_wrappers: add the other block "
                                "wrappers (streaming, checkpointing) before compile_blocks")
@@ -53,7 +56,11 @@ class CompiledBlocks:
             torch._dynamo.maybe_mark_dynamic(x, 1)
             for table in rope:
                 torch._dynamo.maybe_mark_dynamic(table, 0)
-        return self.compiled(block, x, e0, context, context_img, rope)
+            for tensor in more:  # a VACE block's video tokens
+                if isinstance(tensor, torch.Tensor) and tensor.ndim == 3:
+                    torch._dynamo.maybe_mark_dynamic(tensor, 1)
+        compiled = self.others.get(type(block), self.compiled)
+        return compiled(block, x, e0, context, context_img, rope, *more)
 
     def remove(self) -> None:
         """Take the wrapper off: the blocks run eagerly again (compiled code stays in dynamo's
@@ -100,7 +107,14 @@ def compile_blocks(dit: nn.Module, *, dynamic: bool | None = None, mode: str | N
     # code object, hence one cache entry for all blocks (measured: 1 graph for N blocks).
     # `block.compile()` instead compiles `_call_impl`, pulling the streamer's weight-swapping
     # hooks into the graph, and recompiled on a new video size.
-    compiled = torch.compile(classes.pop().forward, dynamic=dynamic, mode=mode, fullgraph=fullgraph)
-    handle = CompiledBlocks(dit, blocks, compiled, dynamic, mode)
+    main = classes.pop()
+    compiled = torch.compile(main.forward, dynamic=dynamic, mode=mode, fullgraph=fullgraph)
+    # The model's other block lists (`stream_blocks`: a VACE model's vace_blocks), one graph per class.
+    others = {}
+    for name in getattr(dit, "stream_blocks", ("blocks",)):
+        for block in dit.get_submodule(name):
+            if type(block) is not main and type(block) not in others:
+                others[type(block)] = torch.compile(type(block).forward, dynamic=dynamic, mode=mode, fullgraph=fullgraph)
+    handle = CompiledBlocks(dit, blocks, compiled, dynamic, mode, others=others)
     dit.block_wrappers.append(handle)
     return handle
