@@ -69,8 +69,9 @@ class Vace(Conditioning):
                     raise RequestError("mask", f"the mask video has {mask.shape[1]} frames; it needs "
                                                f"{plan.num_frames} (the frames made), or give one image")
                 mask = mask[:, :plan.num_frames]
-            else:  # official: no mask, every pixel generated under the control video's guidance
-                mask = torch.ones(1, *frames.shape[1:])
+            else:  # official: no mask, every pixel made under the control video's guidance; outpainting
+                # keeps the picture and makes the border
+                mask = torch.full((1, *frames.shape[1:]), 0.0 if given["outpaint"] is not None else 1.0)
         else:
             frames = mask = None
             firsts = [read_input(key, image_tensor, given[key]) for key in ("image", "last_image")
