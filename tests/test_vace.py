@@ -256,3 +256,77 @@ def test_cli_outpaint_control_first_frame_and_references(inputs, tmp_path):
     assert _meta(tmp_path / "outpaint.mp4")["vace"] == "masked"
     assert _meta(tmp_path / "control.mp4")["vace"] == "control"
     assert _meta(tmp_path / "refs.mp4")["reference_images"] == "2"
+
+
+# -- bad input: one line each, before any weight is read -------------------------------------------
+
+BAD = [  # (model, flags, what the line says)
+    ("tiny", ["--mask", "{inputs}/mask.png"], "--mask needs a VACE model (e.g. Wan-AI/Wan2.1-VACE-1.3B); this is a "
+                                              "T2V model"),
+    ("tiny", ["--reference-image", "{inputs}/ref1.png"], "--reference-image needs a VACE model"),
+    ("tiny-i2v", ["--image", "{inputs}/first.png", "--control-scale", "0.5"], "--control-scale needs a VACE model"),
+    ("tiny", ["--control-video", "{inputs}/control.mp4"], "--control-video needs a VACE model"),
+    ("tiny", ["--outpaint", "8,8,0,0"], "--outpaint needs a VACE model"),
+    ("tiny-vace", ["--control-video", "{inputs}/control.mp4", "--mask", "{inputs}/ref1.png"],
+     "the mask is 40x30; it needs the control video's size, 64x48"),
+    ("tiny-vace", ["--control-video", "{inputs}/control.mp4", "--mask", "{inputs}/short.mp4", "--frames", "9"],
+     "the mask video has 5 frames; it needs 9 (the frames made), or give one image"),
+    ("tiny-vace", ["--control-video", "{inputs}/control.mp4", "--frames", "17"],
+     "the control video has 13 frames at 16 fps; --frames is 17: lower it to 13 or give a longer video"),
+    ("tiny-vace", ["--mask", "{inputs}/mask.png"], "--mask marks what to generate in --control-video: give that too"),
+    ("tiny-vace", ["--control-video", "{inputs}/control.mp4", "--image", "{inputs}/first.png"],
+     "give --control-video or --image (a first frame), not both"),
+    ("tiny-vace", ["--control-video", "{inputs}/control.mp4", "--video", "{inputs}/control.mp4"],
+     "give --control-video or --video, not both"),
+    ("tiny-vace", ["--outpaint", "8,8"], "--outpaint widens a picture: give --control-video or --image"),
+    ("tiny-vace", ["--image", "{inputs}/first.png", "--outpaint", "8,8,x,0"], "outpaint is left,right,top,bottom"),
+    ("tiny-vace", ["--reference-image", "{inputs}/ref1.png", "--frames", "13", "--context-frames", "9"],
+     "--reference-image are latent frames in front of the video, which context windows do not carry"),
+    ("tiny-vace", ["--reference-image", "{inputs}/missing.png"], "missing.png: no such image file"),
+]
+
+
+@pytest.mark.parametrize("model, flags, message", BAD, ids=[f"{m}:{f[0]}:{i}" for i, (m, f, _) in enumerate(BAD)])
+def test_bad_input_one_line_before_loading(inputs, capsys, monkeypatch, tmp_path, model, flags, message):
+    from wanx.cli import main
+    from wanx.video import Video
+
+    if not (inputs / "short.mp4").exists():
+        Video(np.zeros((5, 48, 64, 3), np.uint8), fps=16).save(inputs / "short.mp4")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the request was refused")
+
+    monkeypatch.setattr(WanPipeline, "from_files", refuse)
+    out = tmp_path / "out.mp4"
+    code = main(["generate", "--model", model, "--prompt", "a cat", "--steps", "2", "-o", str(out), "--quiet",
+                 *[flag.format(inputs=inputs) for flag in flags]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("wanx: error: ") and "\n" not in err and message in err, err
+    assert not out.exists()
+
+
+def test_python_api_refusals(vace_pipe):
+    """The Python face names diffusers' keywords; a mask image is taken for every frame."""
+    embeds = dict(prompt_embeds=torch.zeros(1, 4, 32), height=32, width=48, num_frames=5)
+    video = torch.zeros(3, 5, 32, 48)
+    with pytest.raises(ValueError, match="^reference_images is an empty list"):
+        vace_pipe.plan(**embeds, reference_images=[])
+    with pytest.raises(ValueError, match="^conditioning_scale must be a number"):
+        vace_pipe.plan(**embeds, conditioning_scale="strong")
+    with pytest.raises(ValueError, match=r"^mask tensor must be \[1 or 3, F, H, W\]"):
+        vace_pipe.plan(**embeds, video=video, mask=torch.zeros(2, 5, 32, 48))
+    plan = vace_pipe.plan(**embeds, video=video, mask=np.full((32, 48, 3), 255, np.uint8))
+    assert plan.mask.shape == (1, 5, 32, 48) and plan.mask.all()  # one mask image for every frame
+
+
+def test_outpaint_keeps_the_picture_and_makes_the_border(vace_pipe):
+    embeds = dict(prompt_embeds=torch.zeros(1, 4, 32), height=32, width=64, num_frames=5)
+    video = torch.rand(3, 5, 32, 32) * 2 - 1
+    plan = vace_pipe.plan(**embeds, video=video, outpaint="16,16,0,0")  # 64x32: the size asked, no resize
+    assert (plan.width, plan.height) == (64, 32)
+    assert torch.equal(plan.video[:, :, :, 16:48], video) and not plan.video[:, :, :, :16].any()
+    assert not plan.mask[..., 16:48].any() and plan.mask[..., :16].all() and plan.mask[..., 48:].all()
+    fractions = vace_pipe.plan(**embeds, video=video, outpaint=(0.5, 0.5, 0, 0))  # half the width each side
+    assert torch.equal(fractions.mask, plan.mask)
