@@ -662,7 +662,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--from-scratch trains a whole new DiT: add --full")
     config = TrainConfig(data=Path(args.data), output=Path(args.output), full=args.full,
                          from_scratch=args.from_scratch, lora_rank=args.lora_rank,
-                         lora_alpha=args.lora_alpha, targets=targets, lr=args.lr, lr_scheduler=args.lr_scheduler,
+                         lora_alpha=args.lora_alpha, targets=targets, lora_blocks=args.lora_blocks,
+                         lr=args.lr, lr_scheduler=args.lr_scheduler,
                          warmup_steps=args.warmup_steps, steps=None if args.epochs is not None else args.steps or 100,
                          epochs=args.epochs,
                          batch_size=args.batch_size, grad_accum=args.grad_accum, repeats=args.repeats,
@@ -1133,6 +1134,9 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     tr.add_argument("--lora-rank", type=int, default=32)
     tr.add_argument("--lora-alpha", type=float, help="default: the rank (scale 1)")
     tr.add_argument("--targets", default="q,k,v,o,ffn.0,ffn.2", help="block Linear layers to adapt (default q,k,v,o,ffn.0,ffn.2)")
+    tr.add_argument("--lora-blocks", default="main", choices=["main", "vace", "both"],
+                    help="a VACE model's blocks the LoRA adapts: main (default), vace (its VACE blocks, as "
+                         "DiffSynth's VACE LoRAs) or both")
     tr.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
     tr.add_argument("--lr-scheduler", default="constant", choices=["constant", "cosine"],
                     help="constant (default, as DiffSynth) or cosine decay to 0 at the last step")
