@@ -87,7 +87,6 @@ def test_the_reference_latents_match_the_generation_and_the_loss_skips_them(data
     """The VACE context of an item equals what the VACE task builds for the same inputs at
     generation (its own `encode_frames`/`encode_masks`); in the loss the reference frames are in
     front, and a prediction changed there does not change the loss."""
-    from wanx.models.transformer import WanDiT
     from wanx.pipeline import WanPipeline
     from wanx.pipeline.conditioning.base import image_tensor
     from wanx.pipeline.conditioning.vace import encode_frames, encode_masks, reference_canvas
