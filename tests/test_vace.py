@@ -378,3 +378,22 @@ def test_server_takes_vace_uploads_and_a_t2v_server_refuses_them(inputs, tmp_pat
             assert read_video(got).frames.shape == (9, 48, 64, 3)
             assert job["settings"]["reference_images"] == 2 and job["settings"]["vace"] == "masked"
         server.queue.stop(timeout=10)
+
+
+def test_the_ui_has_a_vace_tab_with_its_uploads(tmp_path):
+    """A VACE model's page: control video, mask and a reference image as uploads (not the
+    video-to-video input and its strength), the official shift 16 as the placeholder."""
+    from wanx.hub import find_components, resolve_model
+    from wanx.runtime import Runtime
+    from wanx.serve.app import Server
+    from wanx.serve.ui import build_ui, placeholders
+
+    server = Server(None, find_components(resolve_model("tiny-vace")), Runtime.create("cpu"), tmp_path / "ui",
+                    model_name="tiny-vace")
+    try:
+        ids = {getattr(block, "elem_id", None) for block in build_ui(server).blocks.values()}
+    finally:
+        server.queue.stop(timeout=10)
+    assert {"control_video", "mask", "reference_images", "image", "last_image"} <= ids
+    assert "input_video" not in ids
+    assert placeholders({}, "vace")["shift"] == "16"
