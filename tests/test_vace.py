@@ -397,3 +397,23 @@ def test_the_ui_has_a_vace_tab_with_its_uploads(tmp_path):
     assert {"control_video", "mask", "reference_images", "image", "last_image"} <= ids
     assert "input_video" not in ids
     assert placeholders({}, "vace")["shift"] == "16"
+
+
+def test_context_windows_cut_the_vace_context_with_the_latents(vace_pipe):
+    """Without reference frames the VACE context is laid out over the latent frames: each
+    window's DiT pass gets its frames of it (two windows over 4 latent frames here)."""
+    from wanx.pipeline import ContextWindows
+
+    seen = []
+    hook = vace_pipe.dit.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0].shape[2], kwargs["vace_context"].shape[2])),
+        with_kwargs=True)
+    try:
+        video = vace_pipe(prompt_embeds=torch.zeros(1, 4, 32), guidance_scale=1.0,
+                          video=torch.rand(3, 13, 32, 48) * 2 - 1, height=32,
+                          width=48, num_frames=13, num_inference_steps=1, seed=0, progress=False,
+                          context_windows=ContextWindows(frames=9, overlap=4))
+    finally:
+        hook.remove()
+    assert video.frames.shape == (13, 32, 48, 3)
+    assert seen == [(3, 3), (3, 3)]  # each window: 3 of the 4 latent frames, and their 3 context frames
