@@ -104,18 +104,26 @@ def diffusers_dit(cfg: DiTConfig, official: dict[str, torch.Tensor]):
     return model.eval()
 
 
-def diffusers_vace_dit(cfg, official: dict[str, torch.Tensor]):
+def diffusers_vace_dit(cfg, official: dict[str, torch.Tensor], meta: bool = False):
     """diffusers' `WanVACETransformer3DModel` with the official VACE weights (`before_proj`/`after_proj`
-    become `proj_in`/`proj_out` in the package converter's table)."""
+    become `proj_in`/`proj_out` in the package converter's table); `meta`: built without
+    initialisation, every tensor assigned (the released widths)."""
+    import contextlib
+
     from diffusers import WanVACETransformer3DModel
 
-    model = WanVACETransformer3DModel(
-        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, eps=cfg.eps,
-        vace_layers=list(cfg.vace_layers), vace_in_channels=cfg.vace_in_dim,
-    )
-    model.load_state_dict(diffusers_dit_state(official), strict=True)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = WanVACETransformer3DModel(
+            patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+            in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+            ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, eps=cfg.eps,
+            vace_layers=list(cfg.vace_layers), vace_in_channels=cfg.vace_in_dim,
+        )
+    model.load_state_dict(diffusers_dit_state(official), strict=True, assign=meta)
+    if meta:  # the RoPE tables are computed buffers, not weights: made for real
+        rope = model.rope
+        model.rope = type(rope)(cfg.head_dim, cfg.patch_size, rope.max_seq_len)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     return model.eval()
 
 

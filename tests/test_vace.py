@@ -330,3 +330,90 @@ def test_outpaint_keeps_the_picture_and_makes_the_border(vace_pipe):
     assert not plan.mask[..., 16:48].any() and plan.mask[..., :16].all() and plan.mask[..., 48:].all()
     fractions = vace_pipe.plan(**embeds, video=video, outpaint=(0.5, 0.5, 0, 0))  # half the width each side
     assert torch.equal(fractions.mask, plan.mask)
+
+
+# -- the server: VACE inputs come as uploads ------------------------------------------------------
+
+
+def test_server_takes_vace_uploads_and_a_t2v_server_refuses_them(inputs, tmp_path):
+    """A control video, a mask image and two reference images (two parts of one name) upload
+    under server-made names and make the video asked; a T2V model's server refuses a reference
+    image in one line, naming the field, with nothing left behind; no path is taken from a body."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from tests.serve.conftest import wait_for
+    from wanx.hub import find_components, resolve_model
+    from wanx.runtime import Runtime
+    from wanx.serve.app import Server, create_app
+    from wanx.video import read_video
+
+    runtime = Runtime.create("cpu")
+    for model in ("tiny-vace", "tiny"):
+        files = find_components(resolve_model(model))
+        pipe = WanPipeline.from_files(files, runtime=runtime) if model == "tiny-vace" else None
+        server = Server(pipe, files, runtime, tmp_path / model, model_name=model)
+        body = {"prompt": "a cat", "frames": 9, "steps": 2, "seed": 1}
+        parts = [("reference_images", (name, (inputs / name).read_bytes(), "image/png")) for name in ("ref1.png", "ref2.png")]
+        if model == "tiny-vace":
+            parts += [("control_video", ("c.mp4", (inputs / "control.mp4").read_bytes(), "video/mp4")),
+                      ("mask", ("m.png", (inputs / "mask.png").read_bytes(), "image/png"))]
+        with TestClient(create_app(server, ui=False, worker=model == "tiny-vace"), base_url="http://localhost") as client:
+            answer = client.post("/v1/videos", data={"request": json.dumps(body)}, files=parts)
+            if model == "tiny":
+                assert answer.status_code == 422 and answer.json()["field"] == "reference_images", answer.text
+                assert "reference_images needs a VACE model" in answer.json()["detail"]
+                assert list((server.outputs / "inputs").iterdir()) == []
+                path_body = {**body, "control_video": str(inputs / "control.mp4")}
+                answer = client.post("/v1/videos", json=path_body)
+                assert answer.status_code == 422 and answer.json()["field"] == "control_video", answer.text
+                continue
+            assert answer.status_code == 202, answer.text
+            job = wait_for(client, answer.json()["id"])
+            assert job["status"] == "done", job
+            assert job["inputs"] == ["control_video", "mask", "reference_images"]
+            got = tmp_path / "got.mp4"
+            got.write_bytes(client.get(f"/v1/videos/{job['id']}/content").content)
+            assert read_video(got).frames.shape == (9, 48, 64, 3)
+            assert job["settings"]["reference_images"] == 2 and job["settings"]["vace"] == "masked"
+        server.queue.stop(timeout=10)
+
+
+def test_the_ui_has_a_vace_tab_with_its_uploads(tmp_path):
+    """A VACE model's page: control video, mask and a reference image as uploads (not the
+    video-to-video input and its strength), the official shift 16 as the placeholder."""
+    from wanx.hub import find_components, resolve_model
+    from wanx.runtime import Runtime
+    from wanx.serve.app import Server
+    from wanx.serve.ui import build_ui, placeholders
+
+    server = Server(None, find_components(resolve_model("tiny-vace")), Runtime.create("cpu"), tmp_path / "ui",
+                    model_name="tiny-vace")
+    try:
+        ids = {getattr(block, "elem_id", None) for block in build_ui(server).blocks.values()}
+    finally:
+        server.queue.stop(timeout=10)
+    assert {"control_video", "mask", "reference_images", "image", "last_image"} <= ids
+    assert "input_video" not in ids
+    assert placeholders({}, "vace")["shift"] == "16"
+
+
+def test_context_windows_cut_the_vace_context_with_the_latents(vace_pipe):
+    """Without reference frames the VACE context is laid out over the latent frames: each
+    window's DiT pass gets its frames of it (two windows over 4 latent frames here)."""
+    from wanx.pipeline import ContextWindows
+
+    seen = []
+    hook = vace_pipe.dit.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0].shape[2], kwargs["vace_context"].shape[2])),
+        with_kwargs=True)
+    try:
+        video = vace_pipe(prompt_embeds=torch.zeros(1, 4, 32), guidance_scale=1.0,
+                          video=torch.rand(3, 13, 32, 48) * 2 - 1, height=32,
+                          width=48, num_frames=13, num_inference_steps=1, seed=0, progress=False,
+                          context_windows=ContextWindows(frames=9, overlap=4))
+    finally:
+        hook.remove()
+    assert video.frames.shape == (13, 32, 48, 3)
+    assert seen == [(3, 3), (3, 3)]  # each window: 3 of the 4 latent frames, and their 3 context frames

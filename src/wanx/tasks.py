@@ -113,7 +113,8 @@ INPUT_NEEDS = {"image": "an I2V or FLF2V model (e.g. Wan-AI/Wan2.1-I2V-14B-480P)
                "last_image": "an FLF2V model (Wan-AI/Wan2.1-FLF2V-14B-720P)",
                "video": "a T2V model (video-to-video)",
                **{arg: "a VACE model (e.g. Wan-AI/Wan2.1-VACE-1.3B)" for arg in TASK_OPTIONS}}
-INPUT_WORDS = {"image": "the first frame", "last_image": "the last frame", "video": "the input video"}
+INPUT_WORDS = {"image": "the first frame", "last_image": "the last frame", "video": "the input video",
+               "control_video": "the control video", "mask": "the mask", "reference_images": "the reference image"}
 
 
 def describe_default(model_type: str, experts: int, setting: str) -> str:

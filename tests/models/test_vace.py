@@ -157,6 +157,18 @@ def test_fp8_quantizes_the_vace_blocks_and_stays_close():
     assert relative(out, ref) <= 0.06  # the base DiT's stated FP8 bound
 
 
+def test_int8_quantizes_the_vace_blocks_and_stays_close():
+    from wanx.memory.int8 import Int8Linear, quantize_int8
+
+    model = tiny_vace()
+    x, t, context, vace = vace_inputs(model.config)
+    int8 = quantize_int8(copy.deepcopy(model), compute_dtype=torch.float32)
+    assert isinstance(int8.vace_blocks[0].before_proj, Int8Linear) and isinstance(int8.vace_blocks[1].ffn[0], Int8Linear)
+    with torch.no_grad():
+        ref, out = model(x, t, context, vace_context=vace), int8(x, t, context, vace_context=vace)
+    assert 0 < relative(out, ref) <= 0.03  # the base DiT's stated INT8 bound
+
+
 @pytest.mark.parametrize("fmt", ["official", "kohya", "diffusers"])
 def test_lora_on_vace_module_keys(fmt):
     """A LoRA on `vace_blocks.N.*` (a block layer and the hint projection) changes those weights
@@ -264,3 +276,20 @@ def test_memory_estimate_counts_the_hints():
                   for name in ("t2v-1.3B", "vace-1.3B"))
     tokens = 21 * 30 * 52
     assert vace.denoise - base.denoise == 2 * tokens * 4 * 1536 * 16  # 15 hints and the VACE stream, batch 2
+
+
+
+def test_matches_diffusers_at_the_released_width():
+    """VACE-1.3B's width, heads (head dim 128: RoPE split 44/42/42), FFN and VACE input, on 2
+    blocks each fed a hint, at a few tokens (built on the meta device: no initialisation)."""
+    cfg = VaceConfig(num_layers=2, vace_layers=(0, 1))
+    assert (cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.vace_in_dim) == (1536, 12, 8960, 96)
+    with torch.device("meta"):
+        model = WanDiT(cfg)
+    model = randomize(model.to_empty(device="cpu"), std=0.02)
+    oracle = diffusers_vace_dit(cfg, official_state(model), meta=True)
+    x, t, context, vace = vace_inputs(cfg, batch=1, frames=2, height=4, width=6, text=5)
+    with torch.no_grad():
+        ours = model(x, t, context, vace_context=vace, vace_context_scale=0.7)
+    theirs = run_diffusers_dit(oracle, cfg, x, t, context, vace_context=vace, vace_context_scale=0.7)
+    assert relative(ours, theirs) <= 1e-4, relative(ours, theirs)  # seen 2.1e-6

@@ -246,7 +246,8 @@ class WanPipeline:
                 (`wanx.pipeline.windows`); one window over the whole video is the plain run.
             seed: in [0, 2**64), the official code's noise; default random, kept in the metadata.
             prompt_embeds, negative_prompt_embeds: umT5 embeddings `[1, L, 4096]` instead of text.
-            latents: initial noise `[1, C, F', H/s, W/s]` instead of the seed's.
+            latents: initial noise `[1, C, F', H/s, W/s]` instead of the seed's (VACE: F' counts one
+                latent frame in front per reference image).
             output_type: "video" (uint8 frames) or "latents" (denoised, not decoded).
             progress: progress bars and stage timings on stderr.
             callback: `callback(step, total, latents)` after each step (step from 1); an
