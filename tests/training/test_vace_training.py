@@ -206,3 +206,15 @@ def test_vace_blocks_need_a_vace_model(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "--lora-blocks vace|both trains a VACE model's VACE blocks; this model has none" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_a_vace_block_lora_in_diffusers_keys_loads_back(dataset, tmp_path):
+    """VACE blocks' layers in diffusers/PEFT keys (`transformer.vace_blocks.N.proj_out` for the
+    official after_proj) are read back onto the same layers."""
+    train(dataset, tmp_path / "d", "--lora-blocks", "vace", "--targets", "q,after_proj", "--lora-format", "diffusers")
+    keys = load_file(str(tmp_path / "d" / "d.safetensors")).keys()
+    assert "transformer.vace_blocks.1.proj_out.lora_A.weight" in keys and not any(".blocks." in k for k in keys)
+    from wanx.pipeline import WanPipeline
+
+    report = WanPipeline.from_pretrained("tiny-vace").load_lora(tmp_path / "d" / "d.safetensors")
+    assert report.matched == 2 * 3  # 2 VACE blocks: self_attn.q, cross_attn.q, after_proj
