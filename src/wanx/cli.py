@@ -230,6 +230,8 @@ FLAGS = {"prompt": "--prompt (or --prompts FILE)", "negative_prompt": "--negativ
          "guidance_scale": "--guidance", "shift": "--shift", "sampler": "--sampler", "seed": "--seed",
          "guidance_scale_low": "--guidance (its second value, the low-noise expert's)", "boundary": "--boundary",
          "timesteps": "--timesteps", "extend": "--extend", "extend_frames": "--extend-frames",
+         "control_video": "--control-video", "mask": "--mask", "reference_images": "--reference-image",
+         "conditioning_scale": "--control-scale", "outpaint": "--outpaint",
          **{key: "--" + key.replace("_", "-") for key in (  # wanx.request.GUIDANCE_KEYS
              "cfg_steps", "cfg_zero_star", "apg", "apg_eta", "apg_norm_threshold", "apg_momentum", "slg_layers",
              "slg_start", "slg_end", "nag_scale", "nag_tau", "nag_alpha",
@@ -239,7 +241,8 @@ _JOB_KEYS = ("prompt", "negative_prompt", "seed", "image", "last_image", "video"
              "boundary", "timesteps", "cfg_steps", "cfg_zero_star", "apg", "apg_eta", "apg_norm_threshold", "apg_momentum",
              "slg_layers", "slg_start", "slg_end", "nag_scale", "nag_tau",
              "nag_alpha", "context_frames", "context_overlap", "context_schedule",
-             "context_blend", "color_match", "extend", "extend_frames")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
+             "context_blend", "color_match", "extend", "extend_frames", "control_video", "mask", "reference_images",
+             "control_scale", "outpaint")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
 # How the CLI spells each runtime choice and parallel-plan parameter in Runtime.check's refusals
 # (`wanx serve` is given them too: its flags are these).
 RUNTIME_FLAGS = {"offload": "--offload", "vram_budget": "--vram-budget", "quantize": "--fp8/--int8",
@@ -261,7 +264,8 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
                 frames=args.frames, steps=args.steps, guidance=guidance[0], shift=args.shift, sampler=args.sampler,
                 guidance_low=guidance[1] if len(guidance) > 1 else None, boundary=args.boundary,
                 timesteps=_timesteps(args.timesteps), output=None, where="", extend=args.extend,
-                extend_frames=args.extend_frames,
+                extend_frames=args.extend_frames, control_video=args.control_video, mask=args.mask,
+                reference_images=args.reference_image, control_scale=args.control_scale, outpaint=args.outpaint,
                 **{key: getattr(args, key) for key in _GUIDANCE_FLAGS + _WINDOW_FLAGS})
     if not args.prompts:
         return [base]
@@ -289,9 +293,14 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
                 raise ValueError(f"{where}a JSON line must be an object such as {{\"prompt\": \"...\"}}")
             job = parse_job(job, where=where)  # the server reads its request bodies with the same rules
             # relative to the prompts file, as its author sees them
-            for key in ("image", "last_image", "video", "extend"):
+            for key in ("image", "last_image", "video", "extend", "control_video", "mask"):
                 if isinstance(job.get(key), str) and not Path(job[key]).expanduser().is_absolute():
                     job[key] = str(path.parent / job[key])
+            if job.get("reference_images") is not None:  # one path or a list of them
+                refs = job["reference_images"]
+                job["reference_images"] = [str(path.parent / ref) if isinstance(ref, str) and not
+                                           Path(ref).expanduser().is_absolute() else ref
+                                           for ref in ([refs] if isinstance(refs, str) else refs)]
         else:
             job = {"prompt": line}
         jobs.append({**base, **job, "output": job.get("output"), "where": where})
@@ -653,7 +662,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--from-scratch trains a whole new DiT: add --full")
     config = TrainConfig(data=Path(args.data), output=Path(args.output), full=args.full,
                          from_scratch=args.from_scratch, lora_rank=args.lora_rank,
-                         lora_alpha=args.lora_alpha, targets=targets, lr=args.lr, lr_scheduler=args.lr_scheduler,
+                         lora_alpha=args.lora_alpha, targets=targets, lora_blocks=args.lora_blocks,
+                         lr=args.lr, lr_scheduler=args.lr_scheduler,
                          warmup_steps=args.warmup_steps, steps=None if args.epochs is not None else args.steps or 100,
                          epochs=args.epochs,
                          batch_size=args.batch_size, grad_accum=args.grad_accum, repeats=args.repeats,
@@ -968,6 +978,21 @@ def _add_generate(sub: argparse._SubParsersAction, tiny: str) -> None:
                           "it (out.mp4: out.latents.safetensors) when it made the video, else encoded once. T2V, "
                           "TI2V-5B, I2V (the last frame is the image) and FLF2V (with --last-image) models; not with "
                           "--image or --video")
+    vace = gen.add_argument_group("VACE models", "control video, inpainting, outpainting and reference images "
+                                                 "(Wan2.1 VACE-1.3B/14B); --image/--last-image are first/last frames")
+    vace.add_argument("--control-video", metavar="VIDEO",
+                      help="the video the output follows (pose, depth, edges...) or the source to inpaint; its "
+                           "aspect ratio is kept within --size; default --frames: its length")
+    vace.add_argument("--mask", metavar="VIDEO|IMAGE",
+                      help="with --control-video: white = generate, black = keep; a video of as many frames and the "
+                           "same size, or one image for every frame (default: all generated)")
+    vace.add_argument("--reference-image", action="append", metavar="IMAGE",
+                      help="a subject or background to keep (repeatable); placed on a white canvas in front of the "
+                           "video and removed from the output")
+    vace.add_argument("--control-scale", type=float, metavar="S", help="strength of the VACE hints (default 1)")
+    vace.add_argument("--outpaint", metavar="L,R,T,B",
+                      help="widen --control-video or --image by left,right,top,bottom pixels (or fractions of "
+                           "the width/height below 1) and generate the border")
     gen.add_argument("--extend-frames", type=int, metavar="N",
                      help="--extend's overlap in video frames, 4k+1 (default 9: 3 latent frames); at most 29 come "
                           "from the stored latents")
@@ -1109,6 +1134,9 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     tr.add_argument("--lora-rank", type=int, default=32)
     tr.add_argument("--lora-alpha", type=float, help="default: the rank (scale 1)")
     tr.add_argument("--targets", default="q,k,v,o,ffn.0,ffn.2", help="block Linear layers to adapt (default q,k,v,o,ffn.0,ffn.2)")
+    tr.add_argument("--lora-blocks", default="main", choices=["main", "vace", "both"],
+                    help="a VACE model's blocks the LoRA adapts: main (default), vace (its VACE blocks, as "
+                         "DiffSynth's VACE LoRAs) or both")
     tr.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
     tr.add_argument("--lr-scheduler", default="constant", choices=["constant", "cosine"],
                     help="constant (default, as DiffSynth) or cosine decay to 0 at the last step")

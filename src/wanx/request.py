@@ -20,6 +20,10 @@ KEY_TYPES: dict[str, tuple[type, ...]] = {
     "guidance_low": (int, float), "boundary": (int, float),  # Wan2.2 A14B: the low-noise expert
     "timesteps": (list,),  # an explicit denoising step list, e.g. [1000, 750, 500, 250]
     "extend": (str,), "extend_frames": (int,),  # continue a video; the overlap in video frames
+    # VACE models: control video, mask (video or image, white = generate), reference images,
+    # the hints' scale, and left,right,top,bottom to widen the canvas by
+    "control_video": (str,), "mask": (str,), "reference_images": (list, str), "control_scale": (int, float, list),
+    "outpaint": (str, list),
 
     # guidance variants and schedule (guidance_from_options)
     "cfg_steps": (int,), "cfg_zero_star": (bool,), "apg": (bool,), "apg_eta": (int, float),
@@ -41,7 +45,9 @@ PIPELINE_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "imag
                  "width": "size", "num_frames": "frames", "num_inference_steps": "steps", "guidance_scale": "guidance",
                  "shift": "shift", "sampler": "sampler", "seed": "seed", "guidance_scale_low": "guidance_low",
                  "boundary": "boundary", "timesteps": "timesteps", "context_windows": "context_frames",
-                 "extend": "extend", "extend_frames": "extend_frames"}
+                 "extend": "extend", "extend_frames": "extend_frames", "control_video": "control_video",
+                 "mask": "mask", "reference_images": "reference_images", "conditioning_scale": "control_scale",
+                 "outpaint": "outpaint"}
 # How a request's keys are spelled in errors when no face says otherwise.
 KEY_NAMES = {**PIPELINE_KEYS, "height": "size height", "width": "size width"}
 
@@ -120,7 +126,9 @@ def pipeline_kwargs(job: Mapping, names: Mapping[str, str] | None = None) -> dic
                 guidance_scale=job.get("guidance"), guidance_scale_low=job.get("guidance_low"),
                 boundary=job.get("boundary"), shift=job.get("shift"), sampler=job.get("sampler"), seed=job.get("seed"),
                 timesteps=job.get("timesteps"), guidance=strategy, extend=job.get("extend"),
-                extend_frames=job.get("extend_frames"),
+                extend_frames=job.get("extend_frames"), control_video=job.get("control_video"),
+                mask=job.get("mask"), reference_images=job.get("reference_images"),
+                conditioning_scale=job.get("control_scale"), outpaint=job.get("outpaint"),
                 context_windows=windows_from_options({key: job.get(key) for key in WINDOW_KEYS},
                                                      lambda key: (names or {}).get(key, key)))
 

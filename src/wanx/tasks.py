@@ -72,6 +72,8 @@ class TaskSpec:
 
 
 _I2V_NEGATIVE = "镜头晃动，" + NEGATIVE_PROMPT
+# Inputs and settings only some models take (VACE's): a request giving one to another model is refused.
+TASK_OPTIONS = ("control_video", "mask", "reference_images", "conditioning_scale", "outpaint")
 _A14B = dict(experts=2, steps=40)
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
@@ -95,16 +97,24 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("ti2v", "ti2v", "Text (and image) to video", "ti2v", takes=("image",), width=1280, height=704,
              num_frames=121, fps=24, multiple=32, latent=(48, 4, 16), trained_at="Wan2.2 TI2V-5B is trained at 1280x704",
              label="TI2V-5B"),
+    # Wan2.1 VACE: one row for every use (control video, inpaint, outpaint, first/last frame,
+    # reference images; text alone: grey frames all to make). Shift 16 as the official CLI's
+    # for vace; 1.3B is trained at 832x480 and 480x832 only.
+    TaskSpec("vace", "vace", "VACE: control video, mask, reference images", "vace",
+             takes=("image", "last_image", "video") + TASK_OPTIONS, shift=16.0,
+             trained_at="Wan2.1 VACE-1.3B is trained at 832x480 and 480x832, VACE-14B also at 1280x720"),
 )}
 
 INPUTS = ("image", "last_image", "video")
 # What each model type is called, and what an input it cannot take would need instead.
 MODEL_NAMES = {"t2v": "a T2V model", "i2v": "an I2V model", "flf2v": "an FLF2V model",
-               "ti2v": "a TI2V model (text, or text and a first frame)"}
+               "ti2v": "a TI2V model (text, or text and a first frame)", "vace": "a VACE model"}
 INPUT_NEEDS = {"image": "an I2V or FLF2V model (e.g. Wan-AI/Wan2.1-I2V-14B-480P)",
                "last_image": "an FLF2V model (Wan-AI/Wan2.1-FLF2V-14B-720P)",
-               "video": "a T2V model (video-to-video)"}
-INPUT_WORDS = {"image": "the first frame", "last_image": "the last frame", "video": "the input video"}
+               "video": "a T2V model (video-to-video)",
+               **{arg: "a VACE model (e.g. Wan-AI/Wan2.1-VACE-1.3B)" for arg in TASK_OPTIONS}}
+INPUT_WORDS = {"image": "the first frame", "last_image": "the last frame", "video": "the input video",
+               "control_video": "the control video", "mask": "the mask", "reference_images": "the reference image"}
 
 
 def describe_default(model_type: str, experts: int, setting: str) -> str:

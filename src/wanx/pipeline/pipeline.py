@@ -177,6 +177,11 @@ class WanPipeline:
         image=None,
         last_image=None,
         video=None,
+        mask=None,
+        reference_images=None,
+        conditioning_scale: float | Sequence[float] | None = None,
+        control_video=None,
+        outpaint=None,
         strength: float = 0.8,
         height: int | None = None,
         width: int | None = None,
@@ -219,6 +224,13 @@ class WanPipeline:
             video: video-to-video input (T2V models): a path, `Video`, uint8 `[F, H, W, 3]` or
                 `[3, F, H, W]` in [-1, 1]. strength, in (0, 1]: the share of the steps run, the
                 last ones, from the input noised to where they begin (`strength_schedule`).
+                VACE models: the control video (pose/depth/edges, or a video to inpaint),
+                diffusers' `video`; control_video is its alias. mask: a video or one image,
+                white = generate (needs video). reference_images: one or a list (official
+                placement: latent frames in front, removed from the output). conditioning_scale:
+                the hints' scale (one, or one per VACE layer). outpaint: (left, right, top,
+                bottom), pixels or fractions below 1, of video or image; image/last_image: the
+                official first/last-frame tasks.
             height, width: pixels, multiples of the task's size multiple (16; TI2V-5B 32).
             num_frames: 4k+1. Video-to-video: default the input's count, rounded down to 4k+1.
             num_inference_steps (alias steps), shift, sampler ("unipc", "dpm++", "euler", "lcm").
@@ -234,7 +246,8 @@ class WanPipeline:
                 (`wanx.pipeline.windows`); one window over the whole video is the plain run.
             seed: in [0, 2**64), the official code's noise; default random, kept in the metadata.
             prompt_embeds, negative_prompt_embeds: umT5 embeddings `[1, L, 4096]` instead of text.
-            latents: initial noise `[1, C, F', H/s, W/s]` instead of the seed's.
+            latents: initial noise `[1, C, F', H/s, W/s]` instead of the seed's (VACE: F' counts one
+                latent frame in front per reference image).
             output_type: "video" (uint8 frames) or "latents" (denoised, not decoded).
             progress: progress bars and stage timings on stderr.
             callback: `callback(step, total, latents)` after each step (step from 1); an
@@ -267,7 +280,8 @@ class WanPipeline:
                          timesteps=timesteps, seed=seed, prompt_embeds=prompt_embeds,
                          negative_prompt_embeds=negative_prompt_embeds, latents=latents, output_type=output_type,
                          guidance=strategy, context_windows=context_windows, extend=extend,
-                         extend_frames=extend_frames)
+                         extend_frames=extend_frames, mask=mask, reference_images=reference_images,
+                         conditioning_scale=conditioning_scale, control_video=control_video, outpaint=outpaint)
         self.last_partial = None
         if output_path is not None and output_type == "latents":
             raise ValueError("output_path writes decoded frames: it does not go with output_type='latents'")
@@ -289,6 +303,7 @@ class WanPipeline:
                               batched, callback, generator, lora_step)
             if plan.windows is not None and plan.windows.color_match:
                 x = match_colors(x, plan.windows.size)
+            x = x[:, :, plan.lead_frames:]  # VACE's reference frames are not the video's (official decode_latent)
             if output_type == "latents":
                 return x
             metadata = self._metadata(plan, conditioning, prompt)
@@ -366,7 +381,8 @@ class WanPipeline:
                 cache.at(step[0], names)
             # one timestep for the batch: the DiT embeds it once for every branch
             t = conditioning.timesteps(t.to(x.device).float().reshape(1), x.shape, dit.config.patch_size, frames)
-            return dit(x, t, context, **{k: v.expand(len(names), *v.shape[1:]) for k, v in given.items()})
+            return dit(x, t, context, **{k: v.expand(len(names), *v.shape[1:]) if isinstance(v, Tensor) else v
+                                         for k, v in given.items()})
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             dit, scale = experts.pick(t)

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from ..sampling import SAMPLERS, check_timesteps
 from ..configs import frames_at_most, frames_ok
-from ..tasks import NEGATIVE_PROMPT, TaskError, TaskSpec, choose_task, default_task, model_tasks
+from ..tasks import (INPUT_NEEDS, MODEL_NAMES, NEGATIVE_PROMPT, TASK_OPTIONS, TaskError, TaskSpec, choose_task,
+                     default_task, model_tasks)
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 GUIDANCE_RANGE = (1.0, 30.0)
@@ -26,7 +27,8 @@ GUIDANCE_RANGE = (1.0, 30.0)
 REQUEST_KEYS = ("image", "last_image", "video", "strength", "height", "width", "num_frames", "num_inference_steps",
                 "guidance_scale", "guidance_scale_low", "boundary", "shift", "sampler", "seed", "prompt_embeds",
                 "negative_prompt_embeds", "latents", "output_type", "timesteps", "guidance", "context_windows",
-                "extend", "extend_frames")
+                "extend", "extend_frames", "control_video", "mask", "reference_images", "conditioning_scale",
+                "outpaint")
 # Options a model folder's wanx-defaults.json may set, under the same keywords.
 OWN_KEYS = ("num_frames", "num_inference_steps", "guidance_scale", "guidance_scale_low", "boundary", "shift", "sampler")
 
@@ -74,6 +76,13 @@ class Plan:
     image: Tensor | None = None  # [3, H, W] in [-1, 1]
     last_image: Tensor | None = None
     video: Tensor | None = None  # [3, F, H, W] in [-1, 1]
+    # VACE: the mask over video [1, F, H, W] in [0, 1] (1: make), the reference images [3, H, W]
+    # each, and the hints' scale (one, or one per VACE layer)
+    mask: Tensor | None = None
+    reference_images: list[Tensor] | None = None
+    control_scale: float | tuple[float, ...] = 1.0
+    # latent frames in front of the video's (VACE: one per reference image), dropped before decoding
+    lead_frames: int = 0
     strength: float = 0.8  # video-to-video
     # latent geometry of the model's VAE: channels, temporal and spatial stride
     latent: tuple[int, int, int] = (16, 4, 8)
@@ -100,7 +109,8 @@ class Plan:
     def latent_shape(self) -> tuple[int, int, int, int]:
         """`(C, F', H', W')` of this request's latents."""
         channels, temporal, spatial = self.latent
-        return channels, (self.num_frames - 1) // temporal + 1, self.height // spatial, self.width // spatial
+        return (channels, self.lead_frames + (self.num_frames - 1) // temporal + 1, self.height // spatial,
+                self.width // spatial)
 
 
 def plan_request(model_type: str, prompt=None, negative_prompt=None, *, names: Mapping[str, str] | None = None,
@@ -152,6 +162,15 @@ def make_plan(model: ModelFacts, prompt, negative_prompt, request: Mapping, name
         scales = None
     _check_values(model, prompt, given, name, bool(names))
 
+    taken = set().union(*(spec.takes for spec in model_tasks(model.model_type, model.experts)))
+    for arg in TASK_OPTIONS:  # what only some models take (VACE's), given to one that does not
+        if given[arg] is not None and arg not in taken:
+            raise RequestError(arg, f"{name(arg)} needs {INPUT_NEEDS[arg]}; this is "
+                                    f"{MODEL_NAMES.get(model.model_type, f'a {model.model_type} model')}")
+    if given["control_video"] is not None:  # the request's name for a VACE model's video
+        if given["video"] is not None:
+            raise RequestError("control_video", f"give {name('control_video')} or {name('video')}, not both")
+        given["video"] = given["control_video"]
     inputs = {arg for arg in ("image", "last_image", "video") if given[arg] is not None}
     extending = given["extend"] is not None
     if extending:  # the old video's last frame is an I2V/FLF2V model's image

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from ..pipeline import RequestError
 from ..tasks import describe_all
-from .common import API_TYPES, UPLOADS, UploadError, preview_strip
+from .common import API_TYPES, MANY, UPLOADS, UploadError, preview_strip
 from .jobs import STATUSES
 
 router = APIRouter(prefix="/v1", tags=["videos"])
@@ -76,6 +76,9 @@ _MULTIPART_SCHEMA = {
     "properties": {"request": {"type": "string", "description": "the JSON request, as for application/json"},
                    **{field: {"type": "string", "format": "binary"} for field in UPLOADS}},
 }
+for _field, _most in MANY.items():  # several parts of one name
+    _MULTIPART_SCHEMA["properties"][_field] = {"type": "array", "maxItems": _most,
+                                               "items": {"type": "string", "format": "binary"}}
 _ERROR = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
 
 
@@ -151,9 +154,10 @@ async def submit_video(request: Request):
     elif kind in ("multipart/form-data", "application/x-www-form-urlencoded"):  # the latter: no files
         limit = server.limits.max_upload
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > len(UPLOADS) * limit + 2**20:
+        files = len(UPLOADS) + sum(most - 1 for most in MANY.values())
+        if length and length.isdigit() and int(length) > files * limit + 2**20:
             return problem(413, f"the request is larger than this server takes ({limit / 2**20:.0f} MiB per file)")
-        form = await request.form(max_files=len(UPLOADS), max_fields=1, max_part_size=2**20)
+        form = await request.form(max_files=files, max_fields=1, max_part_size=2**20)
         try:
             text = ""
             for field, value in form.multi_items():
@@ -163,20 +167,25 @@ async def submit_video(request: Request):
                     text = (await value.read(2**20)).decode("utf-8", errors="replace")
                 elif isinstance(value, str):
                     return problem(422, f"{field}: expected an uploaded file", field)
-                elif field in uploads:
+                elif field in uploads and field not in MANY:
                     return problem(422, f"{field}: given twice", field)
+                elif field in MANY and len(uploads.get(field, ())) == MANY[field]:
+                    return problem(422, f"{field}: at most {MANY[field]} files", field)
                 else:
                     data = await value.read(limit + 1)
                     if len(data) > limit:
                         return problem(413, f"{field}: the upload is larger than {limit / 2**20:.0f} MiB", field)
-                    uploads[field] = data
+                    if field in MANY:
+                        uploads.setdefault(field, []).append(data)
+                    else:
+                        uploads[field] = data
         finally:
             await form.close()  # the spooled temporary files go now
         if not text:
             return problem(422, "the multipart part 'request' (the JSON request) is missing", "request")
     else:
         return problem(415, "send the request as application/json, or as multipart/form-data with the JSON in "
-                            "the part 'request' and the files in 'image', 'last_image', 'video', 'extend'")
+                            "the part 'request' and the files in " + ", ".join(f"'{f}'" for f in UPLOADS))
     try:
         body = json.loads(text)
     except json.JSONDecodeError as err:

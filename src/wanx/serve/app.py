@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from ..pipeline import RequestError
 from ..request import KEY_NAMES, PIPELINE_KEYS, check_job, fix_seed, parse_job, pipeline_kwargs
-from .common import API_TYPES, UPLOADS, UploadError
+from .common import API_TYPES, MANY, UPLOADS, VIDEO_UPLOADS, UploadError, listed
 from .jobs import DB_FILE, INPUTS, LOCK_FILE, JobQueue, hold_folder
 
 # what the UI must never hand out by path: the job database (and SQLite's companions) and the uploads
@@ -39,10 +39,14 @@ _VIDEO_MAGIC = ((b"\x1a\x45\xdf\xa3", ".webm"), (b"GIF87a", ".gif"), (b"GIF89a",
 def upload_suffix(field: str, head: bytes) -> str:
     """The file suffix the server gives an upload, from its first bytes; UploadError (415)
     when it is not an image (image, last_image) or a video (video) wanx reads."""
-    if field in ("video", "extend"):
+    if field in VIDEO_UPLOADS or field == "mask":  # a mask is a video or an image
         if head[4:8] == b"ftyp":  # mp4 / mov
             return ".mp4"
         kinds, what = _VIDEO_MAGIC, "an mp4, mov, webm or gif video"
+        if field == "mask":
+            kinds, what = (*kinds, *_IMAGE_MAGIC), "a video or an image"
+            if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+                return ".webp"
     else:
         if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
             return ".webp"
@@ -145,20 +149,21 @@ class Server:
         try:
             inputs = {}
             for field, data in uploads.items():
-                path = self._save_upload(job_id, field, data)
-                saved.append(path)
-                inputs[field] = path.name
-                job[field] = str(path)
+                paths = [self._save_upload(job_id, field, item, f"{field}-{i}") for i, item in enumerate(data)] \
+                    if field in MANY else [self._save_upload(job_id, field, data)]
+                saved += paths
+                inputs[field] = [path.name for path in paths] if field in MANY else paths[0].name
+                job[field] = [str(path) for path in paths] if field in MANY else str(paths[0])
             self.check(job)
             for field in inputs:  # the checks may have stored a smaller copy (_fit_inputs)
-                saved.append(Path(job[field]))
-                inputs[field] = Path(job[field]).name
+                saved += [Path(p) for p in listed(job[field])]
+                inputs[field] = [Path(p).name for p in job[field]] if field in MANY else Path(job[field]).name
             request = {k: v for k, v in job.items() if k not in UPLOADS}
             if request.get("size"):
                 request["size"] = "{}x{}".format(*request["size"])
             self.queue.submit(request, inputs=inputs, job_id=job_id)
         except BaseException:
-            for path in saved + [Path(job[field]) for field in inputs if job.get(field)]:
+            for path in saved + [Path(p) for field in inputs for p in listed(job.get(field))]:
                 path.unlink(missing_ok=True)  # a refused request leaves nothing behind
             raise
         return job_id
@@ -219,11 +224,22 @@ class Server:
         else:
             defaults = self.files.defaults
             area = (defaults.get("width") or 832) * (defaults.get("height") or 480)
+        fitted_to = None  # the control video's size: a mask is stored at it too
         for field in UPLOADS:
             if not job.get(field):
                 continue
+            if field in MANY:  # reference images: read whole, within read_image's pixel cap, and scaled
+                for path in job[field]:
+                    try:
+                        width, height = image_size(path)
+                    except ValueError as err:
+                        raise RequestError(field, _without_paths(str(err), job)) from None
+                    if width * height > MAX_IMAGE_PIXELS:
+                        raise UploadError(field, f"{field}: an upload is {width}x{height}; this server reads at most "
+                                                 f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels an image: resize it first", 422)
+                continue
             path = Path(job[field])
-            video_field = field in ("video", "extend")
+            video_field = field in VIDEO_UPLOADS or (field == "mask" and path.suffix in (".mp4", ".webm", ".gif"))
             try:
                 width, height, _ = probe_video(path) if video_field else (*image_size(path), None)
             except ValueError as err:
@@ -238,9 +254,22 @@ class Server:
                     raise UploadError(field, f"{field}: {frames} frames at {width}x{height} are more than this "
                                              f"server decodes for a request ({MAX_DECODED / 2**20:.0f} MiB)", 413)
                 continue
-            if field == "video":
+            if field == "mask" and fitted_to is None:  # no control video: the request is refused unread
+                continue
+            if field == "mask" and not video_field:  # one image for every frame, at the control video's size
+                try:
+                    with Image.open(path) as img:
+                        fitted = path.with_name(f"{path.stem}-fitted.png")
+                        img.convert("RGB").resize(fitted_to, Image.NEAREST).save(fitted)
+                except (OSError, Image.DecompressionBombError) as err:
+                    raise RequestError(field, f"{field}: not a readable image ({err})") from None
+            elif field in ("video", "control_video", "mask"):
                 scale = min(1.0, math.sqrt(area / (width * height)))  # the pipeline keeps the aspect ratio
                 size = (max(16, round(width * scale / 2) * 2), max(16, round(height * scale / 2) * 2))
+                if field == "mask":
+                    size = fitted_to
+                elif field == "control_video":
+                    fitted_to = size
                 frames = job.get("frames") or 81
                 if frames * size[0] * size[1] * 3 > MAX_DECODED:
                     raise UploadError(field, f"{field}: {frames} frames at {size[0]}x{size[1]} are more than this "
@@ -321,8 +350,9 @@ class Server:
         except Exception as err:  # any unreadable or misfitting file: the request names it
             raise RequestError("loras", f"loras: {name}: {str(err).replace(str(self.loras_dir / name), name)}") from None
 
-    def _save_upload(self, job_id: str, field: str, data) -> Path:
-        """Copy an upload under a server-made name, after checking its size and kind."""
+    def _save_upload(self, job_id: str, field: str, data, name: str | None = None) -> Path:
+        """Copy an upload under a server-made name (`name`, default the field's), after checking
+        its size and kind."""
         if isinstance(data, (str, Path)):
             size = Path(data).stat().st_size
             with open(data, "rb") as fh:
@@ -334,7 +364,7 @@ class Server:
                                      f"{self.limits.max_upload / 2**20:.0f} MiB", 413)
         if size == 0:
             raise UploadError(field, f"{field}: the upload is empty", 422)
-        path = self.queue.input_path(job_id, field, upload_suffix(field, head))
+        path = self.queue.input_path(job_id, name or field, upload_suffix(field, head))
         tmp = path.with_name(f".{path.name}.partial")
         try:
             if isinstance(data, (str, Path)):
@@ -353,7 +383,8 @@ class Server:
         if request.get("size"):
             request["size"] = tuple(int(v) for v in request["size"].split("x"))
         for field, name in job["input_files"].items():
-            request[field] = str(self.queue.folder / INPUTS / name)
+            request[field] = [str(self.queue.folder / INPUTS / n) for n in name] if field in MANY else \
+                str(self.queue.folder / INPUTS / name)
         self._use_loras(request.get("loras") or [])
         if request.get("teacache") is not None:
             self.pipe.enable_cache("teacache", float(request["teacache"]))
@@ -423,8 +454,8 @@ def check_text(value, field: str) -> None:
 def _without_paths(message: str, job: dict) -> str:
     """The pipeline names an input by its path; the client knows it by its field."""
     for field in UPLOADS:
-        if job.get(field):
-            message = message.replace(str(job[field]), field)
+        for path in listed(job.get(field)):
+            message = message.replace(str(path), field)
     return message
 
 

@@ -5,8 +5,17 @@ from __future__ import annotations
 
 from ..request import KEY_TYPES
 
-# request keys that only come as uploaded files (extend: a video to continue, kept as uploaded)
-UPLOADS = ("image", "last_image", "video", "extend")
+# request keys that only come as uploaded files (extend: a video to continue, kept as uploaded;
+# VACE: control_video, mask (a video or an image) and reference_images)
+UPLOADS = ("image", "last_image", "video", "extend", "control_video", "mask", "reference_images")
+VIDEO_UPLOADS = ("video", "extend", "control_video")
+# uploads that come as several parts of one name (a list in the request), and how many at most
+MANY = {"reference_images": 4}
+
+
+def listed(value) -> list:
+    """An upload field's value as a list of paths (none, one, or MANY's several)."""
+    return [] if not value else list(value) if isinstance(value, (list, tuple)) else [value]
 # A POST body: a --prompts JSON line less `output` (the server names every file) and less the
 # input paths (uploaded instead), plus what the server chooses per job.
 API_TYPES = {**{k: v for k, v in KEY_TYPES.items() if k not in ("output", *UPLOADS)},

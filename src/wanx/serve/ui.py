@@ -14,6 +14,9 @@ import gradio as gr
 from ..pipeline import RequestError
 from ..sampling import SAMPLERS
 from ..tasks import INPUT_WORDS
+
+# the inputs the page takes as files, in its order (VACE: one reference image here)
+UI_UPLOADS = ("image", "last_image", "video", "control_video", "mask", "reference_images")
 from .common import UploadError, preview_strip
 
 if TYPE_CHECKING:  # the server passed in; no import back into the app
@@ -181,7 +184,14 @@ def build_ui(server: Server) -> gr.Blocks:
                 with gr.Tab(spec.title, id=name) as tab:
                     for field in spec.takes:
                         optional = "" if field in spec.needs else " (optional)"
-                        if field == "video":
+                        if field not in UI_UPLOADS or field == "video" and "control_video" in spec.takes:
+                            continue  # VACE: its video is the control video; scale and outpaint: API and CLI
+                        if field == "control_video":
+                            inputs[field] = gr.Video(label="Control video (optional)", elem_id=field)
+                        elif field == "mask":
+                            inputs[field] = gr.File(label="Mask: a video or an image, white = generate (optional)",
+                                                    file_types=["image", "video"], type="filepath", elem_id=field)
+                        elif field == "video":
                             inputs["video"] = gr.Video(label="Input video", elem_id="input_video")
                             inputs["strength"] = gr.Slider(0.05, 1.0, value=0.8, step=0.05, label="Strength")
                         else:
@@ -229,7 +239,7 @@ def build_ui(server: Server) -> gr.Blocks:
 
         form = [prompt, negative, size, frames, steps, guidance, shift, sampler, seed, teacache, cfg_steps, timesteps,
                 loras]
-        upload_fields = [f for f in ("image", "last_image", "video") if f in inputs]
+        upload_fields = [f for f in UI_UPLOADS if f in inputs]
 
         def submit(current_task, *values):
             fields = values[:len(form)]
@@ -240,6 +250,8 @@ def build_ui(server: Server) -> gr.Blocks:
             # only the active tab's inputs go with the request; a missing one is left out: the
             # pipeline's check names it, in the CLI's words
             uploads = {f: uploads_given.get(f) for f in spec.takes if uploads_given.get(f)}
+            if "reference_images" in uploads:  # one here; the API takes several
+                uploads["reference_images"] = [uploads["reference_images"]]
             keep = [gr.update()] * len(upload_fields)
             missing = [f for f in spec.needs if f not in uploads]
             plain = next((other for other in server.tasks if not set(other.needs) - set(uploads)), None)
@@ -247,7 +259,7 @@ def build_ui(server: Server) -> gr.Blocks:
                 return (f"{missing[0]}: give {INPUT_WORDS[missing[0]]} ({spec.title.lower()}), or use the "
                         f"{plain.title} tab"), gr.update(), *keep
             for field, path in uploads.items():
-                if not received(path):  # Gradio checks this too; a file it let through is still not read
+                if not all(received(p) for p in (path if isinstance(path, list) else [path])):  # Gradio checks this too; a file it let through is still not read
                     return f"{field}: only a file uploaded through this page is read", gr.update(), *keep
             try:
                 new_id = server.submit(body, uploads)
@@ -256,7 +268,8 @@ def build_ui(server: Server) -> gr.Blocks:
                 refused = [f for f in uploads if isinstance(err, UploadError) and err.field == f
                            or isinstance(err, RequestError) and err.field in (f, "")]
                 for field in refused:
-                    discard(uploads[field])
+                    for path in uploads[field] if isinstance(uploads[field], list) else [uploads[field]]:
+                        discard(path)
                 return str(err), gr.update(), *[None if f in refused else gr.update() for f in upload_fields]
             return "", new_id, *keep
 

@@ -48,7 +48,10 @@ class CachedDataset:
         for path in files:
             check_item(path)
             with safe_open(str(path), framework="pt") as fh:
-                self.shapes.append(tuple(fh.get_slice("latents").get_shape()))
+                shape = tuple(fh.get_slice("latents").get_shape())
+                if "vace_context" in fh.keys():  # its reference frames too: a batch stacks both
+                    shape += tuple(fh.get_slice("vace_context").get_shape())
+                self.shapes.append(shape)
                 self.settings.add((fh.metadata() or {}).get("settings", ""))
         counts: dict[tuple, int] = {}
         for shape in self.shapes:
@@ -78,7 +81,7 @@ class CachedDataset:
     def load(self, indices: list[int], device: torch.device) -> dict[str, Tensor]:
         """x0 `[B, 16, F', h, w]`, context `[B, L, text_dim]` (zero-padded to the longest, as
         the DiT pads anyway), for caption dropout `empty_text` `[1, L, text_dim]` padded the
-        same, and for I2V items clip_features and y."""
+        same, for I2V items clip_features and y, for VACE items vace_context."""
         from safetensors.torch import load_file
 
         states = [load_file(str(self.files[i])) for i in indices]
@@ -88,7 +91,7 @@ class CachedDataset:
         batch = {"x0": torch.stack([s["latents"] for s in states]), "context": torch.stack(texts[: len(states)])}
         if self.empty_text is not None:
             batch["empty_text"] = texts[-1][None].to(batch["context"].dtype)
-        for key in ("clip_features", "y"):
+        for key in ("clip_features", "y", "vace_context"):
             if key in states[0]:
                 batch[key] = torch.stack([s[key] for s in states])
         return {k: v.to(device) for k, v in batch.items()}

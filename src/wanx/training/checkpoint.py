@@ -159,6 +159,7 @@ def run_settings(config: TrainConfig, dit_config, base_model: str = "") -> dict:
             "lora_rank": config.lora_rank if lora else None,
             "lora_alpha": float(config.lora_alpha if config.lora_alpha is not None else config.lora_rank) if lora else None,
             "targets": list(config.targets) if lora else None,
+            "lora_blocks": config.lora_blocks if lora else None,
             "dit": json.loads(json.dumps(dataclasses.asdict(dit_config)))}  # tuples as JSON lists, as read back
 
 
@@ -178,7 +179,7 @@ def check_resume(output: Path, settings: dict) -> None:
         return f"{dit.get('model_type')} DiT, dim {dit.get('dim')}, {dit.get('num_layers')} layers"
 
     flags = {"full": "--full", "expert": "--expert", "lora_rank": "--lora-rank", "lora_alpha": "--lora-alpha",
-             "targets": "--targets", "dit": "--model"}
+             "targets": "--targets", "lora_blocks": "--lora-blocks", "dit": "--model"}
     for key, flag in flags.items():
         mine, theirs = settings.get(key), saved.get(key)
         if key not in saved or mine == theirs:

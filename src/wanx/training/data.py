@@ -9,6 +9,10 @@ Two dataset layouts are read (the ones users bring from DiffSynth and musubi-tun
     folder/metadata.csv          file_name,text   (or folder/train/metadata.csv; names relative to it)
     folder/clip.mp4 + clip.txt   a caption file of the same stem beside each video or image
 
+A VACE dataset's metadata.csv adds, per item, `control_video` (the control or source frames,
+pixel-aligned with the item), `mask` (a video or an image, white = generate; empty: all white)
+and `reference_images` (image files separated by `|`); see `VACE_COLUMNS`.
+
 Nothing is dropped silently: a file that cannot be used is skipped with a reason in words,
 collected in a `DatasetReport` (users lose hours to buckets dropped without a word).
 """
@@ -29,6 +33,14 @@ from wanx.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_image, read_video
 
 METADATA = "metadata.csv"
 COLUMNS = ("file_name", "text")
+# A VACE item's inputs (`wanx prepare` caches its VACE context): the control or source frames, the
+# mask (white = generate) and reference images, `REFERENCE_SEPARATOR`-separated (a character no
+# Windows file name holds, and the one `--validation-prompts` separates with).
+VACE_COLUMNS = ("control_video", "mask", "reference_images")
+REFERENCE_SEPARATOR = "|"
+# Control videos and masks are resized and centre-cropped as the item is, so they must have its
+# aspect ratio (within this, on a log scale: under 1%, a pixel or two of crop) to stay aligned.
+ASPECT_TOLERANCE = 0.01
 AREA_480P = 832 * 480
 # (width, height) ratios; landscape, square and portrait, so no clip loses much to the crop.
 ASPECTS = ((16, 9), (3, 2), (4, 3), (1, 1), (3, 4), (2, 3), (9, 16))
@@ -46,6 +58,15 @@ class Item:
     path: Path
     caption: str
     kind: Kind = "video"
+    # VACE inputs (the `VACE_COLUMNS` of metadata.csv); `where` names the item's csv line in errors
+    control: Path | None = None
+    mask: Path | None = None
+    references: tuple[Path, ...] = ()
+    where: str = field(default="", compare=False)
+
+    @property
+    def vace(self) -> bool:
+        return self.control is not None or self.mask is not None or bool(self.references)
 
 
 @dataclass(frozen=True)
@@ -153,8 +174,35 @@ def _items_from_csv(csv_path: Path, report: DatasetReport, captions: bool = True
             elif not (text := (row["text"] or "").strip()) and captions:  # a short row has text None
                 report.add(path, f"{where}: no caption")
             else:
-                items.append(Item(path, text, kind))
+                items.append(Item(path, text, kind, **_vace_inputs(row, csv_path.parent, where, name)))
     return items
+
+
+def _vace_inputs(row: dict, folder: Path, where: str, name: str) -> dict:
+    """The VACE columns of a csv row as Item fields; a named file that is missing or of the wrong
+    kind stops the run in one line naming the row and the column (a typo in a column usually
+    breaks every row: better said once, at once, than found in a report after encoding)."""
+    item = f"{where} ({name})"
+
+    def file(column: str, given: str, kinds: tuple[str, ...]) -> Path:
+        path = folder / given
+        if not path.is_file():
+            raise ValueError(f"{item}: {column}: no such file {given}")
+        if _kind(path) not in kinds:
+            raise ValueError(f"{item}: {column}: {given} is not {' or '.join(f'a {k}' for k in kinds)}")
+        return path
+
+    cell = {c: (row.get(c) or "").strip() for c in VACE_COLUMNS}
+    control = file("control_video", cell["control_video"], ("video", "image")) if cell["control_video"] else None
+    mask = file("mask", cell["mask"], ("video", "image")) if cell["mask"] else None
+    if mask is not None and control is None:
+        raise ValueError(f"{item}: mask marks what to generate in control_video: give that too")
+    names = [n.strip() for n in cell["reference_images"].split(REFERENCE_SEPARATOR)] if cell["reference_images"] else []
+    if any(not n for n in names):
+        raise ValueError(f"{item}: reference_images: an empty name in {cell['reference_images']!r} (image files "
+                         f"separated by {REFERENCE_SEPARATOR})")
+    references = tuple(file("reference_images", n, ("image",)) for n in names)
+    return {"control": control, "mask": mask, "references": references, "where": where}
 
 
 def _items_from_captions(folder: Path, report: DatasetReport, captions: bool = True) -> list[Item]:
@@ -222,9 +270,10 @@ def resample_index(count: int, fps: float, *, target_fps: float | None = FPS,
     return np.clip(np.ceil(source + 0.5 - 1e-6).astype(int) - 1, 0, count - 1)
 
 
-def resize_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+def resize_crop(frames: np.ndarray, height: int, width: int, mode: str = "bicubic") -> np.ndarray:
     """Frames `[F, H, W, 3]` uint8 scaled (aspect kept) to cover `height x width`, then
-    centre-cropped to it. Bicubic with antialiasing, so downscaled frames do not alias."""
+    centre-cropped to it. Bicubic with antialiasing, so downscaled frames do not alias;
+    mode="nearest-exact" for a mask, which stays black and white."""
     import torch
     import torch.nn.functional as F
 
@@ -237,7 +286,10 @@ def resize_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     out = np.empty((len(frames), height, width, 3), dtype=np.uint8)
     for start in range(0, len(frames), 16):  # 16 frames at a time: 81 float 1080p frames are 2 GB
         chunk = torch.from_numpy(frames[start:start + 16]).permute(0, 3, 1, 2).float()
-        chunk = F.interpolate(chunk, size=size, mode="bicubic", antialias=True, align_corners=False)
+        if mode == "bicubic":
+            chunk = F.interpolate(chunk, size=size, mode="bicubic", antialias=True, align_corners=False)
+        else:
+            chunk = F.interpolate(chunk, size=size, mode=mode)
         chunk = chunk[:, :, top:top + height, left:left + width].round().clamp(0, 255)
         out[start:start + 16] = chunk.to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return out
@@ -363,7 +415,7 @@ def _too_short(available: int, needed: int, fps: float, target_fps: float | None
 
 
 def load_item(item: Item, *, height: int, width: int, num_frames: int, target_fps: float | None = FPS,
-              frame_stride: int | None = None, mode: Mode = "start") -> np.ndarray:
+              frame_stride: int | None = None, mode: Mode = "start", resize: str = "bicubic") -> np.ndarray:
     """The item as uint8 frames `[num_frames, height, width, 3]`, sampled (`sample_frames`) and
     resized and centre-cropped (`resize_crop`); raises `SkippedItem` with the reason for a
     file that is unreadable, corrupt or too short."""
@@ -383,4 +435,70 @@ def load_item(item: Item, *, height: int, width: int, num_frames: int, target_fp
         if item.kind == "image":
             raise SkippedItem(f"an image is 1 frame, needs {num_frames}")
         raise SkippedItem(_too_short(available, num_frames, fps, target_fps, frame_stride), available)
-    return resize_crop(sampled, height, width)
+    return resize_crop(sampled, height, width, resize)
+
+
+# ------------------------------------------------------------------------------------- VACE
+
+
+def check_vace(item: Item, bucket: Bucket, *, target_fps: float | None = FPS, frame_stride: int | None = None) -> None:
+    """Before anything is encoded: the item's control video holds its bucket's frames (at
+    `target_fps`), a mask video too, and both have the item's aspect ratio: they are resized and
+    centre-cropped to the bucket exactly as the item is (`load_vace`), so a control video of
+    another resolution is fine, another shape would be cut elsewhere and no longer line up.
+    One line naming the item and the column. An unreadable item itself is left to be skipped."""
+    try:
+        source = probe(item)
+    except SkippedItem:
+        return
+    for column, path in (("control_video", item.control), ("mask", item.mask)):
+        if path is None:
+            continue
+        try:
+            clip = probe(Item(path, "", _kind(path)))
+        except SkippedItem as err:
+            raise ValueError(f"{item_name(item)}: {column}: {path.name}: {err.reason}") from None
+        if abs(math.log((clip.height / clip.width) / (source.height / source.width))) > ASPECT_TOLERANCE:
+            raise ValueError(f"{item_name(item)}: {column} {path.name} is {clip.width}x{clip.height}, the clip "
+                             f"{source.width}x{source.height}: give it the clip's aspect ratio (both are resized and "
+                             f"cropped to {bucket.width}x{bucket.height})")
+        if column == "mask" and clip.item.kind == "image":
+            continue  # one mask for every frame
+        held = 1 if clip.item.kind == "image" else len(
+            resample_index(clip.frame_count, clip.fps, target_fps=target_fps, frame_stride=frame_stride))
+        if held < bucket.num_frames:
+            raise ValueError(f"{item_name(item)}: {column} {path.name} has {held} frames at {target_fps or clip.fps:g} "
+                             f"fps; the clip is trained on {bucket.num_frames}: give a longer one, or fewer --frames")
+
+
+def load_vace(item: Item, bucket: Bucket, *, target_fps: float | None = FPS,
+              frame_stride: int | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The item's control frames and mask as uint8 `[F, H, W, 3]` at its bucket (None where not
+    given), sampled, resized and centre-cropped as `load_item` does the item; the mask by nearest
+    pixel (it stays black and white), a mask image repeated for every frame."""
+    def frames(path: Path, column: str, resize: str) -> np.ndarray:
+        try:
+            return load_item(Item(path, "", _kind(path)), height=bucket.height, width=bucket.width,
+                             num_frames=bucket.num_frames, target_fps=target_fps, frame_stride=frame_stride,
+                             resize=resize)
+        except SkippedItem as err:
+            raise ValueError(f"{item_name(item)}: {column}: {path.name}: {err.reason}") from None
+
+    control = frames(item.control, "control_video", "bicubic") if item.control is not None else None
+    mask = None
+    if item.mask is not None:
+        if _kind(item.mask) == "image":
+            try:
+                image = read_image(item.mask)
+            except (ValueError, OSError) as err:
+                raise ValueError(f"{item_name(item)}: mask: {item.mask.name}: {err}") from None
+            mask = np.repeat(resize_crop(np.array(image[None]), bucket.height, bucket.width, "nearest-exact"),
+                             bucket.num_frames, axis=0)
+        else:
+            mask = frames(item.mask, "mask", "nearest-exact")
+    return control, mask
+
+
+def item_name(item: Item) -> str:
+    """How errors name an item: its metadata.csv line and file."""
+    return f"{item.where} ({item.path.name})" if item.where else str(item.path)

@@ -1,6 +1,11 @@
 """Wan's flow-matching objective: x_t = (1 - s) x0 + s eps, the DiT predicts eps - x0, s from
 the shifted schedule s = shift t / (1 + (shift - 1) t) with t uniform (DiffSynth samples the
-same grid) or logit-normal, timestep = 1000 s."""
+same grid) or logit-normal, timestep = 1000 s.
+
+On a VACE model the reference images' latent frames go in front of the clip's, noised with
+them, as at generation (where they are noise in front, dropped after the last step) and as
+DiffSynth-Studio trains; the loss is the clip's frames' alone: the references are inputs, and
+a LoRA should not learn to repaint them."""
 
 from __future__ import annotations
 
@@ -42,6 +47,11 @@ def flow_matching_loss(dit: nn.Module, batch: dict[str, Tensor], config: TrainCo
     """The loss of one micro-batch; one timestep per item, noise from `generator` (CPU)."""
     x0 = batch["x0"]
     context = batch["context"]
+    extra = {k: batch[k] for k in ("clip_features", "y", "vace_context") if k in batch}
+    lead = 0  # VACE reference latent frames in front: the context's first channels there
+    if "vace_context" in batch:
+        lead = batch["vace_context"].shape[2] - x0.shape[2]
+        x0 = torch.cat([batch["vace_context"][:, : x0.shape[1], :lead].to(x0.dtype), x0], dim=2)
     if config.caption_dropout > 0:  # drawn only when asked, so other runs keep their random stream
         keep = (torch.rand(x0.shape[0], generator=generator) >= config.caption_dropout).to(context.device)
         context = torch.where(keep.view(-1, 1, 1), context, batch["empty_text"])
@@ -51,9 +61,8 @@ def flow_matching_loss(dit: nn.Module, batch: dict[str, Tensor], config: TrainCo
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     s = sigma.to(x0.device).view(-1, 1, 1, 1, 1)
     x_t = (1 - s) * x0 + s * noise
-    extra = {k: batch[k] for k in ("clip_features", "y") if k in batch}
     prediction = dit(x_t, (sigma * 1000).to(x0.device), context, **extra)
-    per_item = (prediction.float() - (noise - x0).float()).pow(2).flatten(1).mean(1)
+    per_item = (prediction.float() - (noise - x0).float())[:, :, lead:].pow(2).flatten(1).mean(1)
     if config.weighting == "gaussian":
         per_item = per_item * gaussian_weight(sigma, config.shift).to(per_item.device)
     return per_item.mean()

@@ -9,7 +9,11 @@ short) are skipped with the reason, listed at the end and in `prepare-report.txt
 stop the run. For I2V (FLF2V) models each item also holds the first (and last) frame's
 conditioning, `clip_features` and `y`, as the pipeline computes them. `empty-text.safetensors`
 holds the umT5 embedding of the empty prompt: items trained with caption dropout see it, the
-same unconditional text `wanx generate --negative-prompt ""` gives.
+same unconditional text `wanx generate --negative-prompt ""` gives. For a VACE model each
+item also holds `vace_context` `[96, R + F', H/8, W/8]`, made from its control video, mask and
+R reference images (the metadata.csv columns of `data.VACE_COLUMNS`) by the VACE task's own
+preprocessing (`pipeline.conditioning.vace`); training puts the reference latents (its first 16
+channels of the R leading frames) in front of the clip's, as the latents are at generation.
 
 Started by `accelerate launch` (or torchrun), each process encodes its share of the items.
 """
@@ -27,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from .data import (FPS, FRAME_COUNTS, Bucket, DatasetReport, Item, SkippedItem, assign_buckets,
-                   find_items, load_item, probe)
+from .data import (FPS, FRAME_COUNTS, METADATA, VACE_COLUMNS, Bucket, DatasetReport, Item, SkippedItem, assign_buckets,
+                   check_vace, find_items, item_name, load_item, load_vace, probe)
 from ..configs import frames_at_most
 from ..video import to_unit
 
@@ -94,9 +98,13 @@ def prepare(dataset: str | Path, files, *, cache: str | Path | None = None, size
     check_memory(files, runtime, size, frames)  # before any clip is read
     report = PrepareReport(cache, frames=frames, fps=fps, buckets=buckets)
     items = find_items(dataset, report.skipped)
-    plans = _plan(items, size=size, buckets=buckets, frames=frames, fps=fps, report=report)
-    fingerprint = _fingerprint(files)
     conditioning = _conditioning(files)
+    _check_vace_items(dataset, items, conditioning == "vace", files.model_type)
+    plans = _plan(items, size=size, buckets=buckets, frames=frames, fps=fps, report=report)
+    for item, bucket in plans:
+        if item.vace:  # before anything is encoded
+            check_vace(item, bucket, target_fps=fps)
+    fingerprint = _fingerprint(files)
     todo = []
     for item, bucket in plans:
         path = cache_file(cache, dataset, item)
@@ -104,6 +112,9 @@ def prepare(dataset: str | Path, files, *, cache: str | Path | None = None, size
                     "width": bucket.width, "frames": bucket.num_frames, "fps": fps}
         if conditioning:
             settings["conditioning"] = conditioning
+        if item.vace:  # another control video, mask or reference names another item
+            settings["vace"] = [str(p.name) if p is not None else None for p in (item.control, item.mask)] + \
+                [p.name for p in item.references]
         settings = json.dumps(settings, sort_keys=True)
         if path.is_file() and _settings_of(path) == settings:
             report.reused.append(path)
@@ -143,7 +154,9 @@ def prepare(dataset: str | Path, files, *, cache: str | Path | None = None, size
                 embeddings, lengths = text_encoder.encode([item.caption])
                 tensors = {"latents": latents,
                            "context": embeddings[0, : int(lengths[0])].contiguous()}  # the prompt's true tokens
-                if conditioning:
+                if conditioning == "vace":
+                    tensors["vace_context"] = _vace_context(vae, item, bucket, fps, device)
+                elif conditioning:
                     tensors.update(_image_inputs(image_encoder, vae, video[0], conditioning, device))
             _save_atomic(tensors, path, {"settings": settings, "caption": item.caption, "source": str(item.path)})
             report.encoded.append(path)
@@ -233,11 +246,52 @@ def _share() -> tuple[int, int]:
 
 def _conditioning(files) -> str | None:
     """What the model's task conditions on besides text (cached with each item): its first
-    frame, or its first and last frames; None for text alone."""
+    frame, or its first and last frames, or a VACE model's context; None for text alone."""
     from ..tasks import default_task
 
+    if files.model_type == "vace":
+        return "vace"
     needs = default_task(files.model_type, 2 if files.moe else 1).needs
     return {("image",): "first-frame", ("image", "last_image"): "first-last-frame"}.get(needs)
+
+
+def _check_vace_items(dataset: Path, items: list[Item], vace: bool, model_type: str) -> None:
+    """VACE columns need a VACE model, and a VACE model needs them on every item (a plain text
+    dataset on a VACE model is almost always the wrong dataset)."""
+    from ..tasks import MODEL_NAMES
+
+    columns = ", ".join(VACE_COLUMNS)
+    given = next((item for item in items if item.vace), None)
+    if given is not None and not vace:
+        raise ValueError(f"{item_name(given)}: VACE inputs ({columns}) need a VACE model (e.g. "
+                         f"Wan-AI/Wan2.1-VACE-1.3B); this --model is {MODEL_NAMES.get(model_type, model_type)}: "
+                         "give a VACE model or drop those columns")
+    if vace and given is None:
+        raise ValueError(f"{dataset}: a VACE model trains on control videos or reference images: give "
+                         f"{METADATA} the columns control_video (a video beside each item), and optionally mask "
+                         "and reference_images")
+    missing = next((item for item in items if vace and not item.vace), None)
+    if missing is not None:
+        raise ValueError(f"{item_name(missing)}: no control_video or reference_images; a VACE model "
+                         "trains each item with one of them (or leave the item out)")
+
+
+def _vace_context(vae, item: Item, bucket: Bucket, fps: float, device) -> torch.Tensor:
+    """An item's VACE context `[96, R + F', h, w]` as the VACE task makes it at generation: no
+    control video is grey frames, all to make; no mask is all white (make every pixel, guided by
+    the control video); reference images on white canvases of the clip's size, in front."""
+    from ..pipeline.conditioning.base import image_tensor
+    from ..pipeline.conditioning.vace import encode_frames, encode_masks, mask_frames, reference_canvas
+
+    control, mask = load_vace(item, bucket, target_fps=fps)
+    shape = (bucket.num_frames, bucket.height, bucket.width)
+    frames = to_unit(control) if control is not None else torch.zeros(3, *shape)
+    mask = mask_frames(mask, int(fps)) if mask is not None else torch.ones(1, *shape)
+    refs = [reference_canvas(image_tensor(path), bucket.height, bucket.width).to(device) for path in item.references]
+    with torch.no_grad():
+        latents = encode_frames(vae, frames.to(device), mask.to(device), refs)
+        folded = encode_masks(mask.to(device), len(refs), vae.config.temporal_stride, vae.config.spatial_stride)
+    return torch.cat([latents, folded.to(latents.dtype)], dim=0).float().cpu().contiguous()
 
 
 def _image_inputs(image_encoder, vae, video: torch.Tensor, conditioning: str, device) -> dict[str, torch.Tensor]:
@@ -261,7 +315,8 @@ def check_cache(items: list[Path], files) -> None:
             raise ValueError(f"{path.parent}: the cache was made with other encoders ({settings.get('model')}); "
                              f"run `wanx prepare` again with this --model")
         if settings.get("conditioning") != conditioning:
-            need = f"a {files.model_type} model's image conditioning" if conditioning else "no image conditioning"
+            need = "a VACE model's VACE context" if conditioning == "vace" else \
+                f"a {files.model_type} model's image conditioning" if conditioning else "no image conditioning"
             raise ValueError(f"{path.parent}: the cache does not match this model ({need}); "
                              f"run `wanx prepare` again with this --model")
 
@@ -311,7 +366,7 @@ def _encoders(files, runtime, progress: bool):
     vae = load_model(files.vae, dtype=runtime.vae_dtype, device=runtime.device, progress=progress)
     t5 = load_model(files.text_encoder, dtype=runtime.dtype, device=runtime.text_device, progress=progress)
     clip = None
-    if _conditioning(files):
+    if _conditioning(files) in ("first-frame", "first-last-frame"):
         clip = load_model(files.image_encoder, dtype=runtime.dtype, device=runtime.device, progress=progress)
     if progress:
         print(f"encoders loaded on {runtime.device}", file=sys.stderr)

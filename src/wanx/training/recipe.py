@@ -58,6 +58,7 @@ class TrainConfig:
     lora_rank: int = 32
     lora_alpha: float | None = None  # default: the rank (scale 1)
     targets: tuple[str, ...] = TARGETS
+    lora_blocks: str = "main"  # a VACE model's: "main", "vace" (its VACE blocks) or "both" (trainable.LORA_BLOCKS)
     lr: float = 1e-4
     lr_scheduler: str = "constant"  # or "cosine" (to 0 at the last step); both after warmup
     warmup_steps: int = 0

@@ -73,7 +73,7 @@ def run(config: TrainConfig, runtime: Runtime, *, model: str | Path, source: str
     config, dit_file = _choose_expert(config, files, model, validation, names)
     check_cache(items, files)
     if not config.full:  # on a DiT of no memory (meta): its layer names
-        _check_targets(files, config.targets)
+        _check_targets(files, config.targets, config.lora_blocks)
     if config.resume:
         check_resume(config.output, run_settings(config, files.dit_config, str(model)))
     plan = None
@@ -133,14 +133,16 @@ def _choose_expert(config: TrainConfig, files, model, validation, names: Mapping
     return config, files.dit if high else files.dit_low
 
 
-def _check_targets(files, targets: tuple[str, ...]) -> None:
+def _check_targets(files, targets: tuple[str, ...], lora_blocks: str = "main") -> None:
     import torch
 
     from ..models.transformer import WanDiT
-    from .trainable import check_targets
+    from .trainable import LORA_BLOCKS, check_targets
 
+    if lora_blocks not in LORA_BLOCKS:
+        raise ValueError(f"--lora-blocks is one of {', '.join(LORA_BLOCKS)}, got {lora_blocks!r}")
     with torch.device("meta"):
-        check_targets(WanDiT(files.dit_config), targets)
+        check_targets(WanDiT(files.dit_config), targets, LORA_BLOCKS[lora_blocks])
 
 
 def training_budget(dit, device, config: TrainConfig, items: list[Path]) -> int:

@@ -23,18 +23,24 @@ if TYPE_CHECKING:
     from .recipe import TrainConfig
 
 
+# --lora-blocks: the block lists a LoRA trains on. A VACE model has two: the main blocks (what the
+# video looks like; the default, as on every model) and its VACE blocks (how the control video,
+# mask and references steer it; DiffSynth-Studio's VACE LoRA example trains those alone).
+LORA_BLOCKS = {"main": ("blocks",), "vace": ("vace_blocks",), "both": ("blocks", "vace_blocks")}
+
+
 def add_trainable_lora(dit: nn.Module, rank: int, alpha: float | None, targets: tuple[str, ...],
-                       generator: torch.Generator) -> dict[str, LoraAdapter]:
-    """A trainable LoRA on every block Linear whose name ends in one of `targets`: down
-    Kaiming-uniform, up zero (the model starts unchanged), scale alpha / rank. The adapters
-    live where the DiT computes, resident even when its frozen blocks are streamed."""
+                       generator: torch.Generator, blocks: tuple[str, ...] = ("blocks",)) -> dict[str, LoraAdapter]:
+    """A trainable LoRA on every Linear of the block lists `blocks` whose name ends in one of
+    `targets`: down Kaiming-uniform, up zero (the model starts unchanged), scale alpha / rank.
+    The adapters live where the DiT computes, resident even when its frozen blocks are streamed."""
     device = compute_device(dit)
     if rank < 1:
         raise ValueError(f"--lora-rank must be >= 1, got {rank}")
-    check_targets(dit, targets)
+    check_targets(dit, targets, blocks)
     adapters = {}
     for name, layer in dit.named_modules():
-        if isinstance(layer, LINEARS) and name.startswith("blocks.") \
+        if isinstance(layer, LINEARS) and name.startswith(tuple(f"{b}." for b in blocks)) \
                 and name.endswith(tuple(f".{t}" for t in targets)):
             bound = 1 / math.sqrt(layer.in_features)
             down = (torch.rand(rank, layer.in_features, generator=generator) * 2 - 1) * bound
@@ -48,11 +54,13 @@ def add_trainable_lora(dit: nn.Module, rank: int, alpha: float | None, targets: 
     return adapters
 
 
-def check_targets(dit: nn.Module, targets: tuple[str, ...]) -> None:
-    """Each of `targets` must name block Linear layers of `dit` (a meta-device DiT will do):
-    a misspelt one would otherwise train nothing where it was meant to."""
+def check_targets(dit: nn.Module, targets: tuple[str, ...], blocks: tuple[str, ...] = ("blocks",)) -> None:
+    """Each of `targets` must name block Linear layers of `dit` (a meta-device DiT will do) in
+    the block lists `blocks`: a misspelt one would otherwise train nothing where it was meant to."""
+    if not all(isinstance(getattr(dit, b, None), nn.ModuleList) for b in blocks):
+        raise ValueError("--lora-blocks vace|both trains a VACE model's VACE blocks; this model has none: drop it")
     paths = list(dict.fromkeys(name.split(".", 2)[2] for name, layer in dit.named_modules()
-                               if isinstance(layer, LINEARS) and name.startswith("blocks.")))
+                               if isinstance(layer, LINEARS) and name.startswith(tuple(f"{b}." for b in blocks))))
     if not targets:  # paths: e.g. self_attn.q, in module order
         raise ValueError("--targets is empty; give block Linear layers such as q,k,v,o,ffn.0,ffn.2")
     for target in targets:
@@ -65,7 +73,8 @@ def check_targets(dit: nn.Module, targets: tuple[str, ...]) -> None:
 # official block module -> diffusers (the inverse of the loader's diffusers table for the
 # layers LoRAs train; `read_lora` maps these names back, which the tests check)
 _TO_DIFFUSERS = {"self_attn": "attn1", "cross_attn": "attn2", "q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0",
-                 "k_img": "add_k_proj", "v_img": "add_v_proj", "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2"}
+                 "k_img": "add_k_proj", "v_img": "add_v_proj", "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2",
+                 "before_proj": "proj_in", "after_proj": "proj_out"}  # a VACE block's
 
 
 def lora_state(adapters: dict[str, LoraAdapter], fmt: str = "official") -> dict[str, Tensor]:
@@ -76,9 +85,9 @@ def lora_state(adapters: dict[str, LoraAdapter], fmt: str = "official") -> dict[
         down = adapter.down.detach().float().cpu().contiguous()
         up = adapter.up.detach().float().cpu().contiguous()
         if fmt == "diffusers":
-            block, rest = name.split(".", 2)[1], name.split(".", 2)[2]
+            blocks, block, rest = name.split(".", 2)
             parts = rest.split(".", 1) if rest.startswith(("self_attn", "cross_attn")) else [rest]
-            key = "transformer.blocks." + block + "." + ".".join(_TO_DIFFUSERS[p] for p in parts)
+            key = f"transformer.{blocks}.{block}." + ".".join(_TO_DIFFUSERS[p] for p in parts)
             state[f"{key}.lora_A.weight"], state[f"{key}.lora_B.weight"] = down, (up * adapter.scale).contiguous()
             continue
         key = f"diffusion_model.{name}"
@@ -108,7 +117,8 @@ class Trainable:
             self.params = list(dit.parameters())
         else:
             init = torch.Generator().manual_seed(config.seed)
-            self.adapters = add_trainable_lora(dit, config.lora_rank, config.lora_alpha, config.targets, init)
+            self.adapters = add_trainable_lora(dit, config.lora_rank, config.lora_alpha, config.targets, init,
+                                               LORA_BLOCKS[config.lora_blocks])
             self.params = [p for a in self.adapters.values() for p in (a.down, a.up)]
 
     def state(self, fmt: str = "official") -> dict[str, Tensor]:

@@ -77,7 +77,8 @@ class Conditioning:
         """The DiT inputs of a context window holding latent `frames`: an input laid out over
         latent frames (`[B, C, F', H, W]`, I2V's y) is cut to them; the rest (CLIP tokens)
         is the same for every window."""
-        return {key: value[:, :, frames] if value.ndim == 5 else value for key, value in inputs.items()}
+        return {key: value[:, :, frames] if isinstance(value, Tensor) and value.ndim == 5 else value
+                for key, value in inputs.items()}
 
     def fix(self, latents: Tensor) -> None:
         """After each step, in place: frames the task holds to a known value."""
