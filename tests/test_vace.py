@@ -417,3 +417,23 @@ def test_context_windows_cut_the_vace_context_with_the_latents(vace_pipe):
         hook.remove()
     assert video.frames.shape == (13, 32, 48, 3)
     assert seen == [(3, 3), (3, 3)]  # each window: 3 of the 4 latent frames, and their 3 context frames
+
+
+def test_two_vace_experts_run_as_wan22_vace_fun(vace_pipe):
+    """Wan2.2 VACE-Fun A14B: two VACE DiTs, the high-noise one first, T2V-A14B's sampling."""
+    import copy
+
+    low = randomize(copy.deepcopy(vace_pipe.dit), seed=1)
+    pipe = WanPipeline(vace_pipe.dit, vace_pipe.vae, dit_low=low)
+    embeds = dict(prompt_embeds=torch.zeros(1, 4, 32), negative_prompt_embeds=torch.zeros(1, 4, 32))
+    plan = pipe.plan(**embeds, height=32, width=48, num_frames=5)
+    assert (plan.spec.name, plan.shift, plan.guidance, plan.guidance_low, plan.boundary) == \
+        ("vace-A14B", 12.0, 4.0, 3.0, 0.875)
+    video = torch.rand(3, 5, 32, 48) * 2 - 1
+    out = pipe(**embeds, video=video, height=32, width=48, num_frames=5, num_inference_steps=6, progress=False,
+               output_type="latents", seed=2)
+    assert pipe.last_experts["high_noise_steps"] > 0 and pipe.last_experts["low_noise_steps"] > 0
+    one = WanPipeline(vace_pipe.dit, vace_pipe.vae)(**embeds, video=video, height=32, width=48, num_frames=5,
+                                                  num_inference_steps=6, progress=False, output_type="latents",
+                                                  seed=2, shift=12.0, guidance_scale=4.0)
+    assert torch.isfinite(out).all() and not torch.allclose(out, one)  # the low-noise expert took its steps

@@ -103,6 +103,12 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("vace", "vace", "VACE: control video, mask, reference images", "vace",
              takes=("image", "last_image", "video") + TASK_OPTIONS, shift=16.0,
              trained_at="Wan2.1 VACE-1.3B is trained at 832x480 and 480x832, VACE-14B also at 1280x720"),
+    # Wan2.2 VACE-Fun A14B (alibaba-pai): VACE trained on Wan2.2 T2V-A14B's two experts, so that
+    # model's sampling (shift 12, guidance 4 / 3, boundary 0.875, 40 steps); 81 frames at 16 fps.
+    TaskSpec("vace-A14B", "vace", "VACE: control video, mask, reference images", "vace",
+             takes=("image", "last_image", "video") + TASK_OPTIONS, shift=12.0, guidance=4.0, guidance_low=3.0,
+             boundary=0.875, label="VACE-Fun A14B",
+             trained_at="Wan2.2 VACE-Fun A14B is trained at 512, 768 and 1024 pixel areas", **_A14B),
 )}
 
 INPUTS = ("image", "last_image", "video")
