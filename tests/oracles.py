@@ -252,7 +252,7 @@ def write_official_dit(folder: Path, model: WanDiT, shards: int = 1) -> Path:
 
 
 def write_diffusers_dit(folder: Path, model: WanDiT) -> Path:
-    build = diffusers_vace_dit if model.config.model_type == "vace" else diffusers_dit
+    build = {"vace": diffusers_vace_dit, "animate": diffusers_animate_dit}.get(model.config.model_type, diffusers_dit)
     build(model.config, official_state(model)).save_pretrained(folder)
     return folder
 
@@ -287,3 +287,24 @@ def write_comfy_vae(path: Path, model: WanVAE) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(official_state(model), str(path))
     return path
+
+
+def diffusers_animate_dit(cfg, official: dict[str, torch.Tensor]):
+    """diffusers' `WanAnimateTransformer3DModel` with the official Animate weights, renamed by the
+    package converter (whose table is the released motion encoder's: 512x512 faces, 7 res blocks)."""
+    from diffusers import WanAnimateTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    sides = [cfg.motion_encoder_size >> i for i in range(len(cfg.motion_encoder_channels))]
+    model = WanAnimateTransformer3DModel(
+        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_dim, latent_channels=cfg.out_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim,
+        freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, eps=cfg.eps,
+        image_dim=cfg.image_dim, added_kv_proj_dim=cfg.dim,
+        motion_encoder_channel_sizes={str(s): c for s, c in zip(sides, cfg.motion_encoder_channels)},
+        motion_encoder_size=cfg.motion_encoder_size, motion_style_dim=cfg.motion_style_dim, motion_dim=cfg.motion_dim,
+        motion_encoder_dim=cfg.motion_encoder_dim, face_encoder_hidden_dim=cfg.face_encoder_hidden_dim,
+        face_encoder_num_heads=cfg.face_encoder_num_heads, inject_face_latents_blocks=cfg.inject_face_latents_blocks,
+    )
+    model.load_state_dict(convert_wan_transformer_to_diffusers(dict(official)), strict=True)
+    return model.eval()

@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 # tensor shapes, so it is the fallback when no config.json sits beside the weights.
 RELEASED_HEAD_DIM = 128
 
-MODEL_TYPES = ("t2v", "i2v", "flf2v", "ti2v", "vace")
+MODEL_TYPES = ("t2v", "i2v", "flf2v", "ti2v", "vace", "animate")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,9 @@ class DiTConfig:
         if (self.model_type == "vace") != isinstance(self, VaceConfig):
             raise ValueError("a VACE DiT is described by VaceConfig (its vace_layers and vace_in_dim), "
                              f"not DiTConfig(model_type={self.model_type!r})")
+        if (self.model_type == "animate") != isinstance(self, AnimateConfig):
+            raise ValueError("a Wan2.2 Animate DiT is described by AnimateConfig (its motion and face encoders), "
+                             f"not DiTConfig(model_type={self.model_type!r})")
         if not self.clip and self.model_type != "i2v":
             raise ValueError(f"only an i2v DiT can go without CLIP (Wan2.2 I2V); this is {self.model_type}")
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
@@ -60,12 +63,12 @@ class DiTConfig:
     @property
     def has_image_input(self) -> bool:
         """Whether it reads CLIP image tokens (`clip_features`)."""
-        return self.model_type in ("i2v", "flf2v") and self.clip
+        return self.model_type in ("i2v", "flf2v", "animate") and self.clip
 
     @property
     def has_y(self) -> bool:
-        """Whether it takes y, the mask and image latents beside the noise (I2V, FLF2V)."""
-        return self.model_type in ("i2v", "flf2v")
+        """Whether it takes y, the mask and image latents beside the noise (I2V, FLF2V, Animate)."""
+        return self.model_type in ("i2v", "flf2v", "animate")
 
     @property
     def image_tokens(self) -> int:
@@ -90,6 +93,56 @@ class VaceConfig(DiTConfig):
         if not layers or layers[0] != 0 or list(layers) != sorted(set(layers)) or layers[-1] >= self.num_layers:
             raise ValueError(f"vace_layers must be increasing block indices from 0, below num_layers "
                              f"{self.num_layers}; got {list(layers)}")
+
+
+# The official motion encoder's widths by feature-map side (LIA's `EncoderApp`), 512 down to 4.
+MOTION_ENCODER_CHANNELS = {512: 32, 256: 64, 128: 128, 64: 256, 32: 512, 16: 512, 8: 512, 4: 512}
+
+
+@dataclass(frozen=True)
+class AnimateConfig(DiTConfig):
+    """Wan2.2-Animate DiT (official `WanAnimateModel`, `wan/modules/animate/`): the Wan2.1
+    I2V-14B DiT (y and CLIP tokens) plus `pose_patch_embedding` (pose latents added to the
+    tokens of every frame but the reference one), a motion encoder (LIA's `Generator`: a
+    StyleGAN-like conv stack on each 512x512 face frame to a motion code), a face encoder
+    (causal conv1d over the frames, 4x fewer of them) and `face_adapter` blocks (cross-attention
+    from each latent frame's tokens to its face tokens) added after every
+    `inject_face_latents_blocks`-th block. Names without an official argument (the official
+    class hard-codes them) are diffusers' `WanAnimateTransformer3DModel` ones."""
+
+    model_type: str = "animate"
+    in_dim: int = 36
+    motion_encoder_size: int = 512  # the face frames' side in pixels
+    # widths of the conv stack at sides size, size/2, ..., 4; None: the official ones
+    motion_encoder_channels: tuple[int, ...] | None = None
+    motion_style_dim: int = 512
+    motion_dim: int = 20  # the motion code, a mix of this many learned directions
+    motion_encoder_dim: int = 512  # the directions' width
+    face_encoder_hidden_dim: int = 1024
+    face_encoder_num_heads: int = 4
+    inject_face_latents_blocks: int = 5
+
+    def __post_init__(self) -> None:
+        size = self.motion_encoder_size
+        if size < 8 or size & (size - 1):
+            raise ValueError(f"motion_encoder_size must be a power of 2 from 8, got {size}")
+        sides = [size >> i for i in range(int(math.log2(size)) - 1)]  # size .. 4
+        channels = (tuple(MOTION_ENCODER_CHANNELS[s] for s in sides) if self.motion_encoder_channels is None
+                    else tuple(int(c) for c in self.motion_encoder_channels))
+        if len(channels) != len(sides):
+            raise ValueError(f"motion_encoder_channels needs {len(sides)} widths (sides {sides}), got {len(channels)}")
+        object.__setattr__(self, "motion_encoder_channels", channels)
+        super().__post_init__()
+        if self.inject_face_latents_blocks < 1 or self.num_layers % self.inject_face_latents_blocks:
+            raise ValueError(f"inject_face_latents_blocks must divide num_layers {self.num_layers}, "
+                             f"got {self.inject_face_latents_blocks}")
+        if self.motion_dim > self.motion_encoder_dim:
+            raise ValueError(f"motion_dim {self.motion_dim} must not exceed motion_encoder_dim {self.motion_encoder_dim}")
+
+    @property
+    def face_layers(self) -> tuple[int, ...]:
+        """The main blocks a face adapter block follows: 0, 5, ..., 35 for 40 blocks."""
+        return tuple(range(0, self.num_layers, self.inject_face_latents_blocks))
 
 
 @dataclass(frozen=True)
@@ -205,6 +258,12 @@ DIT_PRESETS: dict[str, DiTConfig] = {
     "vace-1.3B": VaceConfig(),
     "vace-14B": VaceConfig(vace_layers=tuple(range(0, 40, 5)), **_14B),
     "tiny-vace": VaceConfig(vace_layers=(0, 1), **_TINY),  # both kinds of VACE block (block 0 has before_proj)
+    # Wan2.2-Animate-14B: I2V-14B's DiT with the motion/face path (the official class' constants).
+    "animate-14B": AnimateConfig(**_14B),
+    # The official 512x512 face frames through 8-wide convs; a face block after block 0, none after 1.
+    "tiny-animate": AnimateConfig(**_TINY, image_dim=160, motion_encoder_channels=(8,) * 8, motion_style_dim=32,
+                                  motion_dim=4, motion_encoder_dim=32, face_encoder_hidden_dim=32,
+                                  face_encoder_num_heads=2, inject_face_latents_blocks=2),
 }
 
 VAE_PRESETS: dict[str, VAEConfig] = {
@@ -246,7 +305,7 @@ def _preset(table, name, what):
 
 def preset_name(config) -> str | None:
     """Name of the preset equal to `config`, if any."""
-    table = {DiTConfig: DIT_PRESETS, VaceConfig: DIT_PRESETS, VAEConfig: VAE_PRESETS, VAE22Config: VAE_PRESETS, T5Config: T5_PRESETS,
+    table = {DiTConfig: DIT_PRESETS, VaceConfig: DIT_PRESETS, AnimateConfig: DIT_PRESETS, VAEConfig: VAE_PRESETS, VAE22Config: VAE_PRESETS, T5Config: T5_PRESETS,
              CLIPVisionConfig: CLIP_PRESETS}[type(config)]
     return next((name for name, c in table.items() if c == config), None)
 
@@ -258,6 +317,9 @@ def official_config_json(cfg: DiTConfig) -> dict:
     if isinstance(cfg, VaceConfig):
         return {"_class_name": "VaceWanModel", **{k: getattr(cfg, k) for k in keys},
                 "vace_layers": list(cfg.vace_layers), "vace_in_dim": cfg.vace_in_dim}
+    if isinstance(cfg, AnimateConfig):
+        return {"_class_name": "WanAnimateModel", **{k: getattr(cfg, k) for k in keys},
+                "motion_encoder_dim": cfg.motion_encoder_dim}
     return {"_class_name": "WanModel", **{k: getattr(cfg, k) for k in keys}}
 
 
@@ -295,6 +357,8 @@ def infer_dit_config(
     `vace_layers` from config.json when known."""
     if "vace_patch_embedding.weight" not in shapes and any(_VACE_BLOCK.match(k) for k in shapes):
         raise KeyError("vace_patch_embedding.weight")  # VACE blocks without their input: a damaged VACE file
+    if "pose_patch_embedding.weight" in shapes:
+        return _infer_animate_config(shapes, num_heads, num_layers, text_len)
     if "vace_patch_embedding.weight" in shapes:
         base = infer_dit_config({k: v for k, v in shapes.items() if not k.startswith("vace_")}, num_heads, num_layers,
                                 text_len)
@@ -336,6 +400,40 @@ def infer_dit_config(
         image_dim=int(shapes["img_emb.proj.0.weight"][0]) if clip else DiTConfig.image_dim,
         text_len=int(text_len) if text_len else DiTConfig.text_len,
         clip=clip or model_type != "i2v",
+    )
+
+
+_ANIMATE_PARTS = ("pose_patch_embedding.", "motion_encoder.", "face_encoder.", "face_adapter.")
+
+
+def _infer_animate_config(shapes: Mapping[str, Sequence[int]], num_heads: int | None, num_layers: int | None,
+                          text_len: int | None) -> AnimateConfig:
+    """Wan2.2-Animate: the I2V DiT of the other keys, the motion/face path's sizes from theirs."""
+    base = infer_dit_config({k: v for k, v in shapes.items() if not k.startswith(_ANIMATE_PARTS)}, num_heads,
+                            num_layers, text_len)
+    convs = "motion_encoder.enc.net_app.convs"
+    res_blocks = sorted({int(m[1]) for k in shapes if (m := re.match(rf"{re.escape(convs)}\.(\d+)\.conv1\.", k))})
+    fcs = sorted({int(m[1]) for k in shapes if (m := re.match(r"motion_encoder\.enc\.fc\.(\d+)\.", k))})
+    adapters = sorted({int(m[1]) for k in shapes if (m := re.match(r"face_adapter\.fuser_blocks\.(\d+)\.", k))})
+    if not (fcs and adapters) or res_blocks != list(range(1, len(res_blocks) + 1)):
+        raise KeyError(f"{convs}.1.conv1.0.weight" if not res_blocks else
+                       "motion_encoder.enc.fc.0.weight" if not fcs else "face_adapter.fuser_blocks.0.linear1_q.weight")
+    every = base.num_layers // len(adapters)
+    if base.num_layers % len(adapters):
+        raise ValueError(f"{len(adapters)} face_adapter blocks do not spread evenly over {base.num_layers} blocks")
+    hidden = int(shapes["face_encoder.conv2.conv.weight"][0])
+    fields = {k: getattr(base, k) for k in DiTConfig.__dataclass_fields__ if k not in ("model_type", "clip")}
+    return AnimateConfig(
+        **fields,
+        motion_encoder_size=2 ** (len(res_blocks) + 2),
+        motion_encoder_channels=(int(shapes[f"{convs}.0.0.weight"][0]),
+                                 *(int(shapes[f"{convs}.{i}.conv2.1.weight"][0]) for i in res_blocks)),
+        motion_style_dim=int(shapes[f"{convs}.{len(res_blocks) + 1}.weight"][0]),
+        motion_dim=int(shapes[f"motion_encoder.enc.fc.{fcs[-1]}.weight"][0]),
+        motion_encoder_dim=int(shapes["motion_encoder.dec.direction.weight"][0]),
+        face_encoder_hidden_dim=hidden,
+        face_encoder_num_heads=int(shapes["face_encoder.conv1_local.conv.weight"][0]) // hidden,
+        inject_face_latents_blocks=every,
     )
 
 

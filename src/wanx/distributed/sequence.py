@@ -36,6 +36,9 @@ class SequenceParallel:
     def __init__(self, dit: nn.Module, group: dist.ProcessGroup | None = None, mode: str = "auto"):
         if mode not in MODES:
             raise ValueError(f"sequence parallel mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if getattr(getattr(dit, "config", None), "model_type", None) == "animate":
+            # A face block attends from all of a frame's tokens at once: not split across ranks yet.
+            raise ValueError("sequence parallelism does not cover Wan2.2 Animate's face blocks yet: run it without --sp")
         self.dit, self.group = dit, group
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         heads = dit.config.num_heads

@@ -23,7 +23,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..attention import attention
-from ..configs import DiTConfig, VaceConfig, dit_config
+from ..configs import AnimateConfig, DiTConfig, VaceConfig, dit_config
 
 
 
@@ -260,12 +260,18 @@ class WanDiT(nn.Module):
                     "norm_k_img", "head.head", "img_emb.proj.0", "img_emb.proj.4", "emb_pos")
 
     def __new__(cls, config: DiTConfig | str = "t2v-1.3B", *args, **kwargs):
-        # `WanDiT(config)` builds the class the config is: a VaceConfig makes a VaceWanDiT, so
-        # every place that builds a DiT from a checkpoint's config builds VACE models too.
-        if cls is WanDiT and isinstance(dit_config(config) if isinstance(config, str) else config, VaceConfig):
+        # `WanDiT(config)` builds the class the config is: a VaceConfig makes a VaceWanDiT (an
+        # AnimateConfig an AnimateWanDiT), so every place that builds a DiT from a checkpoint's
+        # config builds VACE and Animate models too.
+        cfg = dit_config(config) if isinstance(config, str) else config
+        if cls is WanDiT and isinstance(cfg, VaceConfig):
             from .vace import VaceWanDiT
 
             cls = VaceWanDiT
+        elif cls is WanDiT and isinstance(cfg, AnimateConfig):
+            from .animate import AnimateWanDiT
+
+            cls = AnimateWanDiT
         return super().__new__(cls)
 
     def __init__(self, config: DiTConfig | str = "t2v-1.3B"):
