@@ -111,15 +111,15 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
 
 
 # Released DiTs by preset; t2v-14B's architecture is also each expert of Wan2.2 T2V-A14B.
-RELEASES = {"vace-1.3B": "Wan2.1 VACE-1.3B", "vace-14B": "Wan2.1 VACE-14B", "vace-A14B": "Wan2.2 VACE-Fun A14B",
+RELEASES = {"animate-14B": "Wan2.2 Animate-14B", "vace-1.3B": "Wan2.1 VACE-1.3B", "vace-14B": "Wan2.1 VACE-14B", "vace-A14B": "Wan2.2 VACE-Fun A14B",
             "t2v-1.3B": "Wan2.1 T2V-1.3B", "t2v-14B": "Wan2.1 T2V-14B", "i2v-14B": "Wan2.1 I2V-14B (480P or 720P)",
             "flf2v-14B": "Wan2.1 FLF2V-14B", "t2v-A14B": "Wan2.2 T2V-A14B", "i2v-A14B": "Wan2.2 I2V-A14B",
             "ti2v-5B": "Wan2.2 TI2V-5B"}
 
 
 def generation(cfg: DiTConfig, expert: str | None = None) -> str:
-    """"Wan2.2" for what only Wan2.2 has (an expert, I2V without CLIP, TI2V), else "Wan2.1"."""
-    return "Wan2.2" if expert or not cfg.clip or cfg.model_type == "ti2v" else "Wan2.1"
+    """"Wan2.2" for what only Wan2.2 has (an expert, I2V without CLIP, TI2V, Animate), else "Wan2.1"."""
+    return "Wan2.2" if expert or not cfg.clip or cfg.model_type in ("ti2v", "animate") else "Wan2.1"
 
 
 def model_name(cfg: DiTConfig, expert: str | None = None) -> str:
@@ -362,12 +362,10 @@ def _stored_shape(store: TensorStore, parts: tuple[str, ...]) -> tuple[int, ...]
 
 
 def _same_shape(stored: tuple[int, ...], expected: tuple[int, ...]) -> bool:
-    """Equal, or equal once leading singleton dims are dropped ([D] stored for [1, 1, D])."""
+    """Equal, or equal once singleton dims are dropped ([D] stored for [1, 1, D]; diffusers' [C]
+    for the official Animate motion encoder's [1, C, 1, 1] biases)."""
     def strip(shape):
-        shape = list(shape)
-        while shape and shape[0] == 1:
-            shape.pop(0)
-        return shape
+        return [n for n in shape if n != 1]
 
     return tuple(stored) == tuple(expected) or strip(stored) == strip(expected)
 

@@ -69,6 +69,55 @@ DIFFUSERS_DIT += [
       for pattern, replacement in DIFFUSERS_DIT if pattern.startswith(r"blocks\.")],
 ]
 
+# Wan2.2-Animate's official files hold the motion encoder's blur kernels (constant buffers of
+# LIA's `Blur`, the normalised [1,3,3,1] filter), which wanx builds and does not load.
+_BLUR_KERNEL = r"motion_encoder\.enc\.net_app\.convs\.\d+\.(?:conv2|skip)\.0\.kernel"
+
+
+def official_dit_rules(keys: set[str]) -> list[Rule] | None:
+    """Official names as they are (None), less an Animate file's blur kernels."""
+    if not any(re.fullmatch(_BLUR_KERNEL, k) for k in keys):
+        return None
+    return [(_BLUR_KERNEL, None), (r".+", lambda m: m[0])]
+
+
+def diffusers_dit_rules(keys: set[str]) -> list[Rule]:
+    """`DIFFUSERS_DIT`, plus for diffusers' `WanAnimateTransformer3DModel` its motion encoder
+    (whose `conv_out` is official conv number res blocks + 1), face encoder and face adapter
+    (`to_k`/`to_v` the halves of the official fused `linear1_kv`)."""
+    if "pose_patch_embedding.weight" not in keys:
+        return DIFFUSERS_DIT
+    res = len({m[1] for k in keys if (m := re.match(r"motion_encoder\.res_blocks\.(\d+)\.", k))})
+    me, convs = r"motion_encoder\.", "motion_encoder.enc.net_app.convs"
+    leaves = {"conv1.weight": "conv1.0.weight", "conv1.act_fn.bias": "conv1.1.bias", "conv2.weight": "conv2.1.weight",
+              "conv2.act_fn.bias": "conv2.2.bias", "conv_skip.weight": "skip.1.weight"}
+    face = {"to_q": "linear1_q", "to_k": ("linear1_kv", 0), "to_v": ("linear1_kv", 1), "to_out": "linear2"}
+
+    def res_block(m: re.Match) -> str:
+        return f"{convs}.{int(m[1]) + 1}.{leaves[m[2]]}"
+
+    def face_block(m: re.Match) -> str | tuple[str, int]:
+        name = face[m[2]]
+        if isinstance(name, tuple):
+            return f"face_adapter.fuser_blocks.{m[1]}.{name[0]}.{m[3]}", name[1]
+        return f"face_adapter.fuser_blocks.{m[1]}.{name}.{m[3]}"
+
+    return [
+        *DIFFUSERS_DIT,
+        (r"pose_patch_embedding\.(weight|bias)", r"pose_patch_embedding.\1"),
+        (me + r"conv_in\.weight", f"{convs}.0.0.weight"),
+        (me + r"conv_in\.act_fn\.bias", f"{convs}.0.1.bias"),
+        (me + r"res_blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in leaves) + ")", res_block),
+        (me + r"conv_out\.weight", f"{convs}.{res + 1}.weight"),
+        (me + r"motion_network\.(\d+)\.(weight|bias)", r"motion_encoder.enc.fc.\1.\2"),
+        (me + r"motion_synthesis_weight", "motion_encoder.dec.direction.weight"),
+        (r"face_encoder\.(conv1_local|conv2|conv3)\.(weight|bias)", r"face_encoder.\1.conv.\2"),
+        (r"face_encoder\.(out_proj\.(?:weight|bias)|padding_tokens)", r"face_encoder.\1"),
+        (r"face_adapter\.(\d+)\.(to_q|to_k|to_v|to_out)\.(weight|bias)", face_block),
+        (r"face_adapter\.(\d+)\.norm_(q|k)\.weight", r"face_adapter.fuser_blocks.\1.\2_norm.weight"),
+    ]
+
+
 _RESNET_LEAVES = r"(?P<leaf>norm1\.gamma|conv1\.(?:weight|bias)|norm2\.gamma|conv2\.(?:weight|bias)|conv_shortcut\.(?:weight|bias))"
 _RESNET_LEAF_NAMES = {"norm1.gamma": "residual.0.gamma", "conv1": "residual.2", "norm2.gamma": "residual.3.gamma",
                       "conv2": "residual.6", "conv_shortcut": "shortcut"}
@@ -209,8 +258,8 @@ class Detected:
 # (network, layout, rules, keys that identify it after the prefix is stripped). Rules that depend
 # on the file (which CLIP block is the unused last one) are a function of its keys.
 _SIGNATURES: list[tuple[str, str, list[Rule] | Callable[[set[str]], list[Rule]] | None, tuple[str, ...]]] = [
-    ("dit", "official", None, ("patch_embedding.weight", "time_projection.1.weight")),
-    ("dit", "diffusers", DIFFUSERS_DIT, ("patch_embedding.weight", "condition_embedder.time_proj.weight")),
+    ("dit", "official", official_dit_rules, ("patch_embedding.weight", "time_projection.1.weight")),
+    ("dit", "diffusers", diffusers_dit_rules, ("patch_embedding.weight", "condition_embedder.time_proj.weight")),
     ("vae", "official", None, ("encoder.conv1.weight", "decoder.conv1.weight", "conv2.weight")),
     ("vae", "diffusers", diffusers_vae_rules, ("encoder.conv_in.weight", "decoder.conv_in.weight", "post_quant_conv.weight")),
     ("t5", "official", None, ("token_embedding.weight", "blocks.0.pos_embedding.embedding.weight")),

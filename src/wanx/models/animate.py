@@ -76,21 +76,20 @@ class FusedLeakyReLU(nn.Module):
 
 class Blur(nn.Module):
     """The normalised [1,3,3,1] outer-product FIR filter, per channel, with (before, after)
-    padding on both axes (upfirdn2d at up = down = 1). The kernel is a constant, not a weight:
-    not saved (official files hold it as `...kernel`; loading drops it)."""
+    padding on both axes (upfirdn2d at up = down = 1). The kernel is a constant made here, not
+    a weight or buffer (official files hold it as `...kernel`; loading drops it)."""
 
     def __init__(self, pad: tuple[int, int]):
         super().__init__()
-        k = torch.tensor(BLUR_KERNEL, dtype=torch.float32)
-        k = k[None, :] * k[:, None]
-        self.register_buffer("kernel", k / k.sum(), persistent=False)
         self.pad = pad
 
     def forward(self, x: Tensor) -> Tensor:
+        k = torch.tensor(BLUR_KERNEL, dtype=torch.float32, device=x.device)
+        k = k[None, :] * k[:, None]
+        kernel = (k / k.sum()).to(x.dtype)  # symmetric: the official flip changes nothing
         p0, p1 = self.pad
-        x = F.pad(x, (p0, p1, p0, p1))
-        kernel = self.kernel.flip(0, 1).to(x.dtype)[None, None].expand(x.shape[1], 1, -1, -1)
-        return F.conv2d(x, kernel, groups=x.shape[1])
+        return F.conv2d(F.pad(x, (p0, p1, p0, p1)), kernel[None, None].expand(x.shape[1], 1, -1, -1),
+                        groups=x.shape[1])
 
 
 def conv_layer(in_channel: int, out_channel: int, kernel_size: int, downsample: bool = False,
