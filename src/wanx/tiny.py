@@ -36,8 +36,9 @@ DEFAULTS_FILE = "wanx-defaults.json"  # a model folder's generation settings (hu
 # name -> task; "t2v-A14B" is Wan2.2's two-expert layout (high_noise_model/, low_noise_model/);
 # "ti2v" is Wan2.2 TI2V-5B's: a 48-channel DiT on the Wan2.2 VAE (Wan2.2_VAE.pth).
 # "vace" is Wan2.1 VACE's: the T2V DiT with VACE blocks (preset tiny-vace: a hint after both blocks).
+# "animate" is Wan2.2-Animate's: the I2V DiT with the pose/face path (preset tiny-animate), with the tiny CLIP.
 TINY_MODELS = {"tiny": "t2v", "tiny-i2v": "i2v", "tiny-flf2v": "flf2v", "tiny-moe": "t2v-A14B", "tiny-ti2v": "ti2v",
-               "tiny-vace": "vace"}
+               "tiny-vace": "vace", "tiny-animate": "animate"}
 EXPERT_FOLDERS = ("high_noise_model", "low_noise_model")
 
 # Bump whenever the bytes of a tiny set change: folders with another stamp are remade.
@@ -89,7 +90,7 @@ def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Pat
     from .models.vae22 import WanVAE22
 
     preset = {"t2v": "tiny", "i2v": "tiny-i2v", "flf2v": "tiny-flf2v", "t2v-A14B": "tiny", "ti2v": "tiny-ti2v",
-              "vace": "tiny-vace"}[task]
+              "vace": "tiny-vace", "animate": "tiny-animate"}[task]
     experts = EXPERT_FOLDERS if task == "t2v-A14B" else ()
     folder = Path(folder)
     tmp = folder.with_name(f"{folder.name}.{os.getpid()}.partial")  # private to this process
@@ -113,10 +114,12 @@ def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Pat
             if task == "ti2v":  # the same weights as make_tiny_vae22's (keyed by seed and file name)
                 del networks["Wan2.1_VAE.pth"]
                 networks["Wan2.2_VAE.pth"] = WanVAE22("tiny-wan2.2")
-            if task in ("i2v", "flf2v"):
+            if task in ("i2v", "flf2v", "animate"):
                 networks["models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"] = CLIPVisionEncoder("tiny")
         for file, network in networks.items():
             state = portable_weights(network, f"{seed}/{file}")
+            if task == "animate" and network is dit:
+                _equalised_lr(state)
             if file.endswith(".safetensors"):
                 save_file(state, str(tmp / file))
             else:
@@ -133,6 +136,16 @@ def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Pat
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _equalised_lr(state: dict[str, torch.Tensor]) -> None:
+    """The Animate motion encoder's convs and linears scale their weights by 1/sqrt(fan_in) at
+    run time (equalised learning rate) and are initialised N(0, 1): at the portable bound of
+    1/sqrt(fan_in) their output would not depend on the face. Scaled by sqrt(3 fan_in) in place
+    (one correctly rounded multiplication: portable): uniform(-sqrt(3), sqrt(3)), variance 1."""
+    for name, value in state.items():
+        if name.startswith("motion_encoder.enc.") and name.endswith(".weight") and value.ndim >= 2:
+            state[name] = value * math.sqrt(3 * value[0].numel())
 
 
 def save_sharded(state: dict[str, torch.Tensor], folder: Path, shards: int) -> None:

@@ -177,3 +177,18 @@ def test_sequence_parallel_refuses_an_animate_model():
 
     with pytest.raises(ValueError, match="Animate"):
         SequenceParallel(tiny_animate(), None)
+
+
+def test_tiny_animate_set_is_an_animate_model_whose_face_and_pose_act():
+    import wanx
+    from wanx.hub import resolve_model
+
+    model = wanx.load_model(resolve_model("tiny-animate"))
+    assert type(model) is AnimateWanDiT and model.config == DIT_PRESETS["tiny-animate"]
+    assert model.config.face_layers == (0,)  # a face block after block 0, none after block 1
+    inputs = animate_inputs(model.config, batch=1)
+    with torch.no_grad():
+        out = model(**inputs)
+        other_face = model(**dict(inputs, face_pixel_values=inputs["face_pixel_values"].flip(2)))
+        no_pose = model(**dict(inputs, pose_latents=torch.zeros_like(inputs["pose_latents"])))
+    assert relative(other_face, out) > 1e-4 and relative(no_pose, out) > 1e-3
