@@ -192,3 +192,54 @@ def test_tiny_animate_set_is_an_animate_model_whose_face_and_pose_act():
         other_face = model(**dict(inputs, face_pixel_values=inputs["face_pixel_values"].flip(2)))
         no_pose = model(**dict(inputs, pose_latents=torch.zeros_like(inputs["pose_latents"])))
     assert relative(other_face, out) > 1e-4 and relative(no_pose, out) > 1e-3
+
+
+def test_int8_quantizes_the_face_blocks_and_stays_close():
+    from wanx.memory.int8 import Int8Linear, quantize_int8
+
+    model = tiny_animate()
+    inputs = animate_inputs(model.config, batch=1)
+    int8 = quantize_int8(copy.deepcopy(model), compute_dtype=torch.float32)
+    assert isinstance(int8.face_adapter.fuser_blocks[0].linear1_kv, Int8Linear)
+    with torch.no_grad():
+        ref, out = model(**inputs), int8(**inputs)
+    assert 0 < relative(out, ref) <= 0.03  # the base DiT's stated INT8 bound
+
+
+def test_step_cache_takes_the_face_rows_of_the_branches_it_runs():
+    """With guidance batched, a step where only one branch runs passes only that row of the face
+    tokens to the face blocks; the row equals the branch computed alone."""
+    from wanx.speed.cache import StepCache
+
+    model = tiny_animate()
+    inputs = animate_inputs(model.config)
+    rows = lambda sl: {k: (v[sl] if torch.is_tensor(v) else v) for k, v in inputs.items()}  # noqa: E731
+    cache = StepCache("magcache", 10.0, magcache_k=5, retention=0.0, quiet=True).add_to(model)
+    cache.start(3, model.config, 480, 832)
+    with torch.no_grad():
+        cache.at(0, ("cond",))  # only cond has a residual after this
+        model(**rows(slice(0, 1)))
+        cache.at(1, ("cond", "uncond"))
+        out = model(**inputs)  # cond skipped, uncond (row 1) computed alone
+        cache.remove()
+        alone = model(**rows(slice(1, 2)))
+    assert cache.stats.skipped == {"cond": 1} and cache.stats.computed == {"cond": 1, "uncond": 1}
+    torch.testing.assert_close(out[1:], alone, rtol=1e-5, atol=1e-6 * alone.abs().max().item())
+
+
+def test_compiled_blocks_equal_eager():
+    from tests.speed.test_compile import _cannot_compile
+    from wanx.speed import compile_blocks
+
+    if reason := _cannot_compile():
+        pytest.skip(reason)
+    torch._dynamo.reset()
+    model = tiny_animate()
+    reference = copy.deepcopy(model)
+    handle = compile_blocks(model)
+    try:
+        inputs = animate_inputs(model.config, batch=1)
+        with torch.no_grad():
+            assert relative(model(**inputs), reference(**inputs)) <= 1e-5
+    finally:
+        handle.remove()

@@ -215,9 +215,12 @@ class FaceBlock(nn.Module):
         self.linear2 = nn.Linear(cfg.dim, cfg.dim)
         self.q_norm, self.k_norm = HeadRMSNorm(cfg.head_dim), HeadRMSNorm(cfg.head_dim)
 
-    def forward(self, x: Tensor, motion_vec: Tensor) -> Tensor:
+    def forward(self, x: Tensor, e0: Tensor, context: Tensor, context_img: Tensor | None,
+                rope: tuple[Tensor, Tensor], motion_vec: Tensor) -> Tensor:
         """x `[B, L, D]` float32 (L = frames x tokens per frame), motion_vec `[B, frames, N, D]`
-        -> the residual `[B, L, D]` float32 to add to x."""
+        -> the residual `[B, L, D]` float32 to add to x. Called at the block seam, whose wrappers
+        (compiled blocks) take a main block's arguments first: e0, context, context_img and
+        rope are not read."""
         frames, n = motion_vec.shape[1], self.num_heads
         dtype = input_dtype(self.linear1_q)
         kv = self.linear1_kv(layer_norm(motion_vec, 1e-6).to(dtype))
@@ -307,7 +310,8 @@ class AnimateWanDiT(WanDiT):
         for i, block in enumerate(self.blocks):
             x = call(block, x, state.e0, state.context, state.context_img, state.rope)
             if (n := self._face_block_of.get(i)) is not None:
-                x = x + call(self.face_adapter.fuser_blocks[n], x, state.motion_vec)
+                x = x + call(self.face_adapter.fuser_blocks[n], x, state.e0, state.context, state.context_img,
+                             state.rope, state.motion_vec)
         return x
 
     def _check_animate_inputs(self, x: Tensor, pose_latents: Tensor | None, face_pixel_values: Tensor | None) -> None:
