@@ -30,9 +30,10 @@ def tiny_animate(cfg=TINY, seed=0) -> AnimateWanDiT:
     return model
 
 
-def animate_inputs(cfg, batch=2, latent_frames=3, height=4, width=6, text=7, seed=1):
+def animate_inputs(cfg, batch=2, latent_frames=2, height=4, width=6, text=7, seed=1):
     """Latents of `latent_frames` (the reference one first), y, CLIP features, pose latents of one
-    frame fewer and 4(F-2)+1 face frames."""
+    frame fewer and 4(F-2)+1 face frames (each 512x512 through the motion encoder: the cost of
+    these tests, so one by default)."""
     gen = torch.Generator().manual_seed(seed)
     f = latent_frames
     x = torch.randn(batch, cfg.out_dim, f, height, width, generator=gen)
@@ -89,23 +90,24 @@ def test_matches_diffusers(cfg):
     model = tiny_animate(cfg)
     assert model.face_encoder.padding_tokens.abs().sum() > 0  # zero-initialised, randomised here
     oracle = diffusers_animate_dit(cfg, official_state(model))
-    inputs = animate_inputs(cfg)
+    inputs = animate_inputs(cfg, latent_frames=3)  # 5 face frames: the face encoder's strides act
     theirs = run_diffusers(oracle, cfg, inputs)
+    one = {k: (v[:1] if torch.is_tensor(v) else v) for k, v in inputs.items()}
     with torch.no_grad():
         ours = model(**inputs)
-        no_pose = model(**dict(inputs, pose_latents=torch.zeros_like(inputs["pose_latents"])))
-        other_face = model(**dict(inputs, face_pixel_values=inputs["face_pixel_values"].flip(2)))
+        no_pose = model(**dict(one, pose_latents=torch.zeros_like(one["pose_latents"])))
+        other_face = model(**dict(one, face_pixel_values=one["face_pixel_values"].flip(2)))
     assert ours.shape == inputs["x"].shape and ours.dtype == torch.float32
-    assert relative(ours, theirs) <= 1e-4, relative(ours, theirs)
-    assert relative(no_pose, theirs) > 1e-2 and relative(other_face, theirs) > 1e-3
+    assert relative(ours, theirs) <= 1e-4, relative(ours, theirs)  # seen 1.1e-5 and 9.4e-6
+    assert relative(no_pose, theirs[:1]) > 1e-2 and relative(other_face, theirs[:1]) > 1e-3
 
 
 @pytest.mark.parametrize("change, message", [
     (dict(pose_latents=None), "needs pose_latents"),
     (dict(face_pixel_values=None), "needs pose_latents"),
-    (dict(pose_latents=torch.zeros(2, 16, 3, 4, 6)), "latents' frames less the reference"),
+    (dict(pose_latents=torch.zeros(2, 16, 2, 4, 6)), "latents' frames less the reference"),
     (dict(face_pixel_values=torch.zeros(2, 3, 5, 64, 64)), r"face_pixel_values must be \[2, 3, T, 512, 512\]"),
-    (dict(face_pixel_values=torch.zeros(2, 3, 9, 512, 512)), r"give 4\*1\+1 = 5 face frames"),
+    (dict(face_pixel_values=torch.zeros(2, 3, 5, 512, 512)), r"give 4\*0\+1 = 1 face frames"),
 ])
 def test_bad_animate_inputs(change, message):
     model = tiny_animate()
@@ -189,7 +191,7 @@ def test_tiny_animate_set_is_an_animate_model_whose_face_and_pose_act():
     inputs = animate_inputs(model.config, batch=1)
     with torch.no_grad():
         out = model(**inputs)
-        other_face = model(**dict(inputs, face_pixel_values=inputs["face_pixel_values"].flip(2)))
+        other_face = model(**dict(inputs, face_pixel_values=inputs["face_pixel_values"].flip(-1)))
         no_pose = model(**dict(inputs, pose_latents=torch.zeros_like(inputs["pose_latents"])))
     assert relative(other_face, out) > 1e-4 and relative(no_pose, out) > 1e-3
 
