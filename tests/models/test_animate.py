@@ -245,3 +245,24 @@ def test_compiled_blocks_equal_eager():
             assert relative(model(**inputs), reference(**inputs)) <= 1e-5
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("fmt", ["official", "diffusers"])
+def test_lora_on_face_adapter_keys(fmt):
+    """A LoRA on a face block's query and output projections changes those weights by its
+    product, in the official and the diffusers key format."""
+    from wanx.lora import apply_lora
+
+    model = tiny_animate()
+    gen = torch.Generator().manual_seed(3)
+    targets = {"face_adapter.fuser_blocks.0.linear1_q": "face_adapter.0.to_q",
+               "face_adapter.fuser_blocks.0.linear2": "face_adapter.0.to_out"}
+    state, expected = {}, {}
+    for name, diffusers_name in targets.items():
+        down, up = torch.randn(4, 32, generator=gen) * 0.2, torch.randn(32, 4, generator=gen) * 0.2
+        expected[name] = model.get_submodule(name).weight.detach() + up @ down
+        key = f"diffusion_model.{name}" if fmt == "official" else f"transformer.{diffusers_name}"
+        state[f"{key}.lora_A.weight"], state[f"{key}.lora_B.weight"] = down, up
+    apply_lora(model, state, 1.0, name="f", fuse=True)
+    for name, weight in expected.items():
+        torch.testing.assert_close(model.get_submodule(name).weight, weight, rtol=1e-6, atol=1e-6)

@@ -81,41 +81,43 @@ def official_dit_rules(keys: set[str]) -> list[Rule] | None:
     return [(_BLUR_KERNEL, None), (r".+", lambda m: m[0])]
 
 
+_ME, _CONVS = r"motion_encoder\.", "motion_encoder.enc.net_app.convs"
+_RES_LEAVES = {"conv1.weight": "conv1.0.weight", "conv1.act_fn.bias": "conv1.1.bias", "conv2.weight": "conv2.1.weight",
+               "conv2.act_fn.bias": "conv2.2.bias", "conv_skip.weight": "skip.1.weight"}
+_FACE = {"to_q": "linear1_q", "to_k": ("linear1_kv", 0), "to_v": ("linear1_kv", 1), "to_out": "linear2"}
+
+
+def _face_block(m: re.Match) -> str | tuple[str, int]:
+    name = _FACE[m[2]]
+    if isinstance(name, tuple):
+        return f"face_adapter.fuser_blocks.{m[1]}.{name[0]}.{m[3]}", name[1]
+    return f"face_adapter.fuser_blocks.{m[1]}.{name}.{m[3]}"
+
+
+# diffusers `WanAnimateTransformer3DModel` -> official `WanAnimateModel`: its motion encoder, face
+# encoder and face adapter (`to_k`/`to_v` the halves of the official fused `linear1_kv`). Its
+# `conv_out` is official conv number (res blocks + 1): `diffusers_dit_rules` adds it per file.
+DIFFUSERS_DIT += [
+    (r"pose_patch_embedding\.(weight|bias)", r"pose_patch_embedding.\1"),
+    (_ME + r"conv_in\.weight", f"{_CONVS}.0.0.weight"),
+    (_ME + r"conv_in\.act_fn\.bias", f"{_CONVS}.0.1.bias"),
+    (_ME + r"res_blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in _RES_LEAVES) + ")",
+     lambda m: f"{_CONVS}.{int(m[1]) + 1}.{_RES_LEAVES[m[2]]}"),
+    (_ME + r"motion_network\.(\d+)\.(weight|bias)", r"motion_encoder.enc.fc.\1.\2"),
+    (_ME + r"motion_synthesis_weight", "motion_encoder.dec.direction.weight"),
+    (r"face_encoder\.(conv1_local|conv2|conv3)\.(weight|bias)", r"face_encoder.\1.conv.\2"),
+    (r"face_encoder\.(out_proj\.(?:weight|bias)|padding_tokens)", r"face_encoder.\1"),
+    (r"face_adapter\.(\d+)\.(to_q|to_k|to_v|to_out)\.(weight|bias)", _face_block),
+    (r"face_adapter\.(\d+)\.norm_(q|k)\.weight", r"face_adapter.fuser_blocks.\1.\2_norm.weight"),
+]
+
+
 def diffusers_dit_rules(keys: set[str]) -> list[Rule]:
-    """`DIFFUSERS_DIT`, plus for diffusers' `WanAnimateTransformer3DModel` its motion encoder
-    (whose `conv_out` is official conv number res blocks + 1), face encoder and face adapter
-    (`to_k`/`to_v` the halves of the official fused `linear1_kv`)."""
-    if "pose_patch_embedding.weight" not in keys:
+    """`DIFFUSERS_DIT`, with an Animate file's `motion_encoder.conv_out` (after its res blocks)."""
+    if "motion_encoder.conv_out.weight" not in keys:
         return DIFFUSERS_DIT
     res = len({m[1] for k in keys if (m := re.match(r"motion_encoder\.res_blocks\.(\d+)\.", k))})
-    me, convs = r"motion_encoder\.", "motion_encoder.enc.net_app.convs"
-    leaves = {"conv1.weight": "conv1.0.weight", "conv1.act_fn.bias": "conv1.1.bias", "conv2.weight": "conv2.1.weight",
-              "conv2.act_fn.bias": "conv2.2.bias", "conv_skip.weight": "skip.1.weight"}
-    face = {"to_q": "linear1_q", "to_k": ("linear1_kv", 0), "to_v": ("linear1_kv", 1), "to_out": "linear2"}
-
-    def res_block(m: re.Match) -> str:
-        return f"{convs}.{int(m[1]) + 1}.{leaves[m[2]]}"
-
-    def face_block(m: re.Match) -> str | tuple[str, int]:
-        name = face[m[2]]
-        if isinstance(name, tuple):
-            return f"face_adapter.fuser_blocks.{m[1]}.{name[0]}.{m[3]}", name[1]
-        return f"face_adapter.fuser_blocks.{m[1]}.{name}.{m[3]}"
-
-    return [
-        *DIFFUSERS_DIT,
-        (r"pose_patch_embedding\.(weight|bias)", r"pose_patch_embedding.\1"),
-        (me + r"conv_in\.weight", f"{convs}.0.0.weight"),
-        (me + r"conv_in\.act_fn\.bias", f"{convs}.0.1.bias"),
-        (me + r"res_blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in leaves) + ")", res_block),
-        (me + r"conv_out\.weight", f"{convs}.{res + 1}.weight"),
-        (me + r"motion_network\.(\d+)\.(weight|bias)", r"motion_encoder.enc.fc.\1.\2"),
-        (me + r"motion_synthesis_weight", "motion_encoder.dec.direction.weight"),
-        (r"face_encoder\.(conv1_local|conv2|conv3)\.(weight|bias)", r"face_encoder.\1.conv.\2"),
-        (r"face_encoder\.(out_proj\.(?:weight|bias)|padding_tokens)", r"face_encoder.\1"),
-        (r"face_adapter\.(\d+)\.(to_q|to_k|to_v|to_out)\.(weight|bias)", face_block),
-        (r"face_adapter\.(\d+)\.norm_(q|k)\.weight", r"face_adapter.fuser_blocks.\1.\2_norm.weight"),
-    ]
+    return [*DIFFUSERS_DIT, (_ME + r"conv_out\.weight", f"{_CONVS}.{res + 1}.weight")]
 
 
 _RESNET_LEAVES = r"(?P<leaf>norm1\.gamma|conv1\.(?:weight|bias)|norm2\.gamma|conv2\.(?:weight|bias)|conv_shortcut\.(?:weight|bias))"
