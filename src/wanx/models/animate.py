@@ -275,9 +275,9 @@ class AnimateWanDiT(WanDiT):
         """As `WanDiT.forward` for I2V (x `[B, 16, F, H, W]` with the reference latent first, y
         `[B, 20, F, H, W]`, clip_features `[B, 257, image_dim]` of the reference image), with
         pose_latents `[B, 16, F-1, H, W]` (the pose video's latents) and face_pixel_values
-        `[B, 3, 4(F-2)+1, size, size]` (the face crops in -1..1; a 77-frame clip: 81 frames, F =
-        21 latent frames; the face frames must give F-1 groups after the face encoder's two
-        stride-2 convs)."""
+        `[B, 3, 4(F-2)+1, size, size]` (the face crops in -1..1, giving F-1 face-token frames
+        after the face encoder's two stride-2 convs). The official clip of 77 frames: F = 21
+        latent frames (the reference image's, then the clip's 20), 77 face frames."""
         state = self.embed(x, timestep, context, clip_features, y, pose_latents=pose_latents,
                            face_pixel_values=face_pixel_values)
         x = _wrapped(self.loop_wrappers, self.run_blocks)(state)
