@@ -286,10 +286,10 @@ class AnimateWanDiT(WanDiT):
     def embed(self, x: Tensor, timestep: Tensor, context: Tensor, clip_features: Tensor | None = None,
               y: Tensor | None = None, *, pose_latents: Tensor | None = None,
               face_pixel_values: Tensor | None = None) -> AnimateState:
-        cfg = self.config
+        """`WanDiT.embed`, with the pose added to the tokens and the face tokens made."""
         self._check_animate_inputs(x, pose_latents, face_pixel_values)
         base = super().embed(x, timestep, context, clip_features, y)
-        f, h, w = base.grid
+        _, h, w = base.grid
         pose = self.pose_patch_embedding(pose_latents.to(self.pose_patch_embedding.weight.dtype))
         pose = rearrange(pose, "b d f h w -> b (f h w) d").float()
         tokens = base.x.clone()
