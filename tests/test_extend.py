@@ -194,6 +194,7 @@ def test_generate_writes_the_side_file_and_extends_from_it(tmp_path, capsys):
     assert (meta["frames"], meta["width"], meta["height"], meta["z_dim"]) == ("5", "32", "32", "16")
     assert latents.shape == (16, 2, 4, 4)  # all latent frames of a 5-frame video (at most 8 kept)
     assert not list(tmp_path.glob(".*partial"))
+    assert side.stat().st_mode == out.stat().st_mode  # shared as the video is
 
     second = tmp_path / "b.mp4"
     assert main(["generate", *fast, "--extend", str(out), "--extend-frames", "5", "--frames", "4", "-o",

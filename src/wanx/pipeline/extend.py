@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +140,7 @@ def write_side_file(video_path: str | Path, video: Video, vae_config) -> Path | 
     tmp = target.with_name(f".{target.name}.partial")
     try:
         save_file({"latents": kept}, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+        shutil.copymode(path, tmp)  # readable by whoever may read the video (safetensors writes 0600)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
