@@ -307,17 +307,13 @@ class WanPipeline:
             if output_type == "latents":
                 return x
             metadata = self._metadata(plan, conditioning, prompt)
+            around = conditioning.output_frames()  # continuation: the old video first, the overlap skipped
             if writer is not None:
-                saved = self._decode_to(writer, metadata, run, plan, x, need, decode_callback,
-                                        conditioning.output_frames())
-                saved.latents = x[0].cpu()
-                return saved
-            frames = self._decode(run, plan, x, need, decode_callback)  # [1, 3, F, H, W] in [-1, 1]
-        head, drop = conditioning.output_frames()  # continuation: the old video, then the new frames
-        pixels = to_pixels(frames[0])[drop:]
-        if head is not None:
-            pixels = np.concatenate([head, pixels])
-        video = Video(pixels, fps=plan.fps, metadata=metadata)
+                video = self._decode_to(writer, metadata, run, plan, x, need, decode_callback, around)
+            else:
+                chunks = _Chunks()
+                self._decode(run, plan, x, need, decode_callback, chunks, around)
+                video = Video(np.concatenate(chunks), fps=plan.fps, metadata=metadata)
         video.latents = x[0].cpu()  # for the side file continuation reads (`extend.write_side_file`)
         return video
 
@@ -430,10 +426,10 @@ class WanPipeline:
                     f"{sorted(times[1:])[len(times[1:]) // 2]:.2f} s/step")
         return x
 
-    def _decode(self, run: Run, plan: Plan, x: Tensor, need, decode_callback, writer: VideoWriter | None = None,
-                around: tuple = (None, 0)) -> Tensor | None:
-        """The decoded video `[1, 3, F, H, W]` in [-1, 1]; with a writer, each chunk goes to it
-        as uint8 frames as soon as it is decoded, and nothing is returned. around: frames the
+    def _decode(self, run: Run, plan: Plan, x: Tensor, need, decode_callback, writer, around: tuple = (None, 0)
+                ) -> None:
+        """Decode chunk by chunk, each chunk going to `writer.write` as uint8 frames `[n, H, W, 3]`
+        as soon as it is decoded (a VideoWriter, or `_Chunks` to keep them). around: frames the
         writer gets first and decoded frames it skips (continuation: the old video, the overlap)."""
         bar = _progress(None, "decoding", run.progress, unit="chunk")
 
@@ -449,8 +445,6 @@ class WanPipeline:
                 tiles = decode_tiles(plan.height, plan.width, next(self.vae.parameters()).dtype,
                                      available_memory(self.device) - need.video)
                 tiling = dict(tile_size=tiles and tiles[0], tile_stride=tiles and tiles[1], callback=done)
-                if writer is None:
-                    return self.vae.decode(x, **tiling)
                 head, skip = around
                 if head is not None:
                     writer.write(head)
@@ -460,7 +454,6 @@ class WanPipeline:
                     skip -= cut
                     if cut < len(pixels):
                         writer.write(pixels[cut:])
-                return None
         finally:
             bar.close()
 
@@ -599,6 +592,14 @@ class WanPipeline:
     def disable_cache(self) -> None:
         self.step_cache = None
 
+
+
+class _Chunks(list):
+    """The decoded frames kept in memory, chunk by chunk: what `_decode` writes when the
+    video is returned rather than written to a file."""
+
+    def write(self, frames) -> None:
+        self.append(frames)
 
 
 def check_vae(dit_config, vae_config, dit_file=None, vae_file=None) -> None:
