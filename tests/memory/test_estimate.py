@@ -26,8 +26,8 @@ def test_pipeline_decodes_in_tiles_when_memory_is_short(tmp_path, monkeypatch):
     monkeypatch.setenv("WANX_HOME", str(tmp_path))
     pipe = pipeline.WanPipeline.from_pretrained("tiny")
     calls = []
-    decode = pipe.vae.decode
-    monkeypatch.setattr(pipe.vae, "decode", lambda x, **kw: calls.append(kw) or decode(x, **kw))
+    decode = pipe.vae.decode_chunks  # the pipeline decodes chunk by chunk, in memory or to a file
+    monkeypatch.setattr(pipe.vae, "decode_chunks", lambda x, **kw: calls.append(kw) or decode(x, **kw))
     small = dict(height=48, width=320, num_frames=1, num_inference_steps=1, seed=0, progress=False)
     whole = pipe("a cat", **small).frames
     assert calls[-1]["tile_size"] is None
