@@ -33,25 +33,49 @@ def quantize_weight(weight: Tensor, rows: int = 256) -> tuple[Tensor, Tensor]:
     return out, scale
 
 
-class FP8Linear(nn.Module):
-    """A Linear whose weight is float8_e4m3fn `[out, in]` with float32 `scale` `[out]`."""
+class ScaledLinear(nn.Module):
+    """A Linear whose weight is stored in `storage` (8 bits) `[out, in]` with one float32 `scale`
+    per output channel, dequantised to `compute_dtype` per call: what FP8Linear and
+    `int8.Int8Linear` share. A subclass sets `storage` and `set_weight` (how a weight is quantized)."""
+
+    storage: torch.dtype
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 compute_dtype: torch.dtype = torch.bfloat16, fast: bool = False, device=None):
+                 compute_dtype: torch.dtype = torch.bfloat16, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.compute_dtype, self.fast = compute_dtype, fast
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8, device=device), requires_grad=False)
+        self.compute_dtype = compute_dtype
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=self.storage, device=device),
+                                   requires_grad=False)
         self.scale = nn.Parameter(torch.ones(out_features, dtype=torch.float32, device=device), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype, device=device),
                                  requires_grad=False) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, compute_dtype: torch.dtype, fast: bool = False) -> "FP8Linear":
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype=compute_dtype,
-                    fast=fast, device="meta")
+    def from_linear(cls, linear: nn.Linear, **options):
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta", **options)
         layer.set_weight(linear.weight.data, linear.bias.data if linear.bias is not None else None)
         return layer
+
+    def _store(self, q: Tensor, s: Tensor, bias: Tensor | None) -> None:
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.scale = nn.Parameter(s.to(q.device).contiguous(), requires_grad=False)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.to(self.compute_dtype), requires_grad=False)
+
+    def dequantized(self) -> Tensor:
+        return (self.weight.to(torch.float32) * self.scale[:, None]).to(self.compute_dtype)
+
+
+class FP8Linear(ScaledLinear):
+    """A Linear whose weight is float8_e4m3fn `[out, in]` with float32 `scale` `[out]`."""
+
+    storage = FP8
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 compute_dtype: torch.dtype = torch.bfloat16, fast: bool = False, device=None):
+        super().__init__(in_features, out_features, bias, compute_dtype=compute_dtype, device=device)
+        self.fast = fast
 
     def set_weight(self, weight: Tensor, bias: Tensor | None = None, *, scale: Tensor | None = None) -> None:
         """From a float weight (quantized here), or an fp8 weight with its `scale` (a scalar,
@@ -63,13 +87,7 @@ class FP8Linear(nn.Module):
             q, s = quantize_weight(weight)
         else:  # float8_e5m2 with its scale: dequantised first (its range differs)
             q, s = quantize_weight(weight.float() * scale.float().reshape(-1, 1))
-        self.weight = nn.Parameter(q, requires_grad=False)
-        self.scale = nn.Parameter(s.to(q.device).contiguous(), requires_grad=False)
-        if bias is not None:
-            self.bias = nn.Parameter(bias.to(self.compute_dtype), requires_grad=False)
-
-    def dequantized(self) -> Tensor:
-        return (self.weight.to(torch.float32) * self.scale[:, None]).to(self.compute_dtype)
+        self._store(q, s, bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fast and x.is_cuda and _scaled_mm_supported(x.device):

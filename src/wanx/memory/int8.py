@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fp8 import block_linear_names, swap_block_linears
+from .fp8 import ScaledLinear, block_linear_names, swap_block_linears
 
 INT8_MAX = 127  # symmetric: -128 is never used, so negation stays exact
 
@@ -32,26 +32,10 @@ def quantize_weight(weight: Tensor, rows: int = 256) -> tuple[Tensor, Tensor]:
     return out, scale
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(ScaledLinear):
     """A Linear whose weight is int8 `[out, in]` with float32 `scale` `[out]`."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 compute_dtype: torch.dtype = torch.bfloat16, device=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.compute_dtype = compute_dtype
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8, device=device),
-                                   requires_grad=False)
-        self.scale = nn.Parameter(torch.ones(out_features, dtype=torch.float32, device=device), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype, device=device),
-                                 requires_grad=False) if bias else None
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, *, compute_dtype: torch.dtype) -> "Int8Linear":
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype=compute_dtype,
-                    device="meta")
-        layer.set_weight(linear.weight.data, linear.bias.data if linear.bias is not None else None)
-        return layer
+    storage = torch.int8
 
     def set_weight(self, weight: Tensor, bias: Tensor | None = None, *, scale: Tensor | None = None) -> None:
         """From a float weight (quantized here), or an int8 weight with its per-channel `scale`
@@ -65,13 +49,7 @@ class Int8Linear(nn.Module):
             if scale is not None or weight.element_size() == 1:
                 weight = weight.float() * (1 if scale is None else scale.float().reshape(-1, 1))
             q, s = quantize_weight(weight)
-        self.weight = nn.Parameter(q, requires_grad=False)
-        self.scale = nn.Parameter(s.to(q.device).contiguous(), requires_grad=False)
-        if bias is not None:
-            self.bias = nn.Parameter(bias.to(self.compute_dtype), requires_grad=False)
-
-    def dequantized(self) -> Tensor:
-        return (self.weight.to(torch.float32) * self.scale[:, None]).to(self.compute_dtype)
+        self._store(q, s, bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x.to(self.compute_dtype), self.dequantized(), self.bias)
