@@ -175,3 +175,16 @@ def test_prepare_bad_flags_are_one_line_errors(dataset, capsys, tmp_path):
     assert "notes.md is a file, not a folder" in capsys.readouterr().err
     assert main([*common, "--cache", str(tmp_path / "notes.md")]) == 2
     assert "notes.md: " in (err := capsys.readouterr().err) and "notes.md is a file, not a folder" in err
+
+
+def test_the_advice_offers_buckets_only_to_a_run_without_them(tmp_path):
+    """A run already made with --buckets is not told to add --buckets."""
+    from wanx.training.prepare import PrepareReport
+
+    lines = []
+    for bucketed in (False, True):
+        report = PrepareReport(tmp_path, frames=33, bucketed=bucketed)
+        report.skipped.add(tmp_path / "a.mp4", "too short", 21)
+        lines.append(report.nothing_prepared())
+    assert "give --frames 21" in lines[0] and "--buckets" in lines[0]
+    assert "give --frames 21" in lines[1] and "--buckets" not in lines[1]

@@ -54,7 +54,8 @@ def test_two_processes_prepare_and_train_as_one(dataset, tmp_path):
                  "--cache", str(one)]) == 0
     out = launch("prepare", str(dataset), "--model", "tiny", "--size", "64x48", "--frames", "9", "--quiet",
                  "--cache", str(two)).stdout
-    assert out.count("encoded") == 1 and out.startswith("4 encoded")  # the main process reports for all
+    # the main process reports for all, and the items were shared (each process alone would encode all 4)
+    assert out.count("encoded") == 1 and out.startswith("4 encoded by 2 processes,")
     report = (two / "prepare-report.txt").read_text(encoding="utf-8").splitlines()
     assert len(report) == 1 and report[0].startswith(str(dataset / "short.mp4"))
     files = sorted(p.name for p in one.glob("*.safetensors"))  # 4 items and the empty prompt

@@ -51,6 +51,7 @@ class PrepareReport:
     frames: int = 81  # the settings it was made with, for the advice when nothing could be used
     fps: float = FPS
     bucketed: bool = False
+    processes: int = 1  # that shared the work (accelerate launch, torchrun)
 
     def nothing_prepared(self) -> str | None:
         """None when the cache holds items; else one line saying why none, and which --frames
@@ -69,7 +70,8 @@ class PrepareReport:
 
     def summary(self) -> str:
         sizes = ", ".join(f"{b.width}x{b.height}x{b.num_frames}: {n}" for b, n in self.buckets.items())
-        line = f"{len(self.encoded)} encoded, {len(self.reused)} already cached in {self.cache} (buckets {sizes or '-'})"
+        by = f" by {self.processes} processes" if self.processes > 1 else ""
+        line = f"{len(self.encoded)} encoded{by}, {len(self.reused)} already cached in {self.cache} (buckets {sizes or '-'})"
         if self.skipped.skipped:
             line += f"; {self.skipped.summary()}"
         return line
@@ -96,7 +98,7 @@ def prepare(dataset: str | Path, files, *, cache: str | Path | None = None, size
     size, frames = model_geometry(files, size, frames)
     runtime = runtime or Runtime.create()
     check_memory(files, runtime, size, frames)  # before any clip is read
-    report = PrepareReport(cache, frames=frames, fps=fps, buckets=buckets)
+    report = PrepareReport(cache, frames=frames, fps=fps, bucketed=buckets)
     items = find_items(dataset, report.skipped)
     conditioning = _conditioning(files)
     _check_vace_items(dataset, items, conditioning == "vace", files.model_type)
@@ -105,8 +107,17 @@ def prepare(dataset: str | Path, files, *, cache: str | Path | None = None, size
         if item.vace:  # before anything is encoded
             check_vace(item, bucket, target_fps=fps)
     fingerprint = _fingerprint(files)
+    rank, processes = _share(runtime.device)
+    report.processes = processes
+    if rank == 0 and cache.is_dir():  # half-written items of a killed run (see _save_atomic) no process writes now
+        for stale in cache.glob(".*.safetensors.partial"):
+            stale.unlink(missing_ok=True)
+    if processes > 1:  # the cleanup is done before any process writes
+        _barrier()
     todo = []
-    for item, bucket in plans:
+    # each process takes its share by position among all items, not among those left to encode:
+    # a process that starts late sees others' finished files, and must not shift the shares
+    for item, bucket in plans[rank::processes]:
         path = cache_file(cache, dataset, item)
         settings = {"version": CACHE_VERSION, "model": fingerprint, "height": bucket.height,
                     "width": bucket.width, "frames": bucket.num_frames, "fps": fps}
@@ -120,11 +131,6 @@ def prepare(dataset: str | Path, files, *, cache: str | Path | None = None, size
             report.reused.append(path)
             continue
         todo.append((item, bucket, path, settings))
-    rank, processes = _share()
-    todo = todo[rank::processes]
-    if rank == 0 and cache.is_dir():  # half-written items of a killed run (see _save_atomic)
-        for stale in cache.glob(".*.safetensors.partial"):
-            stale.unlink(missing_ok=True)
     empty_text = cache / EMPTY_TEXT_FILE
     write_empty = rank == 0 and _settings_of(empty_text) != fingerprint
     if todo or write_empty:
@@ -165,9 +171,11 @@ def prepare(dataset: str | Path, files, *, cache: str | Path | None = None, size
 
         skipped = gather_object(report.skipped.skipped)
         encoded = gather_object(report.encoded)
+        reused = gather_object(report.reused)
         short = gather_object(list(report.skipped.short.items()))
         report.skipped.skipped[:] = list(dict.fromkeys(skipped))  # items every process probed are listed once
         report.encoded[:] = encoded
+        report.reused[:] = reused
         report.skipped.short.update(short)
         if rank:
             return report
@@ -234,14 +242,26 @@ def _plan(items: list[Item], *, size: tuple[int, int], buckets: bool, frames: in
     return [(clip.item, bucket) for bucket, members in sorted_clips.items() for clip in members]
 
 
-def _share() -> tuple[int, int]:
-    """(this process, processes) when started by accelerate launch or torchrun; (0, 1) alone."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+def _share(device) -> tuple[int, int]:
+    """(this process, processes) when started by accelerate launch or torchrun; (0, 1) alone.
+    On CPU the process group is gloo's, which accelerate sets up only when told `cpu=True`
+    (without it each process of `--multi_gpu` believes it is alone and encodes every item)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
         return 0, 1
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=device.type == "cpu")
+    if state.num_processes != world:  # never each process doing all the work unnoticed
+        raise RuntimeError(f"started as {world} processes, but accelerate sees {state.num_processes} "
+                           f"({state.distributed_type}); start them with `accelerate launch` or `torchrun`")
     return state.process_index, state.num_processes
+
+
+def _barrier() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
 
 
 def _conditioning(files) -> str | None:
