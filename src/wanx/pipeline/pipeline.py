@@ -292,10 +292,16 @@ class WanPipeline:
         lora_step = lora_steps(self.experts.values(), plan.steps)
         run = Run(self, progress)
         conditioning = conditioning_for(plan.spec, extend=plan.extend is not None)(plan)
+        if conditioning.clips > 1 and output_type == "latents":
+            raise ValueError(f"{plan.spec.short} makes its video clip after clip, each decoded for the next: "
+                             "output_type='latents' is not available for it")
         with torch.no_grad():
             with run.stage("text encoding", "t5"):
                 context, context_null = self._text(plan, prompt, prompt_embeds, negative_prompt_embeds)
             noise, generator = self._noise(plan, latents)
+            if conditioning.clips > 1:
+                return self._clips(run, plan, conditioning, (context, context_null), noise, generator, batched,
+                                   callback, lora_step, writer, self._metadata(plan, conditioning, prompt))
             inputs = conditioning.inputs(run)
             sigmas, timesteps = conditioning.schedule(*schedule(plan.sampler, plan.steps, plan.shift, plan.timesteps))
             x = conditioning.start(run, noise, sigmas)
@@ -370,15 +376,14 @@ class WanPipeline:
 
         def branch(dit, frames, x: Tensor, t: Tensor, context: Tensor, names: tuple[str, ...]) -> Tensor:
             """One DiT pass; frames: the latent frames of the context window x holds (None: all)."""
-            given = inputs
+            given = conditioning.batch(inputs if frames is None else conditioning.window(inputs, frames), names)
             if frames is not None:  # a step cache keeps each window's state apart, by where it starts
-                names, given = tuple(f"{name}@{frames[0]}" for name in names), conditioning.window(inputs, frames)
+                names = tuple(f"{name}@{frames[0]}" for name in names)
             if cache is not None:
                 cache.at(step[0], names)
             # one timestep for the batch: the DiT embeds it once for every branch
             t = conditioning.timesteps(t.to(x.device).float().reshape(1), x.shape, dit.config.patch_size, frames)
-            return dit(x, t, context, **{k: v.expand(len(names), *v.shape[1:]) if isinstance(v, Tensor) else v
-                                         for k, v in given.items()})
+            return dit(x, t, context, **given)
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             dit, scale = experts.pick(t)
@@ -425,6 +430,35 @@ class WanPipeline:
             run.say(f"compile: first step {times[0]:.1f} s (warm-up), then "
                     f"{sorted(times[1:])[len(times[1:]) // 2]:.2f} s/step")
         return x
+
+    def _clips(self, run: Run, plan: Plan, conditioning: Conditioning, texts, noise: Tensor, generator, batched: bool,
+               callback, lora_step, writer: VideoWriter | None, metadata: dict) -> Video | SavedVideo:
+        """Clip after clip (Animate, S2V): each clip is sampled, decoded whole and its new frames
+        written before the next clip, which carries its last frames (`Conditioning.finish_clip`).
+        Memory is one clip's, however many clips the video has."""
+        out = _Chunks() if writer is None else writer
+
+        def clips() -> None:
+            for index in range(conditioning.clips):
+                run.say(f"clip {index + 1} of {conditioning.clips}")
+                inputs = conditioning.inputs(run)
+                sigmas, timesteps = conditioning.schedule(*schedule(plan.sampler, plan.steps, plan.shift,
+                                                                    plan.timesteps))
+                x = conditioning.start(run, conditioning.clip_noise(index, noise, generator), sigmas)
+                x = self._denoise(run, plan, conditioning, inputs, texts, x, sigmas, timesteps, batched, callback,
+                                  generator, lora_step)
+                out.write(to_pixels(conditioning.finish_clip(run, index, x)))
+
+        if writer is None:
+            clips()
+            return Video(np.concatenate(out), fps=plan.fps, metadata=metadata)
+        writer.metadata = metadata
+        try:
+            with writer:
+                clips()
+        finally:
+            self.last_partial = writer.kept
+        return SavedVideo(writer.path, writer.frames_written, writer.size, fps=plan.fps, metadata=metadata)
 
     def _decode(self, run: Run, plan: Plan, x: Tensor, need, decode_callback, writer, around: tuple = (None, 0)
                 ) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from ...video import Video, read_image, read_video, to_unit
@@ -42,11 +43,28 @@ class Run:
         if self.progress:
             print(text, file=sys.stderr)
 
+    def encode(self, video: Tensor) -> Tensor:
+        """VAE latents of `[1, 3, F, H, W]` pixels in [-1, 1] (on the device, the VAE placed for it)."""
+        with self.pipe.placement.phase("vae"):
+            return self.pipe.vae.encode(video.to(self.device))
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Pixels `[1, 3, F, H, W]` in [-1, 1] of latents (the VAE placed for it): the clips of a
+        clip-after-clip task are decoded whole, since the next clip reads their last frames."""
+        with self.pipe.placement.phase("vae"):
+            return self.pipe.vae.decode(latents.to(self.device))
+
 
 class Conditioning:
-    """Text alone: nothing to add. Every method's default is the plain text-to-video loop."""
+    """Text alone: nothing to add. Every method's default is the plain text-to-video loop.
+
+    A clip-after-clip task (Animate, S2V) sets `clips` above 1 at `read`: the pipeline then
+    runs the loop once per clip (`inputs`, `schedule`, `clip_noise`, `start`, the steps), and
+    hands each clip's latents to `finish_clip`, which decodes them, keeps what the next clip
+    carries (its last frames) and returns the frames the clip adds to the video."""
 
     task = ""
+    clips = 1
 
     def __init__(self, plan):
         self.plan = plan
@@ -80,8 +98,27 @@ class Conditioning:
         return {key: value[:, :, frames] if isinstance(value, Tensor) and value.ndim == 5 else value
                 for key, value in inputs.items()}
 
+    def batch(self, inputs: dict[str, Tensor], names: tuple[str, ...]) -> dict[str, Tensor]:
+        """The DiT inputs of a batch of guidance branches (`names`: "cond", "uncond", ...): the
+        same inputs for each by default; a task whose unconditional branch sees other inputs
+        (Animate's blank face video) overrides this."""
+        return {key: value.expand(len(names), *value.shape[1:]) if isinstance(value, Tensor) else value
+                for key, value in inputs.items()}
+
     def fix(self, latents: Tensor) -> None:
         """After each step, in place: frames the task holds to a known value."""
+
+    def clip_noise(self, index: int, noise: Tensor, generator) -> Tensor:
+        """The noise clip `index` starts from: the request's for the first, then more drawn from
+        the same generator (Animate's official loop; S2V seeds each clip on its own)."""
+        if index == 0:
+            return noise
+        return torch.randn(noise.shape[1:], generator=generator, device=noise.device, dtype=torch.float32)[None]
+
+    def finish_clip(self, run: Run, index: int, latents: Tensor) -> Tensor:
+        """Clip `index`'s denoised latents -> the frames it adds to the video `[3, n, H, W]` in
+        [-1, 1]; the task keeps what the next clip carries. Only for `clips` above 1."""
+        raise NotImplementedError(f"{type(self).__name__} runs one clip")
 
     def output_frames(self) -> tuple[np.ndarray | None, int]:
         """(frames that go before the generated ones, generated frames dropped at the start):
