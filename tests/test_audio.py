@@ -334,3 +334,24 @@ def test_partial_mp4_keeps_its_audio(tmp_path):
             raise KeyboardInterrupt
     durations, _ = _streams(out.kept)
     assert durations["video"][0] == pytest.approx(0.5) and durations["audio"][0] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_loads_a_legacy_pytorch_model_bin(tiny_wav2vec, tmp_path):
+    """wav2vec2 folders of the xlsr-53 era hold pytorch_model.bin with the positional
+    convolution's weight norm as weight_g/weight_v: loaded to the same features."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    legacy = tmp_path / audio.WAV2VEC_FOLDER
+    shutil.copytree(tiny_wav2vec, legacy)
+    state = load_file(str(legacy / "model.safetensors"))
+    (legacy / "model.safetensors").unlink()
+    renamed = {key.replace("parametrizations.weight.original0", "weight_g")
+               .replace("parametrizations.weight.original1", "weight_v"): value for key, value in state.items()}
+    assert any(key.endswith("weight_g") for key in renamed)
+    torch.save(renamed, legacy / "pytorch_model.bin")
+    samples = np.random.default_rng(1).standard_normal(16_000).astype(np.float32)
+    expected, _ = audio.encode_audio(audio.load_audio_encoder(tiny_wav2vec), samples)
+    loaded, _ = audio.encode_audio(audio.load_audio_encoder(tmp_path), samples)
+    assert torch.equal(loaded, expected)
