@@ -15,6 +15,7 @@ torch, transformers and av are imported where used: `wanx --help` stays instant.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -188,8 +189,24 @@ def load_audio_encoder(folder: str | Path, device: str = "cpu") -> AudioEncoder:
         raise ValueError(f"{folder}: the wav2vec2 audio encoder is incomplete: missing {', '.join(missing)}; "
                          "download the S2V model again")
     feature_extractor = Wav2Vec2FeatureExtractor.from_pretrained(str(folder), local_files_only=True)
-    model = Wav2Vec2ForCTC.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+    with _quiet_transformers():
+        model = Wav2Vec2ForCTC.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
     return AudioEncoder(model.to(device).eval(), feature_extractor)
+
+
+@contextmanager
+def _quiet_transformers():
+    """No transformers progress bar ("Loading weights", "Writing model shards") for a network
+    of one file: wanx reports its own progress."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
 
 
 def linear_interpolation(features: "torch.Tensor", input_fps: float, output_fps: float,
@@ -306,7 +323,8 @@ def write_tiny_audio_encoder(folder: str | Path, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):  # module init draws from the global RNG: leave the caller's alone
         model = Wav2Vec2ForCTC(config).eval()
     model.load_state_dict(portable_weights(model, f"{seed}/{WAV2VEC_FOLDER}"))
-    model.save_pretrained(str(folder), safe_serialization=True)
+    with _quiet_transformers():
+        model.save_pretrained(str(folder), safe_serialization=True)
     # the official folder's tokenizer (an English CTC alphabet): unused here, but Wav2Vec2Processor needs it
     letters = ["<pad>", "<s>", "</s>", "<unk>", "|", "'", *"ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
     vocab = {token: i for i, token in enumerate(letters)}
