@@ -58,11 +58,14 @@ class Video:
 
         return [Image.fromarray(f) for f in self.frames]
 
-    def save(self, path: str | Path, fps: int | None = None, quality: int = 18) -> Path:
+    def save(self, path: str | Path, fps: int | None = None, quality: int = 18,
+             audio: str | Path | tuple[np.ndarray, int] | None = None) -> Path:
         """Write .mp4 (H.264, yuv420p, CRF `quality`: lower is better, 18 ~ visually lossless),
         .gif, or a folder of PNG frames (a path without suffix), through a `VideoWriter`.
-        Written to a temporary name and renamed, so a failed write leaves nothing behind."""
-        with VideoWriter(path, fps or self.fps, quality=quality, metadata=self.metadata, keep_partial=False) as out:
+        Written to a temporary name and renamed, so a failed write leaves nothing behind.
+        `audio` (.mp4 only): a sound track, as `VideoWriter`'s."""
+        with VideoWriter(path, fps or self.fps, quality=quality, metadata=self.metadata, keep_partial=False,
+                         audio=audio) as out:
             out.write(self.frames)
         return out.path
 
@@ -101,10 +104,16 @@ class VideoWriter:
     The file is written under a hidden temporary name and renamed to `path` at the end. When
     the writing stops on an exception (Ctrl-C too) after some frames, the file is finished
     properly, so it plays, and kept as `<stem>.partial<suffix>` (`out.partial.mp4`, named in
-    `kept`); with keep_partial=False, or when no frame was written, nothing stays behind."""
+    `kept`); with keep_partial=False, or when no frame was written, nothing stays behind.
+
+    `audio` (.mp4 only): an audio file's path (its first audio stream, any format PyAV reads)
+    or `(samples, rate)` (float `[N]` or `[channels, N]` in [-1, 1]), written as the mp4's AAC
+    track (192 kb/s, its own rate, mono or stereo: as the official S2V's ffmpeg merge) along
+    the frames, and cut at the video's end; a shorter audio ends where it ends. Read here,
+    before any frame: a bad file is refused first."""
 
     def __init__(self, path: str | Path, fps: float, *, quality: int = 18, metadata: dict | None = None,
-                 keep_partial: bool = True):
+                 keep_partial: bool = True, audio: str | Path | tuple[np.ndarray, int] | None = None):
         self.path = Path(path)
         self.suffix = self.path.suffix.lower()
         if self.suffix not in ("", ".mp4", ".gif"):
@@ -123,6 +132,10 @@ class VideoWriter:
         self._tmp = self.path.with_name(f".{self.path.name}.partial")
         self._container = self._stream = None
         self._gif: list[np.ndarray] = []
+        if audio is not None and self.suffix != ".mp4":
+            kind = self.suffix or "a folder of PNG frames"
+            raise ValueError(f"{path}: an audio track needs an .mp4 output, not {kind}")
+        self._audio = None if audio is None else _AudioTrack(audio, self.path)
 
     @property
     def partial_path(self) -> Path:
@@ -199,6 +212,8 @@ class VideoWriter:
             try:
                 for packet in self._stream.encode():  # flush the frames the encoder holds
                     container.mux(packet)
+                if self._audio is not None:  # the sound up to the video's end, and what the encoder holds
+                    self._audio.write(container, self.frames_written / self.fps, last=True)
             finally:
                 container.close()
         elif self._gif:
@@ -238,10 +253,73 @@ class VideoWriter:
             self._stream.width, self._stream.height = frames.shape[2], frames.shape[1]
             self._stream.pix_fmt = "yuv420p"
             self._stream.options = {"crf": str(self.quality)}
+            if self._audio is not None:
+                self._audio.add_stream(container)
         for frame in frames:
             for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 self._container.mux(packet)
             self.frames_written += 1
+        if self._audio is not None:  # the sound along the frames, so the file interleaves as it grows
+            self._audio.write(self._container, self.frames_written / self.fps)
+
+
+class _AudioTrack:
+    """A VideoWriter's sound: the samples `[channels, N]` float32 at `rate`, encoded as AAC up
+    to the time the frames reach."""
+
+    BITRATE = 192_000  # the official merge_video_audio's `-b:a 192k`
+    AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
+
+    def __init__(self, audio, path: Path):
+        if isinstance(audio, (str, Path)):
+            from .audio import _decode
+
+            samples, rate = _decode(audio, layout=None)
+            if samples.shape[0] > 2:  # the track here is mono or stereo: FFmpeg mixes a surround file down
+                samples, rate = _decode(audio, layout="stereo")
+        else:
+            try:
+                samples, rate = audio
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: audio must be a file path or (samples, rate), "
+                                 f"got {type(audio).__name__}") from None
+            samples = np.asarray(samples, dtype=np.float32)
+            samples = samples[None] if samples.ndim == 1 else samples
+            if samples.ndim != 2 or samples.shape[0] not in (1, 2) or not samples.shape[1]:
+                raise ValueError(f"{path}: audio samples must be [N] or [channels (1 or 2), N] with N > 0, "
+                                 f"got shape {tuple(np.shape(audio[0]))}")
+            if not (isinstance(rate, (int, np.integer)) and rate > 0):
+                raise ValueError(f"{path}: audio rate must be a positive integer (Hz), got {rate!r}")
+        if rate not in self.AAC_RATES:  # FFmpeg's AAC encoder takes these only
+            from .audio import resample
+
+            samples, rate = np.stack([resample(channel, rate, 48_000) for channel in samples]), 48_000
+        self.samples, self.rate = np.ascontiguousarray(samples), int(rate)
+        self.written = 0  # samples handed to the encoder
+        self.stream = None
+
+    def add_stream(self, container) -> None:
+        self.stream = container.add_stream("aac", rate=self.rate)
+        self.stream.layout = "mono" if self.samples.shape[0] == 1 else "stereo"
+        self.stream.bit_rate = self.BITRATE
+
+    def write(self, container, seconds: float, last: bool = False) -> None:
+        """Encode the samples up to `seconds` (whole encoder frames unless `last`), then flush if `last`."""
+        import av
+
+        end = min(self.samples.shape[1], round(seconds * self.rate))
+        size = self.stream.codec_context.frame_size or 1024
+        layout = "mono" if self.samples.shape[0] == 1 else "stereo"
+        while self.written < end and (last or end - self.written >= size):
+            chunk = self.samples[:, self.written:min(end, self.written + size)]
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format="fltp", layout=layout)
+            frame.sample_rate, frame.pts = self.rate, self.written
+            self.written += chunk.shape[1]
+            for packet in self.stream.encode(frame):
+                container.mux(packet)
+        if last:
+            for packet in self.stream.encode():
+                container.mux(packet)
 
 
 def read_video(path: str | Path, *, fps: float | None = None, max_frames: int | None = None) -> Video:
