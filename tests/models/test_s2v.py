@@ -225,6 +225,62 @@ def test_fp8_quantizes_the_blocks_and_injectors_and_stays_close():
     assert relative(out, ref) <= 0.06  # the base DiT's stated FP8 bound
 
 
+def test_step_cache_takes_the_audio_rows_of_the_branches_it_runs():
+    """With guidance batched, a step where only one branch runs passes only that row of the
+    time projections and audio tokens; the row equals the branch computed alone."""
+    from wanx.speed.cache import StepCache
+
+    model = tiny_s2v()
+    inputs = s2v_inputs(TINY, batch=2)
+    rows = lambda sl: {k: v[sl] for k, v in inputs.items()}  # noqa: E731
+    cache = StepCache("magcache", 10.0, magcache_k=5, retention=0.0, quiet=True).add_to(model)
+    cache.start(3, model.config, 480, 832)
+    with torch.no_grad():
+        cache.at(0, ("cond",))
+        model(**rows(slice(0, 1)))
+        cache.at(1, ("cond", "uncond"))
+        out = model(**inputs)  # cond skipped, uncond (row 1) computed alone
+        cache.remove()
+        alone = model(**rows(slice(1, 2)))
+    assert cache.stats.skipped == {"cond": 1} and cache.stats.computed == {"cond": 1, "uncond": 1}
+    torch.testing.assert_close(out[1:], alone, rtol=1e-5, atol=1e-6 * alone.abs().max().item())
+
+
+def test_compiled_blocks_equal_eager():
+    from tests.speed.test_compile import _cannot_compile
+    from wanx.speed import compile_blocks
+
+    if reason := _cannot_compile():
+        pytest.skip(reason)
+    torch._dynamo.reset()
+    model = tiny_s2v()
+    reference = copy.deepcopy(model)
+    handle = compile_blocks(model)
+    try:
+        inputs = s2v_inputs(TINY)
+        with torch.no_grad():
+            assert relative(model(**inputs), reference(**inputs)) <= 1e-5
+    finally:
+        handle.remove()
+
+
+def test_lora_on_audio_injector_keys():
+    """A LoRA (official key format) on an audio injector's query and an S2V block's self-attention
+    changes those weights by its product."""
+    from wanx.lora import apply_lora
+
+    model = tiny_s2v()
+    gen = torch.Generator().manual_seed(3)
+    state, expected = {}, {}
+    for name in ("audio_injector.injector.1.q", "blocks.2.self_attn.o"):
+        down, up = torch.randn(4, 48, generator=gen) * 0.2, torch.randn(48, 4, generator=gen) * 0.2
+        expected[name] = model.get_submodule(name).weight.detach() + up @ down
+        state[f"diffusion_model.{name}.lora_A.weight"], state[f"diffusion_model.{name}.lora_B.weight"] = down, up
+    apply_lora(model, state, 1.0, name="a", fuse=True)
+    for name, weight in expected.items():
+        torch.testing.assert_close(model.get_submodule(name).weight, weight, rtol=1e-6, atol=1e-6)
+
+
 def test_sequence_parallel_refuses_an_s2v_model():
     from wanx.distributed.sequence import SequenceParallel
 
@@ -286,3 +342,27 @@ def test_missing_s2v_tensor_is_one_line(tmp_path, tensor, message):
     with pytest.raises(CheckpointError, match=message) as err:
         wanx.load_model(tmp_path / "s2v.safetensors")
     assert "\n" not in str(err.value)
+
+
+def test_an_s2v_dit_given_for_a_text_to_video_run_is_one_line(capsys, tmp_path):
+    """An S2V DiT file put in a T2V model's place: refused in one line naming the model type
+    (S2V's inputs come with its task), before any weights load."""
+    from wanx.cli import main
+    from wanx.hub import resolve_model
+
+    s2v = resolve_model("tiny-s2v") / "diffusion_pytorch_model.safetensors"
+    code = main(["generate", "--model", str(resolve_model("tiny")), "--dit", str(s2v), "--prompt", "a cat",
+                 "--quiet", "--output", str(tmp_path / "out.mp4")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "s2v" in err and "\n" not in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_bf16_load_keeps_the_audio_encoder_in_float32():
+    import wanx
+    from wanx.hub import resolve_model
+
+    model = wanx.load_model(resolve_model("tiny-s2v") / "diffusion_pytorch_model.safetensors", dtype=torch.bfloat16)
+    assert model.casual_audio_encoder.encoder.conv1_local.conv.weight.dtype == torch.float32
+    assert model.audio_injector.injector[0].q.weight.dtype == torch.bfloat16
+    assert model.blocks[0].modulation.dtype == torch.float32
