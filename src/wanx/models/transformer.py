@@ -23,7 +23,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..attention import attention
-from ..configs import AnimateConfig, DiTConfig, VaceConfig, dit_config
+from ..configs import AnimateConfig, DiTConfig, S2VConfig, VaceConfig, dit_config
 
 
 
@@ -253,6 +253,8 @@ class WanDiT(nn.Module):
 
     # The repeated blocks, for runtime transforms that act block by block (memory.streaming).
     stream_blocks = ("blocks",)
+    # The class of the main blocks (S2V's modulate two kinds of token apart).
+    block_class: ClassVar[type[nn.Module]] = WanAttentionBlock
 
     # Parameters that stay float32 whatever dtype the model is loaded in (matched on
     # dotted-name components), as the official model computes them under fp32 autocast.
@@ -261,7 +263,7 @@ class WanDiT(nn.Module):
 
     def __new__(cls, config: DiTConfig | str = "t2v-1.3B", *args, **kwargs):
         # `WanDiT(config)` builds the class the config is: a VaceConfig makes a VaceWanDiT (an
-        # AnimateConfig an AnimateWanDiT), so every place that builds a DiT from a checkpoint's
+        # AnimateConfig an AnimateWanDiT, an S2VConfig an S2VWanDiT), so every place that builds a DiT from a checkpoint's
         # config builds VACE and Animate models too.
         cfg = dit_config(config) if isinstance(config, str) else config
         if cls is WanDiT and isinstance(cfg, VaceConfig):
@@ -272,6 +274,10 @@ class WanDiT(nn.Module):
             from .animate import AnimateWanDiT
 
             cls = AnimateWanDiT
+        elif cls is WanDiT and isinstance(cfg, S2VConfig):
+            from .s2v import S2VWanDiT
+
+            cls = S2VWanDiT
         return super().__new__(cls)
 
     def __init__(self, config: DiTConfig | str = "t2v-1.3B"):
@@ -283,7 +289,7 @@ class WanDiT(nn.Module):
         )
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))  # shared by all blocks
-        self.blocks = nn.ModuleList(WanAttentionBlock(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(self.block_class(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         if cfg.has_image_input:
             self.img_emb = MLPProj(cfg)
