@@ -1,0 +1,218 @@
+"""Wan2.2-Animate as a task: the clip-after-clip loop against the official `WanAnimate.generate`
+(wan/animate.py) restated here on the tiny-animate networks, the CLI end to end on the tiny
+set in both modes, the relighting LoRA's official key format, and the one-line refusals."""
+
+import json
+from copy import deepcopy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from wanx.pipeline import WanPipeline
+from wanx.pipeline.conditioning.animate import Animate, padding_resize, ping_pong, valid_length
+from wanx.pipeline.pipeline import _pad_text
+from wanx.sampling import SAMPLERS, schedule
+
+H, W = 32, 48  # the pose video's size: the output's
+FACE = 512  # tiny-animate's motion encoder reads the official 512x512 face crops
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return WanPipeline.from_pretrained("tiny-animate", device="cpu", dtype=torch.float32)
+
+
+def frames(length, height, width, seed):
+    return np.random.default_rng(seed).integers(0, 256, (length, height, width, 3), dtype=np.uint8)
+
+
+# -- the official loop (wan/animate.py `WanAnimate.generate`), restated on our networks ---------
+
+
+def official_inputs_padding(array, target_len):
+    idx, flip, target_array = 0, False, []
+    while len(target_array) < target_len:
+        target_array.append(deepcopy(array[idx]))
+        idx = idx - 1 if flip else idx + 1
+        if idx == 0 or idx == len(array) - 1:
+            flip = not flip
+    return target_array[:target_len]
+
+
+def official_get_valid_len(real_len, clip_len=81, overlap=1):
+    real_clip_len = clip_len - overlap
+    last_clip_num = (real_len - overlap) % real_clip_len
+    extra = 0 if last_clip_num == 0 else real_clip_len - last_clip_num
+    return real_len + extra
+
+
+def official_get_i2v_mask(lat_t, lat_h, lat_w, mask_len=1, mask_pixel_values=None):
+    msk = torch.zeros(1, (lat_t - 1) * 4 + 1, lat_h, lat_w) if mask_pixel_values is None else mask_pixel_values.clone()
+    msk[:, :mask_len] = 1
+    msk = torch.concat([torch.repeat_interleave(msk[:, 0:1], repeats=4, dim=1), msk[:, 1:]], dim=1)
+    msk = msk.view(1, msk.shape[1] // 4, 4, lat_h, lat_w)
+    return msk.transpose(1, 2)[0]
+
+
+def official_padding_resize(img_ori, height, width):
+    """cv2.resize(INTER_LINEAR) restated as torch bilinear (no cv2 here), the padding as official."""
+    ori_height, ori_width = img_ori.shape[:2]
+    img_pad = np.zeros((height, width, 3))
+
+    def resize(img, w, h):
+        x = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        return x.round().clamp(0, 255)[0].permute(1, 2, 0).numpy()
+
+    if ori_height / ori_width > height / width:
+        new_width = int(height / ori_height * ori_width)
+        padding = int((width - new_width) / 2)
+        img_pad[:, padding: padding + new_width, :] = resize(img_ori, new_width, height)
+    else:
+        new_height = int(width / ori_width * ori_height)
+        padding = int((height - new_height) / 2)
+        img_pad[padding: padding + new_height, :, :] = resize(img_ori, width, new_height)
+    return np.uint8(img_pad)
+
+
+def official_generate(pipe, pose, face, ref, bg, mask, *, clip_len, refert_num, steps, seed, guide_scale, context,
+                      context_null, shift=5.0, sample_solver="unipc"):
+    """`WanAnimate.generate` from the frames the official `prepare_source(_for_replace)` reads,
+    fp32 on the CPU (no bf16 casts), our scheduler for the official one."""
+    vae, dit, clip = pipe.vae, pipe.dit, pipe.image_encoder
+    replace_flag = bg is not None
+    seed_g = torch.Generator().manual_seed(seed)
+    cond_images, face_images = list(pose), list(face)
+    height, width = cond_images[0].shape[:2]
+    refer_images = official_padding_resize(ref, height, width)
+    real_frame_len = len(cond_images)
+    target_len = official_get_valid_len(real_frame_len, clip_len, overlap=refert_num)
+    cond_images = official_inputs_padding(cond_images, target_len)
+    face_images = official_inputs_padding(face_images, target_len)
+    if replace_flag:
+        bg_images = official_inputs_padding(list(bg), target_len)
+        mask_images = official_inputs_padding(list(mask[:, :, :, 0] / 255), target_len)
+    start, end, all_out_frames = 0, clip_len, []
+    while True:
+        if start + refert_num >= len(cond_images):
+            break
+        mask_reft_len = 0 if start == 0 else refert_num
+        conditioning_pixel_values = rearrange(torch.tensor(np.stack(cond_images[start:end]) / 127.5 - 1),
+                                              "t h w c -> 1 c t h w").float()
+        face_pixel_values = rearrange(torch.tensor(np.stack(face_images[start:end]) / 127.5 - 1),
+                                      "t h w c -> 1 c t h w").float()
+        ref_pixel_values = rearrange(torch.tensor(refer_images / 127.5 - 1), "h w c -> 1 c h w").float()
+        refer_t_pixel_values = torch.zeros(refert_num, 3, height, width)
+        if start > 0:
+            refer_t_pixel_values = rearrange(out_frames[0, :, -refert_num:].clone(), "c t h w -> t c h w")
+        refer_t_pixel_values = rearrange(refer_t_pixel_values, "t c h w -> 1 c t h w")
+        if replace_flag:
+            bg_pixel_values = rearrange(torch.tensor(np.stack(bg_images[start:end]) / 127.5 - 1),
+                                        "t h w c -> 1 c t h w").float()
+            mask_pixel_values = rearrange(torch.tensor(np.stack(mask_images[start:end])[:, :, :, None]),
+                                          "t h w c -> 1 t c h w").float()
+        T = clip_len
+        lat_h, lat_w, lat_t = height // 8, width // 8, T // 4 + 1
+        noise = torch.randn(16, lat_t + 1, lat_h, lat_w, dtype=torch.float32, generator=seed_g)
+        pose_latents = vae.encode(conditioning_pixel_values)
+        ref_pixel_values = rearrange(ref_pixel_values, "t c h w -> 1 c t h w")
+        ref_latents = vae.encode(ref_pixel_values)
+        mask_ref = official_get_i2v_mask(1, lat_h, lat_w, 1)
+        y_ref = torch.concat([mask_ref, ref_latents[0]])
+        clip_context = clip(ref_pixel_values[0, :, 0][None])
+        if replace_flag:
+            m = rearrange(1 - mask_pixel_values, "b t c h w -> (b t) c h w")
+            m = F.interpolate(m, size=(height // 8, width // 8), mode="nearest")
+            m = rearrange(m, "(b t) c h w -> b t c h w", b=1)[:, :, 0]
+            if mask_reft_len > 0:
+                pixels = torch.concat([refer_t_pixel_values[0, :, :mask_reft_len],
+                                       bg_pixel_values[0, :, mask_reft_len:]], dim=1)
+            else:
+                pixels = bg_pixel_values[0]
+            msk_reft = official_get_i2v_mask(lat_t, lat_h, lat_w, mask_reft_len, mask_pixel_values=m)
+        else:
+            if mask_reft_len > 0:
+                pixels = torch.concat([F.interpolate(refer_t_pixel_values[0, :, :mask_reft_len], size=(height, width),
+                                                     mode="bicubic"),
+                                       torch.zeros(3, T - mask_reft_len, height, width)], dim=1)
+            else:
+                pixels = torch.zeros(3, T - mask_reft_len, height, width)
+            msk_reft = official_get_i2v_mask(lat_t, lat_h, lat_w, mask_reft_len)
+        y_reft = torch.concat([msk_reft, vae.encode(pixels[None])[0]])
+        y = torch.concat([y_ref, y_reft], dim=1)[None]
+
+        def model(x, t):
+            t = t.float().reshape(1)
+            cond = dit(x, t, context, clip_context, y, pose_latents=pose_latents, face_pixel_values=face_pixel_values)
+            if guide_scale <= 1:
+                return cond
+            uncond = dit(x, t, context_null, clip_context, y, pose_latents=pose_latents,
+                         face_pixel_values=face_pixel_values * 0 - 1)
+            return uncond + guide_scale * (cond - uncond)
+
+        sigmas, timesteps = schedule(sample_solver, steps, shift)
+        x0 = SAMPLERS[sample_solver](model, noise[None], sigmas, timesteps, generator=seed_g)
+        out_frames = vae.decode(x0[:, :, 1:].float())
+        if start != 0:
+            out_frames = out_frames[:, :, refert_num:]
+        all_out_frames.append(out_frames)
+        start += clip_len - refert_num
+        end += clip_len - refert_num
+    return torch.cat(all_out_frames, dim=2)[:, :, :real_frame_len][0]
+
+
+def test_padding_and_clip_count_as_official():
+    for length, clip_len, refert in ((7, 5, 1), (11, 9, 5), (81, 77, 1), (77, 77, 1), (200, 77, 5), (2, 77, 1)):
+        target = official_get_valid_len(length, clip_len, refert)
+        assert valid_length(length, clip_len, refert) == target
+        assert ping_pong(length, target) == official_inputs_padding(list(range(length)), target)
+    image = frames(1, 40, 30, 5)[0]
+    for size in ((32, 48), (48, 32), (40, 30)):  # taller, wider, same aspect
+        assert np.array_equal(padding_resize(image, *size), official_padding_resize(image, *size))
+
+
+CASES = [  # (mode, length, clip_len, refert_num, guidance): two clips each, the last padded and cut
+    ("animate", 7, 5, 1, 1.0),
+    ("replace", 11, 9, 5, 2.0),  # guidance: the unconditional branch's blank face
+]
+
+
+@pytest.mark.parametrize("mode, length, clip_len, refert, guidance", CASES, ids=[c[0] for c in CASES])
+def test_two_clips_equal_the_official_loop(pipe, monkeypatch, mode, length, clip_len, refert, guidance):
+    pose, face, ref = frames(length, H, W, 1), frames(length, FACE, FACE, 2), frames(1, 40, 30, 3)[0]
+    bg = mask = None
+    if mode == "replace":
+        bg = frames(length, H, W, 4)
+        mask = np.zeros((length, H, W, 3), np.uint8)
+        mask[:, 8:24, 16:40] = 255
+        mask[:, 8:24, 16:20] = 128  # soft edge: the mask is read as a fraction, not thresholded
+    embeds = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(0))
+    null = torch.randn(1, 3, 32, generator=torch.Generator().manual_seed(1))
+    made = []
+    finish = Animate.finish_clip
+
+    def keep(self, run, index, latents):  # the frames in float, before they become uint8
+        made.append(finish(self, run, index, latents))
+        return made[-1]
+
+    monkeypatch.setattr(Animate, "finish_clip", keep)
+    pipe.batch_cfg = False  # cond and uncond as two passes, as the official loop
+    try:
+        video = pipe(prompt_embeds=embeds, negative_prompt_embeds=null, pose_video=pose, face_video=face, image=ref,
+                     background_video=bg, mask_video=mask, num_frames=clip_len, refert_num=refert,
+                     num_inference_steps=2, guidance_scale=guidance, seed=7, progress=False)
+    finally:
+        pipe.batch_cfg = True
+    assert len(made) == 2 and len(video) == length and video.size == (W, H)
+    assert video.metadata["animate"] == {"mode": mode, "refert_num": refert, "clips": 2, "clip_frames": clip_len,
+                                         "video_frames": length}
+    with torch.no_grad():
+        expected = official_generate(pipe, pose, face, ref, bg, mask, clip_len=clip_len, refert_num=refert, steps=2,
+                                     seed=7, guide_scale=guidance, context=_pad_text(embeds, 512),
+                                     context_null=_pad_text(null, 512))
+    got = torch.cat(made, dim=1)
+    assert got.shape == expected.shape == (3, length, H, W)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
