@@ -175,8 +175,8 @@ def test_padding_and_clip_count_as_official():
 
 
 CASES = [  # (mode, length, clip_len, refert_num, guidance): two clips each, the last padded and cut
-    ("animate", 7, 5, 1, 1.0),
-    ("replace", 11, 9, 5, 2.0),  # guidance: the unconditional branch's blank face
+    ("replace", 7, 5, 1, 2.0),  # guidance: the unconditional branch's blank face
+    ("animate", 11, 9, 5, 1.0),
 ]
 
 
@@ -203,16 +203,123 @@ def test_two_clips_equal_the_official_loop(pipe, monkeypatch, mode, length, clip
     try:
         video = pipe(prompt_embeds=embeds, negative_prompt_embeds=null, pose_video=pose, face_video=face, image=ref,
                      background_video=bg, mask_video=mask, num_frames=clip_len, refert_num=refert,
-                     num_inference_steps=2, guidance_scale=guidance, seed=7, progress=False)
+                     num_inference_steps=1, guidance_scale=guidance, seed=7, progress=False)
     finally:
         pipe.batch_cfg = True
     assert len(made) == 2 and len(video) == length and video.size == (W, H)
     assert video.metadata["animate"] == {"mode": mode, "refert_num": refert, "clips": 2, "clip_frames": clip_len,
                                          "video_frames": length}
     with torch.no_grad():
-        expected = official_generate(pipe, pose, face, ref, bg, mask, clip_len=clip_len, refert_num=refert, steps=2,
+        expected = official_generate(pipe, pose, face, ref, bg, mask, clip_len=clip_len, refert_num=refert, steps=1,
                                      seed=7, guide_scale=guidance, context=_pad_text(embeds, 512),
                                      context_null=_pad_text(null, 512))
     got = torch.cat(made, dim=1)
     assert got.shape == expected.shape == (3, length, H, W)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+# -- the CLI: the preprocessed folder, end to end -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """The official preprocessing's folders: animation (pose, face, reference) and replacement
+    (also background and mask), 7 frames at 30 fps."""
+    from PIL import Image
+
+    from wanx.video import Video
+
+    root = tmp_path_factory.mktemp("animate-inputs")
+    for name in ("animate", "replace"):
+        folder = root / name
+        folder.mkdir()
+        Video(frames(7, H, W, 1), fps=30).save(folder / "src_pose.mp4")
+        Video(frames(7, FACE, FACE, 2), fps=30).save(folder / "src_face.mp4")
+        Image.fromarray(frames(1, 40, 30, 3)[0]).save(folder / "src_ref.png")
+        if name == "replace":
+            Video(frames(7, H, W, 4), fps=30).save(folder / "src_bg.mp4")
+            mask = np.zeros((7, H, W, 3), np.uint8)
+            mask[:, 8:24, 16:40] = 255
+            Video(mask, fps=30).save(folder / "src_mask.mp4")
+    return root
+
+
+@pytest.mark.parametrize("mode", ["animate", "replace"])
+def test_cli_makes_the_input_length_at_the_pose_size(folders, tmp_path, mode):
+    """Two clips of 5 frames carrying 1 make 9 frames, cut to the input's 7, at the pose video's
+    32x48 and the official 30 fps; no prompt: the official one."""
+    import av
+
+    from wanx.cli import main
+    from wanx.video import read_video
+
+    out = tmp_path / f"{mode}.mp4"
+    assert main(["generate", "--model", "tiny-animate", "--animate-inputs", str(folders / mode), "--frames", "5",
+                 "--steps", "1", "--seed", "1", "-o", str(out), "--quiet", *(["--replace"] if mode == "replace" else [])
+                 ]) == 0
+    assert read_video(out).frames.shape == (7, H, W, 3)
+    with av.open(str(out)) as container:
+        meta = dict(container.metadata)
+        assert container.streams.video[0].average_rate == 30
+    assert meta["task"] == "animate" and meta["prompt"] == "视频中的人在做动作"
+    assert json.loads(meta["animate"]) == {"mode": mode, "refert_num": 1, "clips": 2, "clip_frames": 5,
+                                           "video_frames": 7}
+
+
+# -- bad input: one line each, before any weight is read -------------------------------------------
+
+BAD = [  # (model, flags, what the line says)
+    ("tiny-animate", ["--animate-inputs", "{root}/no-face"], "src_face.mp4 is missing (animation needs src_pose.mp4, "
+                                                             "src_face.mp4, src_ref.png"),
+    ("tiny-animate", ["--animate-inputs", "{root}/animate", "--replace"], "src_bg.mp4 is missing (replacement needs"),
+    ("tiny-animate", ["--animate-inputs", "{root}/short-face"], "the preprocessed videos differ in length (the pose "
+                                                                "video 7, the face video 5 frames)"),
+    ("tiny-animate", ["--animate-inputs", "{root}/small-face"], "the face video is 64x64; this model reads 512x512"),
+    ("tiny-animate", ["--animate-inputs", "{root}/odd-size"], "the pose video is 40x32; the output takes its size, "
+                                                              "which must be a multiple of 16"),
+    ("tiny-animate", ["--animate-inputs", "{root}/animate", "--refert-num", "3"], "--refert-num must be 1 or 5"),
+    ("tiny-animate", ["--animate-inputs", "{root}/animate", "--context-frames", "5"], "leave --context-frames unset"),
+    ("tiny-animate", ["--animate-inputs", "{root}/animate", "--relighting"], "relighting_lora.ckpt is missing"),
+    ("tiny-animate", ["--animate-inputs", "{root}/missing"], "no such folder"),
+    ("tiny-animate", ["--extend", "{root}/animate/src_pose.mp4", "--extend-frames", "5"],
+     "animate cannot continue a video"),
+    ("tiny", ["--animate-inputs", "{root}/animate"], "--animate-inputs needs a Wan2.2 Animate model"),
+    ("tiny", ["--refert-num", "5"], "--refert-num needs a Wan2.2 Animate model"),
+    ("tiny-animate", ["--video", "{root}/animate/src_pose.mp4"], "--video needs a T2V model"),
+    ("tiny-animate", ["--control-video", "{root}/animate/src_pose.mp4"], "--control-video needs a VACE model"),
+]
+
+
+@pytest.mark.parametrize("model, flags, message", BAD, ids=[f"{m}:{f[0]}:{i}" for i, (m, f, _) in enumerate(BAD)])
+def test_bad_input_one_line_before_loading(folders, capsys, monkeypatch, tmp_path, model, flags, message):
+    import shutil
+
+    from wanx.cli import main
+    from wanx.video import Video
+
+    bad = {"no-face": None, "short-face": frames(5, FACE, FACE, 2), "small-face": frames(7, 64, 64, 2),
+           "odd-size": None}
+    for name, face in bad.items():
+        folder = folders / name
+        if folder.exists():
+            continue
+        shutil.copytree(folders / "animate", folder)
+        (folder / "src_face.mp4").unlink()
+        if face is not None:
+            Video(face, fps=30).save(folder / "src_face.mp4")
+        if name == "odd-size":
+            shutil.copy(folders / "animate" / "src_face.mp4", folder)
+            Video(frames(7, 32, 40, 1), fps=30).save(folder / "src_pose.mp4")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the request was refused")
+
+    monkeypatch.setattr(WanPipeline, "from_files", refuse)
+    out = tmp_path / "out.mp4"
+    code = main(["generate", "--model", model, "--steps", "1", "-o", str(out), "--quiet",
+                 *(["--prompt", "a cat"] if model == "tiny" else []),
+                 *[flag.format(root=folders) for flag in flags]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("wanx: error: ") and "\n" not in err and message in err, err
+    assert not out.exists()

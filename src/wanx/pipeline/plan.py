@@ -97,8 +97,9 @@ class Plan:
     # continuation: the video to continue (pipeline.extend.Extension); num_frames is then the
     # clip the DiT makes, the overlap included
     extend: object | None = None
-    # Wan2.2-Animate: its inputs and clips (conditioning.animate.AnimateInputs); num_frames is a clip's
-    animate: object | None = None
+    # Wan2.2-Animate: its inputs and clips (conditioning.animate.AnimateInputs); num_frames is a clip's.
+    # Not compared: two plans of the same request read the frames into two objects
+    animate: object | None = field(default=None, compare=False)
     # the task's official prompt, when none was given (Animate's)
     prompt: str | None = None
 

@@ -124,7 +124,7 @@ def padding_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
         new_h, new_w = height, int(height / h * w)
     else:
         new_h, new_w = int(width / w * h), width
-    pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float()
     scaled = F.interpolate(pixels, size=(new_h, new_w), mode="bilinear", align_corners=False)
     scaled = scaled.round().clamp(0, 255).byte()[0].permute(1, 2, 0).numpy()
     out = np.zeros((height, width, 3), dtype=np.uint8)
@@ -189,10 +189,11 @@ class Animate(Conditioning):
     def read(cls, plan, given, *, area, frames_given, shift_given, name) -> None:
         from ..plan import RequestError
 
-        for key, what in (("extend", "continues a video"), ("context_windows", "splits the video into windows")):
+        for key, flag, what in (("extend", "extend", "continues a video"),
+                                ("context_windows", "context_frames", "splits the video into windows")):
             if given[key] is not None:
-                raise RequestError(key, f"{name(key)} {what}; Animate makes its video clip after clip, each "
-                                        f"carrying the last frames of the one before: leave {name(key)} unset")
+                raise RequestError(key, f"{name(flag)} {what}; Animate makes its video clip after clip, each "
+                                        f"carrying the last frames of the one before: leave {name(flag)} unset")
         if given["output_type"] == "latents":
             raise RequestError("output_type", "output_type='latents' is not available for Animate: each clip is "
                                               "decoded for the next")
