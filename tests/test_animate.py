@@ -323,3 +323,68 @@ def test_bad_input_one_line_before_loading(folders, capsys, monkeypatch, tmp_pat
     assert code == 2, err
     assert err.startswith("wanx: error: ") and "\n" not in err and message in err, err
     assert not out.exists()
+
+
+# -- the server: the preprocessed files come as uploads --------------------------------------------
+
+
+def test_server_takes_animate_uploads_and_a_t2v_server_refuses_them(folders, tmp_path):
+    """Replacement from four video uploads and the reference image, under server-made names, at
+    the pose video's size and length; a T2V model's server refuses a pose video in one line, a
+    folder path is not a request key."""
+    from fastapi.testclient import TestClient
+
+    from tests.serve.conftest import wait_for
+    from wanx.hub import find_components, resolve_model
+    from wanx.runtime import Runtime
+    from wanx.serve.app import Server, create_app
+    from wanx.video import read_video
+
+    runtime = Runtime.create("cpu")
+    folder = folders / "replace"
+    for model in ("tiny-animate", "tiny"):
+        files = find_components(resolve_model(model))
+        pipe = WanPipeline.from_files(files, runtime=runtime) if model == "tiny-animate" else None
+        server = Server(pipe, files, runtime, tmp_path / model, model_name=model)
+        body = {"frames": 5, "steps": 1, "seed": 1, **({"prompt": "a cat"} if model == "tiny" else {})}
+        parts = [("pose_video", ("p.mp4", (folder / "src_pose.mp4").read_bytes(), "video/mp4"))]
+        if model == "tiny-animate":
+            parts += [(field, (f"{field}.mp4", (folder / file).read_bytes(), "video/mp4")) for field, file in
+                      (("face_video", "src_face.mp4"), ("background_video", "src_bg.mp4"),
+                       ("mask_video", "src_mask.mp4"))]
+            parts.append(("image", ("r.png", (folder / "src_ref.png").read_bytes(), "image/png")))
+        with TestClient(create_app(server, ui=False, worker=model == "tiny-animate"),
+                        base_url="http://localhost") as client:
+            answer = client.post("/v1/videos", data={"request": json.dumps(body)}, files=parts)
+            if model == "tiny":
+                assert answer.status_code == 422 and answer.json()["field"] == "pose_video", answer.text
+                assert "pose_video needs a Wan2.2 Animate model" in answer.json()["detail"]
+                assert list((server.outputs / "inputs").iterdir()) == []
+                answer = client.post("/v1/videos", json={**body, "animate_inputs": str(folder)})
+                assert answer.status_code == 422 and answer.json()["field"] == "animate_inputs", answer.text
+                continue
+            assert answer.status_code == 202, answer.text
+            job = wait_for(client, answer.json()["id"])
+            assert job["status"] == "done", job
+            assert job["inputs"] == ["background_video", "face_video", "image", "mask_video", "pose_video"]
+            got = tmp_path / "got.mp4"
+            got.write_bytes(client.get(f"/v1/videos/{job['id']}/content").content)
+            assert read_video(got).frames.shape == (7, H, W, 3)
+            assert job["settings"]["animate"]["mode"] == "replace"
+        server.queue.stop(timeout=10)
+
+
+def test_the_ui_has_an_animate_tab_with_its_uploads(tmp_path):
+    from wanx.hub import find_components, resolve_model
+    from wanx.runtime import Runtime
+    from wanx.serve.app import Server
+    from wanx.serve.ui import build_ui, placeholders
+
+    server = Server(None, find_components(resolve_model("tiny-animate")), Runtime.create("cpu"), tmp_path / "ui",
+                    model_name="tiny-animate")
+    try:
+        ids = {getattr(block, "elem_id", None) for block in build_ui(server).blocks.values()}
+    finally:
+        server.queue.stop(timeout=10)
+    assert {"pose_video", "face_video", "background_video", "mask_video", "image"} <= ids
+    assert placeholders({}, "animate")["steps"] == "20" and placeholders({}, "animate")["frames"] == "77"
