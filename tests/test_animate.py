@@ -388,3 +388,49 @@ def test_the_ui_has_an_animate_tab_with_its_uploads(tmp_path):
         server.queue.stop(timeout=10)
     assert {"pose_video", "face_video", "background_video", "mask_video", "image"} <= ids
     assert placeholders({}, "animate")["steps"] == "20" and placeholders({}, "animate")["frames"] == "77"
+
+
+# -- the relighting LoRA ----------------------------------------------------------------------------
+
+OFFICIAL_LORA_TARGETS = [f"{attn}.{proj}" for attn, projs in (("self_attn", "qkvo"), ("cross_attn", "qkvo"))
+                         for proj in projs] + ["cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2"]
+
+
+def relighting_ckpt(path, layers, dim, rank=4):
+    """What the official `_configure_model` loads: torch.load(...)["state_dict"], PEFT's keys
+    (`get_peft_model_state_dict`: no adapter name) for every Linear of the main blocks
+    (`get_loraconfig`: not face_adapter's, not modulation)."""
+    g = torch.Generator().manual_seed(5)
+    state = {}
+    for i in range(layers):
+        for target in OFFICIAL_LORA_TARGETS:
+            out_dim = 64 if target == "ffn.0" else dim
+            in_dim = 64 if target == "ffn.2" else dim  # k_img/v_img read the projected CLIP tokens (dim)
+            state[f"blocks.{i}.{target}.lora_A.weight"] = torch.randn(rank, in_dim, generator=g) * 0.1
+            state[f"blocks.{i}.{target}.lora_B.weight"] = torch.randn(out_dim, rank, generator=g) * 0.1
+    torch.save({"state_dict": state}, path)
+
+
+def test_relighting_lora_in_the_official_format_applies_whole(folders, tmp_path, capsys):
+    """--relighting reads the model folder's relighting_lora.ckpt (weights_only) and applies every
+    module of it, at strength 1 (rank = alpha, as the official LoraConfig(r=128, lora_alpha=128))."""
+    import shutil
+
+    import av
+
+    from wanx.cli import main
+    from wanx.hub import resolve_model
+    from wanx.lora import read_lora
+
+    model = tmp_path / "tiny-animate"
+    shutil.copytree(resolve_model("tiny-animate"), model)
+    relighting_ckpt(model / "relighting_lora.ckpt", layers=2, dim=32)
+    lora = read_lora(model / "relighting_lora.ckpt")
+    assert len(lora.modules) == 2 * len(OFFICIAL_LORA_TARGETS)
+    out = tmp_path / "relit.mp4"
+    assert main(["generate", "--model", str(model), "--animate-inputs", str(folders / "replace"), "--replace",
+                 "--relighting", "--frames", "5", "--steps", "1", "--seed", "1", "-o", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "LoRA relighting: official format, 24/24 modules matched, rank 4, strength 1" in err, err
+    with av.open(str(out)) as container:
+        assert json.loads(container.metadata["loras"])[0]["name"] == "relighting"
