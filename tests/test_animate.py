@@ -434,3 +434,24 @@ def test_relighting_lora_in_the_official_format_applies_whole(folders, tmp_path,
     assert "LoRA relighting: official format, 24/24 modules matched, rank 4, strength 1" in err, err
     with av.open(str(out)) as container:
         assert json.loads(container.metadata["loras"])[0]["name"] == "relighting"
+
+
+def test_python_api_refusals(pipe):
+    """The Python face: the official refusals in its keywords, before any work."""
+    given = dict(pose_video=frames(7, H, W, 1), face_video=frames(7, FACE, FACE, 2), image=frames(1, 40, 30, 3)[0])
+    with pytest.raises(ValueError, match="^output_type='latents' is not available for Animate"):
+        pipe(**given, output_type="latents", progress=False)
+    with pytest.raises(ValueError, match="^refert_num must be 1 or 5"):
+        pipe.plan(**given, refert_num=3)
+    with pytest.raises(ValueError, match="^num_frames 5 is a clip's length; it must be above refert_num 5"):
+        pipe.plan(**given, refert_num=5, num_frames=5)
+    with pytest.raises(ValueError, match="^background_video is for replacement: drop it, or ask for replace"):
+        pipe.plan(**given, background_video=frames(7, H, W, 4), mask_video=frames(7, H, W, 5), replace=False)
+    with pytest.raises(ValueError, match=r"^replacement needs mask_video \(the preprocessed src_mask.mp4\)"):
+        pipe.plan(**given, background_video=frames(7, H, W, 4))
+    with pytest.raises(ValueError, match="^the background video is 32x48; it needs the pose video's size, 48x32"):
+        pipe.plan(**given, background_video=frames(7, W, H, 4), mask_video=frames(7, H, W, 5))
+    with pytest.raises(ValueError, match="^give animate_inputs .* or pose_video, not both"):
+        pipe.plan(**given, animate_inputs="somewhere")
+    plan = pipe.plan(**given, background_video=frames(7, H, W, 4), mask_video=frames(7, H, W, 5))
+    assert plan.animate.replace and plan.prompt == "视频中的人在做动作" and (plan.steps, plan.num_frames) == (4, 5)

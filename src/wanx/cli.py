@@ -973,7 +973,8 @@ def _add_generate(sub: argparse._SubParsersAction, tiny: str) -> None:
     gen = sub.add_parser("generate", help="make a video from text, an image, first+last frames, or a video",
                          description="Generate with a Wan2.1 model. The task follows from the model and the inputs: "
                                      "text (T2V), --image (I2V), --image + --last-image (FLF2V), --video (video-to-video "
-                                     "with a T2V model); Wan2.2 TI2V-5B: text, or text and --image. Unset options take the official "
+                                     "with a T2V model); Wan2.2 TI2V-5B: text, or text and --image; Wan2.2 Animate: --animate-inputs. "
+                                     "Unset options take the official "
                                      "defaults of the task.")
     gen.add_argument("--model", required=True,
                      help="model folder (official or diffusers layout), a model id such as Wan-AI/Wan2.1-T2V-1.3B or "
