@@ -247,7 +247,8 @@ def folders(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["animate", "replace"])
 def test_cli_makes_the_input_length_at_the_pose_size(folders, tmp_path, mode):
     """Two clips of 5 frames carrying 1 make 9 frames, cut to the input's 7, at the pose video's
-    32x48 and the official 30 fps; no prompt: the official one."""
+    32x48 and the official 30 fps; no prompt: the official one. Replacement with a step cache:
+    its settings in the metadata (made once the first clip ran, before the file opens)."""
     import av
 
     from wanx.cli import main
@@ -255,8 +256,8 @@ def test_cli_makes_the_input_length_at_the_pose_size(folders, tmp_path, mode):
 
     out = tmp_path / f"{mode}.mp4"
     assert main(["generate", "--model", "tiny-animate", "--animate-inputs", str(folders / mode), "--frames", "5",
-                 "--steps", "1", "--seed", "1", "-o", str(out), "--quiet", *(["--replace"] if mode == "replace" else [])
-                 ]) == 0
+                 "--steps", "1", "--seed", "1", "-o", str(out), "--quiet",
+                 *(["--replace", "--teacache", "0.5"] if mode == "replace" else [])]) == 0
     assert read_video(out).frames.shape == (7, H, W, 3)
     with av.open(str(out)) as container:
         meta = dict(container.metadata)
@@ -264,6 +265,8 @@ def test_cli_makes_the_input_length_at_the_pose_size(folders, tmp_path, mode):
     assert meta["task"] == "animate" and meta["prompt"] == "视频中的人在做动作"
     assert json.loads(meta["animate"]) == {"mode": mode, "refert_num": 1, "clips": 2, "clip_frames": 5,
                                            "video_frames": 7}
+    if mode == "replace":
+        assert json.loads(meta["cache"])["kind"] == "teacache"
 
 
 # -- bad input: one line each, before any weight is read -------------------------------------------

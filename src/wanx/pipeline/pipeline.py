@@ -321,7 +321,7 @@ class WanPipeline:
             noise, generator = self._noise(plan, latents)
             if conditioning.by_clips:
                 return self._clips(run, plan, conditioning, (context, context_null), noise, generator, batched,
-                                   callback, lora_step, writer, self._metadata(plan, conditioning, prompt))
+                                   callback, lora_step, writer, lambda: self._metadata(plan, conditioning, prompt))
             inputs = conditioning.inputs(run)
             sigmas, timesteps = conditioning.schedule(*schedule(plan.sampler, plan.steps, plan.shift, plan.timesteps))
             x = conditioning.start(run, noise, sigmas)
@@ -452,11 +452,14 @@ class WanPipeline:
         return x
 
     def _clips(self, run: Run, plan: Plan, conditioning: Conditioning, texts, noise: Tensor, generator, batched: bool,
-               callback, lora_step, writer: VideoWriter | None, metadata: dict) -> Video | SavedVideo:
+               callback, lora_step, writer: VideoWriter | None, describe: Callable[[], dict]) -> Video | SavedVideo:
         """Clip after clip (Animate, S2V): each clip is sampled, decoded whole and its new frames
         written before the next clip, which carries its last frames (`Conditioning.finish_clip`).
-        Memory is one clip's, however many clips the video has."""
+        Memory is one clip's, however many clips the video has. describe: the metadata, made
+        once the first clip is sampled (a step cache's threshold and counts, the experts' split
+        are known then: the first clip's) and before its frames open the file."""
         out = _Chunks() if writer is None else writer
+        metadata: dict = {}
 
         def clips() -> None:
             for index in range(conditioning.clips):
@@ -467,12 +470,15 @@ class WanPipeline:
                 x = conditioning.start(run, conditioning.clip_noise(index, noise, generator), sigmas)
                 x = self._denoise(run, plan, conditioning, inputs, texts, x, sigmas, timesteps, batched, callback,
                                   generator, lora_step)
+                if index == 0:
+                    metadata.update(describe())
+                    if writer is not None:
+                        writer.metadata = metadata
                 out.write(to_pixels(conditioning.finish_clip(run, index, x)))
 
         if writer is None:
             clips()
             return Video(np.concatenate(out), fps=plan.fps, metadata=metadata)
-        writer.metadata = metadata
         try:
             with writer:
                 clips()
