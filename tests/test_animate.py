@@ -284,6 +284,8 @@ BAD = [  # (model, flags, what the line says)
     ("tiny-animate", ["--animate-inputs", "{root}/animate", "--context-frames", "5"], "leave --context-frames unset"),
     ("tiny-animate", ["--animate-inputs", "{root}/animate", "--relighting"], "relighting_lora.ckpt is missing"),
     ("tiny-animate", ["--animate-inputs", "{root}/missing"], "no such folder"),
+    ("tiny-animate", ["--image", "{root}/animate/src_ref.png"], "Animate needs the preprocessed inputs: give "
+                                                                "--animate-inputs (the official preprocessing's folder)"),
     ("tiny-animate", ["--extend", "{root}/animate/src_pose.mp4", "--extend-frames", "5"],
      "animate cannot continue a video"),
     ("tiny", ["--animate-inputs", "{root}/animate"], "--animate-inputs needs a Wan2.2 Animate model"),

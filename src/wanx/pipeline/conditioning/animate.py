@@ -202,6 +202,10 @@ class Animate(Conditioning):
             raise RequestError("refert_num", f"{name('refert_num')} must be 1 or 5 (the frames each clip carries "
                                              f"from the last, as the official code allows), got {refert!r}")
         sources = cls._sources(given, name)
+        if given["animate_inputs"] is None and sources["pose_video"] is None and sources["face_video"] is None:
+            raise RequestError("animate_inputs", f"Animate needs the preprocessed inputs: give {name('animate_inputs')} "
+                                                 f"(the official preprocessing's folder), or {name('pose_video')}, "
+                                                 f"{name('face_video')} and {name('image')}")
         replace = given["replace"]
         files = [key for key in REPLACEMENT_FILES if sources.get(key) is not None]
         if replace is None:
@@ -244,11 +248,11 @@ class Animate(Conditioning):
             background = read_input(field("background_video"), lambda v: _video(v, "background video"),
                                     sources["background_video"])
             mask = read_input(field("mask_video"), lambda v: _video(v, "mask video"), sources["mask_video"])
-            for what, video in (("background video", background), ("mask video", mask)):
+            for key, what, video in (("background_video", "background video", background),
+                                     ("mask_video", "mask video", mask)):
                 if video.size != (height, width):
-                    raise RequestError(field("background_video" if what[0] == "b" else "mask_video"),
-                                       f"the {what} is {video.size[1]}x{video.size[0]}; it needs the pose video's "
-                                       f"size, {width}x{height}")
+                    raise RequestError(field(key), f"the {what} is {video.size[1]}x{video.size[0]}; it needs the pose "
+                                                   f"video's size, {width}x{height}")
             videos.update({"background video": background, "mask video": mask})
         lengths = {what: len(video) for what, video in videos.items()}
         if len(set(lengths.values())) > 1:
