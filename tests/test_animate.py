@@ -458,5 +458,8 @@ def test_python_api_refusals(pipe):
         pipe.plan(**given, background_video=frames(7, W, H, 4), mask_video=frames(7, H, W, 5))
     with pytest.raises(ValueError, match="^give animate_inputs .* or pose_video, not both"):
         pipe.plan(**given, animate_inputs="somewhere")
+    reference = torch.from_numpy(given["image"]).permute(2, 0, 1) / 127.5 - 1  # a tensor in [-1, 1] as well
+    from_tensor = pipe.plan(**{**given, "image": reference}).animate.reference
+    assert np.array_equal(from_tensor, pipe.plan(**given).animate.reference)
     plan = pipe.plan(**given, background_video=frames(7, H, W, 4), mask_video=frames(7, H, W, 5))
     assert plan.animate.replace and plan.prompt == "视频中的人在做动作" and (plan.steps, plan.num_frames) == (4, 5)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...video import Video, read_image, read_video
+from ...video import Video, read_image, read_video, to_pixels
 from .base import Conditioning, Run, read_input
 from .i2v import fold_mask
 
@@ -151,9 +151,14 @@ def _video(value, what: str) -> Frames:
 
 
 def _image(value) -> np.ndarray:
-    """A path, PIL image or uint8 `[H, W, 3]` array -> uint8 `[H, W, 3]`."""
+    """A path, PIL image, uint8 `[H, W, 3]` array or `[3, H, W]` tensor in [-1, 1] -> uint8
+    `[H, W, 3]` (the official code reads the reference as 8-bit pixels)."""
     if isinstance(value, (str, Path)):
         return read_image(value)
+    if isinstance(value, Tensor):
+        if value.ndim != 3 or value.shape[0] != 3:
+            raise ValueError(f"the reference image tensor must be [3, H, W] in [-1, 1], got {tuple(value.shape)}")
+        return to_pixels(value[:, None])[0]
     array = np.asarray(value.convert("RGB") if hasattr(value, "convert") else value)
     if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
         raise ValueError(f"the reference image must be RGB uint8 [H, W, 3], got {array.dtype} {array.shape}")
