@@ -95,7 +95,7 @@ def official_generate(pipe, pose, face, ref, bg, mask, *, clip_len, refert_num, 
     if replace_flag:
         bg_images = official_inputs_padding(list(bg), target_len)
         mask_images = official_inputs_padding(list(mask[:, :, :, 0] / 255), target_len)
-    start, end, all_out_frames = 0, clip_len, []
+    start, end, all_out_frames, out_frames = 0, clip_len, [], None
     while True:
         if start + refert_num >= len(cond_images):
             break
@@ -284,8 +284,8 @@ BAD = [  # (model, flags, what the line says)
     ("tiny-animate", ["--animate-inputs", "{root}/animate", "--context-frames", "5"], "leave --context-frames unset"),
     ("tiny-animate", ["--animate-inputs", "{root}/animate", "--relighting"], "relighting_lora.ckpt is missing"),
     ("tiny-animate", ["--animate-inputs", "{root}/missing"], "no such folder"),
-    ("tiny-animate", ["--image", "{root}/animate/src_ref.png"], "Animate needs the preprocessed inputs: give "
-                                                                "--animate-inputs (the official preprocessing's folder)"),
+    ("tiny-animate", ["--image", "{root}/animate/src_ref.png"],
+     "Animate needs the preprocessed inputs: give --animate-inputs (the official preprocessing's folder)"),
     ("tiny-animate", ["--extend", "{root}/animate/src_pose.mp4", "--extend-frames", "5"],
      "animate cannot continue a video"),
     ("tiny", ["--animate-inputs", "{root}/animate"], "--animate-inputs needs a Wan2.2 Animate model"),
@@ -462,4 +462,5 @@ def test_python_api_refusals(pipe):
     from_tensor = pipe.plan(**{**given, "image": reference}).animate.reference
     assert np.array_equal(from_tensor, pipe.plan(**given).animate.reference)
     plan = pipe.plan(**given, background_video=frames(7, H, W, 4), mask_video=frames(7, H, W, 5))
-    assert plan.animate.replace and plan.prompt == "视频中的人在做动作" and (plan.steps, plan.num_frames) == (4, 5)
+    assert plan.animate.replace and plan.prompt == "视频中的人在做动作"
+    assert (plan.steps, plan.num_frames) == (4, 5)  # the tiny folder's defaults

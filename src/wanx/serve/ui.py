@@ -194,7 +194,8 @@ def build_ui(server: Server) -> gr.Blocks:
                                                     file_types=["image", "video"], type="filepath", elem_id=field)
                         elif field in ("pose_video", "face_video", "background_video", "mask_video"):
                             # Animate: the preprocessed files as they are (a file, not re-encoded by the page)
-                            words = {"pose_video": "Pose video (src_pose.mp4)", "face_video": "Face video (src_face.mp4)",
+                            words = {"pose_video": "Pose video (src_pose.mp4)",
+                                     "face_video": "Face video (src_face.mp4)",
                                      "background_video": "Background video (src_bg.mp4; replacement)",
                                      "mask_video": "Mask video (src_mask.mp4; replacement)"}[field]
                             inputs[field] = gr.File(label=words, file_types=["video"], type="filepath", elem_id=field)

@@ -208,9 +208,9 @@ class Animate(Conditioning):
                                              f"from the last, as the official code allows), got {refert!r}")
         sources = cls._sources(given, name)
         if given["animate_inputs"] is None and sources["pose_video"] is None and sources["face_video"] is None:
-            raise RequestError("animate_inputs", f"Animate needs the preprocessed inputs: give {name('animate_inputs')} "
-                                                 f"(the official preprocessing's folder), or {name('pose_video')}, "
-                                                 f"{name('face_video')} and {name('image')}")
+            raise RequestError("animate_inputs", f"Animate needs the preprocessed inputs: give "
+                                                 f"{name('animate_inputs')} (the official preprocessing's folder), "
+                                                 f"or {name('pose_video')}, {name('face_video')} and {name('image')}")
         replace = given["replace"]
         files = [key for key in REPLACEMENT_FILES if sources.get(key) is not None]
         if replace is None:
