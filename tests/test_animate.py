@@ -281,6 +281,8 @@ BAD = [  # (model, flags, what the line says)
     ("tiny-animate", ["--animate-inputs", "{root}/odd-size"], "the pose video is 40x32; the output takes its size, "
                                                               "which must be a multiple of 16"),
     ("tiny-animate", ["--animate-inputs", "{root}/animate", "--refert-num", "3"], "--refert-num must be 1 or 5"),
+    ("tiny-animate", ["--animate-inputs", "{root}/animate", "--size", "64x64"],
+     "--size does not apply to Animate: the output takes the pose video's size, 48x32; leave it unset"),
     ("tiny-animate", ["--animate-inputs", "{root}/animate", "--context-frames", "5"], "leave --context-frames unset"),
     ("tiny-animate", ["--animate-inputs", "{root}/animate", "--relighting"], "relighting_lora.ckpt is missing"),
     ("tiny-animate", ["--animate-inputs", "{root}/missing"], "no such folder"),

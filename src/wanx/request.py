@@ -157,6 +157,10 @@ def check_job(job: Mapping, files, *, runtime, weights: int, names: Mapping[str,
         from .pipeline.conditioning.animate import check_face_size
 
         check_face_size(plan, files.dit_config)
+        if job.get("size") is not None and tuple(job["size"]) != (plan.width, plan.height):
+            name = (names or KEY_NAMES).get("width", "size")
+            raise RequestError("height", f"{name.split()[0]} does not apply to Animate: the output takes the pose "
+                                         f"video's size, {plan.width}x{plan.height}; leave it unset")
     window = None if plan.windows is None else (plan.windows.size - 1) * plan.latent[1] + 1
     try:  # batch 1: guidance runs as two passes when one batch of two does not fit
         check_fits(files.dit_config, plan.height, plan.width, plan.num_frames, device=runtime.device,
