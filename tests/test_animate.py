@@ -466,3 +466,17 @@ def test_python_api_refusals(pipe):
     plan = pipe.plan(**given, background_video=frames(7, H, W, 4), mask_video=frames(7, H, W, 5))
     assert plan.animate.replace and plan.prompt == "视频中的人在做动作"
     assert (plan.steps, plan.num_frames) == (4, 5)  # the tiny folder's defaults
+
+
+@pytest.mark.parametrize("prefix, adapter", [("", ""), ("base_model.model.", ""), ("", ".default")])
+def test_relighting_keys_as_peft_may_store_them(tmp_path, prefix, adapter):
+    """set_peft_model_state_dict takes PEFT's keys bare, under get_peft_model's `base_model.model.`
+    or with the adapter's name: each reads as the same official modules."""
+    from wanx.lora import read_lora
+
+    relighting_ckpt(tmp_path / "plain.ckpt", layers=1, dim=32)
+    state = torch.load(tmp_path / "plain.ckpt", weights_only=True)["state_dict"]
+    renamed = {prefix + key.replace(".weight", f"{adapter}.weight"): value for key, value in state.items()}
+    torch.save({"state_dict": renamed}, tmp_path / "relighting_lora.ckpt")
+    lora = read_lora(tmp_path / "relighting_lora.ckpt")
+    assert sorted(lora.modules) == sorted(f"blocks.0.{target}" for target in OFFICIAL_LORA_TARGETS)
