@@ -480,3 +480,24 @@ def test_relighting_keys_as_peft_may_store_them(tmp_path, prefix, adapter):
     torch.save({"state_dict": renamed}, tmp_path / "relighting_lora.ckpt")
     lora = read_lora(tmp_path / "relighting_lora.ckpt")
     assert sorted(lora.modules) == sorted(f"blocks.0.{target}" for target in OFFICIAL_LORA_TARGETS)
+
+
+def test_two_ranks_cfg_parallel_decode_every_clip(folders, tmp_path):
+    """Every rank decodes each clip (the next one starts from its frames), rank 0 alone writes:
+    two CPU ranks with CFG parallel make the frames of one process (PNG frames: lossless; a
+    pixel may round the other way, the halves run as batches of one)."""
+    from PIL import Image
+
+    from wanx.cli import main
+
+    args = ["generate", "--model", "tiny-animate", "--animate-inputs", str(folders / "animate"), "--frames", "5",
+            "--steps", "1", "--seed", "1", "--guidance", "2", "--device", "cpu", "--quiet"]
+    assert main([*args, "-o", str(tmp_path / "one")]) == 0
+    assert main([*args, "--gpus", "2", "--cfg-parallel", "--sp", "none", "-o", str(tmp_path / "two")]) == 0
+
+    def read(folder):
+        return np.stack([np.asarray(Image.open(p), dtype=np.int16) for p in sorted(folder.iterdir())])
+
+    one, two = read(tmp_path / "one"), read(tmp_path / "two")
+    assert one.shape == two.shape == (7, H, W, 3)
+    assert np.abs(one - two).max() <= 2

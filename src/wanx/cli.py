@@ -477,6 +477,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .hub import find_model
     from .pipeline import WanPipeline
+    from .pipeline.conditioning import conditioning_for
     from .request import check_job, fix_seed, request_weights
     from .runtime import Runtime
 
@@ -561,13 +562,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"loading: {time.perf_counter() - start:.1f} s ({files.model_type}{experts} on {runtime.device}, "
                   f"{str(runtime.dtype).removeprefix('torch.')}{f'; DiT layers {held}' if held else ''})",
                   file=sys.stderr)
-        for job, request, out in zip(jobs, requests, outputs):
+        for job, request, out, (plan, _) in zip(jobs, requests, outputs, plans):
             # mp4 and PNG frames are written as they are decoded (memory flat in length); a gif is collected
             streamed = writer and out.suffix.lower() != ".gif"
-            try:  # the other ranks stop at the latents: rank 0 alone decodes and writes
+            # the other ranks stop at the latents: rank 0 alone decodes and writes; a clip-after-clip
+            # task (Animate) decodes each clip on every rank, since the next clip starts from its frames
+            decoded = writer or conditioning_for(plan.spec).clip_after_clip
+            try:
                 video = pipe(job["prompt"], job["negative_prompt"], progress=not args.quiet,
                              output_path=out if streamed else None, quality=args.quality,
-                             output_type="video" if writer else "latents", **request)
+                             output_type="video" if decoded else "latents", **request)
             except KeyboardInterrupt:
                 args.partial = pipe.last_partial  # the frames decoded before the stop, for main's message
                 raise
