@@ -232,6 +232,8 @@ FLAGS = {"prompt": "--prompt (or --prompts FILE)", "negative_prompt": "--negativ
          "timesteps": "--timesteps", "extend": "--extend", "extend_frames": "--extend-frames",
          "control_video": "--control-video", "mask": "--mask", "reference_images": "--reference-image",
          "conditioning_scale": "--control-scale", "outpaint": "--outpaint",
+         "animate_inputs": "--animate-inputs", "replace": "--replace", "refert_num": "--refert-num",
+         **{key: key for key in ("pose_video", "face_video", "background_video", "mask_video")},  # --prompts keys
          **{key: "--" + key.replace("_", "-") for key in (  # wanx.request.GUIDANCE_KEYS
              "cfg_steps", "cfg_zero_star", "apg", "apg_eta", "apg_norm_threshold", "apg_momentum", "slg_layers",
              "slg_start", "slg_end", "nag_scale", "nag_tau", "nag_alpha",
@@ -242,7 +244,8 @@ _JOB_KEYS = ("prompt", "negative_prompt", "seed", "image", "last_image", "video"
              "slg_layers", "slg_start", "slg_end", "nag_scale", "nag_tau",
              "nag_alpha", "context_frames", "context_overlap", "context_schedule",
              "context_blend", "color_match", "extend", "extend_frames", "control_video", "mask", "reference_images",
-             "control_scale", "outpaint")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
+             "control_scale", "outpaint", "animate_inputs", "pose_video", "face_video", "background_video",
+             "mask_video", "replace", "refert_num")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
 # How the CLI spells each runtime choice and parallel-plan parameter in Runtime.check's refusals
 # (`wanx serve` is given them too: its flags are these).
 RUNTIME_FLAGS = {"offload": "--offload", "vram_budget": "--vram-budget", "quantize": "--fp8/--int8",
@@ -266,6 +269,7 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
                 timesteps=_timesteps(args.timesteps), output=None, where="", extend=args.extend,
                 extend_frames=args.extend_frames, control_video=args.control_video, mask=args.mask,
                 reference_images=args.reference_image, control_scale=args.control_scale, outpaint=args.outpaint,
+                animate_inputs=args.animate_inputs, replace=args.replace or None, refert_num=args.refert_num,
                 **{key: getattr(args, key) for key in _GUIDANCE_FLAGS + _WINDOW_FLAGS})
     if not args.prompts:
         return [base]
@@ -293,7 +297,8 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
                 raise ValueError(f"{where}a JSON line must be an object such as {{\"prompt\": \"...\"}}")
             job = parse_job(job, where=where)  # the server reads its request bodies with the same rules
             # relative to the prompts file, as its author sees them
-            for key in ("image", "last_image", "video", "extend", "control_video", "mask"):
+            for key in ("image", "last_image", "video", "extend", "control_video", "mask", "animate_inputs",
+                        "pose_video", "face_video", "background_video", "mask_video"):
                 if isinstance(job.get(key), str) and not Path(job[key]).expanduser().is_absolute():
                     job[key] = str(path.parent / job[key])
             if job.get("reference_images") is not None:  # one path or a list of them
@@ -390,6 +395,23 @@ def _lora_specs(args: argparse.Namespace) -> list[tuple]:
     return read
 
 
+def _relighting_lora(files) -> tuple:
+    """--relighting: the Wan2.2 Animate folder's relighting_lora.ckpt as a LoRA at strength 1 (the
+    official merges it whole: rank 128, alpha 128)."""
+    from .lora import LoraError, read_lora
+
+    if files.model_type != "animate":
+        raise ValueError(f"--relighting applies Wan2.2 Animate's relighting_lora.ckpt; this is a {files.model_type} "
+                         "model")
+    path = Path(files.folder) / "relighting_lora.ckpt"
+    if not path.is_file():
+        raise ValueError(f"--relighting: {path} is missing; it comes with Wan-AI/Wan2.2-Animate-14B")
+    try:
+        return read_lora(path), 1.0, None, "relighting"
+    except LoraError as err:
+        raise LoraError(f"--relighting {err}") from None
+
+
 def _check_loras(specs: list[tuple], files, partial: bool = False) -> list[tuple]:
     """Check each LoRA of `_lora_specs` against the model folder's DiT (built on the meta
     device: shapes only), before any weight is loaded. partial (--lora-partial): what fits is
@@ -455,6 +477,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .hub import find_model
     from .pipeline import WanPipeline
+    from .pipeline.conditioning import conditioning_for
     from .request import check_job, fix_seed, request_weights
     from .runtime import Runtime
 
@@ -493,6 +516,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     lora_specs = _lora_specs(args)
     _lora_defaults(lora_specs, jobs)
     files = find_model(args.model, dit=args.dit, dit_low=args.model_low, source=args.source)
+    if args.relighting:
+        lora_specs.append(_relighting_lora(files))
     runtime.check(experts=2 if files.moe else 1, **plan, names=RUNTIME_FLAGS)
     if world is not None:
         from .distributed import check_plan
@@ -537,13 +562,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"loading: {time.perf_counter() - start:.1f} s ({files.model_type}{experts} on {runtime.device}, "
                   f"{str(runtime.dtype).removeprefix('torch.')}{f'; DiT layers {held}' if held else ''})",
                   file=sys.stderr)
-        for job, request, out in zip(jobs, requests, outputs):
+        for job, request, out, (plan, _) in zip(jobs, requests, outputs, plans):
             # mp4 and PNG frames are written as they are decoded (memory flat in length); a gif is collected
             streamed = writer and out.suffix.lower() != ".gif"
-            try:  # the other ranks stop at the latents: rank 0 alone decodes and writes
+            # the other ranks stop at the latents: rank 0 alone decodes and writes; a clip-after-clip
+            # task (Animate) decodes each clip on every rank, since the next clip starts from its frames
+            decoded = writer or conditioning_for(plan.spec).clip_after_clip
+            try:
                 video = pipe(job["prompt"], job["negative_prompt"], progress=not args.quiet,
                              output_path=out if streamed else None, quality=args.quality,
-                             output_type="video" if writer else "latents", **request)
+                             output_type="video" if decoded else "latents", **request)
             except KeyboardInterrupt:
                 args.partial = pipe.last_partial  # the frames decoded before the stop, for main's message
                 raise
@@ -949,7 +977,8 @@ def _add_generate(sub: argparse._SubParsersAction, tiny: str) -> None:
     gen = sub.add_parser("generate", help="make a video from text, an image, first+last frames, or a video",
                          description="Generate with a Wan2.1 model. The task follows from the model and the inputs: "
                                      "text (T2V), --image (I2V), --image + --last-image (FLF2V), --video (video-to-video "
-                                     "with a T2V model); Wan2.2 TI2V-5B: text, or text and --image. Unset options take the official "
+                                     "with a T2V model); Wan2.2 TI2V-5B: text, or text and --image; Wan2.2 Animate: --animate-inputs. "
+                                     "Unset options take the official "
                                      "defaults of the task.")
     gen.add_argument("--model", required=True,
                      help="model folder (official or diffusers layout), a model id such as Wan-AI/Wan2.1-T2V-1.3B or "
@@ -993,6 +1022,20 @@ def _add_generate(sub: argparse._SubParsersAction, tiny: str) -> None:
     vace.add_argument("--outpaint", metavar="L,R,T,B",
                       help="widen --control-video or --image by left,right,top,bottom pixels (or fractions of "
                            "the width/height below 1) and generate the border")
+    animate = gen.add_argument_group("Wan2.2 Animate models", "a reference character driven by a preprocessed "
+                                                              "video (docs/animate.md)")
+    animate.add_argument("--animate-inputs", metavar="FOLDER",
+                         help="the official preprocessing's save_path: src_pose.mp4, src_face.mp4 and src_ref.png "
+                              "(with --replace also src_bg.mp4 and src_mask.mp4); the output takes the pose video's "
+                              "size and length, made clip after clip of --frames (77)")
+    animate.add_argument("--replace", action="store_true",
+                         help="replacement: the character takes the place of the person in src_bg.mp4 under "
+                              "src_mask.mp4 (default: animation)")
+    animate.add_argument("--refert-num", type=int, metavar="N",
+                         help="frames each clip carries from the last: 1 (default) or 5")
+    animate.add_argument("--relighting", action="store_true",
+                         help="apply the model folder's relighting_lora.ckpt (light the character as the scene; "
+                              "for --replace)")
     gen.add_argument("--extend-frames", type=int, metavar="N",
                      help="--extend's overlap in video frames, 4k+1 (default 9: 3 latent frames); at most 29 come "
                           "from the stored latents")

@@ -11,6 +11,7 @@ import random
 from typing import Callable, Mapping
 
 from .pipeline import MAX_SEED, RequestError, plan_request
+from .tasks import ANIMATE_OPTIONS
 
 # Keys of a request and the type each holds (a JSON line of --prompts, a POST /v1/videos body).
 KEY_TYPES: dict[str, tuple[type, ...]] = {
@@ -24,6 +25,10 @@ KEY_TYPES: dict[str, tuple[type, ...]] = {
     # the hints' scale, and left,right,top,bottom to widen the canvas by
     "control_video": (str,), "mask": (str,), "reference_images": (list, str), "control_scale": (int, float, list),
     "outpaint": (str, list),
+    # Wan2.2 Animate models: the preprocessed folder (a path: CLI only), or its files one by one
+    # (the reference image is `image`), replacement mode, the frames carried from clip to clip
+    "animate_inputs": (str,), "pose_video": (str,), "face_video": (str,), "background_video": (str,),
+    "mask_video": (str,), "replace": (bool,), "refert_num": (int,),
 
     # guidance variants and schedule (guidance_from_options)
     "cfg_steps": (int,), "cfg_zero_star": (bool,), "apg": (bool,), "apg_eta": (int, float),
@@ -47,7 +52,7 @@ PIPELINE_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "imag
                  "boundary": "boundary", "timesteps": "timesteps", "context_windows": "context_frames",
                  "extend": "extend", "extend_frames": "extend_frames", "control_video": "control_video",
                  "mask": "mask", "reference_images": "reference_images", "conditioning_scale": "control_scale",
-                 "outpaint": "outpaint"}
+                 "outpaint": "outpaint", **{key: key for key in ANIMATE_OPTIONS}}
 # How a request's keys are spelled in errors when no face says otherwise.
 KEY_NAMES = {**PIPELINE_KEYS, "height": "size height", "width": "size width"}
 
@@ -129,6 +134,8 @@ def pipeline_kwargs(job: Mapping, names: Mapping[str, str] | None = None) -> dic
                 extend_frames=job.get("extend_frames"), control_video=job.get("control_video"),
                 mask=job.get("mask"), reference_images=job.get("reference_images"),
                 conditioning_scale=job.get("control_scale"), outpaint=job.get("outpaint"),
+                # replace false is the default (None): animation, or replacement when a background is given
+                **{key: job.get(key) if key != "replace" else job.get(key) or None for key in ANIMATE_OPTIONS},
                 context_windows=windows_from_options({key: job.get(key) for key in WINDOW_KEYS},
                                                      lambda key: (names or {}).get(key, key)))
 
@@ -146,6 +153,14 @@ def check_job(job: Mapping, files, *, runtime, weights: int, names: Mapping[str,
     plan = plan_request(files.model_type, job.get("prompt"), job.get("negative_prompt"), names=names or KEY_NAMES,
                         model_defaults=files.defaults, experts=2 if files.moe else 1, clip=files.dit_config.clip,
                         layers=files.dit_config.num_layers, **request)
+    if plan.animate is not None:  # the face crops' size is the model's (its motion encoder's input)
+        from .pipeline.conditioning.animate import check_face_size
+
+        check_face_size(plan, files.dit_config)
+        if job.get("size") is not None and tuple(job["size"]) != (plan.width, plan.height):
+            name = (names or KEY_NAMES).get("width", "size")
+            raise RequestError("height", f"{name.split()[0]} does not apply to Animate: the output takes the pose "
+                                         f"video's size, {plan.width}x{plan.height}; leave it unset")
     window = None if plan.windows is None else (plan.windows.size - 1) * plan.latent[1] + 1
     try:  # batch 1: guidance runs as two passes when one batch of two does not fit
         check_fits(files.dit_config, plan.height, plan.width, plan.num_frames, device=runtime.device,

@@ -53,6 +53,7 @@ class TaskSpec:
     latent: tuple[int, int, int] = (16, 4, 8)  # the VAE it is released with: channels, temporal, spatial stride
     trained_at: str = "Wan2.1 is trained at 832x480 and 1280x720"
     needs_image_encoder: bool = False  # Wan2.1 I2V/FLF2V read CLIP tokens of the image(s)
+    prompt: str | None = None  # the official prompt when none is given (Animate's); None: a prompt is needed
     label: str = ""  # the row in help texts; default its name in capitals (I2V-A14B)
     # the module holding its conditioning class: a file of wanx/pipeline/conditioning/, or a
     # dotted module path; default the task's name
@@ -72,8 +73,13 @@ class TaskSpec:
 
 
 _I2V_NEGATIVE = "镜头晃动，" + NEGATIVE_PROMPT
-# Inputs and settings only some models take (VACE's): a request giving one to another model is refused.
-TASK_OPTIONS = ("control_video", "mask", "reference_images", "conditioning_scale", "outpaint")
+# Inputs and settings only some models take (VACE's, Animate's): a request giving one to another model is refused.
+VACE_OPTIONS = ("control_video", "mask", "reference_images", "conditioning_scale", "outpaint")
+# Wan2.2-Animate: the official preprocessed folder, or its files one by one (the reference
+# image is `image`), replacement mode, and the frames each clip carries from the last
+ANIMATE_OPTIONS = ("animate_inputs", "pose_video", "face_video", "background_video", "mask_video", "replace",
+                   "refert_num")
+TASK_OPTIONS = VACE_OPTIONS + ANIMATE_OPTIONS
 _A14B = dict(experts=2, steps=40)
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
@@ -101,26 +107,40 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     # reference images; text alone: grey frames all to make). Shift 16 as the official CLI's
     # for vace; 1.3B is trained at 832x480 and 480x832 only.
     TaskSpec("vace", "vace", "VACE: control video, mask, reference images", "vace",
-             takes=("image", "last_image", "video") + TASK_OPTIONS, shift=16.0,
+             takes=("image", "last_image", "video") + VACE_OPTIONS, shift=16.0,
              trained_at="Wan2.1 VACE-1.3B is trained at 832x480 and 480x832, VACE-14B also at 1280x720"),
     # Wan2.2 VACE-Fun A14B (alibaba-pai): VACE trained on Wan2.2 T2V-A14B's two experts, so that
     # model's sampling (shift 12, guidance 4 / 3, boundary 0.875, 40 steps); 81 frames at 16 fps.
     TaskSpec("vace-A14B", "vace", "VACE: control video, mask, reference images", "vace",
-             takes=("image", "last_image", "video") + TASK_OPTIONS, shift=12.0, guidance=4.0, guidance_low=3.0,
+             takes=("image", "last_image", "video") + VACE_OPTIONS, shift=12.0, guidance=4.0, guidance_low=3.0,
              boundary=0.875, label="VACE-Fun A14B",
              trained_at="Wan2.2 VACE-Fun A14B is trained at 512, 768 and 1024 pixel areas", **_A14B),
+    # Wan2.2-Animate-14B (wan/configs/wan_animate_14B.py, WanAnimate.generate): the video made
+    # clip after clip of 77 frames at 30 fps, sized as the preprocessed pose video, 20 steps,
+    # shift 5, no guidance (1; above 1 the unconditional branch sees a blank face), CLIP tokens
+    # of the reference image, and the official prompt when none is given. The sampler is
+    # generate.py's default, unipc (WanAnimate.generate's own default is dpm++).
+    TaskSpec("animate", "animate", "Animate: a character driven by a pose and face video", "animate",
+             takes=("image",) + ANIMATE_OPTIONS, steps=20, shift=5.0, guidance=1.0, num_frames=77, fps=30,
+             needs_image_encoder=True, prompt="视频中的人在做动作", label="Animate-14B",
+             trained_at="the output takes the preprocessed pose video's size"),
 )}
 
 INPUTS = ("image", "last_image", "video")
 # What each model type is called, and what an input it cannot take would need instead.
 MODEL_NAMES = {"t2v": "a T2V model", "i2v": "an I2V model", "flf2v": "an FLF2V model",
-               "ti2v": "a TI2V model (text, or text and a first frame)", "vace": "a VACE model"}
+               "ti2v": "a TI2V model (text, or text and a first frame)", "vace": "a VACE model",
+               "animate": "a Wan2.2 Animate model"}
 INPUT_NEEDS = {"image": "an I2V or FLF2V model (e.g. Wan-AI/Wan2.1-I2V-14B-480P)",
                "last_image": "an FLF2V model (Wan-AI/Wan2.1-FLF2V-14B-720P)",
                "video": "a T2V model (video-to-video)",
-               **{arg: "a VACE model (e.g. Wan-AI/Wan2.1-VACE-1.3B)" for arg in TASK_OPTIONS}}
+               **{arg: "a VACE model (e.g. Wan-AI/Wan2.1-VACE-1.3B)" for arg in VACE_OPTIONS},
+               **{arg: "a Wan2.2 Animate model (Wan-AI/Wan2.2-Animate-14B)" for arg in ANIMATE_OPTIONS}}
 INPUT_WORDS = {"image": "the first frame", "last_image": "the last frame", "video": "the input video",
-               "control_video": "the control video", "mask": "the mask", "reference_images": "the reference image"}
+               "control_video": "the control video", "mask": "the mask", "reference_images": "the reference image",
+               "animate_inputs": "the preprocessed folder", "pose_video": "the pose video",
+               "face_video": "the face video", "background_video": "the background video",
+               "mask_video": "the mask video"}
 
 
 def describe_default(model_type: str, experts: int, setting: str) -> str:

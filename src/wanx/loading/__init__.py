@@ -78,6 +78,7 @@ class CheckpointInfo:
             f"layout:     {self.layout}{' (fp8 scaled)' if self.fp8_scaled else ''}"
             f"{' (lightx2v per-channel weight_scale)' if self.channel_scaled else ''}",
             *([f"model:      {model_name(cfg, self.expert)}"] if isinstance(cfg, DiTConfig) else []),
+            *([f"tasks:      {tasks}"] if (tasks := task_names(cfg, self.expert)) else []),
             f"preset:     {preset or '(custom)'}",
             f"config:     {type(cfg).__name__}({fields})",
             f"dtype:      {storage}",
@@ -86,6 +87,17 @@ class CheckpointInfo:
             *([f"gguf:       {self.gguf}"] if self.gguf else []),
         ]
         return "\n".join(lines)
+
+
+def task_names(cfg, expert: str | None = None) -> str:
+    """What `wanx generate` does with a DiT, from the task table: "Animate-14B (Animate: a
+    character driven by a pose and face video)"; "" for another network."""
+    from ..tasks import model_tasks
+
+    if not isinstance(cfg, DiTConfig):
+        return ""
+    rows = model_tasks(cfg.model_type, 2 if expert else 1)
+    return ", ".join(f"{row.short} ({row.title[0].lower() + row.title[1:]})" for row in rows)
 
 
 def count_in_words(n: int) -> str:

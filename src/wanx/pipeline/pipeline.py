@@ -182,6 +182,13 @@ class WanPipeline:
         conditioning_scale: float | Sequence[float] | None = None,
         control_video=None,
         outpaint=None,
+        animate_inputs=None,
+        pose_video=None,
+        face_video=None,
+        background_video=None,
+        mask_video=None,
+        replace: bool | None = None,
+        refert_num: int | None = None,
         strength: float = 0.8,
         height: int | None = None,
         width: int | None = None,
@@ -231,6 +238,14 @@ class WanPipeline:
                 the hints' scale (one, or one per VACE layer). outpaint: (left, right, top,
                 bottom), pixels or fractions below 1, of video or image; image/last_image: the
                 official first/last-frame tasks.
+            animate_inputs: Wan2.2 Animate models: the folder the official preprocessing writes
+                (src_pose.mp4, src_face.mp4, src_ref.png; src_bg.mp4 and src_mask.mp4 for
+                replacement), or its files one by one: pose_video, face_video, image (the
+                reference), background_video and mask_video (`wanx.pipeline.conditioning.animate`).
+                replace: the character replaces the person in the background video (default:
+                when background_video and mask_video are given). refert_num: 1 or 5 frames each
+                clip carries from the last (default 1). The output takes the pose video's size
+                and length; num_frames is a clip's (77).
             height, width: pixels, multiples of the task's size multiple (16; TI2V-5B 32).
             num_frames: 4k+1. Video-to-video: default the input's count, rounded down to 4k+1.
             num_inference_steps (alias steps), shift, sampler ("unipc", "dpm++", "euler", "lcm").
@@ -281,7 +296,12 @@ class WanPipeline:
                          negative_prompt_embeds=negative_prompt_embeds, latents=latents, output_type=output_type,
                          guidance=strategy, context_windows=context_windows, extend=extend,
                          extend_frames=extend_frames, mask=mask, reference_images=reference_images,
-                         conditioning_scale=conditioning_scale, control_video=control_video, outpaint=outpaint)
+                         conditioning_scale=conditioning_scale, control_video=control_video, outpaint=outpaint,
+                         animate_inputs=animate_inputs, pose_video=pose_video, face_video=face_video,
+                         background_video=background_video, mask_video=mask_video, replace=replace,
+                         refert_num=refert_num)
+        if prompt is None and prompt_embeds is None:
+            prompt = plan.prompt  # the task's official prompt (Animate's)
         self.last_partial = None
         if output_path is not None and output_type == "latents":
             raise ValueError("output_path writes decoded frames: it does not go with output_type='latents'")
@@ -292,16 +312,16 @@ class WanPipeline:
         lora_step = lora_steps(self.experts.values(), plan.steps)
         run = Run(self, progress)
         conditioning = conditioning_for(plan.spec, extend=plan.extend is not None)(plan)
-        if conditioning.clips > 1 and output_type == "latents":
+        if conditioning.by_clips and output_type == "latents":
             raise ValueError(f"{plan.spec.short} makes its video clip after clip, each decoded for the next: "
                              "output_type='latents' is not available for it")
         with torch.no_grad():
             with run.stage("text encoding", "t5"):
                 context, context_null = self._text(plan, prompt, prompt_embeds, negative_prompt_embeds)
             noise, generator = self._noise(plan, latents)
-            if conditioning.clips > 1:
+            if conditioning.by_clips:
                 return self._clips(run, plan, conditioning, (context, context_null), noise, generator, batched,
-                                   callback, lora_step, writer, self._metadata(plan, conditioning, prompt))
+                                   callback, lora_step, writer, lambda: self._metadata(plan, conditioning, prompt))
             inputs = conditioning.inputs(run)
             sigmas, timesteps = conditioning.schedule(*schedule(plan.sampler, plan.steps, plan.shift, plan.timesteps))
             x = conditioning.start(run, noise, sigmas)
@@ -432,11 +452,14 @@ class WanPipeline:
         return x
 
     def _clips(self, run: Run, plan: Plan, conditioning: Conditioning, texts, noise: Tensor, generator, batched: bool,
-               callback, lora_step, writer: VideoWriter | None, metadata: dict) -> Video | SavedVideo:
+               callback, lora_step, writer: VideoWriter | None, describe: Callable[[], dict]) -> Video | SavedVideo:
         """Clip after clip (Animate, S2V): each clip is sampled, decoded whole and its new frames
         written before the next clip, which carries its last frames (`Conditioning.finish_clip`).
-        Memory is one clip's, however many clips the video has."""
+        Memory is one clip's, however many clips the video has. describe: the metadata, made
+        once the first clip is sampled (a step cache's threshold and counts, the experts' split
+        are known then: the first clip's) and before its frames open the file."""
         out = _Chunks() if writer is None else writer
+        metadata: dict = {}
 
         def clips() -> None:
             for index in range(conditioning.clips):
@@ -447,12 +470,15 @@ class WanPipeline:
                 x = conditioning.start(run, conditioning.clip_noise(index, noise, generator), sigmas)
                 x = self._denoise(run, plan, conditioning, inputs, texts, x, sigmas, timesteps, batched, callback,
                                   generator, lora_step)
+                if index == 0:
+                    metadata.update(describe())
+                    if writer is not None:
+                        writer.metadata = metadata
                 out.write(to_pixels(conditioning.finish_clip(run, index, x)))
 
         if writer is None:
             clips()
             return Video(np.concatenate(out), fps=plan.fps, metadata=metadata)
-        writer.metadata = metadata
         try:
             with writer:
                 clips()

@@ -18,8 +18,8 @@ from torch import Tensor
 
 from ..sampling import SAMPLERS, check_timesteps
 from ..configs import frames_at_most, frames_ok
-from ..tasks import (INPUT_NEEDS, MODEL_NAMES, NEGATIVE_PROMPT, TASK_OPTIONS, TaskError, TaskSpec, choose_task,
-                     default_task, model_tasks)
+from ..tasks import (ANIMATE_OPTIONS, INPUT_NEEDS, MODEL_NAMES, NEGATIVE_PROMPT, TASK_OPTIONS, TaskError, TaskSpec,
+                     choose_task, default_task, model_tasks)
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 GUIDANCE_RANGE = (1.0, 30.0)
@@ -28,7 +28,7 @@ REQUEST_KEYS = ("image", "last_image", "video", "strength", "height", "width", "
                 "guidance_scale", "guidance_scale_low", "boundary", "shift", "sampler", "seed", "prompt_embeds",
                 "negative_prompt_embeds", "latents", "output_type", "timesteps", "guidance", "context_windows",
                 "extend", "extend_frames", "control_video", "mask", "reference_images", "conditioning_scale",
-                "outpaint")
+                "outpaint") + ANIMATE_OPTIONS
 # Options a model folder's wanx-defaults.json may set, under the same keywords.
 OWN_KEYS = ("num_frames", "num_inference_steps", "guidance_scale", "guidance_scale_low", "boundary", "shift", "sampler")
 
@@ -97,6 +97,11 @@ class Plan:
     # continuation: the video to continue (pipeline.extend.Extension); num_frames is then the
     # clip the DiT makes, the overlap included
     extend: object | None = None
+    # Wan2.2-Animate: its inputs and clips (conditioning.animate.AnimateInputs); num_frames is a clip's.
+    # Not compared: two plans of the same request read the frames into two objects
+    animate: object | None = field(default=None, compare=False)
+    # the task's official prompt, when none was given (Animate's)
+    prompt: str | None = None
 
     @property
     def task(self) -> str:
@@ -204,6 +209,8 @@ def make_plan(model: ModelFacts, prompt, negative_prompt, request: Mapping, name
                 negative_prompt=None, sampler=given["sampler"],
                 strength=given["strength"] if given["strength"] is not None else 0.8,
                 latent=model.latent or spec.latent, timesteps=given["timesteps"])
+    if prompt is None and given["prompt_embeds"] is None:
+        plan.prompt = spec.prompt  # the official prompt of a task that has one (a task without was refused above)
     if spec.experts == 2:  # one guidance given applies to both experts, as the official --sample_guide_scale
         low = given["guidance_scale_low"]
         plan.guidance_low = float(low if low is not None else guidance if guidance is not None else spec.guidance_low)
@@ -250,7 +257,7 @@ def make_plan(model: ModelFacts, prompt, negative_prompt, request: Mapping, name
 
 def _check_values(model: ModelFacts, prompt, given: dict, name, face: bool) -> None:
     """Each option on its own: present where needed, of the right range and size multiple."""
-    if prompt is None and given["prompt_embeds"] is None:
+    if prompt is None and given["prompt_embeds"] is None and default_task(model.model_type, model.experts).prompt is None:
         raise RequestError("prompt", f"give {name('prompt')}" + ("" if face else " (or prompt_embeds)"))
     if prompt is not None and given["prompt_embeds"] is None and not model.has_text_encoder:
         raise ValueError("this pipeline has no text encoder: pass prompt_embeds")

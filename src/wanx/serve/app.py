@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from ..pipeline import RequestError
 from ..request import KEY_NAMES, PIPELINE_KEYS, check_job, fix_seed, parse_job, pipeline_kwargs
-from .common import API_TYPES, MANY, UPLOADS, VIDEO_UPLOADS, UploadError, listed
+from .common import API_TYPES, AS_UPLOADED, MANY, UPLOADS, VIDEO_UPLOADS, UploadError, listed
 from .jobs import DB_FILE, INPUTS, LOCK_FILE, JobQueue, hold_folder
 
 # what the UI must never hand out by path: the job database (and SQLite's companions) and the uploads
@@ -248,7 +248,7 @@ class Server:
             if width * height > most:
                 raise UploadError(field, f"{field}: the upload is {width}x{height}; this server reads at most "
                                          f"{most / 1e6:.0f} megapixels a frame: resize it first", 422)
-            if field == "extend":  # continued as it is (its size is the output's): only its decoded bytes capped
+            if field in AS_UPLOADED:  # read as it is (extend, Animate's videos): only its decoded bytes capped
                 frames = _frame_count(path)
                 if frames * width * height * 3 > MAX_DECODED:
                     raise UploadError(field, f"{field}: {frames} frames at {width}x{height} are more than this "

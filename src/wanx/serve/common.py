@@ -6,9 +6,14 @@ from __future__ import annotations
 from ..request import KEY_TYPES
 
 # request keys that only come as uploaded files (extend: a video to continue, kept as uploaded;
-# VACE: control_video, mask (a video or an image) and reference_images)
-UPLOADS = ("image", "last_image", "video", "extend", "control_video", "mask", "reference_images")
-VIDEO_UPLOADS = ("video", "extend", "control_video")
+# VACE: control_video, mask (a video or an image) and reference_images; Animate: the files of
+# the preprocessed folder, one by one, its reference image as `image`)
+ANIMATE_UPLOADS = ("pose_video", "face_video", "background_video", "mask_video")
+UPLOADS = ("image", "last_image", "video", "extend", "control_video", "mask", "reference_images", *ANIMATE_UPLOADS)
+VIDEO_UPLOADS = ("video", "extend", "control_video", *ANIMATE_UPLOADS)
+# videos read as uploaded, never scaled: their size is the output's (extend, Animate's pose and
+# background) or the model's (Animate's 512x512 face crops)
+AS_UPLOADED = ("extend", *ANIMATE_UPLOADS)
 # uploads that come as several parts of one name (a list in the request), and how many at most
 MANY = {"reference_images": 4}
 
@@ -18,7 +23,7 @@ def listed(value) -> list:
     return [] if not value else list(value) if isinstance(value, (list, tuple)) else [value]
 # A POST body: a --prompts JSON line less `output` (the server names every file) and less the
 # input paths (uploaded instead), plus what the server chooses per job.
-API_TYPES = {**{k: v for k, v in KEY_TYPES.items() if k not in ("output", *UPLOADS)},
+API_TYPES = {**{k: v for k, v in KEY_TYPES.items() if k not in ("output", "animate_inputs", *UPLOADS)},
              "loras": (list,), "teacache": (int, float)}
 
 

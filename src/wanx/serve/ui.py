@@ -16,7 +16,8 @@ from ..sampling import SAMPLERS
 from ..tasks import INPUT_WORDS
 
 # the inputs the page takes as files, in its order (VACE: one reference image here)
-UI_UPLOADS = ("image", "last_image", "video", "control_video", "mask", "reference_images")
+UI_UPLOADS = ("image", "last_image", "video", "control_video", "mask", "reference_images", "pose_video", "face_video",
+              "background_video", "mask_video")
 from .common import UploadError, preview_strip
 
 if TYPE_CHECKING:  # the server passed in; no import back into the app
@@ -191,6 +192,16 @@ def build_ui(server: Server) -> gr.Blocks:
                         elif field == "mask":
                             inputs[field] = gr.File(label="Mask: a video or an image, white = generate (optional)",
                                                     file_types=["image", "video"], type="filepath", elem_id=field)
+                        elif field in ("pose_video", "face_video", "background_video", "mask_video"):
+                            # Animate: the preprocessed files as they are (a file, not re-encoded by the page)
+                            words = {"pose_video": "Pose video (src_pose.mp4)",
+                                     "face_video": "Face video (src_face.mp4)",
+                                     "background_video": "Background video (src_bg.mp4; replacement)",
+                                     "mask_video": "Mask video (src_mask.mp4; replacement)"}[field]
+                            inputs[field] = gr.File(label=words, file_types=["video"], type="filepath", elem_id=field)
+                        elif field == "image" and "pose_video" in spec.takes:
+                            inputs[field] = gr.Image(label="Reference image (src_ref.png)", type="filepath",
+                                                     elem_id=field)
                         elif field == "video":
                             inputs["video"] = gr.Video(label="Input video", elem_id="input_video")
                             inputs["strength"] = gr.Slider(0.05, 1.0, value=0.8, step=0.05, label="Strength")
