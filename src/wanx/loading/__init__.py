@@ -111,7 +111,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
 
 
 # Released DiTs by preset; t2v-14B's architecture is also each expert of Wan2.2 T2V-A14B.
-RELEASES = {"animate-14B": "Wan2.2 Animate-14B", "s2v-14B": "Wan2.2 S2V-14B", "vace-1.3B": "Wan2.1 VACE-1.3B", "vace-14B": "Wan2.1 VACE-14B", "vace-A14B": "Wan2.2 VACE-Fun A14B",
+RELEASES = {"animate-14B": "Wan2.2 Animate-14B", "animate2-14B": "Wan-Animate-2-14B", "s2v-14B": "Wan2.2 S2V-14B", "vace-1.3B": "Wan2.1 VACE-1.3B", "vace-14B": "Wan2.1 VACE-14B", "vace-A14B": "Wan2.2 VACE-Fun A14B",
             "t2v-1.3B": "Wan2.1 T2V-1.3B", "t2v-14B": "Wan2.1 T2V-14B", "i2v-14B": "Wan2.1 I2V-14B (480P or 720P)",
             "flf2v-14B": "Wan2.1 FLF2V-14B", "t2v-A14B": "Wan2.2 T2V-A14B", "i2v-A14B": "Wan2.2 I2V-A14B",
             "ti2v-5B": "Wan2.2 TI2V-5B"}
@@ -119,7 +119,7 @@ RELEASES = {"animate-14B": "Wan2.2 Animate-14B", "s2v-14B": "Wan2.2 S2V-14B", "v
 
 def generation(cfg: DiTConfig, expert: str | None = None) -> str:
     """"Wan2.2" for what only Wan2.2 has (an expert, I2V without CLIP, TI2V, Animate, S2V), else "Wan2.1"."""
-    return "Wan2.2" if expert or not cfg.clip or cfg.model_type in ("ti2v", "animate", "s2v") else "Wan2.1"
+    return "Wan2.2" if expert or not cfg.clip or cfg.model_type in ("ti2v", "animate", "s2v", "animate2") else "Wan2.1"
 
 
 def model_name(cfg: DiTConfig, expert: str | None = None) -> str:
