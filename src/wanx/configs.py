@@ -178,6 +178,10 @@ class Animate2Config(DiTConfig):
                              f"{self.refer_stride}")
 
 
+# An Animate-2 config.json's keys for what no tensor shows (official and diffusers alike).
+ANIMATE2_JSON_KEYS = ("refer_offset_t", "refer_offset_h", "refer_offset_w", "refer_stride")
+
+
 # The released S2V-14B's audio injection layers (`wan/configs/wan_s2v_14B.py`).
 S2V_AUDIO_INJECT_LAYERS = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
 
@@ -413,7 +417,7 @@ def official_config_json(cfg: DiTConfig) -> dict:
     if isinstance(cfg, Animate2Config):
         # The in-context model's arguments (DiffSynth's and diffusers' names; use_img_emb is `clip`).
         return {"_class_name": "WanAnimate2Model", **{k: getattr(cfg, k) for k in keys}, "use_img_emb": cfg.clip,
-                **{k: getattr(cfg, k) for k in ("refer_offset_t", "refer_offset_h", "refer_offset_w", "refer_stride")}}
+                **{k: getattr(cfg, k) for k in ANIMATE2_JSON_KEYS}}
     if isinstance(cfg, S2VConfig):
         # WanModel_S2V's arguments as the released config.json spells them (enable_motioner False).
         return {"_class_name": "WanModel_S2V", **{k: getattr(cfg, k) for k in keys}, "cond_dim": cfg.cond_dim,

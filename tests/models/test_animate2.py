@@ -15,8 +15,7 @@ from wanx.models.transformer import WanDiT, sinusoidal_embedding
 
 TINY = dit_config("tiny-animate2")  # 10 blocks: the unconditional pass skips block 9
 # No CLIP branch (use_img_emb False), the reference at frame 0, height 1, width w, frames 2 apart.
-VARIANT = Animate2Config(**{**{k: getattr(TINY, k) for k in ("dim", "ffn_dim", "num_heads", "num_layers",
-                                                              "text_dim", "image_dim")}},
+VARIANT = Animate2Config(**{k: getattr(TINY, k) for k in ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim")},
                          clip=False, refer_offset_t=0, refer_offset_h=1, refer_stride=2)
 
 

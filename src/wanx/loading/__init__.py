@@ -7,6 +7,7 @@ shapes, build the module on the meta device and assign the weights (no second co
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from torch import nn
 
 from ..models import keeps_fp32
 from ..configs import (
+    ANIMATE2_JSON_KEYS, Animate2Config,
     RELEASED_HEAD_DIM, CLIPVisionConfig, DiTConfig, T5Config, VAE22Config, VAEConfig, infer_clip_config,
     infer_dit_config, infer_t5_config, infer_vae_config, preset_name,
 )
@@ -388,9 +390,15 @@ def _infer_config(network: str, shapes: dict, store: TensorStore) -> DiTConfig |
     try:
         # The text is zero-padded to text_len before the text MLP and cross-attention sees every
         # position, so a model trained at another length (the demo's 32) must keep it.
-        return infer_dit_config(shapes, num_heads=heads, num_layers=cfg_json.get("num_layers"),
-                                text_len=cfg_json.get("text_len"), vace_layers=cfg_json.get("vace_layers"),
-                                audio_inject_layers=cfg_json.get("audio_inject_layers"))
+        cfg = infer_dit_config(shapes, num_heads=heads, num_layers=cfg_json.get("num_layers"),
+                               text_len=cfg_json.get("text_len"), vace_layers=cfg_json.get("vace_layers"),
+                               audio_inject_layers=cfg_json.get("audio_inject_layers"))
+        if isinstance(cfg, Animate2Config):
+            # The reference RoPE placement is in no tensor: config.json's (official and diffusers
+            # spell it alike), else the release's.
+            given = {k: int(cfg_json[k]) for k in ANIMATE2_JSON_KEYS if k in cfg_json}
+            cfg = dataclasses.replace(cfg, **given) if given else cfg
+        return cfg
     except ValueError as err:
         raise CheckpointError(f"{store.path}: {err}") from None
 
