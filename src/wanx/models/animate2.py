@@ -112,6 +112,11 @@ class InContext:
     ref_rope: tuple[Tensor, Tensor] | None = None
     origin: tuple[int, int] | None = None
 
+    def __iter__(self):
+        # Block wrappers that read the RoPE argument as its tables (the compiled block marks
+        # their token dim dynamic) see this pass' tables.
+        return iter(self.rope)
+
 
 class InContextSelfAttention(SelfAttention):
     """The Wan self-attention (same weights) that stores or reads the reference tokens' K/V."""
