@@ -107,7 +107,7 @@ def test_matches_diffusers(case):
         actual = run_ours(model, inputs, t, origin=origin, uncond=case == "uncond")
     for name, a, e in zip(("reference pass", "denoising pass"), actual, expected):
         assert a.shape == e.shape, name
-        assert relative(a, e) < 1e-5, (name, relative(a, e))
+        assert relative(a, e) < 2e-6, (name, relative(a, e))  # measured 3e-7 to 5e-7
 
 
 def test_each_part_of_the_reference_attention_acts():
