@@ -39,7 +39,7 @@ def test_tiny_sets_are_byte_identical(homes, name):
     expected = {"config.json", "diffusion_pytorch_model.safetensors", "Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth",
                 "google/umt5-xxl/tokenizer.json", "google/umt5-xxl/tokenizer_config.json", STAMP,
                 "wanx-defaults.json"}
-    if name in ("tiny-i2v", "tiny-flf2v", "tiny-animate"):
+    if name in ("tiny-i2v", "tiny-flf2v", "tiny-animate", "tiny-animate2"):
         expected.add("models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
     if name == "tiny-moe":  # Wan2.2's official layout: each expert in its folder, sharded, with its config
         expected -= {"config.json", "diffusion_pytorch_model.safetensors"}

@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 # tensor shapes, so it is the fallback when no config.json sits beside the weights.
 RELEASED_HEAD_DIM = 128
 
-MODEL_TYPES = ("t2v", "i2v", "flf2v", "ti2v", "vace", "animate", "s2v")
+MODEL_TYPES = ("t2v", "i2v", "flf2v", "ti2v", "vace", "animate", "s2v", "animate2")
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,10 @@ class DiTConfig:
         if (self.model_type == "s2v") != isinstance(self, S2VConfig):
             raise ValueError("a Wan2.2 S2V DiT is described by S2VConfig (its audio and motion paths), "
                              f"not DiTConfig(model_type={self.model_type!r})")
-        if not self.clip and self.model_type != "i2v":
+        if (self.model_type == "animate2") != isinstance(self, Animate2Config):
+            raise ValueError("a Wan-Animate-2 DiT is described by Animate2Config (its reference RoPE offsets), "
+                             f"not DiTConfig(model_type={self.model_type!r})")
+        if not self.clip and self.model_type not in ("i2v", "animate2"):
             raise ValueError(f"only an i2v DiT can go without CLIP (Wan2.2 I2V); this is {self.model_type}")
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
             raise ValueError(f"dim {self.dim} must split into {self.num_heads} heads of even size")
@@ -66,12 +69,13 @@ class DiTConfig:
     @property
     def has_image_input(self) -> bool:
         """Whether it reads CLIP image tokens (`clip_features`)."""
-        return self.model_type in ("i2v", "flf2v", "animate") and self.clip
+        return self.model_type in ("i2v", "flf2v", "animate", "animate2") and self.clip
 
     @property
     def has_y(self) -> bool:
-        """Whether it takes y, the mask and image latents beside the noise (I2V, FLF2V, Animate)."""
-        return self.model_type in ("i2v", "flf2v", "animate")
+        """Whether it takes y, the mask and image latents beside the noise (I2V, FLF2V, Animate,
+        Animate-2: there the condition latents beside the noise or the reference)."""
+        return self.model_type in ("i2v", "flf2v", "animate", "animate2")
 
     @property
     def image_tokens(self) -> int:
@@ -146,6 +150,36 @@ class AnimateConfig(DiTConfig):
     def face_layers(self) -> tuple[int, ...]:
         """The main blocks a face adapter block follows: 0, 5, ..., 35 for 40 blocks."""
         return tuple(range(0, self.num_layers, self.inject_face_latents_blocks))
+
+
+@dataclass(frozen=True)
+class Animate2Config(DiTConfig):
+    """Wan-Animate-2-14B DiT (base and distilled; diffusers' `WanAnimate2Transformer3DModel`,
+    DiffSynth's `WanAnimate2Transformer`): the Wan2.1 I2V-14B DiT (y and CLIP tokens; `clip`
+    is the official `use_img_emb`), each block wrapped as `blocks.N.block` in an in-context
+    block. A reference pass over the reference latents fills a per-block K/V cache; each
+    denoising pass then attends jointly over its own tokens and the cached reference tokens
+    (each latent frame to the reference frame before it). The reference tokens' RoPE positions
+    start at (`refer_offset_t`, `refer_offset_h`, `refer_offset_w`), -1 meaning the reference
+    grid's size on that axis, frames `refer_stride` apart. Defaults: the release's."""
+
+    model_type: str = "animate2"
+    in_dim: int = 36
+    refer_offset_t: int = 1
+    refer_offset_h: int = 0
+    refer_offset_w: int = -1
+    refer_stride: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if min(self.refer_offset_t, self.refer_offset_h, self.refer_offset_w) < -1 or self.refer_stride < 1:
+            raise ValueError("refer_offset_t/h/w must be >= 0 or -1 (the reference grid's size) and refer_stride "
+                             f">= 1; got {self.refer_offset_t}, {self.refer_offset_h}, {self.refer_offset_w}, "
+                             f"{self.refer_stride}")
+
+
+# An Animate-2 config.json's keys for what no tensor shows (official and diffusers alike).
+ANIMATE2_JSON_KEYS = ("refer_offset_t", "refer_offset_h", "refer_offset_w", "refer_stride")
 
 
 # The released S2V-14B's audio injection layers (`wan/configs/wan_s2v_14B.py`).
@@ -313,6 +347,10 @@ DIT_PRESETS: dict[str, DiTConfig] = {
     "tiny-animate": AnimateConfig(**_TINY, image_dim=160, motion_encoder_channels=(8,) * 8, motion_style_dim=32,
                                   motion_dim=4, motion_encoder_dim=32, face_encoder_hidden_dim=32,
                                   face_encoder_num_heads=2, inject_face_latents_blocks=2),
+    # Wan-Animate-2-14B (base and distilled alike): I2V-14B's DiT in in-context blocks.
+    "animate2-14B": Animate2Config(**_14B),
+    # 10 blocks: the unconditional pass skips block 9, as the release's.
+    "tiny-animate2": Animate2Config(**{**_TINY, "num_layers": 10}, image_dim=160),
     # Wan2.2-S2V-14B: T2V-14B's blocks with the audio/pose/motion paths (wan/configs/wan_s2v_14B.py).
     "s2v-14B": S2VConfig(**_14B),
     # Head dim 24 (not _TINY's 16): the RoPE split d-4(d//6), 2(d//6), 2(d//6) is then also
@@ -361,7 +399,7 @@ def _preset(table, name, what):
 
 def preset_name(config) -> str | None:
     """Name of the preset equal to `config`, if any."""
-    table = {DiTConfig: DIT_PRESETS, VaceConfig: DIT_PRESETS, AnimateConfig: DIT_PRESETS, S2VConfig: DIT_PRESETS, VAEConfig: VAE_PRESETS, VAE22Config: VAE_PRESETS, T5Config: T5_PRESETS,
+    table = {DiTConfig: DIT_PRESETS, VaceConfig: DIT_PRESETS, AnimateConfig: DIT_PRESETS, S2VConfig: DIT_PRESETS, Animate2Config: DIT_PRESETS, VAEConfig: VAE_PRESETS, VAE22Config: VAE_PRESETS, T5Config: T5_PRESETS,
              CLIPVisionConfig: CLIP_PRESETS}[type(config)]
     return next((name for name, c in table.items() if c == config), None)
 
@@ -376,6 +414,10 @@ def official_config_json(cfg: DiTConfig) -> dict:
     if isinstance(cfg, AnimateConfig):
         return {"_class_name": "WanAnimateModel", **{k: getattr(cfg, k) for k in keys},
                 "motion_encoder_dim": cfg.motion_encoder_dim}
+    if isinstance(cfg, Animate2Config):
+        # The in-context model's arguments (DiffSynth's and diffusers' names; use_img_emb is `clip`).
+        return {"_class_name": "WanAnimate2Model", **{k: getattr(cfg, k) for k in keys}, "use_img_emb": cfg.clip,
+                **{k: getattr(cfg, k) for k in ANIMATE2_JSON_KEYS}}
     if isinstance(cfg, S2VConfig):
         # WanModel_S2V's arguments as the released config.json spells them (enable_motioner False).
         return {"_class_name": "WanModel_S2V", **{k: getattr(cfg, k) for k in keys}, "cond_dim": cfg.cond_dim,
@@ -421,6 +463,8 @@ def infer_dit_config(
     `vace_layers` from config.json when known."""
     if "vace_patch_embedding.weight" not in shapes and any(_VACE_BLOCK.match(k) for k in shapes):
         raise KeyError("vace_patch_embedding.weight")  # VACE blocks without their input: a damaged VACE file
+    if any(_ANIMATE2_BLOCK.match(k) for k in shapes):
+        return _infer_animate2_config(shapes, num_heads, num_layers, text_len)
     if "pose_patch_embedding.weight" in shapes:
         return _infer_animate_config(shapes, num_heads, num_layers, text_len)
     if any(k.startswith(_S2V_PARTS) for k in shapes):
@@ -467,6 +511,22 @@ def infer_dit_config(
         text_len=int(text_len) if text_len else DiTConfig.text_len,
         clip=clip or model_type != "i2v",
     )
+
+
+_ANIMATE2_BLOCK = re.compile(r"^blocks\.\d+\.block\.")
+
+
+def _infer_animate2_config(shapes: Mapping[str, Sequence[int]], num_heads: int | None, num_layers: int | None,
+                           text_len: int | None) -> Animate2Config:
+    """Wan-Animate-2: the I2V DiT of its keys once each `blocks.N.block.` is `blocks.N.`; the
+    reference RoPE offsets are not in the tensors (the release's defaults)."""
+    base = infer_dit_config({_ANIMATE2_BLOCK.sub(lambda m: m[0][:-len("block.")], k): v for k, v in shapes.items()},
+                            num_heads, num_layers, text_len)
+    if base.in_dim <= base.out_dim:
+        raise ValueError(f"a Wan-Animate-2 DiT takes condition latents beside the noise: in_dim {base.in_dim} must "
+                         f"exceed out_dim {base.out_dim}")
+    fields = {k: getattr(base, k) for k in DiTConfig.__dataclass_fields__ if k != "model_type"}
+    return Animate2Config(**fields)
 
 
 _ANIMATE_PARTS = ("pose_patch_embedding.", "motion_encoder.", "face_encoder.", "face_adapter.")

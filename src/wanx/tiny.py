@@ -38,8 +38,9 @@ DEFAULTS_FILE = "wanx-defaults.json"  # a model folder's generation settings (hu
 # "vace" is Wan2.1 VACE's: the T2V DiT with VACE blocks (preset tiny-vace: a hint after both blocks).
 # "animate" is Wan2.2-Animate's: the I2V DiT with the pose/face path (preset tiny-animate), with the tiny CLIP.
 # "s2v" is Wan2.2-S2V's: the S2V DiT (preset tiny-s2v: audio, pose and FramePack motion paths).
+# "animate2" is Wan-Animate-2's: the in-context I2V DiT (preset tiny-animate2, 10 blocks), with the tiny CLIP.
 TINY_MODELS = {"tiny": "t2v", "tiny-i2v": "i2v", "tiny-flf2v": "flf2v", "tiny-moe": "t2v-A14B", "tiny-ti2v": "ti2v",
-               "tiny-vace": "vace", "tiny-animate": "animate", "tiny-s2v": "s2v"}
+               "tiny-vace": "vace", "tiny-animate": "animate", "tiny-s2v": "s2v", "tiny-animate2": "animate2"}
 EXPERT_FOLDERS = ("high_noise_model", "low_noise_model")
 
 # Bump whenever the bytes of a tiny set change: folders with another stamp are remade.
@@ -91,7 +92,7 @@ def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Pat
     from .models.vae22 import WanVAE22
 
     preset = {"t2v": "tiny", "i2v": "tiny-i2v", "flf2v": "tiny-flf2v", "t2v-A14B": "tiny", "ti2v": "tiny-ti2v",
-              "vace": "tiny-vace", "animate": "tiny-animate", "s2v": "tiny-s2v"}[task]
+              "vace": "tiny-vace", "animate": "tiny-animate", "s2v": "tiny-s2v", "animate2": "tiny-animate2"}[task]
     experts = EXPERT_FOLDERS if task == "t2v-A14B" else ()
     folder = Path(folder)
     tmp = folder.with_name(f"{folder.name}.{os.getpid()}.partial")  # private to this process
@@ -115,7 +116,7 @@ def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Pat
             if task == "ti2v":  # the same weights as make_tiny_vae22's (keyed by seed and file name)
                 del networks["Wan2.1_VAE.pth"]
                 networks["Wan2.2_VAE.pth"] = WanVAE22("tiny-wan2.2")
-            if task in ("i2v", "flf2v", "animate"):
+            if task in ("i2v", "flf2v", "animate", "animate2"):
                 networks["models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"] = CLIPVisionEncoder("tiny")
             # S2V's audio encoder, `wav2vec2-large-xlsr-53-english/` (a transformers Wav2Vec2ForCTC
             # folder, as the release keeps it), belongs here too: written by the audio path's

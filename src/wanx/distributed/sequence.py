@@ -42,6 +42,9 @@ class SequenceParallel:
         if getattr(getattr(dit, "config", None), "model_type", None) == "s2v":
             # An audio injection attends from all of a latent frame's tokens at once, as a face block.
             raise ValueError("sequence parallelism does not cover Wan2.2 S2V's audio injection yet: run it without --sp")
+        if getattr(getattr(dit, "config", None), "model_type", None) == "animate2":
+            # Each frame attends to one reference frame's cached tokens: the pairing spans the ranks' slices.
+            raise ValueError("sequence parallelism does not cover Wan-Animate-2's reference attention yet: run it without --sp")
         self.dit, self.group = dit, group
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         heads = dit.config.num_heads

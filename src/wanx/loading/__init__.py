@@ -7,6 +7,7 @@ shapes, build the module on the meta device and assign the weights (no second co
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from torch import nn
 
 from ..models import keeps_fp32
 from ..configs import (
+    ANIMATE2_JSON_KEYS, Animate2Config,
     RELEASED_HEAD_DIM, CLIPVisionConfig, DiTConfig, T5Config, VAE22Config, VAEConfig, infer_clip_config,
     infer_dit_config, infer_t5_config, infer_vae_config, preset_name,
 )
@@ -123,7 +125,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
 
 
 # Released DiTs by preset; t2v-14B's architecture is also each expert of Wan2.2 T2V-A14B.
-RELEASES = {"animate-14B": "Wan2.2 Animate-14B", "s2v-14B": "Wan2.2 S2V-14B", "vace-1.3B": "Wan2.1 VACE-1.3B", "vace-14B": "Wan2.1 VACE-14B", "vace-A14B": "Wan2.2 VACE-Fun A14B",
+RELEASES = {"animate-14B": "Wan2.2 Animate-14B", "animate2-14B": "Wan-Animate-2-14B", "s2v-14B": "Wan2.2 S2V-14B", "vace-1.3B": "Wan2.1 VACE-1.3B", "vace-14B": "Wan2.1 VACE-14B", "vace-A14B": "Wan2.2 VACE-Fun A14B",
             "t2v-1.3B": "Wan2.1 T2V-1.3B", "t2v-14B": "Wan2.1 T2V-14B", "i2v-14B": "Wan2.1 I2V-14B (480P or 720P)",
             "flf2v-14B": "Wan2.1 FLF2V-14B", "t2v-A14B": "Wan2.2 T2V-A14B", "i2v-A14B": "Wan2.2 I2V-A14B",
             "ti2v-5B": "Wan2.2 TI2V-5B"}
@@ -131,7 +133,7 @@ RELEASES = {"animate-14B": "Wan2.2 Animate-14B", "s2v-14B": "Wan2.2 S2V-14B", "v
 
 def generation(cfg: DiTConfig, expert: str | None = None) -> str:
     """"Wan2.2" for what only Wan2.2 has (an expert, I2V without CLIP, TI2V, Animate, S2V), else "Wan2.1"."""
-    return "Wan2.2" if expert or not cfg.clip or cfg.model_type in ("ti2v", "animate", "s2v") else "Wan2.1"
+    return "Wan2.2" if expert or not cfg.clip or cfg.model_type in ("ti2v", "animate", "s2v", "animate2") else "Wan2.1"
 
 
 def model_name(cfg: DiTConfig, expert: str | None = None) -> str:
@@ -400,9 +402,15 @@ def _infer_config(network: str, shapes: dict, store: TensorStore) -> DiTConfig |
     try:
         # The text is zero-padded to text_len before the text MLP and cross-attention sees every
         # position, so a model trained at another length (the demo's 32) must keep it.
-        return infer_dit_config(shapes, num_heads=heads, num_layers=cfg_json.get("num_layers"),
-                                text_len=cfg_json.get("text_len"), vace_layers=cfg_json.get("vace_layers"),
-                                audio_inject_layers=cfg_json.get("audio_inject_layers"))
+        cfg = infer_dit_config(shapes, num_heads=heads, num_layers=cfg_json.get("num_layers"),
+                               text_len=cfg_json.get("text_len"), vace_layers=cfg_json.get("vace_layers"),
+                               audio_inject_layers=cfg_json.get("audio_inject_layers"))
+        if isinstance(cfg, Animate2Config):
+            # The reference RoPE placement is in no tensor: config.json's (official and diffusers
+            # spell it alike), else the release's.
+            given = {k: int(cfg_json[k]) for k in ANIMATE2_JSON_KEYS if k in cfg_json}
+            cfg = dataclasses.replace(cfg, **given) if given else cfg
+        return cfg
     except ValueError as err:
         raise CheckpointError(f"{store.path}: {err}") from None
 

@@ -120,6 +120,20 @@ def diffusers_dit_rules(keys: set[str]) -> list[Rule]:
     return [*DIFFUSERS_DIT, (_ME + r"conv_out\.weight", f"{_CONVS}.{res + 1}.weight")]
 
 
+# diffusers `WanAnimate2Transformer3DModel` -> the Wan-Animate-2 release: its blocks lack the
+# release's `.block` wrapper and name the attention projections as diffusers does; every other
+# tensor keeps the official name (as the package converter,
+# `convert_wan_animate_2_transformer_to_diffusers`, maps them the other way).
+_ANIMATE2_ATTENTION = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o", "norm_q": "norm_q", "norm_k": "norm_k",
+                       "add_k_proj": "k_img", "add_v_proj": "v_img", "norm_added_k": "norm_k_img"}
+DIFFUSERS_ANIMATE2_DIT: list[Rule] = [
+    (r"blocks\.(\d+)\.(self_attn|cross_attn)\.(" + "|".join(re.escape(k) for k in _ANIMATE2_ATTENTION) + r")\.(weight|bias)",
+     lambda m: f"blocks.{m[1]}.block.{m[2]}.{_ANIMATE2_ATTENTION[m[3]]}.{m[4]}"),
+    (r"blocks\.(\d+)\.(.+)", r"blocks.\1.block.\2"),
+    (r".+", lambda m: m[0]),
+]
+
+
 _RESNET_LEAVES = r"(?P<leaf>norm1\.gamma|conv1\.(?:weight|bias)|norm2\.gamma|conv2\.(?:weight|bias)|conv_shortcut\.(?:weight|bias))"
 _RESNET_LEAF_NAMES = {"norm1.gamma": "residual.0.gamma", "conv1": "residual.2", "norm2.gamma": "residual.3.gamma",
                       "conv2": "residual.6", "conv_shortcut": "shortcut"}
@@ -260,6 +274,9 @@ class Detected:
 # (network, layout, rules, keys that identify it after the prefix is stripped). Rules that depend
 # on the file (which CLIP block is the unused last one) are a function of its keys.
 _SIGNATURES: list[tuple[str, str, list[Rule] | Callable[[set[str]], list[Rule]] | None, tuple[str, ...]]] = [
+    # Before the official signature: diffusers' Animate-2 keeps the official names outside its blocks.
+    ("dit", "diffusers", DIFFUSERS_ANIMATE2_DIT,
+     ("patch_embedding.weight", "time_projection.1.weight", "blocks.0.self_attn.to_q.weight")),
     ("dit", "official", official_dit_rules, ("patch_embedding.weight", "time_projection.1.weight")),
     ("dit", "diffusers", diffusers_dit_rules, ("patch_embedding.weight", "condition_embedder.time_proj.weight")),
     ("vae", "official", None, ("encoder.conv1.weight", "decoder.conv1.weight", "conv2.weight")),

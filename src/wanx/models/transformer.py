@@ -23,7 +23,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..attention import attention
-from ..configs import AnimateConfig, DiTConfig, S2VConfig, VaceConfig, dit_config
+from ..configs import Animate2Config, AnimateConfig, DiTConfig, S2VConfig, VaceConfig, dit_config
 
 
 
@@ -146,10 +146,14 @@ class CrossAttention(nn.Module):
 
 
 class WanAttentionBlock(nn.Module):
+    # The self-attention's class: Wan-Animate-2's attends to its cached reference tokens too,
+    # with the same weights (what the block passes as `rope` then says how).
+    self_attention_class: ClassVar[type[nn.Module]] = SelfAttention
+
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         dim, self.eps = cfg.dim, cfg.eps
-        self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.eps)
+        self.self_attn = self.self_attention_class(dim, cfg.num_heads, cfg.eps)
         self.norm3 = nn.LayerNorm(dim, eps=cfg.eps)  # the only affine norm: before cross-attention
         self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps, cfg.has_image_input)
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
@@ -274,6 +278,10 @@ class WanDiT(nn.Module):
             from .animate import AnimateWanDiT
 
             cls = AnimateWanDiT
+        elif cls is WanDiT and isinstance(cfg, Animate2Config):
+            from .animate2 import Animate2WanDiT
+
+            cls = Animate2WanDiT
         elif cls is WanDiT and isinstance(cfg, S2VConfig):
             from .s2v import S2VWanDiT
 
