@@ -70,7 +70,8 @@ SOURCES = ("huggingface", "modelscope")  # where model ids are downloaded from
 
 def resolve_model(path_or_id: str | Path, *, source: str = "huggingface") -> Path:
     """A local folder as is; `demo` (the trained demo model shipped in the package); `tiny`,
-    `tiny-i2v`, `tiny-flf2v`, `tiny-moe`, `tiny-ti2v`, `tiny-vace`, `tiny-animate` made locally; anything else of the form owner/name is downloaded
+    `tiny-i2v`, `tiny-flf2v`, `tiny-moe`, `tiny-ti2v`, `tiny-vace`, `tiny-animate`, `tiny-animate2`, `tiny-s2v` made
+    locally; anything else of the form owner/name is downloaded
     (or found in the cache)."""
     text = str(path_or_id)
     if text == DEMO_MODEL:
