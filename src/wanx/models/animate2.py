@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ..attention import attention
 from ..configs import Animate2Config, dit_config
 from .transformer import (DiTState, SelfAttention, WanAttentionBlock, WanDiT, _call_block, _wrapped, apply_rope,
-                          rope_axes, rope_frequencies)
+                          rope_angles, rope_frequencies)
 
 UNCOND_SKIPPED_BLOCK = 9  # the block the release's unconditional pass leaves out
 MODES = ("extract", "cached")
@@ -80,20 +80,8 @@ def offset_rope(head_dim: int, grid: tuple[int, int, int], offsets: tuple[int, i
     `rope_apply(time_stride=...)`)."""
     if offsets == (0, 0, 0) and t_stride == 1:
         return rope_frequencies(head_dim, grid, device)
-    per_axis = []
-    for axis_dim, n, start, step in zip(rope_axes(head_dim), grid, offsets, (t_stride, 1, 1)):
-        inv_freq = 1.0 / torch.pow(10000.0, torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim)
-        positions = start + step * torch.arange(n, dtype=torch.float64, device=device)
-        per_axis.append(torch.outer(positions, inv_freq))
-    f, h, w = grid
-    angles = torch.cat(
-        [
-            per_axis[0][:, None, None, :].expand(f, h, w, -1),
-            per_axis[1][None, :, None, :].expand(f, h, w, -1),
-            per_axis[2][None, None, :, :].expand(f, h, w, -1),
-        ],
-        dim=-1,
-    ).reshape(f * h * w, head_dim // 2)
+    angles = rope_angles(head_dim, *(start + step * torch.arange(n, dtype=torch.float64, device=device)
+                                     for n, start, step in zip(grid, offsets, (t_stride, 1, 1))))
     return torch.cos(angles).float(), torch.sin(angles).float()
 
 

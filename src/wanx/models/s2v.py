@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ..configs import S2VConfig, dit_config
 from .animate import CausalConv1d
 from .transformer import (CrossAttention, DiTState, WanAttentionBlock, WanDiT, _call_block, _wrapped, input_dtype,
-                          layer_norm, rope_axes)
+                          layer_norm, rope_angles)
 
 # FramePack's buckets, oldest first in the padded memory: 16 frames at 4x, 2 at 2x, the last at 1x.
 ZIP_FRAME_BUCKETS = (1, 2, 16)  # newest first, as the official `zip_frame_buckets`
@@ -219,15 +219,8 @@ def s2v_positions(grid: tuple[int, int, int], motion: bool) -> list[tuple[list[i
 @functools.lru_cache(maxsize=16)
 def s2v_rope(head_dim: int, grid: tuple[int, int, int], motion: bool, device: torch.device) -> tuple[Tensor, Tensor]:
     """cos and sin `[L, head_dim/2]` (float32 from float64 angles) for the S2V token sequence."""
-    inv = [1.0 / torch.pow(10000.0, torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
-           for d in rope_axes(head_dim)]
-    tables = []
-    for fs, hs, ws in s2v_positions(grid, motion):
-        pos = [torch.tensor(p, dtype=torch.float64, device=device) for p in (fs, hs, ws)]
-        af, ah, aw = (torch.outer(p, i) for p, i in zip(pos, inv))
-        nf, nh, nw = len(fs), len(hs), len(ws)
-        tables.append(torch.cat([af[:, None, None].expand(nf, nh, nw, -1), ah[None, :, None].expand(nf, nh, nw, -1),
-                                 aw[None, None, :].expand(nf, nh, nw, -1)], dim=-1).reshape(nf * nh * nw, -1))
+    tables = [rope_angles(head_dim, *(torch.tensor(p, dtype=torch.float64, device=device) for p in positions))
+              for positions in s2v_positions(grid, motion)]
     angles = torch.cat(tables)
     return torch.cos(angles).float(), torch.sin(angles).float()
 

@@ -53,12 +53,19 @@ def rope_frequencies(head_dim: int, grid: tuple[int, int, int], device: torch.de
     Each axis uses its own exponent denominator (the axis' dim), theta 10000, positions
     from 0, laid out [frame | height | width] as in the official `rope_params`.
     """
+    angles = rope_angles(head_dim, *(torch.arange(n, dtype=torch.float64, device=device) for n in grid))
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+def rope_angles(head_dim: int, frames: Tensor, heights: Tensor, widths: Tensor) -> Tensor:
+    """float64 angles `[f*h*w, head_dim/2]` of the grid of these positions (float64, one list
+    per axis): the one table every RoPE variant (offsets, strides, S2V's position lists) reads."""
     per_axis = []
-    for axis_dim, n in zip(rope_axes(head_dim), grid):
-        inv_freq = 1.0 / torch.pow(10000.0, torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim)
-        per_axis.append(torch.outer(torch.arange(n, dtype=torch.float64, device=device), inv_freq))
-    f, h, w = grid
-    angles = torch.cat(
+    for axis_dim, positions in zip(rope_axes(head_dim), (frames, heights, widths)):
+        exponents = torch.arange(0, axis_dim, 2, dtype=torch.float64, device=positions.device) / axis_dim
+        per_axis.append(torch.outer(positions, 1.0 / torch.pow(10000.0, exponents)))
+    f, h, w = (len(p) for p in (frames, heights, widths))
+    return torch.cat(
         [
             per_axis[0][:, None, None, :].expand(f, h, w, -1),
             per_axis[1][None, :, None, :].expand(f, h, w, -1),
@@ -66,7 +73,6 @@ def rope_frequencies(head_dim: int, grid: tuple[int, int, int], device: torch.de
         ],
         dim=-1,
     ).reshape(f * h * w, head_dim // 2)
-    return torch.cos(angles).float(), torch.sin(angles).float()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
