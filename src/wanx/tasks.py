@@ -124,13 +124,23 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
              takes=("image",) + ANIMATE_OPTIONS, steps=20, shift=5.0, guidance=1.0, num_frames=77, fps=30,
              needs_image_encoder=True, prompt="视频中的人在做动作", label="Animate-14B",
              trained_at="the output takes the preprocessed pose video's size"),
+    # Wan-Animate-2-14B (diffusers' modular WanAnimate2Blocks): the reference image's character
+    # driven by a plain video, segment after segment of 81 frames at 24 fps carrying one frame;
+    # the size is the image's aspect ratio within 800x640; CFG 3 at 40 steps, the negative
+    # prompt "" (diffusers' defaults). The distilled weights (same layout) sample with
+    # guidance 1 and 10 steps: give them (docs/animate.md). Shift 5 and unipc are wanx's choice:
+    # the release's scheduler config is not in the code read.
+    TaskSpec("animate2", "animate2", "Animate-2: a reference character driven by a video", "animate2",
+             needs=("image", "video"), takes=("image", "video"), steps=40, shift=5.0, guidance=3.0,
+             negative_prompt="", width=640, height=800, num_frames=81, fps=24, needs_image_encoder=True,
+             label="Animate-2-14B", trained_at="the output takes the reference image's aspect ratio"),
 )}
 
 INPUTS = ("image", "last_image", "video")
 # What each model type is called, and what an input it cannot take would need instead.
 MODEL_NAMES = {"t2v": "a T2V model", "i2v": "an I2V model", "flf2v": "an FLF2V model",
                "ti2v": "a TI2V model (text, or text and a first frame)", "vace": "a VACE model",
-               "animate": "a Wan2.2 Animate model"}
+               "animate": "a Wan2.2 Animate model", "animate2": "a Wan-Animate-2 model"}
 INPUT_NEEDS = {"image": "an I2V or FLF2V model (e.g. Wan-AI/Wan2.1-I2V-14B-480P)",
                "last_image": "an FLF2V model (Wan-AI/Wan2.1-FLF2V-14B-720P)",
                "video": "a T2V model (video-to-video)",

@@ -1,0 +1,169 @@
+"""Wan-Animate-2 as a task: the segment loop against diffusers' modular pipeline
+(modular_pipelines/wan_animate_2: its preprocessing called as it is, its segment loop restated
+on the tiny-animate2 networks), sizing and padding, and the one-line refusals."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers.modular_pipelines.wan_animate_2.encoders import get_frame_indices, get_i2v_mask
+from diffusers.modular_pipelines.wan_animate_2.video_processor import WanAnimate2VideoProcessor
+from PIL import Image
+
+from wanx.pipeline import WanPipeline
+from wanx.pipeline.conditioning.animate2 import (PROMPT_REF, Animate2, frame_indices, letterbox, output_size,
+                                                 to_unit)
+from wanx.pipeline.pipeline import _pad_text
+from wanx.sampling import SAMPLERS, schedule
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return WanPipeline.from_pretrained("tiny-animate2", device="cpu", dtype=torch.float32)
+
+
+def frames(length, height, width, seed):
+    return np.random.default_rng(seed).integers(0, 256, (length, height, width, 3), dtype=np.uint8)
+
+
+def processors():
+    """diffusers' image and video processors as the modular pipeline's ComponentSpecs make them."""
+    return (WanAnimate2VideoProcessor(vae_scale_factor=8, spatial_patch_size=(2, 2), resample="bicubic"),
+            WanAnimate2VideoProcessor(vae_scale_factor=8, spatial_patch_size=(2, 2), resample="bilinear"))
+
+
+def diffusers_size(image, area):
+    """WanAnimate2ImagePreprocessStep's size: the image's rounded size, its aspect within area."""
+    import math
+
+    image_processor, _ = processors()
+    image_height, image_width = image_processor.get_default_height_width(Image.fromarray(image))
+    aspect = image_height / image_width
+    return int(math.sqrt(area * aspect)) // 16 * 16, int(math.sqrt(area / aspect)) // 16 * 16
+
+
+def test_size_letterbox_and_resampling_as_diffusers():
+    image_processor, video_processor = processors()
+    for shape, area in (((50, 40), 64 * 48), ((40, 90), 800 * 640), ((720, 1280), 800 * 640), ((33, 33), 64 * 64)):
+        image = frames(1, *shape, 1)[0]
+        height, width = diffusers_size(image, area)
+        assert output_size(*shape, area, 16) == (height, width)
+        for processor, resample in ((image_processor, "bicubic"), (video_processor, "bilinear")):
+            expected = processor.preprocess(Image.fromarray(image), height=height, width=width, resize_mode="fill")
+            got = to_unit(letterbox(image, height, width, resample)[None])[:, 0]
+            torch.testing.assert_close(got, expected[0].float(), atol=1e-6, rtol=0)
+    for count, source, fps in ((100, 30, 24), (50, 24, 24), (7, 12, 24), (61, 29.97, 24)):
+        assert frame_indices(count, source, fps) == get_frame_indices(count, source, fps)
+
+
+def diffusers_loop(pipe, driving, image, *, area, segment, steps, seed, guidance, context, context_null, shift=5.0):
+    """WanAnimate2Blocks from the driving frames and reference image: the preprocess steps called
+    as they are, the segment loop (vae_encoder, prev_frames, prepare, ref_extract, denoise_inner,
+    decode) restated on our VAE, CLIP, T5 and DiT, fp32 on the CPU; our UniPC for the scheduler
+    the release's config names. Returns the frames `[3, F, H, W]` in [-1, 1] before the crop."""
+    vae, dit, clip = pipe.vae, pipe.dit, pipe.image_encoder
+    image_processor, video_processor = processors()
+    height, width = diffusers_size(image, area)
+    image_pixels = image_processor.preprocess(Image.fromarray(image), height=height, width=width,
+                                              resize_mode="fill").float()  # [1, 3, H, W]
+    driving_video = video_processor.preprocess_video([Image.fromarray(f) for f in driving], height=height,
+                                                     width=width, resize_mode="fill").float()  # [1, 3, T, H, W]
+    prev_len = 1  # prev_segment_conditioning_frames
+    real_frame_len = driving_video.shape[2]
+    effective_segment = segment - prev_len
+    leftover = (real_frame_len - prev_len) % effective_segment if real_frame_len > prev_len else 0
+    num_padding = effective_segment - leftover if leftover > 0 else 0
+    if num_padding > 0:
+        driving_video = torch.cat([driving_video, driving_video[:, :, real_frame_len - num_padding:
+                                                                 real_frame_len].flip(2)], dim=2)
+    num_segments = (driving_video.shape[2] - prev_len + effective_segment - 1) // effective_segment
+
+    encoded, lengths = pipe.text_encoder.encode([PROMPT_REF])
+    prompt_ref = _pad_text(encoded[:, : int(lengths.max())], dit.config.text_len)
+    clip_context = clip(image_pixels)  # the reference image's
+    condition_clip_context = clip(driving_video[:, :, 0])  # the driving video's first frame's
+    ref_latents = vae.encode(image_pixels[:, :, None])
+    lat_h, lat_w = height // 8, width // 8
+    reference_image_latents = torch.cat([get_i2v_mask(1, lat_h, lat_w, 1, device="cpu"), ref_latents[0]])
+    generator = torch.Generator().manual_seed(seed)
+    segment_frames, out_frames = [], None
+    for k in range(num_segments):
+        start = k * effective_segment
+        driving_video_latents = vae.encode(driving_video[:, :, start: start + segment])
+        mask = get_i2v_mask(driving_video_latents.shape[2], lat_h, lat_w, segment, device="cpu")
+        driving_video_condition = torch.cat([mask, driving_video_latents[0]])
+        mask_len = prev_len if k > 0 else 0
+        if mask_len > 0:
+            prev = out_frames[0, :, -mask_len:].permute(1, 0, 2, 3)
+            prev = torch.nn.functional.interpolate(prev, size=(height, width), mode="bicubic").permute(1, 0, 2, 3)
+            cond_pixels = torch.cat([prev, torch.zeros(3, segment - mask_len, height, width)], dim=1)
+        else:
+            cond_pixels = torch.zeros(3, segment, height, width)
+        prev_latents = vae.encode(cond_pixels[None])[0]
+        prev_mask = get_i2v_mask(prev_latents.shape[1], lat_h, lat_w, mask_len, device="cpu")
+        reference_latents = torch.cat([reference_image_latents, torch.cat([prev_mask, prev_latents])], dim=1)
+        latents = torch.randn(16, reference_latents.shape[1], lat_h, lat_w, generator=generator)
+        cache = dit.new_cache()
+        dit(driving_video_latents, torch.ones(1), prompt_ref, condition_clip_context, driving_video_condition[None],
+            cache=cache, mode="extract")
+
+        def model(x, t):
+            t = t.float().reshape(1)
+            cond = dit(x, t, context, clip_context, reference_latents[None], cache=cache, mode="cached")
+            if guidance == 1.0:
+                return cond
+            uncond = dit(x, t, context_null, clip_context, reference_latents[None], cache=cache, mode="cached",
+                         uncond=True)
+            return uncond + guidance * (cond - uncond)
+
+        sigmas, timesteps = schedule("unipc", steps, shift)
+        latents = SAMPLERS["unipc"](model, latents[None], sigmas, timesteps, generator=generator)
+        out_frames = vae.decode(latents[:, :, 1:].float())
+        if k > 0:
+            out_frames = out_frames[:, :, prev_len:]
+        segment_frames.append(out_frames)
+    return torch.cat(segment_frames, dim=2)[:, :, :real_frame_len][0]
+
+
+@pytest.mark.parametrize("guidance", [3.0, 1.0], ids=["cfg", "distilled"])
+def test_two_segments_equal_the_diffusers_loop(pipe, monkeypatch, guidance):
+    """7 driving frames, segments of 5 carrying 1: two segments, the second padded with the
+    video's last frames reversed and cut; CFG's unconditional pass skips block 9 (the pipeline
+    batches guidance by default: this task must not)."""
+    driving, image = frames(7, 40, 56, 1), frames(1, 50, 40, 2)[0]
+    embeds = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(0))
+    null = torch.randn(1, 3, 32, generator=torch.Generator().manual_seed(1))
+    made = []
+    finish = Animate2.finish_clip
+
+    def keep(self, run, index, latents):  # the frames in float, before they become uint8
+        made.append(finish(self, run, index, latents))
+        return made[-1]
+
+    monkeypatch.setattr(Animate2, "finish_clip", keep)
+    assert pipe.batch_cfg
+    video = pipe(prompt_embeds=embeds, negative_prompt_embeds=null, video=driving, image=image, height=64, width=48,
+                 num_frames=5, num_inference_steps=2, guidance_scale=guidance, seed=7, progress=False)
+    assert len(made) == 2 and len(video) == 7 and video.size == (32, 64)
+    assert video.metadata["task"] == "animate2" and video.fps == 24
+    assert video.metadata["animate2"] == {"segments": 2, "segment_frames": 5, "carried_frames": 1, "video_frames": 7}
+    with torch.no_grad():
+        expected = diffusers_loop(pipe, driving, image, area=64 * 48, segment=5, steps=2, seed=7, guidance=guidance,
+                                  context=_pad_text(embeds, 512), context_null=_pad_text(null, 512))
+    got = torch.cat(made, dim=1)
+    assert got.shape == expected.shape == (3, 7, 64, 32)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_python_api_refusals(pipe):
+    driving, image = frames(7, 40, 56, 1), frames(1, 50, 40, 2)[0]
+    cases = [
+        (dict(image=image), "video"),  # no driving video
+        (dict(video=driving), "image"),  # no reference image
+        (dict(video=driving[:2], image=image, num_frames=9), "the driving video has 2 frame(s) at 24 fps; a segment "
+                                                            "of 9 needs at least 5"),
+        (dict(video=driving, image=image, output_type="latents"), "output_type='latents' is not available"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=None) as err:
+            pipe("a dancer", num_inference_steps=1, progress=False, **kwargs)
+        assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
