@@ -167,3 +167,76 @@ def test_python_api_refusals(pipe):
         with pytest.raises(ValueError, match=None) as err:
             pipe("a dancer", num_inference_steps=1, progress=False, **kwargs)
         assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+# -- the CLI: --video (driving) and --image (reference), end to end --------------------------------
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A 7-frame driving video at 24 fps (56x40) and a 40x50 reference image; a 2-frame video."""
+    from wanx.video import Video
+
+    root = tmp_path_factory.mktemp("animate2-inputs")
+    Video(frames(7, 40, 56, 1), fps=24).save(root / "driving.mp4")
+    Video(frames(2, 40, 56, 1), fps=24).save(root / "short.mp4")
+    Image.fromarray(frames(1, 50, 40, 2)[0]).save(root / "ref.png")
+    return root
+
+
+def test_cli_makes_the_driving_length_at_the_image_aspect(inputs, tmp_path):
+    """Two segments of 5 frames carrying 1 make 9 frames, cut to the video's 7, at 24 fps; the
+    size: the 40x50 image's aspect (rounded 32x48) within tiny-animate2's 64x64 area, 48x64."""
+    import json
+
+    import av
+
+    from wanx.cli import main
+    from wanx.video import read_video
+
+    out = tmp_path / "out.mp4"
+    assert main(["generate", "--model", "tiny-animate2", "--video", str(inputs / "driving.mp4"), "--image",
+                 str(inputs / "ref.png"), "--prompt", "a dancer", "--frames", "5", "--steps", "1", "--seed", "1",
+                 "-o", str(out), "--quiet"]) == 0
+    assert read_video(out).frames.shape == (7, 64, 48, 3)
+    with av.open(str(out)) as container:
+        meta = dict(container.metadata)
+        assert container.streams.video[0].average_rate == 24
+    assert meta["task"] == "animate2"
+    assert json.loads(meta["animate2"]) == {"segments": 2, "segment_frames": 5, "carried_frames": 1,
+                                            "video_frames": 7}
+
+
+BAD = [  # (model, flags, what the line says)
+    ("tiny-animate2", ["--image", "{root}/ref.png"], "this is a Wan-Animate-2 model: give --image (the reference "
+                                                     "image) and --video (the driving video)"),
+    ("tiny-animate2", ["--video", "{root}/driving.mp4"], "give --image (the reference image) and --video"),
+    ("tiny-animate2", ["--video", "{root}/short.mp4", "--image", "{root}/ref.png"],
+     "the driving video has 2 frame(s) at 24 fps; a segment of 5 needs at least 3"),
+    ("tiny-animate2", ["--video", "{root}/driving.mp4", "--image", "{root}/ref.png", "--teacache", "0.5"],
+     "a step cache (TeaCache/MagCache) does not apply to Animate-2"),
+    ("tiny-animate2", ["--video", "{root}/driving.mp4", "--image", "{root}/ref.png", "--context-frames", "5"],
+     "leave --context-frames unset"),
+    ("tiny-animate2", ["--video", "{root}/driving.mp4", "--image", "{root}/missing.png"], "missing.png"),
+    ("tiny", ["--video", "{root}/driving.mp4", "--image", "{root}/ref.png"],
+     "this is a T2V model: --image needs an I2V or FLF2V model"),
+    ("tiny-animate2", ["--video", "{root}/driving.mp4", "--image", "{root}/ref.png", "--animate-inputs", "{root}"],
+     "--animate-inputs needs a Wan2.2 Animate model"),
+]
+
+
+@pytest.mark.parametrize("model, flags, message", BAD, ids=[f"{m}:{i}" for i, (m, _, _) in enumerate(BAD)])
+def test_bad_input_one_line_before_loading(inputs, capsys, monkeypatch, tmp_path, model, flags, message):
+    from wanx.cli import main
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the request was refused")
+
+    monkeypatch.setattr(WanPipeline, "from_files", refuse)
+    out = tmp_path / "out.mp4"
+    code = main(["generate", "--model", model, "--prompt", "a dancer", "--frames", "5", "--steps", "1", "-o",
+                 str(out), "--quiet", *[flag.format(root=inputs) for flag in flags]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("wanx: error: ") and "\n" not in err and message in err, err
+    assert not out.exists()

@@ -152,6 +152,9 @@ INPUT_WORDS = {"image": "the first frame", "last_image": "the last frame", "vide
                "face_video": "the face video", "background_video": "the background video",
                "mask_video": "the mask video"}
 
+# What an input is to a task that reads it otherwise (Animate-2's video drives its reference image).
+TASK_INPUT_WORDS = {"animate2": {"image": "the reference image", "video": "the driving video"}}
+
 
 def describe_default(model_type: str, experts: int, setting: str) -> str:
     """A setting's default for a model, in words: the model's own row's value, and where
@@ -209,7 +212,8 @@ def choose_task(model_type: str, experts: int, given: set[str], name=lambda arg:
         first, *rest = together
         raise TaskError(first, f"give either {name(first)} or {'/'.join(map(name, rest))}, not both")
     missing = min((spec for spec in rows if given <= set(spec.takes)), key=lambda spec: len(set(spec.needs) - given))
-    wanted = " and ".join(f"{name(arg)} ({INPUT_WORDS[arg]})" for arg in missing.needs)
+    words = {**INPUT_WORDS, **TASK_INPUT_WORDS.get(missing.name, {})}
+    wanted = " and ".join(f"{name(arg)} ({words[arg]})" for arg in missing.needs)
     raise TaskError(next(arg for arg in missing.needs if arg not in given), f"this is {model}: give {wanted}")
 
 
