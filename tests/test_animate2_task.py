@@ -240,3 +240,40 @@ def test_bad_input_one_line_before_loading(inputs, capsys, monkeypatch, tmp_path
     assert code == 2, err
     assert err.startswith("wanx: error: ") and "\n" not in err and message in err, err
     assert not out.exists()
+
+
+def test_server_reads_the_driving_video_whole_at_its_rate(inputs, tmp_path):
+    """An uploaded driving video is read as it is (every frame, resampled to 24 fps by the
+    task), not fitted to 16 fps and the request's frame count as a video-to-video input is."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from tests.serve.conftest import wait_for
+    from wanx.hub import find_components, resolve_model
+    from wanx.runtime import Runtime
+    from wanx.serve.app import Server, create_app
+    from wanx.video import read_video
+
+    runtime = Runtime.create("cpu")
+    files = find_components(resolve_model("tiny-animate2"))
+    server = Server(WanPipeline.from_files(files, runtime=runtime), files, runtime, tmp_path / "server",
+                    model_name="tiny-animate2")
+    body = {"prompt": "a dancer", "frames": 5, "steps": 1, "seed": 1}
+    parts = [("video", ("d.mp4", (inputs / "driving.mp4").read_bytes(), "video/mp4")),
+             ("image", ("r.png", (inputs / "ref.png").read_bytes(), "image/png"))]
+    try:
+        with TestClient(create_app(server, ui=False, worker=True), base_url="http://localhost") as client:
+            answer = client.post("/v1/videos", data={"request": json.dumps(body)}, files=parts)
+            assert answer.status_code == 202, answer.text
+            job = wait_for(client, answer.json()["id"])
+            assert job["status"] == "done", job
+            got = tmp_path / "got.mp4"
+            got.write_bytes(client.get(f"/v1/videos/{job['id']}/content").content)
+            assert read_video(got).frames.shape == (7, 64, 48, 3)
+            assert job["settings"]["animate2"]["video_frames"] == 7
+            answer = client.post("/v1/videos", data={"request": json.dumps(body)}, files=parts[1:])
+            assert answer.status_code == 422 and answer.json()["field"] == "video", answer.text
+            assert "give image (the reference image) and video (the driving video)" in answer.json()["detail"]
+    finally:
+        server.queue.stop(timeout=10)
