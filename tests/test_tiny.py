@@ -68,7 +68,9 @@ def test_tiny_sets_default_to_a_small_valid_request(homes, name):
               "flf2v": dict(image=torch.zeros(3, 64, 64), last_image=torch.zeros(3, 64, 64)),
               # the preprocessed inputs: the output takes the pose video's size (the folder's 64x64)
               "animate": dict(pose_video=np.zeros((5, 64, 64, 3), np.uint8), image=np.zeros((64, 64, 3), np.uint8),
-                              face_video=np.zeros((5, 512, 512, 3), np.uint8))}
+                              face_video=np.zeros((5, 512, 512, 3), np.uint8)),
+              # the driving video and reference image: the output takes the image's aspect (square)
+              "animate2": dict(video=np.zeros((5, 64, 64, 3), np.uint8), image=np.zeros((64, 64, 3), np.uint8))}
     common = dict(experts=2 if files.moe else 1, seed=0, **images.get(files.model_type, {}))
     plan = plan_request(files.model_type, "a cat", model_defaults=files.defaults, **common)
     assert (plan.width, plan.height, plan.num_frames, plan.steps) == (64, 64, 5, 4)

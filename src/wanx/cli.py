@@ -977,7 +977,8 @@ def _add_generate(sub: argparse._SubParsersAction, tiny: str) -> None:
     gen = sub.add_parser("generate", help="make a video from text, an image, first+last frames, or a video",
                          description="Generate with a Wan2.1 model. The task follows from the model and the inputs: "
                                      "text (T2V), --image (I2V), --image + --last-image (FLF2V), --video (video-to-video "
-                                     "with a T2V model); Wan2.2 TI2V-5B: text, or text and --image; Wan2.2 Animate: --animate-inputs. "
+                                     "with a T2V model); Wan2.2 TI2V-5B: text, or text and --image; Wan2.2 Animate: --animate-inputs; "
+                                     "Wan-Animate-2: --video (the driving video) and --image (the reference). "
                                      "Unset options take the official "
                                      "defaults of the task.")
     gen.add_argument("--model", required=True,
@@ -992,9 +993,10 @@ def _add_generate(sub: argparse._SubParsersAction, tiny: str) -> None:
     gen.add_argument("--prompts", metavar="FILE", help="batch: one prompt per line, or JSON lines with per-job keys "
                                                         f"({', '.join(sorted(_JOB_KEYS))}); their image, last_image "
                                                         "and video paths are relative to FILE's folder")
-    gen.add_argument("--image", help="first frame (I2V, FLF2V; TI2V-5B: makes it image-to-video)")
+    gen.add_argument("--image", help="first frame (I2V, FLF2V; TI2V-5B: makes it image-to-video; Wan-Animate-2: "
+                                      "the reference character)")
     gen.add_argument("--last-image", help="last frame (FLF2V)")
-    gen.add_argument("--video", help="input video for video-to-video")
+    gen.add_argument("--video", help="input video for video-to-video (Wan-Animate-2: the driving video)")
     gen.add_argument("--strength", type=float, default=0.8,
                      help="video-to-video: the share of the --steps that is run (the last ones), from the input "
                           "noised to where they begin; 0 < STRENGTH <= 1, default 0.8. The schedule is shifted toward "

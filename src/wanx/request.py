@@ -161,6 +161,9 @@ def check_job(job: Mapping, files, *, runtime, weights: int, names: Mapping[str,
             name = (names or KEY_NAMES).get("width", "size")
             raise RequestError("height", f"{name.split()[0]} does not apply to Animate: the output takes the pose "
                                          f"video's size, {plan.width}x{plan.height}; leave it unset")
+    if plan.animate2 is not None and runtime.cache is not None:  # the cache would wrap the reference pass too
+        raise RequestError("", "a step cache (TeaCache/MagCache) does not apply to Animate-2: its reference "
+                                     "pass goes through the same blocks; leave the cache off")
     window = None if plan.windows is None else (plan.windows.size - 1) * plan.latent[1] + 1
     try:  # batch 1: guidance runs as two passes when one batch of two does not fit
         check_fits(files.dit_config, plan.height, plan.width, plan.num_frames, device=runtime.device,

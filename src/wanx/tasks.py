@@ -124,13 +124,23 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
              takes=("image",) + ANIMATE_OPTIONS, steps=20, shift=5.0, guidance=1.0, num_frames=77, fps=30,
              needs_image_encoder=True, prompt="视频中的人在做动作", label="Animate-14B",
              trained_at="the output takes the preprocessed pose video's size"),
+    # Wan-Animate-2-14B (diffusers' modular WanAnimate2Blocks): the reference image's character
+    # driven by a plain video, segment after segment of 81 frames at 24 fps carrying one frame;
+    # the size is the image's aspect ratio within 800x640; CFG 3 at 40 steps, the negative
+    # prompt "" (diffusers' defaults). The distilled weights (same layout) sample with
+    # guidance 1 and 10 steps: give them (docs/animate.md). Shift 5 and unipc are wanx's choice:
+    # the release's scheduler config is not in the code read.
+    TaskSpec("animate2", "animate2", "Animate-2: a reference character driven by a video", "animate2",
+             needs=("image", "video"), takes=("image", "video"), steps=40, shift=5.0, guidance=3.0,
+             negative_prompt="", width=640, height=800, num_frames=81, fps=24, needs_image_encoder=True,
+             label="Animate-2-14B", trained_at="the output takes the reference image's aspect ratio"),
 )}
 
 INPUTS = ("image", "last_image", "video")
 # What each model type is called, and what an input it cannot take would need instead.
 MODEL_NAMES = {"t2v": "a T2V model", "i2v": "an I2V model", "flf2v": "an FLF2V model",
                "ti2v": "a TI2V model (text, or text and a first frame)", "vace": "a VACE model",
-               "animate": "a Wan2.2 Animate model"}
+               "animate": "a Wan2.2 Animate model", "animate2": "a Wan-Animate-2 model"}
 INPUT_NEEDS = {"image": "an I2V or FLF2V model (e.g. Wan-AI/Wan2.1-I2V-14B-480P)",
                "last_image": "an FLF2V model (Wan-AI/Wan2.1-FLF2V-14B-720P)",
                "video": "a T2V model (video-to-video)",
@@ -141,6 +151,9 @@ INPUT_WORDS = {"image": "the first frame", "last_image": "the last frame", "vide
                "animate_inputs": "the preprocessed folder", "pose_video": "the pose video",
                "face_video": "the face video", "background_video": "the background video",
                "mask_video": "the mask video"}
+
+# What an input is to a task that reads it otherwise (Animate-2's video drives its reference image).
+TASK_INPUT_WORDS = {"animate2": {"image": "the reference image", "video": "the driving video"}}
 
 
 def describe_default(model_type: str, experts: int, setting: str) -> str:
@@ -199,7 +212,8 @@ def choose_task(model_type: str, experts: int, given: set[str], name=lambda arg:
         first, *rest = together
         raise TaskError(first, f"give either {name(first)} or {'/'.join(map(name, rest))}, not both")
     missing = min((spec for spec in rows if given <= set(spec.takes)), key=lambda spec: len(set(spec.needs) - given))
-    wanted = " and ".join(f"{name(arg)} ({INPUT_WORDS[arg]})" for arg in missing.needs)
+    words = {**INPUT_WORDS, **TASK_INPUT_WORDS.get(missing.name, {})}
+    wanted = " and ".join(f"{name(arg)} ({words[arg]})" for arg in missing.needs)
     raise TaskError(next(arg for arg in missing.needs if arg not in given), f"this is {model}: give {wanted}")
 
 

@@ -383,7 +383,7 @@ class WanPipeline:
         if self.last_experts:
             run.say(experts.describe(timesteps))
         passes = ParallelHalves(self.parallel.cfg) if self.parallel is not None and self.parallel.cfg else \
-            Guidance() if batched else TwoPass()  # how a step's cond and uncond branches are computed
+            Guidance() if batched and conditioning.batch_branches else TwoPass()  # how cond and uncond are computed
         guide = (plan.guider or CFG()).bind(passes)  # plain CFG, or the request's variant or schedule
         guide.start(len(timesteps))
         cache, step = self.step_cache, [0]  # the sampler calls the model function once per step

@@ -100,6 +100,8 @@ class Plan:
     # Wan2.2-Animate: its inputs and clips (conditioning.animate.AnimateInputs); num_frames is a clip's.
     # Not compared: two plans of the same request read the frames into two objects
     animate: object | None = field(default=None, compare=False)
+    # Wan-Animate-2: its inputs and segments (conditioning.animate2.Animate2Inputs); num_frames is a segment's
+    animate2: object | None = field(default=None, compare=False)
     # the task's official prompt, when none was given (Animate's)
     prompt: str | None = None
 

@@ -248,7 +248,9 @@ class Server:
             if width * height > most:
                 raise UploadError(field, f"{field}: the upload is {width}x{height}; this server reads at most "
                                          f"{most / 1e6:.0f} megapixels a frame: resize it first", 422)
-            if field in AS_UPLOADED:  # read as it is (extend, Animate's videos): only its decoded bytes capped
+            # read as it is (extend, Animate's videos, Animate-2's driving video: whole, at its own
+            # rate): only its decoded bytes capped
+            if field in AS_UPLOADED or (field == "video" and self.files.model_type == "animate2"):
                 frames = _frame_count(path)
                 if frames * width * height * 3 > MAX_DECODED:
                     raise UploadError(field, f"{field}: {frames} frames at {width}x{height} are more than this "

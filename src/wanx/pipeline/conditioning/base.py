@@ -68,6 +68,9 @@ class Conditioning:
     # True: the clip loop even for one clip, since `finish_clip` shapes the video (Animate trims
     # its last clip to the input's length); False: the clip loop only when clips is above 1
     clip_after_clip = False
+    # False: guidance never batches the cond and uncond branches (Animate-2's uncond pass skips a
+    # block, so `batch` gets one branch at a time)
+    batch_branches = True
 
     def __init__(self, plan):
         self.plan = plan
