@@ -12,6 +12,9 @@ $(BIN)/.wanx-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[test]"
+	# DiffSynth-Studio, a test-only oracle (tests/models/test_s2v.py): no deps, which would pull
+	# torchvision and CUDA builds; its S2V DiT file needs only torch, numpy and einops.
+	$(BIN)/pip install -q --no-deps diffsynth==2.1.12
 	touch $@
 
 install: $(BIN)/.wanx-installed

@@ -74,6 +74,37 @@ def assert_same_outputs(actual: torch.Tensor, expected: torch.Tensor, where: str
                                msg=lambda m: f"{where}: {m}" if where else m)
 
 
+# -- DiffSynth-Studio oracles -------------------------------------------------------------
+
+
+def diffsynth_module(name: str):
+    """A module of DiffSynth-Studio (`diffsynth==2.1.12`, installed without its dependencies) with
+    its packages' `__init__`s skipped: they import every model and pipeline (and torchvision,
+    transformers, ...). Empty package modules stand in for `diffsynth`, `diffsynth.core` and
+    `diffsynth.models`, so `name` loads only itself and what it imports."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    if "diffsynth" not in sys.modules:
+        spec = importlib.util.find_spec("diffsynth")
+        if spec is None:
+            import pytest
+
+            pytest.skip("diffsynth (test-only oracle) is not installed: pip install --no-deps diffsynth==2.1.12")
+        package = types.ModuleType("diffsynth")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["diffsynth"] = package
+    root = Path(sys.modules["diffsynth"].__path__[0])
+    for package, folder in (("diffsynth.core", root / "core"), ("diffsynth.models", root / "models")):
+        if package not in sys.modules:
+            module = types.ModuleType(package)
+            module.__path__ = [str(folder)]
+            sys.modules[package] = module
+    return importlib.import_module(name)
+
+
 # -- diffusers oracles ----------------------------------------------------------------
 
 

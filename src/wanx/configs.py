@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 # tensor shapes, so it is the fallback when no config.json sits beside the weights.
 RELEASED_HEAD_DIM = 128
 
-MODEL_TYPES = ("t2v", "i2v", "flf2v", "ti2v", "vace", "animate")
+MODEL_TYPES = ("t2v", "i2v", "flf2v", "ti2v", "vace", "animate", "s2v")
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,9 @@ class DiTConfig:
                              f"not DiTConfig(model_type={self.model_type!r})")
         if (self.model_type == "animate") != isinstance(self, AnimateConfig):
             raise ValueError("a Wan2.2 Animate DiT is described by AnimateConfig (its motion and face encoders), "
+                             f"not DiTConfig(model_type={self.model_type!r})")
+        if (self.model_type == "s2v") != isinstance(self, S2VConfig):
+            raise ValueError("a Wan2.2 S2V DiT is described by S2VConfig (its audio and motion paths), "
                              f"not DiTConfig(model_type={self.model_type!r})")
         if not self.clip and self.model_type != "i2v":
             raise ValueError(f"only an i2v DiT can go without CLIP (Wan2.2 I2V); this is {self.model_type}")
@@ -143,6 +146,52 @@ class AnimateConfig(DiTConfig):
     def face_layers(self) -> tuple[int, ...]:
         """The main blocks a face adapter block follows: 0, 5, ..., 35 for 40 blocks."""
         return tuple(range(0, self.num_layers, self.inject_face_latents_blocks))
+
+
+# The released S2V-14B's audio injection layers (`wan/configs/wan_s2v_14B.py`).
+S2V_AUDIO_INJECT_LAYERS = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
+
+
+@dataclass(frozen=True)
+class S2VConfig(DiTConfig):
+    """Wan2.2-S2V DiT (official `WanModel_S2V`, `wan/modules/s2v/`): the Wan2.1 T2V DiT whose
+    blocks give the reference and motion tokens appended to the video's their own (zero)
+    timestep, plus `cond_encoder` (pose latents added to the tokens), a causal audio encoder
+    (a learned mix of the wav2vec2 hidden layers, causal convs to `num_audio_token` tokens and a
+    global one per latent frame), audio cross-attention after the blocks of
+    `audio_inject_layers` (each frame's tokens AdaIN-modulated by its global audio token, then
+    attending to its audio tokens), and FramePack motion memory (the last 19 motion latent
+    frames patch-embedded at 1x, 2x and 4x compression). Argument names are the official
+    class' (`audio_encoder_layers` and `motion_frames` are hard-coded or passed there).
+
+    Only the released choices are built: `enable_framepack` with drop mode "padd" (not the
+    transformer motioner nor plain motion tokens), `enable_adain` with adain_mode
+    "attn_norm", `zero_timestep`, `add_last_motion`."""
+
+    model_type: str = "s2v"
+    cond_dim: int = 16  # the pose video's latent channels
+    audio_dim: int = 1024  # wav2vec2-large's hidden size
+    audio_encoder_layers: int = 25  # hidden states mixed: the embedding output and 24 layers
+    num_audio_token: int = 4
+    audio_inject_layers: tuple[int, ...] = S2V_AUDIO_INJECT_LAYERS
+    motion_frames: int = 73  # pixel frames of motion memory (19 latent frames)
+
+    def __post_init__(self) -> None:
+        layers = tuple(int(i) for i in self.audio_inject_layers)
+        object.__setattr__(self, "audio_inject_layers", layers)
+        super().__post_init__()
+        if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= self.num_layers:
+            raise ValueError(f"audio_inject_layers must be increasing block indices below num_layers "
+                             f"{self.num_layers}; got {list(layers)}")
+        if self.dim % 4:
+            raise ValueError(f"an S2V DiT's dim must be a multiple of 4 (its audio encoder's widths), got {self.dim}")
+        if self.in_dim != self.out_dim:
+            raise ValueError(f"an S2V DiT takes latents alone: in_dim {self.in_dim} must equal out_dim {self.out_dim}")
+
+    @property
+    def lat_motion_frames(self) -> int:
+        """The motion memory's latent frames: (73 + 3) // 4 = 19."""
+        return (self.motion_frames + 3) // 4
 
 
 @dataclass(frozen=True)
@@ -264,6 +313,13 @@ DIT_PRESETS: dict[str, DiTConfig] = {
     "tiny-animate": AnimateConfig(**_TINY, image_dim=160, motion_encoder_channels=(8,) * 8, motion_style_dim=32,
                                   motion_dim=4, motion_encoder_dim=32, face_encoder_hidden_dim=32,
                                   face_encoder_num_heads=2, inject_face_latents_blocks=2),
+    # Wan2.2-S2V-14B: T2V-14B's blocks with the audio/pose/motion paths (wan/configs/wan_s2v_14B.py).
+    "s2v-14B": S2VConfig(**_14B),
+    # Head dim 24 (not _TINY's 16): the RoPE split d-4(d//6), 2(d//6), 2(d//6) is then also
+    # DiffSynth's d-2(d//3), d//3, d//3 (its parity oracle); audio injected after blocks 0 and 2
+    # of 3 (block 1 has none); the tiny wav2vec2's 3 hidden states of width 32 (wanx.audio).
+    "tiny-s2v": S2VConfig(dim=48, ffn_dim=64, num_heads=2, num_layers=3, text_dim=32, audio_dim=32,
+                          audio_encoder_layers=3, num_audio_token=2, audio_inject_layers=(0, 2)),
 }
 
 VAE_PRESETS: dict[str, VAEConfig] = {
@@ -305,7 +361,7 @@ def _preset(table, name, what):
 
 def preset_name(config) -> str | None:
     """Name of the preset equal to `config`, if any."""
-    table = {DiTConfig: DIT_PRESETS, VaceConfig: DIT_PRESETS, AnimateConfig: DIT_PRESETS, VAEConfig: VAE_PRESETS, VAE22Config: VAE_PRESETS, T5Config: T5_PRESETS,
+    table = {DiTConfig: DIT_PRESETS, VaceConfig: DIT_PRESETS, AnimateConfig: DIT_PRESETS, S2VConfig: DIT_PRESETS, VAEConfig: VAE_PRESETS, VAE22Config: VAE_PRESETS, T5Config: T5_PRESETS,
              CLIPVisionConfig: CLIP_PRESETS}[type(config)]
     return next((name for name, c in table.items() if c == config), None)
 
@@ -320,6 +376,13 @@ def official_config_json(cfg: DiTConfig) -> dict:
     if isinstance(cfg, AnimateConfig):
         return {"_class_name": "WanAnimateModel", **{k: getattr(cfg, k) for k in keys},
                 "motion_encoder_dim": cfg.motion_encoder_dim}
+    if isinstance(cfg, S2VConfig):
+        # WanModel_S2V's arguments as the released config.json spells them (enable_motioner False).
+        return {"_class_name": "WanModel_S2V", **{k: getattr(cfg, k) for k in keys}, "cond_dim": cfg.cond_dim,
+                "audio_dim": cfg.audio_dim, "num_audio_token": cfg.num_audio_token, "enable_adain": True,
+                "adain_mode": "attn_norm", "audio_inject_layers": list(cfg.audio_inject_layers), "zero_init": True,
+                "zero_timestep": True, "enable_motioner": False, "add_last_motion": True, "enable_framepack": True,
+                "framepack_drop_mode": "padd"}
     return {"_class_name": "WanModel", **{k: getattr(cfg, k) for k in keys}}
 
 
@@ -351,6 +414,7 @@ def vace_layers_for(num_vace_blocks: int, num_layers: int) -> tuple[int, ...]:
 def infer_dit_config(
     shapes: Mapping[str, Sequence[int]], num_heads: int | None = None, num_layers: int | None = None,
     text_len: int | None = None, vace_layers: Sequence[int] | None = None,
+    audio_inject_layers: Sequence[int] | None = None,
 ) -> DiTConfig:
     """DiT config from official-layout tensor shapes; `num_heads` (and `num_layers`, so a
     missing last block is noticed), `text_len` (no tensor shows it) and a VACE model's
@@ -359,6 +423,8 @@ def infer_dit_config(
         raise KeyError("vace_patch_embedding.weight")  # VACE blocks without their input: a damaged VACE file
     if "pose_patch_embedding.weight" in shapes:
         return _infer_animate_config(shapes, num_heads, num_layers, text_len)
+    if any(k.startswith(_S2V_PARTS) for k in shapes):
+        return _infer_s2v_config(shapes, num_heads, num_layers, text_len, audio_inject_layers)
     if "vace_patch_embedding.weight" in shapes:
         base = infer_dit_config({k: v for k, v in shapes.items() if not k.startswith("vace_")}, num_heads, num_layers,
                                 text_len)
@@ -434,6 +500,48 @@ def _infer_animate_config(shapes: Mapping[str, Sequence[int]], num_heads: int | 
         face_encoder_hidden_dim=hidden,
         face_encoder_num_heads=int(shapes["face_encoder.conv1_local.conv.weight"][0]) // hidden,
         inject_face_latents_blocks=every,
+    )
+
+
+_S2V_PARTS = ("cond_encoder.", "casual_audio_encoder.", "audio_injector.", "trainable_cond_mask.", "frame_packer.",
+              "motioner.", "zip_motion_out.")
+
+
+def _infer_s2v_config(shapes: Mapping[str, Sequence[int]], num_heads: int | None, num_layers: int | None,
+                      text_len: int | None, audio_inject_layers: Sequence[int] | None) -> S2VConfig:
+    """Wan2.2-S2V: the T2V DiT of the other keys, the audio/pose/motion paths' sizes from theirs;
+    which blocks the audio injectors follow from config.json, else the release's when it is 40
+    blocks with 12 injectors."""
+    if any(k.startswith(("motioner.", "zip_motion_out.")) for k in shapes):
+        raise ValueError("this S2V DiT has the transformer motioner (enable_motioner), which no release uses; wanx "
+                         "builds the released FramePack motion memory only")
+    for key in ("cond_encoder.weight", "casual_audio_encoder.weights", "casual_audio_encoder.encoder.conv1_local.conv.weight",
+                "casual_audio_encoder.encoder.conv1_global.conv.weight", "trainable_cond_mask.weight",
+                "frame_packer.proj.weight", "audio_injector.injector_adain_layers.0.linear.weight"):
+        if key not in shapes:
+            raise KeyError(key)
+    base = infer_dit_config({k: v for k, v in shapes.items() if not k.startswith(_S2V_PARTS)}, num_heads,
+                            num_layers, text_len)
+    injectors = sorted({int(m[1]) for k in shapes if (m := re.match(r"audio_injector\.injector\.(\d+)\.", k))})
+    count = injectors[-1] + 1 if injectors else 0
+    if audio_inject_layers is None:
+        if base.num_layers == 40 and count == len(S2V_AUDIO_INJECT_LAYERS):
+            audio_inject_layers = S2V_AUDIO_INJECT_LAYERS
+        else:
+            raise ValueError(f"cannot tell which of the {base.num_layers} blocks the {count} audio injectors follow; put "
+                             "a config.json with \"audio_inject_layers\" beside the weights")
+    elif len(audio_inject_layers) != count:
+        raise ValueError(f"config.json's audio_inject_layers names {len(audio_inject_layers)} layers but the weights hold "
+                         f"{count} audio injectors; fix audio_inject_layers or use the matching weights")
+    local = shapes["casual_audio_encoder.encoder.conv1_local.conv.weight"]
+    fields = {k: getattr(base, k) for k in DiTConfig.__dataclass_fields__ if k not in ("model_type", "clip")}
+    return S2VConfig(
+        **fields,
+        cond_dim=int(shapes["cond_encoder.weight"][1]),
+        audio_dim=int(local[1]),
+        audio_encoder_layers=int(shapes["casual_audio_encoder.weights"][1]),
+        num_audio_token=int(local[0]) // int(shapes["casual_audio_encoder.encoder.conv1_global.conv.weight"][0]),
+        audio_inject_layers=tuple(audio_inject_layers),
     )
 
 

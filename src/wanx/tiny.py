@@ -37,8 +37,9 @@ DEFAULTS_FILE = "wanx-defaults.json"  # a model folder's generation settings (hu
 # "ti2v" is Wan2.2 TI2V-5B's: a 48-channel DiT on the Wan2.2 VAE (Wan2.2_VAE.pth).
 # "vace" is Wan2.1 VACE's: the T2V DiT with VACE blocks (preset tiny-vace: a hint after both blocks).
 # "animate" is Wan2.2-Animate's: the I2V DiT with the pose/face path (preset tiny-animate), with the tiny CLIP.
+# "s2v" is Wan2.2-S2V's: the S2V DiT (preset tiny-s2v: audio, pose and FramePack motion paths).
 TINY_MODELS = {"tiny": "t2v", "tiny-i2v": "i2v", "tiny-flf2v": "flf2v", "tiny-moe": "t2v-A14B", "tiny-ti2v": "ti2v",
-               "tiny-vace": "vace", "tiny-animate": "animate"}
+               "tiny-vace": "vace", "tiny-animate": "animate", "tiny-s2v": "s2v"}
 EXPERT_FOLDERS = ("high_noise_model", "low_noise_model")
 
 # Bump whenever the bytes of a tiny set change: folders with another stamp are remade.
@@ -90,7 +91,7 @@ def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Pat
     from .models.vae22 import WanVAE22
 
     preset = {"t2v": "tiny", "i2v": "tiny-i2v", "flf2v": "tiny-flf2v", "t2v-A14B": "tiny", "ti2v": "tiny-ti2v",
-              "vace": "tiny-vace", "animate": "tiny-animate"}[task]
+              "vace": "tiny-vace", "animate": "tiny-animate", "s2v": "tiny-s2v"}[task]
     experts = EXPERT_FOLDERS if task == "t2v-A14B" else ()
     folder = Path(folder)
     tmp = folder.with_name(f"{folder.name}.{os.getpid()}.partial")  # private to this process
@@ -116,6 +117,9 @@ def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Pat
                 networks["Wan2.2_VAE.pth"] = WanVAE22("tiny-wan2.2")
             if task in ("i2v", "flf2v", "animate"):
                 networks["models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"] = CLIPVisionEncoder("tiny")
+            # S2V's audio encoder, `wav2vec2-large-xlsr-53-english/` (a transformers Wav2Vec2ForCTC
+            # folder, as the release keeps it), belongs here too: written by the audio path's
+            # tiny writer (3 hidden states of width 32, as preset tiny-s2v mixes) once it lands.
         for file, network in networks.items():
             state = portable_weights(network, f"{seed}/{file}")
             if task == "animate" and network is dit:

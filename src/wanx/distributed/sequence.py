@@ -39,6 +39,9 @@ class SequenceParallel:
         if getattr(getattr(dit, "config", None), "model_type", None) == "animate":
             # A face block attends from all of a frame's tokens at once: not split across ranks yet.
             raise ValueError("sequence parallelism does not cover Wan2.2 Animate's face blocks yet: run it without --sp")
+        if getattr(getattr(dit, "config", None), "model_type", None) == "s2v":
+            # An audio injection attends from all of a latent frame's tokens at once, as a face block.
+            raise ValueError("sequence parallelism does not cover Wan2.2 S2V's audio injection yet: run it without --sp")
         self.dit, self.group = dit, group
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         heads = dit.config.num_heads

@@ -111,15 +111,15 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
 
 
 # Released DiTs by preset; t2v-14B's architecture is also each expert of Wan2.2 T2V-A14B.
-RELEASES = {"animate-14B": "Wan2.2 Animate-14B", "vace-1.3B": "Wan2.1 VACE-1.3B", "vace-14B": "Wan2.1 VACE-14B", "vace-A14B": "Wan2.2 VACE-Fun A14B",
+RELEASES = {"animate-14B": "Wan2.2 Animate-14B", "s2v-14B": "Wan2.2 S2V-14B", "vace-1.3B": "Wan2.1 VACE-1.3B", "vace-14B": "Wan2.1 VACE-14B", "vace-A14B": "Wan2.2 VACE-Fun A14B",
             "t2v-1.3B": "Wan2.1 T2V-1.3B", "t2v-14B": "Wan2.1 T2V-14B", "i2v-14B": "Wan2.1 I2V-14B (480P or 720P)",
             "flf2v-14B": "Wan2.1 FLF2V-14B", "t2v-A14B": "Wan2.2 T2V-A14B", "i2v-A14B": "Wan2.2 I2V-A14B",
             "ti2v-5B": "Wan2.2 TI2V-5B"}
 
 
 def generation(cfg: DiTConfig, expert: str | None = None) -> str:
-    """"Wan2.2" for what only Wan2.2 has (an expert, I2V without CLIP, TI2V, Animate), else "Wan2.1"."""
-    return "Wan2.2" if expert or not cfg.clip or cfg.model_type in ("ti2v", "animate") else "Wan2.1"
+    """"Wan2.2" for what only Wan2.2 has (an expert, I2V without CLIP, TI2V, Animate, S2V), else "Wan2.1"."""
+    return "Wan2.2" if expert or not cfg.clip or cfg.model_type in ("ti2v", "animate", "s2v") else "Wan2.1"
 
 
 def model_name(cfg: DiTConfig, expert: str | None = None) -> str:
@@ -389,7 +389,8 @@ def _infer_config(network: str, shapes: dict, store: TensorStore) -> DiTConfig |
         # The text is zero-padded to text_len before the text MLP and cross-attention sees every
         # position, so a model trained at another length (the demo's 32) must keep it.
         return infer_dit_config(shapes, num_heads=heads, num_layers=cfg_json.get("num_layers"),
-                                text_len=cfg_json.get("text_len"), vace_layers=cfg_json.get("vace_layers"))
+                                text_len=cfg_json.get("text_len"), vace_layers=cfg_json.get("vace_layers"),
+                                audio_inject_layers=cfg_json.get("audio_inject_layers"))
     except ValueError as err:
         raise CheckpointError(f"{store.path}: {err}") from None
 

@@ -23,7 +23,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..attention import attention
-from ..configs import AnimateConfig, DiTConfig, VaceConfig, dit_config
+from ..configs import AnimateConfig, DiTConfig, S2VConfig, VaceConfig, dit_config
 
 
 
@@ -261,7 +261,7 @@ class WanDiT(nn.Module):
 
     def __new__(cls, config: DiTConfig | str = "t2v-1.3B", *args, **kwargs):
         # `WanDiT(config)` builds the class the config is: a VaceConfig makes a VaceWanDiT (an
-        # AnimateConfig an AnimateWanDiT), so every place that builds a DiT from a checkpoint's
+        # AnimateConfig an AnimateWanDiT, an S2VConfig an S2VWanDiT), so every place that builds a DiT from a checkpoint's
         # config builds VACE and Animate models too.
         cfg = dit_config(config) if isinstance(config, str) else config
         if cls is WanDiT and isinstance(cfg, VaceConfig):
@@ -272,6 +272,10 @@ class WanDiT(nn.Module):
             from .animate import AnimateWanDiT
 
             cls = AnimateWanDiT
+        elif cls is WanDiT and isinstance(cfg, S2VConfig):
+            from .s2v import S2VWanDiT
+
+            cls = S2VWanDiT
         return super().__new__(cls)
 
     def __init__(self, config: DiTConfig | str = "t2v-1.3B"):
