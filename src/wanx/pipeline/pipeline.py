@@ -39,8 +39,11 @@ class WanPipeline:
     Wan2.2 A14B: `dit` is the high-noise expert and `dit_low` the low-noise one."""
 
     def __init__(self, dit, vae, text_encoder=None, image_encoder=None, *, dit_low=None, name: str = "custom",
-                 runtime: Runtime | None = None, placement: Placement | None = None, applied: Applied | None = None):
+                 runtime: Runtime | None = None, placement: Placement | None = None, applied: Applied | None = None,
+                 audio_encoder=None):
         self.dit, self.vae, self.text_encoder, self.image_encoder = dit, vae, text_encoder, image_encoder
+        # Wan2.2 S2V's wav2vec2: a `wanx.audio.AudioEncoder`, or its folder, loaded at first use
+        self._audio_encoder = audio_encoder
         self.dit_low = dit_low
         if dit_low is not None and dit_low.config != dit.config:
             raise ValueError("the two experts must be alike in architecture (Wan2.2 A14B's are)")
@@ -55,6 +58,20 @@ class WanPipeline:
         self.last_timings: dict = {}  # seconds of the first and later denoising steps of the last call
         self.last_experts: dict = {}  # two experts: the last call's boundary and steps on each
         self.last_partial: Path | None = None  # output_path: the .partial file a stopped call kept
+
+    @property
+    def audio_encoder(self):
+        """S2V's wav2vec2 (`wanx.audio.AudioEncoder`), read from its folder when a request first
+        needs it (float32 on the pipeline's device, as the official code runs it)."""
+        if isinstance(self._audio_encoder, (str, Path)):
+            from ..audio import load_audio_encoder
+
+            self._audio_encoder = load_audio_encoder(self._audio_encoder, device=self.device)
+        return self._audio_encoder
+
+    @audio_encoder.setter
+    def audio_encoder(self, encoder) -> None:
+        self._audio_encoder = encoder
 
     @property
     def placement(self) -> Placement:
@@ -164,7 +181,7 @@ class WanPipeline:
                                 parallel=parallel, say=lambda line: print(line, file=sys.stderr))
         pipe = cls(networks["dit"], networks["vae"], TextEncoder(networks["t5"], tokenizer, device=runtime.text_device),
                    networks["clip"], dit_low=networks["dit_low"], name=str(files.folder), runtime=runtime,
-                   applied=applied)
+                   applied=applied, audio_encoder=files.audio_encoder)
         pipe.defaults = dict(files.defaults)
         return pipe
 
@@ -182,6 +199,10 @@ class WanPipeline:
         conditioning_scale: float | Sequence[float] | None = None,
         control_video=None,
         outpaint=None,
+        audio=None,
+        pose_video=None,
+        num_clips: int | None = None,
+        start_from_ref: bool | None = None,
         strength: float = 0.8,
         height: int | None = None,
         width: int | None = None,
@@ -231,6 +252,12 @@ class WanPipeline:
                 the hints' scale (one, or one per VACE layer). outpaint: (left, right, top,
                 bottom), pixels or fractions below 1, of video or image; image/last_image: the
                 official first/last-frame tasks.
+            audio: Wan2.2 S2V models: the speech or song the reference `image` follows (a file
+                any format PyAV decodes, or (samples, rate)); the video is made clip after clip
+                of num_frames (80, a multiple of 4) over the audio's length, or num_clips at
+                most; pose_video: a pose video driving the body (optional); start_from_ref: the
+                reference image is the first frame. The output mp4 carries the audio
+                (`wanx.pipeline.conditioning.s2v`).
             height, width: pixels, multiples of the task's size multiple (16; TI2V-5B 32).
             num_frames: 4k+1. Video-to-video: default the input's count, rounded down to 4k+1.
             num_inference_steps (alias steps), shift, sampler ("unipc", "dpm++", "euler", "lcm").
@@ -281,25 +308,27 @@ class WanPipeline:
                          negative_prompt_embeds=negative_prompt_embeds, latents=latents, output_type=output_type,
                          guidance=strategy, context_windows=context_windows, extend=extend,
                          extend_frames=extend_frames, mask=mask, reference_images=reference_images,
-                         conditioning_scale=conditioning_scale, control_video=control_video, outpaint=outpaint)
+                         conditioning_scale=conditioning_scale, control_video=control_video, outpaint=outpaint,
+                         audio=audio, pose_video=pose_video, num_clips=num_clips, start_from_ref=start_from_ref)
         self.last_partial = None
         if output_path is not None and output_type == "latents":
             raise ValueError("output_path writes decoded frames: it does not go with output_type='latents'")
         # the output's type is checked before any work; the file is made at the first frame
-        writer = None if output_path is None else VideoWriter(output_path, plan.fps, quality=quality)
+        writer = None if output_path is None else VideoWriter(output_path, plan.fps, quality=quality,
+                                                              audio=plan.soundtrack)
         need, batched = self._fit(plan, stream=writer is not None)
         # per-step LoRA strengths for this step count (another count is refused here, before any work)
         lora_step = lora_steps(self.experts.values(), plan.steps)
         run = Run(self, progress)
         conditioning = conditioning_for(plan.spec, extend=plan.extend is not None)(plan)
-        if conditioning.clips > 1 and output_type == "latents":
+        if conditioning.by_clips and output_type == "latents":
             raise ValueError(f"{plan.spec.short} makes its video clip after clip, each decoded for the next: "
                              "output_type='latents' is not available for it")
         with torch.no_grad():
             with run.stage("text encoding", "t5"):
                 context, context_null = self._text(plan, prompt, prompt_embeds, negative_prompt_embeds)
             noise, generator = self._noise(plan, latents)
-            if conditioning.clips > 1:
+            if conditioning.by_clips:
                 return self._clips(run, plan, conditioning, (context, context_null), noise, generator, batched,
                                    callback, lora_step, writer, self._metadata(plan, conditioning, prompt))
             inputs = conditioning.inputs(run)

@@ -20,6 +20,7 @@ from ..sampling import SAMPLERS, check_timesteps
 from ..configs import frames_at_most, frames_ok
 from ..tasks import (INPUT_NEEDS, MODEL_NAMES, NEGATIVE_PROMPT, TASK_OPTIONS, TaskError, TaskSpec, choose_task,
                      default_task, model_tasks)
+from ..tasks import S2V_OPTIONS
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 GUIDANCE_RANGE = (1.0, 30.0)
@@ -29,6 +30,7 @@ REQUEST_KEYS = ("image", "last_image", "video", "strength", "height", "width", "
                 "negative_prompt_embeds", "latents", "output_type", "timesteps", "guidance", "context_windows",
                 "extend", "extend_frames", "control_video", "mask", "reference_images", "conditioning_scale",
                 "outpaint")
+REQUEST_KEYS = REQUEST_KEYS + tuple(key for key in S2V_OPTIONS if key not in REQUEST_KEYS)
 # Options a model folder's wanx-defaults.json may set, under the same keywords.
 OWN_KEYS = ("num_frames", "num_inference_steps", "guidance_scale", "guidance_scale_low", "boundary", "shift", "sampler")
 
@@ -97,6 +99,10 @@ class Plan:
     # continuation: the video to continue (pipeline.extend.Extension); num_frames is then the
     # clip the DiT makes, the overlap included
     extend: object | None = None
+    # a sound track the output carries (S2V: the input audio): a path or (samples, rate)
+    soundtrack: object | None = None
+    # Wan2.2-S2V: its inputs and clips (conditioning.s2v.S2VInputs); num_frames is a clip's
+    s2v: object | None = None
 
     @property
     def task(self) -> str:
@@ -274,7 +280,11 @@ def _check_values(model: ModelFacts, prompt, given: dict, name, face: bool) -> N
             raise RequestError(arg, f"{name(arg)} {value} is not a multiple of {multiple}; nearest valid: {nearest} "
                                     f"({family.trained_at})")
     frames = given["num_frames"]
-    if frames is not None and not frames_ok(frames) and given["extend"] is None:  # extend: the new frames
+    if frames is not None and family.frames_rule == "4k":  # one clip's frames (S2V's infer_frames)
+        if frames < 4 or frames % 4:
+            raise RequestError("num_frames", f"{name('num_frames')} {frames} is one clip's frames here: a multiple "
+                                             f"of 4 (e.g. {max(4, frames // 4 * 4)}; the official 80 or 48)")
+    elif frames is not None and not frames_ok(frames) and given["extend"] is None:  # extend: the new frames
         low = frames_at_most(frames)
         raise RequestError("num_frames", f"{name('num_frames')} {frames} must be 4k+1 (e.g. {low} or {low + 4})")
     steps = given["num_inference_steps"]

@@ -65,9 +65,17 @@ class Conditioning:
 
     task = ""
     clips = 1
+    # True: the clip loop even for one clip, since `finish_clip` shapes the video (Animate trims
+    # its last clip to the input's length); False: the clip loop only when clips is above 1
+    clip_after_clip = False
 
     def __init__(self, plan):
         self.plan = plan
+
+    @property
+    def by_clips(self) -> bool:
+        """Whether the pipeline runs the clip loop (`finish_clip` makes the frames)."""
+        return self.clip_after_clip or self.clips > 1
 
     @classmethod
     def read(cls, plan, given: dict, *, area: int, frames_given: bool, shift_given: bool, name) -> None:
