@@ -232,3 +232,54 @@ def test_refusals_before_any_work(pipe, inputs):
         pipe.plan(**base, num_frames=9)
     with pytest.raises(ValueError, match="clip after clip.*latents"):
         pipe(**base, output_type="latents", progress=False)
+
+
+# ---------------------------------------------------------------------------------------
+# The CLI
+
+
+def _streams(path):
+    with av.open(str(path)) as container:
+        return {s.type: s for s in container.streams}, container.duration
+
+
+@pytest.mark.parametrize("pose", [False, True])
+def test_cli_two_clips_with_the_audio_track(inputs, tmp_path, capsys, pose):
+    from wanx.cli import main
+
+    out = tmp_path / "talk.mp4"
+    extra = ["--pose-video", str(inputs["pose"])] if pose else []
+    assert main(["generate", "--model", "tiny-s2v", "--prompt", "a cat", "--image", str(inputs["ref"]), "--audio",
+                 str(inputs["audio"]), "--steps", "1", "--seed", "2", "-o", str(out), "--quiet", *extra]) == 0
+    assert "13 frames, 64x64" in capsys.readouterr().out  # 8 - 3 + 8: the official count for 2 clips of 8
+    streams, duration = _streams(out)
+    assert set(streams) == {"video", "audio"} and streams["video"].frames == 13
+    assert duration / 1e6 == pytest.approx(13 / 16, abs=0.05)  # the audio (0.9 s) cut at the video's end
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "tiny-s2v", "--image", "{ref}", "--audio", "{ref}"], "ref.png: has no audio stream"),
+    (["--model", "tiny-s2v", "--image", "{ref}", "--audio", "{silent}"], "has no audio stream"),
+    (["--model", "tiny-s2v", "--image", "{ref}"], "this is a Wan2.2 S2V model: give --audio"),
+    (["--model", "tiny", "--audio", "{audio}"], "--audio needs a Wan2.2 S2V model"),
+    (["--model", "tiny", "--pose-video", "{silent}"], "--pose-video needs a Wan2.2 Animate or S2V model"),
+    (["--model", "tiny-s2v", "--image", "{ref}", "--audio", "{audio}", "--frames", "9"], "multiple of 4"),
+    (["--model", "tiny-s2v", "--image", "{ref}", "--audio", "{audio}", "--num-clips", "0"], "--num-clips must be"),
+    (["--model", "tiny-s2v", "--image", "{ref}", "--audio", "{audio}", "--context-frames", "5"],
+     "--context-frames: context windows is not available for S2V-14B"),
+])
+def test_cli_refusals_before_loading(inputs, tmp_path, capsys, monkeypatch, argv, message):
+    from wanx.cli import main
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the request was refused")
+
+    monkeypatch.setattr(WanPipeline, "from_files", refuse)
+    names = {"ref": inputs["ref"], "audio": inputs["audio"], "silent": inputs["pose"]}
+    out = tmp_path / "out.mp4"
+    code = main(["generate", "--prompt", "a cat", "--steps", "1", "-o", str(out), "--quiet",
+                 *[a.format(**names) for a in argv]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("wanx: error: ") and "\n" not in err and message in err, err
+    assert not out.exists()

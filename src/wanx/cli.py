@@ -232,6 +232,8 @@ FLAGS = {"prompt": "--prompt (or --prompts FILE)", "negative_prompt": "--negativ
          "timesteps": "--timesteps", "extend": "--extend", "extend_frames": "--extend-frames",
          "control_video": "--control-video", "mask": "--mask", "reference_images": "--reference-image",
          "conditioning_scale": "--control-scale", "outpaint": "--outpaint",
+         "audio": "--audio", "pose_video": "--pose-video", "num_clips": "--num-clips",
+         "start_from_ref": "--start-from-ref",
          **{key: "--" + key.replace("_", "-") for key in (  # wanx.request.GUIDANCE_KEYS
              "cfg_steps", "cfg_zero_star", "apg", "apg_eta", "apg_norm_threshold", "apg_momentum", "slg_layers",
              "slg_start", "slg_end", "nag_scale", "nag_tau", "nag_alpha",
@@ -242,7 +244,8 @@ _JOB_KEYS = ("prompt", "negative_prompt", "seed", "image", "last_image", "video"
              "slg_layers", "slg_start", "slg_end", "nag_scale", "nag_tau",
              "nag_alpha", "context_frames", "context_overlap", "context_schedule",
              "context_blend", "color_match", "extend", "extend_frames", "control_video", "mask", "reference_images",
-             "control_scale", "outpaint")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
+             "control_scale", "outpaint", "audio", "pose_video", "num_clips",
+             "start_from_ref")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
 # How the CLI spells each runtime choice and parallel-plan parameter in Runtime.check's refusals
 # (`wanx serve` is given them too: its flags are these).
 RUNTIME_FLAGS = {"offload": "--offload", "vram_budget": "--vram-budget", "quantize": "--fp8/--int8",
@@ -266,6 +269,8 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
                 timesteps=_timesteps(args.timesteps), output=None, where="", extend=args.extend,
                 extend_frames=args.extend_frames, control_video=args.control_video, mask=args.mask,
                 reference_images=args.reference_image, control_scale=args.control_scale, outpaint=args.outpaint,
+                audio=args.audio, pose_video=args.pose_video, num_clips=args.num_clips,
+                start_from_ref=args.start_from_ref or None,
                 **{key: getattr(args, key) for key in _GUIDANCE_FLAGS + _WINDOW_FLAGS})
     if not args.prompts:
         return [base]
@@ -293,7 +298,7 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
                 raise ValueError(f"{where}a JSON line must be an object such as {{\"prompt\": \"...\"}}")
             job = parse_job(job, where=where)  # the server reads its request bodies with the same rules
             # relative to the prompts file, as its author sees them
-            for key in ("image", "last_image", "video", "extend", "control_video", "mask"):
+            for key in ("image", "last_image", "video", "extend", "control_video", "mask", "audio", "pose_video"):
                 if isinstance(job.get(key), str) and not Path(job[key]).expanduser().is_absolute():
                     job[key] = str(path.parent / job[key])
             if job.get("reference_images") is not None:  # one path or a list of them
@@ -993,6 +998,17 @@ def _add_generate(sub: argparse._SubParsersAction, tiny: str) -> None:
     vace.add_argument("--outpaint", metavar="L,R,T,B",
                       help="widen --control-video or --image by left,right,top,bottom pixels (or fractions of "
                            "the width/height below 1) and generate the border")
+    s2v = gen.add_argument_group("Wan2.2 S2V models", "a person from --image speaking or singing --audio, clip "
+                                                      "after clip (docs/s2v.md)")
+    s2v.add_argument("--audio", metavar="FILE",
+                     help="the speech or song (wav, mp3, m4a, flac, or a video with sound); the video is as many "
+                          "clips of --frames (80, a multiple of 4) as it gives, and the mp4 carries it")
+    s2v.add_argument("--pose-video", metavar="VIDEO",
+                     help="a pose video (e.g. DWPose) driving the body, read at 16 fps from its start; a shorter one "
+                          "is padded with blank frames")
+    s2v.add_argument("--num-clips", type=int, metavar="N", help="at most N clips (default: as many as the audio gives)")
+    s2v.add_argument("--start-from-ref", action="store_true",
+                     help="the reference image is the first frame (the first clip keeps its motion memory)")
     gen.add_argument("--extend-frames", type=int, metavar="N",
                      help="--extend's overlap in video frames, 4k+1 (default 9: 3 latent frames); at most 29 come "
                           "from the stored latents")

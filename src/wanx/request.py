@@ -24,6 +24,9 @@ KEY_TYPES: dict[str, tuple[type, ...]] = {
     # the hints' scale, and left,right,top,bottom to widen the canvas by
     "control_video": (str,), "mask": (str,), "reference_images": (list, str), "control_scale": (int, float, list),
     "outpaint": (str, list),
+    # Wan2.2 S2V models: the audio (any format PyAV decodes), a pose video, at most this many
+    # clips, the reference image as the first frame
+    "audio": (str,), "pose_video": (str,), "num_clips": (int,), "start_from_ref": (bool,),
 
     # guidance variants and schedule (guidance_from_options)
     "cfg_steps": (int,), "cfg_zero_star": (bool,), "apg": (bool,), "apg_eta": (int, float),
@@ -47,7 +50,8 @@ PIPELINE_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "imag
                  "boundary": "boundary", "timesteps": "timesteps", "context_windows": "context_frames",
                  "extend": "extend", "extend_frames": "extend_frames", "control_video": "control_video",
                  "mask": "mask", "reference_images": "reference_images", "conditioning_scale": "control_scale",
-                 "outpaint": "outpaint"}
+                 "outpaint": "outpaint", "audio": "audio", "pose_video": "pose_video", "num_clips": "num_clips",
+                 "start_from_ref": "start_from_ref"}
 # How a request's keys are spelled in errors when no face says otherwise.
 KEY_NAMES = {**PIPELINE_KEYS, "height": "size height", "width": "size width"}
 
@@ -129,6 +133,8 @@ def pipeline_kwargs(job: Mapping, names: Mapping[str, str] | None = None) -> dic
                 extend_frames=job.get("extend_frames"), control_video=job.get("control_video"),
                 mask=job.get("mask"), reference_images=job.get("reference_images"),
                 conditioning_scale=job.get("control_scale"), outpaint=job.get("outpaint"),
+                audio=job.get("audio"), pose_video=job.get("pose_video"), num_clips=job.get("num_clips"),
+                start_from_ref=job.get("start_from_ref") or None,
                 context_windows=windows_from_options({key: job.get(key) for key in WINDOW_KEYS},
                                                      lambda key: (names or {}).get(key, key)))
 

@@ -314,8 +314,9 @@ class WanPipeline:
         if output_path is not None and output_type == "latents":
             raise ValueError("output_path writes decoded frames: it does not go with output_type='latents'")
         # the output's type is checked before any work; the file is made at the first frame
-        writer = None if output_path is None else VideoWriter(output_path, plan.fps, quality=quality,
-                                                              audio=plan.soundtrack)
+        # S2V's audio goes into an mp4 (PNG frames have no sound track)
+        sound = plan.soundtrack if output_path is not None and Path(output_path).suffix.lower() == ".mp4" else None
+        writer = None if output_path is None else VideoWriter(output_path, plan.fps, quality=quality, audio=sound)
         need, batched = self._fit(plan, stream=writer is not None)
         # per-step LoRA strengths for this step count (another count is refused here, before any work)
         lora_step = lora_steps(self.experts.values(), plan.steps)

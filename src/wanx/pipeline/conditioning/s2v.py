@@ -60,9 +60,10 @@ class SpeechToVideo(Conditioning):
         from ...audio import SAMPLE_RATE, num_clips, read_audio, resample
         from ..plan import RequestError
 
-        for key, what in (("context_windows", "context windows"), ("extend", "continuation")):
+        for key, flag, what in (("context_windows", "context_frames", "context windows"),
+                                ("extend", "extend", "continuation")):
             if given.get(key) is not None:
-                raise RequestError(key, f"{name(key)}: {what} is not available for {plan.spec.short}, which makes "
+                raise RequestError(key, f"{name(flag)}: {what} is not available for {plan.spec.short}, which makes "
                                         "its video clip after clip over the audio (each clip carries 73 frames of "
                                         "motion memory)")
         audio = given.get("audio")
