@@ -267,6 +267,7 @@ def test_cli_two_clips_with_the_audio_track(inputs, tmp_path, capsys, pose):
     (["--model", "tiny-s2v", "--image", "{ref}", "--audio", "{audio}", "--num-clips", "0"], "--num-clips must be"),
     (["--model", "tiny-s2v", "--image", "{ref}", "--audio", "{audio}", "--context-frames", "5"],
      "--context-frames: context windows is not available for S2V-14B"),
+    (["--model", "tiny-s2v", "--extend", "{silent}"], "s2v cannot continue a video"),
 ])
 def test_cli_refusals_before_loading(inputs, tmp_path, capsys, monkeypatch, argv, message):
     from wanx.cli import main
