@@ -284,3 +284,46 @@ def test_cli_refusals_before_loading(inputs, tmp_path, capsys, monkeypatch, argv
     assert code == 2, err
     assert err.startswith("wanx: error: ") and "\n" not in err and message in err, err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------
+# The server
+
+
+def test_serve_takes_the_audio_and_pose_uploads(inputs, tmp_path):
+    import json
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from wanx.hub import find_model
+    from wanx.runtime import Runtime
+    from wanx.serve.app import Server, create_app
+
+    files = find_model("tiny-s2v")
+    runtime = Runtime.create("cpu")
+    server = Server(WanPipeline.from_files(files, runtime=runtime), files, runtime, tmp_path / "out",
+                    model_name="tiny-s2v")
+    try:
+        with TestClient(create_app(server, ui=False), base_url="http://localhost") as client:
+            bad = client.post("/v1/videos", data={"request": json.dumps({"prompt": "a cat"})},
+                              files={"image": ("r.png", inputs["ref"].read_bytes(), "image/png"),
+                                     "audio": ("a.wav", inputs["ref"].read_bytes(), "audio/wav")})
+            assert bad.status_code == 415 and "audio: the upload is not a wav" in bad.text, bad.text
+            body = {"prompt": "a cat", "seed": 1, "steps": 1, "num_clips": 2}
+            answer = client.post("/v1/videos", data={"request": json.dumps(body)},
+                                 files={"image": ("r.png", inputs["ref"].read_bytes(), "image/png"),
+                                        "audio": ("a.wav", inputs["audio"].read_bytes(), "audio/wav"),
+                                        "pose_video": ("p.mp4", inputs["pose"].read_bytes(), "video/mp4")})
+            assert answer.status_code == 202, answer.text
+            end = time.monotonic() + 300
+            while (job := client.get(f"/v1/videos/{answer.json()['id']}").json())["status"] not in ("done", "failed"):
+                assert time.monotonic() < end, job
+                time.sleep(0.1)
+            assert job["status"] == "done", job
+            path = tmp_path / "got.mp4"
+            path.write_bytes(client.get(f"/v1/videos/{job['id']}/content").content)
+            streams, _ = _streams(path)
+            assert set(streams) == {"video", "audio"} and streams["video"].frames == 13
+    finally:
+        server.queue.stop(timeout=10)

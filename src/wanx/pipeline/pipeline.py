@@ -481,7 +481,9 @@ class WanPipeline:
 
         if writer is None:
             clips()
-            return Video(np.concatenate(out), fps=plan.fps, metadata=metadata)
+            video = Video(np.concatenate(out), fps=plan.fps, metadata=metadata)
+            video.soundtrack = plan.soundtrack  # S2V: `video.save(path, audio=video.soundtrack)` keeps the sound
+            return video
         writer.metadata = metadata
         try:
             with writer:

@@ -9,6 +9,10 @@ from ..request import KEY_TYPES
 # VACE: control_video, mask (a video or an image) and reference_images)
 UPLOADS = ("image", "last_image", "video", "extend", "control_video", "mask", "reference_images")
 VIDEO_UPLOADS = ("video", "extend", "control_video")
+# Wan2.2 S2V: the audio (kept as uploaded) and a pose video (kept as uploaded: read from its
+# start at its own frame rate, as the official code reads it)
+UPLOADS = UPLOADS + tuple(f for f in ("audio", "pose_video") if f not in UPLOADS)
+VIDEO_UPLOADS = VIDEO_UPLOADS + tuple(f for f in ("pose_video",) if f not in VIDEO_UPLOADS)
 # uploads that come as several parts of one name (a list in the request), and how many at most
 MANY = {"reference_images": 4}
 

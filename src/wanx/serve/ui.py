@@ -16,7 +16,7 @@ from ..sampling import SAMPLERS
 from ..tasks import INPUT_WORDS
 
 # the inputs the page takes as files, in its order (VACE: one reference image here)
-UI_UPLOADS = ("image", "last_image", "video", "control_video", "mask", "reference_images")
+UI_UPLOADS = ("image", "last_image", "video", "control_video", "mask", "reference_images", "audio", "pose_video")
 from .common import UploadError, preview_strip
 
 if TYPE_CHECKING:  # the server passed in; no import back into the app
@@ -188,6 +188,10 @@ def build_ui(server: Server) -> gr.Blocks:
                             continue  # VACE: its video is the control video; scale and outpaint: API and CLI
                         if field == "control_video":
                             inputs[field] = gr.Video(label="Control video (optional)", elem_id=field)
+                        elif field == "audio":  # S2V: the speech or song
+                            inputs[field] = gr.Audio(label="Audio: speech or song", type="filepath", elem_id=field)
+                        elif field == "pose_video":
+                            inputs[field] = gr.Video(label=f"Pose video{optional}", elem_id=field)
                         elif field == "mask":
                             inputs[field] = gr.File(label="Mask: a video or an image, white = generate (optional)",
                                                     file_types=["image", "video"], type="filepath", elem_id=field)
