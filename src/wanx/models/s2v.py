@@ -249,6 +249,7 @@ class S2VWanDiT(WanDiT):
     """Wan2.2-S2V-14B: `WanDiT(config)` builds one for an `S2VConfig`."""
 
     stream_blocks = ("blocks", "audio_injector.injector")
+    block_class = S2VAttentionBlock
     # The audio encoder runs in float32 in the official code (float32 autocast).
     keep_in_fp32 = (*WanDiT.keep_in_fp32, "casual_audio_encoder")
 
@@ -257,7 +258,6 @@ class S2VWanDiT(WanDiT):
         if not isinstance(cfg, S2VConfig):
             raise ValueError(f"S2VWanDiT needs an S2VConfig, got a {cfg.model_type} DiTConfig")
         super().__init__(cfg)
-        self.blocks = nn.ModuleList(S2VAttentionBlock(cfg) for _ in range(cfg.num_layers))
         self.cond_encoder = nn.Conv3d(cfg.cond_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.casual_audio_encoder = CausalAudioEncoder(cfg)
         self.audio_injector = AudioInjector(cfg)

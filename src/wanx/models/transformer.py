@@ -253,6 +253,8 @@ class WanDiT(nn.Module):
 
     # The repeated blocks, for runtime transforms that act block by block (memory.streaming).
     stream_blocks = ("blocks",)
+    # The class of the main blocks (S2V's modulate two kinds of token apart).
+    block_class: ClassVar[type[nn.Module]] = WanAttentionBlock
 
     # Parameters that stay float32 whatever dtype the model is loaded in (matched on
     # dotted-name components), as the official model computes them under fp32 autocast.
@@ -287,7 +289,7 @@ class WanDiT(nn.Module):
         )
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))  # shared by all blocks
-        self.blocks = nn.ModuleList(WanAttentionBlock(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(self.block_class(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         if cfg.has_image_input:
             self.img_emb = MLPProj(cfg)
