@@ -327,3 +327,31 @@ def test_serve_takes_the_audio_and_pose_uploads(inputs, tmp_path):
             assert set(streams) == {"video", "audio"} and streams["video"].frames == 13
     finally:
         server.queue.stop(timeout=10)
+
+
+def test_audio_as_samples_and_rate(pipe, inputs):
+    samples = read_audio(inputs["audio"])
+    stereo = np.stack([samples, samples])  # channels averaged, as a file's
+    plan = pipe.plan(prompt="a", image=str(inputs["ref"]), audio=(stereo, RATE))
+    assert plan.s2v.clips == 2 and np.array_equal(plan.s2v.samples, samples)
+    assert plan.soundtrack[1] == RATE
+    with pytest.raises(ValueError, match="audio must be a file path or"):
+        pipe.plan(prompt="a", image=str(inputs["ref"]), audio=42)
+
+
+def test_a_folder_without_the_audio_encoder_is_named(tmp_path):
+    import shutil
+
+    from wanx.hub import find_components, resolve_model
+
+    folder = tmp_path / "s2v"
+    folder.mkdir()
+    for item in resolve_model("tiny-s2v").iterdir():
+        if item.is_dir() and item.name != "wav2vec2-large-xlsr-53-english":
+            shutil.copytree(item, folder / item.name)  # the tokenizer is found by walking real folders
+        elif item.is_file():
+            (folder / item.name).symlink_to(item)
+    with pytest.raises(FileNotFoundError, match="needs its audio encoder; expected wav2vec2-large-xlsr-53-english/"):
+        find_components(folder)
+    (folder / "wav2vec2-large-xlsr-53-english").symlink_to(resolve_model("tiny-s2v") / "wav2vec2-large-xlsr-53-english")
+    assert find_components(folder).audio_encoder == folder / "wav2vec2-large-xlsr-53-english"

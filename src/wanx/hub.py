@@ -229,7 +229,7 @@ def _audio_encoder(folder: Path) -> Path:
 
     path = folder / WAV2VEC_FOLDER
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{folder}: a Wan2.2 S2V model needs its audio encoder; expected {WAV2VEC_FOLDER}/ "
+        raise FileNotFoundError(f"{folder}: an s2v model (Wan2.2 S2V) needs its audio encoder; expected {WAV2VEC_FOLDER}/ "
                                 "(config.json, model.safetensors, preprocessor_config.json) beside the DiT")
     return path
 

@@ -62,11 +62,12 @@ class WanPipeline:
     @property
     def audio_encoder(self):
         """S2V's wav2vec2 (`wanx.audio.AudioEncoder`), read from its folder when a request first
-        needs it (float32 on the pipeline's device, as the official code runs it)."""
+        needs it: float32 on the CPU, where the official `AudioEncoder` runs (once a request, on
+        the audio alone), so it holds no device memory beside the DiT."""
         if isinstance(self._audio_encoder, (str, Path)):
             from ..audio import load_audio_encoder
 
-            self._audio_encoder = load_audio_encoder(self._audio_encoder, device=self.device)
+            self._audio_encoder = load_audio_encoder(self._audio_encoder, device="cpu")
         return self._audio_encoder
 
     @audio_encoder.setter

@@ -286,21 +286,29 @@ def read_pose_frames(path, n_frames: int, fps: int) -> np.ndarray:
     """The official `read_last_n_frames(reverse=True)`: from the first frame, every
     round(source fps / fps)-th (at least every one), at most n_frames; uint8 `[n, h, w, 3]`.
     A shorter video gives fewer (the rest is padded with -1 frames per clip)."""
-    from ...video import read_video
-
-    video = read_video(path)
-    source_fps = _source_fps(path)  # decord's average rate, unrounded
-    interval = max(1, round(source_fps / fps))
-    frames = video.frames[::interval][:n_frames]
-    return np.ascontiguousarray(frames)
-
-
-def _source_fps(path) -> float:
     import av
 
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        return float(stream.average_rate or stream.guessed_rate or 16)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such video file")
+    kept = []
+    try:  # decoded in order, only the frames taken kept: memory is the clips' frames, not the file's
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path}: has no video stream; give the pose video (e.g. DWPose's output)")
+            stream = container.streams.video[0]
+            source_fps = float(stream.average_rate or stream.guessed_rate or 16)  # decord's average rate
+            interval = max(1, round(source_fps / fps))
+            for index, frame in enumerate(container.decode(stream)):
+                if len(kept) == n_frames:
+                    break
+                if index % interval == 0:
+                    kept.append(frame.to_ndarray(format="rgb24"))
+    except av.error.FFmpegError as err:
+        raise ValueError(f"{path}: not a readable video ({err})") from None
+    if not kept:
+        raise ValueError(f"{path}: the pose video has no frames")
+    return np.stack(kept)
 
 
 def pose_pixels(pose: np.ndarray, r: int, infer_frames: int, height: int, width: int) -> Tensor:
