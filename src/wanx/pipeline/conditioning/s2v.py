@@ -123,7 +123,7 @@ class SpeechToVideo(Conditioning):
         f = plan.num_frames
         with run.stage("pose latents", "vae"):
             cond = self._pose_latents(run, r)
-        audio = self.audio_emb[..., r * f:(r + 1) * f].float()
+        audio = self.audio_emb[..., r * f:(r + 1) * f].to(run.device, torch.float32)  # wav2vec2 ran on the CPU
         return {"ref_latents": self.ref_latents, "motion_latents": self.motion_latents.clone(), "cond_states": cond,
                 "audio_input": audio, "motion_frames": [cfg.motion_frames, cfg.lat_motion_frames],
                 "drop_motion_frames": self.drop_motion and r == 0}
