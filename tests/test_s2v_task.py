@@ -355,3 +355,12 @@ def test_a_folder_without_the_audio_encoder_is_named(tmp_path):
         find_components(folder)
     (folder / "wav2vec2-large-xlsr-53-english").symlink_to(resolve_model("tiny-s2v") / "wav2vec2-large-xlsr-53-english")
     assert find_components(folder).audio_encoder == folder / "wav2vec2-large-xlsr-53-english"
+
+
+def test_each_clip_is_seeded_seed_plus_its_index(pipe, inputs):
+    plan = pipe.plan(prompt="a", image=str(inputs["ref"]), audio=str(inputs["audio"]), seed=2**64 - 1)
+    cond = s2v_mod.SpeechToVideo(plan)
+    noise = torch.zeros(1, *plan.latent_shape())
+    assert cond.clip_noise(0, noise, None) is noise  # the request's own (its seed's, or given latents)
+    expected = torch.randn(plan.latent_shape(), generator=torch.Generator().manual_seed(0))  # 2**64 wraps to 0
+    assert torch.equal(cond.clip_noise(1, noise, None)[0], expected)

@@ -153,7 +153,8 @@ class SpeechToVideo(Conditioning):
         """Each clip its own generator, seeded seed + clip (official): the first is the request's."""
         if index == 0:
             return noise
-        seeded = torch.Generator(noise.device).manual_seed(self.plan.seed + index)
+        # wrapped into the generator's range (the official's seeds stay below 2**63: never wrapped)
+        seeded = torch.Generator(noise.device).manual_seed((self.plan.seed + index) % 2**64)
         return torch.randn(noise.shape[1:], generator=seeded, device=noise.device, dtype=torch.float32)[None]
 
     def finish_clip(self, run: Run, index: int, latents: Tensor) -> Tensor:
