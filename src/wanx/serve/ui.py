@@ -190,8 +190,10 @@ def build_ui(server: Server) -> gr.Blocks:
                             inputs[field] = gr.Video(label="Control video (optional)", elem_id=field)
                         elif field == "audio":  # S2V: the speech or song
                             inputs[field] = gr.Audio(label="Audio: speech or song", type="filepath", elem_id=field)
-                        elif field == "pose_video":
+                        elif field == "pose_video" and "audio" in spec.takes:  # S2V's, optional
                             inputs[field] = gr.Video(label=f"Pose video{optional}", elem_id=field)
+                        elif field == "image" and "audio" in spec.takes:
+                            inputs[field] = gr.Image(label="Reference image", type="filepath", elem_id=field)
                         elif field == "mask":
                             inputs[field] = gr.File(label="Mask: a video or an image, white = generate (optional)",
                                                     file_types=["image", "video"], type="filepath", elem_id=field)
