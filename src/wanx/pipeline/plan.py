@@ -99,10 +99,11 @@ class Plan:
     # continuation: the video to continue (pipeline.extend.Extension); num_frames is then the
     # clip the DiT makes, the overlap included
     extend: object | None = None
-    # a sound track the output carries (S2V: the input audio): a path or (samples, rate)
-    soundtrack: object | None = None
+    # a sound track the output carries (S2V: the input audio): a path or (samples, rate).
+    # Not compared, as the inputs read: two plans of the same request read them into two objects
+    soundtrack: object | None = field(default=None, compare=False)
     # Wan2.2-S2V: its inputs and clips (conditioning.s2v.S2VInputs); num_frames is a clip's
-    s2v: object | None = None
+    s2v: object | None = field(default=None, compare=False)
 
     @property
     def task(self) -> str:
