@@ -169,7 +169,9 @@ def _ours(pipe, monkeypatch, **request):
     return torch.cat(clips, dim=1), video
 
 
-@pytest.mark.parametrize("pose, start_from_ref", [(False, False), (True, False), (False, True)])
+# every conditioning input once: no pose video (zeros) with the first clip dropping its motion,
+# then a (short, padded) pose video with the reference as the first frames (no drop)
+@pytest.mark.parametrize("pose, start_from_ref", [(False, False), (True, True)])
 def test_two_clips_equal_the_official_loop(pipe, inputs, monkeypatch, pose, start_from_ref):
     g = torch.Generator().manual_seed(5)
     ctx, ctx_null = torch.randn(1, 6, 32, generator=g), torch.randn(1, 4, 32, generator=g)
