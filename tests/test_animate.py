@@ -365,7 +365,7 @@ def test_server_takes_animate_uploads_and_a_t2v_server_refuses_them(folders, tmp
             answer = client.post("/v1/videos", data={"request": json.dumps(body)}, files=parts)
             if model == "tiny":
                 assert answer.status_code == 422 and answer.json()["field"] == "pose_video", answer.text
-                assert "pose_video needs a Wan2.2 Animate model" in answer.json()["detail"]
+                assert "pose_video needs a Wan2.2 Animate or S2V model" in answer.json()["detail"]
                 assert list((server.outputs / "inputs").iterdir()) == []
                 answer = client.post("/v1/videos", json={**body, "animate_inputs": str(folder)})
                 assert answer.status_code == 422 and answer.json()["field"] == "animate_inputs", answer.text

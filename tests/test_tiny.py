@@ -47,6 +47,9 @@ def test_tiny_sets_are_byte_identical(homes, name):
                      ("config.json", "diffusion_pytorch_model-00001-of-00002.safetensors",
                       "diffusion_pytorch_model-00002-of-00002.safetensors",
                       "diffusion_pytorch_model.safetensors.index.json")}
+    if name == "tiny-s2v":  # Wan2.2 S2V: the wav2vec2 audio encoder's folder, as the release keeps it
+        expected |= {f"wav2vec2-large-xlsr-53-english/{file}" for file in (
+            "config.json", "model.safetensors", "preprocessor_config.json", "tokenizer_config.json", "vocab.json")}
     if name == "tiny-ti2v":  # Wan2.2 TI2V-5B: the Wan2.2 VAE, the very file make_tiny_vae22 writes
         expected = expected - {"Wan2.1_VAE.pth"} | {"Wan2.2_VAE.pth"}
     assert set(a) == expected
@@ -70,11 +73,14 @@ def test_tiny_sets_default_to_a_small_valid_request(homes, name):
               "animate": dict(pose_video=np.zeros((5, 64, 64, 3), np.uint8), image=np.zeros((64, 64, 3), np.uint8),
                               face_video=np.zeros((5, 512, 512, 3), np.uint8)),
               # the driving video and reference image: the output takes the image's aspect (square)
-              "animate2": dict(video=np.zeros((5, 64, 64, 3), np.uint8), image=np.zeros((64, 64, 3), np.uint8))}
+              "animate2": dict(video=np.zeros((5, 64, 64, 3), np.uint8), image=np.zeros((64, 64, 3), np.uint8)),
+              # S2V: a reference image and 1 s of sound; num_frames is one clip's (a multiple of 4)
+              "s2v": dict(image=torch.zeros(3, 64, 64), audio=(np.zeros(16_000, np.float32), 16_000))}
+    frames = 8 if files.model_type == "s2v" else 5
     common = dict(experts=2 if files.moe else 1, seed=0, **images.get(files.model_type, {}))
     plan = plan_request(files.model_type, "a cat", model_defaults=files.defaults, **common)
-    assert (plan.width, plan.height, plan.num_frames, plan.steps) == (64, 64, 5, 4)
-    official = plan_request(files.model_type, "a cat", width=64, height=64, num_frames=5, num_inference_steps=4,
+    assert (plan.width, plan.height, plan.num_frames, plan.steps) == (64, 64, frames, 4)
+    official = plan_request(files.model_type, "a cat", width=64, height=64, num_frames=frames, num_inference_steps=4,
                             **common)
     assert plan == official  # the rest as if the folder had no defaults: the official ones
 

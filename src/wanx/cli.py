@@ -234,6 +234,8 @@ FLAGS = {"prompt": "--prompt (or --prompts FILE)", "negative_prompt": "--negativ
          "conditioning_scale": "--control-scale", "outpaint": "--outpaint",
          "animate_inputs": "--animate-inputs", "replace": "--replace", "refert_num": "--refert-num",
          **{key: key for key in ("pose_video", "face_video", "background_video", "mask_video")},  # --prompts keys
+         "audio": "--audio", "pose_video": "--pose-video", "num_clips": "--num-clips",
+         "start_from_ref": "--start-from-ref",
          **{key: "--" + key.replace("_", "-") for key in (  # wanx.request.GUIDANCE_KEYS
              "cfg_steps", "cfg_zero_star", "apg", "apg_eta", "apg_norm_threshold", "apg_momentum", "slg_layers",
              "slg_start", "slg_end", "nag_scale", "nag_tau", "nag_alpha",
@@ -245,7 +247,8 @@ _JOB_KEYS = ("prompt", "negative_prompt", "seed", "image", "last_image", "video"
              "nag_alpha", "context_frames", "context_overlap", "context_schedule",
              "context_blend", "color_match", "extend", "extend_frames", "control_video", "mask", "reference_images",
              "control_scale", "outpaint", "animate_inputs", "pose_video", "face_video", "background_video",
-             "mask_video", "replace", "refert_num")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
+             "mask_video", "replace", "refert_num", "audio", "num_clips",
+             "start_from_ref")  # wanx.request.JOB_KEYS, spelled out so --help stays instant
 # How the CLI spells each runtime choice and parallel-plan parameter in Runtime.check's refusals
 # (`wanx serve` is given them too: its flags are these).
 RUNTIME_FLAGS = {"offload": "--offload", "vram_budget": "--vram-budget", "quantize": "--fp8/--int8",
@@ -270,6 +273,8 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
                 extend_frames=args.extend_frames, control_video=args.control_video, mask=args.mask,
                 reference_images=args.reference_image, control_scale=args.control_scale, outpaint=args.outpaint,
                 animate_inputs=args.animate_inputs, replace=args.replace or None, refert_num=args.refert_num,
+                audio=args.audio, pose_video=args.pose_video, num_clips=args.num_clips,
+                start_from_ref=args.start_from_ref or None,
                 **{key: getattr(args, key) for key in _GUIDANCE_FLAGS + _WINDOW_FLAGS})
     if not args.prompts:
         return [base]
@@ -298,7 +303,7 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
             job = parse_job(job, where=where)  # the server reads its request bodies with the same rules
             # relative to the prompts file, as its author sees them
             for key in ("image", "last_image", "video", "extend", "control_video", "mask", "animate_inputs",
-                        "pose_video", "face_video", "background_video", "mask_video"):
+                        "pose_video", "face_video", "background_video", "mask_video", "audio"):
                 if isinstance(job.get(key), str) and not Path(job[key]).expanduser().is_absolute():
                     job[key] = str(path.parent / job[key])
             if job.get("reference_images") is not None:  # one path or a list of them
@@ -1038,6 +1043,17 @@ def _add_generate(sub: argparse._SubParsersAction, tiny: str) -> None:
     animate.add_argument("--relighting", action="store_true",
                          help="apply the model folder's relighting_lora.ckpt (light the character as the scene; "
                               "for --replace)")
+    s2v = gen.add_argument_group("Wan2.2 S2V models", "a person from --image speaking or singing --audio, clip "
+                                                      "after clip (docs/s2v.md)")
+    s2v.add_argument("--audio", metavar="FILE",
+                     help="the speech or song (wav, mp3, m4a, flac, or a video with sound); the video is as many "
+                          "clips of --frames (80, a multiple of 4) as it gives, and the mp4 carries it")
+    s2v.add_argument("--pose-video", metavar="VIDEO",
+                     help="a pose video (e.g. DWPose) driving the body, read at 16 fps from its start; a shorter one "
+                          "is padded with blank frames")
+    s2v.add_argument("--num-clips", type=int, metavar="N", help="at most N clips (default: as many as the audio gives)")
+    s2v.add_argument("--start-from-ref", action="store_true",
+                     help="the reference image is the first frame (the first clip keeps its motion memory)")
     gen.add_argument("--extend-frames", type=int, metavar="N",
                      help="--extend's overlap in video frames, 4k+1 (default 9: 3 latent frames); at most 29 come "
                           "from the stored latents")

@@ -45,6 +45,7 @@ class ModelFiles:
     # training timesteps; None: the pipeline's default for the model) and TI2V's per-token time
     boundary: float | None = None
     expand_timesteps: bool = False
+    audio_encoder: Path | None = None  # Wan2.2 S2V: the wav2vec2 folder (wav2vec2-large-xlsr-53-english/)
 
     @property
     def dit_config(self):
@@ -210,6 +211,7 @@ def find_components(folder: str | Path, *, dit: str | Path | None = None,
     if not config.has_image_input:
         chosen.pop("clip", None)  # Wan2.2 I2V has no CLIP: a stray encoder file is not loaded
     clip = chosen.get("clip", (None, None))[0]
+    audio_encoder = _audio_encoder(folder) if model_type == "s2v" else None
     index = _model_index(folder)
     boundary = index.get("boundary_ratio") if "dit_low" in chosen else None
     defaults = read_defaults(folder)
@@ -219,7 +221,18 @@ def find_components(folder: str | Path, *, dit: str | Path | None = None,
                       infos={network: info for network, (_, info) in chosen.items()}, defaults=defaults,
                       dit_low=chosen["dit_low"][0] if "dit_low" in chosen else None,
                       boundary=float(boundary) if boundary is not None else None,
-                      expand_timesteps=bool(index.get("expand_timesteps", False)))
+                      expand_timesteps=bool(index.get("expand_timesteps", False)), audio_encoder=audio_encoder)
+
+
+def _audio_encoder(folder: Path) -> Path:
+    """An S2V folder's wav2vec2 audio encoder, kept beside the DiT as the release keeps it."""
+    from .audio import WAV2VEC_FOLDER
+
+    path = folder / WAV2VEC_FOLDER
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: an s2v model (Wan2.2 S2V) needs its audio encoder; expected {WAV2VEC_FOLDER}/ "
+                                "(config.json, model.safetensors, preprocessor_config.json) beside the DiT")
+    return path
 
 
 def find_networks(folder: str | Path) -> dict[str, list[tuple[Path, CheckpointInfo]]]:

@@ -29,6 +29,9 @@ KEY_TYPES: dict[str, tuple[type, ...]] = {
     # (the reference image is `image`), replacement mode, the frames carried from clip to clip
     "animate_inputs": (str,), "pose_video": (str,), "face_video": (str,), "background_video": (str,),
     "mask_video": (str,), "replace": (bool,), "refert_num": (int,),
+    # Wan2.2 S2V models: the audio (any format PyAV decodes), a pose video (pose_video above), at
+    # most this many clips, the reference image as the first frame
+    "audio": (str,), "num_clips": (int,), "start_from_ref": (bool,),
 
     # guidance variants and schedule (guidance_from_options)
     "cfg_steps": (int,), "cfg_zero_star": (bool,), "apg": (bool,), "apg_eta": (int, float),
@@ -52,7 +55,8 @@ PIPELINE_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "imag
                  "boundary": "boundary", "timesteps": "timesteps", "context_windows": "context_frames",
                  "extend": "extend", "extend_frames": "extend_frames", "control_video": "control_video",
                  "mask": "mask", "reference_images": "reference_images", "conditioning_scale": "control_scale",
-                 "outpaint": "outpaint", **{key: key for key in ANIMATE_OPTIONS}}
+                 "outpaint": "outpaint", **{key: key for key in ANIMATE_OPTIONS}, "audio": "audio",
+                 "num_clips": "num_clips", "start_from_ref": "start_from_ref"}
 # How a request's keys are spelled in errors when no face says otherwise.
 KEY_NAMES = {**PIPELINE_KEYS, "height": "size height", "width": "size width"}
 
@@ -136,6 +140,7 @@ def pipeline_kwargs(job: Mapping, names: Mapping[str, str] | None = None) -> dic
                 conditioning_scale=job.get("control_scale"), outpaint=job.get("outpaint"),
                 # replace false is the default (None): animation, or replacement when a background is given
                 **{key: job.get(key) if key != "replace" else job.get(key) or None for key in ANIMATE_OPTIONS},
+                audio=job.get("audio"), num_clips=job.get("num_clips"), start_from_ref=job.get("start_from_ref") or None,
                 context_windows=windows_from_options({key: job.get(key) for key in WINDOW_KEYS},
                                                      lambda key: (names or {}).get(key, key)))
 

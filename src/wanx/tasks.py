@@ -53,6 +53,8 @@ class TaskSpec:
     latent: tuple[int, int, int] = (16, 4, 8)  # the VAE it is released with: channels, temporal, spatial stride
     trained_at: str = "Wan2.1 is trained at 832x480 and 1280x720"
     needs_image_encoder: bool = False  # Wan2.1 I2V/FLF2V read CLIP tokens of the image(s)
+    # "4k+1": num_frames is the video's; "4k": one clip's frames, a multiple of 4 (S2V's infer_frames)
+    frames_rule: str = "4k+1"
     prompt: str | None = None  # the official prompt when none is given (Animate's); None: a prompt is needed
     label: str = ""  # the row in help texts; default its name in capitals (I2V-A14B)
     # the module holding its conditioning class: a file of wanx/pipeline/conditioning/, or a
@@ -81,6 +83,16 @@ ANIMATE_OPTIONS = ("animate_inputs", "pose_video", "face_video", "background_vid
                    "refert_num")
 TASK_OPTIONS = VACE_OPTIONS + ANIMATE_OPTIONS
 _A14B = dict(experts=2, steps=40)
+# Wan2.2-S2V: the audio it follows (a file any format PyAV decodes), a pose video (optional),
+# at most this many clips (default: as many as the audio gives), the reference image as the
+# first frame (the official --start_from_ref)
+S2V_OPTIONS = ("audio", "pose_video", "num_clips", "start_from_ref")
+TASK_OPTIONS = TASK_OPTIONS + tuple(arg for arg in S2V_OPTIONS if arg not in TASK_OPTIONS)
+# The official S2V negative prompt (wan/configs/wan_s2v_14B.py)
+S2V_NEGATIVE_PROMPT = (
+    "画面模糊，最差质量，画面模糊，细节模糊不清，情绪激动剧烈，手快速抖动，字幕，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，"
+    "畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("t2v", "t2v", "Text to video", "t2v"),
@@ -134,6 +146,15 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
              needs=("image", "video"), takes=("image", "video"), steps=40, shift=5.0, guidance=3.0,
              negative_prompt="", width=640, height=800, num_frames=81, fps=24, needs_image_encoder=True,
              label="Animate-2-14B", trained_at="the output takes the reference image's aspect ratio"),
+    # Wan2.2-S2V-14B (wan/configs/wan_s2v_14B.py, WanS2V.generate, generate.py): a reference image
+    # and an audio, clip after clip of infer_frames (80, a multiple of 4; num_frames here) at 16
+    # fps with 73 frames of motion memory, as many clips as the audio gives; the size is the
+    # image's within 1280x720's area in multiples of 64 (get_size_less_than_area); 40 steps of
+    # unipc (generate.py's default solver), shift 3, guidance 4.5.
+    TaskSpec("s2v", "s2v", "Speech to video: an image and an audio", "s2v", needs=("image",),
+             takes=("image",) + S2V_OPTIONS, steps=40, shift=3.0, guidance=4.5, negative_prompt=S2V_NEGATIVE_PROMPT,
+             width=1280, height=720, num_frames=80, frames_rule="4k", label="S2V-14B",
+             trained_at="the output takes the reference image's aspect ratio within this area, in multiples of 64"),
 )}
 
 INPUTS = ("image", "last_image", "video")
@@ -146,6 +167,9 @@ INPUT_NEEDS = {"image": "an I2V or FLF2V model (e.g. Wan-AI/Wan2.1-I2V-14B-480P)
                "video": "a T2V model (video-to-video)",
                **{arg: "a VACE model (e.g. Wan-AI/Wan2.1-VACE-1.3B)" for arg in VACE_OPTIONS},
                **{arg: "a Wan2.2 Animate model (Wan-AI/Wan2.2-Animate-14B)" for arg in ANIMATE_OPTIONS}}
+INPUT_NEEDS.update({arg: "a Wan2.2 S2V model (Wan-AI/Wan2.2-S2V-14B)" for arg in S2V_OPTIONS})
+INPUT_NEEDS["pose_video"] = "a Wan2.2 Animate or S2V model"
+MODEL_NAMES["s2v"] = "a Wan2.2 S2V model"
 INPUT_WORDS = {"image": "the first frame", "last_image": "the last frame", "video": "the input video",
                "control_video": "the control video", "mask": "the mask", "reference_images": "the reference image",
                "animate_inputs": "the preprocessed folder", "pose_video": "the pose video",

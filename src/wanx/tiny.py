@@ -118,9 +118,6 @@ def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Pat
                 networks["Wan2.2_VAE.pth"] = WanVAE22("tiny-wan2.2")
             if task in ("i2v", "flf2v", "animate", "animate2"):
                 networks["models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"] = CLIPVisionEncoder("tiny")
-            # S2V's audio encoder, `wav2vec2-large-xlsr-53-english/` (a transformers Wav2Vec2ForCTC
-            # folder, as the release keeps it), belongs here too: written by the audio path's
-            # tiny writer (3 hidden states of width 32, as preset tiny-s2v mixes) once it lands.
         for file, network in networks.items():
             state = portable_weights(network, f"{seed}/{file}")
             if task == "animate" and network is dit:
@@ -135,7 +132,15 @@ def make_tiny_model(folder: str | Path, task: str = "t2v", seed: int = 0) -> Pat
         if not experts:
             _write_json(tmp / "config.json", official_config_json(dit.config))
         write_tokenizer(tmp / "google" / "umt5-xxl", vocab=t5.config.vocab)
-        _write_json(tmp / DEFAULTS_FILE, TINY_DEFAULTS)
+        defaults = TINY_DEFAULTS
+        if task == "s2v":
+            from .audio import WAV2VEC_FOLDER, write_tiny_audio_encoder
+
+            # S2V's wav2vec2 in its own folder, as the release keeps it (3 hidden states of
+            # width 32, as preset tiny-s2v mixes); num_frames is one clip's, a multiple of 4
+            write_tiny_audio_encoder(tmp / WAV2VEC_FOLDER, seed)
+            defaults = {**TINY_DEFAULTS, "num_frames": 8}
+        _write_json(tmp / DEFAULTS_FILE, defaults)
         _write_json(tmp / STAMP, _stamp(task, seed))  # last: a folder with a stamp is complete
         _move_into_place(tmp, folder)
     finally:

@@ -39,8 +39,11 @@ class WanPipeline:
     Wan2.2 A14B: `dit` is the high-noise expert and `dit_low` the low-noise one."""
 
     def __init__(self, dit, vae, text_encoder=None, image_encoder=None, *, dit_low=None, name: str = "custom",
-                 runtime: Runtime | None = None, placement: Placement | None = None, applied: Applied | None = None):
+                 runtime: Runtime | None = None, placement: Placement | None = None, applied: Applied | None = None,
+                 audio_encoder=None):
         self.dit, self.vae, self.text_encoder, self.image_encoder = dit, vae, text_encoder, image_encoder
+        # Wan2.2 S2V's wav2vec2: a `wanx.audio.AudioEncoder`, or its folder, loaded at first use
+        self._audio_encoder = audio_encoder
         self.dit_low = dit_low
         if dit_low is not None and dit_low.config != dit.config:
             raise ValueError("the two experts must be alike in architecture (Wan2.2 A14B's are)")
@@ -55,6 +58,21 @@ class WanPipeline:
         self.last_timings: dict = {}  # seconds of the first and later denoising steps of the last call
         self.last_experts: dict = {}  # two experts: the last call's boundary and steps on each
         self.last_partial: Path | None = None  # output_path: the .partial file a stopped call kept
+
+    @property
+    def audio_encoder(self):
+        """S2V's wav2vec2 (`wanx.audio.AudioEncoder`), read from its folder when a request first
+        needs it: float32 on the CPU, where the official `AudioEncoder` runs (once a request, on
+        the audio alone), so it holds no device memory beside the DiT."""
+        if isinstance(self._audio_encoder, (str, Path)):
+            from ..audio import load_audio_encoder
+
+            self._audio_encoder = load_audio_encoder(self._audio_encoder, device="cpu")
+        return self._audio_encoder
+
+    @audio_encoder.setter
+    def audio_encoder(self, encoder) -> None:
+        self._audio_encoder = encoder
 
     @property
     def placement(self) -> Placement:
@@ -164,7 +182,7 @@ class WanPipeline:
                                 parallel=parallel, say=lambda line: print(line, file=sys.stderr))
         pipe = cls(networks["dit"], networks["vae"], TextEncoder(networks["t5"], tokenizer, device=runtime.text_device),
                    networks["clip"], dit_low=networks["dit_low"], name=str(files.folder), runtime=runtime,
-                   applied=applied)
+                   applied=applied, audio_encoder=files.audio_encoder)
         pipe.defaults = dict(files.defaults)
         return pipe
 
@@ -189,6 +207,9 @@ class WanPipeline:
         mask_video=None,
         replace: bool | None = None,
         refert_num: int | None = None,
+        audio=None,
+        num_clips: int | None = None,
+        start_from_ref: bool | None = None,
         strength: float = 0.8,
         height: int | None = None,
         width: int | None = None,
@@ -246,6 +267,12 @@ class WanPipeline:
                 when background_video and mask_video are given). refert_num: 1 or 5 frames each
                 clip carries from the last (default 1). The output takes the pose video's size
                 and length; num_frames is a clip's (77).
+            audio: Wan2.2 S2V models: the speech or song the reference `image` follows (a file
+                any format PyAV decodes, or (samples, rate)); the video is made clip after clip
+                of num_frames (80, a multiple of 4) over the audio's length, or num_clips at
+                most; pose_video: a pose video driving the body (optional); start_from_ref: the
+                reference image is the first frame. The output mp4 carries the audio
+                (`wanx.pipeline.conditioning.s2v`).
             height, width: pixels, multiples of the task's size multiple (16; TI2V-5B 32).
             num_frames: 4k+1. Video-to-video: default the input's count, rounded down to 4k+1.
             num_inference_steps (alias steps), shift, sampler ("unipc", "dpm++", "euler", "lcm").
@@ -299,14 +326,16 @@ class WanPipeline:
                          conditioning_scale=conditioning_scale, control_video=control_video, outpaint=outpaint,
                          animate_inputs=animate_inputs, pose_video=pose_video, face_video=face_video,
                          background_video=background_video, mask_video=mask_video, replace=replace,
-                         refert_num=refert_num)
+                         refert_num=refert_num, audio=audio, num_clips=num_clips, start_from_ref=start_from_ref)
         if prompt is None and prompt_embeds is None:
             prompt = plan.prompt  # the task's official prompt (Animate's)
         self.last_partial = None
         if output_path is not None and output_type == "latents":
             raise ValueError("output_path writes decoded frames: it does not go with output_type='latents'")
         # the output's type is checked before any work; the file is made at the first frame
-        writer = None if output_path is None else VideoWriter(output_path, plan.fps, quality=quality)
+        # S2V's audio goes into an mp4 (PNG frames have no sound track)
+        sound = plan.soundtrack if output_path is not None and Path(output_path).suffix.lower() == ".mp4" else None
+        writer = None if output_path is None else VideoWriter(output_path, plan.fps, quality=quality, audio=sound)
         need, batched = self._fit(plan, stream=writer is not None)
         # per-step LoRA strengths for this step count (another count is refused here, before any work)
         lora_step = lora_steps(self.experts.values(), plan.steps)
@@ -478,7 +507,9 @@ class WanPipeline:
 
         if writer is None:
             clips()
-            return Video(np.concatenate(out), fps=plan.fps, metadata=metadata)
+            video = Video(np.concatenate(out), fps=plan.fps, metadata=metadata)
+            video.soundtrack = plan.soundtrack  # S2V: `video.save(path, audio=video.soundtrack)` keeps the sound
+            return video
         try:
             with writer:
                 clips()

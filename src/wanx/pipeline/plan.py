@@ -20,6 +20,7 @@ from ..sampling import SAMPLERS, check_timesteps
 from ..configs import frames_at_most, frames_ok
 from ..tasks import (ANIMATE_OPTIONS, INPUT_NEEDS, MODEL_NAMES, NEGATIVE_PROMPT, TASK_OPTIONS, TaskError, TaskSpec,
                      choose_task, default_task, model_tasks)
+from ..tasks import S2V_OPTIONS
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 GUIDANCE_RANGE = (1.0, 30.0)
@@ -29,6 +30,7 @@ REQUEST_KEYS = ("image", "last_image", "video", "strength", "height", "width", "
                 "negative_prompt_embeds", "latents", "output_type", "timesteps", "guidance", "context_windows",
                 "extend", "extend_frames", "control_video", "mask", "reference_images", "conditioning_scale",
                 "outpaint") + ANIMATE_OPTIONS
+REQUEST_KEYS = REQUEST_KEYS + tuple(key for key in S2V_OPTIONS if key not in REQUEST_KEYS)
 # Options a model folder's wanx-defaults.json may set, under the same keywords.
 OWN_KEYS = ("num_frames", "num_inference_steps", "guidance_scale", "guidance_scale_low", "boundary", "shift", "sampler")
 
@@ -104,6 +106,11 @@ class Plan:
     animate2: object | None = field(default=None, compare=False)
     # the task's official prompt, when none was given (Animate's)
     prompt: str | None = None
+    # a sound track the output carries (S2V: the input audio): a path or (samples, rate).
+    # Not compared, as the inputs read: two plans of the same request read them into two objects
+    soundtrack: object | None = field(default=None, compare=False)
+    # Wan2.2-S2V: its inputs and clips (conditioning.s2v.S2VInputs); num_frames is a clip's
+    s2v: object | None = field(default=None, compare=False)
 
     @property
     def task(self) -> str:
@@ -246,7 +253,7 @@ def make_plan(model: ModelFacts, prompt, negative_prompt, request: Mapping, name
         if not prompt or not all(isinstance(p, str) and p.strip() for p in prompt):
             raise RequestError("prompt", f"{name('prompt')}: a list of prompts must hold non-empty strings")
         if given["prompt_embeds"] is not None:
-            raise RequestError("prompt", f"give a list of prompts or prompt_embeds, not both")
+            raise RequestError("prompt", "give a list of prompts or prompt_embeds, not both")
     if plan.windows is not None and getattr(plan.guider, "momentum", None) is not None:
         raise RequestError("apg_momentum", f"{name('apg_momentum')} carries one running sum over the whole video; "
                                            f"with context windows leave it unset")
@@ -283,7 +290,11 @@ def _check_values(model: ModelFacts, prompt, given: dict, name, face: bool) -> N
             raise RequestError(arg, f"{name(arg)} {value} is not a multiple of {multiple}; nearest valid: {nearest} "
                                     f"({family.trained_at})")
     frames = given["num_frames"]
-    if frames is not None and not frames_ok(frames) and given["extend"] is None:  # extend: the new frames
+    if frames is not None and family.frames_rule == "4k":  # one clip's frames (S2V's infer_frames)
+        if frames < 4 or frames % 4:
+            raise RequestError("num_frames", f"{name('num_frames')} {frames} is one clip's frames here: a multiple "
+                                             f"of 4 (e.g. {max(4, frames // 4 * 4)}; the official 80 or 48)")
+    elif frames is not None and not frames_ok(frames) and given["extend"] is None:  # extend: the new frames
         low = frames_at_most(frames)
         raise RequestError("num_frames", f"{name('num_frames')} {frames} must be 4k+1 (e.g. {low} or {low + 4})")
     steps = given["num_inference_steps"]

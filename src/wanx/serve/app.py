@@ -39,6 +39,8 @@ _VIDEO_MAGIC = ((b"\x1a\x45\xdf\xa3", ".webm"), (b"GIF87a", ".gif"), (b"GIF89a",
 def upload_suffix(field: str, head: bytes) -> str:
     """The file suffix the server gives an upload, from its first bytes; UploadError (415)
     when it is not an image (image, last_image) or a video (video) wanx reads."""
+    if field == "audio":
+        return _audio_suffix(head)
     if field in VIDEO_UPLOADS or field == "mask":  # a mask is a video or an image
         if head[4:8] == b"ftyp":  # mp4 / mov
             return ".mp4"
@@ -55,6 +57,20 @@ def upload_suffix(field: str, head: bytes) -> str:
         if head.startswith(magic):
             return suffix
     raise UploadError(field, f"{field}: the upload is not {what}", 415)
+
+
+def _audio_suffix(head: bytes) -> str:
+    """S2V's audio upload: wav, mp3, flac, ogg, or an m4a/mp4 with sound (PyAV reads it by content)."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return ".wav"
+    if head[4:8] == b"ftyp":
+        return ".m4a"
+    if head[:3] == b"ID3" or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
+        return ".mp3"
+    for magic, suffix in ((b"fLaC", ".flac"), (b"OggS", ".ogg")):
+        if head.startswith(magic):
+            return suffix
+    raise UploadError("audio", "audio: the upload is not a wav, mp3, m4a, flac or ogg audio file", 415)
 
 
 
@@ -226,7 +242,7 @@ class Server:
             area = (defaults.get("width") or 832) * (defaults.get("height") or 480)
         fitted_to = None  # the control video's size: a mask is stored at it too
         for field in UPLOADS:
-            if not job.get(field):
+            if not job.get(field) or field == "audio":  # the audio: its reader names what is wrong with it
                 continue
             if field in MANY:  # reference images: read whole, within read_image's pixel cap, and scaled
                 for path in job[field]:

@@ -14,6 +14,9 @@ VIDEO_UPLOADS = ("video", "extend", "control_video", *ANIMATE_UPLOADS)
 # videos read as uploaded, never scaled: their size is the output's (extend, Animate's pose and
 # background) or the model's (Animate's 512x512 face crops)
 AS_UPLOADED = ("extend", *ANIMATE_UPLOADS)
+# Wan2.2 S2V: the audio, kept as uploaded (its reader names what is wrong with it); its pose
+# video is `pose_video` (read as uploaded: from its start, at its own frame rate, as the official)
+UPLOADS = UPLOADS + ("audio",)
 # uploads that come as several parts of one name (a list in the request), and how many at most
 MANY = {"reference_images": 4}
 

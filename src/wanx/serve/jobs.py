@@ -271,7 +271,8 @@ class JobQueue:
         try:
             video = self.runner(job, on_step)
             out = self.output_path(job_id)
-            video.save(out)  # a temporary name, then renamed
+            # a temporary name, then renamed; S2V's audio as its sound track
+            video.save(out, audio=getattr(video, "soundtrack", None))
             settings = {**video.metadata, "id": job_id, "request": job["request"]}
             _write_atomic(out.with_suffix(".json"), json.dumps(settings, indent=2, ensure_ascii=False))
             with self._lock:

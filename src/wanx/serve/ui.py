@@ -17,7 +17,7 @@ from ..tasks import INPUT_WORDS
 
 # the inputs the page takes as files, in its order (VACE: one reference image here)
 UI_UPLOADS = ("image", "last_image", "video", "control_video", "mask", "reference_images", "pose_video", "face_video",
-              "background_video", "mask_video")
+              "background_video", "mask_video", "audio")
 from .common import UploadError, preview_strip
 
 if TYPE_CHECKING:  # the server passed in; no import back into the app
@@ -189,6 +189,12 @@ def build_ui(server: Server) -> gr.Blocks:
                             continue  # VACE: its video is the control video; scale and outpaint: API and CLI
                         if field == "control_video":
                             inputs[field] = gr.Video(label="Control video (optional)", elem_id=field)
+                        elif field == "audio":  # S2V: the speech or song
+                            inputs[field] = gr.Audio(label="Audio: speech or song", type="filepath", elem_id=field)
+                        elif field == "pose_video" and "audio" in spec.takes:  # S2V's, optional
+                            inputs[field] = gr.Video(label=f"Pose video{optional}", elem_id=field)
+                        elif field == "image" and "audio" in spec.takes:
+                            inputs[field] = gr.Image(label="Reference image", type="filepath", elem_id=field)
                         elif field == "mask":
                             inputs[field] = gr.File(label="Mask: a video or an image, white = generate (optional)",
                                                     file_types=["image", "video"], type="filepath", elem_id=field)
@@ -199,7 +205,7 @@ def build_ui(server: Server) -> gr.Blocks:
                                      "background_video": "Background video (src_bg.mp4; replacement)",
                                      "mask_video": "Mask video (src_mask.mp4; replacement)"}[field]
                             inputs[field] = gr.File(label=words, file_types=["video"], type="filepath", elem_id=field)
-                        elif field == "image" and "pose_video" in spec.takes:
+                        elif field == "image" and "face_video" in spec.takes:  # Animate's
                             inputs[field] = gr.Image(label="Reference image (src_ref.png)", type="filepath",
                                                      elem_id=field)
                         elif field == "video":
