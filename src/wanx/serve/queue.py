@@ -1,0 +1,415 @@
+"""The job queue shared by the API and any number of workers, over SQLite or PostgreSQL.
+
+One interface, two backends chosen by URL:
+- `sqlite:///path/jobs.sqlite`: one machine; WAL mode, so several local processes (the API
+  and its workers) read while one writes; a claim is a `BEGIN IMMEDIATE` transaction.
+- `postgresql://user@host/db`: many hosts; a claim takes its row with
+  `SELECT ... FOR UPDATE SKIP LOCKED`, so concurrent claimers never wait on, or share, a job.
+
+The semantics are the same code on both; only the SQL that differs (types, row locks,
+placeholders) is isolated in the two backend classes.
+
+A claimed job carries a lease (`expires_at`). The worker renews it with `heartbeat` at each
+step (which also tells it about a cancel); a worker that dies stops renewing, and the next
+claim re-queues its job (or fails it once it was lost `max_attempts` times). Only the lease
+holder can `finish` a job, so a late duplicate (lost its lease, the job since re-claimed)
+is refused and its result never recorded: each job has exactly one recorded result.
+
+Times are the clients' wall clocks (time.time()): hosts sharing a PostgreSQL need NTP, and
+lease lengths should be far above their skew (tens of seconds, not milliseconds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+STATUSES = ("queued", "running", "done", "failed", "cancelled")
+FINAL = ("done", "failed", "cancelled")
+
+
+class QueueError(ValueError):
+    """A queue that cannot be opened or used; its message is one line naming the URL and the fix."""
+
+
+def redact(url: str) -> str:
+    """`url` without its password, fit for an error message or a log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def open_queue(url: str, *, max_attempts: int = 3) -> "Queue":
+    """The queue at `url` (`sqlite:///path` or `postgresql://...`), its tables created on first use."""
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "sqlite":
+        backend = _SQLite(url)
+    elif scheme in ("postgresql", "postgres"):
+        backend = _Postgres(url)
+    else:
+        raise QueueError(f"queue {redact(url)!r}: unknown kind; give sqlite:///path/jobs.sqlite "
+                         "or postgresql://user@host/database")
+    if max_attempts < 1:
+        raise QueueError(f"queue max_attempts {max_attempts}: give 1 or more")
+    return Queue(backend, max_attempts=max_attempts)
+
+
+class Queue:
+    """Jobs (submit, claim with a lease, heartbeat, finish, cancel, read) and the workers registry."""
+
+    def __init__(self, backend: "_Backend", *, max_attempts: int = 3):
+        self._db = backend
+        self.url = backend.url
+        self.max_attempts = max_attempts
+        backend.create_schema()
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    def submit(self, request: dict, inputs: dict | None = None, model: str = "", priority: int = 0,
+               *, job_id: str | None = None) -> str:
+        """Queue a job for `model`; higher `priority` runs first, then submission order."""
+        job_id = job_id or secrets.token_hex(8)
+        with self._db.transaction() as sql:
+            sql("INSERT INTO wanx_jobs (id, model, priority, status, request, inputs, attempts, cancel, created) "
+                "VALUES (?, ?, ?, 'queued', ?, ?, 0, 0, ?)",
+                (job_id, model, int(priority), json.dumps(request), json.dumps(inputs or {}), time.time()))
+        return job_id
+
+    def claim(self, worker_id: str, models, lease_seconds: float) -> dict | None:
+        """Take the next queued job for one of `models` with a lease of `lease_seconds`, or None."""
+        models = [models] if isinstance(models, str) else list(models)
+        if not models:
+            return None
+        self.requeue_expired()
+        now = time.time()
+        marks = ", ".join("?" for _ in models)
+        with self._db.transaction() as sql:
+            rows = sql(f"SELECT id FROM wanx_jobs WHERE status = 'queued' AND model IN ({marks}) "
+                       f"ORDER BY priority DESC, seq LIMIT 1{self._db.lock_row}", tuple(models))
+            if not rows:
+                self._touch(sql, worker_id, now)
+                return None
+            job_id = rows[0][0]
+            sql("UPDATE wanx_jobs SET status = 'running', worker_id = ?, expires_at = ?, attempts = attempts + 1, "
+                "started = ? WHERE id = ?", (worker_id, now + lease_seconds, now, job_id))
+            self._touch(sql, worker_id, now)
+            return self._public(sql("SELECT * FROM wanx_jobs WHERE id = ?", (job_id,))[0], sql.columns)
+
+    def heartbeat(self, job_id: str, worker_id: str, lease_seconds: float) -> str:
+        """Renew the lease. Returns 'running' (go on), 'cancelled' (stop, then finish as cancelled)
+        or 'lost' (the lease is no longer this worker's: stop, and record nothing)."""
+        now = time.time()
+        with self._db.transaction() as sql:
+            changed = sql.update("UPDATE wanx_jobs SET expires_at = ? WHERE id = ? AND worker_id = ? "
+                                 "AND status = 'running'", (now + lease_seconds, job_id, worker_id))
+            if not changed:
+                return "lost"
+            self._touch(sql, worker_id, now)
+            cancel = sql("SELECT cancel FROM wanx_jobs WHERE id = ?", (job_id,))[0][0]
+        return "cancelled" if cancel else "running"
+
+    def finish(self, job_id: str, worker_id: str, status: str, *, result=None, settings=None,
+               error: str | None = None) -> bool:
+        """Record the outcome; True if recorded, False if refused (this worker no longer holds the lease)."""
+        if status not in FINAL:
+            raise ValueError(f"finish status {status!r}: give one of {', '.join(FINAL)}")
+        with self._db.transaction() as sql:
+            return bool(sql.update(
+                "UPDATE wanx_jobs SET status = ?, result = ?, settings = ?, error = ?, finished = ?, "
+                "expires_at = NULL WHERE id = ? AND worker_id = ? AND status = 'running'",
+                (status, json.dumps(result), json.dumps(settings), error, time.time(), job_id, worker_id)))
+
+    def requeue_expired(self) -> int:
+        """Jobs whose lease ran out: re-queued, cancelled (if asked), or failed after `max_attempts`."""
+        now = time.time()
+        with self._db.transaction() as sql:
+            cancelled = sql.update("UPDATE wanx_jobs SET status = 'cancelled', finished = ?, expires_at = NULL "
+                                   "WHERE status = 'running' AND expires_at < ? AND cancel = 1", (now, now))
+            failed = sql.update(
+                "UPDATE wanx_jobs SET status = 'failed', finished = ?, expires_at = NULL, "
+                "error = 'worker lost ' || CAST(attempts AS TEXT) || ' times (its lease expired each time)' "
+                "WHERE status = 'running' AND expires_at < ? AND attempts >= ?", (now, now, self.max_attempts))
+            queued = sql.update("UPDATE wanx_jobs SET status = 'queued', worker_id = NULL, expires_at = NULL "
+                                "WHERE status = 'running' AND expires_at < ?", (now,))
+        return cancelled + failed + queued
+
+    def cancel(self, job_id: str) -> dict | None:
+        """Cancel a queued job now; ask a running one to stop (its worker sees it at the next heartbeat)."""
+        with self._db.transaction() as sql:
+            sql.update("UPDATE wanx_jobs SET status = 'cancelled', finished = ? WHERE id = ? AND status = 'queued'",
+                       (time.time(), job_id))
+            sql.update("UPDATE wanx_jobs SET cancel = 1 WHERE id = ? AND status = 'running'", (job_id,))
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> dict | None:
+        with self._db.transaction(write=False) as sql:
+            rows = sql("SELECT * FROM wanx_jobs WHERE id = ?", (job_id,))
+            return self._public(rows[0], sql.columns) if rows else None
+
+    def list(self, status: str | None = None, model: str | None = None, limit: int = 100) -> list[dict]:
+        """Jobs, newest first, optionally only one status and/or one model."""
+        where, args = [], []
+        if status:
+            where.append("status = ?")
+            args.append(status)
+        if model:
+            where.append("model = ?")
+            args.append(model)
+        clause = f"WHERE {' AND '.join(where)} " if where else ""
+        with self._db.transaction(write=False) as sql:
+            rows = sql(f"SELECT * FROM wanx_jobs {clause}ORDER BY seq DESC LIMIT ?", (*args, int(limit)))
+            return [self._public(row, sql.columns) for row in rows]
+
+    def counts(self) -> dict:
+        """{'status': {status: n}, 'model': {model: {status: n}}}."""
+        with self._db.transaction(write=False) as sql:
+            rows = sql("SELECT model, status, COUNT(*) FROM wanx_jobs GROUP BY model, status", ())
+        by_status: dict[str, int] = {}
+        by_model: dict[str, dict[str, int]] = {}
+        for model, status, n in rows:
+            by_status[status] = by_status.get(status, 0) + n
+            by_model.setdefault(model, {})[status] = n
+        return {"status": by_status, "model": by_model}
+
+    # -- workers ---------------------------------------------------------------------------------
+
+    def register_worker(self, worker_id: str, models, host: str = "") -> None:
+        models = [models] if isinstance(models, str) else list(models)
+        with self._db.transaction() as sql:
+            sql("INSERT INTO wanx_workers (worker_id, models, host, last_seen) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (worker_id) DO UPDATE SET models = excluded.models, host = excluded.host, "
+                "last_seen = excluded.last_seen", (worker_id, json.dumps(models), host, time.time()))
+
+    def unregister_worker(self, worker_id: str) -> None:
+        with self._db.transaction() as sql:
+            sql("DELETE FROM wanx_workers WHERE worker_id = ?", (worker_id,))
+
+    def workers(self, max_age: float | None = None) -> list[dict]:
+        """Registered workers, only those seen in the last `max_age` seconds when given."""
+        with self._db.transaction(write=False) as sql:
+            rows = sql("SELECT worker_id, models, host, last_seen FROM wanx_workers ORDER BY worker_id", ())
+        now = time.time()
+        return [{"worker_id": w, "models": json.loads(m), "host": h, "last_seen": seen} for w, m, h, seen in rows
+                if max_age is None or now - seen <= max_age]
+
+    def live_models(self, max_age: float) -> set[str]:
+        """The models some worker seen in the last `max_age` seconds holds: the API refuses others."""
+        return {model for worker in self.workers(max_age) for model in worker["models"]}
+
+    # -- internals -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _touch(sql, worker_id: str, now: float) -> None:
+        sql("UPDATE wanx_workers SET last_seen = ? WHERE worker_id = ?", (now, worker_id))
+
+    @staticmethod
+    def _public(row, columns) -> dict:
+        job = dict(zip(columns, row))
+        for key in ("request", "inputs", "result", "settings"):
+            job[key] = json.loads(job[key]) if job[key] is not None else None
+        job["cancel"] = bool(job["cancel"])
+        return job
+
+
+# -- backends: the only place SQL dialects differ -----------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS wanx_jobs (
+    seq {serial},
+    id TEXT NOT NULL UNIQUE,
+    model TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    request TEXT NOT NULL,
+    inputs TEXT NOT NULL,
+    result TEXT,
+    settings TEXT,
+    error TEXT,
+    worker_id TEXT,
+    expires_at {real},
+    attempts INTEGER NOT NULL,
+    cancel INTEGER NOT NULL,
+    created {real} NOT NULL,
+    started {real},
+    finished {real}
+);
+CREATE INDEX IF NOT EXISTS wanx_jobs_claim ON wanx_jobs (status, model, priority, seq);
+CREATE TABLE IF NOT EXISTS wanx_workers (
+    worker_id TEXT PRIMARY KEY,
+    models TEXT NOT NULL,
+    host TEXT NOT NULL,
+    last_seen {real} NOT NULL
+);
+"""
+
+_EXISTING = "SELECT to_regclass('wanx_jobs'), to_regclass('wanx_jobs_claim'), to_regclass('wanx_workers')"
+
+
+class _Statement:
+    """What a transaction hands out: call it for rows, `.update` for a row count."""
+
+    def __init__(self, run):
+        self._run = run
+        self.columns: list[str] = []
+
+    def __call__(self, query: str, args=()) -> list:
+        cursor = self._run(query, args)
+        self.columns = [d[0] for d in cursor.description] if cursor.description else []
+        return cursor.fetchall() if cursor.description else []
+
+    def update(self, query: str, args=()) -> int:
+        return self._run(query, args).rowcount
+
+
+class _Backend:
+    url: str
+    lock_row = ""
+
+    def create_schema(self) -> None: ...
+
+    def transaction(self, write: bool = True):
+        """A transaction; `write=False` for reads only (SQLite then takes no write lock)."""
+
+    def close(self) -> None: ...
+
+
+class _SQLite(_Backend):
+    """One connection per thread; writes serialised by SQLite's write lock (BEGIN IMMEDIATE)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        if not url.startswith("sqlite:///") or url == "sqlite:///":
+            raise QueueError(f"queue {url!r}: give a file as sqlite:///path/jobs.sqlite "
+                             "(three slashes, then the path; four for an absolute one)")
+        self.path = Path(url[len("sqlite:///"):])
+        if not self.path.parent.is_dir():
+            raise QueueError(f"queue {url}: folder {self.path.parent} does not exist; create it or give another path")
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def _connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(self.path, isolation_level=None, timeout=30, check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")  # readers never wait on the writer
+                conn.execute("PRAGMA busy_timeout=30000")
+            except sqlite3.Error as err:
+                raise QueueError(f"queue {self.url}: cannot open {self.path} ({err}); "
+                                 "check the file and its folder are writable") from None
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def transaction(self, write: bool = True):
+        conn = self._connection()
+        # IMMEDIATE takes the write lock up front: two claimers cannot both read the same queued row,
+        # and a read-then-write transaction never fails on a snapshot another writer made stale
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield _Statement(conn.execute)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def create_schema(self) -> None:
+        try:
+            self._connection().executescript(_SCHEMA.format(serial="INTEGER PRIMARY KEY AUTOINCREMENT", real="REAL"))
+        except sqlite3.Error as err:
+            raise QueueError(f"queue {self.url}: cannot create the queue tables ({err}); "
+                             "check the file is a writable SQLite database") from None
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+        self._local = threading.local()
+
+
+class _Postgres(_Backend):
+    """One connection per thread (psycopg 3, imported only here); claims lock their row, skipping locked ones."""
+
+    lock_row = " FOR UPDATE SKIP LOCKED"
+
+    def __init__(self, url: str):
+        self.url = url
+        try:
+            importlib.import_module("psycopg")  # only a PostgreSQL queue needs it
+        except ImportError:
+            raise QueueError(f"queue {redact(url)}: PostgreSQL needs psycopg 3; "
+                             "pip install 'wanx[serve]' (or 'psycopg[binary]')") from None
+        self._local = threading.local()
+        self._all: list = []
+        self._lock = threading.Lock()
+
+    def _connection(self):
+        import psycopg
+
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and conn.closed:
+            conn = None
+        if conn is None:
+            try:
+                conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+            except psycopg.Error as err:
+                reason = " ".join(str(err).split())
+                raise QueueError(f"queue {redact(self.url)}: cannot connect ({reason}); "
+                                 "check the server is running and the URL's host, port, user and database") from None
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def transaction(self, write: bool = True):
+        conn = self._connection()
+        with conn.transaction(), conn.cursor() as cursor:
+            def run(query, args):
+                cursor.execute(query.replace("?", "%s"), args)
+                return cursor
+            yield _Statement(run)
+
+    def create_schema(self) -> None:
+        import psycopg
+
+        try:
+            with self.transaction() as sql:
+                # a role that may only use the tables (workers, the API) must not need CREATE: look first
+                if all(name is not None for name in sql(_EXISTING)[0]):
+                    return
+                # concurrent first users would race on CREATE TABLE IF NOT EXISTS; one at a time
+                sql("SELECT pg_advisory_xact_lock(727274)")
+                for statement in _SCHEMA.format(serial="BIGSERIAL PRIMARY KEY", real="DOUBLE PRECISION").split(";"):
+                    if statement.strip():
+                        sql(statement)
+        except psycopg.errors.InsufficientPrivilege as err:
+            reason = err.diag.message_primary or " ".join(str(err).split())
+            user = urlsplit(self.url).username or "this user"
+            raise QueueError(f"queue {redact(self.url)}: no permission to create the queue tables ({reason}); "
+                             f"create them once as a role that may, or GRANT CREATE ON SCHEMA public TO {user}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+        self._local = threading.local()
