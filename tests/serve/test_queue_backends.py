@@ -109,6 +109,15 @@ def test_an_expired_lease_is_requeued_then_failed_after_max_attempts(queue):
     assert job["status"] == "failed" and job["error"].startswith("worker lost 2 times")
 
 
+def test_a_job_cancelled_while_its_worker_dies_stays_cancelled(queue):
+    job_id = queue.submit({}, model="m")
+    queue.claim("dead", ["m"], 0.05)
+    queue.cancel(job_id)
+    time.sleep(0.1)
+    assert queue.claim("w", ["m"], 60) is None  # not re-run: it was cancelled
+    assert queue.get(job_id)["status"] == "cancelled"
+
+
 def test_a_late_finisher_is_refused_and_its_result_not_recorded(queue):
     job_id = queue.submit({}, model="m")
     queue.claim("slow", ["m"], 0.05)
@@ -211,6 +220,27 @@ def test_postgres_without_permission_to_create_tables(postgres_server):
     queue = open_queue(limited)
     try:
         job_id = queue.submit({}, model="m")
+        assert queue.claim("w", ["m"], 60)["id"] == job_id
+    finally:
+        queue.close()
+
+
+def test_postgres_dropped_connection_is_one_line_then_reconnects(postgres_server):
+    """A worker whose database connection is cut (server restart, network) gets one QueueError
+    for the call in flight; the next call connects again and the queue goes on."""
+    import psycopg
+
+    url = postgres_server()
+    queue = open_queue(url)
+    try:
+        job_id = queue.submit({}, model="m")
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        with pytest.raises(QueueError, match=r"postgresql://postgres@.*: lost the connection .*try again") as err:
+            queue.claim("w", ["m"], 60)
+        assert "\n" not in str(err.value)
+        assert queue.get(job_id)["status"] == "queued"  # the cut claim changed nothing
         assert queue.claim("w", ["m"], 60)["id"] == job_id
     finally:
         queue.close()

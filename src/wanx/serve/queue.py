@@ -365,7 +365,7 @@ class _Postgres(_Backend):
         import psycopg
 
         conn = getattr(self._local, "conn", None)
-        if conn is not None and conn.closed:
+        if conn is not None and (conn.closed or conn.broken):
             conn = None
         if conn is None:
             try:
@@ -381,12 +381,24 @@ class _Postgres(_Backend):
 
     @contextlib.contextmanager
     def transaction(self, write: bool = True):
+        import psycopg
+
         conn = self._connection()
-        with conn.transaction(), conn.cursor() as cursor:
-            def run(query, args):
-                cursor.execute(query.replace("?", "%s"), args)
-                return cursor
-            yield _Statement(run)
+        try:
+            with conn.transaction(), conn.cursor() as cursor:
+                def run(query, args):
+                    cursor.execute(query.replace("?", "%s"), args)
+                    return cursor
+                yield _Statement(run)
+        except psycopg.OperationalError as err:
+            # the server went away or dropped us: forget this connection (the next call opens a
+            # new one) and say so in one line; the transaction did not happen
+            self._local.conn = None
+            with contextlib.suppress(Exception):
+                conn.close()
+            reason = " ".join(str(err).split())
+            raise QueueError(f"queue {redact(self.url)}: lost the connection ({reason}); "
+                             "nothing was changed, try again once the server is back") from None
 
     def create_schema(self) -> None:
         import psycopg
