@@ -244,3 +244,58 @@ def test_postgres_dropped_connection_is_one_line_then_reconnects(postgres_server
         assert queue.claim("w", ["m"], 60)["id"] == job_id
     finally:
         queue.close()
+
+
+def statuses(job: dict) -> list[str]:
+    return [status for status, _ in job["events"]]
+
+
+def test_every_move_is_in_the_events(queue):
+    done, cancelled = queue.submit({}, model="m"), queue.submit({}, model="m")
+    queue.claim("w", ["m"], 60)
+    queue.finish(done, "w", "done")
+    queue.cancel(cancelled)
+    assert statuses(queue.get(done)) == ["queued", "running", "done"]
+    assert statuses(queue.get(cancelled)) == ["queued", "cancelled"]
+    times = [t for _, t in queue.get(done)["events"]]
+    assert times == sorted(times)
+
+
+def test_a_released_job_runs_again_as_if_never_started(queue):
+    job_id = queue.submit({}, model="m")
+    queue.claim("w", ["m"], 60)
+    assert not queue.release(job_id, "other")  # only the holder gives it back
+    assert queue.release(job_id, "w")
+    job = queue.get(job_id)
+    assert job["status"] == "queued" and job["attempts"] == 0 and job["worker_id"] is None
+    assert queue.claim("w2", ["m"], 60)["attempts"] == 1
+
+
+def test_a_restarted_worker_interrupts_its_jobs_which_run_again_while_attempts_last(queue):
+    """max_attempts=2: run, crash (interrupted), run again, crash: left interrupted, not run a third time."""
+    job_id, cancelled = queue.submit({}, model="m"), queue.submit({}, model="m")
+    queue.claim("serve", ["m"], 600)
+    queue.claim("serve", ["m"], 600)
+    queue.cancel(cancelled)  # asked while running; the worker died before it saw it
+    assert sorted(queue.interrupt("serve", "the server stopped while this job ran")) == sorted([job_id, cancelled])
+    assert queue.get(cancelled)["status"] == "cancelled"
+    job = queue.get(job_id)
+    assert job["status"] == "interrupted" and job["error"] == "the server stopped while this job ran"
+    again = queue.claim("serve", ["m"], 600)
+    assert again["id"] == job_id and again["attempts"] == 2 and again["error"] is None
+    queue.interrupt("serve", "again")
+    assert queue.claim("serve", ["m"], 600) is None
+    assert statuses(queue.get(job_id)) == ["queued", "running", "interrupted", "running", "interrupted"]
+    assert queue.interrupt("nobody", "x") == []
+
+
+def test_interrupted_jobs_can_be_cancelled_and_over_jobs_deleted(queue):
+    job_id, running = queue.submit({}, model="m"), queue.submit({}, model="m")
+    queue.claim("serve", ["m"], 600)
+    queue.interrupt("serve", "stopped")
+    assert queue.cancel(job_id)["status"] == "cancelled"
+    queue.claim("w", ["m"], 60)
+    with pytest.raises(ValueError, match=f"job {running} is running: cancel it first"):
+        queue.delete(running)
+    assert queue.delete(job_id) and queue.get(job_id) is None
+    assert not queue.delete(job_id)

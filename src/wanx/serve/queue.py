@@ -14,6 +14,8 @@ step (which also tells it about a cancel); a worker that dies stops renewing, an
 claim re-queues its job (or fails it once it was lost `max_attempts` times). Only the lease
 holder can `finish` a job, so a late duplicate (lost its lease, the job since re-claimed)
 is refused and its result never recorded: each job has exactly one recorded result.
+A worker that restarts under its old id calls `interrupt`: the jobs it held become
+`interrupted`, claimable again while attempts are left. Every move is kept in the job's `events`.
 
 Times are the clients' wall clocks (time.time()): hosts sharing a PostgreSQL need NTP, and
 lease lengths should be far above their skew (tens of seconds, not milliseconds).
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-STATUSES = ("queued", "running", "done", "failed", "cancelled")
+STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 FINAL = ("done", "failed", "cancelled")
 
 
@@ -83,14 +85,17 @@ class Queue:
                *, job_id: str | None = None) -> str:
         """Queue a job for `model`; higher `priority` runs first, then submission order."""
         job_id = job_id or secrets.token_hex(8)
+        now = time.time()
         with self._db.transaction() as sql:
-            sql("INSERT INTO wanx_jobs (id, model, priority, status, request, inputs, attempts, cancel, created) "
-                "VALUES (?, ?, ?, 'queued', ?, ?, 0, 0, ?)",
-                (job_id, model, int(priority), json.dumps(request), json.dumps(inputs or {}), time.time()))
+            sql("INSERT INTO wanx_jobs (id, model, priority, status, request, inputs, attempts, cancel, events, "
+                "created) VALUES (?, ?, ?, 'queued', ?, ?, 0, 0, ?, ?)",
+                (job_id, model, int(priority), json.dumps(request), json.dumps(inputs or {}),
+                 json.dumps([["queued", now]]), now))
         return job_id
 
     def claim(self, worker_id: str, models, lease_seconds: float) -> dict | None:
-        """Take the next queued job for one of `models` with a lease of `lease_seconds`, or None."""
+        """Take the next job for one of `models` with a lease of `lease_seconds`, or None: the
+        oldest of the highest priority that is queued, or interrupted with an attempt left."""
         models = [models] if isinstance(models, str) else list(models)
         if not models:
             return None
@@ -98,15 +103,15 @@ class Queue:
         now = time.time()
         marks = ", ".join("?" for _ in models)
         with self._db.transaction() as sql:
-            rows = sql(f"SELECT id FROM wanx_jobs WHERE status = 'queued' AND model IN ({marks}) "
-                       f"ORDER BY priority DESC, seq LIMIT 1{self._db.lock_row}", tuple(models))
+            rows = sql(f"SELECT id FROM wanx_jobs WHERE (status = 'queued' OR (status = 'interrupted' AND "
+                       f"attempts < ?)) AND model IN ({marks}) "
+                       f"ORDER BY priority DESC, seq LIMIT 1{self._db.lock_row}", (self.max_attempts, *models))
+            self._touch(sql, worker_id, now)
             if not rows:
-                self._touch(sql, worker_id, now)
                 return None
             job_id = rows[0][0]
-            sql("UPDATE wanx_jobs SET status = 'running', worker_id = ?, expires_at = ?, attempts = attempts + 1, "
-                "started = ? WHERE id = ?", (worker_id, now + lease_seconds, now, job_id))
-            self._touch(sql, worker_id, now)
+            self._move(sql, job_id, "running", worker_id=worker_id, expires_at=now + lease_seconds, started=now,
+                       error=None, attempts=("attempts + 1",))
             return self._public(sql("SELECT * FROM wanx_jobs WHERE id = ?", (job_id,))[0], sql.columns)
 
     def heartbeat(self, job_id: str, worker_id: str, lease_seconds: float) -> str:
@@ -128,32 +133,71 @@ class Queue:
         if status not in FINAL:
             raise ValueError(f"finish status {status!r}: give one of {', '.join(FINAL)}")
         with self._db.transaction() as sql:
-            return bool(sql.update(
-                "UPDATE wanx_jobs SET status = ?, result = ?, settings = ?, error = ?, finished = ?, "
-                "expires_at = NULL WHERE id = ? AND worker_id = ? AND status = 'running'",
-                (status, json.dumps(result), json.dumps(settings), error, time.time(), job_id, worker_id)))
+            if not self._held(sql, job_id, worker_id):
+                return False
+            self._move(sql, job_id, status, result=json.dumps(result), settings=json.dumps(settings), error=error,
+                       finished=time.time(), expires_at=None)
+            return True
+
+    def release(self, job_id: str, worker_id: str) -> bool:
+        """Give a job back unrun (the worker is stopping, not the job's fault): queued again, this
+        attempt not counted. False if this worker no longer holds it."""
+        with self._db.transaction() as sql:
+            if not self._held(sql, job_id, worker_id):
+                return False
+            self._move(sql, job_id, "queued", worker_id=None, expires_at=None, attempts=("attempts - 1",))
+            return True
+
+    def interrupt(self, worker_id: str, reason: str) -> list[str]:
+        """A worker that restarts under the same id: the jobs it held when it died are
+        `interrupted` (run again while attempts are left) or, if cancelled meanwhile, cancelled."""
+        now = time.time()
+        with self._db.transaction() as sql:
+            rows = sql("SELECT id, cancel FROM wanx_jobs WHERE status = 'running' AND worker_id = ?"
+                       f" ORDER BY seq{self._db.lock_wait}", (worker_id,))
+            for job_id, cancel in rows:
+                if cancel:
+                    self._move(sql, job_id, "cancelled", finished=now, expires_at=None)
+                else:
+                    self._move(sql, job_id, "interrupted", error=reason, worker_id=None, expires_at=None)
+        return [row[0] for row in rows]
 
     def requeue_expired(self) -> int:
         """Jobs whose lease ran out: re-queued, cancelled (if asked), or failed after `max_attempts`."""
         now = time.time()
         with self._db.transaction() as sql:
-            cancelled = sql.update("UPDATE wanx_jobs SET status = 'cancelled', finished = ?, expires_at = NULL "
-                                   "WHERE status = 'running' AND expires_at < ? AND cancel = 1", (now, now))
-            failed = sql.update(
-                "UPDATE wanx_jobs SET status = 'failed', finished = ?, expires_at = NULL, "
-                "error = 'worker lost ' || CAST(attempts AS TEXT) || ' times (its lease expired each time)' "
-                "WHERE status = 'running' AND expires_at < ? AND attempts >= ?", (now, now, self.max_attempts))
-            queued = sql.update("UPDATE wanx_jobs SET status = 'queued', worker_id = NULL, expires_at = NULL "
-                                "WHERE status = 'running' AND expires_at < ?", (now,))
-        return cancelled + failed + queued
+            rows = sql("SELECT id, cancel, attempts FROM wanx_jobs WHERE status = 'running' AND expires_at < ? "
+                       f"ORDER BY seq{self._db.lock_row}", (now,))
+            for job_id, cancel, attempts in rows:
+                if cancel:
+                    self._move(sql, job_id, "cancelled", finished=now, expires_at=None)
+                elif attempts >= self.max_attempts:
+                    self._move(sql, job_id, "failed", finished=now, expires_at=None,
+                               error=f"worker lost {attempts} times (its lease expired each time)")
+                else:
+                    self._move(sql, job_id, "queued", worker_id=None, expires_at=None)
+        return len(rows)
 
     def cancel(self, job_id: str) -> dict | None:
-        """Cancel a queued job now; ask a running one to stop (its worker sees it at the next heartbeat)."""
+        """Cancel a waiting job now; ask a running one to stop (its worker sees it at the next heartbeat)."""
         with self._db.transaction() as sql:
-            sql.update("UPDATE wanx_jobs SET status = 'cancelled', finished = ? WHERE id = ? AND status = 'queued'",
-                       (time.time(), job_id))
-            sql.update("UPDATE wanx_jobs SET cancel = 1 WHERE id = ? AND status = 'running'", (job_id,))
+            rows = sql(f"SELECT status FROM wanx_jobs WHERE id = ?{self._db.lock_wait}", (job_id,))
+            if rows and rows[0][0] in ("queued", "interrupted"):
+                self._move(sql, job_id, "cancelled", finished=time.time())
+            elif rows and rows[0][0] == "running":
+                sql.update("UPDATE wanx_jobs SET cancel = 1 WHERE id = ?", (job_id,))
         return self.get(job_id)
+
+    def delete(self, job_id: str) -> bool:
+        """Forget a job that is over (final, or interrupted); False when there is no such job."""
+        with self._db.transaction() as sql:
+            rows = sql(f"SELECT status FROM wanx_jobs WHERE id = ?{self._db.lock_wait}", (job_id,))
+            if not rows:
+                return False
+            if rows[0][0] not in (*FINAL, "interrupted"):
+                raise ValueError(f"job {job_id} is {rows[0][0]}: cancel it first")
+            sql("DELETE FROM wanx_jobs WHERE id = ?", (job_id,))
+            return True
 
     def get(self, job_id: str) -> dict | None:
         with self._db.transaction(write=False) as sql:
@@ -213,13 +257,28 @@ class Queue:
     # -- internals -------------------------------------------------------------------------------
 
     @staticmethod
+    def _held(sql, job_id: str, worker_id: str) -> bool:
+        """Whether `worker_id` holds the running job's lease, the row locked for this transaction."""
+        return bool(sql(f"SELECT 1 FROM wanx_jobs WHERE id = ? AND worker_id = ? AND status = 'running'"
+                        f"{sql.lock_wait}", (job_id, worker_id)))
+
+    @staticmethod
+    def _move(sql, job_id: str, status: str, **columns) -> None:
+        """Move a job to `status`, recorded in its events, setting `columns` too (a 1-tuple: an SQL expression)."""
+        events = json.loads(sql("SELECT events FROM wanx_jobs WHERE id = ?", (job_id,))[0][0])
+        columns = {"status": status, "events": json.dumps(events + [[status, time.time()]]), **columns}
+        sets = ", ".join(f"{k} = {v[0]}" if isinstance(v, tuple) else f"{k} = ?" for k, v in columns.items())
+        values = [v for v in columns.values() if not isinstance(v, tuple)]
+        sql.update(f"UPDATE wanx_jobs SET {sets} WHERE id = ?", (*values, job_id))
+
+    @staticmethod
     def _touch(sql, worker_id: str, now: float) -> None:
         sql("UPDATE wanx_workers SET last_seen = ? WHERE worker_id = ?", (now, worker_id))
 
     @staticmethod
     def _public(row, columns) -> dict:
         job = dict(zip(columns, row))
-        for key in ("request", "inputs", "result", "settings"):
+        for key in ("request", "inputs", "result", "settings", "events"):
             job[key] = json.loads(job[key]) if job[key] is not None else None
         job["cancel"] = bool(job["cancel"])
         return job
@@ -243,6 +302,7 @@ CREATE TABLE IF NOT EXISTS wanx_jobs (
     expires_at {real},
     attempts INTEGER NOT NULL,
     cancel INTEGER NOT NULL,
+    events TEXT NOT NULL,
     created {real} NOT NULL,
     started {real},
     finished {real}
@@ -262,8 +322,9 @@ _EXISTING = "SELECT to_regclass('wanx_jobs'), to_regclass('wanx_jobs_claim'), to
 class _Statement:
     """What a transaction hands out: call it for rows, `.update` for a row count."""
 
-    def __init__(self, run):
+    def __init__(self, run, lock_wait: str):
         self._run = run
+        self.lock_wait = lock_wait  # the backend's row-lock suffix ("" on SQLite: the whole file is locked)
         self.columns: list[str] = []
 
     def __call__(self, query: str, args=()) -> list:
@@ -277,7 +338,7 @@ class _Statement:
 
 class _Backend:
     url: str
-    lock_row = ""
+    lock_row = lock_wait = ""  # SQLite: BEGIN IMMEDIATE already locks the whole file
 
     def create_schema(self) -> None: ...
 
@@ -324,7 +385,7 @@ class _SQLite(_Backend):
         # and a read-then-write transaction never fails on a snapshot another writer made stale
         conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
-            yield _Statement(conn.execute)
+            yield _Statement(conn.execute, self.lock_wait)
         except BaseException:
             conn.execute("ROLLBACK")
             raise
@@ -348,7 +409,8 @@ class _SQLite(_Backend):
 class _Postgres(_Backend):
     """One connection per thread (psycopg 3, imported only here); claims lock their row, skipping locked ones."""
 
-    lock_row = " FOR UPDATE SKIP LOCKED"
+    lock_row = " FOR UPDATE SKIP LOCKED"  # a claimer passes over rows another claimer is taking
+    lock_wait = " FOR UPDATE"  # a cancel or a finish waits for them
 
     def __init__(self, url: str):
         self.url = url
@@ -389,7 +451,7 @@ class _Postgres(_Backend):
                 def run(query, args):
                     cursor.execute(query.replace("?", "%s"), args)
                     return cursor
-                yield _Statement(run)
+                yield _Statement(run, self.lock_wait)
         except psycopg.OperationalError as err:
             # the server went away or dropped us: forget this connection (the next call opens a
             # new one) and say so in one line; the transaction did not happen
