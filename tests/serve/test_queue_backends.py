@@ -16,6 +16,8 @@ import pytest
 import wanx
 from wanx.serve.queue import QueueError, open_queue
 
+from tests.test_cli_errors import error_of, no_loading  # noqa: F401 (a fixture)
+
 from .conftest import free_port
 
 
@@ -299,3 +301,74 @@ def test_interrupted_jobs_can_be_cancelled_and_over_jobs_deleted(queue):
         queue.delete(running)
     assert queue.delete(job_id) and queue.get(job_id) is None
     assert not queue.delete(job_id)
+
+
+# -- wanx serve on the queue: its JobQueue is one claimer of it ------------------------------
+
+
+def test_serve_runs_its_jobs_through_the_queue_at_any_url(make_server, queue_url):
+    """`wanx serve --queue URL`: the job lands in that queue for the server's model and its
+    in-process worker runs it there (SQLite elsewhere than the outputs, or PostgreSQL)."""
+    server = make_server(queue_url=queue_url)
+    server.queue.start()
+    job_id = server.submit({"prompt": "a cat", "size": "32x32", "frames": 1, "steps": 1})
+    assert server.queue.wait_idle(120)
+    queue = open_queue(queue_url)
+    try:
+        job = queue.get(job_id)
+        assert job["model"] == "tiny" and job["status"] == "done", job
+        assert [s for s, _ in job["events"]] == ["queued", "running", "done"]
+        assert job["worker_id"] == server.queue.worker_id
+        assert queue.live_models(max_age=60) == {"tiny"}  # its worker is registered while it runs
+    finally:
+        queue.close()
+    assert server.queue.output_path(job_id).exists()
+    assert not (server.outputs / "jobs.sqlite").exists()  # the queue is where the URL says
+
+
+def test_serve_refuses_a_bad_queue_url_before_the_model_loads(capsys, no_loading, tmp_path):
+    port = free_port()
+    url = f"postgresql://bob:hunter22@127.0.0.1:{free_port()}/wanx"
+    err = error_of(capsys, ["serve", "--model", "tiny", "--no-ui", "--port", str(port), "--outputs",
+                            str(tmp_path / "out"), "--queue", url])
+    assert "cannot connect" in err and "hunter22" not in err and "postgresql://bob:***@127.0.0.1" in err
+    err = error_of(capsys, ["serve", "--model", "tiny", "--no-ui", "--port", str(port), "--outputs",
+                            str(tmp_path / "out"), "--queue", "mysql://x/y"])
+    assert err == "wanx: error: queue 'mysql://x/y': unknown kind; give sqlite:///path/jobs.sqlite or " \
+                  "postgresql://user@host/database"
+
+
+OLD_TABLE = """CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, status TEXT NOT NULL,
+    request TEXT NOT NULL, inputs TEXT NOT NULL DEFAULT '{}', settings TEXT, error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0, events TEXT NOT NULL DEFAULT '[]', cancel INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL, started REAL, finished REAL)"""
+
+
+def test_an_outputs_folder_from_before_keeps_its_jobs(tmp_path):
+    """A folder whose jobs.sqlite has the old `jobs` table: its jobs move into the queue once,
+    in their order; the one that was running when that server died is interrupted and runs again."""
+    import sqlite3
+
+    from wanx.serve.jobs import JobQueue
+
+    with sqlite3.connect(tmp_path / "jobs.sqlite") as db:
+        db.execute(OLD_TABLE)
+        for job_id, status, events in (("aaaa", "done", '[["queued", 1], ["running", 2], ["done", 3]]'),
+                                       ("bbbb", "running", '[["queued", 4], ["running", 5]]'),
+                                       ("cccc", "queued", '[["queued", 6]]')):
+            db.execute("INSERT INTO jobs (id, status, request, settings, attempts, events, created) "
+                       "VALUES (?, ?, '{\"prompt\": \"x\"}', ?, ?, ?, 1)",
+                       (job_id, status, '{"steps": 2}' if status == "done" else None, int(status != "queued"), events))
+    queue = JobQueue(tmp_path, runner=None)
+    try:
+        assert [job["id"] for job in queue.list()] == ["cccc", "bbbb", "aaaa"]
+        done = queue.get("aaaa")
+        assert done["status"] == "done" and done["settings"] == {"steps": 2} and done["request"] == {"prompt": "x"}
+        assert done["events"] == ["queued", "running", "done"]
+        interrupted = queue.get("bbbb")
+        assert interrupted["status"] == "interrupted" and interrupted["events"] == ["queued", "running", "interrupted"]
+        assert queue._claim()["id"] == "bbbb"  # run once more, before the later job
+    finally:
+        queue.stop()
+    with sqlite3.connect(tmp_path / "jobs.sqlite") as db:
+        assert db.execute("SELECT name FROM sqlite_master WHERE name = 'jobs'").fetchone() is None
