@@ -372,3 +372,36 @@ def test_an_outputs_folder_from_before_keeps_its_jobs(tmp_path):
         queue.stop()
     with sqlite3.connect(tmp_path / "jobs.sqlite") as db:
         assert db.execute("SELECT name FROM sqlite_master WHERE name = 'jobs'").fetchone() is None
+
+
+def test_a_cancel_from_another_process_stops_the_serve_worker_at_its_next_heartbeat(queue_url, tmp_path):
+    """The API of another server (its own connection) cancels a job this server's worker runs:
+    the worker hears it through its heartbeat and stops within about a second."""
+    from wanx.serve.jobs import JobQueue
+
+    steps = []
+
+    def slow_runner(job, on_step):  # the JobQueue's runner seam: a 'pipeline' of 0.1 s steps
+        for step in range(200):
+            time.sleep(0.1)
+            steps.append(step)
+            on_step(step, 200, None)
+        raise AssertionError("not cancelled")
+
+    jobs = JobQueue(tmp_path / "out", slow_runner, url=queue_url, model="m")
+    other = open_queue(queue_url)
+    try:
+        jobs.start()
+        job_id = jobs.submit({"prompt": "x"})
+        end = time.monotonic() + 30
+        while not steps and time.monotonic() < end:
+            time.sleep(0.05)
+        assert other.cancel(job_id)["cancel"]
+        asked = len(steps)
+        assert jobs.wait_idle(30)
+        job = other.get(job_id)
+        assert job["status"] == "cancelled" and [s for s, _ in job["events"]] == ["queued", "running", "cancelled"]
+        assert len(steps) - asked <= 25  # stopped at a heartbeat (one a second), not run to the end
+    finally:
+        jobs.stop(timeout=10)
+        other.close()
