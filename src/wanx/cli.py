@@ -1136,6 +1136,8 @@ def _add_serve(sub: argparse._SubParsersAction, tiny: str) -> None:
                                      "(open /?token=TOKEN once) must give; default: $WANX_TOKEN, else none")
     srv.add_argument("--outputs", default="outputs/serve", help="folder for the videos, their settings and the job "
                                                                 "database (default outputs/serve)")
+    srv.add_argument("--queue", metavar="URL", help="the job queue: sqlite:///path/jobs.sqlite (default: "
+                                                   "OUTPUTS/jobs.sqlite) or postgresql://user@host/database")
     srv.add_argument("--loras", metavar="FOLDER", help="LoRA files requests may choose from, by file name")
     srv.add_argument("--no-ui", action="store_true", help="the API only (no Gradio: starts faster)")
     srv.add_argument("--max-upload-mb", type=float, default=100, help="largest image or video upload (default 100)")

@@ -131,3 +131,70 @@ def serve_process(tiny, tmp_path):
     yield start
     for process in started:
         process.close()
+
+
+def _postgres_bin() -> Path | None:
+    """The folder of Debian's (or any PATH's) PostgreSQL server binaries, newest version first."""
+    import glob
+    import shutil
+
+    found = shutil.which("initdb")
+    if found and shutil.which("pg_ctl"):
+        return Path(found).parent
+    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]), reverse=True):
+        if (Path(folder) / "initdb").exists() and (Path(folder) / "pg_ctl").exists():
+            return Path(folder)
+    return None
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server for the whole session (about a second to start): trust auth,
+    listening on a free loopback port, no fsync. initdb refuses root, so as root the server runs
+    as `nobody` in a temp folder it owns. Yields a function new_database() -> URL of a fresh,
+    empty database (each test gets its own). Skips, saying why, if no server can start."""
+    import shutil
+    import tempfile
+
+    try:
+        import psycopg
+    except ImportError:
+        pytest.skip("PostgreSQL queue tests: psycopg is not installed (pip install 'psycopg[binary]')")
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL queue tests: no initdb/pg_ctl found (apt-get install postgresql; .ci/run does)")
+    as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+    if as_user and not shutil.which("runuser"):
+        pytest.skip("PostgreSQL queue tests: running as root and no runuser to start the server as nobody")
+    root = Path(tempfile.mkdtemp(prefix="wanx-pg-", dir="/tmp"))
+    if as_user:
+        shutil.chown(root, "nobody")
+    data, port = root / "data", free_port()
+    try:
+        subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
+                        "-E", "UTF8", "--no-sync"], check=True, capture_output=True, text=True, timeout=120)
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-s",
+                        "-o", f"-F -k {root} -p {port} -h 127.0.0.1", "start"],
+                       check=True, capture_output=True, text=True, timeout=120)
+    except (subprocess.SubprocessError, OSError) as err:
+        log = (root / "log").read_text(errors="replace")[-500:] if (root / "log").exists() else ""
+        detail = getattr(err, "stderr", "") or ""
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.skip(f"PostgreSQL queue tests: the server did not start: {err} {detail.strip()} {log.strip()}")
+    admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    count = [0]
+
+    def new_database() -> str:
+        count[0] += 1
+        name = f"wanx_test_{count[0]}"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return f"postgresql://postgres@127.0.0.1:{port}/{name}"
+
+    new_database.admin_url = admin
+    try:
+        yield new_database
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-s", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)

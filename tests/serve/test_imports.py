@@ -10,8 +10,8 @@ import wanx.serve
 
 FOLDER = Path(wanx.serve.__file__).parent
 # each module and the serve modules it may import (at run time: TYPE_CHECKING imports aside)
-ALLOWED = {"app": {"api", "ui", "common", "jobs"}, "api": {"common", "jobs"}, "ui": {"common", "jobs"},
-           "common": set(), "jobs": set()}
+ALLOWED = {"app": {"api", "ui", "common", "jobs", "queue"}, "api": {"common", "jobs"}, "ui": {"common", "jobs"},
+           "common": set(), "jobs": {"queue"}, "queue": set()}
 
 
 def serve_imports(name: str) -> set[str]:

@@ -104,7 +104,7 @@ class Server:
 
     def __init__(self, pipe, files, runtime, outputs: str | Path, *, loras: str | Path | None = None,
                  token: str | None = None, limits: Limits | None = None, model_name: str | None = None,
-                 host: str = "127.0.0.1", allowed_hosts: tuple[str, ...] = ()):
+                 host: str = "127.0.0.1", allowed_hosts: tuple[str, ...] = (), queue_url: str | None = None):
         from ..request import request_weights
 
         self.pipe, self.files, self.runtime = pipe, files, runtime
@@ -118,7 +118,7 @@ class Server:
         self.limits = limits or Limits()
         self.model_name = model_name or str(files.folder)
         self.weights = request_weights(files, runtime)
-        self.queue = JobQueue(self.outputs, self.run)
+        self.queue = JobQueue(self.outputs, self.run, url=queue_url, model=self.model_name)
         self._applied_loras: tuple = ()
         self._meta_dit = None
         self._tokenizer = None
@@ -755,6 +755,14 @@ def serve(args, flags: dict | None = None) -> int:
         raise ValueError(f"--outputs {outputs}: cannot make the folder ({err.strerror or err}); choose another "
                          "--outputs") from None
     lock = hold_folder(outputs)  # before the model loads: a second server on the folder stops here
+    if args.queue:  # reachable, and its tables there, before the model loads
+        from .queue import open_queue
+
+        try:
+            open_queue(args.queue).close()
+        except ValueError:
+            lock.close()
+            raise
     start = time.perf_counter()
     pipe = WanPipeline.from_files(files, runtime=runtime, progress=not args.quiet)
     pipe.name = args.model
@@ -762,7 +770,8 @@ def serve(args, flags: dict | None = None) -> int:
         print(f"loading: {time.perf_counter() - start:.1f} s ({files.model_type} on {runtime.device})", file=sys.stderr)
     server = Server(pipe, files, runtime, outputs, loras=args.loras, token=args.token,
                     limits=Limits(max_upload=int(args.max_upload_mb * 2**20)), model_name=args.model,
-                    host=args.host, allowed_hosts=tuple((getattr(args, "allowed_hosts", None) or "").split(",")))
+                    host=args.host, allowed_hosts=tuple((getattr(args, "allowed_hosts", None) or "").split(",")),
+                    queue_url=getattr(args, "queue", None))
     app = create_app(server, ui=not args.no_ui)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"wanx serve: http://{host}:{args.port}/  (API: /v1, schema: /v1/openapi.json; outputs in {outputs})",

@@ -10,9 +10,11 @@ Cancelling a running job stops it at the next sampling step (the pipeline's step
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import socket
 import sqlite3
 import sys
 import threading
@@ -28,25 +30,6 @@ FINAL = ("done", "failed", "cancelled")
 DB_FILE = "jobs.sqlite"
 LOCK_FILE = "serve.lock"  # held (flock) by the one server that runs this folder's queue
 INPUTS = "inputs"  # uploaded images and videos, under server-made names
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,   -- submission order: the queue runs in it
-    id TEXT UNIQUE NOT NULL,
-    status TEXT NOT NULL,
-    request TEXT NOT NULL,                   -- the checked settings, JSON
-    inputs TEXT NOT NULL DEFAULT '{}',       -- field -> file name under inputs/
-    settings TEXT,                           -- what the video was made with (its metadata), JSON
-    error TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    events TEXT NOT NULL DEFAULT '[]',       -- [status, unix time] as the job moved
-    cancel INTEGER NOT NULL DEFAULT 0,       -- 1: cancelled while running (kept across a crash)
-    created REAL NOT NULL,
-    started REAL,
-    finished REAL
-)
-"""
-
 
 def hold_folder(folder: str | Path):
     """Take the outputs folder for this process: an exclusive lock on `folder/serve.lock`, held
@@ -85,42 +68,49 @@ class _Stopping(Exception):
 Runner = Callable[[dict, Callable[[int, int, object], None]], object]
 
 
+class _Lost(Exception):
+    """Raised from the step callback when this worker's lease is gone: stop, and record nothing."""
+
+
 class JobQueue:
-    """Jobs in `folder/jobs.sqlite`, videos as `folder/<id>.mp4` with `folder/<id>.json`.
+    """Jobs in a `wanx.serve.queue` (by default `folder/jobs.sqlite`), videos as `folder/<id>.mp4`
+    with `folder/<id>.json`; this process's worker thread is one claimer of that queue.
 
     runner: makes the video of one job (the server's pipeline call). retries: how many times a
-    job interrupted by a crash is run again."""
+    job interrupted by a crash is run again. url: the queue (`sqlite:///...`); model: the model
+    this server's worker holds (its jobs are submitted for it)."""
 
-    def __init__(self, folder: str | Path, runner: Runner, *, retries: int = 1):
+    LEASE_S = 300.0  # renewed at every step (at most once a second): only a step this long loses it
+    RESTART = "the server stopped while this job ran"
+
+    def __init__(self, folder: str | Path, runner: Runner, *, retries: int = 1, url: str | None = None,
+                 model: str = ""):
+        from .queue import open_queue
+
         self.folder = Path(folder)
         (self.folder / INPUTS).mkdir(parents=True, exist_ok=True)
-        self.runner, self.retries = runner, retries
-        # one connection shared by the HTTP threads and the worker, serialised by a lock
-        self._db = sqlite3.connect(self.folder / DB_FILE, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._lock = threading.RLock()
-        self._wake = threading.Condition()
+        self.runner, self.retries, self.model = runner, retries, model
+        self.url = url or f"sqlite:///{self.folder / DB_FILE}"
+        self._queue = open_queue(self.url, max_attempts=retries + 1)
+        # the worker's id stays the same across restarts of the server on this folder (whose lock
+        # makes it the only one): a restart finds the jobs it was running, as interrupted
+        self.worker_id = f"serve:{socket.gethostname()}:{self.folder.resolve()}"
         self._cancel: set[str] = set()
+        self._wake = threading.Condition()
         self._progress: dict[str, dict] = {}  # the running job: step, total, times
         self._latents: dict[str, object] = {}  # its latest latents, for a preview on request
+        self._beat = 0.0  # when the lease was last renewed
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         for stale in self.folder.glob(".*.partial"):  # half-written by a process that died
             stale.unlink(missing_ok=True)
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")  # readers do not wait for the worker's writes
-            self._db.execute(_SCHEMA)
-            if "cancel" not in {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}:
-                self._db.execute("ALTER TABLE jobs ADD COLUMN cancel INTEGER NOT NULL DEFAULT 0")  # an older folder
-            # A job still 'running' belongs to a process that died: it was interrupted, or it
-            # was being cancelled (then it stays cancelled: never run again).
-            for row in self._db.execute("SELECT id, cancel FROM jobs WHERE status IN ('running', 'interrupted') "
-                                        "AND (status = 'running' OR cancel = 1)").fetchall():
-                if row["cancel"]:
-                    self._set(row["id"], "cancelled", finished=time.time())
-                    self._remove_inputs(row["id"])
-                else:
-                    self._set(row["id"], "interrupted", error="the server stopped while this job ran")
+        if self.url == f"sqlite:///{self.folder / DB_FILE}":
+            _adopt_old_table(self.folder / DB_FILE, self.worker_id, model)
+        # A job still 'running' under this worker belongs to a process that died: it was
+        # interrupted, or it was being cancelled (then it stays cancelled: never run again).
+        for job_id in self._queue.interrupt(self.worker_id, self.RESTART):
+            if self._queue.get(job_id)["status"] == "cancelled":
+                self._remove_inputs(job_id)
 
     # -- submitting and reading -------------------------------------------------------------
     @staticmethod
@@ -135,60 +125,40 @@ class JobQueue:
         return self.folder / f"{job_id}.mp4"
 
     def submit(self, request: dict, *, inputs: dict[str, str] | None = None, job_id: str | None = None) -> str:
-        job_id = job_id or self.new_id()
-        now = time.time()
-        with self._lock:
-            self._db.execute("INSERT INTO jobs (id, status, request, inputs, events, created) VALUES (?, ?, ?, ?, ?, ?)",
-                             (job_id, "queued", json.dumps(request), json.dumps(inputs or {}),
-                              json.dumps([["queued", now]]), now))
+        job_id = self._queue.submit(request, inputs or {}, model=self.model, job_id=job_id or self.new_id())
         with self._wake:
             self._wake.notify()
         return job_id
 
     def get(self, job_id: str) -> dict | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return self._public(row) if row else None
+        job = self._queue.get(job_id)
+        return self._public(job) if job else None
 
     def list(self, status: str | None = None, limit: int = 100) -> list[dict]:
         """Newest first."""
-        with self._lock:
-            if status:
-                rows = self._db.execute("SELECT * FROM jobs WHERE status = ? ORDER BY seq DESC LIMIT ?",
-                                        (status, limit)).fetchall()
-            else:
-                rows = self._db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
-        return [self._public(row) for row in rows]
+        return [self._public(job) for job in self._queue.list(status=status, limit=limit)]
 
     def counts(self) -> dict[str, int]:
-        with self._lock:
-            rows = self._db.execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetchall()
-        return {row["status"]: row["n"] for row in rows}
+        return self._queue.counts()["status"]
 
     def cancel(self, job_id: str) -> dict | None:
         """A queued job is cancelled at once; a running one at its next sampling step."""
-        with self._lock:
-            row = self._db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                return None
-            if row["status"] in ("queued", "interrupted"):
-                self._set(job_id, "cancelled", finished=time.time())
-                self._remove_inputs(job_id)
-            elif row["status"] == "running":
-                # written before the answer: a crash between now and the next step must not run it again
-                self._db.execute("UPDATE jobs SET cancel = 1 WHERE id = ?", (job_id,))
-                self._cancel.add(job_id)
-        return self.get(job_id)
+        job = self._queue.cancel(job_id)  # written before the answer: a crash now must not run it again
+        if job is None:
+            return None
+        if job["status"] == "cancelled":
+            self._remove_inputs(job_id)
+        elif job["status"] == "running":
+            self._cancel.add(job_id)  # this process's worker stops at once, others at their heartbeat
+        return self._public(job)
 
     def delete(self, job_id: str) -> bool:
         """Remove a finished job with its files. False when there is no such job."""
-        with self._lock:
-            row = self._db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
+        try:
+            if not self._queue.delete(job_id):
                 return False
-            if row["status"] not in FINAL and row["status"] != "interrupted":
-                raise RuntimeError(f"job {job_id} is {row['status']}: cancel it first")
-            self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        except ValueError as err:  # not over yet
+            raise RuntimeError(str(err)) from None
         for path in (self.output_path(job_id), self.output_path(job_id).with_suffix(".json")):
             path.unlink(missing_ok=True)
         self._remove_inputs(job_id)
@@ -202,6 +172,7 @@ class JobQueue:
     # -- the worker -------------------------------------------------------------------------
     def start(self) -> None:
         self._stop.clear()
+        self._queue.register_worker(self.worker_id, [self.model], host=socket.gethostname())
         self._thread = threading.Thread(target=self._work, name="wanx-worker", daemon=True)
         self._thread.start()
 
@@ -212,8 +183,9 @@ class JobQueue:
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-        with self._lock:
-            self._db.close()
+            with contextlib.suppress(Exception):
+                self._queue.unregister_worker(self.worker_id)
+        self._queue.close()
 
     def wait_idle(self, timeout: float) -> bool:
         """True once nothing is queued or running (for tests and scripts)."""
@@ -226,21 +198,15 @@ class JobQueue:
         return False
 
     def _retryable(self) -> bool:
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM jobs WHERE status = 'interrupted' AND attempts <= ?",
-                                    (self.retries,)).fetchone() is not None
+        return any(job["attempts"] <= self.retries for job in self._queue.list(status="interrupted", limit=10**6))
 
     def _claim(self) -> dict | None:
         """The oldest job to run (queued, or interrupted with a retry left), marked running."""
-        with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE status = 'queued' OR (status = 'interrupted' AND "
-                                   "attempts <= ?) ORDER BY seq LIMIT 1", (self.retries,)).fetchone()
-            if row is None:
-                return None
-            self._db.execute("UPDATE jobs SET attempts = attempts + 1 WHERE id = ?", (row["id"],))
-            self._set(row["id"], "running", started=time.time(), error=None)
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
-            return {**self._public(row), "input_files": json.loads(row["inputs"])}
+        job = self._queue.claim(self.worker_id, [self.model], self.LEASE_S)
+        if job is None:
+            return None
+        self._beat = time.monotonic()
+        return {**self._public(job), "input_files": job["inputs"]}
 
     def _work(self) -> None:
         while not self._stop.is_set():
@@ -250,6 +216,17 @@ class JobQueue:
                     self._wake.wait(0.5)
                 continue
             self._run(job)
+
+    def _heartbeat(self, job_id: str) -> None:
+        """Renew the lease (at most once a second) and hear of a cancel from another process."""
+        if time.monotonic() - self._beat < 1.0:
+            return
+        self._beat = time.monotonic()
+        state = self._queue.heartbeat(job_id, self.worker_id, self.LEASE_S)
+        if state == "cancelled":
+            self._cancel.add(job_id)
+        elif state == "lost":
+            raise _Lost
 
     def _run(self, job: dict) -> None:
         job_id = job["id"]
@@ -263,6 +240,7 @@ class JobQueue:
                     progress["first"] = (now, step)
                 progress.update(step=step, total=total, at=now)
                 self._latents[job_id] = latents
+            self._heartbeat(job_id)
             if job_id in self._cancel:
                 raise Cancelled
             if self._stop.is_set():
@@ -275,19 +253,16 @@ class JobQueue:
             video.save(out, audio=getattr(video, "soundtrack", None))
             settings = {**video.metadata, "id": job_id, "request": job["request"]}
             _write_atomic(out.with_suffix(".json"), json.dumps(settings, indent=2, ensure_ascii=False))
-            with self._lock:
-                self._set(job_id, "done", finished=time.time(), settings=json.dumps(settings))
+            self._queue.finish(job_id, self.worker_id, "done", settings=settings)
         except Cancelled:
-            with self._lock:
-                self._set(job_id, "cancelled", finished=time.time())
-        except _Stopping:
-            with self._lock:  # not this job's fault: it runs again on the next start, as if never started
-                self._db.execute("UPDATE jobs SET attempts = attempts - 1 WHERE id = ?", (job_id,))
-                self._set(job_id, "queued")
+            self._queue.finish(job_id, self.worker_id, "cancelled")
+        except _Stopping:  # not this job's fault: it runs again on the next start, as if never started
+            self._queue.release(job_id, self.worker_id)
+        except _Lost:  # another worker has it now: nothing of this run is recorded
+            pass
         except Exception as err:  # the job failed, the server goes on
             traceback.print_exc(file=sys.stderr)
-            with self._lock:
-                self._set(job_id, "failed", finished=time.time(), error=_one_line(err))
+            self._queue.finish(job_id, self.worker_id, "failed", error=_one_line(err))
         finally:
             self._cancel.discard(job_id)
             self._progress.pop(job_id, None)
@@ -296,23 +271,15 @@ class JobQueue:
                 self._remove_inputs(job_id)
 
     # -- helpers ----------------------------------------------------------------------------
-    def _set(self, job_id: str, status: str, **columns) -> None:
-        """Move a job to `status` (recorded in its events), updating other columns too."""
-        row = self._db.execute("SELECT events FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        events = json.loads(row["events"]) + [[status, time.time()]]
-        sets = ", ".join(f"{k} = ?" for k in ("status", "events", *columns))
-        self._db.execute(f"UPDATE jobs SET {sets} WHERE id = ?",
-                         (status, json.dumps(events), *columns.values(), job_id))
-
     def _remove_inputs(self, job_id: str) -> None:
         for path in (self.folder / INPUTS).glob(f"{job_id}-*"):
             path.unlink(missing_ok=True)
 
-    def _public(self, row: sqlite3.Row) -> dict:
-        job = {"id": row["id"], "status": row["status"], "request": json.loads(row["request"]),
-               "inputs": sorted(json.loads(row["inputs"])), "settings": json.loads(row["settings"] or "null"),
+    def _public(self, row: dict) -> dict:
+        job = {"id": row["id"], "status": row["status"], "request": row["request"],
+               "inputs": sorted(row["inputs"]), "settings": row["settings"],
                "error": row["error"], "attempts": row["attempts"],
-               "events": [status for status, _ in json.loads(row["events"])],
+               "events": [status for status, _ in row["events"]],
                "created": row["created"], "started": row["started"], "finished": row["finished"],
                "progress": None, "cancelling": row["status"] == "running" and bool(row["cancel"])}
         progress = self._progress.get(row["id"])
@@ -322,6 +289,24 @@ class JobQueue:
             steps = job["settings"].get("steps")
             job["progress"] = {"step": steps, "total": steps, "eta_s": 0.0}
         return job
+
+
+def _adopt_old_table(path: Path, worker_id: str, model: str) -> None:
+    """A folder from before the shared queue keeps its jobs in a table `jobs`: move them into
+    the queue's table once (a job that was running then is this worker's, so it is interrupted)."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None, timeout=30)) as db:
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone() is None:
+            return
+        columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+        cancel = "cancel" if "cancel" in columns else "0"  # an older folder still
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO wanx_jobs (id, model, priority, status, request, inputs, settings, error, worker_id, "
+                   "expires_at, attempts, cancel, events, created, started, finished) "
+                   f"SELECT id, ?, 0, status, request, inputs, settings, error, "
+                   f"CASE WHEN status = 'running' THEN ? END, NULL, attempts, {cancel}, events, created, started, "
+                   "finished FROM jobs ORDER BY seq", (model, worker_id))
+        db.execute("DROP TABLE jobs")
+        db.execute("COMMIT")
 
 
 def _progress_view(progress: dict) -> dict:
