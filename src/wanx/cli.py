@@ -604,6 +604,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args, flags=RUNTIME_FLAGS)
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .serve.worker import run_worker  # torch loads only here
+
+    return run_worker(args, flags=RUNTIME_FLAGS)
+
+
 def _check_folder(folder: Path, flag: str, given: Path | None = None) -> None:
     """An output folder that cannot be made (it or a folder on its way is a file) or written
     in: one line naming the flag and what it was `given`, before anything is loaded."""
@@ -945,6 +951,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_generate(sub, tiny)
     _add_serve(sub, tiny)
+    _add_worker(sub, tiny)
     _add_prepare(sub)
     parser.train_parser = _add_train(sub)
     _add_calibrate_cache(sub)
@@ -1142,12 +1149,36 @@ def _add_serve(sub: argparse._SubParsersAction, tiny: str) -> None:
     srv.add_argument("--no-ui", action="store_true", help="the API only (no Gradio: starts faster)")
     srv.add_argument("--max-upload-mb", type=float, default=100, help="largest image or video upload (default 100)")
     srv.add_argument("--dit", metavar="FILE", help="the DiT checkpoint to use when the model folder holds several")
+    srv.add_argument("--workers", type=int, default=1, choices=(0, 1),
+                     help="1 (default): this process loads the model and runs the jobs; 0: only the API and UI, "
+                          "the jobs run in `wanx worker` processes on the same --queue and --outputs")
     srv.add_argument("--allowed-hosts", metavar="NAMES", help="host names (comma-separated) the server is reached as "
                                                              "besides localhost, IP addresses and --host, e.g. behind "
                                                              "a proxy; * for any")
     _memory_speed_flags(srv)
     _runtime_flags(srv, "DiT and encoder weights (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
     srv.set_defaults(func=cmd_serve)
+
+
+def _add_worker(sub: argparse._SubParsersAction, tiny: str) -> None:
+    """`wanx worker`: one model's jobs from a shared queue, beside `wanx serve --workers 0`."""
+    wrk = sub.add_parser("worker", help="run one model's jobs from a shared queue (beside wanx serve --workers 0)",
+                         description="Load a model once and run the jobs for it from the queue a `wanx serve "
+                                     "--workers 0` takes them into, until SIGTERM or Ctrl-C (the running job goes "
+                                     "back to the queue). Start one per GPU (CUDA_VISIBLE_DEVICES), on any host that "
+                                     "reaches the queue and the --outputs folder. $WANX_LEASE_S: how long a job of a "
+                                     "worker that died waits before another runs it (default 300).")
+    wrk.add_argument("--queue", metavar="URL", required=True,
+                     help="the server's queue: sqlite:///OUTPUTS/jobs.sqlite (one host) or postgresql://user@host/db")
+    wrk.add_argument("--model", required=True, help=f"as the server's --model (jobs are routed by it): model folder, "
+                                                    f"model id, demo, or {tiny}")
+    wrk.add_argument("--outputs", default="outputs/serve", help="the server's --outputs folder, shared (default "
+                                                                "outputs/serve)")
+    wrk.add_argument("--loras", metavar="FOLDER", help="the server's --loras folder")
+    wrk.add_argument("--dit", metavar="FILE", help="the DiT checkpoint to use when the model folder holds several")
+    _memory_speed_flags(wrk)
+    _runtime_flags(wrk, "DiT and encoder weights (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
+    wrk.set_defaults(func=cmd_worker)
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:

@@ -12,6 +12,7 @@ FOLDER = Path(wanx.serve.__file__).parent
 # each module and the serve modules it may import (at run time: TYPE_CHECKING imports aside)
 ALLOWED = {"app": {"api", "ui", "common", "jobs", "queue"}, "api": {"common", "jobs"}, "ui": {"common", "jobs"},
            "common": set(), "jobs": {"queue"}, "queue": set()}
+ALLOWED["worker"] = {"app", "jobs", "queue"}  # `wanx worker`: the server's runner and the queue's loop
 
 
 def serve_imports(name: str) -> set[str]:

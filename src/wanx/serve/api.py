@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from ..pipeline import RequestError
 from ..tasks import describe_all
 from .common import API_TYPES, MANY, UPLOADS, UploadError, preview_strip
-from .jobs import STATUSES
+from .jobs import STATUSES, NoWorker
 
 router = APIRouter(prefix="/v1", tags=["videos"])
 
@@ -196,6 +196,8 @@ async def submit_video(request: Request):
         return problem(err.status, str(err), err.field)
     except RequestError as err:
         return problem(422, str(err), err.field or None)
+    except NoWorker as err:
+        return problem(503, str(err))
     return JSONResponse({"id": job_id, "status": "queued"}, status_code=202,
                         headers={"location": f"/v1/videos/{job_id}"})
 

@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 from ..pipeline import RequestError
 from ..request import KEY_NAMES, PIPELINE_KEYS, check_job, fix_seed, parse_job, pipeline_kwargs
 from .common import API_TYPES, AS_UPLOADED, MANY, UPLOADS, VIDEO_UPLOADS, UploadError, listed
-from .jobs import DB_FILE, INPUTS, LOCK_FILE, JobQueue, hold_folder
+from .jobs import DB_FILE, INPUTS, LOCK_FILE, JobQueue, NoWorker, hold_folder
 
 # what the UI must never hand out by path: the job database (and SQLite's companions) and the uploads
 PRIVATE_FILES = (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", f"{DB_FILE}-journal", INPUTS, LOCK_FILE)
@@ -104,7 +104,8 @@ class Server:
 
     def __init__(self, pipe, files, runtime, outputs: str | Path, *, loras: str | Path | None = None,
                  token: str | None = None, limits: Limits | None = None, model_name: str | None = None,
-                 host: str = "127.0.0.1", allowed_hosts: tuple[str, ...] = (), queue_url: str | None = None):
+                 host: str = "127.0.0.1", allowed_hosts: tuple[str, ...] = (), queue_url: str | None = None,
+                 worker_id: str | None = None, needs_workers: bool = False):
         from ..request import request_weights
 
         self.pipe, self.files, self.runtime = pipe, files, runtime
@@ -118,7 +119,9 @@ class Server:
         self.limits = limits or Limits()
         self.model_name = model_name or str(files.folder)
         self.weights = request_weights(files, runtime)
-        self.queue = JobQueue(self.outputs, self.run, url=queue_url, model=self.model_name)
+        self.queue = JobQueue(self.outputs, self.run, url=queue_url, model=self.model_name, worker_id=worker_id)
+        # no worker in this process (--workers 0): a job waits for a `wanx worker`, refused when none is live
+        self.needs_workers = needs_workers
         self._applied_loras: tuple = ()
         self._meta_dit = None
         self._tokenizer = None
@@ -147,6 +150,12 @@ class Server:
         field -> the uploaded bytes (or a file the UI received). Raises RequestError or
         UploadError naming the field; then nothing is queued and no file stays behind."""
         uploads = {k: v for k, v in (uploads or {}).items() if v is not None}
+        if self.needs_workers:
+            live = self.queue.live_models()
+            if self.model_name not in live:
+                raise NoWorker(f"no live worker holds model {self.model_name!r} (live: "
+                               f"{', '.join(sorted(live)) or 'none'}); start one: wanx worker --queue URL "
+                               f"--model {self.model_name} --outputs {self.outputs}")
         if isinstance(body, dict):
             for key, value in body.items():
                 check_text(key, "request")  # a key is named in the answer: it must be text too
@@ -736,6 +745,10 @@ def serve(args, flags: dict | None = None) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if args.max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    workers = getattr(args, "workers", 1)
+    if workers not in (0, 1):
+        raise ValueError(f"--workers {workers}: give 1 (this process runs the jobs) or 0 (wanx worker processes "
+                         "run them); start more with wanx worker")
     if args.loras and not Path(args.loras).is_dir():
         raise FileNotFoundError(f"--loras {args.loras}: no such folder")
     if args.token is not None and not re.fullmatch(r"[A-Za-z0-9._~+/=-]{8,}", args.token):
@@ -763,16 +776,19 @@ def serve(args, flags: dict | None = None) -> int:
         except ValueError:
             lock.close()
             raise
-    start = time.perf_counter()
-    pipe = WanPipeline.from_files(files, runtime=runtime, progress=not args.quiet)
-    pipe.name = args.model
-    if not args.quiet:
-        print(f"loading: {time.perf_counter() - start:.1f} s ({files.model_type} on {runtime.device})", file=sys.stderr)
+    pipe = None  # --workers 0: the model is checked above but loaded only by the workers
+    if workers:
+        start = time.perf_counter()
+        pipe = WanPipeline.from_files(files, runtime=runtime, progress=not args.quiet)
+        pipe.name = args.model
+        if not args.quiet:
+            print(f"loading: {time.perf_counter() - start:.1f} s ({files.model_type} on {runtime.device})",
+                  file=sys.stderr)
     server = Server(pipe, files, runtime, outputs, loras=args.loras, token=args.token,
                     limits=Limits(max_upload=int(args.max_upload_mb * 2**20)), model_name=args.model,
                     host=args.host, allowed_hosts=tuple((getattr(args, "allowed_hosts", None) or "").split(",")),
-                    queue_url=getattr(args, "queue", None))
-    app = create_app(server, ui=not args.no_ui)
+                    queue_url=getattr(args, "queue", None), needs_workers=not workers)
+    app = create_app(server, ui=not args.no_ui, worker=bool(workers))
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"wanx serve: http://{host}:{args.port}/  (API: /v1, schema: /v1/openapi.json; outputs in {outputs})",
           file=sys.stderr, flush=True)

@@ -11,7 +11,10 @@ Cancelling a running job stops it at the next sampling step (the pipeline's step
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import re
+import signal
 import os
 import secrets
 import socket
@@ -68,6 +71,10 @@ class _Stopping(Exception):
 Runner = Callable[[dict, Callable[[int, int, object], None]], object]
 
 
+class NoWorker(RuntimeError):
+    """A job for a model no live worker holds (a server run with --workers 0): refused (503)."""
+
+
 class _Lost(Exception):
     """Raised from the step callback when this worker's lease is gone: stop, and record nothing."""
 
@@ -84,17 +91,21 @@ class JobQueue:
     RESTART = "the server stopped while this job ran"
 
     def __init__(self, folder: str | Path, runner: Runner, *, retries: int = 1, url: str | None = None,
-                 model: str = ""):
+                 model: str = "", worker_id: str | None = None):
         from .queue import open_queue
 
         self.folder = Path(folder)
         (self.folder / INPUTS).mkdir(parents=True, exist_ok=True)
         self.runner, self.retries, self.model = runner, retries, model
         self.url = url or f"sqlite:///{self.folder / DB_FILE}"
+        self.lease_s = lease_seconds()
         self._queue = open_queue(self.url, max_attempts=retries + 1)
-        # the worker's id stays the same across restarts of the server on this folder (whose lock
-        # makes it the only one): a restart finds the jobs it was running, as interrupted
-        self.worker_id = f"serve:{socket.gethostname()}:{self.folder.resolve()}"
+        # the server's worker keeps its id across restarts on this folder (whose lock makes it the
+        # only one): a restart finds the jobs it was running, as interrupted. A `wanx worker` gives
+        # its own, new at each start (a job it held when it died comes back when its lease runs out)
+        self.worker_id = worker_id or f"serve:{socket.gethostname()}:{self.folder.resolve()}"
+        # this worker's part of the temporary names its results are written under (see _run)
+        self._tag = hashlib.sha1(self.worker_id.encode()).hexdigest()[:10]
         self._cancel: set[str] = set()
         self._wake = threading.Condition()
         self._progress: dict[str, dict] = {}  # the running job: step, total, times
@@ -102,8 +113,13 @@ class JobQueue:
         self._beat = 0.0  # when the lease was last renewed
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        for stale in self.folder.glob(".*.partial"):  # half-written by a process that died
+        # half-written by this worker before it died (other workers' files, under other names, are theirs),
+        # or by a server from before the per-attempt names
+        for stale in self.folder.glob(f".*.{self._tag}-*"):
             stale.unlink(missing_ok=True)
+        for stale in self.folder.glob(".*.partial"):
+            if re.fullmatch(r"\.[0-9a-f]{16}\.(mp4|json)\.partial", stale.name):
+                stale.unlink(missing_ok=True)
         if self.url == f"sqlite:///{self.folder / DB_FILE}":
             _adopt_old_table(self.folder / DB_FILE, self.worker_id, model)
         # A job still 'running' under this worker belongs to a process that died: it was
@@ -176,6 +192,30 @@ class JobQueue:
         self._thread = threading.Thread(target=self._work, name="wanx-worker", daemon=True)
         self._thread.start()
 
+    def run_forever(self, host: str | None = None) -> None:
+        """Be a worker in this thread until SIGTERM or Ctrl-C (`wanx worker`): the loop of `start`,
+        here in the foreground. The signal stops the running job at its next step and gives it back
+        to the queue (not counted as an attempt); a second Ctrl-C stops at once."""
+        def stop(signum, frame):
+            self._stop.set()
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._stop.clear()
+        self._queue.register_worker(self.worker_id, [self.model], host=host or socket.gethostname())
+        try:
+            self._work()
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            with contextlib.suppress(Exception):
+                self._queue.unregister_worker(self.worker_id)
+            self._queue.close()
+
+    def live_models(self) -> set[str]:
+        """The models some worker holds that was heard from within one lease (claiming, or heartbeating)."""
+        return self._queue.live_models(self.lease_s)
+
     def stop(self, timeout: float | None = 30) -> None:
         """Stop after the current step; the job that was running goes back to the queue."""
         self._stop.set()
@@ -202,7 +242,7 @@ class JobQueue:
 
     def _claim(self) -> dict | None:
         """The oldest job to run (queued, or interrupted with a retry left), marked running."""
-        job = self._queue.claim(self.worker_id, [self.model], self.LEASE_S)
+        job = self._queue.claim(self.worker_id, [self.model], self.lease_s)
         if job is None:
             return None
         self._beat = time.monotonic()
@@ -222,7 +262,7 @@ class JobQueue:
         if time.monotonic() - self._beat < 1.0:
             return
         self._beat = time.monotonic()
-        state = self._queue.heartbeat(job_id, self.worker_id, self.LEASE_S)
+        state = self._queue.heartbeat(job_id, self.worker_id, self.lease_s)
         if state == "cancelled":
             self._cancel.add(job_id)
         elif state == "lost":
@@ -246,14 +286,19 @@ class JobQueue:
             if self._stop.is_set():
                 raise _Stopping
 
+        # Written under this attempt's own names, renamed to the final ones only once `finish` is
+        # accepted: a worker whose lease ran out (and whose job another worker now runs) writes no result
+        out = self.output_path(job_id)
+        attempt = self.folder / f".{job_id}.{self._tag}-{job['attempts']}.mp4"
         try:
             video = self.runner(job, on_step)
-            out = self.output_path(job_id)
-            # a temporary name, then renamed; S2V's audio as its sound track
-            video.save(out, audio=getattr(video, "soundtrack", None))
+            # S2V's audio as its sound track; Video.save itself writes a temporary name and renames
+            video.save(attempt, audio=getattr(video, "soundtrack", None))
             settings = {**video.metadata, "id": job_id, "request": job["request"]}
-            _write_atomic(out.with_suffix(".json"), json.dumps(settings, indent=2, ensure_ascii=False))
-            self._queue.finish(job_id, self.worker_id, "done", settings=settings)
+            _write_atomic(attempt.with_suffix(".json"), json.dumps(settings, indent=2, ensure_ascii=False))
+            if self._queue.finish(job_id, self.worker_id, "done", settings=settings):
+                os.replace(attempt.with_suffix(".json"), out.with_suffix(".json"))
+                os.replace(attempt, out)
         except Cancelled:
             self._queue.finish(job_id, self.worker_id, "cancelled")
         except _Stopping:  # not this job's fault: it runs again on the next start, as if never started
@@ -264,6 +309,8 @@ class JobQueue:
             traceback.print_exc(file=sys.stderr)
             self._queue.finish(job_id, self.worker_id, "failed", error=_one_line(err))
         finally:
+            for path in (attempt, attempt.with_suffix(".json")):  # left only when not accepted
+                path.unlink(missing_ok=True)
             self._cancel.discard(job_id)
             self._progress.pop(job_id, None)
             self._latents.pop(job_id, None)
@@ -340,6 +387,21 @@ def latent_preview(latents, max_frames: int = 6) -> np.ndarray:
     scale = rgb.abs().quantile(0.99, dim=0).clamp_min(1e-6)
     rgb = ((rgb / scale).clamp(-1, 1) + 1) * 127.5
     return rgb.T.reshape(3, *x.shape[1:]).permute(1, 2, 3, 0).round().to(torch.uint8).numpy()
+
+
+def lease_seconds() -> float:
+    """A worker's lease: $WANX_LEASE_S, else JobQueue.LEASE_S. A worker that dies holds its job this
+    long; short leases (tests, fast failover) cost a heartbeat a second either way."""
+    given = os.environ.get("WANX_LEASE_S")
+    if not given:
+        return JobQueue.LEASE_S
+    try:
+        value = float(given)
+    except ValueError:
+        value = 0.0
+    if not value >= 2:  # NaN too; a heartbeat comes at most once a second
+        raise ValueError(f"WANX_LEASE_S={given}: give the lease in seconds, at least 2 (default {JobQueue.LEASE_S:.0f})")
+    return value
 
 
 def _write_atomic(path: Path, text: str) -> None:
