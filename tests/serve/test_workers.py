@@ -137,3 +137,30 @@ def test_a_bad_lease_setting_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("WANX_LEASE_S", "0.5")
     with pytest.raises(ValueError, match="WANX_LEASE_S=0.5: give the lease in seconds, at least 2"):
         JobQueue(tmp_path, lambda job, on_step: None)
+
+
+def test_sigterm_gives_the_running_job_back(tmp_path):
+    """`wanx worker`'s loop (run_forever): SIGTERM mid-job stops it at the next step, the job is
+    queued again with the attempt not counted, and the worker leaves the registry."""
+    steps = []
+
+    def runner(job, on_step):
+        for step in range(1, 4):
+            steps.append(step)
+            if step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            on_step(step, 3, None)
+        return Video(np.zeros((3, 16, 16, 3), np.uint8), 16, {})
+
+    worker = JobQueue(tmp_path, runner, worker_id="w1", model="tiny")
+    job_id = worker.submit({"prompt": "x"})
+    worker.run_forever()  # returns once the signal has stopped it
+    assert steps == [1]  # the signal stops it at the step it came in
+    other = JobQueue(tmp_path, runner, model="tiny")
+    try:
+        job = other.get(job_id)
+        assert job["status"] == "queued" and job["attempts"] == 0 and job["events"] == ["queued", "running", "queued"]
+        assert other._queue.workers() == [] and not (tmp_path / f"{job_id}.mp4").exists()
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are the ones from before
+    finally:
+        other.stop()
