@@ -86,12 +86,13 @@ def _wait(condition, timeout: float, what: str):
     raise AssertionError(f"{what}: not after {timeout} s")
 
 
-def test_two_workers_each_job_once_and_a_killed_workers_job_runs_on_the_other(tiny, tmp_path):
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_workers_each_job_once_and_a_killed_workers_job_runs_on_the_other(tiny, tmp_path, backend, request):
     outputs = tmp_path / "outputs"
     outputs.mkdir()
-    url = f"sqlite:///{outputs / 'jobs.sqlite'}"
+    url = f"sqlite:///{outputs / 'jobs.sqlite'}" if backend == "sqlite" else request.getfixturevalue("postgres_server")()
     env = {**os.environ, "WANX_LEASE_S": "3", "GRADIO_ANALYTICS_ENABLED": "False"}
-    api = ServeProcess(outputs, "--workers", "0", "--no-ui", env=env)
+    api = ServeProcess(outputs, "--workers", "0", "--no-ui", "--queue", url, env=env)
     workers: list[subprocess.Popen] = []
     queue = open_queue(url)
     try:
