@@ -19,6 +19,8 @@ from wanx.serve.jobs import JobQueue
 from wanx.serve.queue import open_queue
 from wanx.video import Video
 
+from tests.test_cli_errors import error_of, no_loading  # noqa: F401 (a fixture)
+
 from .conftest import FAST, ServeProcess, wait_for
 
 
@@ -165,3 +167,17 @@ def test_sigterm_gives_the_running_job_back(tmp_path):
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are the ones from before
     finally:
         other.stop()
+
+
+@pytest.mark.parametrize("flags, env, words", [
+    (["--outputs", "{tmp}/nowhere"], {}, "--outputs {tmp}/nowhere: no such folder"),
+    ([], {"WANX_LEASE_S": "soon"}, "WANX_LEASE_S=soon: give the lease in seconds"),
+    (["--queue", "sqlite:///{tmp}/no/jobs.sqlite"], {}, "folder {tmp}/no does not exist"),
+])
+def test_worker_refuses_bad_input_in_one_line_before_loading(tiny, tmp_path, capsys, monkeypatch, no_loading,
+                                                             flags, env, words):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    argv = ["worker", "--model", "tiny", "--device", "cpu", "--queue", f"sqlite:///{tmp_path}/jobs.sqlite",
+            "--outputs", str(tmp_path)] + [flag.format(tmp=tmp_path) for flag in flags]
+    assert words.format(tmp=tmp_path) in error_of(capsys, argv)
