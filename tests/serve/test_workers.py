@@ -19,7 +19,7 @@ from wanx.serve.jobs import JobQueue
 from wanx.serve.queue import open_queue
 from wanx.video import Video
 
-from tests.test_cli_errors import error_of, no_loading  # noqa: F401 (a fixture)
+from tests.test_cli_errors import error_of, no_loading  # noqa: F401 (no_loading: a fixture)
 
 from .conftest import FAST, ServeProcess, wait_for
 

@@ -19,6 +19,7 @@ from ..tasks import INPUT_WORDS
 UI_UPLOADS = ("image", "last_image", "video", "control_video", "mask", "reference_images", "pose_video", "face_video",
               "background_video", "mask_video", "audio")
 from .common import UploadError, preview_strip
+from .jobs import NoWorker
 
 if TYPE_CHECKING:  # the server passed in; no import back into the app
     from .app import Server
@@ -280,7 +281,7 @@ def build_ui(server: Server) -> gr.Blocks:
                     return f"{field}: only a file uploaded through this page is read", gr.update(), *keep
             try:
                 new_id = server.submit(body, uploads)
-            except (RequestError, UploadError) as err:
+            except (RequestError, UploadError, NoWorker) as err:  # NoWorker: shown as the API's 503 says it
                 # an upload the server refused is of no further use: removed, and the page asks for another
                 refused = [f for f in uploads if isinstance(err, UploadError) and err.field == f
                            or isinstance(err, RequestError) and err.field in (f, "")]
