@@ -12,6 +12,9 @@ FOLDER = Path(wanx.serve.__file__).parent
 # each module and the serve modules it may import (at run time: TYPE_CHECKING imports aside)
 ALLOWED = {"app": {"api", "ui", "common", "jobs", "queue"}, "api": {"common", "jobs"}, "ui": {"common", "jobs"},
            "common": set(), "jobs": {"queue"}, "queue": set()}
+ALLOWED["metrics"] = {"jobs"}  # /metrics: the app makes it, the api route renders it
+ALLOWED["app"].add("metrics")
+ALLOWED["api"].add("metrics")
 
 
 def serve_imports(name: str) -> set[str]:

@@ -504,6 +504,8 @@ class Gate:
             if scope["type"] == "websocket":
                 return await send({"type": "websocket.close", "code": 1008})
             return await _problem(send, *refused)
+        if scope["type"] == "http" and scope["path"] == "/healthz":  # a probe carries no token; it learns nothing
+            return await self.app(scope, receive, send)
         by_bearer = self.server.authorised(_bearer(headers)) if self.server.token is not None else False
         if self.server.token is not None and not by_bearer and not self._has_cookie(headers):
             return await self._refuse_or_redirect(scope, send, headers)
@@ -655,7 +657,8 @@ def create_app(server: Server, *, ui: bool = True, worker: bool = True):
 
     from fastapi import FastAPI
 
-    from .api import router
+    from .api import ops, router
+    from .metrics import Metrics
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -671,7 +674,10 @@ def create_app(server: Server, *, ui: bool = True, worker: bool = True):
                   version=_version(), openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None,
                   lifespan=lifespan)
     app.state.server = server
+    app.state.runs_worker = worker
+    app.state.metrics = Metrics(server)
     app.include_router(router)
+    app.include_router(ops)  # /healthz, /readyz, /metrics: before the UI's mount at /
     if ui:
         # Gradio keeps uploads and copies of what it shows in GRADIO_TEMP_DIR (read when the UI
         # is built): beside this server's outputs, emptied at each start (no page survives one)

@@ -1,0 +1,106 @@
+"""Operations: /healthz, /readyz, /metrics on the real app over the tiny model, and `wanx jobs`."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from .conftest import FAST, wait_for
+
+TOKEN = "s3cret-token"
+
+
+def _app(server, **options):
+    from wanx.serve.app import create_app
+
+    return create_app(server, ui=False, **options)
+
+
+def test_healthz_public_readyz_and_metrics_behind_the_token(make_server):
+    server = make_server(token=TOKEN)
+    with TestClient(_app(server), base_url="http://localhost") as client:
+        assert client.get("/healthz").status_code == 200  # a probe has no token
+        assert client.get("/readyz").status_code == 401
+        assert client.get("/metrics").status_code == 401
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        assert client.get("/readyz", headers=auth).json() == {"status": "ready"}
+        assert client.get("/metrics", headers=auth).status_code == 200
+
+
+def test_readyz_503_with_the_reason(make_server):
+    server = make_server()
+    with TestClient(_app(server), base_url="http://localhost") as client:
+        assert client.get("/readyz").status_code == 200
+        server.queue._queue.close()
+        server.queue._queue._db.path.unlink()  # the database's file gone and its folder with it: no answer
+        server.queue._queue._db.path = server.outputs / "gone" / "jobs.sqlite"
+        answer = client.get("/readyz")
+        assert answer.status_code == 503 and answer.json()["detail"].startswith("the queue does not answer")
+        assert client.get("/healthz").status_code == 200  # alive all the same
+
+
+def test_readyz_503_when_the_worker_is_not_running(make_server):
+    server = make_server()
+    with TestClient(_app(server), base_url="http://localhost") as client:
+        server.queue.stop()
+        answer = client.get("/readyz")
+        assert answer.status_code == 503 and answer.json()["detail"] == "this server's worker is not running"
+    # an API-only app (no worker in this process) is ready without one
+    with TestClient(_app(make_server(), worker=False), base_url="http://localhost") as client:
+        assert client.get("/readyz").status_code == 200
+
+
+def _samples(text: str) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_after_jobs_ran_on_the_tiny_model(make_server):
+    server = make_server()
+    with TestClient(_app(server), base_url="http://localhost") as client:
+        ids = [client.post("/v1/videos", json={"prompt": "a cat", "seed": i, **FAST}).json()["id"] for i in range(2)]
+        ids.append(client.post("/v1/videos", json={"prompt": "a dog", **FAST}).json()["id"])
+        for job_id in ids:
+            assert wait_for(client, job_id)["status"] == "done"
+        samples = _samples(client.get("/metrics").text)
+    assert samples[("wanx_queue_jobs", (("model", "tiny"), ("status", "done")))] == 3
+    assert samples[("wanx_workers", (("model", "tiny"),))] == 1
+    done = (("model", "tiny"), ("status", "done"))
+    assert samples[("wanx_job_seconds_count", done)] == 3
+    assert 0 < samples[("wanx_job_seconds_sum", done)] < 600
+    buckets = {dict(labels)["le"]: n for (name, labels), n in samples.items()
+               if name == "wanx_job_seconds_bucket" and dict(labels)["status"] == "done"}
+    assert buckets[max(buckets, key=float)] == 3 and float(max(buckets, key=float)) == float("inf")
+    assert not any(name.startswith("wanx_gpu") for name, _ in samples)  # CPU: no GPU memory
+
+
+def test_metrics_count_a_failed_job(make_server):
+    server = make_server()
+    app = _app(server)
+    original = server.queue.runner.unwrapped
+
+    def failing(job, on_step):
+        if job["request"]["prompt"] == "fail":
+            raise RuntimeError("out of memory")
+        return original(job, on_step)
+
+    server.queue.runner = app.state.metrics.timed(failing)
+    with TestClient(app, base_url="http://localhost") as client:
+        bad = client.post("/v1/videos", json={"prompt": "fail", **FAST}).json()["id"]
+        assert wait_for(client, bad)["status"] == "failed"
+        samples = _samples(client.get("/metrics").text)
+    assert samples[("wanx_job_failures_total", (("model", "tiny"),))] == 1
+    assert samples[("wanx_job_seconds_count", (("model", "tiny"), ("status", "failed")))] == 1
+    assert samples[("wanx_queue_jobs", (("model", "tiny"), ("status", "failed")))] == 1
+
+
+def test_two_apps_over_one_server_count_each_job_once(make_server):
+    server = make_server()
+    _app(server, worker=False)  # its own registry; its wrapper replaced, not wrapped again
+    with TestClient(_app(server), base_url="http://localhost") as client:
+        job_id = client.post("/v1/videos", json={"prompt": "a cat", **FAST}).json()["id"]
+        assert wait_for(client, job_id)["status"] == "done"
+        samples = _samples(client.get("/metrics").text)
+    assert samples[("wanx_job_seconds_count", (("model", "tiny"), ("status", "done")))] == 1
