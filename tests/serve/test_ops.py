@@ -104,3 +104,87 @@ def test_two_apps_over_one_server_count_each_job_once(make_server):
         assert wait_for(client, job_id)["status"] == "done"
         samples = _samples(client.get("/metrics").text)
     assert samples[("wanx_job_seconds_count", (("model", "tiny"), ("status", "done")))] == 1
+
+
+# -- wanx jobs: the queue from a shell --------------------------------------------------------
+
+
+def _jobs(capsys, *argv) -> tuple[int, str, str]:
+    from wanx.cli import main
+
+    code = main(["jobs", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def url(tmp_path):
+    from wanx.serve.queue import open_queue
+
+    url = f"sqlite:///{tmp_path}/jobs.sqlite"
+    queue = open_queue(url)
+    queue.close()
+    return url
+
+
+def test_jobs_list_cancel_retry(capsys, url):
+    from wanx.serve.queue import open_queue
+
+    queue = open_queue(url)
+    waiting, failed, running = (queue.submit({"prompt": str(i)}, model="tiny") for i in range(3))
+    queue.cancel(waiting)
+    job = queue.claim("w", ["tiny"], 60)
+    queue.finish(job["id"], "w", "failed", error="RuntimeError: out of memory")
+    queue.claim("w", ["tiny"], 60)
+    code, out, _ = _jobs(capsys, "--queue", url, "list")
+    lines = out.splitlines()
+    assert code == 0 and [line.split()[:3] for line in lines] == [
+        [running, "running", "tiny"], [failed, "failed", "tiny"], [waiting, "cancelled", "tiny"]]
+    assert lines[1].endswith("attempts 1  RuntimeError: out of memory")
+    code, out, _ = _jobs(capsys, "--queue", url, "list", "--status", "failed")
+    assert code == 0 and [line.split()[0] for line in out.splitlines()] == [failed]
+    assert _jobs(capsys, "--queue", url, "cancel", running)[1] == f"{running}  cancelling (stops at its next step)\n"
+    assert queue.get(running)["cancel"]
+    assert _jobs(capsys, "--queue", url, "retry", failed)[1] == f"{failed}  queued\n"
+    assert queue.get(failed)["status"] == "queued" and queue.get(failed)["attempts"] == 0
+    queue.close()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["retry", "feedface"], "no job 'feedface' in sqlite:///"),
+    (["cancel", "feedface"], "no job 'feedface' in sqlite:///"),
+    (["list", "--limit", "0"], "--limit must be >= 1, got 0"),
+])
+def test_jobs_errors_are_one_line(capsys, url, argv, words):
+    code, _, err = _jobs(capsys, "--queue", url, *argv)
+    assert code == 2 and err.startswith(f"wanx: error: {words}") and err.count("\n") == 1, err
+
+
+def test_jobs_refuses_ended_jobs_and_missing_queues(capsys, url, tmp_path):
+    from wanx.serve.queue import open_queue
+
+    queue = open_queue(url)
+    done, uploaded = queue.submit({}, model="m"), queue.submit({}, inputs={"image": "x-image.png"}, model="m")
+    for _ in range(2):
+        job = queue.claim("w", ["m"], 60)
+        queue.finish(job["id"], "w", "done" if job["id"] == done else "failed")
+    queue.close()
+    for argv, words in ((["retry", done], f"job {done} is done: only a failed, cancelled or interrupted job"),
+                        (["cancel", done], f"job {done} is done: nothing to cancel"),
+                        (["retry", uploaded], f"job {uploaded} had uploaded files (image), deleted when it ended"),
+                        (["--queue", f"sqlite:///{tmp_path}/none.sqlite", "list"], "--queue sqlite:///"),
+                        (["--queue", "postgresql://wanx@127.0.0.1:1/none", "list"],
+                         "queue postgresql://wanx@127.0.0.1:1/none: cannot connect")):
+        code, _, err = _jobs(capsys, *(argv if argv[0] == "--queue" else ["--queue", url, *argv]))
+        assert code == 2 and err.startswith(f"wanx: error: {words}") and err.count("\n") == 1, err
+    assert not (tmp_path / "none.sqlite").exists()  # a wrong path made no empty queue
+
+
+def test_jobs_loads_no_torch(url):
+    import subprocess
+    import sys
+
+    code = f"import sys; from wanx.cli import main; main(['jobs', '--queue', {url!r}, 'list']); " \
+           "assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
