@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -29,7 +32,8 @@ def test_healthz_public_readyz_and_metrics_behind_the_token(make_server):
 
 def test_readyz_503_with_the_reason(make_server):
     server = make_server()
-    with TestClient(_app(server), base_url="http://localhost") as client:
+    # no worker thread: closing the connections under a thread that uses one would crash SQLite
+    with TestClient(_app(server, worker=False), base_url="http://localhost") as client:
         assert client.get("/readyz").status_code == 200
         server.queue._queue.close()
         server.queue._queue._db.path.unlink()  # the database's file gone and its folder with it: no answer
@@ -188,3 +192,44 @@ def test_jobs_loads_no_torch(url):
            "assert 'torch' not in sys.modules, 'torch imported'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_each_job_logs_a_start_and_an_end_line_with_its_id(make_server, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="wanx.serve")
+    server = make_server()
+    app = _app(server)
+    original = server.queue.runner.unwrapped
+
+    def failing(job, on_step):
+        if job["request"]["prompt"] == "fail":
+            raise RuntimeError('out of "memory"\nat step 1')
+        return original(job, on_step)
+
+    server.queue.runner = app.state.metrics.timed(failing)
+    with TestClient(app, base_url="http://localhost") as client:
+        good = client.post("/v1/videos", json={"prompt": "a cat", **FAST}).json()["id"]
+        bad = client.post("/v1/videos", json={"prompt": "fail", **FAST}).json()["id"]
+        assert wait_for(client, good)["status"] == "done" and wait_for(client, bad)["status"] == "failed"
+    lines = [r.getMessage() for r in caplog.records if r.name == "wanx.serve"]
+    assert lines[0] == f"job={good} model=tiny event=start attempt=1"
+    assert lines[1].startswith(f"job={good} model=tiny event=end status=done seconds=")
+    assert lines[2] == f"job={bad} model=tiny event=start attempt=1"
+    assert lines[3].startswith(f"job={bad} model=tiny event=end status=failed seconds=")
+    assert lines[3].endswith(r' error="RuntimeError: out of \"memory\" at step 1"') and len(lines) == 4
+
+
+def test_wanx_serve_logs_its_jobs_and_answers_the_probes(serve_process):
+    process = serve_process(None, "--no-ui", token=TOKEN)
+    assert httpx.get(f"{process.url}/healthz").status_code == 200  # no token
+    assert process.client.get("/readyz").status_code == 200
+    job_id = process.client.post("/v1/videos", json={"prompt": "a cat", **FAST}).json()["id"]
+    assert wait_for(process.client, job_id)["status"] == "done"
+    assert "wanx_queue_jobs{" in process.client.get("/metrics").text
+    for _ in range(50):  # the end line is written as the job ends, the status a moment later
+        if f"job={job_id} model=tiny event=end status=done" in process.output():
+            break
+        time.sleep(0.1)
+    assert f"job={job_id} model=tiny event=start attempt=1" in process.output()
+    assert f"job={job_id} model=tiny event=end status=done" in process.output()

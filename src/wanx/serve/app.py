@@ -701,6 +701,19 @@ def create_app(server: Server, *, ui: bool = True, worker: bool = True):
     return app
 
 
+def _log_jobs(quiet: bool) -> None:
+    """A line per job start and end (wanx.serve.metrics) on stderr, beside uvicorn's own; none with --quiet."""
+    import logging
+
+    log = logging.getLogger("wanx.serve")
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False  # not twice where the root logger has a handler too
+
+
 def _version() -> str:
     from .. import __version__
 
@@ -778,6 +791,7 @@ def serve(args, flags: dict | None = None) -> int:
                     limits=Limits(max_upload=int(args.max_upload_mb * 2**20)), model_name=args.model,
                     host=args.host, allowed_hosts=tuple((getattr(args, "allowed_hosts", None) or "").split(",")),
                     queue_url=getattr(args, "queue", None))
+    _log_jobs(quiet=args.quiet)
     app = create_app(server, ui=not args.no_ui)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"wanx serve: http://{host}:{args.port}/  (API: /v1, schema: /v1/openapi.json; outputs in {outputs})",

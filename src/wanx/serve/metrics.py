@@ -1,14 +1,21 @@
-"""Prometheus metrics of one `wanx serve` process, in a registry of its own (one per app: the
+"""Prometheus metrics and job logs of one `wanx serve` process, in a registry of its own (one per app: the
 tests make many apps in one process, and the global registry would refuse the second).
 
 Read at each scrape from the shared queue (so they cover every worker on it): jobs per model
 and status, live workers per model. Counted by this process's own worker as its jobs end: job
-seconds, failures; and its GPU's peak memory (CUDA only: absent on CPU)."""
+seconds, failures; and its GPU's peak memory (CUDA only: absent on CPU).
+
+Each job this process's worker runs also logs one line as it starts and one as it ends, as
+key=value pairs (logfmt: grep and log shippers read them): job id, model, attempt, then status
+and seconds, and the error of a failed job."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
+
+log = logging.getLogger("wanx.serve")
 
 LIVE_S = 30.0  # a worker seen this recently is live (an idle one claims twice a second, a busy one beats each second)
 # from a tiny CPU job (well under a second) to a long 720p one (an hour)
@@ -41,18 +48,31 @@ class Metrics:
 
         def run(job, on_step):
             start = time.perf_counter()
+            where = f"job={job['id']} model={_value(model)}"
+            log.info("%s event=start attempt=%s", where, job.get("attempts"))
+
+            def ended(status: str, extra: str = "", observed: bool = True) -> None:
+                seconds = time.perf_counter() - start
+                if observed:
+                    self.job_seconds.labels(model, status).observe(seconds)
+                log.info("%s event=end status=%s seconds=%.2f%s", where, status, seconds, extra)
+
             try:
                 video = runner(job, on_step)
             except Cancelled:
-                self.job_seconds.labels(model, "cancelled").observe(time.perf_counter() - start)
+                ended("cancelled")
                 raise
             except Exception as err:
-                # the server stopping, or the lease lost to another worker: the job has not ended here
-                if type(err).__name__ not in ("_Stopping", "_Lost"):
-                    self.job_seconds.labels(model, "failed").observe(time.perf_counter() - start)
+                # the server stopping (the job queued again), or the lease lost to another worker:
+                # the job has not ended here, it is not observed
+                kind = {"_Stopping": "released", "_Lost": "lost"}.get(type(err).__name__)
+                if kind:
+                    ended(kind, observed=False)
+                else:
                     self.failures.labels(model).inc()
+                    ended("failed", f" error={_value(f'{type(err).__name__}: {err}')}")
                 raise
-            self.job_seconds.labels(model, "done").observe(time.perf_counter() - start)
+            ended("done")
             return video
 
         run.unwrapped = runner
@@ -62,6 +82,14 @@ class Metrics:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
+
+
+def _value(text: str) -> str:
+    """A logfmt value: bare when it is one plain word, else quoted on one line."""
+    text = " ".join(str(text).split())
+    if text and all(c.isalnum() or c in "-_./:@+" for c in text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 class _Collector:
