@@ -957,6 +957,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibrate_cache(sub)
     _add_download(sub)
     _add_demo(sub)
+    _add_jobs(sub)
     return parser
 
 
@@ -1331,6 +1332,62 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                                       "with wanx.load_model, and runs a DiT forward and a VAE round trip.")
     demo.add_argument("--workdir", default=None, help="where to write the tiny checkpoints (default: a temp folder)")
     demo.set_defaults(func=cmd_demo)
+
+
+JOBS_QUEUE = "sqlite:///outputs/serve/jobs.sqlite"  # `wanx serve`'s default --outputs, its default queue
+
+
+def _add_jobs(sub: argparse._SubParsersAction) -> None:
+    """`wanx jobs list | cancel ID | retry ID`: the queue of `wanx serve` and its workers, from a shell."""
+    jobs = sub.add_parser("jobs", help="list, cancel or retry the jobs of a wanx serve queue",
+                          description="Read and change the job queue that wanx serve and its workers use, by URL; "
+                                      "loads no model.")
+    jobs.add_argument("--queue", metavar="URL", default=JOBS_QUEUE,
+                      help=f"sqlite:///path/jobs.sqlite or postgresql://user@host/database (default {JOBS_QUEUE}: "
+                           "wanx serve's with its default --outputs)")
+    actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="jobs, newest first")
+    listing.add_argument("--status", choices=("queued", "running", "done", "failed", "cancelled", "interrupted"))
+    listing.add_argument("--model", help="only this model's jobs")
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    actions.add_parser("cancel", help="cancel a job (a running one stops at its next step)").add_argument("id")
+    actions.add_parser("retry", help="queue a failed, cancelled or interrupted job again").add_argument("id")
+    jobs.set_defaults(func=cmd_jobs)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from .serve.queue import open_queue, redact  # the standard library only (psycopg for PostgreSQL): no torch
+
+    if args.action == "list" and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if args.queue.startswith("sqlite:///") and not Path(args.queue[len("sqlite:///"):]).is_file():
+        # opening would make an empty queue there: a wrong path must not look like "no jobs"
+        raise ValueError(f"--queue {args.queue}: no such file; give the URL (or OUTPUTS/jobs.sqlite) wanx serve uses")
+    queue = open_queue(args.queue)
+    try:
+        if args.action == "list":
+            for job in queue.list(status=args.status, model=args.model, limit=args.limit):
+                created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["created"]))
+                error = f"  {job['error']}" if job["error"] and job["status"] != "done" else ""
+                print(f"{job['id']}  {job['status']:<11}  {job['model']}  {created}  attempts {job['attempts']}"
+                      f"{'  cancelling' if job['cancel'] and job['status'] == 'running' else ''}{error}")
+            return 0
+        job = queue.get(args.id)
+        if job is None:
+            raise ValueError(f"no job {args.id!r} in {redact(args.queue)}; `wanx jobs list` shows the ids")
+        if args.action == "cancel":
+            if job["status"] in ("done", "failed", "cancelled"):
+                raise ValueError(f"job {args.id} is {job['status']}: nothing to cancel")
+            job = queue.cancel(args.id)
+            print(f"{args.id}  {'cancelling (stops at its next step)' if job['status'] == 'running' else job['status']}")
+        else:
+            if job["inputs"] and job["status"] != "interrupted":  # the server deletes the uploads of an ended job
+                raise ValueError(f"job {args.id} had uploaded files ({', '.join(sorted(job['inputs']))}), deleted "
+                                 "when it ended: submit it again with them")
+            print(f"{args.id}  {queue.retry(args.id)['status']}")
+        return 0
+    finally:
+        queue.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,9 @@ FOLDER = Path(wanx.serve.__file__).parent
 ALLOWED = {"app": {"api", "ui", "common", "jobs", "queue"}, "api": {"common", "jobs"}, "ui": {"common", "jobs"},
            "common": set(), "jobs": {"queue"}, "queue": set()}
 ALLOWED["worker"] = {"app", "jobs", "queue"}  # `wanx worker`: the server's runner and the queue's loop
+ALLOWED["metrics"] = {"jobs"}  # /metrics: the app makes it, the api route renders it
+ALLOWED["app"].add("metrics")
+ALLOWED["api"].add("metrics")
 
 
 def serve_imports(name: str) -> set[str]:

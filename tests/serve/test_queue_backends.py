@@ -405,3 +405,22 @@ def test_a_cancel_from_another_process_stops_the_serve_worker_at_its_next_heartb
     finally:
         jobs.stop(timeout=10)
         other.close()
+
+
+def test_retry_queues_an_ended_job_again_as_new(queue):
+    failed, cancelled, done = (queue.submit({"n": i}, model="m") for i in range(3))
+    queue.cancel(cancelled)
+    for _ in range(2):
+        job = queue.claim("w", ["m"], 60)
+        queue.finish(job["id"], "w", "failed" if job["id"] == failed else "done", error="boom")
+    with pytest.raises(ValueError, match=f"job {done} is done: only a failed, cancelled or interrupted job"):
+        queue.retry(done)
+    assert queue.retry("nope") is None
+    for job_id in (failed, cancelled):
+        job = queue.retry(job_id)
+        assert job["status"] == "queued" and job["attempts"] == 0 and job["error"] is None
+        assert job["finished"] is None and not job["cancel"]
+    assert queue.get(failed)["events"][-1][0] == "queued" and len(queue.get(failed)["events"]) == 4
+    assert {queue.claim("w", ["m"], 60)["id"] for _ in range(2)} == {failed, cancelled}
+    with pytest.raises(ValueError, match="is running"):
+        queue.retry(failed)

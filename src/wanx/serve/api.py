@@ -272,3 +272,43 @@ def get_model(request: Request):
     server = _server(request)
     return {"model": server.model_name, "model_type": server.model_type, "tasks": [spec.task for spec in server.tasks],
             "loras": server.lora_names()}
+
+
+# -- operations: outside /v1, for probes and scrapers -----------------------------------------
+# /healthz answers without the token (it tells nothing but "the process runs": a load balancer's
+# probe carries no secret); /readyz and /metrics go through the token when one is set, as they
+# name the models, the queue and its load.
+ops = APIRouter(tags=["operations"])
+
+
+@ops.get("/healthz")
+def healthz():
+    """The process is alive (200); nothing about the queue or the model."""
+    return {"status": "ok"}
+
+
+@ops.get("/readyz", responses={503: _ERROR})
+def readyz(request: Request):
+    """200 when the queue answers and, if this server runs a worker, its model is loaded and its
+    worker runs; 503 with the reason otherwise."""
+    server = _server(request)
+    try:
+        server.queue.counts()
+    except Exception as err:  # QueueError, or the database's own: either way not ready
+        return problem(503, f"the queue does not answer: {' '.join(str(err).split())}")
+    if getattr(request.app.state, "runs_worker", False):
+        if server.pipe is None:
+            return problem(503, "this server's worker has no model loaded")
+        thread = getattr(server.queue, "_thread", None)
+        if thread is None or not thread.is_alive():
+            return problem(503, "this server's worker is not running")
+    return {"status": "ready"}
+
+
+@ops.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+def metrics(request: Request):
+    """Prometheus text format: queue depth per model and status, live workers per model, job
+    seconds and failures of this server's worker, GPU memory (CUDA only)."""
+    from .metrics import CONTENT_TYPE
+
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)

@@ -513,6 +513,8 @@ class Gate:
             if scope["type"] == "websocket":
                 return await send({"type": "websocket.close", "code": 1008})
             return await _problem(send, *refused)
+        if scope["type"] == "http" and scope["path"] == "/healthz":  # a probe carries no token; it learns nothing
+            return await self.app(scope, receive, send)
         by_bearer = self.server.authorised(_bearer(headers)) if self.server.token is not None else False
         if self.server.token is not None and not by_bearer and not self._has_cookie(headers):
             return await self._refuse_or_redirect(scope, send, headers)
@@ -664,7 +666,8 @@ def create_app(server: Server, *, ui: bool = True, worker: bool = True):
 
     from fastapi import FastAPI
 
-    from .api import router
+    from .api import ops, router
+    from .metrics import Metrics
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -680,7 +683,10 @@ def create_app(server: Server, *, ui: bool = True, worker: bool = True):
                   version=_version(), openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None,
                   lifespan=lifespan)
     app.state.server = server
+    app.state.runs_worker = worker
+    app.state.metrics = Metrics(server)
     app.include_router(router)
+    app.include_router(ops)  # /healthz, /readyz, /metrics: before the UI's mount at /
     if ui:
         # Gradio keeps uploads and copies of what it shows in GRADIO_TEMP_DIR (read when the UI
         # is built): beside this server's outputs, emptied at each start (no page survives one)
@@ -702,6 +708,19 @@ def create_app(server: Server, *, ui: bool = True, worker: bool = True):
         blocks.has_launched = True
     app.add_middleware(Gate, server=server)
     return app
+
+
+def _log_jobs(quiet: bool) -> None:
+    """A line per job start and end (wanx.serve.metrics) on stderr, beside uvicorn's own; none with --quiet."""
+    import logging
+
+    log = logging.getLogger("wanx.serve")
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False  # not twice where the root logger has a handler too
 
 
 def _version() -> str:
@@ -788,6 +807,7 @@ def serve(args, flags: dict | None = None) -> int:
                     limits=Limits(max_upload=int(args.max_upload_mb * 2**20)), model_name=args.model,
                     host=args.host, allowed_hosts=tuple((getattr(args, "allowed_hosts", None) or "").split(",")),
                     queue_url=getattr(args, "queue", None), needs_workers=not workers)
+    _log_jobs(quiet=args.quiet)
     app = create_app(server, ui=not args.no_ui, worker=bool(workers))
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"wanx serve: http://{host}:{args.port}/  (API: /v1, schema: /v1/openapi.json; outputs in {outputs})",

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 FINAL = ("done", "failed", "cancelled")
+RETRYABLE = ("failed", "cancelled", "interrupted")
 
 
 class QueueError(ValueError):
@@ -186,6 +187,20 @@ class Queue:
                 self._move(sql, job_id, "cancelled", finished=time.time())
             elif rows and rows[0][0] == "running":
                 sql.update("UPDATE wanx_jobs SET cancel = 1 WHERE id = ?", (job_id,))
+        return self.get(job_id)
+
+    def retry(self, job_id: str) -> dict | None:
+        """A failed, cancelled or interrupted job queued again, as new: its attempts back to 0, its
+        error, result and times cleared (its events keep the history). None when there is no such job."""
+        with self._db.transaction() as sql:
+            rows = sql(f"SELECT status FROM wanx_jobs WHERE id = ?{self._db.lock_wait}", (job_id,))
+            if not rows:
+                return None
+            if rows[0][0] not in RETRYABLE:
+                raise ValueError(f"job {job_id} is {rows[0][0]}: only a {', '.join(RETRYABLE[:-1])} or "
+                                 f"{RETRYABLE[-1]} job can be retried")
+            self._move(sql, job_id, "queued", attempts=0, cancel=0, error=None, result=None, settings=None,
+                       worker_id=None, expires_at=None, started=None, finished=None)
         return self.get(job_id)
 
     def delete(self, job_id: str) -> bool:
