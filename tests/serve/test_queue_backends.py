@@ -424,3 +424,13 @@ def test_retry_queues_an_ended_job_again_as_new(queue):
     assert {queue.claim("w", ["m"], 60)["id"] for _ in range(2)} == {failed, cancelled}
     with pytest.raises(ValueError, match="is running"):
         queue.retry(failed)
+
+
+def test_redact_hides_a_password_in_the_user_part_and_in_the_query():
+    from wanx.serve.queue import redact
+
+    assert redact("postgresql://wanx:secret@db:5432/wanx") == "postgresql://wanx:***@db:5432/wanx"
+    assert redact("postgresql://wanx@db/wanx?password=secret&sslmode=require") == \
+        "postgresql://wanx@db/wanx?password=***&sslmode=require"
+    assert redact("postgresql://wanx@db/wanx?sslmode=require") == "postgresql://wanx@db/wanx?sslmode=require"
+    assert redact("sqlite:///srv/wanx/jobs.sqlite") == "sqlite:///srv/wanx/jobs.sqlite"

@@ -43,14 +43,24 @@ class QueueError(ValueError):
 
 
 def redact(url: str) -> str:
-    """`url` without its password, fit for an error message or a log."""
+    """`url` without its password, fit for an error message or a log: the one in the user part
+    and a `password=` query parameter (libpq takes it there too)."""
+    from urllib.parse import parse_qsl, urlencode
+
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    if parts.password is None and "password=" not in parts.query:
+        return url  # as given (urlunsplit would drop an empty host's '//')
+    if parts.password is not None:
+        host = parts.hostname or ""
+        if parts.port:
+            host += f":{parts.port}"
+        parts = parts._replace(netloc=f"{parts.username}:***@{host}")
+    if parts.query:
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        if any(key == "password" for key, _ in query):
+            shown = [(key, "***" if key == "password" else value) for key, value in query]
+            parts = parts._replace(query=urlencode(shown, safe="*"))
+    return urlunsplit(parts)
 
 
 def open_queue(url: str, *, max_attempts: int = 3) -> "Queue":
