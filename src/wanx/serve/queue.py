@@ -362,48 +362,68 @@ class _Statement:
 
 
 class _Backend:
+    """One connection per thread, opened by `_open` at its first use, all closed by `close`."""
+
     url: str
     lock_row = lock_wait = ""  # SQLite: BEGIN IMMEDIATE already locks the whole file
+
+    def __init__(self, url: str):
+        self.url = url
+        self._local = threading.local()
+        self._all: list = []
+        self._lock = threading.Lock()
+
+    def _open(self):
+        raise NotImplementedError
+
+    def _usable(self, conn) -> bool:
+        return True
+
+    def _connection(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is None or not self._usable(conn):
+            conn = self._open()
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
 
     def create_schema(self) -> None: ...
 
     def transaction(self, write: bool = True):
         """A transaction; `write=False` for reads only (SQLite then takes no write lock)."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+        self._local = threading.local()
 
 
 class _SQLite(_Backend):
     """One connection per thread; writes serialised by SQLite's write lock (BEGIN IMMEDIATE)."""
 
     def __init__(self, url: str):
-        self.url = url
+        super().__init__(url)
         if not url.startswith("sqlite:///") or url == "sqlite:///":
             raise QueueError(f"queue {url!r}: give a file as sqlite:///path/jobs.sqlite "
                              "(three slashes, then the path; four for an absolute one)")
         self.path = Path(url[len("sqlite:///"):])
         if not self.path.parent.is_dir():
             raise QueueError(f"queue {url}: folder {self.path.parent} does not exist; create it or give another path")
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
 
-    def _connection(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            try:
-                conn = sqlite3.connect(self.path, isolation_level=None, timeout=30, check_same_thread=False)
-                conn.execute("PRAGMA journal_mode=WAL")  # readers never wait on the writer
-                # WAL's own safe setting: no fsync per commit (idle workers claim twice a second);
-                # a commit survives any process crash, only a power cut may lose the last few
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute("PRAGMA busy_timeout=30000")
-            except sqlite3.Error as err:
-                raise QueueError(f"queue {self.url}: cannot open {self.path} ({err}); "
-                                 "check the file and its folder are writable") from None
-            self._local.conn = conn
-            with self._lock:
-                self._all.append(conn)
+    def _open(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")  # readers never wait on the writer
+            # WAL's own safe setting: no fsync per commit (idle workers claim twice a second);
+            # a commit survives any process crash, only a power cut may lose the last few
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+        except sqlite3.Error as err:
+            raise QueueError(f"queue {self.url}: cannot open {self.path} ({err}); "
+                             "check the file and its folder are writable") from None
         return conn
 
     @contextlib.contextmanager
@@ -426,13 +446,6 @@ class _SQLite(_Backend):
             raise QueueError(f"queue {self.url}: cannot create the queue tables ({err}); "
                              "check the file is a writable SQLite database") from None
 
-    def close(self) -> None:
-        with self._lock:
-            for conn in self._all:
-                conn.close()
-            self._all.clear()
-        self._local = threading.local()
-
 
 class _Postgres(_Backend):
     """One connection per thread (psycopg 3, imported only here); claims lock their row, skipping locked ones."""
@@ -441,33 +454,25 @@ class _Postgres(_Backend):
     lock_wait = " FOR UPDATE"  # a cancel or a finish waits for them
 
     def __init__(self, url: str):
-        self.url = url
+        super().__init__(url)
         try:
             importlib.import_module("psycopg")  # only a PostgreSQL queue needs it
         except ImportError:
             raise QueueError(f"queue {redact(url)}: PostgreSQL needs psycopg 3; "
                              "pip install 'wanx[serve]' (or 'psycopg[binary]')") from None
-        self._local = threading.local()
-        self._all: list = []
-        self._lock = threading.Lock()
 
-    def _connection(self):
+    def _usable(self, conn) -> bool:
+        return not (conn.closed or conn.broken)
+
+    def _open(self):
         import psycopg
 
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and (conn.closed or conn.broken):
-            conn = None
-        if conn is None:
-            try:
-                conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
-            except psycopg.Error as err:
-                reason = " ".join(str(err).split())
-                raise QueueError(f"queue {redact(self.url)}: cannot connect ({reason}); "
-                                 "check the server is running and the URL's host, port, user and database") from None
-            self._local.conn = conn
-            with self._lock:
-                self._all.append(conn)
-        return conn
+        try:
+            return psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+        except psycopg.Error as err:
+            reason = " ".join(str(err).split())
+            raise QueueError(f"queue {redact(self.url)}: cannot connect ({reason}); "
+                             "check the server is running and the URL's host, port, user and database") from None
 
     @contextlib.contextmanager
     def transaction(self, write: bool = True):
@@ -508,10 +513,3 @@ class _Postgres(_Backend):
             user = urlsplit(self.url).username or "this user"
             raise QueueError(f"queue {redact(self.url)}: no permission to create the queue tables ({reason}); "
                              f"create them once as a role that may, or GRANT CREATE ON SCHEMA public TO {user}") from None
-
-    def close(self) -> None:
-        with self._lock:
-            for conn in self._all:
-                conn.close()
-            self._all.clear()
-        self._local = threading.local()
