@@ -69,7 +69,7 @@ CATALOGUE = {
     + ["official WanModel", "diffusers WanTransformer3DModel"],
     "memory": ["1.3B resident", "1.3B streamed 4GB", "1.3B streamed 0", "1.3B FP8 streamed 0",
                "14B FP8 streamed 6GB"],
-    "end_to_end": ["cache off", "teacache", "magcache", "4 steps, no CFG"],
+    "end_to_end": ["cache off", "teacache", "magcache", "4 steps, no CFG", "context windows, 2x the frames"],
     "training": ["LoRA step: ckpt + offload act. + FP8"],
 }
 
@@ -512,6 +512,22 @@ def section_end_to_end(rows: Rows, args, mode: Mode, device: torch.device) -> No
         return dict(total_s=time.perf_counter() - start, passes="4/4", **peaks(device))
     rows.attempt("4 steps, no CFG", few_step, note=f"{w}x{h}x{f}, 4 Euler steps at guidance 1, measured "
                                                    "(bench/few_step.py has the 50-step run beside it)")
+
+    def long_video():  # #30: the DiT sees one window at a time and the decoder streams to the file
+        from wanx.pipeline import ContextWindows
+
+        frames, overlap = 2 * f - 1, max(4, (f - 1) // 5 // 4 * 4)  # 81 -> 161 frames, overlap 16
+        with tempfile.TemporaryDirectory() as folder:
+            reset_peaks(device)
+            gpu.sync(device)
+            start = time.perf_counter()
+            pipe(**{**request, "num_frames": frames, "num_inference_steps": 2, "output_path": Path(folder) / "long.mp4",
+                    "context_windows": ContextWindows(f, overlap, "uniform")})
+            gpu.sync(device)
+            total = time.perf_counter() - start
+        return dict(total_s=total, **peaks(device), note=f"{frames} frames in windows of {f} (overlap {overlap}), "
+                                                         "2 steps, written as decoded; compare the peak with cache off's")
+    rows.attempt("context windows, 2x the frames", long_video, note=f"{w}x{h}")
     del pipe, dit, vae
     gpu.release(device)
 

@@ -58,6 +58,7 @@ def test_every_section_has_figures_or_a_reason(cpu_run):
     assert held["Q4_K"]["computed_gb"] == held["Q4_0"]["computed_gb"] < 0.31 * held["bf16"]["computed_gb"]
     assert rows["end_to_end", "cache off"]["metrics"]["decode_s"] > 0
     assert rows["end_to_end", "4 steps, no CFG"]["metrics"]["total_s"] > 0
+    assert rows["end_to_end", "context windows, 2x the frames"]["metrics"]["total_s"] > 0
     assert rows["training", "LoRA step: ckpt + offload act. + FP8"]["metrics"]["s_step"] > 0
 
 
