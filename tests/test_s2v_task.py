@@ -187,7 +187,7 @@ def test_two_clips_equal_the_official_loop(pipe, inputs, monkeypatch, pose, star
     frames = 8 + 8 if start_from_ref else 5 + 8  # the first clip drops 3 frames when it drops the motion
     assert official.shape == (3, frames, 64, 64) and ours.shape == official.shape and len(video) == frames
     assert torch.allclose(ours, official, atol=1e-5, rtol=0), (ours - official).abs().max()
-    assert video.metadata["clips"] == 2
+    assert video.metadata["clips"] == 2 and video.metadata["video_frames"] == frames  # "frames" is a clip's
 
 
 def test_size_is_the_official_get_size_less_than_area():

@@ -170,10 +170,15 @@ def check_job(job: Mapping, files, *, runtime, weights: int, names: Mapping[str,
         raise RequestError("", "a step cache (TeaCache/MagCache) does not apply to Animate-2: its reference "
                                      "pass goes through the same blocks; leave the cache off")
     window = None if plan.windows is None else (plan.windows.size - 1) * plan.latent[1] + 1
+    from dataclasses import asdict
+
+    from .pipeline.conditioning import conditioning_for
+
+    held = conditioning_for(plan.spec).held(plan)  # the task's references, motion memory, clips
     try:  # batch 1: guidance runs as two passes when one batch of two does not fit
         check_fits(files.dit_config, plan.height, plan.width, plan.num_frames, device=runtime.device,
                    dtype=runtime.dtype, vae_dtype=runtime.vae_dtype, weights=weights, batch=1, window_frames=window,
-                   stream=stream)
+                   stream=stream, **asdict(held))
     except ValueError as err:
         raise RequestError("height", str(err)) from None
     return plan, request

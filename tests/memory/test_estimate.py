@@ -1,5 +1,6 @@
 """Memory estimates: decoding falls back to spatial tiles only when whole frames do not fit."""
 
+import pytest
 import torch
 
 from wanx.memory.estimate import GiB, decode_bytes, decode_tiles, estimate
@@ -94,3 +95,33 @@ def test_a_dit_kept_quantized_counts_at_its_packed_size():
     assert weight_bytes(counts, torch.bfloat16, stored={"dit": {"int8": 3000, "bfloat16": 300}})["dit"] == 3000 + 600
     assert weight_bytes(counts, torch.bfloat16)["dit"] == 3300 * 2  # a float file, as before
     assert weight_bytes(counts, torch.bfloat16, fp8=True, stored=stored)["dit"] == 3300  # --fp8/--int8: one byte
+
+
+def test_a_tasks_own_tokens_and_clips_count_in_the_estimate():
+    """S2V's reference and motion-memory tokens, its 153 frames decoded per clip and the whole
+    video held when not streamed; Animate's reference frame; the plain tasks unchanged."""
+    from types import SimpleNamespace
+
+    from wanx.pipeline.conditioning import Conditioning
+    from wanx.pipeline.conditioning.animate import Animate
+    from wanx.pipeline.conditioning.s2v import SpeechToVideo
+
+    plan = SimpleNamespace(num_frames=80, lead_frames=0, s2v=SimpleNamespace(clips=3, start_from_ref=False))
+    held = SpeechToVideo.held(plan)
+    assert (held.extra_frames, held.decoded_frames, held.output_frames) == (2.5, 153, 237)  # 3 x 80 - 3
+    assert SpeechToVideo.held(SimpleNamespace(**{**vars(plan), "s2v": SimpleNamespace(clips=1, start_from_ref=True)}
+                                              )).output_frames == 80
+    animate = Animate.held(SimpleNamespace(num_frames=77, lead_frames=1, animate=SimpleNamespace(length=200)))
+    assert (animate.extra_frames, animate.decoded_frames, animate.output_frames) == (1, 77, 200)
+    assert Conditioning.held(SimpleNamespace(lead_frames=2)).extra_frames == 2  # VACE's reference images
+
+    cfg = dit_config("t2v-14B")
+    plain = estimate(cfg, 704, 1024, 80, dtype=torch.bfloat16)
+    assert plain == estimate(cfg, 704, 1024, 80, dtype=torch.bfloat16, extra_frames=0.0)
+    s2v = estimate(cfg, 704, 1024, 80, dtype=torch.bfloat16, extra_frames=2.5, decoded_frames=153, output_frames=237)
+    frames = (80 - 1) // 4 + 1
+    assert s2v.denoise / plain.denoise == pytest.approx((frames + 2.5) / frames, rel=0.02)  # text tokens aside
+    assert s2v.video == (153 + 237) * 704 * 1024 * 3 * 6  # a clip decoded whole beside the video so far
+    streamed = estimate(cfg, 704, 1024, 80, dtype=torch.bfloat16, extra_frames=2.5, decoded_frames=153,
+                        output_frames=237, stream=True)
+    assert streamed.video == 153 * 704 * 1024 * 3 * 6 < s2v.video

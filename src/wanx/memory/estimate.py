@@ -13,6 +13,8 @@ Attention is counted as memory-efficient (SDPA/FlashAttention never hold L x L s
 
 from __future__ import annotations
 
+import math
+
 import os
 from dataclasses import dataclass
 from typing import Iterable, Mapping
@@ -98,16 +100,21 @@ def kept_bytes(kinds: Mapping[str, int], dtype: torch.dtype) -> int:
 
 def estimate(config: DiTConfig, height: int, width: int, num_frames: int, *, dtype: torch.dtype,
              vae_dtype: torch.dtype = torch.float32, batch: int = 2, weights: int = 0,
-             window_frames: int | None = None, stream: bool = False) -> MemoryEstimate:
+             window_frames: int | None = None, stream: bool = False, extra_frames: float = 0.0,
+             decoded_frames: int | None = None, output_frames: int | None = None) -> MemoryEstimate:
     """Peak memory of generating one video of `num_frames` x `height` x `width`; batch 2 is
     batched classifier-free guidance. window_frames: the DiT sees context windows of this many
     frames at a time (its activations are a window's, however long the video). stream: the
     frames go to the file as they are decoded (`WanPipeline(..., output_path=...)`), so only
-    one causal chunk of them is ever held."""
+    one causal chunk of them is ever held. A task's own (`Conditioning.held`): extra_frames,
+    latent frames' worth of DiT tokens beside the video's (references, S2V's motion memory);
+    decoded_frames, frames one decode makes at once (a clip-after-clip task decodes a clip
+    whole); output_frames, the whole video's frames when `num_frames` is one clip's."""
     pt, ph, pw = config.patch_size
     stride = latent_stride(config)
     seen = min(num_frames, window_frames or num_frames)
-    tokens = ((seen - 1) // 4 // pt + 1) * (height // stride // ph) * (width // stride // pw)
+    frame_tokens = (height // stride // ph) * (width // stride // pw)
+    tokens = math.ceil(((seen - 1) // 4 // pt + 1 + extra_frames) * frame_tokens)
     per_token = 4 * _RESIDUAL_COPIES * config.dim + _bytes(dtype) * (config.dim + 2 * config.ffn_dim)
     denoise = batch * (tokens + config.text_len) * per_token
     # VACE: every hint (float32, one per VACE layer) waits for its main block, beside the VACE stream.
@@ -115,7 +122,10 @@ def estimate(config: DiTConfig, height: int, width: int, num_frames: int, *, dty
         denoise += batch * tokens * 4 * config.dim * (len(vace_layers) + 1)
     smallest = DECODE_TILES[-1]
     decode = min(decode_bytes(height, width, vae_dtype), decode_bytes(min(height, smallest), min(width, smallest), vae_dtype))
-    held = min(num_frames, STREAM_CHUNK_FRAMES) if stream else num_frames
+    if decoded_frames is None:  # the plain decode: causal chunks, all kept unless streamed
+        held = min(num_frames, STREAM_CHUNK_FRAMES) if stream else num_frames
+    else:  # a clip decoded whole, beside the video so far unless that went to the file
+        held = decoded_frames + (0 if stream else output_frames or num_frames)
     video = held * height * width * 3 * (4 + 2)
     return MemoryEstimate(weights, denoise, decode, video)
 
@@ -166,12 +176,13 @@ def available_memory(device: torch.device) -> int:
 def check_fits(config: DiTConfig, height: int, width: int, num_frames: int, *, device: torch.device,
                dtype: torch.dtype, vae_dtype: torch.dtype = torch.float32, batch: int = 2, weights: int = 0,
                available: int | None = None, window_frames: int | None = None,
-               stream: bool = False) -> MemoryEstimate:
+               stream: bool = False, **task) -> MemoryEstimate:
     """The estimate, or a one-line ValueError with it, what the device has, and the largest
-    size with the same aspect ratio (multiples of 16; 32 for TI2V) that fits."""
+    size with the same aspect ratio (multiples of 16; 32 for TI2V) that fits. task: the
+    task's own terms (`estimate`'s extra_frames, decoded_frames, output_frames)."""
     available = available_memory(device) if available is None else available
     kwargs = dict(dtype=dtype, vae_dtype=vae_dtype, batch=batch, weights=weights, window_frames=window_frames,
-                  stream=stream)
+                  stream=stream, **task)
     need = estimate(config, height, width, num_frames, **kwargs)
     if need.total <= available:
         return need

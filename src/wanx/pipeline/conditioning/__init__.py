@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Conditioning, Run
+from .base import Conditioning, Held, Run
 
 
 def conditioning_for(spec, extend: bool = False) -> type[Conditioning]:
@@ -33,4 +33,4 @@ def conditioning_for(spec, extend: bool = False) -> type[Conditioning]:
     return found[0]
 
 
-__all__ = ["Conditioning", "Run", "conditioning_for"]
+__all__ = ["Conditioning", "Held", "Run", "conditioning_for"]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...video import Video, read_image, read_video, to_pixels
-from .base import Conditioning, Run, read_input
+from .base import Conditioning, Held, Run, read_input
 from .i2v import fold_mask
 
 # The official preprocessing's file names (preprocess_data.py), by request key.
@@ -296,6 +296,13 @@ class Animate(Conditioning):
             raise RequestError("animate_inputs", f"{name('animate_inputs')} {folder}: no such folder (the official "
                                                  "preprocessing's save_path)")
         return {key: folder / file if (folder / file).is_file() else None for key, file in FOLDER_FILES.items()}
+
+    @classmethod
+    def held(cls, plan) -> Held:
+        """The reference latent frame beside each clip's; a clip decoded whole; the video as long
+        as the input."""
+        return Held(extra_frames=plan.lead_frames, decoded_frames=plan.num_frames,
+                    output_frames=plan.animate.length)
 
     def inputs(self, run: Run) -> dict[str, Tensor]:
         inputs, index = self.plan.animate, self.next

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ...video import Video, read_video
 from .animate import _image
-from .base import Conditioning, Run, read_input
+from .base import Conditioning, Held, Run, read_input
 from .i2v import fold_mask
 
 PROMPT_REF = "人物动作的参考视频"  # diffusers' `prompt_ref` default: the reference pass' text
@@ -190,6 +190,13 @@ class Animate2(Conditioning):
             return {"y": torch.cat([ones, latents], dim=1), "context": context,
                     "clip": pipe.image_encoder(reference[:, 0][None].to(run.device)),
                     "clip_driving": pipe.image_encoder(first[None].to(run.device))}
+
+    @classmethod
+    def held(cls, plan) -> Held:
+        """The reference latent frame beside each clip's; a clip decoded whole; the video as long
+        as the input."""
+        return Held(extra_frames=plan.lead_frames, decoded_frames=plan.num_frames,
+                    output_frames=plan.animate2.length)
 
     def inputs(self, run: Run) -> dict:
         inputs, index, pipe = self.plan.animate2, self.next, run.pipe

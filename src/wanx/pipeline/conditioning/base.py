@@ -16,6 +16,16 @@ from torch import Tensor
 from ...video import Video, read_image, read_video, to_unit
 
 
+@dataclass(frozen=True)
+class Held:
+    """What one request holds at its peak beyond a plain video of `num_frames`, for the memory
+    estimate (`memory.estimate.estimate`)."""
+
+    extra_frames: float = 0.0  # latent frames' worth of DiT tokens beside the video's own
+    decoded_frames: int | None = None  # frames one decode makes at once (None: the video's)
+    output_frames: int | None = None  # frames of the whole video (None: num_frames)
+
+
 @dataclass
 class Run:
     """What a conditioning may use while a request runs: the pipeline's networks and device,
@@ -85,6 +95,13 @@ class Conditioning:
         """Read and check this task's inputs from `given` (the request's keywords) into `plan`,
         and size the output from them (within `area` pixels). name: how the caller spells an
         argument, for errors."""
+
+    @classmethod
+    def held(cls, plan) -> Held:
+        """What a request of this task holds beyond a plain video, read from `plan` after
+        `read`: by default the latent frames in front of the video's (VACE's reference images,
+        Animate-2's reference)."""
+        return Held(extra_frames=plan.lead_frames)
 
     def inputs(self, run: Run) -> dict[str, Tensor]:
         """Extra DiT inputs, batch 1 (expanded to the guidance batch)."""

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Conditioning, Run, read_input
+from ...configs import S2VConfig
+from .base import Conditioning, Held, Run, read_input
 
 DROP_FIRST_MOTION = True  # wan/configs/wan_s2v_14B.py: drop_first_motion
 SIZE_DIVISOR = 64  # get_size_less_than_area's padding multiple (latents a multiple of 8: the 4x motion bucket)
@@ -90,6 +91,16 @@ class SpeechToVideo(Conditioning):
         plan.s2v = S2VInputs(image=image, samples=samples, clips=clips, pose=pose,
                              start_from_ref=bool(given.get("start_from_ref")))
         plan.soundtrack = audio if isinstance(audio, (str, Path)) else (samples, SAMPLE_RATE)
+
+    @classmethod
+    def held(cls, plan) -> Held:
+        """The DiT sees the reference latent frame and the FramePack motion memory (1 + 2/8 + 16/64
+        frames' tokens at 1x, 2x and 4x compression: 1.5) beside each clip's; each clip is decoded
+        behind its 19 motion latent frames (73 + 80 = 153 frames at once)."""
+        f = plan.num_frames
+        dropped = 3 if DROP_FIRST_MOTION and not plan.s2v.start_from_ref else 0
+        return Held(extra_frames=1 + 1.5, decoded_frames=S2VConfig.motion_frames + f,
+                    output_frames=plan.s2v.clips * f - dropped)
 
     # -- per clip ------------------------------------------------------------------------------
     def _first(self, run: Run) -> None:
@@ -174,6 +185,7 @@ class SpeechToVideo(Conditioning):
     def metadata(self) -> dict:
         inputs = self.inputs_
         return {"clips": inputs.clips, "clip_frames": self.plan.num_frames,
+                "video_frames": self.held(self.plan).output_frames,
                 **({"pose_video": True} if inputs.pose is not None else {}),
                 **({"start_from_ref": True} if inputs.start_from_ref else {})}
 
