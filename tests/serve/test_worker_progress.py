@@ -20,7 +20,7 @@ from .conftest import FAST, ServeProcess, wait_for
 from .test_ops import _samples
 from .test_workers import _start_worker, _wait
 
-STEPS = 40  # about 0.1 s a step on the tiny model: several heartbeats (one a second) while it samples
+STEPS = 200  # 0.01-0.1 s a step on the tiny model: heartbeats (one a second) while it samples; cancelled once seen
 
 
 def test_a_workers_progress_preview_and_metrics_reach_the_api(tiny, tmp_path):
@@ -48,6 +48,7 @@ def test_a_workers_progress_preview_and_metrics_reach_the_api(tiny, tmp_path):
         bad = bad.json()["id"]
         for path in (outputs / "inputs").glob(f"{bad}-*"):
             path.unlink()
+        short = api.client.post("/v1/videos", json={"prompt": "a dog", **FAST}).json()["id"]
 
         progress, preview, end = None, None, time.monotonic() + 120
         while (progress is None or preview is None) and time.monotonic() < end:
@@ -67,18 +68,23 @@ def test_a_workers_progress_preview_and_metrics_reach_the_api(tiny, tmp_path):
         strip = Image.open(io.BytesIO(preview.content))
         assert strip.mode == "RGB" and strip.width > strip.height > 0  # the frames side by side
 
+        assert api.client.delete(f"/v1/videos/{long}").status_code == 202  # seen: no need to sample it all
         job = wait_for(api.client, long)
-        assert job["status"] == "done" and job["progress"] == {"step": STEPS, "total": STEPS, "eta_s": 0.0}
+        assert job["status"] == "cancelled" and job["progress"] is None
         assert api.client.get(f"/v1/videos/{long}/preview").status_code == 404
         assert not (outputs / "previews" / f"{long}.png").exists()  # removed as the job ended
         assert wait_for(api.client, bad)["status"] == "failed"
+        job = wait_for(api.client, short)
+        assert job["status"] == "done" and job["progress"] == {"step": 2, "total": 2, "eta_s": 0.0}
+        assert not list((outputs / "previews").iterdir())
 
         samples = _samples(api.client.get("/metrics").text)
         name = queue.workers()[0]["worker_id"]
         assert name.startswith("worker:")
         done = (("model", "tiny"), ("status", "done"), ("worker", name))
         failed = (("model", "tiny"), ("status", "failed"), ("worker", name))
-        assert samples[("wanx_job_seconds_count", done)] == 1 and samples[("wanx_job_seconds_count", failed)] == 1
+        cancelled = (("model", "tiny"), ("status", "cancelled"), ("worker", name))
+        assert [samples[("wanx_job_seconds_count", labels)] for labels in (done, failed, cancelled)] == [1, 1, 1]
         assert 0 < samples[("wanx_job_seconds_sum", done)] < 600
         assert samples[("wanx_job_seconds_bucket", (("le", "+Inf"), *done))] == 1
         assert samples[("wanx_job_failures_total", (("model", "tiny"), ("worker", name)))] == 1
