@@ -71,13 +71,15 @@ def test_metrics_after_jobs_ran_on_the_tiny_model(make_server):
         samples = _samples(client.get("/metrics").text)
     assert samples[("wanx_queue_jobs", (("model", "tiny"), ("status", "done")))] == 3
     assert samples[("wanx_workers", (("model", "tiny"),))] == 1
-    done = (("model", "tiny"), ("status", "done"))
+    done = (("model", "tiny"), ("status", "done"), ("worker", server.queue.worker_id))
     assert samples[("wanx_job_seconds_count", done)] == 3
     assert 0 < samples[("wanx_job_seconds_sum", done)] < 600
     buckets = {dict(labels)["le"]: n for (name, labels), n in samples.items()
                if name == "wanx_job_seconds_bucket" and dict(labels)["status"] == "done"}
     assert buckets[max(buckets, key=float)] == 3 and float(max(buckets, key=float)) == float("inf")
-    assert not any(name.startswith("wanx_gpu") for name, _ in samples)  # CPU: no GPU memory
+    assert samples[("wanx_job_failures_total", (("model", "tiny"), ("worker", server.queue.worker_id)))] == 0
+    # CPU: no GPU memory, of this process or of a worker
+    assert not any(name.startswith(("wanx_gpu", "wanx_worker_gpu")) for name, _ in samples)
 
 
 def test_metrics_count_a_failed_job(make_server):
@@ -95,8 +97,9 @@ def test_metrics_count_a_failed_job(make_server):
         bad = client.post("/v1/videos", json={"prompt": "fail", **FAST}).json()["id"]
         assert wait_for(client, bad)["status"] == "failed"
         samples = _samples(client.get("/metrics").text)
-    assert samples[("wanx_job_failures_total", (("model", "tiny"),))] == 1
-    assert samples[("wanx_job_seconds_count", (("model", "tiny"), ("status", "failed")))] == 1
+    worker = ("worker", server.queue.worker_id)
+    assert samples[("wanx_job_failures_total", (("model", "tiny"), worker))] == 1
+    assert samples[("wanx_job_seconds_count", (("model", "tiny"), ("status", "failed"), worker))] == 1
     assert samples[("wanx_queue_jobs", (("model", "tiny"), ("status", "failed")))] == 1
 
 
@@ -107,7 +110,8 @@ def test_two_apps_over_one_server_count_each_job_once(make_server):
         job_id = client.post("/v1/videos", json={"prompt": "a cat", **FAST}).json()["id"]
         assert wait_for(client, job_id)["status"] == "done"
         samples = _samples(client.get("/metrics").text)
-    assert samples[("wanx_job_seconds_count", (("model", "tiny"), ("status", "done")))] == 1
+    done = (("model", "tiny"), ("status", "done"), ("worker", server.queue.worker_id))
+    assert samples[("wanx_job_seconds_count", done)] == 1
 
 
 # -- wanx jobs: the queue from a shell --------------------------------------------------------

@@ -299,8 +299,7 @@ def readyz(request: Request):
     if getattr(request.app.state, "runs_worker", False):
         if server.pipe is None:
             return problem(503, "this server's worker has no model loaded")
-        thread = getattr(server.queue, "_thread", None)
-        if thread is None or not thread.is_alive():
+        if not server.queue.alive:
             return problem(503, "this server's worker is not running")
     return {"status": "ready"}
 
@@ -308,7 +307,7 @@ def readyz(request: Request):
 @ops.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 def metrics(request: Request):
     """Prometheus text format: queue depth per model and status, live workers per model, job
-    seconds and failures of this server's worker, GPU memory (CUDA only)."""
+    seconds and failures per worker, each worker's GPU memory and this process's (CUDA only)."""
     from .metrics import CONTENT_TYPE
 
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)

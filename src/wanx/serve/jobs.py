@@ -33,6 +33,8 @@ FINAL = ("done", "failed", "cancelled")
 DB_FILE = "jobs.sqlite"
 LOCK_FILE = "serve.lock"  # held (flock) by the one server that runs this folder's queue
 INPUTS = "inputs"  # uploaded images and videos, under server-made names
+PREVIEWS = "previews"  # each running job's latest latent preview, for API processes other than its worker's
+PREVIEW_S = 1.0  # a preview file is rewritten at most this often (a step can be far shorter)
 
 def hold_folder(folder: str | Path):
     """Take the outputs folder for this process: an exclusive lock on `folder/serve.lock`, held
@@ -111,11 +113,13 @@ class JobQueue:
         self._progress: dict[str, dict] = {}  # the running job: step, total, times
         self._latents: dict[str, object] = {}  # its latest latents, for a preview on request
         self._beat = 0.0  # when the lease was last renewed
+        self._previewed = 0.0  # when this worker last wrote a preview file
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # half-written by this worker before it died (other workers' files, under other names, are theirs),
         # or by a server from before the per-attempt names
-        for stale in self.folder.glob(f".*.{self._tag}-*"):
+        previews = (self.folder / PREVIEWS).glob(f".*.{self._tag}.partial")
+        for stale in (*self.folder.glob(f".*.{self._tag}-*"), *previews):
             stale.unlink(missing_ok=True)
         for stale in self.folder.glob(".*.partial"):
             if re.fullmatch(r"\.[0-9a-f]{16}\.(mp4|json)\.partial", stale.name):
@@ -175,15 +179,39 @@ class JobQueue:
                 return False
         except ValueError as err:  # not over yet
             raise RuntimeError(str(err)) from None
-        for path in (self.output_path(job_id), self.output_path(job_id).with_suffix(".json")):
+        for path in (self.output_path(job_id), self.output_path(job_id).with_suffix(".json"),
+                     self.preview_path(job_id)):
             path.unlink(missing_ok=True)
         self._remove_inputs(job_id)
         return True
 
+    def preview_path(self, job_id: str) -> Path:
+        return self.folder / PREVIEWS / f"{job_id}.png"
+
     def preview(self, job_id: str) -> np.ndarray | None:
-        """The running job's current latents as RGB frames (see latent_preview), or None."""
+        """The running job's current latents as RGB frames (see latent_preview), or None: from this
+        process's worker when it runs the job, else from the file its worker writes (`_write_preview`)."""
         latents = self._latents.get(job_id)
-        return None if latents is None else latent_preview(latents)
+        if latents is not None:
+            return latent_preview(latents)
+        job = self._queue.get(job_id)
+        if job is None or job["status"] != "running":  # a file left by a worker that died with its job is not shown
+            return None
+        return _read_preview(self.preview_path(job_id))
+
+    # -- what the operations routes read --------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        """Whether this process's worker thread runs (False for an API-only process: it has none)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def counts_by_model(self) -> dict[str, dict[str, int]]:
+        """{model: {status: jobs}} over the whole queue, every model and worker."""
+        return self._queue.counts()["model"]
+
+    def workers(self, max_age: float | None = None) -> list[dict]:
+        """The queue's registered workers (see `Queue.workers`): models, last heartbeat, job counts, GPU memory."""
+        return self._queue.workers(max_age)
 
     # -- the worker -------------------------------------------------------------------------
     def start(self) -> None:
@@ -262,7 +290,10 @@ class JobQueue:
         if time.monotonic() - self._beat < 1.0:
             return
         self._beat = time.monotonic()
-        state = self._queue.heartbeat(job_id, self.worker_id, self.lease_s)
+        progress = self._progress.get(job_id)
+        state = self._queue.heartbeat(job_id, self.worker_id, self.lease_s,
+                                      progress=_progress_view(progress) if progress else None,
+                                      gpu_memory=_gpu_memory())
         if state == "cancelled":
             self._cancel.add(job_id)
         elif state == "lost":
@@ -280,6 +311,12 @@ class JobQueue:
                     progress["first"] = (now, step)
                 progress.update(step=step, total=total, at=now)
                 self._latents[job_id] = latents
+                if latents is not None and now - self._previewed >= PREVIEW_S:
+                    self._previewed = now
+                    try:
+                        self._write_preview(job_id, latents)
+                    except OSError as err:  # a full or read-only disk costs the preview, not the job
+                        print(f"wanx: job {job_id}: no preview written ({_one_line(err)})", file=sys.stderr)
             self._heartbeat(job_id)
             if job_id in self._cancel:
                 raise Cancelled
@@ -314,10 +351,26 @@ class JobQueue:
             self._cancel.discard(job_id)
             self._progress.pop(job_id, None)
             self._latents.pop(job_id, None)
+            self.preview_path(job_id).unlink(missing_ok=True)
             if self.get(job_id) and self.get(job_id)["status"] in FINAL:
                 self._remove_inputs(job_id)
 
     # -- helpers ----------------------------------------------------------------------------
+    def _write_preview(self, job_id: str, latents) -> None:
+        """The job's latent preview frames as a PNG, stacked top to bottom at their own size (the
+        frame count in its text), renamed into place: an API process other than this one reads it."""
+        from PIL import Image
+        from PIL.PngImagePlugin import PngInfo
+
+        frames = latent_preview(latents)
+        info = PngInfo()
+        info.add_text("wanx-frames", str(len(frames)))
+        path = self.preview_path(job_id)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{self._tag}.partial")
+        Image.fromarray(frames.reshape(-1, *frames.shape[2:])).save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+
     def _remove_inputs(self, job_id: str) -> None:
         for path in (self.folder / INPUTS).glob(f"{job_id}-*"):
             path.unlink(missing_ok=True)
@@ -332,6 +385,8 @@ class JobQueue:
         progress = self._progress.get(row["id"])
         if row["status"] == "running" and progress is not None:
             job["progress"] = _progress_view(progress)
+        elif row["status"] == "running" and row.get("progress"):  # another process runs it: its last heartbeat's
+            job["progress"] = row["progress"]
         elif row["status"] == "done" and job["settings"]:
             steps = job["settings"].get("steps")
             job["progress"] = {"step": steps, "total": steps, "eta_s": 0.0}
@@ -363,6 +418,27 @@ def _progress_view(progress: dict) -> dict:
         per_step = (progress["at"] - first[0]) / (step - first[1])
         eta = round(per_step * (total - step), 2)
     return {"step": step, "total": total, "eta_s": eta}
+
+
+def _read_preview(path: Path) -> np.ndarray | None:
+    """The frames `[F, h, w, 3]` of a preview file (see JobQueue._write_preview), or None when there is none."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            frames = int(image.text.get("wanx-frames", "1"))
+            pixels = np.asarray(image.convert("RGB"))
+    except OSError:  # none yet, or gone as the job ended
+        return None
+    return pixels.reshape(frames, -1, *pixels.shape[1:])
+
+
+def _gpu_memory() -> int | None:
+    """This process's peak GPU memory in bytes, None without a GPU in use (torch is never imported for it)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return int(torch.cuda.max_memory_allocated())
 
 
 def latent_preview(latents, max_frames: int = 6) -> np.ndarray:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import json
 import secrets
 import sqlite3
@@ -36,6 +37,9 @@ from urllib.parse import urlsplit, urlunsplit
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 FINAL = ("done", "failed", "cancelled")
 RETRYABLE = ("failed", "cancelled", "interrupted")
+# the upper bounds of the job-seconds histogram each worker keeps in its registry row (see `finish`):
+# from a tiny CPU job (well under a second) to a long 720p one (an hour)
+JOB_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, float("inf"))
 
 
 class QueueError(ValueError):
@@ -125,16 +129,21 @@ class Queue:
                        error=None, attempts=("attempts + 1",))
             return self._public(sql("SELECT * FROM wanx_jobs WHERE id = ?", (job_id,))[0], sql.columns)
 
-    def heartbeat(self, job_id: str, worker_id: str, lease_seconds: float) -> str:
+    def heartbeat(self, job_id: str, worker_id: str, lease_seconds: float, *, progress: dict | None = None,
+                  gpu_memory: int | None = None) -> str:
         """Renew the lease. Returns 'running' (go on), 'cancelled' (stop, then finish as cancelled)
-        or 'lost' (the lease is no longer this worker's: stop, and record nothing)."""
+        or 'lost' (the lease is no longer this worker's: stop, and record nothing).
+        progress: the job's progress (step, total, eta_s) for any API process to show; gpu_memory:
+        the worker's peak GPU memory in bytes (None: no GPU), kept in its registry row."""
         now = time.time()
         with self._db.transaction() as sql:
-            changed = sql.update("UPDATE wanx_jobs SET expires_at = ? WHERE id = ? AND worker_id = ? "
-                                 "AND status = 'running'", (now + lease_seconds, job_id, worker_id))
+            changed = sql.update("UPDATE wanx_jobs SET expires_at = ?, progress = COALESCE(?, progress) WHERE id = ? "
+                                 "AND worker_id = ? AND status = 'running'",
+                                 (now + lease_seconds, json.dumps(progress) if progress is not None else None,
+                                  job_id, worker_id))
             if not changed:
                 return "lost"
-            self._touch(sql, worker_id, now)
+            self._touch(sql, worker_id, now, gpu_memory)
             cancel = sql("SELECT cancel FROM wanx_jobs WHERE id = ?", (job_id,))[0][0]
         return "cancelled" if cancel else "running"
 
@@ -146,8 +155,10 @@ class Queue:
         with self._db.transaction() as sql:
             if not self._held(sql, job_id, worker_id):
                 return False
+            now = time.time()
             self._move(sql, job_id, status, result=json.dumps(result), settings=json.dumps(settings), error=error,
-                       finished=time.time(), expires_at=None)
+                       finished=now, expires_at=None)
+            self._count(sql, job_id, worker_id, status, now)
             return True
 
     def release(self, job_id: str, worker_id: str) -> bool:
@@ -268,12 +279,18 @@ class Queue:
             sql("DELETE FROM wanx_workers WHERE worker_id = ?", (worker_id,))
 
     def workers(self, max_age: float | None = None) -> list[dict]:
-        """Registered workers, only those seen in the last `max_age` seconds when given."""
+        """Registered workers, only those seen in the last `max_age` seconds when given. Each with
+        `stats`, the jobs it ended (see `_count`): {model: {status: {count, sum (seconds), buckets}}},
+        buckets as [(upper bound, jobs up to it)] over JOB_BUCKETS, and `gpu_memory`, its peak GPU
+        memory in bytes at its last heartbeat (None without a GPU)."""
         with self._db.transaction(write=False) as sql:
-            rows = sql("SELECT worker_id, models, host, last_seen FROM wanx_workers ORDER BY worker_id", ())
+            rows = sql("SELECT worker_id, models, host, last_seen, stats, gpu_memory FROM wanx_workers "
+                       "ORDER BY worker_id", ())
         now = time.time()
-        return [{"worker_id": w, "models": json.loads(m), "host": h, "last_seen": seen} for w, m, h, seen in rows
-                if max_age is None or now - seen <= max_age]
+        return [{"worker_id": w, "models": json.loads(m), "host": h, "last_seen": seen,
+                 "stats": _cumulative(json.loads(stats) if stats else {}),
+                 "gpu_memory": None if gpu is None else int(gpu)}
+                for w, m, h, seen, stats, gpu in rows if max_age is None or now - seen <= max_age]
 
     def live_models(self, max_age: float) -> set[str]:
         """The models some worker seen in the last `max_age` seconds holds: the API refuses others."""
@@ -289,24 +306,55 @@ class Queue:
 
     @staticmethod
     def _move(sql, job_id: str, status: str, **columns) -> None:
-        """Move a job to `status`, recorded in its events, setting `columns` too (a 1-tuple: an SQL expression)."""
+        """Move a job to `status`, recorded in its events, setting `columns` too (a 1-tuple: an SQL expression).
+        Its progress is cleared: it tells of one run, and any move ends or starts one."""
         events = json.loads(sql("SELECT events FROM wanx_jobs WHERE id = ?", (job_id,))[0][0])
-        columns = {"status": status, "events": json.dumps(events + [[status, time.time()]]), **columns}
+        columns = {"status": status, "events": json.dumps(events + [[status, time.time()]]), "progress": None,
+                   **columns}
         sets = ", ".join(f"{k} = {v[0]}" if isinstance(v, tuple) else f"{k} = ?" for k, v in columns.items())
         values = [v for v in columns.values() if not isinstance(v, tuple)]
         sql.update(f"UPDATE wanx_jobs SET {sets} WHERE id = ?", (*values, job_id))
 
     @staticmethod
-    def _touch(sql, worker_id: str, now: float) -> None:
-        sql("UPDATE wanx_workers SET last_seen = ? WHERE worker_id = ?", (now, worker_id))
+    def _touch(sql, worker_id: str, now: float, gpu_memory: int | None = None) -> None:
+        sql("UPDATE wanx_workers SET last_seen = ?, gpu_memory = COALESCE(?, gpu_memory) WHERE worker_id = ?",
+            (now, gpu_memory, worker_id))
+
+    @staticmethod
+    def _count(sql, job_id: str, worker_id: str, status: str, now: float) -> None:
+        """Count a job `worker_id` ended in its registry row: seconds from its claim to now, by model
+        and status, in JOB_BUCKETS. Written in the transaction that records the outcome, so each
+        job is counted once, by the worker that ran it; every API process reads the same counts."""
+        rows = sql(f"SELECT stats FROM wanx_workers WHERE worker_id = ?{sql.lock_wait}", (worker_id,))
+        if not rows:
+            return  # not registered (a script's own claimer): nowhere to count
+        model, started = sql("SELECT model, started FROM wanx_jobs WHERE id = ?", (job_id,))[0]
+        seconds = max(0.0, now - started)
+        stats = json.loads(rows[0][0]) if rows[0][0] else {}
+        entry = stats.setdefault(model, {}).setdefault(status, {"count": 0, "sum": 0.0,
+                                                                  "buckets": [0] * len(JOB_BUCKETS)})
+        entry["count"] += 1
+        entry["sum"] += seconds
+        entry["buckets"][next(i for i, bound in enumerate(JOB_BUCKETS) if seconds <= bound)] += 1
+        sql("UPDATE wanx_workers SET stats = ? WHERE worker_id = ?", (json.dumps(stats), worker_id))
 
     @staticmethod
     def _public(row, columns) -> dict:
         job = dict(zip(columns, row))
-        for key in ("request", "inputs", "result", "settings", "events"):
+        for key in ("request", "inputs", "result", "settings", "events", "progress"):
             job[key] = json.loads(job[key]) if job[key] is not None else None
         job["cancel"] = bool(job["cancel"])
         return job
+
+
+def _cumulative(stats: dict) -> dict:
+    """A worker's stored stats (jobs per bucket) with the buckets as Prometheus has them: (bound, jobs up to it)."""
+    shown = {}
+    for model, statuses in stats.items():
+        for status, entry in statuses.items():
+            running = list(itertools.accumulate(entry["buckets"]))
+            shown.setdefault(model, {})[status] = {**entry, "buckets": list(zip(JOB_BUCKETS, running))}
+    return shown
 
 
 # -- backends: the only place SQL dialects differ -----------------------------------------------
@@ -330,18 +378,24 @@ CREATE TABLE IF NOT EXISTS wanx_jobs (
     events TEXT NOT NULL,
     created {real} NOT NULL,
     started {real},
-    finished {real}
+    finished {real},
+    progress TEXT
 );
 CREATE INDEX IF NOT EXISTS wanx_jobs_claim ON wanx_jobs (status, model, priority, seq);
 CREATE TABLE IF NOT EXISTS wanx_workers (
     worker_id TEXT PRIMARY KEY,
     models TEXT NOT NULL,
     host TEXT NOT NULL,
-    last_seen {real} NOT NULL
+    last_seen {real} NOT NULL,
+    stats TEXT,
+    gpu_memory {real}
 );
 """
+# columns added since the first release of these tables: a table made before has them added (ADD COLUMN)
+_ADDED = {"wanx_jobs": {"progress": "TEXT"}, "wanx_workers": {"stats": "TEXT", "gpu_memory": "{real}"}}
 
 _EXISTING = "SELECT to_regclass('wanx_jobs'), to_regclass('wanx_jobs_claim'), to_regclass('wanx_workers')"
+_COLUMNS = "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = current_schema()"
 
 
 class _Statement:
@@ -442,9 +496,25 @@ class _SQLite(_Backend):
     def create_schema(self) -> None:
         try:
             self._connection().executescript(_SCHEMA.format(serial="INTEGER PRIMARY KEY AUTOINCREMENT", real="REAL"))
+            if self._columns_missing():
+                # again under the write lock: two processes opening an older file at once add each column once
+                with self.transaction() as sql:
+                    for table, column, kind in self._columns_missing(sql):
+                        sql(f"ALTER TABLE {table} ADD COLUMN {column} {kind.format(real='REAL')}")
         except sqlite3.Error as err:
             raise QueueError(f"queue {self.url}: cannot create the queue tables ({err}); "
                              "check the file is a writable SQLite database") from None
+
+    def _columns_missing(self, sql=None) -> list[tuple[str, str, str]]:
+        """(table, column, type) of the _ADDED columns a table made by an older wanx lacks."""
+        if sql is None:
+            with self.transaction(write=False) as sql:
+                return self._columns_missing(sql)
+        missing = []
+        for table, added in _ADDED.items():
+            have = {row[1] for row in sql(f"PRAGMA table_info({table})")}
+            missing += [(table, column, kind) for column, kind in added.items() if column not in have]
+        return missing
 
 
 class _Postgres(_Backend):
@@ -501,15 +571,25 @@ class _Postgres(_Backend):
         try:
             with self.transaction() as sql:
                 # a role that may only use the tables (workers, the API) must not need CREATE: look first
-                if all(name is not None for name in sql(_EXISTING)[0]):
+                if all(name is not None for name in sql(_EXISTING)[0]) and self._columns_there(sql):
                     return
                 # concurrent first users would race on CREATE TABLE IF NOT EXISTS; one at a time
                 sql("SELECT pg_advisory_xact_lock(727274)")
                 for statement in _SCHEMA.format(serial="BIGSERIAL PRIMARY KEY", real="DOUBLE PRECISION").split(";"):
                     if statement.strip():
                         sql(statement)
+                # tables made before a column was added (the CREATEs above left them as they were)
+                for table, added in _ADDED.items():
+                    for column, kind in added.items():
+                        sql(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} "
+                            f"{kind.format(real='DOUBLE PRECISION')}")
         except psycopg.errors.InsufficientPrivilege as err:
             reason = err.diag.message_primary or " ".join(str(err).split())
             user = urlsplit(self.url).username or "this user"
             raise QueueError(f"queue {redact(self.url)}: no permission to create the queue tables ({reason}); "
                              f"create them once as a role that may, or GRANT CREATE ON SCHEMA public TO {user}") from None
+
+    @staticmethod
+    def _columns_there(sql) -> bool:
+        have = set(map(tuple, sql(_COLUMNS)))
+        return all((table, column) in have for table, added in _ADDED.items() for column in added)
