@@ -382,6 +382,8 @@ def _on_tick(queue, page: dict, job_id: gr.State, shown: gr.State, gallery_ids: 
 
 
 def _on_cancel(queue, page: dict, job_id: gr.State) -> None:
+    """Cancel: the job chosen in the queue, else this page's own; a click with neither says so."""
+
     def cancel_job(chosen, current):
         # the job chosen in the queue; else this page's own job: the dropdown is refilled every
         # second, and a click that lands while it is being refilled arrives with no value
