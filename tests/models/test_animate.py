@@ -1,6 +1,6 @@
 """The Wan2.2-Animate DiT: parity with diffusers' `WanAnimateTransformer3DModel` on random weights
 (every weight random, the zero-initialised biases and padding token too), with the pose and the
-face input present, and the runtime transforms on it."""
+face input present (the runtime transforms on it: tests/models/test_transforms_on_models.py)."""
 
 import copy
 
@@ -128,50 +128,7 @@ def test_bf16_stays_close():
     assert relative(out, ref) <= 0.05
 
 
-# -- runtime transforms on an Animate model ------------------------------------------------
-
-
-def test_streaming_streams_the_face_blocks_and_equals_the_resident_run():
-    from tests.oracles import assert_same_outputs
-    from wanx.memory.streaming import BlockStreamer
-
-    model = tiny_animate()
-    inputs = animate_inputs(model.config, batch=1)
-    with torch.no_grad():
-        reference = model(**inputs)
-    streamer = BlockStreamer(model, "cpu", 0)
-    try:
-        names = {u.name for u in streamer.units if id(u.module) in streamer._block_unit}
-        assert {"face_adapter.fuser_blocks.0", "blocks.0", "blocks.1"} <= names  # by the block wrapper
-        with torch.no_grad():
-            for _ in range(2):
-                streamer.stats.reset()
-                out = model(**inputs)
-                assert_same_outputs(out, reference)
-        total = sum(p.numel() * p.element_size() for p in model.parameters())  # every weight came in
-        assert streamer.stats.resident == 0 and streamer.stats.moved_bytes == total
-        assert streamer.stats.device_bytes == 0
-    finally:
-        streamer.remove()
-
-
-def test_fp8_quantizes_the_face_blocks_and_stays_close():
-    from wanx.memory.fp8 import FP8Linear, fp8_layer_names, quantize_fp8
-
-    model = tiny_animate()
-    inputs = animate_inputs(model.config, batch=1)
-    bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    for name, p in bf16.named_parameters():
-        if keeps_fp32(name, model.keep_in_fp32):
-            p.data = p.data.float()
-    names = set(fp8_layer_names(bf16))
-    assert {"face_adapter.fuser_blocks.0.linear1_kv", "face_adapter.fuser_blocks.0.linear2", "blocks.1.self_attn.q"} <= names
-    reference = copy.deepcopy(bf16)
-    fp8 = quantize_fp8(bf16, compute_dtype=torch.bfloat16)
-    assert isinstance(fp8.face_adapter.fuser_blocks[0].linear1_q, FP8Linear)
-    with torch.no_grad():
-        ref, out = reference(**inputs), fp8(**inputs)
-    assert relative(out, ref) <= 0.06  # the base DiT's stated FP8 bound
+# -- sequence parallel on an Animate model (the other runtime transforms: tests/models/test_transforms_on_models.py)
 
 
 def test_sequence_parallel_refuses_an_animate_model():
@@ -195,74 +152,3 @@ def test_tiny_animate_set_is_an_animate_model_whose_face_and_pose_act():
         no_pose = model(**dict(inputs, pose_latents=torch.zeros_like(inputs["pose_latents"])))
     assert relative(other_face, out) > 1e-4 and relative(no_pose, out) > 1e-3
 
-
-def test_int8_quantizes_the_face_blocks_and_stays_close():
-    from wanx.memory.int8 import Int8Linear, quantize_int8
-
-    model = tiny_animate()
-    inputs = animate_inputs(model.config, batch=1)
-    int8 = quantize_int8(copy.deepcopy(model), compute_dtype=torch.float32)
-    assert isinstance(int8.face_adapter.fuser_blocks[0].linear1_kv, Int8Linear)
-    with torch.no_grad():
-        ref, out = model(**inputs), int8(**inputs)
-    assert 0 < relative(out, ref) <= 0.03  # the base DiT's stated INT8 bound
-
-
-def test_step_cache_takes_the_face_rows_of_the_branches_it_runs():
-    """With guidance batched, a step where only one branch runs passes only that row of the face
-    tokens to the face blocks; the row equals the branch computed alone."""
-    from wanx.speed.cache import StepCache
-
-    model = tiny_animate()
-    inputs = animate_inputs(model.config)
-    rows = lambda sl: {k: (v[sl] if torch.is_tensor(v) else v) for k, v in inputs.items()}  # noqa: E731
-    cache = StepCache("magcache", 10.0, magcache_k=5, retention=0.0, quiet=True).add_to(model)
-    cache.start(3, model.config, 480, 832)
-    with torch.no_grad():
-        cache.at(0, ("cond",))  # only cond has a residual after this
-        model(**rows(slice(0, 1)))
-        cache.at(1, ("cond", "uncond"))
-        out = model(**inputs)  # cond skipped, uncond (row 1) computed alone
-        cache.remove()
-        alone = model(**rows(slice(1, 2)))
-    assert cache.stats.skipped == {"cond": 1} and cache.stats.computed == {"cond": 1, "uncond": 1}
-    torch.testing.assert_close(out[1:], alone, rtol=1e-5, atol=1e-6 * alone.abs().max().item())
-
-
-def test_compiled_blocks_equal_eager():
-    from tests.speed.test_compile import _cannot_compile
-    from wanx.speed import compile_blocks
-
-    if reason := _cannot_compile():
-        pytest.skip(reason)
-    torch._dynamo.reset()
-    model = tiny_animate()
-    reference = copy.deepcopy(model)
-    handle = compile_blocks(model)
-    try:
-        inputs = animate_inputs(model.config, batch=1)
-        with torch.no_grad():
-            assert relative(model(**inputs), reference(**inputs)) <= 1e-5
-    finally:
-        handle.remove()
-
-
-@pytest.mark.parametrize("fmt", ["official", "diffusers"])
-def test_lora_on_face_adapter_keys(fmt):
-    """A LoRA on a face block's query and output projections changes those weights by its
-    product, in the official and the diffusers key format."""
-    from wanx.lora import apply_lora
-
-    model = tiny_animate()
-    gen = torch.Generator().manual_seed(3)
-    targets = {"face_adapter.fuser_blocks.0.linear1_q": "face_adapter.0.to_q",
-               "face_adapter.fuser_blocks.0.linear2": "face_adapter.0.to_out"}
-    state, expected = {}, {}
-    for name, diffusers_name in targets.items():
-        down, up = torch.randn(4, 32, generator=gen) * 0.2, torch.randn(32, 4, generator=gen) * 0.2
-        expected[name] = model.get_submodule(name).weight.detach() + up @ down
-        key = f"diffusion_model.{name}" if fmt == "official" else f"transformer.{diffusers_name}"
-        state[f"{key}.lora_A.weight"], state[f"{key}.lora_B.weight"] = down, up
-    apply_lora(model, state, 1.0, name="f", fuse=True)
-    for name, weight in expected.items():
-        torch.testing.assert_close(model.get_submodule(name).weight, weight, rtol=1e-6, atol=1e-6)

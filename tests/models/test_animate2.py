@@ -1,7 +1,8 @@
 """Wan-Animate-2 DiT against diffusers' `WanAnimate2Transformer3DModel` (the installed oracle,
 given our weights through its own converter) with every weight random: the reference pass,
 then denoising passes against its cache (conditional and unconditional), a pass smaller than
-the segment's buffer, and a config without CLIP and with other reference RoPE offsets/stride."""
+the segment's buffer, and a config without CLIP and with other reference RoPE offsets/stride
+(the runtime transforms on it: tests/models/test_transforms_on_models.py)."""
 
 import math
 
@@ -168,80 +169,3 @@ def test_sequence_parallel_refuses_animate2():
 
     with pytest.raises(ValueError, match="Wan-Animate-2.*without --sp"):
         SequenceParallel(tiny_animate2(), group=None)
-
-
-# -- runtime transforms on an Animate-2 model --------------------------------------------------
-
-
-def _segment(model, inputs, t=torch.tensor([600.0]), uncond=False):
-    return run_ours(model, inputs, t, uncond=uncond)[1]
-
-
-def test_streaming_equals_the_resident_run():
-    from tests.oracles import assert_same_outputs
-    from wanx.memory.streaming import BlockStreamer
-
-    model = tiny_animate2()
-    inputs = segment_inputs(TINY)
-    with torch.no_grad():
-        reference = _segment(model, inputs)
-    streamer = BlockStreamer(model, "cpu", 0)
-    try:
-        assert {"blocks.0", "blocks.9"} <= {u.name for u in streamer.units if id(u.module) in streamer._block_unit}
-        with torch.no_grad():
-            assert_same_outputs(_segment(model, inputs), reference)
-    finally:
-        streamer.remove()
-
-
-def test_fp8_quantizes_the_blocks_and_stays_close():
-    import copy
-
-    from wanx.memory.fp8 import FP8Linear, quantize_fp8
-    from wanx.models import keeps_fp32
-
-    model = tiny_animate2()
-    inputs = segment_inputs(TINY)
-    bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    for name, p in bf16.named_parameters():
-        if keeps_fp32(name, model.keep_in_fp32):
-            p.data = p.data.float()
-    reference = copy.deepcopy(bf16)
-    fp8 = quantize_fp8(bf16, compute_dtype=torch.bfloat16)
-    assert isinstance(fp8.blocks[1].block.self_attn.q, FP8Linear)
-    with torch.no_grad():
-        assert relative(_segment(fp8, inputs), _segment(reference, inputs)) <= 0.06  # the base DiT's FP8 bound
-
-
-def test_lora_on_the_release_keys():
-    """A LoRA in the official key format (`blocks.N.block.self_attn.q`) changes that weight by its product."""
-    from wanx.lora import apply_lora
-
-    model = tiny_animate2()
-    gen = torch.Generator().manual_seed(3)
-    name = "blocks.3.block.self_attn.q"
-    down, up = torch.randn(4, 32, generator=gen) * 0.2, torch.randn(32, 4, generator=gen) * 0.2
-    expected = model.get_submodule(name).weight.detach() + up @ down
-    apply_lora(model, {f"diffusion_model.{name}.lora_A.weight": down, f"diffusion_model.{name}.lora_B.weight": up},
-               1.0, name="a", fuse=True)
-    torch.testing.assert_close(model.get_submodule(name).weight, expected, rtol=1e-6, atol=1e-6)
-
-
-def test_compiled_blocks_equal_eager():
-    import copy
-
-    from tests.speed.test_compile import _cannot_compile
-    from wanx.speed import compile_blocks
-
-    if reason := _cannot_compile():
-        pytest.skip(reason)
-    torch._dynamo.reset()
-    model = tiny_animate2()
-    reference = copy.deepcopy(model)
-    handle = compile_blocks(model)
-    try:
-        inputs = segment_inputs(TINY)
-        with torch.no_grad():
-            assert relative(_segment(model, inputs), _segment(reference, inputs)) <= 1e-5
-    finally:
-        handle.remove()

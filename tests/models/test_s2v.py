@@ -2,7 +2,8 @@
 whose RoPE position and FramePack code restate the official `rope_precompute` and
 `FramePackMotioner`) on random weights, every weight random (the zero-initialised padding token
 and the constant layer mix too), with every conditioning input present and each optional one
-absent; the runtime transforms, loading and bad input on it.
+absent; loading and bad input on it (the runtime transforms on it:
+tests/models/test_transforms_on_models.py).
 
 Where DiffSynth departs from the official `WanModel_S2V`, the call below takes the official
 path: the text is zero-padded to text_len before the embedding (DiffSynth embeds it unpadded),
@@ -186,99 +187,7 @@ def test_bad_s2v_inputs(change, message):
         model(**inputs)
 
 
-# -- runtime transforms on an S2V model ------------------------------------------------------
-
-
-def test_streaming_streams_the_audio_injectors_and_equals_the_resident_run():
-    from tests.oracles import assert_same_outputs
-    from wanx.memory.streaming import BlockStreamer
-
-    model = tiny_s2v()
-    inputs = s2v_inputs(TINY)
-    with torch.no_grad():
-        reference = model(**inputs)
-    streamer = BlockStreamer(model, "cpu", 0)
-    try:
-        names = {u.name for u in streamer.units if id(u.module) in streamer._block_unit}
-        assert {"audio_injector.injector.0", "audio_injector.injector.1", "blocks.0", "blocks.2"} <= names
-        with torch.no_grad():
-            out = model(**inputs)
-        assert_same_outputs(out, reference)
-    finally:
-        streamer.remove()
-
-
-def test_fp8_quantizes_the_blocks_and_injectors_and_stays_close():
-    from wanx.memory.fp8 import FP8Linear, quantize_fp8
-
-    model = tiny_s2v()
-    inputs = s2v_inputs(TINY)
-    bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    for name, p in bf16.named_parameters():
-        if keeps_fp32(name, model.keep_in_fp32):
-            p.data = p.data.float()
-    reference = copy.deepcopy(bf16)
-    fp8 = quantize_fp8(bf16, compute_dtype=torch.bfloat16)
-    assert isinstance(fp8.audio_injector.injector[0].q, FP8Linear) and isinstance(fp8.blocks[1].self_attn.q, FP8Linear)
-    with torch.no_grad():
-        ref, out = reference(**inputs), fp8(**inputs)
-    assert relative(out, ref) <= 0.06  # the base DiT's stated FP8 bound
-
-
-def test_step_cache_takes_the_audio_rows_of_the_branches_it_runs():
-    """With guidance batched, a step where only one branch runs passes only that row of the
-    time projections and audio tokens; the row equals the branch computed alone."""
-    from wanx.speed.cache import StepCache
-
-    model = tiny_s2v()
-    inputs = s2v_inputs(TINY, batch=2)
-    rows = lambda sl: {k: v[sl] for k, v in inputs.items()}  # noqa: E731
-    cache = StepCache("magcache", 10.0, magcache_k=5, retention=0.0, quiet=True).add_to(model)
-    cache.start(3, model.config, 480, 832)
-    with torch.no_grad():
-        cache.at(0, ("cond",))
-        model(**rows(slice(0, 1)))
-        cache.at(1, ("cond", "uncond"))
-        out = model(**inputs)  # cond skipped, uncond (row 1) computed alone
-        cache.remove()
-        alone = model(**rows(slice(1, 2)))
-    assert cache.stats.skipped == {"cond": 1} and cache.stats.computed == {"cond": 1, "uncond": 1}
-    torch.testing.assert_close(out[1:], alone, rtol=1e-5, atol=1e-6 * alone.abs().max().item())
-
-
-def test_compiled_blocks_equal_eager():
-    from tests.speed.test_compile import _cannot_compile
-    from wanx.speed import compile_blocks
-
-    if reason := _cannot_compile():
-        pytest.skip(reason)
-    torch._dynamo.reset()
-    model = tiny_s2v()
-    reference = copy.deepcopy(model)
-    handle = compile_blocks(model)
-    try:
-        inputs = s2v_inputs(TINY)
-        with torch.no_grad():
-            assert relative(model(**inputs), reference(**inputs)) <= 1e-5
-    finally:
-        handle.remove()
-
-
-def test_lora_on_audio_injector_keys():
-    """A LoRA (official key format) on an audio injector's query and an S2V block's self-attention
-    changes those weights by its product."""
-    from wanx.lora import apply_lora
-
-    model = tiny_s2v()
-    gen = torch.Generator().manual_seed(3)
-    state, expected = {}, {}
-    for name in ("audio_injector.injector.1.q", "blocks.2.self_attn.o"):
-        down, up = torch.randn(4, 48, generator=gen) * 0.2, torch.randn(48, 4, generator=gen) * 0.2
-        expected[name] = model.get_submodule(name).weight.detach() + up @ down
-        state[f"diffusion_model.{name}.lora_A.weight"], state[f"diffusion_model.{name}.lora_B.weight"] = down, up
-    apply_lora(model, state, 1.0, name="a", fuse=True)
-    for name, weight in expected.items():
-        torch.testing.assert_close(model.get_submodule(name).weight, weight, rtol=1e-6, atol=1e-6)
+# -- sequence parallel on an S2V model (the other runtime transforms: tests/models/test_transforms_on_models.py)
 
 
 def test_sequence_parallel_refuses_an_s2v_model():

@@ -1,5 +1,6 @@
 """The VACE DiT: parity with diffusers' `WanVACETransformer3DModel` on random weights (every
-weight random, the zero-initialised projections too), and every runtime transform on it."""
+weight random, the zero-initialised projections too), and sequence parallel and FSDP on it (the
+other runtime transforms on it: tests/models/test_transforms_on_models.py)."""
 
 import copy
 
@@ -111,129 +112,7 @@ def test_bf16_stays_close():
     assert relative(out, ref) <= 0.05
 
 
-# -- every runtime transform on a VACE model ------------------------------------------------
-
-
-def test_streaming_streams_the_vace_blocks_and_equals_the_resident_run():
-    from tests.oracles import assert_same_outputs
-    from wanx.memory.streaming import BlockStreamer
-
-    model = tiny_vace()
-    x, t, context, vace = vace_inputs(model.config)
-    with torch.no_grad():
-        reference = model(x, t, context, vace_context=vace, vace_context_scale=0.7)
-    streamer = BlockStreamer(model, "cpu", 0)
-    try:
-        names = {u.name for u in streamer.units if id(u.module) in streamer._block_unit}
-        assert {"vace_blocks.0", "vace_blocks.1", "blocks.0", "blocks.1"} <= names  # by the block wrapper
-        with torch.no_grad():
-            for _ in range(2):
-                streamer.stats.reset()
-                out = model(x, t, context, vace_context=vace, vace_context_scale=0.7)
-                assert_same_outputs(out, reference)
-        total = sum(p.numel() * p.element_size() for p in model.parameters())
-        assert streamer.stats.resident == 0 and streamer.stats.moved_bytes == total  # every weight came in
-        assert streamer.stats.device_bytes == 0
-    finally:
-        streamer.remove()
-
-
-def test_fp8_quantizes_the_vace_blocks_and_stays_close():
-    from wanx.memory.fp8 import FP8Linear, fp8_layer_names, quantize_fp8
-
-    model = tiny_vace()
-    x, t, context, vace = vace_inputs(model.config)
-    bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    for name, p in bf16.named_parameters():
-        if any(part in model.keep_in_fp32 for part in name.split(".")) or name.startswith("head.head"):
-            p.data = p.data.float()
-    names = set(fp8_layer_names(bf16))
-    assert {"vace_blocks.0.before_proj", "vace_blocks.1.after_proj", "vace_blocks.1.self_attn.q"} <= names
-    reference = copy.deepcopy(bf16)
-    fp8 = quantize_fp8(bf16, compute_dtype=torch.bfloat16)
-    assert isinstance(fp8.vace_blocks[0].before_proj, FP8Linear)
-    with torch.no_grad():
-        ref, out = reference(x, t, context, vace_context=vace), fp8(x, t, context, vace_context=vace)
-    assert relative(out, ref) <= 0.06  # the base DiT's stated FP8 bound
-
-
-def test_int8_quantizes_the_vace_blocks_and_stays_close():
-    from wanx.memory.int8 import Int8Linear, quantize_int8
-
-    model = tiny_vace()
-    x, t, context, vace = vace_inputs(model.config)
-    int8 = quantize_int8(copy.deepcopy(model), compute_dtype=torch.float32)
-    assert isinstance(int8.vace_blocks[0].before_proj, Int8Linear) and isinstance(int8.vace_blocks[1].ffn[0], Int8Linear)
-    with torch.no_grad():
-        ref, out = model(x, t, context, vace_context=vace), int8(x, t, context, vace_context=vace)
-    assert 0 < relative(out, ref) <= 0.03  # the base DiT's stated INT8 bound
-
-
-@pytest.mark.parametrize("fmt", ["official", "kohya", "diffusers"])
-def test_lora_on_vace_module_keys(fmt):
-    """A LoRA on `vace_blocks.N.*` (a block layer and the hint projection) changes those weights
-    by its product, in each key format."""
-    from wanx.lora import apply_lora
-
-    model = tiny_vace()
-    gen = torch.Generator().manual_seed(3)
-    targets = {"vace_blocks.1.self_attn.q": ("attn1.to_q", "self_attn_q"),
-               "vace_blocks.0.after_proj": ("proj_out", "after_proj")}
-    state, expected = {}, {}
-    for name, (diffusers_leaf, kohya_leaf) in targets.items():
-        down, up = torch.randn(4, 32, generator=gen) * 0.2, torch.randn(32, 4, generator=gen) * 0.2
-        expected[name] = model.get_submodule(name).weight.detach() + up @ down
-        block = name.split(".")[1]
-        key = {"official": f"diffusion_model.{name}",
-               "kohya": f"lora_unet_vace_blocks_{block}_{kohya_leaf}",
-               "diffusers": f"transformer.vace_blocks.{block}.{diffusers_leaf}"}[fmt]
-        low, high = ("lora_down", "lora_up") if fmt == "kohya" else ("lora_A", "lora_B")
-        state[f"{key}.{low}.weight"], state[f"{key}.{high}.weight"] = down, up
-    apply_lora(model, state, 1.0, name="v", fuse=True)
-    for name, weight in expected.items():
-        torch.testing.assert_close(model.get_submodule(name).weight, weight, rtol=1e-6, atol=1e-6)
-
-
-def test_step_cache_takes_the_vace_rows_of_the_branches_it_runs():
-    """With guidance batched, a step where only one branch runs passes only that row of the VACE
-    context to the blocks; the row equals the branch computed alone."""
-    from wanx.speed.cache import StepCache
-
-    model = tiny_vace()
-    x, t, context, vace = vace_inputs(model.config)
-    cache = StepCache("magcache", 10.0, magcache_k=5, retention=0.0, quiet=True).add_to(model)
-    cache.start(3, model.config, 480, 832)
-    with torch.no_grad():
-        cache.at(0, ("cond",))  # only cond has a residual after this
-        model(x[:1], t[:1], context[:1], vace_context=vace[:1])
-        cache.at(1, ("cond", "uncond"))
-        out = model(x, t, context, vace_context=vace)  # cond skipped, uncond (row 1) computed alone
-        cache.remove()
-        alone = model(x[1:], t[1:], context[1:], vace_context=vace[1:])
-    assert cache.stats.skipped == {"cond": 1} and cache.stats.computed == {"cond": 1, "uncond": 1}
-    torch.testing.assert_close(out[1:], alone, rtol=1e-5, atol=1e-6 * alone.abs().max().item())
-
-
-def test_compiled_blocks_equal_eager():
-    from tests.speed.test_compile import _cannot_compile
-    from wanx.speed import compile_blocks
-
-    if reason := _cannot_compile():
-        pytest.skip(reason)
-    torch._dynamo.reset()
-    model = tiny_vace()
-    reference = copy.deepcopy(model)
-    handle = compile_blocks(model)
-    try:
-        x, t, context, vace = vace_inputs(model.config, batch=1)
-        with torch.no_grad():
-            for frames, scale in ((3, 1.0), (2, 0.7)):  # a second size reuses the graphs
-                args = (x[:, :, :frames], t, context)
-                out = model(*args, vace_context=vace[:, :, :frames], vace_context_scale=scale)
-                ref = reference(*args, vace_context=vace[:, :, :frames], vace_context_scale=scale)
-                assert relative(out, ref) <= 1e-5
-    finally:
-        handle.remove()
+# -- sequence parallel and FSDP on a VACE model (the other transforms: test_transforms_on_models.py)
 
 
 def test_sequence_parallel_and_fsdp_on_two_ranks_equal_one_process(tmp_path):

@@ -147,14 +147,30 @@ def plan_request(model_type: str, prompt=None, negative_prompt=None, *, names: M
 
 
 def make_plan(model: ModelFacts, prompt, negative_prompt, request: Mapping, names: Mapping[str, str]) -> Plan:
-    unknown = set(request) - set(REQUEST_KEYS)
-    if unknown:
-        raise TypeError(f"unknown request keyword(s): {', '.join(sorted(unknown))}")
-    given = {key: request.get(key) for key in REQUEST_KEYS}
+    """The stages in their order (a request is refused at the first that finds it wrong): the
+    request with the folder's own settings, each value's check, the task, the task's defaults,
+    the guidance, the inputs read, then the checks of the whole."""
 
     def name(arg: str) -> str:
         return names.get(arg, arg)
 
+    given, negative_prompt, frames_given = _read_request(model, negative_prompt, request)
+    scales = _check_each_value(model, prompt, given, name, bool(names))
+    spec = _choose_spec(model, given, name)
+    plan = _task_defaults(model, spec, prompt, negative_prompt, given)
+    plan.guider = _check_guidance(model, plan, given["guidance"], scales, negative_prompt, given, name)
+    _read_inputs(plan, given, request, name, frames_given)
+    _check_whole(plan, prompt, given, name)
+    return plan
+
+
+def _read_request(model: ModelFacts, negative_prompt, request: Mapping) -> tuple[dict, object, bool]:
+    """Every request keyword (None when not given), those left unset taken from the model
+    folder's own settings. -> (given, the negative prompt, whether num_frames was given)."""
+    unknown = set(request) - set(REQUEST_KEYS)
+    if unknown:
+        raise TypeError(f"unknown request keyword(s): {', '.join(sorted(unknown))}")
+    given = {key: request.get(key) for key in REQUEST_KEYS}
     own = model.defaults
     if negative_prompt is None:
         negative_prompt = own.get("negative_prompt")
@@ -167,15 +183,26 @@ def make_plan(model: ModelFacts, prompt, negative_prompt, request: Mapping, name
     given["sampler"] = given["sampler"] or "unipc"
     if given["output_type"] is None:
         given["output_type"] = "video"
+    return given, negative_prompt, frames_given
+
+
+def _check_each_value(model: ModelFacts, prompt, given: dict, name, face: bool) -> list | tuple | None:
+    """`_check_values` on the request; a list of guidance scales (one per step) checked one by
+    one, and given["guidance_scale"] set to their largest. -> that list, or None."""
     scales = given["guidance_scale"]  # a list: a guidance scale per step
     if isinstance(scales, (list, tuple)):
         given["guidance_scale"] = max(scales, default=None)  # the checks of one scale, on each
         for value in scales:
-            _check_values(model, prompt, {**given, "guidance_scale": value}, name, bool(names))
+            _check_values(model, prompt, {**given, "guidance_scale": value}, name, face)
     else:
         scales = None
-    _check_values(model, prompt, given, name, bool(names))
+    _check_values(model, prompt, given, name, face)
+    return scales
 
+
+def _choose_spec(model: ModelFacts, given: dict, name) -> TaskSpec:
+    """The task, from the model and the inputs given (a VACE control video is the request's
+    video, a continued video's last frame an I2V model's image), with what it needs checked."""
     taken = set().union(*(spec.takes for spec in model_tasks(model.model_type, model.experts)))
     for arg in TASK_OPTIONS:  # what only some models take (VACE's), given to one that does not
         if given[arg] is not None and arg not in taken:
@@ -186,8 +213,7 @@ def make_plan(model: ModelFacts, prompt, negative_prompt, request: Mapping, name
             raise RequestError("control_video", f"give {name('control_video')} or {name('video')}, not both")
         given["video"] = given["control_video"]
     inputs = {arg for arg in ("image", "last_image", "video") if given[arg] is not None}
-    extending = given["extend"] is not None
-    if extending:  # the old video's last frame is an I2V/FLF2V model's image
+    if given["extend"] is not None:  # the old video's last frame is an I2V/FLF2V model's image
         from .extend import check_inputs
 
         needs_image = all("image" in spec.needs for spec in model_tasks(model.model_type, model.experts))
@@ -204,7 +230,12 @@ def make_plan(model: ModelFacts, prompt, negative_prompt, request: Mapping, name
         spec = dataclasses.replace(spec, needs_image_encoder=False, shift_480p=None, negative_prompt=NEGATIVE_PROMPT)
     if spec.needs_image_encoder and not model.has_image_encoder:
         raise ValueError(f"{spec.task} needs an image encoder (CLIP) in the pipeline")
+    return spec
 
+
+def _task_defaults(model: ModelFacts, spec: TaskSpec, prompt, negative_prompt, given: dict) -> Plan:
+    """The plan of the request's settings, each one unset taken from the task's official
+    defaults (the inputs not read yet)."""
     height, width = given["height"], given["width"]
     if height is None or width is None:
         height, width = height or spec.height, width or spec.width
@@ -227,22 +258,33 @@ def make_plan(model: ModelFacts, prompt, negative_prompt, request: Mapping, name
     if given["negative_prompt_embeds"] is None and (plan.guidance != 1.0 or plan.guidance_low not in (None, 1.0)):
         # "" is a prompt too: the empty text
         plan.negative_prompt = negative_prompt if negative_prompt is not None else spec.negative_prompt
-    plan.guider = _check_guidance(model, plan, given["guidance"], scales, negative_prompt, given, name)
+    return plan
 
+
+def _read_inputs(plan: Plan, given: dict, request: Mapping, name, frames_given: bool) -> None:
+    """The inputs read and sized into the plan by the task's conditioning (a continued video
+    first: the output takes its size and rate)."""
     from .conditioning import conditioning_for
 
+    height, width = plan.height, plan.width  # as asked, before an input's aspect ratio sets them
     area = height * width
+    extending = given["extend"] is not None
     if extending:  # the output takes the old video's size and rate
         from .extend import read_extension
 
         read_extension(plan, given, name, size=(request.get("width"), request.get("height")),
                        frames=request.get("num_frames"))
         area = plan.height * plan.width
-    conditioning_for(spec, extend=extending).read(plan, given, area=area, frames_given=frames_given,
-                                shift_given=given["shift"] is not None, name=name)
+    conditioning_for(plan.spec, extend=extending).read(plan, given, area=area, frames_given=frames_given,
+                                                       shift_given=given["shift"] is not None, name=name)
     if min(plan.height, plan.width) < 16:
         raise RequestError("height", f"the input's aspect ratio leaves a side under 16 pixels at {width}x{height}; "
                                      f"give a larger {name('height')}")
+
+
+def _check_whole(plan: Plan, prompt, given: dict, name) -> None:
+    """What holds only of the options together: context windows over the video (and what
+    needs them: a list of prompts; what they exclude: APG's momentum), latents of the plan's shape."""
     from .windows import plan_windows
 
     plan.windows = plan_windows(given["context_windows"], plan.num_frames, plan.latent[1], name)
@@ -261,7 +303,6 @@ def make_plan(model: ModelFacts, prompt, negative_prompt, request: Mapping, name
     if latents is not None and latents.numel() != math.prod(plan.latent_shape()):
         raise ValueError(f"latents must have shape [1, {', '.join(map(str, plan.latent_shape()))}], "
                          f"got {tuple(latents.shape)}")
-    return plan
 
 
 def _check_values(model: ModelFacts, prompt, given: dict, name, face: bool) -> None:
