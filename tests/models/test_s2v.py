@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests.oracles import diffsynth_module, official_state, randomize
-from wanx.configs import DIT_PRESETS, S2VConfig, dit_config, infer_dit_config
+from wanx.configs import DIT_PRESETS, dit_config, infer_dit_config
 from wanx.models import keeps_fp32
 from wanx.models.s2v import S2VWanDiT, audio_tokens, s2v_positions
 from wanx.models.transformer import WanDiT
