@@ -754,6 +754,17 @@ def _without_gpus(argv: list[str]) -> list[str]:
     return out
 
 
+def _gpu_list(text: str) -> list[int]:
+    """--gpus 0,1,...: GPU indices (argparse names the flag when this raises)."""
+    try:
+        gpus = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give GPU indices separated by commas, e.g. 0,1 (got {text!r})") from None
+    if any(k < 0 for k in gpus):
+        raise argparse.ArgumentTypeError(f"GPU indices are 0 or more (got {text!r})")
+    return gpus
+
+
 def _rank_device(device: str | None) -> str | None:
     """One GPU per process when started as one of several ranks (torchrun, accelerate launch,
     --gpus): cuda:LOCAL_RANK where CUDA is asked for (or by default) and present."""
@@ -1166,7 +1177,7 @@ def _add_worker(sub: argparse._SubParsersAction, tiny: str) -> None:
     wrk = sub.add_parser("worker", help="run one model's jobs from a shared queue (beside wanx serve --workers 0)",
                          description="Load a model once and run the jobs for it from the queue a `wanx serve "
                                      "--workers 0` takes them into, until SIGTERM or Ctrl-C (the running job goes "
-                                     "back to the queue). Start one per GPU (CUDA_VISIBLE_DEVICES), on any host that "
+                                     "back to the queue). Start one per GPU (--gpu K), or one per group of GPUs (--gpus), on any host that "
                                      "reaches the queue and the --outputs folder. $WANX_LEASE_S: how long a job of a "
                                      "worker that died waits before another runs it (default 300).")
     wrk.add_argument("--queue", metavar="URL", required=True,
@@ -1177,6 +1188,16 @@ def _add_worker(sub: argparse._SubParsersAction, tiny: str) -> None:
                                                                 "outputs/serve)")
     wrk.add_argument("--loras", metavar="FOLDER", help="the server's --loras folder")
     wrk.add_argument("--dit", metavar="FILE", help="the DiT checkpoint to use when the model folder holds several")
+    where = wrk.add_argument_group("GPUs", "which GPU(s) this worker uses (default: as --device says)")
+    pick = where.add_mutually_exclusive_group()
+    pick.add_argument("--gpu", type=int, metavar="K", help="this worker on GPU K (counted as cuda:K counts them)")
+    pick.add_argument("--gpus", type=_gpu_list, metavar="0,1,...",
+                      help="one worker made of a sequence-parallel group of ranks, one per listed GPU (with "
+                           "--device cpu, that many CPU ranks): rank 0 takes the jobs, all ranks run each one")
+    where.add_argument("--sp", default="auto", choices=["auto", "ulysses", "ring", "none"],
+                       help="with --gpus: sequence parallel, as wanx generate's --sp")
+    where.add_argument("--cfg-parallel", action="store_true",
+                       help="with --gpus: cond and uncond on two halves of the ranks (an even count)")
     _memory_speed_flags(wrk)
     _runtime_flags(wrk, "DiT and encoder weights (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
     wrk.set_defaults(func=cmd_worker)

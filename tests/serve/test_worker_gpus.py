@@ -1,0 +1,174 @@
+"""`wanx worker --gpu K | --gpus 0,1` and `wanx serve --gpus N`: workers on chosen GPUs, a worker
+made of a sequence-parallel group of ranks (on CPU: gloo ranks), and a server that starts its
+local workers itself. On CPU, as every multi-rank test here."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wanx.serve.queue import open_queue
+from wanx.video import read_video
+
+from tests.test_cli_errors import error_of, no_loading  # noqa: F401 (no_loading: a fixture)
+
+from .conftest import ServeProcess, wait_for
+
+SMALL = {"size": "32x32", "frames": 5, "steps": 2}
+
+
+def _wait(condition, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not after {timeout} s")
+
+
+def _session(leader: int) -> list[str]:
+    """The command lines of the processes left in the session `leader` started."""
+    pids = subprocess.run(["pgrep", "-s", str(leader)], capture_output=True, text=True).stdout.split()
+    return [Path(f"/proc/{pid}/cmdline").read_text(errors="replace").replace("\0", " ") for pid in pids
+            if Path(f"/proc/{pid}/cmdline").exists()]
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b) ** 2))
+    return 99.0 if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def test_a_group_worker_runs_jobs_as_one_process_does_and_stops_on_sigterm(make_server, tmp_path):
+    """2 gloo ranks (Ulysses over the tiny model's heads): rank 0 claims and writes; the videos are
+    the ones a 1-process worker makes for the same requests; one file per job; SIGTERM: exit 0."""
+    outputs = tmp_path / "outputs"
+    url = f"sqlite:///{outputs / 'jobs.sqlite'}"
+    api = make_server(outputs, queue_url=url, needs_workers=True)  # the API's side, in this process
+    log = open(tmp_path / "group.log", "wb")
+    group = subprocess.Popen([sys.executable, "-m", "wanx", "worker", "--queue", url, "--model", "tiny",
+                              "--outputs", str(outputs), "--device", "cpu", "--gpus", "0,1", "--sp", "ulysses"],
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    queue = open_queue(url)
+    try:
+        _wait(lambda: queue.workers() or group.poll() is not None, 240, "the group registered")
+        assert group.poll() is None, (tmp_path / "group.log").read_text()
+        [worker] = queue.workers()
+        assert worker["worker_id"].endswith(":cpux2"), worker  # the id says where it runs
+        requests = [{"prompt": f"job {i}", "seed": i, **SMALL} for i in range(2)]
+        ids = [api.submit(body) for body in requests]
+        _wait(lambda: all(api.queue.get(i)["status"] in ("done", "failed") for i in ids), 120, "the jobs ran")
+        jobs = [api.queue.get(i) for i in ids]
+        assert [job["status"] for job in jobs] == ["done", "done"], (jobs, (tmp_path / "group.log").read_text())
+        assert {queue.get(i)["worker_id"] for i in ids} == {worker["worker_id"]}
+        files = sorted(p.name for p in outputs.iterdir() if p.is_file() and not p.name.startswith("jobs.sqlite"))
+        assert files == sorted([f"{i}.mp4" for i in ids] + [f"{i}.json" for i in ids])
+        assert "parallel: 2 ranks, sequence parallel ulysses over 2" in (tmp_path / "group.log").read_text()
+
+        # the same requests through one process
+        single = make_server(tmp_path / "single")
+        single.queue.start()
+        alone = [single.submit(body) for body in requests]
+        assert single.queue.wait_idle(120)
+        for job_id, other in zip(ids, alone):
+            assert single.queue.get(other)["status"] == "done"
+            a = np.asarray(read_video(outputs / f"{job_id}.mp4").frames, np.int16)
+            b = np.asarray(read_video(single.queue.output_path(other)).frames, np.int16)
+            # the frames differ by float order (a level of 255 here and there), which H.264 grows to
+            # a few levels in some blocks (PSNR ~45 dB); another seed or a broken split is ~10 dB
+            assert a.shape == b.shape and _psnr(a, b) > 35, _psnr(a, b)
+
+        # a cancel seen by rank 0 stops every rank at that step, and the group goes on
+        long = {**SMALL, "steps": 500}
+        cancelled = api.submit({"prompt": "stop me", "seed": 7, **long})
+        _wait(lambda: queue.get(cancelled)["status"] == "running", 60, "the long job runs")
+        api.queue.cancel(cancelled)
+        _wait(lambda: queue.get(cancelled)["status"] == "cancelled", 30, "the cancel reached the group")
+        # SIGTERM mid-job: the job goes back to the queue (the attempt not counted) and all ranks exit
+        given_back = api.submit({"prompt": "give me back", "seed": 8, **long})
+        _wait(lambda: queue.get(given_back)["status"] == "running", 60, "the next job runs")
+        group.send_signal(signal.SIGTERM)
+        assert group.wait(60) == 0, (tmp_path / "group.log").read_text()
+        job = queue.get(given_back)
+        assert job["status"] == "queued" and job["attempts"] == 0, job
+        assert queue.workers() == []
+        assert not list(outputs.glob(f"*{cancelled}*")) and not list(outputs.glob(f"*{given_back}*"))
+        _wait(lambda: not _session(group.pid), 10, f"the ranks gone ({_session(group.pid)} left)")
+    finally:
+        queue.close()
+        if group.poll() is None:
+            os.killpg(group.pid, signal.SIGKILL)
+            group.wait(10)
+        log.close()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--gpu", "0", "--device", "cpu"], "--gpu 0 picks GPUs, but --device cpu does not run on one; leave out --gpu"),
+    (["--gpu", "0", "--device", "cuda:1"], "--gpu 0 and --device cuda:1 both pick the GPU; give only --gpu"),
+    (["--gpu", "-1"], "--gpu -1: GPU indices are 0 or more"),
+    (["--gpus", "0,1"], "--gpus 0,1: no GPU 0 here (this process sees no CUDA GPU); run on a GPU host, or use "
+                        "--device cpu"),
+    (["--gpus", "0,0", "--device", "cpu"], "--gpus 0,0: a rank is listed twice; list each once"),
+    (["--gpus", "0,1,2", "--device", "cpu", "--cfg-parallel"], "--cfg-parallel splits the ranks into a cond and an "
+                                                                 "uncond half: 3 rank(s) is odd"),
+])
+def test_worker_gpu_choices_are_refused_in_one_line_before_loading(tiny, tmp_path, capsys, no_loading, monkeypatch,
+                                                                   flags, words):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # as on this CPU host, wherever the test runs
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    argv = ["worker", "--model", "tiny", "--queue", f"sqlite:///{tmp_path}/jobs.sqlite", "--outputs", str(tmp_path),
+            *flags]
+    assert words in error_of(capsys, argv)
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--gpu", "x"], "argument --gpu: invalid int value: 'x'"),
+    (["--gpus", "0,a"], "argument --gpus: give GPU indices separated by commas, e.g. 0,1 (got '0,a')"),
+    (["--gpu", "0", "--gpus", "0,1"], "argument --gpus: not allowed with argument --gpu"),
+])
+def test_worker_gpu_flags_that_do_not_parse_are_one_line(tmp_path, capsys, flags, words):
+    from wanx.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["worker", "--model", "tiny", "--queue", f"sqlite:///{tmp_path}/jobs.sqlite", *flags])
+    assert exit.value.code == 2 and words in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_gpu_k_is_the_kth_gpu_this_process_sees(monkeypatch):
+    """--gpu K counts as cuda:K does (among CUDA_VISIBLE_DEVICES when set) and leaves that GPU the
+    only one visible. The GPU count is NVML's, which honours CUDA_VISIBLE_DEVICES: simulated here."""
+    import torch
+
+    from wanx.serve.worker import pick_gpus
+
+    host = ["0", "1", "2", "3", "4", "5", "6", "7"]
+
+    def nvml_count():
+        given = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return len(host) if given is None else len([g for g in given.split(",") if g in host])
+
+    monkeypatch.setattr(torch.cuda, "device_count", nvml_count)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    assert pick_gpus([1], None, "--gpu") == ["5"] and os.environ["CUDA_VISIBLE_DEVICES"] == "5"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert pick_gpus([3, 1], "cuda", "--gpus") == ["3", "1"] and os.environ["CUDA_VISIBLE_DEVICES"] == "3,1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    with pytest.raises(ValueError, match=r"--gpu 3: no GPU 3 here \(this process sees GPUs 0..2\)"):
+        pick_gpus([3], None, "--gpu")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,5,6"  # unchanged by a refusal
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)  # CUDA initialised already: the choice cannot apply
+    with pytest.raises(ValueError, match="CUDA was initialised before the GPUs could be chosen; start the worker "
+                                         "with CUDA_VISIBLE_DEVICES=5 instead"):
+        pick_gpus([1], None, "--gpu")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,5,6"
