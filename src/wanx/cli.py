@@ -601,7 +601,58 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.token is None:
         args.token = os.environ.get("WANX_TOKEN") or None
-    return serve(args, flags=RUNTIME_FLAGS)
+    local = _local_workers(args) if args.gpus is not None else None
+    if local is None and (args.sp or args.cfg_parallel):
+        raise ValueError(f"{'--sp' if args.sp else '--cfg-parallel'} makes the workers --gpus N starts one group; "
+                         "add --gpus N (or run wanx worker --gpus 0,1 --sp ...)")
+    if args.workers is None:
+        args.workers = 0 if local else 1
+    return serve(args, flags=RUNTIME_FLAGS, local=local)
+
+
+def _local_workers(args: argparse.Namespace):
+    """`wanx serve --gpus N`: checked before anything loads; the `wanx worker` command lines."""
+    from .serve.local import LocalWorkers, worker_flags
+
+    n = args.gpus
+    if n < 1:
+        raise ValueError(f"--gpus {n}: give how many GPUs get a worker (1 or more)")
+    if args.workers is not None:
+        raise ValueError(f"--gpus {n} starts the workers itself and this process runs none; leave out --workers")
+    device = args.device or "cuda"
+    group = bool(args.sp or args.cfg_parallel)
+    if device != "cpu":
+        if device != "cuda":
+            raise ValueError(f"--gpus {n} gives each worker its GPU; --device {device} picks one: leave it out "
+                             "(CUDA_VISIBLE_DEVICES chooses which GPUs this host lends)")
+        import torch  # the count is NVML's: CUDA is not initialised in this process
+
+        present = torch.cuda.device_count()
+        if n > present:
+            raise ValueError(f"--gpus {n}: this host has {present or 'no'} GPU{'s' if present != 1 else ''}"
+                             f"{'' if present else ' (or no CUDA)'}; give at most {present}"
+                             f"{'' if present else ', or --device cpu for CPU workers'}")
+    if group:
+        from .distributed import check_plan
+
+        check_plan(n, None, args.sp or "auto", args.cfg_parallel)
+    outputs = Path(args.outputs).resolve()
+    queue = args.queue or f"sqlite:///{outputs / 'jobs.sqlite'}"  # the file the server's own queue opens
+    skip = {"queue", "outputs", "model", "gpu", "gpus", "sp", "cfg_parallel", "device"}
+    base = [sys.executable, "-m", "wanx", "worker", "--queue", queue, "--outputs", str(outputs), "--model", args.model,
+            *worker_flags(args, _subparser("worker"), skip), *(["--device", args.device] if args.device else [])]
+    if group:
+        return LocalWorkers([base + ["--gpus", ",".join(map(str, range(n))), "--sp", args.sp or "auto",
+                                     *(["--cfg-parallel"] if args.cfg_parallel else [])]],
+                            [f"worker {'cpu' if device == 'cpu' else 'gpus'} 0-{n - 1}"])
+    if device == "cpu":
+        return LocalWorkers([base] * n, [f"worker cpu {i}" for i in range(n)])
+    return LocalWorkers([base + ["--gpu", str(i)] for i in range(n)], [f"worker gpu {i}" for i in range(n)])
+
+
+def _subparser(name: str) -> argparse.ArgumentParser:
+    return next(action for action in build_parser()._actions
+                if isinstance(action, argparse._SubParsersAction)).choices[name]
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -1161,9 +1212,18 @@ def _add_serve(sub: argparse._SubParsersAction, tiny: str) -> None:
     srv.add_argument("--no-ui", action="store_true", help="the API only (no Gradio: starts faster)")
     srv.add_argument("--max-upload-mb", type=float, default=100, help="largest image or video upload (default 100)")
     srv.add_argument("--dit", metavar="FILE", help="the DiT checkpoint to use when the model folder holds several")
-    srv.add_argument("--workers", type=int, default=1, choices=(0, 1),
+    srv.add_argument("--workers", type=int, choices=(0, 1),
                      help="1 (default): this process loads the model and runs the jobs; 0: only the API and UI, "
                           "the jobs run in `wanx worker` processes on the same --queue and --outputs")
+    local = srv.add_argument_group("several GPUs", "workers this server starts and stops itself, as `wanx worker` "
+                                                   "child processes on its --queue and --outputs")
+    local.add_argument("--gpus", type=int, metavar="N", help="N local workers, one per GPU (with --device cpu, N CPU "
+                                                             "workers); with --sp, one worker over the N GPUs")
+    local.add_argument("--sp", choices=["auto", "ulysses", "ring"],
+                       help="with --gpus N: one sequence-parallel group of N ranks (each job faster) instead of N "
+                            "workers (more jobs at once); as wanx generate's --sp")
+    local.add_argument("--cfg-parallel", action="store_true",
+                       help="with --gpus N: one group, cond and uncond on two halves of the ranks (with --sp too)")
     srv.add_argument("--allowed-hosts", metavar="NAMES", help="host names (comma-separated) the server is reached as "
                                                              "besides localhost, IP addresses and --host, e.g. behind "
                                                              "a proxy; * for any")

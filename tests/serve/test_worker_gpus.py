@@ -172,3 +172,117 @@ def test_gpu_k_is_the_kth_gpu_this_process_sees(monkeypatch):
                                          "with CUDA_VISIBLE_DEVICES=5 instead"):
         pick_gpus([1], None, "--gpu")
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,5,6"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def test_serve_gpus_starts_local_workers_and_stops_them(tiny, tmp_path):
+    """`wanx serve --device cpu --gpus 2`: two CPU worker children on the server's queue; a child
+    that dies is named in one line and the other goes on; SIGTERM on the server stops the rest."""
+    outputs = tmp_path / "outputs"
+    url = f"sqlite:///{outputs / 'jobs.sqlite'}"
+    api = ServeProcess(outputs, "--gpus", "2", "--no-ui", "--quiet")
+    queue = None
+    try:
+        _wait(lambda: (outputs / "jobs.sqlite").exists(), 30, "the queue")
+        queue = open_queue(url)
+        _wait(lambda: len(queue.workers()) == 2 or api.proc.poll() is not None, 240, "two workers registered")
+        workers = [w["worker_id"] for w in queue.workers()]
+        assert len(workers) == 2 and all(w.endswith(":cpu") for w in workers), (workers, api.output())
+        ids = [api.client.post("/v1/videos", json={"prompt": f"job {i}", "seed": i, **SMALL}).json()["id"]
+               for i in range(4)]
+        jobs = [wait_for(api.client, job_id, timeout=120) for job_id in ids]
+        assert [job["status"] for job in jobs] == ["done"] * 4, jobs
+        ran = {queue.get(job_id)["worker_id"] for job_id in ids}
+        assert ran <= set(workers) and len(ran) == 2, ran  # both took jobs (a job lasts longer than a claim poll)
+        pids = [int(w.split(":")[2]) for w in workers]
+        assert all(_alive(pid) for pid in pids)
+
+        os.kill(pids[0], signal.SIGKILL)  # one worker dies: said in one line, the other goes on
+        _wait(lambda: "exited with code -9; 1 worker(s) left" in api.output(), 30, "the early exit named")
+        again = api.client.post("/v1/videos", json={"prompt": "after", "seed": 9, **SMALL}).json()["id"]
+        assert wait_for(api.client, again, timeout=60)["status"] == "done"
+        assert queue.get(again)["worker_id"] == workers[1]
+
+        api.proc.send_signal(signal.SIGTERM)
+        assert api.proc.wait(60) == 0, api.output()
+        assert not any(_alive(pid) for pid in pids), api.output()
+        assert [w["worker_id"] for w in queue.workers()] == [workers[0]]  # the killed one's row, gone stale
+    finally:
+        if queue is not None:
+            queue.close()
+        api.close()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--gpus", "0"], "--gpus 0: give how many GPUs get a worker (1 or more)"),
+    (["--gpus", "2", "--workers", "0"], "--gpus 2 starts the workers itself and this process runs none; leave out "
+                                        "--workers"),
+    (["--gpus", "2", "--device", "cuda"], "--gpus 2: this host has no GPUs (or no CUDA); give at most 0, or --device "
+                                          "cpu for CPU workers"),
+    (["--gpus", "2", "--device", "cuda:1"], "--gpus 2 gives each worker its GPU; --device cuda:1 picks one"),
+    (["--gpus", "3", "--device", "cpu", "--cfg-parallel"], "--cfg-parallel splits the ranks into a cond and an "
+                                                             "uncond half: 3 rank(s) is odd"),
+    (["--sp", "ulysses", "--device", "cpu"], "--sp makes the workers --gpus N starts one group; add --gpus N"),
+])
+def test_serve_gpus_refuses_bad_input_in_one_line_before_loading(tmp_path, capsys, no_loading, monkeypatch, flags,
+                                                                  words):
+    import torch
+
+    from .conftest import free_port
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # as on this CPU host, wherever the test runs
+    err = error_of(capsys, ["serve", "--model", "tiny", "--no-ui", "--port", str(free_port()),
+                            "--outputs", str(tmp_path / "out"), *flags])
+    assert words in err
+    assert not (tmp_path / "out").exists()  # refused before anything was made
+
+
+LOCAL = """
+import sys, time
+from wanx.serve.local import LocalWorkers
+
+py = sys.executable
+local = LocalWorkers(COMMANDS, [f"worker {i}" for i in range(len(COMMANDS))])
+try:
+    local.start()
+    time.sleep(30)  # as uvicorn.run, until a signal
+finally:
+    local.stop(timeout=1)
+"""
+
+
+@pytest.mark.parametrize("commands, code, words", [
+    # the last worker ends on its own: named with its last words, and the server stops (exit 1)
+    ('[[py, "-c", "print(1)"], [py, "-c", "import sys, time; time.sleep(0.5); sys.exit(\'wanx: error: no disk\')"]]',
+     1, ["wanx serve: worker 0 exited with code 0; 1 worker(s) left",
+         "[worker 1] wanx: error: no disk", "wanx serve: worker 1 exited with code 1: wanx: error: no disk; no worker "
+                                           "left, stopping"]),
+])
+def test_local_workers_stop_the_server_when_none_is_left(tmp_path, commands, code, words):
+    script = LOCAL.replace("COMMANDS", commands)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")})
+    assert done.returncode == code, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert all(line in lines for line in words), lines
+
+
+def test_a_worker_that_ignores_sigterm_is_killed_with_what_it_started(tmp_path):
+    pids = tmp_path / "pids"
+    child = ("import os, signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+             "grand = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+             f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{grand.pid}}'); time.sleep(60)")
+    script = LOCAL.replace("COMMANDS", repr([[sys.executable, "-c", child]])).replace("time.sleep(30)", "time.sleep(3)")
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")})
+    assert done.returncode == 0 and time.monotonic() - start < 15, done.stderr
+    assert "did not stop in 1 s; killed" in done.stderr
+    assert not any(_alive(int(pid)) for pid in pids.read_text().split())
