@@ -286,3 +286,37 @@ def test_a_worker_that_ignores_sigterm_is_killed_with_what_it_started(tmp_path):
     assert done.returncode == 0 and time.monotonic() - start < 15, done.stderr
     assert "did not stop in 1 s; killed" in done.stderr
     assert not any(_alive(int(pid)) for pid in pids.read_text().split())
+
+
+def test_serve_gpus_gives_its_workers_the_servers_flags(tmp_path):
+    """Each child's command line: the server's queue (default: the outputs' SQLite file), outputs,
+    model and memory/speed flags, re-given (abbreviations such as --out resolved), and its GPU(s)."""
+    import argparse
+
+    from wanx.cli import _local_workers, _subparser, build_parser
+
+    def children(*flags):
+        args = build_parser().parse_args(["serve", "--model", "tiny", "--out", str(tmp_path / "o"), "--port", "7000",
+                                          "--token", "abcdefgh", "--no-ui", *flags])
+        args.argv = []
+        return _local_workers(args).commands
+
+    with pytest.MonkeyPatch.context() as patch:
+        import torch
+
+        patch.setattr(torch.cuda, "device_count", lambda: 4)
+        commands = children("--gpus", "2", "--fp8", "--offload", "model", "--teacache", "--vram-budget", "6GB",
+                            "--quiet", "--dtype", "bf16")
+    assert len(commands) == 2
+    for i, command in enumerate(commands):
+        assert command[1:4] == ["-m", "wanx", "worker"]
+        parsed = _subparser("worker").parse_args(command[4:])
+        assert isinstance(parsed, argparse.Namespace)
+        assert (parsed.queue, parsed.outputs, parsed.model) == (f"sqlite:///{tmp_path / 'o' / 'jobs.sqlite'}",
+                                                                str(tmp_path / "o"), "tiny")
+        assert (parsed.gpu, parsed.gpus, parsed.fp8, parsed.offload, parsed.teacache, parsed.vram_budget,
+                parsed.quiet, parsed.dtype) == (i, None, True, "model", "auto", "6GB", True, "bf16")
+    [group] = children("--gpus", "3", "--device", "cpu", "--sp", "ring", "--queue", "sqlite:///elsewhere.sqlite")
+    parsed = _subparser("worker").parse_args(group[4:])
+    assert (parsed.gpus, parsed.sp, parsed.device, parsed.queue) == ([0, 1, 2], "ring", "cpu", "sqlite:///elsewhere.sqlite")
+    assert not any(word.startswith(("--port", "--token", "--no-ui", "--host")) for word in group)

@@ -97,7 +97,6 @@ class JobQueue:
         self.folder = Path(folder)
         (self.folder / INPUTS).mkdir(parents=True, exist_ok=True)
         self.runner, self.retries, self.model = runner, retries, model
-        self.on_idle: Callable[[], None] | None = None  # called while no job waits (a worker group's keep-alive)
         self.url = url or f"sqlite:///{self.folder / DB_FILE}"
         self.lease_s = lease_seconds()
         self._queue = open_queue(self.url, max_attempts=retries + 1)
@@ -253,8 +252,6 @@ class JobQueue:
         while not self._stop.is_set():
             job = self._claim()
             if job is None:
-                if self.on_idle is not None:
-                    self.on_idle()
                 with self._wake:
                     self._wake.wait(0.5)
                 continue

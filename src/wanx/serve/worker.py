@@ -12,17 +12,17 @@ whether to go on (a cancel, a lost lease or a stop seen by rank 0 stops them all
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
 import socket
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
-IDLE_BEAT_S = 30.0  # an idle group's rank 0 tells the others so this often: a wait longer than the
-# process group's timeout (30 min on gloo) would end them
-
+WAIT = timedelta(days=365)  # how long a rank of an idle group waits for the next job
 
 def run_worker(args, flags: dict | None = None) -> int:
     """Check everything, load the model, then run jobs until SIGTERM or Ctrl-C (the running job goes
@@ -140,7 +140,7 @@ def _start_group(args, gpus: list[int], flags: dict | None) -> int:
     tells the others to stop; a rank that fails ends the group (torch's start_processes)."""
     import torch.multiprocessing as mp
 
-    from ..cli import main
+    from ..cli import _without_gpus, main
     from ..distributed.launch import _rank_main, free_port
 
     world = len(gpus)
@@ -150,9 +150,7 @@ def _start_group(args, gpus: list[int], flags: dict | None) -> int:
     else:
         pick_gpus(gpus, args.device, "--gpus")  # the ranks see only these; rank r takes cuda:r
     _prepare(args, flags, world)
-    from .. import cli
-
-    argv = cli._without_gpus(args.argv)
+    argv = _without_gpus(args.argv)  # each rank: this command, as one of `world` (WORLD_SIZE)
     context = mp.start_processes(_rank_main, args=(world, free_port(), main, argv), nprocs=world, join=False,
                                  start_method="spawn")
 
@@ -184,8 +182,10 @@ class _GroupStop(Exception):
 
 def _run_rank(args, flags: dict | None, world_size: int) -> int:
     """One rank of a group (started by _start_group, or by torchrun on several hosts)."""
+    import torch.distributed as dist
+
     from ..cli import _rank_device
-    from ..distributed import broadcast_object, init
+    from ..distributed import init
     from .jobs import _one_line
 
     rank = int(os.environ.get("RANK", "0"))
@@ -194,6 +194,16 @@ def _run_rank(args, flags: dict | None, world_size: int) -> int:
     args.device = _rank_device(args.device)
     setup = _prepare(args, flags, world_size)
     init(setup["runtime"].device)
+    # Rank 0's word to the others (each job, and at each step whether to go on) on a gloo group of
+    # its own: on the CPU, where a rank waiting for the next job sleeps in a socket (NCCL would spin
+    # on a GPU stream), and with a timeout an idle hour does not reach (the default's is 30 min)
+    control = dist.new_group(backend="gloo", timeout=WAIT)
+
+    def broadcast_object(value):
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=control)
+        return box[0]
+
     host = socket.gethostname()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     where = (f"gpu{'+'.join(visible.split(','))}" if setup["runtime"].device.type == "cuda" and visible
@@ -206,8 +216,6 @@ def _run_rank(args, flags: dict | None, world_size: int) -> int:
             kind, job = broadcast_object(None)
             if kind == "stop":
                 break
-            if kind != "job":  # rank 0 is idle, and alive
-                continue
 
             def follow(step, total, latents):
                 if broadcast_object(None):
@@ -221,7 +229,6 @@ def _run_rank(args, flags: dict | None, world_size: int) -> int:
                 print(f"wanx worker rank {rank}: job {job['id']}: {_one_line(err)}", file=sys.stderr, flush=True)
         server.queue.stop(timeout=0)
         return 0
-    last = [time.monotonic()]
 
     def run(job: dict, on_step):
         broadcast_object(("job", job))  # the request and its input files (in the shared outputs folder)
@@ -234,23 +241,16 @@ def _run_rank(args, flags: dict | None, world_size: int) -> int:
                 raise
             broadcast_object(False)
 
-        try:
-            return server.run(job, lead)
-        finally:
-            last[0] = time.monotonic()
+        return server.run(job, lead)
 
-    def idle():
-        if time.monotonic() - last[0] >= IDLE_BEAT_S:
-            broadcast_object(("idle", None))
-            last[0] = time.monotonic()
-
-    server.queue.runner, server.queue.on_idle = run, idle
+    server.queue.runner = run
     print(f"wanx worker {group_id}: model {args.model}, {world_size} ranks, queue {_shown(args.queue)}, "
           f"outputs {setup['outputs']}", file=sys.stderr, flush=True)
     try:
         server.queue.run_forever(host=host)
     finally:
-        broadcast_object(("stop", None))
+        with contextlib.suppress(Exception):  # not where a rank is gone: its error is the one to see
+            broadcast_object(("stop", None))
     print(f"wanx worker {group_id}: stopped", file=sys.stderr, flush=True)
     return 0
 
