@@ -632,10 +632,12 @@ def _local_workers(args: argparse.Namespace):
             raise ValueError(f"--gpus {n}: this host has {present or 'no'} GPU{'s' if present != 1 else ''}"
                              f"{'' if present else ' (or no CUDA)'}; give at most {present}"
                              f"{'' if present else ', or --device cpu for CPU workers'}")
-    if group:
+    if group:  # the model's head count too: a group that cannot split it would only fail in the child
         from .distributed import check_plan
+        from .hub import find_components, resolve_model
 
-        check_plan(n, None, args.sp or "auto", args.cfg_parallel)
+        files = find_components(resolve_model(args.model, source=args.source), dit=args.dit)
+        check_plan(n, files.dit_config.num_heads, args.sp or "auto", args.cfg_parallel)
     outputs = Path(args.outputs).resolve()
     queue = args.queue or f"sqlite:///{outputs / 'jobs.sqlite'}"  # the file the server's own queue opens
     skip = {"queue", "outputs", "model", "gpu", "gpus", "sp", "cfg_parallel", "device"}

@@ -118,6 +118,8 @@ def test_a_group_worker_runs_jobs_as_one_process_does_and_stops_on_sigterm(make_
     (["--gpus", "0,0", "--device", "cpu"], "--gpus 0,0: a rank is listed twice; list each once"),
     (["--gpus", "0,1,2", "--device", "cpu", "--cfg-parallel"], "--cfg-parallel splits the ranks into a cond and an "
                                                                  "uncond half: 3 rank(s) is odd"),
+    (["--gpus", "0,1,2", "--device", "cpu", "--sp", "ulysses"], "--sp ulysses splits the model's 2 heads across 3 "
+                                                                "ranks, which does not divide"),
 ])
 def test_worker_gpu_choices_are_refused_in_one_line_before_loading(tiny, tmp_path, capsys, no_loading, monkeypatch,
                                                                    flags, words):
@@ -232,8 +234,10 @@ def test_serve_gpus_starts_local_workers_and_stops_them(tiny, tmp_path):
     (["--gpus", "3", "--device", "cpu", "--cfg-parallel"], "--cfg-parallel splits the ranks into a cond and an "
                                                              "uncond half: 3 rank(s) is odd"),
     (["--sp", "ulysses", "--device", "cpu"], "--sp makes the workers --gpus N starts one group; add --gpus N"),
+    (["--gpus", "3", "--device", "cpu", "--sp", "ulysses"], "--sp ulysses splits the model's 2 heads across 3 ranks, "
+                                                            "which does not divide; use --sp ring or auto"),
 ])
-def test_serve_gpus_refuses_bad_input_in_one_line_before_loading(tmp_path, capsys, no_loading, monkeypatch, flags,
+def test_serve_gpus_refuses_bad_input_in_one_line_before_loading(tiny, tmp_path, capsys, no_loading, monkeypatch, flags,
                                                                   words):
     import torch
 
