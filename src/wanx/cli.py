@@ -601,7 +601,60 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.token is None:
         args.token = os.environ.get("WANX_TOKEN") or None
-    return serve(args, flags=RUNTIME_FLAGS)
+    local = _local_workers(args) if args.gpus is not None else None
+    if local is None and (args.sp or args.cfg_parallel):
+        raise ValueError(f"{'--sp' if args.sp else '--cfg-parallel'} makes the workers --gpus N starts one group; "
+                         "add --gpus N (or run wanx worker --gpus 0,1 --sp ...)")
+    if args.workers is None:
+        args.workers = 0 if local else 1
+    return serve(args, flags=RUNTIME_FLAGS, local=local)
+
+
+def _local_workers(args: argparse.Namespace):
+    """`wanx serve --gpus N`: checked before anything loads; the `wanx worker` command lines."""
+    from .serve.local import LocalWorkers, worker_flags
+
+    n = args.gpus
+    if n < 1:
+        raise ValueError(f"--gpus {n}: give how many GPUs get a worker (1 or more)")
+    if args.workers is not None:
+        raise ValueError(f"--gpus {n} starts the workers itself and this process runs none; leave out --workers")
+    device = args.device or "cuda"
+    group = bool(args.sp or args.cfg_parallel)
+    if device != "cpu":
+        if device != "cuda":
+            raise ValueError(f"--gpus {n} gives each worker its GPU; --device {device} picks one: leave it out "
+                             "(CUDA_VISIBLE_DEVICES chooses which GPUs this host lends)")
+        import torch  # the count is NVML's: CUDA is not initialised in this process
+
+        present = torch.cuda.device_count()
+        if n > present:
+            raise ValueError(f"--gpus {n}: this host has {present or 'no'} GPU{'s' if present != 1 else ''}"
+                             f"{'' if present else ' (or no CUDA)'}; give at most {present}"
+                             f"{'' if present else ', or --device cpu for CPU workers'}")
+    if group:  # the model's head count too: a group that cannot split it would only fail in the child
+        from .distributed import check_plan
+        from .hub import find_components, resolve_model
+
+        files = find_components(resolve_model(args.model, source=args.source), dit=args.dit)
+        check_plan(n, files.dit_config.num_heads, args.sp or "auto", args.cfg_parallel)
+    outputs = Path(args.outputs).resolve()
+    queue = args.queue or f"sqlite:///{outputs / 'jobs.sqlite'}"  # the file the server's own queue opens
+    skip = {"queue", "outputs", "model", "gpu", "gpus", "sp", "cfg_parallel", "device"}
+    base = [sys.executable, "-m", "wanx", "worker", "--queue", queue, "--outputs", str(outputs), "--model", args.model,
+            *worker_flags(args, _subparser("worker"), skip), *(["--device", args.device] if args.device else [])]
+    if group:
+        return LocalWorkers([base + ["--gpus", ",".join(map(str, range(n))), "--sp", args.sp or "auto",
+                                     *(["--cfg-parallel"] if args.cfg_parallel else [])]],
+                            [f"worker {'cpu' if device == 'cpu' else 'gpus'} 0-{n - 1}"])
+    if device == "cpu":
+        return LocalWorkers([base] * n, [f"worker cpu {i}" for i in range(n)])
+    return LocalWorkers([base + ["--gpu", str(i)] for i in range(n)], [f"worker gpu {i}" for i in range(n)])
+
+
+def _subparser(name: str) -> argparse.ArgumentParser:
+    return next(action for action in build_parser()._actions
+                if isinstance(action, argparse._SubParsersAction)).choices[name]
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -752,6 +805,17 @@ def _without_gpus(argv: list[str]) -> list[str]:
         elif not word.startswith("--gpus="):
             out.append(word)
     return out
+
+
+def _gpu_list(text: str) -> list[int]:
+    """--gpus 0,1,...: GPU indices (argparse names the flag when this raises)."""
+    try:
+        gpus = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give GPU indices separated by commas, e.g. 0,1 (got {text!r})") from None
+    if any(k < 0 for k in gpus):
+        raise argparse.ArgumentTypeError(f"GPU indices are 0 or more (got {text!r})")
+    return gpus
 
 
 def _rank_device(device: str | None) -> str | None:
@@ -1150,9 +1214,18 @@ def _add_serve(sub: argparse._SubParsersAction, tiny: str) -> None:
     srv.add_argument("--no-ui", action="store_true", help="the API only (no Gradio: starts faster)")
     srv.add_argument("--max-upload-mb", type=float, default=100, help="largest image or video upload (default 100)")
     srv.add_argument("--dit", metavar="FILE", help="the DiT checkpoint to use when the model folder holds several")
-    srv.add_argument("--workers", type=int, default=1, choices=(0, 1),
+    srv.add_argument("--workers", type=int, choices=(0, 1),
                      help="1 (default): this process loads the model and runs the jobs; 0: only the API and UI, "
                           "the jobs run in `wanx worker` processes on the same --queue and --outputs")
+    local = srv.add_argument_group("several GPUs", "workers this server starts and stops itself, as `wanx worker` "
+                                                   "child processes on its --queue and --outputs")
+    local.add_argument("--gpus", type=int, metavar="N", help="N local workers, one per GPU (with --device cpu, N CPU "
+                                                             "workers); with --sp, one worker over the N GPUs")
+    local.add_argument("--sp", choices=["auto", "ulysses", "ring"],
+                       help="with --gpus N: one sequence-parallel group of N ranks (each job faster) instead of N "
+                            "workers (more jobs at once); as wanx generate's --sp")
+    local.add_argument("--cfg-parallel", action="store_true",
+                       help="with --gpus N: one group, cond and uncond on two halves of the ranks (with --sp too)")
     srv.add_argument("--allowed-hosts", metavar="NAMES", help="host names (comma-separated) the server is reached as "
                                                              "besides localhost, IP addresses and --host, e.g. behind "
                                                              "a proxy; * for any")
@@ -1166,7 +1239,7 @@ def _add_worker(sub: argparse._SubParsersAction, tiny: str) -> None:
     wrk = sub.add_parser("worker", help="run one model's jobs from a shared queue (beside wanx serve --workers 0)",
                          description="Load a model once and run the jobs for it from the queue a `wanx serve "
                                      "--workers 0` takes them into, until SIGTERM or Ctrl-C (the running job goes "
-                                     "back to the queue). Start one per GPU (CUDA_VISIBLE_DEVICES), on any host that "
+                                     "back to the queue). Start one per GPU (--gpu K), or one per group of GPUs (--gpus), on any host that "
                                      "reaches the queue and the --outputs folder. $WANX_LEASE_S: how long a job of a "
                                      "worker that died waits before another runs it (default 300).")
     wrk.add_argument("--queue", metavar="URL", required=True,
@@ -1177,6 +1250,16 @@ def _add_worker(sub: argparse._SubParsersAction, tiny: str) -> None:
                                                                 "outputs/serve)")
     wrk.add_argument("--loras", metavar="FOLDER", help="the server's --loras folder")
     wrk.add_argument("--dit", metavar="FILE", help="the DiT checkpoint to use when the model folder holds several")
+    where = wrk.add_argument_group("GPUs", "which GPU(s) this worker uses (default: as --device says)")
+    pick = where.add_mutually_exclusive_group()
+    pick.add_argument("--gpu", type=int, metavar="K", help="this worker on GPU K (counted as cuda:K counts them)")
+    pick.add_argument("--gpus", type=_gpu_list, metavar="0,1,...",
+                      help="one worker made of a sequence-parallel group of ranks, one per listed GPU (with "
+                           "--device cpu, that many CPU ranks): rank 0 takes the jobs, all ranks run each one")
+    where.add_argument("--sp", default="auto", choices=["auto", "ulysses", "ring", "none"],
+                       help="with --gpus: sequence parallel, as wanx generate's --sp")
+    where.add_argument("--cfg-parallel", action="store_true",
+                       help="with --gpus: cond and uncond on two halves of the ranks (an even count)")
     _memory_speed_flags(wrk)
     _runtime_flags(wrk, "DiT and encoder weights (default bf16 on GPU, fp32 on CPU); the VAE stays fp32")
     wrk.set_defaults(func=cmd_worker)

@@ -747,9 +747,11 @@ def check_port(host: str, port: int) -> None:
             raise ValueError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})") from None
 
 
-def serve(args, flags: dict | None = None) -> int:
+def serve(args, flags: dict | None = None, local=None) -> int:
     """`wanx serve`: check everything, load the model once, then serve until Ctrl-C. flags: how
-    the command line spells each runtime choice, for Runtime.check's refusals."""
+    the command line spells each runtime choice, for Runtime.check's refusals. local: the
+    `wanx worker` children to start once the queue is there and stop with the server
+    (wanx.serve.local.LocalWorkers; `--gpus N`)."""
     import os
     import time
 
@@ -814,8 +816,12 @@ def serve(args, flags: dict | None = None) -> int:
           file=sys.stderr, flush=True)
     # no access log: the UI polls once a second per open page
     try:
+        if local is not None:
+            local.start()
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
                     access_log=False)
     finally:
+        if local is not None:
+            local.stop()
         lock.close()
-    return 0
+    return 0 if local is None else local.exit_code
