@@ -20,7 +20,8 @@ from .conftest import FAST, ServeProcess, wait_for
 from .test_ops import _samples
 from .test_workers import _start_worker, _wait
 
-STEPS = 200  # 0.01-0.1 s a step on the tiny model: heartbeats (one a second) while it samples; cancelled once seen
+STEPS = 1000  # the most a server takes; 0.003-0.1 s a step on the tiny model: heartbeats (one a second)
+# while it samples; cancelled once seen (200 steps once ended in 0.6 s, before the first heartbeat)
 
 
 def test_a_workers_progress_preview_and_metrics_reach_the_api(tiny, tmp_path):
