@@ -77,6 +77,8 @@ def command_lines():
         for block in blocks("bash", text):
             for line in block.splitlines():
                 words = shlex.split(line, comments=True)
+                if words and words[-1] == "&":  # started in the background: the command is the rest
+                    words = words[:-1]
                 argv = wanx_argv(words) if words else None
                 if argv is not None:
                     yield pytest.param(argv, id=f"{Path(page).stem}: " + " ".join(argv)[:60])
