@@ -113,6 +113,12 @@ class JobQueue:
         self._beat = 0.0  # when the lease was last renewed
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # a worker that died between an accepted `finish` and its renames left a done job's files
+        # under their attempt names: give them their final ones (before the cleanup below takes them)
+        for attempt in self.folder.glob(".*.*-*.mp4"):
+            job = self._queue.get(attempt.name.split(".")[1])
+            if job is not None:
+                self._complete(job)
         # half-written by this worker before it died (other workers' files, under other names, are theirs),
         # or by a server from before the per-attempt names
         for stale in self.folder.glob(f".*.{self._tag}-*"):
@@ -148,11 +154,11 @@ class JobQueue:
 
     def get(self, job_id: str) -> dict | None:
         job = self._queue.get(job_id)
-        return self._public(job) if job else None
+        return self._public(self._complete(job)) if job else None
 
     def list(self, status: str | None = None, limit: int = 100) -> list[dict]:
         """Newest first."""
-        return [self._public(job) for job in self._queue.list(status=status, limit=limit)]
+        return [self._public(self._complete(job)) for job in self._queue.list(status=status, limit=limit)]
 
     def counts(self) -> dict[str, int]:
         return self._queue.counts()["status"]
@@ -296,7 +302,10 @@ class JobQueue:
             video.save(attempt, audio=getattr(video, "soundtrack", None))
             settings = {**video.metadata, "id": job_id, "request": job["request"]}
             _write_atomic(attempt.with_suffix(".json"), json.dumps(settings, indent=2, ensure_ascii=False))
-            if self._queue.finish(job_id, self.worker_id, "done", settings=settings):
+            # the row names this attempt's files: if this process dies before the renames below,
+            # whoever reads the job next (the API, a worker starting) completes them (_complete)
+            files = {"video": attempt.name, "settings": attempt.with_suffix(".json").name}
+            if self._queue.finish(job_id, self.worker_id, "done", settings=settings, result={"files": files}):
                 os.replace(attempt.with_suffix(".json"), out.with_suffix(".json"))
                 os.replace(attempt, out)
         except Cancelled:
@@ -318,6 +327,24 @@ class JobQueue:
                 self._remove_inputs(job_id)
 
     # -- helpers ----------------------------------------------------------------------------
+    def _complete(self, row: dict) -> dict:
+        """A done job whose finisher stopped between its accepted `finish` and the renames: the
+        attempt's files the row names get their final names (settings first, as `_run` does).
+        Two readers at once are fine: the second finds the attempt's file gone. Returns `row`."""
+        files = (row.get("result") or {}).get("files") if row["status"] == "done" else None
+        if not isinstance(files, dict):
+            return row
+        out = self.output_path(row["id"])
+        for kind, final in (("settings", out.with_suffix(".json")), ("video", out)):
+            name = files.get(kind)
+            # only a name this job's attempts make, in this folder: never a path from the row
+            if not isinstance(name, str) or not re.fullmatch(rf"\.{re.escape(row['id'])}\.[0-9a-f]+-\d+\.(mp4|json)", name):
+                continue
+            if not final.exists() and (self.folder / name).exists():
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(self.folder / name, final)
+        return row
+
     def _remove_inputs(self, job_id: str) -> None:
         for path in (self.folder / INPUTS).glob(f"{job_id}-*"):
             path.unlink(missing_ok=True)
