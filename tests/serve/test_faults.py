@@ -8,14 +8,17 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import av
 import pytest
 from fastapi.testclient import TestClient
 
-from wanx.serve.jobs import JobQueue
+from wanx.serve.jobs import JobQueue, check_outputs
 from wanx.serve.queue import open_queue
+
+from tests.test_cli_errors import error_of, no_loading  # noqa: F401 (no_loading: a fixture)
 
 # A worker that makes one job's video and dies (os._exit: no `finally`, as SIGKILL) at the
 # first rename to a final name (<id>.json), which comes after its `finish` was accepted.
@@ -73,3 +76,180 @@ def test_a_result_accepted_but_not_renamed_is_served_and_completed(make_server, 
     assert not (folder / f"{second}.mp4").exists()
     JobQueue(folder, lambda job, on_step: None, url=url, model="tiny", worker_id="next").stop()
     assert _frames(folder / f"{second}.mp4") == 3 and (folder / f"{second}.json").is_file()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def new_queue(request, tmp_path):
+    """new_queue() -> the URL of a fresh queue, kept outside any outputs folder (as a shared one is)."""
+    made = []
+
+    def new() -> str:
+        made.append(None)
+        if request.param == "sqlite":
+            return f"sqlite:///{tmp_path}/queue{len(made)}.sqlite"
+        return request.getfixturevalue("postgres_server")()
+
+    return new
+
+
+def _runner(job, on_step):
+    raise AssertionError("no job runs in these tests")
+
+
+def test_an_outputs_folder_belongs_to_one_queue(new_queue, tmp_path):
+    first, other = new_queue(), new_queue()
+    a, b = tmp_path / "a", tmp_path / "b"
+    JobQueue(a, _runner, url=first, model="tiny").stop()  # the first on the queue: a is its folder now
+    queue_id = open_queue(first).queue_id
+    assert (a / "wanx-queue").read_text().strip() == queue_id
+    JobQueue(a, _runner, url=first, model="tiny", worker_id="w2").stop()  # the same folder again: fine
+    with pytest.raises(ValueError, match=rf"--outputs {b} has no wanx-queue file but queue .* is in use "
+                                         rf"\(its results go to .*:{a}\); give every wanx serve and wanx worker"):
+        JobQueue(b, _runner, url=first, model="tiny")
+    with pytest.raises(ValueError, match=rf"--outputs {a} holds the results of queue {queue_id} \(its wanx-queue "
+                                         rf"file\), not of --queue .* \({open_queue(other).queue_id}\)"):
+        JobQueue(a, _runner, url=other, model="tiny")
+    assert not (b / "wanx-queue").exists()
+
+
+def test_a_queue_with_jobs_from_before_needs_its_folder_named(new_queue, tmp_path):
+    url = new_queue()
+    open_queue(url).submit({"prompt": "x"}, model="tiny")  # a queue in use before the markers
+    with pytest.raises(ValueError, match="it has jobs from before its outputs were recorded") as refused:
+        JobQueue(tmp_path / "c", _runner, url=url, model="tiny")
+    fix = str(refused.value).split("write the queue's id in it: ")[1]
+    subprocess.run(fix, shell=True, check=True)  # echo <id> > c/wanx-queue, as the message says
+    JobQueue(tmp_path / "c", _runner, url=url, model="tiny").stop()
+
+
+def test_the_folders_own_queue_needs_no_marker_but_refuses_a_foreign_one(new_queue, tmp_path):
+    url = new_queue()
+    JobQueue(tmp_path / "a", _runner, url=url, model="tiny").stop()
+    queue = JobQueue(tmp_path / "own", _runner, model="tiny")  # the default: the folder's jobs.sqlite
+    queue.submit({"prompt": "x"})
+    queue.stop()
+    JobQueue(tmp_path / "own", _runner, model="tiny").stop()  # its jobs, its folder: no marker needed
+    assert not (tmp_path / "own" / "wanx-queue").exists()
+    (tmp_path / "own" / "wanx-queue").write_text((tmp_path / "a" / "wanx-queue").read_text())
+    with pytest.raises(ValueError, match="holds the results of queue"):
+        JobQueue(tmp_path / "own", _runner, model="tiny")
+
+
+def test_serve_and_worker_refuse_another_queues_folder_in_one_line(tiny, new_queue, tmp_path, capsys, no_loading):
+    from .conftest import free_port
+
+    first, other = new_queue(), new_queue()
+    (tmp_path / "a").mkdir()
+    check_outputs(first, tmp_path / "a", api_models=["tiny"])  # `wanx serve --queue first --outputs a` did this
+    (tmp_path / "b").mkdir()
+    worker = ["worker", "--model", "tiny", "--device", "cpu", "--queue", first, "--outputs", str(tmp_path / "b")]
+    assert f"--outputs {tmp_path / 'b'} has no wanx-queue file" in error_of(capsys, worker)
+    serve = ["serve", "--model", "tiny", "--device", "cpu", "--port", str(free_port()), "--queue", other,
+             "--outputs", str(tmp_path / "a")]
+    assert f"--outputs {tmp_path / 'a'} holds the results of queue" in error_of(capsys, serve)
+
+
+def test_a_worker_for_a_model_no_api_accepts_is_refused(tiny, new_queue, tmp_path, capsys, no_loading):
+    url = new_queue()
+    outputs = tmp_path / "out"
+    outputs.mkdir()
+    check_outputs(url, outputs, worker_model="tiny")  # no API yet: allowed, and said
+    assert "no wanx serve has registered on queue" in capsys.readouterr().err
+    check_outputs(url, outputs, api_models=["tiny-i2v"])  # `wanx serve --model tiny-i2v` on this queue
+    worker = ["worker", "--model", "tiny", "--device", "cpu", "--queue", url, "--outputs", str(outputs)]
+    assert "--model tiny: the API on queue" in error_of(capsys, worker)
+    assert "accepts jobs only for tiny-i2v; start this worker with one of those" in error_of(capsys, worker)
+
+
+def test_a_dropped_connection_mid_job_costs_the_job_nothing(postgres_server, tmp_path):
+    """pg_terminate_backend on the worker's connections (found by its application_name) between
+    two steps: the next heartbeat meets the dead connection, opens a new one, and the job goes
+    on to done, once; as do a drop just before its finish and one while it waits for work."""
+    import numpy as np
+    import psycopg
+
+    from wanx.video import Video
+
+    url = postgres_server()
+
+    def drop() -> int:
+        with psycopg.connect(postgres_server.admin_url, autocommit=True) as admin:
+            return len(admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                     "WHERE application_name = 'dropped-worker'").fetchall())
+
+    def runner(job, on_step):
+        for step in (1, 2, 3):
+            time.sleep(1.05)  # each step's on_step renews the lease (at most once a second)
+            if step == 2:
+                assert drop() == 1  # the one connection this worker's thread has
+            on_step(step, 3, None)
+        assert drop() == 1  # the finish meets a dead connection too
+        return Video(np.full((3, 16, 16, 3), 50, np.uint8), 16, {})
+
+    worker = JobQueue(tmp_path, runner, url=url, model="tiny", worker_id="dropped-worker")
+    try:
+        job_id = worker.submit({"prompt": "x"})
+        worker._run(worker._claim())
+        job = worker.get(job_id)
+        assert job["status"] == "done" and job["attempts"] == 1, job
+        assert job["events"] == ["queued", "running", "done"]
+        assert _frames(tmp_path / f"{job_id}.mp4") == 3
+        assert drop() == 1
+        assert worker._claim() is None  # idle: the next claim reconnects too
+    finally:
+        worker.stop()
+
+
+def test_a_drop_inside_a_heartbeat_gives_the_job_back_and_it_runs_once(postgres_server, tmp_path):
+    """The drop lands while the heartbeat's UPDATE runs (held there by a row lock another session
+    takes): the heartbeat fails, the job is given back (not failed), and its next run is its only result."""
+    import threading
+
+    import numpy as np
+    import psycopg
+
+    from wanx.video import Video
+
+    url = postgres_server()
+    runs = []
+
+    def drop_while_waiting(locker) -> None:
+        with psycopg.connect(url, autocommit=True) as admin:
+            end = time.monotonic() + 30
+            while time.monotonic() < end:
+                waiting = admin.execute("SELECT pid FROM pg_stat_activity WHERE application_name = 'w-drop' "
+                                        "AND wait_event_type = 'Lock'").fetchall()
+                if waiting:
+                    admin.execute("SELECT pg_terminate_backend(%s)", (waiting[0][0],))
+                    break
+                time.sleep(0.02)
+        locker.rollback()
+
+    def runner(job, on_step):
+        runs.append(job["id"])
+        time.sleep(1.05)
+        if len(runs) == 1:
+            locker = psycopg.connect(url)  # not autocommit: the lock is held until its rollback
+            locker.execute("SELECT 1 FROM wanx_jobs WHERE id = %s FOR UPDATE", (job["id"],))
+            dropper = threading.Thread(target=drop_while_waiting, args=(locker,))
+            dropper.start()
+            try:
+                on_step(1, 1, None)  # the heartbeat waits on the lock, then its connection is dropped
+            finally:
+                dropper.join()
+                locker.close()
+        return Video(np.full((3, 16, 16, 3), 50, np.uint8), 16, {"run": len(runs)})
+
+    worker = JobQueue(tmp_path, runner, url=url, model="tiny", worker_id="w-drop")
+    try:
+        job_id = worker.submit({"prompt": "x"})
+        worker._run(worker._claim())
+        job = worker.get(job_id)
+        assert job["status"] == "queued" and job["attempts"] == 0, job  # given back, not failed
+        worker._run(worker._claim())
+        job = worker.get(job_id)
+        assert job["status"] == "done" and job["events"] == ["queued", "running", "queued", "running", "done"]
+        assert runs == [job_id, job_id] and job["settings"]["run"] == 2
+        assert sorted(p.name for p in tmp_path.glob(f"*{job_id}*")) == [f"{job_id}.json", f"{job_id}.mp4"]
+    finally:
+        worker.stop()

@@ -28,11 +28,72 @@ from typing import Callable
 
 import numpy as np
 
+from .queue import QueueError
+
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 FINAL = ("done", "failed", "cancelled")
 DB_FILE = "jobs.sqlite"
 LOCK_FILE = "serve.lock"  # held (flock) by the one server that runs this folder's queue
 INPUTS = "inputs"  # uploaded images and videos, under server-made names
+
+MARKER = "wanx-queue"  # in an outputs folder: the id of the queue whose results it holds
+
+
+def check_outputs(url: str | None, folder: str | Path, *, api_models=(), worker_model: str | None = None) -> None:
+    """Before anything loads: the queue at `url` (None: the folder's own SQLite file) answers and
+    has its tables, and `folder` is its outputs folder (bind_outputs). api_models: the models a
+    `wanx serve` accepts jobs for, registered in the queue; worker_model: a `wanx worker`'s model,
+    refused when the queue's APIs accept no job for it. ValueError in one line otherwise."""
+    from .queue import open_queue, redact
+
+    folder = Path(folder)
+    queue = open_queue(url or f"sqlite:///{folder / DB_FILE}")
+    try:
+        bind_outputs(queue, folder)
+        if api_models:
+            queue.register_api(f"serve:{socket.gethostname()}:{folder.resolve()}", api_models)
+        if worker_model is not None:
+            served = queue.api_models()
+            if served and worker_model not in served:
+                raise ValueError(f"--model {worker_model}: the API on queue {redact(queue.url)} accepts jobs only for "
+                                 f"{', '.join(sorted(served))}; start this worker with one of those, or a wanx serve "
+                                 f"--model {worker_model} on this queue")
+            if not served:  # started before the API (any start order works): said, not refused
+                print(f"wanx worker: no wanx serve has registered on queue {redact(queue.url)} yet; this worker "
+                      f"runs its jobs for {worker_model} once one accepts them", file=sys.stderr, flush=True)
+    finally:
+        queue.close()
+
+
+def bind_outputs(queue, folder: Path) -> None:
+    """One queue, one outputs folder: workers on one queue writing into different folders would
+    each run jobs whose results the API then cannot find. The folder's MARKER holds the queue's id
+    (written by the first server or worker on the queue); a folder with another queue's id, or
+    without one while the queue's results go elsewhere, is refused. The folder's own SQLite queue
+    (the default) needs no marker: the file lives in the folder."""
+    from .queue import redact
+
+    marker, queue_id = folder / MARKER, queue.queue_id
+    fix = "give every wanx serve and wanx worker of one queue the same shared --outputs"
+    if marker.is_file():
+        held = marker.read_text(encoding="utf-8").strip()
+        if held != queue_id:
+            raise ValueError(f"--outputs {folder} holds the results of queue {held} (its {MARKER} file), not of "
+                             f"--queue {redact(queue.url)} ({queue_id}); {fix}, or a new folder for this queue")
+        return
+    place = f"{socket.gethostname()}:{folder.resolve()}"
+    own = queue.url == f"sqlite:///{folder / DB_FILE}" or (
+        queue.url.startswith("sqlite:///") and Path(queue.url[len("sqlite:///"):]).resolve() == (folder / DB_FILE).resolve())
+    bound = queue.bind_outputs(place, fresh_only=not own)
+    if own:
+        return
+    if bound != place:
+        where = f"its results go to {bound}" if bound else "it has jobs from before its outputs were recorded"
+        raise ValueError(f"--outputs {folder} has no {MARKER} file but queue {redact(queue.url)} is in use ({where}); "
+                         f"{fix}; if {folder} is that folder, write the queue's id in it: "
+                         f"echo {queue_id} > {marker}")
+    _write_atomic(marker, queue_id)
+
 
 def hold_folder(folder: str | Path):
     """Take the outputs folder for this process: an exclusive lock on `folder/serve.lock`, held
@@ -99,7 +160,8 @@ class JobQueue:
         self.runner, self.retries, self.model = runner, retries, model
         self.url = url or f"sqlite:///{self.folder / DB_FILE}"
         self.lease_s = lease_seconds()
-        self._queue = open_queue(self.url, max_attempts=retries + 1)
+        self._queue = open_queue(self.url, max_attempts=retries + 1, name=worker_id or "wanx serve")
+        bind_outputs(self._queue, self.folder)
         # the server's worker keeps its id across restarts on this folder (whose lock makes it the
         # only one): a restart finds the jobs it was running, as interrupted. A `wanx worker` gives
         # its own, new at each start (a job it held when it died comes back when its lease runs out)
@@ -111,6 +173,7 @@ class JobQueue:
         self._progress: dict[str, dict] = {}  # the running job: step, total, times
         self._latents: dict[str, object] = {}  # its latest latents, for a preview on request
         self._beat = 0.0  # when the lease was last renewed
+        self._away = False  # the queue did not answer this worker's last claim
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # a worker that died between an accepted `finish` and its renames left a done job's files
@@ -256,7 +319,15 @@ class JobQueue:
 
     def _work(self) -> None:
         while not self._stop.is_set():
-            job = self._claim()
+            try:
+                job = self._claim()
+            except QueueError as err:  # the queue is away (a restart, the network): wait for it, said once
+                if not self._away:
+                    print(f"wanx: worker {self.worker_id} waits for the queue: {err}", file=sys.stderr, flush=True)
+                self._away = True
+                self._stop.wait(2.0)
+                continue
+            self._away = False
             if job is None:
                 with self._wake:
                     self._wake.wait(0.5)
@@ -314,6 +385,14 @@ class JobQueue:
             self._queue.release(job_id, self.worker_id)
         except _Lost:  # another worker has it now: nothing of this run is recorded
             pass
+        except QueueError as err:
+            # the queue's connection dropped inside a heartbeat (or the finish): not the job's fault.
+            # Nothing of this run is recorded; the job goes back now (the next call reconnects), or
+            # when its lease runs out if the queue is still away. A finish that did land is kept
+            # (release refuses a job no longer running), its files completed below by get()
+            print(f"wanx: job {job_id} given back to the queue: {err}", file=sys.stderr, flush=True)
+            with contextlib.suppress(QueueError):
+                self._queue.release(job_id, self.worker_id)
         except Exception as err:  # the job failed, the server goes on
             traceback.print_exc(file=sys.stderr)
             self._queue.finish(job_id, self.worker_id, "failed", error=_one_line(err))
