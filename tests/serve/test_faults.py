@@ -4,6 +4,7 @@ model no API serves, and 3 workers + an API restarted under load (every job done
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -253,3 +254,63 @@ def test_a_drop_inside_a_heartbeat_gives_the_job_back_and_it_runs_once(postgres_
         assert sorted(p.name for p in tmp_path.glob(f"*{job_id}*")) == [f"{job_id}.json", f"{job_id}.mp4"]
     finally:
         worker.stop()
+
+
+@pytest.mark.load
+def test_three_workers_sixty_jobs_an_api_restart_and_a_dropped_connection(tiny, tmp_path, postgres_server):
+    """3 `wanx worker`s and `wanx serve --workers 0` on PostgreSQL, 60 jobs; meanwhile one worker's
+    connection is dropped mid-job and the API is restarted (SIGTERM, then again on the same queue and
+    folder). Every job is done once, by one finisher, with a complete mp4; nothing stray is left."""
+    import psycopg
+
+    from .conftest import FAST, ServeProcess, wait_for
+    from .test_workers import _start_worker, _wait
+
+    outputs, url = tmp_path / "outputs", postgres_server()
+    outputs.mkdir()
+    env = {**os.environ, "WANX_LEASE_S": "30", "GRADIO_ANALYTICS_ENABLED": "False"}  # live = seen within a lease
+    api = ServeProcess(outputs, "--workers", "0", "--no-ui", "--queue", url, env=env)
+    workers = [_start_worker(outputs, url, env) for _ in range(3)]
+    queue = open_queue(url)
+    request = {**FAST, "steps": 1}  # 60 jobs on 2 shared cores: the least that makes a video
+
+    def submit(client, n: int) -> str:
+        answer = client.post("/v1/videos", json={"prompt": f"job {n}", "seed": n, **request})
+        assert answer.status_code == 202, answer.text
+        return answer.json()["id"]
+
+    try:
+        _wait(lambda: len(queue.workers(max_age=30)) == 3 or any(w.poll() is not None for w in workers), 240,
+              "three workers registered")
+        assert all(w.poll() is None for w in workers), "a worker exited"
+        ids = [submit(api.client, n) for n in range(30)]
+        running = _wait(lambda: next((j for j in queue.list(status="running") if j["worker_id"]), None), 60,
+                        "a job runs")
+        with psycopg.connect(url, autocommit=True) as admin:  # that worker's connection, cut mid-job
+            assert admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+                                 (running["worker_id"],)).fetchall()
+        api.close()  # SIGTERM
+        assert "Application shutdown complete" in Path(api.log.name).read_text()  # uvicorn re-raises the signal
+        api = ServeProcess(outputs, "--workers", "0", "--no-ui", "--queue", url, env=env)
+        ids += [submit(api.client, n) for n in range(30, 60)]
+        jobs = [wait_for(api.client, job_id, timeout=240) for job_id in ids]
+        assert [job["status"] for job in jobs] == ["done"] * 60
+        listed = api.client.get("/v1/videos", params={"limit": 1000}).json()
+        assert sorted(job["id"] for job in listed["videos"]) == sorted(ids) and listed["counts"]["done"] == 60
+        assert all(w.poll() is None for w in workers), "a worker exited"
+        for job_id in ids:
+            row = queue.get(job_id)
+            assert [status for status, _ in row["events"]].count("done") == 1 and row["attempts"] == 1, row
+            assert row["result"]["files"]["video"].startswith(f".{job_id}.")
+            assert json.loads((outputs / f"{job_id}.json").read_text())["id"] == job_id
+            assert _frames(outputs / f"{job_id}.mp4") == request["frames"]
+        made = {f"{job_id}{suffix}" for job_id in ids for suffix in (".mp4", ".json")}
+        assert sorted(p.name for p in outputs.iterdir() if p.name not in made) == ["inputs", "serve.lock", "wanx-queue"]
+        assert list((outputs / "inputs").iterdir()) == []
+    finally:
+        queue.close()
+        for worker in workers:
+            if worker.poll() is None:
+                worker.terminate()
+                worker.wait(30)
+        api.close()
