@@ -314,3 +314,36 @@ def test_three_workers_sixty_jobs_an_api_restart_and_a_dropped_connection(tiny, 
                 worker.terminate()
                 worker.wait(30)
         api.close()
+
+
+def test_a_worker_waits_while_the_queue_is_away_then_goes_on(postgres_server, tmp_path, capfd):
+    """The database refuses connections for a while (a restart, a failover): the worker's loop
+    says so once and keeps trying, instead of its thread dying; then it runs the next job."""
+    import numpy as np
+    import psycopg
+
+    from wanx.video import Video
+
+    url = postgres_server()
+    name = url.rsplit("/", 1)[1]
+    worker = JobQueue(tmp_path, lambda job, on_step: Video(np.zeros((3, 16, 16, 3), np.uint8), 16, {}), url=url,
+                      model="tiny", worker_id="w-away")
+    other = open_queue(url)
+    with psycopg.connect(postgres_server.admin_url, autocommit=True) as admin:
+        try:
+            worker.start()
+            time.sleep(0.5)
+            admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'w-away'")
+            time.sleep(3)  # claims fail: cannot connect
+            admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+            job_id = other.submit({"prompt": "x"}, model="tiny")
+            end = time.monotonic() + 30
+            while other.get(job_id)["status"] != "done" and time.monotonic() < end:
+                time.sleep(0.1)
+            assert other.get(job_id)["status"] == "done" and worker._thread.is_alive()
+            assert capfd.readouterr().err.count("waits for the queue") == 1
+        finally:
+            admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+            other.close()
+            worker.stop()

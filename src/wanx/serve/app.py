@@ -17,10 +17,10 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 from ..pipeline import RequestError
 from ..request import KEY_NAMES, PIPELINE_KEYS, check_job, fix_seed, parse_job, pipeline_kwargs
 from .common import API_TYPES, AS_UPLOADED, MANY, UPLOADS, VIDEO_UPLOADS, UploadError, listed
-from .jobs import DB_FILE, INPUTS, LOCK_FILE, JobQueue, NoWorker, check_outputs, hold_folder
+from .jobs import DB_FILE, INPUTS, LOCK_FILE, MARKER, JobQueue, NoWorker, check_outputs, hold_folder
 
 # what the UI must never hand out by path: the job database (and SQLite's companions) and the uploads
-PRIVATE_FILES = (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", f"{DB_FILE}-journal", INPUTS, LOCK_FILE)
+PRIVATE_FILES = (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", f"{DB_FILE}-journal", INPUTS, LOCK_FILE, MARKER)
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 MAX_STEPS = 1000  # the queue is shared: one request cannot hold it for days
 MAX_FRAMES = 1001

@@ -332,7 +332,10 @@ class JobQueue:
                 with self._wake:
                     self._wake.wait(0.5)
                 continue
-            self._run(job)
+            try:
+                self._run(job)
+            except QueueError as err:  # it went away as the job ended: the job is settled, or its lease runs out
+                print(f"wanx: worker {self.worker_id}: {err}", file=sys.stderr, flush=True)
 
     def _heartbeat(self, job_id: str) -> None:
         """Renew the lease (at most once a second) and hear of a cancel from another process."""
