@@ -169,11 +169,11 @@ class JobQueue:
         # this worker's part of the temporary names its results are written under (see _run)
         self._tag = hashlib.sha1(self.worker_id.encode()).hexdigest()[:10]
         self._cancel: set[str] = set()
+        self._away = False  # the queue did not answer this worker's last claim
         self._wake = threading.Condition()
         self._progress: dict[str, dict] = {}  # the running job: step, total, times
         self._latents: dict[str, object] = {}  # its latest latents, for a preview on request
         self._beat = 0.0  # when the lease was last renewed
-        self._away = False  # the queue did not answer this worker's last claim
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # a worker that died between an accepted `finish` and its renames left a done job's files
@@ -409,6 +409,10 @@ class JobQueue:
                 self._remove_inputs(job_id)
 
     # -- helpers ----------------------------------------------------------------------------
+    def _remove_inputs(self, job_id: str) -> None:
+        for path in (self.folder / INPUTS).glob(f"{job_id}-*"):
+            path.unlink(missing_ok=True)
+
     def _complete(self, row: dict) -> dict:
         """A done job whose finisher stopped between its accepted `finish` and the renames: the
         attempt's files the row names get their final names (settings first, as `_run` does).
@@ -426,10 +430,6 @@ class JobQueue:
                 with contextlib.suppress(FileNotFoundError):
                     os.replace(self.folder / name, final)
         return row
-
-    def _remove_inputs(self, job_id: str) -> None:
-        for path in (self.folder / INPUTS).glob(f"{job_id}-*"):
-            path.unlink(missing_ok=True)
 
     def _public(self, row: dict) -> dict:
         job = {"id": row["id"], "status": row["status"], "request": row["request"],

@@ -89,6 +89,7 @@ class Queue:
         self.url = backend.url
         self.max_attempts = max_attempts
         backend.create_schema()
+        backend.create_meta()
 
     def close(self) -> None:
         self._db.close()
@@ -376,18 +377,16 @@ CREATE TABLE IF NOT EXISTS wanx_workers (
 );
 """
 
+_EXISTING = "SELECT to_regclass('wanx_jobs'), to_regclass('wanx_jobs_claim'), to_regclass('wanx_workers')"
+
+
 # the queue's identity and the APIs on it (keys 'queue_id', 'outputs', 'api:<id>'); the id is made
-# once, with the table, by whoever creates it first
-_META = """
-CREATE TABLE IF NOT EXISTS wanx_meta (
+# once, with the table, by whoever opens the queue first
+_META = """CREATE TABLE IF NOT EXISTS wanx_meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
-);
-INSERT INTO wanx_meta (key, value) VALUES ('queue_id', '{queue_id}') ON CONFLICT (key) DO NOTHING;
-"""
-
-_EXISTING = ("SELECT to_regclass('wanx_jobs'), to_regclass('wanx_jobs_claim'), to_regclass('wanx_workers'), "
-             "to_regclass('wanx_meta')")
+)"""
+_META_ID = "INSERT INTO wanx_meta (key, value) VALUES ('queue_id', ?) ON CONFLICT (key) DO NOTHING"
 
 
 class _Statement:
@@ -459,6 +458,15 @@ class _SQLite(_Backend):
         if not self.path.parent.is_dir():
             raise QueueError(f"queue {url}: folder {self.path.parent} does not exist; create it or give another path")
 
+    def create_meta(self) -> None:
+        try:
+            with self.transaction() as sql:  # BEGIN IMMEDIATE: one process at a time
+                sql(_META)
+                sql(_META_ID, (str(uuid.uuid4()),))
+        except sqlite3.Error as err:
+            raise QueueError(f"queue {self.url}: cannot create the queue tables ({err}); "
+                             "check the file is a writable SQLite database") from None
+
     def _open(self) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, timeout=30, check_same_thread=False)
@@ -487,8 +495,7 @@ class _SQLite(_Backend):
 
     def create_schema(self) -> None:
         try:
-            self._connection().executescript(_SCHEMA.format(serial="INTEGER PRIMARY KEY AUTOINCREMENT", real="REAL")
-                                             + _META.format(queue_id=uuid.uuid4()))
+            self._connection().executescript(_SCHEMA.format(serial="INTEGER PRIMARY KEY AUTOINCREMENT", real="REAL"))
         except sqlite3.Error as err:
             raise QueueError(f"queue {self.url}: cannot create the queue tables ({err}); "
                              "check the file is a writable SQLite database") from None
@@ -511,6 +518,23 @@ class _Postgres(_Backend):
 
     def _usable(self, conn) -> bool:
         return not (conn.closed or conn.broken)
+
+    def create_meta(self) -> None:
+        import psycopg
+
+        try:
+            with self.transaction() as sql:
+                # a role that may only use the tables must not need CREATE: look first
+                if sql("SELECT to_regclass('wanx_meta')")[0][0] is None:
+                    sql("SELECT pg_advisory_xact_lock(727274)")  # create_schema's: one creator at a time
+                    sql(_META)
+                if not sql("SELECT 1 FROM wanx_meta WHERE key = 'queue_id'"):
+                    sql(_META_ID, (str(uuid.uuid4()),))
+        except psycopg.errors.InsufficientPrivilege as err:
+            reason = err.diag.message_primary or " ".join(str(err).split())
+            user = urlsplit(self.url).username or "this user"
+            raise QueueError(f"queue {redact(self.url)}: no permission to create the queue tables ({reason}); "
+                             f"create them once as a role that may, or GRANT CREATE ON SCHEMA public TO {user}") from None
 
     def _open(self):
         import psycopg
@@ -566,8 +590,7 @@ class _Postgres(_Backend):
                     return
                 # concurrent first users would race on CREATE TABLE IF NOT EXISTS; one at a time
                 sql("SELECT pg_advisory_xact_lock(727274)")
-                schema = _SCHEMA.format(serial="BIGSERIAL PRIMARY KEY", real="DOUBLE PRECISION")
-                for statement in (schema + _META.format(queue_id=uuid.uuid4())).split(";"):
+                for statement in _SCHEMA.format(serial="BIGSERIAL PRIMARY KEY", real="DOUBLE PRECISION").split(";"):
                     if statement.strip():
                         sql(statement)
         except psycopg.errors.InsufficientPrivilege as err:
