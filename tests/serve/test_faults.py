@@ -348,3 +348,22 @@ def test_a_worker_waits_while_the_queue_is_away_then_goes_on(postgres_server, tm
             admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
             other.close()
             worker.stop()
+
+
+def test_completing_moves_only_an_attempts_own_file(tmp_path):
+    """The row names the files to complete; a name that is not one of this job's attempts (a path,
+    another job's file) is never moved, whoever wrote the row."""
+    folder = tmp_path / "out"
+    queue = JobQueue(folder, _runner, model="tiny", worker_id="w")
+    try:
+        job_id, other = queue.submit({"prompt": "x"}), queue.submit({"prompt": "y"})
+        (tmp_path / "outside.mp4").write_bytes(b"not yours")
+        (folder / f".{other}.abc-1.mp4").write_bytes(b"another job's")
+        assert queue._queue.claim("w", ["tiny"], 60)["id"] == job_id
+        assert queue._queue.finish(job_id, "w", "done", settings={}, result={"files": {
+            "video": "../outside.mp4", "settings": f".{other}.abc-1.mp4"}})
+        assert queue.get(job_id)["status"] == "done"
+        assert (tmp_path / "outside.mp4").exists() and (folder / f".{other}.abc-1.mp4").exists()
+        assert not (folder / f"{job_id}.mp4").exists() and not (folder / f"{job_id}.json").exists()
+    finally:
+        queue.stop()

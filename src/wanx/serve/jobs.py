@@ -82,8 +82,8 @@ def bind_outputs(queue, folder: Path) -> None:
                              f"--queue {redact(queue.url)} ({queue_id}); {fix}, or a new folder for this queue")
         return
     place = f"{socket.gethostname()}:{folder.resolve()}"
-    own = queue.url == f"sqlite:///{folder / DB_FILE}" or (
-        queue.url.startswith("sqlite:///") and Path(queue.url[len("sqlite:///"):]).resolve() == (folder / DB_FILE).resolve())
+    own = queue.url.startswith("sqlite:///") and \
+        Path(queue.url[len("sqlite:///"):]).resolve() == (folder / DB_FILE).resolve()
     bound = queue.bind_outputs(place, fresh_only=not own)
     if own:
         return
@@ -392,10 +392,11 @@ class JobQueue:
             # the queue's connection dropped inside a heartbeat (or the finish): not the job's fault.
             # Nothing of this run is recorded; the job goes back now (the next call reconnects), or
             # when its lease runs out if the queue is still away. A finish that did land is kept
-            # (release refuses a job no longer running), its files completed below by get()
+            # (release refuses a job no longer running)
             print(f"wanx: job {job_id} given back to the queue: {err}", file=sys.stderr, flush=True)
             with contextlib.suppress(QueueError):
-                self._queue.release(job_id, self.worker_id)
+                if not self._queue.release(job_id, self.worker_id):
+                    self.get(job_id)  # the finish landed, its answer lost: its files get their names before the cleanup
         except Exception as err:  # the job failed, the server goes on
             traceback.print_exc(file=sys.stderr)
             self._queue.finish(job_id, self.worker_id, "failed", error=_one_line(err))
@@ -421,10 +422,10 @@ class JobQueue:
         if not isinstance(files, dict):
             return row
         out = self.output_path(row["id"])
+        ours = rf"\.{re.escape(row['id'])}\.[0-9a-f]+-\d+\.(mp4|json)"  # an attempt's name: never a path from the row
         for kind, final in (("settings", out.with_suffix(".json")), ("video", out)):
             name = files.get(kind)
-            # only a name this job's attempts make, in this folder: never a path from the row
-            if not isinstance(name, str) or not re.fullmatch(rf"\.{re.escape(row['id'])}\.[0-9a-f]+-\d+\.(mp4|json)", name):
+            if not isinstance(name, str) or not re.fullmatch(ours, name):
                 continue
             if not final.exists() and (self.folder / name).exists():
                 with contextlib.suppress(FileNotFoundError):
