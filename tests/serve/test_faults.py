@@ -257,16 +257,20 @@ def test_a_drop_inside_a_heartbeat_gives_the_job_back_and_it_runs_once(postgres_
 
 
 @pytest.mark.load
-def test_three_workers_sixty_jobs_an_api_restart_and_a_dropped_connection(tiny, tmp_path, postgres_server):
-    """3 `wanx worker`s and `wanx serve --workers 0` on PostgreSQL, 60 jobs; meanwhile one worker's
-    connection is dropped mid-job and the API is restarted (SIGTERM, then again on the same queue and
-    folder). Every job is done once, by one finisher, with a complete mp4; nothing stray is left."""
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_three_workers_sixty_jobs_an_api_restart_and_a_dropped_connection(tiny, tmp_path, backend, request):
+    """3 `wanx worker`s and `wanx serve --workers 0` on one queue, 60 jobs; meanwhile one worker's
+    connection is dropped mid-job (PostgreSQL) and the API is restarted (SIGTERM, then again on the
+    same queue and folder). Every job is done once, by one finisher, with a complete mp4; nothing
+    stray is left. SQLite: a queue file outside the outputs folder, as a shared one would be."""
     import psycopg
 
     from .conftest import FAST, ServeProcess, wait_for
     from .test_workers import _start_worker, _wait
 
-    outputs, url = tmp_path / "outputs", postgres_server()
+    outputs = tmp_path / "outputs"
+    url = request.getfixturevalue("postgres_server")() if backend == "postgresql" else \
+        f"sqlite:///{tmp_path / 'queue.sqlite'}"
     outputs.mkdir()
     env = {**os.environ, "WANX_LEASE_S": "30", "GRADIO_ANALYTICS_ENABLED": "False"}  # live = seen within a lease
     api = ServeProcess(outputs, "--workers", "0", "--no-ui", "--queue", url, env=env)
@@ -286,9 +290,10 @@ def test_three_workers_sixty_jobs_an_api_restart_and_a_dropped_connection(tiny, 
         ids = [submit(api.client, n) for n in range(30)]
         running = _wait(lambda: next((j for j in queue.list(status="running") if j["worker_id"]), None), 60,
                         "a job runs")
-        with psycopg.connect(url, autocommit=True) as admin:  # that worker's connection, cut mid-job
-            assert admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
-                                 (running["worker_id"],)).fetchall()
+        if backend == "postgresql":
+            with psycopg.connect(url, autocommit=True) as admin:  # that worker's connection, cut mid-job
+                assert admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                     "WHERE application_name = %s", (running["worker_id"],)).fetchall()
         api.close()  # SIGTERM
         assert "Application shutdown complete" in Path(api.log.name).read_text()  # uvicorn re-raises the signal
         api = ServeProcess(outputs, "--workers", "0", "--no-ui", "--queue", url, env=env)
