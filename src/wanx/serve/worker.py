@@ -21,7 +21,8 @@ def run_worker(args, flags: dict | None = None) -> int:
     from ..pipeline import WanPipeline
     from ..runtime import Runtime
     from .app import Server
-    from .jobs import check_outputs, lease_seconds
+    from .jobs import lease_seconds
+    from .queue import open_queue
 
     lease_seconds()  # a bad $WANX_LEASE_S is named before anything loads
     if args.loras and not Path(args.loras).is_dir():
@@ -33,8 +34,7 @@ def run_worker(args, flags: dict | None = None) -> int:
     runtime = Runtime.from_flags(args)
     files = find_components(resolve_model(args.model, source=args.source), dit=args.dit)
     runtime.check(experts=2 if files.moe else 1, names=flags)
-    # reachable, its tables there, the folder its own and the model one the API accepts: before loading
-    check_outputs(args.queue, outputs, worker_model=args.model)
+    open_queue(args.queue).close()  # reachable, and its tables there, before the model loads
     host = socket.gethostname()
     worker_id = f"worker:{host}:{os.getpid()}:{secrets.token_hex(3)}"
     start = time.perf_counter()
