@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -154,8 +156,11 @@ def test_a_worker_for_a_model_no_api_accepts_is_refused(tiny, new_queue, tmp_pat
     url = new_queue()
     outputs = tmp_path / "out"
     outputs.mkdir()
-    check_outputs(url, outputs, worker_model="tiny")  # no API yet: allowed, and said
-    assert "no wanx serve has registered on queue" in capsys.readouterr().err
+    check_outputs(url, outputs, worker_model="tiny")  # no API yet: allowed (the worker's loop says so, below)
+    worker = JobQueue(outputs, _runner, url=url, model="tiny", worker_id="early")
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    worker.run_forever()  # until the signal
+    assert "wanx worker: no wanx serve has registered on queue" in capsys.readouterr().err
     check_outputs(url, outputs, api_models=["tiny-i2v"])  # `wanx serve --model tiny-i2v` on this queue
     worker = ["worker", "--model", "tiny", "--device", "cpu", "--queue", url, "--outputs", str(outputs)]
     assert "--model tiny: the API on queue" in error_of(capsys, worker)

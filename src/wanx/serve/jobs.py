@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from .queue import QueueError
+from .queue import redact as _redact
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 FINAL = ("done", "failed", "cancelled")
@@ -52,15 +53,11 @@ def check_outputs(url: str | None, folder: str | Path, *, api_models=(), worker_
         bind_outputs(queue, folder)
         if api_models:
             queue.register_api(f"serve:{socket.gethostname()}:{folder.resolve()}", api_models)
-        if worker_model is not None:
-            served = queue.api_models()
-            if served and worker_model not in served:
-                raise ValueError(f"--model {worker_model}: the API on queue {redact(queue.url)} accepts jobs only for "
-                                 f"{', '.join(sorted(served))}; start this worker with one of those, or a wanx serve "
-                                 f"--model {worker_model} on this queue")
-            if not served:  # started before the API (any start order works): said, not refused
-                print(f"wanx worker: no wanx serve has registered on queue {redact(queue.url)} yet; this worker "
-                      f"runs its jobs for {worker_model} once one accepts them", file=sys.stderr, flush=True)
+        served = queue.api_models() if worker_model is not None else ()
+        if served and worker_model not in served:  # none yet: run_forever says so (any start order works)
+            raise ValueError(f"--model {worker_model}: the API on queue {redact(queue.url)} accepts jobs only for "
+                             f"{', '.join(sorted(served))}; start this worker with one of those, or a wanx serve "
+                             f"--model {worker_model} on this queue")
     finally:
         queue.close()
 
@@ -272,6 +269,9 @@ class JobQueue:
         old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         self._stop.clear()
         self._queue.register_worker(self.worker_id, [self.model], host=host or socket.gethostname())
+        if not self._queue.api_models():  # started before any API: not refused (start order is free), said
+            print(f"wanx worker: no wanx serve has registered on queue {_redact(self.url)} yet; this worker runs its "
+                  f"jobs for {self.model} once one accepts them", file=sys.stderr, flush=True)
         try:
             self._work()
         finally:
