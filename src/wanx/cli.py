@@ -660,6 +660,11 @@ def _subparser(name: str) -> argparse.ArgumentParser:
 def cmd_worker(args: argparse.Namespace) -> int:
     from .serve.worker import run_worker  # torch loads only here
 
+    if Path(args.outputs).is_dir():  # (run_worker names a missing one) before the model loads: the folder
+        from .serve.jobs import check_outputs, lease_seconds  # is this queue's, an API on it takes the model
+
+        lease_seconds()  # a bad $WANX_LEASE_S first, as run_worker does
+        check_outputs(args.queue, args.outputs, worker_model=args.model)
     return run_worker(args, flags=RUNTIME_FLAGS)
 
 

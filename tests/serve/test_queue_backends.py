@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -228,22 +229,41 @@ def test_postgres_without_permission_to_create_tables(postgres_server):
 
 
 def test_postgres_dropped_connection_is_one_line_then_reconnects(postgres_server):
-    """A worker whose database connection is cut (server restart, network) gets one QueueError
-    for the call in flight; the next call connects again and the queue goes on."""
+    """A connection cut while idle (server restart, network, pg_terminate_backend) is replaced at
+    the next call's BEGIN, unseen; one cut while a call runs gives that call one QueueError
+    (nothing changed), and the next call connects again."""
     import psycopg
 
     url = postgres_server()
-    queue = open_queue(url)
+    queue = open_queue(url, name="cut-me")
     try:
         job_id = queue.submit({}, model="m")
         with psycopg.connect(url, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                          "WHERE datname = current_database() AND pid <> pg_backend_pid()")
-        with pytest.raises(QueueError, match=r"postgresql://postgres@.*: lost the connection .*try again") as err:
-            queue.claim("w", ["m"], 60)
-        assert "\n" not in str(err.value)
-        assert queue.get(job_id)["status"] == "queued"  # the cut claim changed nothing
-        assert queue.claim("w", ["m"], 60)["id"] == job_id
+            assert admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                 "WHERE application_name = 'cut-me'").fetchall() == [(True,)]
+        assert queue.claim("w", ["m"], 60)["id"] == job_id  # cut while idle: a new connection, unseen
+        failed = []
+
+        def cancel():
+            try:
+                queue.cancel(job_id)
+            except QueueError as err:
+                failed.append(str(err))
+
+        with psycopg.connect(url) as locker, psycopg.connect(url, autocommit=True) as admin:
+            locker.execute("SELECT 1 FROM wanx_jobs WHERE id = %s FOR UPDATE", (job_id,))
+            thread = threading.Thread(target=cancel)
+            thread.start()  # its SELECT ... FOR UPDATE waits for the locker
+            while not admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                                    "application_name = 'cut-me' AND wait_event_type = 'Lock'").fetchall():
+                time.sleep(0.02)
+            thread.join(30)
+            locker.rollback()
+        assert len(failed) == 1 and "\n" not in failed[0], failed
+        assert re.search(r"postgresql://postgres@.*: lost the connection .*nothing was changed", failed[0])
+        job = queue.get(job_id)
+        assert job["status"] == "running" and not job["cancel"]  # the cut cancel changed nothing
+        assert queue.cancel(job_id)["cancel"]
     finally:
         queue.close()
 

@@ -17,10 +17,10 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 from ..pipeline import RequestError
 from ..request import KEY_NAMES, PIPELINE_KEYS, check_job, fix_seed, parse_job, pipeline_kwargs
 from .common import API_TYPES, AS_UPLOADED, MANY, UPLOADS, VIDEO_UPLOADS, UploadError, listed
-from .jobs import DB_FILE, INPUTS, LOCK_FILE, JobQueue, NoWorker, hold_folder
+from .jobs import DB_FILE, INPUTS, LOCK_FILE, MARKER, JobQueue, NoWorker, check_outputs, hold_folder
 
 # what the UI must never hand out by path: the job database (and SQLite's companions) and the uploads
-PRIVATE_FILES = (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", f"{DB_FILE}-journal", INPUTS, LOCK_FILE)
+PRIVATE_FILES = (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", f"{DB_FILE}-journal", INPUTS, LOCK_FILE, MARKER)
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 MAX_STEPS = 1000  # the queue is shared: one request cannot hold it for days
 MAX_FRAMES = 1001
@@ -789,14 +789,11 @@ def serve(args, flags: dict | None = None, local=None) -> int:
         raise ValueError(f"--outputs {outputs}: cannot make the folder ({err.strerror or err}); choose another "
                          "--outputs") from None
     lock = hold_folder(outputs)  # before the model loads: a second server on the folder stops here
-    if args.queue:  # reachable, and its tables there, before the model loads
-        from .queue import open_queue
-
-        try:
-            open_queue(args.queue).close()
-        except ValueError:
-            lock.close()
-            raise
+    try:  # the queue reachable, its tables there, the folder its own, this API's model registered: before loading
+        check_outputs(getattr(args, "queue", None), outputs, api_models=[args.model])
+    except ValueError:
+        lock.close()
+        raise
     pipe = None  # --workers 0: the model is checked above but loaded only by the workers
     if workers:
         start = time.perf_counter()

@@ -28,6 +28,9 @@ from typing import Callable
 
 import numpy as np
 
+from .queue import QueueError
+from .queue import redact as _redact
+
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 FINAL = ("done", "failed", "cancelled")
 DB_FILE = "jobs.sqlite"
@@ -35,6 +38,61 @@ LOCK_FILE = "serve.lock"  # held (flock) by the one server that runs this folder
 INPUTS = "inputs"  # uploaded images and videos, under server-made names
 PREVIEWS = "previews"  # each running job's latest latent preview, for API processes other than its worker's
 PREVIEW_S = 1.0  # a preview file is rewritten at most this often (a step can be far shorter)
+
+MARKER = "wanx-queue"  # in an outputs folder: the id of the queue whose results it holds
+
+
+def check_outputs(url: str | None, folder: str | Path, *, api_models=(), worker_model: str | None = None) -> None:
+    """Before anything loads: the queue at `url` (None: the folder's own SQLite file) answers and
+    has its tables, and `folder` is its outputs folder (bind_outputs). api_models: the models a
+    `wanx serve` accepts jobs for, registered in the queue; worker_model: a `wanx worker`'s model,
+    refused when the queue's APIs accept no job for it. ValueError in one line otherwise."""
+    from .queue import open_queue, redact
+
+    folder = Path(folder)
+    queue = open_queue(url or f"sqlite:///{folder / DB_FILE}")
+    try:
+        bind_outputs(queue, folder)
+        if api_models:
+            queue.register_api(f"serve:{socket.gethostname()}:{folder.resolve()}", api_models)
+        served = queue.api_models() if worker_model is not None else ()
+        if served and worker_model not in served:  # none yet: run_forever says so (any start order works)
+            raise ValueError(f"--model {worker_model}: the API on queue {redact(queue.url)} accepts jobs only for "
+                             f"{', '.join(sorted(served))}; start this worker with one of those, or a wanx serve "
+                             f"--model {worker_model} on this queue")
+    finally:
+        queue.close()
+
+
+def bind_outputs(queue, folder: Path) -> None:
+    """One queue, one outputs folder: workers on one queue writing into different folders would
+    each run jobs whose results the API then cannot find. The folder's MARKER holds the queue's id
+    (written by the first server or worker on the queue); a folder with another queue's id, or
+    without one while the queue's results go elsewhere, is refused. The folder's own SQLite queue
+    (the default) needs no marker: the file lives in the folder."""
+    from .queue import redact
+
+    marker, queue_id = folder / MARKER, queue.queue_id
+    fix = "give every wanx serve and wanx worker of one queue the same shared --outputs"
+    if marker.is_file():
+        held = marker.read_text(encoding="utf-8").strip()
+        if held != queue_id:
+            raise ValueError(f"--outputs {folder} holds the results of queue {held} (its {MARKER} file), not of "
+                             f"--queue {redact(queue.url)} ({queue_id}); {fix}, or a new folder for this queue")
+        return
+    place = f"{socket.gethostname()}:{folder.resolve()}"
+    own = queue.url.startswith("sqlite:///") and \
+        Path(queue.url[len("sqlite:///"):]).resolve() == (folder / DB_FILE).resolve()
+    bound = queue.bind_outputs(place, fresh_only=not own)
+    if own:
+        return
+    if bound != place:
+        where = f"its results go to {bound}" if bound else "it has jobs from before its outputs were recorded"
+        raise ValueError(f"--outputs {folder} has no {MARKER} file but queue {redact(queue.url)} is in use ({where}); "
+                         f"{fix}; if {folder} is that folder, write the queue's id in it: "
+                         f"echo {queue_id} > {marker}")
+    _write_atomic(marker, queue_id)
+
 
 def hold_folder(folder: str | Path):
     """Take the outputs folder for this process: an exclusive lock on `folder/serve.lock`, held
@@ -101,7 +159,8 @@ class JobQueue:
         self.runner, self.retries, self.model = runner, retries, model
         self.url = url or f"sqlite:///{self.folder / DB_FILE}"
         self.lease_s = lease_seconds()
-        self._queue = open_queue(self.url, max_attempts=retries + 1)
+        self._queue = open_queue(self.url, max_attempts=retries + 1, name=worker_id or "wanx serve")
+        bind_outputs(self._queue, self.folder)
         # the server's worker keeps its id across restarts on this folder (whose lock makes it the
         # only one): a restart finds the jobs it was running, as interrupted. A `wanx worker` gives
         # its own, new at each start (a job it held when it died comes back when its lease runs out)
@@ -109,6 +168,7 @@ class JobQueue:
         # this worker's part of the temporary names its results are written under (see _run)
         self._tag = hashlib.sha1(self.worker_id.encode()).hexdigest()[:10]
         self._cancel: set[str] = set()
+        self._away = False  # the queue did not answer this worker's last claim
         self._wake = threading.Condition()
         self._progress: dict[str, dict] = {}  # the running job: step, total, times
         self._latents: dict[str, object] = {}  # its latest latents, for a preview on request
@@ -116,6 +176,12 @@ class JobQueue:
         self._previewed = 0.0  # when this worker last wrote a preview file
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # a worker that died between an accepted `finish` and its renames left a done job's files
+        # under their attempt names: give them their final ones (before the cleanup below takes them)
+        for attempt in self.folder.glob(".*.*-*.mp4"):
+            job = self._queue.get(attempt.name.split(".")[1])
+            if job is not None:
+                self._complete(job)
         # half-written by this worker before it died (other workers' files, under other names, are theirs),
         # or by a server from before the per-attempt names
         previews = (self.folder / PREVIEWS).glob(f".*.{self._tag}.partial")
@@ -152,11 +218,11 @@ class JobQueue:
 
     def get(self, job_id: str) -> dict | None:
         job = self._queue.get(job_id)
-        return self._public(job) if job else None
+        return self._public(self._complete(job)) if job else None
 
     def list(self, status: str | None = None, limit: int = 100) -> list[dict]:
         """Newest first."""
-        return [self._public(job) for job in self._queue.list(status=status, limit=limit)]
+        return [self._public(self._complete(job)) for job in self._queue.list(status=status, limit=limit)]
 
     def counts(self) -> dict[str, int]:
         return self._queue.counts()["status"]
@@ -231,6 +297,9 @@ class JobQueue:
         old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         self._stop.clear()
         self._queue.register_worker(self.worker_id, [self.model], host=host or socket.gethostname())
+        if not self._queue.api_models():  # started before any API: not refused (start order is free), said
+            print(f"wanx worker: no wanx serve has registered on queue {_redact(self.url)} yet; this worker runs its "
+                  f"jobs for {self.model} once one accepts them", file=sys.stderr, flush=True)
         try:
             self._work()
         finally:
@@ -278,12 +347,23 @@ class JobQueue:
 
     def _work(self) -> None:
         while not self._stop.is_set():
-            job = self._claim()
+            try:
+                job = self._claim()
+            except QueueError as err:  # the queue is away (a restart, the network): wait for it, said once
+                if not self._away:
+                    print(f"wanx: worker {self.worker_id} waits for the queue: {err}", file=sys.stderr, flush=True)
+                self._away = True
+                self._stop.wait(2.0)
+                continue
+            self._away = False
             if job is None:
                 with self._wake:
                     self._wake.wait(0.5)
                 continue
-            self._run(job)
+            try:
+                self._run(job)
+            except QueueError as err:  # it went away as the job ended: the job is settled, or its lease runs out
+                print(f"wanx: worker {self.worker_id}: {err}", file=sys.stderr, flush=True)
 
     def _heartbeat(self, job_id: str) -> None:
         """Renew the lease (at most once a second) and hear of a cancel from another process."""
@@ -333,7 +413,10 @@ class JobQueue:
             video.save(attempt, audio=getattr(video, "soundtrack", None))
             settings = {**video.metadata, "id": job_id, "request": job["request"]}
             _write_atomic(attempt.with_suffix(".json"), json.dumps(settings, indent=2, ensure_ascii=False))
-            if self._queue.finish(job_id, self.worker_id, "done", settings=settings):
+            # the row names this attempt's files: if this process dies before the renames below,
+            # whoever reads the job next (the API, a worker starting) completes them (_complete)
+            files = {"video": attempt.name, "settings": attempt.with_suffix(".json").name}
+            if self._queue.finish(job_id, self.worker_id, "done", settings=settings, result={"files": files}):
                 os.replace(attempt.with_suffix(".json"), out.with_suffix(".json"))
                 os.replace(attempt, out)
         except Cancelled:
@@ -342,6 +425,15 @@ class JobQueue:
             self._queue.release(job_id, self.worker_id)
         except _Lost:  # another worker has it now: nothing of this run is recorded
             pass
+        except QueueError as err:
+            # the queue's connection dropped inside a heartbeat (or the finish): not the job's fault.
+            # Nothing of this run is recorded; the job goes back now (the next call reconnects), or
+            # when its lease runs out if the queue is still away. A finish that did land is kept
+            # (release refuses a job no longer running)
+            print(f"wanx: job {job_id} given back to the queue: {err}", file=sys.stderr, flush=True)
+            with contextlib.suppress(QueueError):
+                if not self._queue.release(job_id, self.worker_id):
+                    self.get(job_id)  # the finish landed, its answer lost: its files get their names before the cleanup
         except Exception as err:  # the job failed, the server goes on
             traceback.print_exc(file=sys.stderr)
             self._queue.finish(job_id, self.worker_id, "failed", error=_one_line(err))
@@ -374,6 +466,24 @@ class JobQueue:
     def _remove_inputs(self, job_id: str) -> None:
         for path in (self.folder / INPUTS).glob(f"{job_id}-*"):
             path.unlink(missing_ok=True)
+
+    def _complete(self, row: dict) -> dict:
+        """A done job whose finisher stopped between its accepted `finish` and the renames: the
+        attempt's files the row names get their final names (settings first, as `_run` does).
+        Two readers at once are fine: the second finds the attempt's file gone. Returns `row`."""
+        files = (row.get("result") or {}).get("files") if row["status"] == "done" else None
+        if not isinstance(files, dict):
+            return row
+        out = self.output_path(row["id"])
+        ours = rf"\.{re.escape(row['id'])}\.[0-9a-f]+-\d+\.(mp4|json)"  # an attempt's name: never a path from the row
+        for kind, final in (("settings", out.with_suffix(".json")), ("video", out)):
+            name = files.get(kind)
+            if not isinstance(name, str) or not re.fullmatch(ours, name):
+                continue
+            if not final.exists() and (self.folder / name).exists():
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(self.folder / name, final)
+        return row
 
     def _public(self, row: dict) -> dict:
         job = {"id": row["id"], "status": row["status"], "request": row["request"],

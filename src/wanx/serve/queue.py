@@ -31,6 +31,7 @@ import secrets
 import sqlite3
 import threading
 import time
+import uuid
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -67,13 +68,15 @@ def redact(url: str) -> str:
     return urlunsplit(parts)
 
 
-def open_queue(url: str, *, max_attempts: int = 3) -> "Queue":
-    """The queue at `url` (`sqlite:///path` or `postgresql://...`), its tables created on first use."""
+def open_queue(url: str, *, max_attempts: int = 3, name: str = "wanx") -> "Queue":
+    """The queue at `url` (`sqlite:///path` or `postgresql://...`), its tables created on first use.
+    name: who connects (a worker's id), PostgreSQL's application_name unless the URL gives one:
+    an operator finds (or drops) one worker's connections in pg_stat_activity by it."""
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "sqlite":
         backend = _SQLite(url)
     elif scheme in ("postgresql", "postgres"):
-        backend = _Postgres(url)
+        backend = _Postgres(url, name)
     else:
         raise QueueError(f"queue {redact(url)!r}: unknown kind; give sqlite:///path/jobs.sqlite "
                          "or postgresql://user@host/database")
@@ -90,9 +93,42 @@ class Queue:
         self.url = backend.url
         self.max_attempts = max_attempts
         backend.create_schema()
+        backend.create_meta()
 
     def close(self) -> None:
         self._db.close()
+
+    # -- identity: which outputs folder and which API models go with this queue ----------------------
+
+    @property
+    def queue_id(self) -> str:
+        """This queue's identity, made with its tables: an outputs folder's marker holds it."""
+        with self._db.transaction(write=False) as sql:
+            return sql("SELECT value FROM wanx_meta WHERE key = 'queue_id'")[0][0]
+
+    def bind_outputs(self, place: str, *, fresh_only: bool = True) -> str | None:
+        """Record `place` (host:folder) as where this queue's outputs go, unless one is recorded
+        already or (fresh_only) the queue has jobs from before: their results are somewhere this
+        queue cannot tell. Returns the recorded place (this one if it was the first), or None."""
+        with self._db.transaction() as sql:
+            if not sql("SELECT 1 FROM wanx_meta WHERE key = 'outputs'"):
+                if fresh_only and sql("SELECT 1 FROM wanx_jobs LIMIT 1"):
+                    return None
+                sql("INSERT INTO wanx_meta (key, value) VALUES ('outputs', ?) ON CONFLICT (key) DO NOTHING", (place,))
+            return sql("SELECT value FROM wanx_meta WHERE key = 'outputs'")[0][0]
+
+    def register_api(self, api_id: str, models) -> None:
+        """An API (`wanx serve`) that accepts jobs for `models`: a worker for another model is refused."""
+        models = [models] if isinstance(models, str) else list(models)
+        with self._db.transaction() as sql:
+            sql("INSERT INTO wanx_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
+                "value = excluded.value", (f"api:{api_id}", json.dumps(models)))
+
+    def api_models(self) -> set[str]:
+        """The models the APIs registered on this queue accept jobs for (empty: none has started yet)."""
+        with self._db.transaction(write=False) as sql:
+            rows = sql("SELECT value FROM wanx_meta WHERE key LIKE ?", ("api:%",))  # '%' in the text: psycopg's mark
+        return {model for (value,) in rows for model in json.loads(value)}
 
     # -- jobs ------------------------------------------------------------------------------------
 
@@ -398,6 +434,15 @@ _EXISTING = "SELECT to_regclass('wanx_jobs'), to_regclass('wanx_jobs_claim'), to
 _COLUMNS = "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = current_schema()"
 
 
+# the queue's identity and the APIs on it (keys 'queue_id', 'outputs', 'api:<id>'); the id is made
+# once, with the table, by whoever opens the queue first
+_META = """CREATE TABLE IF NOT EXISTS wanx_meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+)"""
+_META_ID = "INSERT INTO wanx_meta (key, value) VALUES ('queue_id', ?) ON CONFLICT (key) DO NOTHING"
+
+
 class _Statement:
     """What a transaction hands out: call it for rows, `.update` for a row count."""
 
@@ -467,6 +512,15 @@ class _SQLite(_Backend):
         if not self.path.parent.is_dir():
             raise QueueError(f"queue {url}: folder {self.path.parent} does not exist; create it or give another path")
 
+    def create_meta(self) -> None:
+        try:
+            with self.transaction() as sql:  # BEGIN IMMEDIATE: one process at a time
+                sql(_META)
+                sql(_META_ID, (str(uuid.uuid4()),))
+        except sqlite3.Error as err:
+            raise QueueError(f"queue {self.url}: cannot create the queue tables ({err}); "
+                             "check the file is a writable SQLite database") from None
+
     def _open(self) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, timeout=30, check_same_thread=False)
@@ -523,8 +577,9 @@ class _Postgres(_Backend):
     lock_row = " FOR UPDATE SKIP LOCKED"  # a claimer passes over rows another claimer is taking
     lock_wait = " FOR UPDATE"  # a cancel or a finish waits for them
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, name: str = "wanx"):
         super().__init__(url)
+        self.name = name[:63]  # the server keeps 63 bytes of it
         try:
             importlib.import_module("psycopg")  # only a PostgreSQL queue needs it
         except ImportError:
@@ -534,11 +589,29 @@ class _Postgres(_Backend):
     def _usable(self, conn) -> bool:
         return not (conn.closed or conn.broken)
 
+    def create_meta(self) -> None:
+        import psycopg
+
+        try:
+            with self.transaction() as sql:
+                # a role that may only use the tables must not need CREATE: look first
+                if sql("SELECT to_regclass('wanx_meta')")[0][0] is None:
+                    sql("SELECT pg_advisory_xact_lock(727274)")  # create_schema's: one creator at a time
+                    sql(_META)
+                if not sql("SELECT 1 FROM wanx_meta WHERE key = 'queue_id'"):
+                    sql(_META_ID, (str(uuid.uuid4()),))
+        except psycopg.errors.InsufficientPrivilege as err:
+            reason = err.diag.message_primary or " ".join(str(err).split())
+            user = urlsplit(self.url).username or "this user"
+            raise QueueError(f"queue {redact(self.url)}: no permission to create the queue tables ({reason}); "
+                             f"create them once as a role that may, or GRANT CREATE ON SCHEMA public TO {user}") from None
+
     def _open(self):
         import psycopg
 
         try:
-            return psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+            named = {} if "application_name" in self.url else {"application_name": self.name}  # the URL's wins
+            return psycopg.connect(self.url, autocommit=True, connect_timeout=10, **named)
         except psycopg.Error as err:
             reason = " ".join(str(err).split())
             raise QueueError(f"queue {redact(self.url)}: cannot connect ({reason}); "
@@ -550,7 +623,19 @@ class _Postgres(_Backend):
 
         conn = self._connection()
         try:
-            with conn.transaction(), conn.cursor() as cursor:
+            with contextlib.ExitStack() as stack:
+                try:
+                    stack.enter_context(conn.transaction())  # sends BEGIN
+                except psycopg.OperationalError:
+                    # dropped while idle (a server restart, pg_terminate_backend, a NAT's timeout):
+                    # nothing has run, so a new connection takes its place, once
+                    self._local.conn = None
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                    conn = self._connection()
+                    stack.enter_context(conn.transaction())
+                cursor = stack.enter_context(conn.cursor())
+
                 def run(query, args):
                     cursor.execute(query.replace("?", "%s"), args)
                     return cursor
