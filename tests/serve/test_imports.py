@@ -16,6 +16,7 @@ ALLOWED["worker"] = {"app", "jobs", "queue"}  # `wanx worker`: the server's runn
 ALLOWED["metrics"] = {"jobs"}  # /metrics: the app makes it, the api route renders it
 ALLOWED["app"].add("metrics")
 ALLOWED["api"].add("metrics")
+ALLOWED["local"] = set()  # `wanx serve --gpus N`: starts `wanx worker` children, imports no serve module
 
 
 def serve_imports(name: str) -> set[str]:
