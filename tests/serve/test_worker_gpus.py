@@ -20,18 +20,9 @@ from wanx.video import read_video
 from tests.test_cli_errors import error_of, no_loading  # noqa: F401 (no_loading: a fixture)
 
 from .conftest import ServeProcess, wait_for
+from .test_workers import _wait
 
 SMALL = {"size": "32x32", "frames": 5, "steps": 2}
-
-
-def _wait(condition, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not after {timeout} s")
 
 
 def _session(leader: int) -> list[str]:

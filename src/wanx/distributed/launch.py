@@ -44,23 +44,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(processes: int, main, argv: list[str]) -> int:
+def spawn(processes: int, main, argv: list[str], *, stop_via_rank0: bool = False, name: str = "wanx") -> int:
     """Run `main(argv)` (the CLI's entry point, picklable by reference) in `processes` local
     ranks; returns the run's exit code (a failing rank prints its error; the others are
-    stopped at once)."""
+    stopped at once). stop_via_rank0: SIGTERM or Ctrl-C here go to rank 0 only, which decides
+    how the group stops (`wanx worker --gpus`: it gives its job back, then tells the others)."""
+    import signal
+
     import torch.multiprocessing as mp
 
-    port = free_port()
+    context = mp.start_processes(_rank_main, args=(processes, free_port(), main, argv), nprocs=processes,
+                                 join=False, start_method="spawn")
+
+    def forward(signum, frame):
+        leader = context.processes[0]
+        if leader.is_alive():
+            os.kill(leader.pid, signal.SIGTERM)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)} if stop_via_rank0 else {}
     try:
-        mp.start_processes(_rank_main, args=(processes, port, main, argv), nprocs=processes, join=True,
-                           start_method="spawn")
+        while not context.join(timeout=1):
+            pass
     except mp.ProcessRaisedException as err:
-        print(f"wanx: a rank failed: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
+        print(f"{name}: a rank failed: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
         return 1
     except mp.ProcessExitedException as err:
-        print(f"wanx: rank {err.error_index} exited with code {err.exit_code}; the others were stopped",
+        print(f"{name}: rank {err.error_index} exited with code {err.exit_code}; the others were stopped",
               file=sys.stderr)
         return err.exit_code or 1
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     return 0
 
 

@@ -138,10 +138,8 @@ def _start_group(args, gpus: list[int], flags: dict | None) -> int:
     """Check what can be checked here, then start one rank per GPU (this same command without
     --gpus) and wait for them. SIGTERM or Ctrl-C here reach rank 0, which gives its job back and
     tells the others to stop; a rank that fails ends the group (torch's start_processes)."""
-    import torch.multiprocessing as mp
-
     from ..cli import _without_gpus, main
-    from ..distributed.launch import _rank_main, free_port
+    from ..distributed.launch import spawn
 
     world = len(gpus)
     if args.device == "cpu":
@@ -150,30 +148,8 @@ def _start_group(args, gpus: list[int], flags: dict | None) -> int:
     else:
         pick_gpus(gpus, args.device, "--gpus")  # the ranks see only these; rank r takes cuda:r
     _prepare(args, flags, world)
-    argv = _without_gpus(args.argv)  # each rank: this command, as one of `world` (WORLD_SIZE)
-    context = mp.start_processes(_rank_main, args=(world, free_port(), main, argv), nprocs=world, join=False,
-                                 start_method="spawn")
-
-    def forward(signum, frame):  # rank 0 decides when the group stops (after giving its job back)
-        leader = context.processes[0]
-        if leader.is_alive():
-            os.kill(leader.pid, signal.SIGTERM)
-
-    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while not context.join(timeout=1):
-            pass
-    except mp.ProcessRaisedException as err:
-        print(f"wanx worker: a rank failed: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
-        return 1
-    except mp.ProcessExitedException as err:
-        print(f"wanx worker: rank {err.error_index} exited with code {err.exit_code}; the others were stopped",
-              file=sys.stderr)
-        return err.exit_code or 1
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-    return 0
+    # each rank: this command, as one of `world` (WORLD_SIZE); rank 0 hears SIGTERM and Ctrl-C
+    return spawn(world, main, _without_gpus(args.argv), stop_via_rank0=True, name="wanx worker")
 
 
 class _GroupStop(Exception):
