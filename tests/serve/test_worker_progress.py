@@ -20,8 +20,10 @@ from .conftest import FAST, ServeProcess, wait_for
 from .test_ops import _samples
 from .test_workers import _start_worker, _wait
 
-STEPS = 1000  # the most a server takes; 0.003-0.1 s a step on the tiny model: heartbeats (one a second)
-# while it samples; cancelled once seen (200 steps once ended in 0.6 s, before the first heartbeat)
+STEPS = 1000  # the most a server takes, at a size where a step takes 10-100 ms on the tiny model: heartbeats
+# (one a second) while it samples, cancelled once seen. At 64x48 x 5 frames it raced: 200 steps ended
+# in 0.6 s, before the first heartbeat, and 1000 steps once ended before the cancel reached them.
+LONG = {"size": "256x256", "frames": 17, "steps": STEPS}
 
 
 def test_a_workers_progress_preview_and_metrics_reach_the_api(tiny, tmp_path):
@@ -37,7 +39,7 @@ def test_a_workers_progress_preview_and_metrics_reach_the_api(tiny, tmp_path):
     try:
         _wait(lambda: queue.workers(max_age=3) or worker.poll() is not None, 240, "the worker registered")
         assert worker.poll() is None, "the worker exited"
-        long = api.client.post("/v1/videos", json={"prompt": "a cat", **{**FAST, "steps": STEPS}}).json()["id"]
+        long = api.client.post("/v1/videos", json={"prompt": "a cat", **LONG}).json()["id"]
         # a job that fails as it runs: its upload is gone by the time the worker, busy with the
         # first job, starts it
         clip = tmp_path / "clip.mp4"
