@@ -77,7 +77,9 @@ def test_a_group_worker_runs_jobs_as_one_process_does_and_stops_on_sigterm(make_
             assert a.shape == b.shape and _psnr(a, b) > 35, _psnr(a, b)
 
         # a cancel seen by rank 0 stops every rank at that step, and the group goes on
-        long = {**SMALL, "steps": 1000}  # the most a server takes: a cancel is heard within a second
+        # the most steps a server takes, at a size where they last many seconds: a cancel is heard within a
+        # second, and the job must still be running when it comes (and when SIGTERM comes)
+        long = {**SMALL, "size": "128x128", "frames": 9, "steps": 1000}
         cancelled = api.submit({"prompt": "stop me", "seed": 7, **long})
         _wait(lambda: queue.get(cancelled)["status"] == "running", 60, "the long job runs")
         api.queue.cancel(cancelled)
