@@ -263,6 +263,10 @@ finally:
      1, ["wanx serve: worker 0 exited with code 0; 1 worker(s) left",
          "[worker 1] wanx: error: no disk", "wanx serve: worker 1 exited with code 1: wanx: error: no disk; no worker "
                                            "left, stopping"]),
+    # progress bars (carriage returns, cleared with spaces) come through as the line they end on
+    ('[[py, "-c", "import sys; r = chr(13); "'
+     '"sys.stderr.write(r.join([\'loading 10%\', \'loading 100%\', 12 * \' \', \'loading: 1.0 s\']) + chr(10))"]]',
+     1, ["[worker 0] loading: 1.0 s"]),
 ])
 def test_local_workers_stop_the_server_when_none_is_left(tmp_path, commands, code, words):
     script = LOCAL.replace("COMMANDS", commands)

@@ -68,9 +68,11 @@ class LocalWorkers:
     def _forward(self, proc: subprocess.Popen, name: str) -> None:
         last = ""
         for raw in iter(proc.stdout.readline, b""):
-            line = raw.decode(errors="replace").rstrip("\r\n")
+            # a progress bar's updates (carriage returns, the last clearing it with spaces) as the line they end on
+            line = next((part for part in reversed(raw.decode(errors="replace").rstrip("\r\n").split("\r"))
+                         if part.strip()), "")
             if line.strip():
-                last = line.strip().split("\r")[-1]
+                last = line.strip()
             sys.stderr.write(f"[{name}] {line}\n")
             sys.stderr.flush()
         code = proc.wait()
