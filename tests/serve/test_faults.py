@@ -167,6 +167,27 @@ def test_a_worker_for_a_model_no_api_accepts_is_refused(tiny, new_queue, tmp_pat
     assert "accepts jobs only for tiny-i2v; start this worker with one of those" in error_of(capsys, worker)
 
 
+def test_a_stopped_api_takes_its_models_off_the_queue(tiny, tmp_path):
+    """A worker is held to the models of the APIs that run, not of one that has stopped (before:
+    its entry stayed until another API on the same host and folder replaced it)."""
+    from .conftest import ServeProcess
+
+    outputs = tmp_path / "out"
+    outputs.mkdir()
+    url = f"sqlite:///{outputs / 'jobs.sqlite'}"
+    api = ServeProcess(outputs, "--workers", "0", "--no-ui", "--queue", url)
+    queue = open_queue(url)
+    try:
+        assert queue.api_models() == {"tiny"}
+    finally:
+        api.close()
+    try:
+        assert api.proc.returncode == 0  # SIGTERM is a clean stop (before: -15, killed by uvicorn's re-raise)
+        assert queue.api_models() == set()
+    finally:
+        queue.close()
+
+
 def test_a_dropped_connection_mid_job_costs_the_job_nothing(postgres_server, tmp_path):
     """pg_terminate_backend on the worker's connections (found by its application_name) between
     two steps: the next heartbeat meets the dead connection, opens a new one, and the job goes

@@ -8,7 +8,9 @@ import hmac
 import json
 import re
 import shutil
+import signal
 import sys
+import threading
 from dataclasses import dataclass, replace
 from http.cookies import SimpleCookie
 from pathlib import Path
@@ -17,7 +19,8 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 from ..pipeline import RequestError
 from ..request import KEY_NAMES, PIPELINE_KEYS, check_job, fix_seed, parse_job, pipeline_kwargs
 from .common import API_TYPES, AS_UPLOADED, MANY, UPLOADS, VIDEO_UPLOADS, UploadError, listed
-from .jobs import DB_FILE, INPUTS, LOCK_FILE, MARKER, JobQueue, NoWorker, check_outputs, hold_folder
+from .jobs import (DB_FILE, INPUTS, LOCK_FILE, MARKER, JobQueue, NoWorker, check_outputs, forget_api,
+                   hold_folder)
 
 # what the UI must never hand out by path: the job database (and SQLite's companions) and the uploads
 PRIVATE_FILES = (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", f"{DB_FILE}-journal", INPUTS, LOCK_FILE, MARKER)
@@ -811,6 +814,10 @@ def serve(args, flags: dict | None = None, local=None) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"wanx serve: http://{host}:{args.port}/  (API: /v1, schema: /v1/openapi.json; outputs in {outputs})",
           file=sys.stderr, flush=True)
+    if local is None and threading.current_thread() is threading.main_thread():
+        # uvicorn, having shut down on SIGTERM, raises it again once its handlers are gone: by default
+        # that ends the process before the cleanup below (the API's models taken off the queue)
+        signal.signal(signal.SIGTERM, _exit_on_term)
     # no access log: the UI polls once a second per open page
     try:
         if local is not None:
@@ -820,5 +827,10 @@ def serve(args, flags: dict | None = None, local=None) -> int:
     finally:
         if local is not None:
             local.stop()
+        forget_api(getattr(args, "queue", None), outputs)
         lock.close()
     return 0 if local is None else local.exit_code
+
+
+def _exit_on_term(signum, frame) -> None:
+    raise SystemExit(0)  # a stop asked for: the server's cleanup runs, and it is a clean exit

@@ -54,7 +54,7 @@ def check_outputs(url: str | None, folder: str | Path, *, api_models=(), worker_
     try:
         bind_outputs(queue, folder)
         if api_models:
-            queue.register_api(f"serve:{socket.gethostname()}:{folder.resolve()}", api_models)
+            queue.register_api(_api_id(folder), api_models)
         served = queue.api_models() if worker_model is not None else ()
         if served and worker_model not in served:  # none yet: run_forever says so (any start order works)
             raise ValueError(f"--model {worker_model}: the API on queue {redact(queue.url)} accepts jobs only for "
@@ -62,6 +62,28 @@ def check_outputs(url: str | None, folder: str | Path, *, api_models=(), worker_
                              f"--model {worker_model} on this queue")
     finally:
         queue.close()
+
+
+def forget_api(url: str | None, folder: str | Path) -> None:
+    """A stopping `wanx serve` takes back what check_outputs registered, so a worker is no longer
+    held to the models of an API that is gone. A queue away at that moment is said in one line:
+    the entry stays until an API on this host and folder replaces it."""
+    from .queue import open_queue
+
+    folder = Path(folder)
+    try:
+        queue = open_queue(url or f"sqlite:///{folder / DB_FILE}")
+        try:
+            queue.unregister_api(_api_id(folder))
+        finally:
+            queue.close()
+    except Exception as err:  # stopping: the server's own exit must not fail on it
+        print(f"wanx serve: could not take this API's models off the queue ({_one_line(err)})", file=sys.stderr)
+
+
+def _api_id(folder: Path) -> str:
+    """One entry per API: the folder lock allows one server on a host and folder."""
+    return f"serve:{socket.gethostname()}:{folder.resolve()}"
 
 
 def bind_outputs(queue, folder: Path) -> None:

@@ -124,6 +124,11 @@ class Queue:
             sql("INSERT INTO wanx_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
                 "value = excluded.value", (f"api:{api_id}", json.dumps(models)))
 
+    def unregister_api(self, api_id: str) -> None:
+        """The API stopped: its models no longer count for `api_models`."""
+        with self._db.transaction() as sql:
+            sql("DELETE FROM wanx_meta WHERE key = ?", (f"api:{api_id}",))
+
     def api_models(self) -> set[str]:
         """The models the APIs registered on this queue accept jobs for (empty: none has started yet)."""
         with self._db.transaction(write=False) as sql:
