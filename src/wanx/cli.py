@@ -490,12 +490,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--gpus must be >= 1, got {args.gpus}")
     if args.gpus > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:  # start the ranks here, then stop
         from .distributed import check_plan, spawn
+        from .distributed.launch import without_gpus
 
         check_plan(args.gpus, None, args.sp, args.cfg_parallel)  # before any rank starts
-        return spawn(args.gpus, main, _without_gpus(args.argv))
+        return spawn(args.gpus, main, without_gpus(args.argv))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:  # one rank of several: its own GPU
-        args.device = _rank_device(args.device)
+        from .distributed.launch import rank_device
+
+        args.device = rank_device(args.device)
     runtime = Runtime.from_flags(args)
     plan = dict(world=world_size, fsdp=args.fsdp, sp=args.sp, cfg_parallel=args.cfg_parallel)
     runtime.check(**plan, names=RUNTIME_FLAGS)  # again below, once the model's experts are known
@@ -660,12 +663,7 @@ def _subparser(name: str) -> argparse.ArgumentParser:
 def cmd_worker(args: argparse.Namespace) -> int:
     from .serve.worker import run_worker  # torch loads only here
 
-    if Path(args.outputs).is_dir():  # (run_worker names a missing one) before the model loads: the folder
-        from .serve.jobs import check_outputs, lease_seconds  # is this queue's, an API on it takes the model
-
-        lease_seconds()  # a bad $WANX_LEASE_S first, as run_worker does
-        check_outputs(args.queue, args.outputs, worker_model=args.model)
-    return run_worker(args, flags=RUNTIME_FLAGS)
+    return run_worker(args, main, flags=RUNTIME_FLAGS)
 
 
 def _check_folder(folder: Path, flag: str, given: Path | None = None) -> None:
@@ -685,12 +683,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     from .hub import find_components, resolve_model
     from .runtime import Runtime
+    from .distributed.launch import rank_device
     from .training.prepare import model_geometry, prepare
 
     if not (math.isfinite(args.fps) and args.fps > 0):
         raise ValueError(f"--fps must be a positive frame rate such as 16, got {args.fps:g}")
     _check_folder(Path(args.cache) if args.cache else Path(args.dataset) / ".wanx-cache", "--cache")
-    args.device = _rank_device(args.device)
+    args.device = rank_device(args.device)
     runtime = Runtime.from_flags(args)
     files = find_components(resolve_model(args.model, source=args.source))
     # unset: the model's own size and length (wanx-defaults.json), else the official ones
@@ -799,19 +798,6 @@ TRAIN_FLAGS = {"model": "--model", "expert": "--expert", "output": "--output", "
                "offload": "--offload", "vram_budget": "--vram-budget", "quantize": "--fp8/--int8"}
 
 
-def _without_gpus(argv: list[str]) -> list[str]:
-    """The command line for each rank: without --gpus N (the ranks are started already)."""
-    out, skip = [], False
-    for word in argv:
-        if skip:
-            skip = False
-        elif word == "--gpus":
-            skip = True
-        elif not word.startswith("--gpus="):
-            out.append(word)
-    return out
-
-
 def _gpu_list(text: str) -> list[int]:
     """--gpus 0,1,...: GPU indices (argparse names the flag when this raises)."""
     try:
@@ -821,16 +807,6 @@ def _gpu_list(text: str) -> list[int]:
     if any(k < 0 for k in gpus):
         raise argparse.ArgumentTypeError(f"GPU indices are 0 or more (got {text!r})")
     return gpus
-
-
-def _rank_device(device: str | None) -> str | None:
-    """One GPU per process when started as one of several ranks (torchrun, accelerate launch,
-    --gpus): cuda:LOCAL_RANK where CUDA is asked for (or by default) and present."""
-    if "LOCAL_RANK" not in os.environ or not (device or "cuda").startswith("cuda"):
-        return device
-    import torch
-
-    return f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else device
 
 
 def _prompts(text: str) -> list[str]:

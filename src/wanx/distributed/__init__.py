@@ -94,10 +94,10 @@ __all__ = ["ParallelPlan", "SequenceParallel", "CfgParallel", "World", "check_pl
            "world_from_env"]
 
 
-def broadcast_object(value):
-    """Rank 0's `value` on every rank (seeds drawn at random must agree)."""
+def broadcast_object(value, group=None):
+    """Rank 0's `value` on every rank of `group` (default: all; seeds drawn at random must agree)."""
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 

@@ -44,6 +44,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def without_gpus(argv: list[str]) -> list[str]:
+    """The command line for each rank: without --gpus N (the ranks are started already)."""
+    out, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--gpus":
+            skip = True
+        elif not word.startswith("--gpus="):
+            out.append(word)
+    return out
+
+
+def rank_device(device: str | None) -> str | None:
+    """One GPU per process when started as one of several ranks (torchrun, accelerate launch,
+    --gpus): cuda:LOCAL_RANK where CUDA is asked for (or by default) and present."""
+    if "LOCAL_RANK" not in os.environ or not (device or "cuda").startswith("cuda"):
+        return device
+    return f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else device
+
+
 def spawn(processes: int, main, argv: list[str], *, stop_via_rank0: bool = False, name: str = "wanx") -> int:
     """Run `main(argv)` (the CLI's entry point, picklable by reference) in `processes` local
     ranks; returns the run's exit code (a failing rank prints its error; the others are

@@ -13,6 +13,7 @@ whether to go on (a cancel, a lost lease or a stop seen by rank 0 stops them all
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 import signal
@@ -24,9 +25,10 @@ from pathlib import Path
 
 WAIT = timedelta(days=365)  # how long a rank of an idle group waits for the next job
 
-def run_worker(args, flags: dict | None = None) -> int:
+def run_worker(args, main, flags: dict | None = None) -> int:
     """Check everything, load the model, then run jobs until SIGTERM or Ctrl-C (the running job goes
-    back to the queue). flags: how the command line spells each runtime choice."""
+    back to the queue). main: the CLI's entry point, which a group's ranks run (`wanx.cli.main`,
+    given by the face: serve does not import it); flags: how it spells each runtime choice."""
     from .jobs import lease_seconds
 
     lease_seconds()  # a bad $WANX_LEASE_S is named before anything loads
@@ -37,7 +39,7 @@ def run_worker(args, flags: dict | None = None) -> int:
     if args.gpu is not None:  # before anything initialises CUDA (see pick_gpus)
         where = "gpu" + pick_gpus([args.gpu], args.device, "--gpu")[0]
     if gpus and int(os.environ.get("WORLD_SIZE", "1")) == 1:  # start the group's ranks here, then wait for them
-        return _start_group(args, gpus, flags)
+        return _start_group(args, gpus, main, flags)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:
         return _run_rank(args, flags, world_size)
@@ -96,7 +98,7 @@ def _prepare(args, flags: dict | None, world: int = 1) -> dict:
     """What is checked before any weight loads: inputs, runtime, model files, plan, the queue."""
     from ..hub import find_components, resolve_model
     from ..runtime import Runtime
-    from .queue import open_queue
+    from .jobs import check_outputs
 
     if args.loras and not Path(args.loras).is_dir():
         raise FileNotFoundError(f"--loras {args.loras}: no such folder")
@@ -104,6 +106,8 @@ def _prepare(args, flags: dict | None, world: int = 1) -> dict:
     if not outputs.is_dir():  # the folder the API made and shares: a typo must not start an idle worker
         raise ValueError(f"--outputs {outputs}: no such folder; give the folder `wanx serve --outputs` uses "
                          "(shared with this host)")
+    # the queue reachable, its tables there, the folder its own, the model one an API on it takes
+    check_outputs(args.queue, outputs, worker_model=args.model)
     runtime = Runtime.from_flags(args)
     files = find_components(resolve_model(args.model, source=args.source), dit=args.dit)
     runtime.check(experts=2 if files.moe else 1, world=world, sp=args.sp, cfg_parallel=args.cfg_parallel, names=flags)
@@ -111,7 +115,6 @@ def _prepare(args, flags: dict | None, world: int = 1) -> dict:
         from ..distributed import check_plan
 
         check_plan(world, files.dit_config.num_heads, args.sp, args.cfg_parallel)
-    open_queue(args.queue).close()  # reachable, and its tables there, before the model loads
     return dict(outputs=outputs, runtime=runtime, files=files)
 
 
@@ -134,12 +137,11 @@ def _load(args, setup: dict, worker_id: str, parallel: dict | None = None, speak
 
 
 # -- a group of ranks ------------------------------------------------------------------------
-def _start_group(args, gpus: list[int], flags: dict | None) -> int:
+def _start_group(args, gpus: list[int], main, flags: dict | None) -> int:
     """Check what can be checked here, then start one rank per GPU (this same command without
     --gpus) and wait for them. SIGTERM or Ctrl-C here reach rank 0, which gives its job back and
     tells the others to stop; a rank that fails ends the group (torch's start_processes)."""
-    from ..cli import _without_gpus, main
-    from ..distributed.launch import spawn
+    from ..distributed.launch import spawn, without_gpus
 
     world = len(gpus)
     if args.device == "cpu":
@@ -149,7 +151,7 @@ def _start_group(args, gpus: list[int], flags: dict | None) -> int:
         pick_gpus(gpus, args.device, "--gpus")  # the ranks see only these; rank r takes cuda:r
     _prepare(args, flags, world)
     # each rank: this command, as one of `world` (WORLD_SIZE); rank 0 hears SIGTERM and Ctrl-C
-    return spawn(world, main, _without_gpus(args.argv), stop_via_rank0=True, name="wanx worker")
+    return spawn(world, main, without_gpus(args.argv), stop_via_rank0=True, name="wanx worker")
 
 
 class _GroupStop(Exception):
@@ -160,41 +162,37 @@ def _run_rank(args, flags: dict | None, world_size: int) -> int:
     """One rank of a group (started by _start_group, or by torchrun on several hosts)."""
     import torch.distributed as dist
 
-    from ..cli import _rank_device
-    from ..distributed import init
+    from ..distributed import broadcast_object, init
+    from ..distributed.launch import rank_device
     from .jobs import _one_line
 
     rank = int(os.environ.get("RANK", "0"))
     if rank:  # Ctrl-C in a terminal reaches every rank: rank 0 alone decides, and tells the others
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    args.device = _rank_device(args.device)
+    args.device = rank_device(args.device)
     setup = _prepare(args, flags, world_size)
     init(setup["runtime"].device)
     # Rank 0's word to the others (each job, and at each step whether to go on) on a gloo group of
     # its own: on the CPU, where a rank waiting for the next job sleeps in a socket (NCCL would spin
     # on a GPU stream), and with a timeout an idle hour does not reach (the default's is 30 min)
     control = dist.new_group(backend="gloo", timeout=WAIT)
-
-    def broadcast_object(value):
-        box = [value]
-        dist.broadcast_object_list(box, src=0, group=control)
-        return box[0]
+    tell = functools.partial(broadcast_object, group=control)
 
     host = socket.gethostname()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     where = (f"gpu{'+'.join(visible.split(','))}" if setup["runtime"].device.type == "cuda" and visible
              else f"{setup['runtime'].device.type}x{world_size}")
-    group_id = broadcast_object(f"worker:{host}:{os.getpid()}:{secrets.token_hex(3)}:{where}")
+    group_id = tell(f"worker:{host}:{os.getpid()}:{secrets.token_hex(3)}:{where}")
     parallel = dict(sp=args.sp, cfg_parallel=args.cfg_parallel, fsdp=False)
     server = _load(args, setup, group_id if rank == 0 else f"{group_id}/rank{rank}", parallel, speak=rank == 0)
     if rank:
         while True:  # the jobs rank 0 claims, until it says stop
-            kind, job = broadcast_object(None)
+            kind, job = tell(None)
             if kind == "stop":
                 break
 
             def follow(step, total, latents):
-                if broadcast_object(None):
+                if tell(None):
                     raise _GroupStop
 
             try:
@@ -207,15 +205,15 @@ def _run_rank(args, flags: dict | None, world_size: int) -> int:
         return 0
 
     def run(job: dict, on_step):
-        broadcast_object(("job", job))  # the request and its input files (in the shared outputs folder)
+        tell(("job", job))  # the request and its input files (in the shared outputs folder)
 
         def lead(step, total, latents):
             try:
                 on_step(step, total, latents)
             except BaseException:
-                broadcast_object(True)
+                tell(True)
                 raise
-            broadcast_object(False)
+            tell(False)
 
         return server.run(job, lead)
 
@@ -226,7 +224,7 @@ def _run_rank(args, flags: dict | None, world_size: int) -> int:
         server.queue.run_forever(host=host)
     finally:
         with contextlib.suppress(Exception):  # not where a rank is gone: its error is the one to see
-            broadcast_object(("stop", None))
+            tell(("stop", None))
     print(f"wanx worker {group_id}: stopped", file=sys.stderr, flush=True)
     return 0
 
