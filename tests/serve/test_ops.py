@@ -82,17 +82,22 @@ def test_metrics_after_jobs_ran_on_the_tiny_model(make_server):
     assert not any(name.startswith(("wanx_gpu", "wanx_worker_gpu")) for name, _ in samples)
 
 
-def test_metrics_count_a_failed_job(make_server):
-    server = make_server()
-    app = _app(server)
+def _fail_when_asked(server, app, error: str) -> None:
+    """The server's runner, failing with RuntimeError(error) a job whose prompt is "fail"."""
     original = server.queue.runner.unwrapped
 
     def failing(job, on_step):
         if job["request"]["prompt"] == "fail":
-            raise RuntimeError("out of memory")
+            raise RuntimeError(error)
         return original(job, on_step)
 
     server.queue.runner = app.state.metrics.timed(failing)
+
+
+def test_metrics_count_a_failed_job(make_server):
+    server = make_server()
+    app = _app(server)
+    _fail_when_asked(server, app, "out of memory")
     with TestClient(app, base_url="http://localhost") as client:
         bad = client.post("/v1/videos", json={"prompt": "fail", **FAST}).json()["id"]
         assert wait_for(client, bad)["status"] == "failed"
@@ -204,14 +209,7 @@ def test_each_job_logs_a_start_and_an_end_line_with_its_id(make_server, caplog):
     caplog.set_level(logging.INFO, logger="wanx.serve")
     server = make_server()
     app = _app(server)
-    original = server.queue.runner.unwrapped
-
-    def failing(job, on_step):
-        if job["request"]["prompt"] == "fail":
-            raise RuntimeError('out of "memory"\nat step 1')
-        return original(job, on_step)
-
-    server.queue.runner = app.state.metrics.timed(failing)
+    _fail_when_asked(server, app, 'out of "memory"\nat step 1')
     with TestClient(app, base_url="http://localhost") as client:
         good = client.post("/v1/videos", json={"prompt": "a cat", **FAST}).json()["id"]
         bad = client.post("/v1/videos", json={"prompt": "fail", **FAST}).json()["id"]
